@@ -1,0 +1,293 @@
+"""One request on one client: per-unit times and bytes, the link and the SLA (the planner's input).
+
+Latency of a placement = unit times on their sides + every crossing. A crossing in either
+direction costs `passes * rtt_s / 2 + bytes / bandwidth`: a generation of G tokens makes G
+forward passes (one prefill, G - 1 decode steps) and each pass pays the one-way delay at every
+switch, while `bytes` already totals what crosses over all passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
+from splitllm.errors import UserError
+from splitllm.placement import CLIENT, SERVER, Placement
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Costs of one placement unit (embedding, a block, or final norm + head) for one request."""
+
+    name: str
+    client_s: float
+    server_s: float
+    server_work: float
+    out_bytes: float
+    client_mem_bytes: float = 0.0
+    client_ok: bool = True
+    server_ok: bool = True
+
+
+@dataclass(frozen=True)
+class Link:
+    """A client's network path to the server."""
+
+    uplink_bytes_per_s: float
+    downlink_bytes_per_s: float
+    rtt_s: float
+
+
+@dataclass(frozen=True)
+class PhaseLimit:
+    """An extra latency limit on one phase (TTFT: the prefill pass; TPOT: one decode step).
+
+    The phase has its own per-unit times and bytes on the same units and link.
+    """
+
+    name: str
+    limit_s: float
+    client_s: tuple[float, ...]
+    server_s: tuple[float, ...]
+    out_bytes: tuple[float, ...]
+    input_bytes: float
+    output_bytes: float
+    passes: int = 1
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Everything the planner needs about one request on one client."""
+
+    units: tuple[Unit, ...]
+    link: Link
+    sla_s: float
+    input_bytes: float
+    output_bytes: float
+    passes: int = 1
+    client_mem_limit_bytes: float = math.inf
+    phase_limits: tuple[PhaseLimit, ...] = field(default=())
+    server_wait_s: float = 0.0  # expected queueing delay per visit to the server, per pass
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.units)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement with what it costs on one instance."""
+
+    placement: Placement
+    latency_s: float
+    server_work: float
+    client_mem_bytes: float
+    client_compute_s: float
+    server_compute_s: float
+    network_s: float
+    phase_latency_s: tuple[float, ...]
+    feasible: bool
+    violation: str | None
+
+
+def crossing_s(link: Link, up: bool, nbytes: float, passes: int, server_wait_s: float = 0.0) -> float:
+    """Time of one switch in one direction, over all passes (a visit to the server may queue)."""
+    if up:
+        return passes * (link.rtt_s / 2 + server_wait_s) + nbytes / link.uplink_bytes_per_s
+    return passes * link.rtt_s / 2 + nbytes / link.downlink_bytes_per_s
+
+
+def _path_latency(
+    sides: str,
+    client_s: Sequence[float],
+    server_s: Sequence[float],
+    out_bytes: Sequence[float],
+    input_bytes: float,
+    output_bytes: float,
+    link: Link,
+    passes: int,
+    server_wait_s: float,
+) -> tuple[float, float, float]:
+    """(client compute, server compute, network) seconds of one path through the units."""
+    client = sum(c for c, s in zip(client_s, sides, strict=True) if s == CLIENT)
+    server = sum(t for t, s in zip(server_s, sides, strict=True) if s == SERVER)
+    network = 0.0
+    prev, carried = CLIENT, input_bytes  # the input starts on the client
+    for i, side in enumerate(sides):
+        if side != prev:
+            network += crossing_s(link, side == SERVER, carried, passes, server_wait_s)
+        prev, carried = side, out_bytes[i]
+    if prev == SERVER:  # the result goes back down to the client
+        network += crossing_s(link, False, output_bytes, passes)
+    return client, server, network
+
+
+def evaluate(instance: Instance, placement: Placement) -> Plan:
+    """Latency, server work, client memory and feasibility of a placement."""
+    sides = placement.sides
+    units = instance.units
+    client, server, network = _path_latency(
+        sides,
+        [u.client_s for u in units],
+        [u.server_s for u in units],
+        [u.out_bytes for u in units],
+        instance.input_bytes,
+        instance.output_bytes,
+        instance.link,
+        instance.passes,
+        instance.server_wait_s,
+    )
+    phases = tuple(
+        math.fsum(
+            _path_latency(
+                sides, p.client_s, p.server_s, p.out_bytes, p.input_bytes, p.output_bytes,
+                instance.link, p.passes, instance.server_wait_s,
+            )
+        )
+        for p in instance.phase_limits
+    )
+    latency = client + server + network
+    work = sum(u.server_work for u, s in zip(units, sides, strict=True) if s == SERVER)
+    mem = sum(u.client_mem_bytes for u, s in zip(units, sides, strict=True) if s == CLIENT)
+    violation = _violation(instance, sides, latency, mem, phases)
+    return Plan(
+        placement, latency, work, mem, client, server, network, phases, violation is None, violation
+    )
+
+
+def _violation(
+    instance: Instance, sides: str, latency_s: float, mem_bytes: float, phases: tuple[float, ...]
+) -> str | None:
+    for unit, side in zip(instance.units, sides, strict=True):
+        if side == CLIENT and not unit.client_ok:
+            return f"unit {unit.name} may not run on the client"
+        if side == SERVER and not unit.server_ok:
+            return f"unit {unit.name} may not run on the server"
+    if mem_bytes > instance.client_mem_limit_bytes * (1 + 1e-12):
+        return f"client memory {mem_bytes:.4g} B > limit {instance.client_mem_limit_bytes:.4g} B"
+    if latency_s > instance.sla_s * (1 + 1e-9):
+        return f"latency {latency_s:.4g} s > SLA {instance.sla_s:.4g} s"
+    for phase, value in zip(instance.phase_limits, phases, strict=True):
+        if value > phase.limit_s * (1 + 1e-9):
+            return f"{phase.name} {value:.4g} s > limit {phase.limit_s:.4g} s"
+    return None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: P prompt tokens (or patches), G output tokens, latency limits."""
+
+    prompt_tokens: int
+    output_tokens: int
+    sla_s: float
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.output_tokens < 0:
+            raise UserError("a request needs prompt_tokens >= 1 and output_tokens >= 0")
+        for name in ("sla_s", "ttft_s", "tpot_s"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise UserError(f"{name} must be a positive number, got {value}")
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Seconds of each unit on one device: the prefill, and each decode step after it."""
+
+    prefill_s: np.ndarray  # [units]
+    decode_s: np.ndarray  # [units, G - 1]; step k attends to P + k positions
+
+
+def phase_times(model: ModelCosts, device: DeviceProfile, request: Request) -> PhaseTimes:
+    """Roofline time of every unit on `device` for the prefill and each decode step."""
+    p = request.prompt_tokens
+    causal = model.config.kind == "decoder"
+    steps = max(request.output_tokens - 1, 0) if causal else 0
+    ctx = p + np.arange(1, steps + 1)  # [G - 1]
+    prefill = np.array([device.time_s(u.prefill_flops(p, causal), u.prefill_bytes(p))
+                        for u in model.units])
+    decode = np.array([
+        np.maximum(
+            (u.linear_flops_per_token + u.attn_flops_per_token_ctx * ctx) / device.peak_flops_per_s,
+            (u.weight_bytes + u.kv_bytes_per_token * ctx) / device.mem_bandwidth_bytes_per_s,
+        ) / device.efficiency
+        for u in model.units
+    ]).reshape(len(model.units), steps)
+    return PhaseTimes(prefill, decode)
+
+
+def _floats(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def build_instance(
+    model: ModelCosts,
+    client: DeviceProfile,
+    server: DeviceProfile,
+    link: LinkProfile,
+    request: Request,
+    keep_on_client: frozenset[str] = frozenset(),
+    keep_on_server: frozenset[str] = frozenset(),
+) -> Instance:
+    """The planner's instance for one request of `model` from `client` over `link`."""
+    names = model.config.unit_names
+    for pinned in keep_on_client | keep_on_server:
+        if pinned not in names:
+            raise UserError(f"unknown unit {pinned!r}: units are embed, block0..block"
+                            f"{len(names) - 3}, head")
+    decoder = model.config.kind == "decoder"
+    p, g = request.prompt_tokens, request.output_tokens if decoder else 0
+    passes = max(g, 1)
+    tokens_crossing = p + max(g - 1, 0)  # every prompt token once, then one per decode step
+    on_client, on_server = phase_times(model, client, request), phase_times(model, server, request)
+    client_s = on_client.prefill_s + on_client.decode_s.sum(axis=1)
+    server_s = on_server.prefill_s + on_server.decode_s.sum(axis=1)
+    input_bytes = model.input_bytes_per_token * tokens_crossing
+    output_bytes = model.output_bytes_per_token * passes
+    units = tuple(
+        Unit(
+            name=u.name,
+            client_s=float(client_s[i]),
+            server_s=float(server_s[i]),
+            server_work=float(server_s[i]),
+            out_bytes=output_bytes if u.name == "head" else u.out_bytes_per_token * tokens_crossing,
+            client_mem_bytes=u.weight_bytes + u.kv_bytes_per_token * (p + g),
+            client_ok=u.name not in keep_on_server,
+            server_ok=u.name not in keep_on_client,
+        )
+        for i, u in enumerate(model.units)
+    )
+    phases: list[PhaseLimit] = []
+    per_token_out = tuple(u.out_bytes_per_token for u in model.units)
+    if request.ttft_s is not None:
+        phases.append(PhaseLimit(
+            "ttft", request.ttft_s, _floats(on_client.prefill_s), _floats(on_server.prefill_s),
+            tuple(float(b * p) for b in per_token_out), model.input_bytes_per_token * p,
+            model.output_bytes_per_token,
+        ))
+    if request.tpot_s is not None and decoder and g > 1:
+        # The last decode step is the slowest (longest context): bound it.
+        phases.append(PhaseLimit(
+            "tpot", request.tpot_s, _floats(on_client.decode_s[:, -1]),
+            _floats(on_server.decode_s[:, -1]), per_token_out, model.input_bytes_per_token,
+            model.output_bytes_per_token,
+        ))
+    return Instance(
+        units=units,
+        link=Link(link.uplink_bytes_per_s, link.downlink_bytes_per_s, link.rtt_s),
+        sla_s=request.sla_s,
+        input_bytes=input_bytes,
+        output_bytes=output_bytes,
+        passes=passes,
+        client_mem_limit_bytes=client.mem_capacity_bytes,
+        phase_limits=tuple(phases),
+    )

@@ -1,0 +1,330 @@
+"""Placement solvers: the exact Pareto-label solver, the paper-style time-grid DP, baselines.
+
+The problem is a resource-constrained shortest path on a layered graph with two nodes (C, S)
+per unit. Every path has a cost vector: server work (the objective), latency, and where they
+can bind, client memory and phase latencies (TTFT, TPOT). `exact` keeps at each node every
+label not dominated in all of them, so it is exact on continuous costs and yields the whole
+latency / server-work frontier in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitllm.errors import UserError
+from splitllm.instance import Instance, Plan, crossing_s, evaluate
+from splitllm.placement import CLIENT, SERVER, Placement
+
+SIDES = (CLIENT, SERVER)
+C, S = 0, 1
+REL_TOL = 1e-9  # float sums in another order may differ by a few ulps
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The instance as arrays over cost dimensions: 0 = server work, 1 = latency, then the rest.
+
+    unit[l, s, d]: cost of running unit l on side s; move[l, p, s, d]: cost of the edge from
+    side p (after unit l - 1) to side s (at unit l); move[L, p, C] ends on the client.
+    """
+
+    unit: np.ndarray  # [L, 2, D]
+    move: np.ndarray  # [L + 1, 2, 2, D]
+    allowed: np.ndarray  # [L, 2] bool
+    limit: np.ndarray  # [D]
+
+
+def build_costs(instance: Instance, sla_s: float | None = None) -> Costs:
+    """Cost arrays of an instance; dimensions that cannot bind are left out."""
+    units = instance.units
+    n = len(units)
+    lat_unit = np.array([[u.client_s, u.server_s] for u in units])
+    dims: list[tuple[np.ndarray, np.ndarray, float]] = [
+        (np.array([[0.0, u.server_work] for u in units]), np.zeros((n + 1, 2, 2)), math.inf),
+        (lat_unit, _moves(instance, [u.out_bytes for u in units], instance.input_bytes,
+                          instance.output_bytes, instance.passes),
+         instance.sla_s if sla_s is None else sla_s),
+    ]
+    mem = np.array([[u.client_mem_bytes, 0.0] for u in units])
+    if mem[:, 0].sum() > instance.client_mem_limit_bytes:
+        dims.append((mem, np.zeros((n + 1, 2, 2)), instance.client_mem_limit_bytes))
+    for p in instance.phase_limits:
+        dims.append((np.column_stack([p.client_s, p.server_s]),
+                     _moves(instance, p.out_bytes, p.input_bytes, p.output_bytes, p.passes),
+                     p.limit_s))
+    allowed = np.array([[u.client_ok, u.server_ok] for u in units], dtype=bool)
+    return Costs(
+        unit=np.stack([d[0] for d in dims], axis=-1),
+        move=np.stack([d[1] for d in dims], axis=-1),
+        allowed=allowed,
+        limit=np.array([d[2] for d in dims]),
+    )
+
+
+def _moves(
+    instance: Instance, out_bytes: object, input_bytes: float, output_bytes: float, passes: int
+) -> np.ndarray:
+    """[L + 1, 2, 2] crossing times: edge into unit l carries unit l - 1's output."""
+    carried = [input_bytes, *list(out_bytes)]  # type: ignore[call-overload]
+    n = len(instance.units)
+    move = np.zeros((n + 1, 2, 2))
+    for l in range(n + 1):
+        nbytes = output_bytes if l == n else carried[l]
+        move[l, C, S] = crossing_s(instance.link, True, nbytes, passes, instance.server_wait_s)
+        move[l, S, C] = crossing_s(instance.link, False, nbytes, passes)
+    move[n, C, S] = math.inf  # the result must end on the client
+    move[n, S, S] = math.inf
+    return move
+
+
+def _lower_bounds(costs: Costs) -> np.ndarray:
+    """[L, 2, D]: least cost, per dimension, from after unit l on side s to the end."""
+    n = costs.unit.shape[0]
+    lb = np.empty((n, 2, costs.unit.shape[2]))
+    lb[n - 1] = costs.move[n, :, C]
+    for l in range(n - 2, -1, -1):
+        nxt = costs.unit[l + 1] + lb[l + 1]  # [2 (s'), D]
+        nxt = np.where(costs.allowed[l + 1][:, None], nxt, math.inf)
+        lb[l] = np.min(costs.move[l + 1] + nxt[None, :, :], axis=1)  # over s'
+    return lb
+
+
+def _pareto(values: np.ndarray) -> np.ndarray:
+    """Indices of the labels not dominated in every dimension (first of equals kept), by work."""
+    order = np.lexsort(values.T[::-1])
+    v = values[order]
+    if v.shape[1] == 2:
+        best_prev = np.minimum.accumulate(np.concatenate([[math.inf], v[:-1, 1]]))
+        return order[v[:, 1] < best_prev]
+    le = np.all(v[:, None, :] <= v[None, :, :], axis=2)  # [j, i]: j no worse than i everywhere
+    earlier = np.tri(len(v), k=-1, dtype=bool).T  # [j, i]: j sorts before i
+    return order[~np.any(le & earlier, axis=0)]
+
+
+@dataclass
+class _Labels:
+    values: np.ndarray  # [n, D]
+    parent_side: np.ndarray  # [n]
+    parent_index: np.ndarray  # [n]
+
+
+def _labels_forward(costs: Costs, prune_by_limits: bool) -> list[list[_Labels]]:
+    n, _, d = costs.unit.shape
+    lb = _lower_bounds(costs)
+    limit = costs.limit * (1 + REL_TOL)
+    # The frontier ignores the SLA (dimension 1); memory and phase limits always hold.
+    dims = slice(None) if prune_by_limits else slice(2, None)
+    start = _Labels(np.zeros((1, d)), np.zeros(1, dtype=int), np.zeros(1, dtype=int))
+    empty = _Labels(np.zeros((0, d)), np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+    layers: list[list[_Labels]] = []
+    prev = [start, empty]  # the input starts on the client
+    for l in range(n):
+        here = []
+        for s in (C, S):
+            if not costs.allowed[l, s]:
+                here.append(empty)
+                continue
+            parts = [prev[p].values + costs.move[l, p, s] + costs.unit[l, s] for p in (C, S)]
+            values = np.concatenate(parts)
+            parent_side = np.repeat([C, S], [len(parts[0]), len(parts[1])])
+            parent_index = np.concatenate([np.arange(len(parts[0])), np.arange(len(parts[1]))])
+            ok = np.all((values + lb[l, s])[:, dims] <= limit[dims], axis=1)
+            values, parent_side, parent_index = values[ok], parent_side[ok], parent_index[ok]
+            keep = _pareto(values) if len(values) else np.zeros(0, dtype=int)
+            here.append(_Labels(values[keep], parent_side[keep], parent_index[keep]))
+        layers.append(here)
+        prev = here
+    return layers
+
+
+def _trace(layers: list[list[_Labels]], side: int, index: int) -> Placement:
+    sides = []
+    for l in range(len(layers) - 1, -1, -1):
+        sides.append(SIDES[side])
+        labels = layers[l][side]
+        side, index = int(labels.parent_side[index]), int(labels.parent_index[index])
+    return Placement("".join(reversed(sides)))
+
+
+def _final(costs: Costs, layers: list[list[_Labels]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, side, index) of complete paths, Pareto in (work, latency), by work."""
+    n = costs.unit.shape[0]
+    last = layers[-1]
+    values = np.concatenate([last[s].values + costs.move[n, s, C] for s in (C, S)])
+    side = np.repeat([C, S], [len(last[C].values), len(last[S].values)])
+    index = np.concatenate([np.arange(len(last[C].values)), np.arange(len(last[S].values))])
+    if not len(values):
+        return values, side, index
+    keep = _pareto(values[:, :2])
+    return values[keep], side[keep], index[keep]
+
+
+def frontier(instance: Instance) -> list[Plan]:
+    """Every Pareto-optimal (server work, latency) plan, ignoring the SLA; by work ascending.
+
+    Memory, pinned units and phase limits still hold. A server answers any SLA by lookup:
+    the first plan whose latency fits.
+    """
+    costs = build_costs(instance, sla_s=math.inf)
+    layers = _labels_forward(costs, prune_by_limits=False)
+    _, side, index = _final(costs, layers)
+    return [evaluate(instance, _trace(layers, int(s), int(i))) for s, i in zip(side, index,
+                                                                              strict=True)]
+
+
+def _exact(instance: Instance) -> Placement | None:
+    costs = build_costs(instance)
+    layers = _labels_forward(costs, prune_by_limits=True)
+    values, side, index = _final(costs, layers)
+    if not len(values):
+        return None
+    fits = np.flatnonzero(values[:, 1] <= instance.sla_s * (1 + REL_TOL))
+    if not len(fits):
+        return None
+    return _trace(layers, int(side[fits[0]]), int(index[fits[0]]))
+
+
+def _dp_grid(instance: Instance, step_s: float) -> Placement | None:
+    """The reference DP over (unit, time used, side), costs rounded UP to the grid.
+
+    Rounding up makes every grid path's true latency <= its grid latency, so a returned plan
+    never breaks the SLA. It has no memory or phase dimension: a plan that breaks those is
+    dropped (None) rather than repaired.
+    """
+    costs = build_costs(instance)
+    budget = math.floor(instance.sla_s / step_s + REL_TOL)
+    if budget > 5_000_000:
+        raise UserError(f"dp-grid: SLA / step = {budget} grid points; use a larger --step-s")
+    unit = np.ceil(costs.unit[:, :, 1] / step_s)
+    move = np.ceil(costs.move[:, :, :, 1] / step_s)
+    work_unit = costs.unit[:, :, 0]
+    n = len(instance)
+    best = np.full((2, budget + 1), math.inf)  # best[s, b]: least work having used b steps
+    best[C, 0] = 0.0  # before unit 0, on the client
+    parents = np.zeros((n, 2, budget + 1), dtype=np.int8)
+    for l in range(n):
+        new = np.full((2, budget + 1), math.inf)
+        for s in (C, S):
+            if not costs.allowed[l, s]:
+                continue
+            for p in (C, S):
+                shift = move[l, p, s] + unit[l, s]
+                if not math.isfinite(shift) or shift > budget:
+                    continue
+                k = int(shift)
+                cand = np.full(budget + 1, math.inf)
+                cand[k:] = best[p, : budget + 1 - k] + work_unit[l, s]
+                better = cand < new[s]
+                new[s][better] = cand[better]
+                parents[l, s][better] = p
+        best = new
+    end = np.full((2, budget + 1), math.inf)
+    for s in (C, S):
+        k = move[n, s, C]
+        if math.isfinite(k) and k <= budget:
+            end[s, int(k):] = best[s, : budget + 1 - int(k)]
+    if not np.isfinite(end).any():
+        return None
+    ties = np.argwhere(end == end.min())  # least work, then fewest grid steps
+    s, b = min(ties, key=lambda sb: (sb[1], sb[0]))
+    side, used = int(s), int(b) - int(move[n, int(s), C])
+    sides = []
+    for l in range(n - 1, -1, -1):
+        sides.append(SIDES[side])
+        p = int(parents[l, side, used])
+        used -= int(move[l, p, side] + unit[l, side])
+        side = p
+    placement = Placement("".join(reversed(sides)))
+    return placement if evaluate(instance, placement).feasible else None
+
+
+def _uniform(instance: Instance, side: str) -> Placement | None:
+    placement = Placement.all_on(side, len(instance))
+    return placement if evaluate(instance, placement).feasible else None
+
+
+def _greedy(instance: Instance) -> Placement | None:
+    """Start all on the server; move units to the client one at a time.
+
+    Each step takes the move with the largest server-work saving per second of added latency
+    (a move that adds no latency ranks first), among moves that keep client memory within its
+    limit and do not push latency past max(SLA, current latency). Stops when no move is left.
+    """
+    sides = [SERVER if u.server_ok else CLIENT for u in instance.units]
+    current = evaluate(instance, Placement("".join(sides)))
+    while True:
+        best: tuple[float, float, int] | None = None
+        chosen: Plan | None = None
+        for i, unit in enumerate(instance.units):
+            if sides[i] == CLIENT or not unit.client_ok or unit.server_work <= 0:
+                continue
+            trial = evaluate(instance, Placement("".join([*sides[:i], CLIENT, *sides[i + 1:]])))
+            if trial.client_mem_bytes > instance.client_mem_limit_bytes:
+                continue
+            if trial.latency_s > max(instance.sla_s, current.latency_s) * (1 + REL_TOL):
+                continue
+            added_s = trial.latency_s - current.latency_s
+            rate = math.inf if added_s <= 0 else unit.server_work / added_s
+            key = (rate, unit.server_work, -i)  # ties: larger saving, then the earlier unit
+            if best is None or key > best:
+                best, chosen = key, trial
+        if chosen is None:
+            break
+        sides = list(chosen.placement.sides)
+        current = chosen
+    return current.placement if current.feasible else None
+
+
+def _best_single_cut(instance: Instance) -> Placement | None:
+    """Best plan of the form C^a S^(b-a) C^(n-b): at most one switch each way (Neurosurgeon)."""
+    costs = build_costs(instance)
+    n = len(instance)
+    zero = np.zeros((1, costs.unit.shape[2]))
+    pre_c = np.concatenate([zero, np.cumsum(costs.unit[:, C], axis=0)])  # [n + 1, D]
+    pre_s = np.concatenate([zero, np.cumsum(costs.unit[:, S], axis=0)])
+    bad_c = np.concatenate([[0], np.cumsum(~costs.allowed[:, C])])  # [n + 1]
+    bad_s = np.concatenate([[0], np.cumsum(~costs.allowed[:, S])])
+    a, b = np.triu_indices(n + 1, k=1)  # server runs units [a, b), a < b
+    total = (pre_c[a] + pre_s[b] - pre_s[a] + pre_c[n] - pre_c[b]
+             + costs.move[a, C, S] + costs.move[b, S, C])  # [pairs, D]
+    ok = (bad_c[a] + bad_c[n] - bad_c[b] == 0) & (bad_s[b] - bad_s[a] == 0)
+    ok &= np.all(total <= costs.limit * (1 + REL_TOL), axis=1)
+    plans = [(float(total[i, 0]), float(total[i, 1]), int(a[i]), int(b[i]))
+             for i in np.flatnonzero(ok)]
+    if bad_c[n] == 0 and np.all(pre_c[n] <= costs.limit * (1 + REL_TOL)):
+        plans.append((0.0, float(pre_c[n, 1]), 0, 0))  # all on the client
+    if not plans:
+        return None
+    _, _, first, stop = min(plans)
+    return Placement(CLIENT * first + SERVER * (stop - first) + CLIENT * (n - stop))
+
+
+DEFAULT_STEP_S = 0.001
+
+SOLVERS: dict[str, Callable[[Instance], Placement | None]] = {
+    "exact": _exact,
+    "dp-grid": lambda instance: _dp_grid(instance, DEFAULT_STEP_S),
+    "server-only": lambda instance: _uniform(instance, SERVER),
+    "client-only": lambda instance: _uniform(instance, CLIENT),
+    "greedy": _greedy,
+    "best-single-cut": _best_single_cut,
+}
+
+
+def solve(instance: Instance, solver: str = "exact", step_s: float | None = None) -> Plan | None:
+    """The plan a solver picks (least server work within the SLA), or None if it finds none."""
+    if solver == "milp":
+        from splitllm.milp import solve_milp
+
+        placement = solve_milp(instance)
+    elif solver == "dp-grid" and step_s is not None:
+        placement = _dp_grid(instance, step_s)
+    elif solver in SOLVERS:
+        placement = SOLVERS[solver](instance)
+    else:
+        raise UserError(f"unknown solver {solver!r}: use one of {', '.join([*SOLVERS, 'milp'])}")
+    return None if placement is None else evaluate(instance, placement)
