@@ -144,6 +144,8 @@ class UnitCost:
     weight_bytes: float
     kv_bytes_per_token: float
     out_bytes_per_token: float  # what crosses the network after this unit, per token
+    # An embedding table: a pass reads one row per token, not all its weights (0: not a table).
+    lookup_bytes_per_token: float = 0.0
 
     def prefill_flops(self, prompt_tokens: int, causal: bool = True) -> float:
         """FLOPs of a prefill of P tokens (causal: token i attends to i + 1 positions)."""
@@ -155,13 +157,19 @@ class UnitCost:
         """FLOPs of one decode step attending to `context_tokens` positions."""
         return self.linear_flops_per_token + self.attn_flops_per_token_ctx * context_tokens
 
+    def weight_read_bytes(self, tokens: int) -> float:
+        """Weight bytes one pass over `tokens` tokens reads."""
+        if self.lookup_bytes_per_token:
+            return min(self.weight_bytes, tokens * self.lookup_bytes_per_token)
+        return self.weight_bytes
+
     def prefill_bytes(self, prompt_tokens: int) -> float:
         """Memory traffic of a prefill: weights once, the new KV cache written."""
-        return self.weight_bytes + self.kv_bytes_per_token * prompt_tokens
+        return self.weight_read_bytes(prompt_tokens) + self.kv_bytes_per_token * prompt_tokens
 
     def decode_bytes(self, context_tokens: int) -> float:
         """Memory traffic of one decode step: weights and the whole KV cache read."""
-        return self.weight_bytes + self.kv_bytes_per_token * context_tokens
+        return self.weight_read_bytes(1) + self.kv_bytes_per_token * context_tokens
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,7 @@ def model_costs(cfg: ModelConfig, weight_bytes: float = 2.0, wire_bytes: float =
         embed_flops = 0.0  # a table lookup
         input_bytes = 4.0  # int32 token ids
     embed = UnitCost("embed", embed_params, embed_flops, 0.0, embed_params * weight_bytes, 0.0,
-                     d * wire_bytes)
+                     d * wire_bytes, 0.0 if cfg.input_patch_values else d * weight_bytes)
     if cfg.kind == "decoder":
         head_matrix = cfg.vocab * d
         head_params = norm + head_matrix

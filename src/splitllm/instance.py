@@ -97,7 +97,9 @@ class Plan:
     violation: str | None
 
 
-def crossing_s(link: Link, up: bool, nbytes: float, passes: int, server_wait_s: float = 0.0) -> float:
+def crossing_s(
+    link: Link, up: bool, nbytes: float, passes: int, server_wait_s: float = 0.0
+) -> float:
     """Time of one switch in one direction, over all passes (a visit to the server may queue)."""
     if up:
         return passes * (link.rtt_s / 2 + server_wait_s) + nbytes / link.uplink_bytes_per_s
@@ -218,7 +220,8 @@ def phase_times(model: ModelCosts, device: DeviceProfile, request: Request) -> P
     decode = np.array([
         np.maximum(
             (u.linear_flops_per_token + u.attn_flops_per_token_ctx * ctx) / device.peak_flops_per_s,
-            (u.weight_bytes + u.kv_bytes_per_token * ctx) / device.mem_bandwidth_bytes_per_s,
+            (u.weight_read_bytes(1) + u.kv_bytes_per_token * ctx)
+            / device.mem_bandwidth_bytes_per_s,
         ) / device.efficiency
         for u in model.units
     ]).reshape(len(model.units), steps)

@@ -328,3 +328,14 @@ def solve(instance: Instance, solver: str = "exact", step_s: float | None = None
     else:
         raise UserError(f"unknown solver {solver!r}: use one of {', '.join([*SOLVERS, 'milp'])}")
     return None if placement is None else evaluate(instance, placement)
+
+
+BASELINES = ("server-only", "client-only", "greedy", "best-single-cut")
+
+
+def compare(
+    instance: Instance, solver: str = "exact", step_s: float | None = None
+) -> dict[str, Plan | None]:
+    """The chosen solver's plan first, then each baseline's (None where it finds none)."""
+    names = dict.fromkeys([solver, *BASELINES])
+    return {name: solve(instance, name, step_s) for name in names}

@@ -1,0 +1,191 @@
+"""The `splitllm` command: thin wrappers that parse, build values and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from splitllm.errors import UserError
+
+if TYPE_CHECKING:
+    from splitllm.instance import Instance, Plan
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Collaborative (split) inference of LLMs between a server and its clients.",
+)
+console = Console()
+
+SOLVER_NAMES = "exact, dp-grid, milp, greedy, best-single-cut, server-only, client-only"
+
+
+@app.command()
+def plan(
+    instance_file: Annotated[Path | None, typer.Option(
+        "--instance", help="Plan an explicit-cost instance JSON file instead of a model.")] = None,
+    model: Annotated[str, typer.Option(
+        help="Built-in model config (see `splitllm presets`) or a config.json path.")
+    ] = "llama-3-8b",
+    client: Annotated[str, typer.Option(help="Client device preset or profile .json.")] = "laptop",
+    server: Annotated[str, typer.Option(help="Server device preset or profile .json.")
+                      ] = "datacenter-gpu",
+    link: Annotated[str, typer.Option(help="Link preset or profile .json.")] = "wifi",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens P (or patches).")] = 512,
+    output_tokens: Annotated[int, typer.Option(help="Output tokens G (0 for encoders).")] = 8,
+    sla_s: Annotated[float, typer.Option(help="End-to-end latency SLA, seconds.")] = 3.0,
+    ttft_s: Annotated[float | None, typer.Option(help="Optional time-to-first-token limit.")
+                      ] = None,
+    tpot_s: Annotated[float | None, typer.Option(help="Optional time-per-output-token limit.")
+                      ] = None,
+    weight_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8 or q4.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32/fp16/bf16.")
+                          ] = "fp16",
+    keep_on_client: Annotated[list[str] | None, typer.Option(
+        help="Pin a unit to the client (repeatable), e.g. embed.")] = None,
+    keep_on_server: Annotated[list[str] | None, typer.Option(
+        help="Pin a unit to the server (repeatable).")] = None,
+    solver: Annotated[str, typer.Option(help=f"One of: {SOLVER_NAMES}.")] = "exact",
+    step_s: Annotated[float, typer.Option(help="Time step of dp-grid, seconds.")] = 0.001,
+    show_frontier: Annotated[bool, typer.Option(
+        "--frontier", help="Also print the whole latency / server-work frontier.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    export_instance: Annotated[Path | None, typer.Option(
+        help="Write the planned instance to this JSON file.")] = None,
+) -> None:
+    """Plan which units run on the client and which on the server, least server work first."""
+    from splitllm.instance_file import load_instance, save_instance
+    from splitllm.planner import compare, frontier
+
+    if instance_file is not None:
+        instance = load_instance(instance_file)
+    else:
+        instance = _model_instance(
+            model, client, server, link, prompt_tokens, output_tokens, sla_s, ttft_s, tpot_s,
+            weight_dtype, wire_dtype, keep_on_client or [], keep_on_server or [],
+        )
+    if not step_s > 0:
+        raise UserError("--step-s must be positive")
+    if export_instance is not None:
+        save_instance(instance, export_instance)
+    plans = compare(instance, solver, step_s)
+    chosen = plans[solver]
+    front = frontier(instance) if show_frontier or instance_file is None else []
+    if as_json:
+        _print_json(chosen, plans, front, show_frontier)
+    else:
+        _print_tables(instance, chosen, plans, front, show_frontier)
+    if chosen is None:
+        raise typer.Exit(3)
+
+
+def _model_instance(
+    model: str, client: str, server: str, link: str, prompt_tokens: int, output_tokens: int,
+    sla_s: float, ttft_s: float | None, tpot_s: float | None, weight_dtype: str,
+    wire_dtype: str, keep_on_client: list[str], keep_on_server: list[str],
+) -> Instance:
+    from splitllm.costs import (
+        DTYPE_BYTES,
+        device_preset,
+        link_preset,
+        load_model_config,
+        model_costs,
+    )
+    from splitllm.instance import Request, build_instance
+
+    for flag, dtype in (("--weight-dtype", weight_dtype), ("--wire-dtype", wire_dtype)):
+        if dtype not in DTYPE_BYTES:
+            raise UserError(f"{flag} {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    costs = model_costs(load_model_config(model), DTYPE_BYTES[weight_dtype],
+                        DTYPE_BYTES[wire_dtype])
+    request = Request(prompt_tokens, output_tokens, sla_s, ttft_s, tpot_s)
+    return build_instance(costs, device_preset(client), device_preset(server), link_preset(link),
+                          request, frozenset(keep_on_client), frozenset(keep_on_server))
+
+
+def _plan_json(plan: Plan | None) -> dict[str, Any]:
+    if plan is None:
+        return {"feasible": False, "reason": "no placement meets the SLA and the limits"}
+    return {
+        "feasible": True, "placement": plan.placement.sides, "latency_s": plan.latency_s,
+        "server_work": plan.server_work, "client_mem_bytes": plan.client_mem_bytes,
+        "switches": plan.placement.switches, "client_compute_s": plan.client_compute_s,
+        "server_compute_s": plan.server_compute_s, "network_s": plan.network_s,
+    }
+
+
+def _print_json(
+    chosen: Plan | None, plans: Mapping[str, Plan | None], front: list[Plan], show_frontier: bool
+) -> None:
+    out = _plan_json(chosen)
+    out["plans"] = {name: _plan_json(p) for name, p in plans.items()}
+    if front:
+        out["frontier_size"] = len(front)
+    if show_frontier:
+        out["frontier"] = [{"server_work": p.server_work, "latency_s": p.latency_s,
+                            "placement": p.placement.sides} for p in front]
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+def _print_tables(
+    instance: Instance, chosen: Plan | None, plans: Mapping[str, Plan | None],
+    front: list[Plan], show_frontier: bool,
+) -> None:
+    from splitllm.report import frontier_table, plan_table, units_table
+
+    if chosen is not None:
+        console.print(units_table(instance, chosen))
+    console.print(plan_table(instance, plans))
+    if front:
+        console.print(f"frontier: {len(front)} Pareto-optimal plans (latency vs server work)")
+    if show_frontier:
+        console.print(frontier_table(front))
+    if chosen is None:
+        console.print("[red]infeasible:[/red] no placement meets the SLA and the limits")
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in model configs, device and link presets, and solvers."""
+    from rich.table import Table
+
+    from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS, model_costs
+
+    models = Table(title="Models (--model)")
+    for column in ("name", "kind", "blocks", "hidden", "params (M)"):
+        models.add_column(column)
+    for name, cfg in MODEL_CONFIGS.items():
+        models.add_row(name, cfg.kind, str(cfg.n_layers), str(cfg.hidden),
+                       f"{model_costs(cfg).params / 1e6:,.1f}")
+    devices = Table(title="Devices (--client, --server)")
+    for column in ("name", "peak TFLOP/s", "mem GB/s", "memory GB", "efficiency"):
+        devices.add_column(column)
+    for name, d in DEVICE_PRESETS.items():
+        devices.add_row(name, f"{d.peak_flops_per_s / 1e12:g}",
+                        f"{d.mem_bandwidth_bytes_per_s / 1e9:g}",
+                        f"{d.mem_capacity_bytes / 1e9:g}", f"{d.efficiency:g}")
+    links = Table(title="Links (--link)")
+    for column in ("name", "up Mbit/s", "down Mbit/s", "RTT ms"):
+        links.add_column(column)
+    for name, k in LINK_PRESETS.items():
+        links.add_row(name, f"{k.uplink_bytes_per_s * 8 / 1e6:g}",
+                      f"{k.downlink_bytes_per_s * 8 / 1e6:g}", f"{k.rtt_s * 1e3:g}")
+    for table in (models, devices, links):
+        console.print(table)
+    console.print(f"Solvers (--solver): {SOLVER_NAMES}")
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    try:
+        app()
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)

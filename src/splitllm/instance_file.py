@@ -1,0 +1,153 @@
+"""The explicit-cost instance file (JSON): validated reading and writing.
+
+Format (see README): {"layers": [{"name", "client_s", "server_s", "server_work", "out_bytes",
+"client_mem_bytes"?, "client_ok"?, "server_ok"?}, ...], "input_bytes", "output_bytes",
+"uplink_bytes_per_s", "downlink_bytes_per_s", "rtt_s", "sla_s", "client_mem_bytes"?,
+"passes"?, "server_wait_s"?, "phase_limits"?}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from splitllm.errors import UserError
+from splitllm.instance import Instance, Link, PhaseLimit, Unit
+
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class LayerModel(_Strict):
+    name: str
+    client_s: NonNegative
+    server_s: NonNegative
+    server_work: NonNegative
+    out_bytes: NonNegative
+    client_mem_bytes: NonNegative = 0.0
+    client_ok: bool = True
+    server_ok: bool = True
+
+
+class PhaseLimitModel(_Strict):
+    name: str
+    limit_s: Positive
+    client_s: list[NonNegative]
+    server_s: list[NonNegative]
+    out_bytes: list[NonNegative]
+    input_bytes: NonNegative
+    output_bytes: NonNegative
+    passes: Annotated[int, Field(ge=1)] = 1
+
+
+class InstanceModel(_Strict):
+    layers: Annotated[list[LayerModel], Field(min_length=1)]
+    input_bytes: NonNegative
+    output_bytes: NonNegative
+    uplink_bytes_per_s: Positive
+    downlink_bytes_per_s: Positive
+    rtt_s: NonNegative
+    sla_s: Positive
+    client_mem_bytes: Positive | None = None
+    passes: Annotated[int, Field(ge=1)] = 1
+    server_wait_s: NonNegative = 0.0
+    phase_limits: list[PhaseLimitModel] = []
+
+    def to_instance(self) -> Instance:
+        n = len(self.layers)
+        for p in self.phase_limits:
+            for key in ("client_s", "server_s", "out_bytes"):
+                if len(getattr(p, key)) != n:
+                    raise UserError(f"phase_limits.{p.name}.{key}: expected {n} values, one a layer")
+        return Instance(
+            units=tuple(Unit(**layer.model_dump()) for layer in self.layers),
+            link=Link(self.uplink_bytes_per_s, self.downlink_bytes_per_s, self.rtt_s),
+            sla_s=self.sla_s,
+            input_bytes=self.input_bytes,
+            output_bytes=self.output_bytes,
+            passes=self.passes,
+            client_mem_limit_bytes=math.inf if self.client_mem_bytes is None
+            else self.client_mem_bytes,
+            phase_limits=tuple(
+                PhaseLimit(p.name, p.limit_s, tuple(p.client_s), tuple(p.server_s),
+                           tuple(p.out_bytes), p.input_bytes, p.output_bytes, p.passes)
+                for p in self.phase_limits
+            ),
+            server_wait_s=self.server_wait_s,
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    if err["type"] == "missing":
+        return f"missing field {where}"
+    if err["type"] == "extra_forbidden":
+        return f"unknown field {where}"
+    return f"field {where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_instance(data: Any, source: str = "instance") -> Instance:
+    """An Instance from parsed JSON, or a UserError naming the bad field."""
+    try:
+        return InstanceModel.model_validate(data).to_instance()
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_first_error(exc)}") from None
+
+
+def load_instance(path: Path) -> Instance:
+    """Read and validate an instance file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: malformed JSON ({exc})") from None
+    return parse_instance(data, str(path))
+
+
+def instance_to_dict(instance: Instance) -> dict[str, Any]:
+    """The instance in the file format (round-trips through `parse_instance`)."""
+    out: dict[str, Any] = {
+        "layers": [
+            {"name": u.name, "client_s": u.client_s, "server_s": u.server_s,
+             "server_work": u.server_work, "out_bytes": u.out_bytes,
+             "client_mem_bytes": u.client_mem_bytes, "client_ok": u.client_ok,
+             "server_ok": u.server_ok}
+            for u in instance.units
+        ],
+        "input_bytes": instance.input_bytes,
+        "output_bytes": instance.output_bytes,
+        "uplink_bytes_per_s": instance.link.uplink_bytes_per_s,
+        "downlink_bytes_per_s": instance.link.downlink_bytes_per_s,
+        "rtt_s": instance.link.rtt_s,
+        "sla_s": instance.sla_s,
+        "passes": instance.passes,
+    }
+    if math.isfinite(instance.client_mem_limit_bytes):
+        out["client_mem_bytes"] = instance.client_mem_limit_bytes
+    if instance.server_wait_s:
+        out["server_wait_s"] = instance.server_wait_s
+    if instance.phase_limits:
+        out["phase_limits"] = [
+            {"name": p.name, "limit_s": p.limit_s, "client_s": list(p.client_s),
+             "server_s": list(p.server_s), "out_bytes": list(p.out_bytes),
+             "input_bytes": p.input_bytes, "output_bytes": p.output_bytes, "passes": p.passes}
+            for p in instance.phase_limits
+        ]
+    return out
+
+
+def save_instance(instance: Instance, path: Path) -> None:
+    """Write an instance file."""
+    path.write_text(json.dumps(instance_to_dict(instance), indent=1) + "\n")

@@ -1,0 +1,90 @@
+"""An independent solver: the placement problem as a mixed-integer linear program (HiGHS).
+
+Used to check `exact` and as `--solver milp`. Variables: x[l] = 1 if unit l runs on the server,
+up[l] / down[l] >= the switch indicators on the edge into unit l (edge L ends on the client).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from splitllm.instance import Instance, crossing_s
+from splitllm.placement import CLIENT, SERVER, Placement
+
+
+def _latency_row(
+    instance: Instance,
+    client_s: Sequence[float],
+    server_s: Sequence[float],
+    out_bytes: Sequence[float],
+    input_bytes: float,
+    output_bytes: float,
+    passes: int,
+) -> tuple[np.ndarray, float]:
+    """Coefficients over [x, up, down] and the constant part of one latency sum."""
+    n, link = len(instance.units), instance.link
+    carried = [input_bytes, *out_bytes[:-1], output_bytes]  # bytes on the edge into unit l
+    up = [crossing_s(link, True, carried[l], passes, instance.server_wait_s) for l in range(n)]
+    down = [crossing_s(link, False, carried[l], passes) for l in range(n + 1)]
+    row = np.concatenate([np.subtract(server_s, client_s), up, [0.0], down])
+    return row, float(np.sum(client_s))
+
+
+def solve_milp(instance: Instance) -> Placement | None:
+    """Least-server-work placement within the SLA, memory and phase limits, or None."""
+    units = instance.units
+    n = len(units)
+    nvar = n + 2 * (n + 1)  # x[0..n-1], up[0..n], down[0..n]
+    x, up, down = 0, n, 2 * n + 1
+    rows, lower, upper = [], [], []
+    for l in range(n + 1):  # up[l] >= x[l] - x[l-1];  down[l] >= x[l-1] - x[l]
+        for var, sign in ((up, 1.0), (down, -1.0)):
+            row = np.zeros(nvar)
+            row[var + l] = 1.0
+            if l < n:
+                row[x + l] -= sign
+            if l > 0:
+                row[x + l - 1] += sign
+            rows.append(row)
+            lower.append(0.0)
+            upper.append(np.inf)
+    sums = [(instance.sla_s, _latency_row(
+        instance, [u.client_s for u in units], [u.server_s for u in units],
+        [u.out_bytes for u in units], instance.input_bytes, instance.output_bytes,
+        instance.passes))]
+    sums += [(p.limit_s, _latency_row(instance, p.client_s, p.server_s, p.out_bytes,
+                                      p.input_bytes, p.output_bytes, p.passes))
+             for p in instance.phase_limits]
+    for limit_s, (row, constant) in sums:
+        rows.append(row)
+        lower.append(-np.inf)
+        upper.append(limit_s * (1 + 1e-9) - constant)
+    if np.isfinite(instance.client_mem_limit_bytes):
+        mem = np.array([u.client_mem_bytes for u in units])
+        row = np.zeros(nvar)
+        row[x : x + n] = -mem  # client memory = sum(mem) - sum(mem * x)
+        rows.append(row)
+        lower.append(-np.inf)
+        upper.append(instance.client_mem_limit_bytes * (1 + 1e-12) - mem.sum())
+    low = np.zeros(nvar)
+    high = np.ones(nvar)
+    for l, unit in enumerate(units):
+        low[x + l] = 0.0 if unit.client_ok else 1.0
+        high[x + l] = 1.0 if unit.server_ok else 0.0
+    cost = np.zeros(nvar)
+    cost[x : x + n] = [u.server_work for u in units]
+    integrality = np.zeros(nvar)
+    integrality[x : x + n] = 1
+    result = milp(
+        cost,
+        constraints=LinearConstraint(np.array(rows), lower, upper),
+        integrality=integrality,
+        bounds=Bounds(low, high),
+        options={"mip_rel_gap": 0.0},
+    )
+    if result.x is None:
+        return None
+    return Placement("".join(SERVER if v > 0.5 else CLIENT for v in result.x[:n]))
