@@ -1,0 +1,439 @@
+"""The splitllm server: FastAPI + uvicorn, one WebSocket per client connection.
+
+The event loop only parses, checks and routes messages; model compute runs in a worker thread
+pool, so /health, /metrics and other sessions stay responsive while a forward runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from splitllm.models import LoadedModel, weights_fingerprint
+from splitllm.runtime import protocol as wire
+from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
+from splitllm.runtime.profile import UnitProfile, profile_units
+from splitllm.runtime.session import ForwardResult, Limits, ServerSession
+from splitllm.runtime.units import UnitStack
+
+TOKEN_ENV = "SPLITLLM_TOKEN"
+FRAME_SLACK_BYTES = wire.MAX_HEADER_BYTES + 1024  # the transport limit sits above ours
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server runs and what it allows."""
+
+    token: str | None = None
+    max_sessions: int = 64
+    max_sessions_per_connection: int = 16
+    idle_timeout_s: float = 300.0
+    max_frame_bytes: int = 64 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    threads: int | None = None  # torch intra-op threads for model compute
+    workers: int = 1  # compute threads; 1 serializes forwards (each uses all `threads`)
+    profile: bool = True  # measure per-unit times at start for clients' auto placement
+    device: str = "measured"  # or a device preset name the server announces to clients
+
+
+class ServerState:
+    """Everything the app serves: the model's units, sessions, counters, the compute pool."""
+
+    def __init__(self, loaded: LoadedModel, config: ServerConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.stack = UnitStack(loaded.model)
+        self.metrics = ServerMetrics(self.stack.names)
+        self.sessions: dict[str, tuple[ServerSession, Connection]] = {}
+        self.fingerprint = weights_fingerprint(loaded.model)
+        # Compute threads get this many intra-op threads; the caller's own setting is left alone
+        # (a test or the demo may run a client in the same process).
+        threads = config.threads or torch.get_num_threads()
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix="splitllm-compute",
+            initializer=torch.set_num_threads, initargs=(threads,),
+        )
+        self.profile: UnitProfile | None = profile_units(self.stack) if config.profile else None
+        self.started_at = time.time()
+
+    def info(self) -> dict[str, Any]:
+        """The /v1/info document."""
+        cfg = self.config
+        return {
+            "protocol": wire.PROTOCOL_VERSION,
+            "session_path": wire.SESSION_PATH,
+            "model": self.loaded.model_id,
+            "family": self.stack.family,
+            "fingerprint": self.fingerprint,
+            "dtype": self.loaded.dtype,
+            "units": list(self.stack.names),
+            "n_units": self.stack.n_units,
+            "hidden_size": self.stack.hidden_size,
+            "vocab_size": self.stack.vocab_size,
+            "eos_token_ids": list(self.loaded.eos_token_ids),
+            "wire_dtypes": list(wire.WIRE_DTYPES),
+            "device": cfg.device,
+            "threads": self.threads,
+            "profile": self.profile.to_json() if self.profile else None,
+            "limits": {
+                "max_frame_bytes": cfg.max_frame_bytes,
+                "max_header_bytes": wire.MAX_HEADER_BYTES,
+                "max_tokens_per_message": cfg.limits.max_tokens_per_message,
+                "max_context": min(cfg.limits.max_context, self.stack.max_positions),
+                "max_sessions": cfg.max_sessions,
+                "max_sessions_per_connection": cfg.max_sessions_per_connection,
+                "idle_timeout_s": cfg.idle_timeout_s,
+            },
+        }
+
+    def authorized(self, header_value: str | None) -> bool:
+        """Whether an `Authorization: Bearer ...` value (or a bare token) is acceptable."""
+        if self.config.token is None:
+            return True
+        if not header_value:
+            return False
+        given = header_value.removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.config.token.encode())
+
+    def close_session(self, session_id: str, reason: str) -> ServerSession | None:
+        """Forget a session and free its caches."""
+        entry = self.sessions.pop(session_id, None)
+        if entry is None:
+            return None
+        session, conn = entry
+        session.close()
+        conn.sessions.pop(session_id, None)
+        self.metrics.record_close(reason)
+        return session
+
+    def render_metrics(self) -> str:
+        sessions = [s for s, _ in list(self.sessions.values())]
+        return self.metrics.render(len(sessions), sum(s.cache_bytes() for s in sessions))
+
+
+class Connection:
+    """One WebSocket: its sessions, its auth state, and a lock so that sends never interleave."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ws: WebSocket, state: ServerState) -> None:
+        self.ws = ws
+        self.state = state
+        self.sessions: dict[str, ServerSession] = {}
+        self.authorized = state.authorized(ws.headers.get("authorization"))
+        self.send_lock = asyncio.Lock()
+        self.number = next(self._ids)
+
+    async def send(self, data: str | bytes) -> None:
+        async with self.send_lock:
+            if isinstance(data, bytes):
+                await self.ws.send_bytes(data)
+            else:
+                await self.ws.send_text(data)
+        self.state.metrics.record_bytes(sent=len(data))
+
+    async def handle(self, data: str | bytes) -> None:
+        """Route one incoming frame; ProtocolError for anything wrong with it."""
+        limit = self.state.config.max_frame_bytes
+        if len(data) > limit:
+            raise wire.ProtocolError("too_large", f"frame of {len(data)} bytes is over the "
+                                     f"limit of {limit} bytes")
+        if isinstance(data, str):
+            message = wire.parse_text(data)
+            payload: memoryview | None = None
+        else:
+            message, payload = wire.parse_binary(data)
+        if not self.authorized:
+            token = message.token if isinstance(message, wire.OpenMessage) else None
+            if not self.state.authorized(token):
+                raise wire.ProtocolError("unauthorized", "missing or wrong bearer token "
+                                         "(send 'Authorization: Bearer <token>')", fatal=True)
+            self.authorized = True
+        if isinstance(message, wire.ForwardHeader):
+            assert payload is not None
+            await self._forward(message, payload)
+        elif isinstance(message, wire.OpenMessage):
+            await self._open(message)
+        elif isinstance(message, wire.CloseMessage):
+            await self._close(message)
+        elif isinstance(message, wire.PingMessage):
+            await self.send(wire.text({"type": "pong", "t": message.t, "server_time": time.time()}))
+        elif isinstance(message, wire.ProbeHeader):
+            await self._probe(message)
+
+    async def _open(self, message: wire.OpenMessage) -> None:
+        state = self.state
+        if message.protocol != wire.PROTOCOL_VERSION:
+            raise wire.ProtocolError("bad_message", f"protocol {message.protocol} is not "
+                                     f"supported (server speaks {wire.PROTOCOL_VERSION})")
+        if len(state.sessions) >= state.config.max_sessions:
+            raise wire.ProtocolError("busy", f"the server holds {state.config.max_sessions} "
+                                     "sessions already; retry later")
+        if len(self.sessions) >= state.config.max_sessions_per_connection:
+            raise wire.ProtocolError("busy", "too many sessions on this connection")
+        dtype = wire.WIRE_DTYPES[wire.wire_dtype_name(message.wire_dtype)]
+        session_id = f"s{self.number}-{secrets.token_hex(6)}"
+        session = ServerSession.open(session_id, state.stack, message.placement, dtype,
+                                     message.sampling, state.config.limits)
+        state.sessions[session_id] = (session, self)
+        self.sessions[session_id] = session
+        state.metrics.record_open()
+        await self.send(wire.text({
+            "type": "opened", "session": session_id, "placement": str(session.placement),
+            "server_segments": session.server_segments, "units": list(state.stack.names),
+            "wire_dtype": wire.DTYPE_NAMES[dtype],
+        }))
+
+    def _session(self, session_id: str) -> ServerSession:
+        session = self.sessions.get(session_id)
+        if session is None or session.closed:
+            raise wire.ProtocolError("unknown_session", f"no open session {session_id!r} on "
+                                     "this connection (closed, timed out, or never opened)")
+        return session
+
+    async def _forward(self, header: wire.ForwardHeader, payload: memoryview) -> None:
+        session = self._session(header.session)
+        session.last_active = time.monotonic()
+        session.in_flight += 1  # the idle sweeper leaves a session alone while it computes
+        try:
+            result: ForwardResult = await asyncio.get_running_loop().run_in_executor(
+                self.state.executor, session.forward, header, payload)
+        except wire.ProtocolError:
+            raise
+        except Exception as exc:  # a bug or an out-of-memory: this session's state is suspect
+            self.state.close_session(session.session_id, "error")
+            raise wire.ProtocolError("internal", f"forward failed ({type(exc).__name__}: {exc}); "
+                                     "the session was closed") from exc
+        finally:
+            session.in_flight -= 1
+        p0, p1 = header.positions
+        self.state.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
+                                          result.token is not None)
+        base = {"session": header.session, "seq": header.seq}
+        if result.hidden is not None:
+            await self.send(wire.encode_tensor(
+                {"type": "hidden", **base, "units": list(result.units), "positions": [p0, p1]},
+                result.hidden))
+            return
+        if result.logits is not None:
+            await self.send(wire.encode_tensor(
+                {"type": "logits", **base, "positions": [p1 - 1, p1]}, result.logits))
+        await self.send(wire.text({"type": "token", **base, "position": p1,
+                                   "token": result.token}))
+
+    async def _close(self, message: wire.CloseMessage) -> None:
+        session = self._session(message.session)
+        self.state.close_session(session.session_id, "close")
+        await self.send(wire.text({
+            "type": "closed", "session": session.session_id,
+            "stats": {"busy_s": session.busy_s, "tokens_processed": session.tokens_processed,
+                      "tokens_sampled": session.tokens_sampled},
+        }))
+
+    async def _probe(self, message: wire.ProbeHeader) -> None:
+        if message.reply_bytes > self.state.config.max_frame_bytes - wire.MAX_HEADER_BYTES:
+            raise wire.ProtocolError("too_large", "reply_bytes is over the frame limit")
+        await self.send(wire.encode_frame({"type": "probe_reply"}, bytes(message.reply_bytes)))
+
+    def close_all(self, reason: str) -> None:
+        for session_id in list(self.sessions):
+            self.state.close_session(session_id, reason)
+
+
+async def _serve_connection(ws: WebSocket, state: ServerState) -> None:
+    await ws.accept()
+    conn = Connection(ws, state)
+    try:
+        while True:
+            frame = await ws.receive()
+            if frame["type"] == "websocket.disconnect":
+                break
+            data: str | bytes | None = frame.get("bytes")
+            if data is None:
+                data = frame.get("text") or ""
+            state.metrics.record_bytes(received=len(data))
+            try:
+                await conn.handle(data)
+            except wire.ProtocolError as err:
+                state.metrics.record_error(err.code)
+                await conn.send(wire.error_message(err, *_session_and_seq(data)))
+                if err.fatal:
+                    await ws.close(code=1008, reason=err.code)
+                    break
+    except WebSocketDisconnect:
+        pass
+    finally:
+        # Disconnect (or a fatal error) ends every session of this connection: free caches now.
+        conn.close_all("disconnect")
+
+
+def _session_and_seq(data: str | bytes) -> tuple[str | None, int | None]:
+    """The session and seq a rejected frame named, if they can be read (for the error)."""
+    try:
+        header: Any = wire.split_frame(data)[0] if isinstance(data, bytes) else json.loads(data)
+    except (wire.ProtocolError, ValueError):
+        return None, None
+    if not isinstance(header, dict):
+        return None, None
+    session, seq = header.get("session"), header.get("seq")
+    return (session if isinstance(session, str) else None,
+            seq if isinstance(seq, int) and not isinstance(seq, bool) else None)
+
+
+async def _sweep_idle(state: ServerState) -> None:
+    """Close sessions idle for longer than the timeout (a client that went silent)."""
+    interval_s = max(0.05, min(5.0, state.config.idle_timeout_s / 4))
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        for session_id, (session, conn) in list(state.sessions.items()):
+            idle_s = now - session.last_active
+            if idle_s > state.config.idle_timeout_s and not session.in_flight:
+                state.close_session(session_id, "idle_timeout")
+                err = wire.ProtocolError("idle_timeout", f"session closed after {idle_s:.0f} s "
+                                         "without messages")
+                with contextlib.suppress(Exception):
+                    await conn.send(wire.error_message(err, session_id))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app: /health, /v1/info, /metrics and the session WebSocket."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_idle(state))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="splitllm", lifespan=lifespan)
+
+    def denied(request: Request) -> Response | None:
+        if state.authorized(request.headers.get("authorization")):
+            return None
+        return JSONResponse({"error": "unauthorized",
+                             "message": "missing or wrong bearer token"}, status_code=401)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "sessions": len(state.sessions)}
+
+    @app.get("/v1/info", response_model=None)
+    async def info(request: Request) -> Response | dict[str, Any]:
+        return denied(request) or state.info()
+
+    @app.get("/metrics", response_model=None)
+    async def metrics(request: Request) -> Response:
+        return denied(request) or PlainTextResponse(state.render_metrics(),
+                                                    media_type=CONTENT_TYPE)
+
+    @app.websocket(wire.SESSION_PATH)
+    async def session_socket(ws: WebSocket) -> None:
+        await _serve_connection(ws, state)
+
+    return app
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, config: ServerConfig) -> Any:
+    """uvicorn settings: explicit WebSocket frame limit, no compression (hidden states)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="warning", ws="websockets-sansio",
+        ws_max_size=config.max_frame_bytes + FRAME_SLACK_BYTES, ws_per_message_deflate=False,
+        ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on",
+    )
+
+
+def serve_forever(loaded: LoadedModel, host: str, port: int, config: ServerConfig) -> None:
+    """Run the server in the foreground until interrupted."""
+    import uvicorn
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    state = ServerState(loaded, config)
+    uvicorn.Server(uvicorn_config(create_app(state), host, port, config)).run()
+
+
+class BackgroundServer:
+    """A real server on a local port in a daemon thread (tests, demo, benchmark)."""
+
+    def __init__(self, loaded: LoadedModel, config: ServerConfig | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+
+        import uvicorn
+
+        self.config = config or ServerConfig()
+        self.state = ServerState(loaded, self.config)
+        # Bind first so the port is known and free before uvicorn starts serving on it.
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        cfg = uvicorn_config(create_app(self.state), host, self.port, self.config)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("splitllm server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.socket.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def env_token() -> str | None:
+    """The bearer token from $SPLITLLM_TOKEN, if set and non-empty."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+@contextlib.contextmanager
+def running_server(loaded: LoadedModel, config: ServerConfig | None = None) -> Iterator[
+        BackgroundServer]:
+    """A started BackgroundServer, stopped on exit."""
+    server = BackgroundServer(loaded, config).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,194 @@
+"""One server-side session: the server segments of a placement, their KV caches, the sampler.
+
+Network-free and synchronous, so the server runs it in a worker thread and tests can drive it
+directly. Every check happens before any state changes: a rejected message leaves the session
+usable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from splitllm.errors import UserError
+from splitllm.placement import SERVER, Placement
+from splitllm.runtime.protocol import (
+    ID_DTYPES,
+    WIRE_DTYPES,
+    ForwardHeader,
+    ProtocolError,
+    Sampling,
+    decode_tensor,
+)
+from splitllm.runtime.sampling import Sampler
+from splitllm.runtime.units import SegmentCache, UnitStack
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one session may ask of the server."""
+
+    max_tokens_per_message: int = 1024
+    max_context: int = 8192
+
+
+@dataclass
+class SegmentState:
+    """One server segment [start, stop) of the placement and what it has seen."""
+
+    start: int
+    stop: int
+    cache: SegmentCache | None
+    next_position: int = 0
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """What a forward produced: hidden states [1, T, D] to send back, or a sampled token."""
+
+    hidden: torch.Tensor | None
+    token: int | None
+    logits: torch.Tensor | None  # [1, V] float32, only when asked for
+    unit_seconds: tuple[float, ...]
+    units: tuple[int, int]
+
+
+@dataclass
+class ServerSession:
+    """The server's part of one generation."""
+
+    session_id: str
+    stack: UnitStack
+    placement: Placement
+    wire_dtype: torch.dtype
+    sampling: Sampling
+    limits: Limits
+    segments: dict[int, SegmentState] = field(default_factory=dict)
+    busy_s: float = 0.0
+    tokens_processed: int = 0
+    tokens_sampled: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    closed: bool = False
+    in_flight: int = 0  # forwards running now (the server's idle sweeper skips busy sessions)
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.sampling)
+        for seg in self.placement.segments():
+            if seg.side == SERVER:
+                cache = self.stack.new_cache(seg.start, seg.stop)
+                self.segments[seg.start] = SegmentState(seg.start, seg.stop, cache)
+
+    @classmethod
+    def open(cls, session_id: str, stack: UnitStack, placement: str, wire_dtype: torch.dtype,
+             sampling: Sampling, limits: Limits) -> ServerSession:
+        """A new session, or ProtocolError if the placement does not fit the model."""
+        try:
+            parsed = Placement.parse(placement, stack.n_units)
+        except UserError as exc:
+            raise ProtocolError("bad_placement", str(exc)) from None
+        return cls(session_id, stack, parsed, wire_dtype, sampling, limits)
+
+    @property
+    def server_segments(self) -> list[tuple[int, int]]:
+        return [(s.start, s.stop) for s in self.segments.values()]
+
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache this session holds."""
+        return sum(s.cache.nbytes() for s in self.segments.values() if s.cache is not None)
+
+    def close(self) -> None:
+        """Drop the caches (the memory is freed once no forward still runs on them)."""
+        self.closed = True
+        for seg in self.segments.values():
+            seg.cache = None
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check(self, header: ForwardHeader) -> SegmentState:
+        """The segment a forward addresses, after checking units, positions, dtype and shape."""
+        if self.closed:
+            raise ProtocolError("unknown_session", f"session {self.session_id} is closed")
+        seg = self._segment(*header.units)
+        p0, p1 = header.positions
+        tokens = p1 - p0
+        if p0 < 0 or tokens < 1:
+            raise ProtocolError("bad_positions", f"positions [{p0}, {p1}) must be a non-empty "
+                                "range of non-negative positions")
+        if tokens > self.limits.max_tokens_per_message:
+            raise ProtocolError("too_large", f"{tokens} tokens in one message; the limit is "
+                                f"{self.limits.max_tokens_per_message} (send the prompt in chunks)")
+        if p1 > self.limits.max_context:
+            raise ProtocolError("bad_positions", f"position {p1 - 1} is past the context limit "
+                                f"{self.limits.max_context}")
+        expected = seg.cache.get_seq_length() if seg.cache is not None else seg.next_position
+        if (seg.cache is not None and p0 != expected) or p0 < expected:
+            raise ProtocolError("bad_positions", f"positions [{p0}, {p1}) do not follow units "
+                                f"[{seg.start}, {seg.stop}): they hold positions [0, {expected})")
+        self._check_input(header, tokens)
+        return seg
+
+    def _segment(self, start: int, stop: int) -> SegmentState:
+        n = self.stack.n_units
+        if not 0 <= start < stop <= n:
+            raise ProtocolError("bad_units", f"units [{start}, {stop}) out of bounds: the model "
+                                f"has units 0..{n - 1}")
+        seg = self.segments.get(start)
+        # A pass that does not sample may stop before the head: [start, n - 1) of [start, n).
+        head_skipped = seg is not None and seg.stop == n and stop == n - 1 and start < n - 1
+        if seg is None or not (stop == seg.stop or head_skipped):
+            raise ProtocolError("bad_units", f"units [{start}, {stop}) are not a server segment "
+                                f"of placement {self.placement}: {self.server_segments}")
+        return seg
+
+    def _check_input(self, header: ForwardHeader, tokens: int) -> None:
+        if header.units[0] == 0:
+            if header.dtype not in ID_DTYPES or header.shape != [1, tokens]:
+                raise ProtocolError("bad_shape", f"units starting at embed take token ids: dtype "
+                                    f"int64 or int32, shape [1, {tokens}]; got {header.dtype} "
+                                    f"{header.shape}")
+            return
+        wire = next(name for name, dt in WIRE_DTYPES.items() if dt == self.wire_dtype)
+        if header.dtype != wire:
+            raise ProtocolError("bad_dtype", f"hidden states must be {wire} (the session's wire "
+                                f"dtype); got {header.dtype}")
+        want = [1, tokens, self.stack.hidden_size]
+        if header.shape != want:
+            raise ProtocolError("bad_shape", f"hidden states must have shape {want}; got "
+                                f"{header.shape}")
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def forward(self, header: ForwardHeader, payload: bytes | memoryview) -> ForwardResult:
+        """Check and run one forward message; samples if the head ran."""
+        seg = self.check(header)
+        x = decode_tensor(header, payload)
+        start, stop = header.units
+        if start == 0:
+            x = x.long()
+            if bool(((x < 0) | (x >= self.stack.vocab_size)).any()):
+                raise ProtocolError("bad_values", f"token ids must lie in [0, "
+                                    f"{self.stack.vocab_size})")
+        else:
+            if not bool(torch.isfinite(x).all()):
+                raise ProtocolError("bad_values", "hidden states contain NaN or infinity")
+            x = x.to(self.stack.dtype)
+        p0, p1 = header.positions
+        positions = torch.arange(p0, p1).unsqueeze(0)  # [1, T]
+        unit_seconds: list[float] = []
+        clock = time.perf_counter()
+        out = self.stack.run(start, stop, x, positions, seg.cache, unit_seconds)
+        seg.next_position = p1
+        self.tokens_processed += p1 - p0
+        if stop == self.stack.n_units:
+            token = self.sampler(out)  # out: logits [1, V]
+            self.tokens_sampled += 1
+            logits = out.float() if header.return_logits else None
+            result = ForwardResult(None, token, logits, tuple(unit_seconds), (start, stop))
+        else:
+            hidden = out.to(self.wire_dtype)  # [1, T, D]
+            result = ForwardResult(hidden, None, None, tuple(unit_seconds), (start, stop))
+        self.busy_s += time.perf_counter() - clock
+        self.last_active = time.monotonic()
+        return result
