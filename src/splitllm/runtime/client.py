@@ -288,6 +288,7 @@ class Session:
                     remote.close()
             raise
         stats = remote.close() if remote is not None else {}
+        stream.finish()
         return Generation(
             timed.tokens, stream.text, str(chosen), timed.ttft_s, timed.tpot_s, timed.wall_s,
             len(prompt_ids), float(stats.get("busy_s", 0.0)), pipe.client_busy_s,
@@ -312,6 +313,14 @@ class TextStream:
         text = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
             return
+        self._emit(text)
+
+    def finish(self) -> None:
+        """Flush what is left (a generation may end inside a multi-byte character)."""
+        if self.tokenizer is not None:
+            self._emit(str(self.tokenizer.decode(self.tokens, skip_special_tokens=True)))
+
+    def _emit(self, text: str) -> None:
         delta, self.text = text[len(self.text):], text
         if delta and self.on_text is not None:
             self.on_text(delta)

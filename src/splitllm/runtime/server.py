@@ -384,8 +384,10 @@ class BackgroundServer:
 
         self.config = config or ServerConfig()
         self.state = ServerState(loaded, self.config)
-        # Bind first so the port is known and free before uvicorn starts serving on it.
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Bind first so the port is known and free before uvicorn starts serving on it. The
+        # explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto
+        # says TCP, and without it Nagle + delayed ACKs hold back a reply's second frame ~40 ms.
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
         self.host, self.port = self.socket.getsockname()[:2]

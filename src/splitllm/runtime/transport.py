@@ -6,6 +6,7 @@ over the link's bandwidth in its direction, so one machine can stand for a phone
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,10 +74,12 @@ class WebSocketTransport:
         uri = url.rstrip("/") + (SESSION_PATH if not url.rstrip("/").endswith(SESSION_PATH)
                                  else "")
         headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._exit = contextlib.ExitStack()
         try:
             # Hidden states are incompressible floats: compression off; frames over 1 MiB allowed.
-            self.ws = connect(uri, additional_headers=headers, max_size=max_frame_bytes,
-                              compression=None, open_timeout=open_timeout_s, close_timeout=2.0)
+            self.ws = self._exit.enter_context(connect(
+                uri, additional_headers=headers, max_size=max_frame_bytes, compression=None,
+                open_timeout=open_timeout_s, close_timeout=2.0))
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise UserError(f"cannot connect to {uri}: {exc}") from None
         self.bytes_sent = 0
@@ -104,7 +107,7 @@ class WebSocketTransport:
         return data
 
     def close(self) -> None:
-        self.ws.close()
+        self._exit.close()
 
 
 def _closed_error(exc: Exception) -> ServerError:

@@ -1,0 +1,71 @@
+"""Helpers for the runtime tests: tiny random models and tokenizers built offline."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Split inference runs some layers on the client and the rest on the server.",
+    "Hidden states cross the network at every switch between client and server.",
+]
+VOCAB = 320
+TIMEOUT_S = 20.0  # every network wait in these tests is bounded
+
+
+def save_tokenizer(path: Path) -> None:
+    """A small byte-level BPE tokenizer with a chat template, trained in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def save_tiny_model(path: Path, config: PretrainedConfig, seed: int = 0) -> Path:
+    """Random-init weights from a config, saved with a tokenizer as a Hugging Face directory."""
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def llama_config(layers: int = 4, **overrides: Any) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **overrides,
+    )
+
+
+def gpt2_config(layers: int = 4) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
+        bos_token_id=1, eos_token_id=2,
+    )
+
+
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int = VOCAB) -> list[int]:
+    """Token ids of a random prompt (special tokens 0..2 excluded)."""
+    return [rng.randrange(3, vocab) for _ in range(length)]

@@ -1,0 +1,138 @@
+"""Split generation over real sockets reproduces the unsplit model, for every placement."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from runtime_kit import TIMEOUT_S, random_prompt
+
+from splitllm.models import LoadedModel
+from splitllm.runtime.client import Generation, Session, connect
+from splitllm.runtime.generate import LocalPipe, generate, timed_generate
+from splitllm.runtime.protocol import Sampling
+from splitllm.runtime.server import BackgroundServer
+
+
+def reference(loaded: LoadedModel, prompt: list[int], new_tokens: int,
+              sampling: Sampling = Sampling()) -> tuple[list[int], list[torch.Tensor]]:
+    """Tokens and per-step logits [1, V] of the unsplit model."""
+    pipe = LocalPipe(loaded.model, sampling)
+    logits: list[torch.Tensor] = []
+    timed = timed_generate(pipe, prompt, new_tokens,
+                           on_token=lambda _: logits.append(pipe.last_logits))
+    return list(timed.tokens), logits
+
+
+def split(session: Session, placement: str, prompt: list[int], new_tokens: int,
+          chunk: int = 5, sampling: Sampling | None = None) -> Generation:
+    return session.generate(prompt, new_tokens, placement=placement, prefill_chunk=chunk,
+                            stop_at_eos=False, return_logits=True, sampling=sampling)
+
+
+def assert_same(result: Generation, tokens: list[int], logits: list[torch.Tensor]) -> None:
+    assert list(result.tokens) == tokens, result.placement
+    assert len(result.logits) == len(logits)
+    for got, want in zip(result.logits, logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def servers(llama_server: BackgroundServer, gpt2_server: BackgroundServer
+            ) -> dict[str, BackgroundServer]:
+    return {"llama": llama_server, "gpt2": gpt2_server}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_placement_matches_the_unsplit_model(
+        family: str, tiny_models: dict[str, LoadedModel],
+        servers: dict[str, BackgroundServer]) -> None:
+    loaded = tiny_models[family]
+    prompt = random_prompt(random.Random(10), 13)
+    tokens, logits = reference(loaded, prompt, 6)
+    n_units = 6
+    placements = ["".join(p) for p in itertools.product("CS", repeat=n_units)]
+    assert len(placements) == 64  # all-C, all-S, every cut in both directions, 1-5 switches
+    with connect(servers[family].ws_url, loaded, timeout_s=TIMEOUT_S) as session:
+        for placement in placements:
+            assert_same(split(session, placement, prompt, 6), tokens, logits)
+
+
+def test_the_reference_is_the_models_own_greedy_generate(tiny_llama: LoadedModel) -> None:
+    prompt = random_prompt(random.Random(11), 9)
+    tokens, _ = reference(tiny_llama, prompt, 8)
+    with torch.no_grad():
+        out = tiny_llama.model.generate(torch.tensor([prompt]), max_new_tokens=8,
+                                        do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out[0, len(prompt):].tolist() == tokens
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_chunked_prefill_agrees(chunk: int, tiny_llama: LoadedModel,
+                                llama_server: BackgroundServer) -> None:
+    prompt = random_prompt(random.Random(12), 17)
+    tokens, logits = reference(tiny_llama, prompt, 4)
+    with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        for placement in ("CSCSCS", "SCCSSC", "CCCSSS"):
+            assert_same(split(session, placement, prompt, 4, chunk=chunk), tokens, logits)
+
+
+@pytest.mark.parametrize("wire_dtype", ["bf16", "fp16"])
+def test_half_precision_wire_halves_the_bytes(wire_dtype: str, tiny_llama: LoadedModel,
+                                              llama_server: BackgroundServer) -> None:
+    prompt = random_prompt(random.Random(13), 20)
+    tokens, logits = reference(tiny_llama, prompt, 5)
+    url = llama_server.ws_url
+    with connect(url, tiny_llama, timeout_s=TIMEOUT_S) as full, \
+            connect(url, tiny_llama, wire_dtype=wire_dtype, timeout_s=TIMEOUT_S) as half:
+        exact = split(full, "CCCSSS", prompt, 5, chunk=64)
+        rounded = split(half, "CCCSSS", prompt, 5, chunk=64)
+    assert_same(exact, tokens, logits)
+    hidden_bytes = 20 * 64 * 4 + 4 * 64 * 4  # prompt once, then one token per decode step
+    saved = exact.bytes_sent - rounded.bytes_sent
+    assert saved == pytest.approx(hidden_bytes / 2, rel=0.05)
+    for got, want in zip(rounded.logits, logits, strict=True):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=0)  # rounding, not a bug
+
+
+def test_seeded_sampling_is_the_same_wherever_the_head_runs(
+        tiny_gpt2: LoadedModel, gpt2_server: BackgroundServer) -> None:
+    prompt = random_prompt(random.Random(14), 8)
+    sampling = Sampling(temperature=1.5, top_p=0.95, seed=1234)
+    tokens, _ = reference(tiny_gpt2, prompt, 12, sampling)
+    with connect(gpt2_server.ws_url, tiny_gpt2, timeout_s=TIMEOUT_S) as session:
+        on_server = split(session, "CCSSSS", prompt, 12, sampling=sampling)
+        on_client = split(session, "SSSCCC", prompt, 12, sampling=sampling)
+        reseeded = split(session, "CCSSSS", prompt, 12,
+                         sampling=Sampling(temperature=1.5, top_p=0.95, seed=99))
+    assert list(on_server.tokens) == list(on_client.tokens) == tokens
+    assert list(reseeded.tokens) != tokens
+    greedy, _ = reference(tiny_gpt2, prompt, 12)
+    assert tokens != greedy
+
+
+def test_python_api_streams_text_and_stops_at_eos(tiny_llama: LoadedModel,
+                                                  llama_server: BackgroundServer) -> None:
+    pieces: list[str] = []
+    with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        result = session.generate("the quick fox", 12, placement="CSSSSC", on_text=pieces.append)
+    assert result.placement == "CSSSSC"
+    assert "".join(pieces) == result.text
+    assert result.text == tiny_llama.tokenizer.decode(list(result.tokens),
+                                                      skip_special_tokens=True)
+    prompt_ids = result.prompt_tokens
+    assert prompt_ids > 3 and 1 <= len(result.tokens) <= 12
+    eos = set(tiny_llama.eos_token_ids)
+    assert not eos & set(result.tokens[:-1])  # generation ends at the first end-of-sequence
+    expected = list(generate(LocalPipe(tiny_llama.model), _prompt_ids(tiny_llama), 12,
+                             tiny_llama.eos_token_ids))
+    assert list(result.tokens) == expected
+    assert result.ttft_s > 0 and result.tpot_s >= 0 and result.server_busy_s > 0
+
+
+def _prompt_ids(loaded: LoadedModel) -> list[int]:
+    from splitllm.models import encode_prompt
+
+    return encode_prompt(loaded, "the quick fox")
