@@ -22,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Collaborative (split) inference of LLMs between a server and its clients.",
 )
-console = Console()
+# Wide tables stay readable when piped (rich assumes 80 columns off a terminal).
+console = Console() if sys.stdout.isatty() else Console(width=140)
 
 SOLVER_NAMES = "exact, dp-grid, milp, greedy, best-single-cut, server-only, client-only"
 
