@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +73,73 @@ def gpt2_config(layers: int = 4) -> GPT2Config:
 def random_prompt(rng: random.Random, length: int, vocab: int = VOCAB) -> list[int]:
     """Token ids of a random prompt (special tokens 0..2 excluded)."""
     return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+class RawClient:
+    """A bare WebSocket client for sending hand-made (and broken) frames to a server."""
+
+    def __init__(self, ws_url: str, token: str | None = None, max_size: int = 2**24) -> None:
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._cm = connect(ws_url + "/v1/session", additional_headers=headers,
+                           max_size=max_size, compression=None, open_timeout=TIMEOUT_S,
+                           close_timeout=2.0)
+        self.ws = self._cm.__enter__()
+
+    def send(self, data: str | bytes) -> None:
+        self.ws.send(data)
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        self.ws.send(json.dumps(message))
+
+    def recv(self) -> tuple[dict[str, Any], bytes]:
+        """The next message: (JSON header, payload) for binary, (JSON, b"") for text."""
+        data = self.ws.recv(timeout=TIMEOUT_S)
+        if isinstance(data, str):
+            return json.loads(data), b""
+        (length,) = struct.unpack_from("<I", data)
+        return json.loads(data[4:4 + length]), data[4 + length:]
+
+    def open(self, placement: str, **fields: Any) -> str:
+        self.send_json({"type": "open", "placement": placement, **fields})
+        reply, _ = self.recv()
+        assert reply["type"] == "opened", reply
+        return str(reply["session"])
+
+    def forward(self, session: str, units: tuple[int, int], positions: tuple[int, int],
+                tensor: torch.Tensor, seq: int = 1) -> None:
+        from splitllm.runtime.protocol import encode_tensor
+
+        self.send(encode_tensor({"type": "forward", "session": session, "seq": seq,
+                                 "units": list(units), "positions": list(positions)}, tensor))
+
+    def expect_error(self, code: str) -> dict[str, Any]:
+        reply, _ = self.recv()
+        assert reply["type"] == "error", reply
+        assert reply["code"] == code, reply
+        return reply
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def metrics(http_url: str, token: str | None = None) -> dict[str, float]:
+    """The server's /metrics as {sample: value}."""
+    import httpx
+
+    from splitllm.runtime.metrics import parse_metrics
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(http_url + "/metrics", headers=headers, timeout=TIMEOUT_S)
+    response.raise_for_status()
+    return parse_metrics(response.text)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
+    """Poll until condition() holds; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

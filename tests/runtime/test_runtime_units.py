@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def segmentations(n_units: int, rng: random.Random, count: int) -> list[list[tup
     for _ in range(count):
         cuts = sorted(rng.sample(range(1, n_units), rng.randint(1, n_units - 1)))
         bounds = [0, *cuts, n_units]
-        out.append(list(zip(bounds[:-1], bounds[1:], strict=True)))
+        out.append(list(itertools.pairwise(bounds)))
     return out
 
 
@@ -30,7 +31,7 @@ def run_segments(stack: UnitStack, segments: list[tuple[int, int]], ids: torch.T
     """Logits [1, V] at the end of each prefill chunk, running segment by segment."""
     caches = [stack.new_cache(a, b) for a, b in segments]
     logits = []
-    for begin, end in zip(chunks[:-1], chunks[1:], strict=True):
+    for begin, end in itertools.pairwise(chunks):
         x = ids[:, begin:end]
         positions = torch.arange(begin, end)[None]  # [1, T]
         for (a, b), cache in zip(segments, caches, strict=True):

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ class ServerState:
         self.loaded = loaded
         self.config = config
         self.stack = UnitStack(loaded.model)
+        self.limits = replace(config.limits, max_context=min(config.limits.max_context,
+                                                             self.stack.max_positions))
         self.metrics = ServerMetrics(self.stack.names)
         self.sessions: dict[str, tuple[ServerSession, Connection]] = {}
         self.fingerprint = weights_fingerprint(loaded.model)
@@ -95,7 +97,7 @@ class ServerState:
                 "max_frame_bytes": cfg.max_frame_bytes,
                 "max_header_bytes": wire.MAX_HEADER_BYTES,
                 "max_tokens_per_message": cfg.limits.max_tokens_per_message,
-                "max_context": min(cfg.limits.max_context, self.stack.max_positions),
+                "max_context": self.limits.max_context,
                 "max_sessions": cfg.max_sessions,
                 "max_sessions_per_connection": cfg.max_sessions_per_connection,
                 "idle_timeout_s": cfg.idle_timeout_s,
@@ -190,7 +192,7 @@ class Connection:
         dtype = wire.WIRE_DTYPES[wire.wire_dtype_name(message.wire_dtype)]
         session_id = f"s{self.number}-{secrets.token_hex(6)}"
         session = ServerSession.open(session_id, state.stack, message.placement, dtype,
-                                     message.sampling, state.config.limits)
+                                     message.sampling, state.limits)
         state.sessions[session_id] = (session, self)
         self.sessions[session_id] = session
         state.metrics.record_open()
