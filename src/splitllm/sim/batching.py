@@ -1,0 +1,100 @@
+"""The time of one batched server step, from the cost model's roofline, unit by unit.
+
+A step runs every job of the batch through its units. A unit's time in the step is the
+roofline of the whole batch at that unit: the FLOPs of every session it serves, and memory
+traffic of its weights once plus every session's KV cache. Sessions of the same model share
+weights; different models run one after the other. A batch of one job takes exactly the job's
+solo service time (`instance.phase_times`), so batching only ever helps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitllm.costs import DeviceProfile, ModelCosts, UnitCost
+from splitllm.sim.world import World
+
+# (type index, first unit, stop unit, prompt tokens, pass index: 0 = prefill, k = decode step k)
+JobShape = tuple[int, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class _Model:
+    embed: UnitCost
+    block: UnitCost  # every block of a model has the same cost
+    head: UnitCost
+    n_units: int
+    causal: bool
+
+
+def _work(unit: UnitCost, prompt: int, pass_index: int, causal: bool) -> tuple[float, float]:
+    """(FLOPs, KV bytes) a unit spends on one job."""
+    if pass_index == 0:
+        return unit.prefill_flops(prompt, causal), unit.kv_bytes_per_token * prompt
+    ctx = prompt + pass_index
+    return unit.decode_flops(ctx), unit.kv_bytes_per_token * ctx
+
+
+class BatchCost:
+    """Step times of batches of jobs on one server device."""
+
+    def __init__(self, world: World) -> None:
+        self.device: DeviceProfile = world.server.device
+        groups: dict[ModelCosts, int] = {}
+        self.models: list[_Model] = []
+        self.group_of_type: list[int] = []
+        for t in world.types:
+            if t.model is None:
+                self.group_of_type.append(-1)
+                continue
+            if t.model not in groups:
+                u = t.model.units
+                groups[t.model] = len(self.models)
+                self.models.append(_Model(u[0], u[1], u[-1], len(u), t.decoder))
+            self.group_of_type.append(groups[t.model])
+
+    def _roof_s(self, flops: float, mem_bytes: float) -> float:
+        d = self.device
+        return max(flops / d.peak_flops_per_s, mem_bytes / d.mem_bandwidth_bytes_per_s) / (
+            d.efficiency
+        )
+
+    def step_s(self, jobs: list[JobShape]) -> float:
+        """Seconds of one step that serves `jobs` together."""
+        by_model: dict[int, list[JobShape]] = {}
+        for job in jobs:
+            by_model.setdefault(self.group_of_type[job[0]], []).append(job)
+        return sum(self._model_step_s(self.models[g], js) for g, js in by_model.items())
+
+    def _model_step_s(self, m: _Model, jobs: list[JobShape]) -> float:
+        embed_flops = head_flops = 0.0
+        embed_used = head_used = False
+        edges: list[tuple[int, float, float, int]] = []  # (block position, dF, dKV, d count)
+        last = m.n_units - 1
+        for _, a, b, prompt, pass_index in jobs:
+            if a == 0:
+                embed_used = True
+                embed_flops += _work(m.embed, prompt, pass_index, m.causal)[0]
+            if b == m.n_units:
+                head_used = True
+                head_flops += _work(m.head, prompt, pass_index, m.causal)[0]
+            lo, hi = max(a, 1), min(b, last)
+            if lo < hi:
+                flops, kv = _work(m.block, prompt, pass_index, m.causal)
+                edges.append((lo, flops, kv, 1))
+                edges.append((hi, -flops, -kv, -1))
+        total = 0.0
+        if embed_used:
+            total += self._roof_s(embed_flops, m.embed.weight_bytes)
+        if head_used:
+            total += self._roof_s(head_flops, m.head.weight_bytes)
+        edges.sort(key=lambda e: e[0])
+        flops = kv = 0.0
+        active, prev = 0, 0
+        for pos, d_flops, d_kv, d_count in edges:
+            if active and pos > prev:  # blocks [prev, pos) serve the same set of jobs
+                total += (pos - prev) * self._roof_s(flops, m.block.weight_bytes + kv)
+            flops, kv, active, prev = flops + d_flops, kv + d_kv, active + d_count, pos
+            if not active:  # drop rounding residue between disjoint ranges
+                flops = kv = 0.0
+        return total

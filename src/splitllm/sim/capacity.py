@@ -1,0 +1,89 @@
+"""Goodput capacity: the highest arrival rate at which a policy keeps enough requests in SLA.
+
+Found by bracketing (doubling or halving from a first guess) and then bisection on a log scale
+until the bracket is within `rel_tol`. Every probe runs the same request sequence (common
+random numbers), only faster or slower, so attainment falls almost monotonically with the rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitllm.sim.metrics import RunMetrics, summarize
+from splitllm.sim.policies import Planner
+from splitllm.sim.simulate import simulate
+from splitllm.sim.workload import sample_workload
+from splitllm.sim.world import World
+
+MAX_PROBES = 40
+MIN_FRACTION = 2.0**-12  # give up when even this fraction of the first guess fails
+PLANNING_SAMPLE = 400  # requests whose zero-load server work gives the first guess
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A policy's goodput capacity and every run the search made."""
+
+    policy: str
+    rate_per_s: float  # highest rate probed with attainment >= target (0: none)
+    target_attainment: float
+    probes: tuple[RunMetrics, ...]
+
+
+def run_point(world: World, policy: str, rate_per_s: float) -> RunMetrics:
+    """Simulate one policy at one arrival rate and summarize it."""
+    at_rate = world.with_rate(rate_per_s)
+    return summarize(at_rate, simulate(at_rate, policy))
+
+
+def first_guess_rate(world: World, policy: str) -> float:
+    """Half the rate the server could sustain if every request cost its zero-load plan's work."""
+    load = sample_workload(world)
+    planner = Planner(world, policy)
+    works = []
+    for r in range(min(len(load), PLANNING_SAMPLE)):
+        decision = planner.decide(int(load.type_index[r]), int(load.class_index[r]),
+                                  int(load.prompt_tokens[r]), int(load.output_tokens[r]))
+        works.append(load.service_s[r] if world.types[load.type_index[r]].model is None
+                     else decision.server_work_s)
+    mean_work = float(np.mean(works)) if works else 0.0
+    rate = 0.5 * world.server.workers / mean_work if mean_work > 0 else 1.0
+    return min(rate, world.sweep.max_rate_per_s)
+
+
+def find_capacity(world: World, policy: str,
+                  on_probe: Callable[[RunMetrics], None] | None = None) -> Capacity:
+    """Bracket, then bisect, the highest rate with SLA attainment >= the target."""
+    sweep = world.sweep
+    probes: list[RunMetrics] = []
+
+    def ok(rate: float) -> bool:
+        metrics = run_point(world, policy, rate)
+        probes.append(metrics)
+        if on_probe is not None:
+            on_probe(metrics)
+        return metrics.sla_attainment >= sweep.target_attainment
+
+    guess = first_guess_rate(world, policy)
+    lo, hi = 0.0, math.inf
+    if ok(guess):  # double until a rate fails
+        lo = guess
+        while math.isinf(hi) and lo < sweep.max_rate_per_s and len(probes) < MAX_PROBES:
+            rate = min(2 * lo, sweep.max_rate_per_s)
+            lo, hi = (rate, hi) if ok(rate) else (lo, rate)
+    else:  # halve until a rate works
+        hi = guess
+        while lo == 0.0 and hi > guess * MIN_FRACTION and len(probes) < MAX_PROBES:
+            rate = hi / 2
+            lo, hi = (rate, hi) if ok(rate) else (lo, rate)
+    while lo > 0 and math.isfinite(hi) and hi / lo - 1 > sweep.rel_tol and len(probes) < MAX_PROBES:
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return Capacity(policy, lo, sweep.target_attainment, tuple(probes))

@@ -1,0 +1,59 @@
+"""The discrete-event core: one heap of `(time_s, seq, kind, a, b)`; handlers return new events.
+
+An event is a plain tuple so the hot loop allocates nothing but the tuples themselves. `kind`
+indexes the handler table; `a` and `b` are two integers the handler interprets (a request id
+and a job index, say). `seq` breaks ties in time by insertion order, which keeps runs
+deterministic and never compares handlers or payloads.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Sequence
+
+NewEvent = tuple[float, int, int, int]  # (time_s, kind, a, b): what a handler asks for
+Handler = Callable[[float, int, int], Iterable[NewEvent] | None]
+
+
+class EventQueue:
+    """A time-ordered heap of events, stable for equal times."""
+
+    __slots__ = ("heap", "popped", "pushed")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        self.pushed = 0
+        self.popped = 0
+
+    def push(self, time_s: float, kind: int, a: int = 0, b: int = 0) -> None:
+        """Schedule one event."""
+        self.pushed += 1
+        heapq.heappush(self.heap, (time_s, self.pushed, kind, a, b))
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+
+def run(queue: EventQueue, handlers: Sequence[Handler], until_s: float = float("inf")) -> float:
+    """Pop events in time order and dispatch them until the heap is empty or time passes `until_s`.
+
+    Returns the time of the last event handled. Events later than `until_s` stay in the heap.
+    """
+    heap = queue.heap
+    pop, push = heapq.heappop, heapq.heappush
+    seq = queue.pushed
+    popped = 0
+    now_s = 0.0
+    while heap:
+        if heap[0][0] > until_s:
+            break
+        now_s, _, kind, a, b = pop(heap)
+        popped += 1
+        new = handlers[kind](now_s, a, b)
+        if new:
+            for event in new:
+                seq += 1
+                push(heap, (event[0], seq, event[1], event[2], event[3]))
+    queue.pushed = seq
+    queue.popped += popped
+    return now_s

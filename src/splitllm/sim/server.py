@@ -1,0 +1,178 @@
+"""Server scheduling models: how the jobs queued on the server share it.
+
+A job is one visit of one request to the server in one pass (a server segment), exactly what
+the real server handles as one message. Each model takes `arrive(now, r, j, service_s)` and its
+own wake-up events `wake(now, a, b)`, both returning new events for the engine, and calls
+`on_done(now, r, j, charge)` as each job completes (`charge`: server-seconds charged to the job
+per second of its solo service time; 1 except in batches, where a step's time is shared).
+
+- `fcfs`: first come, first served on `workers` identical workers.
+- `ps`: processor sharing: n jobs present each progress at 1/n speed (virtual time).
+- `batched`: one step serves the waiting jobs of up to `max_batch` sessions at once; its time
+  is the roofline of the batch, unit by unit: weights of a unit read once per step, every
+  session's KV cache read, every session's FLOPs (see `batching.step_s`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+
+from splitllm.sim.batching import BatchCost, JobShape
+from splitllm.sim.engine import NewEvent
+from splitllm.sim.world import ServerSpec
+
+K_SERVER = 2  # the engine's event kind for server wake-ups
+OnDone = Callable[[float, int, int, float], "NewEvent | None"]
+SOLO = 1.0  # a job served alone is charged its own service time
+REL_EPS = 1e-12
+
+
+class BusyMeter:
+    """Busy server-seconds, in total and within the measurement window [lo, hi]."""
+
+    __slots__ = ("hi", "lo", "total_s", "window_s")
+
+    def __init__(self, lo_s: float, hi_s: float) -> None:
+        self.lo, self.hi = lo_s, hi_s
+        self.total_s = 0.0
+        self.window_s = 0.0
+
+    def add(self, start_s: float, end_s: float) -> None:
+        """Count one busy interval."""
+        self.total_s += end_s - start_s
+        overlap = min(end_s, self.hi) - max(start_s, self.lo)
+        if overlap > 0:
+            self.window_s += overlap
+
+
+class FcfsServer:
+    """First come, first served on `workers` workers."""
+
+    def __init__(self, spec: ServerSpec, on_done: OnDone, busy: BusyMeter) -> None:
+        self.free = spec.workers
+        self.capacity = spec.workers
+        self.queue: deque[tuple[int, int, float]] = deque()
+        self.on_done, self.busy = on_done, busy
+
+    def arrive(self, now_s: float, r: int, j: int, service_s: float) -> list[NewEvent] | None:
+        if self.free:
+            self.free -= 1
+            self.busy.add(now_s, now_s + service_s)
+            return [(now_s + service_s, K_SERVER, r, j)]
+        self.queue.append((r, j, service_s))
+        return None
+
+    def wake(self, now_s: float, r: int, j: int) -> list[NewEvent]:
+        out: list[NewEvent] = []
+        svc = self.queue
+        if svc:
+            r2, j2, s2 = svc.popleft()
+            self.busy.add(now_s, now_s + s2)
+            out.append((now_s + s2, K_SERVER, r2, j2))
+        else:
+            self.free += 1
+        nxt = self.on_done(now_s, r, j, SOLO)
+        if nxt is not None:
+            out.append(nxt)
+        return out
+
+
+class PsServer:
+    """Processor sharing, by virtual time: each of n jobs gets 1/n of the server."""
+
+    def __init__(self, spec: ServerSpec, on_done: OnDone, busy: BusyMeter) -> None:
+        self.jobs: list[tuple[float, int, int, int]] = []  # (virtual finish, seq, r, j)
+        self.virtual_s = 0.0
+        self.last_s = 0.0
+        self.version = 0
+        self.seq = 0
+        self.on_done, self.busy = on_done, busy
+
+    def _advance(self, now_s: float) -> None:
+        n = len(self.jobs)
+        if n:
+            self.virtual_s += (now_s - self.last_s) / n
+            self.busy.add(self.last_s, now_s)
+        self.last_s = now_s
+
+    def _next(self, now_s: float) -> list[NewEvent]:
+        self.version += 1  # any earlier wake-up is now stale
+        if not self.jobs:
+            return []
+        finish_s = now_s + max(self.jobs[0][0] - self.virtual_s, 0.0) * len(self.jobs)
+        return [(finish_s, K_SERVER, self.version, 0)]
+
+    def arrive(self, now_s: float, r: int, j: int, service_s: float) -> list[NewEvent]:
+        self._advance(now_s)
+        self.seq += 1
+        heapq.heappush(self.jobs, (self.virtual_s + service_s, self.seq, r, j))
+        return self._next(now_s)
+
+    def wake(self, now_s: float, version: int, _b: int) -> list[NewEvent] | None:
+        if version != self.version:
+            return None
+        self._advance(now_s)
+        # The head job is the one this wake-up was for; others finishing together go too.
+        done = [heapq.heappop(self.jobs)]
+        limit = self.virtual_s * (1 + REL_EPS) + REL_EPS
+        while self.jobs and self.jobs[0][0] <= limit:
+            done.append(heapq.heappop(self.jobs))
+        out = self._next(now_s)
+        for _finish, _seq, r, j in done:
+            nxt = self.on_done(now_s, r, j, SOLO)
+            if nxt is not None:
+                out.append(nxt)
+        return out
+
+
+class BatchedServer:
+    """Steps that each serve the jobs waiting when the step starts (up to `max_batch`)."""
+
+    def __init__(self, spec: ServerSpec, on_done: OnDone, busy: BusyMeter,
+                 shape: Callable[[int, int], JobShape], cost: BatchCost) -> None:
+        self.max_batch = spec.max_batch
+        self.queue: deque[tuple[int, int, float]] = deque()
+        self.running: list[tuple[int, int, float]] = []
+        self.step_s = 0.0
+        self.on_done, self.busy, self.shape, self.cost = on_done, busy, shape, cost
+
+    def _start(self, now_s: float) -> list[NewEvent]:
+        take = min(self.max_batch, len(self.queue))
+        batch = [self.queue.popleft() for _ in range(take)]
+        self.running = batch
+        self.step_s = self.cost.step_s([self.shape(r, j) for r, j, _ in batch])
+        self.busy.add(now_s, now_s + self.step_s)
+        return [(now_s + self.step_s, K_SERVER, 0, 0)]
+
+    def arrive(self, now_s: float, r: int, j: int, service_s: float) -> list[NewEvent] | None:
+        self.queue.append((r, j, service_s))
+        return None if self.running else self._start(now_s)
+
+    def wake(self, now_s: float, _a: int, _b: int) -> list[NewEvent]:
+        batch, step_s = self.running, self.step_s
+        self.running = []
+        out = self._start(now_s) if self.queue else []
+        solo_total = sum(s for _, _, s in batch)
+        charge = step_s / solo_total if solo_total > 0 else SOLO  # shared by solo times
+        for r, j, _ in batch:
+            nxt = self.on_done(now_s, r, j, charge)
+            if nxt is not None:
+                out.append(nxt)
+        return out
+
+
+Server = FcfsServer | PsServer | BatchedServer
+
+
+def make_server(spec: ServerSpec, on_done: OnDone, busy: BusyMeter,
+                shape: Callable[[int, int], JobShape], cost: BatchCost | None) -> Server:
+    """The scheduling model the spec names."""
+    if spec.scheduler == "fcfs":
+        return FcfsServer(spec, on_done, busy)
+    if spec.scheduler == "ps":
+        return PsServer(spec, on_done, busy)
+    if spec.scheduler == "batched" and cost is not None:
+        return BatchedServer(spec, on_done, busy, shape, cost)
+    raise ValueError(f"unknown scheduler {spec.scheduler!r}")

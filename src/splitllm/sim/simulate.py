@@ -1,0 +1,191 @@
+"""One simulation run: a world, a policy, an arrival rate -> what happened to every request.
+
+Requests arrive (Poisson or a trace), get a placement from the policy (the load-aware policy
+sees the delay the server measured recently), then walk it: delays on their own client and
+link, jobs on the shared server. Arrivals stop at the horizon; the run goes on for the longest
+SLA after it, so every measured request has either finished or certainly missed its SLA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitllm.sim import engine
+from splitllm.sim.batching import BatchCost, JobShape
+from splitllm.sim.engine import NewEvent
+from splitllm.sim.policies import Planner
+from splitllm.sim.server import K_SERVER, BusyMeter, make_server
+from splitllm.sim.walk import Walk, WalkBuilder
+from splitllm.sim.workload import Workload, sample_workload
+from splitllm.sim.world import World
+
+K_ARRIVE, K_AT_SERVER = 0, 1
+WALK_CACHE_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Per-request outcomes of one run (arrays over requests in arrival order)."""
+
+    policy: str
+    rate_per_s: float
+    window_s: tuple[float, float]  # measurement window [warm-up end, horizon)
+    arrived_at_s: np.ndarray
+    first_token_at_s: np.ndarray  # nan: not reached before the run ended
+    finished_at_s: np.ndarray  # nan: not finished before the run ended
+    server_work_s: np.ndarray  # server-seconds charged to the request
+    type_index: np.ndarray
+    class_index: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    placement_index: np.ndarray  # into `placements`
+    placements: tuple[str, ...]
+    planned: np.ndarray  # False: the policy found no feasible plan and fell back
+    busy_window_s: float  # server busy seconds within the window (all workers)
+    busy_total_s: float
+    job_delay_mean_s: float  # mean of (response - solo service) over all server jobs
+    events: int
+    job_log: tuple[tuple[int, int, float, float], ...] = ()  # (r, j, at server, done) if asked
+
+
+class _Run:
+    """The state and event handlers of one run."""
+
+    def __init__(self, world: World, policy: str, workload: Workload, log: bool) -> None:
+        self.world, self.load = world, workload
+        self.planner = Planner(world, policy)
+        self.builder = WalkBuilder(world)
+        n = len(workload)
+        self.arrivals = workload.arrived_at_s.tolist()
+        self.types, self.classes = workload.type_index.tolist(), workload.class_index.tolist()
+        self.prompts = workload.prompt_tokens.tolist()
+        self.outputs = workload.output_tokens.tolist()
+        self.services = workload.service_s.tolist()
+        self.gaps: list[list[float] | None] = [None] * n
+        self.jobs: list[list[float] | None] = [None] * n
+        self.walks: list[Walk | None] = [None] * n
+        self.tails = [0.0] * n
+        self.per_pass = [0] * n
+        self.at_server = [0.0] * n
+        self.first_token = [math.nan] * n
+        self.finished = [math.nan] * n
+        self.work = [0.0] * n
+        self.placement = [0] * n
+        self.planned = [True] * n
+        self.placements: dict[str, int] = {}
+        self.walk_cache: dict[tuple[int, int, int, int, str, float], Walk] = {}
+        self.delay_sum, self.delay_n = 0.0, 0
+        self.decayed_sum, self.decayed_n, self.observed_at = 0.0, 0.0, 0.0
+        self.tau = world.wait_tau_s
+        self.log: list[tuple[int, int, float, float]] | None = [] if log else None
+        self.busy = BusyMeter(world.warmup_s, world.horizon_s)
+        cost = BatchCost(world) if world.server.scheduler == "batched" else None
+        self.server = make_server(world.server, self._done, self.busy, self._shape, cost)
+
+    def recent_delay_s(self) -> float:
+        """The server's recent mean job delay (response minus solo service), time-decayed."""
+        return self.decayed_sum / self.decayed_n if self.decayed_n else 0.0
+
+    def _walk(self, r: int) -> Walk:
+        t, c, p, g = self.types[r], self.classes[r], self.prompts[r], self.outputs[r]
+        wait = self.recent_delay_s() if self.planner.sees_wait else 0.0
+        decision = self.planner.decide(t, c, p, g, wait)
+        sides = decision.placement.sides
+        self.placement[r] = self.placements.setdefault(sides, len(self.placements))
+        self.planned[r] = decision.planned
+        key = (t, c, p, g, sides, self.services[r])
+        walk = self.walk_cache.get(key)
+        if walk is None:
+            if len(self.walk_cache) >= WALK_CACHE_LIMIT:
+                self.walk_cache.clear()
+            walk = self.builder.walk(t, c, p, g, decision.placement, self.services[r])
+            self.walk_cache[key] = walk
+        return walk
+
+    def _arrive(self, now_s: float, r: int, _: int) -> list[NewEvent]:
+        out: list[NewEvent] = []
+        if r + 1 < len(self.arrivals):  # one pending arrival keeps the heap small
+            out.append((self.arrivals[r + 1], K_ARRIVE, r + 1, 0))
+        walk = self._walk(r)
+        if not walk.jobs:  # runs entirely on its client
+            self.first_token[r] = now_s + walk.first_token_tail_s
+            self.finished[r] = now_s + walk.gaps_s[0]
+            return out
+        self.walks[r], self.gaps[r], self.jobs[r] = walk, walk.gaps_s, walk.service_s
+        self.tails[r], self.per_pass[r] = walk.first_token_tail_s, walk.jobs_per_pass
+        out.append((now_s + walk.gaps_s[0], K_AT_SERVER, r, 0))
+        return out
+
+    def _at_server(self, now_s: float, r: int, j: int) -> list[NewEvent] | None:
+        self.at_server[r] = now_s
+        return self.server.arrive(now_s, r, j, self.jobs[r][j])  # type: ignore[index]
+
+    def _done(self, now_s: float, r: int, j: int, charge: float) -> NewEvent | None:
+        jobs = self.jobs[r]
+        service_s = jobs[j]  # type: ignore[index]
+        self.work[r] += service_s * charge
+        delay_s = now_s - self.at_server[r] - service_s
+        self.delay_sum += delay_s
+        self.delay_n += 1
+        if self.planner.sees_wait:
+            keep = math.exp((self.observed_at - now_s) / self.tau)
+            self.decayed_sum = self.decayed_sum * keep + delay_s
+            self.decayed_n = self.decayed_n * keep + 1.0
+            self.observed_at = now_s
+        if self.log is not None:
+            self.log.append((r, j, self.at_server[r], now_s))
+        j += 1
+        if j == self.per_pass[r]:  # the first pass's last job: the first token is on its way
+            self.first_token[r] = now_s + self.tails[r]
+        gaps = self.gaps[r]
+        if j < len(jobs):  # type: ignore[arg-type]
+            return (now_s + gaps[j], K_AT_SERVER, r, j)  # type: ignore[index]
+        self.finished[r] = now_s + gaps[j]  # type: ignore[index]
+        self.gaps[r] = self.jobs[r] = self.walks[r] = None  # done: free its walk
+        return None
+
+    def _shape(self, r: int, j: int) -> JobShape:
+        walk = self.walks[r]
+        assert walk is not None
+        a, b = walk.server_segments[j % walk.jobs_per_pass]
+        return (self.types[r], a, b, self.prompts[r], j // walk.jobs_per_pass)
+
+    def run(self) -> int:
+        queue = engine.EventQueue()
+        if self.arrivals:
+            queue.push(self.arrivals[0], K_ARRIVE, 0, 0)
+        handlers = [self._arrive, self._at_server, self.server.wake]
+        assert K_SERVER == 2
+        engine.run(queue, handlers, until_s=self.world.horizon_s + self.world.max_sla_s)
+        return queue.popped
+
+
+def simulate(world: World, policy: str, log: bool = False) -> RunRecord:
+    """Run `policy` on `world` at its arrival rate; `log` keeps every server job's times."""
+    workload = sample_workload(world)
+    run = _Run(world, policy, workload, log)
+    events = run.run()
+    return RunRecord(
+        policy=policy,
+        rate_per_s=world.rate_per_s,
+        window_s=(world.warmup_s, world.horizon_s),
+        arrived_at_s=workload.arrived_at_s,
+        first_token_at_s=np.array(run.first_token),
+        finished_at_s=np.array(run.finished),
+        server_work_s=np.array(run.work),
+        type_index=workload.type_index,
+        class_index=workload.class_index,
+        prompt_tokens=workload.prompt_tokens,
+        output_tokens=workload.output_tokens,
+        placement_index=np.array(run.placement, dtype=np.int64),
+        placements=tuple(run.placements),
+        planned=np.array(run.planned, dtype=bool),
+        busy_window_s=run.busy.window_s,
+        busy_total_s=run.busy.total_s,
+        job_delay_mean_s=run.delay_sum / run.delay_n if run.delay_n else 0.0,
+        events=events,
+        job_log=tuple(run.log or ()),
+    )

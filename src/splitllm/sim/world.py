@@ -1,0 +1,124 @@
+"""The resolved scenario the simulator runs: plain frozen values, no file formats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
+from splitllm.sim.dists import Dist
+
+SCHEDULERS = ("fcfs", "ps", "batched")
+DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """The shared server: its device and how it schedules the jobs queued on it."""
+
+    device: DeviceProfile
+    scheduler: str = "fcfs"  # fcfs | ps | batched
+    workers: int = 1  # fcfs: jobs served at once, each at full speed
+    max_batch: int = 32  # batched: sessions served by one step
+
+
+@dataclass(frozen=True)
+class ClientClass:
+    """A kind of client: its device, its link to the server, its share of the requests."""
+
+    name: str
+    device: DeviceProfile
+    link: LinkProfile
+    share: float = 1.0
+
+
+@dataclass(frozen=True)
+class RequestType:
+    """A kind of request: a model with token-count distributions and latency limits.
+
+    A synthetic type has no model: it is one server job of `service_s` seconds (with the
+    link's round trip around it), for checking the server queue against queueing theory.
+    """
+
+    name: str
+    sla_s: float
+    model: ModelCosts | None = None
+    prompt_tokens: Dist = field(default_factory=lambda: Dist("fixed", (128,)))
+    output_tokens: Dist = field(default_factory=lambda: Dist("fixed", (1,)))
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    share: float = 1.0
+    keep_on_client: frozenset[str] = frozenset()
+    keep_on_server: frozenset[str] = frozenset()
+    service_s: Dist | None = None
+
+    @property
+    def decoder(self) -> bool:
+        return self.model is not None and self.model.config.kind == "decoder"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Recorded arrivals: times and request types, optionally client classes and token counts.
+
+    A negative entry in an optional column means "not recorded: sample it".
+    """
+
+    arrived_at_s: tuple[float, ...]
+    type_index: tuple[int, ...]
+    class_index: tuple[int, ...] = ()
+    prompt_tokens: tuple[int, ...] = ()
+    output_tokens: tuple[int, ...] = ()
+
+    @property
+    def natural_rate_per_s(self) -> float:
+        """Requests per second over the trace's span."""
+        span = self.arrived_at_s[-1] - self.arrived_at_s[0] if self.arrived_at_s else 0.0
+        return len(self.arrived_at_s) / span if span > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Arrival rates for the goodput curves and the goodput-capacity search settings."""
+
+    rates_per_s: tuple[float, ...] = ()  # empty: chosen from the capacities found
+    target_attainment: float = 0.9
+    rel_tol: float = 0.03
+    max_rate_per_s: float = 1e4
+    capacity: bool = True
+    min_requests: int = 200  # a low rate runs longer, so attainment is measured on enough
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything one simulation run needs except the policy and the arrival rate."""
+
+    name: str
+    server: ServerSpec
+    clients: tuple[ClientClass, ...]
+    types: tuple[RequestType, ...]
+    duration_s: float
+    warmup_s: float = 0.0
+    seed: int = 0
+    rate_per_s: float = 1.0  # Poisson rate; for a trace, its time axis is scaled to this rate
+    trace: Trace | None = None
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    wait_tau_s: float = 2.0  # the server's recent-delay average forgets over this time
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+
+    def with_rate(self, rate_per_s: float) -> World:
+        """The same world at another arrival rate (Poisson: run long enough for the sweep's
+        minimum number of requests)."""
+        duration_s = self.duration_s
+        if self.trace is None:
+            duration_s = max(duration_s, self.sweep.min_requests / rate_per_s)
+        return replace(self, rate_per_s=rate_per_s, duration_s=duration_s)
+
+    @property
+    def horizon_s(self) -> float:
+        """Arrivals stop here; requests that arrived before are followed until they finish."""
+        return self.warmup_s + self.duration_s
+
+    @property
+    def max_sla_s(self) -> float:
+        return max(t.sla_s for t in self.types)

@@ -1,0 +1,53 @@
+"""Small worlds built in code: synthetic jobs for queueing theory, a hand-sized model."""
+
+from __future__ import annotations
+
+from splitllm.costs import DeviceProfile, LinkProfile, ModelConfig, ModelCosts, UnitCost
+from splitllm.sim.dists import Dist
+from splitllm.sim.world import ClientClass, RequestType, ServerSpec, SweepSpec, Trace, World
+
+NO_LINK = LinkProfile("none", 1e15, 1e15, 0.0)
+SERVER = DeviceProfile("server", 1000.0, 1e15, 1e15, 1.0)  # 1000 FLOP/s, memory never binds
+CLIENT = DeviceProfile("client", 100.0, 1e15, 1e15, 1.0)
+
+
+def synthetic_world(service: Dist, rate_per_s: float, duration_s: float, scheduler: str = "fcfs",
+                    warmup_s: float = 0.0, trace: Trace | None = None,
+                    link: LinkProfile = NO_LINK, seed: int = 0) -> World:
+    """Requests that are one server job each, with service times drawn from `service`."""
+    return World(
+        name="synthetic",
+        server=ServerSpec(SERVER, scheduler),
+        clients=(ClientClass("c", CLIENT, link),),
+        types=(RequestType("job", sla_s=1e9, service_s=service),),
+        duration_s=duration_s, warmup_s=warmup_s, seed=seed, rate_per_s=rate_per_s,
+        trace=trace, sweep=SweepSpec(min_requests=1),
+    )
+
+
+def tiny_model() -> ModelCosts:
+    """embed (free), one block (100 FLOP/token, 10 B/token out), head (50 FLOP/token)."""
+    cfg = ModelConfig("tiny", "decoder", 1, 5, 1, 1, 5, 5, 10, False, False)
+    units = (
+        UnitCost("embed", 0, 0.0, 0.0, 0.0, 0.0, 10.0),
+        UnitCost("block0", 0, 100.0, 0.0, 0.0, 0.0, 10.0),
+        UnitCost("head", 0, 50.0, 0.0, 0.0, 0.0, 4.0),
+    )
+    return ModelCosts(cfg, units, 4.0, 4.0)
+
+
+def tiny_world(arrivals_s: tuple[float, ...], prompt: int, output: int, scheduler: str = "fcfs",
+               sla_s: float = 100.0) -> World:
+    """Requests of the tiny model from one client over a 0.2 s RTT, 100 B/s link."""
+    link = LinkProfile("slow", 100.0, 100.0, 0.2)
+    rtype = RequestType("tiny", sla_s=sla_s, model=tiny_model(),
+                        prompt_tokens=Dist("fixed", (float(prompt),)),
+                        output_tokens=Dist("fixed", (float(output),)))
+    span = arrivals_s[-1] - arrivals_s[0]
+    trace = Trace(arrivals_s, (0,) * len(arrivals_s))
+    return World(
+        name="tiny", server=ServerSpec(SERVER, scheduler),
+        clients=(ClientClass("c", CLIENT, link),), types=(rtype,),
+        duration_s=arrivals_s[-1] + 1.0, rate_per_s=trace.natural_rate_per_s if span else 1.0,
+        trace=trace, sweep=SweepSpec(min_requests=1),
+    )
