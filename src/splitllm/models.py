@@ -187,7 +187,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from `smollm2` or a local directory, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # stderr is for our own progress lines
     model_id, path = resolve_model_dir(name_or_path, log)
     config = AutoConfig.from_pretrained(path)
     family = model_family(config)
@@ -214,7 +216,7 @@ def weights_fingerprint(model: PreTrainedModel, samples_per_tensor: int = 4096) 
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // samples_per_tensor)].to(torch.bfloat16)
+        sample = flat[:: max(1, flat.numel() // samples_per_tensor)].to(torch.bfloat16).contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

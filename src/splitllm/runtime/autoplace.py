@@ -26,11 +26,10 @@ DEFAULT_SLA_SLACK = 1.5  # default SLA: this many times the faster of all-client
 
 @dataclass(frozen=True)
 class Request:
-    """What the plan is for: prompt and output lengths, latency limit (None: a default)."""
+    """What the plan is for: prompt and output lengths."""
 
     prompt_tokens: int
     new_tokens: int
-    sla_s: float | None = None
 
 
 def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, request: Request,

@@ -229,9 +229,16 @@ class Session:
     def plan(self, prompt_tokens: int, new_tokens: int, sla_s: float | None = None,
              client_device: str = MEASURED, server_device: str | None = None) -> AutoPlan:
         """Ask the planner for the least-server-work placement that meets the SLA."""
+        instance, source = self.instance(prompt_tokens, new_tokens, client_device, server_device)
+        instance = with_sla(instance, sla_s if sla_s is not None else default_sla_s(instance))
+        return AutoPlan(plan_placement(instance), instance, source)
+
+    def instance(self, prompt_tokens: int, new_tokens: int, client_device: str = MEASURED,
+                 server_device: str | None = None) -> tuple[Instance, str]:
+        """The planner's instance for this request (no SLA yet) and where its times come from."""
         link = self.measure_link()
         server_device = server_device or str(self.info.get("device") or MEASURED)
-        request = Request(prompt_tokens, new_tokens, sla_s)
+        request = Request(prompt_tokens, new_tokens)
         wire_bytes = torch.empty((), dtype=wire.WIRE_DTYPES[self.wire_dtype]).element_size()
         if client_device == MEASURED and server_device == MEASURED:
             if not self.info.get("profile"):
@@ -249,8 +256,7 @@ class Session:
             instance = preset_instance(self.loaded.model.config.to_dict(), client_device,
                                        server_device, link, request, weight_bytes, wire_bytes)
             source = f"presets {client_device}/{server_device}"
-        instance = with_sla(instance, sla_s if sla_s is not None else default_sla_s(instance))
-        return AutoPlan(plan_placement(instance), instance, source)
+        return instance, source
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                  placement: str | Placement = "auto", sampling: wire.Sampling | None = None,

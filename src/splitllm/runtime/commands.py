@@ -1,0 +1,213 @@
+"""CLI commands of the runtime: `serve`, `generate`, `demo` (registered in splitllm.cli).
+
+Plain typed functions with typer annotations; torch and transformers are imported inside them so
+that `splitllm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from splitllm.errors import UserError
+
+if TYPE_CHECKING:
+    from splitllm.models import LoadedModel
+    from splitllm.runtime.protocol import Sampling
+
+TOKEN_ENV = "SPLITLLM_TOKEN"
+
+
+def default_threads() -> int:
+    """Half the cores: client and server often share one machine."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def serve(
+    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
+                     ] = "smollm2",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    token: Annotated[str | None, typer.Option(
+        envvar=TOKEN_ENV, help="Require this bearer token of every client.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    threads: Annotated[int | None, typer.Option(
+        help="Torch threads for model compute (default: half the cores).")] = None,
+    workers: Annotated[int, typer.Option(help="Compute threads (forwards at once).")] = 1,
+    max_sessions: Annotated[int, typer.Option(help="Open sessions allowed in total.")] = 64,
+    idle_timeout_s: Annotated[float, typer.Option(
+        help="Close sessions silent this long, seconds.")] = 300.0,
+    max_frame_mib: Annotated[float, typer.Option(help="Largest WebSocket frame, MiB.")] = 64.0,
+    max_tokens_per_message: Annotated[int, typer.Option(
+        help="Most tokens one forward may carry (clients chunk longer prompts).")] = 1024,
+    device: Annotated[str, typer.Option(
+        help="What clients' auto placement assumes of this server: 'measured' (time the "
+             "units at start) or a device preset name.")] = "measured",
+) -> None:
+    """Serve split inference: a WebSocket for sessions, /health, /v1/info, /metrics."""
+    from splitllm.models import load_model
+    from splitllm.runtime.server import ServerConfig, serve_forever
+    from splitllm.runtime.session import Limits
+
+    if workers < 1 or max_sessions < 1 or not idle_timeout_s > 0 or not max_frame_mib > 0:
+        raise UserError("--workers, --max-sessions, --idle-timeout-s and --max-frame-mib "
+                        "must be positive")
+    if device != "measured":
+        from splitllm.costs import device_preset
+
+        device_preset(device)  # fail now on a bad name, not at a client's auto placement
+    config = ServerConfig(
+        token=token, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+        max_frame_bytes=int(max_frame_mib * 2**20),
+        limits=Limits(max_tokens_per_message=max_tokens_per_message),
+        threads=threads or default_threads(), workers=workers, profile=device == "measured",
+        device=device,
+    )
+    loaded = load_model(model, dtype)
+    auth = "bearer token required" if token else "no token"
+    print(f"splitllm: serving {loaded.model_id} ({loaded.dtype}, {config.threads} threads) on "
+          f"ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
+    serve_forever(loaded, host, port, config)
+
+
+def generate(
+    prompt: Annotated[str, typer.Option(help="The prompt (wrapped in the chat template).")],
+    server: Annotated[str, typer.Option(help="Server URL.")] = "ws://127.0.0.1:8765",
+    placement: Annotated[str, typer.Option(
+        help="'auto' (ask the planner) or one letter per unit, C or S, e.g. CCSS...S.")
+                         ] = "auto",
+    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
+                     ] = "smollm2",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    local: Annotated[bool, typer.Option(
+        "--local", help="Run the unsplit model in-process (the reference), no server.")
+                     ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")
+                       ] = False,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32, bf16, fp16.")
+                          ] = "fp32",
+    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help="Bearer token.")] = None,
+    sla_s: Annotated[float | None, typer.Option(
+        help="Latency SLA for auto placement (default: 1.5x the faster uniform placement).")
+                     ] = None,
+    client_device: Annotated[str, typer.Option(
+        help="Auto placement: 'measured' (time this client) or a device preset.")
+                             ] = "measured",
+    server_device: Annotated[str | None, typer.Option(
+        help="Auto placement: override what the server announces (a device preset).")] = None,
+    emulate_client_slowdown: Annotated[float, typer.Option(
+        help="EMULATION: client units take this many times longer.")] = 1.0,
+    emulate_link: Annotated[str | None, typer.Option(
+        help="EMULATION: shape the client's transport like 4g, 5g, wifi or lan.")] = None,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per forward message.")
+                             ] = 512,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        help="Torch threads of this client (default: half the cores).")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+) -> None:
+    """Generate text with a split between this client and a server, streaming tokens."""
+    import torch
+
+    from splitllm.models import load_model
+    from splitllm.runtime.protocol import ProtocolError, Sampling, wire_dtype_name
+    from splitllm.runtime.transport import ServerError
+
+    if max_new_tokens < 1 or prefill_chunk < 1:
+        raise UserError("--max-new-tokens and --prefill-chunk must be at least 1")
+    try:
+        wire = wire_dtype_name(wire_dtype)
+        sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    except (ProtocolError, ValueError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    torch.set_num_threads(threads or default_threads())
+    loaded = load_model(model, dtype)
+    on_text = None if as_json else _print_text
+    try:
+        if local:
+            result = _generate_local(loaded, prompt, max_new_tokens, sampling, raw, on_text)
+        else:
+            from splitllm.runtime.client import connect
+
+            with connect(server, loaded, token=token, wire_dtype=wire,
+                         emulate_link=emulate_link,
+                         emulate_client_slowdown=emulate_client_slowdown) as session:
+                if session.emulation:
+                    print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
+                chosen: str = placement
+                if placement.lower() == "auto":
+                    from splitllm.models import encode_prompt
+
+                    ids = encode_prompt(loaded, prompt, chat=not raw)
+                    auto = session.plan(len(ids), max_new_tokens, sla_s, client_device,
+                                        server_device)
+                    chosen = str(auto.plan.placement)
+                    print(f"splitllm: auto placement {chosen} ({auto.source}; predicted "
+                          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
+                          file=sys.stderr, flush=True)
+                result = session.generate(prompt, max_new_tokens, placement=chosen,
+                                          sampling=sampling, chat=not raw,
+                                          prefill_chunk=prefill_chunk, on_text=on_text).to_json()
+    except ServerError as exc:
+        raise UserError(f"server: {exc}") from None
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print()
+        tokens = len(result["tokens"])
+        rate = tokens / result["wall_s"] if result["wall_s"] > 0 else 0.0
+        print(f"splitllm: {tokens} tokens, placement {result['placement']}, TTFT "
+              f"{result['ttft_s']:.3f} s, TPOT {result['tpot_s'] * 1e3:.1f} ms, "
+              f"{rate:.1f} tokens/s", file=sys.stderr)
+
+
+def _print_text(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generate_local(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampling: Sampling,
+                    raw: bool, on_text: Callable[[str], None] | None) -> dict[str, Any]:
+    """The unsplit reference run, in the same JSON shape as a split run."""
+    from splitllm.models import encode_prompt
+    from splitllm.runtime.client import TextStream
+    from splitllm.runtime.generate import LocalPipe, timed_generate
+
+    ids = encode_prompt(loaded, prompt, chat=not raw)
+    stream = TextStream(loaded, on_text)
+    timed = timed_generate(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
+                           loaded.eos_token_ids, on_token=stream.push)
+    stream.finish()
+    return {"tokens": list(timed.tokens), "text": stream.text, "placement": "local",
+            "ttft_s": timed.ttft_s, "tpot_s": timed.tpot_s, "wall_s": timed.wall_s,
+            "prompt_tokens": len(ids)}
+
+
+def demo(
+    prompt: Annotated[str, typer.Option(help="What to ask the model.")
+                      ] = "Explain in two sentences why the sky is blue.",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 48,
+    link: Annotated[str, typer.Option(help="EMULATED link: 4g, 5g, wifi or lan.")] = "4g",
+    client_slowdown: Annotated[float, typer.Option(
+        help="EMULATED phone: its units take this many times longer than on this CPU.")
+                               ] = 4.0,
+    sla_factor: Annotated[float, typer.Option(
+        help="SLA as a multiple of the server-only latency the planner predicts.")] = 1.3,
+    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
+                     ] = "smollm2",
+) -> None:
+    """Plan and run a real split for an emulated phone on an emulated 4G link, then report."""
+    from splitllm.runtime.demo import DemoOptions, run_demo
+
+    if max_new_tokens < 1 or client_slowdown < 1 or not sla_factor > 0:
+        raise UserError("--max-new-tokens >= 1, --client-slowdown >= 1, --sla-factor > 0")
+    run_demo(DemoOptions(prompt, max_new_tokens, link, client_slowdown, sla_factor, model))

@@ -1,0 +1,189 @@
+"""`splitllm demo`: a real split of SmolLM2 for an emulated phone on an emulated 4G link.
+
+It starts a server process in the background, plans a placement from measured unit times
+(the phone is this CPU slowed down, the link is shaped in the client's transport; both are
+labelled EMULATED), streams the split's answer, then runs the same prompt server-only and
+reports what the split saved on the server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from splitllm.errors import UserError
+from splitllm.instance import Instance, Plan, evaluate
+from splitllm.placement import SERVER, Placement
+
+if TYPE_CHECKING:
+    from splitllm.models import LoadedModel
+    from splitllm.runtime.client import Generation
+
+SERVER_START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs."""
+
+    prompt: str
+    max_new_tokens: int
+    link: str
+    client_slowdown: float
+    sla_factor: float
+    model: str
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(model: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """`splitllm serve` in a child process with one torch thread (the client has the other)."""
+    code = "import typer; from splitllm.runtime.commands import serve; typer.run(serve)"
+    args = [sys.executable, "-c", code, "--model", model, "--port", str(port), "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SPLITLLM_TOKEN", None)  # the demo's private server needs no token
+    with log_path.open("wb") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path,
+                 timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    """Poll /health until the server answers; UserError with its log if it dies."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise UserError(f"the demo server exited with code {proc.returncode}:\n{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise UserError(f"the demo server did not answer within {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_demo(opts: DemoOptions) -> None:
+    """The whole demo; prints the answer and the report to stdout, progress to stderr."""
+    import torch
+
+    from splitllm.models import encode_prompt, load_model, log_stderr, resolve_model_dir
+
+    clock = time.perf_counter()
+    console = Console(width=110)
+    resolve_model_dir(opts.model)  # converts the built-in model once, before the server starts
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="splitllm-demo-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        log_stderr(f"splitllm demo: starting a server on 127.0.0.1:{port} (background process)")
+        proc = start_server(opts.model, port, log_path)
+        try:
+            torch.set_num_threads(1)
+            loaded = load_model(opts.model)
+            wait_healthy(f"http://127.0.0.1:{port}", proc, log_path)
+            ids = encode_prompt(loaded, opts.prompt)
+            _run_client(console, opts, loaded, f"ws://127.0.0.1:{port}", ids)
+        finally:
+            stop_server(proc)
+    console.print(f"demo finished in {time.perf_counter() - clock:.1f} s")
+
+
+def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: str,
+                ids: list[int]) -> None:
+    from splitllm.models import log_stderr
+    from splitllm.runtime.autoplace import compare_plans, with_sla
+    from splitllm.runtime.client import connect
+
+    with connect(url, loaded, emulate_link=opts.link,
+                 emulate_client_slowdown=opts.client_slowdown) as session:
+        log_stderr(f"splitllm demo: {session.emulation}")
+        log_stderr("splitllm demo: measuring the link and this client's unit times...")
+        instance, source = session.instance(len(ids), opts.max_new_tokens)
+        n = len(instance)
+        server_only_s = evaluate(instance, Placement(SERVER * n)).latency_s
+        instance = with_sla(instance, opts.sla_factor * server_only_s)
+        plans = compare_plans(instance)
+        chosen = plans["exact"]
+        if chosen is None:
+            raise UserError(f"no placement meets the SLA {instance.sla_s:.2f} s: raise "
+                            "--sla-factor")
+        link = session.measure_link()
+        console.print(f"[bold]Planned[/bold] from {source} unit times, link measured at "
+                      f"connect: RTT {link.rtt_s * 1e3:.0f} ms, up "
+                      f"{link.uplink_bytes_per_s * 8 / 1e6:.1f} Mbit/s, down "
+                      f"{link.downlink_bytes_per_s * 8 / 1e6:.1f} Mbit/s")
+        console.print(f"SLA {instance.sla_s:.2f} s = {opts.sla_factor:g} x the predicted "
+                      f"server-only latency; placement [bold]{chosen.placement}[/bold]")
+        console.print(f"\n[bold]Prompt:[/bold] {opts.prompt}\n[bold]Answer (split):[/bold] ",
+                      end="")
+        split = session.generate(ids, opts.max_new_tokens, placement=chosen.placement,
+                                 on_text=_stream)
+        print(flush=True)
+        log_stderr("splitllm demo: the same prompt server-only, for comparison...")
+        server_only = session.generate(ids, opts.max_new_tokens, placement=SERVER * n)
+    console.print(_report(chosen, instance, split, server_only))
+    from splitllm.report import plan_table
+
+    console.print(plan_table(instance, plans))
+
+
+def _stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _report(chosen: Plan, instance: Instance, split: Generation, server_only: Generation
+            ) -> Table:
+    table = Table(title="What the split did (measured; the phone and the 4G link are EMULATED)")
+    for column in ("", "split", "server-only"):
+        table.add_column(column, justify="left" if not column else "right")
+    saved = 1 - split.server_busy_s / server_only.server_busy_s if server_only.server_busy_s else 0
+    rows = [
+        ("placement", _segments(split.placement), _segments(server_only.placement)),
+        ("server busy s", f"{split.server_busy_s:.3f}", f"{server_only.server_busy_s:.3f}"),
+        ("server work saved", f"{saved:.0%}", ""),
+        ("tokens", str(len(split.tokens)), str(len(server_only.tokens))),
+        ("tokens/s", f"{split.tokens_per_s:.1f}", f"{server_only.tokens_per_s:.1f}"),
+        ("TTFT s", f"{split.ttft_s:.3f}", f"{server_only.ttft_s:.3f}"),
+        ("TPOT ms", f"{split.tpot_s * 1e3:.1f}", f"{server_only.tpot_s * 1e3:.1f}"),
+        ("wall s (predicted)", f"{split.wall_s:.2f} ({chosen.latency_s:.2f})",
+         f"{server_only.wall_s:.2f} "
+         f"({evaluate(instance, Placement(SERVER * len(instance))).latency_s:.2f})"),
+        ("KiB up / down", f"{split.bytes_sent / 1024:.0f} / {split.bytes_received / 1024:.0f}",
+         f"{server_only.bytes_sent / 1024:.0f} / {server_only.bytes_received / 1024:.0f}"),
+        ("same tokens", "yes" if split.tokens == server_only.tokens else "NO", ""),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _segments(sides: str) -> str:
+    """'CCCSSSS' -> 'C3 S4' (client units, then server units)."""
+    return " ".join(f"{seg.side}{seg.stop - seg.start}" for seg in Placement(sides).segments())

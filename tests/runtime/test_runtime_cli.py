@@ -1,0 +1,113 @@
+"""The CLI: `splitllm serve` in a real process, `generate` against it, and `--local`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from runtime_kit import TIMEOUT_S, wait_for
+from typer.testing import CliRunner
+
+from splitllm.cli import app
+from splitllm.errors import UserError
+from splitllm.runtime.demo import free_port
+
+SPLITLLM = str(Path(sys.executable).parent / "splitllm")
+TOKEN = "cli-secret"
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir: Path) -> Iterator[str]:
+    """`splitllm serve` on the tiny model, in its own process, with a bearer token from env."""
+    port = free_port()
+    env = {**os.environ, "SPLITLLM_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [SPLITLLM, "serve", "--model", str(tiny_llama_dir), "--port", str(port), "--threads", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: _healthy(f"http://127.0.0.1:{port}") or proc.poll() is not None,
+                 timeout_s=60)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT_S)
+
+
+def run_cli(*args: str) -> dict[str, object]:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_generate_split_equals_local(served: str, tiny_llama_dir: Path) -> None:
+    common = ["generate", "--model", str(tiny_llama_dir), "--prompt", "the lazy dog",
+              "--max-new-tokens", "8", "--json"]
+    local = run_cli(*common, "--local")
+    assert local["placement"] == "local" and len(local["tokens"]) >= 1  # type: ignore[arg-type]
+    for placement in ("CSSCSC", "SSSSSS"):
+        split = run_cli(*common, "--server", served, "--placement", placement,
+                        "--token", TOKEN, "--prefill-chunk", "3")
+        assert split["tokens"] == local["tokens"] and split["text"] == local["text"]
+        assert split["placement"] == placement
+        assert set(split) >= {"tokens", "text", "placement", "ttft_s", "tpot_s"}
+
+
+def test_auto_placement_over_an_emulated_link(served: str, tiny_llama_dir: Path) -> None:
+    out = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "quick fox",
+                  "--max-new-tokens", "4", "--json", "--server", served, "--token", TOKEN,
+                  "--placement", "auto", "--emulate-link", "lan",
+                  "--emulate-client-slowdown", "2")
+    assert len(str(out["placement"])) == 6 and set(str(out["placement"])) <= {"C", "S"}
+    assert "EMULATED link lan" in str(out["emulation"])
+    presets = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "quick fox",
+                      "--max-new-tokens", "2", "--json", "--server", served, "--token", TOKEN,
+                      "--client-device", "phone", "--server-device", "datacenter-gpu")
+    assert len(str(presets["placement"])) == 6
+
+
+def test_streaming_and_user_errors_through_the_real_command(served: str,
+                                                            tiny_llama_dir: Path) -> None:
+    env = {**os.environ, "SPLITLLM_TOKEN": TOKEN}
+    ok = subprocess.run(
+        [SPLITLLM, "generate", "--model", str(tiny_llama_dir), "--server", served,
+         "--prompt", "fox", "--placement", "CCCSSS", "--max-new-tokens", "5", "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "placement CCCSSS" in ok.stderr and "tokens/s" in ok.stderr
+    bad = subprocess.run(
+        [SPLITLLM, "generate", "--model", str(tiny_llama_dir), "--server", served,
+         "--prompt", "fox", "--placement", "CCS", "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: placement 'CCS' has 3 letters")
+
+
+def test_user_errors_in_process(served: str, tiny_llama_dir: Path) -> None:
+    runner = CliRunner()
+    for args, message in [
+        (["--wire-dtype", "int8"], "wire dtype"),
+        (["--placement", "auto", "--client-device", "phone"], "mixing"),
+        (["--token", "wrong"], "unauthorized"),
+        (["--emulate-link", "carrier-pigeon"], "unknown link"),
+    ]:
+        result = runner.invoke(app, ["generate", "--model", str(tiny_llama_dir), "--server",
+                                     served, "--prompt", "x", "--token", TOKEN, *args])
+        assert isinstance(result.exception, UserError), (args, result.output)
+        assert message in str(result.exception)
