@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from splitllm.errors import UserError
+from splitllm.runtime.commands import demo, generate, serve
+from splitllm.sim.commands import simulate
 
 if TYPE_CHECKING:
     from splitllm.instance import Instance, Plan
@@ -181,6 +183,13 @@ def presets() -> None:
     for table in (models, devices, links):
         console.print(table)
     console.print(f"Solvers (--solver): {SOLVER_NAMES}")
+
+
+# The runtime's commands (serve, generate, demo) import torch only when they run.
+app.command()(serve)
+app.command()(generate)
+app.command()(demo)
+app.command()(simulate)
 
 
 def main() -> None:
