@@ -51,11 +51,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(model: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """`splitllm serve` in a child process with one torch thread (the client has the other)."""
+def start_server(model: str, port: int, log_path: Path, threads: int = 1
+                 ) -> subprocess.Popen[bytes]:
+    """`splitllm serve` in a child process (the demo gives it one core, the client the other)."""
     code = "import typer; from splitllm.runtime.commands import serve; typer.run(serve)"
-    args = [sys.executable, "-c", code, "--model", model, "--port", str(port), "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", code, "--model", model, "--port", str(port),
+            "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("SPLITLLM_TOKEN", None)  # the demo's private server needs no token
     with log_path.open("wb") as log:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
