@@ -52,7 +52,7 @@ def tiny_models(tiny_llama: LoadedModel, tiny_gpt2: LoadedModel) -> dict[str, Lo
 @pytest.fixture(scope="session")
 def llama_server(tiny_llama: LoadedModel) -> Iterator[BackgroundServer]:
     """A real server on a free local port, shared by the tests that do not change its config."""
-    with BackgroundServer(tiny_llama, ServerConfig(threads=1, profile=False)) as server:
+    with BackgroundServer(tiny_llama, ServerConfig(threads=1)) as server:
         yield server
 
 

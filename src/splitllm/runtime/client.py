@@ -245,8 +245,12 @@ class Session:
                 raise UserError("the server publishes no measured profile: pass device presets "
                                 "(--client-device and --server-device)")
             server_profile = UnitProfile.from_json(self.info["profile"])
+            context = prompt_tokens + new_tokens
+            memory = [float(self.stack.parameter_bytes(u) + self.stack.kv_bytes_per_token(u)
+                            * context) for u in range(self.stack.n_units)]
             instance = measured_instance(self.client_profile(), server_profile, link, request,
-                                         self.stack.hidden_size * wire_bytes)
+                                         self.stack.hidden_size * wire_bytes,
+                                         client_mem_bytes=memory)
             source = MEASURED
         elif MEASURED in (client_device, server_device):
             raise UserError("mixing a measured profile with a device preset is not supported: "

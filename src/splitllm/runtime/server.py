@@ -11,11 +11,10 @@ import contextlib
 import hmac
 import itertools
 import json
-import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.websockets import WebSocketDisconnected
 
 from splitllm.models import LoadedModel, weights_fingerprint
 from splitllm.runtime import protocol as wire
@@ -31,7 +31,6 @@ from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.session import ForwardResult, Limits, ServerSession
 from splitllm.runtime.units import UnitStack
 
-TOKEN_ENV = "SPLITLLM_TOKEN"
 FRAME_SLACK_BYTES = wire.MAX_HEADER_BYTES + 1024  # the transport limit sits above ours
 
 
@@ -278,8 +277,8 @@ async def _serve_connection(ws: WebSocket, state: ServerState) -> None:
                 if err.fatal:
                     await ws.close(code=1008, reason=err.code)
                     break
-    except WebSocketDisconnect:
-        pass
+    except (WebSocketDisconnect, WebSocketDisconnected, OSError):
+        pass  # the client went away, maybe while we were sending it a reply
     finally:
         # Disconnect (or a fatal error) ends every session of this connection: free caches now.
         conn.close_all("disconnect")
@@ -425,19 +424,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def env_token() -> str | None:
-    """The bearer token from $SPLITLLM_TOKEN, if set and non-empty."""
-    return os.environ.get(TOKEN_ENV) or None
-
-
-@contextlib.contextmanager
-def running_server(loaded: LoadedModel, config: ServerConfig | None = None) -> Iterator[
-        BackgroundServer]:
-    """A started BackgroundServer, stopped on exit."""
-    server = BackgroundServer(loaded, config).start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -173,6 +173,15 @@ class UnitStack:
             lap()
         return hidden
 
+    def kv_bytes_per_token(self, unit: int) -> int:
+        """Bytes of KV cache a unit holds per token of context (0 for embed and head)."""
+        if unit == 0 or unit == self.n_units - 1:
+            return 0
+        cfg = self.config
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return 2 * heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
+
     def parameter_bytes(self, unit: int) -> int:
         """Bytes of the weights unit `unit` needs (tied embeddings count on both ends)."""
         if unit == 0:
