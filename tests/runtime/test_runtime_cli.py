@@ -111,3 +111,15 @@ def test_user_errors_in_process(served: str, tiny_llama_dir: Path) -> None:
                                      served, "--prompt", "x", "--token", TOKEN, *args])
         assert isinstance(result.exception, UserError), (args, result.output)
         assert message in str(result.exception)
+
+
+def test_demo_runs_end_to_end_on_a_small_model(tiny_llama_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--model", str(tiny_llama_dir),
+                                      "--max-new-tokens", "6", "--link", "wifi"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Answer (split):" in out and "What the split did" in out
+    assert "EMULATED" in out and "server busy s" in out and "Plans, times in ms" in out
+    same = next(line for line in out.splitlines() if "same tokens" in line)
+    assert "yes" in same

@@ -195,7 +195,7 @@ def _generate_local(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampl
 def demo(
     prompt: Annotated[str, typer.Option(help="What to ask the model.")
                       ] = "Explain in two sentences why the sky is blue.",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 48,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     link: Annotated[str, typer.Option(help="EMULATED link: 4g, 5g, wifi or lan.")] = "4g",
     client_slowdown: Annotated[float, typer.Option(
         help="EMULATED phone: its units take this many times longer than on this CPU.")

@@ -142,6 +142,7 @@ def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: s
                       f"{link.downlink_bytes_per_s * 8 / 1e6:.1f} Mbit/s")
         console.print(f"SLA {instance.sla_s:.2f} s = {opts.sla_factor:g} x the predicted "
                       f"server-only latency; placement [bold]{chosen.placement}[/bold]")
+        console.print(_who_runs_what(chosen.placement, instance.names))
         console.print(f"\n[bold]Prompt:[/bold] {opts.prompt}\n[bold]Answer (split):[/bold] ",
                       end="")
         split = session.generate(ids, opts.max_new_tokens, placement=chosen.placement,
@@ -162,7 +163,8 @@ def _stream(text: str) -> None:
 
 def _report(chosen: Plan, instance: Instance, split: Generation, server_only: Generation
             ) -> Table:
-    table = Table(title="What the split did (measured; the phone and the 4G link are EMULATED)")
+    table = Table(title="What the split did",
+                  caption="measured on this machine; the phone and the link are EMULATED")
     for column in ("", "split", "server-only"):
         table.add_column(column, justify="left" if not column else "right")
     saved = 1 - split.server_busy_s / server_only.server_busy_s if server_only.server_busy_s else 0
@@ -184,6 +186,17 @@ def _report(chosen: Plan, instance: Instance, split: Generation, server_only: Ge
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _who_runs_what(placement: Placement, names: tuple[str, ...]) -> str:
+    """'phone: embed..block5 | server: block6..head' for a placement."""
+    parts = []
+    for seg in placement.segments():
+        who = "server" if seg.side == SERVER else "phone"
+        span = names[seg.start] if seg.stop - seg.start == 1 else (
+            f"{names[seg.start]}..{names[seg.stop - 1]}")
+        parts.append(f"{who}: {span}")
+    return " | ".join(parts)
 
 
 def _segments(sides: str) -> str:
