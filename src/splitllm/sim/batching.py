@@ -2,8 +2,9 @@
 
 A step runs every job of the batch through its units. A unit's time in the step is the
 roofline of the whole batch at that unit: the FLOPs of every session it serves, and memory
-traffic of its weights once plus every session's KV cache. Sessions of the same model share
-weights; different models run one after the other. A batch of one job takes exactly the job's
+traffic of its weights once plus every session's KV cache (an embedding table: the rows the
+batch looks up, at most the table). Sessions of the same model share weights; different models
+run one after the other. A batch of one job takes exactly the job's
 solo service time (`instance.phase_times`), so batching only ever helps.
 """
 
@@ -33,6 +34,11 @@ def _work(unit: UnitCost, prompt: int, pass_index: int, causal: bool) -> tuple[f
         return unit.prefill_flops(prompt, causal), unit.kv_bytes_per_token * prompt
     ctx = prompt + pass_index
     return unit.decode_flops(ctx), unit.kv_bytes_per_token * ctx
+
+
+def _weights_read(unit: UnitCost, prompt: int, pass_index: int) -> float:
+    """Weight bytes a unit reads for one job (all of them, or an embedding table's rows)."""
+    return unit.weight_read_bytes(prompt if pass_index == 0 else 1)
 
 
 class BatchCost:
@@ -67,7 +73,7 @@ class BatchCost:
         return sum(self._model_step_s(self.models[g], js) for g, js in by_model.items())
 
     def _model_step_s(self, m: _Model, jobs: list[JobShape]) -> float:
-        embed_flops = head_flops = 0.0
+        embed_flops = head_flops = embed_read = head_read = 0.0
         embed_used = head_used = False
         edges: list[tuple[int, float, float, int]] = []  # (block position, dF, dKV, d count)
         last = m.n_units - 1
@@ -75,9 +81,11 @@ class BatchCost:
             if a == 0:
                 embed_used = True
                 embed_flops += _work(m.embed, prompt, pass_index, m.causal)[0]
+                embed_read += _weights_read(m.embed, prompt, pass_index)
             if b == m.n_units:
                 head_used = True
                 head_flops += _work(m.head, prompt, pass_index, m.causal)[0]
+                head_read += _weights_read(m.head, prompt, pass_index)
             lo, hi = max(a, 1), min(b, last)
             if lo < hi:
                 flops, kv = _work(m.block, prompt, pass_index, m.causal)
@@ -85,9 +93,9 @@ class BatchCost:
                 edges.append((hi, -flops, -kv, -1))
         total = 0.0
         if embed_used:
-            total += self._roof_s(embed_flops, m.embed.weight_bytes)
+            total += self._roof_s(embed_flops, min(embed_read, m.embed.weight_bytes))
         if head_used:
-            total += self._roof_s(head_flops, m.head.weight_bytes)
+            total += self._roof_s(head_flops, min(head_read, m.head.weight_bytes))
         edges.sort(key=lambda e: e[0])
         flops = kv = 0.0
         active, prev = 0, 0

@@ -29,7 +29,8 @@ class Capacity:
     """A policy's goodput capacity and every run the search made."""
 
     policy: str
-    rate_per_s: float  # highest rate probed with attainment >= target (0: none)
+    rate_per_s: float  # highest rate probed with attainment >= target (0: none; inf: no
+    # request of this policy used the server, so no arrival rate saturates it)
     target_attainment: float
     probes: tuple[RunMetrics, ...]
 
@@ -70,8 +71,11 @@ def find_capacity(world: World, policy: str,
 
     guess = first_guess_rate(world, policy)
     lo, hi = 0.0, math.inf
-    if ok(guess):  # double until a rate fails
-        lo = guess
+    if ok(guess):
+        if probes[-1].utilization == 0.0:
+            # every request ran on its own client: no arrival rate saturates the server
+            return Capacity(policy, math.inf, sweep.target_attainment, tuple(probes))
+        lo = guess  # double until a rate fails
         while math.isinf(hi) and lo < sweep.max_rate_per_s and len(probes) < MAX_PROBES:
             rate = min(2 * lo, sweep.max_rate_per_s)
             lo, hi = (rate, hi) if ok(rate) else (lo, rate)

@@ -75,11 +75,12 @@ class Dist:
 
 
 def bucket_up(n: int) -> int:
-    """Smallest value >= n on a geometric grid of BUCKETS_PER_OCTAVE steps per doubling."""
+    """Smallest value >= n on the grid ceil(2 ** (k / BUCKETS_PER_OCTAVE)), k = 0, 1, ..."""
     if n <= 2 * BUCKETS_PER_OCTAVE:
         return n
-    k = math.ceil(BUCKETS_PER_OCTAVE * math.log2(n) - 1e-9)
-    return max(n, math.ceil(2.0 ** (k / BUCKETS_PER_OCTAVE) - 1e-9))
+    # the first k with 2 ** (k / B) > n - 1, i.e. ceil(2 ** (k / B)) >= n
+    k = math.floor(BUCKETS_PER_OCTAVE * math.log2(n - 1)) + 1
+    return max(n, math.ceil(2.0 ** (k / BUCKETS_PER_OCTAVE)))
 
 
 def _fixed(d: Dist, u: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ def _curves(study: SimStudy, out: Path) -> str:
         line = good.plot(rates, [m.goodput_per_s for m in ms], marker="o", label=policy)[0]
         att.plot(rates, [m.sla_attainment for m in ms], marker="o", color=line.get_color(),
                  label=policy)
-        if caps.get(policy, 0) > 0:
+        if 0 < caps.get(policy, 0) < float("inf"):
             att.axvline(caps[policy], color=line.get_color(), linestyle=":", linewidth=1)
     att.axhline(study.world.sweep.target_attainment, color="grey", linestyle="--", linewidth=1)
     good.set(xlabel="arrival rate (req/s)", ylabel="goodput (req/s in SLA)", title="Goodput")

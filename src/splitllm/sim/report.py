@@ -69,8 +69,10 @@ def capacity_rows(study: SimStudy) -> list[list[str]]:
     for k, policy in enumerate(study.world.policies):
         cap = study.capacities[k].rate_per_s if study.capacities else math.nan
         m = low[policy]
+        ratio = (_num(cap / base) + "x" if 0 < base < math.inf and math.isfinite(cap)
+                 else "n/a")
         rows.append([
-            policy, _num(cap), _num(cap / base) + "x" if base and not math.isnan(cap) else "n/a",
+            policy, "unbounded" if math.isinf(cap) else _num(cap), ratio,
             _num(m.server_s_per_request), _pct(m.client_unit_share), _pct(m.sla_attainment),
             _pct(m.fallback_share),
         ])

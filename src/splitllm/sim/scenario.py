@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from splitllm.costs import (
     DTYPE_BYTES,
@@ -186,15 +194,22 @@ class RequestTypeIn(_In):
     keep_on_client: list[str] = []
     keep_on_server: list[str] = []
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str | None) -> str | None:
+        if model is not None:
+            try:
+                load_model_config(model)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return model
+
     @model_validator(mode="after")
     def _one_kind(self) -> RequestTypeIn:
         if (self.model is None) == (self.service_s is None):
             raise ValueError("give exactly one of 'model' or 'service_s' (synthetic)")
         if self.model is not None:
-            try:
-                cfg = load_model_config(self.model)
-            except UserError as exc:
-                raise ValueError(str(exc)) from None
+            cfg = load_model_config(self.model)
             for unit in [*self.keep_on_client, *self.keep_on_server]:
                 if unit not in cfg.unit_names:
                     raise ValueError(f"unknown unit {unit!r} in keep_on_client/keep_on_server")
@@ -239,17 +254,29 @@ class ScenarioIn(_In):
     wait_tau_s: Positive = 2.0
     sweep: SweepIn = SweepIn()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ScenarioIn:
-        for policy in self.policies:
+    @field_validator("policies")
+    @classmethod
+    def _known_policies(cls, policies: list[str]) -> list[str]:
+        if not policies:
+            raise ValueError("name at least one policy")
+        for policy in policies:
             try:
                 check_policy(policy)
             except UserError as exc:
-                raise ValueError(f"policies: {exc}") from None
-        for kind, items in (("client", self.clients), ("request type", self.request_types)):
-            names = [i.name for i in items]
-            if len(set(names)) != len(names):
-                raise ValueError(f"two {kind}s share a name")
+                raise ValueError(str(exc)) from None
+        return policies
+
+    @field_validator("clients", "request_types")
+    @classmethod
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        names = [i.name for i in items]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"the name {name!r} is used twice")
+        return items
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScenarioIn:
         if self.server.scheduler == "batched" and any(t.service_s for t in self.request_types):
             raise ValueError("synthetic request types (service_s) need scheduler fcfs or ps")
         return self
@@ -262,7 +289,7 @@ def _where(error: Any) -> str:
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
         else:
             parts.append(str(item))
-    return ".".join(parts) or "(top level)"
+    return ".".join(parts)
 
 
 def parse_scenario(data: Any, source: str) -> ScenarioIn:
@@ -275,7 +302,8 @@ def parse_scenario(data: Any, source: str) -> ScenarioIn:
         first = exc.errors()[0]
         msg = str(first["msg"]).removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserError(f"scenario {source}: {_where(first)}: {msg}{more}") from None
+        where = _where(first)
+        raise UserError(f"scenario {source}: {where + ': ' if where else ''}{msg}{more}") from None
 
 
 def read_document(path: Path) -> dict[str, Any]:
@@ -286,10 +314,14 @@ def read_document(path: Path) -> dict[str, Any]:
         raise UserError(f"scenario {path}: cannot read ({exc.strerror})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        kind = path.suffix[1:] or "YAML"
-        raise UserError(f"scenario {path}: not valid {kind} ({first_line})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"scenario {path}: not valid JSON (line {exc.lineno}: {exc.msg})"
+                        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise UserError(f"scenario {path}: not valid YAML ({where}{problem})") from None
     if not isinstance(data, dict):
         raise UserError(f"scenario {path}: expected a mapping at the top level")
     return data

@@ -6,6 +6,7 @@ Each study is a list of independent, deterministic tasks run by a sweep backend,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -47,7 +48,7 @@ def quick_world(world: World) -> World:
 def _curve_rates(world: World, capacities: tuple[Capacity, ...], quick: bool) -> tuple[float, ...]:
     if world.sweep.rates_per_s:
         return world.sweep.rates_per_s
-    top = max((c.rate_per_s for c in capacities), default=0.0)
+    top = max((c.rate_per_s for c in capacities if math.isfinite(c.rate_per_s)), default=0.0)
     if top <= 0:  # no policy meets the target anywhere: center on a first guess instead
         top = max(first_guess_rate(world, p) for p in world.policies)
     return tuple(f * top for f in (QUICK_FRACTIONS if quick else CURVE_FRACTIONS))

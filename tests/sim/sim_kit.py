@@ -1,4 +1,4 @@
-"""Small worlds built in code: synthetic jobs for queueing theory, a hand-sized model."""
+"""Helpers of the simulator tests: small worlds built in code (synthetic jobs, a tiny model)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ CLIENT = DeviceProfile("client", 100.0, 1e15, 1e15, 1.0)
 
 def synthetic_world(service: Dist, rate_per_s: float, duration_s: float, scheduler: str = "fcfs",
                     warmup_s: float = 0.0, trace: Trace | None = None,
-                    link: LinkProfile = NO_LINK, seed: int = 0) -> World:
+                    link: LinkProfile = NO_LINK, seed: int = 0, workers: int = 1,
+                    sla_s: float = 1e9) -> World:
     """Requests that are one server job each, with service times drawn from `service`."""
     return World(
         name="synthetic",
-        server=ServerSpec(SERVER, scheduler),
+        server=ServerSpec(SERVER, scheduler, workers=workers),
         clients=(ClientClass("c", CLIENT, link),),
-        types=(RequestType("job", sla_s=1e9, service_s=service),),
+        types=(RequestType("job", sla_s=sla_s, service_s=service),),
         duration_s=duration_s, warmup_s=warmup_s, seed=seed, rate_per_s=rate_per_s,
         trace=trace, sweep=SweepSpec(min_requests=1),
     )
