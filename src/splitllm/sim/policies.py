@@ -20,6 +20,7 @@ from splitllm.errors import UserError
 from splitllm.instance import Instance, Request, build_instance, evaluate
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner import frontier, solve
+from splitllm.sim import memo
 from splitllm.sim.world import ClientClass, RequestType, World
 
 # policy name -> (planner solver, sees the server's measured queueing delay)
@@ -35,6 +36,7 @@ POLICIES: dict[str, tuple[str, bool]] = {
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
 WAIT_FLOOR_S = 1e-4  # below this the measured delay counts as none
 WAIT_STEPS_PER_DECADE = 10  # delays are planned on a log grid (steps of ~26%)
+PLAN_CACHE_LIMIT = 100_000
 
 
 def check_policy(name: str) -> None:
@@ -108,7 +110,10 @@ class Planner:
         self.world = world
         self.policy = policy
         self.sees_wait = load_aware(policy)
-        self.cache: dict[tuple[int, int, int, int, float], Decision] = {}
+        # shared by every run of this world and policy in the process (decisions do not
+        # depend on the arrival rate)
+        self.cache: dict[tuple[int, int, int, int, float], Decision] = memo.table(
+            "plans", policy, memo.planning_key(world))
 
     def decide(self, type_index: int, class_index: int, prompt: int, output: int,
                wait_s: float = 0.0) -> Decision:
@@ -122,7 +127,7 @@ class Planner:
         if decision is None:
             decision = self._plan(rtype, self.world.clients[class_index], prompt_plan,
                                   output_plan, wait)
-            self.cache[key] = decision
+            memo.bounded_put(self.cache, key, decision, PLAN_CACHE_LIMIT)
         return decision
 
     def _plan(self, rtype: RequestType, client: ClientClass, prompt: int, output: int,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.sim import engine
+from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
 from splitllm.sim.engine import NewEvent
 from splitllm.sim.policies import Planner
@@ -23,7 +23,7 @@ from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
 
 K_ARRIVE, K_AT_SERVER = 0, 1
-WALK_CACHE_LIMIT = 20_000
+WALK_CACHE_LIMIT = 4096  # a walk of G tokens holds ~2 floats per job: ~G * segments * 50 B
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class _Run:
         self.placement = [0] * n
         self.planned = [True] * n
         self.placements: dict[str, int] = {}
-        self.walk_cache: dict[tuple[int, int, int, int, str, float], Walk] = {}
+        self.walk_cache: dict[tuple[int, int, int, int, str, float], Walk] = memo.table(
+            "walks", memo.planning_key(world))
         self.delay_sum, self.delay_n = 0.0, 0
         self.decayed_sum, self.decayed_n, self.observed_at = 0.0, 0.0, 0.0
         self.tau = world.wait_tau_s
@@ -99,10 +100,8 @@ class _Run:
         key = (t, c, p, g, sides, self.services[r])
         walk = self.walk_cache.get(key)
         if walk is None:
-            if len(self.walk_cache) >= WALK_CACHE_LIMIT:
-                self.walk_cache.clear()
             walk = self.builder.walk(t, c, p, g, decision.placement, self.services[r])
-            self.walk_cache[key] = walk
+            memo.bounded_put(self.walk_cache, key, walk, WALK_CACHE_LIMIT)
         return walk
 
     def _arrive(self, now_s: float, r: int, _: int) -> list[NewEvent]:

@@ -18,9 +18,10 @@ import numpy as np
 from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
 from splitllm.instance import Request, phase_times
 from splitllm.placement import SERVER, Placement
+from splitllm.sim import memo
 from splitllm.sim.world import World
 
-CACHE_LIMIT = 4096  # phase-time tables kept (each is [units + 1, G] floats)
+CACHE_LIMIT = 2048  # phase-time tables kept (each is [units + 1, G] floats)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class WalkBuilder:
 
     def __init__(self, world: World) -> None:
         self.world = world
-        self._cum: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self._cum: dict[tuple[int, int, int, int], np.ndarray] = memo.table(
+            "phase-times", memo.planning_key(world))
 
     def _cumulative(self, type_index: int, device_index: int, device: DeviceProfile,
                     model: ModelCosts, prompt: int, output: int) -> np.ndarray:
@@ -57,12 +59,10 @@ class WalkBuilder:
         key = (type_index, device_index, prompt, output)
         cum = self._cum.get(key)
         if cum is None:
-            if len(self._cum) >= CACHE_LIMIT:
-                self._cum.clear()
             times = phase_times(model, device, Request(prompt, output, 1.0))
             per_pass = np.column_stack([times.prefill_s, times.decode_s])  # [units, passes]
             cum = np.vstack([np.zeros(per_pass.shape[1]), np.cumsum(per_pass, axis=0)])
-            self._cum[key] = cum
+            memo.bounded_put(self._cum, key, cum, CACHE_LIMIT)
         return cum
 
     def walk(self, type_index: int, class_index: int, prompt: int, output: int,
