@@ -84,3 +84,19 @@ def test_split_smollm2_matches_the_unsplit_model(
     assert list(result.tokens) == tokens
     for got, want in zip(result.logits, logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_every_single_cut_of_smollm2_matches(
+        smollm2: LoadedModel, smollm2_server: BackgroundServer, prompt_ids: list[int],
+        reference: tuple[list[int], list[torch.Tensor]]) -> None:
+    tokens, logits = reference
+    steps = 2  # the prefill and a decode step, for all 62 single cuts
+    cuts = [side * k + other * (N_UNITS - k) for k in range(1, N_UNITS)
+            for side, other in (("C", "S"), ("S", "C"))]
+    with connect(smollm2_server.ws_url, smollm2, timeout_s=TIMEOUT_S * 3) as session:
+        for placement in cuts:
+            result = session.generate(prompt_ids, steps, placement=placement, prefill_chunk=24,
+                                      return_logits=True, stop_at_eos=False)
+            assert list(result.tokens) == tokens[:steps], placement
+            for got, want in zip(result.logits, logits[:steps], strict=True):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
