@@ -15,7 +15,8 @@ import torch
 from runtime_kit import gpt2_config, llama_config, save_tiny_model
 
 from splitllm.models import LoadedModel, load_model
-from splitllm.runtime.server import BackgroundServer, ServerConfig
+from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.server import ServerConfig
 
 
 @pytest.fixture(scope="session", autouse=True)

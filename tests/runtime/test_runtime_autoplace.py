@@ -22,8 +22,8 @@ from splitllm.runtime.autoplace import (
     with_sla,
 )
 from splitllm.runtime.client import connect, measure_link
+from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.profile import UnitProfile, profile_units
-from splitllm.runtime.server import BackgroundServer
 from splitllm.runtime.transport import EmulatedLink, LinkShape, WebSocketTransport
 from splitllm.runtime.units import UnitStack
 

@@ -19,7 +19,7 @@ from splitllm.models import LoadedModel
 from splitllm.placement import Placement
 from splitllm.runtime.client import RemoteSession, connect
 from splitllm.runtime.generate import LocalPipe, SplitPipe, decode_one_token, generate, prefill
-from splitllm.runtime.server import BackgroundServer
+from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.transport import ServerError, WebSocketTransport
 from splitllm.runtime.units import UnitStack
 

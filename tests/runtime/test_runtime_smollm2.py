@@ -13,7 +13,7 @@ from splitllm import models
 from splitllm.models import LoadedModel, encode_prompt
 from splitllm.runtime.client import connect
 from splitllm.runtime.generate import LocalPipe, timed_generate
-from splitllm.runtime.server import BackgroundServer
+from splitllm.runtime.hosting import BackgroundServer
 
 pytestmark = pytest.mark.slow
 

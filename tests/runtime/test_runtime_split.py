@@ -12,8 +12,8 @@ from runtime_kit import TIMEOUT_S, random_prompt
 from splitllm.models import LoadedModel
 from splitllm.runtime.client import Generation, Session, connect
 from splitllm.runtime.generate import LocalPipe, generate, timed_generate
+from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.protocol import Sampling
-from splitllm.runtime.server import BackgroundServer
 
 
 def reference(loaded: LoadedModel, prompt: list[int], new_tokens: int,

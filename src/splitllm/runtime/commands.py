@@ -52,7 +52,8 @@ def serve(
 ) -> None:
     """Serve split inference: a WebSocket for sessions, /health, /v1/info, /metrics."""
     from splitllm.models import load_model
-    from splitllm.runtime.server import ServerConfig, serve_forever
+    from splitllm.runtime.hosting import serve_forever
+    from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
     if workers < 1 or max_sessions < 1 or not idle_timeout_s > 0 or not max_frame_mib > 0:

@@ -1,0 +1,85 @@
+"""Running the server: in the foreground (`splitllm serve`) or on a local port in a thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+
+from splitllm.models import LoadedModel
+from splitllm.runtime.server import FRAME_SLACK_BYTES, ServerConfig, ServerState, create_app
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, config: ServerConfig) -> Any:
+    """uvicorn settings: explicit WebSocket frame limit, no compression (hidden states)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="warning", ws="websockets-sansio",
+        ws_max_size=config.max_frame_bytes + FRAME_SLACK_BYTES, ws_per_message_deflate=False,
+        ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on",
+    )
+
+
+def serve_forever(loaded: LoadedModel, host: str, port: int, config: ServerConfig) -> None:
+    """Run the server in the foreground until interrupted."""
+    import uvicorn
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    state = ServerState(loaded, config)
+    uvicorn.Server(uvicorn_config(create_app(state), host, port, config)).run()
+
+
+class BackgroundServer:
+    """A real server on a local port in a daemon thread (tests, demo, benchmark)."""
+
+    def __init__(self, loaded: LoadedModel, config: ServerConfig | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.config = config or ServerConfig()
+        self.state = ServerState(loaded, self.config)
+        # Bind first so the port is known and free before uvicorn starts serving on it. The
+        # explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto
+        # says TCP, and without it Nagle + delayed ACKs hold back a reply's second frame ~40 ms.
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        cfg = uvicorn_config(create_app(self.state), host, self.port, self.config)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("splitllm server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.socket.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
