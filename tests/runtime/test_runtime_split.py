@@ -79,6 +79,18 @@ def test_chunked_prefill_agrees(chunk: int, tiny_llama: LoadedModel,
             assert_same(split(session, placement, prompt, 4, chunk=chunk), tokens, logits)
 
 
+def test_prompt_chunks_do_not_bring_back_unneeded_hidden_states(
+        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    prompt = random_prompt(random.Random(15), 20)
+    with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        chunked = session.generate(prompt, 1, placement="CCCSSS", prefill_chunk=5)
+        whole = session.generate(prompt, 1, placement="CCCSSS", prefill_chunk=20)
+    assert chunked.tokens == whole.tokens
+    # Three chunks end on the server without sampling: each is answered by a small `done`.
+    assert chunked.bytes_received - whole.bytes_received < 3 * 200
+    assert chunked.bytes_sent > 20 * 64 * 4
+
+
 @pytest.mark.parametrize("wire_dtype", ["bf16", "fp16"])
 def test_half_precision_wire_halves_the_bytes(wire_dtype: str, tiny_llama: LoadedModel,
                                               llama_server: BackgroundServer) -> None:

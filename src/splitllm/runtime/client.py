@@ -89,14 +89,17 @@ class RemoteSession:
         self.stats: dict[str, Any] = {}
 
     def forward(self, units: tuple[int, int], x: torch.Tensor, positions: tuple[int, int],
-                return_logits: bool) -> RemoteResult:
+                return_logits: bool, return_hidden: bool = True) -> RemoteResult:
         """Run server units [start, stop) on x (ids [1, T] or hidden [1, T, D])."""
         self.seq += 1
         tensor = x if units[0] == 0 else x.to(self.wire_dtype)
         header = {"type": "forward", "session": self.session_id, "seq": self.seq,
                   "units": list(units), "positions": list(positions),
-                  "return_logits": return_logits}
+                  "return_logits": return_logits, "return_hidden": return_hidden}
         self.transport.send(wire.encode_tensor(header, tensor))
+        if units[1] < self.n_units and not return_hidden:
+            receive(self.transport, "done", self.timeout_s)
+            return RemoteResult()
         if units[1] < self.n_units:
             reply, payload = receive(self.transport, "hidden", self.timeout_s)
             return RemoteResult(hidden=self._tensor(reply, payload))  # [1, T, D]

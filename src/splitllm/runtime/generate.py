@@ -36,7 +36,7 @@ class Remote(Protocol):
     """The server's side of a session: runs its segments."""
 
     def forward(self, units: tuple[int, int], x: torch.Tensor, positions: tuple[int, int],
-                return_logits: bool) -> RemoteResult: ...
+                return_logits: bool, return_hidden: bool = True) -> RemoteResult: ...
 
 
 class Pipe(Protocol):
@@ -113,10 +113,12 @@ class SplitPipe:
                     token = self.sampler(x)
                 continue
             assert self.remote is not None
-            result = self.remote.forward((a, b), x, span, self.return_logits)
+            # A pass that does not sample needs nothing back from its last segment.
+            want_hidden = b != n - 1 or sample
+            result = self.remote.forward((a, b), x, span, self.return_logits, want_hidden)
             if b == n:
                 token, self.last_logits = result.token, result.logits
-            else:
+            elif want_hidden:
                 assert result.hidden is not None
                 x = result.hidden.to(self.stack.dtype)  # [1, T, D]
         return token

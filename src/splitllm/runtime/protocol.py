@@ -103,6 +103,7 @@ class ForwardHeader(TensorHeader):
     units: tuple[int, int]
     positions: tuple[int, int]
     return_logits: bool = False
+    return_hidden: bool = True  # False: the output is not needed (a prompt chunk's last blocks)
 
 
 class ProbeHeader(_Message):

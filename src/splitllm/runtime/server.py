@@ -226,10 +226,12 @@ class Connection:
         self.state.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
                                           result.token is not None)
         base = {"session": header.session, "seq": header.seq}
-        if result.hidden is not None:
-            await self.send(wire.encode_tensor(
-                {"type": "hidden", **base, "units": list(result.units), "positions": [p0, p1]},
-                result.hidden))
+        if result.token is None:
+            reply = {"type": "hidden", **base, "units": list(result.units), "positions": [p0, p1]}
+            if result.hidden is None:  # the client asked for no output
+                await self.send(wire.text({**reply, "type": "done"}))
+            else:
+                await self.send(wire.encode_tensor(reply, result.hidden))
             return
         if result.logits is not None:
             await self.send(wire.encode_tensor(

@@ -187,7 +187,7 @@ class ServerSession:
             logits = out.float() if header.return_logits else None
             result = ForwardResult(None, token, logits, tuple(unit_seconds), (start, stop))
         else:
-            hidden = out.to(self.wire_dtype)  # [1, T, D]
+            hidden = out.to(self.wire_dtype) if header.return_hidden else None  # [1, T, D]
             result = ForwardResult(hidden, None, None, tuple(unit_seconds), (start, stop))
         self.busy_s += time.perf_counter() - clock
         self.last_active = time.monotonic()
