@@ -127,6 +127,17 @@ def test_load_aware_leaves_room_for_the_expected_waits() -> None:
     assert planned > 0
 
 
+def test_headroom_keeps_part_of_the_sla_for_queueing() -> None:
+    world = builtin_world("mixed")
+    assert world.plan_headroom == 0.2
+    tight, loose = Planner(world, "exact"), Planner(replace(world, plan_headroom=0.0), "exact")
+    for t, c, p, g in _requests(world):
+        d, free = tight.decide(t, c, p, g), loose.decide(t, c, p, g)
+        if d.planned:
+            assert d.latency_s <= 0.8 * world.types[t].sla_s * (1 + REL)
+            assert d.server_work_s >= free.server_work_s * (1 - REL)
+
+
 def test_wait_buckets_are_a_log_grid() -> None:
     assert wait_bucket(0.0) == 0.0
     assert wait_bucket(5e-5) == 0.0

@@ -40,6 +40,9 @@ def simulate(
     rates: Annotated[str | None, typer.Option(
         help="Comma-separated arrival rates (req/s) for the curves (default: around the "
              "capacities found).")] = None,
+    headroom: Annotated[float | None, typer.Option(
+        help="Override the scenario's plan_headroom: policies plan against (1 - headroom) x "
+             "each latency limit, keeping the rest for queueing.")] = None,
 ) -> None:
     """Simulate many clients sharing one server under each placement policy; write a report."""
     from rich.console import Console
@@ -54,13 +57,15 @@ def simulate(
     console = Console() if sys.stdout.isatty() else Console(width=140)
     if scenario == "paper":
         for flag, value in (("--policies", policies), ("--scheduler", scheduler),
-                            ("--rates", rates), ("--seed", seed)):
+                            ("--rates", rates), ("--seed", seed), ("--headroom", headroom)):
             if value is not None:
                 raise UserError(f"{flag} does not apply to --scenario paper (a planning grid)")
         _paper(backend, quick, out, console)
         return
     document, base_dir = _document(scenario)
     _override(document, policies, seed, scheduler, rates)
+    if headroom is not None:
+        document["plan_headroom"] = headroom
     _simulated(document, base_dir, backend, quick, out, console)
 
 

@@ -19,8 +19,8 @@ _TABLES: OrderedDict[Hashable, dict[Any, Any]] = OrderedDict()
 
 
 def planning_key(world: World) -> Hashable:
-    """What plans and walks depend on: the server device, the clients, the request types."""
-    return (world.server.device, world.clients, world.types)
+    """What plans and walks depend on: server device, clients, request types, headroom."""
+    return (world.server.device, world.clients, world.types, world.plan_headroom)
 
 
 def table(*key: Hashable) -> dict[Any, Any]:

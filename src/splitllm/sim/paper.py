@@ -33,7 +33,7 @@ class PaperGrid:
     vit_patches: tuple[int, ...] = (50, 197, 577)  # 112, 224, 384 px images, 16 px patches
     output_tokens: int = 32  # decoders generate this many tokens
     sla_slack: tuple[float, ...] = (1.1, 1.5, 2.0, 3.0)  # SLA = slack x server-only latency
-    speed_ratio: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)  # server / client speed
+    speed_ratio: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # server / client
     links: tuple[str, ...] = ("lan", "wifi", "5g", "4g")
     server: str = "datacenter-gpu"
     client_memory_bytes: float = 8e9

@@ -123,7 +123,8 @@ def _paper_sweeps(study: PaperStudy, out: Path) -> str:
         values = sorted({key(p) for p in pts}, key=_order(study, label))
         for k, policy in enumerate(POLICIES[1:], start=1):
             means = [red[[key(p) == v for p in pts], k].mean() for v in values]
-            ax.plot([str(v) for v in values], means, marker="o", label=policy)
+            ax.plot([str(v) for v in values], means, label=policy, marker="os^"[k - 1],
+                    linestyle="-" if policy != "best-single-cut" else "--")
         ax.set(xlabel=label, ylim=(0, 1))
     axes[0].set_ylabel("mean reduction vs server-only")
     axes[0].legend(fontsize=8)

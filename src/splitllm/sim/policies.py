@@ -73,10 +73,14 @@ class Decision:
 
 
 def request_instance(rtype: RequestType, client: ClientClass, world: World, prompt: int,
-                     output: int) -> Instance:
-    """The planner's instance for a request of `rtype` from `client` (zero load)."""
+                     output: int, headroom: float = 0.0) -> Instance:
+    """The planner's instance for a request of `rtype` from `client` (zero load), its latency
+    limits shrunk by `headroom` (a fraction kept in reserve for queueing)."""
     assert rtype.model is not None
-    request = Request(prompt, output, rtype.sla_s, rtype.ttft_s, rtype.tpot_s)
+    keep = 1.0 - headroom
+    request = Request(prompt, output, rtype.sla_s * keep,
+                      rtype.ttft_s * keep if rtype.ttft_s is not None else None,
+                      rtype.tpot_s * keep if rtype.tpot_s is not None else None)
     return build_instance(rtype.model, client.device, world.server.device, client.link, request,
                           rtype.keep_on_client, rtype.keep_on_server)
 
@@ -134,7 +138,8 @@ class Planner:
               wait_s: float) -> Decision:
         if rtype.model is None:  # synthetic: one server job, nothing to place
             return Decision(Placement(SERVER), True, rtype.sla_s, 0.0)
-        base = request_instance(rtype, client, self.world, prompt, output)
+        base = request_instance(rtype, client, self.world, prompt, output,
+                                self.world.plan_headroom)
         instance = replace(base, server_wait_s=wait_s) if wait_s else base
         placement, planned = choose(self.policy, instance)
         at_zero = evaluate(base, placement)

@@ -252,6 +252,7 @@ class ScenarioIn(_In):
     arrivals: ArrivalsIn
     policies: list[str] = list(DEFAULT_POLICIES)
     wait_tau_s: Positive = 2.0
+    plan_headroom: Annotated[float, Field(ge=0, lt=1)] = 0.0
     sweep: SweepIn = SweepIn()
 
     @field_validator("policies")
@@ -366,7 +367,7 @@ def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
                           s.server.max_batch),
         clients=clients, types=types, duration_s=s.duration_s, warmup_s=s.warmup_s,
         seed=s.seed, rate_per_s=float(rate or 1.0), trace=trace, policies=tuple(s.policies),
-        wait_tau_s=s.wait_tau_s,
+        wait_tau_s=s.wait_tau_s, plan_headroom=s.plan_headroom,
         sweep=SweepSpec(tuple(sw.rates_per_s), sw.target_attainment, sw.rel_tol,
                         sw.max_rate_per_s, sw.capacity, sw.min_requests),
     )

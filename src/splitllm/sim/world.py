@@ -104,6 +104,7 @@ class World:
     trace: Trace | None = None
     policies: tuple[str, ...] = DEFAULT_POLICIES
     wait_tau_s: float = 2.0  # the server's recent-delay average forgets over this time
+    plan_headroom: float = 0.0  # policies plan against (1 - headroom) x each latency limit
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
     def with_rate(self, rate_per_s: float) -> World:
