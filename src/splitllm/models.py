@@ -115,7 +115,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF with transformers and save model + tokenizer as safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own line on stderr says what is happening
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32

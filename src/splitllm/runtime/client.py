@@ -160,7 +160,8 @@ class Generation:
     tpot_s: float
     wall_s: float
     prompt_tokens: int
-    server_busy_s: float
+    server_busy_s: float  # wall seconds the server computed for this generation
+    server_cpu_s: float  # CPU seconds of that (robust to other load on the server machine)
     client_busy_s: float
     bytes_sent: int
     bytes_received: int
@@ -176,6 +177,7 @@ class Generation:
         return {"tokens": list(self.tokens), "text": self.text, "placement": self.placement,
                 "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "wall_s": self.wall_s,
                 "prompt_tokens": self.prompt_tokens, "server_busy_s": self.server_busy_s,
+                "server_cpu_s": self.server_cpu_s,
                 "client_busy_s": self.client_busy_s, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "emulation": self.emulation}
 
@@ -304,7 +306,8 @@ class Session:
         stream.finish()
         return Generation(
             timed.tokens, stream.text, str(chosen), timed.ttft_s, timed.tpot_s, timed.wall_s,
-            len(prompt_ids), float(stats.get("busy_s", 0.0)), pipe.client_busy_s,
+            len(prompt_ids), float(stats.get("busy_s", 0.0)), float(stats.get("cpu_s", 0.0)),
+            pipe.client_busy_s,
             self.transport.bytes_sent - sent, self.transport.bytes_received - received,
             self.emulation, tuple(logits),
         )

@@ -164,21 +164,27 @@ def _stream(text: str) -> None:
 def _report(chosen: Plan, instance: Instance, split: Generation, server_only: Generation
             ) -> Table:
     table = Table(title="What the split did",
-                  caption="measured on this machine; the phone and the link are EMULATED")
+                  caption="measured on this machine; the phone and the link are EMULATED; "
+                          "CPU seconds are robust to other load, wall seconds are not")
     for column in ("", "split", "server-only"):
         table.add_column(column, justify="left" if not column else "right")
-    saved = 1 - split.server_busy_s / server_only.server_busy_s if server_only.server_busy_s else 0
+    def saved(split_s: float, server_only_s: float) -> str:
+        return f"{1 - split_s / server_only_s:.0%}" if server_only_s > 0 else ""
+
+    predicted = evaluate(instance, Placement(SERVER * len(instance)))
     rows = [
         ("placement", _segments(split.placement), _segments(server_only.placement)),
-        ("server busy s", f"{split.server_busy_s:.3f}", f"{server_only.server_busy_s:.3f}"),
-        ("server work saved", f"{saved:.0%}", ""),
+        ("server CPU s", f"{split.server_cpu_s:.3f}", f"{server_only.server_cpu_s:.3f}"),
+        ("server work saved: measured CPU", saved(split.server_cpu_s, server_only.server_cpu_s),
+         ""),
+        ("  planned", saved(chosen.server_work, predicted.server_work), ""),
+        ("server busy s (wall)", f"{split.server_busy_s:.3f}", f"{server_only.server_busy_s:.3f}"),
         ("tokens", str(len(split.tokens)), str(len(server_only.tokens))),
         ("tokens/s", f"{split.tokens_per_s:.1f}", f"{server_only.tokens_per_s:.1f}"),
         ("TTFT s", f"{split.ttft_s:.3f}", f"{server_only.ttft_s:.3f}"),
         ("TPOT ms", f"{split.tpot_s * 1e3:.1f}", f"{server_only.tpot_s * 1e3:.1f}"),
         ("wall s (predicted)", f"{split.wall_s:.2f} ({chosen.latency_s:.2f})",
-         f"{server_only.wall_s:.2f} "
-         f"({evaluate(instance, Placement(SERVER * len(instance))).latency_s:.2f})"),
+         f"{server_only.wall_s:.2f} ({predicted.latency_s:.2f})"),
         ("KiB up / down", f"{split.bytes_sent / 1024:.0f} / {split.bytes_received / 1024:.0f}",
          f"{server_only.bytes_sent / 1024:.0f} / {server_only.bytes_received / 1024:.0f}"),
         ("same tokens", "yes" if split.tokens == server_only.tokens else "NO", ""),

@@ -21,6 +21,7 @@ class ServerMetrics:
     tokens_sampled: int = 0
     forwards: int = 0
     busy_s: float = 0.0
+    cpu_s: float = 0.0
     unit_busy_s: dict[str, float] = field(default_factory=dict)
     unit_tokens: Counter[str] = field(default_factory=Counter)
     bytes_received: int = 0
@@ -29,10 +30,11 @@ class ServerMetrics:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_forward(self, units: tuple[int, int], tokens: int, unit_seconds: Sequence[float],
-                       sampled: bool) -> None:
+                       sampled: bool, cpu_s: float = 0.0) -> None:
         """Account one forward: busy seconds per unit, tokens through the server."""
         with self.lock:
             self.forwards += 1
+            self.cpu_s += cpu_s
             self.tokens_processed += tokens
             self.tokens_sampled += int(sampled)
             for index, seconds in zip(range(*units), unit_seconds, strict=False):
@@ -82,6 +84,9 @@ class ServerMetrics:
                     [("", self.forwards)])
             _metric(lines, "splitllm_server_busy_seconds_total", "counter",
                     "Seconds the server spent computing units.", [("", self.busy_s)])
+            _metric(lines, "splitllm_server_cpu_seconds_total", "counter",
+                    "CPU seconds of the compute threads while computing units (all of the "
+                    "compute with one torch thread; a lower bound with more).", [("", self.cpu_s)])
             _metric(lines, "splitllm_unit_busy_seconds_total", "counter",
                     "Seconds the server spent computing each unit.",
                     [(f'unit="{u}"', self.unit_busy_s.get(u, 0.0)) for u in self.unit_names])

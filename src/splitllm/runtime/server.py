@@ -224,7 +224,7 @@ class Connection:
             session.in_flight -= 1
         p0, p1 = header.positions
         self.state.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
-                                          result.token is not None)
+                                          result.token is not None, result.cpu_s)
         base = {"session": header.session, "seq": header.seq}
         if result.token is None:
             reply = {"type": "hidden", **base, "units": list(result.units), "positions": [p0, p1]}
@@ -244,7 +244,8 @@ class Connection:
         self.state.close_session(session.session_id, "close")
         await self.send(wire.text({
             "type": "closed", "session": session.session_id,
-            "stats": {"busy_s": session.busy_s, "tokens_processed": session.tokens_processed,
+            "stats": {"busy_s": session.busy_s, "cpu_s": session.cpu_s,
+                      "tokens_processed": session.tokens_processed,
                       "tokens_sampled": session.tokens_sampled},
         }))
 

@@ -8,7 +8,7 @@ usable.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -53,6 +53,7 @@ class ForwardResult:
     logits: torch.Tensor | None  # [1, V] float32, only when asked for
     unit_seconds: tuple[float, ...]
     units: tuple[int, int]
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -66,7 +67,8 @@ class ServerSession:
     sampling: Sampling
     limits: Limits
     segments: dict[int, SegmentState] = field(default_factory=dict)
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # wall seconds of compute
+    cpu_s: float = 0.0  # CPU seconds of the compute thread (all of it with one torch thread)
     tokens_processed: int = 0
     tokens_sampled: int = 0
     last_active: float = field(default_factory=time.monotonic)
@@ -177,7 +179,7 @@ class ServerSession:
         p0, p1 = header.positions
         positions = torch.arange(p0, p1).unsqueeze(0)  # [1, T]
         unit_seconds: list[float] = []
-        clock = time.perf_counter()
+        clock, cpu_clock = time.perf_counter(), time.thread_time()
         out = self.stack.run(start, stop, x, positions, seg.cache, unit_seconds)
         seg.next_position = p1
         self.tokens_processed += p1 - p0
@@ -190,5 +192,7 @@ class ServerSession:
             hidden = out.to(self.wire_dtype) if header.return_hidden else None  # [1, T, D]
             result = ForwardResult(hidden, None, None, tuple(unit_seconds), (start, stop))
         self.busy_s += time.perf_counter() - clock
+        cpu_s = time.thread_time() - cpu_clock
+        self.cpu_s += cpu_s
         self.last_active = time.monotonic()
-        return result
+        return replace(result, cpu_s=cpu_s)
