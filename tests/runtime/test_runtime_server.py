@@ -43,7 +43,7 @@ def test_health_info_and_metrics(llama_server: BackgroundServer) -> None:
         assert line.startswith("# ") or len(line.split(" ")) == 2, line
     values = metrics(url)
     assert 'splitllm_unit_busy_seconds_total{unit="block3"}' in values
-    assert "splitllm_open_sessions" in values
+    assert "splitllm_open_sessions" in values and "splitllm_server_cpu_seconds_total" in values
 
 
 def test_bad_input_gets_clear_errors_while_a_healthy_session_keeps_going(

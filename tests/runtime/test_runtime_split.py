@@ -142,6 +142,7 @@ def test_python_api_streams_text_and_stops_at_eos(tiny_llama: LoadedModel,
                              tiny_llama.eos_token_ids))
     assert list(result.tokens) == expected
     assert result.ttft_s > 0 and result.tpot_s >= 0 and result.server_busy_s > 0
+    assert 0 < result.server_cpu_s <= result.server_busy_s * 1.5
 
 
 def _prompt_ids(loaded: LoadedModel) -> list[int]:
