@@ -72,6 +72,9 @@ def serve(
     )
     loaded = load_model(model, dtype)
     auth = "bearer token required" if token else "no token"
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"splitllm: WARNING: serving on {host} without --token: anyone who can reach it "
+              "can use it", file=sys.stderr)
     print(f"splitllm: serving {loaded.model_id} ({loaded.dtype}, {config.threads} threads) on "
           f"ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
     serve_forever(loaded, host, port, config)
