@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,14 @@ def test_ray_backend_gives_the_same_numbers(tmp_path: Path, small_file: Path) ->
               "--ray", "local", "--jobs", "1", "--out", str(tmp_path / "ray"), cwd=tmp_path)
     assert ((tmp_path / "local" / "results.json").read_text()
             == (tmp_path / "ray" / "results.json").read_text())
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'splitllm[ray]')")
+def test_ray_without_a_cluster_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([*CLI, "simulate", "--scenario", "paper", "--quick", "--ray", "auto",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env=env)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "--ray auto: cannot start or reach Ray" in done.stderr

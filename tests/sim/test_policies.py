@@ -20,7 +20,7 @@ from splitllm.sim.scenario import load_scenario
 from splitllm.sim.simulate import simulate
 from splitllm.sim.walk import WalkBuilder
 from splitllm.sim.workload import sample_workload
-from splitllm.sim.world import World
+from splitllm.sim.world import Trace, World
 
 SCENARIOS = Path(__file__).parents[2] / "docs" / "scenarios"
 BASELINES = ("greedy", "best-single-cut")
@@ -83,12 +83,14 @@ def test_no_plan_breaks_the_sla_at_zero_load(world: World) -> None:
 
 def test_one_request_alone_meets_its_plan(world: World) -> None:
     """A single simulated request (nothing else on the server) finishes at its plan's latency."""
-    load = sample_workload(world)
-    first = load.arrived_at_s[0]
-    alone = replace(world, duration_s=first + 1e-9, warmup_s=0.0, trace=None,
-                    rate_per_s=world.rate_per_s) if world.trace is None else None
-    if alone is None:
-        pytest.skip("trace arrivals come in bursts")
+    if world.trace is None:
+        first = sample_workload(world).arrived_at_s[0]
+        alone = replace(world, duration_s=first + 1e-9, warmup_s=0.0)
+    else:  # keep the trace's first request only
+        t = world.trace
+        one = Trace(t.arrived_at_s[:1], t.type_index[:1], t.class_index[:1],
+                    t.prompt_tokens[:1], t.output_tokens[:1])
+        alone = replace(world, trace=one, warmup_s=0.0)
     rec = simulate(alone, "exact")
     assert len(rec.arrived_at_s) == 1
     t, c = int(rec.type_index[0]), int(rec.class_index[0])

@@ -69,11 +69,16 @@ def ray_module() -> Any:
 def _run_ray(tasks: Sequence[Task], backend: Backend, tick: Callable[[], None]) -> list[Any]:
     ray = ray_module()
     if not ray.is_initialized():
-        if backend.ray_address == "local":
-            ray.init(num_cpus=max(backend.jobs, 1), include_dashboard=False,
-                     log_to_driver=False)
-        else:
-            ray.init(address=backend.ray_address, log_to_driver=False)
+        try:
+            if backend.ray_address == "local":
+                ray.init(num_cpus=max(backend.jobs, 1), include_dashboard=False,
+                         log_to_driver=False)
+            else:
+                ray.init(address=backend.ray_address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--ray {backend.ray_address}: cannot start or reach Ray ({first})"
+                            ) from None
     remote = ray.remote(_call)
     refs = [remote.remote(fn, args) for fn, args in tasks]
     index = {ref: i for i, ref in enumerate(refs)}
