@@ -165,6 +165,7 @@ class ServerSession:
     def forward(self, header: ForwardHeader, payload: bytes | memoryview) -> ForwardResult:
         """Check and run one forward message; samples if the head ran."""
         seg = self.check(header)
+        cache = seg.cache  # held here: a concurrent close() may drop the segment's reference
         x = decode_tensor(header, payload)
         start, stop = header.units
         if start == 0:
@@ -180,7 +181,7 @@ class ServerSession:
         positions = torch.arange(p0, p1).unsqueeze(0)  # [1, T]
         unit_seconds: list[float] = []
         clock, cpu_clock = time.perf_counter(), time.thread_time()
-        out = self.stack.run(start, stop, x, positions, seg.cache, unit_seconds)
+        out = self.stack.run(start, stop, x, positions, cache, unit_seconds)
         seg.next_position = p1
         self.tokens_processed += p1 - p0
         if stop == self.stack.n_units:
