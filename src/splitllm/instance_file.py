@@ -66,7 +66,7 @@ class InstanceModel(_Strict):
         for p in self.phase_limits:
             for key in ("client_s", "server_s", "out_bytes"):
                 if len(getattr(p, key)) != n:
-                    raise UserError(f"phase_limits.{p.name}.{key}: expected {n} values, one a layer")
+                    raise UserError(f"phase_limits.{p.name}.{key}: expected {n} values")
         return Instance(
             units=tuple(Unit(**layer.model_dump()) for layer in self.layers),
             link=Link(self.uplink_bytes_per_s, self.downlink_bytes_per_s, self.rtt_s),
