@@ -44,11 +44,11 @@ def tiny_world(arrivals_s: tuple[float, ...], prompt: int, output: int, schedule
     rtype = RequestType("tiny", sla_s=sla_s, model=tiny_model(),
                         prompt_tokens=Dist("fixed", (float(prompt),)),
                         output_tokens=Dist("fixed", (float(output),)))
-    span = arrivals_s[-1] - arrivals_s[0]
     trace = Trace(arrivals_s, (0,) * len(arrivals_s))
-    return World(
+    return World(  # one replay of the trace at its own speed: exactly these arrivals
         name="tiny", server=ServerSpec(SERVER, scheduler),
         clients=(ClientClass("c", CLIENT, link),), types=(rtype,),
-        duration_s=arrivals_s[-1] + 1.0, rate_per_s=trace.natural_rate_per_s if span else 1.0,
+        duration_s=trace.period_s or 1e-9,
+        rate_per_s=trace.natural_rate_per_s if trace.period_s else 1.0,
         trace=trace, sweep=SweepSpec(min_requests=1),
     )

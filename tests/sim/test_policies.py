@@ -90,7 +90,7 @@ def test_one_request_alone_meets_its_plan(world: World) -> None:
         t = world.trace
         one = Trace(t.arrived_at_s[:1], t.type_index[:1], t.class_index[:1],
                     t.prompt_tokens[:1], t.output_tokens[:1])
-        alone = replace(world, trace=one, warmup_s=0.0)
+        alone = replace(world, trace=one, warmup_s=0.0, duration_s=1e-9)
     rec = simulate(alone, "exact")
     assert len(rec.arrived_at_s) == 1
     t, c = int(rec.type_index[0]), int(rec.class_index[0])

@@ -28,8 +28,9 @@ def _same(log: tuple[tuple[int, int, float, float], ...], expected: list[tuple])
 
 
 def _two_jobs(scheduler: str):
-    world = synthetic_world(ONE_S, 4.0, 10.0, scheduler, link=HALF_RTT,
-                            trace=Trace((0.0, 0.5), (0, 0)))
+    trace = Trace((0.0, 0.5), (0, 0))  # one replay lasts 1 s at its own rate of 2/s
+    world = synthetic_world(ONE_S, trace.natural_rate_per_s, trace.period_s, scheduler,
+                            link=HALF_RTT, trace=trace)
     return simulate(world, "server-only", log=True)
 
 

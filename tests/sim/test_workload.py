@@ -82,17 +82,23 @@ def test_trace_replays_recorded_columns_and_samples_the_rest() -> None:
     world = load_scenario(SCENARIOS / "replay.yaml")
     trace = world.trace
     assert trace is not None
-    load = sample_workload(world)
-    assert len(load) == len([t for t in trace.arrived_at_s if t < world.horizon_s])
-    np.testing.assert_array_equal(load.type_index, trace.type_index[:len(load)])
-    recorded = np.array(trace.prompt_tokens[:len(load)])
+    n = len(trace.arrived_at_s)
+    load = sample_workload(replace(world, duration_s=3 * n / world.rate_per_s))  # 3 replays
+    assert len(load) == 3 * n
+    np.testing.assert_array_equal(load.type_index, np.tile(trace.type_index, 3))
+    # one replay lasts n / rate; within it, arrivals keep the trace's spacing
+    np.testing.assert_allclose(load.arrived_at_s[n:2 * n] - load.arrived_at_s[:n],
+                               n / world.rate_per_s)
+    np.testing.assert_allclose(np.diff(load.arrived_at_s[:n]), np.diff(trace.arrived_at_s))
+    recorded = np.tile(trace.prompt_tokens, 3)
     np.testing.assert_array_equal(load.prompt_tokens[recorded >= 0], recorded[recorded >= 0])
     sampled = recorded < 0
     chat = load.type_index == 0
     assert (load.prompt_tokens[sampled & chat] == 200).all()  # the types' fixed prompts
     assert (load.prompt_tokens[sampled & ~chat] == 197).all()
-    twice = sample_workload(world.with_rate(2 * world.rate_per_s))
-    np.testing.assert_allclose(twice.arrived_at_s[:len(load)], load.arrived_at_s / 2)
+    rate = 2 * world.rate_per_s
+    twice = sample_workload(replace(world, rate_per_s=rate, duration_s=3 * n / rate))
+    np.testing.assert_allclose(twice.arrived_at_s, load.arrived_at_s / 2)
 
 
 def test_runs_are_deterministic() -> None:

@@ -78,7 +78,12 @@ def _document(scenario: str) -> tuple[dict[str, Any], Path]:
     path = Path(scenario)
     if not path.exists():
         raise UserError(f"--scenario {scenario!r}: use paper, mixed or a scenario file")
-    return read_document(path), path.parent
+    document = read_document(path)
+    arrivals = document.get("arrivals")
+    if isinstance(arrivals, dict) and isinstance(arrivals.get("path"), str):
+        # the report's copy of the scenario must find the trace from anywhere
+        arrivals["path"] = str((path.parent / arrivals["path"]).resolve())
+    return document, path.parent
 
 
 def _split(text: str, flag: str) -> list[str]:

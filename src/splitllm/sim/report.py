@@ -71,8 +71,11 @@ def capacity_rows(study: SimStudy) -> list[list[str]]:
         m = low[policy]
         ratio = (_num(cap / base) + "x" if 0 < base < math.inf and math.isfinite(cap)
                  else "n/a")
+        shown = ("unbounded" if math.isinf(cap) else
+                 f">= {_num(cap)} (max rate)" if cap >= study.world.sweep.max_rate_per_s
+                 else _num(cap))
         rows.append([
-            policy, "unbounded" if math.isinf(cap) else _num(cap), ratio,
+            policy, shown, ratio,
             _num(m.server_s_per_request), _pct(m.client_unit_share), _pct(m.sla_attainment),
             _pct(m.fallback_share),
         ])

@@ -7,6 +7,7 @@ Every mistake becomes one `UserError` line naming the field, e.g.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -360,6 +361,9 @@ def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
         trace = traces.load_trace(path if path.is_absolute() else base_dir / path,
                                   [t.name for t in types], [c.name for c in clients])
         rate = rate or trace.natural_rate_per_s
+        if not math.isfinite(rate):
+            raise UserError(f"scenario: arrivals.rate_per_s: the trace {path} spans no time; "
+                            "give a rate")
     sw = s.sweep
     return World(
         name=s.name,

@@ -1,7 +1,8 @@
 """Arrival traces: a CSV of arrival times and request types (client class and tokens optional).
 
 Header `arrived_at_s,request_type[,client_class][,prompt_tokens][,output_tokens]`; one row per
-request, times in seconds (any origin, any order). Empty optional cells are sampled.
+request, times in seconds (any origin, any order). Empty optional cells are sampled. A run
+replays the trace in a loop until its horizon, its time axis scaled to the run's arrival rate.
 """
 
 from __future__ import annotations

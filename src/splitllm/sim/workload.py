@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.sim.world import RequestType, World
+from splitllm.sim.world import RequestType, Trace, World
 
 CHUNK = 4096
 STREAMS = ("arrivals", "type", "client", "prompt", "output", "service")
@@ -69,6 +69,20 @@ def _per_type(types: tuple[RequestType, ...], index: np.ndarray, u: np.ndarray,
     return out
 
 
+def _trace_times(trace: Trace, rate_per_s: float, horizon_s: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Arrival times and trace rows: the trace replayed in a loop, one replay per n / rate s."""
+    base = np.asarray(trace.arrived_at_s)
+    n = len(base)
+    period = trace.period_s
+    phase = base / period if period > 0 else np.zeros(n)  # position within one replay
+    copies = int(np.ceil(horizon_s * rate_per_s / n)) + 1
+    times = ((np.arange(copies)[:, None] + phase[None, :]) * (n / rate_per_s)).ravel()
+    rows = np.tile(np.arange(n), copies)
+    keep = times < horizon_s
+    return times[keep], rows[keep]
+
+
 def sample_workload(world: World) -> Workload:
     """The requests of `world` at its arrival rate, before its horizon."""
     rng = _streams(world.seed)
@@ -78,18 +92,18 @@ def sample_workload(world: World) -> Workload:
         n = len(times)
         types = _pick([t.share for t in world.types], _uniforms(rng["type"], n))
     else:
-        scale = trace.natural_rate_per_s / world.rate_per_s
-        all_times = np.asarray(trace.arrived_at_s) * (scale if np.isfinite(scale) else 1.0)
-        n = int(np.searchsorted(all_times, world.horizon_s, side="left"))
-        times = all_times[:n]
-        types = np.asarray(trace.type_index[:n], dtype=np.int64)
+        times, rows = _trace_times(trace, world.rate_per_s, world.horizon_s)
+        n = len(times)
+        types = np.asarray(trace.type_index, dtype=np.int64)[rows]
     classes = _pick([c.share for c in world.clients], _uniforms(rng["client"], n))
     prompt = _per_type(world.types, types, _uniforms(rng["prompt"], n), "prompt_tokens")
     output = _per_type(world.types, types, _uniforms(rng["output"], n), "output_tokens")
     if trace is not None:
         for column, arr in ((trace.class_index, classes), (trace.prompt_tokens, prompt),
                             (trace.output_tokens, output)):
-            recorded = np.asarray(column[:n], dtype=np.int64)
+            if not column:
+                continue
+            recorded = np.asarray(column, dtype=np.int64)[rows]
             arr[recorded >= 0] = recorded[recorded >= 0]
     service = np.zeros(n)
     u_service = _uniforms(rng["service"], n)

@@ -71,10 +71,16 @@ class Trace:
     output_tokens: tuple[int, ...] = ()
 
     @property
+    def period_s(self) -> float:
+        """How long one replay of the trace lasts: its span plus one mean gap (0: one instant)."""
+        n = len(self.arrived_at_s)
+        span = self.arrived_at_s[-1] - self.arrived_at_s[0] if n else 0.0
+        return span * n / (n - 1) if n > 1 and span > 0 else 0.0
+
+    @property
     def natural_rate_per_s(self) -> float:
-        """Requests per second over the trace's span."""
-        span = self.arrived_at_s[-1] - self.arrived_at_s[0] if self.arrived_at_s else 0.0
-        return len(self.arrived_at_s) / span if span > 0 else math.inf
+        """Requests per second when the trace is replayed in a loop at its own speed."""
+        return len(self.arrived_at_s) / self.period_s if self.period_s > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -108,11 +114,9 @@ class World:
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
     def with_rate(self, rate_per_s: float) -> World:
-        """The same world at another arrival rate (Poisson: run long enough for the sweep's
-        minimum number of requests)."""
-        duration_s = self.duration_s
-        if self.trace is None:
-            duration_s = max(duration_s, self.sweep.min_requests / rate_per_s)
+        """The same world at another arrival rate, run long enough for the sweep's minimum
+        number of requests."""
+        duration_s = max(self.duration_s, self.sweep.min_requests / rate_per_s)
         return replace(self, rate_per_s=rate_per_s, duration_s=duration_s)
 
     @property
