@@ -349,6 +349,7 @@ def load_profile(path: Path) -> DeviceProfile | LinkProfile:
     for key, value in data.items():
         if key == "name":
             continue
-        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
             raise UserError(f"profile {path}: field {key!r} must be a positive number")
     return cls(**data)

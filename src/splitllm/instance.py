@@ -18,6 +18,8 @@ from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 
+REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -172,12 +174,12 @@ def _violation(
             return f"unit {unit.name} may not run on the client"
         if side == SERVER and not unit.server_ok:
             return f"unit {unit.name} may not run on the server"
-    if mem_bytes > instance.client_mem_limit_bytes * (1 + 1e-12):
+    if mem_bytes > instance.client_mem_limit_bytes * (1 + REL_TOL):
         return f"client memory {mem_bytes:.4g} B > limit {instance.client_mem_limit_bytes:.4g} B"
-    if latency_s > instance.sla_s * (1 + 1e-9):
+    if latency_s > instance.sla_s * (1 + REL_TOL):
         return f"latency {latency_s:.4g} s > SLA {instance.sla_s:.4g} s"
     for phase, value in zip(instance.phase_limits, phases, strict=True):
-        if value > phase.limit_s * (1 + 1e-9):
+        if value > phase.limit_s * (1 + REL_TOL):
             return f"{phase.name} {value:.4g} s > limit {phase.limit_s:.4g} s"
     return None
 

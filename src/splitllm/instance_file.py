@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from splitllm.errors import UserError
 from splitllm.instance import Instance, Link, PhaseLimit, Unit
 
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# strict: a number must be a JSON number (true is not 1.0, "2" is not 2.0); ints are fine.
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 
 
 class _Strict(BaseModel):

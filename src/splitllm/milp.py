@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from splitllm.instance import Instance, crossing_s
+from splitllm.instance import REL_TOL, Instance, crossing_s
 from splitllm.placement import CLIENT, SERVER, Placement
 
 
@@ -61,7 +61,7 @@ def solve_milp(instance: Instance) -> Placement | None:
     for limit_s, (row, constant) in sums:
         rows.append(row)
         lower.append(-np.inf)
-        upper.append(limit_s * (1 + 1e-9) - constant)
+        upper.append(limit_s * (1 + REL_TOL) - constant)
     if np.isfinite(instance.client_mem_limit_bytes):
         mem = np.array([u.client_mem_bytes for u in units])
         row = np.zeros(nvar)
@@ -71,7 +71,7 @@ def solve_milp(instance: Instance) -> Placement | None:
         row[x : x + n] = -mem / scale  # client memory = sum(mem) - sum(mem * x)
         rows.append(row)
         lower.append(-np.inf)
-        upper.append((instance.client_mem_limit_bytes * (1 + 1e-12) - mem.sum()) / scale)
+        upper.append((instance.client_mem_limit_bytes * (1 + REL_TOL) - mem.sum()) / scale)
     low = np.zeros(nvar)
     high = np.ones(nvar)
     for l, unit in enumerate(units):

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Plan, crossing_s, evaluate
+from splitllm.instance import REL_TOL, Instance, Plan, crossing_s, evaluate
 from splitllm.placement import CLIENT, SERVER, Placement
 
 SIDES = (CLIENT, SERVER)
 C, S = 0, 1
-REL_TOL = 1e-9  # float sums in another order may differ by a few ulps
 
 
 @dataclass(frozen=True)
@@ -260,10 +259,10 @@ def _greedy(instance: Instance) -> Placement | None:
         best: tuple[float, float, int] | None = None
         chosen: Plan | None = None
         for i, unit in enumerate(instance.units):
-            if sides[i] == CLIENT or not unit.client_ok or unit.server_work <= 0:
+            if sides[i] == CLIENT or not unit.client_ok:
                 continue
             trial = evaluate(instance, Placement("".join([*sides[:i], CLIENT, *sides[i + 1:]])))
-            if trial.client_mem_bytes > instance.client_mem_limit_bytes:
+            if trial.client_mem_bytes > instance.client_mem_limit_bytes * (1 + REL_TOL):
                 continue
             if trial.latency_s > max(instance.sla_s, current.latency_s) * (1 + REL_TOL):
                 continue

@@ -197,8 +197,6 @@ def test_profile_without_efficiency_gets_the_default(tmp_path: Path) -> None:
     assert math.isclose(profile.efficiency, DeviceProfile("x", 1, 1, 1).efficiency)
 
 
-@pytest.mark.xfail(strict=True, reason="load_profile (costs.py line 352) accepts bools: "
-                   "isinstance(True, int) holds")
 def test_boolean_for_a_profile_number_is_a_user_error(tmp_path: Path) -> None:
     path = write_json(tmp_path / "link.json", {
         "kind": "link", "uplink_bytes_per_s": 1e6, "downlink_bytes_per_s": 1e6, "rtt_s": True})

@@ -159,8 +159,6 @@ def test_exact_keeps_the_zero_work_embedding_on_the_client() -> None:
     assert plan.latency_s == pytest.approx(2.1)
 
 
-@pytest.mark.xfail(strict=True, reason="_greedy skips units with server_work <= 0 (planner.py "
-                   "line 263), which its docstring does not say: it stays at SS (11 s > SLA)")
 def test_greedy_moves_a_zero_work_unit_that_cuts_latency() -> None:
     plan = solve(zero_work_embedding(), "greedy")
     assert plan is not None

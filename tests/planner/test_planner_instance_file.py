@@ -123,8 +123,6 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
         load_instance(tmp_path / "absent.json")
 
 
-@pytest.mark.xfail(strict=True, reason="pydantic's lax mode reads JSON true as 1.0 "
-                   "(instance_file.py NonNegative/Positive are not strict about bools)")
 def test_boolean_for_a_number_is_a_user_error() -> None:
     with pytest.raises(UserError, match="sla_s"):
         parse_instance(edit("sla_s", True))
