@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -125,7 +125,8 @@ def _plan_json(plan: Plan | None) -> dict[str, Any]:
 
 
 def _print_json(
-    chosen: Plan | None, plans: Mapping[str, Plan | None], front: list[Plan], show_frontier: bool
+    chosen: Plan | None, plans: Mapping[str, Plan | None], front: Sequence[Plan],
+    show_frontier: bool,
 ) -> None:
     out = _plan_json(chosen)
     out["plans"] = {name: _plan_json(p) for name, p in plans.items()}
@@ -139,7 +140,7 @@ def _print_json(
 
 def _print_tables(
     instance: Instance, chosen: Plan | None, plans: Mapping[str, Plan | None],
-    front: list[Plan], show_frontier: bool,
+    front: Sequence[Plan], show_frontier: bool,
 ) -> None:
     from splitllm.report import frontier_table, plan_table, units_table
 

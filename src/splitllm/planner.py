@@ -10,8 +10,9 @@ latency / server-work frontier in one pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -93,98 +94,158 @@ def _lower_bounds(costs: Costs) -> np.ndarray:
 
 
 def _pareto(values: np.ndarray) -> np.ndarray:
-    """Indices of the labels not dominated in every dimension (first of equals kept), by work."""
+    """Rows of the labels not dominated in every dimension (first of equals kept), by work."""
+    if len(values) <= 1:
+        return np.arange(len(values))
     order = np.lexsort(values.T[::-1])
     v = values[order]
     if v.shape[1] == 2:
-        best_prev = np.minimum.accumulate(np.concatenate([[math.inf], v[:-1, 1]]))
-        return order[v[:, 1] < best_prev]
-    le = np.all(v[:, None, :] <= v[None, :, :], axis=2)  # [j, i]: j no worse than i everywhere
-    earlier = np.tri(len(v), k=-1, dtype=bool).T  # [j, i]: j sorts before i
-    return order[~np.any(le & earlier, axis=0)]
+        best_before = np.minimum.accumulate(v[:, 1])
+        keep = np.empty(len(v), dtype=bool)
+        keep[0] = True
+        keep[1:] = v[1:, 1] < best_before[:-1]
+        return order[keep]
+    if len(v) > MAX_LABELS:
+        raise _TooManyLabels
+    # Only an earlier row (lexicographically smaller) can dominate or equal a later one.
+    dominated = np.zeros(len(v), dtype=bool)
+    for i0 in range(0, len(v), 512):
+        block = v[i0 : i0 + 512]
+        le = np.all(v[: i0 + len(block), None, :] <= block[None, :, :], axis=2)  # [j, i]
+        le &= np.arange(i0 + len(block))[:, None] < np.arange(i0, i0 + len(block))[None, :]
+        dominated[i0 : i0 + len(block)] = le.any(axis=0)
+    return order[~dominated]
 
 
-@dataclass
-class _Labels:
-    values: np.ndarray  # [n, D]
-    parent_side: np.ndarray  # [n]
-    parent_index: np.ndarray  # [n]
+MAX_LABELS = 20_000  # per node; only reachable when memory / phase limits bind on varied units
 
 
-def _labels_forward(costs: Costs, prune_by_limits: bool) -> list[list[_Labels]]:
+class _TooManyLabels(Exception):
+    """The label sets grew past MAX_LABELS (the exact solver hands over to the MILP)."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The labels kept after one unit: client-side rows first, then server-side rows."""
+
+    values: np.ndarray  # [k, D]
+    n_client: int
+    parent: np.ndarray  # [k]: the row it extends in the previous layer
+
+
+def _labels_forward(costs: Costs, limit: np.ndarray) -> list[_Layer]:
+    """Pareto labels of every node; labels that cannot finish within `limit` [D] are cut."""
     n, _, d = costs.unit.shape
     lb = _lower_bounds(costs)
-    limit = costs.limit * (1 + REL_TOL)
-    # The frontier ignores the SLA (dimension 1); memory and phase limits always hold.
-    dims = slice(None) if prune_by_limits else slice(2, None)
-    start = _Labels(np.zeros((1, d)), np.zeros(1, dtype=int), np.zeros(1, dtype=int))
-    empty = _Labels(np.zeros((0, d)), np.zeros(0, dtype=int), np.zeros(0, dtype=int))
-    layers: list[list[_Labels]] = []
-    prev = [start, empty]  # the input starts on the client
+    limit = limit * (1 + REL_TOL)
+    prev, n_client = np.zeros((1, d)), 1  # one empty path, on the client
+    layers = []
     for l in range(n):
-        here = []
+        parts, parents = [], []
         for s in (C, S):
             if not costs.allowed[l, s]:
-                here.append(empty)
+                parts.append(np.zeros((0, d)))
+                parents.append(np.zeros(0, dtype=int))
                 continue
-            parts = [prev[p].values + costs.move[l, p, s] + costs.unit[l, s] for p in (C, S)]
-            values = np.concatenate(parts)
-            parent_side = np.repeat([C, S], [len(parts[0]), len(parts[1])])
-            parent_index = np.concatenate([np.arange(len(parts[0])), np.arange(len(parts[1]))])
-            ok = np.all((values + lb[l, s])[:, dims] <= limit[dims], axis=1)
-            values, parent_side, parent_index = values[ok], parent_side[ok], parent_index[ok]
-            keep = _pareto(values) if len(values) else np.zeros(0, dtype=int)
-            here.append(_Labels(values[keep], parent_side[keep], parent_index[keep]))
-        layers.append(here)
-        prev = here
+            values = prev + costs.unit[l, s]  # [k, D]
+            values[:n_client] += costs.move[l, C, s]
+            values[n_client:] += costs.move[l, S, s]
+            ok = np.flatnonzero(np.all(values + lb[l, s] <= limit, axis=1))
+            keep = ok[_pareto(values[ok])]
+            parts.append(values[keep])
+            parents.append(keep)
+        prev, n_client = np.concatenate(parts), len(parts[0])
+        layers.append(_Layer(prev, n_client, np.concatenate(parents)))
     return layers
 
 
-def _trace(layers: list[list[_Labels]], side: int, index: int) -> Placement:
-    sides = []
-    for l in range(len(layers) - 1, -1, -1):
-        sides.append(SIDES[side])
-        labels = layers[l][side]
-        side, index = int(labels.parent_side[index]), int(labels.parent_index[index])
-    return Placement("".join(reversed(sides)))
-
-
-def _final(costs: Costs, layers: list[list[_Labels]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, side, index) of complete paths, Pareto in (work, latency), by work."""
-    n = costs.unit.shape[0]
-    last = layers[-1]
-    values = np.concatenate([last[s].values + costs.move[n, s, C] for s in (C, S)])
-    side = np.repeat([C, S], [len(last[C].values), len(last[S].values)])
-    index = np.concatenate([np.arange(len(last[C].values)), np.arange(len(last[S].values))])
-    if not len(values):
-        return values, side, index
+def _final(costs: Costs, layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, rows in the last layer) of complete paths, Pareto in (work, latency), by work."""
+    n, last = costs.unit.shape[0], layers[-1]
+    values = last.values.copy()
+    values[: last.n_client] += costs.move[n, C, C]
+    values[last.n_client :] += costs.move[n, S, C]
     keep = _pareto(values[:, :2])
-    return values[keep], side[keep], index[keep]
+    return values[keep], keep
 
 
-def frontier(instance: Instance) -> list[Plan]:
-    """Every Pareto-optimal (server work, latency) plan, ignoring the SLA; by work ascending.
+def _trace(layers: list[_Layer], rows: np.ndarray) -> np.ndarray:
+    """[k, L] bool: where each of the paths ending at `rows` runs each unit on the server."""
+    on_server = np.empty((len(rows), len(layers)), dtype=bool)
+    for l in range(len(layers) - 1, -1, -1):
+        on_server[:, l] = rows >= layers[l].n_client
+        rows = layers[l].parent[rows]
+    return on_server
 
-    Memory, pinned units and phase limits still hold. A server answers any SLA by lookup:
-    the first plan whose latency fits.
+
+def _placement(on_server: np.ndarray) -> Placement:
+    return Placement("".join(np.where(on_server, SERVER, CLIENT)))
+
+
+@dataclass(frozen=True, eq=False)
+class Frontier(Sequence[Plan]):
+    """Every Pareto-optimal (server work, latency) placement, by server work ascending.
+
+    Memory, pinned units and phase limits hold for each; the SLA is ignored, so a server
+    answers any SLA by lookup. Plans are evaluated when read.
     """
-    costs = build_costs(instance, sla_s=math.inf)
-    layers = _labels_forward(costs, prune_by_limits=False)
-    _, side, index = _final(costs, layers)
-    return [evaluate(instance, _trace(layers, int(s), int(i))) for s, i in zip(side, index,
-                                                                              strict=True)]
+
+    instance: Instance
+    server_work: np.ndarray  # [k], ascending
+    latency_s: np.ndarray  # [k], descending
+    on_server: np.ndarray  # [k, L] bool
+
+    def __len__(self) -> int:
+        return len(self.server_work)
+
+    @overload
+    def __getitem__(self, i: int) -> Plan: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Plan]: ...
+    def __getitem__(self, i: int | slice) -> Plan | Sequence[Plan]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        return evaluate(self.instance, _placement(self.on_server[i]))
+
+    def lookup(self, sla_s: float) -> Plan | None:
+        """The least-work plan whose latency fits `sla_s`, or None."""
+        fits = np.flatnonzero(self.latency_s <= sla_s * (1 + REL_TOL))
+        return self[int(fits[0])] if len(fits) else None
+
+
+def frontier(instance: Instance) -> Frontier:
+    """The whole latency / server-work frontier of an instance from one pass."""
+    costs = build_costs(instance)
+    limit = costs.limit.copy()
+    limit[1] = math.inf  # every latency
+    try:
+        layers = _labels_forward(costs, limit)
+    except _TooManyLabels:
+        raise UserError(f"frontier: over {MAX_LABELS} Pareto labels at one unit (memory or "
+                        "phase limits binding on widely varied units); plan one SLA instead"
+                        ) from None
+    values, rows = _final(costs, layers)
+    return Frontier(instance, values[:, 0], values[:, 1], _trace(layers, rows))
 
 
 def _exact(instance: Instance) -> Placement | None:
     costs = build_costs(instance)
-    layers = _labels_forward(costs, prune_by_limits=True)
-    values, side, index = _final(costs, layers)
-    if not len(values):
-        return None
+    limit = costs.limit.copy()
+    # A cheap feasible plan bounds the server work worth exploring (branch and bound).
+    incumbent = _best_single_cut(instance)
+    if incumbent is not None:
+        limit[0] = evaluate(instance, incumbent).server_work
+    try:
+        layers = _labels_forward(costs, limit)
+    except _TooManyLabels:
+        from splitllm.milp import solve_milp
+
+        return solve_milp(instance)
+    values, rows = _final(costs, layers)
     fits = np.flatnonzero(values[:, 1] <= instance.sla_s * (1 + REL_TOL))
     if not len(fits):
-        return None
-    return _trace(layers, int(side[fits[0]]), int(index[fits[0]]))
+        return incumbent
+    return _placement(_trace(layers, rows[fits[:1]])[0])
 
 
 def _dp_grid(instance: Instance, step_s: float) -> Placement | None:

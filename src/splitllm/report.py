@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 
@@ -62,7 +62,7 @@ def units_table(instance: Instance, plan: Plan) -> Table:
     return table
 
 
-def frontier_table(frontier: list[Plan]) -> Table:
+def frontier_table(frontier: Sequence[Plan]) -> Table:
     """The latency / server-work frontier, by server work."""
     table = Table(title=f"Frontier ({len(frontier)} plans): any SLA >= latency gets that work")
     for column in ("server work ms", "latency ms", "placement"):
