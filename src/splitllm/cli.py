@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from splitllm.costs import DEVICE_PRESETS, DTYPE_BYTES, LINK_PRESETS, MODEL_CONFIGS
 from splitllm.errors import UserError
 from splitllm.runtime.commands import demo, generate, serve
 from splitllm.sim.commands import simulate
@@ -28,6 +29,8 @@ app = typer.Typer(
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
 SOLVER_NAMES = "exact, dp-grid, milp, greedy, best-single-cut, server-only, client-only"
+MODELS, DEVICES, LINKS = (", ".join(t) for t in (MODEL_CONFIGS, DEVICE_PRESETS, LINK_PRESETS))
+DTYPES = ", ".join(DTYPE_BYTES)
 
 
 @app.command()
@@ -35,12 +38,13 @@ def plan(
     instance_file: Annotated[Path | None, typer.Option(
         "--instance", help="Plan an explicit-cost instance JSON file instead of a model.")] = None,
     model: Annotated[str, typer.Option(
-        help="Built-in model config (see `splitllm presets`) or a config.json path.")
+        help=f"Built-in model config ({MODELS}) or a config.json path.")
     ] = "llama-3-8b",
-    client: Annotated[str, typer.Option(help="Client device preset or profile .json.")] = "laptop",
-    server: Annotated[str, typer.Option(help="Server device preset or profile .json.")
+    client: Annotated[str, typer.Option(help=f"Client device: {DEVICES} or a profile .json.")
+                      ] = "laptop",
+    server: Annotated[str, typer.Option(help=f"Server device: {DEVICES} or a profile .json.")
                       ] = "datacenter-gpu",
-    link: Annotated[str, typer.Option(help="Link preset or profile .json.")] = "wifi",
+    link: Annotated[str, typer.Option(help=f"Link: {LINKS} or a profile .json.")] = "wifi",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens P (or patches).")] = 512,
     output_tokens: Annotated[int, typer.Option(help="Output tokens G (0 for encoders).")] = 8,
     sla_s: Annotated[float, typer.Option(help="End-to-end latency SLA, seconds.")] = 3.0,
@@ -48,8 +52,8 @@ def plan(
                       ] = None,
     tpot_s: Annotated[float | None, typer.Option(help="Optional time-per-output-token limit.")
                       ] = None,
-    weight_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16, int8 or q4.")] = "fp16",
-    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32/fp16/bf16.")
+    weight_dtype: Annotated[str, typer.Option(help=f"Weights: {DTYPES}.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help=f"Hidden states on the wire: {DTYPES}.")
                           ] = "fp16",
     keep_on_client: Annotated[list[str] | None, typer.Option(
         help="Pin a unit to the client (repeatable), e.g. embed.")] = None,
@@ -160,7 +164,7 @@ def presets() -> None:
     """List the built-in model configs, device and link presets, and solvers."""
     from rich.table import Table
 
-    from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS, model_costs
+    from splitllm.costs import model_costs
 
     models = Table(title="Models (--model)")
     for column in ("name", "kind", "blocks", "hidden", "params (M)"):
