@@ -59,12 +59,6 @@ class BatchCost:
                 self.models.append(_Model(u[0], u[1], u[-1], len(u), t.decoder))
             self.group_of_type.append(groups[t.model])
 
-    def _roof_s(self, flops: float, mem_bytes: float) -> float:
-        d = self.device
-        return max(flops / d.peak_flops_per_s, mem_bytes / d.mem_bandwidth_bytes_per_s) / (
-            d.efficiency
-        )
-
     def step_s(self, jobs: list[JobShape]) -> float:
         """Seconds of one step that serves `jobs` together."""
         by_model: dict[int, list[JobShape]] = {}
@@ -93,15 +87,15 @@ class BatchCost:
                 edges.append((hi, -flops, -kv, -1))
         total = 0.0
         if embed_used:
-            total += self._roof_s(embed_flops, min(embed_read, m.embed.weight_bytes))
+            total += self.device.time_s(embed_flops, min(embed_read, m.embed.weight_bytes))
         if head_used:
-            total += self._roof_s(head_flops, min(head_read, m.head.weight_bytes))
+            total += self.device.time_s(head_flops, min(head_read, m.head.weight_bytes))
         edges.sort(key=lambda e: e[0])
         flops = kv = 0.0
         active, prev = 0, 0
         for pos, d_flops, d_kv, d_count in edges:
             if active and pos > prev:  # blocks [prev, pos) serve the same set of jobs
-                total += (pos - prev) * self._roof_s(flops, m.block.weight_bytes + kv)
+                total += (pos - prev) * self.device.time_s(flops, m.block.weight_bytes + kv)
             flops, kv, active, prev = flops + d_flops, kv + d_kv, active + d_count, pos
             if not active:  # drop rounding residue between disjoint ranges
                 flops = kv = 0.0
