@@ -43,6 +43,7 @@ def forward_frame(payload: bytes = b"", **changes: object) -> bytes:
     (struct.pack("<I", 10**6) + b"{}", "bad_frame", "header length"),
     (struct.pack("<I", 3) + b"abc", "bad_frame", "not UTF-8 JSON"),
     (struct.pack("<I", 2) + b"[]", "bad_frame", "JSON object"),
+    (struct.pack("<I", 60_000) + b"[" * 60_000, "bad_frame", "not UTF-8 JSON"),  # too deep
     (wire.encode_frame({"type": "nonsense"}), "bad_message", "unknown message type"),
     (forward_frame(bytes(4)), "bad_shape", "need 8"),
     (forward_frame(bytes(8), dtype="float64"), "bad_dtype", "dtype 'float64'"),
@@ -59,6 +60,7 @@ def test_bad_binary_frames_are_rejected(frame: bytes, code: str, fragment: str) 
 @pytest.mark.parametrize(("text", "code"), [
     ("not json", "bad_frame"),
     ("[1, 2]", "bad_frame"),
+    ("[" * 100_000, "bad_frame"),  # nesting past the recursion limit
     ('{"type": "forward"}', "bad_message"),  # tensors only travel in binary frames
     ('{"type": "open"}', "bad_message"),  # no placement
     ('{"type": "open", "placement": "CS", "sampling": {"top_p": 0}}', "bad_message"),

@@ -7,7 +7,6 @@ server, sends the hidden states (or token ids) up and waits for the server segme
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
@@ -51,22 +50,15 @@ PROBE_BYTES = 128 * 1024
 def receive(transport: Transport, kind: str, timeout_s: float) -> tuple[dict[str, Any], bytes]:
     """The next message, which must be of type `kind`; ServerError on an `error` message."""
     data = transport.recv(timeout_s)
-    payload = b""
     try:
-        if isinstance(data, bytes):
-            header, view = wire.split_frame(data)
-            payload = bytes(view)
-        else:
-            header = json.loads(data)
-    except (wire.ProtocolError, ValueError) as exc:
+        header, payload = wire.frame_header(data)
+    except wire.ProtocolError as exc:
         raise ServerError("bad_reply", f"unreadable reply from the server: {exc}") from None
-    if not isinstance(header, dict):
-        raise ServerError("bad_reply", "reply is not a JSON object")
     if header.get("type") == "error":
         raise ServerError(str(header.get("code")), str(header.get("message")))
     if header.get("type") != kind:
         raise ServerError("bad_reply", f"expected {kind!r}, got {header.get('type')!r}")
-    return header, payload
+    return header, bytes(payload)
 
 
 class RemoteSession:

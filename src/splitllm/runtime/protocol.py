@@ -133,15 +133,20 @@ def _validate(kinds: dict[str, type[_Message]], data: dict[str, Any]) -> _Messag
         raise ProtocolError("bad_message", f"{kind}: {where}: {first['msg']}") from None
 
 
+def _json_object(raw: str, what: str) -> dict[str, Any]:
+    """The JSON object in `raw`; ProtocolError for anything else, absurd nesting included."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError("bad_frame", f"{what} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_frame", f"{what} must be a JSON object")
+    return data
+
+
 def parse_text(text: str) -> _Message:
     """A control message from a text frame."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError("bad_frame", f"text frame is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("bad_frame", "text frame must hold a JSON object")
-    return _validate(TEXT_MESSAGES, data)
+    return _validate(TEXT_MESSAGES, _json_object(text, "text frame"))
 
 
 def split_frame(frame: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -154,12 +159,18 @@ def split_frame(frame: bytes) -> tuple[dict[str, Any], memoryview]:
                             f"(frame has {len(frame)} bytes, header limit {MAX_HEADER_BYTES})")
     raw = bytes(frame[HEADER_LEN.size:HEADER_LEN.size + header_len])
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ProtocolError("bad_frame", f"binary frame header is not UTF-8 JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("bad_frame", "binary frame header must be a JSON object")
+    header = _json_object(decoded, "binary frame header")
     return header, memoryview(frame)[HEADER_LEN.size + header_len:]
+
+
+def frame_header(data: str | bytes) -> tuple[dict[str, Any], memoryview]:
+    """(header, payload) of any frame; a text frame is all header, with an empty payload."""
+    if isinstance(data, bytes):
+        return split_frame(data)
+    return _json_object(data, "text frame"), memoryview(b"")
 
 
 def parse_binary(frame: bytes) -> tuple[_Message, memoryview]:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import itertools
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -289,10 +288,8 @@ async def _serve_connection(ws: WebSocket, state: ServerState) -> None:
 def _session_and_seq(data: str | bytes) -> tuple[str | None, int | None]:
     """The session and seq a rejected frame named, if they can be read (for the error)."""
     try:
-        header: Any = wire.split_frame(data)[0] if isinstance(data, bytes) else json.loads(data)
-    except (wire.ProtocolError, ValueError):
-        return None, None
-    if not isinstance(header, dict):
+        header = wire.frame_header(data)[0]
+    except wire.ProtocolError:
         return None, None
     session, seq = header.get("session"), header.get("seq")
     return (session if isinstance(session, str) else None,
