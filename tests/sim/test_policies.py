@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from splitllm.errors import UserError
 from splitllm.instance import evaluate
 from splitllm.placement import Placement
 from splitllm.sim.builtin import builtin_world
@@ -138,6 +139,19 @@ def test_headroom_keeps_part_of_the_sla_for_queueing() -> None:
         if d.planned:
             assert d.latency_s <= 0.8 * world.types[t].sla_s * (1 + REL)
             assert d.server_work_s >= free.server_work_s * (1 - REL)
+
+
+def test_units_kept_on_a_client_too_small_for_them_give_one_line() -> None:
+    world = builtin_world("mixed")
+    phone = world.clients[0]
+    phone = replace(phone, device=replace(phone.device, mem_capacity_bytes=1e3))
+    classify = replace(world.types[2], keep_on_client=frozenset({"embed"}))
+    world = replace(world, clients=(phone, *world.clients[1:]),
+                    types=(*world.types[:2], classify, *world.types[3:]))
+    for policy in ("greedy", "exact", "exact-load-aware"):
+        with pytest.raises(UserError, match=r"^request type 'classify' from client 'phone-4g', "
+                                            r"128 prompt tokens: no placement fits"):
+            Planner(world, policy).decide(2, 0, 128, 1)
 
 
 def test_wait_buckets_are_a_log_grid() -> None:

@@ -47,6 +47,8 @@ BAD = [
      "request_types[2].model: unknown model 'llama-9'"),
     (lambda d: d["request_types"][2].update(keep_on_client=["block99"]),
      "request_types[2]: unknown unit 'block99'"),
+    (lambda d: d["request_types"][2].update(keep_on_client=["head"], keep_on_server=["head"]),
+     "request_types[2]: unit 'head' is in both keep_on_client and keep_on_server"),
     (lambda d: d["arrivals"].pop("rate_per_s"), "arrivals: poisson arrivals need 'rate_per_s'"),
     (lambda d: d.update(duration_s="long"), "duration_s: Input should be a valid number"),
     (lambda d: d["clients"].append(dict(d["clients"][0])),

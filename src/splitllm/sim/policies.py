@@ -89,6 +89,9 @@ def fallback(instance: Instance, least_work: bool) -> Placement:
     """The fastest placement, or the one with least server work, ignoring the SLA (memory and
     pins respected; phase limits too if they can hold)."""
     plans = frontier(instance) or frontier(replace(instance, phase_limits=()))
+    if not plans:
+        raise UserError(f"no placement fits the client's {instance.client_mem_limit_bytes:.3g} B "
+                        "of memory with the units kept on it")
     return plans[0 if least_work else -1].placement
 
 
@@ -141,6 +144,10 @@ class Planner:
         base = request_instance(rtype, client, self.world, prompt, output,
                                 self.world.plan_headroom)
         instance = replace(base, server_wait_s=wait_s) if wait_s else base
-        placement, planned = choose(self.policy, instance)
+        try:
+            placement, planned = choose(self.policy, instance)
+        except UserError as exc:
+            raise UserError(f"request type {rtype.name!r} from client {client.name!r}, "
+                            f"{prompt} prompt tokens: {exc}") from None
         at_zero = evaluate(base, placement)
         return Decision(placement, planned, at_zero.latency_s, at_zero.server_work)

@@ -214,6 +214,8 @@ class RequestTypeIn(_In):
             for unit in [*self.keep_on_client, *self.keep_on_server]:
                 if unit not in cfg.unit_names:
                     raise ValueError(f"unknown unit {unit!r} in keep_on_client/keep_on_server")
+                if unit in self.keep_on_client and unit in self.keep_on_server:
+                    raise ValueError(f"unit {unit!r} is in both keep_on_client and keep_on_server")
         return self
 
 
