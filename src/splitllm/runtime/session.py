@@ -8,15 +8,15 @@ usable.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from splitllm.errors import UserError
 from splitllm.placement import SERVER, Placement
 from splitllm.runtime.protocol import (
+    DTYPE_NAMES,
     ID_DTYPES,
-    WIRE_DTYPES,
     ForwardHeader,
     ProtocolError,
     Sampling,
@@ -151,7 +151,7 @@ class ServerSession:
                                     f"int64 or int32, shape [1, {tokens}]; got {header.dtype} "
                                     f"{header.shape}")
             return
-        wire = next(name for name, dt in WIRE_DTYPES.items() if dt == self.wire_dtype)
+        wire = DTYPE_NAMES[self.wire_dtype]
         if header.dtype != wire:
             raise ProtocolError("bad_dtype", f"hidden states must be {wire} (the session's wire "
                                 f"dtype); got {header.dtype}")
@@ -184,16 +184,15 @@ class ServerSession:
         out = self.stack.run(start, stop, x, positions, cache, unit_seconds)
         seg.next_position = p1
         self.tokens_processed += p1 - p0
+        hidden = logits = token = None
         if stop == self.stack.n_units:
             token = self.sampler(out)  # out: logits [1, V]
             self.tokens_sampled += 1
             logits = out.float() if header.return_logits else None
-            result = ForwardResult(None, token, logits, tuple(unit_seconds), (start, stop))
-        else:
-            hidden = out.to(self.wire_dtype) if header.return_hidden else None  # [1, T, D]
-            result = ForwardResult(hidden, None, None, tuple(unit_seconds), (start, stop))
+        elif header.return_hidden:
+            hidden = out.to(self.wire_dtype)  # [1, T, D]
         self.busy_s += time.perf_counter() - clock
         cpu_s = time.thread_time() - cpu_clock
         self.cpu_s += cpu_s
         self.last_active = time.monotonic()
-        return replace(result, cpu_s=cpu_s)
+        return ForwardResult(hidden, token, logits, tuple(unit_seconds), (start, stop), cpu_s)
