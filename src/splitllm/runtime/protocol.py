@@ -91,7 +91,7 @@ class TensorHeader(_Message):
 
     def payload_bytes(self) -> int:
         """Bytes the payload must have."""
-        return math.prod(self.shape) * torch.empty((), dtype=ALL_DTYPES[self.dtype]).element_size()
+        return math.prod(self.shape) * ALL_DTYPES[self.dtype].itemsize
 
 
 class ForwardHeader(TensorHeader):

@@ -180,7 +180,7 @@ class UnitStack:
         cfg = self.config
         heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        return 2 * heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * heads * head_dim * self.dtype.itemsize
 
     def parameter_bytes(self, unit: int) -> int:
         """Bytes of the weights unit `unit` needs (tied embeddings count on both ends)."""
