@@ -236,7 +236,7 @@ class Session:
         link = self.measure_link()
         server_device = server_device or str(self.info.get("device") or MEASURED)
         request = Request(prompt_tokens, new_tokens)
-        wire_bytes = torch.empty((), dtype=wire.WIRE_DTYPES[self.wire_dtype]).element_size()
+        wire_bytes = wire.WIRE_DTYPES[self.wire_dtype].itemsize
         if client_device == MEASURED and server_device == MEASURED:
             if not self.info.get("profile"):
                 raise UserError("the server publishes no measured profile: pass device presets "
@@ -253,7 +253,7 @@ class Session:
             raise UserError("mixing a measured profile with a device preset is not supported: "
                             "name presets for both --client-device and --server-device")
         else:
-            weight_bytes = torch.empty((), dtype=self.stack.dtype).element_size()
+            weight_bytes = self.stack.dtype.itemsize
             instance = preset_instance(self.loaded.model.config.to_dict(), client_device,
                                        server_device, link, request, weight_bytes, wire_bytes)
             source = f"presets {client_device}/{server_device}"
@@ -369,11 +369,11 @@ def connect(server: str = DEFAULT_SERVER, model: str | Path | LoadedModel = "smo
     if info.get("fingerprint") != mine:
         raise UserError(f"the server runs another model ({info.get('model')}, fingerprint "
                         f"{info.get('fingerprint')}) than this client ({loaded.model_id}, {mine})")
+    shape = link_shape(emulate_link) if emulate_link else None  # bad names fail before connecting
     limit = int(info.get("limits", {}).get("max_frame_bytes", 64 * 2**20))
     transport: Transport = WebSocketTransport(server, token, limit + 2 * wire.MAX_HEADER_BYTES)
     emulation = None
-    if emulate_link:
-        shape = link_shape(emulate_link)
+    if shape is not None:
         transport = EmulatedLink(transport, shape)
         emulation = (f"EMULATED link {shape.name}: rtt {shape.rtt_s * 1e3:.0f} ms, up "
                      f"{shape.uplink_bytes_per_s * 8 / 1e6:.0f} Mbit/s, down "
