@@ -18,7 +18,7 @@ from splitllm.sim.batching import BatchCost, JobShape
 from splitllm.sim.engine import NewEvent
 from splitllm.sim.policies import Planner
 from splitllm.sim.server import K_SERVER, BusyMeter, make_server
-from splitllm.sim.walk import Walk, WalkBuilder
+from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
 
@@ -55,7 +55,7 @@ class _Run:
     """The state and event handlers of one run."""
 
     def __init__(self, world: World, policy: str, workload: Workload, log: bool) -> None:
-        self.world, self.load = world, workload
+        self.world = world
         self.planner = Planner(world, policy)
         self.builder = WalkBuilder(world)
         n = len(workload)
@@ -64,11 +64,7 @@ class _Run:
         self.prompts = workload.prompt_tokens.tolist()
         self.outputs = workload.output_tokens.tolist()
         self.services = workload.service_s.tolist()
-        self.gaps: list[list[float] | None] = [None] * n
-        self.jobs: list[list[float] | None] = [None] * n
-        self.walks: list[Walk | None] = [None] * n
-        self.tails = [0.0] * n
-        self.per_pass = [0] * n
+        self.walks = [NO_WALK] * n  # of requests with server jobs still to do
         self.at_server = [0.0] * n
         self.first_token = [math.nan] * n
         self.finished = [math.nan] * n
@@ -113,18 +109,17 @@ class _Run:
             self.first_token[r] = now_s + walk.first_token_tail_s
             self.finished[r] = now_s + walk.gaps_s[0]
             return out
-        self.walks[r], self.gaps[r], self.jobs[r] = walk, walk.gaps_s, walk.service_s
-        self.tails[r], self.per_pass[r] = walk.first_token_tail_s, walk.jobs_per_pass
+        self.walks[r] = walk
         out.append((now_s + walk.gaps_s[0], K_AT_SERVER, r, 0))
         return out
 
     def _at_server(self, now_s: float, r: int, j: int) -> list[NewEvent] | None:
         self.at_server[r] = now_s
-        return self.server.arrive(now_s, r, j, self.jobs[r][j])  # type: ignore[index]
+        return self.server.arrive(now_s, r, j, self.walks[r].service_s[j])
 
     def _done(self, now_s: float, r: int, j: int, charge: float) -> NewEvent | None:
-        jobs = self.jobs[r]
-        service_s = jobs[j]  # type: ignore[index]
+        walk = self.walks[r]
+        service_s = walk.service_s[j]
         self.work[r] += service_s * charge
         delay_s = now_s - self.at_server[r] - service_s
         self.delay_sum += delay_s
@@ -137,18 +132,16 @@ class _Run:
         if self.log is not None:
             self.log.append((r, j, self.at_server[r], now_s))
         j += 1
-        if j == self.per_pass[r]:  # the first pass's last job: the first token is on its way
-            self.first_token[r] = now_s + self.tails[r]
-        gaps = self.gaps[r]
-        if j < len(jobs):  # type: ignore[arg-type]
-            return (now_s + gaps[j], K_AT_SERVER, r, j)  # type: ignore[index]
-        self.finished[r] = now_s + gaps[j]  # type: ignore[index]
-        self.gaps[r] = self.jobs[r] = self.walks[r] = None  # done: free its walk
+        if j == walk.jobs_per_pass:  # the first pass's last job: the first token is on its way
+            self.first_token[r] = now_s + walk.first_token_tail_s
+        if j < len(walk.service_s):
+            return (now_s + walk.gaps_s[j], K_AT_SERVER, r, j)
+        self.finished[r] = now_s + walk.gaps_s[j]
+        self.walks[r] = NO_WALK  # done: free its walk
         return None
 
     def _shape(self, r: int, j: int) -> JobShape:
         walk = self.walks[r]
-        assert walk is not None
         a, b = walk.server_segments[j % walk.jobs_per_pass]
         return (self.types[r], a, b, self.prompts[r], j // walk.jobs_per_pass)
 

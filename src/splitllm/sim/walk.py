@@ -39,6 +39,9 @@ class Walk:
         return len(self.service_s)
 
 
+NO_WALK = Walk([0.0], [], 0, 0.0, ())  # nothing on the server
+
+
 def synthetic_walk(service_s: float, link: LinkProfile) -> Walk:
     """One server job of `service_s` seconds, half a round trip on each side."""
     half = link.rtt_s / 2
