@@ -18,6 +18,7 @@ import numpy as np
 
 from splitllm.errors import UserError
 from splitllm.instance import REL_TOL, Instance, Plan, crossing_s, evaluate
+from splitllm.labels import TOO_MANY, forward, lower_bounds, single_cut
 from splitllm.placement import CLIENT, SERVER, Placement
 
 SIDES = (CLIENT, SERVER)
@@ -66,55 +67,30 @@ def build_costs(instance: Instance, sla_s: float | None = None) -> Costs:
 
 
 def _moves(
-    instance: Instance, out_bytes: object, input_bytes: float, output_bytes: float, passes: int
+    instance: Instance, out_bytes: Sequence[float], input_bytes: float, output_bytes: float,
+    passes: int,
 ) -> np.ndarray:
-    """[L + 1, 2, 2] crossing times: edge into unit l carries unit l - 1's output."""
-    carried = [input_bytes, *list(out_bytes)]  # type: ignore[call-overload]
-    n = len(instance.units)
-    move = np.zeros((n + 1, 2, 2))
-    for l in range(n + 1):
-        nbytes = output_bytes if l == n else carried[l]
-        move[l, C, S] = crossing_s(instance.link, True, nbytes, passes, instance.server_wait_s)
-        move[l, S, C] = crossing_s(instance.link, False, nbytes, passes)
-    move[n, C, S] = math.inf  # the result must end on the client
-    move[n, S, S] = math.inf
+    """[L + 1, 2, 2] crossing times: the edge into unit l carries unit l - 1's output."""
+    carried = np.array([input_bytes, *out_bytes[:-1], output_bytes])  # [L + 1]
+    move = np.zeros((len(carried), 2, 2))
+    # crossing_s is plain arithmetic, so it maps over an array of byte counts too.
+    move[:, C, S] = crossing_s(instance.link, True, carried, passes,  # type: ignore[arg-type]
+                               instance.server_wait_s)
+    move[:, S, C] = crossing_s(instance.link, False, carried, passes)  # type: ignore[arg-type]
+    move[-1, :, S] = math.inf  # the result must end on the client
     return move
 
 
-def _lower_bounds(costs: Costs) -> np.ndarray:
-    """[L, 2, D]: least cost, per dimension, from after unit l on side s to the end."""
-    n = costs.unit.shape[0]
-    lb = np.empty((n, 2, costs.unit.shape[2]))
-    lb[n - 1] = costs.move[n, :, C]
-    for l in range(n - 2, -1, -1):
-        nxt = costs.unit[l + 1] + lb[l + 1]  # [2 (s'), D]
-        nxt = np.where(costs.allowed[l + 1][:, None], nxt, math.inf)
-        lb[l] = np.min(costs.move[l + 1] + nxt[None, :, :], axis=1)  # over s'
-    return lb
-
-
-def _pareto(values: np.ndarray) -> np.ndarray:
-    """Rows of the labels not dominated in every dimension (first of equals kept), by work."""
+def _pareto_2d(values: np.ndarray) -> np.ndarray:
+    """Rows not dominated in (work, latency) (first of equals kept), by work ascending."""
     if len(values) <= 1:
         return np.arange(len(values))
-    order = np.lexsort(values.T[::-1])
-    v = values[order]
-    if v.shape[1] == 2:
-        best_before = np.minimum.accumulate(v[:, 1])
-        keep = np.empty(len(v), dtype=bool)
-        keep[0] = True
-        keep[1:] = v[1:, 1] < best_before[:-1]
-        return order[keep]
-    if len(v) > MAX_LABELS:
-        raise _TooManyLabels
-    # Only an earlier row (lexicographically smaller) can dominate or equal a later one.
-    dominated = np.zeros(len(v), dtype=bool)
-    for i0 in range(0, len(v), 512):
-        block = v[i0 : i0 + 512]
-        le = np.all(v[: i0 + len(block), None, :] <= block[None, :, :], axis=2)  # [j, i]
-        le &= np.arange(i0 + len(block))[:, None] < np.arange(i0, i0 + len(block))[None, :]
-        dominated[i0 : i0 + len(block)] = le.any(axis=0)
-    return order[~dominated]
+    order = np.lexsort((values[:, 1], values[:, 0]))
+    latency = values[order, 1]
+    keep = np.empty(len(order), dtype=bool)
+    keep[0] = True
+    keep[1:] = latency[1:] < np.minimum.accumulate(latency)[:-1]
+    return order[keep]
 
 
 MAX_LABELS = 20_000  # per node; only reachable when memory / phase limits bind on varied units
@@ -125,56 +101,45 @@ class _TooManyLabels(Exception):
 
 
 @dataclass(frozen=True)
-class _Layer:
-    """The labels kept after one unit: client-side rows first, then server-side rows."""
+class _Labels:
+    """Every node's labels in flat rows; each layer's client-side rows come first."""
 
-    values: np.ndarray  # [k, D]
-    n_client: int
-    parent: np.ndarray  # [k]: the row it extends in the previous layer
+    values: np.ndarray  # [N, D]
+    parent: np.ndarray  # [N]: the row it extends in the previous layer
+    layer_start: np.ndarray  # [L + 1]
+    n_client: np.ndarray  # [L]
 
 
-def _labels_forward(costs: Costs, limit: np.ndarray) -> list[_Layer]:
+def _labels_forward(costs: Costs, limit: np.ndarray) -> _Labels:
     """Pareto labels of every node; labels that cannot finish within `limit` [D] are cut."""
-    n, _, d = costs.unit.shape
-    lb = _lower_bounds(costs)
-    limit = limit * (1 + REL_TOL)
-    prev, n_client = np.zeros((1, d)), 1  # one empty path, on the client
-    layers = []
-    for l in range(n):
-        parts, parents = [], []
-        for s in (C, S):
-            if not costs.allowed[l, s]:
-                parts.append(np.zeros((0, d)))
-                parents.append(np.zeros(0, dtype=int))
-                continue
-            values = prev + costs.unit[l, s]  # [k, D]
-            values[:n_client] += costs.move[l, C, s]
-            values[n_client:] += costs.move[l, S, s]
-            ok = np.flatnonzero(np.all(values + lb[l, s] <= limit, axis=1))
-            keep = ok[_pareto(values[ok])]
-            parts.append(values[keep])
-            parents.append(keep)
-        prev, n_client = np.concatenate(parts), len(parts[0])
-        layers.append(_Layer(prev, n_client, np.concatenate(parents)))
-    return layers
+    values, parent, layer_start, n_client, used = forward(
+        costs.unit, costs.move, costs.allowed, lower_bounds(costs.unit, costs.move, costs.allowed),
+        limit * (1 + REL_TOL),
+        MAX_LABELS,
+    )
+    if used == TOO_MANY:
+        raise _TooManyLabels
+    return _Labels(values[:used], parent[:used], layer_start, n_client)
 
 
-def _final(costs: Costs, layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
-    """(values, rows in the last layer) of complete paths, Pareto in (work, latency), by work."""
-    n, last = costs.unit.shape[0], layers[-1]
-    values = last.values.copy()
-    values[: last.n_client] += costs.move[n, C, C]
-    values[last.n_client :] += costs.move[n, S, C]
-    keep = _pareto(values[:, :2])
-    return values[keep], keep
+def _final(costs: Costs, labels: _Labels) -> tuple[np.ndarray, np.ndarray]:
+    """(values, rows) of complete paths, Pareto in (work, latency), by work ascending."""
+    n = costs.unit.shape[0]
+    first, split = labels.layer_start[n - 1], labels.layer_start[n - 1] + labels.n_client[n - 1]
+    values = labels.values[first:].copy()
+    values[: split - first] += costs.move[n, C, C]
+    values[split - first :] += costs.move[n, S, C]
+    keep = _pareto_2d(values[:, :2])
+    return values[keep], first + keep
 
 
-def _trace(layers: list[_Layer], rows: np.ndarray) -> np.ndarray:
+def _trace(labels: _Labels, rows: np.ndarray) -> np.ndarray:
     """[k, L] bool: where each of the paths ending at `rows` runs each unit on the server."""
-    on_server = np.empty((len(rows), len(layers)), dtype=bool)
-    for l in range(len(layers) - 1, -1, -1):
-        on_server[:, l] = rows >= layers[l].n_client
-        rows = layers[l].parent[rows]
+    n = len(labels.n_client)
+    on_server = np.empty((len(rows), n), dtype=bool)
+    for l in range(n - 1, -1, -1):
+        on_server[:, l] = rows >= labels.layer_start[l] + labels.n_client[l]
+        rows = labels.parent[rows]
     return on_server
 
 
@@ -219,33 +184,33 @@ def frontier(instance: Instance) -> Frontier:
     limit = costs.limit.copy()
     limit[1] = math.inf  # every latency
     try:
-        layers = _labels_forward(costs, limit)
+        labels = _labels_forward(costs, limit)
     except _TooManyLabels:
         raise UserError(f"frontier: over {MAX_LABELS} Pareto labels at one unit (memory or "
                         "phase limits binding on widely varied units); plan one SLA instead"
                         ) from None
-    values, rows = _final(costs, layers)
-    return Frontier(instance, values[:, 0], values[:, 1], _trace(layers, rows))
+    values, rows = _final(costs, labels)
+    return Frontier(instance, values[:, 0], values[:, 1], _trace(labels, rows))
 
 
 def _exact(instance: Instance) -> Placement | None:
     costs = build_costs(instance)
     limit = costs.limit.copy()
     # A cheap feasible plan bounds the server work worth exploring (branch and bound).
-    incumbent = _best_single_cut(instance)
+    incumbent = _single_cut(costs)
     if incumbent is not None:
         limit[0] = evaluate(instance, incumbent).server_work
     try:
-        layers = _labels_forward(costs, limit)
+        labels = _labels_forward(costs, limit)
     except _TooManyLabels:
         from splitllm.milp import solve_milp
 
         return solve_milp(instance)
-    values, rows = _final(costs, layers)
+    values, rows = _final(costs, labels)
     fits = np.flatnonzero(values[:, 1] <= instance.sla_s * (1 + REL_TOL))
     if not len(fits):
         return incumbent
-    return _placement(_trace(layers, rows[fits[:1]])[0])
+    return _placement(_trace(labels, rows[fits[:1]])[0])
 
 
 def _dp_grid(instance: Instance, step_s: float) -> Placement | None:
@@ -339,28 +304,17 @@ def _greedy(instance: Instance) -> Placement | None:
     return current.placement if current.feasible else None
 
 
-def _best_single_cut(instance: Instance) -> Placement | None:
-    """Best plan of the form C^a S^(b-a) C^(n-b): at most one switch each way (Neurosurgeon)."""
-    costs = build_costs(instance)
-    n = len(instance)
-    zero = np.zeros((1, costs.unit.shape[2]))
-    pre_c = np.concatenate([zero, np.cumsum(costs.unit[:, C], axis=0)])  # [n + 1, D]
-    pre_s = np.concatenate([zero, np.cumsum(costs.unit[:, S], axis=0)])
-    bad_c = np.concatenate([[0], np.cumsum(~costs.allowed[:, C])])  # [n + 1]
-    bad_s = np.concatenate([[0], np.cumsum(~costs.allowed[:, S])])
-    a, b = np.triu_indices(n + 1, k=1)  # server runs units [a, b), a < b
-    total = (pre_c[a] + pre_s[b] - pre_s[a] + pre_c[n] - pre_c[b]
-             + costs.move[a, C, S] + costs.move[b, S, C])  # [pairs, D]
-    ok = (bad_c[a] + bad_c[n] - bad_c[b] == 0) & (bad_s[b] - bad_s[a] == 0)
-    ok &= np.all(total <= costs.limit * (1 + REL_TOL), axis=1)
-    plans = [(float(total[i, 0]), float(total[i, 1]), int(a[i]), int(b[i]))
-             for i in np.flatnonzero(ok)]
-    if bad_c[n] == 0 and np.all(pre_c[n] <= costs.limit * (1 + REL_TOL)):
-        plans.append((0.0, float(pre_c[n, 1]), 0, 0))  # all on the client
-    if not plans:
+def _single_cut(costs: Costs) -> Placement | None:
+    """Best plan C^a S^(b-a) C^(n-b): at most one switch each way (Neurosurgeon-style)."""
+    a, b = single_cut(costs.unit, costs.move, costs.allowed, costs.limit * (1 + REL_TOL))
+    if a < 0:
         return None
-    _, _, first, stop = min(plans)
-    return Placement(CLIENT * first + SERVER * (stop - first) + CLIENT * (n - stop))
+    n = costs.unit.shape[0]
+    return Placement(CLIENT * a + SERVER * (b - a) + CLIENT * (n - b))
+
+
+def _best_single_cut(instance: Instance) -> Placement | None:
+    return _single_cut(build_costs(instance))
 
 
 DEFAULT_STEP_S = 0.001
