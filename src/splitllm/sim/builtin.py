@@ -11,8 +11,6 @@ from typing import Any
 from splitllm.sim.scenario import parse_scenario, resolve
 from splitllm.sim.world import World
 
-BUILTIN = ("paper", "mixed")
-
 # One datacenter GPU serving, one job at a time (like the runtime's server with workers=1),
 # three kinds of clients and five kinds of requests. Rates are chosen by the capacity search;
 # at those rates the server, not the clients, saturates first (see docs/paper-grid.md).

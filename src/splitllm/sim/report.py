@@ -17,7 +17,6 @@ import yaml
 from rich.table import Table
 
 from splitllm.sim import plots
-from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.paper import POLICIES, PaperGrid, exact_over_greedy, reductions, summarize_model
 from splitllm.sim.study import PaperStudy, SimStudy
 from splitllm.sim.world import World
@@ -174,11 +173,6 @@ def write_sim_report(study: SimStudy, out: Path, document: dict[str, Any]) -> Pa
     path = out / "report.md"
     path.write_text(sim_markdown(study, pictures))
     return path
-
-
-def curve_metrics(study: SimStudy, policy: str) -> list[RunMetrics]:
-    """One policy's metrics along the curve."""
-    return [m for m in study.curve if m.policy == policy]
 
 
 # ---- the paper grid -----------------------------------------------------------------------

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
 from splitllm.sim.dists import Dist
 
-SCHEDULERS = ("fcfs", "ps", "batched")
 DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware")
 
 
