@@ -86,11 +86,15 @@ def with_sla(instance: Instance, sla_s: float) -> Instance:
     return replace(instance, sla_s=sla_s)
 
 
+def fastest_uniform_s(instance: Instance) -> float:
+    """Latency of the faster uniform placement (all-client or all-server)."""
+    n = len(instance)
+    return min(evaluate(instance, Placement(side * n)).latency_s for side in (CLIENT, SERVER))
+
+
 def default_sla_s(instance: Instance) -> float:
     """A default SLA: 1.5 x the latency of the faster uniform placement (all-C or all-S)."""
-    n = len(instance)
-    fastest = min(evaluate(instance, Placement(side * n)).latency_s for side in (CLIENT, SERVER))
-    return DEFAULT_SLA_SLACK * fastest
+    return DEFAULT_SLA_SLACK * fastest_uniform_s(instance)
 
 
 def plan_placement(instance: Instance, solver: str = "exact") -> Plan:
@@ -99,10 +103,9 @@ def plan_placement(instance: Instance, solver: str = "exact") -> Plan:
 
     plan = solve(instance, solver=solver)
     if plan is None:
-        fastest = min(evaluate(instance, Placement(side * len(instance))).latency_s
-                      for side in (CLIENT, SERVER))
         raise UserError(f"no placement meets the SLA of {instance.sla_s:.3g} s (all-client or "
-                        f"all-server take {fastest:.3g} s at best): raise --sla-s")
+                        f"all-server take {fastest_uniform_s(instance):.3g} s at best): "
+                        "raise --sla-s")
     return plan
 
 
