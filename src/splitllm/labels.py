@@ -139,10 +139,10 @@ def forward(
 @njit(cache=True)
 def single_cut(
     unit: np.ndarray, move: np.ndarray, allowed: np.ndarray, limit: np.ndarray
-) -> tuple[int, int]:
-    """Best (least work, then latency) plan C^a S^(b-a) C^(n-b) within `limit`: (a, b).
+) -> tuple[int, int, float]:
+    """Best (least work, then latency) plan C^a S^(b-a) C^(n-b) within `limit`: (a, b, work).
 
-    a == b == 0 is all on the client; (-1, -1) when no such plan fits.
+    a == b == 0 is all on the client; a == -1 when no such plan fits.
     """
     n_units, _, dims = unit.shape
     pre = np.zeros((2, n_units + 1, dims))  # prefix sums of unit costs on each side
@@ -170,4 +170,19 @@ def single_cut(
                                 - pre[0, b, d] + move[a, 0, 1, d] + move[b, 1, 0, d])
             if np.all(total <= limit) and (total[0], total[1]) < (best_work, best_latency):
                 best_work, best_latency, best_a, best_b = total[0], total[1], a, b
-    return best_a, best_b
+    return best_a, best_b, best_work
+
+
+@njit(cache=True)
+def trace(
+    parent: np.ndarray, layer_start: np.ndarray, n_client: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """[k, L] bool: where each of the paths ending at `rows` runs each unit on the server."""
+    n_units = len(n_client)
+    on_server = np.empty((len(rows), n_units), dtype=np.bool_)
+    for i in range(len(rows)):
+        row = rows[i]
+        for l in range(n_units - 1, -1, -1):
+            on_server[i, l] = row >= layer_start[l] + n_client[l]
+            row = parent[row]
+    return on_server

@@ -18,7 +18,7 @@ import numpy as np
 
 from splitllm.errors import UserError
 from splitllm.instance import REL_TOL, Instance, Plan, crossing_s, evaluate
-from splitllm.labels import TOO_MANY, forward, lower_bounds, single_cut
+from splitllm.labels import TOO_MANY, forward, lower_bounds, single_cut, trace
 from splitllm.placement import CLIENT, SERVER, Placement
 
 SIDES = (CLIENT, SERVER)
@@ -135,12 +135,7 @@ def _final(costs: Costs, labels: _Labels) -> tuple[np.ndarray, np.ndarray]:
 
 def _trace(labels: _Labels, rows: np.ndarray) -> np.ndarray:
     """[k, L] bool: where each of the paths ending at `rows` runs each unit on the server."""
-    n = len(labels.n_client)
-    on_server = np.empty((len(rows), n), dtype=bool)
-    for l in range(n - 1, -1, -1):
-        on_server[:, l] = rows >= labels.layer_start[l] + labels.n_client[l]
-        rows = labels.parent[rows]
-    return on_server
+    return trace(labels.parent, labels.layer_start, labels.n_client, np.asarray(rows))
 
 
 def _placement(on_server: np.ndarray) -> Placement:
@@ -197,9 +192,10 @@ def _exact(instance: Instance) -> Placement | None:
     costs = build_costs(instance)
     limit = costs.limit.copy()
     # A cheap feasible plan bounds the server work worth exploring (branch and bound).
-    incumbent = _single_cut(costs)
-    if incumbent is not None:
-        limit[0] = evaluate(instance, incumbent).server_work
+    cut = _single_cut(costs)
+    incumbent = cut[0] if cut else None
+    if cut:
+        limit[0] = cut[1]
     try:
         labels = _labels_forward(costs, limit)
     except _TooManyLabels:
@@ -304,17 +300,18 @@ def _greedy(instance: Instance) -> Placement | None:
     return current.placement if current.feasible else None
 
 
-def _single_cut(costs: Costs) -> Placement | None:
-    """Best plan C^a S^(b-a) C^(n-b): at most one switch each way (Neurosurgeon-style)."""
-    a, b = single_cut(costs.unit, costs.move, costs.allowed, costs.limit * (1 + REL_TOL))
+def _single_cut(costs: Costs) -> tuple[Placement, float] | None:
+    """(plan, work) of the best C^a S^(b-a) C^(n-b): one switch each way at most (Neurosurgeon)."""
+    a, b, work = single_cut(costs.unit, costs.move, costs.allowed, costs.limit * (1 + REL_TOL))
     if a < 0:
         return None
     n = costs.unit.shape[0]
-    return Placement(CLIENT * a + SERVER * (b - a) + CLIENT * (n - b))
+    return Placement(CLIENT * a + SERVER * (b - a) + CLIENT * (n - b)), work
 
 
 def _best_single_cut(instance: Instance) -> Placement | None:
-    return _single_cut(build_costs(instance))
+    cut = _single_cut(build_costs(instance))
+    return cut[0] if cut else None
 
 
 DEFAULT_STEP_S = 0.001
