@@ -39,16 +39,16 @@ class Costs:
     limit: np.ndarray  # [D]
 
 
-def build_costs(instance: Instance, sla_s: float | None = None) -> Costs:
+def build_costs(instance: Instance) -> Costs:
     """Cost arrays of an instance; dimensions that cannot bind are left out."""
     units = instance.units
     n = len(units)
-    lat_unit = np.array([[u.client_s, u.server_s] for u in units])
     dims: list[tuple[np.ndarray, np.ndarray, float]] = [
         (np.array([[0.0, u.server_work] for u in units]), np.zeros((n + 1, 2, 2)), math.inf),
-        (lat_unit, _moves(instance, [u.out_bytes for u in units], instance.input_bytes,
-                          instance.output_bytes, instance.passes),
-         instance.sla_s if sla_s is None else sla_s),
+        (np.array([[u.client_s, u.server_s] for u in units]),
+         _moves(instance, [u.out_bytes for u in units], instance.input_bytes,
+                instance.output_bytes, instance.passes),
+         instance.sla_s),
     ]
     mem = np.array([[u.client_mem_bytes, 0.0] for u in units])
     if mem[:, 0].sum() > instance.client_mem_limit_bytes:
