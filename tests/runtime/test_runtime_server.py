@@ -165,6 +165,24 @@ def test_disconnect_mid_generation_frees_the_caches(
     assert values['splitllm_sessions_closed_total{reason="disconnect"}'] == 2
 
 
+def test_a_reply_timeout_closes_the_connection_so_a_late_reply_is_never_misread(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama)
+    prompt = random_prompt(random.Random(25), 9)
+    with connect(server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        remote = RemoteSession(session.transport, Placement("SSSSSS"), 6, timeout_s=TIMEOUT_S)
+        remote.timeout_s = 0.0  # give up at once: the `token` reply arrives late
+        with pytest.raises(ServerError, match="timeout"):
+            remote.forward((0, 6), torch.tensor([prompt]), (0, len(prompt)), return_logits=False)
+        # The late reply would answer the next request: the client drops the connection
+        # instead, which also frees the session on the server.
+        wait_for(lambda: metrics(server.http_url)["splitllm_open_sessions"] == 0)
+        with pytest.raises(ServerError, match=r"timed out.*connect again"):
+            session.generate(prompt, 2, placement="SSSSSS")
+        with pytest.raises(ServerError, match="connect again"):
+            session.measure_link()
+
+
 def test_idle_sessions_time_out(tiny_llama: LoadedModel,
                                 make_server: Callable[..., BackgroundServer]) -> None:
     server = make_server(tiny_llama, idle_timeout_s=0.3)

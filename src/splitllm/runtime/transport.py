@@ -84,10 +84,12 @@ class WebSocketTransport:
             raise UserError(f"cannot connect to {uri}: {exc}") from None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._dropped: str | None = None  # why the client closed the connection itself
 
     def send(self, data: str | bytes) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        self._check_usable()
         try:
             self.ws.send(data)
         except ConnectionClosed as exc:
@@ -97,10 +99,16 @@ class WebSocketTransport:
     def recv(self, timeout_s: float) -> str | bytes:
         from websockets.exceptions import ConnectionClosed
 
+        self._check_usable()
         try:
             data = self.ws.recv(timeout=timeout_s)
         except TimeoutError:
-            raise ServerError("timeout", f"no reply from the server within {timeout_s} s") from None
+            # The reply may still come and would then be read as the answer to the next
+            # request: drop the connection (the server frees its sessions when it closes).
+            self._dropped = f"a reply timed out after {timeout_s} s"
+            self.close()
+            raise ServerError("timeout", f"no reply from the server within {timeout_s} s; "
+                              "closed the connection") from None
         except ConnectionClosed as exc:
             raise _closed_error(exc) from None
         self.bytes_received += len(data)
@@ -108,6 +116,11 @@ class WebSocketTransport:
 
     def close(self) -> None:
         self._exit.close()
+
+    def _check_usable(self) -> None:
+        if self._dropped is not None:
+            raise ServerError("closed", f"the connection was closed because {self._dropped}; "
+                              "connect again")
 
 
 def _closed_error(exc: Exception) -> ServerError:
