@@ -143,3 +143,38 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> Non
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def whole_decode_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The streamed pieces of the whole-sequence decode: the reference TextStream must match."""
+    pieces, done = [], ""
+    for end in range(1, len(ids) + 1):
+        text = str(tokenizer.decode(ids[:end], skip_special_tokens=True))
+        if not text.endswith("\ufffd"):
+            pieces.append(text[len(done):])
+            done = text
+    pieces.append(str(tokenizer.decode(ids, skip_special_tokens=True))[len(done):])
+    return [piece for piece in pieces if piece]
+
+
+def stream_pieces(loaded: Any, ids: list[int]) -> tuple[list[str], str, int]:
+    """TextStream's pieces for ids, its final text and the most tokens one push decoded."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from splitllm.runtime.client import TextStream
+
+    longest = 0
+
+    def decode(tokens: list[int], **options: Any) -> str:
+        nonlocal longest
+        longest = max(longest, len(tokens))
+        return str(loaded.tokenizer.decode(tokens, **options))
+
+    pieces: list[str] = []
+    stream = TextStream(replace(loaded, tokenizer=SimpleNamespace(decode=decode)), pieces.append)
+    for token in ids:
+        stream.push(token)
+    pushed_longest = longest
+    stream.finish()
+    return pieces, stream.text, pushed_longest

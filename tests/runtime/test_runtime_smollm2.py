@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_kit import TIMEOUT_S
+from runtime_kit import TIMEOUT_S, stream_pieces, whole_decode_pieces
 
 from splitllm import models
 from splitllm.models import LoadedModel, encode_prompt
@@ -100,3 +100,13 @@ def test_every_single_cut_of_smollm2_matches(
             assert list(result.tokens) == tokens[:steps], placement
             for got, want in zip(result.logits, logits[:steps], strict=True):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_smollm2_text_streams_as_its_whole_decode(smollm2: LoadedModel) -> None:
+    tokenizer = smollm2.tokenizer
+    ids = tokenizer.encode("héllo wörld — 日本語 🙂 Ça va? " * 8, add_special_tokens=False)
+    for case in (ids, ids[:-1], [*ids[:5], *smollm2.eos_token_ids, *ids[5:]]):
+        pieces, text, longest = stream_pieces(smollm2, case)
+        assert pieces == whole_decode_pieces(tokenizer, case)
+        assert "".join(pieces) == text == tokenizer.decode(case, skip_special_tokens=True)
+        assert longest <= 8

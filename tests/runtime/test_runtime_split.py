@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from runtime_kit import TIMEOUT_S, random_prompt
+from runtime_kit import TIMEOUT_S, random_prompt, stream_pieces, whole_decode_pieces
 
 from splitllm.models import LoadedModel
 from splitllm.runtime.client import Generation, Session, connect
@@ -143,6 +143,25 @@ def test_python_api_streams_text_and_stops_at_eos(tiny_llama: LoadedModel,
     assert list(result.tokens) == expected
     assert result.ttft_s > 0 and result.tpot_s >= 0 and result.server_busy_s > 0
     assert 0 < result.server_cpu_s <= result.server_busy_s * 1.5
+
+
+MULTIBYTE = "héllo wörld, naïve café — 日本語 🙂 the quick brown fox jumps. "
+
+
+def test_streamed_text_is_the_whole_decode_with_a_bounded_window(tiny_llama: LoadedModel) -> None:
+    tokenizer = tiny_llama.tokenizer
+    text_ids = tokenizer.encode(MULTIBYTE * 12, add_special_tokens=False)
+    assert len(text_ids) > 400  # byte-level: every multi-byte character spans several tokens
+    rng = random.Random(26)
+    cases = [text_ids, text_ids[:-1],  # ends inside the emoji's bytes
+             [rng.randrange(len(tokenizer)) for _ in range(300)]]  # stray bytes, special tokens
+    for ids in cases:
+        pieces, text, longest = stream_pieces(tiny_llama, ids)
+        assert pieces == whole_decode_pieces(tokenizer, ids)
+        assert "".join(pieces) == text == tokenizer.decode(ids, skip_special_tokens=True)
+    pieces, _, longest = stream_pieces(tiny_llama, text_ids)
+    assert "".join(pieces) == MULTIBYTE * 12
+    assert longest <= 8  # each token decodes a few recent tokens, not the whole output
 
 
 def _prompt_ids(loaded: LoadedModel) -> list[int]:

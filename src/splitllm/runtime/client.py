@@ -306,32 +306,55 @@ class Session:
 
 
 class TextStream:
-    """Turns tokens into text deltas as they arrive (whole-sequence decode: no broken UTF-8)."""
+    """Turns tokens into text deltas as they arrive, holding back incomplete UTF-8.
+
+    Each token decodes only a window of recent tokens (from the last token already shown, as in
+    text-generation-inference's decode_token), not the whole output: the streamed text is that
+    of decoding the whole sequence, at a constant cost per token.
+    """
 
     def __init__(self, loaded: LoadedModel, on_text: Callable[[str], None] | None) -> None:
         self.tokenizer = loaded.tokenizer
         self.on_text = on_text
         self.tokens: list[int] = []
-        self.text = ""
+        self._pieces: list[str] = []  # what on_text got, in order
+        self._shown = 0  # characters in them
+        self._text: str | None = None  # the whole decode, once finished
+        self._prefix = 0  # the window starts here: tokens[_prefix:_read] are already shown
+        self._read = 0  # tokens before this are in self.text
 
     def push(self, token: int) -> None:
         self.tokens.append(token)
         if self.tokenizer is None:
             return
-        text = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
-            return
-        self._emit(text)
+        shown = self._decode(self.tokens[self._prefix:self._read])
+        text = self._decode(self.tokens[self._prefix:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):  # nothing new, or an incomplete
+            return  # multi-byte character: wait for more
+        self._prefix, self._read = self._read, len(self.tokens)
+        self._emit(text[len(shown):])
 
     def finish(self) -> None:
         """Flush what is left (a generation may end inside a multi-byte character)."""
         if self.tokenizer is not None:
-            self._emit(str(self.tokenizer.decode(self.tokens, skip_special_tokens=True)))
+            self._text = self._decode(self.tokens)
+            self._emit(self._text[self._shown:])
 
-    def _emit(self, text: str) -> None:
-        delta, self.text = text[len(self.text):], text
-        if delta and self.on_text is not None:
-            self.on_text(delta)
+    @property
+    def text(self) -> str:
+        """The text so far; once finished, the decode of all tokens."""
+        return self._text if self._text is not None else "".join(self._pieces)
+
+    def _decode(self, tokens: list[int]) -> str:
+        assert self.tokenizer is not None
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True)) if tokens else ""
+
+    def _emit(self, delta: str) -> None:
+        if delta:
+            self._pieces.append(delta)
+            self._shown += len(delta)
+            if self.on_text is not None:
+                self.on_text(delta)
 
 
 def http_url(ws_url: str) -> str:
