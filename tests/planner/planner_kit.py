@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -278,3 +279,16 @@ def random_placement(rng: np.random.Generator, instance: Instance) -> str:
         allowed = [s for s, ok in (("C", unit.client_ok), ("S", unit.server_ok)) if ok]
         sides.append(str(rng.choice(allowed or ["C", "S"])))
     return "".join(sides)
+
+
+def with_field(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """`data` with one field set (value None: removed); path like 'layers.0.client_s'."""
+    *parents, key = path.split(".")
+    target: Any = data
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    if value is None:
+        del target[key]
+    else:
+        target[key] = value
+    return data

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from planner_kit import brute_force_case, hand_instance
+from planner_kit import brute_force_case, hand_instance, with_field
 
 from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS
 from splitllm.instance import Instance
@@ -119,34 +119,25 @@ def good_instance() -> dict[str, Any]:
     return instance_to_dict(brute_force_case(41))
 
 
-def with_field(path: str, value: Any) -> dict[str, Any]:
-    """good_instance() with one field set (None: removed); path like 'layers.0.client_s'."""
-    data = good_instance()
-    *parents, key = path.split(".")
-    target: Any = data
-    for part in parents:
-        target = target[int(part)] if part.isdigit() else target[part]
-    if value is None:
-        del target[key]
-    else:
-        target[key] = value
-    return data
+def with_good_field(path: str, value: Any) -> dict[str, Any]:
+    """good_instance() with one field set (None: removed)."""
+    return with_field(good_instance(), path, value)
 
 
 # (instance file content or None for the default file, extra args, what stderr must name)
 BAD_INPUTS: dict[str, tuple[Any, list[str], str]] = {
     "malformed json": ('{"layers": [', [], "malformed JSON"),
-    "missing field": (with_field("sla_s", None), [], "sla_s"),
-    "missing layer field": (with_field("layers.2.server_work", None), [], "server_work"),
-    "unknown field": (with_field("colour", "blue"), [], "colour"),
-    "unknown layer field": (with_field("layers.0.colour", "blue"), [], "colour"),
-    "negative": (with_field("rtt_s", -0.1), [], "rtt_s"),
-    "negative layer value": (with_field("layers.1.client_s", -1.0), [], "client_s"),
-    "zero sla": (with_field("sla_s", 0), [], "sla_s"),
-    "zero bandwidth": (with_field("uplink_bytes_per_s", 0), [], "uplink_bytes_per_s"),
-    "nan": (with_field("sla_s", math.nan), [], "sla_s"),
-    "infinity": (with_field("layers.0.out_bytes", math.inf), [], "out_bytes"),
-    "no layers": (with_field("layers", []), [], "layers"),
+    "missing field": (with_good_field("sla_s", None), [], "sla_s"),
+    "missing layer field": (with_good_field("layers.2.server_work", None), [], "server_work"),
+    "unknown field": (with_good_field("colour", "blue"), [], "colour"),
+    "unknown layer field": (with_good_field("layers.0.colour", "blue"), [], "colour"),
+    "negative": (with_good_field("rtt_s", -0.1), [], "rtt_s"),
+    "negative layer value": (with_good_field("layers.1.client_s", -1.0), [], "client_s"),
+    "zero sla": (with_good_field("sla_s", 0), [], "sla_s"),
+    "zero bandwidth": (with_good_field("uplink_bytes_per_s", 0), [], "uplink_bytes_per_s"),
+    "nan": (with_good_field("sla_s", math.nan), [], "sla_s"),
+    "infinity": (with_good_field("layers.0.out_bytes", math.inf), [], "out_bytes"),
+    "no layers": (with_good_field("layers", []), [], "layers"),
     "missing file": (None, ["--instance", "/nonexistent/instance.json"], "instance.json"),
     "unknown solver": ({}, ["--solver", "nosuch"], "nosuch"),
     "zero step": ({}, ["--solver", "dp-grid", "--step-s", "0"], "step"),

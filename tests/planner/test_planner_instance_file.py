@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from planner_kit import brute_force_case
+from planner_kit import brute_force_case, with_field
 
 from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS, model_costs
 from splitllm.errors import UserError
@@ -66,17 +66,8 @@ def test_optional_fields_take_their_defaults() -> None:
 
 
 def edit(path: str, value: Any) -> dict[str, Any]:
-    """minimal() with one field set (value None: removed); path like 'layers.0.client_s'."""
-    data = minimal()
-    *parents, key = path.split(".")
-    target: Any = data
-    for part in parents:
-        target = target[int(part)] if part.isdigit() else target[part]
-    if value is None:
-        del target[key]
-    else:
-        target[key] = value
-    return data
+    """minimal() with one field set (value None: removed)."""
+    return with_field(minimal(), path, value)
 
 
 BAD_FIELDS = [
