@@ -21,9 +21,11 @@ from functools import partial
 
 import numpy as np
 
-from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS, model_costs
-from splitllm.instance import Instance, Link, Request, Unit, build_instance
-from splitllm.planner import frontier, solve
+from splitllm.planner.configs import MODEL_CONFIGS
+from splitllm.planner.costs import model_costs
+from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
+from splitllm.planner.instance import Instance, Link, Request, Unit, build_instance
+from splitllm.planner.solvers import frontier, solve
 
 SIZES = (12, 32, 80, 160)
 

@@ -26,11 +26,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from splitllm.models import LoadedModel, encode_prompt, load_model, resolve_model_dir
 from splitllm.placement import Placement
 from splitllm.runtime.client import Session, connect
 from splitllm.runtime.demo import free_port, start_server, stop_server, wait_healthy
 from splitllm.runtime.generate import LocalPipe, SplitPipe, timed_generate
+from splitllm.runtime.models import LoadedModel, encode_prompt, load_model, resolve_model_dir
 from splitllm.runtime.units import UnitStack
 
 PROMPT = "Write a short story about a robot who learns to paint."

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from splitllm.costs import DEVICE_PRESETS, DTYPE_BYTES, LINK_PRESETS, MODEL_CONFIGS
 from splitllm.errors import UserError
+from splitllm.planner.configs import DTYPE_BYTES, MODEL_CONFIGS
+from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.runtime.commands import demo, generate, serve
 from splitllm.sim.commands import simulate
 
 if TYPE_CHECKING:
-    from splitllm.instance import Instance, Plan
+    from splitllm.planner.instance import Instance, Plan
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -68,8 +69,8 @@ def plan(
         help="Write the planned instance to this JSON file.")] = None,
 ) -> None:
     """Plan which units run on the client and which on the server, least server work first."""
-    from splitllm.instance_file import load_instance, save_instance
-    from splitllm.planner import compare, frontier
+    from splitllm.planner.instance_file import load_instance, save_instance
+    from splitllm.planner.solvers import compare, frontier
 
     if instance_file is not None:
         instance = load_instance(instance_file)
@@ -98,14 +99,10 @@ def _model_instance(
     sla_s: float, ttft_s: float | None, tpot_s: float | None, weight_dtype: str,
     wire_dtype: str, keep_on_client: list[str], keep_on_server: list[str],
 ) -> Instance:
-    from splitllm.costs import (
-        DTYPE_BYTES,
-        device_preset,
-        link_preset,
-        load_model_config,
-        model_costs,
-    )
-    from splitllm.instance import Request, build_instance
+    from splitllm.planner.configs import DTYPE_BYTES, load_model_config
+    from splitllm.planner.costs import model_costs
+    from splitllm.planner.hardware import device_preset, link_preset
+    from splitllm.planner.instance import Request, build_instance
 
     for flag, dtype in (("--weight-dtype", weight_dtype), ("--wire-dtype", wire_dtype)):
         if dtype not in DTYPE_BYTES:
@@ -146,7 +143,7 @@ def _print_tables(
     instance: Instance, chosen: Plan | None, plans: Mapping[str, Plan | None],
     front: Sequence[Plan], show_frontier: bool,
 ) -> None:
-    from splitllm.report import frontier_table, plan_table, units_table
+    from splitllm.planner.report import frontier_table, plan_table, units_table
 
     if chosen is not None:
         console.print(units_table(instance, chosen))
@@ -164,7 +161,7 @@ def presets() -> None:
     """List the built-in model configs, device and link presets, and solvers."""
     from rich.table import Table
 
-    from splitllm.costs import model_costs
+    from splitllm.planner.costs import model_costs
 
     models = Table(title="Models (--model)")
     for column in ("name", "kind", "blocks", "hidden", "params (M)"):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from planner_kit import BruteForce, brute_force, random_instance
 
-from splitllm.instance import Instance
+from splitllm.planner.instance import Instance
 
 
 @pytest.fixture(scope="session")

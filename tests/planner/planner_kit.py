@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from splitllm.instance import Instance, Link, PhaseLimit, Unit
+from splitllm.planner.instance import Instance, Link, PhaseLimit, Unit
 
 LAT_TOL = 1e-9  # relative tolerance of latency limits (the spec's)
 MEM_TOL = 1e-12  # relative tolerance of the memory limit (the spec's)

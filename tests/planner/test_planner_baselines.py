@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from planner_kit import brute_force, brute_force_case
 
-from splitllm.instance import Instance, Plan, evaluate
 from splitllm.placement import Placement
-from splitllm.planner import BASELINES, solve
+from splitllm.planner.instance import Instance, Plan, evaluate
+from splitllm.planner.solvers import BASELINES, solve
 
 CASES = range(0, 500, 3)  # a third of the brute-force cases: every size, limit and pin
 

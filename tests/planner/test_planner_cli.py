@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from planner_kit import brute_force_case, hand_instance, with_field
 
-from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS
-from splitllm.instance import Instance
-from splitllm.instance_file import instance_to_dict, save_instance
-from splitllm.planner import solve
+from splitllm.planner.configs import MODEL_CONFIGS
+from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
+from splitllm.planner.instance import Instance
+from splitllm.planner.instance_file import instance_to_dict, save_instance
+from splitllm.planner.solvers import solve
 
 SPLITLLM = str(Path(sys.executable).with_name("splitllm"))
 

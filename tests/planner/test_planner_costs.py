@@ -10,19 +10,17 @@ from typing import Any
 
 import pytest
 
-from splitllm.costs import (
+from splitllm.errors import UserError
+from splitllm.planner.configs import MODEL_CONFIGS, ModelConfig, load_model_config
+from splitllm.planner.costs import model_costs
+from splitllm.planner.hardware import (
     DEVICE_PRESETS,
     LINK_PRESETS,
-    MODEL_CONFIGS,
     DeviceProfile,
     LinkProfile,
-    ModelConfig,
-    load_model_config,
     load_profile,
-    model_costs,
     save_profile,
 )
-from splitllm.errors import UserError
 
 # Published totals (model cards / papers).
 KNOWN_PARAMS = {

@@ -9,9 +9,9 @@ import pytest
 from planner_kit import brute_force_case, random_instance, random_placement, with_sla
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, evaluate
 from splitllm.placement import Placement
-from splitllm.planner import solve
+from splitllm.planner.instance import Instance, evaluate
+from splitllm.planner.solvers import solve
 
 STEPS = (0.1, 0.01, 0.001)  # fractions of the SLA, coarse to fine
 
@@ -74,8 +74,10 @@ def test_dp_grid_at_the_finest_step_matches_exact_on_most_instances() -> None:
 
 
 def test_dp_grid_matches_exact_on_the_real_model_instance_at_a_fine_step() -> None:
-    from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS, model_costs
-    from splitllm.instance import Request, build_instance
+    from splitllm.planner.configs import MODEL_CONFIGS
+    from splitllm.planner.costs import model_costs
+    from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
+    from splitllm.planner.instance import Request, build_instance
 
     instance = build_instance(
         model_costs(MODEL_CONFIGS["llama-3-8b"]), DEVICE_PRESETS["laptop"],

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from planner_kit import KINDS, brute_force, brute_force_case
 
-from splitllm.instance import evaluate
 from splitllm.placement import Placement
-from splitllm.planner import solve
+from splitllm.planner.instance import evaluate
+from splitllm.planner.solvers import solve
 
 N_CASES = 500
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from planner_kit import random_instance, random_placement, with_phase_limits, with_sla
 
-from splitllm.instance import Instance, Link, Unit, evaluate
 from splitllm.placement import Placement
-from splitllm.planner import frontier, solve
+from splitllm.planner.instance import Instance, Link, Unit, evaluate
+from splitllm.planner.solvers import frontier, solve
 
 # Memory and phase limits add label dimensions; `exact` is kept to sizes where it stays fast
 # with them (see the report: heterogeneous units with a binding memory limit blow up).

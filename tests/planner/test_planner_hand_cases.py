@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from planner_kit import brute_force, hand_instance
 
-from splitllm.instance import Instance, evaluate
 from splitllm.placement import Placement
-from splitllm.planner import solve
+from splitllm.planner.instance import Instance, evaluate
+from splitllm.planner.solvers import solve
 
 SOLVERS = ("exact", "milp", "dp-grid", "greedy", "best-single-cut", "server-only", "client-only")
 

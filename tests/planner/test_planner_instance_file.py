@@ -11,10 +11,17 @@ from typing import Any
 import pytest
 from planner_kit import brute_force_case, with_field
 
-from splitllm.costs import DEVICE_PRESETS, LINK_PRESETS, MODEL_CONFIGS, model_costs
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Request, build_instance
-from splitllm.instance_file import instance_to_dict, load_instance, parse_instance, save_instance
+from splitllm.planner.configs import MODEL_CONFIGS
+from splitllm.planner.costs import model_costs
+from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
+from splitllm.planner.instance import Instance, Request, build_instance
+from splitllm.planner.instance_file import (
+    instance_to_dict,
+    load_instance,
+    parse_instance,
+    save_instance,
+)
 
 
 def model_instance() -> Instance:

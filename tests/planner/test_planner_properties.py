@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from planner_kit import KINDS, brute_force, pick_limits, random_instance, with_sla
 
-from splitllm.instance import Instance
-from splitllm.planner import frontier, solve
+from splitllm.planner.instance import Instance
+from splitllm.planner.solvers import frontier, solve
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from planner_kit import hand_instance
 
-from splitllm.planner import solve
+from splitllm.planner.solvers import solve
 
 # Client-only needs 500 + 500.0000001 B on a 1000 B client: over by 1e-10 relative, within the
 # one tolerance (REL_TOL = 1e-9) that `evaluate` and every solver apply to every limit.

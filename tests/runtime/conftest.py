@@ -14,8 +14,8 @@ import pytest
 import torch
 from runtime_kit import gpt2_config, llama_config, save_tiny_model
 
-from splitllm.models import LoadedModel, load_model
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.models import LoadedModel, load_model
 from splitllm.runtime.server import ServerConfig
 
 

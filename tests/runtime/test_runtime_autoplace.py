@@ -9,9 +9,8 @@ import torch
 from runtime_kit import TIMEOUT_S
 
 from splitllm.errors import UserError
-from splitllm.instance import Link, evaluate
-from splitllm.models import LoadedModel
 from splitllm.placement import Placement
+from splitllm.planner.instance import Link, evaluate
 from splitllm.runtime.autoplace import (
     HEADER_BYTES_PER_MESSAGE,
     TOKEN_REPLY_BYTES,
@@ -23,6 +22,7 @@ from splitllm.runtime.autoplace import (
 )
 from splitllm.runtime.client import connect, measure_link
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.transport import EmulatedLink, LinkShape, WebSocketTransport
 from splitllm.runtime.units import UnitStack

@@ -15,11 +15,11 @@ import torch
 from runtime_kit import TIMEOUT_S, RawClient, metrics, random_prompt, wait_for
 
 from splitllm.errors import UserError
-from splitllm.models import LoadedModel
 from splitllm.placement import Placement
 from splitllm.runtime.client import RemoteSession, connect
 from splitllm.runtime.generate import LocalPipe, SplitPipe, decode_one_token, generate, prefill
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.transport import ServerError, WebSocketTransport
 from splitllm.runtime.units import UnitStack
 

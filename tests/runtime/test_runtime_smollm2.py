@@ -9,11 +9,11 @@ import pytest
 import torch
 from runtime_kit import TIMEOUT_S, stream_pieces, whole_decode_pieces
 
-from splitllm import models
-from splitllm.models import LoadedModel, encode_prompt
+from splitllm.runtime import models
 from splitllm.runtime.client import connect
 from splitllm.runtime.generate import LocalPipe, timed_generate
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.models import LoadedModel, encode_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from runtime_kit import TIMEOUT_S, random_prompt, stream_pieces, whole_decode_pieces
 
-from splitllm.models import LoadedModel
 from splitllm.runtime.client import Generation, Session, connect
 from splitllm.runtime.generate import LocalPipe, generate, timed_generate
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import Sampling
 
 
@@ -165,6 +165,6 @@ def test_streamed_text_is_the_whole_decode_with_a_bounded_window(tiny_llama: Loa
 
 
 def _prompt_ids(loaded: LoadedModel) -> list[int]:
-    from splitllm.models import encode_prompt
+    from splitllm.runtime.models import encode_prompt
 
     return encode_prompt(loaded, "the quick fox")

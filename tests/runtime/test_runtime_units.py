@@ -12,7 +12,7 @@ from runtime_kit import VOCAB, llama_config, random_prompt, save_tiny_model
 from transformers import MistralConfig, Qwen2Config
 
 from splitllm.errors import UserError
-from splitllm.models import LoadedModel, load_model, resolve_model_dir, weights_fingerprint
+from splitllm.runtime.models import LoadedModel, load_model, resolve_model_dir, weights_fingerprint
 from splitllm.runtime.units import UnitStack, unit_names
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from splitllm.costs import DeviceProfile, LinkProfile, ModelConfig, ModelCosts, UnitCost
+from splitllm.planner.configs import ModelConfig
+from splitllm.planner.costs import ModelCosts, UnitCost
+from splitllm.planner.hardware import DeviceProfile, LinkProfile
 from splitllm.sim.dists import Dist
 from splitllm.sim.world import ClientClass, RequestType, ServerSpec, SweepSpec, Trace, World
 

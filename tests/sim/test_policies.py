@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from splitllm.errors import UserError
-from splitllm.instance import evaluate
 from splitllm.placement import Placement
+from splitllm.planner.instance import evaluate
 from splitllm.sim.builtin import builtin_world
 from splitllm.sim.paper import POLICIES, PaperGrid, solve_length
 from splitllm.sim.policies import Planner, request_instance, wait_bucket

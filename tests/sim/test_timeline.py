@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from sim_kit import synthetic_world, tiny_model, tiny_world
 
-from splitllm.costs import DeviceProfile, LinkProfile, UnitCost
 from splitllm.placement import Placement
+from splitllm.planner.costs import UnitCost
+from splitllm.planner.hardware import DeviceProfile, LinkProfile
 from splitllm.sim.batching import BatchCost
 from splitllm.sim.builtin import builtin_world
 from splitllm.sim.dists import Dist

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Link, Plan, Unit, evaluate
 from splitllm.placement import CLIENT, SERVER, Placement
+from splitllm.planner.instance import Instance, Link, Plan, Unit, evaluate
 from splitllm.runtime.profile import UnitProfile
 
 MEASURED = "measured"
@@ -65,9 +65,11 @@ def preset_instance(config: dict[str, Any], client_device: str, server_device: s
                     request: Request, weight_bytes: float, wire_bytes: float,
                     sla_s: float = math.inf) -> Instance:
     """The planner's instance from its roofline device presets."""
-    from splitllm.costs import LinkProfile, ModelConfig, device_preset, model_costs
-    from splitllm.instance import Request as PlannerRequest
-    from splitllm.instance import build_instance
+    from splitllm.planner.configs import ModelConfig
+    from splitllm.planner.costs import model_costs
+    from splitllm.planner.hardware import LinkProfile, device_preset
+    from splitllm.planner.instance import Request as PlannerRequest
+    from splitllm.planner.instance import build_instance
 
     costs = model_costs(ModelConfig.from_hf_dict(config), weight_bytes=weight_bytes,
                         wire_bytes=wire_bytes)
@@ -99,7 +101,7 @@ def default_sla_s(instance: Instance) -> float:
 
 def plan_placement(instance: Instance, solver: str = "exact") -> Plan:
     """The least-server-work placement within the SLA; UserError if none meets it."""
-    from splitllm.planner import solve
+    from splitllm.planner.solvers import solve
 
     plan = solve(instance, solver=solver)
     if plan is None:
@@ -115,6 +117,6 @@ DEMO_SOLVERS = ("exact", "greedy", "best-single-cut", "server-only", "client-onl
 def compare_plans(instance: Instance, solvers: Sequence[str] = DEMO_SOLVERS
                   ) -> dict[str, Plan | None]:
     """What each solver picks on this instance (for the demo's plan table)."""
-    from splitllm.planner import solve
+    from splitllm.planner.solvers import solve
 
     return {name: solve(instance, solver=name) for name in solvers}

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Link, Plan
-from splitllm.models import LoadedModel, encode_prompt, load_model, weights_fingerprint
 from splitllm.placement import Placement
+from splitllm.planner.instance import Instance, Link, Plan
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.autoplace import (
     MEASURED,
@@ -32,6 +31,7 @@ from splitllm.runtime.autoplace import (
     with_sla,
 )
 from splitllm.runtime.generate import RemoteResult, SplitPipe, timed_generate
+from splitllm.runtime.models import LoadedModel, encode_prompt, load_model, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.transport import (
     EmulatedLink,

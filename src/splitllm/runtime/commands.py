@@ -17,7 +17,7 @@ import typer
 from splitllm.errors import UserError
 
 if TYPE_CHECKING:
-    from splitllm.models import LoadedModel
+    from splitllm.runtime.models import LoadedModel
     from splitllm.runtime.protocol import Sampling
 
 TOKEN_ENV = "SPLITLLM_TOKEN"
@@ -51,8 +51,8 @@ def serve(
              "units at start) or a device preset name.")] = "measured",
 ) -> None:
     """Serve split inference: a WebSocket for sessions, /health, /v1/info, /metrics."""
-    from splitllm.models import load_model
     from splitllm.runtime.hosting import serve_forever
+    from splitllm.runtime.models import load_model
     from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
@@ -60,7 +60,7 @@ def serve(
         raise UserError("--workers, --max-sessions, --idle-timeout-s and --max-frame-mib "
                         "must be positive")
     if device != "measured":
-        from splitllm.costs import device_preset
+        from splitllm.planner.hardware import device_preset
 
         device_preset(device)  # fail now on a bad name, not at a client's auto placement
     config = ServerConfig(
@@ -122,7 +122,7 @@ def generate(
     """Generate text with a split between this client and a server, streaming tokens."""
     import torch
 
-    from splitllm.models import load_model
+    from splitllm.runtime.models import load_model
     from splitllm.runtime.protocol import ProtocolError, Sampling, wire_dtype_name
     from splitllm.runtime.transport import ServerError
 
@@ -149,7 +149,7 @@ def generate(
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
                 chosen: str = placement
                 if placement.lower() == "auto":
-                    from splitllm.models import encode_prompt
+                    from splitllm.runtime.models import encode_prompt
 
                     ids = encode_prompt(loaded, prompt, chat=not raw)
                     auto = session.plan(len(ids), max_new_tokens, sla_s, client_device,
@@ -182,9 +182,9 @@ def _print_text(text: str) -> None:
 def _generate_local(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampling: Sampling,
                     raw: bool, on_text: Callable[[str], None] | None) -> dict[str, Any]:
     """The unsplit reference run, in the same JSON shape as a split run."""
-    from splitllm.models import encode_prompt
     from splitllm.runtime.client import TextStream
     from splitllm.runtime.generate import LocalPipe, timed_generate
+    from splitllm.runtime.models import encode_prompt
 
     ids = encode_prompt(loaded, prompt, chat=not raw)
     stream = TextStream(loaded, on_text)

@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Plan, evaluate
 from splitllm.placement import SERVER, Placement
+from splitllm.planner.instance import Instance, Plan, evaluate
 
 if TYPE_CHECKING:
-    from splitllm.models import LoadedModel
     from splitllm.runtime.client import Generation
+    from splitllm.runtime.models import LoadedModel
 
 SERVER_START_TIMEOUT_S = 180.0
 
@@ -95,7 +95,7 @@ def run_demo(opts: DemoOptions) -> None:
     """The whole demo; prints the answer and the report to stdout, progress to stderr."""
     import torch
 
-    from splitllm.models import encode_prompt, load_model, log_stderr, resolve_model_dir
+    from splitllm.runtime.models import encode_prompt, load_model, log_stderr, resolve_model_dir
 
     clock = time.perf_counter()
     console = Console(width=110)
@@ -118,9 +118,9 @@ def run_demo(opts: DemoOptions) -> None:
 
 def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: str,
                 ids: list[int]) -> None:
-    from splitllm.models import log_stderr
     from splitllm.runtime.autoplace import compare_plans, with_sla
     from splitllm.runtime.client import connect
+    from splitllm.runtime.models import log_stderr
 
     with connect(url, loaded, emulate_link=opts.link,
                  emulate_client_slowdown=opts.client_slowdown) as session:
@@ -151,7 +151,7 @@ def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: s
         log_stderr("splitllm demo: the same prompt server-only, for comparison...")
         server_only = session.generate(ids, opts.max_new_tokens, placement=SERVER * n)
     console.print(_report(chosen, instance, split, server_only))
-    from splitllm.report import plan_table
+    from splitllm.planner.report import plan_table
 
     console.print(plan_table(instance, plans))
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
-from splitllm.models import LoadedModel
+from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.server import FRAME_SLACK_BYTES, ServerConfig, ServerState, create_app
 
 

@@ -22,9 +22,9 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocketDisconnected
 
-from splitllm.models import LoadedModel, weights_fingerprint
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
+from splitllm.runtime.models import LoadedModel, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.session import ForwardResult, Limits, ServerSession
 from splitllm.runtime.units import UnitStack
@@ -100,6 +100,27 @@ class ServerState:
                 "idle_timeout_s": cfg.idle_timeout_s,
             },
         }
+
+    async def run_forward(self, session: ServerSession, header: wire.ForwardHeader,
+                          payload: bytes | memoryview) -> ForwardResult:
+        """Run one checked forward of a session off the event loop: the one way compute runs."""
+        session.last_active = time.monotonic()
+        session.in_flight += 1  # the idle sweeper leaves a session alone while it computes
+        try:
+            result: ForwardResult = await asyncio.get_running_loop().run_in_executor(
+                self.executor, session.forward, header, payload)
+        except wire.ProtocolError:
+            raise
+        except Exception as exc:  # a bug or an out-of-memory: this session's state is suspect
+            self.close_session(session.session_id, "error")
+            raise wire.ProtocolError("internal", f"forward failed ({type(exc).__name__}: {exc}); "
+                                     "the session was closed") from exc
+        finally:
+            session.in_flight -= 1
+        p0, p1 = header.positions
+        self.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
+                                    result.token is not None, result.cpu_s)
+        return result
 
     def authorized(self, header_value: str | None) -> bool:
         """Whether an `Authorization: Bearer ...` value (or a bare token) is acceptable."""
@@ -208,22 +229,8 @@ class Connection:
 
     async def _forward(self, header: wire.ForwardHeader, payload: memoryview) -> None:
         session = self._session(header.session)
-        session.last_active = time.monotonic()
-        session.in_flight += 1  # the idle sweeper leaves a session alone while it computes
-        try:
-            result: ForwardResult = await asyncio.get_running_loop().run_in_executor(
-                self.state.executor, session.forward, header, payload)
-        except wire.ProtocolError:
-            raise
-        except Exception as exc:  # a bug or an out-of-memory: this session's state is suspect
-            self.state.close_session(session.session_id, "error")
-            raise wire.ProtocolError("internal", f"forward failed ({type(exc).__name__}: {exc}); "
-                                     "the session was closed") from exc
-        finally:
-            session.in_flight -= 1
+        result = await self.state.run_forward(session, header, payload)
         p0, p1 = header.positions
-        self.state.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
-                                          result.token is not None, result.cpu_s)
         base = {"session": header.session, "seq": header.seq}
         if result.token is None:
             reply = {"type": "hidden", **base, "units": list(result.units), "positions": [p0, p1]}

@@ -54,7 +54,7 @@ class LinkShape:
 
 def link_shape(name: str) -> LinkShape:
     """An emulated link from the planner's link presets (4g, 5g, wifi, lan)."""
-    from splitllm.costs import link_preset
+    from splitllm.planner.hardware import link_preset
 
     preset = link_preset(name)
     return LinkShape(preset.name, preset.uplink_bytes_per_s, preset.downlink_bytes_per_s,

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from splitllm.models import model_family
+from splitllm.runtime.models import model_family
 
 
 def unit_names(n_blocks: int) -> tuple[str, ...]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitllm.costs import DeviceProfile, ModelCosts, UnitCost
+from splitllm.planner.costs import ModelCosts, UnitCost
+from splitllm.planner.hardware import DeviceProfile
 from splitllm.sim.world import World
 
 # (type index, first unit, stop unit, prompt tokens, pass index: 0 = prefill, k = decode step k)

@@ -15,10 +15,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from splitllm.costs import DeviceProfile, device_preset, link_preset, load_model_config, model_costs
-from splitllm.instance import Request, build_instance, evaluate
 from splitllm.placement import Placement
-from splitllm.planner import solve
+from splitllm.planner.configs import load_model_config
+from splitllm.planner.costs import model_costs
+from splitllm.planner.hardware import DeviceProfile, device_preset, link_preset
+from splitllm.planner.instance import Request, build_instance, evaluate
+from splitllm.planner.solvers import solve
 
 POLICIES = ("server-only", "greedy", "best-single-cut", "exact")
 

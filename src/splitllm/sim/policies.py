@@ -17,9 +17,9 @@ import math
 from dataclasses import dataclass, replace
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Request, build_instance, evaluate
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.planner import frontier, solve
+from splitllm.planner.instance import Instance, Request, build_instance, evaluate
+from splitllm.planner.solvers import frontier, solve
 from splitllm.sim import memo
 from splitllm.sim.world import ClientClass, RequestType, World
 

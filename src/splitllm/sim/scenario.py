@@ -22,16 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from splitllm.costs import (
-    DTYPE_BYTES,
-    DeviceProfile,
-    LinkProfile,
-    device_preset,
-    link_preset,
-    load_model_config,
-    model_costs,
-)
 from splitllm.errors import UserError
+from splitllm.planner.configs import DTYPE_BYTES, load_model_config
+from splitllm.planner.costs import model_costs
+from splitllm.planner.hardware import DeviceProfile, LinkProfile, device_preset, link_preset
 from splitllm.sim import traces
 from splitllm.sim.dists import Dist
 from splitllm.sim.policies import check_policy

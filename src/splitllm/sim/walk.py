@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
-from splitllm.instance import Request, phase_times
 from splitllm.placement import SERVER, Placement
+from splitllm.planner.costs import ModelCosts
+from splitllm.planner.hardware import DeviceProfile, LinkProfile
+from splitllm.planner.instance import Request, phase_times
 from splitllm.sim import memo
 from splitllm.sim.world import World
 

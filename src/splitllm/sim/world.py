@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
+from splitllm.planner.costs import ModelCosts
+from splitllm.planner.hardware import DeviceProfile, LinkProfile
 from splitllm.sim.dists import Dist
 
 DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware")

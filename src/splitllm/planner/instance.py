@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from splitllm.costs import DeviceProfile, LinkProfile, ModelCosts
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
+from splitllm.planner.costs import ModelCosts
+from splitllm.planner.hardware import DeviceProfile, LinkProfile
 
 REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
 

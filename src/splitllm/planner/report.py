@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 
-from splitllm.instance import Instance, Plan
 from splitllm.placement import CLIENT
+from splitllm.planner.instance import Instance, Plan
 
 
 def _ms(seconds: float) -> str:

@@ -17,9 +17,9 @@ from typing import overload
 import numpy as np
 
 from splitllm.errors import UserError
-from splitllm.instance import REL_TOL, Instance, Plan, crossing_s, evaluate
-from splitllm.labels import TOO_MANY, forward, lower_bounds, single_cut, trace
 from splitllm.placement import CLIENT, SERVER, Placement
+from splitllm.planner.instance import REL_TOL, Instance, Plan, crossing_s, evaluate
+from splitllm.planner.labels import TOO_MANY, forward, lower_bounds, single_cut, trace
 
 SIDES = (CLIENT, SERVER)
 C, S = 0, 1
@@ -199,7 +199,7 @@ def _exact(instance: Instance) -> Placement | None:
     try:
         labels = _labels_forward(costs, limit)
     except _TooManyLabels:
-        from splitllm.milp import solve_milp
+        from splitllm.planner.milp import solve_milp
 
         return solve_milp(instance)
     values, rows = _final(costs, labels)
@@ -329,7 +329,7 @@ SOLVERS: dict[str, Callable[[Instance], Placement | None]] = {
 def solve(instance: Instance, solver: str = "exact", step_s: float | None = None) -> Plan | None:
     """The plan a solver picks (least server work within the SLA), or None if it finds none."""
     if solver == "milp":
-        from splitllm.milp import solve_milp
+        from splitllm.planner.milp import solve_milp
 
         placement = solve_milp(instance)
     elif solver == "dp-grid" and step_s is not None:

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from splitllm.instance import REL_TOL, Instance, crossing_s
 from splitllm.placement import CLIENT, SERVER, Placement
+from splitllm.planner.instance import REL_TOL, Instance, crossing_s
 
 
 def _latency_row(

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitllm.errors import UserError
-from splitllm.instance import Instance, Link, PhaseLimit, Unit
+from splitllm.planner.instance import Instance, Link, PhaseLimit, Unit
 
 # strict: a number must be a JSON number (true is not 1.0, "2" is not 2.0); ints are fine.
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]

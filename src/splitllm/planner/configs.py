@@ -1,0 +1,128 @@
+"""Model configs: the architecture numbers the cost model needs (built in, or a config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from splitllm.errors import UserError
+
+Kind = Literal["decoder", "encoder"]
+
+DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "q4": 0.5}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers the cost model needs."""
+
+    name: str
+    kind: Kind
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    gated_mlp: bool  # Llama-style gate/up/down (3 matrices) vs GPT-2/BERT up/down (2)
+    biases: bool  # linear layers carry biases (GPT-2, BERT, ViT)
+    learned_positions: int = 0  # rows of a learned position table (GPT-2, BERT, ViT)
+    tied_embeddings: bool = True
+    head_out: int = 0  # encoder head output size (classes); 0 for decoders (head = vocab)
+    input_patch_values: int = 0  # ViT: values per patch (channels * patch^2); 0 = token ids
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], name: str | None = None) -> ModelConfig:
+        """Read a Hugging Face `config.json` (llama-family, gpt2, bert or vit)."""
+        model_type = str(d.get("model_type", ""))
+        label = name or str(d.get("_name_or_path") or model_type or "model")
+        try:
+            if model_type == "gpt2":
+                hidden = int(d["n_embd"])
+                return cls(
+                    label, "decoder", int(d["n_layer"]), hidden, int(d["n_head"]), int(d["n_head"]),
+                    hidden // int(d["n_head"]), int(d.get("n_inner") or 4 * hidden),
+                    int(d["vocab_size"]), False, True, int(d.get("n_positions", 1024)), True,
+                )
+            if model_type in ("bert", "vit"):
+                hidden = int(d["hidden_size"])
+                heads = int(d["num_attention_heads"])
+                vit = model_type == "vit"
+                patch_values = int(d.get("num_channels", 3)) * int(d.get("patch_size", 16)) ** 2
+                positions = (
+                    (int(d.get("image_size", 224)) // int(d.get("patch_size", 16))) ** 2 + 1
+                    if vit
+                    else int(d.get("max_position_embeddings", 512))
+                )
+                return cls(
+                    label, "encoder", int(d["num_hidden_layers"]), hidden, heads, heads,
+                    hidden // heads, int(d["intermediate_size"]),
+                    0 if vit else int(d["vocab_size"]), False, True, positions, True,
+                    head_out=int(d.get("num_labels", 1000 if vit else 2)),
+                    input_patch_values=patch_values if vit else 0,
+                )
+            hidden = int(d["hidden_size"])
+            heads = int(d["num_attention_heads"])
+            return cls(
+                label, "decoder", int(d["num_hidden_layers"]), hidden, heads,
+                int(d.get("num_key_value_heads") or heads),
+                int(d.get("head_dim") or hidden // heads), int(d["intermediate_size"]),
+                int(d["vocab_size"]), True, bool(d.get("attention_bias", False)), 0,
+                bool(d.get("tie_word_embeddings", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"model config {label!r}: missing or bad field {exc}") from None
+
+    @property
+    def n_units(self) -> int:
+        return self.n_layers + 2
+
+    @property
+    def unit_names(self) -> tuple[str, ...]:
+        return ("embed", *(f"block{i}" for i in range(self.n_layers)), "head")
+
+
+# Published architecture numbers of each model (from its Hugging Face config.json / paper).
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "gpt2": ModelConfig("gpt2", "decoder", 12, 768, 12, 12, 64, 3072, 50257, False, True, 1024),
+    "smollm2-135m": ModelConfig(
+        "smollm2-135m", "decoder", 30, 576, 9, 3, 64, 1536, 49152, True, False, 0, True
+    ),
+    "llama-3-8b": ModelConfig(
+        "llama-3-8b", "decoder", 32, 4096, 32, 8, 128, 14336, 128256, True, False, 0, False
+    ),
+    "llama-2-70b": ModelConfig(
+        "llama-2-70b", "decoder", 80, 8192, 64, 8, 128, 28672, 32000, True, False, 0, False
+    ),
+    "bert-base": ModelConfig(
+        "bert-base", "encoder", 12, 768, 12, 12, 64, 3072, 30522, False, True, 512, True, 2
+    ),
+    "vit-base": ModelConfig(
+        "vit-base", "encoder", 12, 768, 12, 12, 64, 3072, 0, False, True, 197, True, 1000, 768
+    ),
+    # The base Transformer of Vaswani et al. (6 encoder + 6 decoder layers, d=512), run as one
+    # forward pass of 12 blocks: the reference work treats it as a fixed-length encoder model.
+    "transformer-base": ModelConfig(
+        "transformer-base", "encoder", 12, 512, 8, 8, 64, 2048, 37000, False, True, 0, True, 37000
+    ),
+}
+
+
+def load_model_config(name_or_path: str) -> ModelConfig:
+    """A built-in config by name, or a Hugging Face `config.json` (file or model directory)."""
+    if name_or_path in MODEL_CONFIGS:
+        return MODEL_CONFIGS[name_or_path]
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        known = ", ".join(MODEL_CONFIGS)
+        raise UserError(f"unknown model {name_or_path!r}: use one of {known} or a config.json path")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"model config {path}: not valid JSON ({exc})") from None
+    return ModelConfig.from_hf_dict(data, name=path.parent.name or str(path))
