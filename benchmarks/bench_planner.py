@@ -24,7 +24,8 @@ import numpy as np
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.costs import model_costs
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
-from splitllm.planner.instance import Instance, Link, Request, Unit, build_instance
+from splitllm.planner.instance import Instance, Request, Unit, build_instance
+from splitllm.planner.network import Link
 from splitllm.planner.solvers import frontier, solve
 
 SIZES = (12, 32, 80, 160)
@@ -41,7 +42,9 @@ def random_instance(rng: np.random.Generator, n: int, memory: bool = False) -> I
                        float(out_bytes[i]), float(mem[i])) for i in range(n))
     up = 10.0 ** rng.uniform(6, 8)
     return Instance(
-        units=units, link=Link(up, up * rng.uniform(1.0, 8.0), float(rng.uniform(0.0, 0.1))),
+        units=units,
+        link=Link(uplink_bytes_per_s=up, downlink_bytes_per_s=up * rng.uniform(1.0, 8.0),
+                  rtt_s=float(rng.uniform(0.0, 0.1))),
         sla_s=math.inf, input_bytes=float(10.0 ** rng.uniform(3, 6)),
         output_bytes=float(10.0 ** rng.uniform(1, 4)), passes=int(rng.choice([1, 4])),
         client_mem_limit_bytes=float(mem.sum() * rng.uniform(0.3, 0.7)) if memory else math.inf,

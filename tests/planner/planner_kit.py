@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from splitllm.planner.instance import Instance, Link, PhaseLimit, Unit
+from splitllm.planner.instance import Instance, PhaseLimit, Unit
+from splitllm.planner.network import Link
 
 LAT_TOL = 1e-9  # relative tolerance of latency limits (the spec's)
 MEM_TOL = 1e-12  # relative tolerance of the memory limit (the spec's)
@@ -167,7 +168,8 @@ def random_instance(
         for i in range(n)
     )
     up = 10.0 ** rng.uniform(6, 8)
-    link = Link(up, up * rng.uniform(1.0, 8.0), float(rng.uniform(0.0, 0.1)))
+    link = Link(uplink_bytes_per_s=up, downlink_bytes_per_s=up * rng.uniform(1.0, 8.0),
+                rtt_s=float(rng.uniform(0.0, 0.1)))
     phase_limits = tuple(
         PhaseLimit(
             f"phase{k}", math.inf,
@@ -245,7 +247,8 @@ def hand_instance(
             Unit(f"u{i}", c, s, w, b, 0.0 if mem is None else mem[i])
             for i, (c, s, w, b) in enumerate(units)
         ),
-        link=Link(up_bytes_per_s, down_bytes_per_s, rtt_s),
+        link=Link(uplink_bytes_per_s=up_bytes_per_s, downlink_bytes_per_s=down_bytes_per_s,
+                  rtt_s=rtt_s),
         sla_s=sla_s,
         input_bytes=input_bytes,
         output_bytes=output_bytes,

@@ -17,7 +17,7 @@ from splitllm.planner.hardware import (
     DEVICE_PRESETS,
     LINK_PRESETS,
     DeviceProfile,
-    LinkProfile,
+    Link,
     load_profile,
     save_profile,
 )
@@ -133,19 +133,19 @@ def test_unknown_model_name_is_a_user_error() -> None:
 
 
 def test_roofline_is_compute_bound_when_flops_dominate() -> None:
-    device = DeviceProfile("d", peak_flops_per_s=1e12, mem_bandwidth_bytes_per_s=1e11,
+    device = DeviceProfile(name="d", peak_flops_per_s=1e12, mem_bandwidth_bytes_per_s=1e11,
                            mem_capacity_bytes=1e9, efficiency=0.5)
     assert device.time_s(flops=1e12, mem_bytes=1e10) == pytest.approx(1.0 / 0.5)
 
 
 def test_roofline_is_memory_bound_when_bytes_dominate() -> None:
-    device = DeviceProfile("d", peak_flops_per_s=1e12, mem_bandwidth_bytes_per_s=1e11,
+    device = DeviceProfile(name="d", peak_flops_per_s=1e12, mem_bandwidth_bytes_per_s=1e11,
                            mem_capacity_bytes=1e9, efficiency=0.5)
     assert device.time_s(flops=1e9, mem_bytes=1e11) == pytest.approx(1.0 / 0.5)
 
 
 @pytest.mark.parametrize("profile", [*DEVICE_PRESETS.values(), *LINK_PRESETS.values()])
-def test_profile_json_roundtrips(tmp_path: Path, profile: DeviceProfile | LinkProfile) -> None:
+def test_profile_json_roundtrips(tmp_path: Path, profile: DeviceProfile | Link) -> None:
     path = tmp_path / f"{profile.name}.json"
     save_profile(profile, path)
     assert load_profile(path) == profile
@@ -192,7 +192,8 @@ def test_profile_without_efficiency_gets_the_default(tmp_path: Path) -> None:
     profile = load_profile(path)
     assert isinstance(profile, DeviceProfile)
     assert profile.name == "box"
-    assert math.isclose(profile.efficiency, DeviceProfile("x", 1, 1, 1).efficiency)
+    assert math.isclose(profile.efficiency, DeviceProfile(
+        name="x", peak_flops_per_s=1, mem_bandwidth_bytes_per_s=1, mem_capacity_bytes=1).efficiency)
 
 
 def test_boolean_for_a_profile_number_is_a_user_error(tmp_path: Path) -> None:

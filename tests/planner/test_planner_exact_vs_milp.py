@@ -9,7 +9,8 @@ import pytest
 from planner_kit import random_instance, random_placement, with_phase_limits, with_sla
 
 from splitllm.placement import Placement
-from splitllm.planner.instance import Instance, Link, Unit, evaluate
+from splitllm.planner.instance import Instance, Unit, evaluate
+from splitllm.planner.network import Link
 from splitllm.planner.solvers import frontier, solve
 
 # Memory and phase limits add label dimensions; `exact` is kept to sizes where it stays fast
@@ -112,7 +113,8 @@ MEMORY_ROW_CASE = (  # client_s, server_s, server_work, out_bytes, client_mem_by
 def test_milp_is_optimal_when_a_memory_limit_in_bytes_binds() -> None:
     instance = Instance(
         units=tuple(Unit(f"u{i}", *row) for i, row in enumerate(MEMORY_ROW_CASE)),
-        link=Link(19642246.30015804, 50642157.46686556, 0.08244806881259531),
+        link=Link(uplink_bytes_per_s=19642246.30015804, downlink_bytes_per_s=50642157.46686556,
+                  rtt_s=0.08244806881259531),
         sla_s=0.41189798661606736,
         input_bytes=10865.97825439687,
         output_bytes=507.81018743922624,

@@ -10,7 +10,8 @@ from runtime_kit import TIMEOUT_S
 
 from splitllm.errors import UserError
 from splitllm.placement import Placement
-from splitllm.planner.instance import Link, evaluate
+from splitllm.planner.instance import evaluate
+from splitllm.planner.network import Link
 from splitllm.runtime.autoplace import (
     HEADER_BYTES_PER_MESSAGE,
     TOKEN_REPLY_BYTES,
@@ -24,7 +25,7 @@ from splitllm.runtime.client import connect, measure_link
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.profile import UnitProfile, profile_units
-from splitllm.runtime.transport import EmulatedLink, LinkShape, WebSocketTransport
+from splitllm.runtime.transport import EmulatedLink, WebSocketTransport
 from splitllm.runtime.units import UnitStack
 
 NAMES = ("embed", "block0", "block1", "head")
@@ -36,7 +37,7 @@ def profile(scale: float) -> UnitProfile:
 
 
 def test_measured_instance_follows_the_cost_model() -> None:
-    link = Link(1e6, 2e6, 0.05)
+    link = Link(uplink_bytes_per_s=1e6, downlink_bytes_per_s=2e6, rtt_s=0.05)
     instance = measured_instance(profile(4.0), profile(1.0), link, Request(20, 5),
                                  hidden_bytes_per_token=256)
     assert instance.passes == 5 and instance.names == NAMES
@@ -54,7 +55,8 @@ def test_measured_instance_follows_the_cost_model() -> None:
 
 
 def test_the_sla_decides_how_much_runs_on_the_client() -> None:
-    instance = measured_instance(profile(6.0), profile(1.0), Link(1e7, 1e7, 0.02),
+    instance = measured_instance(profile(6.0), profile(1.0),
+                                 Link(uplink_bytes_per_s=1e7, downlink_bytes_per_s=1e7, rtt_s=0.02),
                                  Request(20, 5), hidden_bytes_per_token=256)
     loose = plan_placement(with_sla(instance, 10.0))
     assert loose.placement.sides == "CCCC" and loose.server_work == 0
@@ -71,8 +73,8 @@ def test_the_sla_decides_how_much_runs_on_the_client() -> None:
 
 
 def test_measured_link_sees_the_emulated_link(llama_server: BackgroundServer) -> None:
-    shape = LinkShape("test", uplink_bytes_per_s=4e6, downlink_bytes_per_s=8e6, rtt_s=0.02)
-    transport = EmulatedLink(WebSocketTransport(llama_server.ws_url), shape)
+    emulated = Link(name="test", uplink_bytes_per_s=4e6, downlink_bytes_per_s=8e6, rtt_s=0.02)
+    transport = EmulatedLink(WebSocketTransport(llama_server.ws_url), emulated)
     try:
         link = measure_link(transport, TIMEOUT_S, pings=3)
     finally:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from splitllm.planner.configs import ModelConfig
 from splitllm.planner.costs import ModelCosts, UnitCost
-from splitllm.planner.hardware import DeviceProfile, LinkProfile
+from splitllm.planner.hardware import DeviceProfile
+from splitllm.planner.network import Link
 from splitllm.sim.dists import Dist
 from splitllm.sim.world import ClientClass, RequestType, ServerSpec, SweepSpec, Trace, World
 
-NO_LINK = LinkProfile("none", 1e15, 1e15, 0.0)
-SERVER = DeviceProfile("server", 1000.0, 1e15, 1e15, 1.0)  # 1000 FLOP/s, memory never binds
-CLIENT = DeviceProfile("client", 100.0, 1e15, 1e15, 1.0)
+NO_LINK = Link(name="none", uplink_bytes_per_s=1e15, downlink_bytes_per_s=1e15, rtt_s=0.0)
+# 1000 FLOP/s, memory never binds
+SERVER = DeviceProfile(name="server", peak_flops_per_s=1000.0, mem_bandwidth_bytes_per_s=1e15,
+                       mem_capacity_bytes=1e15, efficiency=1.0)
+CLIENT = DeviceProfile(name="client", peak_flops_per_s=100.0, mem_bandwidth_bytes_per_s=1e15,
+                       mem_capacity_bytes=1e15, efficiency=1.0)
 
 
 def synthetic_world(service: Dist, rate_per_s: float, duration_s: float, scheduler: str = "fcfs",
                     warmup_s: float = 0.0, trace: Trace | None = None,
-                    link: LinkProfile = NO_LINK, seed: int = 0, workers: int = 1,
+                    link: Link = NO_LINK, seed: int = 0, workers: int = 1,
                     sla_s: float = 1e9) -> World:
     """Requests that are one server job each, with service times drawn from `service`."""
     return World(
@@ -42,7 +46,7 @@ def tiny_model() -> ModelCosts:
 def tiny_world(arrivals_s: tuple[float, ...], prompt: int, output: int, scheduler: str = "fcfs",
                sla_s: float = 100.0) -> World:
     """Requests of the tiny model from one client over a 0.2 s RTT, 100 B/s link."""
-    link = LinkProfile("slow", 100.0, 100.0, 0.2)
+    link = Link(name="slow", uplink_bytes_per_s=100.0, downlink_bytes_per_s=100.0, rtt_s=0.2)
     rtype = RequestType("tiny", sla_s=sla_s, model=tiny_model(),
                         prompt_tokens=Dist("fixed", (float(prompt),)),
                         output_tokens=Dist("fixed", (float(output),)))

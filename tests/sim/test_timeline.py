@@ -10,7 +10,8 @@ from sim_kit import synthetic_world, tiny_model, tiny_world
 
 from splitllm.placement import Placement
 from splitllm.planner.costs import UnitCost
-from splitllm.planner.hardware import DeviceProfile, LinkProfile
+from splitllm.planner.hardware import DeviceProfile
+from splitllm.planner.network import Link
 from splitllm.sim.batching import BatchCost
 from splitllm.sim.builtin import builtin_world
 from splitllm.sim.dists import Dist
@@ -19,7 +20,7 @@ from splitllm.sim.walk import WalkBuilder
 from splitllm.sim.world import ServerSpec, Trace
 
 ONE_S = Dist("fixed", (1.0,), integer=False)
-HALF_RTT = LinkProfile("rtt", 1e15, 1e15, 0.2)
+HALF_RTT = Link(name="rtt", uplink_bytes_per_s=1e15, downlink_bytes_per_s=1e15, rtt_s=0.2)
 
 
 def _same(log: tuple[tuple[int, int, float, float], ...], expected: list[tuple]) -> None:
@@ -80,7 +81,8 @@ def _batch_world(max_batch: int = 32):
     block = UnitCost("block0", 0, 100.0, 0.0, 200.0, 10.0, 10.0)  # 200 B weights, 10 B/token KV
     model = replace(model, units=(model.units[0], block, model.units[2]))
     world = tiny_world((0.0,), prompt=2, output=2)
-    server = DeviceProfile("server", 1000.0, 1000.0, 1e15, 1.0)
+    server = DeviceProfile(name="server", peak_flops_per_s=1000.0, mem_bandwidth_bytes_per_s=1000.0,
+                           mem_capacity_bytes=1e15, efficiency=1.0)
     rtype = replace(world.types[0], model=model)
     return replace(world, types=(rtype,), server=ServerSpec(server, "batched", max_batch=max_batch))
 

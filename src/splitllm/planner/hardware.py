@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from splitllm.errors import UserError
+from splitllm.planner.network import Link
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeviceProfile:
     """A device: roofline peaks, memory for a model, and the share of peak it reaches."""
 
@@ -28,40 +29,42 @@ class DeviceProfile:
         )
 
 
-@dataclass(frozen=True)
-class LinkProfile:
-    """A network path between a client and the server."""
-
-    name: str
-    uplink_bytes_per_s: float
-    downlink_bytes_per_s: float
-    rtt_s: float
-
-
 GB = 1e9
 MBIT = 1e6 / 8
 
 DEVICE_PRESETS: dict[str, DeviceProfile] = {
     # Snapdragon 8 Gen 2 class phone: Adreno 740 ~ 2 TFLOP/s fp16 usable, LPDDR5X 4x16-bit
     # @ 4.2 GHz = 67 GB/s; an app can hold ~3 GB of model on an 8-12 GB phone.
-    "phone": DeviceProfile("phone", 2.0e12, 67 * GB, 3 * GB, 0.3),
+    "phone": DeviceProfile(name="phone", peak_flops_per_s=2.0e12,
+                           mem_bandwidth_bytes_per_s=67 * GB, mem_capacity_bytes=3 * GB,
+                           efficiency=0.3),
     # Apple M2 laptop: GPU 3.6 TFLOP/s fp32 (Apple spec), 100 GB/s unified memory, 16 GB.
-    "laptop": DeviceProfile("laptop", 3.6e12, 100 * GB, 12 * GB, 0.4),
+    "laptop": DeviceProfile(name="laptop", peak_flops_per_s=3.6e12,
+                            mem_bandwidth_bytes_per_s=100 * GB, mem_capacity_bytes=12 * GB,
+                            efficiency=0.4),
     # NVIDIA Jetson Orin Nano 8 GB: 1024 CUDA cores @ 625 MHz ~ 2.6 TFLOP/s fp16, LPDDR5 68 GB/s.
-    "edge-box": DeviceProfile("edge-box", 2.6e12, 68 * GB, 6 * GB, 0.4),
+    "edge-box": DeviceProfile(name="edge-box", peak_flops_per_s=2.6e12,
+                              mem_bandwidth_bytes_per_s=68 * GB, mem_capacity_bytes=6 * GB,
+                              efficiency=0.4),
     # NVIDIA A100 80 GB SXM: 312 TFLOP/s bf16 dense, HBM2e 2.039 TB/s (NVIDIA datasheet).
-    "datacenter-gpu": DeviceProfile("datacenter-gpu", 312e12, 2039 * GB, 80 * GB, 0.5),
+    "datacenter-gpu": DeviceProfile(name="datacenter-gpu", peak_flops_per_s=312e12,
+                                    mem_bandwidth_bytes_per_s=2039 * GB,
+                                    mem_capacity_bytes=80 * GB, efficiency=0.5),
 }
 
-LINK_PRESETS: dict[str, LinkProfile] = {
+LINK_PRESETS: dict[str, Link] = {
     # LTE medians (Opensignal mobile reports): ~25 Mbit/s down, ~8 Mbit/s up, ~50 ms RTT.
-    "4g": LinkProfile("4g", 8 * MBIT, 25 * MBIT, 0.050),
+    "4g": Link(name="4g", uplink_bytes_per_s=8 * MBIT,
+               downlink_bytes_per_s=25 * MBIT, rtt_s=0.050),
     # 5G mid-band medians: ~150 Mbit/s down, ~20 Mbit/s up, ~25 ms RTT.
-    "5g": LinkProfile("5g", 20 * MBIT, 150 * MBIT, 0.025),
+    "5g": Link(name="5g", uplink_bytes_per_s=20 * MBIT,
+               downlink_bytes_per_s=150 * MBIT, rtt_s=0.025),
     # Home Wi-Fi 5 to a nearby edge server: ~100 Mbit/s up, ~200 Mbit/s down, ~5 ms RTT.
-    "wifi": LinkProfile("wifi", 100 * MBIT, 200 * MBIT, 0.005),
+    "wifi": Link(name="wifi", uplink_bytes_per_s=100 * MBIT,
+                 downlink_bytes_per_s=200 * MBIT, rtt_s=0.005),
     # Gigabit Ethernet within a building: 1 Gbit/s each way, ~0.5 ms RTT.
-    "lan": LinkProfile("lan", 1000 * MBIT, 1000 * MBIT, 0.0005),
+    "lan": Link(name="lan", uplink_bytes_per_s=1000 * MBIT,
+                downlink_bytes_per_s=1000 * MBIT, rtt_s=0.0005),
 }
 
 
@@ -82,21 +85,21 @@ def device_preset(name: str) -> DeviceProfile:
     return profile
 
 
-def link_preset(name: str) -> LinkProfile:
+def link_preset(name: str) -> Link:
     """A named link preset, or a link profile JSON file."""
     profile = _preset("link", LINK_PRESETS, name)
-    if not isinstance(profile, LinkProfile):
+    if not isinstance(profile, Link):
         raise UserError(f"{name}: not a link profile")
     return profile
 
 
-def save_profile(profile: DeviceProfile | LinkProfile, path: Path) -> None:
+def save_profile(profile: DeviceProfile | Link, path: Path) -> None:
     """Write a device or link profile as JSON (`kind` tells which)."""
     kind = "device" if isinstance(profile, DeviceProfile) else "link"
     path.write_text(json.dumps({"kind": kind, **asdict(profile)}, indent=2) + "\n")
 
 
-def load_profile(path: Path) -> DeviceProfile | LinkProfile:
+def load_profile(path: Path) -> DeviceProfile | Link:
     """Read a profile written by `save_profile` (or by hand, from measurements)."""
     try:
         data = json.loads(path.read_text())
@@ -105,8 +108,8 @@ def load_profile(path: Path) -> DeviceProfile | LinkProfile:
     if not isinstance(data, dict):
         raise UserError(f"profile {path}: expected a JSON object")
     kind = data.pop("kind", None)
-    cls: type[DeviceProfile] | type[LinkProfile]
-    cls = {"device": DeviceProfile, "link": LinkProfile}.get(kind)  # type: ignore[assignment]
+    cls: type[DeviceProfile] | type[Link]
+    cls = {"device": DeviceProfile, "link": Link}.get(kind)  # type: ignore[assignment]
     if cls is None:
         raise UserError(f"profile {path}: field 'kind' must be 'device' or 'link'")
     data.setdefault("name", path.stem)

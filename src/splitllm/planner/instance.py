@@ -1,9 +1,9 @@
 """One request on one client: per-unit times and bytes, the link and the SLA (the planner's input).
 
-Latency of a placement = unit times on their sides + every crossing. A crossing in either
-direction costs `passes * rtt_s / 2 + bytes / bandwidth`: a generation of G tokens makes G
-forward passes (one prefill, G - 1 decode steps) and each pass pays the one-way delay at every
-switch, while `bytes` already totals what crosses over all passes.
+Latency of a placement = unit times on their sides + every crossing (`network.crossing_s`): a
+generation of G tokens makes G forward passes (one prefill, G - 1 decode steps) and each pass
+pays the one-way delay at every switch, while the bytes already total what crosses over all
+passes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.costs import ModelCosts
-from splitllm.planner.hardware import DeviceProfile, LinkProfile
+from splitllm.planner.hardware import DeviceProfile
+from splitllm.planner.network import Link, carried_bytes, path_network_s
 
 REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
 
@@ -34,15 +35,6 @@ class Unit:
     client_mem_bytes: float = 0.0
     client_ok: bool = True
     server_ok: bool = True
-
-
-@dataclass(frozen=True)
-class Link:
-    """A client's network path to the server."""
-
-    uplink_bytes_per_s: float
-    downlink_bytes_per_s: float
-    rtt_s: float
 
 
 @dataclass(frozen=True)
@@ -100,15 +92,6 @@ class Plan:
     violation: str | None
 
 
-def crossing_s(
-    link: Link, up: bool, nbytes: float, passes: int, server_wait_s: float = 0.0
-) -> float:
-    """Time of one switch in one direction, over all passes (a visit to the server may queue)."""
-    if up:
-        return passes * (link.rtt_s / 2 + server_wait_s) + nbytes / link.uplink_bytes_per_s
-    return passes * link.rtt_s / 2 + nbytes / link.downlink_bytes_per_s
-
-
 def _path_latency(
     sides: str,
     client_s: Sequence[float],
@@ -123,14 +106,9 @@ def _path_latency(
     """(client compute, server compute, network) seconds of one path through the units."""
     client = sum(c for c, s in zip(client_s, sides, strict=True) if s == CLIENT)
     server = sum(t for t, s in zip(server_s, sides, strict=True) if s == SERVER)
-    network = 0.0
-    prev, carried = CLIENT, input_bytes  # the input starts on the client
-    for i, side in enumerate(sides):
-        if side != prev:
-            network += crossing_s(link, side == SERVER, carried, passes, server_wait_s)
-        prev, carried = side, out_bytes[i]
-    if prev == SERVER:  # the result goes back down to the client
-        network += crossing_s(link, False, output_bytes, passes)
+    on_server = np.frombuffer(sides.encode(), dtype=np.uint8) == ord(SERVER)  # [L]
+    network = path_network_s(link, on_server, carried_bytes(input_bytes, out_bytes, output_bytes),
+                             passes, server_wait_s)
     return client, server, network
 
 
@@ -239,7 +217,7 @@ def build_instance(
     model: ModelCosts,
     client: DeviceProfile,
     server: DeviceProfile,
-    link: LinkProfile,
+    link: Link,
     request: Request,
     keep_on_client: frozenset[str] = frozenset(),
     keep_on_server: frozenset[str] = frozenset(),
@@ -289,7 +267,7 @@ def build_instance(
         ))
     return Instance(
         units=units,
-        link=Link(link.uplink_bytes_per_s, link.downlink_bytes_per_s, link.rtt_s),
+        link=link,
         sla_s=request.sla_s,
         input_bytes=input_bytes,
         output_bytes=output_bytes,

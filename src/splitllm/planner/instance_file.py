@@ -16,7 +16,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitllm.errors import UserError
-from splitllm.planner.instance import Instance, Link, PhaseLimit, Unit
+from splitllm.planner.instance import Instance, PhaseLimit, Unit
+from splitllm.planner.network import Link
 
 # strict: a number must be a JSON number (true is not 1.0, "2" is not 2.0); ints are fine.
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
@@ -70,7 +71,8 @@ class InstanceModel(_Strict):
                     raise UserError(f"phase_limits.{p.name}.{key}: expected {n} values")
         return Instance(
             units=tuple(Unit(**layer.model_dump()) for layer in self.layers),
-            link=Link(self.uplink_bytes_per_s, self.downlink_bytes_per_s, self.rtt_s),
+            link=Link(uplink_bytes_per_s=self.uplink_bytes_per_s,
+                      downlink_bytes_per_s=self.downlink_bytes_per_s, rtt_s=self.rtt_s),
             sla_s=self.sla_s,
             input_bytes=self.input_bytes,
             output_bytes=self.output_bytes,

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.planner.instance import REL_TOL, Instance, crossing_s
+from splitllm.planner.instance import REL_TOL, Instance
 
 
 def _latency_row(
@@ -26,9 +26,13 @@ def _latency_row(
 ) -> tuple[np.ndarray, float]:
     """Coefficients over [x, up, down] and the constant part of one latency sum."""
     n, link = len(instance.units), instance.link
+    # The crossing formula restated on purpose (see planner/network.py): this is the check.
     carried = [input_bytes, *out_bytes[:-1], output_bytes]  # bytes on the edge into unit l
-    up = [crossing_s(link, True, carried[l], passes, instance.server_wait_s) for l in range(n)]
-    down = [crossing_s(link, False, carried[l], passes) for l in range(n + 1)]
+    wait_s = instance.server_wait_s
+    up = [passes * (link.rtt_s / 2 + wait_s) + carried[l] / link.uplink_bytes_per_s
+          for l in range(n)]
+    down = [passes * link.rtt_s / 2 + carried[l] / link.downlink_bytes_per_s
+            for l in range(n + 1)]
     row = np.concatenate([np.subtract(server_s, client_s), up, [0.0], down])
     return row, float(np.sum(client_s))
 

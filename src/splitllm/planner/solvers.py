@@ -18,8 +18,9 @@ import numpy as np
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.planner.instance import REL_TOL, Instance, Plan, crossing_s, evaluate
+from splitllm.planner.instance import REL_TOL, Instance, Plan, evaluate
 from splitllm.planner.labels import TOO_MANY, forward, lower_bounds, single_cut, trace
+from splitllm.planner.network import carried_bytes, crossing_s
 
 SIDES = (CLIENT, SERVER)
 C, S = 0, 1
@@ -71,12 +72,10 @@ def _moves(
     passes: int,
 ) -> np.ndarray:
     """[L + 1, 2, 2] crossing times: the edge into unit l carries unit l - 1's output."""
-    carried = np.array([input_bytes, *out_bytes[:-1], output_bytes])  # [L + 1]
+    carried = carried_bytes(input_bytes, out_bytes, output_bytes)  # [L + 1]
     move = np.zeros((len(carried), 2, 2))
-    # crossing_s is plain arithmetic, so it maps over an array of byte counts too.
-    move[:, C, S] = crossing_s(instance.link, True, carried, passes,  # type: ignore[arg-type]
-                               instance.server_wait_s)
-    move[:, S, C] = crossing_s(instance.link, False, carried, passes)  # type: ignore[arg-type]
+    move[:, C, S] = crossing_s(instance.link, True, carried, passes, instance.server_wait_s)
+    move[:, S, C] = crossing_s(instance.link, False, carried, passes)
     move[-1, :, S] = math.inf  # the result must end on the client
     return move
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.planner.instance import Instance, Link, Plan, Unit, evaluate
+from splitllm.planner.instance import Instance, Plan, Unit, evaluate
+from splitllm.planner.network import Link
 from splitllm.runtime.profile import UnitProfile
 
 MEASURED = "measured"
@@ -67,18 +68,16 @@ def preset_instance(config: dict[str, Any], client_device: str, server_device: s
     """The planner's instance from its roofline device presets."""
     from splitllm.planner.configs import ModelConfig
     from splitllm.planner.costs import model_costs
-    from splitllm.planner.hardware import LinkProfile, device_preset
+    from splitllm.planner.hardware import device_preset
     from splitllm.planner.instance import Request as PlannerRequest
     from splitllm.planner.instance import build_instance
 
     costs = model_costs(ModelConfig.from_hf_dict(config), weight_bytes=weight_bytes,
                         wire_bytes=wire_bytes)
-    profile = LinkProfile("measured", link.uplink_bytes_per_s, link.downlink_bytes_per_s,
-                          link.rtt_s)
     planner_request = PlannerRequest(request.prompt_tokens, max(request.new_tokens, 1),
                                      sla_s if math.isfinite(sla_s) else 1e9)
     return build_instance(costs, device_preset(client_device), device_preset(server_device),
-                          profile, planner_request)
+                          link, planner_request)
 
 
 def with_sla(instance: Instance, sla_s: float) -> Instance:

@@ -19,7 +19,9 @@ import torch
 
 from splitllm.errors import UserError
 from splitllm.placement import Placement
-from splitllm.planner.instance import Instance, Link, Plan
+from splitllm.planner.hardware import link_preset
+from splitllm.planner.instance import Instance, Plan
+from splitllm.planner.network import Link
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.autoplace import (
     MEASURED,
@@ -38,7 +40,6 @@ from splitllm.runtime.transport import (
     ServerError,
     Transport,
     WebSocketTransport,
-    link_shape,
 )
 from splitllm.runtime.units import UnitStack
 
@@ -138,7 +139,8 @@ def measure_link(transport: Transport, timeout_s: float = 30.0, pings: int = 5,
     transport.send(wire.encode_frame({"type": "probe", "reply_bytes": probe_bytes}))
     receive(transport, "probe_reply", timeout_s)
     down_s = max(time.perf_counter() - clock - rtt_s, 1e-6)
-    return Link(probe_bytes / up_s, probe_bytes / down_s, rtt_s)
+    return Link(uplink_bytes_per_s=probe_bytes / up_s,
+                downlink_bytes_per_s=probe_bytes / down_s, rtt_s=rtt_s, name="measured")
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,7 @@ def connect(server: str = DEFAULT_SERVER, model: str | Path | LoadedModel = "smo
     if info.get("fingerprint") != mine:
         raise UserError(f"the server runs another model ({info.get('model')}, fingerprint "
                         f"{info.get('fingerprint')}) than this client ({loaded.model_id}, {mine})")
-    shape = link_shape(emulate_link) if emulate_link else None  # bad names fail before connecting
+    shape = link_preset(emulate_link) if emulate_link else None  # bad names fail before connecting
     limit = int(info.get("limits", {}).get("max_frame_bytes", 64 * 2**20))
     transport: Transport = WebSocketTransport(server, token, limit + 2 * wire.MAX_HEADER_BYTES)
     emulation = None

@@ -1,17 +1,18 @@
 """The client's byte pipe to the server: a WebSocket, optionally behind an emulated link.
 
-Emulation is for testbeds: `EmulatedLink` delays every frame by half the RTT plus its size
-over the link's bandwidth in its direction, so one machine can stand for a phone on 4G.
+Emulation is for testbeds: `EmulatedLink` delays every frame by the planner's crossing time
+(half the RTT plus its size over the link's bandwidth in its direction), so one machine can
+stand for a phone on 4G.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 from splitllm.errors import UserError
+from splitllm.planner.network import Link, crossing_s
 from splitllm.runtime.protocol import SESSION_PATH
 
 CONNECT_TIMEOUT_S = 10.0
@@ -40,25 +41,6 @@ class Transport(Protocol):
     def recv(self, timeout_s: float) -> str | bytes: ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class LinkShape:
-    """What an emulated link adds to each frame."""
-
-    name: str
-    uplink_bytes_per_s: float
-    downlink_bytes_per_s: float
-    rtt_s: float
-
-
-def link_shape(name: str) -> LinkShape:
-    """An emulated link from the planner's link presets (4g, 5g, wifi, lan)."""
-    from splitllm.planner.hardware import link_preset
-
-    preset = link_preset(name)
-    return LinkShape(preset.name, preset.uplink_bytes_per_s, preset.downlink_bytes_per_s,
-                     preset.rtt_s)
 
 
 class WebSocketTransport:
@@ -132,9 +114,9 @@ def _closed_error(exc: Exception) -> ServerError:
 class EmulatedLink:
     """EMULATION: shapes a transport like a real link (delay + bandwidth per frame)."""
 
-    def __init__(self, inner: Transport, shape: LinkShape) -> None:
+    def __init__(self, inner: Transport, link: Link) -> None:
         self.inner = inner
-        self.shape = shape
+        self.link = link
         self.delay_s = 0.0  # total emulated delay added, for reports
 
     @property
@@ -145,18 +127,18 @@ class EmulatedLink:
     def bytes_received(self) -> int:
         return self.inner.bytes_received
 
-    def _wait(self, nbytes: int, bytes_per_s: float) -> None:
-        delay_s = self.shape.rtt_s / 2 + nbytes / bytes_per_s
+    def _wait(self, nbytes: int, up: bool) -> None:
+        delay_s = crossing_s(self.link, up, float(nbytes))
         self.delay_s += delay_s
         time.sleep(delay_s)
 
     def send(self, data: str | bytes) -> None:
-        self._wait(len(data), self.shape.uplink_bytes_per_s)
+        self._wait(len(data), up=True)
         self.inner.send(data)
 
     def recv(self, timeout_s: float) -> str | bytes:
         data = self.inner.recv(timeout_s)
-        self._wait(len(data), self.shape.downlink_bytes_per_s)
+        self._wait(len(data), up=False)
         return data
 
     def close(self) -> None:

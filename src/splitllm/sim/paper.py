@@ -71,9 +71,10 @@ class PaperPoint:
 
 def scaled_client(server: DeviceProfile, ratio: float, memory_bytes: float) -> DeviceProfile:
     """A client `ratio` times slower than the server in compute and memory bandwidth."""
-    return DeviceProfile(f"client-1/{ratio:g}", server.peak_flops_per_s / ratio,
-                         server.mem_bandwidth_bytes_per_s / ratio, memory_bytes,
-                         server.efficiency)
+    return DeviceProfile(name=f"client-1/{ratio:g}",
+                         peak_flops_per_s=server.peak_flops_per_s / ratio,
+                         mem_bandwidth_bytes_per_s=server.mem_bandwidth_bytes_per_s / ratio,
+                         mem_capacity_bytes=memory_bytes, efficiency=server.efficiency)
 
 
 def solve_length(grid: PaperGrid, model: str, prompt_tokens: int) -> list[PaperPoint]:

@@ -25,7 +25,8 @@ from pydantic import (
 from splitllm.errors import UserError
 from splitllm.planner.configs import DTYPE_BYTES, load_model_config
 from splitllm.planner.costs import model_costs
-from splitllm.planner.hardware import DeviceProfile, LinkProfile, device_preset, link_preset
+from splitllm.planner.hardware import DeviceProfile, device_preset, link_preset
+from splitllm.planner.network import Link
 from splitllm.sim import traces
 from splitllm.sim.dists import Dist
 from splitllm.sim.policies import check_policy
@@ -136,12 +137,12 @@ class LinkIn(_In):
         self.resolve()
         return self
 
-    def resolve(self) -> LinkProfile:
+    def resolve(self) -> Link:
         base = _preset(link_preset, self.preset)
         fields = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
         if base is None:
-            return _build(LinkProfile, {"name": "custom", **fields})
-        return _build(LinkProfile, {**base.__dict__, **fields})
+            return _build(Link, {"name": "custom", **fields})
+        return _build(Link, {**base.__dict__, **fields})
 
 
 def _preset(lookup: Any, name: str | None) -> Any:

@@ -17,8 +17,9 @@ import numpy as np
 
 from splitllm.placement import SERVER, Placement
 from splitllm.planner.costs import ModelCosts
-from splitllm.planner.hardware import DeviceProfile, LinkProfile
+from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.instance import Request, phase_times
+from splitllm.planner.network import Link, carried_bytes, crossing_s
 from splitllm.sim import memo
 from splitllm.sim.world import World
 
@@ -43,10 +44,10 @@ class Walk:
 NO_WALK = Walk([0.0], [], 0, 0.0, ())  # nothing on the server
 
 
-def synthetic_walk(service_s: float, link: LinkProfile) -> Walk:
+def synthetic_walk(service_s: float, link: Link) -> Walk:
     """One server job of `service_s` seconds, half a round trip on each side."""
-    half = link.rtt_s / 2
-    return Walk([half, half], [service_s], 1, half, ((0, 1),))
+    half_s = crossing_s(link, True, 0.0)  # no bytes: half the round trip each way
+    return Walk([half_s, half_s], [service_s], 1, half_s, ((0, 1),))
 
 
 class WalkBuilder:
@@ -89,25 +90,24 @@ class WalkBuilder:
         return _fold(placement, model, client.link, on_client, on_server, tokens)
 
 
-def _crossing(link: LinkProfile, up: bool, nbytes: np.ndarray) -> np.ndarray:
-    bandwidth = link.uplink_bytes_per_s if up else link.downlink_bytes_per_s
-    return link.rtt_s / 2 + nbytes / bandwidth
-
-
-def _fold(placement: Placement, model: ModelCosts, link: LinkProfile, on_client: np.ndarray,
+def _fold(placement: Placement, model: ModelCosts, link: Link, on_client: np.ndarray,
           on_server: np.ndarray, tokens: np.ndarray) -> Walk:
     """Fold client time and crossings into gaps between server jobs, pass by pass."""
     passes = len(tokens)
+    per_token = carried_bytes(model.input_bytes_per_token,
+                              [u.out_bytes_per_token for u in model.units],
+                              model.output_bytes_per_token)  # [units + 1]
+    carried = np.outer(per_token, tokens)  # [units + 1, passes]
+    carried[-1] = model.output_bytes_per_token  # every pass returns one result
     gap = np.zeros(passes)
     gaps: list[np.ndarray] = []
     services: list[np.ndarray] = []
     segments: list[tuple[int, int]] = []
-    carried = model.input_bytes_per_token * tokens  # the input starts on the client
-    on_server_before = False
+    on_server_before = False  # the input starts on the client
     for seg in placement.segments():
         here_server = seg.side == SERVER
         if here_server != on_server_before:
-            gap = gap + _crossing(link, here_server, carried)
+            gap = gap + crossing_s(link, here_server, carried[seg.start])
         if here_server:
             gaps.append(gap)
             services.append(on_server[seg.stop] - on_server[seg.start])
@@ -116,9 +116,8 @@ def _fold(placement: Placement, model: ModelCosts, link: LinkProfile, on_client:
         else:
             gap = gap + (on_client[seg.stop] - on_client[seg.start])
         on_server_before = here_server
-        carried = model.units[seg.stop - 1].out_bytes_per_token * tokens
     if on_server_before:  # the result goes back down to the client
-        gap = gap + _crossing(link, False, model.output_bytes_per_token * np.ones(passes))
+        gap = gap + crossing_s(link, False, carried[-1])
     tail = gap
     k = len(services)
     if k == 0:

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from splitllm.planner.costs import ModelCosts
-from splitllm.planner.hardware import DeviceProfile, LinkProfile
+from splitllm.planner.hardware import DeviceProfile
+from splitllm.planner.network import Link
 from splitllm.sim.dists import Dist
 
 DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware")
@@ -28,7 +29,7 @@ class ClientClass:
 
     name: str
     device: DeviceProfile
-    link: LinkProfile
+    link: Link
     share: float = 1.0
 
 

@@ -1,0 +1,58 @@
+"""The network between a client and the server: the Link value and the one crossing formula.
+
+A switch between the sides in one direction costs `passes * rtt_s / 2 + bytes / bandwidth`:
+each forward pass pays the one-way delay, and the bytes (totalled over all passes) pay the
+bandwidth of that direction. The planner (instance evaluation, solver cost arrays), the
+simulator's walks and the runtime's emulated link all call `crossing_s`; only the independent
+checks (the MILP, the tests' brute force) restate it on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+Bytes = TypeVar("Bytes", float, np.ndarray)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """A client's network path to the server (a preset, a profile file, or measured)."""
+
+    uplink_bytes_per_s: float
+    downlink_bytes_per_s: float
+    rtt_s: float
+    name: str = field(default="link", compare=False)  # a label: links that cost the same are equal
+
+
+def crossing_s(
+    link: Link, up: bool, nbytes: Bytes, passes: float = 1, server_wait_s: float = 0.0
+) -> Bytes:
+    """Seconds of one switch in one direction over `passes` passes (elementwise on arrays).
+
+    Going up, each pass may also wait `server_wait_s` in the server's queue.
+    """
+    if up:
+        return passes * (link.rtt_s / 2 + server_wait_s) + nbytes / link.uplink_bytes_per_s
+    return passes * link.rtt_s / 2 + nbytes / link.downlink_bytes_per_s
+
+
+def carried_bytes(input_bytes: float, out_bytes: Sequence[float], output_bytes: float
+                  ) -> np.ndarray:
+    """[L + 1] bytes on the edge into unit l: the input, then unit l - 1's output; edge L
+    carries the result back to the client."""
+    return np.array([input_bytes, *out_bytes[:-1], output_bytes], dtype=float)
+
+
+def path_network_s(link: Link, on_server: np.ndarray, carried: np.ndarray, passes: float,
+                   server_wait_s: float = 0.0) -> float:
+    """Seconds a path spends crossing: every switch, from the input on the client to the result
+    back on it. on_server [L] bool; carried [L + 1] from `carried_bytes`."""
+    sides = np.concatenate(([False], on_server, [False]))  # [L + 2]: starts and ends on C
+    up = ~sides[:-1] & sides[1:]  # [L + 1]: the edge into unit l goes up
+    down = sides[:-1] & ~sides[1:]
+    return float(crossing_s(link, True, carried[up], passes, server_wait_s).sum()
+                 + crossing_s(link, False, carried[down], passes).sum())
