@@ -60,7 +60,7 @@ def with_binding_sla(instance: Instance) -> tuple[Instance, int]:
 def model_instance(model: str, client: str, link: str, sla_s: float) -> Instance:
     return build_instance(model_costs(MODEL_CONFIGS[model]), DEVICE_PRESETS[client],
                           DEVICE_PRESETS["datacenter-gpu"], LINK_PRESETS[link],
-                          Request(512, 8, sla_s))
+                          Request(prompt_tokens=512, output_tokens=8, sla_s=sla_s))
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:

@@ -109,7 +109,8 @@ def _model_instance(
             raise UserError(f"{flag} {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
     costs = model_costs(load_model_config(model), DTYPE_BYTES[weight_dtype],
                         DTYPE_BYTES[wire_dtype])
-    request = Request(prompt_tokens, output_tokens, sla_s, ttft_s, tpot_s)
+    request = Request(prompt_tokens=prompt_tokens, output_tokens=output_tokens, sla_s=sla_s,
+                      ttft_s=ttft_s, tpot_s=tpot_s)
     return build_instance(costs, device_preset(client), device_preset(server), link_preset(link),
                           request, frozenset(keep_on_client), frozenset(keep_on_server))
 

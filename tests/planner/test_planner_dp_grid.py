@@ -81,7 +81,8 @@ def test_dp_grid_matches_exact_on_the_real_model_instance_at_a_fine_step() -> No
 
     instance = build_instance(
         model_costs(MODEL_CONFIGS["llama-3-8b"]), DEVICE_PRESETS["laptop"],
-        DEVICE_PRESETS["datacenter-gpu"], LINK_PRESETS["wifi"], Request(512, 8, 3.0))
+        DEVICE_PRESETS["datacenter-gpu"], LINK_PRESETS["wifi"],
+        Request(prompt_tokens=512, output_tokens=8, sla_s=3.0))
     plan = solve(instance, "dp-grid", step_s=0.0005)
     best = solve(instance, "exact")
     assert plan is not None and best is not None

@@ -29,7 +29,8 @@ def model_instance() -> Instance:
     return build_instance(
         model_costs(MODEL_CONFIGS["llama-3-8b"], weight_bytes=0.5), DEVICE_PRESETS["phone"],
         DEVICE_PRESETS["datacenter-gpu"], LINK_PRESETS["5g"],
-        Request(256, 16, 10.0, ttft_s=2.0, tpot_s=0.5), keep_on_client=frozenset({"embed"}),
+        Request(prompt_tokens=256, output_tokens=16, sla_s=10.0, ttft_s=2.0, tpot_s=0.5),
+        keep_on_client=frozenset({"embed"}),
     )
 
 

@@ -38,7 +38,8 @@ def profile(scale: float) -> UnitProfile:
 
 def test_measured_instance_follows_the_cost_model() -> None:
     link = Link(uplink_bytes_per_s=1e6, downlink_bytes_per_s=2e6, rtt_s=0.05)
-    instance = measured_instance(profile(4.0), profile(1.0), link, Request(20, 5),
+    instance = measured_instance(profile(4.0), profile(1.0), link,
+                                 Request(prompt_tokens=20, output_tokens=5),
                                  hidden_bytes_per_token=256)
     assert instance.passes == 5 and instance.names == NAMES
     block = instance.units[1]
@@ -57,7 +58,8 @@ def test_measured_instance_follows_the_cost_model() -> None:
 def test_the_sla_decides_how_much_runs_on_the_client() -> None:
     instance = measured_instance(profile(6.0), profile(1.0),
                                  Link(uplink_bytes_per_s=1e7, downlink_bytes_per_s=1e7, rtt_s=0.02),
-                                 Request(20, 5), hidden_bytes_per_token=256)
+                                 Request(prompt_tokens=20, output_tokens=5),
+                                 hidden_bytes_per_token=256)
     loose = plan_placement(with_sla(instance, 10.0))
     assert loose.placement.sides == "CCCC" and loose.server_work == 0
     server_only = evaluate(instance, Placement("SSSS")).latency_s

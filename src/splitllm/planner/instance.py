@@ -163,20 +163,22 @@ def _violation(
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Request:
-    """One request: P prompt tokens (or patches), G output tokens, latency limits."""
+    """One request: P prompt tokens (or patches), G output tokens, latency limits (none: inf)."""
 
     prompt_tokens: int
     output_tokens: int
-    sla_s: float
+    sla_s: float = math.inf
     ttft_s: float | None = None
     tpot_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.output_tokens < 0:
             raise UserError("a request needs prompt_tokens >= 1 and output_tokens >= 0")
-        for name in ("sla_s", "ttft_s", "tpot_s"):
+        if not self.sla_s > 0:  # inf: no end-to-end limit
+            raise UserError(f"sla_s must be a positive number, got {self.sla_s}")
+        for name in ("ttft_s", "tpot_s"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise UserError(f"{name} must be a positive number, got {value}")

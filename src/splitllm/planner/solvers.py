@@ -216,9 +216,10 @@ def _dp_grid(instance: Instance, step_s: float) -> Placement | None:
     dropped (None) rather than repaired.
     """
     costs = build_costs(instance)
-    budget = math.floor(instance.sla_s / step_s + REL_TOL)
-    if budget > 5_000_000:
-        raise UserError(f"dp-grid: SLA / step = {budget} grid points; use a larger --step-s")
+    steps = instance.sla_s / step_s + REL_TOL
+    if steps > 5_000_000:  # also an SLA of inf
+        raise UserError(f"dp-grid: SLA / step = {steps:.0f} grid points; use a larger --step-s")
+    budget = math.floor(steps)
     unit = np.ceil(costs.unit[:, :, 1] / step_s)
     move = np.ceil(costs.move[:, :, :, 1] / step_s)
     work_unit = costs.unit[:, :, 0]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.planner.instance import Instance, Plan, Unit, evaluate
+from splitllm.planner.instance import Instance, Plan, Request, Unit, evaluate
 from splitllm.planner.network import Link
 from splitllm.runtime.profile import UnitProfile
 
@@ -25,21 +25,13 @@ TOKEN_REPLY_BYTES = 96  # the `token` reply of a pass whose head runs on the ser
 DEFAULT_SLA_SLACK = 1.5  # default SLA: this many times the faster of all-client / all-server
 
 
-@dataclass(frozen=True)
-class Request:
-    """What the plan is for: prompt and output lengths."""
-
-    prompt_tokens: int
-    new_tokens: int
-
-
 def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, request: Request,
                       hidden_bytes_per_token: float, sla_s: float = math.inf,
                       client_mem_bytes: Sequence[float] | None = None) -> Instance:
     """The planner's instance from measured per-unit times (and the wire format's sizes)."""
     if client.names != server.names:
         raise UserError("client and server profiles cover different units (another model?)")
-    g = max(request.new_tokens, 1)
+    g = max(request.output_tokens, 1)
     passes = g  # one prefill, then g - 1 decode steps
     tokens_crossing = request.prompt_tokens + g - 1
     client_prefill = client.prefill_at(request.prompt_tokens)
@@ -69,21 +61,17 @@ def preset_instance(config: dict[str, Any], client_device: str, server_device: s
     from splitllm.planner.configs import ModelConfig
     from splitllm.planner.costs import model_costs
     from splitllm.planner.hardware import device_preset
-    from splitllm.planner.instance import Request as PlannerRequest
     from splitllm.planner.instance import build_instance
 
     costs = model_costs(ModelConfig.from_hf_dict(config), weight_bytes=weight_bytes,
                         wire_bytes=wire_bytes)
-    planner_request = PlannerRequest(request.prompt_tokens, max(request.new_tokens, 1),
-                                     sla_s if math.isfinite(sla_s) else 1e9)
+    planned = replace(request, output_tokens=max(request.output_tokens, 1), sla_s=sla_s)
     return build_instance(costs, device_preset(client_device), device_preset(server_device),
-                          link, planner_request)
+                          link, planned)
 
 
 def with_sla(instance: Instance, sla_s: float) -> Instance:
     """The same instance under another SLA."""
-    from dataclasses import replace
-
     return replace(instance, sla_s=sla_s)
 
 

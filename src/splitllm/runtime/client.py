@@ -237,7 +237,7 @@ class Session:
         """The planner's instance for this request (no SLA yet) and where its times come from."""
         link = self.measure_link()
         server_device = server_device or str(self.info.get("device") or MEASURED)
-        request = Request(prompt_tokens, new_tokens)
+        request = Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens)
         wire_bytes = wire.WIRE_DTYPES[self.wire_dtype].itemsize
         if client_device == MEASURED and server_device == MEASURED:
             if not self.info.get("profile"):

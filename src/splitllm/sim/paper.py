@@ -86,7 +86,8 @@ def solve_length(grid: PaperGrid, model: str, prompt_tokens: int) -> list[PaperP
     for ratio in grid.speed_ratio:
         client = scaled_client(server, ratio, grid.client_memory_bytes)
         for link in grid.links:
-            request = Request(prompt_tokens, grid.output_tokens if decoder else 1, 1.0)
+            request = Request(prompt_tokens=prompt_tokens,
+                              output_tokens=grid.output_tokens if decoder else 1)
             base = build_instance(costs, client, server, link_preset(link), request)
             all_server = evaluate(base, Placement.all_on("S", len(base))).latency_s
             for slack in grid.sla_slack:

@@ -78,9 +78,9 @@ def request_instance(rtype: RequestType, client: ClientClass, world: World, prom
     limits shrunk by `headroom` (a fraction kept in reserve for queueing)."""
     assert rtype.model is not None
     keep = 1.0 - headroom
-    request = Request(prompt, output, rtype.sla_s * keep,
-                      rtype.ttft_s * keep if rtype.ttft_s is not None else None,
-                      rtype.tpot_s * keep if rtype.tpot_s is not None else None)
+    request = Request(prompt_tokens=prompt, output_tokens=output, sla_s=rtype.sla_s * keep,
+                      ttft_s=rtype.ttft_s * keep if rtype.ttft_s is not None else None,
+                      tpot_s=rtype.tpot_s * keep if rtype.tpot_s is not None else None)
     return build_instance(rtype.model, client.device, world.server.device, client.link, request,
                           rtype.keep_on_client, rtype.keep_on_server)
 

@@ -64,7 +64,7 @@ class WalkBuilder:
         key = (type_index, device_index, prompt, output)
         cum = self._cum.get(key)
         if cum is None:
-            times = phase_times(model, device, Request(prompt, output, 1.0))
+            times = phase_times(model, device, Request(prompt_tokens=prompt, output_tokens=output))
             per_pass = np.column_stack([times.prefill_s, times.decode_s])  # [units, passes]
             cum = np.vstack([np.zeros(per_pass.shape[1]), np.cumsum(per_pass, axis=0)])
             memo.bounded_put(self._cum, key, cum, CACHE_LIMIT)
