@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from splitllm import dtypes
 from splitllm.errors import UserError
-from splitllm.planner.configs import DTYPE_BYTES, MODEL_CONFIGS
+from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.runtime.commands import demo, generate, serve
 from splitllm.sim.commands import simulate
@@ -31,7 +32,7 @@ console = Console() if sys.stdout.isatty() else Console(width=140)
 
 SOLVER_NAMES = "exact, dp-grid, milp, greedy, best-single-cut, server-only, client-only"
 MODELS, DEVICES, LINKS = (", ".join(t) for t in (MODEL_CONFIGS, DEVICE_PRESETS, LINK_PRESETS))
-DTYPES = ", ".join(DTYPE_BYTES)
+DTYPES = dtypes.short_names(dtypes.COST_MODEL)
 
 
 @app.command()
@@ -99,16 +100,16 @@ def _model_instance(
     sla_s: float, ttft_s: float | None, tpot_s: float | None, weight_dtype: str,
     wire_dtype: str, keep_on_client: list[str], keep_on_server: list[str],
 ) -> Instance:
-    from splitllm.planner.configs import DTYPE_BYTES, load_model_config
+    from splitllm.planner.configs import load_model_config
     from splitllm.planner.costs import model_costs
     from splitllm.planner.hardware import device_preset, link_preset
     from splitllm.planner.instance import Request, build_instance
 
     for flag, dtype in (("--weight-dtype", weight_dtype), ("--wire-dtype", wire_dtype)):
-        if dtype not in DTYPE_BYTES:
-            raise UserError(f"{flag} {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
-    costs = model_costs(load_model_config(model), DTYPE_BYTES[weight_dtype],
-                        DTYPE_BYTES[wire_dtype])
+        if dtypes.canonical(dtype, dtypes.COST_MODEL) is None:
+            raise UserError(f"{flag} {dtype!r}: use one of {DTYPES}")
+    costs = model_costs(load_model_config(model), dtypes.bytes_per_element(weight_dtype),
+                        dtypes.bytes_per_element(wire_dtype))
     request = Request(prompt_tokens=prompt_tokens, output_tokens=output_tokens, sla_s=sla_s,
                       ttft_s=ttft_s, tpot_s=tpot_s)
     return build_instance(costs, device_preset(client), device_preset(server), link_preset(link),

@@ -11,8 +11,6 @@ from splitllm.errors import UserError
 
 Kind = Literal["decoder", "encoder"]
 
-DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "q4": 0.5}
-
 
 @dataclass(frozen=True)
 class ModelConfig:

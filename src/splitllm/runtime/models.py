@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splitllm import dtypes
 from splitllm.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct-f32"
 # Families whose decoder layers we know how to call one by one (see runtime/units.py).
 LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2"})
 GPT2_LIKE = frozenset({"gpt2"})
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 Log = Callable[[str], None]
 
@@ -178,7 +176,7 @@ def torch_dtype(name: str) -> torch.dtype:
     """A torch dtype from 'float32' / 'bf16' / 'fp16' and the like."""
     import torch
 
-    canonical = DTYPES.get(name.lower())
+    canonical = dtypes.canonical(name, dtypes.FLOATS)
     if canonical is None:
         raise UserError(f"dtype {name!r}: use one of float32, bfloat16, float16")
     return getattr(torch, canonical)
@@ -200,7 +198,8 @@ def load_model(
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model_id, path, family, model, tokenizer, DTYPES[dtype.lower()])
+    return LoadedModel(model_id, path, family, model, tokenizer,
+                       str(dtypes.canonical(dtype, dtypes.FLOATS)))
 
 
 def weights_fingerprint(model: PreTrainedModel, samples_per_tensor: int = 4096) -> str:

@@ -17,19 +17,15 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from splitllm import dtypes
+
 PROTOCOL_VERSION = 1
 SESSION_PATH = "/v1/session"
 
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-ID_DTYPES: dict[str, torch.dtype] = {"int64": torch.int64, "int32": torch.int32}
+# Canonical names (splitllm.dtypes) are torch's own.
+WIRE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in dtypes.FLOATS}
+ID_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in dtypes.TOKEN_IDS}
 ALL_DTYPES = {**WIRE_DTYPES, **ID_DTYPES}
-WIRE_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float32": "float32",
-                      "bf16": "bfloat16", "bfloat16": "bfloat16",
-                      "fp16": "float16", "f16": "float16", "float16": "float16"}
 DTYPE_NAMES = {dtype: name for name, dtype in ALL_DTYPES.items()}
 
 HEADER_LEN = struct.Struct("<I")
@@ -237,7 +233,7 @@ def error_message(err: ProtocolError, session: str | None = None, seq: int | Non
 
 def wire_dtype_name(name: str) -> str:
     """Canonical wire dtype name from float32/fp32/bf16/bfloat16/fp16/float16."""
-    canonical = WIRE_DTYPE_ALIASES.get(name.lower())
+    canonical = dtypes.canonical(name, dtypes.FLOATS)
     if canonical is None:
         raise ProtocolError("bad_dtype", f"wire dtype {name!r}: use float32, bf16 or fp16")
     return canonical

@@ -22,8 +22,9 @@ from pydantic import (
     model_validator,
 )
 
+from splitllm.dtypes import bytes_per_element
 from splitllm.errors import UserError
-from splitllm.planner.configs import DTYPE_BYTES, load_model_config
+from splitllm.planner.configs import load_model_config
 from splitllm.planner.costs import model_costs
 from splitllm.planner.hardware import DeviceProfile, device_preset, link_preset
 from splitllm.planner.network import Link
@@ -334,8 +335,8 @@ def load_scenario(path: Path) -> World:
 def _request_type(t: RequestTypeIn) -> RequestType:
     model = None
     if t.model is not None:
-        model = model_costs(load_model_config(t.model), DTYPE_BYTES[t.weight_dtype],
-                            DTYPE_BYTES[t.wire_dtype])
+        model = model_costs(load_model_config(t.model), bytes_per_element(t.weight_dtype),
+                            bytes_per_element(t.wire_dtype))
     return RequestType(
         name=t.name, sla_s=t.sla_s, model=model,
         prompt_tokens=t.prompt_tokens.resolve(integer=True),
