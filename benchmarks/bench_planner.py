@@ -38,8 +38,9 @@ def random_instance(rng: np.random.Generator, n: int, memory: bool = False) -> I
     work = server_s * rng.uniform(0.5, 2.0, n)
     out_bytes = 10.0 ** rng.uniform(4, 7, n)
     mem = rng.uniform(1e8, 1e9, n)
-    units = tuple(Unit(f"u{i}", float(client_s[i]), float(server_s[i]), float(work[i]),
-                       float(out_bytes[i]), float(mem[i])) for i in range(n))
+    units = tuple(Unit(name=f"u{i}", client_s=float(client_s[i]), server_s=float(server_s[i]),
+                       server_work=float(work[i]), out_bytes=float(out_bytes[i]),
+                       client_mem_bytes=float(mem[i])) for i in range(n))
     up = 10.0 ** rng.uniform(6, 8)
     return Instance(
         units=units,

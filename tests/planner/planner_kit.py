@@ -163,8 +163,10 @@ def random_instance(
     pin = rng.choice(3, n, p=[0.76, 0.12, 0.12]) if pins else np.zeros(n, dtype=int)
     client_ok, server_ok = pin != 2, pin != 1  # 1: kept on the client, 2: kept on the server
     units = tuple(
-        Unit(f"u{i}", float(client_s[i]), float(server_s[i]), float(work[i]), float(out_bytes[i]),
-             float(mem_bytes[i]), bool(client_ok[i]), bool(server_ok[i]))
+        Unit(name=f"u{i}", client_s=float(client_s[i]), server_s=float(server_s[i]),
+             server_work=float(work[i]), out_bytes=float(out_bytes[i]),
+             client_mem_bytes=float(mem_bytes[i]), client_ok=bool(client_ok[i]),
+             server_ok=bool(server_ok[i]))
         for i in range(n)
     )
     up = 10.0 ** rng.uniform(6, 8)
@@ -172,12 +174,12 @@ def random_instance(
                 rtt_s=float(rng.uniform(0.0, 0.1)))
     phase_limits = tuple(
         PhaseLimit(
-            f"phase{k}", math.inf,
-            tuple(float(v) for v in client_s * rng.uniform(0.05, 0.5, n)),
-            tuple(float(v) for v in server_s * rng.uniform(0.05, 0.5, n)),
-            tuple(float(v) for v in out_bytes * rng.uniform(0.01, 0.5, n)),
-            float(10.0 ** rng.uniform(2, 5)), float(10.0 ** rng.uniform(1, 4)),
-            int(rng.integers(1, 4)),
+            name=f"phase{k}", limit_s=math.inf,
+            client_s=tuple(float(v) for v in client_s * rng.uniform(0.05, 0.5, n)),
+            server_s=tuple(float(v) for v in server_s * rng.uniform(0.05, 0.5, n)),
+            out_bytes=tuple(float(v) for v in out_bytes * rng.uniform(0.01, 0.5, n)),
+            input_bytes=float(10.0 ** rng.uniform(2, 5)),
+            output_bytes=float(10.0 ** rng.uniform(1, 4)), passes=int(rng.integers(1, 4)),
         )
         for k in range(phases)
     )
@@ -244,7 +246,8 @@ def hand_instance(
     """A small instance from (client_s, server_s, server_work, out_bytes) per unit."""
     return Instance(
         units=tuple(
-            Unit(f"u{i}", c, s, w, b, 0.0 if mem is None else mem[i])
+            Unit(name=f"u{i}", client_s=c, server_s=s, server_work=w, out_bytes=b,
+                 client_mem_bytes=0.0 if mem is None else mem[i])
             for i, (c, s, w, b) in enumerate(units)
         ),
         link=Link(uplink_bytes_per_s=up_bytes_per_s, downlink_bytes_per_s=down_bytes_per_s,

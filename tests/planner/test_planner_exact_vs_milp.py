@@ -112,7 +112,9 @@ MEMORY_ROW_CASE = (  # client_s, server_s, server_work, out_bytes, client_mem_by
 
 def test_milp_is_optimal_when_a_memory_limit_in_bytes_binds() -> None:
     instance = Instance(
-        units=tuple(Unit(f"u{i}", *row) for i, row in enumerate(MEMORY_ROW_CASE)),
+        units=tuple(Unit(name=f"u{i}", client_s=c, server_s=s, server_work=w, out_bytes=b,
+                         client_mem_bytes=m)
+                    for i, (c, s, w, b, m) in enumerate(MEMORY_ROW_CASE)),
         link=Link(uplink_bytes_per_s=19642246.30015804, downlink_bytes_per_s=50642157.46686556,
                   rtt_s=0.08244806881259531),
         sla_s=0.41189798661606736,

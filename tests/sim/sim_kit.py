@@ -34,13 +34,22 @@ def synthetic_world(service: Dist, rate_per_s: float, duration_s: float, schedul
 
 def tiny_model() -> ModelCosts:
     """embed (free), one block (100 FLOP/token, 10 B/token out), head (50 FLOP/token)."""
-    cfg = ModelConfig("tiny", "decoder", 1, 5, 1, 1, 5, 5, 10, False, False)
+    cfg = ModelConfig(name="tiny", kind="decoder", n_layers=1, hidden=5, n_heads=1, n_kv_heads=1,
+                      head_dim=5, ffn=5, vocab=10, gated_mlp=False, biases=False)
     units = (
-        UnitCost("embed", 0, 0.0, 0.0, 0.0, 0.0, 10.0),
-        UnitCost("block0", 0, 100.0, 0.0, 0.0, 0.0, 10.0),
-        UnitCost("head", 0, 50.0, 0.0, 0.0, 0.0, 4.0),
+        _unit("embed", flops_per_token=0.0, out_bytes_per_token=10.0),
+        _unit("block0", flops_per_token=100.0, out_bytes_per_token=10.0),
+        _unit("head", flops_per_token=50.0, out_bytes_per_token=4.0),
     )
-    return ModelCosts(cfg, units, 4.0, 4.0)
+    return ModelCosts(config=cfg, units=units, input_bytes_per_token=4.0,
+                      output_bytes_per_token=4.0)
+
+
+def _unit(name: str, flops_per_token: float, out_bytes_per_token: float) -> UnitCost:
+    """A unit with no weights, KV cache or attention: only its FLOPs and what it sends."""
+    return UnitCost(name=name, params=0, linear_flops_per_token=flops_per_token,
+                    attn_flops_per_token_ctx=0.0, weight_bytes=0.0, kv_bytes_per_token=0.0,
+                    out_bytes_per_token=out_bytes_per_token)
 
 
 def tiny_world(arrivals_s: tuple[float, ...], prompt: int, output: int, scheduler: str = "fcfs",

@@ -78,7 +78,9 @@ def test_client_only_request_never_touches_the_server() -> None:
 def _batch_world(max_batch: int = 32):
     """The tiny model with weights and a KV cache, on a server with 1000 B/s of memory."""
     model = tiny_model()
-    block = UnitCost("block0", 0, 100.0, 0.0, 200.0, 10.0, 10.0)  # 200 B weights, 10 B/token KV
+    block = UnitCost(name="block0", params=0, linear_flops_per_token=100.0,  # 200 B weights,
+                     attn_flops_per_token_ctx=0.0, weight_bytes=200.0,  # 10 B/token KV
+                     kv_bytes_per_token=10.0, out_bytes_per_token=10.0)
     model = replace(model, units=(model.units[0], block, model.units[2]))
     world = tiny_world((0.0,), prompt=2, output=2)
     server = DeviceProfile(name="server", peak_flops_per_s=1000.0, mem_bandwidth_bytes_per_s=1000.0,

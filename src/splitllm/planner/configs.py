@@ -12,7 +12,7 @@ from splitllm.errors import UserError
 Kind = Literal["decoder", "encoder"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The architecture numbers the cost model needs."""
 
@@ -39,11 +39,13 @@ class ModelConfig:
         label = name or str(d.get("_name_or_path") or model_type or "model")
         try:
             if model_type == "gpt2":
-                hidden = int(d["n_embd"])
+                hidden, heads = int(d["n_embd"]), int(d["n_head"])
                 return cls(
-                    label, "decoder", int(d["n_layer"]), hidden, int(d["n_head"]), int(d["n_head"]),
-                    hidden // int(d["n_head"]), int(d.get("n_inner") or 4 * hidden),
-                    int(d["vocab_size"]), False, True, int(d.get("n_positions", 1024)), True,
+                    name=label, kind="decoder", n_layers=int(d["n_layer"]), hidden=hidden,
+                    n_heads=heads, n_kv_heads=heads, head_dim=hidden // heads,
+                    ffn=int(d.get("n_inner") or 4 * hidden), vocab=int(d["vocab_size"]),
+                    gated_mlp=False, biases=True,
+                    learned_positions=int(d.get("n_positions", 1024)), tied_embeddings=True,
                 )
             if model_type in ("bert", "vit"):
                 hidden = int(d["hidden_size"])
@@ -56,20 +58,22 @@ class ModelConfig:
                     else int(d.get("max_position_embeddings", 512))
                 )
                 return cls(
-                    label, "encoder", int(d["num_hidden_layers"]), hidden, heads, heads,
-                    hidden // heads, int(d["intermediate_size"]),
-                    0 if vit else int(d["vocab_size"]), False, True, positions, True,
-                    head_out=int(d.get("num_labels", 1000 if vit else 2)),
+                    name=label, kind="encoder", n_layers=int(d["num_hidden_layers"]),
+                    hidden=hidden, n_heads=heads, n_kv_heads=heads, head_dim=hidden // heads,
+                    ffn=int(d["intermediate_size"]), vocab=0 if vit else int(d["vocab_size"]),
+                    gated_mlp=False, biases=True, learned_positions=positions,
+                    tied_embeddings=True, head_out=int(d.get("num_labels", 1000 if vit else 2)),
                     input_patch_values=patch_values if vit else 0,
                 )
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
             return cls(
-                label, "decoder", int(d["num_hidden_layers"]), hidden, heads,
-                int(d.get("num_key_value_heads") or heads),
-                int(d.get("head_dim") or hidden // heads), int(d["intermediate_size"]),
-                int(d["vocab_size"]), True, bool(d.get("attention_bias", False)), 0,
-                bool(d.get("tie_word_embeddings", False)),
+                name=label, kind="decoder", n_layers=int(d["num_hidden_layers"]), hidden=hidden,
+                n_heads=heads, n_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                ffn=int(d["intermediate_size"]), vocab=int(d["vocab_size"]), gated_mlp=True,
+                biases=bool(d.get("attention_bias", False)), learned_positions=0,
+                tied_embeddings=bool(d.get("tie_word_embeddings", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"model config {label!r}: missing or bad field {exc}") from None
@@ -84,29 +88,30 @@ class ModelConfig:
 
 
 # Published architecture numbers of each model (from its Hugging Face config.json / paper).
-MODEL_CONFIGS: dict[str, ModelConfig] = {
-    "gpt2": ModelConfig("gpt2", "decoder", 12, 768, 12, 12, 64, 3072, 50257, False, True, 1024),
-    "smollm2-135m": ModelConfig(
-        "smollm2-135m", "decoder", 30, 576, 9, 3, 64, 1536, 49152, True, False, 0, True
-    ),
-    "llama-3-8b": ModelConfig(
-        "llama-3-8b", "decoder", 32, 4096, 32, 8, 128, 14336, 128256, True, False, 0, False
-    ),
-    "llama-2-70b": ModelConfig(
-        "llama-2-70b", "decoder", 80, 8192, 64, 8, 128, 28672, 32000, True, False, 0, False
-    ),
-    "bert-base": ModelConfig(
-        "bert-base", "encoder", 12, 768, 12, 12, 64, 3072, 30522, False, True, 512, True, 2
-    ),
-    "vit-base": ModelConfig(
-        "vit-base", "encoder", 12, 768, 12, 12, 64, 3072, 0, False, True, 197, True, 1000, 768
-    ),
+MODEL_CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (
+    ModelConfig(name="gpt2", kind="decoder", n_layers=12, hidden=768, n_heads=12, n_kv_heads=12,
+                head_dim=64, ffn=3072, vocab=50257, gated_mlp=False, biases=True,
+                learned_positions=1024),
+    ModelConfig(name="smollm2-135m", kind="decoder", n_layers=30, hidden=576, n_heads=9,
+                n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152, gated_mlp=True, biases=False),
+    ModelConfig(name="llama-3-8b", kind="decoder", n_layers=32, hidden=4096, n_heads=32,
+                n_kv_heads=8, head_dim=128, ffn=14336, vocab=128256, gated_mlp=True,
+                biases=False, tied_embeddings=False),
+    ModelConfig(name="llama-2-70b", kind="decoder", n_layers=80, hidden=8192, n_heads=64,
+                n_kv_heads=8, head_dim=128, ffn=28672, vocab=32000, gated_mlp=True,
+                biases=False, tied_embeddings=False),
+    ModelConfig(name="bert-base", kind="encoder", n_layers=12, hidden=768, n_heads=12,
+                n_kv_heads=12, head_dim=64, ffn=3072, vocab=30522, gated_mlp=False, biases=True,
+                learned_positions=512, head_out=2),
+    ModelConfig(name="vit-base", kind="encoder", n_layers=12, hidden=768, n_heads=12,
+                n_kv_heads=12, head_dim=64, ffn=3072, vocab=0, gated_mlp=False, biases=True,
+                learned_positions=197, head_out=1000, input_patch_values=768),
     # The base Transformer of Vaswani et al. (6 encoder + 6 decoder layers, d=512), run as one
     # forward pass of 12 blocks: the reference work treats it as a fixed-length encoder model.
-    "transformer-base": ModelConfig(
-        "transformer-base", "encoder", 12, 512, 8, 8, 64, 2048, 37000, False, True, 0, True, 37000
-    ),
-}
+    ModelConfig(name="transformer-base", kind="encoder", n_layers=12, hidden=512, n_heads=8,
+                n_kv_heads=8, head_dim=64, ffn=2048, vocab=37000, gated_mlp=False, biases=True,
+                head_out=37000),
+)}
 
 
 def load_model_config(name_or_path: str) -> ModelConfig:

@@ -7,11 +7,16 @@ pooler / classifier of an encoder). FLOPs count a multiply-add as 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
 
 from splitllm.planner.configs import ModelConfig
 
+Tokens = TypeVar("Tokens", float, np.ndarray)  # a context length, or one per decode step
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class UnitCost:
     """Size of one unit: FLOPs are per token; KV and hidden bytes are per token."""
 
@@ -31,8 +36,8 @@ class UnitCost:
         pairs = p * (p + 1) / 2 if causal else p * p
         return self.linear_flops_per_token * prompt_tokens + self.attn_flops_per_token_ctx * pairs
 
-    def decode_flops(self, context_tokens: int) -> float:
-        """FLOPs of one decode step attending to `context_tokens` positions."""
+    def decode_flops(self, context_tokens: Tokens) -> Tokens:
+        """FLOPs of one decode step attending to `context_tokens` positions (or of each step)."""
         return self.linear_flops_per_token + self.attn_flops_per_token_ctx * context_tokens
 
     def weight_read_bytes(self, tokens: int) -> float:
@@ -45,12 +50,12 @@ class UnitCost:
         """Memory traffic of a prefill: weights once, the new KV cache written."""
         return self.weight_read_bytes(prompt_tokens) + self.kv_bytes_per_token * prompt_tokens
 
-    def decode_bytes(self, context_tokens: int) -> float:
+    def decode_bytes(self, context_tokens: Tokens) -> Tokens:
         """Memory traffic of one decode step: weights and the whole KV cache read."""
         return self.weight_read_bytes(1) + self.kv_bytes_per_token * context_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelCosts:
     """Per-unit costs of one model at given weight and wire dtypes."""
 
@@ -104,8 +109,10 @@ def model_costs(cfg: ModelConfig, weight_bytes: float = 2.0, wire_bytes: float =
         embed_params += norm if cfg.kind == "encoder" else 0
         embed_flops = 0.0  # a table lookup
         input_bytes = 4.0  # int32 token ids
-    embed = UnitCost("embed", embed_params, embed_flops, 0.0, embed_params * weight_bytes, 0.0,
-                     d * wire_bytes, 0.0 if cfg.input_patch_values else d * weight_bytes)
+    embed = UnitCost(name="embed", params=embed_params, linear_flops_per_token=embed_flops,
+                     attn_flops_per_token_ctx=0.0, weight_bytes=embed_params * weight_bytes,
+                     kv_bytes_per_token=0.0, out_bytes_per_token=d * wire_bytes,
+                     lookup_bytes_per_token=0.0 if cfg.input_patch_values else d * weight_bytes)
     if cfg.kind == "decoder":
         head_matrix = cfg.vocab * d
         head_params = norm + head_matrix
@@ -114,7 +121,9 @@ def model_costs(cfg: ModelConfig, weight_bytes: float = 2.0, wire_bytes: float =
         head_matrix = (d * d if cfg.vocab else 0) + d * cfg.head_out
         head_params = head_matrix + (d if cfg.vocab else norm) + cfg.head_out
         output_bytes = 4.0 * cfg.head_out  # fp32 logits
-    head = UnitCost("head", head_params, 2.0 * head_matrix, 0.0, head_params * weight_bytes, 0.0,
-                    output_bytes)
+    head = UnitCost(name="head", params=head_params, linear_flops_per_token=2.0 * head_matrix,
+                    attn_flops_per_token_ctx=0.0, weight_bytes=head_params * weight_bytes,
+                    kv_bytes_per_token=0.0, out_bytes_per_token=output_bytes)
     blocks = tuple(_block_cost(cfg, i, weight_bytes, wire_bytes) for i in range(cfg.n_layers))
-    return ModelCosts(cfg, (embed, *blocks, head), input_bytes, output_bytes)
+    return ModelCosts(config=cfg, units=(embed, *blocks, head), input_bytes_per_token=input_bytes,
+                      output_bytes_per_token=output_bytes)

@@ -6,10 +6,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from splitllm.errors import UserError
 from splitllm.planner.network import Link
+
+Amount = TypeVar("Amount", float, np.ndarray)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,11 +26,17 @@ class DeviceProfile:
     mem_capacity_bytes: float
     efficiency: float = 0.5
 
-    def time_s(self, flops: float, mem_bytes: float) -> float:
-        """Roofline: compute time or memory time, whichever is larger, over efficiency."""
-        return max(flops / self.peak_flops_per_s, mem_bytes / self.mem_bandwidth_bytes_per_s) / (
-            self.efficiency
-        )
+    def time_s(self, flops: Amount, mem_bytes: Amount) -> Amount:
+        """Roofline: compute time or memory time, whichever is larger, over efficiency.
+
+        Elementwise on arrays (one unit's decode steps at once); plain floats stay plain (the
+        simulator's batched server calls this per step).
+        """
+        compute_s = flops / self.peak_flops_per_s
+        memory_s = mem_bytes / self.mem_bandwidth_bytes_per_s
+        if isinstance(compute_s, np.ndarray):
+            return np.maximum(compute_s, memory_s) / self.efficiency
+        return max(compute_s, memory_s) / self.efficiency
 
 
 GB = 1e9

@@ -23,7 +23,7 @@ from splitllm.planner.network import Link, carried_bytes, path_network_s
 REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Unit:
     """Costs of one placement unit (embedding, a block, or final norm + head) for one request."""
 
@@ -37,7 +37,7 @@ class Unit:
     server_ok: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PhaseLimit:
     """An extra latency limit on one phase (TTFT: the prefill pass; TPOT: one decode step).
 
@@ -76,7 +76,7 @@ class Instance:
         return tuple(u.name for u in self.units)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A placement with what it costs on one instance."""
 
@@ -141,7 +141,9 @@ def evaluate(instance: Instance, placement: Placement) -> Plan:
     mem = sum(u.client_mem_bytes for u, s in zip(units, sides, strict=True) if s == CLIENT)
     violation = _violation(instance, sides, latency, mem, phases)
     return Plan(
-        placement, latency, work, mem, client, server, network, phases, violation is None, violation
+        placement=placement, latency_s=latency, server_work=work, client_mem_bytes=mem,
+        client_compute_s=client, server_compute_s=server, network_s=network,
+        phase_latency_s=phases, feasible=violation is None, violation=violation,
     )
 
 
@@ -200,14 +202,8 @@ def phase_times(model: ModelCosts, device: DeviceProfile, request: Request) -> P
     ctx = p + np.arange(1, steps + 1)  # [G - 1]
     prefill = np.array([device.time_s(u.prefill_flops(p, causal), u.prefill_bytes(p))
                         for u in model.units])
-    decode = np.array([
-        np.maximum(
-            (u.linear_flops_per_token + u.attn_flops_per_token_ctx * ctx) / device.peak_flops_per_s,
-            (u.weight_read_bytes(1) + u.kv_bytes_per_token * ctx)
-            / device.mem_bandwidth_bytes_per_s,
-        ) / device.efficiency
-        for u in model.units
-    ]).reshape(len(model.units), steps)
+    decode = np.array([device.time_s(u.decode_flops(ctx), u.decode_bytes(ctx))
+                       for u in model.units]).reshape(len(model.units), steps)
     return PhaseTimes(prefill, decode)
 
 
@@ -256,16 +252,18 @@ def build_instance(
     per_token_out = tuple(u.out_bytes_per_token for u in model.units)
     if request.ttft_s is not None:
         phases.append(PhaseLimit(
-            "ttft", request.ttft_s, _floats(on_client.prefill_s), _floats(on_server.prefill_s),
-            tuple(float(b * p) for b in per_token_out), model.input_bytes_per_token * p,
-            model.output_bytes_per_token,
+            name="ttft", limit_s=request.ttft_s, client_s=_floats(on_client.prefill_s),
+            server_s=_floats(on_server.prefill_s),
+            out_bytes=tuple(float(b * p) for b in per_token_out),
+            input_bytes=model.input_bytes_per_token * p,
+            output_bytes=model.output_bytes_per_token,
         ))
     if request.tpot_s is not None and decoder and g > 1:
         # The last decode step is the slowest (longest context): bound it.
         phases.append(PhaseLimit(
-            "tpot", request.tpot_s, _floats(on_client.decode_s[:, -1]),
-            _floats(on_server.decode_s[:, -1]), per_token_out, model.input_bytes_per_token,
-            model.output_bytes_per_token,
+            name="tpot", limit_s=request.tpot_s, client_s=_floats(on_client.decode_s[:, -1]),
+            server_s=_floats(on_server.decode_s[:, -1]), out_bytes=per_token_out,
+            input_bytes=model.input_bytes_per_token, output_bytes=model.output_bytes_per_token,
         ))
     return Instance(
         units=units,

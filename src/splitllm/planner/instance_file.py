@@ -80,8 +80,10 @@ class InstanceModel(_Strict):
             client_mem_limit_bytes=math.inf if self.client_mem_bytes is None
             else self.client_mem_bytes,
             phase_limits=tuple(
-                PhaseLimit(p.name, p.limit_s, tuple(p.client_s), tuple(p.server_s),
-                           tuple(p.out_bytes), p.input_bytes, p.output_bytes, p.passes)
+                PhaseLimit(name=p.name, limit_s=p.limit_s, client_s=tuple(p.client_s),
+                           server_s=tuple(p.server_s), out_bytes=tuple(p.out_bytes),
+                           input_bytes=p.input_bytes, output_bytes=p.output_bytes,
+                           passes=p.passes)
                 for p in self.phase_limits
             ),
             server_wait_s=self.server_wait_s,

@@ -52,7 +52,8 @@ def path_network_s(link: Link, on_server: np.ndarray, carried: np.ndarray, passe
     """Seconds a path spends crossing: every switch, from the input on the client to the result
     back on it. on_server [L] bool; carried [L + 1] from `carried_bytes`."""
     sides = np.concatenate(([False], on_server, [False]))  # [L + 2]: starts and ends on C
-    up = ~sides[:-1] & sides[1:]  # [L + 1]: the edge into unit l goes up
-    down = sides[:-1] & ~sides[1:]
-    return float(crossing_s(link, True, carried[up], passes, server_wait_s).sum()
-                 + crossing_s(link, False, carried[down], passes).sum())
+    up = sides[1:]  # [L + 1]: the edge into unit l arrives on the server
+    switches = sides[:-1] != up
+    seconds = np.where(up, crossing_s(link, True, carried, passes, server_wait_s),
+                       crossing_s(link, False, carried, passes))[switches]
+    return float(sum(seconds.tolist()))  # in path order, as a walk adds them up

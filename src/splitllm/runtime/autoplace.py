@@ -46,7 +46,8 @@ def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, requ
         else:
             out_bytes = hidden_bytes_per_token * tokens_crossing + HEADER_BYTES_PER_MESSAGE * passes
         mem = client_mem_bytes[i] if client_mem_bytes is not None else 0.0
-        units.append(Unit(name, client_s, server_s, server_s, out_bytes, mem))
+        units.append(Unit(name=name, client_s=client_s, server_s=server_s, server_work=server_s,
+                          out_bytes=out_bytes, client_mem_bytes=mem))
     return Instance(
         units=tuple(units), link=link, sla_s=sla_s,
         input_bytes=8.0 * tokens_crossing + HEADER_BYTES_PER_MESSAGE * passes,
