@@ -19,8 +19,8 @@ from rich.table import Table
 
 from splitllm.sim.builtin import MIXED
 from splitllm.sim.dists import Dist
+from splitllm.sim.run import run_policy
 from splitllm.sim.scenario import parse_scenario, resolve
-from splitllm.sim.simulate import simulate
 from splitllm.sim.world import World
 
 CHAT = {
@@ -44,7 +44,7 @@ def _timed(world: World, policy: str, repeat: int = 1) -> tuple[float, int, int]
     events = requests = 0
     for _ in range(repeat):
         start = time.perf_counter()
-        rec = simulate(world, policy)
+        rec = run_policy(world, policy)
         best = min(best, time.perf_counter() - start)
         events, requests = rec.events, len(rec.arrived_at_s)
     return best, events, requests

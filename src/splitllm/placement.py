@@ -63,6 +63,3 @@ class Placement:
     def switches(self) -> int:
         """Side changes between consecutive units (input and output crossings not counted)."""
         return len(self.segments()) - 1
-
-    def units_on(self, side: str) -> tuple[int, ...]:
-        return tuple(i for i, s in enumerate(self.sides) if s == side)

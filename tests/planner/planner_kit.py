@@ -1,7 +1,9 @@
 """Helpers of the planner tests: a random-instance generator and a brute-force oracle.
 
 The oracle enumerates all 2^n placements at once with numpy and scores them from the spec
-(DESIGN.md, instance.py docstring), never through planner internals:
+(the cost model of the team's design notes, ../shared/DESIGN.md beside the repository; the
+docstrings of planner/network.py and planner/instance.py state it too), never through planner
+internals:
 
 - latency = client_s of C units + server_s of S units + every crossing;
 - the input (input_bytes) starts on the client, the result (output_bytes) ends on the client;

@@ -17,8 +17,8 @@ from splitllm.planner.instance import evaluate
 from splitllm.sim.builtin import builtin_world
 from splitllm.sim.paper import POLICIES, PaperGrid, solve_length
 from splitllm.sim.policies import Planner, request_instance, wait_bucket
+from splitllm.sim.run import run_policy
 from splitllm.sim.scenario import load_scenario
-from splitllm.sim.simulate import simulate
 from splitllm.sim.walk import WalkBuilder
 from splitllm.sim.workload import sample_workload
 from splitllm.sim.world import Trace, World
@@ -92,7 +92,7 @@ def test_one_request_alone_meets_its_plan(world: World) -> None:
         one = Trace(t.arrived_at_s[:1], t.type_index[:1], t.class_index[:1],
                     t.prompt_tokens[:1], t.output_tokens[:1])
         alone = replace(world, trace=one, warmup_s=0.0, duration_s=1e-9)
-    rec = simulate(alone, "exact")
+    rec = run_policy(alone, "exact")
     assert len(rec.arrived_at_s) == 1
     t, c = int(rec.type_index[0]), int(rec.class_index[0])
     p, g = int(rec.prompt_tokens[0]), int(rec.output_tokens[0])

@@ -10,7 +10,7 @@ from sim_kit import synthetic_world
 
 from splitllm.sim.dists import Dist
 from splitllm.sim.metrics import summarize
-from splitllm.sim.simulate import simulate
+from splitllm.sim.run import run_policy
 
 SERVICE_S = 0.01
 WARMUP_S = 20.0
@@ -22,7 +22,7 @@ def _run(kind: str, rho: float, scheduler: str, duration_s: float, seed: int = 0
                else Dist("exponential", mean_value=SERVICE_S, integer=False))
     world = synthetic_world(service, rho * workers / SERVICE_S, duration_s, scheduler,
                             warmup_s=WARMUP_S, seed=seed, workers=workers)
-    rec = simulate(world, "server-only")
+    rec = run_policy(world, "server-only")
     measured = rec.arrived_at_s >= WARMUP_S
     response = (rec.finished_at_s - rec.arrived_at_s)[measured]
     wait = response - rec.server_work_s[measured]  # no link: response = wait + service

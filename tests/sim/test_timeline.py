@@ -15,7 +15,7 @@ from splitllm.planner.network import Link
 from splitllm.sim.batching import BatchCost
 from splitllm.sim.builtin import builtin_world
 from splitllm.sim.dists import Dist
-from splitllm.sim.simulate import simulate
+from splitllm.sim.run import run_policy
 from splitllm.sim.walk import WalkBuilder
 from splitllm.sim.world import ServerSpec, Trace
 
@@ -33,7 +33,7 @@ def _two_jobs(scheduler: str):
     trace = Trace((0.0, 0.5), (0, 0))  # one replay lasts 1 s at its own rate of 2/s
     world = synthetic_world(ONE_S, trace.natural_rate_per_s, trace.period_s, scheduler,
                             link=HALF_RTT, trace=trace)
-    return simulate(world, "server-only", log=True)
+    return run_policy(world, "server-only", log=True)
 
 
 def test_fcfs_second_request_waits_for_the_first() -> None:
@@ -59,7 +59,7 @@ def test_split_placement_walks_client_link_server_per_pass() -> None:
     #   pass 1: up 0.1 + 0.1 -> 2.0; server 2.0-2.1; down 0.2 -> 2.3; head 0.5 -> 2.8.
     # r1 arrives at 0.1: server at 0.4, waits for r0 until 0.5, served until 0.7; token at 2.0;
     #   pass 1 reaches the server at 2.2 (free since 2.1), done 2.3, finished 3.0.
-    rec = simulate(tiny_world((0.0, 0.1), prompt=2, output=2), "fixed:CSC", log=True)
+    rec = run_policy(tiny_world((0.0, 0.1), prompt=2, output=2), "fixed:CSC", log=True)
     _same(rec.job_log, [(0, 0, 0.3, 0.5), (1, 0, 0.4, 0.7), (0, 1, 2.0, 2.1), (1, 1, 2.2, 2.3)])
     assert rec.first_token_at_s.tolist() == pytest.approx([1.8, 2.0])
     assert rec.finished_at_s.tolist() == pytest.approx([2.8, 3.0])
@@ -67,7 +67,7 @@ def test_split_placement_walks_client_link_server_per_pass() -> None:
 
 
 def test_client_only_request_never_touches_the_server() -> None:
-    rec = simulate(tiny_world((0.0,), prompt=2, output=2), "fixed:CCC", log=True)
+    rec = run_policy(tiny_world((0.0,), prompt=2, output=2), "fixed:CCC", log=True)
     # prefill on the client: block 2.0 s + head 1.0 s; one decode step: 1.0 + 0.5 s
     assert rec.job_log == ()
     assert rec.first_token_at_s.tolist() == pytest.approx([3.0])
@@ -119,8 +119,8 @@ def test_batch_of_one_takes_the_solo_service_time() -> None:
 def test_batched_with_batches_of_one_is_fcfs() -> None:
     world = builtin_world("mixed").with_rate(2.0)
     world = replace(world, duration_s=40.0, warmup_s=0.0)
-    fcfs = simulate(world, "exact")
-    batched = simulate(replace(world, server=replace(world.server, scheduler="batched",
+    fcfs = run_policy(world, "exact")
+    batched = run_policy(replace(world, server=replace(world.server, scheduler="batched",
                                                      max_batch=1)), "exact")
     np.testing.assert_allclose(batched.finished_at_s, fcfs.finished_at_s, rtol=1e-9)
     assert batched.busy_total_s == pytest.approx(fcfs.busy_total_s, rel=1e-9)
@@ -130,10 +130,10 @@ def test_batching_charges_all_busy_time_and_never_slows_a_step_down() -> None:
     world = builtin_world("mixed").with_rate(3.0)
     world = replace(world, duration_s=40.0, warmup_s=0.0,
                     server=replace(world.server, scheduler="batched"))
-    rec = simulate(world, "server-only", log=True)
+    rec = run_policy(world, "server-only", log=True)
     done = ~np.isnan(rec.finished_at_s)
     assert rec.server_work_s[done].sum() <= rec.busy_total_s * (1 + 1e-9)
     assert rec.server_work_s.sum() == pytest.approx(rec.busy_total_s, rel=1e-9)
-    fcfs = simulate(replace(world, server=replace(world.server, scheduler="fcfs")),
+    fcfs = run_policy(replace(world, server=replace(world.server, scheduler="fcfs")),
                     "server-only")
     assert rec.busy_total_s < fcfs.busy_total_s  # batching shares weight reads

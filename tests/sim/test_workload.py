@@ -10,8 +10,8 @@ import pytest
 
 from splitllm.sim.builtin import builtin_world
 from splitllm.sim.dists import Dist, bucket_up
+from splitllm.sim.run import run_policy
 from splitllm.sim.scenario import load_scenario
-from splitllm.sim.simulate import simulate
 from splitllm.sim.workload import sample_workload
 
 SCENARIOS = Path(__file__).parents[2] / "docs" / "scenarios"
@@ -103,7 +103,7 @@ def test_trace_replays_recorded_columns_and_samples_the_rest() -> None:
 
 def test_runs_are_deterministic() -> None:
     world = replace(builtin_world("mixed").with_rate(2.0), duration_s=30.0)
-    a, b = simulate(world, "exact-load-aware"), simulate(world, "exact-load-aware")
+    a, b = run_policy(world, "exact-load-aware"), run_policy(world, "exact-load-aware")
     np.testing.assert_array_equal(a.finished_at_s, b.finished_at_s)
     np.testing.assert_array_equal(a.placement_index, b.placement_index)
     assert a.events == b.events

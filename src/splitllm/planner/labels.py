@@ -76,7 +76,7 @@ def _append_pareto(
 
 
 @njit(cache=True)
-def forward(
+def pareto_labels(
     unit: np.ndarray, move: np.ndarray, allowed: np.ndarray, lower_bound: np.ndarray,
     limit: np.ndarray, max_labels: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:

@@ -19,7 +19,7 @@ import numpy as np
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import REL_TOL, Instance, Plan, evaluate
-from splitllm.planner.labels import TOO_MANY, forward, lower_bounds, single_cut, trace
+from splitllm.planner.labels import TOO_MANY, lower_bounds, pareto_labels, single_cut, trace
 from splitllm.planner.network import carried_bytes, crossing_s
 
 SIDES = (CLIENT, SERVER)
@@ -109,9 +109,9 @@ class _Labels:
     n_client: np.ndarray  # [L]
 
 
-def _labels_forward(costs: Costs, limit: np.ndarray) -> _Labels:
+def _pareto_labels(costs: Costs, limit: np.ndarray) -> _Labels:
     """Pareto labels of every node; labels that cannot finish within `limit` [D] are cut."""
-    values, parent, layer_start, n_client, used = forward(
+    values, parent, layer_start, n_client, used = pareto_labels(
         costs.unit, costs.move, costs.allowed, lower_bounds(costs.unit, costs.move, costs.allowed),
         limit * (1 + REL_TOL),
         MAX_LABELS,
@@ -145,8 +145,8 @@ def _placement(on_server: np.ndarray) -> Placement:
 class Frontier(Sequence[Plan]):
     """Every Pareto-optimal (server work, latency) placement, by server work ascending.
 
-    Memory, pinned units and phase limits hold for each; the SLA is ignored, so a server
-    answers any SLA by lookup. Plans are evaluated when read.
+    Memory, pinned units and phase limits hold for each; the SLA is ignored (the plan for an
+    SLA is the first whose latency fits it). Plans are evaluated when read.
     """
 
     instance: Instance
@@ -166,11 +166,6 @@ class Frontier(Sequence[Plan]):
             return [self[j] for j in range(len(self))[i]]
         return evaluate(self.instance, _placement(self.on_server[i]))
 
-    def lookup(self, sla_s: float) -> Plan | None:
-        """The least-work plan whose latency fits `sla_s`, or None."""
-        fits = np.flatnonzero(self.latency_s <= sla_s * (1 + REL_TOL))
-        return self[int(fits[0])] if len(fits) else None
-
 
 def frontier(instance: Instance) -> Frontier:
     """The whole latency / server-work frontier of an instance from one pass."""
@@ -178,7 +173,7 @@ def frontier(instance: Instance) -> Frontier:
     limit = costs.limit.copy()
     limit[1] = math.inf  # every latency
     try:
-        labels = _labels_forward(costs, limit)
+        labels = _pareto_labels(costs, limit)
     except _TooManyLabels:
         raise UserError(f"frontier: over {MAX_LABELS} Pareto labels at one unit (memory or "
                         "phase limits binding on widely varied units); plan one SLA instead"
@@ -196,7 +191,7 @@ def _exact(instance: Instance) -> Placement | None:
     if cut:
         limit[0] = cut[1]
     try:
-        labels = _labels_forward(costs, limit)
+        labels = _pareto_labels(costs, limit)
     except _TooManyLabels:
         from splitllm.planner.milp import solve_milp
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from splitllm.sim.metrics import RunMetrics, summarize
 from splitllm.sim.policies import Planner
-from splitllm.sim.simulate import simulate
+from splitllm.sim.run import run_policy
 from splitllm.sim.workload import sample_workload
 from splitllm.sim.world import World
 
@@ -38,7 +38,7 @@ class Capacity:
 def run_point(world: World, policy: str, rate_per_s: float) -> RunMetrics:
     """Simulate one policy at one arrival rate and summarize it."""
     at_rate = world.with_rate(rate_per_s)
-    return summarize(at_rate, simulate(at_rate, policy))
+    return summarize(at_rate, run_policy(at_rate, policy))
 
 
 def first_guess_rate(world: World, policy: str) -> float:

@@ -10,8 +10,22 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Sequence
+from enum import IntEnum
 
 NewEvent = tuple[float, int, int, int]  # (time_s, kind, a, b): what a handler asks for
+
+
+class Kind(IntEnum):
+    """The kinds of event of a simulation run, in the order of its handler table."""
+
+    ARRIVE = 0  # a request arrives: a = request
+    AT_SERVER = 1  # a request's job reaches the server: a = request, b = job
+    SERVER_WAKE = 2  # the server model's own wake-up (a job or a step ends): a, b are its own
+
+
+def handler_table(handlers: dict[Kind, Handler]) -> list[Handler]:
+    """The handlers as `run` indexes them, one for every kind."""
+    return [handlers[kind] for kind in Kind]
 Handler = Callable[[float, int, int], Iterable[NewEvent] | None]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitllm.placement import CLIENT
-from splitllm.sim.simulate import RunRecord
+from splitllm.sim.run import RunRecord
 from splitllm.sim.world import World
 
 REL_TOL = 1e-9  # the walk and the planner sum the same times in another order

@@ -20,10 +20,10 @@ from collections import deque
 from collections.abc import Callable
 
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.engine import NewEvent
+from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.world import ServerSpec
 
-K_SERVER = 2  # the engine's event kind for server wake-ups
+WAKE = Kind.SERVER_WAKE  # the event every scheduling model schedules for itself
 OnDone = Callable[[float, int, int, float], "NewEvent | None"]
 SOLO = 1.0  # a job served alone is charged its own service time
 REL_EPS = 1e-12
@@ -60,7 +60,7 @@ class FcfsServer:
         if self.free:
             self.free -= 1
             self.busy.add(now_s, now_s + service_s)
-            return [(now_s + service_s, K_SERVER, r, j)]
+            return [(now_s + service_s, WAKE, r, j)]
         self.queue.append((r, j, service_s))
         return None
 
@@ -70,7 +70,7 @@ class FcfsServer:
         if svc:
             r2, j2, s2 = svc.popleft()
             self.busy.add(now_s, now_s + s2)
-            out.append((now_s + s2, K_SERVER, r2, j2))
+            out.append((now_s + s2, WAKE, r2, j2))
         else:
             self.free += 1
         nxt = self.on_done(now_s, r, j, SOLO)
@@ -102,7 +102,7 @@ class PsServer:
         if not self.jobs:
             return []
         finish_s = now_s + max(self.jobs[0][0] - self.virtual_s, 0.0) * len(self.jobs)
-        return [(finish_s, K_SERVER, self.version, 0)]
+        return [(finish_s, WAKE, self.version, 0)]
 
     def arrive(self, now_s: float, r: int, j: int, service_s: float) -> list[NewEvent]:
         self._advance(now_s)
@@ -144,7 +144,7 @@ class BatchedServer:
         self.running = batch
         self.step_s = self.cost.step_s([self.shape(r, j) for r, j, _ in batch])
         self.busy.add(now_s, now_s + self.step_s)
-        return [(now_s + self.step_s, K_SERVER, 0, 0)]
+        return [(now_s + self.step_s, WAKE, 0, 0)]
 
     def arrive(self, now_s: float, r: int, j: int, service_s: float) -> list[NewEvent] | None:
         self.queue.append((r, j, service_s))

@@ -15,14 +15,14 @@ import numpy as np
 
 from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.engine import NewEvent
+from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.policies import Planner
-from splitllm.sim.server import K_SERVER, BusyMeter, make_server
+from splitllm.sim.server import BusyMeter, make_server
 from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
 
-K_ARRIVE, K_AT_SERVER = 0, 1
+ARRIVE, AT_SERVER = Kind.ARRIVE, Kind.AT_SERVER  # plain module names in the hot loop
 WALK_CACHE_LIMIT = 4096  # a walk of G tokens holds ~2 floats per job: ~G * segments * 50 B
 
 
@@ -103,14 +103,14 @@ class _Run:
     def _arrive(self, now_s: float, r: int, _: int) -> list[NewEvent]:
         out: list[NewEvent] = []
         if r + 1 < len(self.arrivals):  # one pending arrival keeps the heap small
-            out.append((self.arrivals[r + 1], K_ARRIVE, r + 1, 0))
+            out.append((self.arrivals[r + 1], ARRIVE, r + 1, 0))
         walk = self._walk(r)
         if not walk.jobs:  # runs entirely on its client
             self.first_token[r] = now_s + walk.first_token_tail_s
             self.finished[r] = now_s + walk.gaps_s[0]
             return out
         self.walks[r] = walk
-        out.append((now_s + walk.gaps_s[0], K_AT_SERVER, r, 0))
+        out.append((now_s + walk.gaps_s[0], AT_SERVER, r, 0))
         return out
 
     def _at_server(self, now_s: float, r: int, j: int) -> list[NewEvent] | None:
@@ -135,7 +135,7 @@ class _Run:
         if j == walk.jobs_per_pass:  # the first pass's last job: the first token is on its way
             self.first_token[r] = now_s + walk.first_token_tail_s
         if j < len(walk.service_s):
-            return (now_s + walk.gaps_s[j], K_AT_SERVER, r, j)
+            return (now_s + walk.gaps_s[j], AT_SERVER, r, j)
         self.finished[r] = now_s + walk.gaps_s[j]
         self.walks[r] = NO_WALK  # done: free its walk
         return None
@@ -148,14 +148,14 @@ class _Run:
     def run(self) -> int:
         queue = engine.EventQueue()
         if self.arrivals:
-            queue.push(self.arrivals[0], K_ARRIVE, 0, 0)
-        handlers = [self._arrive, self._at_server, self.server.wake]
-        assert K_SERVER == 2
+            queue.push(self.arrivals[0], ARRIVE, 0, 0)
+        handlers = engine.handler_table({ARRIVE: self._arrive, AT_SERVER: self._at_server,
+                                         Kind.SERVER_WAKE: self.server.wake})
         engine.run(queue, handlers, until_s=self.world.horizon_s + self.world.max_sla_s)
         return queue.popped
 
 
-def simulate(world: World, policy: str, log: bool = False) -> RunRecord:
+def run_policy(world: World, policy: str, log: bool = False) -> RunRecord:
     """Run `policy` on `world` at its arrival rate; `log` keeps every server job's times."""
     workload = sample_workload(world)
     run = _Run(world, policy, workload, log)
