@@ -92,3 +92,27 @@ def test_the_checks_can_fail() -> None:
     tree = ast.parse("def f():\n    from splitllm.runtime import units, UnitStack\n")
     assert _imported(tree, {"splitllm.runtime.units"}) == {"splitllm.runtime.units",
                                                            "splitllm.runtime"}
+
+
+def readme_layout(readme: Path = SRC.parent / "README.md") -> set[str]:
+    """The module paths the README's Layout section lists under src/splitllm/."""
+    text = readme.read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    listed, package = set(), ""
+    for line in block.splitlines():
+        if line.startswith(("src/", "tests/", "benchmarks/", "docs/")) or not line.strip():
+            package = ""
+            continue
+        entry = line.split()[0]
+        if entry.endswith("/"):
+            package = entry
+        elif entry.endswith(".py"):
+            listed.add(package + entry if line.startswith("    ") else entry)
+    return listed
+
+
+def test_the_readme_layout_lists_every_module() -> None:
+    modules = {str(p.relative_to(SRC / "splitllm")) for p in (SRC / "splitllm").rglob("*.py")}
+    assert readme_layout() == modules
