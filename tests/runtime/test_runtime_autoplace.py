@@ -11,7 +11,7 @@ from runtime_kit import TIMEOUT_S
 from splitllm.errors import UserError
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.planner.network import Link
+from splitllm.planner.network import Link, crossing_s
 from splitllm.runtime.autoplace import (
     HEADER_BYTES_PER_MESSAGE,
     TOKEN_REPLY_BYTES,
@@ -114,3 +114,31 @@ def test_kv_bytes_per_token_matches_the_cache(tiny_llama: LoadedModel) -> None:
     assert cache.nbytes() == 3 * sum(stack.kv_bytes_per_token(u) for u in range(stack.n_units))
     measured = profile_units(stack, prompt_tokens=8, decode_steps=2)
     assert measured.names == stack.names and all(t > 0 for t in measured.decode_s)
+
+
+class _Pipe:
+    """A transport that answers every frame with the same frame, instantly."""
+
+    bytes_sent = 0
+    bytes_received = 0
+
+    def __init__(self) -> None:
+        self.last: str | bytes = b""
+
+    def send(self, data: str | bytes) -> None:
+        self.last = data
+
+    def recv(self, timeout_s: float) -> str | bytes:
+        return self.last
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_emulated_link_delays_each_frame_by_the_planners_crossing() -> None:
+    link = Link(name="t", uplink_bytes_per_s=1e6, downlink_bytes_per_s=4e6, rtt_s=0.002)
+    emulated = EmulatedLink(_Pipe(), link)
+    emulated.send(b"x" * 3000)
+    emulated.recv(1.0)
+    assert emulated.delay_s == pytest.approx(crossing_s(link, True, 3000.0)
+                                             + crossing_s(link, False, 3000.0))
