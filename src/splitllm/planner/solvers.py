@@ -26,7 +26,7 @@ SIDES = (CLIENT, SERVER)
 C, S = 0, 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Costs:
     """The instance as arrays over cost dimensions: 0 = server work, 1 = latency, then the rest.
 
@@ -99,7 +99,7 @@ class _TooManyLabels(Exception):
     """The label sets grew past MAX_LABELS (the exact solver hands over to the MILP)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Labels:
     """Every node's labels in flat rows; each layer's client-side rows come first."""
 
@@ -118,7 +118,8 @@ def _pareto_labels(costs: Costs, limit: np.ndarray) -> _Labels:
     )
     if used == TOO_MANY:
         raise _TooManyLabels
-    return _Labels(values[:used], parent[:used], layer_start, n_client)
+    return _Labels(values=values[:used], parent=parent[:used], layer_start=layer_start,
+                   n_client=n_client)
 
 
 def _final(costs: Costs, labels: _Labels) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +142,7 @@ def _placement(on_server: np.ndarray) -> Placement:
     return Placement("".join(np.where(on_server, SERVER, CLIENT)))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Frontier(Sequence[Plan]):
     """Every Pareto-optimal (server work, latency) placement, by server work ascending.
 
@@ -179,7 +180,8 @@ def frontier(instance: Instance) -> Frontier:
                         "phase limits binding on widely varied units); plan one SLA instead"
                         ) from None
     values, rows = _final(costs, labels)
-    return Frontier(instance, values[:, 0], values[:, 1], _trace(labels, rows))
+    return Frontier(instance=instance, server_work=values[:, 0], latency_s=values[:, 1],
+                    on_server=_trace(labels, rows))
 
 
 def _exact(instance: Instance) -> Placement | None:

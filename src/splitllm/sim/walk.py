@@ -26,7 +26,7 @@ from splitllm.sim.world import World
 CACHE_LIMIT = 2048  # phase-time tables kept (each is [units + 1, G] floats)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Walk:
     """Delays and server jobs of one request, flattened over its passes."""
 
@@ -41,13 +41,15 @@ class Walk:
         return len(self.service_s)
 
 
-NO_WALK = Walk([0.0], [], 0, 0.0, ())  # nothing on the server
+NO_WALK = Walk(gaps_s=[0.0], service_s=[], jobs_per_pass=0, first_token_tail_s=0.0,
+               server_segments=())  # nothing on the server
 
 
 def synthetic_walk(service_s: float, link: Link) -> Walk:
     """One server job of `service_s` seconds, half a round trip on each side."""
     half_s = crossing_s(link, True, 0.0)  # no bytes: half the round trip each way
-    return Walk([half_s, half_s], [service_s], 1, half_s, ((0, 1),))
+    return Walk(gaps_s=[half_s, half_s], service_s=[service_s], jobs_per_pass=1,
+                first_token_tail_s=half_s, server_segments=((0, 1),))
 
 
 class WalkBuilder:
@@ -121,7 +123,8 @@ def _fold(placement: Placement, model: ModelCosts, link: Link, on_client: np.nda
     tail = gap
     k = len(services)
     if k == 0:
-        return Walk([float(tail.sum())], [], 0, float(tail[0]), ())
+        return Walk(gaps_s=[float(tail.sum())], service_s=[], jobs_per_pass=0,
+                    first_token_tail_s=float(tail[0]), server_segments=())
     gap_matrix = np.column_stack(gaps)  # [passes, k]
     gap_matrix[1:, 0] += tail[:-1]  # a pass starts when the previous token reached the client
     return Walk(
