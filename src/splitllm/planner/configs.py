@@ -14,6 +14,41 @@ Kind = Literal["decoder", "encoder"]
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "q4": 0.5}
 
 
+# What transformers' config classes assume where a config.json is silent (5.24): Gemma ties its
+# head to the embedding; Mistral, Gemma 2 and Gemma 3 default to a 4096-token window.
+TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text"})
+DEFAULT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096}
+# Which layers use the window when the config has no `layer_types`.
+SLIDING_EVERY_LAYER = frozenset({"mistral", "phi3"})
+# Qwen: a window only with use_sliding_window, and only above max_window_layers.
+QWEN = frozenset({"qwen2", "qwen3"})
+
+
+def _sliding(model_type: str, d: dict[str, Any], layer: int) -> bool:
+    """Whether a layer without an explicit `layer_types` entry uses the sliding window."""
+    if model_type in SLIDING_EVERY_LAYER:
+        return True
+    if model_type in QWEN:
+        return layer >= int(d.get("max_window_layers", 28))
+    if model_type == "gemma2":  # local and global layers alternate, local first
+        return bool((layer + 1) % 2)
+    if model_type == "gemma3_text":  # one global layer in every `sliding_window_pattern`
+        return bool((layer + 1) % int(d.get("sliding_window_pattern", 6)))
+    return False
+
+
+def _layer_windows(d: dict[str, Any], model_type: str, layers: int) -> tuple[int, ...]:
+    """Attention window of each layer in tokens (0: full), () if no layer has one."""
+    window = int(d.get("sliding_window", DEFAULT_WINDOW.get(model_type)) or 0)
+    if model_type in QWEN and not d.get("use_sliding_window", False):
+        window = 0
+    types = d.get("layer_types")
+    sliding = ([kind == "sliding_attention" for kind in types] if types
+               else [_sliding(model_type, d, i) for i in range(layers)])
+    windows = tuple(window if is_sliding else 0 for is_sliding in sliding[:layers])
+    return windows if any(windows) else ()
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture numbers the cost model needs."""
@@ -33,10 +68,13 @@ class ModelConfig:
     tied_embeddings: bool = True
     head_out: int = 0  # encoder head output size (classes); 0 for decoders (head = vocab)
     input_patch_values: int = 0  # ViT: values per patch (channels * patch^2); 0 = token ids
+    # Attention window of each block in tokens (0: full attention); () when every block is full.
+    layer_windows: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """Read a Hugging Face `config.json` (llama-family, gpt2, bert or vit)."""
+        """Read a Hugging Face `config.json`: a decoder of the Llama layout (Llama, Mistral,
+        Qwen2/3, Gemma 1-3, Phi-3, OLMo 2), GPT-2, BERT or ViT."""
         model_type = str(d.get("model_type", ""))
         label = name or str(d.get("_name_or_path") or model_type or "model")
         try:
@@ -66,12 +104,14 @@ class ModelConfig:
                 )
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
+            layers = int(d["num_hidden_layers"])
             return cls(
-                label, "decoder", int(d["num_hidden_layers"]), hidden, heads,
+                label, "decoder", layers, hidden, heads,
                 int(d.get("num_key_value_heads") or heads),
                 int(d.get("head_dim") or hidden // heads), int(d["intermediate_size"]),
                 int(d["vocab_size"]), True, bool(d.get("attention_bias", False)), 0,
-                bool(d.get("tie_word_embeddings", False)),
+                bool(d.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)),
+                layer_windows=_layer_windows(d, model_type, layers),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"model config {label!r}: missing or bad field {exc}") from None
@@ -96,6 +136,18 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     ),
     "llama-2-70b": ModelConfig(
         "llama-2-70b", "decoder", 80, 8192, 64, 8, 128, 28672, 32000, True, False, 0, False
+    ),
+    "qwen3-0.6b": ModelConfig(
+        name="qwen3-0.6b", kind="decoder", n_layers=28, hidden=1024, n_heads=16, n_kv_heads=8,
+        head_dim=128, ffn=3072, vocab=151936, gated_mlp=True, biases=False,
+        tied_embeddings=True,
+    ),
+    # Gemma 3 1B (text): 5 local layers (512-token window) for every global one.
+    "gemma-3-1b": ModelConfig(
+        name="gemma-3-1b", kind="decoder", n_layers=26, hidden=1152, n_heads=4, n_kv_heads=1,
+        head_dim=256, ffn=6912, vocab=262144, gated_mlp=True, biases=False,
+        tied_embeddings=True,
+        layer_windows=_layer_windows({"sliding_window": 512}, "gemma3_text", 26),
     ),
     "bert-base": ModelConfig(
         "bert-base", "encoder", 12, 768, 12, 12, 64, 3072, 30522, False, True, 512, True, 2

@@ -221,11 +221,8 @@ def phase_times(model: ModelCosts, device: DeviceProfile, request: Request) -> P
     prefill = np.array([device.time_s(u.prefill_flops(p, causal), u.prefill_bytes(p))
                         for u in model.units])
     decode = np.array([
-        np.maximum(
-            (u.linear_flops_per_token + u.attn_flops_per_token_ctx * ctx) / device.peak_flops_per_s,
-            (u.weight_read_bytes(1) + u.kv_bytes_per_token * ctx)
-            / device.mem_bandwidth_bytes_per_s,
-        ) / device.efficiency
+        np.maximum(u.decode_flops(ctx) / device.peak_flops_per_s,
+                   u.decode_bytes(ctx) / device.mem_bandwidth_bytes_per_s) / device.efficiency
         for u in model.units
     ]).reshape(len(model.units), steps)
     return PhaseTimes(prefill, decode)
@@ -266,7 +263,7 @@ def build_instance(
             server_s=float(server_s[i]),
             server_work=float(server_s[i]),
             out_bytes=output_bytes if u.name == "head" else u.out_bytes_per_token * tokens_crossing,
-            client_mem_bytes=u.weight_bytes + u.kv_bytes_per_token * (p + g),
+            client_mem_bytes=u.weight_bytes + u.kv_bytes(p + g),
             client_ok=u.name not in keep_on_server,
             server_ok=u.name not in keep_on_client,
         )

@@ -1,0 +1,136 @@
+"""Per-unit costs of the model families users bring, against their published sizes.
+
+Each family's config values are those of one real model's config.json (written here, no
+downloads); its published parameter count is from the model card. transformers builds the same
+model on the meta device for the exact count and the per-layer attention types.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitllm.planner.configs import MODEL_CONFIGS, ModelConfig
+from splitllm.planner.costs import model_costs
+
+# model type -> (real model, published parameters, its config.json values)
+REAL_MODELS: dict[str, tuple[str, float, dict[str, Any]]] = {
+    "llama": ("Meta-Llama-3-8B", 8.03e9, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)),
+    "mistral": ("Mistral-7B-v0.1", 7.24e9, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, sliding_window=4096,
+        tie_word_embeddings=False)),
+    "qwen2": ("Qwen2-0.5B", 0.49e9, dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+        use_sliding_window=False, sliding_window=131072, max_window_layers=24)),
+    "qwen3": ("Qwen3-0.6B", 0.6e9, dict(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)),
+    "gemma": ("gemma-2b", 2.51e9, dict(  # no tie_word_embeddings: Gemma ties by default
+        hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+        num_key_value_heads=1, head_dim=256, vocab_size=256000)),
+    "gemma2": ("gemma-2-2b", 2.61e9, dict(
+        hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, vocab_size=256000, sliding_window=4096)),
+    "gemma3_text": ("gemma-3-1b-pt", 1.0e9, dict(
+        hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+        sliding_window_pattern=6)),
+    "phi3": ("Phi-3-mini-4k-instruct", 3.82e9, dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32064, sliding_window=2047,
+        tie_word_embeddings=False)),
+    "olmo2": ("OLMo-2-1124-7B", 7.30e9, dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=100352, tie_word_embeddings=False)),
+    "gpt2": ("gpt2", 124e6, dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+                                 n_positions=1024)),
+}
+
+
+def config_of(model_type: str) -> ModelConfig:
+    name, _, values = REAL_MODELS[model_type]
+    return ModelConfig.from_hf_dict({"model_type": model_type, **values}, name=name)
+
+
+def transformers_model(model_type: str, **values: Any) -> Any:
+    """The real architecture, built by transformers on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+
+
+@pytest.mark.parametrize("model_type", REAL_MODELS)
+def test_parameters_match_the_published_size_and_the_real_architecture(model_type: str) -> None:
+    _, published, values = REAL_MODELS[model_type]
+    params = model_costs(config_of(model_type)).params
+    assert params == pytest.approx(published, rel=0.02)
+    exact = transformers_model(model_type, **values).num_parameters()
+    assert params == pytest.approx(exact, rel=2e-4)  # only norms and biases are left out
+
+
+@pytest.mark.parametrize("model_type", REAL_MODELS)
+def test_sliding_window_layers_are_those_transformers_builds(model_type: str) -> None:
+    from splitllm.runtime.families import attention_layout
+
+    _, _, values = REAL_MODELS[model_type]
+    model = transformers_model(model_type, **values)
+    windows = tuple(window or 0 for _, window in attention_layout(model.config))
+    assert (config_of(model_type).layer_windows or (0,) * len(windows)) == windows
+
+
+def test_a_silent_config_gets_transformers_defaults() -> None:
+    mistral = {k: v for k, v in REAL_MODELS["mistral"][2].items() if k != "sliding_window"}
+    assert ModelConfig.from_hf_dict({"model_type": "mistral", **mistral}).layer_windows == (
+        (4096,) * 32)
+    assert config_of("gemma").tied_embeddings and not config_of("olmo2").tied_embeddings
+
+
+def test_sliding_window_kv_is_bounded_by_the_window() -> None:
+    costs = model_costs(MODEL_CONFIGS["gemma-3-1b"])
+    local, global_ = costs.units[1], costs.units[6]  # block0 is local, block5 global
+    assert (local.window_tokens, global_.window_tokens) == (512, 0)
+    assert local.kv_bytes(10_000) == local.kv_bytes(512) == 512 * local.kv_bytes_per_token
+    assert global_.kv_bytes(10_000) == 10_000 * global_.kv_bytes_per_token
+    assert local.decode_flops(10_000) == local.decode_flops(512) < global_.decode_flops(10_000)
+    for prompt in (1, 300, 512, 513, 2000):
+        pairs = sum(min(i + 1, 512) for i in range(prompt))
+        expected = local.linear_flops_per_token * prompt + local.attn_flops_per_token_ctx * pairs
+        assert local.prefill_flops(prompt) == pytest.approx(expected, rel=1e-12)
+
+
+def test_builtin_configs_equal_their_config_json() -> None:
+    for name, model_type in (("qwen3-0.6b", "qwen3"), ("gemma-3-1b", "gemma3_text")):
+        assert MODEL_CONFIGS[name] == replace(config_of(model_type), name=name)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo2"])
+def test_the_head_unit_holds_the_vocabulary_tied_or_not(model_type: str) -> None:
+    cfg = config_of(model_type)
+    costs = model_costs(cfg)
+    head = costs.units[-1]
+    assert head.params == cfg.vocab * cfg.hidden + cfg.hidden  # LM head + final RMSNorm
+    body = sum(u.params for u in costs.units)
+    assert costs.params == body - (cfg.vocab * cfg.hidden if cfg.tied_embeddings else 0)
+
+
+def test_plan_reads_a_gemma3_config_json(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "gemma3_text", **REAL_MODELS["gemma3_text"][2]}))
+    splitllm = str(Path(sys.executable).with_name("splitllm"))
+    result = subprocess.run([splitllm, "plan", "--model", str(path), "--client", "laptop",
+                             "--link", "wifi", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["placement"]) == 26 + 2
