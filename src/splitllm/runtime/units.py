@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from splitllm.runtime.families import FULL, SLIDING, attention_layout, module, splittable_family
+from splitllm.runtime.models import context_tokens
 
 # The mask each attention type's layers get in the models' own forwards.
 MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
@@ -99,8 +100,7 @@ class UnitStack:
         self.hidden_size = int(model.config.hidden_size)
         self.vocab_size = int(model.config.vocab_size)
         self.dtype = next(model.parameters()).dtype
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0)
-                                 or getattr(model.config, "n_positions", 0) or 2**31 - 1)
+        self.max_positions = context_tokens(model.config)
         self._cache_kw = cache_kwarg(self.layers[0])
 
     def blocks_in(self, start: int, stop: int) -> range:
