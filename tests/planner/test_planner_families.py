@@ -19,39 +19,36 @@ import pytest
 from splitllm.planner.configs import MODEL_CONFIGS, ModelConfig
 from splitllm.planner.costs import model_costs
 
+
+def hf(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int,
+       **extra: Any) -> dict[str, Any]:
+    """config.json values of a decoder of the Llama layout."""
+    return dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, **extra)
+
+
 # model type -> (real model, published parameters, its config.json values)
 REAL_MODELS: dict[str, tuple[str, float, dict[str, Any]]] = {
-    "llama": ("Meta-Llama-3-8B", 8.03e9, dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)),
-    "mistral": ("Mistral-7B-v0.1", 7.24e9, dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, sliding_window=4096,
-        tie_word_embeddings=False)),
-    "qwen2": ("Qwen2-0.5B", 0.49e9, dict(
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-        use_sliding_window=False, sliding_window=131072, max_window_layers=24)),
-    "qwen3": ("Qwen3-0.6B", 0.6e9, dict(
-        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)),
-    "gemma": ("gemma-2b", 2.51e9, dict(  # no tie_word_embeddings: Gemma ties by default
-        hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
-        num_key_value_heads=1, head_dim=256, vocab_size=256000)),
-    "gemma2": ("gemma-2-2b", 2.61e9, dict(
-        hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=256, vocab_size=256000, sliding_window=4096)),
-    "gemma3_text": ("gemma-3-1b-pt", 1.0e9, dict(
-        hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
-        sliding_window_pattern=6)),
-    "phi3": ("Phi-3-mini-4k-instruct", 3.82e9, dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32064, sliding_window=2047,
-        tie_word_embeddings=False)),
-    "olmo2": ("OLMo-2-1124-7B", 7.30e9, dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=100352, tie_word_embeddings=False)),
+    "llama": ("Meta-Llama-3-8B", 8.03e9,
+              hf(4096, 14336, 32, 32, 8, 128256, tie_word_embeddings=False)),
+    "mistral": ("Mistral-7B-v0.1", 7.24e9,
+                hf(4096, 14336, 32, 32, 8, 32000, sliding_window=4096, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2-0.5B", 0.49e9,
+              hf(896, 4864, 24, 14, 2, 151936, tie_word_embeddings=True, use_sliding_window=False,
+                 sliding_window=131072, max_window_layers=24)),
+    "qwen3": ("Qwen3-0.6B", 0.6e9,
+              hf(1024, 3072, 28, 16, 8, 151936, head_dim=128, tie_word_embeddings=True)),
+    # Gemma's configs leave tie_word_embeddings out: Gemma ties its head by default.
+    "gemma": ("gemma-2b", 2.51e9, hf(2048, 16384, 18, 8, 1, 256000, head_dim=256)),
+    "gemma2": ("gemma-2-2b", 2.61e9,
+               hf(2304, 9216, 26, 8, 4, 256000, head_dim=256, sliding_window=4096)),
+    "gemma3_text": ("gemma-3-1b-pt", 1.0e9,
+                    hf(1152, 6912, 26, 4, 1, 262144, head_dim=256, sliding_window=512,
+                       sliding_window_pattern=6)),
+    "phi3": ("Phi-3-mini-4k-instruct", 3.82e9,
+             hf(3072, 8192, 32, 32, 32, 32064, sliding_window=2047, tie_word_embeddings=False)),
+    "olmo2": ("OLMo-2-1124-7B", 7.30e9,
+              hf(4096, 11008, 32, 32, 32, 100352, tie_word_embeddings=False)),
     "gpt2": ("gpt2", 124e6, dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
                                  n_positions=1024)),
 }
