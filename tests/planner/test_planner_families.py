@@ -54,37 +54,49 @@ REAL_MODELS: dict[str, tuple[str, float, dict[str, Any]]] = {
 }
 
 
+# More families, in made-up sizes, against transformers alone (configs without layer_types and
+# tie_word_embeddings: the planner must assume what transformers assumes).
+OTHER_FAMILIES: dict[str, dict[str, Any]] = {
+    "olmo3": hf(512, 1024, 8, 8, 4, 131072, sliding_window=256),
+    "ministral": hf(512, 1024, 4, 8, 4, 131072, head_dim=64),
+    "smollm3": hf(512, 1024, 4, 8, 4, 131072),
+    "cohere": hf(512, 1024, 4, 8, 4, 131072),
+    "granite": hf(512, 1024, 4, 8, 4, 131072),
+}
+ARCHITECTURES = {**{t: values for t, (_, _, values) in REAL_MODELS.items()}, **OTHER_FAMILIES}
+
+
 def config_of(model_type: str) -> ModelConfig:
-    name, _, values = REAL_MODELS[model_type]
-    return ModelConfig.from_hf_dict({"model_type": model_type, **values}, name=name)
+    return ModelConfig.from_hf_dict({"model_type": model_type, **ARCHITECTURES[model_type]})
 
 
-def transformers_model(model_type: str, **values: Any) -> Any:
+def transformers_model(model_type: str) -> Any:
     """The real architecture, built by transformers on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+        config = AutoConfig.for_model(model_type, **ARCHITECTURES[model_type])
+        return AutoModelForCausalLM.from_config(config)
 
 
 @pytest.mark.parametrize("model_type", REAL_MODELS)
-def test_parameters_match_the_published_size_and_the_real_architecture(model_type: str) -> None:
-    _, published, values = REAL_MODELS[model_type]
-    params = model_costs(config_of(model_type)).params
-    assert params == pytest.approx(published, rel=0.02)
-    exact = transformers_model(model_type, **values).num_parameters()
-    assert params == pytest.approx(exact, rel=2e-4)  # only norms and biases are left out
+def test_parameters_match_the_published_size(model_type: str) -> None:
+    _, published, _ = REAL_MODELS[model_type]
+    assert model_costs(config_of(model_type)).params == pytest.approx(published, rel=0.02)
 
 
-@pytest.mark.parametrize("model_type", REAL_MODELS)
-def test_sliding_window_layers_are_those_transformers_builds(model_type: str) -> None:
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_parameters_and_windows_match_the_architecture_transformers_builds(
+        model_type: str) -> None:
     from splitllm.runtime.families import attention_layout
 
-    _, _, values = REAL_MODELS[model_type]
-    model = transformers_model(model_type, **values)
+    model = transformers_model(model_type)
+    cfg = config_of(model_type)
+    # Only norms and biases are left out of the cost model: a few in 10^4 at these sizes.
+    assert model_costs(cfg).params == pytest.approx(model.num_parameters(), rel=1e-3)
     windows = tuple(window or 0 for _, window in attention_layout(model.config))
-    assert (config_of(model_type).layer_windows or (0,) * len(windows)) == windows
+    assert (cfg.layer_windows or (0,) * len(windows)) == windows
 
 
 def test_a_silent_config_gets_transformers_defaults() -> None:

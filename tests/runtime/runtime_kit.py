@@ -90,6 +90,12 @@ def family_config(family: str, layers: int = 4) -> PretrainedConfig:
         # Gemma 2/3: sliding and full layers alternate; Gemma 3 has one rotary table per kind.
         "gemma2": dict(gemma, sliding_window=WINDOW, attn_logit_softcapping=5.0),
         "gemma3_text": dict(gemma, sliding_window=WINDOW, sliding_window_pattern=2),
+        "olmo3": dict(sliding_window=WINDOW),  # one full layer in every four
+        "ministral": dict(sliding_window=WINDOW, head_dim=16), "helium": dict(head_dim=16),
+        "smollm3": dict(no_rope_layer_interval=2),  # every other layer without rotary
+        "granite": dict(embedding_multiplier=3.0, logits_scaling=4.0, residual_multiplier=0.5,
+                        attention_multiplier=0.2),
+        "cohere": dict(logit_scale=0.5),
     }
     if family == "gpt2":
         return gpt2_config(layers)
@@ -97,7 +103,7 @@ def family_config(family: str, layers: int = 4) -> PretrainedConfig:
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-            "olmo2", "gpt2")
+            "olmo2", "gpt2", "olmo3", "ministral", "helium", "smollm3", "granite", "cohere")
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int = VOCAB) -> list[int]:

@@ -14,13 +14,16 @@ Kind = Literal["decoder", "encoder"]
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "q4": 0.5}
 
 
-# What transformers' config classes assume where a config.json is silent (5.24): Gemma ties its
-# head to the embedding; Mistral, Gemma 2 and Gemma 3 default to a 4096-token window.
-TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text"})
-DEFAULT_WINDOW = {"mistral": 4096, "gemma2": 4096, "gemma3_text": 4096}
-# Which layers use the window when the config has no `layer_types`.
-SLIDING_EVERY_LAYER = frozenset({"mistral", "phi3"})
-# Qwen: a window only with use_sliding_window, and only above max_window_layers.
+# What transformers' config classes (5.24) assume where a config.json is silent: which families
+# tie their head to the embedding, and their default attention window.
+TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text", "cohere", "smollm3"})
+DEFAULT_WINDOW = {"mistral": 4096, "ministral": 4096, "gemma2": 4096, "gemma3_text": 4096,
+                  "olmo3": 4096}
+# Which layers use the window when the config has no `layer_types`: all of them, ...
+SLIDING_EVERY_LAYER = frozenset({"mistral", "ministral", "phi3"})
+# ... all but one global layer in every N (N: `sliding_window_pattern` or this default), ...
+GLOBAL_EVERY = {"gemma2": 2, "gemma3_text": 6, "olmo3": 4}
+# ... or, in Qwen, those above max_window_layers, and only with use_sliding_window.
 QWEN = frozenset({"qwen2", "qwen3"})
 
 
@@ -30,10 +33,8 @@ def _sliding(model_type: str, d: dict[str, Any], layer: int) -> bool:
         return True
     if model_type in QWEN:
         return layer >= int(d.get("max_window_layers", 28))
-    if model_type == "gemma2":  # local and global layers alternate, local first
-        return bool((layer + 1) % 2)
-    if model_type == "gemma3_text":  # one global layer in every `sliding_window_pattern`
-        return bool((layer + 1) % int(d.get("sliding_window_pattern", 6)))
+    if model_type in GLOBAL_EVERY:
+        return bool((layer + 1) % int(d.get("sliding_window_pattern", GLOBAL_EVERY[model_type])))
     return False
 
 
@@ -74,7 +75,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str | None = None) -> ModelConfig:
         """Read a Hugging Face `config.json`: a decoder of the Llama layout (Llama, Mistral,
-        Qwen2/3, Gemma 1-3, Phi-3, OLMo 2), GPT-2, BERT or ViT."""
+        Qwen2/3, Gemma 1-3, Phi-3, OLMo 2/3, ...), GPT-2, BERT or ViT."""
         model_type = str(d.get("model_type", ""))
         label = name or str(d.get("_name_or_path") or model_type or "model")
         try:

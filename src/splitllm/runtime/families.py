@@ -21,24 +21,33 @@ SLIDING = "sliding_attention"
 
 @dataclass(frozen=True)
 class Family:
-    """Where a family keeps its modules and what its forward adds around them."""
+    """Where a family keeps its modules and what its forward adds around them.
+
+    Scales name config fields; the head applies them in the order the family's forward does.
+    """
 
     body: str = "model"  # attribute of the *ForCausalLM holding the decoder
     embed: str = "embed_tokens"
     position_table: str | None = None  # learned absolute positions added to the embedding
+    embed_multiplier: str | None = None  # hidden = embedding * config.<field>
     layers: str = "layers"
     norm: str = "norm"
     rotary: str | None = "rotary_emb"  # rotary tables computed once per forward
     rotary_per_layer_type: bool = False  # one rotary table per attention type (local/global)
-    logit_softcap: str | None = None  # config field: logits = cap * tanh(logits / cap)
+    logit_multiplier: str | None = None  # logits * config.<field>
+    logit_divisor: str | None = None  # logits / config.<field>
+    logit_softcap: str | None = None  # logits = cap * tanh(logits / cap)
 
 
 ROTARY_DECODER = Family()
 FAMILIES: dict[str, Family] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2"),
-                    ROTARY_DECODER),
+    **dict.fromkeys(("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "phi3",
+                     "olmo2", "smollm3", "helium"), ROTARY_DECODER),
     "gemma2": Family(logit_softcap="final_logit_softcapping"),
     "gemma3_text": Family(rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
+    "olmo3": Family(rotary_per_layer_type=True),
+    "granite": Family(embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    "cohere": Family(logit_multiplier="logit_scale"),
     "gpt2": Family(body="transformer", embed="wte", position_table="wpe", layers="h",
                    norm="ln_f", rotary=None),
 }

@@ -88,8 +88,13 @@ class UnitStack:
         self.rotary_emb: nn.Module | None = (
             module(body, spec.rotary, self.family) if spec.rotary else None)
         self.rotary_per_layer_type = spec.rotary_per_layer_type
-        self.logit_softcap: float | None = (
-            getattr(model.config, spec.logit_softcap, None) if spec.logit_softcap else None)
+        def scale(field: str | None) -> float | None:
+            return getattr(model.config, field) if field else None
+
+        self.embed_multiplier = scale(spec.embed_multiplier)
+        self.logit_multiplier = scale(spec.logit_multiplier)
+        self.logit_divisor = scale(spec.logit_divisor)
+        self.logit_softcap = scale(spec.logit_softcap)
         self.lm_head: nn.Module = module(model, "lm_head", self.family)
         self.n_blocks = len(self.layers)
         layout = attention_layout(model.config)[:self.n_blocks]
@@ -117,6 +122,8 @@ class UnitStack:
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, D]."""
         hidden = self.embed_tokens(ids)  # [B, T, D] (Gemma's module scales by sqrt(D) itself)
+        if self.embed_multiplier is not None:  # Granite
+            hidden = hidden * self.embed_multiplier
         if self.position_table is not None:  # GPT-2: learned absolute positions
             hidden = hidden + self.position_table(positions)
         return hidden
@@ -124,6 +131,10 @@ class UnitStack:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, D] -> next-token logits of the last position [B, V]."""
         logits = self.lm_head(self.final_norm(hidden[:, -1:, :]))[:, -1, :]
+        if self.logit_multiplier is not None:  # Cohere
+            logits = logits * self.logit_multiplier
+        if self.logit_divisor is not None:  # Granite
+            logits = logits / self.logit_divisor
         if self.logit_softcap is not None:  # Gemma 2/3, in the order their forward does it
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
