@@ -80,16 +80,19 @@ def family_config(family: str, layers: int = 4) -> PretrainedConfig:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    gemma = dict(head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0)
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16)
     extra: dict[str, dict[str, Any]] = {
         "llama": {}, "olmo2": {}, "qwen3": dict(head_dim=32), "gemma": dict(head_dim=16),
         "mistral": dict(sliding_window=WINDOW), "phi3": dict(sliding_window=WINDOW),
         # Qwen2: full attention in the first half, sliding window above max_window_layers.
         "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW,
                       max_window_layers=layers // 2),
-        # Gemma 2/3: sliding and full layers alternate; Gemma 3 has one rotary table per kind.
-        "gemma2": dict(gemma, sliding_window=WINDOW, attn_logit_softcapping=5.0),
-        "gemma3_text": dict(gemma, sliding_window=WINDOW, sliding_window_pattern=2),
+        # Gemma 2/3: sliding and full layers alternate; Gemma 3 has one rotary table per kind
+        # and, like the real Gemma 3 models, no logit soft-capping.
+        "gemma2": dict(gemma, sliding_window=WINDOW, attn_logit_softcapping=5.0,
+                       final_logit_softcapping=3.0),
+        "gemma3_text": dict(gemma, sliding_window=WINDOW, sliding_window_pattern=2,
+                            final_logit_softcapping=None),
         "olmo3": dict(sliding_window=WINDOW),  # one full layer in every four
         "ministral": dict(sliding_window=WINDOW, head_dim=16), "helium": dict(head_dim=16),
         "smollm3": dict(no_rope_layer_interval=2),  # every other layer without rotary

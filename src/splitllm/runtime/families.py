@@ -60,8 +60,7 @@ UNSUPPORTED_FLAGS = {
 
 
 def attention_layout(config: Any) -> tuple[tuple[str, int | None], ...]:
-    """(attention type, window in tokens or None) per decoder layer, as transformers' caches see
-    it."""
+    """(attention type, window or None) of each decoder layer, as transformers' caches see it."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
@@ -85,6 +84,12 @@ def splittable_family(config: Any) -> Family:
         raise UserError(f"model type {model_type!r} has layer type {other[0]!r}: only full and "
                         "sliding-window attention layers can be split")
     return family
+
+
+def config_scale(config: Any, field: str | None) -> float | None:
+    """The value of a family's scale field in a config (None: the family has no such scale)."""
+    value = getattr(config, field, None) if field else None
+    return None if value is None else float(value)
 
 
 def module(root: Any, name: str, model_type: str) -> Any:

@@ -17,7 +17,14 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from splitllm.runtime.families import FULL, SLIDING, attention_layout, module, splittable_family
+from splitllm.runtime.families import (
+    FULL,
+    SLIDING,
+    attention_layout,
+    config_scale,
+    module,
+    splittable_family,
+)
 from splitllm.runtime.models import context_tokens
 
 # The mask each attention type's layers get in the models' own forwards.
@@ -88,13 +95,10 @@ class UnitStack:
         self.rotary_emb: nn.Module | None = (
             module(body, spec.rotary, self.family) if spec.rotary else None)
         self.rotary_per_layer_type = spec.rotary_per_layer_type
-        def scale(field: str | None) -> float | None:
-            return getattr(model.config, field) if field else None
-
-        self.embed_multiplier = scale(spec.embed_multiplier)
-        self.logit_multiplier = scale(spec.logit_multiplier)
-        self.logit_divisor = scale(spec.logit_divisor)
-        self.logit_softcap = scale(spec.logit_softcap)
+        self.embed_multiplier = config_scale(model.config, spec.embed_multiplier)
+        self.logit_multiplier = config_scale(model.config, spec.logit_multiplier)
+        self.logit_divisor = config_scale(model.config, spec.logit_divisor)
+        self.logit_softcap = config_scale(model.config, spec.logit_softcap)
         self.lm_head: nn.Module = module(model, "lm_head", self.family)
         self.n_blocks = len(self.layers)
         layout = attention_layout(model.config)[:self.n_blocks]
