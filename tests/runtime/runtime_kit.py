@@ -68,6 +68,45 @@ def gpt2_config(layers: int = 4) -> GPT2Config:
     )
 
 
+WINDOW = 6  # sliding window of the tiny sliding-window models: prompts of the tests are longer
+
+
+def family_config(family: str, layers: int = 4) -> PretrainedConfig:
+    """A tiny config of one family, its local/global and sliding-window features switched on."""
+    from transformers import AutoConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16)
+    extra: dict[str, dict[str, Any]] = {
+        "llama": {}, "olmo2": {}, "qwen3": dict(head_dim=32), "gemma": dict(head_dim=16),
+        "mistral": dict(sliding_window=WINDOW), "phi3": dict(sliding_window=WINDOW),
+        # Qwen2: full attention in the first half, sliding window above max_window_layers.
+        "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW,
+                      max_window_layers=layers // 2),
+        # Gemma 2/3: sliding and full layers alternate; Gemma 3 has one rotary table per kind
+        # and, like the real Gemma 3 models, no logit soft-capping.
+        "gemma2": dict(gemma, sliding_window=WINDOW, attn_logit_softcapping=5.0,
+                       final_logit_softcapping=3.0),
+        "gemma3_text": dict(gemma, sliding_window=WINDOW, sliding_window_pattern=2,
+                            final_logit_softcapping=None),
+        "olmo3": dict(sliding_window=WINDOW),  # one full layer in every four
+        "ministral": dict(sliding_window=WINDOW, head_dim=16), "helium": dict(head_dim=16),
+        "smollm3": dict(no_rope_layer_interval=2),  # every other layer without rotary
+        "granite": dict(embedding_multiplier=3.0, logits_scaling=4.0, residual_multiplier=0.5,
+                        attention_multiplier=0.2),
+        "cohere": dict(logit_scale=0.5),
+    }
+    if family == "gpt2":
+        return gpt2_config(layers)
+    return AutoConfig.for_model(family, **common, **extra[family])
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+            "olmo2", "gpt2", "olmo3", "ministral", "helium", "smollm3", "granite", "cohere")
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int = VOCAB) -> list[int]:

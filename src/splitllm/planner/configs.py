@@ -12,6 +12,43 @@ from splitllm.errors import UserError
 Kind = Literal["decoder", "encoder"]
 
 
+
+# What transformers' config classes (5.24) assume where a config.json is silent: which families
+# tie their head to the embedding, and their default attention window.
+TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text", "cohere", "smollm3"})
+DEFAULT_WINDOW = {"mistral": 4096, "ministral": 4096, "gemma2": 4096, "gemma3_text": 4096,
+                  "olmo3": 4096}
+# Which layers use the window when the config has no `layer_types`: all of them, ...
+SLIDING_EVERY_LAYER = frozenset({"mistral", "ministral", "phi3"})
+# ... all but one global layer in every N (N: `sliding_window_pattern` or this default), ...
+GLOBAL_EVERY = {"gemma2": 2, "gemma3_text": 6, "olmo3": 4}
+# ... or, in Qwen, those above max_window_layers, and only with use_sliding_window.
+QWEN = frozenset({"qwen2", "qwen3"})
+
+
+def _sliding(model_type: str, d: dict[str, Any], layer: int) -> bool:
+    """Whether a layer without an explicit `layer_types` entry uses the sliding window."""
+    if model_type in SLIDING_EVERY_LAYER:
+        return True
+    if model_type in QWEN:
+        return layer >= int(d.get("max_window_layers", 28))
+    if model_type in GLOBAL_EVERY:
+        return bool((layer + 1) % int(d.get("sliding_window_pattern", GLOBAL_EVERY[model_type])))
+    return False
+
+
+def _layer_windows(d: dict[str, Any], model_type: str, layers: int) -> tuple[int, ...]:
+    """Attention window of each layer in tokens (0: full), () if no layer has one."""
+    window = int(d.get("sliding_window", DEFAULT_WINDOW.get(model_type)) or 0)
+    if model_type in QWEN and not d.get("use_sliding_window", False):
+        window = 0
+    types = d.get("layer_types")
+    sliding = ([kind == "sliding_attention" for kind in types] if types
+               else [_sliding(model_type, d, i) for i in range(layers)])
+    windows = tuple(window if is_sliding else 0 for is_sliding in sliding[:layers])
+    return windows if any(windows) else ()
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The architecture numbers the cost model needs."""
@@ -31,10 +68,13 @@ class ModelConfig:
     tied_embeddings: bool = True
     head_out: int = 0  # encoder head output size (classes); 0 for decoders (head = vocab)
     input_patch_values: int = 0  # ViT: values per patch (channels * patch^2); 0 = token ids
+    # Attention window of each block in tokens (0: full attention); () when every block is full.
+    layer_windows: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """Read a Hugging Face `config.json` (llama-family, gpt2, bert or vit)."""
+        """Read a Hugging Face `config.json`: a decoder of the Llama layout (Llama, Mistral,
+        Qwen2/3, Gemma 1-3, Phi-3, OLMo 2/3, ...), GPT-2, BERT or ViT."""
         model_type = str(d.get("model_type", ""))
         label = name or str(d.get("_name_or_path") or model_type or "model")
         try:
@@ -67,13 +107,15 @@ class ModelConfig:
                 )
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
+            layers = int(d["num_hidden_layers"])
             return cls(
-                name=label, kind="decoder", n_layers=int(d["num_hidden_layers"]), hidden=hidden,
+                name=label, kind="decoder", n_layers=layers, hidden=hidden,
                 n_heads=heads, n_kv_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 ffn=int(d["intermediate_size"]), vocab=int(d["vocab_size"]), gated_mlp=True,
                 biases=bool(d.get("attention_bias", False)), learned_positions=0,
-                tied_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tied_embeddings=bool(d.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)),
+                layer_windows=_layer_windows(d, model_type, layers),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"model config {label!r}: missing or bad field {exc}") from None
@@ -100,6 +142,14 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {c.name: c for c in (
     ModelConfig(name="llama-2-70b", kind="decoder", n_layers=80, hidden=8192, n_heads=64,
                 n_kv_heads=8, head_dim=128, ffn=28672, vocab=32000, gated_mlp=True,
                 biases=False, tied_embeddings=False),
+    ModelConfig(name="qwen3-0.6b", kind="decoder", n_layers=28, hidden=1024, n_heads=16,
+                n_kv_heads=8, head_dim=128, ffn=3072, vocab=151936, gated_mlp=True,
+                biases=False, tied_embeddings=True),
+    # Gemma 3 1B (text): 5 local layers (512-token window) for every global one.
+    ModelConfig(name="gemma-3-1b", kind="decoder", n_layers=26, hidden=1152, n_heads=4,
+                n_kv_heads=1, head_dim=256, ffn=6912, vocab=262144, gated_mlp=True,
+                biases=False, tied_embeddings=True,
+                layer_windows=_layer_windows({"sliding_window": 512}, "gemma3_text", 26)),
     ModelConfig(name="bert-base", kind="encoder", n_layers=12, hidden=768, n_heads=12,
                 n_kv_heads=12, head_dim=64, ffn=3072, vocab=30522, gated_mlp=False, biases=True,
                 learned_positions=512, head_out=2),

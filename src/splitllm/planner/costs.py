@@ -7,13 +7,11 @@ pooler / classifier of an encoder). FLOPs count a multiply-add as 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 
 from splitllm.planner.configs import ModelConfig
-
-Tokens = TypeVar("Tokens", float, np.ndarray)  # a context length, or one per decode step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,16 +27,30 @@ class UnitCost:
     out_bytes_per_token: float  # what crosses the network after this unit, per token
     # An embedding table: a pass reads one row per token, not all its weights (0: not a table).
     lookup_bytes_per_token: float = 0.0
+    # Sliding-window attention: a token attends to (and the cache keeps) this many (0: all).
+    window_tokens: int = 0
+
+    def kv_tokens(self, context_tokens: Any) -> Any:
+        """Positions the KV cache holds and a new token attends to at a context length."""
+        return np.minimum(context_tokens, self.window_tokens) if self.window_tokens else (
+            context_tokens)
+
+    def kv_bytes(self, context_tokens: Any) -> Any:
+        """Bytes of KV cache the unit holds at a context length."""
+        return self.kv_bytes_per_token * self.kv_tokens(context_tokens)
 
     def prefill_flops(self, prompt_tokens: int, causal: bool = True) -> float:
         """FLOPs of a prefill of P tokens (causal: token i attends to i + 1 positions)."""
-        p = prompt_tokens
+        p, w = prompt_tokens, self.window_tokens
         pairs = p * (p + 1) / 2 if causal else p * p
+        if causal and 0 < w < p:  # the first w tokens see all before them, the rest w each
+            pairs = w * (w + 1) / 2 + (p - w) * w
         return self.linear_flops_per_token * prompt_tokens + self.attn_flops_per_token_ctx * pairs
 
-    def decode_flops(self, context_tokens: Tokens) -> Tokens:
-        """FLOPs of one decode step attending to `context_tokens` positions (or of each step)."""
-        return self.linear_flops_per_token + self.attn_flops_per_token_ctx * context_tokens
+    def decode_flops(self, context_tokens: Any) -> Any:
+        """FLOPs of one decode step at a context of `context_tokens` positions."""
+        return self.linear_flops_per_token + self.attn_flops_per_token_ctx * self.kv_tokens(
+            context_tokens)
 
     def weight_read_bytes(self, tokens: int) -> float:
         """Weight bytes one pass over `tokens` tokens reads."""
@@ -50,9 +62,9 @@ class UnitCost:
         """Memory traffic of a prefill: weights once, the new KV cache written."""
         return self.weight_read_bytes(prompt_tokens) + self.kv_bytes_per_token * prompt_tokens
 
-    def decode_bytes(self, context_tokens: Tokens) -> Tokens:
+    def decode_bytes(self, context_tokens: Any) -> Any:
         """Memory traffic of one decode step: weights and the whole KV cache read."""
-        return self.weight_read_bytes(1) + self.kv_bytes_per_token * context_tokens
+        return self.weight_read_bytes(1) + self.kv_bytes(context_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +104,7 @@ def _block_cost(cfg: ModelConfig, index: int, weight_b: float, wire_b: float) ->
         weight_bytes=params * weight_b,
         kv_bytes_per_token=2 * kv * weight_b if cfg.kind == "decoder" else 0.0,
         out_bytes_per_token=d * wire_b,
+        window_tokens=cfg.layer_windows[index] if cfg.layer_windows else 0,
     )
 
 

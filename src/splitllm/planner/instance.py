@@ -242,7 +242,7 @@ def build_instance(
             server_s=float(server_s[i]),
             server_work=float(server_s[i]),
             out_bytes=output_bytes if u.name == "head" else u.out_bytes_per_token * tokens_crossing,
-            client_mem_bytes=u.weight_bytes + u.kv_bytes_per_token * (p + g),
+            client_mem_bytes=u.weight_bytes + u.kv_bytes(p + g),
             client_ok=u.name not in keep_on_server,
             server_ok=u.name not in keep_on_client,
         )

@@ -245,8 +245,8 @@ class Session:
                                 "(--client-device and --server-device)")
             server_profile = UnitProfile.from_json(self.info["profile"])
             context = prompt_tokens + new_tokens
-            memory = [float(self.stack.parameter_bytes(u) + self.stack.kv_bytes_per_token(u)
-                            * context) for u in range(self.stack.n_units)]
+            memory = [float(self.stack.parameter_bytes(u) + self.stack.kv_bytes(u, context))
+                      for u in range(self.stack.n_units)]
             instance = measured_instance(self.client_profile(), server_profile, link, request,
                                          self.stack.hidden_size * wire_bytes,
                                          client_mem_bytes=memory)

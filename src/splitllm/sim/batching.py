@@ -32,9 +32,9 @@ class _Model:
 def _work(unit: UnitCost, prompt: int, pass_index: int, causal: bool) -> tuple[float, float]:
     """(FLOPs, KV bytes) a unit spends on one job."""
     if pass_index == 0:
-        return unit.prefill_flops(prompt, causal), unit.kv_bytes_per_token * prompt
+        return unit.prefill_flops(prompt, causal), unit.kv_bytes(prompt)
     ctx = prompt + pass_index
-    return unit.decode_flops(ctx), unit.kv_bytes_per_token * ctx
+    return unit.decode_flops(ctx), unit.kv_bytes(ctx)
 
 
 def _weights_read(unit: UnitCost, prompt: int, pass_index: int) -> float:
