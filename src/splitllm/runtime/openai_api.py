@@ -170,6 +170,17 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+class _EventStream(StreamingResponse):
+    """An SSE response that always closes its events, so that a client gone mid-stream frees
+    its session now (Starlette stops at the failed send and leaves the iterator to the GC)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await cast("AsyncGenerator[str, None]", self.body_iterator).aclose()
+
+
 def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
@@ -215,7 +226,7 @@ async def _complete(backend: Backend, kind: Kind, request: Request) -> Response:
     assembler, responder = Assembler(backend.loaded, job), Responder(job)
     deltas = _deltas(run, _chain(first, tokens), assembler)
     if job.stream:
-        return StreamingResponse(_sse(responder, deltas, assembler, run),
+        return _EventStream(_sse(responder, deltas, assembler, run),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     text = "".join([delta async for delta in deltas])
