@@ -129,7 +129,7 @@ class Assembler:
 
 
 async def _deltas(run: TokenRun, tokens: AsyncIterator[int], assembler: Assembler
-                  ) -> AsyncIterator[str]:
+                  ) -> AsyncGenerator[str, None]:
     """Released text deltas of a run; frees the run however the iteration ends."""
     try:
         async for token in tokens:
@@ -185,7 +185,7 @@ def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def _sse(responder: Responder, deltas: AsyncIterator[str], assembler: Assembler,
+async def _sse(responder: Responder, deltas: AsyncGenerator[str, None], assembler: Assembler,
                run: TokenRun) -> AsyncIterator[str]:
     """The server-sent events of a stream, ending with `data: [DONE]`."""
     first = responder.first_chunk()
@@ -197,6 +197,8 @@ async def _sse(responder: Responder, deltas: AsyncIterator[str], assembler: Asse
     except ApiError as err:  # the status is sent already: the error goes in the stream
         yield _event(err.body())
         return
+    finally:
+        await deltas.aclose()  # closed here, not by the GC, when the client is gone
     outcome = _outcome(responder.job, assembler, run)
     last = responder.chunk(None, outcome.finish_reason)
     if outcome.splitllm is not None:
@@ -227,8 +229,7 @@ async def _complete(backend: Backend, kind: Kind, request: Request) -> Response:
     deltas = _deltas(run, _chain(first, tokens), assembler)
     if job.stream:
         return _EventStream(_sse(responder, deltas, assembler, run),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     text = "".join([delta async for delta in deltas])
     return JSONResponse(responder.complete(text, _outcome(job, assembler, run)))
 
