@@ -7,6 +7,7 @@ with auto placement, and a proxy with a fixed split that crosses the network fou
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from openai_kit import TOKEN, Gate, Target, reference, running_proxy
 from runtime_kit import RawClient, metrics, wait_for
 
+from splitllm.runtime.client import connect
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.openai_schema import MAX_BODY_BYTES
@@ -59,7 +61,7 @@ def local(tiny_llama_dir: Path) -> Callable[[str, int, bool], dict[str, Any]]:
     return run
 
 
-def expected_finish(ref: dict[str, Any], max_tokens: int, eos: tuple[int, ...]) -> str:
+def expected_finish(ref: dict[str, Any], eos: tuple[int, ...]) -> str:
     return "stop" if ref["tokens"][-1] in eos else "length"
 
 
@@ -70,7 +72,7 @@ def test_greedy_text_equals_generate_local(target: Target, local: Callable[..., 
     chat = client.chat.completions.create(model=target.model, max_tokens=12, temperature=0,
                                           messages=[{"role": "user", "content": CHAT_PROMPT}])
     assert chat.choices[0].message.content == ref["text"]
-    assert chat.choices[0].finish_reason == expected_finish(ref, 12, eos)
+    assert chat.choices[0].finish_reason == expected_finish(ref, eos)
     assert chat.usage is not None
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == \
         (ref["prompt_tokens"], len(ref["tokens"]))
@@ -84,7 +86,7 @@ def test_greedy_text_equals_generate_local(target: Target, local: Callable[..., 
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref["text"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
-        expected_finish(ref, 12, eos)
+        expected_finish(ref, eos)
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == len(ref["tokens"])
 
@@ -257,13 +259,13 @@ def test_at_capacity_is_503_then_served(make_server: Callable[..., BackgroundSer
         holder.close()
 
 
-def _first_content(chunks: Iterator[bytes]) -> None:
-    """Read a stream until an event carries some text."""
+def _first_content(chunks: Iterator[bytes]) -> bytes:
+    """Read a stream until an event carries some text; returns what was read."""
     seen = b""
     for chunk in chunks:
         seen += chunk
         if b'"content":"' in seen.replace(b'"content":""', b""):
-            return
+            return seen
     raise AssertionError("the stream ended before any content")
 
 
@@ -278,7 +280,8 @@ def test_disconnect_mid_stream_frees_the_session(target: Target) -> None:
         with http.stream("POST", target.base_url + "/chat/completions", json=body,
                          headers={"Authorization": f"Bearer {TOKEN}"}) as response:
             assert response.status_code == 200
-            _first_content(response.iter_raw())
+            chunks = response.iter_raw()  # held: dropping it would close the connection now
+            _first_content(chunks)
             assert state.sessions  # still generating
         passed = gate.passed
         for _ in range(40):  # a client gone is noticed at the next token sent
@@ -289,3 +292,29 @@ def test_disconnect_mid_stream_frees_the_session(target: Target) -> None:
             passed = gate.passed
         assert not state.sessions
         assert gate.passed < 50  # of the 100 tokens asked for (one or two forwards each)
+
+
+def test_api_streams_split_sessions_and_bad_requests_share_one_server(
+        api_server: BackgroundServer, tiny_llama: LoadedModel,
+        local: Callable[..., dict[str, Any]]) -> None:
+    target = Target("server", api_server.http_url + "/v1", api_server, tiny_llama.model_id)
+    ref = local(CHAT_PROMPT, 20, False)
+    body = {"model": target.model, "max_tokens": 20, "stream": True, "temperature": 0,
+            "messages": [{"role": "user", "content": CHAT_PROMPT}]}
+    with Gate(api_server) as gate, httpx.Client(timeout=30) as http:
+        gate.let_through(3)  # the prompt and two tokens, then the stream waits
+        with http.stream("POST", target.base_url + "/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            chunks = response.iter_raw()
+            head = _first_content(chunks)  # the stream is under way; now the others come in
+            assert target.post("/chat/completions", {**body, "n": 3}).status_code == 400
+            with connect(api_server.ws_url, tiny_llama, token=TOKEN) as session:
+                gate.let_through(1000)
+                split = session.generate(CHAT_PROMPT, 20, placement=SPLIT)
+            assert list(split.tokens) == ref["tokens"]
+            stream = (head + b"".join(chunks)).decode()
+    events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    finish = events[-1]["choices"][0]["finish_reason"]
+    assert finish == expected_finish(ref, tiny_llama.eos_token_ids)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == ref["text"]
+    assert stream.endswith("data: [DONE]\n\n")
