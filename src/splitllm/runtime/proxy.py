@@ -94,6 +94,7 @@ class ProxyBackend:
                             "needs: serve it with --device measured (the default)")
         session.measure_link()
         session.client_profile()  # measured once, here, rather than in the first request
+        session.plan(8, 8)  # the planner's compiled kernels too (~10-20 s the very first time)
         return session
 
     def current_session(self) -> Session:
