@@ -12,6 +12,7 @@ import torch
 from fastapi import FastAPI
 
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.openai_api import server_router
 from splitllm.runtime.server import FRAME_SLACK_BYTES, ServerConfig, ServerState, create_app
 
 
@@ -26,6 +27,13 @@ def uvicorn_config(app: FastAPI, host: str, port: int, config: ServerConfig) -> 
     )
 
 
+def server_app(state: ServerState) -> FastAPI:
+    """The whole server: the split-session app plus the OpenAI-compatible API."""
+    app = create_app(state)
+    app.include_router(server_router(state))
+    return app
+
+
 def serve_forever(loaded: LoadedModel, host: str, port: int, config: ServerConfig) -> None:
     """Run the server in the foreground until interrupted."""
     import uvicorn
@@ -33,7 +41,7 @@ def serve_forever(loaded: LoadedModel, host: str, port: int, config: ServerConfi
     if config.threads:
         torch.set_num_threads(config.threads)
     state = ServerState(loaded, config)
-    uvicorn.Server(uvicorn_config(create_app(state), host, port, config)).run()
+    uvicorn.Server(uvicorn_config(server_app(state), host, port, config)).run()
 
 
 class BackgroundApp:
@@ -86,7 +94,7 @@ class BackgroundServer(BackgroundApp):
                  host: str = "127.0.0.1", port: int = 0) -> None:
         self.config = config or ServerConfig()
         self.state = ServerState(loaded, self.config)
-        app = create_app(self.state)
+        app = server_app(self.state)
         super().__init__(lambda bound: uvicorn_config(app, host, bound, self.config), host, port)
 
     @property

@@ -25,7 +25,6 @@ from starlette.websockets import WebSocketDisconnected
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
-from splitllm.runtime.openai_api import server_router
 from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.session import ForwardResult, Limits, ServerSession
 from splitllm.runtime.units import UnitStack
@@ -353,7 +352,6 @@ def create_app(state: ServerState) -> FastAPI:
         return denied(request) or PlainTextResponse(state.render_metrics(),
                                                     media_type=CONTENT_TYPE)
 
-    app.include_router(server_router(state))  # the OpenAI-compatible API (runtime/openai_api.py)
 
     @app.websocket(wire.SESSION_PATH)
     async def session_socket(ws: WebSocket) -> None:
