@@ -103,7 +103,7 @@ def frames(draw: st.DrawFn) -> tuple[str, Any]:
         return "text", draw(headers())
     if choice < 8:
         header = draw(headers())
-        payload = (sized_payload(header, random.Random(draw(st.integers(0, 2**32))))
+        payload = (sized_payload(header, draw(st.randoms(use_true_random=True)))
                    if draw(st.booleans()) else draw(st.binary(max_size=512)))
         return "binary", (header, payload)
     raw = draw(st.binary(max_size=256) | st.text(max_size=256) | st.builds(

@@ -11,8 +11,9 @@ than a control message before buffering it (close code 1009).
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import h11
@@ -27,11 +28,18 @@ PRE_AUTH_FRAME_BYTES = wire.HEADER_LEN.size + wire.MAX_HEADER_BYTES
 FRAME_LIMIT_EXTENSION = "splitllm.frame_limit"  # ASGI scope extension: {"lift": callable}
 
 
+def default_max_connections() -> int:
+    """Half the process's open-file limit (the rest: model files, the listener), at most 1024."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft < 0 else max(8, min(1024, soft // 2))
+
+
 @dataclass(frozen=True)
 class TransportLimits:
     """What one server allows each TCP connection."""
 
-    max_connections: int = 256  # HTTP and WebSocket together; keep below the open-file limit
+    # HTTP and WebSocket together: past the open-file limit, accept() fails for everyone.
+    max_connections: int = field(default_factory=default_max_connections)
     header_timeout_s: float = 10.0  # a request's headers must arrive within this
     send_timeout_s: float = 30.0  # a peer must take each reply within this
 
