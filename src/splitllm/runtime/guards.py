@@ -36,7 +36,7 @@ def default_max_connections() -> int:
 
 @dataclass(frozen=True)
 class TransportLimits:
-    """What one server allows each TCP connection."""
+    """Limits on the server's TCP connections: how many, and how long each may dawdle."""
 
     # HTTP and WebSocket together: past the open-file limit, accept() fails for everyone.
     max_connections: int = field(default_factory=default_max_connections)
@@ -46,7 +46,7 @@ class TransportLimits:
 
 def lift_frame_limit(ws: WebSocket) -> None:
     """Allow an authorized connection full-size frames (a no-op on servers without the guard)."""
-    extension = ws.scope.get("extensions", {}).get(FRAME_LIMIT_EXTENSION)
+    extension = (ws.scope.get("extensions") or {}).get(FRAME_LIMIT_EXTENSION)
     if extension is not None:
         extension["lift"]()
 
