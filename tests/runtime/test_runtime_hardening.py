@@ -113,7 +113,8 @@ def test_nothing_large_is_buffered_or_parsed_before_auth(
 
 def test_anything_but_a_good_open_before_auth_is_fatal(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN, auth_timeout_s=0.5)
+    server = make_server(tiny_llama, token=TOKEN)
+    quick = make_server(tiny_llama, token=TOKEN, auth_timeout_s=0.5)
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     frames: list[str | bytes] = [
         "not json", b"\x00", '{"type": "ping"}', '{"type": "open", "placement": "SSSSSS"}',
@@ -126,7 +127,7 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
         assert client.expect_error("unauthorized")["fatal"] is True
         with pytest.raises(Exception, match="1008"):
             client.recv()
-    silent = RawClient(server.ws_url)  # says nothing: closed after the auth deadline
+    silent = RawClient(quick.ws_url)  # says nothing: closed after the auth deadline
     assert "no authentication" in silent.expect_error("unauthorized")["message"]
     with pytest.raises(Exception, match="1008"):
         silent.recv()
@@ -138,7 +139,8 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     assert reply["type"] == "probe_reply" and payload == bytes(3)
     in_message.close()
     assert healthy.finish() == healthy.want
-    assert metrics(server.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 7
+    assert metrics(server.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 6
+    assert metrics(quick.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 1
 
 
 def test_connections_are_capped(tiny_llama: LoadedModel,
@@ -161,7 +163,8 @@ def test_connections_are_capped(tiny_llama: LoadedModel,
 
 def test_a_request_must_arrive_before_the_header_deadline(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, transport=TransportLimits(header_timeout_s=0.5))
+    # Long enough for the healthy client's own requests, which go out right after connecting.
+    server = make_server(tiny_llama, transport=TransportLimits(header_timeout_s=2.0))
     healthy = HealthySession(tiny_llama, server)
     silent = [socket.create_connection((server.host, server.port), timeout=TIMEOUT_S)
               for _ in range(10)]
