@@ -130,6 +130,10 @@ def encode(frame: tuple[str, Any], session: str) -> str | bytes:
     return body  # type: ignore[no-any-return]
 
 
+# uvicorn's keepalive pings draw from the global `random` in the server's thread: hypothesis
+# sees its state change while a frame is being drawn and warns of `random` in strategies.
+server_thread_uses_random = pytest.mark.filterwarnings(
+    "ignore::hypothesis.errors.HypothesisDeprecationWarning")
 FUZZ_SETTINGS = settings(max_examples=2000, deadline=None, derandomize=True, database=None,
                          suppress_health_check=list(HealthCheck))
 
@@ -165,6 +169,7 @@ class Fuzzer:
         return replies
 
 
+@server_thread_uses_random
 def test_thousands_of_generated_frames_get_defined_replies(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
     server = make_server(tiny_llama)
@@ -191,6 +196,7 @@ def test_thousands_of_generated_frames_get_defined_replies(
     assert psutil.Process().memory_info().rss < rss_before * 1.1
 
 
+@server_thread_uses_random
 def test_generated_frames_before_auth_are_all_fatal(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
     server = make_server(tiny_llama, token="s3cret")
