@@ -60,9 +60,10 @@ THIRDS = [  # a third each of phones on 4G, laptops on Wi-Fi and edge boxes on a
 ]
 
 
-def azure(name: str, trace: str, sla_s: float, rows: int) -> dict[str, Any]:
+def azure(name: str, trace: str, limits: dict[str, float], rows: int) -> dict[str, Any]:
     """A scenario replaying the first `rows` requests of an Azure trace: Llama-3-8B (fp16,
-    8k context: prompts capped at 4,000 tokens, outputs at 500) on one datacenter GPU."""
+    8k context: prompts capped at 4,000 tokens, outputs at 500) on one datacenter GPU, every
+    request held to `limits` (sla_s, ttft_s, tpot_s)."""
     return {
         "name": name,
         "seed": 5,
@@ -71,7 +72,7 @@ def azure(name: str, trace: str, sla_s: float, rows: int) -> dict[str, Any]:
         "server": {"device": "datacenter-gpu", "scheduler": "ps"},
         "clients": copy.deepcopy(THIRDS),
         "request_types": [{
-            "name": "llama", "model": "llama-3-8b", "sla_s": sla_s,
+            "name": "llama", "model": "llama-3-8b", **limits,
             # what the trace's rows replace; the range lets plans round token counts up
             "prompt_tokens": {"dist": "uniform", "low": 1, "high": 4000},
             "output_tokens": {"dist": "uniform", "low": 1, "high": 500},
@@ -85,8 +86,10 @@ def azure(name: str, trace: str, sla_s: float, rows: int) -> dict[str, Any]:
 
 BUILTINS: dict[str, dict[str, Any]] = {
     "mixed": MIXED,
-    "azure-conv": azure("azure-conv", "azure_conv_2023_head.csv", 30.0, 3000),
-    "azure-code": azure("azure-code", "azure_code_2023_head.csv", 20.0, 3000),
+    "azure-conv": azure("azure-conv", "azure_conv_2023_head.csv",
+                        {"sla_s": 120.0, "ttft_s": 10.0, "tpot_s": 0.2}, 3000),
+    "azure-code": azure("azure-code", "azure_code_2023_head.csv",
+                        {"sla_s": 120.0, "ttft_s": 10.0, "tpot_s": 0.2}, 3000),
 }
 
 

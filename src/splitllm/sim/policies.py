@@ -9,8 +9,7 @@ Zero-load policies plan for an idle server against (1 - plan_headroom) x each li
 `server-only`, `client-only`, `greedy`, `best-single-cut`, `dp-grid`, `exact`. With no
 feasible plan they take the fastest placement (the request's best chance; server-only: all on
 the server). Load-aware policies add a measured delay to every visit to the server
-(`Instance.server_wait_s`) and fall back to the least server work (with that delay no plan is
-expected to meet the SLA; the fastest placement would load an overloaded server further):
+(`Instance.server_wait_s`); without a plan inside their margin they `rescue` the request:
 - `exact-load-aware`: the recent mean job delay, the scenario's fixed headroom;
 - `exact-quantile`: a high quantile of recent job delays (the margin), decaying while idle;
 - `exact-tuned`: the quantile delay and a headroom that tunes itself toward the target
@@ -90,13 +89,23 @@ def _zero_load(solver: str) -> PolicyFn:
     return policy
 
 
+def rescue(instance: Instance, wait_s: float) -> Choice:
+    """No plan meets the limits with the margin: the fastest placement if it still meets them
+    with `wait_s` at every server visit (the request's best chance), else the least server work
+    (the request misses anyway; the fastest placement would load a busy server further)."""
+    loaded = replace(instance, server_wait_s=wait_s)
+    fastest = evaluate(loaded, fallback(loaded, least_work=False))
+    if fastest.feasible:
+        return fastest.placement, False
+    return fallback(loaded, least_work=True), False
+
+
 def _exact_under(instance: Instance, wait_s: float, headroom: float) -> Choice:
-    """Exact with `wait_s` added to every server visit; else the least server work."""
-    loaded = replace(shrink(instance, headroom), server_wait_s=wait_s)
-    plan = solve(loaded, "exact")
+    """Exact with `wait_s` added to every server visit, against the limits less `headroom`."""
+    plan = solve(replace(shrink(instance, headroom), server_wait_s=wait_s), "exact")
     if plan is not None:
         return plan.placement, True
-    return fallback(loaded, least_work=True), False
+    return rescue(instance, wait_s)
 
 
 def exact_load_aware(instance: Instance, load: Load) -> Choice:
@@ -132,7 +141,7 @@ def frontier_priced(instance: Instance, load: Load) -> Choice:
     plans = frontier(loaded)
     fits = plans.latency_s <= loaded.sla_s * (1 + REL_TOL)
     if not fits.any():
-        return fallback(loaded, least_work=True), False
+        return rescue(instance, load.wait_quantile_s)
     cost = plans.server_work + latency_price(instance, load.utilization) * plans.latency_s
     best = int(np.argmin(np.where(fits, cost, math.inf)))
     return plans[best].placement, True
