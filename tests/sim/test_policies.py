@@ -135,7 +135,8 @@ def test_load_aware_leaves_room_for_the_expected_waits() -> None:
 def test_headroom_keeps_part_of_the_sla_for_queueing() -> None:
     world = builtin_world("mixed")
     assert world.plan_headroom == 0.2
-    tight, loose = PlanPolicy(world, "exact"), PlanPolicy(replace(world, plan_headroom=0.0), "exact")
+    tight = PlanPolicy(world, "exact")
+    loose = PlanPolicy(replace(world, plan_headroom=0.0), "exact")
     for t, c, p, g in _requests(world):
         d, free = tight.decide(t, c, p, g), loose.decide(t, c, p, g)
         if d.planned:

@@ -127,9 +127,11 @@ def exact_tuned(instance: Instance, load: Load) -> Choice:
 
 def latency_price(instance: Instance, utilization: float) -> float:
     """Server-seconds one second of latency is worth: the fastest plan's work per second of
-    SLA on an idle server, falling linearly to 0 as the server fills up."""
+    SLA on an idle server (a plan may use a fifth of the SLA to save a fifth of the work),
+    times (1 - utilization) ** 2, falling to 0 as the server fills up (the marginal cost of
+    server work grows with the load: by 1 / (1 - rho) ** 2 in an M/M/1 queue)."""
     fastest = frontier(instance)[-1].server_work
-    return max(0.0, 1.0 - utilization) * fastest / instance.sla_s
+    return max(0.0, 1.0 - utilization) ** 2 * fastest / instance.sla_s
 
 
 def frontier_priced(instance: Instance, load: Load) -> Choice:
