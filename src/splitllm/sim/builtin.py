@@ -89,7 +89,7 @@ def azure(name: str, trace: str, limits: dict[str, float], rows: int) -> dict[st
 
 BUILTINS: dict[str, dict[str, Any]] = {
     "mixed": MIXED,
-    "azure-conv": azure("azure-conv", "azure_conv_2023_head.csv", {"sla_s": 60.0}, 3000),
+    "azure-conv": azure("azure-conv", "azure_conv_2023_head.csv", {"sla_s": 60.0}, 1500),
     "azure-code": azure("azure-code", "azure_code_2023_head.csv", {"sla_s": 60.0}, 1500),
 }
 
