@@ -150,7 +150,8 @@ def test_cli_bad_scenario_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_cli_bad_flags_exit_2(tmp_path: Path) -> None:
     for args, message in (
         (["--jobs", "0"], "--jobs must be at least 1"),
-        (["--scenario", "nowhere.yaml"], "use paper, mixed, azure-conv, azure-code or a scenario file"),
+        (["--scenario", "nowhere.yaml"],
+         "use paper, mixed, azure-conv, azure-code or a scenario file"),
         (["--scenario", "paper", "--policies", "exact"], "--policies does not apply"),
         (["--rates", "1,fast"], "--rates '1,fast': expected numbers"),
         (["--policies", "exact,wizard"], "policies: unknown policy 'wizard'"),
