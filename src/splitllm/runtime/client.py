@@ -265,8 +265,13 @@ class Session:
                  placement: str | Placement = "auto", sampling: wire.Sampling | None = None,
                  sla_s: float | None = None, chat: bool = True, stop_at_eos: bool = True,
                  prefill_chunk: int = 512, return_logits: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Generate up to max_new_tokens tokens with a split; on_text receives text as it comes."""
+                 on_text: Callable[[str], None] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
+        """Generate up to max_new_tokens tokens with a split; on_text receives text as it comes.
+
+        on_token receives each token id as it comes; an exception it raises ends the generation
+        (the server's session is closed) and propagates.
+        """
         prompt_ids = (encode_prompt(self.loaded, prompt, chat) if isinstance(prompt, str)
                       else list(prompt))
         if str(placement).lower() == "auto":
@@ -283,14 +288,16 @@ class Session:
         logits: list[torch.Tensor] = []
         stream = TextStream(self.loaded, on_text)
 
-        def on_token(token: int) -> None:
+        def record(token: int) -> None:
             if return_logits and pipe.last_logits is not None:
                 logits.append(pipe.last_logits)
+            if on_token is not None:
+                on_token(token)
             stream.push(token)
 
         eos = self.loaded.eos_token_ids if stop_at_eos else ()
         try:
-            timed = timed_generate(pipe, prompt_ids, max_new_tokens, eos, prefill_chunk, on_token)
+            timed = timed_generate(pipe, prompt_ids, max_new_tokens, eos, prefill_chunk, record)
         except BaseException:
             if remote is not None:  # free the server's caches; the first error is the news
                 with contextlib.suppress(Exception):

@@ -215,3 +215,55 @@ def demo(
     if max_new_tokens < 1 or client_slowdown < 1 or not sla_factor > 0:
         raise UserError("--max-new-tokens >= 1, --client-slowdown >= 1, --sla-factor > 0")
     run_demo(DemoOptions(prompt, max_new_tokens, link, client_slowdown, sla_factor, model))
+
+
+def proxy(
+    server: Annotated[str, typer.Option(help="The splitllm server, ws://HOST:PORT.")
+                      ] = "ws://127.0.0.1:8765",
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve the OpenAI API on.")
+                      ] = "127.0.0.1:8080",
+    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory "
+                                            "(the server's model).")] = "smollm2",
+    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help="The server's bearer token.")
+                     ] = None,
+    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32, bf16, fp16.")
+                          ] = "fp32",
+    threads: Annotated[int | None, typer.Option(
+        help="Torch threads of this client (default: half the cores).")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    placement: Annotated[str, typer.Option(
+        help="'auto' (the planner, per request) or one fixed placement, e.g. CCSS...S.")
+                         ] = "auto",
+    emulate_client_slowdown: Annotated[float, typer.Option(
+        help="EMULATION: client units take this many times longer.")] = 1.0,
+    emulate_link: Annotated[str | None, typer.Option(
+        help="EMULATION: shape the link to the server like 4g, 5g, wifi or lan.")] = None,
+) -> None:
+    """Serve the OpenAI API locally; each request runs split with a server (placement auto)."""
+    import torch
+
+    from splitllm.runtime.models import load_model
+    from splitllm.runtime.protocol import ProtocolError, wire_dtype_name
+    from splitllm.runtime.proxy import ProxyConfig, run_proxy
+
+    host, _, port_text = listen.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UserError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    try:
+        wire = wire_dtype_name(wire_dtype)
+    except ProtocolError as exc:
+        raise UserError(str(exc)) from None
+    torch.set_num_threads(threads or default_threads())
+    loaded = load_model(model, dtype)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"splitllm: WARNING: the proxy on {host} has no token of its own: anyone who can "
+              "reach it can use the server's token through it", file=sys.stderr)
+    print(f"splitllm: connecting to {server}, measuring the link and this machine...",
+          file=sys.stderr, flush=True)
+    config = ProxyConfig(server=server, token=token, wire_dtype=wire, placement=placement,
+                         emulate_link=emulate_link,
+                         emulate_client_slowdown=emulate_client_slowdown)
+    run_proxy(loaded, config, host.strip("[]"), int(port_text),
+              ready=lambda: print(f"splitllm: OpenAI API for {loaded.model_id} on "
+                                  f"http://{listen}/v1 (split with {server})",
+                                  file=sys.stderr, flush=True))
