@@ -12,9 +12,10 @@ awaits futures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +96,7 @@ class Engine:
     """The queue and the thread that runs batched steps on one UnitStack."""
 
     def __init__(self, stack: UnitStack, metrics: ServerMetrics, config: EngineConfig,
-                 threads: int) -> None:
+                 threads: int, start: bool = True) -> None:
         if config.max_batch_tokens < 1 or config.max_batch_rows < 1:
             raise ValueError("max_batch_tokens and max_batch_rows must be positive")
         install_packed_attention(stack.model)
@@ -107,8 +108,10 @@ class Engine:
         self.queue: list[Job] = []
         self.wakeup = threading.Condition()
         self.stopping = False
+        self.held = False
         self.thread = threading.Thread(target=self._loop, name="splitllm-engine", daemon=True)
-        self.thread.start()
+        if start:  # without its thread, the owner calls step() itself (tests)
+            self.thread.start()
 
     def submit(self, session: ServerSession, header: ForwardHeader,
                payload: bytes | memoryview) -> asyncio.Future[ForwardResult]:
@@ -133,15 +136,37 @@ class Engine:
             self.stopping = True
             self.wakeup.notify()
 
+    @contextlib.contextmanager
+    def held_back(self) -> Iterator[None]:
+        """Run no step inside the block: what arrives meanwhile goes into the next step."""
+        with self.wakeup:
+            self.held = True
+        try:
+            yield
+        finally:
+            with self.wakeup:
+                self.held = False
+                self.wakeup.notify()
+
+    def queued(self) -> int:
+        with self.wakeup:
+            return len(self.queue)
+
     def _loop(self) -> None:
         torch.set_num_threads(self.threads)
         while True:
             with self.wakeup:
-                while not self.queue and not self.stopping:
+                while (self.held or not self.queue) and not self.stopping:
                     self.wakeup.wait()
                 if self.stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a bug outside any one row: fail what is queued, go on
+                with self.wakeup:
+                    failed, self.queue = self.queue, []
+                for job in failed:
+                    job.deliver(exc)
 
     def step(self) -> None:
         """Check what is ready, run one batched step, deliver what finished."""
