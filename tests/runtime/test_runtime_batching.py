@@ -115,3 +115,30 @@ def test_a_bad_frame_leaves_the_other_sessions_complete(
     assert page['splitllm_engine_step_rows_bucket{le="4"}'] >= 1  # the first step: 4 good rows
     for prompt, result in zip(prompts, results, strict=True):
         assert list(result.tokens) == reference(tiny_llama, prompt, 5, Sampling())[0]
+
+
+@pytest.mark.slow
+def test_smollm2_concurrent_sessions_keep_the_unsplit_greedy_tokens(
+        smollm2: LoadedModel, smollm2_server: BackgroundServer) -> None:
+    from splitllm.runtime.models import encode_prompt
+
+    n = 32
+    questions = ["What is the capital of France?", "Name three colours.",
+                 "Write a haiku about rain.", "What is 2 + 2?"]
+    placements = ["S" * n, "C" * 4 + "S" * (n - 4), "S" * 20 + "C" * 12, "C" + "S" * (n - 1)]
+    prompts = [encode_prompt(smollm2, q) for q in questions]
+
+    def job(prompt: list[int], placement: str) -> Callable[[], Any]:
+        def run() -> Generation:
+            with connect(smollm2_server.ws_url, smollm2, timeout_s=TIMEOUT_S * 6) as session:
+                return session.generate(prompt, 8, placement=placement, stop_at_eos=False,
+                                        return_logits=True)
+        return run
+
+    results = run_concurrently(smollm2_server, smollm2,
+                               [job(p, pl) for p, pl in zip(prompts, placements, strict=True)])
+    for prompt, result in zip(prompts, results, strict=True):
+        tokens, logits = reference(smollm2, prompt, 8, Sampling())
+        assert list(result.tokens) == tokens
+        for got, want in zip(result.logits, logits, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

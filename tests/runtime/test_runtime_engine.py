@@ -200,3 +200,32 @@ def test_a_long_wait_is_served_first(tiny_llama: LoadedModel) -> None:
         drv.step()
         steps += 1
         assert steps <= 10
+
+
+def test_the_server_announces_its_measured_step_model(llama_server: Any) -> None:
+    import httpx
+
+    from splitllm.stepmodel import StepModel
+
+    info = httpx.get(llama_server.http_url + "/v1/info", timeout=20).json()
+    model = StepModel.from_json(info["step_model"])
+    assert model.n_blocks == 4 and info["compute"] == "cpu"
+    assert info["engine"] == {"max_batch_tokens": 512, "max_batch_rows": 64}
+    for fit in (model.embed, model.block, model.head):
+        assert fit.fixed_s >= 0 and fit.per_token_s >= 0
+    assert model.step_s(16, 16) > 0
+
+
+def test_step_model_fit_and_costs_under_batching() -> None:
+    from splitllm.stepmodel import StepModel, UnitFit, decode_share_s, fit_unit, marginal_decode_s
+
+    fit = fit_unit([(1, 0.0011), (4, 0.0014), (16, 0.0026), (64, 0.0074)])
+    assert fit.fixed_s == pytest.approx(0.001, rel=1e-6)
+    assert fit.per_token_s == pytest.approx(1e-4, rel=1e-6)
+    model = StepModel(UnitFit(0.0, 1e-6), fit, UnitFit(0.002, 1e-4), n_blocks=10)
+    assert StepModel.from_json(model.to_json()) == model
+    shares = [decode_share_s(model, c) for c in (1, 4, 16, 64)]
+    assert shares == sorted(shares, reverse=True)  # weights amortised over the batch
+    assert shares[0] == pytest.approx(model.step_s(1, 1))
+    # The marginal request pays only its per-token work, not the shared weight reads.
+    assert marginal_decode_s(model, 16) == pytest.approx(1e-6 + 10 * 1e-4 + 1e-4)
