@@ -35,6 +35,7 @@ from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.units import UnitStack
+from splitllm.stepmodel import StepModel, decode_share_s, marginal_decode_s
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -117,7 +118,8 @@ def measure(url: str, loaded: LoadedModel, ids: list[int], placement: str, sessi
 
 
 def run_server(args: argparse.Namespace, loaded: LoadedModel, ids: list[int], batch_rows: int,
-               engine: str, placements: dict[str, str], pin: bool) -> list[Point]:
+               engine: str, placements: dict[str, str], pin: bool
+               ) -> tuple[list[Point], StepModel]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
@@ -126,8 +128,10 @@ def run_server(args: argparse.Namespace, loaded: LoadedModel, ids: list[int], ba
             wait_healthy(f"http://127.0.0.1:{port}", proc, log)
             url = f"ws://127.0.0.1:{port}"
             measure(url, loaded, ids, placements["server-only"], 2, 4, engine)  # warm up
+            info = httpx.get(f"http://127.0.0.1:{port}/v1/info").json()
             return [measure(url, loaded, ids, placement, n, args.tokens, f"{engine}")
-                    for placement in placements.values() for n in args.sessions]
+                    for placement in placements.values() for n in args.sessions
+                    ], StepModel.from_json(info["step_model"])
         finally:
             stop_server(proc)
 
@@ -150,9 +154,10 @@ def main() -> None:
     ids = encode_prompt(loaded, PROMPT)
     n = UnitStack(loaded.model).n_units
     placements = {"server-only": "S" * n, "split (C2 S..S)": "CC" + "S" * (n - 2)}
-    batched = run_server(args, loaded, ids, 64, "batched", placements, pin)
-    single = run_server(args, loaded, ids, 1, "batch-1", placements, pin)
+    batched, model = run_server(args, loaded, ids, 64, "batched", placements, pin)
+    single, _ = run_server(args, loaded, ids, 1, "batch-1", placements, pin)
     _print(console, args, loaded, batched, single, placements, bandwidth, pin)
+    _print_model(console, model, batched, placements)
 
 
 def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batched: list[Point],
@@ -185,6 +190,27 @@ def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batc
                       f"{solo[0].tokens_per_s / limit:.0%} of the physical limit {limit:.1f} "
                       f"tok/s ({weight_bytes(loaded) / 1e6:.0f} MB of weights at "
                       f"{bandwidth / 1e9:.1f} GB/s, one thread's read bandwidth)")
+
+
+def _print_model(console: Console, model: StepModel, batched: list[Point],
+                 placements: dict[str, str]) -> None:
+    """The measured step model's cost of a token under batching, beside what the runs took."""
+    table = Table(title="Step model (/v1/info): block "
+                        f"{model.block.fixed_s * 1e3:.2f} ms + {model.block.per_token_s * 1e3:.3f} "
+                        f"ms/token, head {model.head.fixed_s * 1e3:.2f} ms + "
+                        f"{model.head.per_token_s * 1e3:.3f} ms/row; server-only decode")
+    for column in ("sessions", "rows/step", "model: share ms/token", "model: marginal ms/token",
+                   "measured: server CPU ms / generated token (prefill included)"):
+        table.add_column(column, justify="right")
+    for p in batched:
+        if p.placement != placements["server-only"]:
+            continue
+        rows = max(1, round(p.mean_rows))
+        table.add_row(str(p.sessions), f"{p.mean_rows:.1f}",
+                      f"{decode_share_s(model, rows) * 1e3:.1f}",
+                      f"{marginal_decode_s(model, rows) * 1e3:.1f}",
+                      f"{p.server_cpu_s / p.generated_tokens * 1e3:.1f}")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,21 @@ def marginal_decode_s(model: StepModel, concurrency: int, blocks: int | None = N
     """Server seconds one more decoding request adds to each step at `concurrency` requests."""
     c = max(concurrency, 1)
     return model.step_s(c, c, blocks) - (model.step_s(c - 1, c - 1, blocks) if c > 1 else 0.0)
+
+
+def jobs_step_s(model: StepModel, jobs: Sequence[tuple[int, int, int]]) -> float:
+    """Seconds of one step serving jobs (start unit, stop unit, tokens): each unit runs once.
+
+    A unit's time counts once per step, over the tokens of every job whose range holds it
+    (the head over one position per job), as the engine walks its units.
+    """
+    n_units = model.n_blocks + 2
+    tokens_at = [0] * n_units
+    rows_at_head = 0
+    for start, stop, tokens in jobs:
+        for unit in range(start, min(stop, n_units - 1)):
+            tokens_at[unit] += tokens
+        rows_at_head += int(stop == n_units)
+    total = model.embed.seconds(tokens_at[0]) if tokens_at[0] else 0.0
+    total += sum(model.block.seconds(t) for t in tokens_at[1:-1] if t)
+    return total + (model.head.seconds(rows_at_head) if rows_at_head else 0.0)
