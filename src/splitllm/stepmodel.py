@@ -55,12 +55,13 @@ class StepModel:
 
 
 def fit_unit(samples: Sequence[tuple[int, float]]) -> UnitFit:
-    """Least-squares fixed_s + per_token_s * tokens over (tokens, seconds), both kept >= 0."""
+    """fixed_s + per_token_s * tokens over (tokens, seconds), both >= 0, by least squares of
+    relative errors (a decode step of a few tokens matters as much as a long prefill)."""
     tokens = np.array([t for t, _ in samples], dtype=float)
     seconds = np.array([s for _, s in samples], dtype=float)
     if len(set(tokens.tolist())) < 2:
         return UnitFit(float(seconds.mean()), 0.0)
-    slope, intercept = np.polyfit(tokens, seconds, 1)
+    slope, intercept = np.polyfit(tokens, seconds, 1, w=1.0 / np.maximum(seconds, 1e-9))
     slope = max(float(slope), 0.0)
     return UnitFit(max(float(np.mean(seconds - slope * tokens)), 0.0) if intercept < 0
                    else float(intercept), slope)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from splitllm.runtime.step import StepRow, run_step
+from splitllm.runtime.step import StepRow, StepTimes, run_step
 from splitllm.runtime.units import UnitStack
 from splitllm.stepmodel import StepModel, fit_unit
 
@@ -76,23 +76,31 @@ def profile_units(stack: UnitStack, prompt_tokens: int = 32, decode_steps: int =
 
 
 def measure_step_model(stack: UnitStack, batch_rows: Sequence[int] = (1, 4, 16),
-                       prompt_tokens: int = 16, decode_steps: int = 3) -> StepModel:
-    """Fit the step model on engine steps: a prefill and a few decode steps at each batch size."""
+                       prompt_tokens: int = 16, decode_steps: int = 4) -> StepModel:
+    """Fit the step model on engine steps: a prefill and a few decode steps at each batch size.
+
+    Each sample is the fastest of its repeats (a prefill on fresh caches, decode steps), so a
+    moment of preemption on a shared machine does not end up in the model.
+    """
     device = next(stack.model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     n = stack.n_units
     samples: dict[str, list[tuple[int, float]]] = {"embed": [], "block": [], "head": []}
     run_step(stack, _rows(stack, prompt_tokens, 0, generator, device))  # warm-up
     for batch in batch_rows:
-        caches = [stack.new_cache(0, n) for _ in range(batch)]
-        for step in range(decode_steps + 1):
-            tokens = prompt_tokens if step == 0 else 1
-            position = 0 if step == 0 else prompt_tokens + step - 1
-            _, times = run_step(stack, _rows(stack, tokens, position, generator, device, caches))
-            blocks = [times.unit_s[u] for u in range(1, n - 1)]
-            samples["embed"].append((times.unit_tokens[0], times.unit_s[0]))
-            samples["block"].append((times.unit_tokens[1], statistics.median(blocks)))
-            samples["head"].append((times.unit_tokens[n - 1], times.unit_s[n - 1]))
+        prefill: list[StepTimes] = []
+        for _ in range(2):
+            caches = [stack.new_cache(0, n) for _ in range(batch)]
+            prefill.append(run_step(stack, _rows(stack, prompt_tokens, 0, generator, device,
+                                                 caches))[1])
+        decode = [run_step(stack, _rows(stack, 1, prompt_tokens + step, generator, device,
+                                        caches))[1] for step in range(decode_steps)]
+        for runs in (prefill, decode):
+            samples["embed"].append((runs[0].unit_tokens[0], min(t.unit_s[0] for t in runs)))
+            samples["block"].append((runs[0].unit_tokens[1], min(
+                statistics.median(t.unit_s[u] for u in range(1, n - 1)) for t in runs)))
+            samples["head"].append((runs[0].unit_tokens[n - 1],
+                                    min(t.unit_s[n - 1] for t in runs)))
     return StepModel(fit_unit(samples["embed"]), fit_unit(samples["block"]),
                      fit_unit(samples["head"]), stack.n_blocks)
 
