@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_kit import random_prompt
+from runtime_kit import FAMILIES, WINDOW, family_config, random_prompt
+from transformers import AutoModelForCausalLM
 
 from splitllm.runtime.engine import Engine, EngineConfig, Job, Outcome
 from splitllm.runtime.metrics import ServerMetrics
@@ -35,19 +36,21 @@ def solo(stack: UnitStack, row: StepRow, cache: SegmentCache | None) -> torch.Te
     return stack.run(row.start, row.stop, row.x, row.positions, cache)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_packed_steps_equal_solo_runs(family: str, tiny_models: dict[str, LoadedModel]) -> None:
-    """Mixed segments, prompt lengths, chunks; rows joining and leaving between steps."""
-    stack = UnitStack(tiny_models[family].model)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_steps_equal_solo_runs(family: str) -> None:
+    """Mixed segments, prompt lengths, chunks; rows joining and leaving between steps; every
+    family (sliding windows shorter than the contexts, local/global layers, soft-capping)."""
+    torch.manual_seed(0)
+    stack = UnitStack(AutoModelForCausalLM.from_config(family_config(family)).eval())
     n = stack.n_units  # 6: embed, 4 blocks, head
     gen = torch.Generator().manual_seed(3)
     # (start, stop, first step, last step, prompt tokens)
-    specs = [(0, n, 0, 5, 7), (2, n, 0, 3, 5), (0, 3, 1, 5, 9), (3, 5, 2, 5, 4),
-             (1, n - 1, 0, 5, 1)]
+    specs = [(0, n, 0, 7, 7), (2, n, 0, 3, 5), (0, 3, 1, 7, 9), (3, 5, 2, 7, 4),
+             (1, n - 1, 0, 7, 1)]
     caches = [stack.new_cache(a, b) for a, b, *_ in specs]
     solo_caches = [stack.new_cache(a, b) for a, b, *_ in specs]
     positions = [0] * len(specs)
-    for step in range(6):
+    for step in range(8):
         rows, members = [], []
         for k, (start, stop, first, last, prompt) in enumerate(specs):
             if not first <= step <= last:
@@ -67,6 +70,7 @@ def test_packed_steps_equal_solo_runs(family: str, tiny_models: dict[str, Loaded
             assert output.error is None
             torch.testing.assert_close(output.out, solo(stack, row, solo_caches[k]),
                                        atol=ATOL, rtol=0)
+    assert max(positions) > 2 * WINDOW  # the windows slid
 
 
 class Driver:

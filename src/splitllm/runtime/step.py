@@ -58,10 +58,19 @@ class _Packed:
         self.groups = [RowGroup(offsets[k], offsets[k + 1], _cache(rows[i]))
                        for k, i in enumerate(members)]
         self.cache = StepCache(self.groups)
-        # The family's own kwargs (rotary tables of the packed positions); attention is ours.
-        self.kwargs: dict[str, Any] = stack._block_kwargs(self.hidden, positions, None)
-        self.kwargs.update({"attention_mask": None, "use_cache": True, STEP_KWARG: self.cache,
-                            stack._cache_kw: self.cache})
+        self.stack, self.positions = stack, positions
+        self.kwargs_of: dict[str, dict[str, Any]] = {}
+
+    def kwargs(self, block: int) -> dict[str, Any]:
+        """The block's keyword arguments: the family's own (rotary tables of the packed
+        positions, per attention type), with the step's cache; the masks are ours."""
+        kind = self.stack.layer_types[block]
+        if kind not in self.kwargs_of:
+            kwargs = self.stack._block_kwargs(self.hidden, self.positions, None, kind)
+            kwargs.update({"attention_mask": None, "use_cache": True, STEP_KWARG: self.cache,
+                           self.stack._cache_kw: self.cache})
+            self.kwargs_of[kind] = kwargs
+        return self.kwargs_of[kind]
 
     def unpack(self, hidden: dict[int, torch.Tensor], outputs: list[RowOutput]) -> None:
         for i, group in zip(self.members, self.groups, strict=True):
@@ -103,7 +112,7 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
                 outputs[i].out = logits[k:k + 1]
         else:
             packed = packed or _Packed(stack, rows, hidden, active)
-            out = stack.layers[unit - 1](packed.hidden, **packed.kwargs)
+            out = stack.layers[unit - 1](packed.hidden, **packed.kwargs(unit - 1))
             packed.hidden = out[0] if isinstance(out, tuple) else out
         if rows[0].x.is_cuda:
             torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
