@@ -18,7 +18,9 @@ MEASURED = StepModel(embed=UnitFit(0.001, 0.0001), block=UnitFit(0.2, 0.01),
 
 def test_measured_steps_replace_the_roofline() -> None:
     world = tiny_world((0.0,), prompt=2, output=2)  # embed, one block, head
-    server = DeviceProfile("server", 1000.0, 1000.0, 1e15, 1.0)
+    server = DeviceProfile(name="server", peak_flops_per_s=1000.0,
+                           mem_bandwidth_bytes_per_s=1000.0, mem_capacity_bytes=1e15,
+                           efficiency=1.0)
     world = replace(world, types=(replace(world.types[0], model=tiny_model()),),
                     server=ServerSpec(server, "batched"))
     cost = BatchCost(world, MEASURED)
