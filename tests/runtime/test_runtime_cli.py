@@ -123,3 +123,23 @@ def test_demo_runs_end_to_end_on_a_small_model(tiny_llama_dir: Path) -> None:
     assert "EMULATED" in out and "server busy s" in out and "Plans, times in ms" in out
     same = next(line for line in out.splitlines() if "same tokens" in line)
     assert "yes" in same
+
+
+def test_serve_rejects_bad_compute_and_keeps_the_old_device_flag(tiny_llama_dir: Path) -> None:
+    import torch
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([SPLITLLM, "serve", "--model", str(tiny_llama_dir), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    if not torch.cuda.is_available():
+        no_cuda = serve("--compute", "cuda")
+        assert no_cuda.returncode == 2
+        assert no_cuda.stderr.strip().splitlines() == [
+            "error: --compute cuda: no CUDA device is available here (use --compute cpu)"]
+    assert serve("--compute", "tpu").stderr.strip() == "error: --compute 'tpu': use cpu, cuda " \
+                                                       "or auto"
+    old = serve("--device", "no-such-device")  # the old name of --announce-device still works
+    assert old.returncode == 2
+    assert "--device is deprecated: use --announce-device" in old.stderr
+    assert "no-such-device" in old.stderr.strip().splitlines()[-1]

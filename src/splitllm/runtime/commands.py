@@ -36,48 +36,79 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     token: Annotated[str | None, typer.Option(
         envvar=TOKEN_ENV, help="Require this bearer token of every client.")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    compute: Annotated[str, typer.Option(
+        help="Where the engine computes: cpu, cuda or auto (cuda when available).")] = "auto",
+    dtype: Annotated[str | None, typer.Option(
+        help="Weights: float32, bf16 or fp16 (default: float32 on cpu, bf16 on cuda).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="Torch threads for model compute (default: half the cores).")] = None,
-    workers: Annotated[int, typer.Option(help="Compute threads (forwards at once).")] = 1,
+    max_batch_tokens: Annotated[int, typer.Option(
+        help="Token positions one engine step may take (prompts are chunked to fit).")] = 512,
+    max_batch_rows: Annotated[int, typer.Option(
+        help="Forwards one engine step may take (1 = one session at a time).")] = 64,
     max_sessions: Annotated[int, typer.Option(help="Open sessions allowed in total.")] = 64,
     idle_timeout_s: Annotated[float, typer.Option(
         help="Close sessions silent this long, seconds.")] = 300.0,
     max_frame_mib: Annotated[float, typer.Option(help="Largest WebSocket frame, MiB.")] = 64.0,
     max_tokens_per_message: Annotated[int, typer.Option(
         help="Most tokens one forward may carry (clients chunk longer prompts).")] = 1024,
-    device: Annotated[str, typer.Option(
+    announce_device: Annotated[str, typer.Option(
         help="What clients' auto placement assumes of this server: 'measured' (time the "
              "units at start) or a device preset name.")] = "measured",
+    device: Annotated[str | None, typer.Option(
+        hidden=True, help="Deprecated name of --announce-device.")] = None,
 ) -> None:
     """Serve split inference: a WebSocket for sessions, /health, /v1/info, /metrics."""
+    from splitllm.runtime.engine import EngineConfig
     from splitllm.runtime.hosting import serve_forever
     from splitllm.runtime.models import load_model
     from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
-    if workers < 1 or max_sessions < 1 or not idle_timeout_s > 0 or not max_frame_mib > 0:
-        raise UserError("--workers, --max-sessions, --idle-timeout-s and --max-frame-mib "
-                        "must be positive")
-    if device != "measured":
+    if min(max_sessions, max_batch_tokens, max_batch_rows) < 1 or not idle_timeout_s > 0 \
+            or not max_frame_mib > 0:
+        raise UserError("--max-sessions, --max-batch-tokens, --max-batch-rows, "
+                        "--idle-timeout-s and --max-frame-mib must be positive")
+    if device is not None:
+        print("splitllm: --device is deprecated: use --announce-device (what clients' auto "
+              "placement assumes; --compute picks where the server computes)", file=sys.stderr)
+        announce_device = device
+    if announce_device != "measured":
         from splitllm.planner.hardware import device_preset
 
-        device_preset(device)  # fail now on a bad name, not at a client's auto placement
+        device_preset(announce_device)  # fail now on a bad name, not at a client's auto placement
+    target = compute_device(compute)
     config = ServerConfig(
         token=token, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
         max_frame_bytes=int(max_frame_mib * 2**20),
         limits=Limits(max_tokens_per_message=max_tokens_per_message),
-        threads=threads or default_threads(), workers=workers, profile=device == "measured",
-        device=device,
+        threads=threads or default_threads(),
+        engine=EngineConfig(max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows),
+        profile=announce_device == "measured", announce_device=announce_device,
     )
-    loaded = load_model(model, dtype)
+    loaded = load_model(model, dtype or ("bf16" if target == "cuda" else "float32"))
+    weights: Any = loaded.model  # transformers types .to() oddly
+    weights.to(target)
     auth = "bearer token required" if token else "no token"
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"splitllm: WARNING: serving on {host} without --token: anyone who can reach it "
               "can use it", file=sys.stderr)
-    print(f"splitllm: serving {loaded.model_id} ({loaded.dtype}, {config.threads} threads) on "
-          f"ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
+    print(f"splitllm: serving {loaded.model_id} ({loaded.dtype} on {target}, {config.threads} "
+          f"threads) on ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
     serve_forever(loaded, host, port, config)
+
+
+def compute_device(compute: str) -> str:
+    """'cpu' or 'cuda' for --compute cpu|cuda|auto; UserError if CUDA is asked for but absent."""
+    import torch
+
+    if compute not in ("cpu", "cuda", "auto"):
+        raise UserError(f"--compute {compute!r}: use cpu, cuda or auto")
+    if compute == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if compute == "cuda" and not torch.cuda.is_available():
+        raise UserError("--compute cuda: no CUDA device is available here (use --compute cpu)")
+    return compute
 
 
 def generate(

@@ -1,7 +1,8 @@
 """The splitllm server: FastAPI + uvicorn, one WebSocket per client connection.
 
-The event loop only parses, checks and routes messages; model compute runs in a worker thread
-pool, so /health, /metrics and other sessions stay responsive while a forward runs.
+The event loop only parses, checks and routes messages; model compute runs in the batched engine's
+thread (runtime/engine.py), so /health, /metrics and other sessions stay responsive while a step
+runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,10 +23,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocketDisconnected
 
 from splitllm.runtime import protocol as wire
+from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.guards import TransportLimits, lift_frame_limit
 from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
-from splitllm.runtime.profile import UnitProfile, profile_units
+from splitllm.runtime.profile import UnitProfile, measure_step_model, profile_units
 from splitllm.runtime.session import ForwardResult, Limits, ServerSession
 from splitllm.runtime.units import UnitStack
 
@@ -46,13 +47,13 @@ class ServerConfig:
     transport: TransportLimits = field(default_factory=TransportLimits)
     limits: Limits = field(default_factory=Limits)
     threads: int | None = None  # torch intra-op threads for model compute
-    workers: int = 1  # compute threads; 1 serializes forwards (each uses all `threads`)
-    profile: bool = True  # measure per-unit times at start for clients' auto placement
-    device: str = "measured"  # or a device preset name the server announces to clients
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    profile: bool = True  # measure per-unit times and the step model at start
+    announce_device: str = "measured"  # or a device preset name clients' auto placement assumes
 
 
 class ServerState:
-    """Everything the app serves: the model's units, sessions, counters, the compute pool."""
+    """Everything the app serves: the model's units, sessions, counters, the engine."""
 
     def __init__(self, loaded: LoadedModel, config: ServerConfig) -> None:
         self.loaded = loaded
@@ -63,15 +64,12 @@ class ServerState:
         self.metrics = ServerMetrics(self.stack.names)
         self.sessions: dict[str, tuple[ServerSession, Connection]] = {}
         self.fingerprint = weights_fingerprint(loaded.model)
-        # Compute threads get this many intra-op threads; the caller's own setting is left alone
-        # (a test or the demo may run a client in the same process).
-        threads = config.threads or torch.get_num_threads()
-        self.threads = threads
-        self.executor = ThreadPoolExecutor(
-            max_workers=config.workers, thread_name_prefix="splitllm-compute",
-            initializer=torch.set_num_threads, initargs=(threads,),
-        )
+        # The engine thread gets this many intra-op threads; the caller's own setting is left
+        # alone (a test or the demo may run a client in the same process).
+        self.threads = config.threads or torch.get_num_threads()
+        self.engine = Engine(self.stack, self.metrics, config.engine, self.threads)
         self.profile: UnitProfile | None = profile_units(self.stack) if config.profile else None
+        self.step_model = measure_step_model(self.stack) if config.profile else None
         self.started_at = time.time()
 
     def info(self) -> dict[str, Any]:
@@ -90,9 +88,13 @@ class ServerState:
             "vocab_size": self.stack.vocab_size,
             "eos_token_ids": list(self.loaded.eos_token_ids),
             "wire_dtypes": list(wire.WIRE_DTYPES),
-            "device": cfg.device,
+            "device": cfg.announce_device,  # what clients' auto placement assumes of this server
+            "compute": str(self.engine.device),
             "threads": self.threads,
             "profile": self.profile.to_json() if self.profile else None,
+            "step_model": self.step_model.to_json() if self.step_model else None,
+            "engine": {"max_batch_tokens": cfg.engine.max_batch_tokens,
+                       "max_batch_rows": cfg.engine.max_batch_rows},
             "limits": {
                 "max_frame_bytes": cfg.max_frame_bytes,
                 "max_header_bytes": wire.MAX_HEADER_BYTES,
@@ -107,12 +109,11 @@ class ServerState:
 
     async def run_forward(self, session: ServerSession, header: wire.ForwardHeader,
                           payload: bytes | memoryview) -> ForwardResult:
-        """Run one checked forward of a session off the event loop: the one way compute runs."""
+        """Run one forward of a session in the engine's next steps: the one way compute runs."""
         session.last_active = time.monotonic()
         session.in_flight += 1  # the idle sweeper leaves a session alone while it computes
         try:
-            result: ForwardResult = await asyncio.get_running_loop().run_in_executor(
-                self.executor, session.forward, header, payload)
+            result = await self.engine.submit(session, header, payload)
         except wire.ProtocolError:
             raise
         except Exception as exc:  # a bug or an out-of-memory: this session's state is suspect
@@ -122,8 +123,7 @@ class ServerState:
         finally:
             session.in_flight -= 1
         p0, p1 = header.positions
-        self.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
-                                    result.token is not None, result.cpu_s)
+        self.metrics.record_forward(p1 - p0, result.token is not None)
         return result
 
     def authorized(self, header_value: str | None) -> bool:
@@ -366,7 +366,7 @@ def create_app(state: ServerState) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
-            state.executor.shutdown(wait=False, cancel_futures=True)
+            state.engine.stop()
 
     # No /docs, /redoc or /openapi.json: docs/protocol.md is the API's description, and an
     # unauthenticated schema of a token-protected server would tell strangers its routes.
