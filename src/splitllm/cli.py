@@ -14,7 +14,7 @@ from rich.console import Console
 from splitllm.errors import UserError
 from splitllm.planner.configs import DTYPE_BYTES, MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
-from splitllm.runtime.commands import demo, generate, serve
+from splitllm.runtime.commands import demo, generate_command, serve
 from splitllm.sim.commands import simulate
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def presets() -> None:
 
 # The runtime's commands (serve, generate, demo) import torch only when they run.
 app.command()(serve)
-app.command()(generate)
+app.command(name="generate")(generate_command)
 app.command()(demo)
 app.command()(simulate)
 

@@ -162,7 +162,7 @@ def stream_pieces(loaded: Any, ids: list[int]) -> tuple[list[str], str, int]:
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from splitllm.runtime.client import TextStream
+    from splitllm.runtime.textstream import TextStream
 
     longest = 0
 

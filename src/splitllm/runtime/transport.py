@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -132,9 +133,11 @@ def _closed_error(exc: Exception) -> ServerError:
 class EmulatedLink:
     """EMULATION: shapes a transport like a real link (delay + bandwidth per frame)."""
 
-    def __init__(self, inner: Transport, shape: LinkShape) -> None:
+    def __init__(self, inner: Transport, shape: LinkShape,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.inner = inner
         self.shape = shape
+        self.sleep = sleep  # tests pass a virtual clock's sleep
         self.delay_s = 0.0  # total emulated delay added, for reports
 
     @property
@@ -148,7 +151,7 @@ class EmulatedLink:
     def _wait(self, nbytes: int, bytes_per_s: float) -> None:
         delay_s = self.shape.rtt_s / 2 + nbytes / bytes_per_s
         self.delay_s += delay_s
-        time.sleep(delay_s)
+        self.sleep(delay_s)
 
     def send(self, data: str | bytes) -> None:
         self._wait(len(data), self.shape.uplink_bytes_per_s)
