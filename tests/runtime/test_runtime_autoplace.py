@@ -14,6 +14,7 @@ from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Link, evaluate
 from splitllm.runtime.autoplace import (
+    AutoPlan,
     Request,
     default_sla_s,
     measured_instance,
@@ -169,6 +170,11 @@ def test_emulated_slowdown_makes_client_units_slower(
         assert slow.client_profile() == measured.scaled(5.0)
         plan = slow.plan(4, 6)
         assert plan.source == "measured" and plan.plan.feasible
+        decided: list[AutoPlan] = []  # placement="auto": plans once, says so, then generates
+        auto = slow.generate([5, 6, 7, 8], 6, placement="auto", stop_at_eos=False,
+                             on_plan=decided.append)
+        assert len(decided) == 1 and auto.auto is decided[0]
+        assert auto.placement == str(decided[0].plan.placement) and auto.tokens == normal.tokens
 
 
 def wire_walk(sizes: RequestBytes, sides: str) -> tuple[float, float, int]:

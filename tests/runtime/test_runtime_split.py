@@ -139,7 +139,7 @@ def test_python_api_streams_text_and_stops_at_eos(tiny_llama: LoadedModel,
     eos = set(tiny_llama.eos_token_ids)
     assert not eos & set(result.tokens[:-1])  # generation ends at the first end-of-sequence
     expected = list(generate_tokens(LocalPipe(tiny_llama.model), _prompt_ids(tiny_llama), 12,
-                             tiny_llama.eos_token_ids))
+                                    eos_token_ids=tiny_llama.eos_token_ids))
     assert list(result.tokens) == expected
     assert result.ttft_s > 0 and result.tpot_s >= 0 and result.server_busy_s > 0
     assert 0 < result.server_cpu_s <= result.server_busy_s * 1.5

@@ -46,7 +46,7 @@ class AutoPlan:
 
 
 def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, request: Request,
-                      wire_bytes: RequestBytes, sla_s: float = math.inf,
+                      wire_bytes: RequestBytes, *, sla_s: float = math.inf,
                       client_mem_bytes: Sequence[float] | None = None) -> Instance:
     """The planner's instance from measured per-unit times and the wire format's real sizes."""
     if client.names != server.names:
@@ -91,13 +91,14 @@ def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Li
     if MEASURED in (client_device, server_device):
         raise UserError("mixing a measured profile with a device preset is not supported: "
                         "name presets for both --client-device and --server-device")
-    instance = preset_instance(model_config, client_device, server_device, link, request,
-                               stack.dtype.itemsize, wire_itemsize)
+    instance = preset_instance(model_config, client_device=client_device,
+                               server_device=server_device, link=link, request=request,
+                               weight_bytes=stack.dtype.itemsize, wire_bytes=wire_itemsize)
     return instance, f"presets {client_device}/{server_device}"
 
 
-def preset_instance(config: dict[str, Any], client_device: str, server_device: str, link: Link,
-                    request: Request, weight_bytes: float, wire_bytes: float,
+def preset_instance(config: dict[str, Any], *, client_device: str, server_device: str,
+                    link: Link, request: Request, weight_bytes: float, wire_bytes: float,
                     sla_s: float = math.inf) -> Instance:
     """The planner's instance from its roofline device presets."""
     from splitllm.planner.configs import ModelConfig

@@ -155,8 +155,9 @@ class Session:
                   else Placement.parse(placement, self.stack.n_units))
         remote = None
         if "S" in chosen.sides:
-            remote = RemoteSession(self.transport, chosen, self.stack.n_units, self.wire_dtype,
-                                   sampling, self.timeout_s)
+            remote = RemoteSession(self.transport, chosen, self.stack.n_units,
+                                   wire_dtype=self.wire_dtype, sampling=sampling,
+                                   timeout_s=self.timeout_s)
         pipe = SplitPipe(self.stack, chosen, remote, sampling=sampling or wire.Sampling(),
                          slowdown=self.slowdown, return_logits=return_logits)
         sent, received = self.transport.bytes_sent, self.transport.bytes_received
@@ -170,7 +171,8 @@ class Session:
 
         eos = self.loaded.eos_token_ids if stop_at_eos else ()
         try:
-            timed = timed_generation(pipe, prompt_ids, max_new_tokens, eos, prefill_chunk, on_token)
+            timed = timed_generation(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos,
+                                     chunk_tokens=prefill_chunk, on_token=on_token)
         except BaseException:
             if remote is not None:  # free the server's caches; the first error is the news
                 with contextlib.suppress(Exception):

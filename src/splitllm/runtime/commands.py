@@ -188,7 +188,7 @@ def _generate_local(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampl
     ids = encode_prompt(loaded, prompt, chat=not raw)
     stream = TextStream(loaded, on_text)
     timed = timed_generation(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
-                           loaded.eos_token_ids, on_token=stream.push)
+                             eos_token_ids=loaded.eos_token_ids, on_token=stream.push)
     stream.finish()
     return {"tokens": list(timed.tokens), "text": stream.text, "placement": "local",
             "ttft_s": timed.ttft_s, "tpot_s": timed.tpot_s, "wall_s": timed.wall_s,

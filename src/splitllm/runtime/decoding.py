@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 import torch
@@ -75,6 +75,7 @@ class SplitPipe:
     stack: UnitStack
     placement: Placement
     remote: Remote | None
+    _: KW_ONLY
     sampling: Sampling = field(default_factory=Sampling)
     slowdown: float = 1.0  # emulation: client units take this many times longer
     return_logits: bool = False  # ask the server for logits too (tests)
@@ -150,9 +151,9 @@ def decode_one_token(pipe: Pipe, token: int, position: int) -> int:
     return next_token
 
 
-def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int,
-             eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK
-             ) -> Iterator[int]:
+def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                    eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK
+                    ) -> Iterator[int]:
     """Yield up to max_new_tokens new tokens; stops after an end-of-sequence token."""
     if max_new_tokens < 1:
         return
@@ -178,14 +179,15 @@ class Timed:
     wall_s: float
 
 
-def timed_generation(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int,
-                   eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
-                   on_token: Callable[[int], None] | None = None) -> Timed:
+def timed_generation(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                     eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
+                     on_token: Callable[[int], None] | None = None) -> Timed:
     """Run `generate_tokens`, calling on_token as tokens arrive, and time it."""
     tokens: list[int] = []
     clock = time.perf_counter()
     first_s = 0.0
-    for token in generate_tokens(pipe, prompt_ids, max_new_tokens, eos_token_ids, chunk_tokens):
+    for token in generate_tokens(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
+                                 chunk_tokens=chunk_tokens):
         if not tokens:
             first_s = time.perf_counter() - clock
         tokens.append(token)

@@ -14,7 +14,7 @@ from splitllm.runtime.transport import Transport
 PROBE_BYTES = 128 * 1024
 
 
-def measure_link(transport: Transport, timeout_s: float = 30.0, pings: int = 5,
+def measure_link(transport: Transport, timeout_s: float = 30.0, *, pings: int = 5,
                  probe_bytes: int = PROBE_BYTES,
                  clock: Callable[[], float] = time.perf_counter) -> Link:
     """RTT (median of pings) and both bandwidths (timed probes) of the path to the server."""

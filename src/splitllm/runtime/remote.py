@@ -31,7 +31,7 @@ def receive(transport: Transport, kind: str, timeout_s: float) -> tuple[dict[str
 class RemoteSession:
     """One session on the server: opened at construction, runs the server's segments."""
 
-    def __init__(self, transport: Transport, placement: Placement, n_units: int,
+    def __init__(self, transport: Transport, placement: Placement, n_units: int, *,
                  wire_dtype: str = "float32", sampling: wire.Sampling | None = None,
                  timeout_s: float = REPLY_TIMEOUT_S) -> None:
         self.transport = transport

@@ -10,7 +10,7 @@ are message bytes, what the transport and the server's /metrics count; WebSocket
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +27,15 @@ def tensor_frame_bytes(header: dict[str, Any], shape: Sequence[int], dtype: str)
     return len(wire.encode_frame(full)) + math.prod(shape) * wire.ALL_DTYPES[dtype].itemsize
 
 
-def forward_bytes(units: tuple[int, int], positions: tuple[int, int], shape: Sequence[int],
-                  dtype: str, seq: int) -> int:
+def forward_bytes(*, units: tuple[int, int], positions: tuple[int, int],
+                  shape: Sequence[int], dtype: str, seq: int) -> int:
     """A `forward` message: client -> server, ids [1, T] or hidden states [1, T, D]."""
     header = {"type": "forward", "session": SESSION_ID, "seq": seq, "units": list(units),
               "positions": list(positions), "return_logits": False, "return_hidden": True}
     return tensor_frame_bytes(header, shape, dtype)
 
 
-def hidden_reply_bytes(units: tuple[int, int], positions: tuple[int, int],
+def hidden_reply_bytes(*, units: tuple[int, int], positions: tuple[int, int],
                        shape: Sequence[int], dtype: str, seq: int) -> int:
     """A `hidden` reply: server -> client, hidden states [1, T, D] after a server segment."""
     header = {"type": "hidden", "session": SESSION_ID, "seq": seq, "units": list(units),
@@ -43,7 +43,7 @@ def hidden_reply_bytes(units: tuple[int, int], positions: tuple[int, int],
     return tensor_frame_bytes(header, shape, dtype)
 
 
-def token_reply_bytes(position: int, token: int, seq: int) -> int:
+def token_reply_bytes(*, position: int, token: int, seq: int) -> int:
     """A `token` reply: server -> client, the sampled token when the head runs on the server."""
     return len(wire.text({"type": "token", "session": SESSION_ID, "seq": seq,
                           "position": position, "token": token}))
@@ -87,17 +87,22 @@ def request_bytes(fmt: WireFormat, prompt_tokens: int, new_tokens: int) -> Reque
     spans = [((0, prompt_tokens), prompt_tokens, 1)]  # (positions, tokens, messages)
     if passes > 1:
         spans.append(((mid, mid + 1), 1, passes - 1))
-    d, n, dtype = fmt.hidden_size, fmt.n_units, fmt.wire_dtype
-    ids_up = sum(count * forward_bytes((0, n), span, (1, tokens), ID_DTYPE, seq)
-                 for span, tokens, count in spans)
+    d, n = fmt.hidden_size, fmt.n_units
+
+    def over_passes(message: Callable[..., int], units: tuple[int, int], dtype: str,
+                    hidden: bool) -> float:
+        return float(sum(count * message(units=units, positions=span, dtype=dtype, seq=seq,
+                                         shape=(1, tokens, d) if hidden else (1, tokens))
+                         for span, tokens, count in spans))
+
+    ids_up = over_passes(forward_bytes, (0, n), ID_DTYPE, hidden=False)
     cuts = range(1, n)  # a crossing before unit `cut`: the next unit runs on the other side
-    hidden_up = [sum(count * forward_bytes((cut, n), span, (1, tokens, d), dtype, seq)
-                     for span, tokens, count in spans) for cut in cuts]
-    hidden_down = [sum(count * hidden_reply_bytes((0, cut), span, (1, tokens, d), dtype, seq)
-                       for span, tokens, count in spans) for cut in cuts]
+    hidden_up = [over_passes(forward_bytes, (cut, n), fmt.wire_dtype, hidden=True)
+                 for cut in cuts]
+    hidden_down = [over_passes(hidden_reply_bytes, (0, cut), fmt.wire_dtype, hidden=True)
+                   for cut in cuts]
     token = fmt.vocab_size // 2
-    token_down = (token_reply_bytes(prompt_tokens, token, seq)
-                  + (passes - 1) * token_reply_bytes(mid + 1, token, seq))
-    return RequestBytes(ids_up=float(ids_up), hidden_up=tuple(map(float, hidden_up)),
-                        hidden_down=tuple(map(float, hidden_down)),
-                        token_down=float(token_down))
+    token_down = (token_reply_bytes(position=prompt_tokens, token=token, seq=seq)
+                  + (passes - 1) * token_reply_bytes(position=mid + 1, token=token, seq=seq))
+    return RequestBytes(ids_up=ids_up, hidden_up=tuple(hidden_up),
+                        hidden_down=tuple(hidden_down), token_down=float(token_down))
