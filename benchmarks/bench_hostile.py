@@ -37,10 +37,10 @@ from hostile_kit import SocketClient
 
 from splitllm.placement import Placement
 from splitllm.runtime import protocol as wire
-from splitllm.runtime.client import RemoteSession
-from splitllm.runtime.generate import LocalPipe, SplitPipe, generate
+from splitllm.runtime.decoding import LocalPipe, SplitPipe, generate_tokens
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
+from splitllm.runtime.remote import RemoteSession
 from splitllm.runtime.server import ServerConfig
 from splitllm.runtime.transport import WebSocketTransport
 from splitllm.runtime.units import UnitStack
@@ -116,7 +116,7 @@ def healthy_run(loaded: LoadedModel, server: BackgroundServer, prompt: list[int]
         remote = RemoteSession(transport, placement, stack.n_units, timeout_s=600.0)
         got, steps = [], []
         clock = time.perf_counter()
-        for token in generate(SplitPipe(stack, placement, remote), prompt, tokens):
+        for token in generate_tokens(SplitPipe(stack, placement, remote), prompt, tokens):
             now = time.perf_counter()
             got.append(token)
             steps.append(now - clock)
@@ -136,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(1)
     loaded = load_model(args.model)
     prompt = encode_prompt(loaded, PROMPT)
-    want = list(generate(LocalPipe(loaded.model), prompt, args.tokens))
+    want = list(generate_tokens(LocalPipe(loaded.model), prompt, args.tokens))
     attacks: dict[str, Callable[[BackgroundServer, int], list[Any]]] = {
         "none": lambda server, n: [], "stuck readers": stuck_readers,
         "pre-auth frames": pre_auth_frames, "silent sockets": silent_sockets,

@@ -16,10 +16,16 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from splitllm.placement import Placement
-from splitllm.runtime.client import RemoteSession
-from splitllm.runtime.generate import LocalPipe, SplitPipe, decode_one_token, generate, prefill
+from splitllm.runtime.decoding import (
+    LocalPipe,
+    SplitPipe,
+    decode_one_token,
+    generate_tokens,
+    prefill,
+)
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.remote import RemoteSession
 from splitllm.runtime.transport import WebSocketTransport
 from splitllm.runtime.units import UnitStack
 
@@ -111,7 +117,7 @@ class HealthySession:
                  seed: int = 40, new_tokens: int = 6) -> None:
         stack = UnitStack(loaded.model)
         self.prompt = random_prompt(random.Random(seed), 9)
-        self.want = list(generate(LocalPipe(loaded.model), self.prompt, new_tokens))
+        self.want = list(generate_tokens(LocalPipe(loaded.model), self.prompt, new_tokens))
         self.transport = WebSocketTransport(server.ws_url, token=token)
         placement = Placement("CSSCSS")
         self.remote = RemoteSession(self.transport, placement, stack.n_units, timeout_s=TIMEOUT_S)

@@ -17,8 +17,8 @@ import torch
 from runtime_kit import TIMEOUT_S, RawClient, metrics, random_prompt, wait_for
 
 from splitllm.runtime.client import Generation, connect
+from splitllm.runtime.decoding import LocalPipe, timed_generation
 from splitllm.runtime.engine import EngineConfig
-from splitllm.runtime.generate import LocalPipe, timed_generate
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import Sampling
@@ -31,8 +31,8 @@ def reference(loaded: LoadedModel, prompt: list[int], new_tokens: int,
               sampling: Sampling) -> tuple[list[int], list[torch.Tensor]]:
     pipe = LocalPipe(loaded.model, sampling)
     logits: list[torch.Tensor] = []
-    timed = timed_generate(pipe, prompt, new_tokens,
-                           on_token=lambda _: logits.append(pipe.last_logits))
+    timed = timed_generation(pipe, prompt, new_tokens,
+                             on_token=lambda _: logits.append(pipe.last_logits))
     return list(timed.tokens), logits
 
 

@@ -17,6 +17,7 @@ import typer
 from splitllm.errors import UserError
 
 if TYPE_CHECKING:
+    from splitllm.runtime.autoplace import AutoPlan
     from splitllm.runtime.models import LoadedModel
     from splitllm.runtime.protocol import Sampling
 
@@ -111,7 +112,7 @@ def compute_device(compute: str) -> str:
     return compute
 
 
-def generate(
+def generate_command(
     prompt: Annotated[str, typer.Option(help="The prompt (wrapped in the chat template).")],
     server: Annotated[str, typer.Option(help="Server URL.")] = "ws://127.0.0.1:8765",
     placement: Annotated[str, typer.Option(
@@ -183,16 +184,11 @@ def generate(
                          emulate_client_slowdown=emulate_client_slowdown) as session:
                 if session.emulation:
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
-                chosen: str = placement
-                if placement.lower() == "auto":
-                    auto = session.plan(len(ids), max_new_tokens, sla_s, client_device,
-                                        server_device)
-                    chosen = str(auto.plan.placement)
-                    print(f"splitllm: auto placement {chosen} ({auto.source}; predicted "
-                          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
-                          file=sys.stderr, flush=True)
-                result = session.generate(ids, max_new_tokens, placement=chosen,
-                                          sampling=sampling, prefill_chunk=prefill_chunk,
+                result = session.generate(ids, max_new_tokens, placement=placement,
+                                          sampling=sampling, sla_s=sla_s,
+                                          client_device=client_device,
+                                          server_device=server_device,
+                                          prefill_chunk=prefill_chunk, on_plan=_print_plan,
                                           on_text=on_text).to_json()
     except ServerError as exc:
         raise UserError(f"server: {exc}") from None
@@ -207,6 +203,12 @@ def generate(
               f"{rate:.1f} tokens/s", file=sys.stderr)
 
 
+def _print_plan(auto: AutoPlan) -> None:
+    print(f"splitllm: auto placement {auto.plan.placement} ({auto.source}; predicted "
+          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
+          file=sys.stderr, flush=True)
+
+
 def _print_text(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -215,12 +217,12 @@ def _print_text(text: str) -> None:
 def _generate_local(loaded: LoadedModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
                     on_text: Callable[[str], None] | None) -> dict[str, Any]:
     """The unsplit reference run, in the same JSON shape as a split run."""
-    from splitllm.runtime.client import TextStream
-    from splitllm.runtime.generate import LocalPipe, timed_generate
+    from splitllm.runtime.decoding import LocalPipe, timed_generation
+    from splitllm.runtime.textstream import TextStream
 
     stream = TextStream(loaded, on_text)
-    timed = timed_generate(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
-                           loaded.eos_token_ids, on_token=stream.push)
+    timed = timed_generation(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
+                             eos_token_ids=loaded.eos_token_ids, on_token=stream.push)
     stream.finish()
     return {"tokens": list(timed.tokens), "text": stream.text, "placement": "local",
             "ttft_s": timed.ttft_s, "tpot_s": timed.tpot_s, "wall_s": timed.wall_s,
