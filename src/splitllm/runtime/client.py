@@ -59,6 +59,9 @@ class Generation:
     bytes_sent: int
     bytes_received: int
     emulation: str | None = None
+    round_trips: int = 0  # messages to server segments and back
+    drafted: int = 0  # speculative decoding: draft tokens verified...
+    accepted: int = 0  # ... and accepted
     auto: AutoPlan | None = field(default=None, repr=False)  # what placement="auto" decided
     logits: tuple[torch.Tensor, ...] = field(default=(), repr=False)
 
@@ -73,7 +76,9 @@ class Generation:
                 "prompt_tokens": self.prompt_tokens, "server_busy_s": self.server_busy_s,
                 "server_cpu_s": self.server_cpu_s,
                 "client_busy_s": self.client_busy_s, "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received, "emulation": self.emulation}
+                "bytes_received": self.bytes_received, "emulation": self.emulation,
+                "round_trips": self.round_trips, "drafted": self.drafted,
+                "accepted": self.accepted}
 
 
 class Session:
@@ -137,7 +142,7 @@ class Session:
                  placement: str | Placement = "auto", sampling: wire.Sampling | None = None,
                  sla_s: float | None = None, client_device: str = MEASURED,
                  server_device: str | None = None, chat: bool = True, stop_at_eos: bool = True,
-                 prefill_chunk: int = 512, return_logits: bool = False,
+                 prefill_chunk: int = 512, return_logits: bool = False, speculate: int = 0,
                  on_plan: Callable[[AutoPlan], None] | None = None,
                  on_text: Callable[[str], None] | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
@@ -146,6 +151,7 @@ class Session:
         placement="auto" asks the planner (sla_s, client_device and server_device say how) and
         passes its decision to on_plan before generating. on_token receives each token id as it
         comes; an exception it raises ends the generation (the server's session is closed).
+        speculate > 0: greedy speculative decoding with up to that many prompt-lookup drafts.
         """
         prompt_ids = (encode_prompt(self.loaded, prompt, chat) if isinstance(prompt, str)
                       else list(prompt))
@@ -179,7 +185,8 @@ class Session:
         eos = self.loaded.eos_token_ids if stop_at_eos else ()
         try:
             timed = timed_generation(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos,
-                                     chunk_tokens=prefill_chunk, on_token=record)
+                                     chunk_tokens=prefill_chunk, on_token=record,
+                                     draft_tokens=speculate)
         except BaseException:
             if remote is not None:  # free the server's caches; the first error is the news
                 with contextlib.suppress(Exception):
@@ -194,7 +201,8 @@ class Session:
             server_cpu_s=float(stats.get("cpu_s", 0.0)), client_busy_s=pipe.client_busy_s,
             bytes_sent=self.transport.bytes_sent - sent,
             bytes_received=self.transport.bytes_received - received, emulation=self.emulation,
-            auto=auto, logits=tuple(logits),
+            auto=auto, logits=tuple(logits), round_trips=pipe.round_trips,
+            drafted=pipe.drafted, accepted=pipe.accepted,
         )
 
 

@@ -15,9 +15,11 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from splitllm.errors import UserError
 from splitllm.placement import CLIENT, Placement
 from splitllm.runtime.protocol import Sampling
 from splitllm.runtime.sampling import Sampler
+from splitllm.runtime.speculative import prompt_lookup
 from splitllm.runtime.units import SegmentCache, UnitStack, cache_kwarg
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -30,13 +32,15 @@ class RemoteResult:
     hidden: torch.Tensor | None = None
     token: int | None = None
     logits: torch.Tensor | None = None
+    tokens: tuple[int, ...] | None = None  # verify: the greedy token after every position
 
 
 class Remote(Protocol):
     """The server's side of a session: runs its segments."""
 
     def forward(self, units: tuple[int, int], x: torch.Tensor, positions: tuple[int, int],
-                return_logits: bool, return_hidden: bool = True) -> RemoteResult: ...
+                return_logits: bool, return_hidden: bool = True, *, rollback: bool = False,
+                verify: bool = False) -> RemoteResult: ...
 
 
 class Pipe(Protocol):
@@ -81,6 +85,10 @@ class SplitPipe:
     return_logits: bool = False  # ask the server for logits too (tests)
     last_logits: torch.Tensor | None = None
     client_busy_s: float = 0.0
+    held_positions: int = 0  # what the caches hold: a pass that starts below it rolls back
+    round_trips: int = 0  # server segment calls (each one message out, one back)
+    drafted: int = 0  # speculative decoding: draft tokens sent for verification
+    accepted: int = 0  # ... and those the model's greedy choice agreed with
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.sampling)
@@ -94,36 +102,77 @@ class SplitPipe:
 
     def forward(self, ids: torch.Tensor, start: int, sample: bool) -> int | None:
         """ids [1, T] at positions [start, start + T)."""
+        tokens = self._pass(ids, start, sample, verify=False)
+        return None if tokens is None else tokens[-1]
+
+    def verify(self, ids: torch.Tensor, start: int) -> tuple[int, ...]:
+        """The greedy next token after each of ids [1, T] at [start, start + T): the caches
+        first forget what they hold from `start` on (speculative decoding's rollback)."""
+        if self.sampling.temperature > 0.0:
+            raise UserError("speculative decoding needs greedy decoding (temperature 0): "
+                            "sampled speculation is not supported")
+        tokens = self._pass(ids, start, True, verify=True)
+        assert tokens is not None
+        return tokens
+
+    def _pass(self, ids: torch.Tensor, start: int, sample: bool, verify: bool
+              ) -> tuple[int, ...] | None:
         n = self.stack.n_units
+        rollback = start < self.held_positions
         stop_unit = n if sample else n - 1  # a pass that does not sample skips the head
         span = (start, start + ids.shape[1])
         positions = torch.arange(*span).unsqueeze(0)  # [1, T]
         x: torch.Tensor = ids
-        token: int | None = None
+        tokens: tuple[int, ...] | None = None
         for seg in self.segments:
             a, b = seg.start, min(seg.stop, stop_unit)
             if a >= b:
                 continue
             if seg.side == CLIENT:
-                x = self._run_local(a, b, x, positions)
+                x = self._run_local(a, b, x, positions, start if rollback else None, verify)
                 if b == n:
-                    self.last_logits = x.float()  # [1, V]
-                    token = self.sampler(x)
+                    tokens = self._pick(x, verify)
                 continue
             assert self.remote is not None
             # A pass that does not sample needs nothing back from its last segment.
             want_hidden = b != n - 1 or sample
-            result = self.remote.forward((a, b), x, span, self.return_logits, want_hidden)
+            self.round_trips += 1
+            flags = {"rollback": rollback, "verify": verify and b == n}
+            result = self.remote.forward((a, b), x, span, self.return_logits, want_hidden,
+                                         **{k: on for k, on in flags.items() if on})
             if b == n:
-                token, self.last_logits = result.token, result.logits
+                self.last_logits = result.logits
+                if not verify:
+                    assert result.token is not None
+                    tokens = (result.token,)
+                elif result.tokens is None:
+                    raise UserError("the server did not verify the draft tokens")
+                else:
+                    tokens = result.tokens
             elif want_hidden:
                 assert result.hidden is not None
                 x = result.hidden.to(self.stack.dtype)  # [1, T, D]
-        return token
+        self.held_positions = span[1]
+        return tokens
 
-    def _run_local(self, a: int, b: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _pick(self, logits: torch.Tensor, verify: bool) -> tuple[int, ...]:
+        """Tokens from the client's head: logits [1, V], or [1, T, V] when verifying."""
+        if verify:
+            self.last_logits = logits[0].float()  # [T, V]
+            return tuple(int(t) for t in logits[0].argmax(dim=-1).tolist())
+        self.last_logits = logits.float()  # [1, V]
+        return (self.sampler(logits),)
+
+    def _run_local(self, a: int, b: int, x: torch.Tensor, positions: torch.Tensor,
+                   rollback_to: int | None, all_logits: bool) -> torch.Tensor:
+        cache = self.caches[a]
+        if rollback_to is not None and cache is not None:
+            if not cache.can_roll_back():
+                raise UserError(f"units [{a}, {b}) hold sliding-window layers, whose cache "
+                                "cannot roll back: speculative decoding is not available here")
+            cache.roll_back(rollback_to)
         clock = time.perf_counter()
-        out = self.stack.run(a, b, x, positions, self.caches[a])
+        out = self.stack.run(a, b, x, positions, cache, all_logits=all_logits)
         elapsed_s = time.perf_counter() - clock
         if self.slowdown > 1.0:  # emulation of a slower client device
             time.sleep(elapsed_s * (self.slowdown - 1.0))
@@ -152,13 +201,21 @@ def decode_one_token(pipe: Pipe, token: int, position: int) -> int:
 
 
 def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                    eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK
-                    ) -> Iterator[int]:
-    """Yield up to max_new_tokens new tokens; stops after an end-of-sequence token."""
+                    eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
+                    draft_tokens: int = 0) -> Iterator[int]:
+    """Yield up to max_new_tokens new tokens; stops after an end-of-sequence token.
+
+    draft_tokens > 0 (a SplitPipe): speculative decoding, up to that many drafts per pass.
+    """
     if max_new_tokens < 1:
         return
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
+    if draft_tokens > 0:
+        assert isinstance(pipe, SplitPipe)
+        yield from _speculate(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
+                              chunk_tokens=chunk_tokens, draft_tokens=draft_tokens)
+        return
     token = prefill(pipe, prompt_ids, chunk_tokens)
     position = len(prompt_ids)
     for produced in range(1, max_new_tokens + 1):
@@ -167,6 +224,33 @@ def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, 
             return
         token = decode_one_token(pipe, token, position)
         position += 1
+
+
+def _speculate(pipe: SplitPipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
+               eos_token_ids: Sequence[int], chunk_tokens: int, draft_tokens: int
+               ) -> Iterator[int]:
+    """Greedy decoding that verifies prompt-lookup drafts: the same tokens, fewer passes.
+
+    Each pass sends the last token and up to draft_tokens drafts; the model's greedy token
+    after every position accepts the longest agreeing prefix of the drafts plus one token
+    of its own. The positions of rejected drafts are rolled back by the next pass.
+    """
+    history = [*prompt_ids, prefill(pipe, prompt_ids, chunk_tokens)]
+    produced = 1
+    yield history[-1]
+    while history[-1] not in eos_token_ids and produced < max_new_tokens:
+        drafts = prompt_lookup(history, min(draft_tokens, max_new_tokens - produced - 1))
+        ids = torch.tensor([[history[-1], *drafts]], dtype=torch.long)  # [1, 1 + k]
+        greedy = pipe.verify(ids, len(history) - 1)
+        accepted = next((j for j, d in enumerate(drafts) if d != greedy[j]), len(drafts))
+        pipe.drafted += len(drafts)
+        pipe.accepted += accepted
+        for token in (*drafts[:accepted], greedy[accepted]):
+            history.append(token)
+            produced += 1
+            yield token
+            if token in eos_token_ids or produced == max_new_tokens:
+                return
 
 
 @dataclass(frozen=True)
@@ -181,13 +265,14 @@ class Timed:
 
 def timed_generation(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
                      eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
-                     on_token: Callable[[int], None] | None = None) -> Timed:
+                     on_token: Callable[[int], None] | None = None, draft_tokens: int = 0
+                     ) -> Timed:
     """Run `generate_tokens`, calling on_token as tokens arrive, and time it."""
     tokens: list[int] = []
     clock = time.perf_counter()
     first_s = 0.0
     for token in generate_tokens(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
-                                 chunk_tokens=chunk_tokens):
+                                 chunk_tokens=chunk_tokens, draft_tokens=draft_tokens):
         if not tokens:
             first_s = time.perf_counter() - clock
         tokens.append(token)

@@ -53,6 +53,7 @@ class Job:
     done_tokens: int = 0
     steps_waited: int = 0
     hidden_parts: list[torch.Tensor] = field(default_factory=list)
+    logits_parts: list[torch.Tensor] = field(default_factory=list)  # verify: earlier chunks'
     unit_seconds: dict[int, float] = field(default_factory=dict)
     busy_s: float = 0.0
     cpu_s: float = 0.0
@@ -235,35 +236,46 @@ class Engine:
             elif job.header.return_hidden and job.header.units[1] < n:
                 assert output.out is not None
                 job.hidden_parts.append(output.out)
+            elif job.header.verify:
+                assert output.out is not None
+                job.logits_parts.append(output.out)
 
     def _row(self, job: Job, take: int, n: int) -> StepRow:
         prepared = job.prepared
         assert prepared is not None
         start, stop = prepared.units
         last_chunk = job.done_tokens + take == job.tokens
-        if not last_chunk and stop == n:
+        verify = job.header.verify  # every position needs the head
+        if not last_chunk and stop == n and not verify:
             stop = n - 1  # only the last chunk's last position needs the head
         p0 = prepared.positions[0] + job.done_tokens
         positions = torch.arange(p0, p0 + take, device=self.device)[None]  # [1, t]
         x = prepared.x[:, job.done_tokens:job.done_tokens + take]
-        return StepRow(start, stop, x, positions, prepared.cache)
+        return StepRow(start, stop, x, positions, prepared.cache,
+                       head_positions=take if verify else 1)
 
     def _finish(self, job: Job, out: torch.Tensor | None, times: StepTimes) -> ForwardResult:
         prepared = job.prepared
         assert prepared is not None and out is not None
         session, header = job.session, job.header
         start, stop = prepared.units
-        hidden = logits = token = None
+        hidden = logits = token = tokens = None
         if stop == self.stack.n_units:
-            logits_cpu = out.float().cpu()  # [1, V]: the sampler's generator lives on the CPU
-            token = session.sampler(logits_cpu)
+            if header.verify:  # greedy (the session checked): the token after every position
+                logits_cpu = torch.cat([*job.logits_parts, out]).float().cpu()  # [T, V]
+                tokens = tuple(int(t) for t in logits_cpu.argmax(dim=-1).tolist())
+                token = tokens[-1]
+            else:
+                logits_cpu = out.float().cpu()  # [1, V]: the sampler's generator is on the CPU
+                token = session.sampler(logits_cpu)
             logits = logits_cpu if header.return_logits else None
         elif header.return_hidden:
             whole = torch.cat([*job.hidden_parts, out], dim=1) if job.hidden_parts else out
             hidden = whole.to(device="cpu", dtype=session.wire_dtype)  # [1, T, D]
         session.record(prepared, job.busy_s, job.cpu_s, sampled=token is not None)
         unit_seconds = tuple(job.unit_seconds.get(u, 0.0) for u in range(start, stop))
-        return ForwardResult(hidden, token, logits, unit_seconds, (start, stop), job.cpu_s)
+        return ForwardResult(hidden, token, logits, unit_seconds, (start, stop), job.cpu_s,
+                             tokens)
 
 
 def _settle(future: asyncio.Future[ForwardResult], outcome: Outcome) -> None:

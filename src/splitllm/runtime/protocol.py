@@ -117,6 +117,10 @@ class ForwardHeader(TensorHeader):
     positions: tuple[WireInt, WireInt]
     return_logits: StrictBool = False
     return_hidden: StrictBool = True  # False: output not needed (a prompt chunk's last blocks)
+    # Speculative decoding: the segment forgets what it holds from p0 on before running...
+    rollback: StrictBool = False
+    # ...and the head returns the greedy next token after every position, not just the last.
+    verify: StrictBool = False
 
 
 class ProbeHeader(Message):

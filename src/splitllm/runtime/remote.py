@@ -48,13 +48,19 @@ class RemoteSession:
         self.stats: dict[str, Any] = {}
 
     def forward(self, units: tuple[int, int], x: torch.Tensor, positions: tuple[int, int],
-                return_logits: bool, return_hidden: bool = True) -> RemoteResult:
-        """Run server units [start, stop) on x (ids [1, T] or hidden [1, T, D])."""
+                return_logits: bool, return_hidden: bool = True, *, rollback: bool = False,
+                verify: bool = False) -> RemoteResult:
+        """Run server units [start, stop) on x (ids [1, T] or hidden [1, T, D]).
+
+        rollback: the segment first forgets positions from positions[0] on; verify: the
+        head returns the greedy token after every position (speculative decoding).
+        """
         self.seq += 1
         tensor = x if units[0] == 0 else x.to(self.wire_dtype)
         header = {"type": "forward", "session": self.session_id, "seq": self.seq,
                   "units": list(units), "positions": list(positions),
                   "return_logits": return_logits, "return_hidden": return_hidden}
+        header.update({k: True for k, on in (("rollback", rollback), ("verify", verify)) if on})
         self.transport.send(wire.encode_tensor(header, tensor))
         if units[1] < self.n_units and not return_hidden:
             receive(self.transport, "done", self.timeout_s)
@@ -65,9 +71,11 @@ class RemoteSession:
         logits = None
         if return_logits:
             reply, payload = receive(self.transport, "logits", self.timeout_s)
-            logits = self._tensor(reply, payload)  # [1, V]
+            logits = self._tensor(reply, payload)  # [1, V] ([T, V] when verifying)
         reply, _ = receive(self.transport, "token", self.timeout_s)
-        return RemoteResult(token=int(reply["token"]), logits=logits)
+        tokens = reply.get("tokens")
+        return RemoteResult(token=int(reply["token"]), logits=logits,
+                            tokens=tuple(int(t) for t in tokens) if tokens is not None else None)
 
     def _tensor(self, reply: dict[str, Any], payload: bytes) -> torch.Tensor:
         if reply.get("seq") != self.seq:

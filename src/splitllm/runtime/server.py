@@ -289,9 +289,11 @@ class Connection:
             return
         if result.logits is not None:
             await self.send(wire.encode_tensor(
-                {"type": "logits", **base, "positions": [p1 - 1, p1]}, result.logits))
+                {"type": "logits", **base, "positions": [p1 - result.logits.shape[0], p1]},
+                result.logits))
+        verified = {} if result.tokens is None else {"tokens": list(result.tokens)}
         await self.send(wire.text({"type": "token", **base, "position": p1,
-                                   "token": result.token}))
+                                   "token": result.token, **verified}))
 
     async def _close(self, message: wire.CloseMessage) -> None:
         session = self._session(message.session)

@@ -61,10 +61,11 @@ class ForwardResult:
 
     hidden: torch.Tensor | None
     token: int | None
-    logits: torch.Tensor | None  # [1, V] float32, only when asked for
+    logits: torch.Tensor | None  # [1, V] float32 ([T, V] when verifying), only when asked for
     unit_seconds: tuple[float, ...]
     units: tuple[int, int]
     cpu_s: float = 0.0
+    tokens: tuple[int, ...] | None = None  # verify: the greedy token after every position
 
 
 @dataclass
@@ -136,11 +137,28 @@ class ServerSession:
             raise ProtocolError("bad_positions", f"position {p1 - 1} is past the context limit "
                                 f"{self.limits.max_context}")
         expected = seg.cache.get_seq_length() if seg.cache is not None else seg.next_position
-        if (seg.cache is not None and p0 != expected) or p0 < expected:
+        follows = p0 <= expected if header.rollback else (
+            p0 == expected if seg.cache is not None else p0 >= expected)
+        if not follows:
             raise ProtocolError("bad_positions", f"positions [{p0}, {p1}) do not follow units "
                                 f"[{seg.start}, {seg.stop}): they hold positions [0, {expected})")
+        self._check_speculation(header, seg)
         self._check_input(header, tokens)
         return seg
+
+    def _check_speculation(self, header: ForwardHeader, seg: SegmentState) -> None:
+        """A rollback needs a cache that can crop; verification needs the head and greedy."""
+        if header.rollback and seg.cache is not None and not seg.cache.can_roll_back():
+            raise ProtocolError("no_rollback", f"units [{seg.start}, {seg.stop}) hold sliding-"
+                                "window layers, whose cache cannot roll back: speculative "
+                                "decoding is not available for this model")
+        if not header.verify:
+            return
+        if header.units[1] != self.stack.n_units:
+            raise ProtocolError("bad_units", "verify needs a forward that runs the head")
+        if self.sampling.temperature > 0.0:
+            raise ProtocolError("bad_sampling", "speculative verification needs greedy "
+                                "decoding (temperature 0); sampled speculation is not supported")
 
     def _segment(self, start: int, stop: int) -> SegmentState:
         n = self.stack.n_units
@@ -187,6 +205,8 @@ class ServerSession:
             if not bool(torch.isfinite(x).all()):
                 raise ProtocolError("bad_values", "hidden states contain NaN or infinity")
             x = x.to(self.stack.dtype)
+        if header.rollback and seg.cache is not None:  # every check passed: now forget
+            seg.cache.roll_back(header.positions[0])
         # The cache is held here: a concurrent close() may drop the segment's reference.
         return Prepared(seg, seg.cache, x.to(device), header.positions, header.units)
 

@@ -3,7 +3,8 @@
 Rows join at their first unit and leave after their last. Blocks run on the rows packed into one
 sequence (runtime/packing.py); the packing is rebuilt only where the set of rows changes, so a
 step of sessions with the same server segment packs once. Embed runs once over all rows that
-start there; the head runs once over the last position of every row that reaches it.
+start there; the head runs once over the last position of every row that reaches it (every
+position of a row that verifies draft tokens).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class StepRow:
     x: torch.Tensor  # token ids [1, t] if start == 0, else hidden states [1, t, D]
     positions: torch.Tensor  # [1, t]
     cache: SegmentCache | None
+    head_positions: int = 1  # the head's last positions (all of them to verify draft tokens)
 
 
 @dataclass
@@ -107,9 +109,7 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
         if unit == 0:
             _embed(stack, rows, active, hidden)
         elif unit == n - 1:
-            logits = stack.head(torch.cat([hidden[i][:, -1:] for i in active], dim=0))  # [R, V]
-            for k, i in enumerate(active):
-                outputs[i].out = logits[k:k + 1]
+            _head(stack, rows, active, hidden, outputs)
         else:
             packed = packed or _Packed(stack, rows, hidden, active)
             out = stack.layers[unit - 1](packed.hidden, **packed.kwargs(unit - 1))
@@ -117,7 +117,7 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
         if rows[0].x.is_cuda:
             torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
         times.unit_s[unit] = time.perf_counter() - clock
-        times.unit_tokens[unit] = (len(active) if unit == n - 1
+        times.unit_tokens[unit] = (sum(rows[i].head_positions for i in active) if unit == n - 1
                                    else sum(rows[i].positions.shape[1] for i in active))
     if packed is not None:
         packed.unpack(hidden, outputs)
@@ -125,6 +125,18 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
         if row.stop < n and outputs[i].error is None:
             outputs[i].out = hidden[i]
     return outputs, times
+
+
+def _head(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
+          hidden: dict[int, torch.Tensor], outputs: list[RowOutput]) -> None:
+    """One LM head over the last head_positions of every row: outputs [h, V] each."""
+    picked = [hidden[i][0, -rows[i].head_positions:] for i in active]  # [h_i, D]
+    logits = stack.logits_of(torch.cat(picked, dim=0))  # [sum h_i, V]
+    begin = 0
+    for i in active:
+        end = begin + rows[i].head_positions
+        outputs[i].out = logits[begin:end]
+        begin = end
 
 
 def _embed(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],

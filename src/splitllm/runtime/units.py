@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from splitllm.runtime.families import (
@@ -60,6 +61,16 @@ class SegmentCache(DynamicCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return super().update(key_states, value_states, layer_idx - self.first_block,
                               *args, **kwargs)
+
+    def can_roll_back(self) -> bool:
+        """Whether crop() restores earlier lengths: not with a sliding window (it forgets)."""
+        return not any(isinstance(layer, DynamicSlidingWindowLayer) for layer in self.layers)
+
+    def roll_back(self, length: int) -> None:
+        """Keep the first `length` positions (transformers 5.24 crops by a NEGATIVE count)."""
+        extra = self.get_seq_length() - length
+        if extra > 0:
+            self.crop(-extra)
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values."""
@@ -134,7 +145,11 @@ class UnitStack:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, D] -> next-token logits of the last position [B, V]."""
-        logits = self.lm_head(self.final_norm(hidden[:, -1:, :]))[:, -1, :]
+        return self.logits_of(hidden[:, -1:, :])[:, -1, :]
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., D] -> next-token logits of every position [..., V]."""
+        logits = self.lm_head(self.final_norm(hidden))
         if self.logit_multiplier is not None:  # Cohere
             logits = logits * self.logit_multiplier
         if self.logit_divisor is not None:  # Granite
@@ -178,10 +193,12 @@ class UnitStack:
         positions: torch.Tensor,
         cache: SegmentCache | None,
         unit_seconds: list[float] | None = None,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Run units [start, stop) on token ids [B, T] (if start == 0) or hidden [B, T, D].
 
-        Returns hidden states [B, T, D], or the last position's logits [B, V] if the head ran.
+        Returns hidden states [B, T, D], or the last position's logits [B, V] if the head ran
+        (every position's [B, T, V] with all_logits: speculative verification).
         positions: absolute positions [B, T]. unit_seconds, if given, receives one wall time
         per unit run (the mask and rotary set-up counts toward the first block).
         """
@@ -210,7 +227,7 @@ class UnitStack:
                 hidden = hidden[0]
             lap()
         if stop == self.n_units:
-            hidden = self.head(hidden)  # [B, V]
+            hidden = self.logits_of(hidden) if all_logits else self.head(hidden)  # [B, (T,) V]
             lap()
         return hidden
 
