@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_kit import TIMEOUT_S, RawClient, family_config, random_prompt, save_tiny_model
+from runtime_kit import (
+    TIMEOUT_S,
+    RawClient,
+    family_config,
+    metrics,
+    random_prompt,
+    save_tiny_model,
+)
 
 from splitllm.errors import UserError
 from splitllm.runtime import decoding
@@ -108,6 +115,21 @@ def test_rejections_at_every_offset_roll_back_every_segment(
             result = speculate(session, placement, prompt, 5, chunk=3)
             assert list(result.tokens) == want, placement
             assert 0 < result.accepted < result.drafted, placement
+
+
+def test_metrics_count_verified_and_accepted_positions(
+        tiny_llama: LoadedModel, make_server: Any) -> None:
+    server = make_server(tiny_llama)
+    prompt = looping_prompt(60)
+    with connect(server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        result = speculate(session, "SSSSSS", prompt, 6)
+    values = metrics(server.http_url)
+    passes = result.round_trips - 1  # all-server: one prefill message, then one per pass
+    verified = values["splitllm_speculative_verified_positions_total"]
+    accepted = values["splitllm_speculative_accepted_positions_total"]
+    assert verified == passes + result.drafted  # each pass: the last token and its drafts
+    # Rejected drafts are rolled back by the next pass (the last pass's never are).
+    assert passes + result.accepted <= accepted < verified
 
 
 @pytest.mark.parametrize("chunk", [1, 4])

@@ -275,7 +275,7 @@ class Engine:
         session.record(prepared, job.busy_s, job.cpu_s, sampled=token is not None)
         unit_seconds = tuple(job.unit_seconds.get(u, 0.0) for u in range(start, stop))
         return ForwardResult(hidden, token, logits, unit_seconds, (start, stop), job.cpu_s,
-                             tokens)
+                             tokens, prepared.rolled_back)
 
 
 def _settle(future: asyncio.Future[ForwardResult], outcome: Outcome) -> None:

@@ -48,6 +48,8 @@ class ServerMetrics:
     tokens_processed: int = 0
     tokens_sampled: int = 0
     forwards: int = 0
+    verified_positions: int = 0  # speculative decoding: positions the head verified...
+    rolled_back_positions: int = 0  # ... and those a later forward rolled back (rejected)
     busy_s: float = 0.0
     cpu_s: float = 0.0
     unit_busy_s: dict[str, float] = field(default_factory=dict)
@@ -98,6 +100,12 @@ class ServerMetrics:
         with self.lock:
             self.errors[code] += 1
 
+    def record_speculation(self, *, verified: int, rolled_back: int) -> None:
+        """Account positions verified in one pass and rolled back (rejected) before one."""
+        with self.lock:
+            self.verified_positions += verified
+            self.rolled_back_positions += rolled_back
+
     def record_close(self, reason: str) -> None:
         with self.lock:
             self.sessions_closed[reason] += 1
@@ -128,6 +136,12 @@ class ServerMetrics:
                     [("", self.tokens_sampled)])
             _metric(lines, "splitllm_forwards_total", "counter", "Forward messages served.",
                     [("", self.forwards)])
+            _metric(lines, "splitllm_speculative_verified_positions_total", "counter",
+                    "Positions the server's head verified (a last token and its drafts).",
+                    [("", self.verified_positions)])
+            _metric(lines, "splitllm_speculative_accepted_positions_total", "counter",
+                    "Verified positions never rolled back (rejected drafts are).",
+                    [("", self.verified_positions - self.rolled_back_positions)])
             _metric(lines, "splitllm_server_busy_seconds_total", "counter",
                     "Seconds the server spent computing units.", [("", self.busy_s)])
             _metric(lines, "splitllm_server_cpu_seconds_total", "counter",

@@ -124,6 +124,9 @@ class ServerState:
             session.in_flight -= 1
         p0, p1 = header.positions
         self.metrics.record_forward(p1 - p0, result.token is not None)
+        if header.verify or result.rolled_back:
+            self.metrics.record_speculation(verified=p1 - p0 if header.verify else 0,
+                                            rolled_back=result.rolled_back)
         return result
 
     def authorized(self, header_value: str | None) -> bool:

@@ -53,6 +53,7 @@ class Prepared:
     x: torch.Tensor  # token ids [1, T] (units from embed) or hidden states [1, T, D]
     positions: tuple[int, int]
     units: tuple[int, int]
+    rolled_back: int = 0  # positions the head's segment forgot (rejected drafts)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ForwardResult:
     units: tuple[int, int]
     cpu_s: float = 0.0
     tokens: tuple[int, ...] | None = None  # verify: the greedy token after every position
+    rolled_back: int = 0  # positions the head's segment forgot before this forward
 
 
 @dataclass
@@ -205,10 +207,14 @@ class ServerSession:
             if not bool(torch.isfinite(x).all()):
                 raise ProtocolError("bad_values", "hidden states contain NaN or infinity")
             x = x.to(self.stack.dtype)
+        p0 = header.positions[0]
+        held = seg.cache.get_seq_length() if seg.cache is not None else seg.next_position
+        rolled_back = held - p0 if header.rollback and seg.stop == self.stack.n_units else 0
         if header.rollback and seg.cache is not None:  # every check passed: now forget
-            seg.cache.roll_back(header.positions[0])
+            seg.cache.roll_back(p0)
         # The cache is held here: a concurrent close() may drop the segment's reference.
-        return Prepared(seg, seg.cache, x.to(device), header.positions, header.units)
+        return Prepared(seg, seg.cache, x.to(device), header.positions, header.units,
+                        max(rolled_back, 0))
 
     def record(self, prepared: Prepared, busy_s: float, cpu_s: float, sampled: bool) -> None:
         """Account a finished forward of this session."""
