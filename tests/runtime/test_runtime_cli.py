@@ -68,6 +68,12 @@ def test_generate_split_equals_local(served: str, tiny_llama_dir: Path) -> None:
         assert split["tokens"] == local["tokens"] and split["text"] == local["text"]
         assert split["placement"] == placement
         assert set(split) >= {"tokens", "text", "placement", "ttft_s", "tpot_s"}
+    for speculate in ("4", "auto"):
+        fast = run_cli(*common, "--server", served, "--placement", "CSSSSC", "--token", TOKEN,
+                       "--speculate", speculate)
+        assert fast["tokens"] == local["tokens"], speculate
+        assert 0 <= fast["accepted"] <= fast["drafted"]  # type: ignore[operator]
+        assert fast["round_trips"] >= 1  # type: ignore[operator]
 
 
 def test_auto_placement_over_an_emulated_link(served: str, tiny_llama_dir: Path) -> None:
@@ -109,6 +115,8 @@ def test_user_errors_in_process(served: str, tiny_llama_dir: Path) -> None:
         (["--placement", "auto", "--client-device", "phone"], "mixing"),
         (["--token", "wrong"], "unauthorized"),
         (["--emulate-link", "carrier-pigeon"], "unknown link"),
+        (["--speculate", "many"], "--speculate must be 'auto' or a number"),
+        (["--speculate", "2", "--temperature", "0.5"], "needs greedy decoding"),
     ]:
         result = runner.invoke(app, ["generate", "--model", str(tiny_llama_dir), "--server",
                                      served, "--prompt", "x", "--token", TOKEN, *args])

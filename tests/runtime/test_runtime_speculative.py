@@ -18,13 +18,13 @@ from runtime_kit import (
 )
 
 from splitllm.errors import UserError
-from splitllm.runtime import decoding
+from splitllm.runtime import speculative
 from splitllm.runtime.client import Generation, Session, connect
 from splitllm.runtime.decoding import LocalPipe, timed_generation
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, load_model
 from splitllm.runtime.protocol import Sampling, encode_tensor
-from splitllm.runtime.speculative import prompt_lookup
+from splitllm.runtime.speculative import MAX_AUTO_K, Drafter, prompt_lookup
 from splitllm.runtime.transport import ServerError
 
 NEW_TOKENS = 24
@@ -54,7 +54,7 @@ def ask(raw: RawClient, session: str, ids: list[int], positions: tuple[int, int]
     return reply
 
 
-def speculate(session: Session, placement: str, prompt: list[int], k: int,
+def speculate(session: Session, placement: str, prompt: list[int], k: int | str,
               chunk: int = 512) -> Generation:
     return session.generate(prompt, NEW_TOKENS, placement=placement, prefill_chunk=chunk,
                             stop_at_eos=False, speculate=k)
@@ -69,6 +69,28 @@ def test_prompt_lookup_continues_the_latest_match_of_the_longest_suffix() -> Non
     assert prompt_lookup([7], 3) == []
 
 
+def test_auto_drafts_follow_the_hit_rate_and_probe_while_sending_none() -> None:
+    auto = Drafter("auto")
+    history = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]
+    assert auto.k() == 2  # the prior: half of the drafts hit
+    for _ in range(30):  # every draft right: longer drafts pay
+        drafts = auto.draft(history, 100)
+        auto.observe(drafts, [*drafts, 1])
+    assert auto.k() == MAX_AUTO_K
+    for _ in range(30):  # every draft wrong: none are sent...
+        drafts = auto.draft(history, 100)
+        auto.observe(drafts, [d + 1 for d in drafts] + [1])
+    assert auto.k() == 0 and auto.draft(history, 100) == []
+    for _ in range(30):  # ... but the would-be draft is checked, and speculation resumes
+        drafts = auto.draft(history, 100)
+        assert drafts == [] or auto.k() > 0
+        auto.observe(drafts, [*drafts, 8] if drafts else [8])
+    assert auto.k() > 0
+    assert Drafter(3).draft(history, 2) == [8, 9] and Drafter(0).draft(history, 9) == []
+    with pytest.raises(ValueError, match="'auto'"):
+        Drafter(-1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_every_placement_and_draft_length_gives_the_unsplit_greedy_tokens(
         family: str, tiny_models: dict[str, LoadedModel], llama_server: BackgroundServer,
@@ -80,7 +102,7 @@ def test_every_placement_and_draft_length_gives_the_unsplit_greedy_tokens(
         for i, placement in enumerate(PLACEMENTS):
             prompt = looping_prompt(i)
             want = reference(loaded, prompt)
-            k = 1 + i % 8
+            k: int | str = 1 + i % 8 if i % 5 else "auto"
             plain = speculate(session, placement, prompt, 0)
             result = speculate(session, placement, prompt, k)
             assert list(plain.tokens) == want, placement
@@ -109,7 +131,7 @@ def test_rejections_at_every_offset_roll_back_every_segment(
             drafts[wrong] = (drafts[wrong] + 1) % tiny_llama.model.config.vocab_size
         return drafts
 
-    monkeypatch.setattr(decoding, "prompt_lookup", wrong_at_moving_offset)
+    monkeypatch.setattr(speculative, "prompt_lookup", wrong_at_moving_offset)
     with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
         for placement in PLACEMENTS:
             result = speculate(session, placement, prompt, 5, chunk=3)

@@ -142,7 +142,7 @@ class Session:
                  placement: str | Placement = "auto", sampling: wire.Sampling | None = None,
                  sla_s: float | None = None, client_device: str = MEASURED,
                  server_device: str | None = None, chat: bool = True, stop_at_eos: bool = True,
-                 prefill_chunk: int = 512, return_logits: bool = False, speculate: int = 0,
+                 prefill_chunk: int = 512, return_logits: bool = False, speculate: int | str = 0,
                  on_plan: Callable[[AutoPlan], None] | None = None,
                  on_text: Callable[[str], None] | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
@@ -151,7 +151,8 @@ class Session:
         placement="auto" asks the planner (sla_s, client_device and server_device say how) and
         passes its decision to on_plan before generating. on_token receives each token id as it
         comes; an exception it raises ends the generation (the server's session is closed).
-        speculate > 0: greedy speculative decoding with up to that many prompt-lookup drafts.
+        speculate: greedy speculative decoding with that many prompt-lookup drafts per pass,
+        or 'auto' (tuned to the running acceptance; 0 while drafts rarely hit).
         """
         prompt_ids = (encode_prompt(self.loaded, prompt, chat) if isinstance(prompt, str)
                       else list(prompt))
@@ -186,7 +187,7 @@ class Session:
         try:
             timed = timed_generation(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos,
                                      chunk_tokens=prefill_chunk, on_token=record,
-                                     draft_tokens=speculate)
+                                     speculate=speculate)
         except BaseException:
             if remote is not None:  # free the server's caches; the first error is the news
                 with contextlib.suppress(Exception):

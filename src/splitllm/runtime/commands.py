@@ -150,6 +150,9 @@ def generate_command(
     threads: Annotated[int | None, typer.Option(
         help="Torch threads of this client (default: half the cores).")] = None,
     dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    speculate: Annotated[str, typer.Option(
+        help="Speculative decoding (greedy): prompt-lookup draft tokens per pass, or 'auto'.")
+                         ] = "0",
 ) -> None:
     """Generate text with a split between this client and a server, streaming tokens."""
     import torch
@@ -167,6 +170,7 @@ def generate_command(
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     except (ProtocolError, ValueError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
+    drafts = _draft_tokens(speculate, local, temperature)
     torch.set_num_threads(threads or default_threads())
     loaded = load_model(model, dtype)
     ids = checked_prompt(loaded, prompt, not raw, max_new_tokens)
@@ -189,7 +193,7 @@ def generate_command(
                                           client_device=client_device,
                                           server_device=server_device,
                                           prefill_chunk=prefill_chunk, on_plan=_print_plan,
-                                          on_text=on_text).to_json()
+                                          on_text=on_text, speculate=drafts).to_json()
     except ServerError as exc:
         raise UserError(f"server: {exc}") from None
     if as_json:
@@ -200,7 +204,26 @@ def generate_command(
         rate = tokens / result["wall_s"] if result["wall_s"] > 0 else 0.0
         print(f"splitllm: {tokens} tokens, placement {result['placement']}, TTFT "
               f"{result['ttft_s']:.3f} s, TPOT {result['tpot_s'] * 1e3:.1f} ms, "
-              f"{rate:.1f} tokens/s", file=sys.stderr)
+              f"{rate:.1f} tokens/s, {result.get('round_trips', 0)} round trips"
+              + (f", {result['accepted']}/{result['drafted']} drafts accepted"
+                 if result.get("drafted") else ""), file=sys.stderr)
+
+
+def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
+    """--speculate as the client takes it: a count of draft tokens >= 0, or 'auto'."""
+    from splitllm.runtime.speculative import AUTO, MAX_DRAFT_TOKENS
+
+    text = speculate.strip().lower()
+    if text != AUTO and not (text.isdigit() and int(text) <= MAX_DRAFT_TOKENS):
+        raise UserError(f"--speculate must be 'auto' or a number of draft tokens from 0 to "
+                        f"{MAX_DRAFT_TOKENS}, not {speculate!r}")
+    drafts: int | str = text if text == AUTO else int(text)
+    if drafts != 0 and local:
+        raise UserError("--speculate runs over a split: leave out --local")
+    if drafts != 0 and temperature > 0.0:
+        raise UserError("--speculate needs greedy decoding (--temperature 0): sampled "
+                        "speculation is not supported")
+    return drafts
 
 
 def _print_plan(auto: AutoPlan) -> None:

@@ -19,7 +19,7 @@ from splitllm.errors import UserError
 from splitllm.placement import CLIENT, Placement
 from splitllm.runtime.protocol import Sampling
 from splitllm.runtime.sampling import Sampler
-from splitllm.runtime.speculative import prompt_lookup
+from splitllm.runtime.speculative import Drafter
 from splitllm.runtime.units import SegmentCache, UnitStack, cache_kwarg
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -202,19 +202,19 @@ def decode_one_token(pipe: Pipe, token: int, position: int) -> int:
 
 def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
                     eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
-                    draft_tokens: int = 0) -> Iterator[int]:
+                    speculate: int | str = 0) -> Iterator[int]:
     """Yield up to max_new_tokens new tokens; stops after an end-of-sequence token.
 
-    draft_tokens > 0 (a SplitPipe): speculative decoding, up to that many drafts per pass.
+    speculate (a SplitPipe): drafts per pass of speculative decoding, or 'auto'.
     """
     if max_new_tokens < 1:
         return
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
-    if draft_tokens > 0:
+    if speculate != 0:
         assert isinstance(pipe, SplitPipe)
         yield from _speculate(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
-                              chunk_tokens=chunk_tokens, draft_tokens=draft_tokens)
+                              chunk_tokens=chunk_tokens, drafter=Drafter(speculate))
         return
     token = prefill(pipe, prompt_ids, chunk_tokens)
     position = len(prompt_ids)
@@ -227,11 +227,11 @@ def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, 
 
 
 def _speculate(pipe: SplitPipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
-               eos_token_ids: Sequence[int], chunk_tokens: int, draft_tokens: int
+               eos_token_ids: Sequence[int], chunk_tokens: int, drafter: Drafter
                ) -> Iterator[int]:
     """Greedy decoding that verifies prompt-lookup drafts: the same tokens, fewer passes.
 
-    Each pass sends the last token and up to draft_tokens drafts; the model's greedy token
+    Each pass sends the last token and the drafter's drafts; the model's greedy token
     after every position accepts the longest agreeing prefix of the drafts plus one token
     of its own. The positions of rejected drafts are rolled back by the next pass.
     """
@@ -239,10 +239,10 @@ def _speculate(pipe: SplitPipe, prompt_ids: Sequence[int], max_new_tokens: int, 
     produced = 1
     yield history[-1]
     while history[-1] not in eos_token_ids and produced < max_new_tokens:
-        drafts = prompt_lookup(history, min(draft_tokens, max_new_tokens - produced - 1))
+        drafts = drafter.draft(history, max_new_tokens - produced - 1)
         ids = torch.tensor([[history[-1], *drafts]], dtype=torch.long)  # [1, 1 + k]
         greedy = pipe.verify(ids, len(history) - 1)
-        accepted = next((j for j, d in enumerate(drafts) if d != greedy[j]), len(drafts))
+        accepted = drafter.observe(drafts, greedy)
         pipe.drafted += len(drafts)
         pipe.accepted += accepted
         for token in (*drafts[:accepted], greedy[accepted]):
@@ -265,14 +265,14 @@ class Timed:
 
 def timed_generation(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
                      eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
-                     on_token: Callable[[int], None] | None = None, draft_tokens: int = 0
+                     on_token: Callable[[int], None] | None = None, speculate: int | str = 0
                      ) -> Timed:
     """Run `generate_tokens`, calling on_token as tokens arrive, and time it."""
     tokens: list[int] = []
     clock = time.perf_counter()
     first_s = 0.0
     for token in generate_tokens(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
-                                 chunk_tokens=chunk_tokens, draft_tokens=draft_tokens):
+                                 chunk_tokens=chunk_tokens, speculate=speculate):
         if not tokens:
             first_s = time.perf_counter() - clock
         tokens.append(token)
