@@ -15,6 +15,7 @@ from splitllm import dtypes
 from splitllm.errors import UserError
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
+from splitllm.planner.speculation import Speculation
 from splitllm.runtime.commands import demo, generate_command, proxy, serve
 from splitllm.sim.commands import simulate
 
@@ -68,6 +69,11 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     export_instance: Annotated[Path | None, typer.Option(
         help="Write the planned instance to this JSON file.")] = None,
+    speculate: Annotated[int, typer.Option(
+        help="Speculative decoding: draft tokens verified per decode pass (0: none).")] = 0,
+    draft_hit_rate: Annotated[float, typer.Option(
+        help="With --speculate: the rate at which a draft is accepted (measure it with "
+             "`generate --json`: accepted / drafted).")] = 0.5,
 ) -> None:
     """Plan which units run on the client and which on the server, least server work first."""
     from splitllm.planner.instance_file import load_instance, save_instance
@@ -79,6 +85,8 @@ def plan(
         instance = _model_instance(
             model, client, server, link, prompt_tokens, output_tokens, sla_s, ttft_s, tpot_s,
             weight_dtype, wire_dtype, keep_on_client or [], keep_on_server or [],
+            speculation=Speculation(draft_tokens=speculate, hit_rate=draft_hit_rate)
+            if speculate else None,
         )
     if not step_s > 0:
         raise UserError("--step-s must be positive")
@@ -98,7 +106,8 @@ def plan(
 def _model_instance(
     model: str, client: str, server: str, link: str, prompt_tokens: int, output_tokens: int,
     sla_s: float, ttft_s: float | None, tpot_s: float | None, weight_dtype: str,
-    wire_dtype: str, keep_on_client: list[str], keep_on_server: list[str],
+    wire_dtype: str, keep_on_client: list[str], keep_on_server: list[str], *,
+    speculation: Speculation | None = None,
 ) -> Instance:
     from splitllm.planner.configs import load_model_config
     from splitllm.planner.costs import model_costs
@@ -111,7 +120,7 @@ def _model_instance(
     costs = model_costs(load_model_config(model), dtypes.bytes_per_element(weight_dtype),
                         dtypes.bytes_per_element(wire_dtype))
     request = Request(prompt_tokens=prompt_tokens, output_tokens=output_tokens, sla_s=sla_s,
-                      ttft_s=ttft_s, tpot_s=tpot_s)
+                      ttft_s=ttft_s, tpot_s=tpot_s, speculation=speculation)
     return build_instance(costs, device_preset(client), device_preset(server), link_preset(link),
                           request, frozenset(keep_on_client), frozenset(keep_on_server))
 

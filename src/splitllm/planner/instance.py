@@ -26,6 +26,7 @@ from splitllm.planner.network import (
     path_network_s,
     switch_costs,
 )
+from splitllm.planner.speculation import Speculation, decode_passes, pass_contexts
 
 REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
 
@@ -173,6 +174,7 @@ class Request:
     sla_s: float = math.inf
     ttft_s: float | None = None
     tpot_s: float | None = None
+    speculation: Speculation | None = None  # speculative decoding: fewer, wider decode passes
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.output_tokens < 0:
@@ -190,19 +192,21 @@ class PhaseTimes:
     """Seconds of each unit on one device: the prefill, and each decode step after it."""
 
     prefill_s: np.ndarray  # [units]
-    decode_s: np.ndarray  # [units, G - 1]; step k attends to P + k positions
+    decode_s: np.ndarray  # [units, decode passes]; G - 1 without speculation, pass k at P + k
 
 
 def phase_times(model: ModelCosts, device: DeviceProfile, request: Request) -> PhaseTimes:
     """Roofline time of every unit on `device` for the prefill and each decode step."""
     p = request.prompt_tokens
     causal = model.config.kind == "decoder"
-    steps = max(request.output_tokens - 1, 0) if causal else 0
-    ctx = p + np.arange(1, steps + 1)  # [G - 1]
+    decode_tokens = max(request.output_tokens - 1, 0) if causal else 0
+    ctx = pass_contexts(p, decode_tokens, request.speculation)  # [passes]
+    width = request.speculation.positions_per_pass if request.speculation else 1
     prefill = np.array([device.time_s(u.prefill_flops(p, causal), u.prefill_bytes(p))
                         for u in model.units])
-    decode = np.array([device.time_s(u.decode_flops(ctx), u.decode_bytes(ctx))
-                       for u in model.units]).reshape(len(model.units), steps)
+    # A pass over `width` positions: FLOPs per position, weights and KV cache read once.
+    decode = np.array([device.time_s(width * u.decode_flops(ctx), u.decode_bytes(ctx))
+                       for u in model.units]).reshape(len(model.units), len(ctx))
     return PhaseTimes(prefill, decode)
 
 
@@ -227,8 +231,10 @@ def build_instance(
                             f"{len(names) - 3}, head")
     decoder = model.config.kind == "decoder"
     p, g = request.prompt_tokens, request.output_tokens if decoder else 0
-    passes = max(g, 1)
-    tokens_crossing = p + max(g - 1, 0)  # every prompt token once, then one per decode step
+    decode = decode_passes(max(g - 1, 0), request.speculation)
+    width = request.speculation.positions_per_pass if request.speculation else 1
+    passes = 1 + decode if g > 0 else 1
+    tokens_crossing = p + decode * width  # every prompt token once, then each pass's positions
     on_client, on_server = phase_times(model, client, request), phase_times(model, server, request)
     client_s = on_client.prefill_s + on_client.decode_s.sum(axis=1)
     server_s = on_server.prefill_s + on_server.decode_s.sum(axis=1)

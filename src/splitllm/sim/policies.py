@@ -224,7 +224,7 @@ def request_instance(rtype: RequestType, client: ClientClass, world: World, prom
     limits shrunk by `headroom` (a fraction kept in reserve for queueing)."""
     assert rtype.model is not None
     request = Request(prompt_tokens=prompt, output_tokens=output, sla_s=rtype.sla_s,
-                      ttft_s=rtype.ttft_s, tpot_s=rtype.tpot_s)
+                      ttft_s=rtype.ttft_s, tpot_s=rtype.tpot_s, speculation=rtype.speculation)
     return shrink(build_instance(rtype.model, client.device, world.server.device, client.link,
                                  request, rtype.keep_on_client, rtype.keep_on_server), headroom)
 

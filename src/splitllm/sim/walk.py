@@ -66,7 +66,9 @@ class WalkBuilder:
         key = (type_index, device_index, prompt, output)
         cum = self._cum.get(key)
         if cum is None:
-            times = phase_times(model, device, Request(prompt_tokens=prompt, output_tokens=output))
+            request = Request(prompt_tokens=prompt, output_tokens=output,
+                              speculation=self.world.types[type_index].speculation)
+            times = phase_times(model, device, request)
             per_pass = np.column_stack([times.prefill_s, times.decode_s])  # [units, passes]
             cum = np.vstack([np.zeros(per_pass.shape[1]), np.cumsum(per_pass, axis=0)])
             memo.bounded_put(self._cum, key, cum, CACHE_LIMIT)
@@ -87,8 +89,10 @@ class WalkBuilder:
         on_server = self._cumulative(type_index, -1, self.world.server.device, model, prompt,
                                      output)
         passes = on_client.shape[1]
-        tokens = np.ones(passes)
-        tokens[0] = prompt  # the prefill carries every prompt token, a decode step one
+        # The prefill carries every prompt token, a decode pass one (k + 1 when speculating).
+        tokens = np.full(passes, rtype.speculation.positions_per_pass if rtype.speculation
+                         else 1.0)
+        tokens[0] = prompt
         return _fold(placement, model, client.link, on_client, on_server, tokens)
 
 

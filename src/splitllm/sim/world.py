@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from splitllm.planner.costs import ModelCosts
 from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.network import Link
+from splitllm.planner.speculation import Speculation
 from splitllm.sim.dists import Dist
 
 DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware",
@@ -53,6 +54,7 @@ class RequestType:
     keep_on_client: frozenset[str] = frozenset()
     keep_on_server: frozenset[str] = frozenset()
     service_s: Dist | None = None
+    speculation: Speculation | None = None  # its clients decode speculatively (measured rate)
 
     @property
     def decoder(self) -> bool:
