@@ -110,3 +110,17 @@ def test_smollm2_text_streams_as_its_whole_decode(smollm2: LoadedModel) -> None:
         assert pieces == whole_decode_pieces(tokenizer, case)
         assert "".join(pieces) == text == tokenizer.decode(case, skip_special_tokens=True)
         assert longest <= 8
+
+
+def test_speculative_decoding_gives_the_unsplit_greedy_tokens(
+        smollm2: LoadedModel, smollm2_server: BackgroundServer) -> None:
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    ids = encode_prompt(smollm2, f"Repeat this sentence exactly: {text}")
+    want = list(timed_generation(LocalPipe(smollm2.model), ids, 16).tokens)
+    with connect(smollm2_server.ws_url, smollm2, timeout_s=TIMEOUT_S) as session:
+        for placement, k in (("S" * N_UNITS, 4), ("C" + "S" * 30 + "C", "auto"),
+                             ("C" * 8 + "S" * 16 + "C" * 8, 8)):
+            result = session.generate(ids, 16, placement=placement, stop_at_eos=False,
+                                      speculate=k)
+            assert list(result.tokens) == want, (placement, k)
+            assert result.accepted > 0, (placement, k)  # the copy task: drafts do hit
