@@ -15,16 +15,14 @@ client runs here. Speed is measured here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from splitllm.runtime.client import Generation, connect
-from splitllm.runtime.demo import free_port, start_server, stop_server, wait_healthy
+from splitllm.runtime.demo import served
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.units import UnitStack
 
@@ -80,16 +78,8 @@ def main() -> None:
     loaded = load_model(args.model)
     n = UnitStack(loaded.model).n_units
     placements = {"server-only": "S" * n, "split (embed, head on C)": "C" + "S" * (n - 2) + "C"}
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
-        proc = start_server(args.model, port, log, threads=args.threads)
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}", proc, log)
-            rows = measure(loaded, f"ws://127.0.0.1:{port}", args.links.split(","),
-                           placements, args.tokens)
-        finally:
-            stop_server(proc)
+    with served(args.model, args.threads) as url:
+        rows = measure(loaded, url, args.links.split(","), placements, args.tokens)
     show(Console(width=140), rows, args)
 
 

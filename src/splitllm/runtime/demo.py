@@ -8,12 +8,14 @@ reports what the split saved on the server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,6 +82,20 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path,
             pass
         time.sleep(0.2)
     raise UserError(f"the demo server did not answer within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def served(model: str, threads: int = 1) -> Iterator[str]:
+    """A `splitllm serve` child process on a free local port while the block runs: its ws URL."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        proc = start_server(model, port, log, threads=threads)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            yield f"ws://127.0.0.1:{port}"
+        finally:
+            stop_server(proc)
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
