@@ -154,6 +154,9 @@ class Session:
         speculate: greedy speculative decoding with that many prompt-lookup drafts per pass,
         or 'auto' (tuned to the running acceptance; 0 while drafts rarely hit).
         """
+        if return_logits and speculate != 0:
+            raise UserError("return_logits is one row per token: it does not combine with "
+                            "speculative decoding")
         prompt_ids = (encode_prompt(self.loaded, prompt, chat) if isinstance(prompt, str)
                       else list(prompt))
         auto = None

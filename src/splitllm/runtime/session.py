@@ -139,8 +139,10 @@ class ServerSession:
             raise ProtocolError("bad_positions", f"position {p1 - 1} is past the context limit "
                                 f"{self.limits.max_context}")
         expected = seg.cache.get_seq_length() if seg.cache is not None else seg.next_position
-        follows = p0 <= expected if header.rollback else (
-            p0 == expected if seg.cache is not None else p0 >= expected)
+        if seg.cache is None:  # nothing to keep in step: only forwards never go back unasked
+            follows = header.rollback or p0 >= expected
+        else:
+            follows = p0 <= expected if header.rollback else p0 == expected
         if not follows:
             raise ProtocolError("bad_positions", f"positions [{p0}, {p1}) do not follow units "
                                 f"[{seg.start}, {seg.stop}): they hold positions [0, {expected})")
