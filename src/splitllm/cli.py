@@ -16,6 +16,7 @@ from splitllm.errors import UserError
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.runtime.commands import demo, generate, proxy, serve
+from splitllm.runtime.measure_commands import fidelity
 from splitllm.sim.commands import simulate
 
 if TYPE_CHECKING:
@@ -195,6 +196,7 @@ app.command()(generate)
 app.command()(demo)
 app.command()(proxy)
 app.command()(simulate)
+app.command()(fidelity)
 
 
 def main() -> None:

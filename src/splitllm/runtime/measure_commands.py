@@ -1,0 +1,67 @@
+"""Thin CLI commands of the measurements: `splitllm fidelity`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from splitllm.errors import UserError
+
+
+def fidelity(
+    server: Annotated[str | None, typer.Option(
+        help="A running server, ws://HOST:PORT (default: start a local one on its own core).")
+                      ] = None,
+    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
+                     ] = "smollm2",
+    token: Annotated[str | None, typer.Option(envvar="SPLITLLM_TOKEN", help="Server token.")
+                     ] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write report.md, results.json and plots into this folder.")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A small grid: 2 conditions x 1 length (< 3 min on 2 cores).")] = False,
+    repeats: Annotated[int, typer.Option(help="Runs per point; the fastest counts.")] = 2,
+    sla_factor: Annotated[float, typer.Option(
+        help="Each point's SLA: this times the faster uniform placement's prediction.")] = 1.3,
+    threads: Annotated[int, typer.Option(help="Torch threads of the client and a local server.")
+                       ] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the error summary as JSON.")
+                       ] = False,
+) -> None:
+    """Predicted against measured on the real runtime: TTFT, TPOT, e2e, server CPU, wire bytes."""
+    import torch
+
+    from splitllm.runtime.fidelity import summarize
+    from splitllm.runtime.fidelity_run import (
+        FidelityOptions,
+        header_text,
+        local_server,
+        report_md,
+        run_fidelity,
+        write_report,
+    )
+    from splitllm.runtime.models import load_model
+
+    if repeats < 1 or not sla_factor >= 1 or threads < 1:
+        raise UserError("--repeats >= 1, --sla-factor >= 1 and --threads >= 1")
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
+    with contextlib.ExitStack() as stack:
+        url = server or stack.enter_context(local_server(model, threads))
+        opts = FidelityOptions(server=url, token=token, quick=quick, repeats=repeats,
+                               sla_factor=sla_factor, threads=threads)
+        results = run_fidelity(loaded, opts)
+    header = header_text(loaded.model_id, opts, server_started=server is None)
+    if out is not None:
+        write_report(results, out, header)
+    if as_json:
+        print(json.dumps(summarize(results)))
+    else:
+        print(report_md(results, header, []))
+    if out is not None:
+        print(f"splitllm: report in {out}", file=sys.stderr)
