@@ -17,6 +17,7 @@ import typer
 from splitllm.errors import UserError
 
 if TYPE_CHECKING:
+    from splitllm.runtime.client import AutoPlan, Session
     from splitllm.runtime.models import LoadedModel
     from splitllm.runtime.protocol import Sampling
 
@@ -153,6 +154,7 @@ def generate(
                 if session.emulation:
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
                 chosen: str = placement
+                promise: dict[str, object] = {}
                 if placement.lower() == "auto":
                     auto = session.plan(len(ids), max_new_tokens, sla_s, client_device,
                                         server_device)
@@ -160,9 +162,11 @@ def generate(
                     print(f"splitllm: auto placement {chosen} ({auto.source}; predicted "
                           f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
                           file=sys.stderr, flush=True)
+                    promise = _promise(session, auto, len(ids), max_new_tokens, client_device,
+                                       server_device)
                 result = session.generate(ids, max_new_tokens, placement=chosen,
                                           sampling=sampling, prefill_chunk=prefill_chunk,
-                                          on_text=on_text).to_json()
+                                          on_text=on_text).to_json() | promise
     except ServerError as exc:
         raise UserError(f"server: {exc}") from None
     if as_json:
@@ -174,6 +178,19 @@ def generate(
         print(f"splitllm: {tokens} tokens, placement {result['placement']}, TTFT "
               f"{result['ttft_s']:.3f} s, TPOT {result['tpot_s'] * 1e3:.1f} ms, "
               f"{rate:.1f} tokens/s", file=sys.stderr)
+
+
+def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: int,
+             client_device: str, server_device: str | None) -> dict[str, object]:
+    """What an auto placement promised: its SLA and the predicted figures (`--json`)."""
+    from dataclasses import asdict
+
+    from splitllm.runtime.fidelity import predict
+
+    first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
+    figures = asdict(predict(auto.instance, first, auto.plan.placement, new_tokens))
+    return {"sla_s": auto.instance.sla_s,
+            "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
 
 
 def _print_text(text: str) -> None:
