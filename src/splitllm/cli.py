@@ -16,7 +16,7 @@ from splitllm.errors import UserError
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.runtime.commands import demo, generate, proxy, serve
-from splitllm.runtime.measure_commands import fidelity
+from splitllm.runtime.measure_commands import fidelity, profile
 from splitllm.sim.commands import simulate
 
 if TYPE_CHECKING:
@@ -197,6 +197,7 @@ app.command()(demo)
 app.command()(proxy)
 app.command()(simulate)
 app.command()(fidelity)
+app.command()(profile)
 
 
 def main() -> None:
