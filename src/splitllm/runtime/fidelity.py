@@ -21,7 +21,7 @@ from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, evaluate
 from splitllm.planner.network import carried_bytes
 
-METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes")
+METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes", "server_busy_s")
 PLACEMENT_KINDS = ("server-only", "best-single-cut", "exact", "multi-switch")
 
 
@@ -32,8 +32,9 @@ class Figures:
     ttft_s: float
     tpot_s: float
     e2e_s: float
-    server_cpu_s: float
+    server_cpu_s: float  # CPU seconds of the server's compute (robust to other load)
     wire_bytes: float
+    server_busy_s: float  # wall seconds of the server's compute (what the profile times)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: 
     ttft_s = evaluate(first, placement).latency_s
     tpot_s = (plan.latency_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
     return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=plan.latency_s,
-                   server_cpu_s=plan.server_work, wire_bytes=wire_bytes(whole, placement))
+                   server_cpu_s=plan.server_work, wire_bytes=wire_bytes(whole, placement),
+                   server_busy_s=plan.server_work)
 
 
 def multi_switch(n_units: int) -> Placement:

@@ -91,7 +91,8 @@ class RealBench:
         best = min(runs, key=lambda g: g.wall_s)  # the least disturbed by other load
         return Figures(ttft_s=best.ttft_s, tpot_s=best.tpot_s, e2e_s=best.wall_s,
                        server_cpu_s=best.server_cpu_s,
-                       wire_bytes=float(best.bytes_sent + best.bytes_received))
+                       wire_bytes=float(best.bytes_sent + best.bytes_received),
+                       server_busy_s=best.server_busy_s)
 
     def close(self) -> None:
         for session in self._sessions.values():
@@ -153,7 +154,12 @@ def write_report(results: list[Result], out: Path, header: str) -> None:
 def report_md(results: list[Result], header: str, plots: list[str]) -> str:
     """The fidelity report: what was emulated, the error summary against targets, every point."""
     summary = summarize(results)["metrics"]
+    busy_s = sum(r.measured.server_busy_s for r in results)
+    share = sum(r.measured.server_cpu_s for r in results) / busy_s if busy_s else 0.0
     lines = ["# Fidelity: the planner's predictions against the real runtime\n", header, "",
+             f"Contention: while it computed, the server's thread got {share:.0%} of a core "
+             "(its CPU seconds over its busy wall seconds); the profiles it and the client "
+             "plan with are wall times, measured at their start.", "",
              "| metric | median abs rel err | max abs rel err | target (<= 10% / <= 25%) |",
              "|---|---|---|---|"]
     for metric in METRICS:
