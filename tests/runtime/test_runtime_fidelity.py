@@ -20,6 +20,7 @@ from splitllm.runtime.fidelity import (
     results_json,
     run_grid,
     summarize,
+    visit_residual_s,
     wire_bytes,
 )
 from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, write_report
@@ -111,6 +112,12 @@ def test_saving_and_report(tmp_path: Path) -> None:
     bench = FakeBench()
     results = run_grid(bench, conditions=(Condition(),), lengths=((8, 4),), sla_factor=1.3)
     document = results_json(results)
+    for r in results:  # measured = predicted / 1.25: e2e residual 0.2 x predicted e2e
+        residual = visit_residual_s(r)
+        visits = {"SSSS": 1, "CSSC": 1, "CCCC": 0}.get(r.point.placement)
+        if visits is not None:
+            assert residual == (None if not visits else
+                                pytest.approx(-0.2 * r.predicted.e2e_s / (visits * 4)))
     # Both sides scaled by the same factor: the measured saving equals the planned one.
     for row in document["savings"]:
         assert row["gap_points"] == pytest.approx(0.0, abs=1e-9)

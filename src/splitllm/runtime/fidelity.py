@@ -202,9 +202,23 @@ def saving_gap(results: Sequence[Result]) -> list[dict[str, Any]]:
     return rows
 
 
+def visit_residual_s(result: Result) -> float | None:
+    """Unexplained e2e seconds per visit to the server per pass (None without a visit).
+
+    A fixed cost per message (framing, thread hand-offs, a process woken on a loaded machine)
+    would show as the same residual at every point.
+    """
+    visits = sum(segment.side == SERVER for segment in Placement(result.point.placement).segments())
+    if not visits:
+        return None
+    passes = max(result.point.new_tokens, 1)
+    return (result.measured.e2e_s - result.predicted.e2e_s) / (visits * passes)
+
+
 def results_json(results: Sequence[Result]) -> dict[str, Any]:
     """The whole grid as one JSON document: summary, savings and every point."""
     points = [{**asdict(r.point), "condition_label": r.point.condition.label,
                "predicted": asdict(r.predicted), "measured": asdict(r.measured),
-               "rel_err": {m: r.rel_err(m) for m in METRICS}} for r in results]
+               "rel_err": {m: r.rel_err(m) for m in METRICS},
+               "visit_residual_s": visit_residual_s(r)} for r in results]
     return {**summarize(results), "savings": saving_gap(results), "results": points}

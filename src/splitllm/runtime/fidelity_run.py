@@ -27,6 +27,7 @@ from splitllm.runtime.fidelity import (
     run_grid,
     saving_gap,
     summarize,
+    visit_residual_s,
 )
 from splitllm.runtime.models import LoadedModel
 
@@ -174,11 +175,14 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
         lines.append(f"| {row['condition']} | {'/'.join(row['kinds'])} `{row['placement']}` | "
                      f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
                      f"{row['gap_points']:+.1f} |")
-    lines += ["", "Every point (predicted / measured):", "",
-              "| condition | P | G | kinds | " + " | ".join(METRICS) + " |",
-              "|---|---|---|---|" + "---|" * len(METRICS)]
+    lines += ["", "Every point (predicted / measured), and the e2e residual per visit to the "
+              "server per pass (measured - predicted):", "",
+              "| condition | P | G | kinds | " + " | ".join(METRICS) + " | residual/visit |",
+              "|---|---|---|---|" + "---|" * (len(METRICS) + 1)]
     for r in results:
         cells = [f"{getattr(r.predicted, m):.4g} / {getattr(r.measured, m):.4g}" for m in METRICS]
+        residual = visit_residual_s(r)
+        cells.append("" if residual is None else f"{residual * 1e3:+.1f} ms")
         lines.append(f"| {r.point.condition.label} | {r.point.prompt_tokens} | "
                      f"{r.point.new_tokens} | {'/'.join(r.point.kinds)} | " + " | ".join(cells)
                      + " |")
