@@ -28,8 +28,8 @@ from rich.table import Table
 
 from splitllm.placement import Placement
 from splitllm.runtime.client import Session, connect
+from splitllm.runtime.decoding import LocalPipe, SplitPipe, timed_generation
 from splitllm.runtime.demo import free_port, start_server, stop_server, wait_healthy
-from splitllm.runtime.generate import LocalPipe, SplitPipe, timed_generate
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model, resolve_model_dir
 from splitllm.runtime.units import UnitStack
 
@@ -54,7 +54,7 @@ class Run:
 def local_run(loaded: LoadedModel, ids: list[int], tokens: int
               ) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
-        timed = timed_generate(LocalPipe(loaded.model), ids, tokens)
+        timed = timed_generation(LocalPipe(loaded.model), ids, tokens)
         return timed.tpot_s, 0
     return run
 
@@ -65,7 +65,7 @@ def sliced_run(loaded: LoadedModel, ids: list[int], tokens: int
 
     def run() -> tuple[float, float]:
         pipe = SplitPipe(stack, Placement("C" * stack.n_units), None)
-        return timed_generate(pipe, ids, tokens).tpot_s, 0
+        return timed_generation(pipe, ids, tokens).tpot_s, 0
     return run
 
 

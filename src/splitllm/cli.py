@@ -15,7 +15,7 @@ from splitllm import dtypes
 from splitllm.errors import UserError
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
-from splitllm.runtime.commands import demo, generate, proxy, serve
+from splitllm.runtime.commands import demo, generate_command, proxy, serve
 from splitllm.runtime.measure_commands import fidelity, profile
 from splitllm.sim.commands import simulate
 
@@ -192,7 +192,7 @@ def presets() -> None:
 
 # The runtime's commands (serve, generate, demo, proxy) import torch only when they run.
 app.command()(serve)
-app.command()(generate)
+app.command(name="generate")(generate_command)
 app.command()(demo)
 app.command()(proxy)
 app.command()(simulate)

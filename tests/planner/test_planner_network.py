@@ -7,7 +7,13 @@ from functools import partial
 import numpy as np
 import pytest
 
-from splitllm.planner.network import Link, carried_bytes, crossing_s, path_network_s
+from splitllm.planner.network import (
+    Link,
+    carried_bytes,
+    crossing_s,
+    path_network_s,
+    switch_costs,
+)
 
 LINK = Link(uplink_bytes_per_s=1000.0, downlink_bytes_per_s=4000.0, rtt_s=0.2)
 
@@ -40,7 +46,8 @@ def test_a_path_pays_every_switch_and_the_way_back() -> None:
     }
     for sides, expected in cases.items():
         on_server = np.array([s == "S" for s in sides])
-        assert path_network_s(LINK, on_server, carried, passes=2) == pytest.approx(expected)
+        edges = switch_costs(LINK, carried, passes=2)
+        assert path_network_s(on_server, edges) == pytest.approx(expected)
 
 
 def test_a_link_is_equal_to_another_of_the_same_costs_whatever_its_name() -> None:

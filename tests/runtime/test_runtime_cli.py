@@ -20,6 +20,9 @@ from splitllm.runtime.demo import free_port
 
 SPLITLLM = str(Path(sys.executable).parent / "splitllm")
 TOKEN = "cli-secret"
+# Generous bounds, not speed checks: a loaded 2-core machine takes a minute just to import torch.
+SERVER_START_S = 300.0
+COMMAND_S = 600.0
 
 
 def _healthy(url: str) -> bool:
@@ -40,7 +43,7 @@ def served(tiny_llama_dir: Path) -> Iterator[str]:
     )
     try:
         wait_for(lambda: _healthy(f"http://127.0.0.1:{port}") or proc.poll() is not None,
-                 timeout_s=60)
+                 timeout_s=SERVER_START_S)
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         yield f"ws://127.0.0.1:{port}"
     finally:
@@ -91,14 +94,14 @@ def test_streaming_and_user_errors_through_the_real_command(served: str,
     ok = subprocess.run(
         [SPLITLLM, "generate", "--model", str(tiny_llama_dir), "--server", served,
          "--prompt", "fox", "--placement", "CCCSSS", "--max-new-tokens", "5", "--threads", "1"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=COMMAND_S,
     )
     assert ok.returncode == 0, ok.stderr
     assert "placement CCCSSS" in ok.stderr and "tokens/s" in ok.stderr
     bad = subprocess.run(
         [SPLITLLM, "generate", "--model", str(tiny_llama_dir), "--server", served,
          "--prompt", "fox", "--placement", "CCS", "--threads", "1"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=COMMAND_S,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: placement 'CCS' has 3 letters")
@@ -128,3 +131,23 @@ def test_demo_runs_end_to_end_on_a_small_model(tiny_llama_dir: Path) -> None:
     assert "EMULATED" in out and "server busy s" in out and "Plans, times in ms" in out
     same = next(line for line in out.splitlines() if "same tokens" in line)
     assert "yes" in same
+
+
+def test_serve_rejects_bad_compute_and_keeps_the_old_device_flag(tiny_llama_dir: Path) -> None:
+    import torch
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([SPLITLLM, "serve", "--model", str(tiny_llama_dir), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    if not torch.cuda.is_available():
+        no_cuda = serve("--compute", "cuda")
+        assert no_cuda.returncode == 2
+        assert no_cuda.stderr.strip().splitlines() == [
+            "error: --compute cuda: no CUDA device is available here (use --compute cpu)"]
+    assert serve("--compute", "tpu").stderr.strip() == "error: --compute 'tpu': use cpu, cuda " \
+                                                       "or auto"
+    old = serve("--device", "no-such-device")  # the old name of --announce-device still works
+    assert old.returncode == 2
+    assert "--device is deprecated: use --announce-device" in old.stderr
+    assert "no-such-device" in old.stderr.strip().splitlines()[-1]

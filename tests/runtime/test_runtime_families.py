@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from splitllm.errors import UserError
 from splitllm.placement import SERVER, Placement
 from splitllm.runtime.client import connect
-from splitllm.runtime.generate import LocalPipe, RemoteResult, SplitPipe, timed_generate
+from splitllm.runtime.decoding import LocalPipe, RemoteResult, SplitPipe, timed_generation
 from splitllm.runtime.models import load_model, model_family
 from splitllm.runtime.units import UnitStack
 
@@ -73,8 +73,8 @@ def greedy(pipe: LocalPipe | SplitPipe, prompt: list[int], chunk_tokens: int = 5
            ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and per-step logits [1, V] of a pipe."""
     logits: list[torch.Tensor] = []
-    timed = timed_generate(pipe, prompt, NEW_TOKENS, chunk_tokens=chunk_tokens,
-                           on_token=lambda _: logits.append(pipe.last_logits))
+    timed = timed_generation(pipe, prompt, NEW_TOKENS, chunk_tokens=chunk_tokens,
+                             on_token=lambda _: logits.append(pipe.last_logits))
     return list(timed.tokens), logits
 
 

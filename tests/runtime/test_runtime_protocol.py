@@ -60,7 +60,7 @@ def test_bad_binary_frames_are_rejected(frame: bytes, code: str, fragment: str) 
 @pytest.mark.parametrize(("text", "code"), [
     ("not json", "bad_frame"),
     ("[1, 2]", "bad_frame"),
-    ("[" * 100_000, "bad_frame"),  # nesting past the recursion limit
+    ("[" * 60_000, "bad_frame"),  # nesting past the recursion limit
     ('{"type": "forward"}', "bad_message"),  # tensors only travel in binary frames
     ('{"type": "open"}', "bad_message"),  # no placement
     ('{"type": "open", "placement": "CS", "sampling": {"top_p": 0}}', "bad_message"),

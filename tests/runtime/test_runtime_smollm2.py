@@ -11,7 +11,7 @@ from runtime_kit import TIMEOUT_S, stream_pieces, whole_decode_pieces
 
 from splitllm.runtime import models
 from splitllm.runtime.client import connect
-from splitllm.runtime.generate import LocalPipe, timed_generate
+from splitllm.runtime.decoding import LocalPipe, timed_generation
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, encode_prompt
 
@@ -31,8 +31,8 @@ def reference(smollm2: LoadedModel, prompt_ids: list[int]
               ) -> tuple[list[int], list[torch.Tensor]]:
     pipe = LocalPipe(smollm2.model)
     logits: list[torch.Tensor] = []
-    timed = timed_generate(pipe, prompt_ids, NEW_TOKENS,
-                           on_token=lambda _: logits.append(pipe.last_logits))
+    timed = timed_generation(pipe, prompt_ids, NEW_TOKENS,
+                             on_token=lambda _: logits.append(pipe.last_logits))
     return list(timed.tokens), logits
 
 

@@ -10,7 +10,7 @@ import torch
 from runtime_kit import TIMEOUT_S, random_prompt, stream_pieces, whole_decode_pieces
 
 from splitllm.runtime.client import Generation, Session, connect
-from splitllm.runtime.generate import LocalPipe, generate, timed_generate
+from splitllm.runtime.decoding import LocalPipe, generate_tokens, timed_generation
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import Sampling
@@ -21,8 +21,8 @@ def reference(loaded: LoadedModel, prompt: list[int], new_tokens: int,
     """Tokens and per-step logits [1, V] of the unsplit model."""
     pipe = LocalPipe(loaded.model, sampling)
     logits: list[torch.Tensor] = []
-    timed = timed_generate(pipe, prompt, new_tokens,
-                           on_token=lambda _: logits.append(pipe.last_logits))
+    timed = timed_generation(pipe, prompt, new_tokens,
+                             on_token=lambda _: logits.append(pipe.last_logits))
     return list(timed.tokens), logits
 
 
@@ -138,8 +138,8 @@ def test_python_api_streams_text_and_stops_at_eos(tiny_llama: LoadedModel,
     assert prompt_ids > 3 and 1 <= len(result.tokens) <= 12
     eos = set(tiny_llama.eos_token_ids)
     assert not eos & set(result.tokens[:-1])  # generation ends at the first end-of-sequence
-    expected = list(generate(LocalPipe(tiny_llama.model), _prompt_ids(tiny_llama), 12,
-                             tiny_llama.eos_token_ids))
+    expected = list(generate_tokens(LocalPipe(tiny_llama.model), _prompt_ids(tiny_llama), 12,
+                                    eos_token_ids=tiny_llama.eos_token_ids))
     assert list(result.tokens) == expected
     assert result.ttft_s > 0 and result.tpot_s >= 0 and result.server_busy_s > 0
     assert 0 < result.server_cpu_s <= result.server_busy_s * 1.5

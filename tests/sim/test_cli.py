@@ -32,7 +32,7 @@ SMALL = {  # a small edge server; a sensor-class client can take only part of th
         {"name": "tag", "model": "bert-base", "prompt_tokens": 64, "sla_s": 0.1},
     ],
     "arrivals": {"process": "poisson", "rate_per_s": 10},
-    "policies": ["server-only", "exact", "exact-load-aware"],
+    "policies": ["server-only", "exact", "exact-load-aware", "exact-tuned", "frontier-priced"],
 }
 
 
@@ -87,9 +87,9 @@ def test_ray_missing_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'splitllm[ray]')")
 def test_ray_backend_gives_the_same_numbers(tmp_path: Path, small_file: Path) -> None:
-    _simulate("--scenario", str(small_file), "--quick", "--policies", "server-only,exact",
+    _simulate("--scenario", str(small_file), "--quick", "--policies", "server-only,frontier-priced",
               "--out", str(tmp_path / "local"), cwd=tmp_path)
-    _simulate("--scenario", str(small_file), "--quick", "--policies", "server-only,exact",
+    _simulate("--scenario", str(small_file), "--quick", "--policies", "server-only,frontier-priced",
               "--ray", "local", "--jobs", "1", "--out", str(tmp_path / "ray"), cwd=tmp_path)
     assert ((tmp_path / "local" / "results.json").read_text()
             == (tmp_path / "ray" / "results.json").read_text())

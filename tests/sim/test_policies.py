@@ -14,9 +14,9 @@ import pytest
 from splitllm.errors import UserError
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.sim.builtin import builtin_world
+from splitllm.sim.builtin import BUILTINS, builtin_world
 from splitllm.sim.paper import POLICIES, PaperGrid, solve_length
-from splitllm.sim.policies import Planner, request_instance, wait_bucket
+from splitllm.sim.policies import Load, PlanPolicy, request_instance, wait_bucket
 from splitllm.sim.run import run_policy
 from splitllm.sim.scenario import load_scenario
 from splitllm.sim.walk import WalkBuilder
@@ -30,7 +30,8 @@ REQUESTS = 150
 
 
 def _worlds() -> list[World]:
-    return [builtin_world("mixed"), *(load_scenario(p) for p in sorted(SCENARIOS.glob("*.yaml")))]
+    return [*(builtin_world(name) for name in BUILTINS),
+            *(load_scenario(p) for p in sorted(SCENARIOS.glob("*.yaml")))]
 
 
 @pytest.fixture(scope="module", params=_worlds(), ids=lambda w: w.name)
@@ -46,7 +47,7 @@ def _requests(world: World):
 
 
 def test_exact_beats_baselines_which_beat_server_only(world: World) -> None:
-    planners = {p: Planner(world, p) for p in ("server-only", *BASELINES, "exact")}
+    planners = {p: PlanPolicy(world, p) for p in ("server-only", *BASELINES, "exact")}
     checked = 0
     for t, c, p, g in _requests(world):
         d = {name: planner.decide(t, c, p, g) for name, planner in planners.items()}
@@ -63,8 +64,9 @@ def test_exact_beats_baselines_which_beat_server_only(world: World) -> None:
 
 def test_no_plan_breaks_the_sla_at_zero_load(world: World) -> None:
     builder = WalkBuilder(world)
-    policies = ("server-only", *BASELINES, "exact", "exact-load-aware")
-    planners = {p: Planner(world, p) for p in policies}
+    policies = ("server-only", *BASELINES, "exact", "exact-load-aware", "exact-quantile",
+                "exact-tuned", "frontier-priced")
+    planners = {p: PlanPolicy(world, p) for p in policies}
     for t, c, p, g in _requests(world):
         rtype = world.types[t]
         actual = request_instance(rtype, world.clients[c], world, p, g)
@@ -105,20 +107,20 @@ def test_one_request_alone_meets_its_plan(world: World) -> None:
 
 def test_load_aware_plans_like_exact_on_an_idle_server() -> None:
     world = builtin_world("mixed")
-    exact, aware = Planner(world, "exact"), Planner(world, "exact-load-aware")
+    exact, aware = PlanPolicy(world, "exact"), PlanPolicy(world, "exact-load-aware")
     for t, c, p, g in _requests(world):
-        assert aware.decide(t, c, p, g, 0.0) == exact.decide(t, c, p, g)
+        assert aware.decide(t, c, p, g, Load()) == exact.decide(t, c, p, g)
 
 
 def test_load_aware_leaves_room_for_the_expected_waits() -> None:
     """A load-aware plan meets the SLA even after the expected wait at every visit of every
     pass, and pays for that margin with at least as much server work as exact."""
     world = builtin_world("mixed")
-    exact, aware = Planner(world, "exact"), Planner(world, "exact-load-aware")
+    exact, aware = PlanPolicy(world, "exact"), PlanPolicy(world, "exact-load-aware")
     wait_s = wait_bucket(0.02)
     planned = 0
     for t, c, p, g in _requests(world):
-        decision = aware.decide(t, c, p, g, wait_s)
+        decision = aware.decide(t, c, p, g, Load(wait_mean_s=wait_s))
         if not decision.planned:
             continue
         planned += 1
@@ -133,7 +135,8 @@ def test_load_aware_leaves_room_for_the_expected_waits() -> None:
 def test_headroom_keeps_part_of_the_sla_for_queueing() -> None:
     world = builtin_world("mixed")
     assert world.plan_headroom == 0.2
-    tight, loose = Planner(world, "exact"), Planner(replace(world, plan_headroom=0.0), "exact")
+    tight = PlanPolicy(world, "exact")
+    loose = PlanPolicy(replace(world, plan_headroom=0.0), "exact")
     for t, c, p, g in _requests(world):
         d, free = tight.decide(t, c, p, g), loose.decide(t, c, p, g)
         if d.planned:
@@ -151,7 +154,7 @@ def test_units_kept_on_a_client_too_small_for_them_give_one_line() -> None:
     for policy in ("greedy", "exact", "exact-load-aware"):
         with pytest.raises(UserError, match=r"^request type 'classify' from client 'phone-4g', "
                                             r"128 prompt tokens: no placement fits"):
-            Planner(world, policy).decide(2, 0, 128, 1)
+            PlanPolicy(world, policy).decide(2, 0, 128, 1)
 
 
 def test_wait_buckets_are_a_log_grid() -> None:

@@ -92,6 +92,33 @@ def test_trace_errors_name_the_line(tmp_path: Path) -> None:
         load_scenario(_write(tmp_path, doc))
 
 
+def test_azure_traces_load_capped_with_one_line_errors(tmp_path: Path) -> None:
+    doc = yaml.safe_load((SCENARIOS / "replay.yaml").read_text())
+    doc["arrivals"] = {"process": "trace", "path": "azure.csv", "format": "azure", "rows": 2,
+                       "request_type": "chat", "max_prompt_tokens": 300, "max_output_tokens": 40}
+    trace = tmp_path / "azure.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:15:48.5,374,44\n2023-11-16 18:15:46.0,1396,9\n"
+                     "2023-11-16 18:15:50.0,10,10\n")
+    world = load_scenario(_write(tmp_path, doc))
+    assert world.trace is not None
+    assert world.trace.arrived_at_s == pytest.approx((0.0, 2.5))  # 2 rows, sorted
+    assert world.trace.prompt_tokens == (300, 300) and world.trace.output_tokens == (9, 40)
+    assert world.trace.type_index == (0, 0) and world.trace.class_index == (-1, -1)
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,3,4\n")
+    with pytest.raises(UserError, match=r"line 2: TIMESTAMP must be a date and time"):
+        load_scenario(_write(tmp_path, doc))
+    trace.write_text("TIMESTAMP,Prompt\n2023-11-16 18:15:48.5,3\n")
+    with pytest.raises(UserError, match=r"missing column 'ContextTokens'"):
+        load_scenario(_write(tmp_path, doc))
+    with pytest.raises(UserError, match=r"arrivals.request_type: unknown request type 'x'"):
+        load_scenario(_write(tmp_path, {**doc, "arrivals": {**doc["arrivals"],
+                                                              "request_type": "x"}}))
+    plain = {**doc, "arrivals": {"process": "trace", "path": "azure.csv", "rows": 2}}
+    with pytest.raises(UserError, match=r"arrivals: request_type, rows and max_\*_tokens apply"):
+        load_scenario(_write(tmp_path, plain))
+
+
 def test_good_files_load_and_match_the_builtin(tmp_path: Path) -> None:
     as_json = load_scenario(_write(tmp_path, MIXED, "mixed.json"))
     assert as_json == builtin_world("mixed")
@@ -123,7 +150,8 @@ def test_cli_bad_scenario_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_cli_bad_flags_exit_2(tmp_path: Path) -> None:
     for args, message in (
         (["--jobs", "0"], "--jobs must be at least 1"),
-        (["--scenario", "nowhere.yaml"], "use paper, mixed or a scenario file"),
+        (["--scenario", "nowhere.yaml"],
+         "use paper, mixed, azure-conv, azure-code or a scenario file"),
         (["--scenario", "paper", "--policies", "exact"], "--policies does not apply"),
         (["--rates", "1,fast"], "--rates '1,fast': expected numbers"),
         (["--policies", "exact,wizard"], "policies: unknown policy 'wizard'"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -18,7 +19,13 @@ from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.costs import ModelCosts
 from splitllm.planner.hardware import DeviceProfile
-from splitllm.planner.network import Link, carried_bytes, path_network_s
+from splitllm.planner.network import (
+    Link,
+    Switches,
+    carried_bytes,
+    path_network_s,
+    switch_costs,
+)
 
 REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
 
@@ -75,6 +82,22 @@ class Instance:
     def names(self) -> tuple[str, ...]:
         return tuple(u.name for u in self.units)
 
+    @cached_property
+    def switches(self) -> Switches:
+        """What a switch costs on each edge of the end-to-end path (once per instance)."""
+        carried = carried_bytes(self.input_bytes, [u.out_bytes for u in self.units],
+                                self.output_bytes)
+        return switch_costs(self.link, carried, self.passes, self.server_wait_s)
+
+    @cached_property
+    def phase_switches(self) -> tuple[Switches, ...]:
+        """The same for each phase limit, with its own bytes and passes."""
+        return tuple(
+            switch_costs(self.link, carried_bytes(p.input_bytes, p.out_bytes, p.output_bytes),
+                         p.passes, self.server_wait_s)
+            for p in self.phase_limits
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -93,23 +116,13 @@ class Plan:
 
 
 def _path_latency(
-    sides: str,
-    client_s: Sequence[float],
-    server_s: Sequence[float],
-    out_bytes: Sequence[float],
-    input_bytes: float,
-    output_bytes: float,
-    link: Link,
-    passes: int,
-    server_wait_s: float,
+    sides: str, client_s: Sequence[float], server_s: Sequence[float], edges: Switches
 ) -> tuple[float, float, float]:
     """(client compute, server compute, network) seconds of one path through the units."""
     client = sum(c for c, s in zip(client_s, sides, strict=True) if s == CLIENT)
     server = sum(t for t, s in zip(server_s, sides, strict=True) if s == SERVER)
     on_server = np.frombuffer(sides.encode(), dtype=np.uint8) == ord(SERVER)  # [L]
-    network = path_network_s(link, on_server, carried_bytes(input_bytes, out_bytes, output_bytes),
-                             passes, server_wait_s)
-    return client, server, network
+    return client, server, path_network_s(on_server, edges)
 
 
 def evaluate(instance: Instance, placement: Placement) -> Plan:
@@ -117,24 +130,10 @@ def evaluate(instance: Instance, placement: Placement) -> Plan:
     sides = placement.sides
     units = instance.units
     client, server, network = _path_latency(
-        sides,
-        [u.client_s for u in units],
-        [u.server_s for u in units],
-        [u.out_bytes for u in units],
-        instance.input_bytes,
-        instance.output_bytes,
-        instance.link,
-        instance.passes,
-        instance.server_wait_s,
-    )
+        sides, [u.client_s for u in units], [u.server_s for u in units], instance.switches)
     phases = tuple(
-        math.fsum(
-            _path_latency(
-                sides, p.client_s, p.server_s, p.out_bytes, p.input_bytes, p.output_bytes,
-                instance.link, p.passes, instance.server_wait_s,
-            )
-        )
-        for p in instance.phase_limits
+        math.fsum(_path_latency(sides, p.client_s, p.server_s, edges))
+        for p, edges in zip(instance.phase_limits, instance.phase_switches, strict=True)
     )
     latency = client + server + network
     work = sum(u.server_work for u, s in zip(units, sides, strict=True) if s == SERVER)

@@ -47,13 +47,25 @@ def carried_bytes(input_bytes: float, out_bytes: Sequence[float], output_bytes: 
     return np.array([input_bytes, *out_bytes[:-1], output_bytes], dtype=float)
 
 
-def path_network_s(link: Link, on_server: np.ndarray, carried: np.ndarray, passes: float,
-                   server_wait_s: float = 0.0) -> float:
+@dataclass(frozen=True, kw_only=True)
+class Switches:
+    """Seconds of switching on each edge: edge l leads into unit l, edge L back to the client."""
+
+    up_s: np.ndarray  # [L + 1]
+    down_s: np.ndarray  # [L + 1]
+
+
+def switch_costs(link: Link, carried: np.ndarray, passes: float, server_wait_s: float = 0.0
+             ) -> Switches:
+    """What a switch up or down costs on every edge; carried [L + 1] from `carried_bytes`."""
+    return Switches(up_s=crossing_s(link, True, carried, passes, server_wait_s),
+                    down_s=crossing_s(link, False, carried, passes))
+
+
+def path_network_s(on_server: np.ndarray, edges: Switches) -> float:
     """Seconds a path spends crossing: every switch, from the input on the client to the result
-    back on it. on_server [L] bool; carried [L + 1] from `carried_bytes`."""
+    back on it. on_server [L] bool."""
     sides = np.concatenate(([False], on_server, [False]))  # [L + 2]: starts and ends on C
     up = sides[1:]  # [L + 1]: the edge into unit l arrives on the server
-    switches = sides[:-1] != up
-    seconds = np.where(up, crossing_s(link, True, carried, passes, server_wait_s),
-                       crossing_s(link, False, carried, passes))[switches]
+    seconds = np.where(up, edges.up_s, edges.down_s)[sides[:-1] != up]
     return float(sum(seconds.tolist()))  # in path order, as a walk adds them up

@@ -20,7 +20,7 @@ from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import REL_TOL, Instance, Plan, evaluate
 from splitllm.planner.labels import TOO_MANY, lower_bounds, pareto_labels, single_cut, trace
-from splitllm.planner.network import carried_bytes, crossing_s
+from splitllm.planner.network import Switches
 
 SIDES = (CLIENT, SERVER)
 C, S = 0, 1
@@ -47,17 +47,14 @@ def build_costs(instance: Instance) -> Costs:
     dims: list[tuple[np.ndarray, np.ndarray, float]] = [
         (np.array([[0.0, u.server_work] for u in units]), np.zeros((n + 1, 2, 2)), math.inf),
         (np.array([[u.client_s, u.server_s] for u in units]),
-         _moves(instance, [u.out_bytes for u in units], instance.input_bytes,
-                instance.output_bytes, instance.passes),
+         _moves(instance.switches),
          instance.sla_s),
     ]
     mem = np.array([[u.client_mem_bytes, 0.0] for u in units])
     if mem[:, 0].sum() > instance.client_mem_limit_bytes:
         dims.append((mem, np.zeros((n + 1, 2, 2)), instance.client_mem_limit_bytes))
-    for p in instance.phase_limits:
-        dims.append((np.column_stack([p.client_s, p.server_s]),
-                     _moves(instance, p.out_bytes, p.input_bytes, p.output_bytes, p.passes),
-                     p.limit_s))
+    for p, edges in zip(instance.phase_limits, instance.phase_switches, strict=True):
+        dims.append((np.column_stack([p.client_s, p.server_s]), _moves(edges), p.limit_s))
     allowed = np.array([[u.client_ok, u.server_ok] for u in units], dtype=bool)
     return Costs(
         unit=np.stack([d[0] for d in dims], axis=-1),
@@ -67,15 +64,11 @@ def build_costs(instance: Instance) -> Costs:
     )
 
 
-def _moves(
-    instance: Instance, out_bytes: Sequence[float], input_bytes: float, output_bytes: float,
-    passes: int,
-) -> np.ndarray:
+def _moves(edges: Switches) -> np.ndarray:
     """[L + 1, 2, 2] crossing times: the edge into unit l carries unit l - 1's output."""
-    carried = carried_bytes(input_bytes, out_bytes, output_bytes)  # [L + 1]
-    move = np.zeros((len(carried), 2, 2))
-    move[:, C, S] = crossing_s(instance.link, True, carried, passes, instance.server_wait_s)
-    move[:, S, C] = crossing_s(instance.link, False, carried, passes)
+    move = np.zeros((len(edges.up_s), 2, 2))
+    move[:, C, S] = edges.up_s
+    move[:, S, C] = edges.down_s
     move[-1, :, S] = math.inf  # the result must end on the client
     return move
 

@@ -1,5 +1,6 @@
-"""`--placement auto`: the planner's instance for this request, from device profiles and the link
-measured at connect time, then the planner's exact solution.
+"""`placement="auto"`: the planner's instance for this request, from device profiles, the link
+measured at connect time and the wire format's real message sizes, then the planner's exact
+solution.
 
 Two sources of per-unit times: measured profiles (the server times its units at start and
 reports them in /v1/info; the client times its own, times any emulated slowdown), or the
@@ -9,54 +10,89 @@ planner's device presets (roofline estimates) when a device name is given.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, Plan, Request, Unit, evaluate
 from splitllm.planner.network import Link
+from splitllm.runtime import protocol as wire
 from splitllm.runtime.profile import UnitProfile
+from splitllm.runtime.units import UnitStack
+from splitllm.runtime.wire_bytes import RequestBytes, WireFormat, request_bytes
 
 MEASURED = "measured"
-HEADER_BYTES_PER_MESSAGE = 160  # JSON header + WebSocket framing of one tensor message
-TOKEN_REPLY_BYTES = 96  # the `token` reply of a pass whose head runs on the server
 DEFAULT_SLA_SLACK = 1.5  # default SLA: this many times the faster of all-client / all-server
 
 
+@dataclass(frozen=True)
+class AutoPlan:
+    """What `placement="auto"` decided, and on which instance."""
+
+    plan: Plan
+    instance: Instance
+    source: str  # "measured" or "presets client/server"
+
+
 def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, request: Request,
-                      hidden_bytes_per_token: float, sla_s: float = math.inf,
+                      wire_bytes: RequestBytes, *, sla_s: float = math.inf,
                       client_mem_bytes: Sequence[float] | None = None) -> Instance:
-    """The planner's instance from measured per-unit times (and the wire format's sizes)."""
+    """The planner's instance from measured per-unit times and the wire format's real sizes."""
     if client.names != server.names:
         raise UserError("client and server profiles cover different units (another model?)")
-    g = max(request.output_tokens, 1)
-    passes = g  # one prefill, then g - 1 decode steps
-    tokens_crossing = request.prompt_tokens + g - 1
-    client_prefill = client.prefill_at(request.prompt_tokens)
-    server_prefill = server.prefill_at(request.prompt_tokens)
-    units = []
-    head = len(client.names) - 1
-    for i, name in enumerate(client.names):
-        client_s = client_prefill[i] + (g - 1) * client.decode_s[i]
-        server_s = server_prefill[i] + (g - 1) * server.decode_s[i]
-        if i == head:
-            out_bytes = float(TOKEN_REPLY_BYTES * passes)
-        else:
-            out_bytes = hidden_bytes_per_token * tokens_crossing + HEADER_BYTES_PER_MESSAGE * passes
-        mem = client_mem_bytes[i] if client_mem_bytes is not None else 0.0
-        units.append(Unit(name=name, client_s=client_s, server_s=server_s, server_work=server_s,
-                          out_bytes=out_bytes, client_mem_bytes=mem))
-    return Instance(
-        units=tuple(units), link=link, sla_s=sla_s,
-        input_bytes=8.0 * tokens_crossing + HEADER_BYTES_PER_MESSAGE * passes,
-        output_bytes=float(TOKEN_REPLY_BYTES * passes), passes=passes,
-    )
+    g = max(request.output_tokens, 1)  # passes: one prefill, then g - 1 decode steps
+    p = request.prompt_tokens
+    client_s = np.add(client.prefill_at(p), client.decode_steps_s(p, g - 1))
+    server_s = np.add(server.prefill_at(p), server.decode_steps_s(p, g - 1))
+    out_bytes = (*wire_bytes.hidden, wire_bytes.token_down)  # the head's output is the token
+    mem = client_mem_bytes if client_mem_bytes is not None else [0.0] * len(client.names)
+    units = tuple(Unit(name=name, client_s=float(client_s[i]), server_s=float(server_s[i]),
+                       server_work=float(server_s[i]), out_bytes=out_bytes[i],
+                       client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
+    return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
+                    output_bytes=wire_bytes.token_down, passes=g)
 
 
-def preset_instance(config: dict[str, Any], client_device: str, server_device: str, link: Link,
-                    request: Request, weight_bytes: float, wire_bytes: float,
+def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Link,
+                     request: Request, wire_dtype: str, server_info: dict[str, Any],
+                     client_profile: Callable[[], UnitProfile], client_device: str = MEASURED,
+                     server_device: str | None = None) -> tuple[Instance, str]:
+    """The planner's instance for a request (no SLA yet) and where its times come from.
+
+    Both devices measured: the client's profile (measured on first use) and the one the server
+    publishes in /v1/info; otherwise both are device presets.
+    """
+    server_device = server_device or str(server_info.get("device") or MEASURED)
+    wire_itemsize = wire.WIRE_DTYPES[wire_dtype].itemsize
+    if client_device == MEASURED and server_device == MEASURED:
+        if not server_info.get("profile"):
+            raise UserError("the server publishes no measured profile: pass device presets "
+                            "(--client-device and --server-device)")
+        server_profile = UnitProfile.from_json(server_info["profile"])
+        context = request.prompt_tokens + request.output_tokens
+        memory = [float(stack.parameter_bytes(u) + stack.kv_bytes(u, context))
+                  for u in range(stack.n_units)]
+        fmt = WireFormat(n_units=stack.n_units, hidden_size=stack.hidden_size,
+                         wire_dtype=wire_dtype, vocab_size=stack.vocab_size)
+        sizes = request_bytes(fmt, request.prompt_tokens, request.output_tokens)
+        instance = measured_instance(client_profile(), server_profile, link, request, sizes,
+                                     client_mem_bytes=memory)
+        return instance, MEASURED
+    if MEASURED in (client_device, server_device):
+        raise UserError("mixing a measured profile with a device preset is not supported: "
+                        "name presets for both --client-device and --server-device")
+    instance = preset_instance(model_config, client_device=client_device,
+                               server_device=server_device, link=link, request=request,
+                               weight_bytes=stack.dtype.itemsize, wire_bytes=wire_itemsize)
+    return instance, f"presets {client_device}/{server_device}"
+
+
+def preset_instance(config: dict[str, Any], *, client_device: str, server_device: str,
+                    link: Link, request: Request, weight_bytes: float, wire_bytes: float,
                     sla_s: float = math.inf) -> Instance:
     """The planner's instance from its roofline device presets."""
     from splitllm.planner.configs import ModelConfig
@@ -85,6 +121,12 @@ def fastest_uniform_s(instance: Instance) -> float:
 def default_sla_s(instance: Instance) -> float:
     """A default SLA: 1.5 x the latency of the faster uniform placement (all-C or all-S)."""
     return DEFAULT_SLA_SLACK * fastest_uniform_s(instance)
+
+
+def plan_request(instance: Instance, source: str, sla_s: float | None = None) -> AutoPlan:
+    """The least-server-work placement of an instance under sla_s (default: `default_sla_s`)."""
+    instance = with_sla(instance, sla_s if sla_s is not None else default_sla_s(instance))
+    return AutoPlan(plan_placement(instance), instance, source)
 
 
 def plan_placement(instance: Instance, solver: str = "exact") -> Plan:

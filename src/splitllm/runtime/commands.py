@@ -17,7 +17,8 @@ import typer
 from splitllm.errors import UserError
 
 if TYPE_CHECKING:
-    from splitllm.runtime.client import AutoPlan, Session
+    from splitllm.runtime.autoplace import AutoPlan
+    from splitllm.runtime.client import Session
     from splitllm.runtime.models import LoadedModel
     from splitllm.runtime.protocol import Sampling
 
@@ -37,51 +38,82 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     token: Annotated[str | None, typer.Option(
         envvar=TOKEN_ENV, help="Require this bearer token of every client.")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    compute: Annotated[str, typer.Option(
+        help="Where the engine computes: cpu, cuda or auto (cuda when available).")] = "auto",
+    dtype: Annotated[str | None, typer.Option(
+        help="Weights: float32, bf16 or fp16 (default: float32 on cpu, bf16 on cuda).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="Torch threads for model compute (default: half the cores).")] = None,
-    workers: Annotated[int, typer.Option(help="Compute threads (forwards at once).")] = 1,
+    max_batch_tokens: Annotated[int, typer.Option(
+        help="Token positions one engine step may take (prompts are chunked to fit).")] = 512,
+    max_batch_rows: Annotated[int, typer.Option(
+        help="Forwards one engine step may take (1 = one session at a time).")] = 64,
     max_sessions: Annotated[int, typer.Option(help="Open sessions allowed in total.")] = 64,
     idle_timeout_s: Annotated[float, typer.Option(
         help="Close sessions silent this long, seconds.")] = 300.0,
     max_frame_mib: Annotated[float, typer.Option(help="Largest WebSocket frame, MiB.")] = 64.0,
     max_tokens_per_message: Annotated[int, typer.Option(
         help="Most tokens one forward may carry (clients chunk longer prompts).")] = 1024,
-    device: Annotated[str, typer.Option(
+    announce_device: Annotated[str, typer.Option(
         help="What clients' auto placement assumes of this server: 'measured' (time the "
              "units at start) or a device preset name.")] = "measured",
+    device: Annotated[str | None, typer.Option(
+        hidden=True, help="Deprecated name of --announce-device.")] = None,
 ) -> None:
     """Serve split inference: a WebSocket for sessions, /health, /v1/info, /metrics."""
+    from splitllm.runtime.engine import EngineConfig
     from splitllm.runtime.hosting import serve_forever
     from splitllm.runtime.models import load_model
     from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
-    if workers < 1 or max_sessions < 1 or not idle_timeout_s > 0 or not max_frame_mib > 0:
-        raise UserError("--workers, --max-sessions, --idle-timeout-s and --max-frame-mib "
-                        "must be positive")
-    if device != "measured":
+    if min(max_sessions, max_batch_tokens, max_batch_rows) < 1 or not idle_timeout_s > 0 \
+            or not max_frame_mib > 0:
+        raise UserError("--max-sessions, --max-batch-tokens, --max-batch-rows, "
+                        "--idle-timeout-s and --max-frame-mib must be positive")
+    if device is not None:
+        print("splitllm: --device is deprecated: use --announce-device (what clients' auto "
+              "placement assumes; --compute picks where the server computes)", file=sys.stderr)
+        announce_device = device
+    if announce_device != "measured":
         from splitllm.planner.hardware import device_preset
 
-        device_preset(device)  # fail now on a bad name, not at a client's auto placement
+        device_preset(announce_device)  # fail now on a bad name, not at a client's auto placement
+    target = compute_device(compute)
     config = ServerConfig(
         token=token, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
         max_frame_bytes=int(max_frame_mib * 2**20),
         limits=Limits(max_tokens_per_message=max_tokens_per_message),
-        threads=threads or default_threads(), workers=workers, profile=device == "measured",
-        device=device,
+        threads=threads or default_threads(),
+        engine=EngineConfig(max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows),
+        profile=announce_device == "measured", announce_device=announce_device,
     )
-    loaded = load_model(model, dtype)
+    loaded = load_model(model, dtype or ("bf16" if target == "cuda" else "float32"))
+    weights: Any = loaded.model  # transformers types .to() oddly
+    weights.to(target)
     auth = "bearer token required" if token else "no token"
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"splitllm: WARNING: serving on {host} without --token: anyone who can reach it "
               "can use it", file=sys.stderr)
-    print(f"splitllm: serving {loaded.model_id} ({loaded.dtype}, {config.threads} threads) on "
-          f"ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
+    print(f"splitllm: serving {loaded.model_id} ({loaded.dtype} on {target}, {config.threads} "
+          f"threads) on ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
     serve_forever(loaded, host, port, config)
 
 
-def generate(
+def compute_device(compute: str) -> str:
+    """'cpu' or 'cuda' for --compute cpu|cuda|auto; UserError if CUDA is asked for but absent."""
+    import torch
+
+    if compute not in ("cpu", "cuda", "auto"):
+        raise UserError(f"--compute {compute!r}: use cpu, cuda or auto")
+    if compute == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if compute == "cuda" and not torch.cuda.is_available():
+        raise UserError("--compute cuda: no CUDA device is available here (use --compute cpu)")
+    return compute
+
+
+def generate_command(
     prompt: Annotated[str, typer.Option(help="The prompt (wrapped in the chat template).")],
     server: Annotated[str, typer.Option(help="Server URL.")] = "ws://127.0.0.1:8765",
     placement: Annotated[str, typer.Option(
@@ -153,20 +185,21 @@ def generate(
                          emulate_client_slowdown=emulate_client_slowdown) as session:
                 if session.emulation:
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
-                chosen: str = placement
-                promise: dict[str, object] = {}
-                if placement.lower() == "auto":
-                    auto = session.plan(len(ids), max_new_tokens, sla_s, client_device,
-                                        server_device)
-                    chosen = str(auto.plan.placement)
-                    print(f"splitllm: auto placement {chosen} ({auto.source}; predicted "
-                          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
-                          file=sys.stderr, flush=True)
-                    promise = _promise(session, auto, len(ids), max_new_tokens, client_device,
+                plans: list[AutoPlan] = []
+
+                def on_plan(auto: AutoPlan) -> None:
+                    _print_plan(auto)
+                    plans.append(auto)
+
+                result = session.generate(ids, max_new_tokens, placement=placement,
+                                          sampling=sampling, sla_s=sla_s,
+                                          client_device=client_device,
+                                          server_device=server_device,
+                                          prefill_chunk=prefill_chunk, on_plan=on_plan,
+                                          on_text=on_text).to_json()
+                for auto in plans:  # what the auto placement promised, beside what it did
+                    result |= _promise(session, auto, len(ids), max_new_tokens, client_device,
                                        server_device)
-                result = session.generate(ids, max_new_tokens, placement=chosen,
-                                          sampling=sampling, prefill_chunk=prefill_chunk,
-                                          on_text=on_text).to_json() | promise
     except ServerError as exc:
         raise UserError(f"server: {exc}") from None
     if as_json:
@@ -193,6 +226,12 @@ def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: i
             "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
 
 
+def _print_plan(auto: AutoPlan) -> None:
+    print(f"splitllm: auto placement {auto.plan.placement} ({auto.source}; predicted "
+          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
+          file=sys.stderr, flush=True)
+
+
 def _print_text(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -201,12 +240,12 @@ def _print_text(text: str) -> None:
 def _generate_local(loaded: LoadedModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
                     on_text: Callable[[str], None] | None) -> dict[str, Any]:
     """The unsplit reference run, in the same JSON shape as a split run."""
-    from splitllm.runtime.client import TextStream
-    from splitllm.runtime.generate import LocalPipe, timed_generate
+    from splitllm.runtime.decoding import LocalPipe, timed_generation
+    from splitllm.runtime.textstream import TextStream
 
     stream = TextStream(loaded, on_text)
-    timed = timed_generate(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
-                           loaded.eos_token_ids, on_token=stream.push)
+    timed = timed_generation(LocalPipe(loaded.model, sampling), ids, max_new_tokens,
+                             eos_token_ids=loaded.eos_token_ids, on_token=stream.push)
     stream.finish()
     return {"tokens": list(timed.tokens), "text": stream.text, "placement": "local",
             "ttft_s": timed.ttft_s, "tpot_s": timed.tpot_s, "wall_s": timed.wall_s,

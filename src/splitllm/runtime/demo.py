@@ -118,7 +118,7 @@ def run_demo(opts: DemoOptions) -> None:
 
 def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: str,
                 ids: list[int]) -> None:
-    from splitllm.runtime.autoplace import compare_plans, with_sla
+    from splitllm.runtime.autoplace import AutoPlan, compare_plans, with_sla
     from splitllm.runtime.client import connect
     from splitllm.runtime.models import log_stderr
 
@@ -131,22 +131,27 @@ def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: s
         server_only_s = evaluate(instance, Placement(SERVER * n)).latency_s
         instance = with_sla(instance, opts.sla_factor * server_only_s)
         plans = compare_plans(instance)
-        chosen = plans["exact"]
-        if chosen is None:
+        if plans["exact"] is None:
             raise UserError(f"no placement meets the SLA {instance.sla_s:.2f} s: raise "
                             "--sla-factor")
-        link = session.measure_link()
-        console.print(f"[bold]Planned[/bold] from {source} unit times, link measured at "
-                      f"connect: RTT {link.rtt_s * 1e3:.0f} ms, up "
-                      f"{link.uplink_bytes_per_s * 8 / 1e6:.1f} Mbit/s, down "
-                      f"{link.downlink_bytes_per_s * 8 / 1e6:.1f} Mbit/s")
-        console.print(f"SLA {instance.sla_s:.2f} s = {opts.sla_factor:g} x the predicted "
-                      f"server-only latency; placement [bold]{chosen.placement}[/bold]")
-        console.print(_who_runs_what(chosen.placement, instance.names))
-        console.print(f"\n[bold]Prompt:[/bold] {opts.prompt}\n[bold]Answer (split):[/bold] ",
-                      end="")
-        split = session.generate(ids, opts.max_new_tokens, placement=chosen.placement,
-                                 on_text=_stream)
+
+        def announce(auto: AutoPlan) -> None:
+            link = session.measure_link()
+            console.print(f"[bold]Planned[/bold] from {source} unit times, link measured at "
+                          f"connect: RTT {link.rtt_s * 1e3:.0f} ms, up "
+                          f"{link.uplink_bytes_per_s * 8 / 1e6:.1f} Mbit/s, down "
+                          f"{link.downlink_bytes_per_s * 8 / 1e6:.1f} Mbit/s")
+            console.print(f"SLA {auto.instance.sla_s:.2f} s = {opts.sla_factor:g} x the "
+                          f"predicted server-only latency; placement "
+                          f"[bold]{auto.plan.placement}[/bold]")
+            console.print(_who_runs_what(auto.plan.placement, auto.instance.names))
+            console.print(f"\n[bold]Prompt:[/bold] {opts.prompt}\n[bold]Answer (split):[/bold] ",
+                          end="")
+
+        split = session.generate(ids, opts.max_new_tokens, placement="auto",
+                                 sla_s=instance.sla_s, on_plan=announce, on_text=_stream)
+        assert split.auto is not None
+        chosen = split.auto.plan
         print(flush=True)
         log_stderr("splitllm demo: the same prompt server-only, for comparison...")
         server_only = session.generate(ids, opts.max_new_tokens, placement=SERVER * n)

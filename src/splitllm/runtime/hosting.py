@@ -11,17 +11,20 @@ from typing import Any, Self
 import torch
 from fastapi import FastAPI
 
+from splitllm.runtime.guards import guarded_protocols
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.openai_api import server_router
 from splitllm.runtime.server import FRAME_SLACK_BYTES, ServerConfig, ServerState, create_app
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, config: ServerConfig) -> Any:
-    """uvicorn settings: explicit WebSocket frame limit, no compression (hidden states)."""
+    """uvicorn settings: explicit WebSocket frame limit, no compression (hidden states), and
+    the guarded protocols (connection cap, header and send deadlines, small pre-auth frames)."""
     import uvicorn
 
+    http, ws = guarded_protocols(config.transport)
     return uvicorn.Config(
-        app, host=host, port=port, log_level="warning", ws="websockets-sansio",
+        app, host=host, port=port, log_level="warning", http=http, ws=ws,
         ws_max_size=config.max_frame_bytes + FRAME_SLACK_BYTES, ws_per_message_deflate=False,
         ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on",
     )

@@ -119,7 +119,8 @@ def _measure_link(server: str, token: str | None, path: Path) -> dict[str, objec
     from dataclasses import replace
 
     from splitllm.planner.hardware import save_profile
-    from splitllm.runtime.client import fetch_info, measure_link
+    from splitllm.runtime.client import fetch_info
+    from splitllm.runtime.link_probe import measure_link
     from splitllm.runtime.transport import WebSocketTransport
 
     fetch_info(server, token)  # a wrong URL or token: one line, before the WebSocket

@@ -11,6 +11,34 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.bounds)
+        for k, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[k] += 1
+        self.total += value
+        self.n += 1
+
+    def samples(self) -> list[tuple[str, float]]:
+        counts = self.counts or [0] * len(self.bounds)
+        buckets = [(f'le="{_number(b)}"', c) for b, c in zip(self.bounds, counts, strict=True)]
+        return [*buckets, ('le="+Inf"', self.n)]
+
+
+SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COUNT_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
 class ServerMetrics:
     """Totals since the server started; gauges come from callbacks at render time."""
 
@@ -27,20 +55,38 @@ class ServerMetrics:
     bytes_received: int = 0
     bytes_sent: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # by code
+    steps: int = 0
+    step_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
+    step_rows: Histogram = field(default_factory=lambda: Histogram(COUNT_BOUNDS))
+    step_tokens: Histogram = field(default_factory=lambda: Histogram(COUNT_BOUNDS))
+    queue_wait_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
+    unit_steps: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_forward(self, units: tuple[int, int], tokens: int, unit_seconds: Sequence[float],
-                       sampled: bool, cpu_s: float = 0.0) -> None:
-        """Account one forward: busy seconds per unit, tokens through the server."""
+    def record_forward(self, tokens: int, sampled: bool) -> None:
+        """Account one finished forward message."""
         with self.lock:
             self.forwards += 1
-            self.cpu_s += cpu_s
             self.tokens_processed += tokens
             self.tokens_sampled += int(sampled)
-            for index, seconds in zip(range(*units), unit_seconds, strict=False):
+
+    def record_step(self, unit_s: dict[int, float], unit_tokens: dict[int, int], *, rows: int,
+                    tokens: int, wall_s: float, cpu_s: float,
+                    queue_waits_s: Sequence[float]) -> None:
+        """Account one engine step: its time, its batch, each unit it ran."""
+        with self.lock:
+            self.steps += 1
+            self.step_s.observe(wall_s)
+            self.step_rows.observe(rows)
+            self.step_tokens.observe(tokens)
+            for wait_s in queue_waits_s:
+                self.queue_wait_s.observe(wait_s)
+            self.cpu_s += cpu_s
+            for index, seconds in unit_s.items():
                 name = self.unit_names[index]
                 self.unit_busy_s[name] = self.unit_busy_s.get(name, 0.0) + seconds
-                self.unit_tokens[name] += tokens
+                self.unit_tokens[name] += unit_tokens[index]
+                self.unit_steps[name] += 1
                 self.busy_s += seconds
 
     def record_bytes(self, received: int = 0, sent: int = 0) -> None:
@@ -100,9 +146,35 @@ class ServerMetrics:
             _metric(lines, "splitllm_errors_total", "counter",
                     "Error messages sent to clients, by code.",
                     [(f'code="{c}"', n) for c, n in sorted(self.errors.items())])
+            self._render_engine(lines)
         if extra is not None:
             lines.extend(extra())
         return "\n".join(lines) + "\n"
+
+    def _render_engine(self, lines: list[str]) -> None:
+        _metric(lines, "splitllm_engine_steps_total", "counter", "Batched engine steps run.",
+                [("", self.steps)])
+        _histogram(lines, "splitllm_engine_step_seconds", "Wall seconds of one engine step.",
+                   self.step_s)
+        _histogram(lines, "splitllm_engine_step_rows", "Forwards (rows) in one engine step.",
+                   self.step_rows)
+        _histogram(lines, "splitllm_engine_step_tokens",
+                   "Token positions in one engine step (all rows).", self.step_tokens)
+        _histogram(lines, "splitllm_engine_queue_wait_seconds",
+                   "Seconds a forward waited in the queue before its first step.",
+                   self.queue_wait_s)
+        _metric(lines, "splitllm_engine_unit_steps_total", "counter",
+                "Engine steps that ran each unit (the batch's units).",
+                [(f'unit="{u}"', self.unit_steps.get(u, 0)) for u in self.unit_names])
+
+
+def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    for labels, value in histogram.samples():
+        lines.append(f"{name}_bucket{{{labels}}} {_number(value)}")
+    lines.append(f"{name}_sum {_number(histogram.total)}")
+    lines.append(f"{name}_count {_number(histogram.n)}")
 
 
 def _metric(lines: list[str], name: str, kind: str, help_text: str,

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from splitllm.runtime import protocol as wire
-from splitllm.runtime.client import TextStream
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.openai_schema import (
     MAX_BODY_BYTES,
@@ -34,6 +33,7 @@ from splitllm.runtime.openai_schema import (
     unauthorized,
 )
 from splitllm.runtime.session import ServerSession
+from splitllm.runtime.textstream import TextStream
 
 if TYPE_CHECKING:
     from splitllm.runtime.server import Connection, ServerState

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from splitllm import dtypes
 
@@ -29,7 +29,15 @@ ALL_DTYPES = {**WIRE_DTYPES, **ID_DTYPES}
 DTYPE_NAMES = {dtype: name for name, dtype in ALL_DTYPES.items()}
 
 HEADER_LEN = struct.Struct("<I")
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # a binary frame's JSON header, and a whole text frame
+MAX_PROBE_REPLY_BYTES = 1024 * 1024
+MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflows: use 0 (greedy) instead
+MAX_ECHOED_SESSION_CHARS = 64
+
+# JSON integers on the wire: no booleans, no floats, and within int64 (any other language's
+# client can hold them; Python would take 4,000-digit literals).
+WireInt = Annotated[int, Field(strict=True, gt=-(2**63), lt=2**63)]
+Count = Annotated[int, Field(strict=True, ge=0, lt=2**63)]
 
 
 class ProtocolError(Exception):
@@ -42,48 +50,57 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
-class _Message(BaseModel):
+class Message(BaseModel):
+    """A validated message: unknown fields are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Sampling(_Message):
+class Sampling(Message):
     """How the side that holds the LM head picks the next token (temperature 0: greedy)."""
 
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: Count | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_safe(cls, temperature: float) -> float:
+        if 0.0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return temperature
 
 
-class OpenMessage(_Message):
+class OpenMessage(Message):
     """Client -> server: open a session that runs the S units of `placement`."""
 
     type: Literal["open"]
-    protocol: int = PROTOCOL_VERSION
+    protocol: WireInt = PROTOCOL_VERSION
     placement: str = Field(min_length=1, max_length=4096)
     wire_dtype: str = "float32"
     sampling: Sampling = Sampling()
     token: str | None = None  # for clients that cannot set an Authorization header
 
 
-class CloseMessage(_Message):
+class CloseMessage(Message):
     """Client -> server: end a session and free its caches."""
 
     type: Literal["close"]
     session: str
 
 
-class PingMessage(_Message):
+class PingMessage(Message):
     """Client -> server: answered by a `pong` carrying the same `t` (RTT measurement)."""
 
     type: Literal["ping"]
-    t: float | int | str | None = None
+    t: WireInt | Annotated[float, Field(allow_inf_nan=False)] | str | None = None
 
 
-class TensorHeader(_Message):
+class TensorHeader(Message):
     """Header fields shared by every tensor frame: the tensor's dtype and shape."""
 
     dtype: str
-    shape: list[int] = Field(max_length=4)
+    shape: list[WireInt] = Field(max_length=4)
 
     def payload_bytes(self) -> int:
         """Bytes the payload must have."""
@@ -95,27 +112,27 @@ class ForwardHeader(TensorHeader):
 
     type: Literal["forward"]
     session: str
-    seq: int = Field(ge=0)
-    units: tuple[int, int]
-    positions: tuple[int, int]
-    return_logits: bool = False
-    return_hidden: bool = True  # False: the output is not needed (a prompt chunk's last blocks)
+    seq: Count
+    units: tuple[WireInt, WireInt]
+    positions: tuple[WireInt, WireInt]
+    return_logits: StrictBool = False
+    return_hidden: StrictBool = True  # False: output not needed (a prompt chunk's last blocks)
 
 
-class ProbeHeader(_Message):
+class ProbeHeader(Message):
     """Client -> server: any payload up; `reply_bytes` bytes come back (bandwidth probe)."""
 
     type: Literal["probe"]
-    reply_bytes: int = Field(default=0, ge=0)
+    reply_bytes: Count = 0
 
 
-TEXT_MESSAGES: dict[str, type[_Message]] = {
+TEXT_MESSAGES: dict[str, type[Message]] = {
     "open": OpenMessage, "close": CloseMessage, "ping": PingMessage,
 }
-BINARY_MESSAGES: dict[str, type[_Message]] = {"forward": ForwardHeader, "probe": ProbeHeader}
+BINARY_MESSAGES: dict[str, type[Message]] = {"forward": ForwardHeader, "probe": ProbeHeader}
 
 
-def _validate(kinds: dict[str, type[_Message]], data: dict[str, Any]) -> _Message:
+def _validate(kinds: dict[str, type[Message]], data: dict[str, Any]) -> Message:
     kind = data.get("type")
     cls = kinds.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -133,16 +150,11 @@ def _json_object(raw: str, what: str) -> dict[str, Any]:
     """The JSON object in `raw`; ProtocolError for anything else, absurd nesting included."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer of 5,000 digits
         raise ProtocolError("bad_frame", f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_frame", f"{what} must be a JSON object")
     return data
-
-
-def parse_text(text: str) -> _Message:
-    """A control message from a text frame."""
-    return _validate(TEXT_MESSAGES, _json_object(text, "text frame"))
 
 
 def split_frame(frame: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -163,19 +175,47 @@ def split_frame(frame: bytes) -> tuple[dict[str, Any], memoryview]:
 
 
 def frame_header(data: str | bytes) -> tuple[dict[str, Any], memoryview]:
-    """(header, payload) of any frame; a text frame is all header, with an empty payload."""
+    """(header, payload) of any frame; a text frame is all header, with an empty payload.
+
+    Only a bounded amount of JSON is ever parsed: a binary frame's header and a whole text frame
+    are at most MAX_HEADER_BYTES.
+    """
     if isinstance(data, bytes):
         return split_frame(data)
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"text frame of {len(data)} characters is over the "
+                            f"limit of {MAX_HEADER_BYTES}")
     return _json_object(data, "text frame"), memoryview(b"")
 
 
-def parse_binary(frame: bytes) -> tuple[_Message, memoryview]:
-    """A validated tensor message header and its payload."""
-    header, payload = split_frame(frame)
+def parse_message(header: dict[str, Any], payload: memoryview | None) -> Message:
+    """The validated message of a frame's header; `payload` is None for a text frame."""
+    if payload is None:
+        return _validate(TEXT_MESSAGES, header)
     message = _validate(BINARY_MESSAGES, header)
     if isinstance(message, TensorHeader):
         check_tensor_header(message, len(payload))
-    return message, payload
+    return message
+
+
+def parse_text(text: str) -> Message:
+    """A control message from a text frame."""
+    return parse_message(frame_header(text)[0], None)
+
+
+def parse_binary(frame: bytes) -> tuple[Message, memoryview]:
+    """A validated tensor message header and its payload."""
+    header, payload = split_frame(frame)
+    return parse_message(header, payload), payload
+
+
+def reply_ids(header: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The session and seq a frame's header named, if well-formed (an error echoes them)."""
+    session, seq = header.get("session"), header.get("seq")
+    return (session if isinstance(session, str) and len(session) <= MAX_ECHOED_SESSION_CHARS
+            else None,
+            seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63
+            else None)
 
 
 def check_tensor_header(header: TensorHeader, payload_len: int) -> None:

@@ -1,7 +1,8 @@
 """The splitllm server: FastAPI + uvicorn, one WebSocket per client connection.
 
-The event loop only parses, checks and routes messages; model compute runs in a worker thread
-pool, so /health, /metrics and other sessions stay responsive while a forward runs.
+The event loop only parses, checks and routes messages; model compute runs in the batched engine's
+thread (runtime/engine.py), so /health, /metrics and other sessions stay responsive while a step
+runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,9 +23,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocketDisconnected
 
 from splitllm.runtime import protocol as wire
+from splitllm.runtime.engine import Engine, EngineConfig
+from splitllm.runtime.guards import TransportLimits, lift_frame_limit
 from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
-from splitllm.runtime.profile import UnitProfile, profile_units
+from splitllm.runtime.profile import UnitProfile, measure_step_model, profile_units
 from splitllm.runtime.session import ForwardResult, Limits, ServerSession
 from splitllm.runtime.units import UnitStack
 
@@ -41,15 +43,17 @@ class ServerConfig:
     max_sessions_per_connection: int = 16
     idle_timeout_s: float = 300.0
     max_frame_bytes: int = 64 * 1024 * 1024
+    auth_timeout_s: float = 10.0  # a connection without the token must authenticate within this
+    transport: TransportLimits = field(default_factory=TransportLimits)
     limits: Limits = field(default_factory=Limits)
     threads: int | None = None  # torch intra-op threads for model compute
-    workers: int = 1  # compute threads; 1 serializes forwards (each uses all `threads`)
-    profile: bool = True  # measure per-unit times at start for clients' auto placement
-    device: str = "measured"  # or a device preset name the server announces to clients
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    profile: bool = True  # measure per-unit times and the step model at start
+    announce_device: str = "measured"  # or a device preset name clients' auto placement assumes
 
 
 class ServerState:
-    """Everything the app serves: the model's units, sessions, counters, the compute pool."""
+    """Everything the app serves: the model's units, sessions, counters, the engine."""
 
     def __init__(self, loaded: LoadedModel, config: ServerConfig) -> None:
         self.loaded = loaded
@@ -60,15 +64,12 @@ class ServerState:
         self.metrics = ServerMetrics(self.stack.names)
         self.sessions: dict[str, tuple[ServerSession, Connection]] = {}
         self.fingerprint = weights_fingerprint(loaded.model)
-        # Compute threads get this many intra-op threads; the caller's own setting is left alone
-        # (a test or the demo may run a client in the same process).
-        threads = config.threads or torch.get_num_threads()
-        self.threads = threads
-        self.executor = ThreadPoolExecutor(
-            max_workers=config.workers, thread_name_prefix="splitllm-compute",
-            initializer=torch.set_num_threads, initargs=(threads,),
-        )
+        # The engine thread gets this many intra-op threads; the caller's own setting is left
+        # alone (a test or the demo may run a client in the same process).
+        self.threads = config.threads or torch.get_num_threads()
+        self.engine = Engine(self.stack, self.metrics, config.engine, self.threads)
         self.profile: UnitProfile | None = profile_units(self.stack) if config.profile else None
+        self.step_model = measure_step_model(self.stack) if config.profile else None
         self.started_at = time.time()
 
     def info(self) -> dict[str, Any]:
@@ -87,12 +88,17 @@ class ServerState:
             "vocab_size": self.stack.vocab_size,
             "eos_token_ids": list(self.loaded.eos_token_ids),
             "wire_dtypes": list(wire.WIRE_DTYPES),
-            "device": cfg.device,
+            "device": cfg.announce_device,  # what clients' auto placement assumes of this server
+            "compute": str(self.engine.device),
             "threads": self.threads,
             "profile": self.profile.to_json() if self.profile else None,
+            "step_model": self.step_model.to_json() if self.step_model else None,
+            "engine": {"max_batch_tokens": cfg.engine.max_batch_tokens,
+                       "max_batch_rows": cfg.engine.max_batch_rows},
             "limits": {
                 "max_frame_bytes": cfg.max_frame_bytes,
                 "max_header_bytes": wire.MAX_HEADER_BYTES,
+                "max_probe_reply_bytes": wire.MAX_PROBE_REPLY_BYTES,
                 "max_tokens_per_message": cfg.limits.max_tokens_per_message,
                 "max_context": self.limits.max_context,
                 "max_sessions": cfg.max_sessions,
@@ -103,12 +109,11 @@ class ServerState:
 
     async def run_forward(self, session: ServerSession, header: wire.ForwardHeader,
                           payload: bytes | memoryview) -> ForwardResult:
-        """Run one checked forward of a session off the event loop: the one way compute runs."""
+        """Run one forward of a session in the engine's next steps: the one way compute runs."""
         session.last_active = time.monotonic()
         session.in_flight += 1  # the idle sweeper leaves a session alone while it computes
         try:
-            result: ForwardResult = await asyncio.get_running_loop().run_in_executor(
-                self.executor, session.forward, header, payload)
+            result = await self.engine.submit(session, header, payload)
         except wire.ProtocolError:
             raise
         except Exception as exc:  # a bug or an out-of-memory: this session's state is suspect
@@ -118,18 +123,19 @@ class ServerState:
         finally:
             session.in_flight -= 1
         p0, p1 = header.positions
-        self.metrics.record_forward(result.units, p1 - p0, result.unit_seconds,
-                                    result.token is not None, result.cpu_s)
+        self.metrics.record_forward(p1 - p0, result.token is not None)
         return result
 
     def authorized(self, header_value: str | None) -> bool:
-        """Whether an `Authorization: Bearer ...` value (or a bare token) is acceptable."""
+        """Whether an `Authorization` header value (`Bearer <token>`, nothing else) is good."""
+        scheme, _, given = (header_value or "").partition(" ")
+        return self.token_ok(given.strip() if scheme.lower() == "bearer" else None)
+
+    def token_ok(self, given: str | None) -> bool:
+        """Whether `given` is the server's token (anything is, on a server without one)."""
         if self.config.token is None:
             return True
-        if not header_value:
-            return False
-        given = header_value.removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), self.config.token.encode())
+        return given is not None and hmac.compare_digest(given.encode(), self.config.token.encode())
 
     def close_session(self, session_id: str, reason: str) -> ServerSession | None:
         """Forget a session and free its caches."""
@@ -147,8 +153,18 @@ class ServerState:
         return self.metrics.render(len(sessions), sum(s.cache_bytes() for s in sessions))
 
 
+def unauthorized(why: str) -> wire.ProtocolError:
+    """The fatal error for a connection that has not authenticated."""
+    return wire.ProtocolError("unauthorized", f"{why} (send 'Authorization: Bearer <token>', or "
+                              "an 'open' message with 'token' first)", fatal=True)
+
+
 class Connection:
-    """One WebSocket: its sessions, its auth state, and a lock so that sends never interleave."""
+    """One WebSocket: its sessions, its auth state, and a lock so that sends never interleave.
+
+    The transport (runtime/guards.py) gives every send a deadline; until the connection has
+    authenticated it also refuses frames larger than a control message.
+    """
 
     _ids = itertools.count(1)
 
@@ -156,9 +172,17 @@ class Connection:
         self.ws = ws
         self.state = state
         self.sessions: dict[str, ServerSession] = {}
-        self.authorized = state.authorized(ws.headers.get("authorization"))
+        self.authorized = False
         self.send_lock = asyncio.Lock()
         self.number = next(self._ids)
+        self.notices: set[asyncio.Task[None]] = set()
+        if state.authorized(ws.headers.get("authorization")):
+            self.authorize()
+
+    def authorize(self) -> None:
+        """Trust this connection from now on: full-size frames, no auth deadline."""
+        self.authorized = True
+        lift_frame_limit(self.ws)
 
     async def send(self, data: str | bytes) -> None:
         async with self.send_lock:
@@ -168,25 +192,49 @@ class Connection:
                 await self.ws.send_text(data)
         self.state.metrics.record_bytes(sent=len(data))
 
-    async def handle(self, data: str | bytes) -> None:
-        """Route one incoming frame; ProtocolError for anything wrong with it."""
-        limit = self.state.config.max_frame_bytes
-        if len(data) > limit:
-            raise wire.ProtocolError("too_large", f"frame of {len(data)} bytes is over the "
-                                     f"limit of {limit} bytes")
-        if isinstance(data, str):
-            message = wire.parse_text(data)
-            payload: memoryview | None = None
-        else:
-            message, payload = wire.parse_binary(data)
+    def notify(self, data: str) -> None:
+        """Send in the background: shared housekeeping never waits on one connection."""
+        task = asyncio.create_task(self._send_quietly(data))
+        self.notices.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.notices.discard)
+
+    async def _send_quietly(self, data: str) -> None:
+        with contextlib.suppress(Exception):  # the connection is gone or stuck: nothing to tell
+            await self.send(data)
+
+    async def receive(self, data: str | bytes) -> bool:
+        """Handle one frame, answering a rejected one with an `error`; False: close now."""
+        header: dict[str, Any] = {}
+        try:
+            limit = self.state.config.max_frame_bytes
+            if len(data) > limit:
+                raise wire.ProtocolError("too_large", f"frame of {len(data)} bytes is over the "
+                                         f"limit of {limit} bytes")
+            header, payload = wire.frame_header(data)
+            await self.handle(wire.parse_message(
+                header, payload if isinstance(data, bytes) else None), payload)
+        except wire.ProtocolError as err:
+            return await self.reject(err if self.authorized or err.fatal
+                                     else unauthorized(f"{err.code} before authentication"),
+                                     header)
+        return True
+
+    async def reject(self, err: wire.ProtocolError, header: dict[str, Any] | None = None) -> bool:
+        """Send the error for a rejected frame (and close on a fatal one); False: closed."""
+        self.state.metrics.record_error(err.code)
+        await self.send(wire.error_message(err, *wire.reply_ids(header or {})))
+        if err.fatal:
+            await self.ws.close(code=1008, reason=err.code)
+        return not err.fatal
+
+    async def handle(self, message: wire.Message, payload: memoryview) -> None:
+        """Route one validated message; ProtocolError for anything wrong with it."""
         if not self.authorized:
             token = message.token if isinstance(message, wire.OpenMessage) else None
-            if not self.state.authorized(token):
-                raise wire.ProtocolError("unauthorized", "missing or wrong bearer token "
-                                         "(send 'Authorization: Bearer <token>')", fatal=True)
-            self.authorized = True
+            if token is None or not self.state.token_ok(token):
+                raise unauthorized("missing or wrong bearer token")
+            self.authorize()
         if isinstance(message, wire.ForwardHeader):
-            assert payload is not None
             await self._forward(message, payload)
         elif isinstance(message, wire.OpenMessage):
             await self._open(message)
@@ -256,8 +304,9 @@ class Connection:
         }))
 
     async def _probe(self, message: wire.ProbeHeader) -> None:
-        if message.reply_bytes > self.state.config.max_frame_bytes - wire.MAX_HEADER_BYTES:
-            raise wire.ProtocolError("too_large", "reply_bytes is over the frame limit")
+        if message.reply_bytes > wire.MAX_PROBE_REPLY_BYTES:  # a tiny request, a bounded reply
+            raise wire.ProtocolError("too_large", f"reply_bytes is over the limit of "
+                                     f"{wire.MAX_PROBE_REPLY_BYTES}")
         await self.send(wire.encode_frame({"type": "probe_reply"}, bytes(message.reply_bytes)))
 
     def close_all(self, reason: str) -> None:
@@ -266,41 +315,30 @@ class Connection:
 
 
 async def _serve_connection(ws: WebSocket, state: ServerState) -> None:
+    conn = Connection(ws, state)  # before accept: an authorized client's big frames fit at once
     await ws.accept()
-    conn = Connection(ws, state)
     try:
         while True:
-            frame = await ws.receive()
+            deadline_s = None if conn.authorized else state.config.auth_timeout_s
+            try:
+                async with asyncio.timeout(deadline_s):
+                    frame = await ws.receive()
+            except TimeoutError:
+                await conn.reject(unauthorized(f"no authentication within {deadline_s} s"))
+                break
             if frame["type"] == "websocket.disconnect":
                 break
             data: str | bytes | None = frame.get("bytes")
             if data is None:
                 data = frame.get("text") or ""
             state.metrics.record_bytes(received=len(data))
-            try:
-                await conn.handle(data)
-            except wire.ProtocolError as err:
-                state.metrics.record_error(err.code)
-                await conn.send(wire.error_message(err, *_session_and_seq(data)))
-                if err.fatal:
-                    await ws.close(code=1008, reason=err.code)
-                    break
+            if not await conn.receive(data):
+                break
     except (WebSocketDisconnect, WebSocketDisconnected, OSError):
         pass  # the client went away, maybe while we were sending it a reply
     finally:
         # Disconnect (or a fatal error) ends every session of this connection: free caches now.
         conn.close_all("disconnect")
-
-
-def _session_and_seq(data: str | bytes) -> tuple[str | None, int | None]:
-    """The session and seq a rejected frame named, if they can be read (for the error)."""
-    try:
-        header = wire.frame_header(data)[0]
-    except wire.ProtocolError:
-        return None, None
-    session, seq = header.get("session"), header.get("seq")
-    return (session if isinstance(session, str) else None,
-            seq if isinstance(seq, int) and not isinstance(seq, bool) else None)
 
 
 async def _sweep_idle(state: ServerState) -> None:
@@ -315,8 +353,7 @@ async def _sweep_idle(state: ServerState) -> None:
                 state.close_session(session_id, "idle_timeout")
                 err = wire.ProtocolError("idle_timeout", f"session closed after {idle_s:.0f} s "
                                          "without messages")
-                with contextlib.suppress(Exception):
-                    await conn.send(wire.error_message(err, session_id))
+                conn.notify(wire.error_message(err, session_id))
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -329,9 +366,12 @@ def create_app(state: ServerState) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
-            state.executor.shutdown(wait=False, cancel_futures=True)
+            state.engine.stop()
 
-    app = FastAPI(title="splitllm", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: docs/protocol.md is the API's description, and an
+    # unauthenticated schema of a token-protected server would tell strangers its routes.
+    app = FastAPI(title="splitllm", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
 
     def denied(request: Request) -> Response | None:
         if state.authorized(request.headers.get("authorization")):

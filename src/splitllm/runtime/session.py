@@ -1,8 +1,8 @@
 """One server-side session: the server segments of a placement, their KV caches, the sampler.
 
-Network-free and synchronous, so the server runs it in a worker thread and tests can drive it
-directly. Every check happens before any state changes: a rejected message leaves the session
-usable.
+Network-free and synchronous: the engine checks and prepares forwards here, then runs them
+batched with other sessions' (runtime/engine.py). Every check happens before any state changes:
+a rejected message leaves the session usable.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ class SegmentState:
     stop: int
     cache: SegmentCache | None
     next_position: int = 0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked forward: its segment and cache, its input on the compute device."""
+
+    segment: SegmentState
+    cache: SegmentCache | None
+    x: torch.Tensor  # token ids [1, T] (units from embed) or hidden states [1, T, D]
+    positions: tuple[int, int]
+    units: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -160,15 +171,14 @@ class ServerSession:
             raise ProtocolError("bad_shape", f"hidden states must have shape {want}; got "
                                 f"{header.shape}")
 
-    # -- compute -----------------------------------------------------------------------------
+    # -- input -------------------------------------------------------------------------------
 
-    def forward(self, header: ForwardHeader, payload: bytes | memoryview) -> ForwardResult:
-        """Check and run one forward message; samples if the head ran."""
+    def prepare(self, header: ForwardHeader, payload: bytes | memoryview,
+                device: torch.device) -> Prepared:
+        """Check a forward and decode its input onto `device`: ProtocolError if it is bad."""
         seg = self.check(header)
-        cache = seg.cache  # held here: a concurrent close() may drop the segment's reference
         x = decode_tensor(header, payload)
-        start, stop = header.units
-        if start == 0:
+        if header.units[0] == 0:
             x = x.long()
             if bool(((x < 0) | (x >= self.stack.vocab_size)).any()):
                 raise ProtocolError("bad_values", f"token ids must lie in [0, "
@@ -177,22 +187,15 @@ class ServerSession:
             if not bool(torch.isfinite(x).all()):
                 raise ProtocolError("bad_values", "hidden states contain NaN or infinity")
             x = x.to(self.stack.dtype)
-        p0, p1 = header.positions
-        positions = torch.arange(p0, p1).unsqueeze(0)  # [1, T]
-        unit_seconds: list[float] = []
-        clock, cpu_clock = time.perf_counter(), time.thread_time()
-        out = self.stack.run(start, stop, x, positions, cache, unit_seconds)
-        seg.next_position = p1
+        # The cache is held here: a concurrent close() may drop the segment's reference.
+        return Prepared(seg, seg.cache, x.to(device), header.positions, header.units)
+
+    def record(self, prepared: Prepared, busy_s: float, cpu_s: float, sampled: bool) -> None:
+        """Account a finished forward of this session."""
+        p0, p1 = prepared.positions
+        prepared.segment.next_position = p1
         self.tokens_processed += p1 - p0
-        hidden = logits = token = None
-        if stop == self.stack.n_units:
-            token = self.sampler(out)  # out: logits [1, V]
-            self.tokens_sampled += 1
-            logits = out.float() if header.return_logits else None
-        elif header.return_hidden:
-            hidden = out.to(self.wire_dtype)  # [1, T, D]
-        self.busy_s += time.perf_counter() - clock
-        cpu_s = time.thread_time() - cpu_clock
+        self.tokens_sampled += int(sampled)
+        self.busy_s += busy_s
         self.cpu_s += cpu_s
         self.last_active = time.monotonic()
-        return ForwardResult(hidden, token, logits, tuple(unit_seconds), (start, stop), cpu_s)

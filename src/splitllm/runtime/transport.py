@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from splitllm.errors import UserError
@@ -114,9 +115,11 @@ def _closed_error(exc: Exception) -> ServerError:
 class EmulatedLink:
     """EMULATION: shapes a transport like a real link (delay + bandwidth per frame)."""
 
-    def __init__(self, inner: Transport, link: Link) -> None:
+    def __init__(self, inner: Transport, link: Link,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.inner = inner
         self.link = link
+        self.sleep = sleep  # tests pass a virtual clock's sleep
         self.delay_s = 0.0  # total emulated delay added, for reports
 
     @property
@@ -130,7 +133,7 @@ class EmulatedLink:
     def _wait(self, nbytes: int, up: bool) -> None:
         delay_s = crossing_s(self.link, up, float(nbytes))
         self.delay_s += delay_s
-        time.sleep(delay_s)
+        self.sleep(delay_s)
 
     def send(self, data: str | bytes) -> None:
         self._wait(len(data), up=True)

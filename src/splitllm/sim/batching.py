@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from splitllm.planner.costs import ModelCosts, UnitCost
 from splitllm.planner.hardware import DeviceProfile
 from splitllm.sim.world import World
+from splitllm.stepmodel import StepModel, jobs_step_s
 
 # (type index, first unit, stop unit, prompt tokens, pass index: 0 = prefill, k = decode step k)
 JobShape = tuple[int, int, int, int, int]
@@ -43,10 +44,15 @@ def _weights_read(unit: UnitCost, prompt: int, pass_index: int) -> float:
 
 
 class BatchCost:
-    """Step times of batches of jobs on one server device."""
+    """Step times of batches of jobs on one server device.
 
-    def __init__(self, world: World) -> None:
+    With `measured` (the step model a real engine announces in /v1/info), a step of one
+    model's jobs takes what that engine measured instead of the roofline.
+    """
+
+    def __init__(self, world: World, measured: StepModel | None = None) -> None:
         self.device: DeviceProfile = world.server.device
+        self.measured = measured
         groups: dict[ModelCosts, int] = {}
         self.models: list[_Model] = []
         self.group_of_type: list[int] = []
@@ -68,6 +74,9 @@ class BatchCost:
         return sum(self._model_step_s(self.models[g], js) for g, js in by_model.items())
 
     def _model_step_s(self, m: _Model, jobs: list[JobShape]) -> float:
+        if self.measured is not None and self.measured.n_blocks == m.n_units - 2:
+            return jobs_step_s(self.measured, [(a, b, prompt if pass_index == 0 else 1)
+                                               for _, a, b, prompt, pass_index in jobs])
         embed_flops = head_flops = embed_read = head_read = 0.0
         embed_used = head_used = False
         edges: list[tuple[int, float, float, int]] = []  # (block position, dF, dKV, d count)

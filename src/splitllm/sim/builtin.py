@@ -1,11 +1,16 @@
-"""Built-in scenarios: `mixed` (a simulated request mix) and `paper` (the planning grid).
+"""Built-in scenarios: `mixed` (a simulated request mix), `azure-conv` and `azure-code` (the
+Azure LLM inference traces replayed) and `paper` (the planning grid).
 
-`mixed` is written as the same document a scenario file holds and goes through the same
-validation, so `splitllm simulate --scenario mixed` and a file with this content agree.
+Each simulated one is written as the same document a scenario file holds and goes through the
+same validation, so `splitllm simulate --scenario mixed` and a file with this content agree.
+The Azure traces (the first rows of each, in `splitllm/data/`) are CC-BY 4.0: Patel et al.,
+"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 from splitllm.sim.scenario import parse_scenario, resolve
@@ -47,8 +52,55 @@ MIXED: dict[str, Any] = {
 }
 
 
-def builtin_world(name: str) -> World:
-    """The world of a built-in simulated scenario (`mixed`)."""
-    if name != "mixed":
+DATA = Path(__file__).resolve().parents[1] / "data"
+THIRDS = [  # a third each of phones on 4G, laptops on Wi-Fi and edge boxes on a LAN
+    {"name": "phone-4g", "device": "phone", "link": "4g", "share": 1},
+    {"name": "laptop-wifi", "device": "laptop", "link": "wifi", "share": 1},
+    {"name": "edge-lan", "device": "edge-box", "link": "lan", "share": 1},
+]
+
+
+def azure(name: str, trace: str, limits: dict[str, float], rows: int) -> dict[str, Any]:
+    """A scenario replaying the first `rows` requests of an Azure trace: Llama-3-8B (fp16,
+    8k context: prompts capped at 4,000 tokens, outputs at 500) on one datacenter GPU, every
+    request held to `limits` (sla_s, ttft_s, tpot_s)."""
+    return {
+        "name": name,
+        "seed": 5,
+        "duration_s": 300,
+        "warmup_s": 60,
+        "server": {"device": "datacenter-gpu", "scheduler": "ps"},
+        "clients": copy.deepcopy(THIRDS),
+        "request_types": [{
+            "name": "llama", "model": "llama-3-8b", **limits,
+            # what the trace's rows replace; the range lets plans round token counts up
+            "prompt_tokens": {"dist": "uniform", "low": 1, "high": 4000},
+            "output_tokens": {"dist": "uniform", "low": 1, "high": 500},
+        }],
+        "arrivals": {"process": "trace", "path": str(DATA / trace), "format": "azure",
+                     "rows": rows, "max_prompt_tokens": 4000, "max_output_tokens": 500},
+        "plan_headroom": 0.2,
+        # a probe measures a window of the replayed trace (at least 300 requests); the code
+        # trace is so bursty (up to 12x its mean rate over 10 s) that the window's part of it
+        # decides the capacity (`sweep.min_requests: 3000` replays it whole: slower)
+        "sweep": {"target_attainment": 0.9, "rel_tol": 0.03, "min_requests": 300},
+    }
+
+
+BUILTINS: dict[str, dict[str, Any]] = {
+    "mixed": MIXED,
+    "azure-conv": azure("azure-conv", "azure_conv_2023_head.csv", {"sla_s": 60.0}, 3000),
+    "azure-code": azure("azure-code", "azure_code_2023_head.csv", {"sla_s": 60.0}, 3000),
+}
+
+
+def builtin_document(name: str) -> dict[str, Any]:
+    """A copy of a built-in simulated scenario's document."""
+    if name not in BUILTINS:
         raise ValueError(f"no built-in simulated scenario {name!r}")
-    return resolve(parse_scenario(MIXED, "mixed"))
+    return copy.deepcopy(BUILTINS[name])
+
+
+def builtin_world(name: str) -> World:
+    """The world of a built-in simulated scenario (see BUILTINS)."""
+    return resolve(parse_scenario(builtin_document(name), name))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitllm.sim.metrics import RunMetrics, summarize
-from splitllm.sim.policies import Planner
+from splitllm.sim.policies import PlanPolicy
 from splitllm.sim.run import run_policy
 from splitllm.sim.workload import sample_workload
 from splitllm.sim.world import World
@@ -44,10 +44,10 @@ def run_point(world: World, policy: str, rate_per_s: float) -> RunMetrics:
 def first_guess_rate(world: World, policy: str) -> float:
     """Half the rate the server could sustain if every request cost its zero-load plan's work."""
     load = sample_workload(world)
-    planner = Planner(world, policy)
+    policy_plans = PlanPolicy(world, policy)
     works = []
     for r in range(min(len(load), PLANNING_SAMPLE)):
-        decision = planner.decide(int(load.type_index[r]), int(load.class_index[r]),
+        decision = policy_plans.decide(int(load.type_index[r]), int(load.class_index[r]),
                                   int(load.prompt_tokens[r]), int(load.output_tokens[r]))
         works.append(load.service_s[r] if world.types[load.type_index[r]].model is None
                      else decision.server_work_s)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,8 +19,8 @@ if TYPE_CHECKING:
 
 def simulate(
     scenario: Annotated[str, typer.Option(
-        help="paper (the planning grid), mixed (a simulated request mix), or a YAML/JSON "
-             "scenario file.")] = "mixed",
+        help="paper (the planning grid), mixed (a simulated request mix), azure-conv or "
+             "azure-code (Azure traces), or a YAML/JSON scenario file.")] = "mixed",
     out: Annotated[Path, typer.Option(
         help="Directory for the report: report.md, PNG plots, results.json.")
     ] = Path("reports/sim"),
@@ -70,14 +69,15 @@ def simulate(
 
 
 def _document(scenario: str) -> tuple[dict[str, Any], Path]:
-    from splitllm.sim.builtin import MIXED
+    from splitllm.sim.builtin import BUILTINS, builtin_document
     from splitllm.sim.scenario import read_document
 
-    if scenario == "mixed":
-        return copy.deepcopy(MIXED), Path()
+    if scenario in BUILTINS:
+        return builtin_document(scenario), Path()
     path = Path(scenario)
     if not path.exists():
-        raise UserError(f"--scenario {scenario!r}: use paper, mixed or a scenario file")
+        raise UserError(f"--scenario {scenario!r}: use paper, {', '.join(BUILTINS)} or a "
+                        "scenario file")
     document = read_document(path)
     arrivals = document.get("arrivals")
     if isinstance(arrivals, dict) and isinstance(arrivals.get("path"), str):

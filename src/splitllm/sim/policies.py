@@ -1,42 +1,173 @@
-"""Placement policies: the planner's solvers called per request, with a plan cache.
+"""Placement policies: one function each, from a request's zero-load instance and the load.
 
-A policy is a planner solver plus whether it sees the server's measured delay. A policy that
-finds no feasible plan falls back, and the request counts as an SLA miss if it then misses:
-- `server-only`: all units on the server (those pinned to the client excepted);
-- the zero-load policies: the fastest placement (the last point of the planner's frontier):
-  no plan meets the SLA even on an idle server, so the request gets its best chance;
-- `exact-load-aware`: the placement with the least server work (the frontier's first point):
-  with the delay the server measures, no plan is expected to meet the SLA, so the request is
-  expected to miss anyway; taking the least from the server keeps the other requests in SLA
-  (the fastest placement would add load to an overloaded server: a runaway).
+A policy gets the planner's instance of one request (zero load, the full latency limits) and
+what the server's recent history says (`Load`, measured by `sim.load.LoadMeter`), and returns a
+placement and whether it is a feasible plan. `PlanPolicy` calls it per request and caches its
+decisions by request kind, token bucket and the (bucketed) load it reads.
+
+Zero-load policies plan for an idle server against (1 - plan_headroom) x each limit:
+`server-only`, `client-only`, `greedy`, `best-single-cut`, `dp-grid`, `exact`. With no
+feasible plan they take the fastest placement (the request's best chance; server-only: all on
+the server). Load-aware policies add a measured delay to every visit to the server
+(`Instance.server_wait_s`); without a plan inside their margin they `rescue` the request:
+- `exact-load-aware`: the recent mean job delay, the scenario's fixed headroom;
+- `exact-quantile`: a high quantile of recent job delays (the margin), decaying while idle;
+- `exact-tuned`: the quantile delay and a headroom that tunes itself toward the target
+  attainment;
+- `frontier-priced`: the quantile delay and tuned headroom, choosing on the request's latency /
+  server-work frontier by least `server work + lambda x latency`, lambda falling with load.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.planner.instance import Instance, Request, build_instance, evaluate
+from splitllm.planner.instance import REL_TOL, Instance, Request, build_instance, evaluate
 from splitllm.planner.solvers import frontier, solve
 from splitllm.sim import memo
 from splitllm.sim.world import ClientClass, RequestType, World
 
-# policy name -> (planner solver, sees the server's measured queueing delay)
-POLICIES: dict[str, tuple[str, bool]] = {
-    "server-only": ("server-only", False),
-    "client-only": ("client-only", False),
-    "greedy": ("greedy", False),
-    "best-single-cut": ("best-single-cut", False),
-    "dp-grid": ("dp-grid", False),
-    "exact": ("exact", False),
-    "exact-load-aware": ("exact", True),
-}
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
 WAIT_FLOOR_S = 1e-4  # below this the measured delay counts as none
 WAIT_STEPS_PER_DECADE = 10  # delays are planned on a log grid (steps of ~26%)
+LOAD_STEP = 0.05  # utilization is planned in steps of 5%
+HEADROOM_STEP = 0.02  # tuned headroom in steps of 2% of the limits
 PLAN_CACHE_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the server's recent history says when a request arrives."""
+
+    wait_mean_s: float = 0.0  # mean job delay (response minus solo service), time-decayed
+    wait_quantile_s: float = 0.0  # the world's wait_quantile of recent job delays
+    utilization: float = 0.0  # recent busy share of the server
+    headroom: float = 0.0  # the scenario's fixed plan_headroom
+    tuned_headroom: float = 0.0  # headroom steered toward the target attainment
+
+
+Choice = tuple[Placement, bool]  # the placement, and whether it is a feasible plan
+PolicyFn = Callable[[Instance, Load], Choice]
+
+
+def shrink(instance: Instance, headroom: float) -> Instance:
+    """The instance with every latency limit (SLA, phase limits) times (1 - headroom)."""
+    if headroom <= 0:
+        return instance
+    keep = 1.0 - headroom
+    return replace(instance, sla_s=instance.sla_s * keep, phase_limits=tuple(
+        replace(p, limit_s=p.limit_s * keep) for p in instance.phase_limits))
+
+
+def fallback(instance: Instance, least_work: bool) -> Placement:
+    """The fastest placement, or the one with least server work, ignoring the SLA (memory and
+    pins respected; phase limits too if they can hold)."""
+    plans = frontier(instance) or frontier(replace(instance, phase_limits=()))
+    if not plans:
+        raise UserError(f"no placement fits the client's {instance.client_mem_limit_bytes:.3g} B "
+                        "of memory with the units kept on it")
+    return plans[0 if least_work else -1].placement
+
+
+def _zero_load(solver: str) -> PolicyFn:
+    def policy(instance: Instance, load: Load) -> Choice:
+        plan = solve(shrink(instance, load.headroom), solver)
+        if plan is not None:
+            return plan.placement, True
+        if solver == "server-only":
+            sides = "".join(SERVER if u.server_ok else CLIENT for u in instance.units)
+            return Placement(sides), False
+        return fallback(instance, least_work=False), False
+
+    policy.__doc__ = f"The planner's `{solver}` solver for an idle server."
+    return policy
+
+
+def rescue(instance: Instance, wait_s: float) -> Choice:
+    """No plan meets the limits with the margin: the fastest placement if it still meets them
+    with `wait_s` at every server visit (the request's best chance), else the least server work
+    (the request misses anyway; the fastest placement would load a busy server further)."""
+    loaded = replace(instance, server_wait_s=wait_s)
+    fastest = evaluate(loaded, fallback(loaded, least_work=False))
+    if fastest.feasible:
+        return fastest.placement, False
+    return fallback(loaded, least_work=True), False
+
+
+def _exact_under(instance: Instance, wait_s: float, headroom: float) -> Choice:
+    """Exact with `wait_s` added to every server visit, against the limits less `headroom`."""
+    plan = solve(replace(shrink(instance, headroom), server_wait_s=wait_s), "exact")
+    if plan is not None:
+        return plan.placement, True
+    return rescue(instance, wait_s)
+
+
+def exact_load_aware(instance: Instance, load: Load) -> Choice:
+    """Least server work with the recent mean job delay at every visit (fixed headroom)."""
+    return _exact_under(instance, load.wait_mean_s, load.headroom)
+
+
+def exact_quantile(instance: Instance, load: Load) -> Choice:
+    """Least server work with a high quantile of recent job delays at every visit: a margin
+    against the spread of delays, not just their mean (fixed headroom)."""
+    return _exact_under(instance, load.wait_quantile_s, load.headroom)
+
+
+def exact_tuned(instance: Instance, load: Load) -> Choice:
+    """Like `exact_quantile`, against a headroom that tunes itself toward the target
+    attainment (more reserve after misses, less while requests meet their SLA)."""
+    return _exact_under(instance, load.wait_quantile_s, load.tuned_headroom)
+
+
+def latency_price(instance: Instance, utilization: float) -> float:
+    """Server-seconds one second of latency is worth: the fastest plan's work per second of
+    SLA on an idle server (a plan may use a fifth of the SLA to save a fifth of the work),
+    times (1 - utilization) ** 2, falling to 0 as the server fills up (the marginal cost of
+    server work grows with the load: by 1 / (1 - rho) ** 2 in an M/M/1 queue)."""
+    fastest = frontier(instance)[-1].server_work
+    return max(0.0, 1.0 - utilization) ** 2 * fastest / instance.sla_s
+
+
+def frontier_priced(instance: Instance, load: Load) -> Choice:
+    """Among the plans on the request's latency / server-work frontier that meet the limits
+    (quantile delay, tuned headroom), the least `server work + lambda x latency`, lambda from
+    `latency_price`: an idle server spends no latency on small savings, a busy one offloads
+    everything the SLA allows."""
+    loaded = replace(shrink(instance, load.tuned_headroom), server_wait_s=load.wait_quantile_s)
+    plans = frontier(loaded)
+    fits = plans.latency_s <= loaded.sla_s * (1 + REL_TOL)
+    if not fits.any():
+        return rescue(instance, load.wait_quantile_s)
+    cost = plans.server_work + latency_price(instance, load.utilization) * plans.latency_s
+    best = int(np.argmin(np.where(fits, cost, math.inf)))
+    return plans[best].placement, True
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy function and the fields of `Load` it reads (the rest do not key its cache)."""
+
+    choose: PolicyFn
+    reads: frozenset[str] = frozenset({"headroom"})
+
+
+_QUANTILE = frozenset({"wait_quantile_s", "headroom"})
+_TUNED = frozenset({"wait_quantile_s", "tuned_headroom"})
+POLICIES: dict[str, Policy] = {
+    **{name: Policy(_zero_load(name)) for name in
+       ("server-only", "client-only", "greedy", "best-single-cut", "dp-grid", "exact")},
+    "exact-load-aware": Policy(exact_load_aware, frozenset({"wait_mean_s", "headroom"})),
+    "exact-quantile": Policy(exact_quantile, _QUANTILE),
+    "exact-tuned": Policy(exact_tuned, _TUNED),
+    "frontier-priced": Policy(frontier_priced, _TUNED | {"utilization"}),
+}
+LOAD_FIELDS = frozenset(f.name for f in fields(Load))
 
 
 def check_policy(name: str) -> None:
@@ -49,9 +180,10 @@ def check_policy(name: str) -> None:
                         f"or {FIXED_PREFIX}<placement>")
 
 
-def load_aware(policy: str) -> bool:
-    """True when the policy plans with the server's measured delay."""
-    return POLICIES.get(policy, ("", False))[1]
+def reads_load(policy: str) -> bool:
+    """True when the policy's choice depends on the server's measured load."""
+    reads = POLICIES[policy].reads if policy in POLICIES else frozenset()
+    return bool(reads - {"headroom"})
 
 
 def wait_bucket(wait_s: float) -> float:
@@ -60,6 +192,20 @@ def wait_bucket(wait_s: float) -> float:
         return 0.0
     step = round(math.log10(wait_s) * WAIT_STEPS_PER_DECADE)
     return float(10.0 ** (step / WAIT_STEPS_PER_DECADE))
+
+
+def _step(value: float, step: float) -> float:
+    return round(round(value / step) * step, 6)
+
+
+def bucketed(load: Load, reads: frozenset[str]) -> Load:
+    """The load a plan is made for: fields the policy does not read at 0, the rest on grids."""
+    keep = {name: getattr(load, name) if name in reads else 0.0 for name in LOAD_FIELDS}
+    return Load(wait_mean_s=wait_bucket(keep["wait_mean_s"]),
+                wait_quantile_s=wait_bucket(keep["wait_quantile_s"]),
+                utilization=min(_step(keep["utilization"], LOAD_STEP), 1.0),
+                headroom=keep["headroom"],
+                tuned_headroom=_step(keep["tuned_headroom"], HEADROOM_STEP))
 
 
 @dataclass(frozen=True)
@@ -77,75 +223,56 @@ def request_instance(rtype: RequestType, client: ClientClass, world: World, prom
     """The planner's instance for a request of `rtype` from `client` (zero load), its latency
     limits shrunk by `headroom` (a fraction kept in reserve for queueing)."""
     assert rtype.model is not None
-    keep = 1.0 - headroom
-    request = Request(prompt_tokens=prompt, output_tokens=output, sla_s=rtype.sla_s * keep,
-                      ttft_s=rtype.ttft_s * keep if rtype.ttft_s is not None else None,
-                      tpot_s=rtype.tpot_s * keep if rtype.tpot_s is not None else None)
-    return build_instance(rtype.model, client.device, world.server.device, client.link, request,
-                          rtype.keep_on_client, rtype.keep_on_server)
+    request = Request(prompt_tokens=prompt, output_tokens=output, sla_s=rtype.sla_s,
+                      ttft_s=rtype.ttft_s, tpot_s=rtype.tpot_s)
+    return shrink(build_instance(rtype.model, client.device, world.server.device, client.link,
+                                 request, rtype.keep_on_client, rtype.keep_on_server), headroom)
 
 
-def fallback(instance: Instance, least_work: bool) -> Placement:
-    """The fastest placement, or the one with least server work, ignoring the SLA (memory and
-    pins respected; phase limits too if they can hold)."""
-    plans = frontier(instance) or frontier(replace(instance, phase_limits=()))
-    if not plans:
-        raise UserError(f"no placement fits the client's {instance.client_mem_limit_bytes:.3g} B "
-                        "of memory with the units kept on it")
-    return plans[0 if least_work else -1].placement
-
-
-def choose(policy: str, instance: Instance) -> tuple[Placement, bool]:
-    """The policy's placement for an instance, and whether it is a feasible plan (no fallback)."""
+def choose(policy: str, instance: Instance, load: Load) -> Choice:
+    """The policy's placement for an instance under a load, and whether it is a feasible plan."""
     if policy.startswith(FIXED_PREFIX):
         placement = Placement.parse(policy[len(FIXED_PREFIX):], len(instance))
-        return placement, evaluate(instance, placement).feasible
-    plan = solve(instance, POLICIES[policy][0])
-    if plan is not None:
-        return plan.placement, True
-    if policy == "server-only":
-        sides = "".join(SERVER if u.server_ok else CLIENT for u in instance.units)
-        return Placement(sides), False
-    return fallback(instance, least_work=load_aware(policy)), False
+        return placement, evaluate(shrink(instance, load.headroom), placement).feasible
+    return POLICIES[policy].choose(instance, load)
 
 
-class Planner:
-    """One policy's decisions for one world, cached by request kind, token bucket and delay."""
+class PlanPolicy:
+    """One policy's decisions for one world, cached by request kind, token bucket and load."""
 
     def __init__(self, world: World, policy: str) -> None:
         check_policy(policy)
         self.world = world
         self.policy = policy
-        self.sees_wait = load_aware(policy)
-        # shared by every run of this world and policy in the process (decisions do not
-        # depend on the arrival rate)
-        self.cache: dict[tuple[int, int, int, int, float], Decision] = memo.table(
+        self.reads = POLICIES[policy].reads if policy in POLICIES else frozenset({"headroom"})
+        self.sees_load = reads_load(policy)
+        # shared by every run of this world and policy in the process (decisions depend on
+        # the load, not on the arrival rate)
+        self.cache: dict[tuple[int, int, int, int, Load], Decision] = memo.table(
             "plans", policy, memo.planning_key(world))
 
     def decide(self, type_index: int, class_index: int, prompt: int, output: int,
-               wait_s: float = 0.0) -> Decision:
-        """The placement for one request, given the server's recently measured delay."""
+               load: Load | None = None) -> Decision:
+        """The placement for one request, given what the server measured recently."""
         rtype = self.world.types[type_index]
         prompt_plan = rtype.prompt_tokens.plan_value(prompt)
         output_plan = rtype.output_tokens.plan_value(output) if rtype.decoder else 1
-        wait = wait_bucket(wait_s) if self.sees_wait else 0.0
-        key = (type_index, class_index, prompt_plan, output_plan, wait)
+        seen = bucketed(replace(load or Load(), headroom=self.world.plan_headroom), self.reads)
+        key = (type_index, class_index, prompt_plan, output_plan, seen)
         decision = self.cache.get(key)
         if decision is None:
             decision = self._plan(rtype, self.world.clients[class_index], prompt_plan,
-                                  output_plan, wait)
+                                  output_plan, seen)
             memo.bounded_put(self.cache, key, decision, PLAN_CACHE_LIMIT)
         return decision
 
     def _plan(self, rtype: RequestType, client: ClientClass, prompt: int, output: int,
-              wait_s: float) -> Decision:
+              load: Load) -> Decision:
         if rtype.model is None:  # synthetic: one server job, nothing to place
             return Decision(Placement(SERVER), True, rtype.sla_s, 0.0)
-        base = request_instance(rtype, client, self.world, prompt, output,
-                                self.world.plan_headroom)
-        instance = replace(base, server_wait_s=wait_s) if wait_s else base
+        base = request_instance(rtype, client, self.world, prompt, output)
         try:
-            placement, planned = choose(self.policy, instance)
+            placement, planned = choose(self.policy, base, load)
         except UserError as exc:
             raise UserError(f"request type {rtype.name!r} from client {client.name!r}, "
                             f"{prompt} prompt tokens: {exc}") from None

@@ -60,40 +60,85 @@ def write_json(path: Path, value: Any) -> None:
 
 # ---- simulated scenarios ------------------------------------------------------------------
 
+def _capacities(study: SimStudy) -> dict[str, float]:
+    return {c.policy: c.rate_per_s for c in study.capacities}
+
+
+def _ratio(value: float, base: float) -> str:
+    return (_num(value / base) + "x" if 0 < base < math.inf and math.isfinite(value)
+            and not math.isnan(value) else "n/a")
+
+
+def verdict_lines(study: SimStudy) -> list[str]:
+    """The report's first lines: the best splitting policy, and any below server-only."""
+    caps = _capacities(study)
+    base = caps.get("server-only")
+    if base is None or not 0 < base < math.inf:
+        return ["No comparison with server-only: it is not among the policies or has no "
+                "finite capacity here."]
+    split = {p: c for p, c in caps.items() if p not in ("server-only", "client-only")}
+    lines = []
+    if split:
+        best = max(split, key=lambda p: split[p])
+        lines.append(f"Best splitting policy: {best}, goodput capacity {_num(split[best])} "
+                     f"req/s = {_ratio(split[best], base)} server-only's {_num(base)} req/s.")
+    below = [p for p, c in caps.items() if c < base]
+    lines.append("Below server-only's capacity: " + ", ".join(
+        f"{p} ({_ratio(caps[p], base)})" for p in below) + "." if below
+        else "No policy falls below server-only's capacity.")
+    return lines
+
+
 def capacity_rows(study: SimStudy) -> list[list[str]]:
-    """Per policy: capacity, its ratio to server-only, and zero-ish-load costs."""
-    base = {c.policy: c.rate_per_s for c in study.capacities}.get("server-only", 0.0)
+    """Per policy: capacity, its ratio to server-only, and low-load costs against server-only."""
+    base = _capacities(study).get("server-only", 0.0)
     low = {m.policy: m for m in study.at(0)}
+    ref = low.get("server-only")
     rows = []
     for k, policy in enumerate(study.world.policies):
         cap = study.capacities[k].rate_per_s if study.capacities else math.nan
         m = low[policy]
-        ratio = (_num(cap / base) + "x" if 0 < base < math.inf and math.isfinite(cap)
-                 else "n/a")
         shown = ("unbounded" if math.isinf(cap) else
                  f">= {_num(cap)} (max rate)" if cap >= study.world.sweep.max_rate_per_s
                  else _num(cap))
+
+        def against(value: float, reference: float | None) -> str:
+            return _num(value) + (f" ({_ratio(value, reference)})" if reference else "")
+
         rows.append([
-            policy, shown, ratio,
-            _num(m.server_s_per_request), _pct(m.client_unit_share), _pct(m.sla_attainment),
-            _pct(m.fallback_share),
+            policy, shown, _ratio(cap, base),
+            against(m.server_s_per_request, ref.server_s_per_request if ref else None),
+            against(m.latency_s[0], ref.latency_s[0] if ref else None),
+            against(m.latency_s[2], ref.latency_s[2] if ref else None),
+            against(m.ttft_s[0], ref.ttft_s[0] if ref else None),
+            against(m.ttft_s[2], ref.ttft_s[2] if ref else None),
+            _pct(m.client_unit_share), _pct(m.sla_attainment), _pct(m.fallback_share),
         ])
     return rows
 
 
 CAPACITY_HEADERS = ["policy", "goodput capacity (req/s)", "vs server-only",
-                    "server s/request *", "units on clients *", "SLA attainment *", "fallback *"]
+                    "server s/request *", "p50 latency s *", "p99 latency s *", "p50 TTFT s *",
+                    "p99 TTFT s *", "units on clients *", "SLA attainment *", "fallback *"]
+# the terminal's table: the rest is in report.md
+CLI_HEADERS = ["policy", "goodput capacity (req/s)", "vs server-only", "server s/request *",
+               "p50 latency s *", "p99 latency s *", "p50 TTFT s *", "SLA attainment *"]
+LOW_RATE_NOTE = ("at {rate:.3g} req/s, the lowest rate of the curve; in brackets: against "
+                 "server-only at that rate")
 
 
 def sim_summary_table(study: SimStudy) -> Table:
     """The rich table the CLI prints."""
     table = Table(title=f"{study.world.name}: goodput capacity (>= "
                         f"{study.world.sweep.target_attainment:.0%} of requests in SLA)")
-    for column in CAPACITY_HEADERS:
-        table.add_column(column, justify="left" if column == "policy" else "right")
+    shown = [CAPACITY_HEADERS.index(c) for c in CLI_HEADERS]
+    for column in CLI_HEADERS:
+        table.add_column(column, justify="left" if column == "policy" else "right",
+                         no_wrap=column == "policy")
     for row in capacity_rows(study):
-        table.add_row(*row)
-    table.caption = f"* at {study.rates_per_s[0]:.3g} req/s, the lowest rate of the curve"
+        table.add_row(*[row[i] for i in shown])
+    table.caption = ("* " + LOW_RATE_NOTE.format(rate=study.rates_per_s[0]) + "\n"
+                     + " ".join(verdict_lines(study)))
     return table
 
 
@@ -139,20 +184,25 @@ How to read this: a request meets its SLA when it finishes within `sla_s` (and T
 limits where set); requests still running at the end count as misses. Goodput counts requests
 finishing in the measurement window within their SLA, per second. The goodput capacity is the
 highest arrival rate with SLA attainment >= the target, found by bracketing and bisection over
-rates on the same request sequence. `exact-load-aware` re-plans every request with the server's
-recently measured delay per job added to every visit to the server. A policy with no feasible
-plan falls back (server-only: all on the server; zero-load policies: the fastest placement;
-load-aware: the least server work) and counts the request as a miss if it misses. Client
-compute and links never queue (one request per client device)."""
+rates on the same request sequence. Load-aware policies re-plan every request with the
+server's recently measured delay per job added to every visit to the server: its mean
+(`exact-load-aware`) or a high quantile (`exact-quantile`, `exact-tuned`, `frontier-priced`);
+`exact-tuned` and `frontier-priced` keep a headroom that tunes itself toward the target
+attainment, and `frontier-priced` trades server work against latency at a price that falls
+as the server fills up. A policy with no feasible plan falls back (server-only: all on the
+server; zero-load policies: the fastest placement; load-aware: the fastest placement if it
+can still meet the limits, else the least server work) and counts the request as a miss if
+it misses. Client compute and links never queue (one request per client device)."""
 
 
 def sim_markdown(study: SimStudy, pictures: list[str]) -> str:
     """The Markdown report of a simulated study."""
     world = study.world
     parts = [
-        f"# splitllm simulation: {world.name}", "", _world_section(world), "",
+        f"# splitllm simulation: {world.name}", "", *verdict_lines(study), "",
+        _world_section(world), "",
         "## Goodput capacity", "", md_table(CAPACITY_HEADERS, capacity_rows(study)), "",
-        f"\\* at {study.rates_per_s[0]:.3g} req/s, the lowest rate of the curve.", "",
+        "\\* " + LOW_RATE_NOTE.format(rate=study.rates_per_s[0]) + ".", "",
         "## Policies against arrival rate", "",
         md_table(["rate/s", "policy", "SLA att.", "goodput/s", "throughput/s", "util.",
                   "server s/req", "p50 latency s", "p99 latency s", "p50 TTFT s", "p50 TPOT s"],

@@ -1,7 +1,7 @@
 """One simulation run: a world, a policy, an arrival rate -> what happened to every request.
 
-Requests arrive (Poisson or a trace), get a placement from the policy (the load-aware policy
-sees the delay the server measured recently), then walk it: delays on their own client and
+Requests arrive (Poisson or a trace), get a placement from the policy (load-aware policies see
+what the server measured recently: `sim.load`), then walk it: delays on their own client and
 link, jobs on the shared server. Arrivals stop at the horizon; the run goes on for the longest
 SLA after it, so every measured request has either finished or certainly missed its SLA.
 """
@@ -16,7 +16,8 @@ import numpy as np
 from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
 from splitllm.sim.engine import Kind, NewEvent
-from splitllm.sim.policies import Planner
+from splitllm.sim.load import LoadMeter, met_limits
+from splitllm.sim.policies import PlanPolicy
 from splitllm.sim.server import BusyMeter, make_server
 from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
 from splitllm.sim.workload import Workload, sample_workload
@@ -56,7 +57,7 @@ class _Run:
 
     def __init__(self, world: World, policy: str, workload: Workload, log: bool) -> None:
         self.world = world
-        self.planner = Planner(world, policy)
+        self.policy = PlanPolicy(world, policy)
         self.builder = WalkBuilder(world)
         n = len(workload)
         self.arrivals = workload.arrived_at_s.tolist()
@@ -75,21 +76,16 @@ class _Run:
         self.walk_cache: dict[tuple[int, int, int, int, str, float], Walk] = memo.table(
             "walks", memo.planning_key(world))
         self.delay_sum, self.delay_n = 0.0, 0
-        self.decayed_sum, self.decayed_n, self.observed_at = 0.0, 0.0, 0.0
-        self.tau = world.wait_tau_s
+        self.meter = LoadMeter(world) if self.policy.sees_load else None
         self.log: list[tuple[int, int, float, float]] | None = [] if log else None
         self.busy = BusyMeter(world.warmup_s, world.horizon_s)
         cost = BatchCost(world) if world.server.scheduler == "batched" else None
         self.server = make_server(world.server, self._done, self.busy, self._shape, cost)
 
-    def recent_delay_s(self) -> float:
-        """The server's recent mean job delay (response minus solo service), time-decayed."""
-        return self.decayed_sum / self.decayed_n if self.decayed_n else 0.0
-
-    def _walk(self, r: int) -> Walk:
+    def _walk(self, now_s: float, r: int) -> Walk:
         t, c, p, g = self.types[r], self.classes[r], self.prompts[r], self.outputs[r]
-        wait = self.recent_delay_s() if self.planner.sees_wait else 0.0
-        decision = self.planner.decide(t, c, p, g, wait)
+        load = self.meter.load(now_s) if self.meter is not None else None
+        decision = self.policy.decide(t, c, p, g, load)
         sides = decision.placement.sides
         self.placement[r] = self.placements.setdefault(sides, len(self.placements))
         self.planned[r] = decision.planned
@@ -104,10 +100,10 @@ class _Run:
         out: list[NewEvent] = []
         if r + 1 < len(self.arrivals):  # one pending arrival keeps the heap small
             out.append((self.arrivals[r + 1], ARRIVE, r + 1, 0))
-        walk = self._walk(r)
+        walk = self._walk(now_s, r)
         if not walk.jobs:  # runs entirely on its client
             self.first_token[r] = now_s + walk.first_token_tail_s
-            self.finished[r] = now_s + walk.gaps_s[0]
+            self._finish(r, now_s + walk.gaps_s[0])
             return out
         self.walks[r] = walk
         out.append((now_s + walk.gaps_s[0], AT_SERVER, r, 0))
@@ -124,11 +120,8 @@ class _Run:
         delay_s = now_s - self.at_server[r] - service_s
         self.delay_sum += delay_s
         self.delay_n += 1
-        if self.planner.sees_wait:
-            keep = math.exp((self.observed_at - now_s) / self.tau)
-            self.decayed_sum = self.decayed_sum * keep + delay_s
-            self.decayed_n = self.decayed_n * keep + 1.0
-            self.observed_at = now_s
+        if self.meter is not None:
+            self.meter.job_done(now_s, delay_s, service_s * charge)
         if self.log is not None:
             self.log.append((r, j, self.at_server[r], now_s))
         j += 1
@@ -136,9 +129,19 @@ class _Run:
             self.first_token[r] = now_s + walk.first_token_tail_s
         if j < len(walk.service_s):
             return (now_s + walk.gaps_s[j], AT_SERVER, r, j)
-        self.finished[r] = now_s + walk.gaps_s[j]
+        self._finish(r, now_s + walk.gaps_s[j])
         self.walks[r] = NO_WALK  # done: free its walk
         return None
+
+    def _finish(self, r: int, at_s: float) -> None:
+        self.finished[r] = at_s
+        if self.meter is not None:  # the tuned headroom learns from every finished request
+            # (known at its finish time: the feedback reaches later arrivals, never earlier)
+            steps = self.outputs[r] - 1
+            latency_s = at_s - self.arrivals[r]
+            tpot_s = (at_s - self.first_token[r]) / steps if steps > 0 else math.nan
+            self.meter.request_done(met_limits(self.world.types[self.types[r]], latency_s,
+                                               self.first_token[r] - self.arrivals[r], tpot_s))
 
     def _shape(self, r: int, j: int) -> JobShape:
         walk = self.walks[r]

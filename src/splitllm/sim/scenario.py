@@ -37,6 +37,7 @@ from splitllm.sim.world import (
     RequestType,
     ServerSpec,
     SweepSpec,
+    Trace,
     World,
 )
 
@@ -219,6 +220,11 @@ class ArrivalsIn(_In):
     process: Literal["poisson", "trace"] = "poisson"
     rate_per_s: Positive | None = None
     path: str | None = None
+    format: Literal["splitllm", "azure"] = "splitllm"  # azure: TIMESTAMP,ContextTokens,...
+    request_type: str | None = None  # azure: the type of every row (default: the first)
+    rows: Annotated[int, Field(ge=1)] | None = None  # azure: the first this many rows
+    max_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # azure: caps
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> ArrivalsIn:
@@ -226,6 +232,10 @@ class ArrivalsIn(_In):
             raise ValueError("poisson arrivals need 'rate_per_s'")
         if self.process == "trace" and self.path is None:
             raise ValueError("trace arrivals need 'path' (a CSV file)")
+        azure_only = (self.request_type, self.rows, self.max_prompt_tokens,
+                      self.max_output_tokens)
+        if self.format != "azure" and any(v is not None for v in azure_only):
+            raise ValueError("request_type, rows and max_*_tokens apply to format: azure")
         return self
 
 
@@ -251,7 +261,9 @@ class ScenarioIn(_In):
     arrivals: ArrivalsIn
     policies: list[str] = list(DEFAULT_POLICIES)
     wait_tau_s: Positive = 2.0
+    wait_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.9
     plan_headroom: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    headroom_target: Annotated[float, Field(gt=0, lt=1)] = 0.99
     sweep: SweepIn = SweepIn()
 
     @field_validator("policies")
@@ -347,6 +359,17 @@ def _request_type(t: RequestTypeIn) -> RequestType:
     )
 
 
+def _load_trace(a: ArrivalsIn, path: Path, type_names: list[str],
+                class_names: list[str]) -> Trace:
+    if a.format == "splitllm":
+        return traces.load_trace(path, type_names, class_names)
+    name = a.request_type or type_names[0]
+    if name not in type_names:
+        raise UserError(f"scenario: arrivals.request_type: unknown request type {name!r}")
+    return traces.load_azure_trace(path, type_names.index(name), a.rows, a.max_prompt_tokens,
+                                   a.max_output_tokens)
+
+
 def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
     """The `World` a validated scenario describes (presets, models and traces loaded)."""
     clients = tuple(ClientClass(c.name, c.device.resolve(), c.link.resolve(), c.share)
@@ -356,8 +379,8 @@ def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
     rate = s.arrivals.rate_per_s
     if s.arrivals.process == "trace":
         path = Path(s.arrivals.path or "")
-        trace = traces.load_trace(path if path.is_absolute() else base_dir / path,
-                                  [t.name for t in types], [c.name for c in clients])
+        trace = _load_trace(s.arrivals, path if path.is_absolute() else base_dir / path,
+                            [t.name for t in types], [c.name for c in clients])
         rate = rate or trace.natural_rate_per_s
         if not math.isfinite(rate):
             raise UserError(f"scenario: arrivals.rate_per_s: the trace {path} spans no time; "
@@ -369,7 +392,8 @@ def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
                           s.server.max_batch),
         clients=clients, types=types, duration_s=s.duration_s, warmup_s=s.warmup_s,
         seed=s.seed, rate_per_s=float(rate or 1.0), trace=trace, policies=tuple(s.policies),
-        wait_tau_s=s.wait_tau_s, plan_headroom=s.plan_headroom,
+        wait_tau_s=s.wait_tau_s, wait_quantile=s.wait_quantile, plan_headroom=s.plan_headroom,
+        headroom_target=s.headroom_target,
         sweep=SweepSpec(tuple(sw.rates_per_s), sw.target_attainment, sw.rel_tol,
                         sw.max_rate_per_s, sw.capacity, sw.min_requests),
     )

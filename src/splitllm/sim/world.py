@@ -10,7 +10,8 @@ from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.network import Link
 from splitllm.sim.dists import Dist
 
-DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware")
+DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware",
+                    "exact-quantile", "exact-tuned", "frontier-priced")
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,10 @@ class World:
     rate_per_s: float = 1.0  # Poisson rate; for a trace, its time axis is scaled to this rate
     trace: Trace | None = None
     policies: tuple[str, ...] = DEFAULT_POLICIES
-    wait_tau_s: float = 2.0  # the server's recent-delay average forgets over this time
+    wait_tau_s: float = 2.0  # the server's recent-delay estimates forget over this time
+    wait_quantile: float = 0.9  # the quantile of recent job delays quantile policies plan for
     plan_headroom: float = 0.0  # policies plan against (1 - headroom) x each latency limit
+    headroom_target: float = 0.99  # the SLA attainment self-tuning headroom steers toward
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
     def with_rate(self, rate_per_s: float) -> World:

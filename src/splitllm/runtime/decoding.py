@@ -1,4 +1,4 @@
-"""The generation loop: prefill, decode_one_token, generate over a pipe of units.
+"""The decoding loop: prefill, decode_one_token, generate_tokens over a pipe of units.
 
 A pipe runs one forward pass over all units for some tokens at absolute positions and, when
 asked, returns the next token. `LocalPipe` is the unsplit Hugging Face model (the reference);
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 import torch
@@ -42,7 +42,6 @@ class Remote(Protocol):
 class Pipe(Protocol):
     """One forward pass over all units; returns the next token when `sample` is set."""
 
-    placement: str
     last_logits: torch.Tensor | None
 
     def forward(self, ids: torch.Tensor, start: int, sample: bool) -> int | None: ...
@@ -53,7 +52,6 @@ class LocalPipe:
 
     def __init__(self, model: PreTrainedModel, sampling: Sampling = Sampling()) -> None:
         self.model = model
-        self.placement = "local"
         self.sampler = Sampler(sampling)
         self.cache = DynamicCache(config=model.config)
         self.cache_kw = cache_kwarg(model)
@@ -75,8 +73,9 @@ class SplitPipe:
     """Runs a Placement: client segments on `stack`, server segments through `remote`."""
 
     stack: UnitStack
-    placement_value: Placement
+    placement: Placement
     remote: Remote | None
+    _: KW_ONLY
     sampling: Sampling = field(default_factory=Sampling)
     slowdown: float = 1.0  # emulation: client units take this many times longer
     return_logits: bool = False  # ask the server for logits too (tests)
@@ -84,9 +83,8 @@ class SplitPipe:
     client_busy_s: float = 0.0
 
     def __post_init__(self) -> None:
-        self.placement = str(self.placement_value)
         self.sampler = Sampler(self.sampling)
-        self.segments = self.placement_value.segments()
+        self.segments = self.placement.segments()
         self.caches: dict[int, SegmentCache | None] = {
             seg.start: self.stack.new_cache(seg.start, seg.stop)
             for seg in self.segments if seg.side == CLIENT
@@ -153,9 +151,9 @@ def decode_one_token(pipe: Pipe, token: int, position: int) -> int:
     return next_token
 
 
-def generate(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int,
-             eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK
-             ) -> Iterator[int]:
+def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                    eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK
+                    ) -> Iterator[int]:
     """Yield up to max_new_tokens new tokens; stops after an end-of-sequence token."""
     if max_new_tokens < 1:
         return
@@ -181,14 +179,15 @@ class Timed:
     wall_s: float
 
 
-def timed_generate(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int,
-                   eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
-                   on_token: Callable[[int], None] | None = None) -> Timed:
-    """Run `generate`, calling on_token as tokens arrive, and time it."""
+def timed_generation(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                     eos_token_ids: Sequence[int] = (), chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
+                     on_token: Callable[[int], None] | None = None) -> Timed:
+    """Run `generate_tokens`, calling on_token as tokens arrive, and time it."""
     tokens: list[int] = []
     clock = time.perf_counter()
     first_s = 0.0
-    for token in generate(pipe, prompt_ids, max_new_tokens, eos_token_ids, chunk_tokens):
+    for token in generate_tokens(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
+                                 chunk_tokens=chunk_tokens):
         if not tokens:
             first_s = time.perf_counter() - clock
         tokens.append(token)

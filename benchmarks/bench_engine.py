@@ -1,0 +1,219 @@
+"""The batched engine's decode throughput, side by side in one run, on real sockets.
+
+- aggregate decode tokens/s of one server with 1, 4, 8, ... concurrent sessions, server-only and
+  a split placement (embed and the first block on the client), against the same engine taking
+  one forward per step (`--max-batch-rows 1`: one session at a time, as before batching),
+- per-session time per output token, server CPU seconds beside wall time,
+- one session against the physical limit: the weights' bytes / one thread's read bandwidth.
+
+The server is a child process pinned to core 0, the clients (threads, one connection each)
+to core 1, where the machine has two cores. Speed is measured here, never asserted in tests.
+
+    .venv/bin/python benchmarks/bench_engine.py [--model smollm2] [--sessions 1,4,8,16,32]
+        [--tokens 16] [--compute cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from splitllm.runtime.client import Generation, connect
+from splitllm.runtime.demo import free_port, stop_server, wait_healthy
+from splitllm.runtime.metrics import parse_metrics
+from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
+from splitllm.runtime.units import UnitStack
+from splitllm.stepmodel import StepModel, decode_share_s, marginal_decode_s
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: `sessions` concurrent generations on one server."""
+
+    engine: str
+    placement: str
+    sessions: int
+    tokens_per_s: float  # aggregate decode tokens/s of all sessions
+    tpot_s: float  # mean per-session time per output token
+    wall_s: float
+    server_cpu_s: float
+    mean_rows: float  # rows per engine step
+    generated_tokens: int
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        """Generated tokens per server CPU second (prefill included): what load cannot blur."""
+        return self.generated_tokens / self.server_cpu_s
+
+
+def read_bandwidth_bytes_per_s(size_bytes: int = 2**29, rounds: int = 5) -> float:
+    """One thread's memory read bandwidth: the best of a few sums of a large tensor."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = torch.ones(size_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(rounds):
+        clock = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - clock)
+    torch.set_num_threads(threads)
+    return size_bytes / best
+
+
+def weight_bytes(loaded: LoadedModel) -> int:
+    """Bytes a decode step reads: every parameter once (tied embeddings once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in loaded.model.parameters()}
+    return sum(seen.values())
+
+
+def start_engine(model: str, port: int, log: Path, compute: str, batch_rows: int,
+                 pin: bool) -> subprocess.Popen[bytes]:
+    code = "import typer; from splitllm.runtime.commands import serve; typer.run(serve)"
+    args = [sys.executable, "-c", code, "--model", model, "--port", str(port), "--threads", "1",
+            "--compute", compute, "--max-batch-rows", str(batch_rows), "--max-sessions", "128"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SPLITLLM_TOKEN", None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if pin:
+        os.sched_setaffinity(proc.pid, {0})
+    return proc
+
+
+def measure(url: str, loaded: LoadedModel, ids: list[int], placement: str, sessions: int,
+            tokens: int, engine: str) -> Point:
+    """Run `sessions` generations at once; aggregate decode rate and the server's CPU."""
+    before = parse_metrics(httpx.get(url.replace("ws", "http", 1) + "/metrics").text)
+
+    def one(_: int) -> Generation:
+        with connect(url, loaded, timeout_s=600) as session:
+            return session.generate(ids, tokens, placement=placement, stop_at_eos=False)
+
+    clock = time.perf_counter()
+    with ThreadPoolExecutor(sessions) as pool:
+        results = list(pool.map(one, range(sessions)))
+    wall_s = time.perf_counter() - clock
+    after = parse_metrics(httpx.get(url.replace("ws", "http", 1) + "/metrics").text)
+    steps = after["splitllm_engine_steps_total"] - before["splitllm_engine_steps_total"]
+    rows = after["splitllm_engine_step_rows_sum"] - before["splitllm_engine_step_rows_sum"]
+    return Point(engine, placement, sessions, sum(1.0 / r.tpot_s for r in results),
+                 sum(r.tpot_s for r in results) / sessions, wall_s,
+                 after["splitllm_server_cpu_seconds_total"]
+                 - before["splitllm_server_cpu_seconds_total"], rows / max(steps, 1),
+                 sum(len(r.tokens) for r in results))
+
+
+def run_server(args: argparse.Namespace, loaded: LoadedModel, ids: list[int], batch_rows: int,
+               engine: str, placements: dict[str, str], pin: bool
+               ) -> tuple[list[Point], StepModel]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        proc = start_engine(args.model, port, log, args.compute, batch_rows, pin)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            url = f"ws://127.0.0.1:{port}"
+            measure(url, loaded, ids, placements["server-only"], 2, 4, engine)  # warm up
+            info = httpx.get(f"http://127.0.0.1:{port}/v1/info").json()
+            return [measure(url, loaded, ids, placement, n, args.tokens, f"{engine}")
+                    for placement in placements.values() for n in args.sessions
+                    ], StepModel.from_json(info["step_model"])
+        finally:
+            stop_server(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--sessions", default="1,4,8,16,32",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--compute", default="cpu")
+    args = parser.parse_args()
+    console = Console(width=200)
+    pin = len(os.sched_getaffinity(0)) >= 2 and args.compute == "cpu"
+    torch.set_num_threads(1)
+    loaded = load_model(args.model)
+    bandwidth = read_bandwidth_bytes_per_s()
+    if pin:
+        os.sched_setaffinity(0, {1})
+    ids = encode_prompt(loaded, PROMPT)
+    n = UnitStack(loaded.model).n_units
+    placements = {"server-only": "S" * n, "split (C2 S..S)": "CC" + "S" * (n - 2)}
+    batched, model = run_server(args, loaded, ids, 64, "batched", placements, pin)
+    single, _ = run_server(args, loaded, ids, 1, "batch-1", placements, pin)
+    _print(console, args, loaded, batched, single, placements, bandwidth, pin)
+    _print_model(console, model, batched, placements)
+
+
+def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batched: list[Point],
+           single: list[Point], placements: dict[str, str], bandwidth: float, pin: bool) -> None:
+    names = {v: k for k, v in placements.items()}
+    table = Table(title=f"Engine decode throughput: {loaded.model_id} {loaded.dtype}, "
+                        f"{args.compute}, 1 server thread{' (pinned)' if pin else ''}, "
+                        f"prompt {len(encode_prompt(loaded, PROMPT))} tokens, "
+                        f"{args.tokens} new tokens per session")
+    for column in ("placement", "sessions", "batched tok/s", "batch-1 tok/s", "speed-up",
+                   "TPOT ms (batched)", "TPOT vs 1 session", "rows/step", "server CPU s",
+                   "wall s", "batch-1 CPU s", "batch-1 wall s", "tok per CPU s: batched",
+                   "batch-1", "ratio"):
+        table.add_column(column, justify="left" if column == "placement" else "right")
+    solo_tpot = {p.placement: p.tpot_s for p in batched if p.sessions == 1}
+    for b, s in zip(batched, single, strict=True):
+        table.add_row(names[b.placement], str(b.sessions), f"{b.tokens_per_s:.1f}",
+                      f"{s.tokens_per_s:.1f}", f"{b.tokens_per_s / s.tokens_per_s:.2f}x",
+                      f"{b.tpot_s * 1e3:.0f}",
+                      f"{b.tpot_s / solo_tpot[b.placement]:.2f}x" if b.placement in solo_tpot
+                      else "", f"{b.mean_rows:.1f}", f"{b.server_cpu_s:.1f}", f"{b.wall_s:.1f}",
+                      f"{s.server_cpu_s:.1f}", f"{s.wall_s:.1f}", f"{b.tokens_per_cpu_s:.1f}",
+                      f"{s.tokens_per_cpu_s:.1f}",
+                      f"{b.tokens_per_cpu_s / s.tokens_per_cpu_s:.2f}x")
+    console.print(table)
+    limit = bandwidth / weight_bytes(loaded)
+    solo = [p for p in batched if p.sessions == 1 and p.placement == placements["server-only"]]
+    if solo:
+        console.print(f"one session, server-only: {solo[0].tokens_per_s:.1f} tok/s = "
+                      f"{solo[0].tokens_per_s / limit:.0%} of the physical limit {limit:.1f} "
+                      f"tok/s ({weight_bytes(loaded) / 1e6:.0f} MB of weights at "
+                      f"{bandwidth / 1e9:.1f} GB/s, one thread's read bandwidth)")
+
+
+def _print_model(console: Console, model: StepModel, batched: list[Point],
+                 placements: dict[str, str]) -> None:
+    """The measured step model's cost of a token under batching, beside what the runs took."""
+    table = Table(title="Step model (/v1/info): block "
+                        f"{model.block.fixed_s * 1e3:.2f} ms + {model.block.per_token_s * 1e3:.3f} "
+                        f"ms/token, head {model.head.fixed_s * 1e3:.2f} ms + "
+                        f"{model.head.per_token_s * 1e3:.3f} ms/row; server-only decode")
+    for column in ("sessions", "rows/step", "model: share ms/token", "model: marginal ms/token",
+                   "measured: server CPU ms / generated token (prefill included)"):
+        table.add_column(column, justify="right")
+    for p in batched:
+        if p.placement != placements["server-only"]:
+            continue
+        rows = max(1, round(p.mean_rows))
+        table.add_row(str(p.sessions), f"{p.mean_rows:.1f}",
+                      f"{decode_share_s(model, rows) * 1e3:.1f}",
+                      f"{marginal_decode_s(model, rows) * 1e3:.1f}",
+                      f"{p.server_cpu_s / p.generated_tokens * 1e3:.1f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    clock = time.perf_counter()
+    main()
+    print(f"benchmark took {time.perf_counter() - clock:.0f} s")

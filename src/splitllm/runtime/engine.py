@@ -1,0 +1,275 @@
+"""The batched serving engine: one queue of forwards from every session, one step at a time.
+
+Continuous batching at unit granularity, as vLLM's scheduler does it with chunked prefill: each
+step takes queued forwards under a token budget (decode rows first, so a long prompt never
+stalls decoding; prompts are cut into chunks that fit; a forward passed over for
+`STARVE_STEPS` steps goes first), then walks the units once (runtime/step.py). Forwards join
+and leave between steps. Every forward is checked before it joins a step, so a bad frame only
+ever fails its own session. One engine thread runs the steps; the event loop only enqueues and
+awaits futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from splitllm.runtime.metrics import ServerMetrics
+from splitllm.runtime.packing import install_packed_attention
+from splitllm.runtime.protocol import ForwardHeader, ProtocolError
+from splitllm.runtime.session import ForwardResult, Prepared, ServerSession
+from splitllm.runtime.step import StepRow, StepTimes, run_step
+from splitllm.runtime.units import UnitStack
+
+STARVE_STEPS = 8  # a forward passed over this many steps is scheduled before all others
+
+Outcome = ForwardResult | BaseException
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How much one step may take."""
+
+    max_batch_tokens: int = 512  # token positions through the blocks per step (head: rows)
+    max_batch_rows: int = 64  # forwards per step; 1 = one session at a time
+
+
+@dataclass(eq=False)
+class Job:
+    """One queued forward of a session segment, maybe run in several chunks."""
+
+    session: ServerSession
+    header: ForwardHeader
+    payload: bytes | memoryview
+    deliver: Callable[[Outcome], None]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    prepared: Prepared | None = None
+    done_tokens: int = 0
+    steps_waited: int = 0
+    hidden_parts: list[torch.Tensor] = field(default_factory=list)
+    unit_seconds: dict[int, float] = field(default_factory=dict)
+    busy_s: float = 0.0
+    cpu_s: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        p0, p1 = self.header.positions
+        return p1 - p0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The segment this forward addresses: its forwards run one after the other."""
+        return self.session.session_id, self.header.units[0]
+
+
+def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tuple[Job, int]]:
+    """(job, tokens it runs now) for one step: starved first, then decode, then prefill, FCFS."""
+    seen: set[tuple[str, int]] = set()
+    ready = []
+    for job in jobs:  # queue order = arrival order
+        if job.key not in seen:
+            seen.add(job.key)
+            ready.append(job)
+    ready.sort(key=lambda j: (j.steps_waited < STARVE_STEPS, j.tokens - j.done_tokens > 1))
+    picks: list[tuple[Job, int]] = []
+    budget = config.max_batch_tokens
+    for job in ready[:config.max_batch_rows]:
+        left = job.tokens - job.done_tokens
+        if job.header.units[0] >= n_units - 1:  # the head alone reads only the last position
+            picks.append((job, left))
+            continue
+        take = min(left, budget)
+        if take < 1:
+            break
+        picks.append((job, take))
+        budget -= take
+    return picks
+
+
+class Engine:
+    """The queue and the thread that runs batched steps on one UnitStack."""
+
+    def __init__(self, stack: UnitStack, metrics: ServerMetrics, config: EngineConfig,
+                 threads: int, start: bool = True) -> None:
+        if config.max_batch_tokens < 1 or config.max_batch_rows < 1:
+            raise ValueError("max_batch_tokens and max_batch_rows must be positive")
+        install_packed_attention(stack.model)
+        self.stack = stack
+        self.metrics = metrics
+        self.config = config
+        self.threads = threads
+        self.device = next(stack.model.parameters()).device
+        self.queue: list[Job] = []
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.held = False
+        self.thread = threading.Thread(target=self._loop, name="splitllm-engine", daemon=True)
+        if start:  # without its thread, the owner calls step() itself (tests)
+            self.thread.start()
+
+    def submit(self, session: ServerSession, header: ForwardHeader,
+               payload: bytes | memoryview) -> asyncio.Future[ForwardResult]:
+        """Queue a forward; the future gets its result (or its error) from the engine thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ForwardResult] = loop.create_future()
+
+        def deliver(outcome: Outcome) -> None:
+            loop.call_soon_threadsafe(_settle, future, outcome)
+
+        self.put(Job(session, header, payload, deliver))
+        return future
+
+    def put(self, job: Job) -> None:
+        """Queue a job (from any thread)."""
+        with self.wakeup:
+            self.queue.append(job)
+            self.wakeup.notify()
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+
+    @contextlib.contextmanager
+    def held_back(self) -> Iterator[None]:
+        """Run no step inside the block: what arrives meanwhile goes into the next step."""
+        with self.wakeup:
+            self.held = True
+        try:
+            yield
+        finally:
+            with self.wakeup:
+                self.held = False
+                self.wakeup.notify()
+
+    def queued(self) -> int:
+        with self.wakeup:
+            return len(self.queue)
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            with self.wakeup:
+                while (self.held or not self.queue) and not self.stopping:
+                    self.wakeup.wait()
+                if self.stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a bug outside any one row: fail what is queued, go on
+                with self.wakeup:
+                    failed, self.queue = self.queue, []
+                for job in failed:
+                    job.deliver(exc)
+
+    def step(self) -> None:
+        """Check what is ready, run one batched step, deliver what finished."""
+        with self.wakeup:
+            jobs = list(self.queue)
+        for job in jobs:
+            if job.prepared is None and not self._prepare(job, jobs):
+                self._remove(job)
+        with self.wakeup:
+            queued = [j for j in self.queue if j.prepared is not None]
+        picks = schedule(queued, self.config, self.stack.n_units)
+        if not picks:
+            return
+        picked = {id(job) for job, _ in picks}
+        for job in queued:
+            job.steps_waited = 0 if id(job) in picked else job.steps_waited + 1
+        self._run(picks)
+
+    def _prepare(self, job: Job, jobs: list[Job]) -> bool:
+        """Check a job once it is first of its segment; False (error delivered) if it is bad."""
+        earlier = next(j for j in jobs if j.key == job.key)
+        if earlier is not job:
+            return True  # it waits for the forward before it on the same segment
+        try:
+            job.prepared = job.session.prepare(job.header, job.payload, self.device)
+        except ProtocolError as err:
+            job.deliver(err)
+            return False
+        job.payload = b""  # decoded: the frame's bytes can go
+        return True
+
+    def _remove(self, job: Job) -> None:
+        with self.wakeup:
+            self.queue.remove(job)
+
+    def _run(self, picks: list[tuple[Job, int]]) -> None:
+        n = self.stack.n_units
+        rows = [self._row(job, take, n) for job, take in picks]
+        tokens = sum(take for _, take in picks)
+        clock, cpu_clock = time.perf_counter(), time.thread_time()
+        try:
+            outputs, times = run_step(self.stack, rows)
+        except Exception as exc:  # the step as a whole failed (e.g. out of memory): all its rows
+            for job, _ in picks:
+                self._remove(job)
+                job.deliver(exc)
+            return
+        wall_s, cpu_s = time.perf_counter() - clock, time.thread_time() - cpu_clock
+        now = time.perf_counter()
+        waits = [now - wall_s - job.enqueued_at for job, _ in picks if job.done_tokens == 0]
+        self.metrics.record_step(times.unit_s, times.unit_tokens, rows=len(rows), tokens=tokens,
+                                 wall_s=wall_s, cpu_s=cpu_s, queue_waits_s=waits)
+        for (job, take), row, output in zip(picks, rows, outputs, strict=True):
+            share = take / tokens
+            job.busy_s += wall_s * share
+            job.cpu_s += cpu_s * share
+            for unit in range(row.start, row.stop):
+                job.unit_seconds[unit] = job.unit_seconds.get(unit, 0.0) + times.unit_s[unit]
+            job.done_tokens += take
+            if output.error is not None:
+                self._remove(job)
+                job.deliver(output.error)
+            elif job.done_tokens == job.tokens:
+                self._remove(job)
+                job.deliver(self._finish(job, output.out, times))
+            elif job.header.return_hidden and job.header.units[1] < n:
+                assert output.out is not None
+                job.hidden_parts.append(output.out)
+
+    def _row(self, job: Job, take: int, n: int) -> StepRow:
+        prepared = job.prepared
+        assert prepared is not None
+        start, stop = prepared.units
+        last_chunk = job.done_tokens + take == job.tokens
+        if not last_chunk and stop == n:
+            stop = n - 1  # only the last chunk's last position needs the head
+        p0 = prepared.positions[0] + job.done_tokens
+        positions = torch.arange(p0, p0 + take, device=self.device)[None]  # [1, t]
+        x = prepared.x[:, job.done_tokens:job.done_tokens + take]
+        return StepRow(start, stop, x, positions, prepared.cache)
+
+    def _finish(self, job: Job, out: torch.Tensor | None, times: StepTimes) -> ForwardResult:
+        prepared = job.prepared
+        assert prepared is not None and out is not None
+        session, header = job.session, job.header
+        start, stop = prepared.units
+        hidden = logits = token = None
+        if stop == self.stack.n_units:
+            logits_cpu = out.float().cpu()  # [1, V]: the sampler's generator lives on the CPU
+            token = session.sampler(logits_cpu)
+            logits = logits_cpu if header.return_logits else None
+        elif header.return_hidden:
+            whole = torch.cat([*job.hidden_parts, out], dim=1) if job.hidden_parts else out
+            hidden = whole.to(device="cpu", dtype=session.wire_dtype)  # [1, T, D]
+        session.record(prepared, job.busy_s, job.cpu_s, sampled=token is not None)
+        unit_seconds = tuple(job.unit_seconds.get(u, 0.0) for u in range(start, stop))
+        return ForwardResult(hidden, token, logits, unit_seconds, (start, stop), job.cpu_s)
+
+
+def _settle(future: asyncio.Future[ForwardResult], outcome: Outcome) -> None:
+    if future.done():  # the waiter went away (its connection closed)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

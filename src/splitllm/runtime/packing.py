@@ -1,0 +1,126 @@
+"""Packed steps: the rows of many sessions in one sequence, attention per session.
+
+An engine step packs every row into ONE sequence (batch 1, T = all rows' tokens, per-row
+absolute `position_ids`), so each linear layer, norm, rotary table and MLP runs once over all
+rows. Only attention is per session: the layers hand their new keys/values to `cache.update`,
+where a `StepCache` splits them by row group and appends each group to its session segment's own
+cache; the attention function registered here then runs, per group, the model's own attention
+(SDPA or the family's eager code) of the group's queries against that session's whole K/V with
+the causal offset (and sliding window) of its positions. A call without a step (the client side
+or a reference run on the same model object) goes straight to the model's own attention, with
+the model's own masks: installing is invisible to everything but the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from splitllm.runtime.units import SegmentCache
+
+STEP_KWARG = "splitllm_step"  # how a step reaches the attention function through the layers
+PACKED_PREFIX = "splitllm_packed_"
+
+
+@dataclass
+class RowGroup:
+    """The rows [begin, end) of the packed sequence that belong to one session segment."""
+
+    begin: int
+    end: int
+    cache: SegmentCache
+    error: BaseException | None = None  # set when this group's attention failed
+
+
+class StepCache:
+    """The layers' cache during a packed step: appends each group's K/V to its own cache."""
+
+    def __init__(self, groups: list[RowGroup]) -> None:
+        self.groups = groups
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each group's new K/V [1, H, t, d]; keep each session's whole K/V for attention."""
+        self.kv = []
+        for group in self.groups:
+            if group.error is not None:
+                self.kv.append(None)
+                continue
+            try:
+                self.kv.append(group.cache.update(key_states[:, :, group.begin:group.end],
+                                                  value_states[:, :, group.begin:group.end],
+                                                  layer_idx))
+            except Exception as exc:  # this session only: the other rows go on
+                group.error = exc
+                self.kv.append(None)
+        return key_states, value_states
+
+
+def group_mask(q_len: int, kv_len: int, window: int | None, device: torch.device,
+               ) -> torch.Tensor | None:
+    """Which keys each of a group's last q_len positions sees: [1, 1, q, kv] bool, or None = all."""
+    if q_len == 1 and (window is None or kv_len <= window):
+        return None
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [q, 1]
+    key_pos = torch.arange(kv_len, device=device)[None, :]  # [1, kv]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed[None, None]
+
+
+def _base_attention(base: str, module: nn.Module) -> Callable[..., Any]:
+    if base == "eager":  # each family's eager code lives in its modeling module
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _packed_attention(base: str) -> Callable[..., tuple[torch.Tensor, None]]:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None,
+                  **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        step: StepCache | None = kwargs.pop(STEP_KWARG, None)
+        inner = _base_attention(base, module)
+        if step is None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        for group, kv in zip(step.groups, step.kv, strict=True):
+            if kv is None:
+                continue
+            try:
+                keys, values = kv
+                mask = group_mask(group.end - group.begin, keys.shape[2], window, query.device)
+                if mask is not None and base == "eager":  # eager adds its mask to the scores
+                    mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device
+                                       ).masked_fill(~mask, torch.finfo(query.dtype).min)
+                part, _ = inner(module, query[:, :, group.begin:group.end], keys, values, mask,
+                                **kwargs)
+                out[:, group.begin:group.end] = part  # [1, t, H, d]
+            except Exception as exc:  # this session only: the other rows go on
+                group.error = exc
+        return out, None
+
+    return attention
+
+
+def install_packed_attention(model: nn.Module) -> None:
+    """Route the model's attention through the packed dispatcher (a no-op step-less)."""
+    config: Any = model.config
+    base = str(config._attn_implementation)
+    if base.startswith(PACKED_PREFIX):
+        return
+    name = PACKED_PREFIX + base
+    AttentionInterface.register(name, _packed_attention(base))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    for sub in [config, *(getattr(config, k) for k in ("text_config",) if hasattr(config, k))]:
+        sub._attn_implementation = name

@@ -1,0 +1,139 @@
+"""One engine step: every row walks its units once, each unit runs once over all its rows.
+
+Rows join at their first unit and leave after their last. Blocks run on the rows packed into one
+sequence (runtime/packing.py); the packing is rebuilt only where the set of rows changes, so a
+step of sessions with the same server segment packs once. Embed runs once over all rows that
+start there; the head runs once over the last position of every row that reaches it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitllm.runtime.packing import STEP_KWARG, RowGroup, StepCache, install_packed_attention
+from splitllm.runtime.units import SegmentCache, UnitStack
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One row of a step: `x` through units [start, stop) at absolute `positions` [1, t]."""
+
+    start: int
+    stop: int
+    x: torch.Tensor  # token ids [1, t] if start == 0, else hidden states [1, t, D]
+    positions: torch.Tensor  # [1, t]
+    cache: SegmentCache | None
+
+
+@dataclass
+class RowOutput:
+    """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error."""
+
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class StepTimes:
+    """Wall seconds of each unit the step ran, and the tokens (head: rows) it ran them on."""
+
+    unit_s: dict[int, float] = field(default_factory=dict)
+    unit_tokens: dict[int, int] = field(default_factory=dict)
+
+
+class _Packed:
+    """The rows now inside the blocks, packed into one sequence [1, T, D]."""
+
+    def __init__(self, stack: UnitStack, rows: list[StepRow], hidden: dict[int, torch.Tensor],
+                 members: tuple[int, ...]) -> None:
+        self.members = members
+        lengths = [rows[i].positions.shape[1] for i in members]
+        self.hidden = torch.cat([hidden[i] for i in members], dim=1)
+        positions = torch.cat([rows[i].positions for i in members], dim=1)
+        offsets = [sum(lengths[:k]) for k in range(len(members) + 1)]
+        self.groups = [RowGroup(offsets[k], offsets[k + 1], _cache(rows[i]))
+                       for k, i in enumerate(members)]
+        self.cache = StepCache(self.groups)
+        self.stack, self.positions = stack, positions
+        self.kwargs_of: dict[str, dict[str, Any]] = {}
+
+    def kwargs(self, block: int) -> dict[str, Any]:
+        """The block's keyword arguments: the family's own (rotary tables of the packed
+        positions, per attention type), with the step's cache; the masks are ours."""
+        kind = self.stack.layer_types[block]
+        if kind not in self.kwargs_of:
+            kwargs = self.stack._block_kwargs(self.hidden, self.positions, None, kind)
+            kwargs.update({"attention_mask": None, "use_cache": True, STEP_KWARG: self.cache,
+                           self.stack._cache_kw: self.cache})
+            self.kwargs_of[kind] = kwargs
+        return self.kwargs_of[kind]
+
+    def unpack(self, hidden: dict[int, torch.Tensor], outputs: list[RowOutput]) -> None:
+        for i, group in zip(self.members, self.groups, strict=True):
+            hidden[i] = self.hidden[:, group.begin:group.end]
+            if group.error is not None and outputs[i].error is None:
+                outputs[i].error = group.error
+
+
+def _cache(row: StepRow) -> SegmentCache:
+    if row.cache is None:
+        raise ValueError("a row through blocks needs its segment's cache")
+    return row.cache
+
+
+@torch.inference_mode()
+def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], StepTimes]:
+    """Run every row through its units; a failure in one row's attention spares the others."""
+    install_packed_attention(stack.model)  # once per model; a no-op afterwards
+    n = stack.n_units
+    outputs = [RowOutput() for _ in rows]
+    hidden = {i: row.x for i, row in enumerate(rows) if row.start > 0}
+    times = StepTimes()
+    packed: _Packed | None = None
+    for unit in range(min(r.start for r in rows), max(r.stop for r in rows)):
+        clock = time.perf_counter()
+        active = tuple(i for i, r in enumerate(rows)
+                       if r.start <= unit < r.stop and outputs[i].error is None)
+        if packed is not None and (packed.members != active or unit in (0, n - 1)):
+            packed.unpack(hidden, outputs)
+            active = tuple(i for i in active if outputs[i].error is None)
+            packed = None
+        if not active:
+            continue
+        if unit == 0:
+            _embed(stack, rows, active, hidden)
+        elif unit == n - 1:
+            logits = stack.head(torch.cat([hidden[i][:, -1:] for i in active], dim=0))  # [R, V]
+            for k, i in enumerate(active):
+                outputs[i].out = logits[k:k + 1]
+        else:
+            packed = packed or _Packed(stack, rows, hidden, active)
+            out = stack.layers[unit - 1](packed.hidden, **packed.kwargs(unit - 1))
+            packed.hidden = out[0] if isinstance(out, tuple) else out
+        if rows[0].x.is_cuda:
+            torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
+        times.unit_s[unit] = time.perf_counter() - clock
+        times.unit_tokens[unit] = (len(active) if unit == n - 1
+                                   else sum(rows[i].positions.shape[1] for i in active))
+    if packed is not None:
+        packed.unpack(hidden, outputs)
+    for i, row in enumerate(rows):
+        if row.stop < n and outputs[i].error is None:
+            outputs[i].out = hidden[i]
+    return outputs, times
+
+
+def _embed(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
+           hidden: dict[int, torch.Tensor]) -> None:
+    ids = torch.cat([rows[i].x for i in active], dim=1)  # [1, T]
+    positions = torch.cat([rows[i].positions for i in active], dim=1)
+    embedded = stack.embed(ids, positions)  # [1, T, D]
+    begin = 0
+    for i in active:
+        end = begin + rows[i].positions.shape[1]
+        hidden[i] = embedded[:, begin:end]
+        begin = end

@@ -1,0 +1,112 @@
+"""The server's recent history as load-aware policies see it: job delays, utilization, headroom.
+
+Every server job that completes reports its delay (response minus solo service time) and the
+server-seconds it took; every request that finishes reports whether it met its limits. The
+meter keeps time-decayed statistics over `wait_tau_s` (weights `exp(-(now - t) / tau)`):
+- the mean and the `wait_quantile` quantile of job delays (a histogram on the planning
+  grid of delays), both shrinking by `exp(-idle / tau)` while no job completes, so a burst
+  long gone does not keep the server looking busy;
+- utilization: decayed busy server-seconds per second;
+- the tuned headroom: a stochastic-approximation step per finished request, up after a miss
+  and down after a hit, resting where the miss rate is 1 - `headroom_target`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from splitllm.sim.policies import WAIT_FLOOR_S, WAIT_STEPS_PER_DECADE, Load
+from splitllm.sim.world import RequestType, World
+
+RESCALE_AT = 50.0  # weights grow as exp(t / tau); rescale before they overflow
+DECADES = 8  # delays from WAIT_FLOOR_S up to WAIT_FLOOR_S * 10 ** DECADES
+FLOOR_STEP = round(math.log10(WAIT_FLOOR_S) * WAIT_STEPS_PER_DECADE)
+HEADROOM_GAIN = 0.01  # headroom moved per miss (a hit moves it (1 - target) / target as much)
+MAX_HEADROOM = 0.8
+
+
+def met_limits(rtype: RequestType, latency_s: float, ttft_s: float, tpot_s: float) -> bool:
+    """True when one request met its type's SLA (and TTFT / TPOT limits where set)."""
+    slack = 1 + 1e-9
+    return (latency_s <= rtype.sla_s * slack
+            and (rtype.ttft_s is None or ttft_s <= rtype.ttft_s * slack)
+            and (rtype.tpot_s is None or not tpot_s > rtype.tpot_s * slack))
+
+
+def _bucket(delay_s: float) -> int:
+    """0 below WAIT_FLOOR_S, else 1 + the delay's step on the planning grid above the floor."""
+    if delay_s < WAIT_FLOOR_S:
+        return 0
+    step = round(math.log10(delay_s) * WAIT_STEPS_PER_DECADE) - FLOOR_STEP
+    return 1 + min(max(step, 0), DECADES * WAIT_STEPS_PER_DECADE)
+
+
+def _bucket_value(bucket: int) -> float:
+    if bucket == 0:
+        return 0.0
+    return float(10.0 ** ((bucket - 1 + FLOOR_STEP) / WAIT_STEPS_PER_DECADE))
+
+
+class LoadMeter:
+    """Time-decayed job delays, utilization and the self-tuned headroom of one run."""
+
+    def __init__(self, world: World) -> None:
+        self.tau_s = world.wait_tau_s
+        self.quantile = world.wait_quantile
+        self.target = world.headroom_target
+        self.fixed_headroom = world.plan_headroom
+        self.tuned_headroom = world.plan_headroom
+        self.origin_s = 0.0  # weights below are scaled by exp((t - origin_s) / tau_s)
+        self.histogram = [0.0] * (2 + DECADES * WAIT_STEPS_PER_DECADE)
+        self.delay_sum = 0.0
+        self.weight = 0.0
+        self.busy_s = 0.0
+        self.last_job_s = 0.0
+
+    def _scale(self, now_s: float) -> float:
+        x = (now_s - self.origin_s) / self.tau_s
+        if x > RESCALE_AT:
+            shrink = math.exp(-x)
+            self.histogram = [h * shrink for h in self.histogram]
+            self.delay_sum *= shrink
+            self.weight *= shrink
+            self.busy_s *= shrink
+            self.origin_s, x = now_s, 0.0
+        return math.exp(x)
+
+    def job_done(self, now_s: float, delay_s: float, busy_s: float) -> None:
+        """One server job completed after `delay_s` of delay, using `busy_s` server-seconds."""
+        w = self._scale(now_s)
+        self.histogram[_bucket(delay_s)] += w
+        self.delay_sum += w * delay_s
+        self.weight += w
+        self.busy_s += w * busy_s
+        self.last_job_s = now_s
+
+    def request_done(self, met: bool) -> None:
+        """One request finished, within its limits or not: steer the tuned headroom."""
+        step = HEADROOM_GAIN * ((0.0 if met else 1.0) - (1 - self.target)) / self.target
+        self.tuned_headroom = min(max(self.tuned_headroom + step, 0.0), MAX_HEADROOM)
+
+    def _quantile_s(self) -> float:
+        need = self.quantile * self.weight
+        total = 0.0
+        for bucket, h in enumerate(self.histogram):
+            total += h
+            if total >= need:
+                return _bucket_value(bucket)
+        return _bucket_value(len(self.histogram) - 1)
+
+    def load(self, now_s: float) -> Load:
+        """What a request arriving now sees."""
+        now_weight = self._scale(now_s)  # may rescale (to 0 after a long idle spell)
+        if not self.weight:
+            return Load(headroom=self.fixed_headroom, tuned_headroom=self.tuned_headroom)
+        idle = math.exp(-max(now_s - self.last_job_s, 0.0) / self.tau_s)
+        return Load(
+            wait_mean_s=idle * self.delay_sum / self.weight,
+            wait_quantile_s=idle * self._quantile_s(),
+            utilization=self.busy_s / now_weight / self.tau_s,
+            headroom=self.fixed_headroom,
+            tuned_headroom=self.tuned_headroom,
+        )
