@@ -28,6 +28,7 @@ from splitllm.runtime.decoding import (
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.remote import RemoteSession
+from splitllm.runtime.step import run_step
 from splitllm.runtime.transport import ServerError, WebSocketTransport
 from splitllm.runtime.units import UnitStack
 
@@ -259,17 +260,17 @@ def test_sixteen_sessions_at_once(tiny_llama: LoadedModel,
 
 
 def test_compute_runs_off_the_event_loop(tiny_llama: LoadedModel,
-                                         make_server: Callable[..., BackgroundServer]) -> None:
+                                         make_server: Callable[..., BackgroundServer],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     server = make_server(tiny_llama)
-    real_run = server.state.stack.run
     started, release = threading.Event(), threading.Event()
 
-    def held_run(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def held_step(*args: Any, **kwargs: Any) -> Any:
         started.set()
-        release.wait(TIMEOUT_S)  # a forward that lasts until the test lets it finish
-        return real_run(*args, **kwargs)
+        release.wait(TIMEOUT_S)  # an engine step that lasts until the test lets it finish
+        return run_step(*args, **kwargs)
 
-    server.state.stack.run = held_run  # type: ignore[method-assign]
+    monkeypatch.setattr("splitllm.runtime.engine.run_step", held_step)
     busy = RawClient(server.ws_url)
     session = busy.open("CCCSSS")
     busy.forward(session, (3, 6), (0, 2), hidden(2))
