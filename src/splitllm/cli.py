@@ -17,6 +17,7 @@ from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.planner.speculation import Speculation
 from splitllm.runtime.commands import demo, generate_command, proxy, serve
+from splitllm.runtime.measure_commands import fidelity, profile
 from splitllm.sim.commands import simulate
 
 if TYPE_CHECKING:
@@ -204,6 +205,8 @@ app.command(name="generate")(generate_command)
 app.command()(demo)
 app.command()(proxy)
 app.command()(simulate)
+app.command()(fidelity)
+app.command()(profile)
 
 
 def main() -> None:

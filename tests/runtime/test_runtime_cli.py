@@ -68,6 +68,7 @@ def test_generate_split_equals_local(served: str, tiny_llama_dir: Path) -> None:
         assert split["tokens"] == local["tokens"] and split["text"] == local["text"]
         assert split["placement"] == placement
         assert set(split) >= {"tokens", "text", "placement", "ttft_s", "tpot_s"}
+        assert "predicted" not in split  # a fixed placement promises nothing
     for speculate in ("4", "auto"):
         fast = run_cli(*common, "--server", served, "--placement", "CSSSSC", "--token", TOKEN,
                        "--speculate", speculate)
@@ -83,6 +84,10 @@ def test_auto_placement_over_an_emulated_link(served: str, tiny_llama_dir: Path)
                   "--emulate-client-slowdown", "2")
     assert len(str(out["placement"])) == 6 and set(str(out["placement"])) <= {"C", "S"}
     assert "EMULATED link lan" in str(out["emulation"])
+    predicted = out["predicted"]  # what the plan promised, beside the measured figures
+    assert isinstance(predicted, dict)
+    assert set(predicted) == {"ttft_s", "tpot_s", "e2e_s", "server_cpu_s"}
+    assert 0 < predicted["ttft_s"] <= predicted["e2e_s"] <= float(out["sla_s"])  # type: ignore[arg-type]
     presets = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "quick fox",
                       "--max-new-tokens", "2", "--json", "--server", served, "--token", TOKEN,
                       "--client-device", "phone", "--server-device", "datacenter-gpu")

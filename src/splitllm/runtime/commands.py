@@ -18,6 +18,7 @@ from splitllm.errors import UserError
 
 if TYPE_CHECKING:
     from splitllm.runtime.autoplace import AutoPlan
+    from splitllm.runtime.client import Session
     from splitllm.runtime.models import LoadedModel
     from splitllm.runtime.protocol import Sampling
 
@@ -188,12 +189,21 @@ def generate_command(
                          emulate_client_slowdown=emulate_client_slowdown) as session:
                 if session.emulation:
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
+                plans: list[AutoPlan] = []
+
+                def on_plan(auto: AutoPlan) -> None:
+                    _print_plan(auto)
+                    plans.append(auto)
+
                 result = session.generate(ids, max_new_tokens, placement=placement,
                                           sampling=sampling, sla_s=sla_s,
                                           client_device=client_device,
                                           server_device=server_device,
-                                          prefill_chunk=prefill_chunk, on_plan=_print_plan,
+                                          prefill_chunk=prefill_chunk, on_plan=on_plan,
                                           on_text=on_text, speculate=drafts).to_json()
+                for auto in plans:  # what the auto placement promised, beside what it did
+                    result |= _promise(session, auto, len(ids), max_new_tokens, client_device,
+                                       server_device)
     except ServerError as exc:
         raise UserError(f"server: {exc}") from None
     if as_json:
@@ -224,6 +234,19 @@ def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
         raise UserError("--speculate needs greedy decoding (--temperature 0): sampled "
                         "speculation is not supported")
     return drafts
+
+
+def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: int,
+             client_device: str, server_device: str | None) -> dict[str, object]:
+    """What an auto placement promised: its SLA and the predicted figures (`--json`)."""
+    from dataclasses import asdict
+
+    from splitllm.runtime.fidelity import predict
+
+    first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
+    figures = asdict(predict(auto.instance, first, auto.plan.placement, new_tokens))
+    return {"sla_s": auto.instance.sla_s,
+            "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
 
 
 def _print_plan(auto: AutoPlan) -> None:

@@ -1,0 +1,224 @@
+"""Predicted against measured: the planner's promise for a placement beside what the runtime did.
+
+A grid of points (emulated condition x prompt/output length x placement) runs through a `Bench`:
+it gives the planner's instances for a request (the whole generation, and its first token
+alone) and measures a generation with a fixed placement. The arithmetic here (predictions from
+instances, relative errors, their summary) is pure, so it is tested on a fake bench whose times
+are known.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from splitllm.placement import CLIENT, SERVER, Placement
+from splitllm.planner.instance import Instance, evaluate
+from splitllm.planner.network import carried_bytes
+
+METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes", "server_busy_s")
+PLACEMENT_KINDS = ("server-only", "best-single-cut", "exact", "multi-switch")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one generation costs, predicted or measured."""
+
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    server_cpu_s: float  # CPU seconds of the server's compute (robust to other load)
+    wire_bytes: float
+    server_busy_s: float  # wall seconds of the server's compute (what the profile times)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What is emulated at a point: the link shaping (None: the real loopback) and slowdown."""
+
+    link: str | None = None
+    client_slowdown: float = 1.0
+
+    @property
+    def label(self) -> str:
+        link = f"EMULATED {self.link}" if self.link else "loopback"
+        slow = f", EMULATED client x{self.client_slowdown:g}" if self.client_slowdown > 1 else ""
+        return link + slow
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured placement of one request under one condition."""
+
+    condition: Condition
+    prompt_tokens: int
+    new_tokens: int
+    kinds: tuple[str, ...]  # which planner choices this placement is (e.g. exact and best cut)
+    placement: str
+    sla_s: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """A point with the planner's prediction and the runtime's measurement."""
+
+    point: Point
+    predicted: Figures
+    measured: Figures
+
+    def rel_err(self, metric: str) -> float:
+        """(predicted - measured) / measured for one metric."""
+        return rel_err(getattr(self.predicted, metric), getattr(self.measured, metric))
+
+
+class Bench(Protocol):
+    """A runtime the grid measures: the planner's view of a request and a real generation."""
+
+    def instances(self, condition: Condition, prompt_tokens: int, new_tokens: int
+                  ) -> tuple[Instance, Instance]:
+        """(the whole generation, its first token alone), both without an SLA."""
+
+    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                placement: str) -> Figures:
+        """Run one generation of exactly new_tokens tokens with this placement."""
+
+
+def rel_err(predicted: float, measured: float) -> float:
+    """Relative error of a prediction; 0 when both are 0, inf when only the measurement is."""
+    if measured == 0:
+        return 0.0 if predicted == 0 else math.inf
+    return (predicted - measured) / measured
+
+
+def wire_bytes(instance: Instance, placement: Placement) -> float:
+    """Bytes a placement sends over the wire in the whole request (both directions)."""
+    carried = carried_bytes(instance.input_bytes, [u.out_bytes for u in instance.units],
+                            instance.output_bytes)  # [L + 1]
+    on_server = [side == SERVER for side in placement.sides]
+    sides = np.array([False, *on_server, False])  # [L + 2]: starts and ends on the client
+    return float(carried[sides[:-1] != sides[1:]].sum())
+
+
+def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: int) -> Figures:
+    """The planner's figures for a placement: first token from `first`, the rest from `whole`."""
+    plan = evaluate(whole, placement)
+    ttft_s = evaluate(first, placement).latency_s
+    tpot_s = (plan.latency_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
+    return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=plan.latency_s,
+                   server_cpu_s=plan.server_work, wire_bytes=wire_bytes(whole, placement),
+                   server_busy_s=plan.server_work)
+
+
+def multi_switch(n_units: int) -> Placement:
+    """A fixed plan with four switches: C | S first half of the blocks | C | S | C head."""
+    blocks = n_units - 2
+    half, three_quarters = blocks // 2, (3 * blocks) // 4
+    sides = [CLIENT] + [SERVER if b < half or b >= three_quarters else CLIENT
+                        for b in range(blocks)] + [CLIENT]
+    return Placement("".join(sides))
+
+
+def grid_placements(instance: Instance, sla_s: float) -> dict[str, tuple[str, ...]]:
+    """Placement -> the planner choices it stands for (server-only, best cut, exact, multi)."""
+    from splitllm.planner.solvers import solve
+
+    n = len(instance)
+    constrained = _with_sla(instance, sla_s)
+    chosen = {"server-only": Placement(SERVER * n), "multi-switch": multi_switch(n)}
+    for solver in ("best-single-cut", "exact"):
+        plan = solve(constrained, solver=solver)
+        if plan is not None:
+            chosen[solver] = plan.placement
+    kinds: dict[str, tuple[str, ...]] = {}
+    for kind in PLACEMENT_KINDS:
+        if kind in chosen:
+            key = str(chosen[kind])
+            kinds[key] = (*kinds.get(key, ()), kind)
+    return kinds
+
+
+def _with_sla(instance: Instance, sla_s: float) -> Instance:
+    from dataclasses import replace
+
+    return replace(instance, sla_s=sla_s)
+
+
+def run_grid(bench: Bench, *, conditions: Sequence[Condition],
+             lengths: Sequence[tuple[int, int]], sla_factor: float) -> list[Result]:
+    """Every condition x (prompt, output) length x grid placement: predicted and measured.
+
+    The SLA of a point is sla_factor times the faster uniform placement's predicted latency,
+    so that the exact plan has room to move units to the client.
+    """
+    from splitllm.runtime.autoplace import fastest_uniform_s
+
+    results = []
+    for condition in conditions:
+        for prompt_tokens, new_tokens in lengths:
+            whole, first = bench.instances(condition, prompt_tokens, new_tokens)
+            sla_s = sla_factor * fastest_uniform_s(whole)
+            for placement, kinds in grid_placements(whole, sla_s).items():
+                point = Point(condition=condition, prompt_tokens=prompt_tokens,
+                              new_tokens=new_tokens, kinds=kinds, placement=placement,
+                              sla_s=sla_s)
+                predicted = predict(whole, first, Placement(placement), new_tokens)
+                measured = bench.measure(condition, prompt_tokens, new_tokens, placement)
+                results.append(Result(point=point, predicted=predicted, measured=measured))
+    return results
+
+
+def summarize(results: Sequence[Result]) -> dict[str, Any]:
+    """`{"points": N, "metrics": {metric: {"median_abs_rel_err", "max_abs_rel_err"}}}`."""
+    metrics = {}
+    for metric in METRICS:
+        errors = [abs(r.rel_err(metric)) for r in results
+                  if not (metric == "tpot_s" and r.point.new_tokens < 2)]
+        metrics[metric] = {"median_abs_rel_err": statistics.median(errors) if errors else 0.0,
+                           "max_abs_rel_err": max(errors, default=0.0)}
+    return {"points": len(results), "metrics": metrics}
+
+
+def saving_gap(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """Per split point: the server-work saving against server-only, planned and measured."""
+    rows = []
+    for r in results:
+        if "server-only" in r.point.kinds:
+            continue
+        base = next((b for b in results if "server-only" in b.point.kinds
+                     and (b.point.condition, b.point.prompt_tokens, b.point.new_tokens)
+                     == (r.point.condition, r.point.prompt_tokens, r.point.new_tokens)), None)
+        if base is None or base.measured.server_cpu_s <= 0 or base.predicted.server_cpu_s <= 0:
+            continue
+        planned = 1 - r.predicted.server_cpu_s / base.predicted.server_cpu_s
+        measured = 1 - r.measured.server_cpu_s / base.measured.server_cpu_s
+        rows.append({"placement": r.point.placement, "kinds": list(r.point.kinds),
+                     "condition": r.point.condition.label, "planned_saving": planned,
+                     "measured_saving": measured, "gap_points": 100 * (measured - planned)})
+    return rows
+
+
+def visit_residual_s(result: Result) -> float | None:
+    """Unexplained e2e seconds per visit to the server per pass (None without a visit).
+
+    A fixed cost per message (framing, thread hand-offs, a process woken on a loaded machine)
+    would show as the same residual at every point.
+    """
+    visits = sum(segment.side == SERVER for segment in Placement(result.point.placement).segments())
+    if not visits:
+        return None
+    passes = max(result.point.new_tokens, 1)
+    return (result.measured.e2e_s - result.predicted.e2e_s) / (visits * passes)
+
+
+def results_json(results: Sequence[Result]) -> dict[str, Any]:
+    """The whole grid as one JSON document: summary, savings and every point."""
+    points = [{**asdict(r.point), "condition_label": r.point.condition.label,
+               "predicted": asdict(r.predicted), "measured": asdict(r.measured),
+               "rel_err": {m: r.rel_err(m) for m in METRICS},
+               "visit_residual_s": visit_residual_s(r)} for r in results]
+    return {**summarize(results), "savings": saving_gap(results), "results": points}

@@ -1,0 +1,232 @@
+"""`splitllm fidelity` on the real runtime: a server, real split sessions, and the report.
+
+Predictions come from the same instance `placement="auto"` plans on (`Session.instance`: the
+client's measured profile times its emulated slowdown, the server's published profile, the
+link measured through any emulation); measurements from real generations of exactly the
+requested number of tokens with the placement fixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitllm.errors import UserError
+from splitllm.planner.instance import Instance
+from splitllm.runtime.client import Session, connect
+from splitllm.runtime.fidelity import (
+    METRICS,
+    Condition,
+    Figures,
+    Result,
+    results_json,
+    run_grid,
+    saving_gap,
+    summarize,
+    visit_residual_s,
+)
+from splitllm.runtime.models import LoadedModel
+
+QUICK_CONDITIONS = (Condition(), Condition(link="wifi", client_slowdown=2.0))
+FULL_CONDITIONS = (Condition(), Condition(client_slowdown=2.0), Condition(link="wifi"),
+                   Condition(link="wifi", client_slowdown=2.0), Condition(link="4g"))
+QUICK_LENGTHS = ((32, 8),)
+FULL_LENGTHS = ((16, 8), (64, 16), (128, 8))
+TARGET_MEDIAN, TARGET_MAX, TARGET_SAVING_POINTS = 0.10, 0.25, 3.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FidelityOptions:
+    """What `splitllm fidelity` runs."""
+
+    server: str
+    token: str | None = None
+    quick: bool = False
+    repeats: int = 2
+    sla_factor: float = 1.3
+    threads: int = 1
+
+
+class RealBench:
+    """The real runtime as a `Bench`: one connection per emulated condition."""
+
+    def __init__(self, loaded: LoadedModel, opts: FidelityOptions) -> None:
+        self.loaded = loaded
+        self.opts = opts
+        self._sessions: dict[Condition, Session] = {}
+
+    def session(self, condition: Condition) -> Session:
+        """The connection of a condition (opened, warmed up and its link measured once)."""
+        if condition not in self._sessions:
+            session = connect(self.opts.server, self.loaded, token=self.opts.token,
+                              emulate_link=condition.link,
+                              emulate_client_slowdown=condition.client_slowdown)
+            n = session.stack.n_units
+            session.generate(self.prompt(8), 2, placement="S" * n, chat=False)  # warm up
+            session.generate(self.prompt(8), 2, placement="C" * n, chat=False)
+            self._sessions[condition] = session
+        return self._sessions[condition]
+
+    def prompt(self, prompt_tokens: int) -> list[int]:
+        """A deterministic prompt of exactly this many tokens (ids of the vocabulary's middle)."""
+        vocab = self.loaded.model.config.vocab_size
+        return [(vocab // 3 + 7 * i) % vocab for i in range(prompt_tokens)]
+
+    def instances(self, condition: Condition, prompt_tokens: int, new_tokens: int
+                  ) -> tuple[Instance, Instance]:
+        session = self.session(condition)
+        whole, _ = session.instance(prompt_tokens, new_tokens)
+        first, _ = session.instance(prompt_tokens, 1)
+        return whole, first
+
+    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                placement: str) -> Figures:
+        session = self.session(condition)
+        runs = [session.generate(self.prompt(prompt_tokens), new_tokens, placement=placement,
+                                 chat=False, stop_at_eos=False)
+                for _ in range(max(self.opts.repeats, 1))]
+        best = min(runs, key=lambda g: g.wall_s)  # the least disturbed by other load
+        return Figures(ttft_s=best.ttft_s, tpot_s=best.tpot_s, e2e_s=best.wall_s,
+                       server_cpu_s=best.server_cpu_s,
+                       wire_bytes=float(best.bytes_sent + best.bytes_received),
+                       server_busy_s=best.server_busy_s)
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+
+
+def run_fidelity(loaded: LoadedModel, opts: FidelityOptions) -> list[Result]:
+    """The grid on a running server (quick: 2 conditions x 1 length; full: 5 x 3)."""
+    if opts.repeats < 1 or opts.sla_factor < 1:
+        raise UserError("--repeats must be >= 1 and --sla-factor >= 1")
+    bench = RealBench(loaded, opts)
+    try:
+        return run_grid(bench, conditions=QUICK_CONDITIONS if opts.quick else FULL_CONDITIONS,
+                        lengths=QUICK_LENGTHS if opts.quick else FULL_LENGTHS,
+                        sla_factor=opts.sla_factor)
+    finally:
+        bench.close()
+
+
+@contextlib.contextmanager
+def local_server(model: str, threads: int) -> Iterator[str]:
+    """A `splitllm serve` child process pinned to the last core (the client keeps the others)."""
+    import tempfile
+
+    from splitllm.runtime.demo import free_port, start_server, stop_server, wait_healthy
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        proc = start_server(model, port, log, threads)
+        try:
+            _pin_apart(proc.pid)
+            wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            yield f"ws://127.0.0.1:{port}"
+        finally:
+            stop_server(proc)
+
+
+def _pin_apart(server_pid: int) -> None:
+    """Server on the last core, this process on the rest, where the OS lets us pin."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(server_pid, {cores[-1]})
+        os.sched_setaffinity(0, set(cores[:-1]))
+
+
+def write_report(results: list[Result], out: Path, header: str) -> None:
+    """report.md, results.json and the plots into out."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results_json(results), indent=1))
+    plots = _plots(results, out)
+    (out / "report.md").write_text(report_md(results, header, plots))
+
+
+def report_md(results: list[Result], header: str, plots: list[str]) -> str:
+    """The fidelity report: what was emulated, the error summary against targets, every point."""
+    summary = summarize(results)["metrics"]
+    busy_s = sum(r.measured.server_busy_s for r in results)
+    share = sum(r.measured.server_cpu_s for r in results) / busy_s if busy_s else 0.0
+    lines = ["# Fidelity: the planner's predictions against the real runtime\n", header, "",
+             f"Contention: while it computed, the server's thread got {share:.0%} of a core "
+             "(its CPU seconds over its busy wall seconds); the profiles it and the client "
+             "plan with are wall times, measured at their start.", "",
+             "| metric | median abs rel err | max abs rel err | target (<= 10% / <= 25%) |",
+             "|---|---|---|---|"]
+    for metric in METRICS:
+        med, worst = summary[metric]["median_abs_rel_err"], summary[metric]["max_abs_rel_err"]
+        ok = "met" if med <= TARGET_MEDIAN and worst <= TARGET_MAX else "**missed**"
+        lines.append(f"| {metric} | {med:.1%} | {worst:.1%} | {ok} |")
+    lines += ["", "Server-work saving of each split against server-only (server CPU s), "
+              f"target: within {TARGET_SAVING_POINTS:g} points of the plan", "",
+              "| condition | placement | planned | measured | gap (points) |",
+              "|---|---|---|---|---|"]
+    for row in saving_gap(results):
+        lines.append(f"| {row['condition']} | {'/'.join(row['kinds'])} `{row['placement']}` | "
+                     f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
+                     f"{row['gap_points']:+.1f} |")
+    lines += ["", "Every point (predicted / measured), and the e2e residual per visit to the "
+              "server per pass (measured - predicted):", "",
+              "| condition | P | G | kinds | " + " | ".join(METRICS) + " | residual/visit |",
+              "|---|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    for r in results:
+        cells = [f"{getattr(r.predicted, m):.4g} / {getattr(r.measured, m):.4g}" for m in METRICS]
+        residual = visit_residual_s(r)
+        cells.append("" if residual is None else f"{residual * 1e3:+.1f} ms")
+        lines.append(f"| {r.point.condition.label} | {r.point.prompt_tokens} | "
+                     f"{r.point.new_tokens} | {'/'.join(r.point.kinds)} | " + " | ".join(cells)
+                     + " |")
+    lines += ["", *[f"![{p}]({p})" for p in plots], ""]
+    return "\n".join(lines)
+
+
+def _plots(results: list[Result], out: Path) -> list[str]:
+    """predicted_vs_measured.png (one panel per metric) and errors.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        xs = [getattr(r.measured, metric) for r in results]
+        ys = [getattr(r.predicted, metric) for r in results]
+        ax.scatter(xs, ys, s=14)
+        top = max([*xs, *ys, 1e-9])
+        ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+        ax.set(title=metric, xlabel="measured", ylabel="predicted")
+    fig.tight_layout()
+    fig.savefig(out / "predicted_vs_measured.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot([[100 * r.rel_err(m) for r in results] for m in METRICS], tick_labels=list(METRICS))
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(ylabel="(predicted - measured) / measured, %", title="error per metric")
+    fig.tight_layout()
+    fig.savefig(out / "errors.png", dpi=90)
+    plt.close(fig)
+    return ["predicted_vs_measured.png", "errors.png"]
+
+
+def header_text(model: str, opts: FidelityOptions, server_started: bool) -> str:
+    """What ran and what was emulated, for the top of every report."""
+    where = "a local `splitllm serve` child process pinned to its own core" if server_started \
+        else f"the server at {opts.server}"
+    return (f"Model {model}; {where}; the client in this process "
+            f"({os.cpu_count()} cores, shared with other work). EMULATED: the links (delay and "
+            "bandwidth shaping in the client's transport) and client slowdowns (the client "
+            "sleeps its layers' time times the factor) named per condition; `loopback` is the "
+            f"real local socket. Each point is the fastest of {opts.repeats} runs; the SLA of a "
+            f"point is {opts.sla_factor:g}x the faster uniform placement's predicted latency. "
+            "Predictions: `Session.instance` (what placement=auto plans on).")
+

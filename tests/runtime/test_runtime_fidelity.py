@@ -1,0 +1,149 @@
+"""The fidelity grid: its arithmetic on a fake bench with known times, one real quick point."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from splitllm.placement import Placement
+from splitllm.planner.instance import Instance, Unit, evaluate
+from splitllm.planner.network import Link
+from splitllm.runtime.fidelity import (
+    METRICS,
+    Condition,
+    Figures,
+    multi_switch,
+    predict,
+    results_json,
+    run_grid,
+    summarize,
+    visit_residual_s,
+    wire_bytes,
+)
+from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, write_report
+from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.models import LoadedModel
+
+LINK = Link(uplink_bytes_per_s=1e6, downlink_bytes_per_s=2e6, rtt_s=0.02)
+# Each metric's measured value is the prediction divided by this: relative error f - 1 exactly.
+FACTORS = {"loopback": 1.25, "slow": 0.8}
+
+
+def instance(passes: int, client_factor: float) -> Instance:
+    """Four units, the blocks 10 ms on the server per pass, the client client_factor slower."""
+    seconds = (0.001, 0.01, 0.01, 0.002)
+    units = tuple(Unit(name=name, client_s=s * passes * client_factor, server_s=s * passes,
+                       server_work=s * passes, out_bytes=1000.0 * (i + 1))
+                  for i, (name, s) in enumerate(zip(("embed", "b0", "b1", "head"), seconds,
+                                                    strict=True)))
+    return Instance(units=units, link=LINK, sla_s=float("inf"), input_bytes=64.0 * passes,
+                    output_bytes=16.0 * passes, passes=passes)
+
+
+class FakeBench:
+    """Known instances; measurements are the predictions scaled by a known factor."""
+
+    def __init__(self) -> None:
+        self.measured: list[tuple[Condition, int, int, str]] = []
+
+    def instances(self, condition: Condition, prompt_tokens: int, new_tokens: int
+                  ) -> tuple[Instance, Instance]:
+        factor = condition.client_slowdown * 2
+        return instance(new_tokens, factor), instance(1, factor)
+
+    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                placement: str) -> Figures:
+        self.measured.append((condition, prompt_tokens, new_tokens, placement))
+        whole, first = self.instances(condition, prompt_tokens, new_tokens)
+        truth = predict(whole, first, Placement(placement), new_tokens)
+        f = FACTORS["slow" if condition.client_slowdown > 1 else "loopback"]
+        return Figures(**{m: getattr(truth, m) / f for m in METRICS})
+
+
+def test_predict_follows_the_instance() -> None:
+    whole, first = instance(5, 2.0), instance(1, 2.0)
+    figures = predict(whole, first, Placement("CSSC"), 5)
+    assert figures.e2e_s == pytest.approx(evaluate(whole, Placement("CSSC")).latency_s)
+    assert figures.ttft_s == pytest.approx(evaluate(first, Placement("CSSC")).latency_s)
+    assert figures.tpot_s == pytest.approx((figures.e2e_s - figures.ttft_s) / 4)
+    assert figures.server_cpu_s == pytest.approx(0.02 * 5)
+    # Up after embed (1000 B), down after b1 (3000 B); server-only: the ids and the tokens.
+    assert wire_bytes(whole, Placement("CSSC")) == 4000.0
+    assert wire_bytes(whole, Placement("SSSS")) == 64.0 * 5 + 16.0 * 5
+    assert wire_bytes(whole, Placement("CCCC")) == 0.0
+
+
+def test_grid_errors_are_computed_exactly() -> None:
+    bench = FakeBench()
+    conditions = (Condition(), Condition(link="wifi", client_slowdown=2.0))
+    results = run_grid(bench, conditions=conditions, lengths=((8, 4), (16, 1)), sla_factor=1.3)
+    assert len(results) == len(bench.measured)
+    assert {r.point.placement for r in results} >= {"SSSS", str(multi_switch(4))}
+    for r in results:
+        f = FACTORS["slow" if r.point.condition.client_slowdown > 1 else "loopback"]
+        for metric in METRICS:
+            if getattr(r.measured, metric):
+                assert r.rel_err(metric) == pytest.approx(f - 1)
+    summary = summarize(results)
+    assert summary["points"] == len(results)
+    for metric in ("ttft_s", "e2e_s", "server_cpu_s"):
+        errors = [abs(r.rel_err(metric)) for r in results]
+        assert summary["metrics"][metric]["median_abs_rel_err"] == statistics.median(errors)
+        assert summary["metrics"][metric]["max_abs_rel_err"] == pytest.approx(0.25)
+    # A single output token has no time per output token: those points do not count for tpot.
+    tpot_points = [r for r in results if r.point.new_tokens > 1]
+    assert summary["metrics"]["tpot_s"]["max_abs_rel_err"] == pytest.approx(
+        max(abs(r.rel_err("tpot_s")) for r in tpot_points))
+
+
+def test_each_placement_is_measured_once_with_all_its_kinds() -> None:
+    bench = FakeBench()
+    results = run_grid(bench, conditions=(Condition(),), lengths=((8, 4),), sla_factor=3.0)
+    placements = [r.point.placement for r in results]
+    assert len(placements) == len(set(placements))
+    kinds = [k for r in results for k in r.point.kinds]
+    assert sorted(kinds) == sorted(("server-only", "best-single-cut", "exact", "multi-switch"))
+
+
+def test_saving_and_report(tmp_path: Path) -> None:
+    bench = FakeBench()
+    results = run_grid(bench, conditions=(Condition(),), lengths=((8, 4),), sla_factor=1.3)
+    document = results_json(results)
+    for r in results:  # measured = predicted / 1.25: e2e residual 0.2 x predicted e2e
+        residual = visit_residual_s(r)
+        visits = {"SSSS": 1, "CSSC": 1, "CCCC": 0}.get(r.point.placement)
+        if visits is not None:
+            assert residual == (None if not visits else
+                                pytest.approx(-0.2 * r.predicted.e2e_s / (visits * 4)))
+    # Both sides scaled by the same factor: the measured saving equals the planned one.
+    for row in document["savings"]:
+        assert row["gap_points"] == pytest.approx(0.0, abs=1e-9)
+    write_report(results, tmp_path, "EMULATED: nothing (a fake bench)")
+    assert json.loads((tmp_path / "results.json").read_text())["points"] == len(results)
+    assert "EMULATED" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
+
+
+def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    opts = FidelityOptions(server=llama_server.ws_url, repeats=1)
+    bench = RealBench(tiny_llama, opts)
+    try:
+        results = run_grid(bench, conditions=(Condition(),), lengths=((8, 3),), sla_factor=1.3)
+    finally:
+        bench.close()
+    by_kind = {k: r for r in results for k in r.point.kinds}
+    server_only = by_kind["server-only"]
+    assert server_only.measured.server_cpu_s > 0 and server_only.predicted.server_cpu_s > 0
+    assert server_only.measured.wire_bytes > 0
+    for r in results:
+        no_server = "S" not in r.point.placement
+        assert (r.measured.server_cpu_s == 0) == no_server
+        assert (r.measured.wire_bytes == 0) == no_server
+        assert (r.predicted.wire_bytes == 0) == no_server
+        assert r.measured.e2e_s >= r.measured.ttft_s > 0
+    multi = by_kind["multi-switch"]
+    # Real frames against the planner's wire sizes: hidden states dominate, both count them.
+    assert multi.predicted.wire_bytes == pytest.approx(multi.measured.wire_bytes, rel=0.2)
