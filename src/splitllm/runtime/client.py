@@ -33,7 +33,7 @@ from splitllm.runtime.autoplace import (
     request_instance,
 )
 from splitllm.runtime.decoding import SplitPipe
-from splitllm.runtime.dialer import DEFAULT_SERVER, Connection, Dialer
+from splitllm.runtime.dialer import DEFAULT_SERVER, Connection, Dialer, fetch_info
 from splitllm.runtime.link_probe import measure_link
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, profile_units
@@ -43,7 +43,8 @@ from splitllm.runtime.textstream import TextStream
 from splitllm.runtime.transport import CONNECT_TIMEOUT_S, ServerError, Transport
 from splitllm.runtime.units import UnitStack
 
-__all__ = ["DEFAULT_SERVER", "Generation", "GenerationInterrupted", "Session", "connect"]
+__all__ = ["DEFAULT_SERVER", "Generation", "GenerationInterrupted", "Session", "connect",
+           "fetch_info"]
 
 
 @dataclass(frozen=True, kw_only=True)
