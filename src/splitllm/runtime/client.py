@@ -2,14 +2,16 @@
 
 The client drives every forward pass: it runs its own segments and, at each switch to the
 server, sends the hidden states (or token ids) up and waits for the server segment's output.
-The pieces: the wire session (remote.py), link measurement (link_probe.py), streaming text
-(textstream.py) and planning (autoplace.py).
+The pieces: reaching a server (dialer.py), the wire session (remote.py), surviving a lost
+server (resume.py), link measurement (link_probe.py), streaming text (textstream.py) and
+planning (autoplace.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from splitllm.errors import UserError
-from splitllm.placement import Placement
+from splitllm.placement import SERVER, Placement
 from splitllm.planner.hardware import link_preset
 from splitllm.planner.instance import Instance
 from splitllm.planner.network import Link
@@ -30,21 +32,24 @@ from splitllm.runtime.autoplace import (
     plan_request,
     request_instance,
 )
-from splitllm.runtime.decoding import SplitPipe, timed_generation
+from splitllm.runtime.decoding import SplitPipe
+from splitllm.runtime.dialer import DEFAULT_SERVER, Connection, Dialer, fetch_info
 from splitllm.runtime.link_probe import measure_link
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.remote import REPLY_TIMEOUT_S, RemoteSession
+from splitllm.runtime.resume import DEFAULT_RETRY_S, Backoff, Resumable, is_lost, redial
 from splitllm.runtime.textstream import TextStream
-from splitllm.runtime.transport import EmulatedLink, Transport, WebSocketTransport
+from splitllm.runtime.transport import CONNECT_TIMEOUT_S, ServerError, Transport
 from splitllm.runtime.units import UnitStack
 
-DEFAULT_SERVER = "ws://127.0.0.1:8765"
+__all__ = ["DEFAULT_SERVER", "Generation", "GenerationInterrupted", "Session", "connect",
+           "fetch_info"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Generation:
-    """One finished generation and what it cost."""
+    """One generation and what it cost; `error` says why it stopped early (None: complete)."""
 
     tokens: tuple[int, ...]
     text: str
@@ -62,8 +67,15 @@ class Generation:
     round_trips: int = 0  # messages to server segments and back
     drafted: int = 0  # speculative decoding: draft tokens verified...
     accepted: int = 0  # ... and accepted
+    reconnects: int = 0  # lost connections survived by reconnecting and replaying
+    replay_mismatches: int = 0  # replayed tokens sampled differently (0: the replay was exact)
+    error: str | None = None
     auto: AutoPlan | None = field(default=None, repr=False)  # what placement="auto" decided
     logits: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,26 +90,57 @@ class Generation:
                 "client_busy_s": self.client_busy_s, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "emulation": self.emulation,
                 "round_trips": self.round_trips, "drafted": self.drafted,
-                "accepted": self.accepted}
+                "accepted": self.accepted,
+                "complete": self.complete, "error": self.error, "reconnects": self.reconnects,
+                "replay_mismatches": self.replay_mismatches}
+
+
+class GenerationInterrupted(ServerError):
+    """The server failed mid-generation and none came back in time; `partial` has the tokens."""
+
+    def __init__(self, cause: ServerError, partial: Generation) -> None:
+        super().__init__(cause.code, cause.message)
+        self.partial = partial
 
 
 class Session:
-    """A connection to a splitllm server, with the client's copy of the model."""
+    """A connection to a splitllm server (or the next of several), with the client's model."""
 
-    def __init__(self, server: str, loaded: LoadedModel, transport: Transport,
-                 info: dict[str, Any], *, wire_dtype: str = "float32", slowdown: float = 1.0,
-                 emulation: str | None = None, timeout_s: float = REPLY_TIMEOUT_S) -> None:
-        self.server = server
+    def __init__(self, loaded: LoadedModel, dialer: Dialer, *, wire_dtype: str = "float32",
+                 slowdown: float = 1.0, emulation: str | None = None,
+                 timeout_s: float = REPLY_TIMEOUT_S, backoff: Backoff = Backoff()) -> None:
         self.loaded = loaded
         self.stack = UnitStack(loaded.model)
-        self.transport = transport
-        self.info = info
+        self.dialer = dialer
         self.wire_dtype = wire.wire_dtype_name(wire_dtype)
         self.slowdown = slowdown
         self.emulation = emulation
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # for each reply: longer without one counts as a lost server
+        self.backoff = backoff
         self.link: Link | None = None
         self._client_profile: UnitProfile | None = None
+        self.connection: Connection = dialer.dial()
+        self._transports: list[Transport] = [self.connection.transport]  # for byte counts
+
+    @property
+    def server(self) -> str:
+        return self.connection.server
+
+    @property
+    def transport(self) -> Transport:
+        return self.connection.transport
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.connection.info
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(transport.bytes_sent for transport in self._transports)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(transport.bytes_received for transport in self._transports)
 
     def __enter__(self) -> Session:
         return self
@@ -108,6 +151,14 @@ class Session:
     def close(self) -> None:
         """Close the connection (the server frees any session left open)."""
         self.transport.close()
+
+    def reconnect(self, deadline: float) -> None:
+        """Drop the connection and dial again, servers in order with backoff, until `deadline`
+        (time.monotonic()); the last dial's error if none answered by then."""
+        with contextlib.suppress(Exception):  # it is already broken
+            self.transport.close()
+        self.connection = redial(self.dialer.dial, self.backoff, deadline)
+        self._transports.append(self.connection.transport)
 
     def measure_link(self) -> Link:
         """Measure (once) the RTT and bandwidths to the server, through any emulation."""
@@ -145,7 +196,8 @@ class Session:
                  prefill_chunk: int = 512, return_logits: bool = False, speculate: int | str = 0,
                  on_plan: Callable[[AutoPlan], None] | None = None,
                  on_text: Callable[[str], None] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+                 on_token: Callable[[int], None] | None = None,
+                 on_notice: Callable[[str], None] | None = None) -> Generation:
         """Generate up to max_new_tokens tokens with a split; on_text receives text as it comes.
 
         placement="auto" asks the planner (sla_s, client_device and server_device say how) and
@@ -153,6 +205,9 @@ class Session:
         comes; an exception it raises ends the generation (the server's session is closed).
         speculate: greedy speculative decoding with that many prompt-lookup drafts per pass,
         or 'auto' (tuned to the running acceptance; 0 while drafts rarely hit).
+        A lost connection is survived (resume.py): on_notice hears of it in one line. A server
+        error, or no server back within the backoff's retry_s, raises GenerationInterrupted
+        with the partial generation.
         """
         if return_logits and speculate != 0:
             raise UserError("return_logits is one row per token: it does not combine with "
@@ -168,94 +223,140 @@ class Session:
                 on_plan(auto)
         chosen = (placement if isinstance(placement, Placement)
                   else Placement.parse(placement, self.stack.n_units))
-        remote = None
-        if "S" in chosen.sides:
-            remote = RemoteSession(self.transport, chosen, self.stack.n_units,
-                                   wire_dtype=self.wire_dtype, sampling=sampling,
-                                   timeout_s=self.timeout_s)
-        pipe = SplitPipe(self.stack, chosen, remote, sampling=sampling or wire.Sampling(),
-                         slowdown=self.slowdown, return_logits=return_logits)
-        sent, received = self.transport.bytes_sent, self.transport.bytes_received
+        run = _Run(self, chosen, sampling or wire.Sampling(), return_logits, on_notice)
+        sent, received = self.bytes_sent, self.bytes_received
         logits: list[torch.Tensor] = []
         stream = TextStream(self.loaded, on_text)
+        clock = time.perf_counter()
+        first_s = 0.0
 
-        def record(token: int) -> None:
-            if return_logits and pipe.last_logits is not None:
-                logits.append(pipe.last_logits)
-            if on_token is not None:
-                on_token(token)
-            stream.push(token)
+        def result(stats: dict[str, Any], error: str | None = None) -> Generation:
+            stream.finish()
+            tokens, wall_s = run.resumable.kept, time.perf_counter() - clock
+            return Generation(
+                tokens=tuple(tokens), text=stream.text, placement=str(chosen), ttft_s=first_s,
+                tpot_s=(wall_s - first_s) / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
+                wall_s=wall_s, prompt_tokens=len(prompt_ids),
+                server_busy_s=float(stats.get("busy_s", 0.0)),
+                server_cpu_s=float(stats.get("cpu_s", 0.0)),
+                client_busy_s=sum(pipe.client_busy_s for pipe in run.pipes),
+                bytes_sent=self.bytes_sent - sent, bytes_received=self.bytes_received - received,
+                emulation=self.emulation, reconnects=run.resumable.reconnects,
+                replay_mismatches=run.resumable.mismatches, error=error, auto=auto,
+                logits=tuple(logits), round_trips=sum(pipe.round_trips for pipe in run.pipes),
+                drafted=sum(pipe.drafted for pipe in run.pipes),
+                accepted=sum(pipe.accepted for pipe in run.pipes))
 
         eos = self.loaded.eos_token_ids if stop_at_eos else ()
         try:
-            timed = timed_generation(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos,
-                                     chunk_tokens=prefill_chunk, on_token=record,
-                                     speculate=speculate)
+            for token in run.resumable.tokens(prompt_ids, max_new_tokens, eos_token_ids=eos,
+                                              chunk_tokens=prefill_chunk,
+                                              speculate=speculate):
+                first_s = first_s or time.perf_counter() - clock
+                if return_logits and run.pipes[-1].last_logits is not None:
+                    logits.append(run.pipes[-1].last_logits)
+                if on_token is not None:
+                    on_token(token)
+                stream.push(token)
+            stats = run.finish()
+        except ServerError as exc:
+            run.abandon()
+            raise GenerationInterrupted(exc, result({}, str(exc))) from None
         except BaseException:
-            if remote is not None:  # free the server's caches; the first error is the news
-                with contextlib.suppress(Exception):
-                    remote.close()
+            run.abandon()  # free the server's caches; the first error is the news
             raise
-        stats = remote.close() if remote is not None else {}
-        stream.finish()
-        return Generation(
-            tokens=timed.tokens, text=stream.text, placement=str(chosen), ttft_s=timed.ttft_s,
-            tpot_s=timed.tpot_s, wall_s=timed.wall_s, prompt_tokens=len(prompt_ids),
-            server_busy_s=float(stats.get("busy_s", 0.0)),
-            server_cpu_s=float(stats.get("cpu_s", 0.0)), client_busy_s=pipe.client_busy_s,
-            bytes_sent=self.transport.bytes_sent - sent,
-            bytes_received=self.transport.bytes_received - received, emulation=self.emulation,
-            auto=auto, logits=tuple(logits), round_trips=pipe.round_trips,
-            drafted=pipe.drafted, accepted=pipe.accepted,
-        )
+        return result(stats)
 
 
-def http_url(ws_url: str) -> str:
-    """The HTTP base URL of a ws:// or wss:// server URL."""
-    base = ws_url.rstrip("/").removesuffix(wire.SESSION_PATH)
-    return "https://" + base[6:] if base.startswith("wss://") else "http://" + base[5:]
+class _Run:
+    """One generation's pipes and server sessions, across reconnections."""
+
+    def __init__(self, session: Session, placement: Placement, sampling: wire.Sampling,
+                 return_logits: bool, on_notice: Callable[[str], None] | None) -> None:
+        self.session = session
+        self.placement = placement
+        self.sampling = sampling
+        self.return_logits = return_logits
+        self.notice = on_notice or (lambda line: None)
+        self.remote: RemoteSession | None = None
+        self.pipes: list[SplitPipe] = []
+        self.deadline: float | None = None  # of the current outage
+        self.kept_at_loss = -1
+        self.resumable = Resumable(self.start, self.recover)
+
+    def start(self) -> SplitPipe:
+        """A fresh pipe, with a new server session if the placement has server units."""
+        session = self.session
+        self.remote = None
+        if SERVER in self.placement.sides:
+            self.remote = RemoteSession(session.transport, self.placement, session.stack.n_units,
+                                        wire_dtype=session.wire_dtype, sampling=self.sampling,
+                                        timeout_s=session.timeout_s)
+        pipe = SplitPipe(session.stack, self.placement, self.remote, sampling=self.sampling,
+                         slowdown=session.slowdown, return_logits=self.return_logits)
+        self.pipes.append(pipe)
+        return pipe
+
+    def recover(self, lost: ServerError, kept: int) -> None:
+        """Reconnect within retry_s of the loss (a new token renews it), or raise why not."""
+        retry_s = self.session.backoff.retry_s
+        if self.deadline is None or kept > self.kept_at_loss:
+            self.deadline = time.monotonic() + retry_s
+        self.kept_at_loss = kept
+        lost_server = self.session.server
+        self.notice(f"lost {lost_server} ({lost}) after {kept} tokens; reconnecting for up to "
+                    f"{retry_s:g} s")
+        try:
+            self.session.reconnect(self.deadline)
+        except (UserError, ServerError) as exc:
+            raise ServerError(lost.code, f"lost {lost_server}: {lost.message}; no server came "
+                                         f"back within {retry_s:g} s ({exc})") from None
+        self.notice(f"reconnected to {self.session.server}; replaying {kept} tokens")
+
+    def finish(self) -> dict[str, Any]:
+        """Close the server session: its stats (none if the connection was lost at the end)."""
+        if self.remote is None:
+            return {}
+        try:
+            return self.remote.close()
+        except ServerError as exc:
+            if is_lost(exc):
+                return {}
+            raise
+
+    def abandon(self) -> None:
+        """Close the server session, if the connection still works."""
+        if self.remote is not None:
+            with contextlib.suppress(Exception):
+                self.remote.close()
 
 
-def fetch_info(server: str, token: str | None, timeout_s: float = 10.0) -> dict[str, Any]:
-    """GET /v1/info of a server."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.get(http_url(server) + "/v1/info", headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise UserError(f"cannot reach {server}: {exc}") from None
-    if response.status_code == 401:
-        raise UserError(f"{server}: unauthorized (pass --token or set SPLITLLM_TOKEN)")
-    if response.status_code != 200:
-        raise UserError(f"{server}: /v1/info answered HTTP {response.status_code}")
-    return dict(response.json())
-
-
-def connect(server: str = DEFAULT_SERVER, model: str | Path | LoadedModel = "smollm2", *,
-            token: str | None = None, wire_dtype: str = "float32",
-            emulate_link: str | None = None, emulate_client_slowdown: float = 1.0,
-            timeout_s: float = REPLY_TIMEOUT_S) -> Session:
-    """Connect to a server with the client's copy of the same model; returns a Session."""
+def connect(server: str | Sequence[str] = DEFAULT_SERVER,
+            model: str | Path | LoadedModel = "smollm2", *, token: str | None = None,
+            wire_dtype: str = "float32", emulate_link: str | None = None,
+            emulate_client_slowdown: float = 1.0, timeout_s: float = REPLY_TIMEOUT_S,
+            retry_s: float = DEFAULT_RETRY_S) -> Session:
+    """Connect to a server (the first of several that answers) with the client's copy of the
+    same model; returns a Session. After a lost connection it reconnects for up to retry_s."""
+    servers = (server,) if isinstance(server, str) else tuple(server)
+    if not servers:
+        raise UserError("no server given")
     if emulate_client_slowdown < 1.0 or not math.isfinite(emulate_client_slowdown):
         raise UserError("--emulate-client-slowdown must be a number >= 1")
+    if not (0 < timeout_s < math.inf and 0 <= retry_s < math.inf):
+        raise UserError("--timeout-s must be a number > 0 and --retry-s a number >= 0")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    info = fetch_info(server, token)
-    mine = weights_fingerprint(loaded.model)
-    if info.get("fingerprint") != mine:
-        raise UserError(f"the server runs another model ({info.get('model')}, fingerprint "
-                        f"{info.get('fingerprint')}) than this client ({loaded.model_id}, {mine})")
     link = link_preset(emulate_link) if emulate_link else None  # bad names fail before connecting
-    limit = int(info.get("limits", {}).get("max_frame_bytes", 64 * 2**20))
-    transport: Transport = WebSocketTransport(server, token, limit + 2 * wire.MAX_HEADER_BYTES)
     emulation = None
     if link is not None:
-        transport = EmulatedLink(transport, link)
         emulation = (f"EMULATED link {link.name}: rtt {link.rtt_s * 1e3:.0f} ms, up "
                      f"{link.uplink_bytes_per_s * 8 / 1e6:.0f} Mbit/s, down "
                      f"{link.downlink_bytes_per_s * 8 / 1e6:.0f} Mbit/s")
     if emulate_client_slowdown > 1.0:
         slow = f"EMULATED client slowdown x{emulate_client_slowdown:g}"
         emulation = f"{emulation}; {slow}" if emulation else slow
-    return Session(server, loaded, transport, info, wire_dtype=wire_dtype,
-                   slowdown=emulate_client_slowdown, emulation=emulation, timeout_s=timeout_s)
+    dialer = Dialer(servers=servers, fingerprint=weights_fingerprint(loaded.model),
+                    model_id=loaded.model_id, token=token, link=link,
+                    connect_timeout_s=min(timeout_s, CONNECT_TIMEOUT_S))
+    return Session(loaded, dialer, wire_dtype=wire_dtype, slowdown=emulate_client_slowdown,
+                   emulation=emulation, timeout_s=timeout_s, backoff=Backoff(retry_s=retry_s))

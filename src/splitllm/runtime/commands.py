@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from splitllm.runtime.protocol import Sampling
 
 TOKEN_ENV = "SPLITLLM_TOKEN"
+EXIT_INTERRUPTED = 3  # `generate`: the server was lost mid-generation (partial result)
 
 
 def default_threads() -> int:
@@ -115,7 +116,9 @@ def compute_device(compute: str) -> str:
 
 def generate_command(
     prompt: Annotated[str, typer.Option(help="The prompt (wrapped in the chat template).")],
-    server: Annotated[str, typer.Option(help="Server URL.")] = "ws://127.0.0.1:8765",
+    server: Annotated[list[str] | None, typer.Option(
+        help="Server URL (default ws://127.0.0.1:8765); repeat it to fail over in order.")
+                      ] = None,
     placement: Annotated[str, typer.Option(
         help="'auto' (ask the planner) or one letter per unit, C or S, e.g. CCSS...S.")
                          ] = "auto",
@@ -133,6 +136,12 @@ def generate_command(
     wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32, bf16, fp16.")
                           ] = "fp32",
     token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help="Bearer token.")] = None,
+    timeout_s: Annotated[float, typer.Option(
+        help="A server that does not reply (or connect) within this many seconds is lost.")
+                         ] = 120.0,
+    retry_s: Annotated[float, typer.Option(
+        help="After losing the server: reconnect (backoff, servers in order) and replay for "
+             "up to this many seconds, then stop with the partial result.")] = 30.0,
     sla_s: Annotated[float | None, typer.Option(
         help="Latency SLA for auto placement (default: 1.5x the faster uniform placement).")
                      ] = None,
@@ -161,7 +170,6 @@ def generate_command(
     from splitllm.placement import Placement
     from splitllm.runtime.models import checked_prompt, load_model
     from splitllm.runtime.protocol import ProtocolError, Sampling, wire_dtype_name
-    from splitllm.runtime.transport import ServerError
     from splitllm.runtime.units import UnitStack
 
     if max_new_tokens < 1 or prefill_chunk < 1:
@@ -178,15 +186,17 @@ def generate_command(
     if placement.lower() != "auto":  # before connecting: a typo is the user's to fix first
         Placement.parse(placement, UnitStack(loaded.model).n_units)
     on_text = None if as_json else _print_text
-    try:
-        if local:
-            result = _generate_local(loaded, ids, max_new_tokens, sampling, on_text)
-        else:
-            from splitllm.runtime.client import connect
+    if local:
+        result = _generate_local(loaded, ids, max_new_tokens, sampling, on_text)
+    else:
+        from splitllm.runtime.client import DEFAULT_SERVER, GenerationInterrupted, connect
+        from splitllm.runtime.transport import ServerError
 
-            with connect(server, loaded, token=token, wire_dtype=wire,
-                         emulate_link=emulate_link,
-                         emulate_client_slowdown=emulate_client_slowdown) as session:
+        try:
+            with connect(server or [DEFAULT_SERVER], loaded, token=token,
+                         wire_dtype=wire, emulate_link=emulate_link,
+                         emulate_client_slowdown=emulate_client_slowdown, timeout_s=timeout_s,
+                         retry_s=retry_s) as session:
                 if session.emulation:
                     print(f"splitllm: {session.emulation}", file=sys.stderr, flush=True)
                 plans: list[AutoPlan] = []
@@ -200,23 +210,37 @@ def generate_command(
                                           client_device=client_device,
                                           server_device=server_device,
                                           prefill_chunk=prefill_chunk, on_plan=on_plan,
-                                          on_text=on_text, speculate=drafts).to_json()
+                                          on_text=on_text, speculate=drafts,
+                                          on_notice=_print_notice).to_json()
                 for auto in plans:  # what the auto placement promised, beside what it did
                     result |= _promise(session, auto, len(ids), max_new_tokens, client_device,
                                        server_device)
-    except ServerError as exc:
-        raise UserError(f"server: {exc}") from None
+        except GenerationInterrupted as exc:
+            print(json.dumps(exc.partial.to_json()) if as_json else "", flush=True)
+            print(f"error: generation interrupted after {len(exc.partial.tokens)} tokens: {exc}",
+                  file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except ServerError as exc:
+            raise UserError(f"server: {exc}") from None
+    _print_result(result, as_json)
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result))
-    else:
-        print()
-        tokens = len(result["tokens"])
-        rate = tokens / result["wall_s"] if result["wall_s"] > 0 else 0.0
-        print(f"splitllm: {tokens} tokens, placement {result['placement']}, TTFT "
-              f"{result['ttft_s']:.3f} s, TPOT {result['tpot_s'] * 1e3:.1f} ms, "
-              f"{rate:.1f} tokens/s, {result.get('round_trips', 0)} round trips"
-              + (f", {result['accepted']}/{result['drafted']} drafts accepted"
-                 if result.get("drafted") else ""), file=sys.stderr)
+        print(json.dumps(result), flush=True)
+        return
+    print()
+    tokens = len(result["tokens"])
+    rate = tokens / result["wall_s"] if result["wall_s"] > 0 else 0.0
+    print(f"splitllm: {tokens} tokens, placement {result['placement']}, TTFT "
+          f"{result['ttft_s']:.3f} s, TPOT {result['tpot_s'] * 1e3:.1f} ms, "
+          f"{rate:.1f} tokens/s, {result.get('round_trips', 0)} round trips"
+          + (f", {result['accepted']}/{result['drafted']} drafts accepted"
+             if result.get("drafted") else ""), file=sys.stderr)
+
+
+def _print_notice(line: str) -> None:
+    print(f"splitllm: {line}", file=sys.stderr, flush=True)
 
 
 def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
