@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from splitllm.runtime.step import StepRow, StepTimes, run_step
 from splitllm.runtime.units import UnitStack
 
 STARVE_STEPS = 8  # a forward passed over this many steps is scheduled before all others
+HISTORY_STEPS = 1024  # steps whose composition the engine remembers (tests, diagnostics)
 
 Outcome = ForwardResult | BaseException
 
@@ -38,6 +40,15 @@ class EngineConfig:
 
     max_batch_tokens: int = 512  # token positions through the blocks per step (head: rows)
     max_batch_rows: int = 64  # forwards per step; 1 = one session at a time
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """One row of a step that ran: whose forward, and how many of its tokens."""
+
+    session: str
+    owner: str
+    tokens: int
 
 
 @dataclass(eq=False)
@@ -63,13 +74,19 @@ class Job:
         return p1 - p0
 
     @property
+    def owner(self) -> str:
+        """Whose forward this is: prefill budget is shared fairly between owners."""
+        return self.session.owner or self.session.session_id
+
+    @property
     def key(self) -> tuple[str, int]:
         """The segment this forward addresses: its forwards run one after the other."""
         return self.session.session_id, self.header.units[0]
 
 
 def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tuple[Job, int]]:
-    """(job, tokens it runs now) for one step: starved first, then decode, then prefill, FCFS."""
+    """(job, tokens it runs now) for one step: starved first, then decode, then prefill shared
+    fairly between owners (connections), each owner's forwards in arrival order."""
     seen: set[tuple[str, int]] = set()
     ready = []
     for job in jobs:  # queue order = arrival order
@@ -77,19 +94,35 @@ def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tu
             seen.add(job.key)
             ready.append(job)
     ready.sort(key=lambda j: (j.steps_waited < STARVE_STEPS, j.tokens - j.done_tokens > 1))
-    picks: list[tuple[Job, int]] = []
-    budget = config.max_batch_tokens
-    for job in ready[:config.max_batch_rows]:
-        left = job.tokens - job.done_tokens
+    ready = ready[:config.max_batch_rows]
+    first = [j for j in ready if j.steps_waited >= STARVE_STEPS or j.tokens - j.done_tokens <= 1]
+    prefill = [j for j in ready if j not in first]
+    takes: dict[int, int] = {}
+    budget = _fill(first, takes, config.max_batch_tokens, n_units, share=None)
+    owners = {j.owner for j in prefill if j.header.units[0] < n_units - 1}
+    if owners:  # one long prompt (or one connection's many) cannot take the whole step
+        budget = _fill(prefill, takes, budget, n_units, share=max(1, budget // len(owners)))
+    _fill(prefill, takes, budget, n_units, share=None)  # what the shares left: arrival order
+    return [(job, takes[id(job)]) for job in ready if takes.get(id(job), 0) > 0]
+
+
+def _fill(jobs: Sequence[Job], takes: dict[int, int], budget: int, n_units: int,
+          share: int | None) -> int:
+    """Give `jobs` tokens of `budget` (at most `share` per owner); the budget left."""
+    used: dict[str, int] = {}
+    for job in jobs:
+        left = job.tokens - job.done_tokens - takes.get(id(job), 0)
         if job.header.units[0] >= n_units - 1:  # the head alone reads only the last position
-            picks.append((job, left))
+            takes[id(job)] = job.tokens - job.done_tokens
             continue
-        take = min(left, budget)
+        cap = budget if share is None else min(budget, share - used.get(job.owner, 0))
+        take = min(left, cap)
         if take < 1:
-            break
-        picks.append((job, take))
+            continue
+        takes[id(job)] = takes.get(id(job), 0) + take
+        used[job.owner] = used.get(job.owner, 0) + take
         budget -= take
-    return picks
+    return budget
 
 
 class Engine:
@@ -109,6 +142,7 @@ class Engine:
         self.wakeup = threading.Condition()
         self.stopping = False
         self.held = False
+        self.history: deque[tuple[Scheduled, ...]] = deque(maxlen=HISTORY_STEPS)
         self.thread = threading.Thread(target=self._loop, name="splitllm-engine", daemon=True)
         if start:  # without its thread, the owner calls step() itself (tests)
             self.thread.start()
@@ -215,6 +249,8 @@ class Engine:
                 job.deliver(exc)
             return
         wall_s, cpu_s = time.perf_counter() - clock, time.thread_time() - cpu_clock
+        self.history.append(tuple(Scheduled(job.session.session_id, job.owner, take)
+                                  for job, take in picks))
         now = time.perf_counter()
         waits = [now - wall_s - job.enqueued_at for job, _ in picks if job.done_tokens == 0]
         self.metrics.record_step(times.unit_s, times.unit_tokens, rows=len(rows), tokens=tokens,
