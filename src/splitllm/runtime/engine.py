@@ -86,7 +86,7 @@ class Job:
 
 def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tuple[Job, int]]:
     """(job, tokens it runs now) for one step: starved first, then decode, then prefill shared
-    fairly between owners (connections), each owner's forwards in arrival order."""
+    max-min fairly between owners (connections), each owner's forwards in arrival order."""
     seen: set[tuple[str, int]] = set()
     ready = []
     for job in jobs:  # queue order = arrival order
@@ -95,34 +95,36 @@ def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tu
             ready.append(job)
     ready.sort(key=lambda j: (j.steps_waited < STARVE_STEPS, j.tokens - j.done_tokens > 1))
     ready = ready[:config.max_batch_rows]
-    first = [j for j in ready if j.steps_waited >= STARVE_STEPS or j.tokens - j.done_tokens <= 1]
-    prefill = [j for j in ready if j not in first]
     takes: dict[int, int] = {}
-    budget = _fill(first, takes, config.max_batch_tokens, n_units, share=None)
-    owners = {j.owner for j in prefill if j.header.units[0] < n_units - 1}
-    if owners:  # one long prompt (or one connection's many) cannot take the whole step
-        budget = _fill(prefill, takes, budget, n_units, share=max(1, budget // len(owners)))
-    _fill(prefill, takes, budget, n_units, share=None)  # what the shares left: arrival order
+    budget = config.max_batch_tokens
+    prefill: list[Job] = []
+    for job in ready:
+        left = job.tokens - job.done_tokens
+        if job.header.units[0] >= n_units - 1:  # the head alone reads only the last position
+            takes[id(job)] = left
+        elif job.steps_waited >= STARVE_STEPS or left <= 1:
+            takes[id(job)] = min(left, budget)
+            budget -= takes[id(job)]
+        else:
+            prefill.append(job)
+    demand: dict[str, int] = {}
+    for job in prefill:
+        demand[job.owner] = demand.get(job.owner, 0) + job.tokens - job.done_tokens
+    shares = fair_shares(demand, budget)  # one connection's long prompts cannot take the step
+    for job in prefill:
+        takes[id(job)] = min(job.tokens - job.done_tokens, shares[job.owner])
+        shares[job.owner] -= takes[id(job)]
     return [(job, takes[id(job)]) for job in ready if takes.get(id(job), 0) > 0]
 
 
-def _fill(jobs: Sequence[Job], takes: dict[int, int], budget: int, n_units: int,
-          share: int | None) -> int:
-    """Give `jobs` tokens of `budget` (at most `share` per owner); the budget left."""
-    used: dict[str, int] = {}
-    for job in jobs:
-        left = job.tokens - job.done_tokens - takes.get(id(job), 0)
-        if job.header.units[0] >= n_units - 1:  # the head alone reads only the last position
-            takes[id(job)] = job.tokens - job.done_tokens
-            continue
-        cap = budget if share is None else min(budget, share - used.get(job.owner, 0))
-        take = min(left, cap)
-        if take < 1:
-            continue
-        takes[id(job)] = takes.get(id(job), 0) + take
-        used[job.owner] = used.get(job.owner, 0) + take
-        budget -= take
-    return budget
+def fair_shares(demand: dict[str, int], budget: int) -> dict[str, int]:
+    """Max-min fair split of `budget`: small demands get all they ask, the rest equal shares."""
+    shares: dict[str, int] = {}
+    owners = sorted(demand, key=lambda owner: demand[owner])
+    for k, owner in enumerate(owners):
+        shares[owner] = min(demand[owner], budget // (len(owners) - k))
+        budget -= shares[owner]
+    return shares
 
 
 class Engine:
