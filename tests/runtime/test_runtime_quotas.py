@@ -12,8 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import torch
-from runtime_kit import RawClient, random_prompt, wait_for
+from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
 
 from splitllm.runtime.engine import EngineConfig, Scheduled
 from splitllm.runtime.generate import LocalPipe, generate
@@ -209,3 +210,21 @@ def test_a_session_over_the_kv_cap_gets_over_capacity(
     attacker.close()
     healthy.client.close()
     wait_for(lambda: budget.used_bytes == 0)  # a disconnect frees them too
+
+
+def test_an_api_request_over_the_kv_cap_is_503(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama, max_kv_bytes=kv_bytes(tiny_llama, 40))
+    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=95)
+    healthy.send_prefill()
+    healthy.decode()
+    body = {"model": tiny_llama.model_id, "prompt": "fox " * 60, "max_tokens": 2}
+    over = httpx.post(server.http_url + "/v1/completions", json=body, timeout=TIMEOUT_S)
+    assert over.status_code == 503, over.text
+    assert "KV" in over.json()["error"]["message"]
+    assert healthy.finish() == healthy.want
+    fits = httpx.post(server.http_url + "/v1/completions", timeout=TIMEOUT_S,
+                      json={**body, "prompt": "fox"})
+    assert fits.status_code == 200, fits.text
+    healthy.client.close()
+    wait_for(lambda: server.state.kv_budget.used_bytes == 0)
