@@ -50,6 +50,13 @@ def serve(
     max_batch_rows: Annotated[int, typer.Option(
         help="Forwards one engine step may take (1 = one session at a time).")] = 64,
     max_sessions: Annotated[int, typer.Option(help="Open sessions allowed in total.")] = 64,
+    max_sessions_per_connection: Annotated[int, typer.Option(
+        help="Open sessions one connection may hold.")] = 8,
+    max_in_flight_per_connection: Annotated[int, typer.Option(
+        help="Forwards one connection may have queued or running at once.")] = 8,
+    max_kv_mib: Annotated[float | None, typer.Option(
+        help="KV cache of all sessions together, MiB (default: half the compute device's "
+             "memory); a forward that would pass it gets 'over_capacity'.")] = None,
     idle_timeout_s: Annotated[float, typer.Option(
         help="Close sessions silent this long, seconds.")] = 300.0,
     max_frame_mib: Annotated[float, typer.Option(help="Largest WebSocket frame, MiB.")] = 64.0,
@@ -68,10 +75,12 @@ def serve(
     from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
-    if min(max_sessions, max_batch_tokens, max_batch_rows) < 1 or not idle_timeout_s > 0 \
-            or not max_frame_mib > 0:
-        raise UserError("--max-sessions, --max-batch-tokens, --max-batch-rows, "
-                        "--idle-timeout-s and --max-frame-mib must be positive")
+    if min(max_sessions, max_sessions_per_connection, max_in_flight_per_connection,
+           max_batch_tokens, max_batch_rows) < 1 or not idle_timeout_s > 0 \
+            or not max_frame_mib > 0 or (max_kv_mib is not None and not max_kv_mib > 0):
+        raise UserError("--max-sessions, --max-sessions-per-connection, "
+                        "--max-in-flight-per-connection, --max-batch-tokens, --max-batch-rows, "
+                        "--idle-timeout-s, --max-frame-mib and --max-kv-mib must be positive")
     if device is not None:
         print("splitllm: --device is deprecated: use --announce-device (what clients' auto "
               "placement assumes; --compute picks where the server computes)", file=sys.stderr)
@@ -83,6 +92,9 @@ def serve(
     target = compute_device(compute)
     config = ServerConfig(
         token=token, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+        max_sessions_per_connection=max_sessions_per_connection,
+        max_in_flight_per_connection=max_in_flight_per_connection,
+        max_kv_bytes=None if max_kv_mib is None else int(max_kv_mib * 2**20),
         max_frame_bytes=int(max_frame_mib * 2**20),
         limits=Limits(max_tokens_per_message=max_tokens_per_message),
         threads=threads or default_threads(),

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from splitllm.runtime.step import StepRow, StepTimes, run_step
 from splitllm.runtime.units import UnitStack
 
 STARVE_STEPS = 8  # a forward passed over this many steps is scheduled before all others
+HISTORY_STEPS = 1024  # steps whose composition the engine remembers (tests, diagnostics)
 
 Outcome = ForwardResult | BaseException
 
@@ -38,6 +40,15 @@ class EngineConfig:
 
     max_batch_tokens: int = 512  # token positions through the blocks per step (head: rows)
     max_batch_rows: int = 64  # forwards per step; 1 = one session at a time
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """One row of a step that ran: whose forward, and how many of its tokens."""
+
+    session: str
+    owner: str
+    tokens: int
 
 
 @dataclass(eq=False)
@@ -64,13 +75,19 @@ class Job:
         return p1 - p0
 
     @property
+    def owner(self) -> str:
+        """Whose forward this is: prefill budget is shared fairly between owners."""
+        return self.session.owner or self.session.session_id
+
+    @property
     def key(self) -> tuple[str, int]:
         """The segment this forward addresses: its forwards run one after the other."""
         return self.session.session_id, self.header.units[0]
 
 
 def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tuple[Job, int]]:
-    """(job, tokens it runs now) for one step: starved first, then decode, then prefill, FCFS."""
+    """(job, tokens it runs now) for one step: starved first, then decode, then prefill shared
+    max-min fairly between owners (connections), each owner's forwards in arrival order."""
     seen: set[tuple[str, int]] = set()
     ready = []
     for job in jobs:  # queue order = arrival order
@@ -78,19 +95,37 @@ def schedule(jobs: Sequence[Job], config: EngineConfig, n_units: int) -> list[tu
             seen.add(job.key)
             ready.append(job)
     ready.sort(key=lambda j: (j.steps_waited < STARVE_STEPS, j.tokens - j.done_tokens > 1))
-    picks: list[tuple[Job, int]] = []
+    ready = ready[:config.max_batch_rows]
+    takes: dict[int, int] = {}
     budget = config.max_batch_tokens
-    for job in ready[:config.max_batch_rows]:
+    prefill: list[Job] = []
+    for job in ready:
         left = job.tokens - job.done_tokens
         if job.header.units[0] >= n_units - 1:  # the head alone reads only the last position
-            picks.append((job, left))
-            continue
-        take = min(left, budget)
-        if take < 1:
-            break
-        picks.append((job, take))
-        budget -= take
-    return picks
+            takes[id(job)] = left
+        elif job.steps_waited >= STARVE_STEPS or left <= 1:
+            takes[id(job)] = min(left, budget)
+            budget -= takes[id(job)]
+        else:
+            prefill.append(job)
+    demand: dict[str, int] = {}
+    for job in prefill:
+        demand[job.owner] = demand.get(job.owner, 0) + job.tokens - job.done_tokens
+    shares = fair_shares(demand, budget)  # one connection's long prompts cannot take the step
+    for job in prefill:
+        takes[id(job)] = min(job.tokens - job.done_tokens, shares[job.owner])
+        shares[job.owner] -= takes[id(job)]
+    return [(job, takes[id(job)]) for job in ready if takes.get(id(job), 0) > 0]
+
+
+def fair_shares(demand: dict[str, int], budget: int) -> dict[str, int]:
+    """Max-min fair split of `budget`: small demands get all they ask, the rest equal shares."""
+    shares: dict[str, int] = {}
+    owners = sorted(demand, key=lambda owner: demand[owner])
+    for k, owner in enumerate(owners):
+        shares[owner] = min(demand[owner], budget // (len(owners) - k))
+        budget -= shares[owner]
+    return shares
 
 
 class Engine:
@@ -110,6 +145,7 @@ class Engine:
         self.wakeup = threading.Condition()
         self.stopping = False
         self.held = False
+        self.history: deque[tuple[Scheduled, ...]] = deque(maxlen=HISTORY_STEPS)
         self.thread = threading.Thread(target=self._loop, name="splitllm-engine", daemon=True)
         if start:  # without its thread, the owner calls step() itself (tests)
             self.thread.start()
@@ -216,6 +252,8 @@ class Engine:
                 job.deliver(exc)
             return
         wall_s, cpu_s = time.perf_counter() - clock, time.thread_time() - cpu_clock
+        self.history.append(tuple(Scheduled(job.session.session_id, job.owner, take)
+                                  for job, take in picks))
         now = time.perf_counter()
         waits = [now - wall_s - job.enqueued_at for job, _ in picks if job.done_tokens == 0]
         self.metrics.record_step(times.unit_s, times.unit_tokens, rows=len(rows), tokens=tokens,

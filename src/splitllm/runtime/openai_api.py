@@ -300,7 +300,8 @@ class ServerRun:
         self.n_units = state.stack.n_units
         session_id = f"http-{secrets.token_hex(6)}"
         self.session = ServerSession.open(session_id, state.stack, "S" * self.n_units,
-                                          torch.float32, job.sampling, state.limits)
+                                          torch.float32, job.sampling, state.limits,
+                                          kv_budget=state.kv_budget)
         owner = _HttpOwner()
         owner.sessions[session_id] = self.session
         state.sessions[session_id] = (self.session, cast("Connection", owner))
@@ -344,7 +345,7 @@ class ServerRun:
         try:
             result = await self.state.run_forward(self.session, header, payload)
         except wire.ProtocolError as exc:
-            status = 503 if exc.code in ("unknown_session", "busy") else 500
+            status = 503 if exc.code in ("unknown_session", "busy", "over_capacity") else 500
             raise ApiError(status, f"generation failed: {exc.message}", exc.code) from None
         return result.token
 

@@ -28,10 +28,17 @@ from splitllm.runtime.guards import TransportLimits, lift_frame_limit
 from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, measure_step_model, profile_units
-from splitllm.runtime.session import ForwardResult, Limits, ServerSession
+from splitllm.runtime.session import (
+    ForwardResult,
+    KvBudget,
+    Limits,
+    ServerSession,
+    default_max_kv_bytes,
+)
 from splitllm.runtime.units import UnitStack
 
 FRAME_SLACK_BYTES = wire.MAX_HEADER_BYTES + 1024  # the transport limit sits above ours
+GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)  # the peer went away mid-send
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,11 @@ class ServerConfig:
 
     token: str | None = None
     max_sessions: int = 64
-    max_sessions_per_connection: int = 16
+    # A connection's share of the sessions and of the engine: with 64 sessions and 8 per
+    # connection, a few greedy connections still leave slots for others.
+    max_sessions_per_connection: int = 8
+    max_in_flight_per_connection: int = 8  # forwards a connection may have queued or running
+    max_kv_bytes: int | None = None  # the KV cache of all sessions (None: half the device)
     idle_timeout_s: float = 300.0
     max_frame_bytes: int = 64 * 1024 * 1024
     auth_timeout_s: float = 10.0  # a connection without the token must authenticate within this
@@ -68,6 +79,7 @@ class ServerState:
         # alone (a test or the demo may run a client in the same process).
         self.threads = config.threads or torch.get_num_threads()
         self.engine = Engine(self.stack, self.metrics, config.engine, self.threads)
+        self.kv_budget = KvBudget(config.max_kv_bytes or default_max_kv_bytes(self.engine.device))
         self.profile: UnitProfile | None = profile_units(self.stack) if config.profile else None
         self.step_model = measure_step_model(self.stack) if config.profile else None
         self.started_at = time.time()
@@ -103,14 +115,19 @@ class ServerState:
                 "max_context": self.limits.max_context,
                 "max_sessions": cfg.max_sessions,
                 "max_sessions_per_connection": cfg.max_sessions_per_connection,
+                "max_in_flight_per_connection": cfg.max_in_flight_per_connection,
+                "max_kv_bytes": self.kv_budget.limit_bytes,
                 "idle_timeout_s": cfg.idle_timeout_s,
             },
         }
 
     async def run_forward(self, session: ServerSession, header: wire.ForwardHeader,
                           payload: bytes | memoryview) -> ForwardResult:
-        """Run one forward of a session in the engine's next steps: the one way compute runs."""
-        session.last_active = time.monotonic()
+        """Run one forward of a session in the engine's next steps: the one way compute runs.
+
+        Only a forward that succeeds refreshes the session's idle timer (ServerSession.record):
+        a client sending rejected forwards cannot hold its slot forever.
+        """
         session.in_flight += 1  # the idle sweeper leaves a session alone while it computes
         try:
             result = await self.engine.submit(session, header, payload)
@@ -179,6 +196,8 @@ class Connection:
         self.send_lock = asyncio.Lock()
         self.number = next(self._ids)
         self.notices: set[asyncio.Task[None]] = set()
+        self.forwards: set[asyncio.Task[None]] = set()
+        self.forward_slots = asyncio.Semaphore(state.config.max_in_flight_per_connection)
         if state.authorized(ws.headers.get("authorization")):
             self.authorize()
 
@@ -238,7 +257,7 @@ class Connection:
                 raise unauthorized("missing or wrong bearer token")
             self.authorize()
         if isinstance(message, wire.ForwardHeader):
-            await self._forward(message, payload)
+            await self._start_forward(message, payload)
         elif isinstance(message, wire.OpenMessage):
             await self._open(message)
         elif isinstance(message, wire.CloseMessage):
@@ -261,7 +280,8 @@ class Connection:
         dtype = wire.WIRE_DTYPES[wire.wire_dtype_name(message.wire_dtype)]
         session_id = f"s{self.number}-{secrets.token_hex(6)}"
         session = ServerSession.open(session_id, state.stack, message.placement, dtype,
-                                     message.sampling, state.limits)
+                                     message.sampling, state.limits, kv_budget=state.kv_budget,
+                                     owner=f"c{self.number}")
         state.sessions[session_id] = (session, self)
         self.sessions[session_id] = session
         state.metrics.record_open()
@@ -278,8 +298,31 @@ class Connection:
                                      "this connection (closed, timed out, or never opened)")
         return session
 
-    async def _forward(self, header: wire.ForwardHeader, payload: memoryview) -> None:
+    async def _start_forward(self, header: wire.ForwardHeader, payload: memoryview) -> None:
+        """Start a forward and read on: a connection's sessions batch with each other. Waits
+        (reading nothing more) while the connection has its limit of forwards in flight."""
         session = self._session(header.session)
+        await self.forward_slots.acquire()
+        task = asyncio.create_task(self._forward(session, header, payload))
+        self.forwards.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._forward_done)
+
+    def _forward_done(self, task: asyncio.Task[None]) -> None:
+        self.forwards.discard(task)
+        self.forward_slots.release()
+
+    async def _forward(self, session: ServerSession, header: wire.ForwardHeader,
+                       payload: memoryview) -> None:
+        try:
+            await self._run_forward(session, header, payload)
+        except wire.ProtocolError as err:
+            with contextlib.suppress(*GONE):
+                await self.reject(err, {"session": header.session, "seq": header.seq})
+        except GONE:
+            pass  # the client went away: the read loop ends the connection
+
+    async def _run_forward(self, session: ServerSession, header: wire.ForwardHeader,
+                           payload: memoryview) -> None:
         result = await self.state.run_forward(session, header, payload)
         p0, p1 = header.positions
         base = {"session": header.session, "seq": header.seq}
@@ -315,6 +358,8 @@ class Connection:
         await self.send(wire.encode_frame({"type": "probe_reply"}, bytes(message.reply_bytes)))
 
     def close_all(self, reason: str) -> None:
+        for task in self.forwards:
+            task.cancel()
         for session_id in list(self.sessions):
             self.state.close_session(session_id, reason)
 
@@ -339,7 +384,7 @@ async def _serve_connection(ws: WebSocket, state: ServerState) -> None:
             state.metrics.record_bytes(received=len(data))
             if not await conn.receive(data):
                 break
-    except (WebSocketDisconnect, WebSocketDisconnected, OSError):
+    except GONE:
         pass  # the client went away, maybe while we were sending it a reply
     finally:
         # Disconnect (or a fatal error) ends every session of this connection: free caches now.

@@ -7,6 +7,9 @@ a rejected message leaves the session usable.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +37,39 @@ class Limits:
     max_context: int = 8192
 
 
+def default_max_kv_bytes(device: torch.device) -> int:
+    """Half the memory of the compute device: the rest holds weights, activations, the OS."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+class KvBudget:
+    """The server's KV memory cap, shared by all sessions: bytes reserved as caches grow."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        # The engine thread reserves, the event loop releases; sessions hold it to do either
+        # atomically with their own state.
+        self.lock = threading.RLock()
+
+    def reserve(self, nbytes: int) -> None:
+        """Take `nbytes` of the budget, or ProtocolError `over_capacity` (nothing taken)."""
+        with self.lock:
+            if self.used_bytes + nbytes > self.limit_bytes:
+                free = self.limit_bytes - self.used_bytes
+                raise ProtocolError("over_capacity", f"this forward needs {nbytes / 2**20:.2f} "
+                                    f"MiB more KV cache but the server's KV memory has "
+                                    f"{free / 2**20:.2f} MiB of {self.limit_bytes / 2**20:.0f} "
+                                    "MiB free; retry later or with a shorter context")
+            self.used_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.used_bytes -= nbytes
+
+
 @dataclass
 class SegmentState:
     """One server segment [start, stop) of the placement and what it has seen."""
@@ -42,6 +78,7 @@ class SegmentState:
     stop: int
     cache: SegmentCache | None
     next_position: int = 0
+    reserved_tokens: int = 0  # context the KV budget holds for this segment
 
 
 @dataclass(frozen=True)
@@ -80,6 +117,8 @@ class ServerSession:
     wire_dtype: torch.dtype
     sampling: Sampling
     limits: Limits
+    kv_budget: KvBudget | None = None
+    owner: str = ""  # whose session (a connection): the engine shares prefill between owners
     segments: dict[int, SegmentState] = field(default_factory=dict)
     busy_s: float = 0.0  # wall seconds of compute
     cpu_s: float = 0.0  # CPU seconds of the compute thread (all of it with one torch thread)
@@ -88,6 +127,7 @@ class ServerSession:
     last_active: float = field(default_factory=time.monotonic)
     closed: bool = False
     in_flight: int = 0  # forwards running now (the server's idle sweeper skips busy sessions)
+    kv_reserved_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.sampling)
@@ -98,13 +138,14 @@ class ServerSession:
 
     @classmethod
     def open(cls, session_id: str, stack: UnitStack, placement: str, wire_dtype: torch.dtype,
-             sampling: Sampling, limits: Limits) -> ServerSession:
+             sampling: Sampling, limits: Limits, *, kv_budget: KvBudget | None = None,
+             owner: str = "") -> ServerSession:
         """A new session, or ProtocolError if the placement does not fit the model."""
         try:
             parsed = Placement.parse(placement, stack.n_units)
         except UserError as exc:
             raise ProtocolError("bad_placement", str(exc)) from None
-        return cls(session_id, stack, parsed, wire_dtype, sampling, limits)
+        return cls(session_id, stack, parsed, wire_dtype, sampling, limits, kv_budget, owner)
 
     @property
     def server_segments(self) -> list[tuple[int, int]]:
@@ -116,7 +157,11 @@ class ServerSession:
 
     def close(self) -> None:
         """Drop the caches (the memory is freed once no forward still runs on them)."""
-        self.closed = True
+        with self.kv_budget.lock if self.kv_budget else contextlib.nullcontext():
+            self.closed = True
+            if self.kv_budget is not None:
+                self.kv_budget.release(self.kv_reserved_bytes)
+            self.kv_reserved_bytes = 0
         for seg in self.segments.values():
             seg.cache = None
 
@@ -209,6 +254,7 @@ class ServerSession:
             if not bool(torch.isfinite(x).all()):
                 raise ProtocolError("bad_values", "hidden states contain NaN or infinity")
             x = x.to(self.stack.dtype)
+        self._reserve_kv(seg, header.positions[1])  # the last check: it may refuse
         p0 = header.positions[0]
         held = seg.cache.get_seq_length() if seg.cache is not None else seg.next_position
         rolled_back = held - p0 if header.rollback and seg.stop == self.stack.n_units else 0
@@ -217,6 +263,20 @@ class ServerSession:
         # The cache is held here: a concurrent close() may drop the segment's reference.
         return Prepared(seg, seg.cache, x.to(device), header.positions, header.units,
                         max(rolled_back, 0))
+
+    def _reserve_kv(self, seg: SegmentState, context_tokens: int) -> None:
+        """Grow the segment's share of the KV budget to `context_tokens` (the last check)."""
+        if self.kv_budget is None or seg.cache is None or context_tokens <= seg.reserved_tokens:
+            return
+        units = range(seg.start, seg.stop)
+        grow = sum(self.stack.kv_bytes(u, context_tokens) - self.stack.kv_bytes(
+            u, seg.reserved_tokens) for u in units)
+        with self.kv_budget.lock:  # not after a concurrent close() released this session
+            if self.closed:
+                raise ProtocolError("unknown_session", f"session {self.session_id} is closed")
+            self.kv_budget.reserve(grow)
+            seg.reserved_tokens = context_tokens
+            self.kv_reserved_bytes += grow
 
     def record(self, prepared: Prepared, busy_s: float, cpu_s: float, sampled: bool) -> None:
         """Account a finished forward of this session."""
