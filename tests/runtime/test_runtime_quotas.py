@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import torch
 from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
+from splitllm.runtime.generate import LocalPipe, generate
 
 from splitllm.runtime.engine import EngineConfig, Scheduled
-from splitllm.runtime.generate import LocalPipe, generate
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.units import UnitStack
