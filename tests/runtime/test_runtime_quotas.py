@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import torch
 from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
-from splitllm.runtime.generate import LocalPipe, generate
 
+from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import EngineConfig, Scheduled
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
@@ -41,7 +41,7 @@ class Greedy:
                  new_tokens: int = 6) -> None:
         self.client = client
         self.prompt = random_prompt(random.Random(seed), prompt_tokens)
-        self.want = list(generate(LocalPipe(loaded.model), self.prompt, new_tokens))
+        self.want = list(generate_tokens(LocalPipe(loaded.model), self.prompt, new_tokens))
         self.session = client.open(ALL_SERVER)
         self.got: list[int] = []
 
@@ -86,7 +86,7 @@ def test_long_prompts_on_other_connections_share_each_step(
         wait_for(lambda: engine.queued() == 5)
         first_step = len(engine.history)
     assert healthy.finish() == healthy.want
-    want_attack = list(generate(LocalPipe(tiny_llama.model), long_prompt, 1))
+    want_attack = list(generate_tokens(LocalPipe(tiny_llama.model), long_prompt, 1))
     for attacker in attackers:
         assert token_of(attacker.recv()[0]) == want_attack[0]
         attacker.close()
