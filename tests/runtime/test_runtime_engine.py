@@ -47,7 +47,7 @@ def test_packed_steps_equal_solo_runs(family: str) -> None:
     # (start, stop, first step, last step, prompt tokens)
     specs = [(0, n, 0, 7, 7), (2, n, 0, 3, 5), (0, 3, 1, 7, 9), (3, 5, 2, 7, 4),
              (1, n - 1, 0, 7, 1)]
-    caches = [stack.new_cache(a, b) for a, b, *_ in specs]
+    caches = [stack.new_cache(a, b, grown_in_blocks=True) for a, b, *_ in specs]  # the server's
     solo_caches = [stack.new_cache(a, b) for a, b, *_ in specs]
     positions = [0] * len(specs)
     for step in range(8):

@@ -19,6 +19,7 @@ from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import EngineConfig, Scheduled
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.kvcache import kv_capacity
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.units import UnitStack
 
@@ -177,14 +178,14 @@ def test_rejected_forwards_do_not_keep_a_session_alive(
 
 
 def kv_bytes(loaded: LoadedModel, tokens: int) -> int:
-    """KV cache of an all-server session at a context length."""
+    """KV cache an all-server session reserves at a context length (whole blocks)."""
     stack = UnitStack(loaded.model)
-    return sum(stack.kv_bytes(unit, tokens) for unit in range(stack.n_units))
+    return sum(stack.kv_bytes(unit, kv_capacity(tokens)) for unit in range(stack.n_units))
 
 
 def test_a_session_over_the_kv_cap_gets_over_capacity(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    cap = kv_bytes(tiny_llama, 120)
+    cap = kv_bytes(tiny_llama, 128)  # 8 blocks of 16 positions
     server = make_server(tiny_llama, max_kv_bytes=cap)
     budget = server.state.kv_budget
     healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=90)

@@ -17,6 +17,7 @@ import torch
 
 from splitllm.errors import UserError
 from splitllm.placement import SERVER, Placement
+from splitllm.runtime.kvcache import kv_capacity
 from splitllm.runtime.protocol import (
     DTYPE_NAMES,
     ID_DTYPES,
@@ -133,7 +134,7 @@ class ServerSession:
         self.sampler = Sampler(self.sampling)
         for seg in self.placement.segments():
             if seg.side == SERVER:
-                cache = self.stack.new_cache(seg.start, seg.stop)
+                cache = self.stack.new_cache(seg.start, seg.stop, grown_in_blocks=True)
                 self.segments[seg.start] = SegmentState(seg.start, seg.stop, cache)
 
     @classmethod
@@ -265,17 +266,19 @@ class ServerSession:
                         max(rolled_back, 0))
 
     def _reserve_kv(self, seg: SegmentState, context_tokens: int) -> None:
-        """Grow the segment's share of the KV budget to `context_tokens` (the last check)."""
-        if self.kv_budget is None or seg.cache is None or context_tokens <= seg.reserved_tokens:
+        """Grow the segment's share of the KV budget to what its cache reserves to hold
+        `context_tokens` (whole blocks, runtime/kvcache.py): the last check."""
+        reserved = kv_capacity(context_tokens)
+        if self.kv_budget is None or seg.cache is None or reserved <= seg.reserved_tokens:
             return
         units = range(seg.start, seg.stop)
-        grow = sum(self.stack.kv_bytes(u, context_tokens) - self.stack.kv_bytes(
+        grow = sum(self.stack.kv_bytes(u, reserved) - self.stack.kv_bytes(
             u, seg.reserved_tokens) for u in units)
         with self.kv_budget.lock:  # not after a concurrent close() released this session
             if self.closed:
                 raise ProtocolError("unknown_session", f"session {self.session_id} is closed")
             self.kv_budget.reserve(grow)
-            seg.reserved_tokens = context_tokens
+            seg.reserved_tokens = reserved
             self.kv_reserved_bytes += grow
 
     def record(self, prepared: Prepared, busy_s: float, cpu_s: float, sampled: bool) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from splitllm.runtime.families import (
@@ -26,6 +26,7 @@ from splitllm.runtime.families import (
     module,
     splittable_family,
 )
+from splitllm.runtime.kvcache import BlockLayer
 from splitllm.runtime.models import context_tokens
 
 # The mask each attention type's layers get in the models' own forwards.
@@ -45,15 +46,20 @@ class SegmentCache(DynamicCache):
     makes `get_seq_length()` (index 0) the length of this segment's own first block, which is
     what the causal mask of a chunked prefill must be sized against. Given the model config,
     each block gets the cache layer transformers gives it (a sliding-window layer keeps only
-    its window), so masks built against this cache match the unsplit model's.
+    its window), so masks built against this cache match the unsplit model's. With
+    `grown_in_blocks` (the server's sessions), full-attention layers keep their K/V in
+    block-grown buffers (runtime/kvcache.py) instead of concatenating the past per token.
     """
 
-    def __init__(self, first_block: int, config: Any = None, n_blocks: int | None = None) -> None:
+    def __init__(self, first_block: int, config: Any = None, n_blocks: int | None = None,
+                 grown_in_blocks: bool = False) -> None:
         super().__init__(config=config)
         self.first_block = first_block
         if config is not None:
             stop = None if n_blocks is None else first_block + n_blocks
-            self.layers = self.layers[first_block:stop]
+            grow = grown_in_blocks
+            self.layers = [BlockLayer() if grow and type(layer) is DynamicLayer else layer
+                           for layer in self.layers[first_block:stop]]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -73,9 +79,12 @@ class SegmentCache(DynamicCache):
             self.crop(-extra)
 
     def nbytes(self) -> int:
-        """Bytes held by the cached keys and values."""
+        """Bytes held by the cached keys and values (block-grown layers: what they reserve)."""
         total = 0
         for layer in self.layers:
+            if isinstance(layer, BlockLayer):
+                total += layer.nbytes()
+                continue
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
@@ -127,10 +136,13 @@ class UnitStack:
         """Block indices of units [start, stop) (unit i + 1 is block i)."""
         return range(max(start, 1) - 1, min(stop, self.n_units - 1) - 1)
 
-    def new_cache(self, start: int, stop: int) -> SegmentCache | None:
+    def new_cache(self, start: int, stop: int, grown_in_blocks: bool = False,
+                  ) -> SegmentCache | None:
         """A fresh KV cache for the blocks of units [start, stop), or None if there are none."""
         blocks = self.blocks_in(start, stop)
-        return SegmentCache(blocks.start, self.config, len(blocks)) if len(blocks) else None
+        if not len(blocks):
+            return None
+        return SegmentCache(blocks.start, self.config, len(blocks), grown_in_blocks=grown_in_blocks)
 
     # -- the units ---------------------------------------------------------------------------
 
