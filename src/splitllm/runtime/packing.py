@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -40,12 +41,15 @@ class RowGroup:
     error: BaseException | None = None  # set when this group's attention failed
 
 
+KeyValues = tuple[torch.Tensor, torch.Tensor]  # one session's whole K and V [1, Hkv, L, d]
+
+
 class StepCache:
     """The layers' cache during a packed step: appends each group's K/V to its own cache."""
 
     def __init__(self, groups: list[RowGroup]) -> None:
         self.groups = groups
-        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.kv: list[KeyValues | None] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,16 +97,30 @@ def _packed_attention(base: str) -> Callable[..., tuple[torch.Tensor, None]]:
         if step is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        alone: list[tuple[RowGroup, KeyValues]] = []
+        # One position against a whole cache: one attention call for all of them.
+        decoding: list[tuple[RowGroup, KeyValues]] = []
         for group, kv in zip(step.groups, step.kv, strict=True):
-            if kv is None:
-                continue
+            if kv is not None:
+                one = group.end - group.begin == 1 and (window is None or kv[0].shape[2] <= window)
+                (decoding if one else alone).append((group, kv))
+        batched = None
+        if len(decoding) > 1:
             try:
-                keys, values = kv
-                mask = group_mask(group.end - group.begin, keys.shape[2], window, query.device)
-                if mask is not None and base == "eager":  # eager adds its mask to the scores
-                    mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device
-                                       ).masked_fill(~mask, torch.finfo(query.dtype).min)
+                batched = _attend_decoding(inner, base, module, query, decoding, kwargs)
+            except Exception:  # find whose: each on its own, as the others are
+                alone.extend(decoding)
+        else:
+            alone.extend(decoding)
+        if batched is not None and not alone and len(decoding) == query.shape[2]:
+            return batched[1][None], None  # a step of decoding rows only: [1, T, H, d]
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        if batched is not None:
+            out[0, batched[0]] = batched[1].to(out.dtype)
+        for group, (keys, values) in alone:
+            try:
+                mask = _as_mask(base, group_mask(group.end - group.begin, keys.shape[2], window,
+                                                 query.device), query.dtype)
                 part, _ = inner(module, query[:, :, group.begin:group.end], keys, values, mask,
                                 **kwargs)
                 out[:, group.begin:group.end] = part  # [1, t, H, d]
@@ -111,6 +129,33 @@ def _packed_attention(base: str) -> Callable[..., tuple[torch.Tensor, None]]:
         return out, None
 
     return attention
+
+
+def _attend_decoding(inner: Callable[..., Any], base: str, module: nn.Module,
+                     query: torch.Tensor, decoding: list[tuple[RowGroup, KeyValues]],
+                     kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many sessions' single positions in one attention call: the sessions are the batch, each
+    one's K/V padded to the longest (padding masked out). Their rows, and outputs [G, H, d]."""
+    rows = torch.tensor([group.begin for group, _ in decoding], device=query.device)
+    lengths = [keys.shape[2] for _, (keys, _) in decoding]
+    keys, values = (pad_sequence([kv[i][0].transpose(0, 1) for _, kv in decoding],
+                                 batch_first=True).transpose(1, 2)
+                    for i in (0, 1))  # [G, Hkv, L, d]
+    mask = None
+    if min(lengths) < max(lengths):
+        held = torch.tensor(lengths, device=query.device)[:, None]  # [G, 1]
+        mask = (torch.arange(max(lengths), device=query.device)[None] < held)[:, None, None]
+    queries = query[0, :, rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
+    part, _ = inner(module, queries, keys, values, _as_mask(base, mask, query.dtype), **kwargs)
+    return rows, part[:, 0]  # [G, H, d]
+
+
+def _as_mask(base: str, allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the base attention takes it: eager adds its mask to the scores."""
+    if allowed is None or base != "eager":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 def install_packed_attention(model: nn.Module) -> None:
