@@ -1,16 +1,21 @@
-"""The batched engine's decode throughput, side by side in one run, on real sockets.
+"""The batched engine's decode throughput, side by side in one run.
 
-- aggregate decode tokens/s of one server with 1, 4, 8, ... concurrent sessions, server-only and
+- aggregate decode tokens/s of one engine with 1, 4, 8, ... concurrent sessions, server-only and
   a split placement (embed and the first block on the client), against the same engine taking
   one forward per step (`--max-batch-rows 1`: one session at a time, as before batching),
 - per-session time per output token, server CPU seconds beside wall time,
-- one session against the physical limit: the weights' bytes / one thread's read bandwidth.
+- one session against the physical limit: the weights' bytes / one thread's read bandwidth,
+  measured in the same run, and the machine's load average beside every number.
 
-The server is a child process pinned to core 0, the clients (threads, one connection each)
-to core 1, where the machine has two cores. Speed is measured here, never asserted in tests.
+Two drivers. `inprocess` (default): the sessions queue their forwards straight into an engine
+in this process (benchmarks/engine_driver.py), so a step holds every waiting session: the
+engine's capacity. `socket`: a real server (a child process) and clients (threads, one
+connection each) over WebSockets: end to end, where the clients' Python can be what limits the
+rows per step. The engine (or server) is pinned to core 0, the clients to core 1, where the
+machine has two cores. Speed is measured here, never asserted in tests.
 
     .venv/bin/python benchmarks/bench_engine.py [--model smollm2] [--sessions 1,4,8,16,32]
-        [--tokens 16] [--compute cpu]
+        [--tokens 16] [--compute cpu] [--driver inprocess|socket] [--quick]
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from engine_driver import InProcessDriver
 from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
+from splitllm.runtime.engine import EngineConfig
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
+from splitllm.runtime.profile import measure_step_model
 from splitllm.runtime.units import UnitStack
 from splitllm.stepmodel import StepModel, decode_share_s, marginal_decode_s
 
@@ -136,6 +144,25 @@ def run_server(args: argparse.Namespace, loaded: LoadedModel, ids: list[int], ba
             stop_server(proc)
 
 
+def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
+                  batch_rows: int, engine: str, placements: dict[str, str], pin: bool
+                  ) -> list[Point]:
+    """The same runs with the sessions' forwards queued straight into an engine here."""
+    stack = UnitStack(loaded.model)
+    points = []
+    for placement in placements.values():
+        driver = InProcessDriver(stack, config=EngineConfig(max_batch_rows=batch_rows),
+                                 client_units=placement.count("C"),
+                                 client_core=1 if pin else None)
+        driver.run(ids, 2, 4)  # warm up
+        for n in args.sessions:
+            run = driver.run(ids, n, args.tokens)
+            points.append(Point(engine, placement, n, sum(1.0 / t for t in run.tpot_s),
+                                sum(run.tpot_s) / n, run.wall_s, run.server_cpu_s,
+                                run.rows / max(run.steps, 1), run.generated_tokens))
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -143,28 +170,51 @@ def main() -> None:
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--compute", default="cpu")
+    parser.add_argument("--driver", choices=("inprocess", "socket"), default="inprocess")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 16 sessions, 8 tokens each (a few minutes)")
     args = parser.parse_args()
+    if args.quick:
+        args.sessions, args.tokens = [1, 16], 8
+    if args.driver == "inprocess" and args.compute != "cpu":
+        parser.error("the in-process driver runs on the CPU; use --driver socket --compute ...")
     console = Console(width=200)
+    load_before = os.getloadavg()
     pin = len(os.sched_getaffinity(0)) >= 2 and args.compute == "cpu"
     torch.set_num_threads(1)
     loaded = load_model(args.model)
     bandwidth = read_bandwidth_bytes_per_s()
-    if pin:
-        os.sched_setaffinity(0, {1})
     ids = encode_prompt(loaded, PROMPT)
     n = UnitStack(loaded.model).n_units
     placements = {"server-only": "S" * n, "split (C2 S..S)": "CC" + "S" * (n - 2)}
-    batched, model = run_server(args, loaded, ids, 64, "batched", placements, pin)
-    single, _ = run_server(args, loaded, ids, 1, "batch-1", placements, pin)
+    model = None
+    if args.driver == "socket":
+        if pin:
+            os.sched_setaffinity(0, {1})
+        batched, model = run_server(args, loaded, ids, 64, "batched", placements, pin)
+        single, _ = run_server(args, loaded, ids, 1, "batch-1", placements, pin)
+    else:
+        if pin:
+            os.sched_setaffinity(0, {0})  # the engine thread; the client thread moves to core 1
+        batched = run_inprocess(args, loaded, ids, 64, "batched", placements, pin)
+        single = run_inprocess(args, loaded, ids, 1, "batch-1", placements, pin)
+        if not args.quick:
+            model = measure_step_model(UnitStack(loaded.model))
     _print(console, args, loaded, batched, single, placements, bandwidth, pin)
-    _print_model(console, model, batched, placements)
+    if model is not None:
+        _print_model(console, model, batched, placements)
+    console.print("load average (1, 5, 15 min): before "
+                  + ", ".join(f"{x:.1f}" for x in load_before) + "; after "
+                  + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+                  + f" on {os.cpu_count()} cores")
 
 
 def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batched: list[Point],
            single: list[Point], placements: dict[str, str], bandwidth: float, pin: bool) -> None:
     names = {v: k for k, v in placements.items()}
-    table = Table(title=f"Engine decode throughput: {loaded.model_id} {loaded.dtype}, "
-                        f"{args.compute}, 1 server thread{' (pinned)' if pin else ''}, "
+    table = Table(title=f"Engine decode throughput ({args.driver} driver): {loaded.model_id} "
+                        f"{loaded.dtype}, {args.compute}, 1 server thread"
+                        f"{' (pinned)' if pin else ''}, "
                         f"prompt {len(encode_prompt(loaded, PROMPT))} tokens, "
                         f"{args.tokens} new tokens per session")
     for column in ("placement", "sessions", "batched tok/s", "batch-1 tok/s", "speed-up",
