@@ -27,8 +27,9 @@ EXIT_INTERRUPTED = 3  # `generate`: the server was lost mid-generation (partial 
 
 
 def default_threads() -> int:
-    """Half the cores: client and server often share one machine."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """Half the cores this process may run on (a `taskset` pins it): client and server often
+    share one machine, and a thread more than its cores only makes each step wait."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def serve(
