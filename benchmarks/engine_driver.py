@@ -4,7 +4,8 @@ Python on the way, so a step holds every session that is waiting (the engine's c
 Each session prefills its prompt, then decodes one token per forward; its next forward is queued
 the moment its result is delivered (on the engine thread), so with N sessions every decode step
 has N rows. A split placement's client units run on a client thread (pinned to another core
-where there is one), as a client would run them, and only the server's units go to the engine.
+where there is one), all waiting clients' in one packed step, and only the server's units go to
+the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from splitllm.runtime.engine import Engine, EngineConfig, Job, Outcome
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.protocol import DTYPE_NAMES, ForwardHeader, Sampling, tensor_bytes
 from splitllm.runtime.session import ForwardResult, Limits, ServerSession
+from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
 
 
@@ -62,6 +64,8 @@ class InProcessDriver:
         self.stack, self.config, self.client_units = stack, config, client_units
         self.client_core = client_core
         self.placement = "C" * client_units + "S" * (stack.n_units - client_units)
+        self.in_engine = 0  # forwards queued in the engine or running there
+        self.settled = threading.Condition()
 
     def run(self, prompt: list[int], sessions: int, new_tokens: int) -> DriverRun:
         """Generate `new_tokens` in each of `sessions` sessions at once; greedy, no EOS stop."""
@@ -89,12 +93,11 @@ class InProcessDriver:
                                                owner=f"c{k}"),
                             self.stack.new_cache(0, self.client_units), deliver)
                 for k in range(sessions)]
-        client = threading.Thread(target=self._client, args=(engine, inbox), daemon=True)
-        client.start()
         clock = time.perf_counter()
-        with engine.held_back():  # every prompt is queued before the first step
+        with engine.held_back():  # every prompt is queued before the first step (or client)
             for gen in gens:
                 self._forward(engine, inbox, gen, prompt)
+        threading.Thread(target=self._client, args=(engine, inbox), daemon=True).start()
         for _ in gens:
             finished.acquire()
         wall_s = time.perf_counter() - clock
@@ -113,15 +116,28 @@ class InProcessDriver:
             self._submit(engine, gen, torch.tensor([ids]), 0)
 
     def _client(self, engine: Engine, inbox: Inbox) -> None:
+        """The clients' units of every waiting session in one packed step (runtime/step.py), once
+        the engine has handed back all it holds: on the one core that emulates them, sixteen
+        clients one after the other would be the bottleneck, not the server."""
         if self.client_core is not None:
             os.sched_setaffinity(0, {self.client_core})  # this thread only
         torch.set_num_threads(1)
         while (item := inbox.get()) is not None:
-            gen, ids = item
-            positions = torch.arange(gen.position, gen.position + len(ids))[None]  # [1, t]
-            hidden = self.stack.run(0, self.client_units, torch.tensor([ids]), positions,
-                                    gen.client_cache)  # [1, t, D]
-            self._submit(engine, gen, hidden, self.client_units)
+            with self.settled:  # the rest of the step's results are on their way: wait for them
+                self.settled.wait_for(lambda: self.in_engine == 0, timeout=1.0)
+            waiting = [item]
+            while not inbox.empty() and (item := inbox.get()) is not None:
+                waiting.append(item)
+            rows = [StepRow(0, self.client_units, torch.tensor([ids]),
+                            torch.arange(gen.position, gen.position + len(ids))[None],
+                            gen.client_cache) for gen, ids in waiting]  # [1, t] each
+            outputs, _ = run_step(self.stack, rows)
+            with engine.held_back():  # all of them into one step, as the prompts went
+                for (gen, _), output in zip(waiting, outputs, strict=True):
+                    assert output.out is not None, output.error
+                    self._submit(engine, gen, output.out, self.client_units)  # [1, t, D]
+            if item is None:
+                return
 
     def _submit(self, engine: Engine, gen: _Generation, x: torch.Tensor, start: int) -> None:
         tokens = x.shape[1]
@@ -131,5 +147,13 @@ class InProcessDriver:
                                positions=(gen.position, gen.position + tokens),
                                dtype=DTYPE_NAMES[x.dtype], shape=list(x.shape))
         gen.position += tokens
+        with self.settled:
+            self.in_engine += 1
         engine.put(Job(gen.server, header, tensor_bytes(x),
-                       lambda outcome: gen.deliver(gen, outcome)))
+                       lambda outcome: self._settle(gen, outcome)))
+
+    def _settle(self, gen: _Generation, outcome: Outcome) -> None:
+        gen.deliver(gen, outcome)  # first: a split session's next forward is in the inbox now
+        with self.settled:
+            self.in_engine -= 1
+            self.settled.notify_all()
