@@ -70,6 +70,7 @@ def main() -> None:
           f"{hidden:.2e}")
     bench = Path(__file__).with_name("bench_engine.py")
     subprocess.run([sys.executable, str(bench), "--model", args.model, "--compute", "cuda",
+                    "--driver", "socket",
                     "--sessions", args.sessions, "--tokens", args.tokens], check=True)
 
 
