@@ -1,10 +1,13 @@
-"""Measuring the path to the server: RTT from pings, both bandwidths from timed probes."""
+"""Measuring the path to the server: RTT from pings, both bandwidths from timed probes, and the
+fixed cost of one visit to the server beyond them."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
 
 from splitllm.planner.network import Link
 from splitllm.runtime import protocol as wire
@@ -35,3 +38,28 @@ def measure_link(transport: Transport, timeout_s: float = 30.0, *, pings: int = 
     down_s = max(clock() - start_s - rtt_s, 1e-6)
     return Link(uplink_bytes_per_s=probe_bytes / up_s,
                 downlink_bytes_per_s=probe_bytes / down_s, rtt_s=rtt_s, name="measured")
+
+
+def measure_visit_s(transport: Transport, n_units: int, rtt_s: float, timeout_s: float = 30.0,
+                    *, visits: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
+    """The fixed cost of one visit to the server beyond the round trip (median of `visits`).
+
+    A visit that does next to no compute: one token id through the server's embedding, its
+    hidden state back. What it takes beyond a ping's round trip is both sides' message handling
+    (tensor framing and decoding, the session's bookkeeping, the engine's hand-off).
+    """
+    from splitllm.placement import CLIENT, SERVER, Placement
+    from splitllm.runtime.remote import RemoteSession
+
+    remote = RemoteSession(transport, Placement(SERVER + CLIENT * (n_units - 1)), n_units,
+                           timeout_s=timeout_s)
+    seconds = []
+    try:
+        for position in range(visits + 1):  # the first one warms up the session's path
+            start_s = clock()
+            remote.forward((0, 1), torch.tensor([[position % 64]]), (position, position + 1),
+                           return_logits=False)
+            seconds.append(clock() - start_s)
+    finally:
+        remote.close()
+    return max(statistics.median(seconds[1:]) - rtt_s, 0.0)
