@@ -197,11 +197,11 @@ def _decode(stack: UnitStack, token: torch.Tensor, context: int) -> _Timed:
     wall: list[float] = []
     cpu: list[float] = []
     stack.run(0, stack.n_units, token, torch.tensor([[context]], device=token.device),
-              _filled_cache(stack, context), wall, unit_cpu_seconds=cpu)
+              filled_cache(stack, context), wall, unit_cpu_seconds=cpu)
     return _Timed(tuple(wall), tuple(cpu))
 
 
-def _filled_cache(stack: UnitStack, context: int) -> SegmentCache | None:
+def filled_cache(stack: UnitStack, context: int) -> SegmentCache | None:
     """A cache of the whole model holding `context` positions of random keys and values: a
     decode step's cost depends on how much it reads, not on what."""
     cache = stack.new_cache(0, stack.n_units)
