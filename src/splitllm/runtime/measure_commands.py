@@ -55,8 +55,9 @@ def fidelity(
         url = server or stack.enter_context(local_server(model, threads))
         opts = FidelityOptions(server=url, token=token, quick=quick, repeats=repeats,
                                sla_factor=sla_factor, threads=threads)
-        results = run_fidelity(loaded, opts)
-    header = header_text(loaded.model_id, opts, server_started=server is None)
+        results, fixed_costs = run_fidelity(loaded, opts)
+    header = header_text(loaded.model_id, opts, server_started=server is None,
+                         fixed_costs=fixed_costs)
     if out is not None:
         write_report(results, out, header)
     if as_json:
@@ -115,18 +116,21 @@ def profile(
 
 
 def _measure_link(server: str, token: str | None, path: Path) -> dict[str, object]:
-    """The link to a server (RTT, both bandwidths) saved as a link profile; its JSON."""
+    """The link to a server (RTT, both bandwidths, the cost of a visit) saved as a link
+    profile; its JSON."""
     from dataclasses import replace
 
     from splitllm.planner.hardware import save_profile
     from splitllm.runtime.client import fetch_info
-    from splitllm.runtime.link_probe import measure_link
+    from splitllm.runtime.link_probe import measure_link, measure_visit_s
     from splitllm.runtime.transport import WebSocketTransport
 
-    fetch_info(server, token)  # a wrong URL or token: one line, before the WebSocket
+    info = fetch_info(server, token)  # a wrong URL or token: one line, before the WebSocket
     transport = WebSocketTransport(server, token)
     try:
         link = measure_link(transport)
+        link = replace(link, visit_s=measure_visit_s(transport, int(info["n_units"]),
+                                                     link.rtt_s))
     finally:
         transport.close()
     save_profile(replace(link, name=path.stem), path)

@@ -29,7 +29,7 @@ from splitllm.runtime.step import StepRow, StepTimes, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
 from splitllm.stepmodel import StepModel, fit_unit
 
-PROFILE_PROMPT_TOKENS = (16, 48, 128)  # prefill lengths timed
+PROFILE_PROMPT_TOKENS = (8, 32, 96)  # prefill lengths timed
 PROFILE_CONTEXTS = (16, 256, 1024)  # decode contexts timed (capped at the model's positions)
 PROFILE_ROUNDS = 3  # each point is the median of this many rounds
 
@@ -218,7 +218,7 @@ def filled_cache(stack: UnitStack, context: int) -> SegmentCache | None:
 
 
 def measure_step_models(stack: UnitStack, batch_rows: Sequence[int] = (1, 4, 16),
-                        prompt_tokens: int = 16, decode_steps: int = 4,
+                        prompt_tokens: int = 8, decode_steps: int = 2,
                         rounds: int = PROFILE_ROUNDS) -> tuple[StepModel, StepModel]:
     """The step model fitted on engine steps, in wall and in CPU seconds: a prefill and a few
     decode steps at each batch size, each sample the median of its rounds."""
