@@ -79,9 +79,15 @@ def test_a_measured_profile_round_trips_through_json(tiny_llama: LoadedModel,
                                                      tmp_path: Path) -> None:
     device, samples = profile_device(UnitStack(tiny_llama.model),
                                      tiny_llama.model.config.to_dict(), name="tiny-host",
-                                     prompt_tokens=(4, 8), decode_steps=2)
-    assert [s.kind for s in samples] == ["prefill", "decode"] * 2
-    assert all(s.seconds > 0 and s.flops > 0 and s.mem_bytes > 0 for s in samples)
+                                     prompt_tokens=(4, 8), contexts=(5, 200))
+    assert [(s.kind, s.tokens) for s in samples] == [("prefill", 4), ("prefill", 8),
+                                                     ("decode", 5), ("decode", 200)]
+    assert all(s.seconds == s.wall_s > 0 and s.cpu_s > 0 and s.flops > 0 and s.mem_bytes > 0
+               for s in samples)
+    on_cpu, cpu_samples = profile_device(UnitStack(tiny_llama.model),
+                                         tiny_llama.model.config.to_dict(), name="tiny-cpu",
+                                         prompt_tokens=(4, 8), contexts=(5, 200), clock="cpu")
+    assert all(s.seconds == s.cpu_s for s in cpu_samples) and on_cpu.name == "tiny-cpu"
     path = tmp_path / "tiny-host.json"
     save_profile(device, path)
     assert load_profile(path) == device
@@ -114,7 +120,9 @@ def test_profile_command_writes_both_profiles(tiny_llama_dir: Path, llama_server
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout.strip().splitlines()[-1])
-    assert document["device"]["kind"] == "device" and len(document["samples"]) == 6
+    # 3 prompt lengths, 2 contexts: the tiny model's 256 positions cap 256 and 1024 alike.
+    assert document["device"]["kind"] == "device" and len(document["samples"]) == 5
+    assert document["link"]["visit_s"] >= 0
     assert isinstance(device_preset(str(device)), DeviceProfile)
     measured = link_preset(str(link))
     assert measured.rtt_s > 0 and measured.uplink_bytes_per_s > 0

@@ -81,6 +81,9 @@ def profile(
     link_out: Annotated[Path, typer.Option(help="Write the link profile JSON here.")
                         ] = Path("link-profile.json"),
     threads: Annotated[int, typer.Option(help="Torch threads to time with.")] = 1,
+    clock: Annotated[str, typer.Option(
+        help="Fit to 'wall' seconds (latency) or this thread's 'cpu' seconds (a server's work).")
+                     ] = "wall",
     as_json: Annotated[bool, typer.Option("--json", help="Print the profiles and samples.")
                        ] = False,
 ) -> None:
@@ -88,16 +91,18 @@ def profile(
     import torch
 
     from splitllm.planner.hardware import save_profile
-    from splitllm.runtime.device_profile import profile_device, sample_rows
+    from splitllm.runtime.device_profile import CLOCKS, profile_device, sample_rows
     from splitllm.runtime.models import load_model
     from splitllm.runtime.units import UnitStack
 
     if threads < 1:
         raise UserError("--threads must be at least 1")
+    if clock not in CLOCKS:
+        raise UserError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     device, samples = profile_device(UnitStack(loaded.model), loaded.model.config.to_dict(),
-                                     name=name)
+                                     name=name, clock=clock)
     save_profile(device, out)
     document: dict[str, object] = {"device": json.loads(out.read_text()),
                                    "samples": sample_rows(device, samples)}
@@ -107,7 +112,8 @@ def profile(
         print(json.dumps(document))
         return
     for row in document["samples"]:  # type: ignore[attr-defined]
-        print(f"{row['kind']:7} tokens {row['tokens']:4d}: measured {row['measured_s']:.4f} s, "
+        print(f"{row['kind']:7} tokens {row['tokens']:4d}: measured {row['measured_s']:.4f} s "
+              f"({clock}; wall {row['wall_s']:.4f}, CPU {row['cpu_s']:.4f}), "
               f"profile {row['predicted_s']:.4f} s ({row['rel_err']:+.1%})")
     print(f"device profile -> {out} (peak {device.peak_flops_per_s / 1e9:.1f} GFLOP/s, "
           f"memory {device.mem_bandwidth_bytes_per_s / 1e9:.1f} GB/s, efficiency 1)")
