@@ -37,6 +37,7 @@ FULL_CONDITIONS = (Condition(), Condition(client_slowdown=2.0), Condition(link="
 QUICK_LENGTHS = ((32, 8),)
 FULL_LENGTHS = ((16, 8), (64, 16), (128, 8))
 TARGET_MEDIAN, TARGET_MAX, TARGET_SAVING_POINTS = 0.10, 0.25, 3.0
+SERVER_START_S = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +140,8 @@ def local_server(model: str, threads: int) -> Iterator[str]:
         proc = start_server(model, port, log, threads)
         try:
             _pin_apart(proc.pid)
-            wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            # The server times its units and its engine's steps at start: minutes when loaded.
+            wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout_s=SERVER_START_S)
             yield f"ws://127.0.0.1:{port}"
         finally:
             stop_server(proc)
