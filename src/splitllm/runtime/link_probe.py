@@ -46,13 +46,20 @@ def measure_visit_s(transport: Transport, n_units: int, rtt_s: float, timeout_s:
 
     A visit that does next to no compute: one token id through the server's embedding, its
     hidden state back. What it takes beyond a ping's round trip is both sides' message handling
-    (tensor framing and decoding, the session's bookkeeping, the engine's hand-off).
+    (tensor framing and decoding, the session's bookkeeping, the engine's hand-off). 0 when the
+    server has no session to spare for the probe (it is at capacity): unmeasured, not refused.
     """
     from splitllm.placement import CLIENT, SERVER, Placement
     from splitllm.runtime.remote import RemoteSession
+    from splitllm.runtime.transport import ServerError
 
-    remote = RemoteSession(transport, Placement(SERVER + CLIENT * (n_units - 1)), n_units,
-                           timeout_s=timeout_s)
+    try:
+        remote = RemoteSession(transport, Placement(SERVER + CLIENT * (n_units - 1)), n_units,
+                               timeout_s=timeout_s)
+    except ServerError as exc:
+        if exc.code != "busy":
+            raise
+        return 0.0
     seconds = []
     try:
         for position in range(visits + 1):  # the first one warms up the session's path
