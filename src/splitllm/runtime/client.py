@@ -172,7 +172,7 @@ class Session:
         if self.link is None:
             link = measure_link(self.transport, self.timeout_s)
             self.link = replace(link, visit_s=measure_visit_s(
-                self.transport, self.stack.n_units, link.rtt_s, self.timeout_s))
+                self.transport, self.stack.n_units, self.timeout_s))
         return self.link
 
     def client_profile(self) -> UnitProfile:

@@ -40,14 +40,15 @@ def measure_link(transport: Transport, timeout_s: float = 30.0, *, pings: int = 
                 downlink_bytes_per_s=probe_bytes / down_s, rtt_s=rtt_s, name="measured")
 
 
-def measure_visit_s(transport: Transport, n_units: int, rtt_s: float, timeout_s: float = 30.0,
-                    *, visits: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
+def measure_visit_s(transport: Transport, n_units: int, timeout_s: float = 30.0, *,
+                    visits: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
     """The fixed cost of one visit to the server beyond the round trip (median of `visits`).
 
     A visit that does next to no compute: one token id through the server's embedding, its
-    hidden state back. What it takes beyond a ping's round trip is both sides' message handling
-    (tensor framing and decoding, the session's bookkeeping, the engine's hand-off). 0 when the
-    server has no session to spare for the probe (it is at capacity): unmeasured, not refused.
+    hidden state back, each timed right after a ping so that both see the same load. What it
+    takes beyond the ping's round trip is both sides' message handling (tensor framing and
+    decoding, the session's bookkeeping, the engine's hand-off). 0 when the server has no
+    session to spare for the probe (it is at capacity): unmeasured, not refused.
     """
     from splitllm.placement import CLIENT, SERVER, Placement
     from splitllm.runtime.remote import RemoteSession
@@ -60,13 +61,16 @@ def measure_visit_s(transport: Transport, n_units: int, rtt_s: float, timeout_s:
         if exc.code != "busy":
             raise
         return 0.0
-    seconds = []
+    extra_s = []
     try:
         for position in range(visits + 1):  # the first one warms up the session's path
             start_s = clock()
+            transport.send(wire.text({"type": "ping", "t": position}))
+            receive(transport, "pong", timeout_s)
+            ping_s, start_s = clock() - start_s, clock()
             remote.forward((0, 1), torch.tensor([[position % 64]]), (position, position + 1),
                            return_logits=False)
-            seconds.append(clock() - start_s)
+            extra_s.append(clock() - start_s - ping_s)
     finally:
         remote.close()
-    return max(statistics.median(seconds[1:]) - rtt_s, 0.0)
+    return max(statistics.median(extra_s[1:]), 0.0)

@@ -135,8 +135,7 @@ def _measure_link(server: str, token: str | None, path: Path) -> dict[str, objec
     transport = WebSocketTransport(server, token)
     try:
         link = measure_link(transport)
-        link = replace(link, visit_s=measure_visit_s(transport, int(info["n_units"]),
-                                                     link.rtt_s))
+        link = replace(link, visit_s=measure_visit_s(transport, int(info["n_units"])))
     finally:
         transport.close()
     save_profile(replace(link, name=path.stem), path)
