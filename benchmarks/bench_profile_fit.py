@@ -2,11 +2,11 @@
 
 Run: .venv/bin/python benchmarks/bench_profile_fit.py
 
-Profiles the whole model as a server does at start (`profile_units`: prefill at 16/48/96 tokens,
-decode after each), then times a prefill of 32 and 256 tokens and a decode step at context ~301
-directly, and prints each beside the fitted prediction and the old one-point linear estimate
-(the 32-token prefill scaled by P / 32). One thread; figures are wall seconds, so run it on a
-quiet machine.
+Profiles the whole model as a server does at start (`profile_units`: prefill at 8/32/96 tokens,
+decode at contexts 16/256/1024 on filled caches, median of 3 rounds, wall and CPU seconds), then
+times a prefill of 256 tokens and decode steps at context ~600 after a real 600-token prefill,
+and prints each beside the fitted prediction, in wall and in CPU seconds (the CPU seconds are
+what a loaded machine leaves steady). One thread.
 """
 
 from __future__ import annotations
@@ -17,51 +17,45 @@ import time
 import torch
 
 from splitllm.runtime.models import load_model
-from splitllm.runtime.profile import profile_units
-from splitllm.runtime.units import UnitStack
+from splitllm.runtime.profile import UnitProfile, profile_units
+from splitllm.runtime.units import SegmentCache, UnitStack
 
 
-def prefill_s(stack: UnitStack, ids: torch.Tensor, tokens: int) -> float:
-    """Best of two whole-model prefills of `tokens` tokens."""
-    runs = []
-    for _ in range(2):
-        seconds: list[float] = []
-        stack.run(0, stack.n_units, ids[:, :tokens], torch.arange(tokens)[None],
-                  stack.new_cache(0, stack.n_units), seconds)
-        runs.append(sum(seconds))
-    return min(runs)
+def timed(stack: UnitStack, ids: torch.Tensor, start: int, cache: SegmentCache | None
+          ) -> tuple[float, float]:
+    """(wall, CPU) seconds of the whole model on ids at positions start.. ."""
+    wall: list[float] = []
+    cpu: list[float] = []
+    positions = torch.arange(start, start + ids.shape[1])[None]
+    stack.run(0, stack.n_units, ids, positions, cache, wall, unit_cpu_seconds=cpu)
+    return sum(wall), sum(cpu)
 
 
-def decode_s(stack: UnitStack, ids: torch.Tensor, prompt_tokens: int, steps: int = 3) -> float:
-    """Median whole-model decode step after a prompt of `prompt_tokens` tokens."""
-    cache = stack.new_cache(0, stack.n_units)
-    stack.run(0, stack.n_units, ids[:, :prompt_tokens], torch.arange(prompt_tokens)[None], cache)
-    times = []
-    for k in range(steps):
-        seconds: list[float] = []
-        p = prompt_tokens + k
-        stack.run(0, stack.n_units, ids[:, p:p + 1], torch.tensor([[p]]), cache, seconds)
-        times.append(sum(seconds))
-    return statistics.median(times)
+def line(what: str, measured: tuple[float, float], fitted: tuple[float, float]) -> str:
+    return (f"{what}: wall measured {measured[0]:.3f} s, fitted {fitted[0]:.3f} s "
+            f"({fitted[0] / measured[0] - 1:+.0%}); CPU measured {measured[1]:.3f} s, fitted "
+            f"{fitted[1]:.3f} s ({fitted[1] / measured[1] - 1:+.0%})")
 
 
 def main() -> None:
     torch.set_num_threads(1)
     stack = UnitStack(load_model("smollm2").model)
     clock = time.perf_counter()
-    profile = profile_units(stack)
+    profile: UnitProfile = profile_units(stack)
     print(f"profile_units: {time.perf_counter() - clock:.2f} s")
-    ids = torch.randint(0, stack.vocab_size, (1, 400), generator=torch.Generator().manual_seed(1))
-    at_32 = prefill_s(stack, ids, 32)
-    for tokens in (32, 256):
-        measured = at_32 if tokens == 32 else prefill_s(stack, ids, tokens)
-        print(f"prefill P={tokens}: measured {measured:.3f} s, fitted "
-              f"{sum(profile.prefill_at(tokens)):.3f} s, one-point linear "
-              f"{at_32 * tokens / 32:.3f} s")
-    step_s = decode_s(stack, ids, 299)  # contexts 300..302
-    print(f"decode at context ~301: measured {step_s * 1e3:.1f} ms, fitted "
-          f"{sum(profile.decode_at(301)) * 1e3:.1f} ms, shortest measured context "
-          f"({profile.contexts[0]}) {sum(profile.decode_s[0]) * 1e3:.1f} ms")
+    ids = torch.randint(0, stack.vocab_size, (1, 620), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        runs = [timed(stack, ids[:, :256], 0, stack.new_cache(0, stack.n_units))
+                for _ in range(3)]
+        prefill = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        print(line("prefill P=256", prefill,
+                   (sum(profile.prefill_at(256)), sum(profile.cpu().prefill_at(256)))))
+        cache = stack.new_cache(0, stack.n_units)
+        timed(stack, ids[:, :600], 0, cache)
+        steps = [timed(stack, ids[:, p:p + 1], p, cache) for p in range(600, 605)]
+    decode = (statistics.median(s[0] for s in steps), statistics.median(s[1] for s in steps))
+    print(line("decode at context ~602", decode,
+               (sum(profile.decode_at(602)), sum(profile.cpu().decode_at(602)))))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ internals:
 - latency = client_s of C units + server_s of S units + every crossing;
 - the input (input_bytes) starts on the client, the result (output_bytes) ends on the client;
   the edge into unit l carries unit l-1's out_bytes (edge 0: input_bytes, edge n: output_bytes);
-- an up crossing costs passes * (rtt/2 + server_wait_s) + bytes / uplink,
+- an up crossing costs passes * (rtt/2 + visit_s + server_wait_s) + bytes / uplink,
   a down crossing passes * rtt/2 + bytes / downlink;
 - a phase limit is the same sum over its own per-unit times and bytes, with its own passes;
 - server work = sum of server_work of S units, client memory = sum of client_mem_bytes of C units;
@@ -56,7 +56,8 @@ def path_latency(
     padded[:, 1:-1] = on_server
     before, after = padded[:, :-1], padded[:, 1:]  # [N, n + 1]: sides around edge l
     carried = np.array([input_bytes, *list(out_bytes)[:-1], output_bytes])  # [n + 1]
-    up_s = passes * (link.rtt_s / 2 + server_wait_s) + carried / link.uplink_bytes_per_s
+    up_s = (passes * (link.rtt_s / 2 + link.visit_s + server_wait_s)
+            + carried / link.uplink_bytes_per_s)
     down_s = passes * link.rtt_s / 2 + carried / link.downlink_bytes_per_s
     network = ((~before & after) * up_s + (before & ~after) * down_s).sum(axis=1)
     return compute + network
@@ -277,6 +278,11 @@ def brute_force_case(seed: int, max_units: int = 14) -> Instance:
         server_wait=rng.random() < 0.3,
         integer_work=rng.random() < 0.3,
     )
+    # A per-visit cost on some links, drawn apart so that the other draws stay as they were.
+    visit = np.random.default_rng(seed + 1_000_000)
+    if visit.random() < 0.3:
+        link = dataclasses.replace(instance.link, visit_s=float(visit.uniform(0.001, 0.05)))
+        instance = dataclasses.replace(instance, link=link)
     return pick_limits(rng, instance, KINDS[seed % len(KINDS)])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -32,6 +33,10 @@ def milp_case(seed: int) -> Instance:
         passes=int(rng.choice([1, 4, 16])),
         server_wait=rng.random() < 0.5,
     )
+    visit = np.random.default_rng(2_000_000 + seed)  # apart: the other draws stay as they were
+    if visit.random() < 0.5:  # a per-visit cost on the link
+        link = dataclasses.replace(instance.link, visit_s=float(visit.uniform(0.001, 0.05)))
+        instance = dataclasses.replace(instance, link=link)
     reference = evaluate(instance, Placement(random_placement(rng, instance)))
     instance = with_phase_limits(
         instance, [v * rng.uniform(0.9, 1.3) for v in reference.phase_latency_s])

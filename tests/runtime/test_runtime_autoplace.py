@@ -4,6 +4,7 @@ predicted wire bytes against a real generation's."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from splitllm.runtime.autoplace import (
     default_sla_s,
     measured_instance,
     plan_placement,
+    profile_server_times,
     with_sla,
 )
 from splitllm.runtime.client import connect
@@ -56,8 +58,9 @@ def sizes(prompt_tokens: int, new_tokens: int, hidden_size: int = 64) -> Request
 
 def test_measured_instance_follows_the_cost_model() -> None:
     link = Link(uplink_bytes_per_s=1e6, downlink_bytes_per_s=2e6, rtt_s=0.05)
-    instance = measured_instance(profile(4.0), profile(1.0), link,
-                                 Request(prompt_tokens=20, output_tokens=5), sizes(20, 5))
+    request = Request(prompt_tokens=20, output_tokens=5)
+    instance = measured_instance(profile(4.0), profile_server_times(profile(1.0), request), link,
+                                 request, sizes(20, 5))
     assert instance.passes == 5 and instance.names == NAMES
     block = instance.units[1]
     assert block.server_s == pytest.approx(0.01 * 2 + 4 * 0.002)  # prefill of 20, 4 decodes
@@ -99,9 +102,10 @@ def test_profiles_fit_the_cost_model_shape_to_their_points() -> None:
 
 
 def test_the_sla_decides_how_much_runs_on_the_client() -> None:
-    instance = measured_instance(profile(6.0), profile(1.0),
+    request = Request(prompt_tokens=20, output_tokens=5)
+    instance = measured_instance(profile(6.0), profile_server_times(profile(1.0), request),
                                  Link(uplink_bytes_per_s=1e7, downlink_bytes_per_s=1e7, rtt_s=0.02),
-                                 Request(prompt_tokens=20, output_tokens=5), sizes(20, 5))
+                                 request, sizes(20, 5))
     loose = plan_placement(with_sla(instance, 10.0))
     assert loose.placement.sides == "CCCC" and loose.server_work == 0
     server_only = evaluate(instance, Placement("SSSS")).latency_s
@@ -169,10 +173,13 @@ def test_emulated_slowdown_makes_client_units_slower(
               f"normal: wall {normal.wall_s:.3f} s, busy {normal.client_busy_s:.3f} s")
         assert slowed.wall_s >= 0.999 * slowed.client_busy_s > 0
         assert slow.emulation == "EMULATED client slowdown x5"
-        assert fast.client_profile() == measured
-        assert slow.client_profile() == measured.scaled(5.0)
+        # The units' times, and the loop's own cost per pass measured beside them.
+        assert replace(fast.client_profile(), pass_s=0.0) == measured
+        assert replace(slow.client_profile(), pass_s=0.0) == measured.scaled(5.0)
+        assert fast.client_profile().pass_s > 0
         plan = slow.plan(4, 6)
-        assert plan.source == "measured" and plan.plan.feasible
+        assert plan.source.startswith("measured; server: the server's engine step model at")
+        assert plan.plan.feasible
         decided: list[AutoPlan] = []  # placement="auto": plans once, says so, then generates
         auto = slow.generate([5, 6, 7, 8], 6, placement="auto", stop_at_eos=False,
                              on_plan=decided.append)
@@ -232,7 +239,7 @@ def test_kv_bytes_per_token_matches_the_cache(tiny_llama: LoadedModel) -> None:
     stack.run(0, stack.n_units, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], cache)
     assert cache is not None
     assert cache.nbytes() == 3 * sum(stack.kv_bytes_per_token(u) for u in range(stack.n_units))
-    measured = profile_units(stack, prompt_tokens=(4, 8, 16), decode_steps=2)
+    measured = profile_units(stack, prompt_tokens=(4, 8, 16), contexts=(5, 9, 17), rounds=1)
     assert measured.names == stack.names and measured.contexts == (5, 9, 17)
     assert all(t > 0 for row in measured.decode_s for t in row)
     assert np.all(np.diff([measured.prefill_at(p) for p in (1, 10, 100)], axis=0) >= 0)

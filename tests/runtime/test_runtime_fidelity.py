@@ -23,7 +23,7 @@ from splitllm.runtime.fidelity import (
     visit_residual_s,
     wire_bytes,
 )
-from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, write_report
+from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, header_text, write_report
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 
@@ -33,10 +33,11 @@ FACTORS = {"loopback": 1.25, "slow": 0.8}
 
 
 def instance(passes: int, client_factor: float) -> Instance:
-    """Four units, the blocks 10 ms on the server per pass, the client client_factor slower."""
+    """Four units, the blocks 10 ms on the server per pass (half of it CPU seconds: the server's
+    work), the client client_factor slower."""
     seconds = (0.001, 0.01, 0.01, 0.002)
     units = tuple(Unit(name=name, client_s=s * passes * client_factor, server_s=s * passes,
-                       server_work=s * passes, out_bytes=1000.0 * (i + 1))
+                       server_work=s * passes / 2, out_bytes=1000.0 * (i + 1))
                   for i, (name, s) in enumerate(zip(("embed", "b0", "b1", "head"), seconds,
                                                     strict=True)))
     return Instance(units=units, link=LINK, sla_s=float("inf"), input_bytes=64.0 * passes,
@@ -69,7 +70,9 @@ def test_predict_follows_the_instance() -> None:
     assert figures.e2e_s == pytest.approx(evaluate(whole, Placement("CSSC")).latency_s)
     assert figures.ttft_s == pytest.approx(evaluate(first, Placement("CSSC")).latency_s)
     assert figures.tpot_s == pytest.approx((figures.e2e_s - figures.ttft_s) / 4)
-    assert figures.server_cpu_s == pytest.approx(0.02 * 5)
+    # The server's work is its CPU seconds; its busy (wall) seconds are its units' latency.
+    assert figures.server_cpu_s == pytest.approx(0.02 * 5 / 2)
+    assert figures.server_busy_s == pytest.approx(0.02 * 5)
     # Up after embed (1000 B), down after b1 (3000 B); server-only: the ids and the tokens.
     assert wire_bytes(whole, Placement("CSSC")) == 4000.0
     assert wire_bytes(whole, Placement("SSSS")) == 64.0 * 5 + 16.0 * 5
@@ -132,8 +135,14 @@ def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundSer
     bench = RealBench(tiny_llama, opts)
     try:
         results = run_grid(bench, conditions=(Condition(),), lengths=((8, 3),), sla_factor=1.3)
+        fixed_costs = bench.fixed_costs()
     finally:
         bench.close()
+    # What the condition's planning measured beside the units, in the report's header.
+    assert len(fixed_costs) == 1 and fixed_costs[0].startswith("loopback: RTT")
+    assert "a visit" in fixed_costs[0] and "per pass" in fixed_costs[0]
+    header = header_text("tiny", opts, server_started=False, fixed_costs=fixed_costs)
+    assert f"- measured: {fixed_costs[0]}" in header
     by_kind = {k: r for r in results for k in r.point.kinds}
     server_only = by_kind["server-only"]
     assert server_only.measured.server_cpu_s > 0 and server_only.predicted.server_cpu_s > 0

@@ -1,4 +1,5 @@
-"""`splitllm profile`: fitted device profiles, link profiles, and how they move the planner."""
+"""`splitllm profile`: fitted device profiles, link profiles, and how they move the planner; unit
+profiles in wall and CPU seconds, the server's step model, the per-visit and per-pass costs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from runtime_kit import TIMEOUT_S
 from typer.testing import CliRunner
 
 from splitllm.cli import app, main
+from splitllm.placement import Placement
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.costs import model_costs
 from splitllm.planner.hardware import (
@@ -20,14 +24,24 @@ from splitllm.planner.hardware import (
     load_profile,
     save_profile,
 )
-from splitllm.planner.instance import Request, build_instance
+from splitllm.planner.instance import Instance, Request, Unit, build_instance, evaluate
 from splitllm.planner.network import Link
 from splitllm.planner.solvers import solve
-from splitllm.runtime.autoplace import fastest_uniform_s
+from splitllm.runtime.autoplace import (
+    fastest_uniform_s,
+    measured_instance,
+    profile_server_times,
+    step_model_server_times,
+)
+from splitllm.runtime.client import connect
 from splitllm.runtime.device_profile import Sample, fit_device, profile_device
+from splitllm.runtime.dialer import fetch_rows_per_step
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.profile import UnitProfile, filled_cache, profile_units
 from splitllm.runtime.units import UnitStack
+from splitllm.runtime.wire_bytes import WireFormat, request_bytes
+from splitllm.stepmodel import StepModel, UnitFit
 
 # A CPU-like device: what `splitllm profile` fitted on this 2-core machine (loaded).
 CPU = DeviceProfile(name="cpu", peak_flops_per_s=3.1e10, mem_bandwidth_bytes_per_s=2.8e9,
@@ -65,9 +79,15 @@ def test_a_measured_profile_round_trips_through_json(tiny_llama: LoadedModel,
                                                      tmp_path: Path) -> None:
     device, samples = profile_device(UnitStack(tiny_llama.model),
                                      tiny_llama.model.config.to_dict(), name="tiny-host",
-                                     prompt_tokens=(4, 8), decode_steps=2)
-    assert [s.kind for s in samples] == ["prefill", "decode"] * 2
-    assert all(s.seconds > 0 and s.flops > 0 and s.mem_bytes > 0 for s in samples)
+                                     prompt_tokens=(4, 8), contexts=(5, 200))
+    assert [(s.kind, s.tokens) for s in samples] == [("prefill", 4), ("prefill", 8),
+                                                     ("decode", 5), ("decode", 200)]
+    assert all(s.seconds == s.wall_s > 0 and s.cpu_s > 0 and s.flops > 0 and s.mem_bytes > 0
+               for s in samples)
+    on_cpu, cpu_samples = profile_device(UnitStack(tiny_llama.model),
+                                         tiny_llama.model.config.to_dict(), name="tiny-cpu",
+                                         prompt_tokens=(4, 8), contexts=(5, 200), clock="cpu")
+    assert all(s.seconds == s.cpu_s for s in cpu_samples) and on_cpu.name == "tiny-cpu"
     path = tmp_path / "tiny-host.json"
     save_profile(device, path)
     assert load_profile(path) == device
@@ -100,7 +120,9 @@ def test_profile_command_writes_both_profiles(tiny_llama_dir: Path, llama_server
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout.strip().splitlines()[-1])
-    assert document["device"]["kind"] == "device" and len(document["samples"]) == 6
+    # 3 prompt lengths, 2 contexts: the tiny model's 256 positions cap 256 and 1024 alike.
+    assert document["device"]["kind"] == "device" and len(document["samples"]) == 5
+    assert document["link"]["visit_s"] >= 0
     assert isinstance(device_preset(str(device)), DeviceProfile)
     measured = link_preset(str(link))
     assert measured.rtt_s > 0 and measured.uplink_bytes_per_s > 0
@@ -129,3 +151,143 @@ def test_a_bad_profile_file_is_one_line_and_exit_2(
     assert exited.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and lines[0].startswith("error:")
+
+
+# -- unit profiles in wall and CPU seconds, the server's step model, per-visit and per-pass costs
+
+NAMES = ("embed", "block0", "block1", "head")
+
+
+def unit_profile(wall: float, cpu: float, pass_s: float = 0.0) -> UnitProfile:
+    """Every unit 1 ms + 0.1 ms per prompt token of prefill and 2 ms per decode step, x wall
+    (x cpu in CPU seconds)."""
+    lengths, contexts = (8, 16, 32), (16, 256)
+
+    def rows(scale: float) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
+        prefill = tuple((scale * (1e-3 + 1e-4 * p),) * len(NAMES) for p in lengths)
+        return prefill, tuple((scale * 2e-3,) * len(NAMES) for _ in contexts)
+
+    (prefill, decode), (prefill_cpu, decode_cpu) = rows(wall), rows(cpu)
+    return UnitProfile(names=NAMES, prompt_tokens=lengths, prefill_s=prefill, contexts=contexts,
+                       decode_s=decode, threads=1, prefill_cpu_s=prefill_cpu,
+                       decode_cpu_s=decode_cpu, pass_s=pass_s)
+
+
+def test_unit_profiles_round_trip_with_cpu_seconds_and_the_loop_cost() -> None:
+    profile = unit_profile(wall=2.0, cpu=1.0, pass_s=0.004)
+    assert UnitProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+    assert profile.cpu().prefill_at(32) == pytest.approx(tuple(0.5 * t
+                                                               for t in profile.prefill_at(32)))
+    assert profile.scaled(3.0).cpu().decode_at(100) == pytest.approx((6e-3,) * 4)
+    older = profile.to_json()  # a server from before CPU seconds: wall seconds stand in
+    for key in ("prefill_cpu_s", "decode_cpu_s", "pass_s"):
+        del older[key]
+    assert UnitProfile.from_json(older).cpu().prefill_at(8) == profile.prefill_at(8)
+
+
+def test_profile_units_times_both_clocks_at_long_contexts(tiny_llama: LoadedModel) -> None:
+    stack = UnitStack(tiny_llama.model)
+    profile = profile_units(stack, prompt_tokens=(4, 16), contexts=(8, 64, 1024), rounds=3)
+    assert profile.contexts == (8, 64, stack.max_positions - 2)  # spans the model's positions
+    for wall, cpu in ((profile.prefill_s, profile.prefill_cpu_s),
+                      (profile.decode_s, profile.decode_cpu_s)):
+        assert np.shape(wall) == np.shape(cpu) == (len(wall), stack.n_units)
+        # A thread's CPU seconds never exceed the wall seconds they were spent in (the two
+        # clocks are read a few microseconds apart: slack for that).
+        assert np.sum(cpu) <= 1.05 * np.sum(wall) + 1e-4 and np.all(np.array(cpu) > 0)
+    cache = filled_cache(stack, 100)
+    assert cache is not None and cache.get_seq_length() == 100
+
+
+def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
+    fit = UnitFit(fixed_s=0.01, per_token_s=0.001)
+    wall = StepModel(embed=UnitFit(0.0, 0.0001), block=fit, head=fit, n_blocks=2)
+    cpu = StepModel(embed=UnitFit(0.0, 0.00005), block=UnitFit(0.005, 0.0005),
+                    head=UnitFit(0.005, 0.0005), n_blocks=2)
+    request = Request(prompt_tokens=10, output_tokens=5)  # a prefill and 4 decode steps
+    alone = step_model_server_times(wall, cpu, request, rows=1)
+    block = 0.01 + 0.001 * 10 + 4 * (0.01 + 0.001 * 1)
+    assert alone.latency_s == pytest.approx((0.0001 * 14, block, block, 4 * 0.011 + 0.011))
+    assert alone.work_s[1] == pytest.approx(0.005 + 0.0005 * 10 + 4 * 0.0055)
+    # 8 rows per step: each decode step takes the step of 8 rows, costs 1/8 of its CPU seconds.
+    loaded = step_model_server_times(wall, cpu, request, rows=8)
+    assert loaded.latency_s[1] == pytest.approx(0.02 + 4 * (0.01 + 0.008))
+    assert loaded.work_s[1] == pytest.approx(0.01 + 4 * (0.005 + 0.004) / 8)
+    assert "8 rows per step" in loaded.source
+    # The context terms come from the unit profile where there is one.
+    profile = unit_profile(wall=1.0, cpu=1.0)
+    with_context = step_model_server_times(wall, cpu, request, rows=1, profile=profile)
+    assert with_context.latency_s == pytest.approx(
+        np.add(alone.latency_s, profile.attention_s(10, 4)))
+
+
+def test_the_client_loop_cost_is_paid_by_every_placement() -> None:
+    link = Link(uplink_bytes_per_s=1e7, downlink_bytes_per_s=1e7, rtt_s=0.01)
+    request = Request(prompt_tokens=16, output_tokens=6)
+    fmt = WireFormat(n_units=4, hidden_size=64, wire_dtype="float32", vocab_size=320)
+    server = profile_server_times(unit_profile(wall=1.0, cpu=0.5), request)
+    without, with_loop = (
+        measured_instance(unit_profile(wall=3.0, cpu=3.0, pass_s=pass_s), server, link, request,
+                          request_bytes(fmt, 16, 6)) for pass_s in (0.0, 0.01))
+    for sides in ("CCCC", "SSSS", "CSSC", "CSCC"):
+        a, b = (evaluate(i, Placement(sides)) for i in (without, with_loop))
+        assert b.latency_s == pytest.approx(a.latency_s + 6 * 0.01)
+        assert b.server_work == a.server_work  # CPU seconds of the server's units only
+    assert evaluate(without, Placement("SSSS")).server_work == pytest.approx(sum(server.work_s))
+
+
+def server_segments(placement: str) -> int:
+    return sum(segment.side == "S" for segment in Placement(placement).segments())
+
+
+def visits_instance(visit_s: float) -> Instance:
+    """Units 1 and 3 are slow on the client; the server's work is the same on every unit."""
+    client_s = (0.01, 1.0, 0.01, 1.0, 0.01)
+    units = tuple(Unit(name=f"u{i}", client_s=c, server_s=0.01, server_work=1.0, out_bytes=1e3)
+                  for i, c in enumerate(client_s))
+    link = Link(uplink_bytes_per_s=1e9, downlink_bytes_per_s=1e9, rtt_s=1e-3, visit_s=visit_s)
+    return Instance(units=units, link=link, sla_s=0.12, input_bytes=10.0, output_bytes=10.0,
+                    passes=4)
+
+
+def test_a_per_visit_cost_means_fewer_visits() -> None:
+    plans = {visit_s: solve(visits_instance(visit_s), solver="exact")
+             for visit_s in (0.0, 0.01, 0.05)}
+    # Free visits: the two slow units alone go up (58 ms). At 10 ms a visit, two visits over 4
+    # passes miss the SLA (138 ms): one visit, one more unit's work (98 ms). At 50 ms even one
+    # visit does (254 ms), and the client alone takes 2 s: nothing meets the SLA.
+    assert {v: p and str(p.placement) for v, p in plans.items()} == {
+        0.0: "CSCSC", 0.01: "CSSSC", 0.05: None}
+    assert evaluate(visits_instance(0.01), Placement("CSCSC")).latency_s > 0.12
+    # The crossing formula: each visit, each pass, pays it going up.
+    extra = (evaluate(visits_instance(0.01), Placement("CSCSC")).latency_s
+             - evaluate(visits_instance(0.0), Placement("CSCSC")).latency_s)
+    assert extra == pytest.approx(2 * 4 * 0.01)
+
+
+def test_a_link_profile_carries_its_visit_cost(tmp_path: Path) -> None:
+    link = Link(uplink_bytes_per_s=1e6, downlink_bytes_per_s=1e6, rtt_s=0.01, visit_s=0.003,
+                name="measured")
+    save_profile(link, tmp_path / "l.json")
+    assert load_profile(tmp_path / "l.json") == link
+    older = {"kind": "link", "uplink_bytes_per_s": 1, "downlink_bytes_per_s": 1, "rtt_s": 1}
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert link_preset(str(tmp_path / "old.json")).visit_s == 0.0
+
+
+def test_a_session_measures_the_visit_cost_and_the_servers_load(
+        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        link = session.measure_link()
+        assert link.visit_s >= 0
+        session.generate([5, 6, 7], 3, placement="S" * session.stack.n_units, chat=False)
+        rows = fetch_rows_per_step(session.server, None)
+        assert rows >= 1.0
+        instance, source = session.instance(8, 4)
+        assert "engine step model" in source
+        n = len(instance)
+        all_server = evaluate(instance, Placement("S" * n))
+        expected_network = (4 * (link.rtt_s + link.visit_s) + instance.input_bytes
+                            / link.uplink_bytes_per_s + instance.output_bytes
+                            / link.downlink_bytes_per_s)
+        assert all_server.network_s == pytest.approx(expected_network)

@@ -126,12 +126,13 @@ def load_profile(path: Path) -> DeviceProfile | Link:
     fields = set(cls.__dataclass_fields__)
     for key in set(data) - fields:
         raise UserError(f"profile {path}: unknown field {key!r}")
-    for key in fields - set(data) - {"efficiency"}:
+    for key in fields - set(data) - {"efficiency", "visit_s"}:
         raise UserError(f"profile {path}: missing field {key!r}")
     for key, value in data.items():
         if key == "name":
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or not math.isfinite(value) or value <= 0:
+        zero_ok = key == "visit_s"  # a cost that may be nothing
+        if not number or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
             raise UserError(f"profile {path}: field {key!r} must be a positive number")
     return cls(**data)

@@ -2,7 +2,7 @@
 
 Format (see README): {"layers": [{"name", "client_s", "server_s", "server_work", "out_bytes",
 "client_mem_bytes"?, "client_ok"?, "server_ok"?}, ...], "input_bytes", "output_bytes",
-"uplink_bytes_per_s", "downlink_bytes_per_s", "rtt_s", "sla_s", "client_mem_bytes"?,
+"uplink_bytes_per_s", "downlink_bytes_per_s", "rtt_s", "visit_s"?, "sla_s", "client_mem_bytes"?,
 "passes"?, "server_wait_s"?, "phase_limits"?}.
 """
 
@@ -57,6 +57,7 @@ class InstanceModel(_Strict):
     uplink_bytes_per_s: Positive
     downlink_bytes_per_s: Positive
     rtt_s: NonNegative
+    visit_s: NonNegative = 0.0
     sla_s: Positive
     client_mem_bytes: Positive | None = None
     passes: Annotated[int, Field(ge=1)] = 1
@@ -72,7 +73,8 @@ class InstanceModel(_Strict):
         return Instance(
             units=tuple(Unit(**layer.model_dump()) for layer in self.layers),
             link=Link(uplink_bytes_per_s=self.uplink_bytes_per_s,
-                      downlink_bytes_per_s=self.downlink_bytes_per_s, rtt_s=self.rtt_s),
+                      downlink_bytes_per_s=self.downlink_bytes_per_s, rtt_s=self.rtt_s,
+                      visit_s=self.visit_s),
             sla_s=self.sla_s,
             input_bytes=self.input_bytes,
             output_bytes=self.output_bytes,
@@ -136,6 +138,7 @@ def instance_to_dict(instance: Instance) -> dict[str, Any]:
         "uplink_bytes_per_s": instance.link.uplink_bytes_per_s,
         "downlink_bytes_per_s": instance.link.downlink_bytes_per_s,
         "rtt_s": instance.link.rtt_s,
+        **({"visit_s": instance.link.visit_s} if instance.link.visit_s else {}),
         "sla_s": instance.sla_s,
         "passes": instance.passes,
     }

@@ -28,7 +28,7 @@ def _latency_row(
     n, link = len(instance.units), instance.link
     # The crossing formula restated on purpose (see planner/network.py): this is the check.
     carried = [input_bytes, *out_bytes[:-1], output_bytes]  # bytes on the edge into unit l
-    wait_s = instance.server_wait_s
+    wait_s = link.visit_s + instance.server_wait_s  # each visit's fixed cost and queueing
     up = [passes * (link.rtt_s / 2 + wait_s) + carried[l] / link.uplink_bytes_per_s
           for l in range(n)]
     down = [passes * link.rtt_s / 2 + carried[l] / link.downlink_bytes_per_s

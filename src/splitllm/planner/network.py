@@ -2,9 +2,11 @@
 
 A switch between the sides in one direction costs `passes * rtt_s / 2 + bytes / bandwidth`:
 each forward pass pays the one-way delay, and the bytes (totalled over all passes) pay the
-bandwidth of that direction. The planner (instance evaluation, solver cost arrays), the
-simulator's walks and the runtime's emulated link all call `crossing_s`; only the independent
-checks (the MILP, the tests' brute force) restate it on purpose.
+bandwidth of that direction. A switch up is a visit to the server: each pass also pays the
+link's `visit_s`, the fixed cost of one message on both sides (framing, (de)serialisation,
+hand-offs), a per-segment constant like the delay. The planner (instance evaluation, solver
+cost arrays), the simulator's walks and the runtime's emulated link all call `crossing_s`;
+only the independent checks (the MILP, the tests' brute force) restate it on purpose.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class Link:
     uplink_bytes_per_s: float
     downlink_bytes_per_s: float
     rtt_s: float
+    # Fixed seconds of one visit to the server per pass beyond the round trip: both sides'
+    # message handling (framing, (de)serialisation, the engine's hand-off). Measured at connect.
+    visit_s: float = 0.0
     name: str = field(default="link", compare=False)  # a label: links that cost the same are equal
 
 
@@ -33,10 +38,12 @@ def crossing_s(
 ) -> Bytes:
     """Seconds of one switch in one direction over `passes` passes (elementwise on arrays).
 
-    Going up, each pass may also wait `server_wait_s` in the server's queue.
+    Going up (a visit), each pass also pays the link's `visit_s` and may wait `server_wait_s`
+    in the server's queue.
     """
     if up:
-        return passes * (link.rtt_s / 2 + server_wait_s) + nbytes / link.uplink_bytes_per_s
+        return (passes * (link.rtt_s / 2 + link.visit_s + server_wait_s)
+                + nbytes / link.uplink_bytes_per_s)
     return passes * link.rtt_s / 2 + nbytes / link.downlink_bytes_per_s
 
 

@@ -2,9 +2,11 @@
 measured at connect time and the wire format's real message sizes, then the planner's exact
 solution.
 
-Two sources of per-unit times: measured profiles (the server times its units at start and
-reports them in /v1/info; the client times its own, times any emulated slowdown), or the
-planner's device presets (roofline estimates) when a device name is given.
+Two sources of per-unit times: measured ones, or the planner's device presets (roofline
+estimates) when a device name is given. Measured: the client times its own units (times any
+emulated slowdown) and its loop's cost per pass; the server's come from what /v1/info publishes,
+the engine's own step model (wall seconds for latency, CPU seconds for the server's work, at the
+rows per step the server reports) or, from an older server, its unit profile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from splitllm.runtime import protocol as wire
 from splitllm.runtime.profile import UnitProfile
 from splitllm.runtime.units import UnitStack
 from splitllm.runtime.wire_bytes import RequestBytes, WireFormat, request_bytes
+from splitllm.stepmodel import StepModel
 
 MEASURED = "measured"
 DEFAULT_SLA_SLACK = 1.5  # default SLA: this many times the faster of all-client / all-server
@@ -38,50 +41,115 @@ class AutoPlan:
     source: str  # "measured" or "presets client/server"
 
 
-def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, request: Request,
+@dataclass(frozen=True)
+class ServerTimes:
+    """Seconds per unit of one request on the server: its latency (wall) and its work (CPU)."""
+
+    latency_s: tuple[float, ...]
+    work_s: tuple[float, ...]
+    source: str  # where they come from, in words
+
+
+def profile_server_times(server: UnitProfile, request: Request) -> ServerTimes:
+    """From the server's unit profile: wall seconds for latency, CPU seconds for work."""
+    g = max(request.output_tokens, 1)  # passes: one prefill, then g - 1 decode steps
+    p = request.prompt_tokens
+
+    def total(profile: UnitProfile) -> tuple[float, ...]:
+        return tuple(np.add(profile.prefill_at(p), profile.decode_steps_s(p, g - 1)).tolist())
+
+    return ServerTimes(total(server), total(server.cpu()), "the server's unit profile")
+
+
+def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *,
+                            rows: float = 1.0, profile: UnitProfile | None = None) -> ServerTimes:
+    """From the engine's own step model at `rows` rows per decode step (the server's load).
+
+    A decode step of `rows` rows takes a unit's step time (latency) and costs this request its
+    share of the step's CPU seconds (work); the prefill runs its P tokens. The context terms a
+    step model linear in tokens lacks (causal pairs, KV reads) come from the unit profile.
+    """
+    g = max(request.output_tokens, 1)
+    p, c = request.prompt_tokens, max(rows, 1.0)
+
+    def total(model: StepModel, share: float, context: tuple[float, ...]) -> tuple[float, ...]:
+        fits = (model.embed, *[model.block] * model.n_blocks, model.head)
+        prefill = [fit.seconds(p) for fit in fits[:-1]] + [model.head.seconds(1)]
+        step = [fit.fixed_s + fit.per_token_s * c for fit in fits]  # a step of c rows
+        return tuple(a + (g - 1) * b * share + x
+                     for a, b, x in zip(prefill, step, context, strict=True))
+
+    n = wall.n_blocks + 2
+    attention_wall = profile.attention_s(p, g - 1) if profile else (0.0,) * n
+    attention_cpu = profile.cpu().attention_s(p, g - 1) if profile else (0.0,) * n
+    return ServerTimes(total(wall, 1.0, attention_wall), total(cpu, 1.0 / c, attention_cpu),
+                       f"the server's engine step model at {c:.3g} rows per step")
+
+
+def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, request: Request,
                       wire_bytes: RequestBytes, *, sla_s: float = math.inf,
                       client_mem_bytes: Sequence[float] | None = None) -> Instance:
-    """The planner's instance from measured per-unit times and the wire format's real sizes."""
-    if client.names != server.names:
+    """The planner's instance from measured per-unit times and the wire format's real sizes.
+
+    The client loop's own cost per pass (`client.pass_s`) is paid by every placement: it is
+    added to the first unit's latency on both sides (never to the server's work).
+    """
+    if len(client.names) != len(server.latency_s):
         raise UserError("client and server profiles cover different units (another model?)")
     g = max(request.output_tokens, 1)  # passes: one prefill, then g - 1 decode steps
     p = request.prompt_tokens
-    client_s = np.add(client.prefill_at(p), client.decode_steps_s(p, g - 1))
-    server_s = np.add(server.prefill_at(p), server.decode_steps_s(p, g - 1))
+    loop_s = np.zeros(len(client.names))
+    loop_s[0] = client.pass_s * g
+    client_s = np.add(client.prefill_at(p), client.decode_steps_s(p, g - 1)) + loop_s
+    server_s = np.add(server.latency_s, loop_s)
     out_bytes = (*wire_bytes.hidden, wire_bytes.token_down)  # the head's output is the token
     mem = client_mem_bytes if client_mem_bytes is not None else [0.0] * len(client.names)
     units = tuple(Unit(name=name, client_s=float(client_s[i]), server_s=float(server_s[i]),
-                       server_work=float(server_s[i]), out_bytes=out_bytes[i],
+                       server_work=float(server.work_s[i]), out_bytes=out_bytes[i],
                        client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
     return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
                     output_bytes=wire_bytes.token_down, passes=g)
 
 
+def server_times(server_info: dict[str, Any], request: Request, rows: float = 1.0
+                 ) -> ServerTimes:
+    """The server's unit times from /v1/info: its engine step model where it publishes one
+    (wall and CPU), else its unit profile."""
+    profile = UnitProfile.from_json(server_info["profile"]) if server_info.get("profile") else None
+    if server_info.get("step_model") and server_info.get("step_model_cpu"):
+        return step_model_server_times(StepModel.from_json(server_info["step_model"]),
+                                       StepModel.from_json(server_info["step_model_cpu"]),
+                                       request, rows=rows, profile=profile)
+    if profile is None:
+        raise UserError("the server publishes no measured profile: pass device presets "
+                        "(--client-device and --server-device)")
+    return profile_server_times(profile, request)
+
+
 def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Link,
                      request: Request, wire_dtype: str, server_info: dict[str, Any],
                      client_profile: Callable[[], UnitProfile], client_device: str = MEASURED,
-                     server_device: str | None = None) -> tuple[Instance, str]:
+                     server_device: str | None = None, server_rows: float = 1.0
+                     ) -> tuple[Instance, str]:
     """The planner's instance for a request (no SLA yet) and where its times come from.
 
-    Both devices measured: the client's profile (measured on first use) and the one the server
-    publishes in /v1/info; otherwise both are device presets.
+    Both devices measured: the client's profile (measured on first use) and the server's
+    engine step model at `server_rows` rows per step (or its unit profile) from /v1/info;
+    otherwise both are device presets.
     """
     server_device = server_device or str(server_info.get("device") or MEASURED)
     wire_itemsize = wire.WIRE_DTYPES[wire_dtype].itemsize
     if client_device == MEASURED and server_device == MEASURED:
-        if not server_info.get("profile"):
-            raise UserError("the server publishes no measured profile: pass device presets "
-                            "(--client-device and --server-device)")
-        server_profile = UnitProfile.from_json(server_info["profile"])
+        server = server_times(server_info, request, server_rows)
         context = request.prompt_tokens + request.output_tokens
         memory = [float(stack.parameter_bytes(u) + stack.kv_bytes(u, context))
                   for u in range(stack.n_units)]
         fmt = WireFormat(n_units=stack.n_units, hidden_size=stack.hidden_size,
                          wire_dtype=wire_dtype, vocab_size=stack.vocab_size)
         sizes = request_bytes(fmt, request.prompt_tokens, request.output_tokens)
-        instance = measured_instance(client_profile(), server_profile, link, request, sizes,
+        instance = measured_instance(client_profile(), server, link, request, sizes,
                                      client_mem_bytes=memory)
-        return instance, MEASURED
+        return instance, f"{MEASURED}; server: {server.source}"
     if MEASURED in (client_device, server_device):
         raise UserError("mixing a measured profile with a device preset is not supported: "
                         "name presets for both --client-device and --server-device")

@@ -13,14 +13,14 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from splitllm.errors import UserError
-from splitllm.placement import SERVER, Placement
+from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.hardware import link_preset
 from splitllm.planner.instance import Instance
 from splitllm.planner.network import Link
@@ -33,8 +33,14 @@ from splitllm.runtime.autoplace import (
     request_instance,
 )
 from splitllm.runtime.decoding import SplitPipe
-from splitllm.runtime.dialer import DEFAULT_SERVER, Connection, Dialer, fetch_info
-from splitllm.runtime.link_probe import measure_link
+from splitllm.runtime.dialer import (
+    DEFAULT_SERVER,
+    Connection,
+    Dialer,
+    fetch_info,
+    fetch_rows_per_step,
+)
+from splitllm.runtime.link_probe import measure_link, measure_visit_s
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, profile_units
 from splitllm.runtime.remote import REPLY_TIMEOUT_S, RemoteSession
@@ -161,16 +167,29 @@ class Session:
         self._transports.append(self.connection.transport)
 
     def measure_link(self) -> Link:
-        """Measure (once) the RTT and bandwidths to the server, through any emulation."""
+        """Measure (once) the RTT, bandwidths and per-visit cost of the path to the server,
+        through any emulation."""
         if self.link is None:
-            self.link = measure_link(self.transport, self.timeout_s)
+            link = measure_link(self.transport, self.timeout_s)
+            self.link = replace(link, visit_s=measure_visit_s(
+                self.transport, self.stack.n_units, self.timeout_s))
         return self.link
 
     def client_profile(self) -> UnitProfile:
-        """This client's measured per-unit times (times the emulated slowdown)."""
+        """This client's measured per-unit times (times the emulated slowdown) and its loop's
+        own cost per pass."""
         if self._client_profile is None:
-            self._client_profile = profile_units(self.stack).scaled(max(self.slowdown, 1.0))
+            units = profile_units(self.stack).scaled(max(self.slowdown, 1.0))
+            self._client_profile = replace(units, pass_s=self._loop_pass_s())
         return self._client_profile
+
+    def _loop_pass_s(self, new_tokens: int = 4) -> float:
+        """The generation loop's seconds per pass beyond its units' time: a short generation
+        on the client alone, less what its units took (sampling, bookkeeping, the stream)."""
+        placement = CLIENT * self.stack.n_units
+        generated = self.generate([1, 2, 3, 4], new_tokens, placement=placement, chat=False,
+                                  stop_at_eos=False)
+        return max(generated.wall_s - generated.client_busy_s, 0.0) / new_tokens
 
     def plan(self, prompt_tokens: int, new_tokens: int, sla_s: float | None = None,
              client_device: str = MEASURED, server_device: str | None = None) -> AutoPlan:
@@ -180,14 +199,21 @@ class Session:
 
     def instance(self, prompt_tokens: int, new_tokens: int, client_device: str = MEASURED,
                  server_device: str | None = None) -> tuple[Instance, str]:
-        """The planner's instance for this request (no SLA yet) and where its times come from."""
+        """The planner's instance for this request (no SLA yet) and where its times come from.
+
+        The server's unit times are taken at the rows per step it reports now (its load).
+        """
+        rows = 1.0
+        if client_device == MEASURED:
+            with contextlib.suppress(UserError):  # an older server without the engine's metrics
+                rows = fetch_rows_per_step(self.server, self.dialer.token, self.timeout_s)
         return request_instance(
             stack=self.stack, model_config=self.loaded.model.config.to_dict(),
             link=self.measure_link(),
             request=Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens),
             wire_dtype=self.wire_dtype, server_info=self.info,
             client_profile=self.client_profile, client_device=client_device,
-            server_device=server_device)
+            server_device=server_device, server_rows=rows)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                  placement: str | Placement = "auto", sampling: wire.Sampling | None = None,

@@ -1,30 +1,31 @@
 """`splitllm profile`: this machine as a device profile, and the link to a server, from timings.
 
-The model's units are timed on random prompts: a prefill at several prompt lengths and a few
-decode steps after each (their contexts). The planner's cost model gives each timing's FLOPs and
-memory bytes; the roofline's two peaks (efficiency 1) are fitted to the timings on relative
-error, so the profile predicts what was measured in the planner's own terms and is accepted
-wherever a device preset is (`plan --client`, `simulate` scenarios, `generate --client-device`).
+The model's units are timed as auto placement times them (`profile_units`: a prefill at several
+prompt lengths, a decode step at several contexts up to 1k, medians of rounds, in wall and CPU
+seconds). The planner's cost model gives each timing's FLOPs and memory bytes; the roofline's
+two peaks (efficiency 1) are fitted to one clock's timings on relative error (`--clock cpu`: a
+server's work), so the profile predicts what was measured in the planner's own terms and is
+accepted wherever a device preset is (`plan --client`, `simulate`, `generate --client-device`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from splitllm.errors import UserError
 from splitllm.planner.costs import ModelCosts
 from splitllm.planner.hardware import DeviceProfile
+from splitllm.runtime.profile import PROFILE_CONTEXTS, UnitProfile, profile_units
 from splitllm.runtime.units import UnitStack
 
 PROMPT_TOKENS = (16, 64, 128)
-DECODE_STEPS = 4
+CLOCKS = ("wall", "cpu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,48 +34,30 @@ class Sample:
 
     kind: str  # "prefill" or "decode"
     tokens: int  # the prompt length, or the decode step's context
-    seconds: float
+    seconds: float  # on the clock the profile is fitted to
     flops: float
     mem_bytes: float
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
-def time_passes(stack: UnitStack, prompt_tokens: Sequence[int], decode_steps: int
-                ) -> list[tuple[str, int, float]]:
-    """(kind, tokens, seconds) of a prefill per length and the decode steps after it."""
-    generator = torch.Generator().manual_seed(0)
-    longest = max(prompt_tokens) + decode_steps
-    ids = torch.randint(0, stack.vocab_size, (1, longest), generator=generator)  # [1, T]
-    timed = []
-    for round_ in range(2):  # the first round warms up the allocator and kernels
-        for length in prompt_tokens:
-            cache = stack.new_cache(0, stack.n_units)
-            seconds: list[float] = []
-            with torch.inference_mode():
-                stack.run(0, stack.n_units, ids[:, :length], torch.arange(length)[None], cache,
-                          seconds)
-                steps = []
-                for position in range(length, length + decode_steps):
-                    step: list[float] = []
-                    stack.run(0, stack.n_units, ids[:, position:position + 1],
-                              torch.tensor([[position]]), cache, step)
-                    steps.append(sum(step))
-            if round_:
-                timed.append(("prefill", length, sum(seconds)))
-                timed.append(("decode", length + decode_steps // 2 + 1, statistics.median(steps)))
-    return timed
-
-
-def samples_of(costs: ModelCosts, timed: Sequence[tuple[str, int, float]]) -> list[Sample]:
-    """Each timing with the cost model's FLOPs and memory bytes of that pass."""
+def samples_of(costs: ModelCosts, units: UnitProfile, clock: str = "wall") -> list[Sample]:
+    """Each pass of a unit profile, whole-model seconds beside the cost model's FLOPs and bytes."""
+    passes = [("prefill", p, wall, cpu) for p, wall, cpu
+              in zip(units.prompt_tokens, units.prefill_s, units.prefill_cpu_s, strict=True)]
+    passes += [("decode", c, wall, cpu) for c, wall, cpu
+               in zip(units.contexts, units.decode_s, units.decode_cpu_s, strict=True)]
     out = []
-    for kind, tokens, seconds in timed:
+    for kind, tokens, wall, cpu in passes:
         if kind == "prefill":
             flops = sum(u.prefill_flops(tokens) for u in costs.units)
             mem = sum(u.prefill_bytes(tokens) for u in costs.units)
         else:
             flops = sum(float(u.decode_flops(tokens)) for u in costs.units)
             mem = sum(float(u.decode_bytes(tokens)) for u in costs.units)
-        out.append(Sample(kind=kind, tokens=tokens, seconds=seconds, flops=flops, mem_bytes=mem))
+        wall_s, cpu_s = sum(wall), sum(cpu)
+        out.append(Sample(kind=kind, tokens=tokens, seconds=cpu_s if clock == "cpu" else wall_s,
+                          flops=flops, mem_bytes=mem, wall_s=wall_s, cpu_s=cpu_s))
     return out
 
 
@@ -108,14 +91,19 @@ def machine_memory_bytes() -> float:
 
 def profile_device(stack: UnitStack, config: dict[str, Any], *, name: str,
                    prompt_tokens: Sequence[int] = PROMPT_TOKENS,
-                   decode_steps: int = DECODE_STEPS) -> tuple[DeviceProfile, list[Sample]]:
-    """Time this machine on the model and fit its device profile; also return the samples."""
+                   contexts: Sequence[int] = PROFILE_CONTEXTS, clock: str = "wall"
+                   ) -> tuple[DeviceProfile, list[Sample]]:
+    """Time this machine on the model (`profile_units`: medians of rounds, both clocks) and fit
+    its device profile to one clock's seconds; also return the samples."""
     from splitllm.planner.configs import ModelConfig
     from splitllm.planner.costs import model_costs
 
+    if clock not in CLOCKS:
+        raise UserError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     costs = model_costs(ModelConfig.from_hf_dict(config), weight_bytes=stack.dtype.itemsize,
                         wire_bytes=stack.dtype.itemsize)
-    samples = samples_of(costs, time_passes(stack, prompt_tokens, decode_steps))
+    units = profile_units(stack, prompt_tokens=prompt_tokens, contexts=contexts)
+    samples = samples_of(costs, units, clock)
     memory = machine_memory_bytes() or math.inf
     return fit_device(samples, name=name, mem_capacity_bytes=memory), samples
 
@@ -126,5 +114,6 @@ def sample_rows(device: DeviceProfile, samples: Sequence[Sample]) -> list[dict[s
     for s in samples:
         predicted = device.time_s(s.flops, s.mem_bytes)
         rows.append({"kind": s.kind, "tokens": s.tokens, "measured_s": s.seconds,
+                     "wall_s": s.wall_s, "cpu_s": s.cpu_s,
                      "predicted_s": predicted, "rel_err": (predicted - s.seconds) / s.seconds})
     return rows

@@ -27,18 +27,33 @@ def http_url(ws_url: str) -> str:
 def fetch_info(server: str, token: str | None, timeout_s: float = CONNECT_TIMEOUT_S
                ) -> dict[str, Any]:
     """GET /v1/info of a server."""
+    return dict(_get(server, token, "/v1/info", timeout_s).json())
+
+
+def fetch_rows_per_step(server: str, token: str | None, timeout_s: float = CONNECT_TIMEOUT_S
+                        ) -> float:
+    """The rows (forwards) per engine step the server reports in /metrics (1 before any)."""
+    from splitllm.runtime.metrics import parse_metrics
+
+    values = parse_metrics(_get(server, token, "/metrics", timeout_s).text)
+    steps = values.get("splitllm_engine_step_rows_count", 0.0)
+    return values.get("splitllm_engine_step_rows_sum", 0.0) / steps if steps else 1.0
+
+
+def _get(server: str, token: str | None, path: str, timeout_s: float) -> Any:
+    """GET one page of a server (UserError if it cannot be had)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(http_url(server) + "/v1/info", headers=headers, timeout=timeout_s)
+        response = httpx.get(http_url(server) + path, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise UserError(f"cannot reach {server}: {exc or type(exc).__name__}") from None
     if response.status_code == 401:
         raise UserError(f"{server}: unauthorized (pass --token or set SPLITLLM_TOKEN)")
     if response.status_code != 200:
-        raise UserError(f"{server}: /v1/info answered HTTP {response.status_code}")
-    return dict(response.json())
+        raise UserError(f"{server}: {path} answered HTTP {response.status_code}")
+    return response
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: 
     tpot_s = (plan.latency_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
     return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=plan.latency_s,
                    server_cpu_s=plan.server_work, wire_bytes=wire_bytes(whole, placement),
-                   server_busy_s=plan.server_work)
+                   server_busy_s=plan.server_compute_s)
 
 
 def multi_switch(n_units: int) -> Placement:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ FULL_CONDITIONS = (Condition(), Condition(client_slowdown=2.0), Condition(link="
 QUICK_LENGTHS = ((32, 8),)
 FULL_LENGTHS = ((16, 8), (64, 16), (128, 8))
 TARGET_MEDIAN, TARGET_MAX, TARGET_SAVING_POINTS = 0.10, 0.25, 3.0
+SERVER_START_S = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,20 +96,33 @@ class RealBench:
                        wire_bytes=float(best.bytes_sent + best.bytes_received),
                        server_busy_s=best.server_busy_s)
 
+    def fixed_costs(self) -> list[str]:
+        """What each condition's planning measured beside the units: the link and the fixed
+        costs of a visit to the server and of a pass of the client's loop."""
+        lines = []
+        for condition, session in self._sessions.items():
+            link, loop_s = session.measure_link(), session.client_profile().pass_s
+            lines.append(f"{condition.label}: RTT {link.rtt_s * 1e3:.2f} ms, a visit "
+                         f"{link.visit_s * 1e3:.2f} ms beyond it, the client loop "
+                         f"{loop_s * 1e3:.2f} ms per pass")
+        return lines
+
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
 
 
-def run_fidelity(loaded: LoadedModel, opts: FidelityOptions) -> list[Result]:
-    """The grid on a running server (quick: 2 conditions x 1 length; full: 5 x 3)."""
+def run_fidelity(loaded: LoadedModel, opts: FidelityOptions) -> tuple[list[Result], list[str]]:
+    """The grid on a running server (quick: 2 conditions x 1 length; full: 5 x 3), and the
+    fixed costs each condition measured (`RealBench.fixed_costs`)."""
     if opts.repeats < 1 or opts.sla_factor < 1:
         raise UserError("--repeats must be >= 1 and --sla-factor >= 1")
     bench = RealBench(loaded, opts)
     try:
-        return run_grid(bench, conditions=QUICK_CONDITIONS if opts.quick else FULL_CONDITIONS,
-                        lengths=QUICK_LENGTHS if opts.quick else FULL_LENGTHS,
-                        sla_factor=opts.sla_factor)
+        results = run_grid(bench, conditions=QUICK_CONDITIONS if opts.quick else FULL_CONDITIONS,
+                           lengths=QUICK_LENGTHS if opts.quick else FULL_LENGTHS,
+                           sla_factor=opts.sla_factor)
+        return results, bench.fixed_costs()
     finally:
         bench.close()
 
@@ -126,7 +140,8 @@ def local_server(model: str, threads: int) -> Iterator[str]:
         proc = start_server(model, port, log, threads)
         try:
             _pin_apart(proc.pid)
-            wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+            # The server times its units and its engine's steps at start: minutes when loaded.
+            wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout_s=SERVER_START_S)
             yield f"ws://127.0.0.1:{port}"
         finally:
             stop_server(proc)
@@ -159,8 +174,8 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
     share = sum(r.measured.server_cpu_s for r in results) / busy_s if busy_s else 0.0
     lines = ["# Fidelity: the planner's predictions against the real runtime\n", header, "",
              f"Contention: while it computed, the server's thread got {share:.0%} of a core "
-             "(its CPU seconds over its busy wall seconds); the profiles it and the client "
-             "plan with are wall times, measured at their start.", "",
+             "(its CPU seconds over its busy wall seconds). Latencies are predicted from wall "
+             "seconds measured at each side's start, the server's work from CPU seconds.", "",
              "| metric | median abs rel err | max abs rel err | target (<= 10% / <= 25%) |",
              "|---|---|---|---|"]
     for metric in METRICS:
@@ -218,8 +233,9 @@ def _plots(results: list[Result], out: Path) -> list[str]:
     return ["predicted_vs_measured.png", "errors.png"]
 
 
-def header_text(model: str, opts: FidelityOptions, server_started: bool) -> str:
-    """What ran and what was emulated, for the top of every report."""
+def header_text(model: str, opts: FidelityOptions, server_started: bool,
+                fixed_costs: Sequence[str] = ()) -> str:
+    """What ran and what was emulated (and the fixed costs measured), for the top of a report."""
     where = "a local `splitllm serve` child process pinned to its own core" if server_started \
         else f"the server at {opts.server}"
     return (f"Model {model}; {where}; the client in this process "
@@ -228,5 +244,6 @@ def header_text(model: str, opts: FidelityOptions, server_started: bool) -> str:
             "sleeps its layers' time times the factor) named per condition; `loopback` is the "
             f"real local socket. Each point is the fastest of {opts.repeats} runs; the SLA of a "
             f"point is {opts.sla_factor:g}x the faster uniform placement's predicted latency. "
-            "Predictions: `Session.instance` (what placement=auto plans on).")
+            "Predictions: `Session.instance` (what placement=auto plans on)."
+            + "".join(f"\n\n- measured: {line}" for line in fixed_costs))
 

@@ -55,8 +55,9 @@ def fidelity(
         url = server or stack.enter_context(local_server(model, threads))
         opts = FidelityOptions(server=url, token=token, quick=quick, repeats=repeats,
                                sla_factor=sla_factor, threads=threads)
-        results = run_fidelity(loaded, opts)
-    header = header_text(loaded.model_id, opts, server_started=server is None)
+        results, fixed_costs = run_fidelity(loaded, opts)
+    header = header_text(loaded.model_id, opts, server_started=server is None,
+                         fixed_costs=fixed_costs)
     if out is not None:
         write_report(results, out, header)
     if as_json:
@@ -80,6 +81,9 @@ def profile(
     link_out: Annotated[Path, typer.Option(help="Write the link profile JSON here.")
                         ] = Path("link-profile.json"),
     threads: Annotated[int, typer.Option(help="Torch threads to time with.")] = 1,
+    clock: Annotated[str, typer.Option(
+        help="Fit to 'wall' seconds (latency) or this thread's 'cpu' seconds (a server's work).")
+                     ] = "wall",
     as_json: Annotated[bool, typer.Option("--json", help="Print the profiles and samples.")
                        ] = False,
 ) -> None:
@@ -87,16 +91,18 @@ def profile(
     import torch
 
     from splitllm.planner.hardware import save_profile
-    from splitllm.runtime.device_profile import profile_device, sample_rows
+    from splitllm.runtime.device_profile import CLOCKS, profile_device, sample_rows
     from splitllm.runtime.models import load_model
     from splitllm.runtime.units import UnitStack
 
     if threads < 1:
         raise UserError("--threads must be at least 1")
+    if clock not in CLOCKS:
+        raise UserError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     device, samples = profile_device(UnitStack(loaded.model), loaded.model.config.to_dict(),
-                                     name=name)
+                                     name=name, clock=clock)
     save_profile(device, out)
     document: dict[str, object] = {"device": json.loads(out.read_text()),
                                    "samples": sample_rows(device, samples)}
@@ -106,7 +112,8 @@ def profile(
         print(json.dumps(document))
         return
     for row in document["samples"]:  # type: ignore[attr-defined]
-        print(f"{row['kind']:7} tokens {row['tokens']:4d}: measured {row['measured_s']:.4f} s, "
+        print(f"{row['kind']:7} tokens {row['tokens']:4d}: measured {row['measured_s']:.4f} s "
+              f"({clock}; wall {row['wall_s']:.4f}, CPU {row['cpu_s']:.4f}), "
               f"profile {row['predicted_s']:.4f} s ({row['rel_err']:+.1%})")
     print(f"device profile -> {out} (peak {device.peak_flops_per_s / 1e9:.1f} GFLOP/s, "
           f"memory {device.mem_bandwidth_bytes_per_s / 1e9:.1f} GB/s, efficiency 1)")
@@ -115,18 +122,20 @@ def profile(
 
 
 def _measure_link(server: str, token: str | None, path: Path) -> dict[str, object]:
-    """The link to a server (RTT, both bandwidths) saved as a link profile; its JSON."""
+    """The link to a server (RTT, both bandwidths, the cost of a visit) saved as a link
+    profile; its JSON."""
     from dataclasses import replace
 
     from splitllm.planner.hardware import save_profile
     from splitllm.runtime.client import fetch_info
-    from splitllm.runtime.link_probe import measure_link
+    from splitllm.runtime.link_probe import measure_link, measure_visit_s
     from splitllm.runtime.transport import WebSocketTransport
 
-    fetch_info(server, token)  # a wrong URL or token: one line, before the WebSocket
+    info = fetch_info(server, token)  # a wrong URL or token: one line, before the WebSocket
     transport = WebSocketTransport(server, token)
     try:
         link = measure_link(transport)
+        link = replace(link, visit_s=measure_visit_s(transport, int(info["n_units"])))
     finally:
         transport.close()
     save_profile(replace(link, name=path.stem), path)

@@ -1,19 +1,23 @@
 """Measured per-unit times on this machine: the honest input to `--placement auto`.
 
-Each unit is timed at a few prompt lengths (prefill) and a few context lengths (decode); times
-at other lengths come from the cost model's shape fitted to those points per unit:
+Each unit is timed, in wall and in this thread's CPU seconds, at a few prompt lengths (prefill)
+and a few context lengths spanning the model's use (decode: a step after a KV cache filled to
+that length, so a 1k context costs one step, not a 1k prefill); each point is the median of a
+few rounds (robust to a moment of preemption on a shared machine). Times at other lengths come
+from the cost model's shape fitted to those points per unit:
 
     prefill_s(P) = fixed + per_token * P + per_pair * P (P + 1) / 2   (weights, linear, attention)
     decode_s(c)  = fixed + per_context * c                             (weights, KV cache reads)
 
-with non-negative coefficients (scipy's NNLS), so a fit never predicts a negative time.
+with non-negative coefficients (scipy's NNLS), so a fit never predicts a negative time. Wall
+seconds predict latency; CPU seconds predict a server's work (what its engine counts).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -22,11 +26,14 @@ import torch
 from scipy.optimize import nnls
 
 from splitllm.runtime.step import StepRow, StepTimes, run_step
-from splitllm.runtime.units import UnitStack
+from splitllm.runtime.units import SegmentCache, UnitStack
 from splitllm.stepmodel import StepModel, fit_unit
 
-PROFILE_PROMPT_TOKENS = (16, 48, 96)  # prefill lengths timed; decode is timed after each
-DECODE_STEPS = 3  # decode steps timed per context (their median counts)
+PROFILE_PROMPT_TOKENS = (8, 32, 96)  # prefill lengths timed
+PROFILE_CONTEXTS = (16, 256, 1024)  # decode contexts timed (capped at the model's positions)
+PROFILE_ROUNDS = 3  # each point is the median of this many rounds
+
+Rows = tuple[tuple[float, ...], ...]  # [point][unit] seconds
 
 
 def prefill_features(prompt_tokens: np.ndarray) -> np.ndarray:
@@ -48,14 +55,22 @@ def fit_shape(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class UnitProfile:
-    """Seconds per unit, measured at a few prompt lengths (prefill) and contexts (decode)."""
+    """Seconds per unit, measured at a few prompt lengths (prefill) and contexts (decode).
+
+    prefill_s / decode_s are wall seconds; prefill_cpu_s / decode_cpu_s the same passes in CPU
+    seconds (empty: not measured, e.g. an older server's profile). pass_s: the client loop's
+    own seconds per forward pass beyond its units (a no-op pass: sampling, bookkeeping).
+    """
 
     names: tuple[str, ...]
     prompt_tokens: tuple[int, ...]
-    prefill_s: tuple[tuple[float, ...], ...]  # [prompt length][unit]
+    prefill_s: Rows  # [prompt length][unit]
     contexts: tuple[int, ...]
-    decode_s: tuple[tuple[float, ...], ...]  # [context][unit]: one decode step
+    decode_s: Rows  # [context][unit]: one decode step
     threads: int
+    prefill_cpu_s: Rows = ()
+    decode_cpu_s: Rows = ()
+    pass_s: float = 0.0
 
     @cached_property
     def _prefill_fit(self) -> np.ndarray:  # [3, U]
@@ -65,14 +80,20 @@ class UnitProfile:
     def _decode_fit(self) -> np.ndarray:  # [2, U]
         return fit_shape(decode_features(np.array(self.contexts)), np.array(self.decode_s))
 
+    def cpu(self) -> UnitProfile:
+        """The same profile in CPU seconds (wall seconds where CPU ones were not measured)."""
+        if not self.prefill_cpu_s:
+            return self
+        return replace(self, prefill_s=self.prefill_cpu_s, decode_s=self.decode_cpu_s)
+
     def scaled(self, factor: float) -> UnitProfile:
         """The same profile on a device `factor` times slower."""
-        def times(rows: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+        def times(rows: Rows) -> Rows:
             return tuple(tuple(t * factor for t in row) for row in rows)
 
-        return UnitProfile(names=self.names, prompt_tokens=self.prompt_tokens,
-                           prefill_s=times(self.prefill_s), contexts=self.contexts,
-                           decode_s=times(self.decode_s), threads=self.threads)
+        return replace(self, prefill_s=times(self.prefill_s), decode_s=times(self.decode_s),
+                       prefill_cpu_s=times(self.prefill_cpu_s),
+                       decode_cpu_s=times(self.decode_cpu_s))
 
     def prefill_at(self, prompt_tokens: int) -> tuple[float, ...]:
         """Prefill seconds per unit for a prompt of this length (the fitted shape)."""
@@ -90,93 +111,143 @@ class UnitProfile:
         total = decode_features(contexts).sum(axis=0) @ self._decode_fit  # [U]
         return tuple(float(t) for t in total)
 
+    def attention_s(self, prompt_tokens: int, steps: int) -> tuple[float, ...]:
+        """Seconds per unit of the context terms alone: the prefill's causal pairs and the KV
+        reads of `steps` decode steps after it (what a step model linear in tokens lacks)."""
+        pairs = prefill_features(np.array([prompt_tokens]))[0, 2] * self._prefill_fit[2]  # [U]
+        contexts = np.arange(prompt_tokens + 1, prompt_tokens + steps + 1)  # [steps]
+        reads = float(contexts.sum()) * self._decode_fit[1]  # [U]
+        return tuple(float(t) for t in pairs + reads)
+
     def to_json(self) -> dict[str, Any]:
         """The profile as published in the server's /v1/info."""
         return {"names": list(self.names), "prompt_tokens": list(self.prompt_tokens),
                 "prefill_s": [list(row) for row in self.prefill_s],
                 "contexts": list(self.contexts), "decode_s": [list(row) for row in self.decode_s],
-                "threads": self.threads}
+                "prefill_cpu_s": [list(row) for row in self.prefill_cpu_s],
+                "decode_cpu_s": [list(row) for row in self.decode_cpu_s],
+                "threads": self.threads, "pass_s": self.pass_s}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UnitProfile:
-        """The profile of a /v1/info document."""
-        def rows(key: str) -> tuple[tuple[float, ...], ...]:
-            return tuple(tuple(float(t) for t in row) for row in data[key])
+        """The profile of a /v1/info document (an older one: wall seconds only)."""
+        def rows(key: str) -> Rows:
+            return tuple(tuple(float(t) for t in row) for row in data.get(key, ()))
 
         return cls(names=tuple(data["names"]),
                    prompt_tokens=tuple(int(p) for p in data["prompt_tokens"]),
                    prefill_s=rows("prefill_s"), contexts=tuple(int(c) for c in data["contexts"]),
-                   decode_s=rows("decode_s"), threads=int(data.get("threads", 0)))
+                   decode_s=rows("decode_s"), threads=int(data.get("threads", 0)),
+                   prefill_cpu_s=rows("prefill_cpu_s"), decode_cpu_s=rows("decode_cpu_s"),
+                   pass_s=float(data.get("pass_s", 0.0)))
 
 
-def profile_units(stack: UnitStack, prompt_tokens: tuple[int, ...] = PROFILE_PROMPT_TOKENS,
-                  decode_steps: int = DECODE_STEPS) -> UnitProfile:
-    """Time every unit on random prompts: a prefill per length, then a few decode steps."""
+@dataclass(frozen=True)
+class _Timed:
+    """Wall and CPU seconds per unit of one timed pass."""
+
+    wall_s: tuple[float, ...]
+    cpu_s: tuple[float, ...]
+
+
+def profile_units(stack: UnitStack, prompt_tokens: Sequence[int] = PROFILE_PROMPT_TOKENS,
+                  contexts: Sequence[int] = PROFILE_CONTEXTS,
+                  rounds: int = PROFILE_ROUNDS) -> UnitProfile:
+    """Time every unit: a prefill per prompt length and a decode step per context, in rounds."""
     device = next(stack.model.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    longest = max(prompt_tokens)
-    ids = torch.randint(0, stack.vocab_size, (1, longest + decode_steps),
-                        generator=generator).to(device)  # [1, P + steps]
-    _time_pass(stack, ids, prompt_tokens[0], decode_steps)  # warm up the allocator and kernels
-    prefill, decode = [], []
-    for length in prompt_tokens:
-        prefill_s, decode_steps_s = _time_pass(stack, ids, length, decode_steps)
-        prefill.append(prefill_s)
-        decode.append(tuple(statistics.median(step[u] for step in decode_steps_s)
-                            for u in range(stack.n_units)))
-    # The median step attends to the prompt plus about half the steps.
-    contexts = tuple(length + (decode_steps + 1) // 2 for length in prompt_tokens)
+    ids = torch.randint(0, stack.vocab_size, (1, max(prompt_tokens) + 1),
+                        generator=generator).to(device)  # [1, P]
+    contexts = tuple(sorted({min(c, stack.max_positions - 2) for c in contexts}))
+    _prefill(stack, ids, prompt_tokens[0])  # warm up the allocator and kernels
+    prefill: list[list[_Timed]] = [[] for _ in prompt_tokens]
+    decode: list[list[_Timed]] = [[] for _ in contexts]
+    for _ in range(max(rounds, 1)):  # rounds interleaved: a slow minute spreads over points
+        for i, length in enumerate(prompt_tokens):
+            prefill[i].append(_prefill(stack, ids, length))
+        for i, context in enumerate(contexts):
+            decode[i].append(_decode(stack, ids[:, :1], context))
     return UnitProfile(names=stack.names, prompt_tokens=tuple(prompt_tokens),
-                       prefill_s=tuple(prefill), contexts=contexts, decode_s=tuple(decode),
-                       threads=torch.get_num_threads())
+                       prefill_s=_median(prefill, "wall_s"), contexts=contexts,
+                       decode_s=_median(decode, "wall_s"), threads=torch.get_num_threads(),
+                       prefill_cpu_s=_median(prefill, "cpu_s"),
+                       decode_cpu_s=_median(decode, "cpu_s"))
 
 
-def _time_pass(stack: UnitStack, ids: torch.Tensor, prompt_tokens: int, decode_steps: int
-               ) -> tuple[tuple[float, ...], list[list[float]]]:
-    """Unit seconds of a prefill of ids[:, :P] and of each decode step after it."""
-    device = ids.device
-    cache = stack.new_cache(0, stack.n_units)
-    seconds: list[float] = []
+def _median(points: list[list[_Timed]], clock: str) -> Rows:
+    """[point][unit]: the median over rounds of each unit's seconds on that clock."""
+    return tuple(tuple(statistics.median(getattr(t, clock)[u] for t in runs)
+                       for u in range(len(runs[0].wall_s))) for runs in points)
+
+
+@torch.inference_mode()
+def _prefill(stack: UnitStack, ids: torch.Tensor, prompt_tokens: int) -> _Timed:
+    """Unit seconds of a prefill of ids[:, :P] on a fresh cache."""
+    wall: list[float] = []
+    cpu: list[float] = []
     stack.run(0, stack.n_units, ids[:, :prompt_tokens],
-              torch.arange(prompt_tokens, device=device)[None], cache, seconds)
-    steps = []
-    for step in range(decode_steps):
-        position = prompt_tokens + step
-        step_s: list[float] = []
-        stack.run(0, stack.n_units, ids[:, position:position + 1],
-                  torch.tensor([[position]], device=device), cache, step_s)
-        steps.append(step_s)
-    return tuple(seconds), steps
+              torch.arange(prompt_tokens, device=ids.device)[None],
+              stack.new_cache(0, stack.n_units), wall, unit_cpu_seconds=cpu)
+    return _Timed(tuple(wall), tuple(cpu))
 
 
-def measure_step_model(stack: UnitStack, batch_rows: Sequence[int] = (1, 4, 16),
-                       prompt_tokens: int = 16, decode_steps: int = 4) -> StepModel:
-    """Fit the step model on engine steps: a prefill and a few decode steps at each batch size.
+@torch.inference_mode()
+def _decode(stack: UnitStack, token: torch.Tensor, context: int) -> _Timed:
+    """Unit seconds of one decode step at position `context` after a cache of that length."""
+    wall: list[float] = []
+    cpu: list[float] = []
+    stack.run(0, stack.n_units, token, torch.tensor([[context]], device=token.device),
+              filled_cache(stack, context), wall, unit_cpu_seconds=cpu)
+    return _Timed(tuple(wall), tuple(cpu))
 
-    Each sample is the fastest of its repeats (a prefill on fresh caches, decode steps), so a
-    moment of preemption on a shared machine does not end up in the model.
-    """
+
+def filled_cache(stack: UnitStack, context: int) -> SegmentCache | None:
+    """A cache of the whole model holding `context` positions of random keys and values: a
+    decode step's cost depends on how much it reads, not on what."""
+    cache = stack.new_cache(0, stack.n_units)
+    if cache is None:
+        return None
+    cfg = stack.config
+    heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    device = next(stack.model.parameters()).device
+    for block in range(len(cache.layers)):
+        kv = torch.randn(1, heads, context, head_dim, dtype=stack.dtype, device=device)
+        cache.update(kv, kv.clone(), cache.first_block + block)  # [1, H, c, d] each
+    return cache
+
+
+def measure_step_models(stack: UnitStack, batch_rows: Sequence[int] = (1, 4, 16),
+                        prompt_tokens: int = 8, decode_steps: int = 2,
+                        rounds: int = PROFILE_ROUNDS) -> tuple[StepModel, StepModel]:
+    """The step model fitted on engine steps, in wall and in CPU seconds: a prefill and a few
+    decode steps at each batch size, each sample the median of its rounds."""
     device = next(stack.model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     n = stack.n_units
-    samples: dict[str, list[tuple[int, float]]] = {"embed": [], "block": [], "head": []}
+    runs: list[list[StepTimes]] = []  # per sample: its rounds
     run_step(stack, _rows(stack, prompt_tokens, 0, generator, device))  # warm-up
     for batch in batch_rows:
         prefill: list[StepTimes] = []
-        for _ in range(2):
+        decode: list[StepTimes] = []
+        for _ in range(max(rounds, 1)):
             caches = [stack.new_cache(0, n) for _ in range(batch)]
             prefill.append(run_step(stack, _rows(stack, prompt_tokens, 0, generator, device,
                                                  caches))[1])
-        decode = [run_step(stack, _rows(stack, 1, prompt_tokens + step, generator, device,
-                                        caches))[1] for step in range(decode_steps)]
-        for runs in (prefill, decode):
-            samples["embed"].append((runs[0].unit_tokens[0], min(t.unit_s[0] for t in runs)))
-            samples["block"].append((runs[0].unit_tokens[1], min(
-                statistics.median(t.unit_s[u] for u in range(1, n - 1)) for t in runs)))
-            samples["head"].append((runs[0].unit_tokens[n - 1],
-                                    min(t.unit_s[n - 1] for t in runs)))
-    return StepModel(fit_unit(samples["embed"]), fit_unit(samples["block"]),
-                     fit_unit(samples["head"]), stack.n_blocks)
+            decode += [run_step(stack, _rows(stack, 1, prompt_tokens + step, generator, device,
+                                             caches))[1] for step in range(decode_steps)]
+        runs += [prefill, decode]
+
+    def fitted(clock: str) -> StepModel:
+        def sample(unit_runs: list[StepTimes], units: range) -> tuple[int, float]:
+            seconds = [statistics.median(getattr(t, clock)[u] for u in units) for t in unit_runs]
+            return unit_runs[0].unit_tokens[units[0]], statistics.median(seconds)
+
+        kinds = (range(0, 1), range(1, n - 1), range(n - 1, n))  # embed, every block, head
+        embed, block, head = (fit_unit([sample(r, units) for r in runs]) for units in kinds)
+        return StepModel(embed, block, head, stack.n_blocks)
+
+    return fitted("unit_s"), fitted("unit_cpu_s")
 
 
 def _rows(stack: UnitStack, tokens: int, position: int, generator: torch.Generator,

@@ -27,7 +27,7 @@ from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.guards import TransportLimits, lift_frame_limit
 from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
-from splitllm.runtime.profile import UnitProfile, measure_step_model, profile_units
+from splitllm.runtime.profile import UnitProfile, measure_step_models, profile_units
 from splitllm.runtime.session import (
     ForwardResult,
     KvBudget,
@@ -36,6 +36,7 @@ from splitllm.runtime.session import (
     default_max_kv_bytes,
 )
 from splitllm.runtime.units import UnitStack
+from splitllm.stepmodel import StepModel
 
 FRAME_SLACK_BYTES = wire.MAX_HEADER_BYTES + 1024  # the transport limit sits above ours
 GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)  # the peer went away mid-send
@@ -81,7 +82,10 @@ class ServerState:
         self.engine = Engine(self.stack, self.metrics, config.engine, self.threads)
         self.kv_budget = KvBudget(config.max_kv_bytes or default_max_kv_bytes(self.engine.device))
         self.profile: UnitProfile | None = profile_units(self.stack) if config.profile else None
-        self.step_model = measure_step_model(self.stack) if config.profile else None
+        # The engine's step in wall seconds (latency) and in CPU seconds (the server's work).
+        models = measure_step_models(self.stack) if config.profile else None
+        self.step_model: StepModel | None = models[0] if models else None
+        self.step_model_cpu: StepModel | None = models[1] if models else None
         self.started_at = time.time()
 
     def info(self) -> dict[str, Any]:
@@ -105,6 +109,7 @@ class ServerState:
             "threads": self.threads,
             "profile": self.profile.to_json() if self.profile else None,
             "step_model": self.step_model.to_json() if self.step_model else None,
+            "step_model_cpu": self.step_model_cpu.to_json() if self.step_model_cpu else None,
             "engine": {"max_batch_tokens": cfg.engine.max_batch_tokens,
                        "max_batch_rows": cfg.engine.max_batch_rows},
             "limits": {

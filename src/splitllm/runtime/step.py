@@ -41,9 +41,11 @@ class RowOutput:
 
 @dataclass
 class StepTimes:
-    """Wall seconds of each unit the step ran, and the tokens (head: rows) it ran them on."""
+    """Wall (and this thread's CPU) seconds of each unit the step ran, and the tokens (head:
+    rows) it ran them on."""
 
     unit_s: dict[int, float] = field(default_factory=dict)
+    unit_cpu_s: dict[int, float] = field(default_factory=dict)
     unit_tokens: dict[int, int] = field(default_factory=dict)
 
 
@@ -97,7 +99,7 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
     times = StepTimes()
     packed: _Packed | None = None
     for unit in range(min(r.start for r in rows), max(r.stop for r in rows)):
-        clock = time.perf_counter()
+        clock, cpu_clock = time.perf_counter(), time.thread_time()
         active = tuple(i for i, r in enumerate(rows)
                        if r.start <= unit < r.stop and outputs[i].error is None)
         if packed is not None and (packed.members != active or unit in (0, n - 1)):
@@ -117,6 +119,7 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
         if rows[0].x.is_cuda:
             torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
         times.unit_s[unit] = time.perf_counter() - clock
+        times.unit_cpu_s[unit] = time.thread_time() - cpu_clock
         times.unit_tokens[unit] = (sum(rows[i].head_positions for i in active) if unit == n - 1
                                    else sum(rows[i].positions.shape[1] for i in active))
     if packed is not None:

@@ -206,24 +206,30 @@ class UnitStack:
         cache: SegmentCache | None,
         unit_seconds: list[float] | None = None,
         all_logits: bool = False,
+        unit_cpu_seconds: list[float] | None = None,
     ) -> torch.Tensor:
         """Run units [start, stop) on token ids [B, T] (if start == 0) or hidden [B, T, D].
 
         Returns hidden states [B, T, D], or the last position's logits [B, V] if the head ran
         (every position's [B, T, V] with all_logits: speculative verification).
         positions: absolute positions [B, T]. unit_seconds, if given, receives one wall time
-        per unit run (the mask and rotary set-up counts toward the first block).
+        per unit run (the mask and rotary set-up counts toward the first block);
+        unit_cpu_seconds, if given, this thread's CPU seconds per unit likewise.
         """
         if not 0 <= start < stop <= self.n_units:
             raise ValueError(f"unit range [{start}, {stop}) outside 0..{self.n_units}")
-        clock = time.perf_counter()
+        clock, cpu_clock = time.perf_counter(), time.thread_time()
 
         def lap() -> None:
-            nonlocal clock
+            nonlocal clock, cpu_clock
             if unit_seconds is not None:
                 now = time.perf_counter()
                 unit_seconds.append(now - clock)
                 clock = now
+            if unit_cpu_seconds is not None:
+                cpu_now = time.thread_time()
+                unit_cpu_seconds.append(cpu_now - cpu_clock)
+                cpu_clock = cpu_now
 
         hidden = x
         if start == 0:

@@ -133,6 +133,7 @@ class LinkIn(_In):
     uplink_bytes_per_s: Positive | None = None
     downlink_bytes_per_s: Positive | None = None
     rtt_s: NonNegative | None = None
+    visit_s: NonNegative | None = None  # a visit's fixed cost per pass (default 0)
 
     @model_validator(mode="after")
     def _known(self) -> LinkIn:
@@ -143,7 +144,7 @@ class LinkIn(_In):
         base = _preset(link_preset, self.preset)
         fields = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
         if base is None:
-            return _build(Link, {"name": "custom", **fields})
+            return _build(Link, {"name": "custom", "visit_s": 0.0, **fields})
         return _build(Link, {**base.__dict__, **fields})
 
 
