@@ -25,7 +25,7 @@ from splitllm.sim.world import World
 QUEUE_WAIT = "splitllm_engine_queue_wait_seconds"
 BUSY = "splitllm_server_busy_seconds_total"
 PROCESS_CPU = "process_cpu_seconds_total"
-RATE_RANGE = 64.0  # the search stays within 1/64 to 64 times its first rate
+RATE_RANGE = 1024.0  # the search stays within 1/1024 to 1024 times its first rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +178,7 @@ def run_study(world: World, probe: Callable[[str, float], Probe], *, budget_s: f
     for i, policy in enumerate(world.policies):
         simulated = find_capacity(world, policy)
         guess = simulated.rate_per_s
-        if not 0 < guess < math.inf:
+        if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
             guess = first_guess_rate(world, policy)
         progress(f"{policy}: simulated capacity {simulated.rate_per_s:.3g} req/s; measuring "
                  f"from {guess:.3g} req/s")
