@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from splitllm.runtime.loadtest_world import LoadtestSpec
     from splitllm.sim.world import World
 
-QUICK_REQUESTS, QUICK_REL_TOL, QUICK_MINUTES = 12, 0.3, 6.0
+QUICK_REQUESTS, QUICK_REL_TOL, QUICK_MINUTES = 20, 0.3, 10.0
 DEFAULT_POLICIES = "server-only,greedy,exact,exact-load-aware"
 
 
@@ -69,7 +69,7 @@ def loadtest(
     policies: Annotated[str, typer.Option(help="Comma-separated placement policies.")
                         ] = DEFAULT_POLICIES,
     requests: Annotated[int | None, typer.Option(
-        help="Requests per probe (the scenario's first N; default 24, --quick 12).")] = None,
+        help="Requests per probe (the scenario's first N; default 24, --quick 20).")] = None,
     length_scale: Annotated[float, typer.Option(
         help="Token counts times this (a small model's context, a CPU's speed).")] = 1 / 32,
     sla_factor: Annotated[float, typer.Option(
@@ -77,7 +77,7 @@ def loadtest(
     sla_s: Annotated[float | None, typer.Option(help="Or one SLA for every request type.")
                      ] = None,
     max_minutes: Annotated[float | None, typer.Option(
-        help="Bound on the whole capacity search (default 30, --quick 6).")] = None,
+        help="Bound on the whole capacity search (default 30, --quick 10).")] = None,
     rel_tol: Annotated[float | None, typer.Option(
         help="Stop a search when its bracket is this narrow (default 0.1, --quick 0.3).")
                        ] = None,
@@ -88,7 +88,7 @@ def loadtest(
                        ] = 1,
     max_in_flight: Annotated[int, typer.Option(help="Client sessions running at once.")] = 32,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="12 requests a probe, a coarse search, 6 minutes at most.")] = False,
+        "--quick", help="20 requests a probe, a coarse search, 10 minutes at most.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write report.md and results.json here.")
                    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,

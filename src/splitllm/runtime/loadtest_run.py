@@ -182,8 +182,10 @@ class RealRunner:
                 self.pool, self._one, load, r, decision.placement.sides, decision.planned,
                 start_s, stop))
         end_s = start_s + world.horizon_s + world.max_sla_s
-        if futures:  # wait, without cancelling, until every request is done or certainly late
-            await asyncio.wait(futures, timeout=max(end_s - time.perf_counter(), 0.0))
+        pending = set(futures)  # wait (never cancelling) until all are done or the probe ends
+        while pending and not stop.is_set() and time.perf_counter() < end_s:
+            _, pending = await asyncio.wait(
+                pending, timeout=min(POLL_S, max(end_s - time.perf_counter(), 0.0)))
         stopped_early = stop.is_set()
         stop.set()  # the requests still running end at their next token
         outcomes = [await future for future in futures]
