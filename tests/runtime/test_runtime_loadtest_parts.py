@@ -88,14 +88,16 @@ def test_trace_arrivals_replay_with_time_scaling(tmp_path: Path) -> None:
     csv.write_text("arrived_at_s,request_type,prompt_tokens,output_tokens\n" + "".join(
         f"{t},chat,{100 * (i + 1)},{10 * (i + 1)}\n" for i, t in enumerate(times)))
     world = world_of(scenario({"process": "trace", "path": str(csv)}), requests=5,
-                     length_scale=0.5)
-    for rate in (0.5, 2.0):
-        load = sample_workload(world.with_rate(rate))
-        # one replay of 5 requests lasts 5 / rate seconds: the trace's shape, time scaled
-        expected = np.array(times) / (9.0 * 5 / 4) * (5 / rate)
-        np.testing.assert_allclose(load.arrived_at_s, expected)
-        assert load.prompt_tokens.tolist() == [50, 100, 150, 200, 250]
-        assert load.output_tokens.tolist() == [5, 10, 15, 20, 25]
+                     length_scale=0.5, sla_s=1.0)  # arrivals span at least 3 SLAs: 3 s
+    one_replay = np.array(times) / (9.0 * 5 / 4)  # the trace's shape, 5 requests per unit
+    slow = sample_workload(world.with_rate(0.5))  # one replay lasts 10 s: once
+    np.testing.assert_allclose(slow.arrived_at_s, one_replay * 10.0)
+    assert slow.prompt_tokens.tolist() == [50, 100, 150, 200, 250]
+    assert slow.output_tokens.tolist() == [5, 10, 15, 20, 25]
+    fast = sample_workload(world.with_rate(2.0))  # 2.5 s a replay: again until 3 s
+    np.testing.assert_allclose(fast.arrived_at_s, [*one_replay * 2.5, 2.5, *2.5 + one_replay[
+        1:3] * 2.5])
+    assert fast.prompt_tokens.tolist() == [50, 100, 150, 200, 250, 50, 100, 150]
 
 
 def test_lengths_stay_within_the_context_and_slas_follow_the_step_model() -> None:

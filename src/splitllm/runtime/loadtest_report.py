@@ -111,7 +111,8 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     """What ran, and what was EMULATED, for the top of every report."""
     lines = [f"Scenario `{scenario}` on model {model}, {where}. Each probe replays the "
              f"scenario's first {world.sweep.min_requests} requests (seeded; the same requests "
-             "in every probe and in the simulator), its time axis scaled to the probe's rate. "
+             "in every probe and in the simulator), its time axis scaled to the probe's rate, "
+             f"in a loop until arrivals span {world.duration_s:.3g} s (3 x the longest SLA). "
              f"Token counts are scaled by {length_scale:g} (the served model's context and this "
              "CPU's speed; at least 1 token each). SLA per request type: "
              + ", ".join(f"{t.name} {t.sla_s:.3g} s" for t in world.types)

@@ -4,7 +4,8 @@ One `World` drives both the real load test (its policies plan with it) and the s
 prediction (the batched server with the real server's measured step model), so the two run the
 same requests with the same decisions. From the scenario:
 - its first `requests` requests (Poisson draws or trace rows, seeded) become a recorded trace:
-  every probe replays them, its time axis scaled to the probe's arrival rate;
+  every probe replays them, its time axis scaled to the probe's arrival rate, in a loop until
+  arrivals have spanned `window_slas` x the longest SLA (so a burst cannot pass for a rate);
 - every request type runs on the served model (fp32 weights and wire); prompt and output token
   counts are multiplied by `length_scale` (at least 1, within the model's context);
 - every client class keeps its link (EMULATED in the client's transport) and is EMULATED as many
@@ -47,6 +48,9 @@ class LoadtestSpec:
     sla_s: float | None = None  # or this SLA for every request type
     policies: tuple[str, ...] = ("server-only", "greedy", "exact", "exact-load-aware")
     rel_tol: float = 0.1  # the capacity search stops when its bracket is this narrow
+    window_slas: float = 3.0  # arrivals span at least this many of the longest SLA (requests
+    # replayed in a loop): a burst of `requests` that the server absorbs within the SLA is no
+    # capacity, a steady arrival rate it keeps up with is
     max_batch_rows: int = 64  # the server's rows per step (the simulator's max batch)
 
 
@@ -154,11 +158,13 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
                       f"{e.slowdown:.3g} (EMULATED)"))
         for c, e in zip(scenario.clients, emulated, strict=True))
     slowest = max((c.link for c in scenario.clients), key=lambda link: link.rtt_s)
+    types = _types(scenario, trace, costs, step, slowest, spec)
     world = World(
         name=scenario.name,
         server=ServerSpec(this_machine, "batched", 1, spec.max_batch_rows, step),
-        clients=clients, types=_types(scenario, trace, costs, step, slowest, spec),
-        duration_s=1e-9, seed=scenario.seed, rate_per_s=1.0, trace=trace,
+        clients=clients, types=types,
+        duration_s=spec.window_slas * max(t.sla_s for t in types), seed=scenario.seed,
+        rate_per_s=1.0, trace=trace,
         policies=spec.policies, wait_tau_s=scenario.wait_tau_s,
         wait_quantile=scenario.wait_quantile, plan_headroom=scenario.plan_headroom,
         headroom_target=scenario.headroom_target,
