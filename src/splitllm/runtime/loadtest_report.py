@@ -97,6 +97,9 @@ def verdict(results: list[PolicyResult]) -> str:
             reasons.append(f"it did not save server CPU: {cpu_b:.3g} s per request against "
                            f"{cpu_s:.3g} s (each visit to the server costs a message's fixed "
                            "overhead, and batched steps share weight reads among requests)")
+        elif math.isfinite(cpu_b) and math.isfinite(cpu_s):
+            reasons.append(f"it saved only {1 - cpu_b / cpu_s:.0%} of the server's CPU per "
+                           f"request ({cpu_b:.3g} s against {cpu_s:.3g} s at their capacities)")
         if b.metrics.ttft_s[2] > s.metrics.ttft_s[2]:
             reasons.append(f"its requests were slower (TTFT p99 {b.metrics.ttft_s[2]:.3g} s "
                            f"against {s.metrics.ttft_s[2]:.3g} s): the clients' units and the "
