@@ -4,6 +4,7 @@ tokens, never wall time."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,25 @@ def test_bad_scenario_and_profile_files_are_one_line_naming_the_field(tmp_path: 
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_the_command_prints_the_json_document(tmp_path: Path, tiny_llama_dir: Path,
+                                              llama_server: BackgroundServer) -> None:
+    scenario = tmp_path / "tiny.json"
+    scenario.write_text(json.dumps(SCENARIO))
+    # a budget too small for more than one probe: the document's shape, not a capacity
+    result = run_command("--server", llama_server.ws_url, "--model", str(tiny_llama_dir),
+                         "--scenario", str(scenario), "--policies", "server-only,exact",
+                         "--requests", "4", "--length-scale", "0.05", "--sla-s", "0.3",
+                         "--device-profile", "laptop", "--max-minutes", "0.01", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document["policies"]) == {"server-only", "exact"}
+    for entry in document["policies"].values():
+        assert {"capacity_req_s", "attainment", "ttft_p99_s", "simulated_capacity_req_s",
+                "server_cpu_s_per_request", "probes"} <= set(entry)
+        assert entry["search_cut_short"]
+    assert document["policies"]["server-only"]["simulated_capacity_req_s"] > 0  # null: infinite
+    assert document["sla_s"] == {"chat": 0.3} and document["requests_per_probe"] == 4
+    assert [e["link"]["name"] for e in document["emulated"]] == ["lan", "wifi"]
+    assert "simulated capacity" in result.stderr  # progress lines
