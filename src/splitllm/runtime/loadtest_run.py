@@ -35,7 +35,7 @@ from splitllm.runtime.loadtest import (
     counter_delta,
     run_record,
 )
-from splitllm.runtime.loadtest_world import EmulatedClass
+from splitllm.runtime.loadtest_world import EmulatedClass, first_requests
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
 from splitllm.runtime.transport import ServerError
@@ -192,8 +192,7 @@ class RealRunner:
         watcher.cancel()
         wall_s = time.perf_counter() - start_s
         after = self.metrics()
-        kept = Workload(*(np.asarray(getattr(load, f))[:len(outcomes)]
-                          for f in Workload.__dataclass_fields__))
+        kept = first_requests(load, len(outcomes))  # those released before any early stop
         waits = counter_delta(after, before, QUEUE_WAIT + "_count")
         record = run_record(policy, rate_per_s, kept, outcomes, horizon_s=world.horizon_s,
                             busy_s=counter_delta(after, before, BUSY),

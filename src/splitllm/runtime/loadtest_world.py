@@ -78,6 +78,11 @@ def scenario_requests(world: World, n: int) -> Workload:
     load = sample_workload(long_enough)
     if len(load) < n:
         raise UserError(f"scenario {world.name}: only {len(load)} requests, {n} asked for")
+    return first_requests(load, n)
+
+
+def first_requests(load: Workload, n: int) -> Workload:
+    """The first `n` requests of a workload."""
     return Workload(*(np.asarray(getattr(load, f))[:n] for f in Workload.__dataclass_fields__))
 
 
