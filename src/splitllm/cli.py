@@ -17,6 +17,7 @@ from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.planner.speculation import Speculation
 from splitllm.runtime.commands import demo, generate_command, proxy, serve
+from splitllm.runtime.loadtest_command import loadtest
 from splitllm.runtime.measure_commands import fidelity, profile
 from splitllm.sim.commands import simulate
 
@@ -207,6 +208,7 @@ app.command()(proxy)
 app.command()(simulate)
 app.command()(fidelity)
 app.command()(profile)
+app.command()(loadtest)
 
 
 def main() -> None:

@@ -171,12 +171,16 @@ class SplitPipe:
                 raise UserError(f"units [{a}, {b}) hold sliding-window layers, whose cache "
                                 "cannot roll back: speculative decoding is not available here")
             cache.roll_back(rollback_to)
-        clock = time.perf_counter()
+        clock, cpu_clock = time.perf_counter(), time.thread_time()
         out = self.stack.run(a, b, x, positions, cache, all_logits=all_logits)
         elapsed_s = time.perf_counter() - clock
-        if self.slowdown > 1.0:  # emulation of a slower client device
-            time.sleep(elapsed_s * (self.slowdown - 1.0))
-        self.client_busy_s += elapsed_s * max(self.slowdown, 1.0)
+        if self.slowdown > 1.0:  # emulation of a slower client device: slowdown x the CPU
+            # time of this thread, so other threads on the core (many emulated clients in one
+            # process, other load) do not stretch the emulated device's time as well
+            emulated_s = (time.thread_time() - cpu_clock) * self.slowdown
+            time.sleep(max(emulated_s - elapsed_s, 0.0))
+            elapsed_s = max(emulated_s, elapsed_s)
+        self.client_busy_s += elapsed_s
         return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ class ServerMetrics:
             _metric(lines, "splitllm_server_cpu_seconds_total", "counter",
                     "CPU seconds of the compute threads while computing units (all of the "
                     "compute with one torch thread; a lower bound with more).", [("", self.cpu_s)])
+            _metric(lines, "process_cpu_seconds_total", "counter",
+                    "CPU seconds of the whole server process (every thread: compute, event "
+                    "loop, framing).", [("", time.process_time())])
             _metric(lines, "splitllm_unit_busy_seconds_total", "counter",
                     "Seconds the server spent computing each unit.",
                     [(f'unit="{u}"', self.unit_busy_s.get(u, 0.0)) for u in self.unit_names])

@@ -1,0 +1,206 @@
+"""`splitllm loadtest`, the arithmetic: what one probe measured, the load the server reports,
+and the goodput-capacity search, all independent of how a probe is run.
+
+A probe runs one policy at one arrival rate (for real: `loadtest_run.RealRunner`; in tests, a
+fake runner on a fake clock) and returns the requests' outcomes as the simulator's `RunRecord`,
+so throughput, goodput, SLA attainment and the TTFT / TPOT percentiles are computed by
+`sim.metrics.summarize`, the same arithmetic as the simulated prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitllm.sim.capacity import find_capacity, first_guess_rate, run_point
+from splitllm.sim.metrics import RunMetrics
+from splitllm.sim.policies import Load
+from splitllm.sim.run import RunRecord
+from splitllm.sim.workload import Workload
+from splitllm.sim.world import World
+
+QUEUE_WAIT = "splitllm_engine_queue_wait_seconds"
+BUSY = "splitllm_server_busy_seconds_total"
+PROCESS_CPU = "process_cpu_seconds_total"
+RATE_RANGE = 1024.0  # the search stays within 1/1024 to 1024 times its first rate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What happened to one request, in seconds after its scheduled arrival (nan: never)."""
+
+    first_token_s: float
+    finished_s: float
+    server_cpu_s: float  # the compute CPU seconds the server reported for it
+    placement: str
+    planned: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probe:
+    """One policy at one arrival rate: its metrics and the server's process CPU per request."""
+
+    metrics: RunMetrics
+    process_cpu_s_per_request: float  # whole server process (nan: not measured)
+    wall_s: float
+    stopped_early: bool = False  # given up once too many requests had missed their SLA
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.metrics.rate_per_s
+
+
+def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequence[Outcome],
+               *, horizon_s: float, busy_s: float, queue_wait_mean_s: float) -> RunRecord:
+    """The outcomes of a real probe as the simulator's record of a run (window [0, horizon))."""
+    placements: dict[str, int] = {}
+    index = [placements.setdefault(o.placement, len(placements)) for o in outcomes]
+    arrived = np.asarray(load.arrived_at_s, dtype=float)
+    return RunRecord(
+        policy=policy, rate_per_s=rate_per_s, window_s=(0.0, horizon_s), arrived_at_s=arrived,
+        first_token_at_s=arrived + np.array([o.first_token_s for o in outcomes], dtype=float),
+        finished_at_s=arrived + np.array([o.finished_s for o in outcomes], dtype=float),
+        server_work_s=np.array([o.server_cpu_s for o in outcomes], dtype=float),
+        type_index=load.type_index, class_index=load.class_index,
+        prompt_tokens=load.prompt_tokens, output_tokens=load.output_tokens,
+        placement_index=np.array(index, dtype=np.int64), placements=tuple(placements),
+        planned=np.array([o.planned for o in outcomes], dtype=bool),
+        busy_window_s=busy_s, busy_total_s=busy_s, job_delay_mean_s=queue_wait_mean_s,
+        events=len(outcomes))
+
+
+def counter_delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    """How much a counter of /metrics grew (0 if the server does not report it)."""
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+class ServerLoad:
+    """The load the server reports, as load-aware policies read it: the recent mean queue wait
+    per forward and the busy share, from successive /metrics pages decayed over `tau_s`."""
+
+    def __init__(self, tau_s: float, headroom: float) -> None:
+        self.tau_s = tau_s
+        self.headroom = headroom
+        self.last: tuple[float, dict[str, float]] | None = None
+        self.wait_sum_s = 0.0
+        self.waits = 0.0
+        self.busy_share = 0.0
+
+    def update(self, now_s: float, metrics: dict[str, float]) -> None:
+        """Take one /metrics page read at `now_s`."""
+        if self.last is not None:
+            then_s, before = self.last
+            dt = max(now_s - then_s, 1e-9)
+            keep = math.exp(-dt / self.tau_s)
+            self.wait_sum_s = keep * self.wait_sum_s + counter_delta(metrics, before,
+                                                                     QUEUE_WAIT + "_sum")
+            self.waits = keep * self.waits + counter_delta(metrics, before, QUEUE_WAIT + "_count")
+            busy = counter_delta(metrics, before, BUSY) / dt
+            self.busy_share = keep * self.busy_share + (1 - keep) * busy
+        self.last = (now_s, metrics)
+
+    def load(self) -> Load:
+        """What a request arriving now sees."""
+        wait_s = self.wait_sum_s / self.waits if self.waits > 1e-9 else 0.0
+        return Load(wait_mean_s=wait_s, wait_quantile_s=wait_s,
+                    utilization=min(self.busy_share, 1.0), headroom=self.headroom,
+                    tuned_headroom=self.headroom)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The highest rate probed with enough requests in SLA, and every probe made."""
+
+    policy: str
+    rate_per_s: float  # 0: no rate probed was good enough
+    lowest_failed_per_s: float  # inf: no probe failed
+    probes: tuple[Probe, ...]
+    cut_short: bool  # the time budget ended the search before its bracket was narrow enough
+
+
+def search_capacity(policy: str, probe: Callable[[float], Probe], *, first_rate_per_s: float,
+                    target: float, rel_tol: float, deadline_s: float,
+                    clock: Callable[[], float]) -> Capacity:
+    """Double or halve from the first rate until a good and a failing rate bracket the
+    capacity, then bisect (geometrically) until the bracket is within `rel_tol`; no probe starts
+    at or after `deadline_s` on `clock`."""
+    probes: list[Probe] = []
+    good, bad = 0.0, math.inf
+
+    def next_rate() -> float | None:
+        if not probes:
+            return first_rate_per_s
+        if math.isinf(bad):
+            return 2 * good if 2 * good <= first_rate_per_s * RATE_RANGE else None
+        if good == 0.0:
+            return bad / 2 if bad / 2 >= first_rate_per_s / RATE_RANGE else None
+        return math.sqrt(good * bad) if bad / good - 1 > rel_tol else None
+
+    rate = next_rate()
+    while rate is not None:
+        if clock() >= deadline_s:
+            return Capacity(policy, good, bad, tuple(probes), cut_short=True)
+        result = probe(rate)
+        probes.append(result)
+        if result.metrics.sla_attainment >= target:
+            good = max(good, rate)
+        else:
+            bad = min(bad, rate)
+        rate = next_rate()
+    return Capacity(policy, good, bad, tuple(probes), cut_short=False)
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """One policy: its measured capacity search and the simulator's prediction beside it."""
+
+    policy: str
+    measured: Capacity
+    simulated_capacity_per_s: float
+    simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
+
+    @property
+    def at_capacity(self) -> Probe | None:
+        """The measured probe at the capacity (None: no rate was good enough)."""
+        good = [p for p in self.measured.probes if p.rate_per_s == self.measured.rate_per_s]
+        return good[-1] if good else None
+
+
+def run_study(world: World, probe: Callable[[str, float], Probe], *, budget_s: float,
+              clock: Callable[[], float], progress: Callable[[str], None]) -> list[PolicyResult]:
+    """Per policy of `world`: the simulated capacity, then the measured one searched from it
+    (each policy gets an equal share of the time left)."""
+    results = []
+    end_s = clock() + budget_s
+    for i, policy in enumerate(world.policies):
+        simulated = find_capacity(world, policy)
+        guess = simulated.rate_per_s
+        if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
+            guess = first_guess_rate(world, policy)
+        progress(f"{policy}: simulated capacity {simulated.rate_per_s:.3g} req/s; measuring "
+                 f"from {guess:.3g} req/s")
+
+        def measure(rate: float, policy: str = policy) -> Probe:
+            result = probe(policy, rate)
+            m = result.metrics
+            early = ", stopped early" if result.stopped_early else ""
+            progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
+                     f"({m.completed}/{m.requests} done{early}), TTFT p99 {m.ttft_s[2]:.3g} s, "
+                     f"{result.wall_s:.0f} s")
+            return result
+
+        now_s = clock()
+        deadline_s = now_s + (end_s - now_s) / (len(world.policies) - i)
+        measured = search_capacity(policy, measure, first_rate_per_s=guess,
+                                   target=world.sweep.target_attainment,
+                                   rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
+                                   clock=clock)
+        at_rate = (run_point(world, policy, measured.rate_per_s)
+                   if measured.rate_per_s > 0 else None)
+        results.append(PolicyResult(policy, measured, simulated.rate_per_s, at_rate))
+        progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
+                 f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
+    return results

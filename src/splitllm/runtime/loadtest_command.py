@@ -1,0 +1,167 @@
+"""`splitllm loadtest`: a real server under many concurrent split sessions, against the simulator.
+
+Thin: parse and check the options, build the load test's world from the scenario, the server's
+step model and this machine's device profile, run the study (`loadtest.run_study` over
+`loadtest_run.RealRunner`) and write the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from splitllm.errors import UserError
+
+if TYPE_CHECKING:
+    from splitllm.planner.hardware import DeviceProfile
+    from splitllm.runtime.loadtest_world import LoadtestSpec
+    from splitllm.sim.world import World
+
+QUICK_REQUESTS, QUICK_REL_TOL, QUICK_MINUTES = 20, 0.3, 10.0
+DEFAULT_POLICIES = "server-only,greedy,exact,exact-load-aware"
+
+
+def _scenario(name: str) -> World:
+    """A built-in scenario by name, or a YAML/JSON scenario file (UserError naming the field)."""
+    from splitllm.sim.builtin import BUILTINS, builtin_world
+    from splitllm.sim.scenario import load_scenario
+
+    if name in BUILTINS:
+        return builtin_world(name)
+    path = Path(name)
+    if not path.is_file():
+        raise UserError(f"--scenario {name!r}: use {', '.join(BUILTINS)} or a scenario file")
+    return load_scenario(path)
+
+
+def _policies(text: str) -> tuple[str, ...]:
+    from splitllm.sim.policies import check_policy
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise UserError("--policies: expected a comma-separated list")
+    for name in names:
+        check_policy(name)
+    return names
+
+
+def _progress(line: str) -> None:
+    print(f"splitllm loadtest: {line}", file=sys.stderr, flush=True)
+
+
+def loadtest(
+    server: Annotated[str | None, typer.Option(
+        help="A running server, ws://HOST:PORT (default: start one for --model on a free "
+             "port, pinned to its own core).")] = None,
+    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
+                     ] = "smollm2",
+    token: Annotated[str | None, typer.Option(envvar="SPLITLLM_TOKEN", help="Server token.")
+                     ] = None,
+    scenario: Annotated[str, typer.Option(
+        help="A simulator scenario: mixed, azure-conv, azure-code or a YAML/JSON file.")
+                        ] = "azure-conv",
+    policies: Annotated[str, typer.Option(help="Comma-separated placement policies.")
+                        ] = DEFAULT_POLICIES,
+    requests: Annotated[int | None, typer.Option(
+        help="Requests per probe (the scenario's first N; default 24, --quick 20).")] = None,
+    length_scale: Annotated[float, typer.Option(
+        help="Token counts times this (a small model's context, a CPU's speed).")] = 1 / 32,
+    sla_factor: Annotated[float, typer.Option(
+        help="SLA: this x the largest request's idle server-only latency.")] = 3.0,
+    sla_s: Annotated[float | None, typer.Option(help="Or one SLA for every request type.")
+                     ] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Bound on the whole capacity search (default 30, --quick 10).")] = None,
+    rel_tol: Annotated[float | None, typer.Option(
+        help="Stop a search when its bracket is this narrow (default 0.1, --quick 0.3).")
+                       ] = None,
+    device_profile: Annotated[Path | None, typer.Option(
+        help="This machine's device profile (`splitllm profile`); default: measured now.")
+                              ] = None,
+    threads: Annotated[int, typer.Option(help="Torch threads of the clients and a local server.")
+                       ] = 1,
+    max_in_flight: Annotated[int, typer.Option(help="Client sessions running at once.")] = 32,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="20 requests a probe, a coarse search, 10 minutes at most.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write report.md and results.json here.")
+                   ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Drive a real server with concurrent split sessions; measured vs simulated capacity."""
+    from splitllm.planner.hardware import device_preset
+    from splitllm.runtime.loadtest_world import LoadtestSpec
+
+    spec = LoadtestSpec(requests=requests or (QUICK_REQUESTS if quick else 24),
+                        length_scale=length_scale, sla_factor=sla_factor, sla_s=sla_s,
+                        policies=_policies(policies),
+                        rel_tol=rel_tol or (QUICK_REL_TOL if quick else 0.1))
+    minutes = max_minutes or (QUICK_MINUTES if quick else 30.0)
+    if not (length_scale > 0 and sla_factor > 0 and (sla_s is None or sla_s > 0)
+            and minutes > 0 and 0 < spec.rel_tol < 1 and threads >= 1 and max_in_flight >= 1):
+        raise UserError("--length-scale, --sla-factor, --sla-s, --max-minutes and --threads "
+                        "must be > 0, --rel-tol in (0, 1), --max-in-flight >= 1")
+    world = _scenario(scenario)  # a bad file fails here, before any server starts
+    this_machine = device_preset(str(device_profile)) if device_profile else None
+    run_loadtest(server=server, model=model, token=token, scenario_name=scenario,
+                 scenario_world=world, spec=spec, minutes=minutes, this_machine=this_machine,
+                 threads=threads, max_in_flight=max_in_flight, out=out, as_json=as_json)
+
+
+def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
+                 scenario_world: World, spec: LoadtestSpec, minutes: float,
+                 this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
+                 out: Path | None, as_json: bool) -> None:
+    """The load test with checked options: server, world, study, report."""
+    import torch
+
+    from splitllm.runtime.dialer import fetch_info
+    from splitllm.runtime.fidelity_run import local_server
+    from splitllm.runtime.loadtest import run_study
+    from splitllm.runtime.loadtest_report import header_text, report_md, study_json, write_report
+    from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
+    from splitllm.runtime.loadtest_world import loadtest_world
+    from splitllm.runtime.models import context_tokens, load_model
+    from splitllm.stepmodel import StepModel
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
+    config = loaded.model.config.to_dict()
+    if this_machine is None:
+        from splitllm.runtime.device_profile import profile_device
+        from splitllm.runtime.units import UnitStack
+
+        _progress("timing this machine on the model (its device profile)")
+        this_machine, _ = profile_device(UnitStack(loaded.model), config, name="this-machine",
+                                         prompt_tokens=(16, 64))
+    with contextlib.ExitStack() as stack:
+        if server is None:
+            _progress(f"starting a server for {model}")
+        url = server or stack.enter_context(local_server(model, threads))
+        info = fetch_info(url, token)
+        if not info.get("step_model"):
+            raise UserError(f"{url} announces no step_model in /v1/info (started unprofiled?)")
+        world, classes = loadtest_world(
+            scenario_world, config=config, context_tokens=context_tokens(loaded.model.config),
+            this_machine=this_machine, step=StepModel.from_json(info["step_model"]), spec=spec)
+        runner = RealRunner(loaded, world, classes, RunnerOptions(
+            server=url, token=token, max_in_flight=max_in_flight))
+        stack.callback(runner.close)
+        results = run_study(world, runner.probe, budget_s=minutes * 60, clock=time.monotonic,
+                            progress=_progress)
+    where = (f"the server at {server}" if server else
+             "a local `splitllm serve` child process pinned to its own core")
+    header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,
+                         model=loaded.model_id, where=where)
+    document = study_json(results, world, classes, scenario=scenario_name,
+                          length_scale=spec.length_scale)
+    markdown = report_md(results, header)
+    if out is not None:
+        write_report(out, markdown, document)
+        _progress(f"report in {out}")
+    print(json.dumps(document) if as_json else markdown)

@@ -1,0 +1,190 @@
+"""The load test's report: measured and simulated capacity side by side, what was emulated,
+and whether splitting paid (report.md, results.json, the `--json` document)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from splitllm.runtime.loadtest import PolicyResult, Probe
+from splitllm.runtime.loadtest_world import EmulatedClass
+from splitllm.sim.metrics import RunMetrics
+from splitllm.sim.world import World
+
+SERVER_ONLY = "server-only"
+CAPACITY_TARGET = 0.15  # the simulated capacity should be within 15% of the measured one
+
+
+def _num(value: float) -> float | None:
+    """JSON has no inf or nan."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _rel_err(simulated: float, measured: float) -> float:
+    if measured > 0 and math.isfinite(simulated):
+        return (simulated - measured) / measured
+    return math.nan
+
+
+def _metrics_json(m: RunMetrics) -> dict[str, Any]:
+    return {"rate_req_s": m.rate_per_s, "requests": m.requests, "completed": m.completed,
+            "attainment": _num(m.sla_attainment), "throughput_req_s": m.throughput_per_s,
+            "goodput_req_s": m.goodput_per_s,
+            **{f"{name}_p{q}_s": _num(v) for name, values in
+               (("ttft", m.ttft_s), ("tpot", m.tpot_s), ("latency", m.latency_s))
+               for q, v in zip((50, 90, 99), values, strict=True)},
+            "server_s_per_request": m.server_s_per_request, "utilization": m.utilization,
+            "client_unit_share": m.client_unit_share, "queue_wait_mean_s": m.job_delay_mean_s}
+
+
+def _probe_json(p: Probe) -> dict[str, Any]:
+    return {**_metrics_json(p.metrics), "wall_s": p.wall_s, "stopped_early": p.stopped_early,
+            "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request)}
+
+
+def policy_json(r: PolicyResult) -> dict[str, Any]:
+    """One policy's entry of `--json` and results.json."""
+    at = r.at_capacity
+    m = at.metrics if at is not None else None
+    return {
+        "capacity_req_s": r.measured.rate_per_s,
+        "lowest_failed_req_s": _num(r.measured.lowest_failed_per_s),
+        "search_cut_short": r.measured.cut_short,
+        "attainment": _num(m.sla_attainment) if m else None,
+        "goodput_req_s": m.goodput_per_s if m else None,
+        "throughput_req_s": m.throughput_per_s if m else None,
+        "ttft_p50_s": _num(m.ttft_s[0]) if m else None,
+        "ttft_p90_s": _num(m.ttft_s[1]) if m else None,
+        "ttft_p99_s": _num(m.ttft_s[2]) if m else None,
+        "tpot_p50_s": _num(m.tpot_s[0]) if m else None,
+        "tpot_p90_s": _num(m.tpot_s[1]) if m else None,
+        "tpot_p99_s": _num(m.tpot_s[2]) if m else None,
+        "server_cpu_s_per_request": _num(at.process_cpu_s_per_request) if at else None,
+        "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
+        "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
+        "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
+                                  if r.simulated_at_capacity else None),
+        "probes": [_probe_json(p) for p in r.measured.probes],
+    }
+
+
+def verdict(results: list[PolicyResult]) -> str:
+    """One paragraph: the best splitting policy's measured capacity against server-only, why."""
+    by_name = {r.policy: r for r in results}
+    base = by_name.get(SERVER_ONLY)
+    splits = [r for r in results if r.policy != SERVER_ONLY]
+    if base is None or not splits:
+        return "No comparison with server-only (both it and a splitting policy must run)."
+    best = max(splits, key=lambda r: r.measured.rate_per_s)
+    ours, theirs = best.measured.rate_per_s, base.measured.rate_per_s
+    ratio = f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
+    head = (f"The best splitting policy, `{best.policy}`, measured {ours:.3g} req/s against "
+            f"server-only's {theirs:.3g} req/s ({ratio}).")
+    if ours >= theirs:
+        return head + " Splitting did not lose capacity."
+    b, s = best.at_capacity, base.at_capacity
+    reasons = []
+    if b is not None and s is not None:
+        cpu_b, cpu_s = b.process_cpu_s_per_request, s.process_cpu_s_per_request
+        share = b.metrics.client_unit_share
+        if share < 0.02:
+            reasons.append(f"its plans left almost every unit on the server ({share:.1%} of "
+                           "units on the clients), so there was little work to take off it")
+        if math.isfinite(cpu_b) and math.isfinite(cpu_s) and cpu_b >= cpu_s:
+            reasons.append(f"it did not save server CPU: {cpu_b:.3g} s per request against "
+                           f"{cpu_s:.3g} s (each visit to the server costs a message's fixed "
+                           "overhead, and batched steps share weight reads among requests)")
+        elif math.isfinite(cpu_b) and math.isfinite(cpu_s):
+            reasons.append(f"it saved only {1 - cpu_b / cpu_s:.0%} of the server's CPU per "
+                           f"request ({cpu_b:.3g} s against {cpu_s:.3g} s at their capacities)")
+        if b.metrics.ttft_s[2] > s.metrics.ttft_s[2]:
+            reasons.append(f"its requests were slower (TTFT p99 {b.metrics.ttft_s[2]:.3g} s "
+                           f"against {s.metrics.ttft_s[2]:.3g} s): the clients' units and the "
+                           "link's round trips spend the SLA that queueing needs")
+    if not reasons:
+        reasons.append("the probes' noise on a shared machine is as large as the difference")
+    return head + " **Splitting is below server-only here**: " + "; ".join(reasons) + "."
+
+
+def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: str,
+                length_scale: float, model: str, where: str) -> str:
+    """What ran, and what was EMULATED, for the top of every report."""
+    lines = [f"Scenario `{scenario}` on model {model}, {where}. Each probe replays the "
+             f"scenario's first {world.sweep.min_requests} requests (seeded; the same requests "
+             "in every probe and in the simulator), its time axis scaled to the probe's rate, "
+             f"in a loop until arrivals span {world.duration_s:.3g} s (3 x the longest SLA). "
+             f"Token counts are scaled by {length_scale:g} (the served model's context and this "
+             "CPU's speed; at least 1 token each). SLA per request type: "
+             + ", ".join(f"{t.name} {t.sla_s:.3g} s" for t in world.types)
+             + f"; goodput capacity: the highest rate with >= "
+             f"{world.sweep.target_attainment:.0%} of requests within it.", "",
+             "EMULATED per client class (links: delay and bandwidth shaping in the client's "
+             "transport; devices: the client sleeps its units' time times the slowdown, the "
+             "scenario's client/server speed ratio on the served model):", ""]
+    for e in classes:
+        lines.append(f"- {e.name}: link {e.link.name} (rtt {e.link.rtt_s * 1e3:.3g} ms, up "
+                     f"{e.link.uplink_bytes_per_s * 8e-6:.3g} Mbit/s, down "
+                     f"{e.link.downlink_bytes_per_s * 8e-6:.3g} Mbit/s), device "
+                     f"{e.scenario_device} as this machine x{e.slowdown:.3g} slower")
+    lines += ["", "Every client runs in this one process (threads, one connection each), "
+              "pinned apart from a local server where the OS allows; their compute shares "
+              "the client's cores. The simulator's prediction: the same world, batched server "
+              "with the step model the server measured at start (/v1/info)."]
+    return "\n".join(lines)
+
+
+def report_md(results: list[PolicyResult], header: str) -> str:
+    """The whole report."""
+    lines = ["# Load test: measured against simulated goodput capacity\n", header, "",
+             "| policy | capacity measured (req/s) | simulated | sim error | attainment | "
+             "goodput (req/s) | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (s) | "
+             "server CPU s / request | probes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        j = policy_json(r)
+        err = j["capacity_rel_err"]
+        cut = " (cut short)" if r.measured.cut_short else ""
+        ttft = " / ".join(f"{j[f'ttft_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
+        tpot = " / ".join(f"{j[f'tpot_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
+        lines.append(
+            f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
+            f"{r.simulated_capacity_per_s:.3g} | {'' if err is None else f'{err:+.0%}'} | "
+            f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
+            f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
+    errors = [abs(e) for r in results
+              if (e := _rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)) == e]
+    met = errors and max(errors) <= CAPACITY_TARGET
+    lines += ["", f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "
+              + ("met" if met else "**missed**") + (f" (worst {max(errors):.0%})" if errors
+                                                    else " (no capacity measured)") + ".",
+              "", verdict(results), "", "Every probe (measured):", "",
+              "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server CPU s / req | "
+              "wall s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for p in r.measured.probes:
+            m = p.metrics
+            lines.append(f"| {r.policy} | {m.rate_per_s:.3g} | {m.sla_attainment:.0%}"
+                         f"{' (stopped early)' if p.stopped_early else ''} | "
+                         f"{m.completed}/{m.requests} | {m.ttft_s[2]:.3g} | "
+                         f"{p.process_cpu_s_per_request:.3g} | {p.wall_s:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_json(results: list[PolicyResult], world: World, classes: tuple[EmulatedClass, ...],
+               *, scenario: str, length_scale: float) -> dict[str, Any]:
+    """The `--json` document (results.json holds the same)."""
+    return {"policies": {r.policy: policy_json(r) for r in results},
+            "scenario": scenario, "length_scale": length_scale,
+            "requests_per_probe": world.sweep.min_requests,
+            "sla_s": {t.name: t.sla_s for t in world.types},
+            "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
+            "verdict": verdict(results)}
+
+
+def write_report(out: Path, markdown: str, document: dict[str, Any]) -> None:
+    """report.md and results.json into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown)
+    (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")

@@ -1,0 +1,225 @@
+"""`splitllm loadtest` on the real runtime: many concurrent split sessions against one server.
+
+One probe replays the world's requests at one arrival rate: an asyncio loop releases each
+request at its arrival time, its policy plans it (load-aware ones read the queue wait the
+server reports on /metrics, polled every `POLL_S`), and a worker thread runs it as a real split
+session (`Session.generate`, placement fixed by the plan) over its class's EMULATED link and
+client slowdown. Connections are pooled per client class and reused. A request still running
+when the probe ends (its last arrival plus the longest SLA) is stopped and counts as a miss;
+a probe that has certainly failed (more misses than the target allows) stops early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitllm.errors import UserError
+from splitllm.runtime.client import Session
+from splitllm.runtime.dialer import Dialer, http_url
+from splitllm.runtime.loadtest import (
+    BUSY,
+    PROCESS_CPU,
+    QUEUE_WAIT,
+    Outcome,
+    Probe,
+    ServerLoad,
+    counter_delta,
+    run_record,
+)
+from splitllm.runtime.loadtest_world import EmulatedClass, first_requests
+from splitllm.runtime.metrics import parse_metrics
+from splitllm.runtime.models import LoadedModel, weights_fingerprint
+from splitllm.runtime.transport import ServerError
+from splitllm.sim.metrics import summarize
+from splitllm.sim.policies import PlanPolicy
+from splitllm.sim.workload import Workload, sample_workload
+from splitllm.sim.world import World
+
+POLL_S = 0.25  # /metrics polling and the early-stop check
+
+
+class _Stopped(Exception):
+    """The probe ended while this request still ran."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerOptions:
+    """Where the real load test runs and how wide."""
+
+    server: str
+    token: str | None = None
+    max_in_flight: int = 32  # worker threads: requests beyond wait for one (it counts)
+
+
+class RealRunner:
+    """Probes on a real server: one LoadedModel, a connection pool per client class."""
+
+    def __init__(self, loaded: LoadedModel, world: World, classes: tuple[EmulatedClass, ...],
+                 opts: RunnerOptions) -> None:
+        self.loaded = loaded
+        self.world = world
+        self.classes = classes
+        self.opts = opts
+        self.fingerprint = weights_fingerprint(loaded.model)
+        self.pools: list[queue.SimpleQueue[Session]] = [queue.SimpleQueue() for _ in classes]
+        self.opened = [0] * len(classes)
+        self.pool = ThreadPoolExecutor(max_workers=opts.max_in_flight,
+                                       thread_name_prefix="loadtest")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for pool in self.pools:
+            while not pool.empty():
+                with contextlib.suppress(Exception):
+                    pool.get_nowait().close()
+
+    def metrics(self) -> dict[str, float]:
+        """The server's /metrics page, parsed."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.opts.token}"} if self.opts.token else {}
+        try:
+            response = httpx.get(http_url(self.opts.server) + "/metrics", headers=headers,
+                                 timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise UserError(f"cannot read /metrics of {self.opts.server}: {exc}") from None
+        return parse_metrics(response.text)
+
+    def _session(self, class_index: int) -> Session:
+        with contextlib.suppress(queue.Empty):
+            return self.pools[class_index].get_nowait()
+        return self._dial(class_index)
+
+    def _dial(self, class_index: int) -> Session:
+        self.opened[class_index] += 1
+        emulated = self.classes[class_index]
+        dialer = Dialer(servers=(self.opts.server,), fingerprint=self.fingerprint,
+                        model_id=self.loaded.model_id, token=self.opts.token,
+                        link=emulated.link)
+        return Session(self.loaded, dialer, slowdown=emulated.slowdown,
+                       emulation=f"EMULATED {emulated.name}")
+
+    def _prompt(self, r: int, tokens: int) -> list[int]:
+        vocab = int(self.loaded.model.config.vocab_size)
+        return [(vocab // 3 + 7 * i + 13 * r) % vocab for i in range(tokens)]
+
+    def _one(self, load: Workload, r: int, placement: str, planned: bool, start_s: float,
+             stop: threading.Event) -> Outcome:
+        """Run request r as a real split session (in a worker thread)."""
+        arrived_s = start_s + float(load.arrived_at_s[r])
+        first = [math.nan]
+        nan = Outcome(first_token_s=math.nan, finished_s=math.nan, server_cpu_s=0.0,
+                      placement=placement, planned=planned)
+        if stop.is_set():
+            return nan
+
+        def on_token(_: int) -> None:
+            if math.isnan(first[0]):
+                first[0] = time.perf_counter() - arrived_s
+            if stop.is_set():
+                raise _Stopped
+
+        c = int(load.class_index[r])
+        session = self._session(c)
+        try:
+            generation = session.generate(
+                self._prompt(r, int(load.prompt_tokens[r])), int(load.output_tokens[r]),
+                placement=placement, chat=False, stop_at_eos=False, on_token=on_token)
+        except (_Stopped, ServerError):
+            self.pools[c].put(session)
+            return Outcome(first_token_s=first[0], finished_s=math.nan, server_cpu_s=0.0,
+                           placement=placement, planned=planned)
+        self.pools[c].put(session)
+        return Outcome(first_token_s=first[0], finished_s=time.perf_counter() - arrived_s,
+                       server_cpu_s=generation.server_cpu_s, placement=placement,
+                       planned=planned)
+
+    def probe(self, policy: str, rate_per_s: float) -> Probe:
+        """Run `policy` at `rate_per_s` for real and measure it."""
+        return asyncio.run(self._probe(policy, rate_per_s))
+
+    def _connect_ahead(self, load: Workload) -> None:
+        """Open the connections a probe may need before its clock starts (a handshake over an
+        emulated link is not part of a request)."""
+        counts = np.bincount(load.class_index, minlength=len(self.classes))
+        for c, count in enumerate(counts):
+            while self.opened[c] < min(int(count), self.opts.max_in_flight):
+                self.pools[c].put(self._dial(c))
+
+    async def _probe(self, policy: str, rate_per_s: float) -> Probe:
+        world = self.world.with_rate(rate_per_s)
+        load = sample_workload(world)
+        self._connect_ahead(load)
+        n = len(load)
+        plans = PlanPolicy(world, policy)
+        server_load = ServerLoad(world.wait_tau_s, world.plan_headroom)
+        before = self.metrics()
+        server_load.update(time.perf_counter(), before)
+        stop = threading.Event()
+        start_s = time.perf_counter()
+        futures: list[asyncio.Future[Outcome]] = []
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.create_task(self._watch(world, load, futures, start_s, stop,
+                                                  server_load if plans.sees_load else None))
+        for r in range(n):
+            await asyncio.sleep(max(start_s + float(load.arrived_at_s[r]) - time.perf_counter(),
+                                    0.0))
+            if stop.is_set():
+                break
+            decision = plans.decide(int(load.type_index[r]), int(load.class_index[r]),
+                                    int(load.prompt_tokens[r]), int(load.output_tokens[r]),
+                                    server_load.load() if plans.sees_load else None)
+            futures.append(loop.run_in_executor(
+                self.pool, self._one, load, r, decision.placement.sides, decision.planned,
+                start_s, stop))
+        end_s = start_s + world.horizon_s + world.max_sla_s
+        pending = set(futures)  # wait (never cancelling) until all are done or the probe ends
+        while pending and not stop.is_set() and time.perf_counter() < end_s:
+            _, pending = await asyncio.wait(
+                pending, timeout=min(POLL_S, max(end_s - time.perf_counter(), 0.0)))
+        stopped_early = stop.is_set()
+        stop.set()  # the requests still running end at their next token
+        outcomes = [await future for future in futures]
+        watcher.cancel()
+        wall_s = time.perf_counter() - start_s
+        after = self.metrics()
+        kept = first_requests(load, len(outcomes))  # those released before any early stop
+        waits = counter_delta(after, before, QUEUE_WAIT + "_count")
+        record = run_record(policy, rate_per_s, kept, outcomes, horizon_s=world.horizon_s,
+                            busy_s=counter_delta(after, before, BUSY),
+                            queue_wait_mean_s=counter_delta(after, before, QUEUE_WAIT + "_sum")
+                            / waits if waits else 0.0)
+        done = sum(not math.isnan(o.finished_s) for o in outcomes)
+        cpu_s = counter_delta(after, before, PROCESS_CPU)
+        return Probe(metrics=summarize(world, record), wall_s=wall_s,
+                     process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
+                     else math.nan, stopped_early=stopped_early)
+
+    async def _watch(self, world: World, load: Workload, futures: list[asyncio.Future[Outcome]],
+                     start_s: float, stop: threading.Event, server_load: ServerLoad | None
+                     ) -> None:
+        """Poll the server's load; stop the probe once more requests missed than allowed."""
+        allowed = (1 - world.sweep.target_attainment) * len(load)
+        sla = np.array([world.types[k].sla_s for k in load.type_index])
+        while not stop.is_set():
+            await asyncio.sleep(POLL_S)
+            if server_load is not None:
+                page = await asyncio.to_thread(self.metrics)
+                server_load.update(time.perf_counter(), page)
+            now_s = time.perf_counter() - start_s
+            late = np.asarray(load.arrived_at_s) + sla < now_s
+            finished_late = sum(f.done() and f.exception() is None
+                                and not f.result().finished_s <= sla[r]
+                                for r, f in enumerate(futures))
+            pending_late = sum(not f.done() and late[r] for r, f in enumerate(futures))
+            if finished_late + pending_late > allowed:
+                stop.set()

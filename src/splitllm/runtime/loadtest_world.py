@@ -1,0 +1,178 @@
+"""The load test's world: a simulator scenario resolved for the model a real server serves.
+
+One `World` drives both the real load test (its policies plan with it) and the simulated
+prediction (the batched server with the real server's measured step model), so the two run the
+same requests with the same decisions. From the scenario:
+- its first `requests` requests (Poisson draws or trace rows, seeded) become a recorded trace:
+  every probe replays them, its time axis scaled to the probe's arrival rate, in a loop until
+  arrivals have spanned `window_slas` x the longest SLA (so a burst cannot pass for a rate);
+- every request type runs on the served model (fp32 weights and wire); prompt and output token
+  counts are multiplied by `length_scale` (at least 1, within the model's context);
+- every client class keeps its link (EMULATED in the client's transport) and is EMULATED as many
+  times slower than this server as the scenario's client device is than the scenario's server
+  device on the served model's median request (at least 1x);
+- the server is this machine: its fitted device profile (what the planner sees) and the
+  engine's measured step model, scheduler `batched` (what the simulator runs);
+- each type's SLA: `sla_factor` x the idle server-only latency of its largest request over the
+  slowest link (from the step model), or `sla_s` if given; the scenario's TTFT / TPOT limits
+  are dropped (they were set for its own model and server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from splitllm.errors import UserError
+from splitllm.planner.configs import ModelConfig
+from splitllm.planner.costs import ModelCosts, model_costs
+from splitllm.planner.hardware import DeviceProfile
+from splitllm.planner.instance import Request, build_instance
+from splitllm.planner.network import Link
+from splitllm.sim.dists import Dist
+from splitllm.sim.workload import Workload, sample_workload
+from splitllm.sim.world import ClientClass, RequestType, ServerSpec, SweepSpec, Trace, World
+from splitllm.stepmodel import StepModel
+
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadtestSpec:
+    """How a scenario is turned into the load test's world."""
+
+    requests: int = 24  # per probe: the scenario's first this many requests
+    length_scale: float = 1.0  # token counts times this (a small model's context, a slow CPU)
+    sla_factor: float = 2.0  # SLA: this x the largest request's idle server-only latency
+    sla_s: float | None = None  # or this SLA for every request type
+    policies: tuple[str, ...] = ("server-only", "greedy", "exact", "exact-load-aware")
+    rel_tol: float = 0.1  # the capacity search stops when its bracket is this narrow
+    window_slas: float = 3.0  # arrivals span at least this many of the longest SLA (requests
+    # replayed in a loop): a burst of `requests` that the server absorbs within the SLA is no
+    # capacity, a steady arrival rate it keeps up with is
+    max_batch_rows: int = 64  # the server's rows per step (the simulator's max batch)
+
+
+@dataclass(frozen=True)
+class EmulatedClass:
+    """A client class as the real load test runs it: its emulated link and slowdown."""
+
+    name: str
+    link: Link
+    slowdown: float  # the client's units take this many times longer than on this machine
+    scenario_device: str
+
+
+def served_costs(config: dict[str, object]) -> ModelCosts:
+    """The cost model of the served model (a Hugging Face config dict), fp32 weights and wire."""
+    return model_costs(ModelConfig.from_hf_dict(config), FP32_BYTES, FP32_BYTES)
+
+
+def scenario_requests(world: World, n: int) -> Workload:
+    """The scenario's first `n` requests at its own rate (seeded: the same every time)."""
+    if any(t.model is None for t in world.types):
+        raise UserError(f"scenario {world.name}: synthetic request types (service_s) cannot be "
+                        "load-tested on a real server")
+    long_enough = replace(world, warmup_s=0.0, duration_s=4.0 * n / world.rate_per_s + 60.0)
+    load = sample_workload(long_enough)
+    if len(load) < n:
+        raise UserError(f"scenario {world.name}: only {len(load)} requests, {n} asked for")
+    return first_requests(load, n)
+
+
+def first_requests(load: Workload, n: int) -> Workload:
+    """The first `n` requests of a workload."""
+    return Workload(*(np.asarray(getattr(load, f))[:n] for f in Workload.__dataclass_fields__))
+
+
+def scaled_trace(load: Workload, scale: float, context_tokens: int) -> Trace:
+    """The requests as a recorded trace, token counts times `scale` (>= 1, within context)."""
+    if not scale > 0:
+        raise UserError("--length-scale must be > 0")
+    output = np.clip(np.rint(load.output_tokens * scale), 1, max(context_tokens // 2, 1))
+    prompt = np.clip(np.rint(load.prompt_tokens * scale), 1, context_tokens - output)
+    return Trace(arrived_at_s=tuple(float(t) for t in load.arrived_at_s - load.arrived_at_s[0]),
+                 type_index=tuple(int(t) for t in load.type_index),
+                 class_index=tuple(int(c) for c in load.class_index),
+                 prompt_tokens=tuple(int(p) for p in prompt),
+                 output_tokens=tuple(int(g) for g in output))
+
+
+def emulated_slowdown(costs: ModelCosts, client: DeviceProfile, server: DeviceProfile,
+                      prompt_tokens: int, output_tokens: int) -> float:
+    """How many times longer the whole request takes on `client` than on `server` (>= 1)."""
+    request = Request(prompt_tokens=prompt_tokens, output_tokens=output_tokens, sla_s=1.0)
+    link = Link(name="none", uplink_bytes_per_s=1e12, downlink_bytes_per_s=1e12, rtt_s=0.0)
+    instance = build_instance(costs, client, server, link, request)
+    on_client = sum(u.client_s for u in instance.units)
+    on_server = sum(u.server_s for u in instance.units)
+    return max(on_client / on_server, 1.0)
+
+
+def slower(device: DeviceProfile, factor: float, name: str) -> DeviceProfile:
+    """`device` with both roofline peaks divided by `factor`."""
+    return replace(device, name=name, peak_flops_per_s=device.peak_flops_per_s / factor,
+                   mem_bandwidth_bytes_per_s=device.mem_bandwidth_bytes_per_s / factor)
+
+
+def idle_server_only_s(step: StepModel, link: Link, prompt_tokens: int,
+                       output_tokens: int) -> float:
+    """Server-only latency on an idle server: a prefill step, one step per further token, and
+    a round trip per pass."""
+    passes = max(output_tokens, 1)
+    return (step.step_s(prompt_tokens, 1) + (passes - 1) * step.step_s(1, 1)
+            + passes * link.rtt_s)
+
+
+def _types(world: World, trace: Trace, costs: ModelCosts, step: StepModel, slowest: Link,
+           spec: LoadtestSpec) -> tuple[RequestType, ...]:
+    types = []
+    kinds = np.asarray(trace.type_index)
+    prompts, outputs = np.asarray(trace.prompt_tokens), np.asarray(trace.output_tokens)
+    for k, t in enumerate(world.types):
+        mine = kinds == k
+        p_max = int(prompts[mine].max()) if mine.any() else 1
+        g_max = int(outputs[mine].max()) if mine.any() else 1
+        sla_s = spec.sla_s or spec.sla_factor * idle_server_only_s(step, slowest, p_max, g_max)
+        types.append(RequestType(
+            name=t.name, sla_s=sla_s, model=costs, share=t.share,
+            prompt_tokens=Dist("uniform", low=1, high=p_max),
+            output_tokens=Dist("uniform", low=1, high=g_max)))
+    return tuple(types)
+
+
+def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens: int,
+                   this_machine: DeviceProfile, step: StepModel, spec: LoadtestSpec
+                   ) -> tuple[World, tuple[EmulatedClass, ...]]:
+    """The world the load test and its simulated prediction share, and the emulated clients."""
+    if spec.requests < 2:
+        raise UserError("--requests must be >= 2")
+    costs = served_costs(config)
+    trace = scaled_trace(scenario_requests(scenario, spec.requests), spec.length_scale,
+                         context_tokens)
+    p_median = int(np.median(trace.prompt_tokens))
+    g_median = int(np.median(trace.output_tokens))
+    emulated = tuple(EmulatedClass(
+        name=c.name, link=c.link, scenario_device=c.device.name,
+        slowdown=emulated_slowdown(costs, c.device, scenario.server.device, p_median, g_median))
+        for c in scenario.clients)
+    clients = tuple(ClientClass(
+        name=c.name, link=e.link, share=c.share,
+        device=slower(this_machine, e.slowdown, f"{c.device.name}: this machine / "
+                      f"{e.slowdown:.3g} (EMULATED)"))
+        for c, e in zip(scenario.clients, emulated, strict=True))
+    slowest = max((c.link for c in scenario.clients), key=lambda link: link.rtt_s)
+    types = _types(scenario, trace, costs, step, slowest, spec)
+    world = World(
+        name=scenario.name,
+        server=ServerSpec(this_machine, "batched", 1, spec.max_batch_rows, step),
+        clients=clients, types=types,
+        duration_s=spec.window_slas * max(t.sla_s for t in types), seed=scenario.seed,
+        rate_per_s=1.0, trace=trace,
+        policies=spec.policies, wait_tau_s=scenario.wait_tau_s,
+        wait_quantile=scenario.wait_quantile, plan_headroom=scenario.plan_headroom,
+        headroom_target=scenario.headroom_target,
+        sweep=SweepSpec(target_attainment=scenario.sweep.target_attainment,
+                        rel_tol=spec.rel_tol, min_requests=spec.requests))
+    return world, emulated

@@ -1,0 +1,136 @@
+"""`splitllm loadtest` on a real server: a short run against a tiny random model (a few
+requests, bounded, stopping itself) and bad files on the command line. Asserts counts and
+tokens, never wall time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitllm.planner.hardware import device_preset
+from splitllm.runtime.dialer import fetch_info
+from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
+from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec, loadtest_world
+from splitllm.runtime.models import LoadedModel, context_tokens
+from splitllm.sim.scenario import parse_scenario, resolve
+from splitllm.sim.workload import sample_workload
+from splitllm.sim.world import World
+from splitllm.stepmodel import StepModel
+
+COMMAND_S = 600.0  # a bound, not a speed check: importing torch on a loaded machine is slow
+SCENARIO: dict[str, Any] = {
+    "name": "tiny", "seed": 1, "duration_s": 60,
+    "clients": [{"name": "box", "device": "edge-box", "link": "lan"},
+                {"name": "laptop", "device": "laptop", "link": "wifi"}],
+    "request_types": [{"name": "chat", "model": "llama-3-8b", "sla_s": 10,
+                       "prompt_tokens": {"dist": "uniform", "low": 40, "high": 200},
+                       "output_tokens": {"dist": "uniform", "low": 40, "high": 120}}],
+    "arrivals": {"process": "poisson", "rate_per_s": 1.0},
+}
+
+
+def tiny_world(loaded: LoadedModel, server: BackgroundServer, **spec: Any
+               ) -> tuple[World, tuple[EmulatedClass, ...]]:
+    info = fetch_info(server.ws_url, None)
+    return loadtest_world(resolve(parse_scenario(SCENARIO, "tiny")),
+                          config=loaded.model.config.to_dict(),
+                          context_tokens=context_tokens(loaded.model.config),
+                          this_machine=device_preset("laptop"),
+                          step=StepModel.from_json(info["step_model"]),
+                          spec=LoadtestSpec(length_scale=0.05, **spec))
+
+
+def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
+                                                       llama_server: BackgroundServer) -> None:
+    world, classes = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0,
+                                window_slas=0.0)  # the 4 requests once, whatever the rate
+    runner = RealRunner(tiny_llama, world, classes,
+                        RunnerOptions(server=llama_server.ws_url, max_in_flight=4))
+    try:
+        before = runner.metrics()
+        probe = runner.probe("server-only", 20.0)
+        after = runner.metrics()
+        load = sample_workload(world.with_rate(20.0))
+        m = probe.metrics
+        assert (m.requests, m.completed, m.sla_attainment) == (4, 4, 1.0)
+        assert not probe.stopped_early and m.fallback_share == 0.0
+        # every position of every request went through the server: the prompt, then one
+        # position per further token
+        positions = int((load.prompt_tokens + load.output_tokens - 1).sum())
+        processed = "splitllm_tokens_processed_total"
+        assert after[processed] - before[processed] == positions
+        assert after["splitllm_sessions_opened_total"] - before[
+            "splitllm_sessions_opened_total"] == 4
+        assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
+        assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
+        split = runner.probe("fixed:CCSSSC", 20.0)  # a real split: fewer positions served
+        assert (split.metrics.requests, split.metrics.completed) == (4, 4)
+        assert runner.metrics()[processed] - after[processed] == positions
+        assert split.metrics.client_unit_share == pytest.approx(0.5)
+    finally:
+        runner.close()
+
+
+def test_a_probe_that_cannot_meet_its_sla_stops_itself(tiny_llama: LoadedModel,
+                                                       llama_server: BackgroundServer) -> None:
+    world, classes = tiny_world(tiny_llama, llama_server, requests=8, sla_s=1e-4)
+    runner = RealRunner(tiny_llama, world, classes, RunnerOptions(server=llama_server.ws_url))
+    try:
+        probe = runner.probe("server-only", 1.0)  # 8 requests over 8 s if it did not stop
+    finally:
+        runner.close()
+    assert probe.stopped_early and probe.metrics.sla_attainment == 0.0
+    assert probe.metrics.requests < 8  # no more requests were sent once it had failed
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from splitllm.cli import main; main()",
+                           "loadtest", *args], capture_output=True, text=True,
+                          timeout=COMMAND_S)
+
+
+def test_bad_scenario_and_profile_files_are_one_line_naming_the_field(tmp_path: Path) -> None:
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text("duration_s: 10\nclients:\n  - {name: a, device: phone, link: 4g}\n"
+                        "request_types:\n  - {name: chat, model: smollm2-135m, sla_s: -1}\n"
+                        "arrivals: {process: poisson, rate_per_s: 1}\n")
+    profile = tmp_path / "device.json"
+    profile.write_text('{"kind": "device", "peak_flops_per_s": 1e12, "speed": 3}')
+    for args, message in [
+        (["--scenario", str(scenario)], "request_types[0].sla_s"),
+        (["--device-profile", str(profile)], "unknown field 'speed'"),
+        (["--scenario", "nowhere.yaml"], "--scenario 'nowhere.yaml'"),
+        (["--policies", "fastest"], "unknown policy 'fastest'"),
+    ]:
+        result = run_command(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_the_command_prints_the_json_document(tmp_path: Path, tiny_llama_dir: Path,
+                                              llama_server: BackgroundServer) -> None:
+    scenario = tmp_path / "tiny.json"
+    scenario.write_text(json.dumps(SCENARIO))
+    # a budget too small for more than one probe: the document's shape, not a capacity
+    result = run_command("--server", llama_server.ws_url, "--model", str(tiny_llama_dir),
+                         "--scenario", str(scenario), "--policies", "server-only,exact",
+                         "--requests", "4", "--length-scale", "0.05", "--sla-s", "0.3",
+                         "--device-profile", "laptop", "--max-minutes", "0.01", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document["policies"]) == {"server-only", "exact"}
+    for entry in document["policies"].values():
+        assert {"capacity_req_s", "attainment", "ttft_p99_s", "simulated_capacity_req_s",
+                "server_cpu_s_per_request", "probes"} <= set(entry)
+        assert entry["search_cut_short"]
+    assert document["policies"]["server-only"]["simulated_capacity_req_s"] > 0  # null: infinite
+    assert document["sla_s"] == {"chat": 0.3} and document["requests_per_probe"] == 4
+    assert [e["link"]["name"] for e in document["emulated"]] == ["lan", "wifi"]
+    assert "simulated capacity" in result.stderr  # progress lines

@@ -1,0 +1,282 @@
+"""`splitllm loadtest` without a server: the arrival schedule, policy choice, the metrics'
+arithmetic and the capacity search against a fake server whose step time is known (virtual
+time: no wall clock anywhere)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from splitllm.placement import Placement
+from splitllm.planner.hardware import device_preset, link_preset
+from splitllm.planner.instance import evaluate
+from splitllm.runtime.loadtest import (
+    Outcome,
+    Probe,
+    ServerLoad,
+    run_record,
+    run_study,
+    search_capacity,
+)
+from splitllm.runtime.loadtest_world import (
+    LoadtestSpec,
+    emulated_slowdown,
+    idle_server_only_s,
+    loadtest_world,
+    scenario_requests,
+    served_costs,
+)
+from splitllm.sim.metrics import RunMetrics, summarize
+from splitllm.sim.policies import Load, PlanPolicy, request_instance
+from splitllm.sim.scenario import parse_scenario, resolve
+from splitllm.sim.workload import sample_workload
+from splitllm.sim.world import World
+from splitllm.stepmodel import StepModel, UnitFit
+
+CONFIG: dict[str, object] = {
+    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+    "vocab_size": 320, "max_position_embeddings": 512}
+STEP = StepModel(embed=UnitFit(1e-4, 1e-6), block=UnitFit(2e-3, 1e-4), head=UnitFit(1e-3, 1e-4),
+                 n_blocks=4)
+SERVER = device_preset("laptop")
+
+
+def scenario(arrivals: dict[str, Any] | None = None, **extra: Any) -> World:
+    return resolve(parse_scenario({
+        "name": "t", "seed": 3, "duration_s": 60,
+        "server": {"device": "datacenter-gpu"},
+        "clients": [{"name": "phone", "device": "phone", "link": "4g"},
+                    {"name": "box", "device": "edge-box", "link": "lan"}],
+        "request_types": [{"name": "chat", "model": "llama-3-8b", "sla_s": 10,
+                           "prompt_tokens": {"dist": "uniform", "low": 100, "high": 1000},
+                           "output_tokens": {"dist": "uniform", "low": 10, "high": 100}}],
+        "arrivals": arrivals or {"process": "poisson", "rate_per_s": 2.0}, **extra}, "t"))
+
+
+def world_of(base: World, **spec: Any) -> World:
+    world, _ = loadtest_world(base, config=CONFIG, context_tokens=512, this_machine=SERVER,
+                              step=STEP, spec=LoadtestSpec(**{"requests": 20, **spec}))
+    return world
+
+
+def test_poisson_schedule_is_seeded_and_its_time_axis_scales_with_the_rate() -> None:
+    world = world_of(scenario(), length_scale=0.1)
+    slow, fast = sample_workload(world.with_rate(1.0)), sample_workload(world.with_rate(4.0))
+    assert len(slow) == len(fast) == 20
+    np.testing.assert_allclose(fast.arrived_at_s * 4.0, slow.arrived_at_s)
+    assert np.array_equal(slow.prompt_tokens, fast.prompt_tokens)
+    again = sample_workload(world_of(scenario(), length_scale=0.1).with_rate(1.0))
+    assert np.array_equal(again.arrived_at_s, slow.arrived_at_s)  # seeded
+    other = sample_workload(world_of(scenario(seed=4), length_scale=0.1).with_rate(1.0))
+    assert not np.array_equal(other.arrived_at_s, slow.arrived_at_s)
+    drawn = scenario_requests(scenario(), 20)  # the scenario's own requests, then scaled
+    assert np.array_equal(slow.prompt_tokens, np.rint(drawn.prompt_tokens * 0.1))
+    assert np.array_equal(slow.output_tokens, np.rint(drawn.output_tokens * 0.1))
+    gaps = np.diff(drawn.arrived_at_s)
+    assert 0.3 < gaps.mean() < 1.0  # Poisson at the scenario's 2 req/s, before scaling
+
+
+def test_trace_arrivals_replay_with_time_scaling(tmp_path: Path) -> None:
+    csv = tmp_path / "trace.csv"
+    times = [0.0, 1.0, 1.5, 4.0, 9.0]
+    csv.write_text("arrived_at_s,request_type,prompt_tokens,output_tokens\n" + "".join(
+        f"{t},chat,{100 * (i + 1)},{10 * (i + 1)}\n" for i, t in enumerate(times)))
+    world = world_of(scenario({"process": "trace", "path": str(csv)}), requests=5,
+                     length_scale=0.5, sla_s=1.0)  # arrivals span at least 3 SLAs: 3 s
+    one_replay = np.array(times) / (9.0 * 5 / 4)  # the trace's shape, 5 requests per unit
+    slow = sample_workload(world.with_rate(0.5))  # one replay lasts 10 s: once
+    np.testing.assert_allclose(slow.arrived_at_s, one_replay * 10.0)
+    assert slow.prompt_tokens.tolist() == [50, 100, 150, 200, 250]
+    assert slow.output_tokens.tolist() == [5, 10, 15, 20, 25]
+    fast = sample_workload(world.with_rate(2.0))  # 2.5 s a replay: again until 3 s
+    np.testing.assert_allclose(fast.arrived_at_s, [*one_replay * 2.5, 2.5, *2.5 + one_replay[
+        1:3] * 2.5])
+    assert fast.prompt_tokens.tolist() == [50, 100, 150, 200, 250, 50, 100, 150]
+
+
+def test_lengths_stay_within_the_context_and_slas_follow_the_step_model() -> None:
+    world = world_of(scenario(), length_scale=10.0, sla_factor=2.0)
+    load = sample_workload(world.with_rate(1.0))
+    assert (load.prompt_tokens + load.output_tokens <= 512).all()
+    assert load.output_tokens.max() == 256  # capped at half the context
+    slowest = link_preset("4g")
+    sla = 2.0 * idle_server_only_s(STEP, slowest, int(load.prompt_tokens.max()),
+                                   int(load.output_tokens.max()))
+    assert world.types[0].sla_s == pytest.approx(sla)
+    assert world.server.scheduler == "batched" and world.server.step_model == STEP
+    assert world_of(scenario(), sla_s=7.0).types[0].sla_s == 7.0
+
+
+def test_clients_are_emulated_at_the_scenarios_speed_ratio() -> None:
+    costs = served_costs(CONFIG)
+    phone, gpu = device_preset("phone"), device_preset("datacenter-gpu")
+    ratio = emulated_slowdown(costs, phone, gpu, 64, 8)
+    assert ratio > 10  # a phone is far slower than a datacenter GPU
+    assert emulated_slowdown(costs, gpu, gpu, 64, 8) == pytest.approx(1.0)
+    assert emulated_slowdown(costs, gpu, phone, 64, 8) == 1.0  # never faster than this machine
+    _, classes = loadtest_world(scenario(), config=CONFIG, context_tokens=512,
+                                this_machine=SERVER, step=STEP, spec=LoadtestSpec(requests=4))
+    assert [c.link.name for c in classes] == ["4g", "lan"]
+    assert classes[0].slowdown > 1
+
+
+def metrics_page(wait_sum_s: float, waits: int, busy_s: float) -> dict[str, float]:
+    return {"splitllm_engine_queue_wait_seconds_sum": wait_sum_s,
+            "splitllm_engine_queue_wait_seconds_count": waits,
+            "splitllm_server_busy_seconds_total": busy_s}
+
+
+def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
+    load = ServerLoad(tau_s=2.0, headroom=0.1)
+    assert load.load() == Load(headroom=0.1, tuned_headroom=0.1)
+    load.update(0.0, metrics_page(1.0, 10, 5.0))
+    load.update(1.0, metrics_page(4.0, 20, 5.5))  # 10 forwards waited 3 s: 0.3 s each
+    assert load.load().wait_mean_s == pytest.approx(0.3)
+    assert load.load().utilization == pytest.approx(0.5 * (1 - math.exp(-0.5)))
+    load.update(3.0, metrics_page(4.0, 20, 5.5))  # no forwards since: the same mean, decayed
+    assert load.load().wait_mean_s == pytest.approx(0.3)
+
+
+def test_policy_choice_under_the_reported_load() -> None:
+    world = world_of(scenario(), length_scale=0.05)
+    n = len(world.types[0].model.units)  # type: ignore[union-attr]
+    instance = request_instance(world.types[0], world.clients[1], world, 30, 4)
+    on_client = evaluate(instance, Placement("C" * n)).latency_s
+    on_server = evaluate(instance, Placement("S" * n)).latency_s
+    assert on_server < on_client  # the emulated edge box is slower than this server
+    sla_s = (on_server + on_client) / 2  # all on the client misses it, all on the server not
+    world = replace(world, types=(replace(world.types[0], sla_s=sla_s),))
+    assert PlanPolicy(world, "server-only").decide(0, 1, 30, 4).placement.sides == "S" * n
+    exact = PlanPolicy(world, "exact").decide(0, 1, 30, 4)
+    aware = PlanPolicy(world, "exact-load-aware")
+    assert aware.decide(0, 1, 30, 4, Load()).placement == exact.placement
+    assert "S" in exact.placement.sides and exact.planned
+    # a reported queue wait longer than the SLA at every visit: no plan with the server meets
+    # it, so the request's work goes off the server (it misses anyway)
+    swamped = aware.decide(0, 1, 30, 4, Load(wait_mean_s=60.0))
+    assert swamped.placement.sides == "C" * n and not swamped.planned
+
+
+def outcome(first: float, done: float, cpu: float = 0.1) -> Outcome:
+    return Outcome(first_token_s=first, finished_s=done, server_cpu_s=cpu, placement="SSS",
+                   planned=True)
+
+
+def test_metrics_arithmetic_of_a_probe() -> None:
+    world = replace(world_of(scenario(), requests=4, sla_s=2.0), duration_s=4.0)
+    load = sample_workload(world.with_rate(1.0))
+    load = replace(load, arrived_at_s=np.array([0.0, 1.0, 2.0, 3.0]),
+                   output_tokens=np.array([3, 3, 3, 1]))
+    outcomes = [outcome(0.5, 1.5), outcome(0.2, 1.0), outcome(1.0, 3.0), outcome(0.4, math.nan)]
+    record = run_record("exact", 1.0, load, outcomes, horizon_s=4.0, busy_s=2.0,
+                        queue_wait_mean_s=0.05)
+    m = summarize(world, record)
+    assert m.requests == 4 and m.completed == 3
+    assert m.sla_attainment == 0.5  # 1.5 s and 1.0 s met 2 s; 3.0 s did not; one never ended
+    assert m.goodput_per_s == pytest.approx(2 / 4)  # both finished inside [0, 4)
+    assert m.throughput_per_s == pytest.approx(2 / 4)  # the third finished at 5.0, after it
+    assert m.ttft_s == (0.5, 1.0, 1.0)  # p50, p90, p99 of 0.2, 0.4, 0.5, 1.0 ("higher")
+    assert m.tpot_s == (0.5, 1.0, 1.0)  # (1.5-0.5)/2, (1.0-0.2)/2, (3-1)/2
+    assert m.utilization == pytest.approx(0.5) and m.job_delay_mean_s == 0.05
+    assert m.server_s_per_request == pytest.approx(0.1)
+
+
+def fake_metrics(rate: float, attainment: float) -> RunMetrics:
+    nan3 = (math.nan,) * 3
+    return RunMetrics(policy="p", rate_per_s=rate, requests=10, completed=10,
+                      throughput_per_s=rate, goodput_per_s=rate * attainment,
+                      sla_attainment=attainment, server_s_per_request=0.0, utilization=0.0,
+                      ttft_s=nan3, tpot_s=nan3, latency_s=nan3, client_unit_share=0.0,
+                      fallback_share=0.0, job_delay_mean_s=0.0, events=0,
+                      attainment_by_type=(), server_s_by_type=(), client_share_by_unit=())
+
+
+def test_capacity_search_brackets_then_bisects_to_the_tolerance() -> None:
+    probed: list[float] = []
+
+    def probe(rate: float) -> Probe:
+        probed.append(rate)
+        return Probe(metrics=fake_metrics(rate, 1.0 if rate <= 3.7 else 0.5),
+                     process_cpu_s_per_request=0.1, wall_s=1.0)
+
+    found = search_capacity("p", probe, first_rate_per_s=1.0, target=0.9, rel_tol=0.05,
+                            deadline_s=math.inf, clock=lambda: 0.0)
+    assert probed[:3] == [1.0, 2.0, 4.0]  # doubled until 4 failed
+    assert 3.7 / 1.05 <= found.rate_per_s <= 3.7 < found.lowest_failed_per_s
+    assert found.lowest_failed_per_s / found.rate_per_s - 1 <= 0.05 and not found.cut_short
+    start_high = search_capacity("p", probe, first_rate_per_s=100.0, target=0.9, rel_tol=0.05,
+                                 deadline_s=math.inf, clock=lambda: 0.0)
+    assert 3.7 / 1.05 <= start_high.rate_per_s <= 3.7  # halved until one worked
+
+
+class FakeServer:
+    """Server-only requests on one FCFS server whose step time is known, in virtual time: the
+    probe's wall time advances a fake clock."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.now_s = 0.0
+        self.probes = 0
+
+    def service_s(self, prompt: int, output: int) -> float:
+        return STEP.step_s(prompt, 1) + (output - 1) * STEP.step_s(1, 1)
+
+    def probe(self, policy: str, rate: float) -> Probe:
+        world = self.world.with_rate(rate)
+        load = sample_workload(world)
+        free_s, outcomes = 0.0, []
+        for at_s, p, g in zip(load.arrived_at_s, load.prompt_tokens, load.output_tokens,
+                              strict=True):
+            start_s = max(free_s, float(at_s))
+            free_s = start_s + self.service_s(int(p), int(g))
+            outcomes.append(outcome(start_s + STEP.step_s(int(p), 1) - at_s, free_s - at_s))
+        record = run_record(policy, rate, load, outcomes, horizon_s=world.horizon_s,
+                            busy_s=0.0, queue_wait_mean_s=0.0)
+        wall_s = free_s + 1.0
+        self.now_s += wall_s
+        self.probes += 1
+        return Probe(metrics=summarize(world, record), process_cpu_s_per_request=0.1,
+                     wall_s=wall_s)
+
+
+def test_study_against_a_fake_server_with_known_step_time() -> None:
+    world = replace(world_of(scenario(), requests=80, length_scale=0.05, sla_s=0.15,
+                             rel_tol=0.05), policies=("server-only",))
+    server = FakeServer(world)
+    lines: list[str] = []
+    [result] = run_study(world, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+                         progress=lines.append)
+    found = result.measured
+    load = sample_workload(world.with_rate(1.0))
+    saturation = 1 / float(np.mean([server.service_s(int(p), int(g)) for p, g in
+                                    zip(load.prompt_tokens, load.output_tokens, strict=True)]))
+    # 80 requests and an SLA of a few service times: close to the steady state, where no
+    # rate beyond the server's service rate keeps requests within their SLA
+    assert 0.5 * saturation < found.rate_per_s < 1.2 * saturation
+    assert server.probe("server-only", found.rate_per_s).metrics.sla_attainment >= 0.9
+    assert server.probe("server-only", found.lowest_failed_per_s).metrics.sla_attainment < 0.9
+    assert found.lowest_failed_per_s / found.rate_per_s - 1 <= 0.05
+    assert result.at_capacity is not None and result.at_capacity.rate_per_s == found.rate_per_s
+    assert any("measured capacity" in line for line in lines)
+
+
+def test_the_search_stops_at_its_time_budget() -> None:
+    world = replace(world_of(scenario(), requests=10, length_scale=0.05, sla_s=1.0,
+                             rel_tol=0.01), policies=("server-only", "exact"))
+    server = FakeServer(world)
+    clock = [0.0]
+
+    def probe(policy: str, rate: float) -> Probe:
+        clock[0] += 60.0  # every probe takes a virtual minute
+        return server.probe(policy, rate)
+
+    results = run_study(world, probe, budget_s=240.0, clock=lambda: clock[0],
+                        progress=lambda line: None)
+    assert [len(r.measured.probes) for r in results] == [2, 2]  # 4 minutes, half each
+    assert all(r.measured.cut_short for r in results)
