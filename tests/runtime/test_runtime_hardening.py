@@ -91,7 +91,7 @@ def test_the_idle_sweeper_never_waits_on_a_stuck_connection(
 
 def test_nothing_large_is_buffered_or_parsed_before_auth(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN)
+    server = make_server(tiny_llama, tokens=(TOKEN,))
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     before = metrics(server.http_url, TOKEN)
     big = SocketClient(server)
@@ -113,8 +113,8 @@ def test_nothing_large_is_buffered_or_parsed_before_auth(
 
 def test_anything_but_a_good_open_before_auth_is_fatal(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN)
-    quick = make_server(tiny_llama, token=TOKEN, auth_timeout_s=0.5)
+    server = make_server(tiny_llama, tokens=(TOKEN,))
+    quick = make_server(tiny_llama, tokens=(TOKEN,), auth_timeout_s=0.5)
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     frames: list[str | bytes] = [
         "not json", b"\x00", '{"type": "ping"}', '{"type": "open", "placement": "SSSSSS"}',
@@ -210,7 +210,7 @@ def test_hostile_values_get_defined_errors(tiny_llama: LoadedModel,
 
 def test_http_needs_a_bearer_token_and_publishes_no_schema(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN)
+    server = make_server(tiny_llama, tokens=(TOKEN,))
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     url = server.http_url
     for path in ("/docs", "/redoc", "/openapi.json"):
