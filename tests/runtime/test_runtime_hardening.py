@@ -7,6 +7,7 @@ closing it, a sweeper by the notice it sends.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from hostile_kit import HealthySession, SocketClient, closed_by_server
 from runtime_kit import TIMEOUT_S, RawClient, metrics, wait_for
 
 from splitllm.runtime import protocol as wire
-from splitllm.runtime.guards import PRE_AUTH_FRAME_BYTES, TransportLimits
+from splitllm.runtime.guards import PRE_AUTH_FRAME_BYTES, TransportLimits, UnfinishedBudget
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 
@@ -227,3 +228,52 @@ def test_http_needs_a_bearer_token_and_publishes_no_schema(
     assert bare.protocol.close_rcvd is not None and bare.protocol.close_rcvd.code == 1008
     bare.close()
     assert healthy.finish() == healthy.want
+
+
+def unfinished_budget(server: BackgroundServer) -> UnfinishedBudget:
+    budget: UnfinishedBudget = server.server.config.ws_protocol_class.budget
+    return budget
+
+
+def test_an_unfinished_message_must_finish_in_time(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama, transport=TransportLimits(message_timeout_s=2.0))
+    healthy = HealthySession(tiny_llama, server)
+    partial = SocketClient(server)  # authorized (no token): full-size frames are allowed
+    partial.send_partial_binary(bytes(2**20), sent_bytes=64 * 1024)
+    fragmented = SocketClient(server)
+    fragmented.send_binary(bytes(64 * 1024), fin=False)
+    fragmented.send_continuation(bytes(64 * 1024), fin=False)  # and never the last fragment
+    assert unfinished_budget(server).held_bytes > 0
+    assert partial.close_code() == 1008
+    assert fragmented.close_code() == 1008
+    wait_for(lambda: unfinished_budget(server).held_bytes == 0)
+    assert healthy.finish() == healthy.want
+    partial.close()
+    fragmented.close()
+
+
+def test_unfinished_messages_share_one_byte_budget(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    limit, sent = 2 * 2**20, 500 * 1024  # room for 4 unfinished messages of `sent` bytes
+    server = make_server(tiny_llama, transport=TransportLimits(
+        max_unfinished_bytes=limit, message_timeout_s=600.0))
+    budget = unfinished_budget(server)
+    healthy = HealthySession(tiny_llama, server)
+    attackers = [SocketClient(server) for _ in range(8)]
+    for attacker in attackers:  # the start of a 4 MiB frame each, never finished
+        with contextlib.suppress(OSError):  # the server closed it (and reset what it sent)
+            attacker.send_partial_binary(bytes(4 * 2**20), sent_bytes=sent)
+    # Whichever would pass the limit is closed: 4 hold what they sent, 4 hold nothing.
+    wait_for(lambda: closed_by_server([a.sock for a in attackers]) == 4)
+    wait_for(lambda: len(budget.held) == 4)
+    assert limit - sent < budget.held_bytes <= limit
+    assert healthy.finish() == healthy.want  # small messages, each finished in one read
+    for attacker in attackers:
+        attacker.close()
+    wait_for(lambda: budget.held_bytes == 0 and not budget.held)
+    big = RawClient(server.ws_url)  # with the budget free again, a big message gets through
+    big.send(wire.encode_frame({"type": "probe", "reply_bytes": 5}, bytes(limit - 2**10)))
+    reply, payload = big.recv()
+    assert reply["type"] == "probe_reply" and payload == bytes(5)
+    big.close()

@@ -73,8 +73,8 @@ def serve(
     message_timeout_s: Annotated[float, typer.Option(
         help="A message must be complete this long after its first byte, seconds.")] = 60.0,
     max_unfinished_mib: Annotated[float, typer.Option(
-        help="Unfinished messages of all connections together, MiB (past it, the server "
-             "reads more of one only as others finish).")] = 256.0,
+        help="Unfinished messages of all connections together, MiB (the connection that "
+             "would pass it is closed, code 1013).")] = 256.0,
     max_tokens_per_message: Annotated[int, typer.Option(
         help="Most tokens one forward may carry (clients chunk longer prompts).")] = 1024,
     announce_device: Annotated[str, typer.Option(

@@ -8,7 +8,7 @@ Until the app says a connection is authorized, the WebSocket layer refuses any m
 than a control message before buffering it (close code 1009). Nor may a peer that never
 finishes a message pin what it sent so far: a message must be complete within a deadline of
 its first byte (else close code 1008), and the unfinished messages of all connections share
-one byte budget (a connection that would pass it is not read until others finish).
+one byte budget (a connection that would pass it is closed with code 1013).
 """
 
 from __future__ import annotations
@@ -69,33 +69,24 @@ def guarded_protocols(limits: TransportLimits) -> tuple[type[GuardedHttp], type[
 class UnfinishedBudget:
     """Bytes held in unfinished messages, per connection and in total, against one limit.
 
-    A connection that holds bytes while the total is over the limit stops being read (TCP then
-    pushes back on its sender); all of them are read again once the total is back under it.
-    Its message deadline keeps running meanwhile, so whoever holds the budget lets go in time.
+    The connection whose message would take the total past the limit is closed (code 1013, try
+    again later), not paused: a paused transport would not even notice its peer leave. Those
+    that hold the budget let go of it by their message deadline at the latest.
     """
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
         self.held: dict[GuardedWebSocket, int] = {}
-        self.waiting: set[GuardedWebSocket] = set()
 
     def hold(self, conn: GuardedWebSocket, nbytes: int) -> bool:
-        """Record what `conn` holds now; False: over the limit, stop reading it for now."""
-        self.held_bytes += nbytes - self.held.get(conn, 0)
-        if nbytes:
+        """Record what `conn` holds now; False (and nothing held): it would pass the limit."""
+        over = nbytes > 0 and self.held_bytes - self.held.get(conn, 0) + nbytes > self.limit_bytes
+        self.held_bytes -= self.held.pop(conn, 0)
+        if nbytes and not over:
             self.held[conn] = nbytes
-        else:
-            self.held.pop(conn, None)
-            self.waiting.discard(conn)
-        if nbytes and self.held_bytes > self.limit_bytes:
-            self.waiting.add(conn)
-            return False
-        if self.held_bytes <= self.limit_bytes:
-            for waiter in list(self.waiting):
-                waiter.resume_after_budget()
-            self.waiting.clear()
-        return True
+            self.held_bytes += nbytes
+        return not over
 
 
 class GuardedHttp(H11Protocol):
@@ -143,7 +134,6 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
     limits: ClassVar[TransportLimits]
     budget: ClassVar[UnfinishedBudget]
     message_timer: asyncio.TimerHandle | None = None
-    over_budget = False  # not read until the unfinished-message budget has room
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,19 +151,7 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
             self.message_timer = self.loop.call_later(self.limits.message_timeout_s,
                                                       self._on_message_timeout)
         if not self.budget.hold(self, unfinished):
-            self.over_budget = True
-            self.transport.pause_reading()
-
-    def resume_after_budget(self) -> None:
-        self.over_budget = False
-        if not self.read_paused:  # else uvicorn resumes once the app takes its message
-            self.transport.resume_reading()
-
-    async def receive(self) -> Any:
-        message = await super().receive()  # may resume reading: not while over the budget
-        if self.over_budget:
-            self.transport.pause_reading()
-        return message
+            self._fail(CloseCode.TRY_AGAIN_LATER, "unfinished messages over the server's budget")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_message_timer()
@@ -186,14 +164,19 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
             self.message_timer = None
 
     def _on_message_timeout(self) -> None:
+        self.message_timer = None
         if self.read_paused:  # the app has not taken the last message: our wait, not the peer's
             self.message_timer = self.loop.call_later(self.limits.message_timeout_s,
                                                       self._on_message_timeout)
             return
-        self.message_timer = None
         self.budget.hold(self, 0)
+        self._fail(CloseCode.POLICY_VIOLATION, "message not finished in time")
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        """Close with `code`: the app is told, the rest of the message is never read."""
+        self._disarm_message_timer()
         if self.conn.close_sent is None and not self.transport.is_closing():
-            self.conn.fail(CloseCode.POLICY_VIOLATION, "message not finished in time")
+            self.conn.fail(code, reason)
             self.handle_parser_exception()  # tells the app, sends the close frame, closes
 
     def lift_frame_limit(self) -> None:
