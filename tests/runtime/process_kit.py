@@ -30,6 +30,10 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> Self:
         """Start the process; do not wait for it to serve."""
         with self.log_path.open("ab") as log:  # the child keeps its own handle
@@ -49,7 +53,7 @@ class ServerProcess:
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success
+            return httpx.get(f"{self.http_url}/health", timeout=1.0).is_success
         except httpx.HTTPError:
             return False
 
