@@ -77,16 +77,17 @@ def one_session(loaded: LoadedModel, ws_url: str, prompt: list[int], want: tuple
 
 
 def concurrent_sessions(loaded: LoadedModel, ws_url: str, prompts: list[list[int]],
-                        wants: list[tuple[int, ...]], token: str | None = None
+                        wants: list[tuple[int, ...]], tokens: tuple[str | None, ...] = (None,)
                         ) -> list[SoakRun]:
-    """One thread per session, all started together; their runs in prompt order."""
+    """One thread per session, all started together, the tokens taken in turn; their runs in
+    prompt order."""
     runs: list[SoakRun | None] = [None] * len(prompts)
     start = threading.Barrier(len(prompts))
 
     def run(k: int) -> None:
         torch.set_num_threads(1)
         start.wait()
-        runs[k] = one_session(loaded, ws_url, prompts[k], wants[k], token)
+        runs[k] = one_session(loaded, ws_url, prompts[k], wants[k], tokens[k % len(tokens)])
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
     for thread in threads:
@@ -97,9 +98,10 @@ def concurrent_sessions(loaded: LoadedModel, ws_url: str, prompts: list[list[int
             for k, r in enumerate(runs)]
 
 
-def open_close_cycle(ws_url: str, n_units: int, prompt: list[int]) -> int:
+def open_close_cycle(ws_url: str, n_units: int, prompt: list[int], token: str | None = None
+                     ) -> int:
     """Connect, open an all-server session, run one prefill, close it, disconnect: its token."""
-    client = RawClient(ws_url)
+    client = RawClient(ws_url, token=token)
     try:
         session = client.open("S" * n_units)
         client.send(encode_tensor({"type": "forward", "session": session, "seq": 1,
@@ -115,9 +117,10 @@ def open_close_cycle(ws_url: str, n_units: int, prompt: list[int]) -> int:
         client.close()
 
 
-def cycles(ws_url: str, n_units: int, prompt: list[int], count: int) -> list[int]:
+def cycles(ws_url: str, n_units: int, prompt: list[int], count: int,
+           token: str | None = None) -> list[int]:
     """`count` open/close cycles, one after another: the token of each."""
-    return [open_close_cycle(ws_url, n_units, prompt) for _ in range(count)]
+    return [open_close_cycle(ws_url, n_units, prompt, token) for _ in range(count)]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -9,11 +9,16 @@ on time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hostile_kit import ALL_SERVER, Greedy
 from runtime_kit import RawClient, wait_for
+from typer.testing import CliRunner
 
+from splitllm.cli import app
+from splitllm.errors import UserError
+from splitllm.runtime.commands import server_tokens
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 
@@ -85,3 +90,24 @@ def test_forwards_of_one_token_in_flight_are_bounded_over_its_connections(
     assert alpha[2].session in {row.session for row in steps[1]}
     for run in [*alpha, beta]:
         run.client.close()
+
+
+def test_tokens_come_from_repeated_flags_and_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text("# one per line\n\n  beta-token \ngamma-token\nalpha-token\n")
+    assert server_tokens(["alpha-token"], token_file) == ("alpha-token", "beta-token",
+                                                          "gamma-token")
+    assert server_tokens([], None) == ()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    runner = CliRunner()
+    for args, message in [
+        (["--token-file", str(tmp_path / "missing.txt")], "cannot read it"),
+        (["--token-file", str(empty)], "no tokens in it"),
+        (["--token", " padded"], "must not be empty"),
+        (["--token", "x", "--max-sessions-per-token", "0"], "must be positive"),
+        (["--message-timeout-s", "0"], "must be positive"),
+    ]:
+        result = runner.invoke(app, ["serve", "--model", "no-such-model", *args])
+        assert isinstance(result.exception, UserError), (args, result.output)
+        assert message in str(result.exception)

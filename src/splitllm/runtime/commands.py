@@ -91,11 +91,13 @@ def serve(
     from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
+    unset = 1  # an optional limit left to its default passes the check
     counts = [max_sessions, max_sessions_per_connection, max_in_flight_per_connection,
-              max_batch_tokens, max_batch_rows, max_sessions_per_token or 1,
-              max_in_flight_per_token or 1]
-    amounts = [idle_timeout_s, max_frame_mib, max_kv_mib or 1, message_timeout_s,
-               max_unfinished_mib]
+              max_batch_tokens, max_batch_rows,
+              unset if max_sessions_per_token is None else max_sessions_per_token,
+              unset if max_in_flight_per_token is None else max_in_flight_per_token]
+    amounts = [idle_timeout_s, max_frame_mib, unset if max_kv_mib is None else max_kv_mib,
+               message_timeout_s, max_unfinished_mib]
     if min(counts) < 1 or not min(amounts) > 0:
         raise UserError("--max-sessions, --max-sessions-per-connection, "
                         "--max-in-flight-per-connection, --max-batch-tokens, --max-batch-rows, "

@@ -148,8 +148,7 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
         if not unfinished:
             self._disarm_message_timer()
         elif self.message_timer is None:
-            self.message_timer = self.loop.call_later(self.limits.message_timeout_s,
-                                                      self._on_message_timeout)
+            self._arm_message_timer()
         if not self.budget.hold(self, unfinished):
             self._fail(CloseCode.TRY_AGAIN_LATER, "unfinished messages over the server's budget")
 
@@ -157,6 +156,10 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
         self._disarm_message_timer()
         self.budget.hold(self, 0)
         super().connection_lost(exc)
+
+    def _arm_message_timer(self) -> None:
+        self.message_timer = self.loop.call_later(self.limits.message_timeout_s,
+                                                  self._on_message_timeout)
 
     def _disarm_message_timer(self) -> None:
         if self.message_timer is not None:
@@ -166,8 +169,7 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
     def _on_message_timeout(self) -> None:
         self.message_timer = None
         if self.read_paused:  # the app has not taken the last message: our wait, not the peer's
-            self.message_timer = self.loop.call_later(self.limits.message_timeout_s,
-                                                      self._on_message_timeout)
+            self._arm_message_timer()
             return
         self.budget.hold(self, 0)
         self._fail(CloseCode.POLICY_VIOLATION, "message not finished in time")
