@@ -175,7 +175,8 @@ class ServerState:
 
     def token_sessions(self, index: int) -> int:
         """Open sessions of the connections authorized by token `index`."""
-        return sum(1 for _, conn in self.sessions.values() if conn.token == index)
+        # list(): a snapshot, safe to take from another thread (a test, /metrics) too
+        return sum(1 for _, conn in list(self.sessions.values()) if conn.token == index)
 
     def close_session(self, session_id: str, reason: str) -> ServerSession | None:
         """Forget a session and free its caches."""
