@@ -147,7 +147,7 @@ def main() -> None:
                    "peak connections"):
         table.add_column(column)
     for name, attack in attacks.items():
-        config = ServerConfig(token=TOKEN, threads=1, profile=False)
+        config = ServerConfig(tokens=(TOKEN,), threads=1, profile=False)
         with BackgroundServer(loaded, config) as server:
             with peak(server) as seen:
                 attackers = attack(server, args.attackers)

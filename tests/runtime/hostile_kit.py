@@ -8,7 +8,8 @@ import select
 import socket
 from typing import Any
 
-from runtime_kit import TIMEOUT_S, random_prompt
+import torch
+from runtime_kit import TIMEOUT_S, RawClient, random_prompt
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
@@ -25,9 +26,56 @@ from splitllm.runtime.decoding import (
 )
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.protocol import encode_tensor
 from splitllm.runtime.remote import RemoteSession
 from splitllm.runtime.transport import WebSocketTransport
 from splitllm.runtime.units import UnitStack
+
+ALL_SERVER = "SSSSSS"  # the tiny llama's 6 units (embed, 4 blocks, head), all on the server
+
+
+def ids(tokens: list[int]) -> torch.Tensor:
+    return torch.tensor([tokens], dtype=torch.long)  # [1, T]
+
+
+def token_of(reply: dict[str, Any]) -> int:
+    assert reply["type"] == "token", reply
+    return int(reply["token"])
+
+
+class Greedy:
+    """An all-server session on a raw connection, driven one forward at a time."""
+
+    def __init__(self, loaded: LoadedModel, client: RawClient, seed: int, prompt_tokens: int = 9,
+                 new_tokens: int = 6) -> None:
+        self.client = client
+        self.prompt = random_prompt(random.Random(seed), prompt_tokens)
+        self.want = list(generate_tokens(LocalPipe(loaded.model), self.prompt, new_tokens))
+        self.session = client.open(ALL_SERVER)
+        self.got: list[int] = []
+
+    def prefill_frame(self) -> bytes:
+        return encode_tensor({"type": "forward", "session": self.session, "seq": 1,
+                              "units": [0, 6], "positions": [0, len(self.prompt)]},
+                             ids(self.prompt))
+
+    def send_prefill(self) -> None:
+        self.client.send(self.prefill_frame())
+
+    def decode(self) -> None:
+        """One more token (the first comes from the prefill's reply)."""
+        if not self.got:
+            self.got.append(token_of(self.client.recv()[0]))
+            return
+        position = len(self.prompt) + len(self.got) - 1
+        self.client.forward(self.session, (0, 6), (position, position + 1), ids(self.got[-1:]),
+                            seq=len(self.got) + 1)
+        self.got.append(token_of(self.client.recv()[0]))
+
+    def finish(self) -> list[int]:
+        while len(self.got) < len(self.want):
+            self.decode()
+        return self.got
 
 
 class SocketClient:

@@ -20,8 +20,10 @@ SERVER_START_S = 300.0  # a bound, not a speed check: a loaded 2-core machine im
 class ServerProcess:
     """One `splitllm serve` on a fixed local port; start() again serves on the same port."""
 
-    def __init__(self, model_dir: Path, log_dir: Path, port: int | None = None) -> None:
+    def __init__(self, model_dir: Path, log_dir: Path, port: int | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.model_dir = model_dir
+        self.args = args  # more `serve` options
         self.port = port or free_port()
         self.log_path = log_dir / f"serve-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -30,12 +32,16 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> Self:
         """Start the process; do not wait for it to serve."""
         with self.log_path.open("ab") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen(
                 [SPLITLLM, "serve", "--model", str(self.model_dir), "--port", str(self.port),
-                 "--threads", "1", "--announce-device", "laptop"],
+                 "--threads", "1", "--announce-device", "laptop", *self.args],
                 stdout=subprocess.DEVNULL, stderr=log)
         return self
 
@@ -49,7 +55,7 @@ class ServerProcess:
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success
+            return httpx.get(f"{self.http_url}/health", timeout=1.0).is_success
         except httpx.HTTPError:
             return False
 

@@ -199,7 +199,7 @@ def test_thousands_of_generated_frames_get_defined_replies(
 @server_thread_uses_random
 def test_generated_frames_before_auth_are_all_fatal(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token="s3cret")
+    server = make_server(tiny_llama, tokens=("s3cret",))
     answered = 0
 
     @settings(FUZZ_SETTINGS, max_examples=300)

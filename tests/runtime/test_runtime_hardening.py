@@ -7,6 +7,7 @@ closing it, a sweeper by the notice it sends.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from hostile_kit import HealthySession, SocketClient, closed_by_server
 from runtime_kit import TIMEOUT_S, RawClient, metrics, wait_for
 
 from splitllm.runtime import protocol as wire
-from splitllm.runtime.guards import PRE_AUTH_FRAME_BYTES, TransportLimits
+from splitllm.runtime.guards import PRE_AUTH_FRAME_BYTES, TransportLimits, UnfinishedBudget
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 
@@ -91,7 +92,7 @@ def test_the_idle_sweeper_never_waits_on_a_stuck_connection(
 
 def test_nothing_large_is_buffered_or_parsed_before_auth(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN)
+    server = make_server(tiny_llama, tokens=(TOKEN,))
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     before = metrics(server.http_url, TOKEN)
     big = SocketClient(server)
@@ -113,8 +114,8 @@ def test_nothing_large_is_buffered_or_parsed_before_auth(
 
 def test_anything_but_a_good_open_before_auth_is_fatal(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN)
-    quick = make_server(tiny_llama, token=TOKEN, auth_timeout_s=0.5)
+    server = make_server(tiny_llama, tokens=(TOKEN,))
+    quick = make_server(tiny_llama, tokens=(TOKEN,), auth_timeout_s=0.5)
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     frames: list[str | bytes] = [
         "not json", b"\x00", '{"type": "ping"}', '{"type": "open", "placement": "SSSSSS"}',
@@ -210,7 +211,7 @@ def test_hostile_values_get_defined_errors(tiny_llama: LoadedModel,
 
 def test_http_needs_a_bearer_token_and_publishes_no_schema(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token=TOKEN)
+    server = make_server(tiny_llama, tokens=(TOKEN,))
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
     url = server.http_url
     for path in ("/docs", "/redoc", "/openapi.json"):
@@ -227,3 +228,52 @@ def test_http_needs_a_bearer_token_and_publishes_no_schema(
     assert bare.protocol.close_rcvd is not None and bare.protocol.close_rcvd.code == 1008
     bare.close()
     assert healthy.finish() == healthy.want
+
+
+def unfinished_budget(server: BackgroundServer) -> UnfinishedBudget:
+    budget: UnfinishedBudget = server.server.config.ws_protocol_class.budget
+    return budget
+
+
+def test_an_unfinished_message_must_finish_in_time(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama, transport=TransportLimits(message_timeout_s=2.0))
+    healthy = HealthySession(tiny_llama, server)
+    partial = SocketClient(server)  # authorized (no token): full-size frames are allowed
+    partial.send_partial_binary(bytes(2**20), sent_bytes=64 * 1024)
+    fragmented = SocketClient(server)
+    fragmented.send_binary(bytes(64 * 1024), fin=False)
+    fragmented.send_continuation(bytes(64 * 1024), fin=False)  # and never the last fragment
+    assert partial.close_code() == 1008
+    assert fragmented.close_code() == 1008
+    wait_for(lambda: unfinished_budget(server).held_bytes == 0)
+    assert healthy.finish() == healthy.want
+    partial.close()
+    fragmented.close()
+
+
+def test_unfinished_messages_share_one_byte_budget(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    limit, sent = 2 * 2**20, 500 * 1024  # room for 4 unfinished messages of `sent` bytes
+    server = make_server(tiny_llama, transport=TransportLimits(
+        max_unfinished_bytes=limit, message_timeout_s=600.0))
+    budget = unfinished_budget(server)
+    healthy = HealthySession(tiny_llama, server)
+    attackers = [SocketClient(server) for _ in range(8)]
+    for attacker in attackers:  # the start of a 4 MiB frame each, never finished
+        with contextlib.suppress(OSError):  # the server closed it (and reset what it sent)
+            attacker.send_partial_binary(bytes(4 * 2**20), sent_bytes=sent)
+    # Whichever would pass the limit is closed: 4 hold what they sent (less the frame's
+    # header), 4 are gone. Server-side counts: the survivors' sockets get pings, too.
+    wait_for(lambda: open_connections(server) == 1 + 4)  # the healthy one and 4 survivors
+    wait_for(lambda: sorted(budget.held.values()) == [sent - 14] * 4)  # all read now
+    assert budget.held_bytes <= limit
+    assert healthy.finish() == healthy.want  # small messages, each finished in one read
+    for attacker in attackers:
+        attacker.close()
+    wait_for(lambda: budget.held_bytes == 0 and not budget.held)
+    big = RawClient(server.ws_url)  # with the budget free again, a big message gets through
+    big.send(wire.encode_frame({"type": "probe", "reply_bytes": 5}, bytes(limit - 2**10)))
+    reply, payload = big.recv()
+    assert reply["type"] == "probe_reply" and payload == bytes(5)
+    big.close()

@@ -32,7 +32,7 @@ CHAT_PROMPT = "the lazy dog"
 @pytest.fixture(scope="module")
 def api_server(tiny_llama: LoadedModel) -> Iterator[BackgroundServer]:
     """A server with a token and a measured profile (the proxy's auto placement needs one)."""
-    with BackgroundServer(tiny_llama, ServerConfig(threads=1, token=TOKEN)) as server:
+    with BackgroundServer(tiny_llama, ServerConfig(threads=1, tokens=(TOKEN,))) as server:
         yield server
 
 

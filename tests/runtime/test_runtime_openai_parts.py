@@ -46,7 +46,7 @@ def test_stop_text_releases_exactly_the_text_before_the_first_stop(
 
 @pytest.fixture(scope="module")
 def token_server(tiny_llama: LoadedModel) -> Iterator[BackgroundServer]:
-    with BackgroundServer(tiny_llama, ServerConfig(threads=1, token=TOKEN)) as server:
+    with BackgroundServer(tiny_llama, ServerConfig(threads=1, tokens=(TOKEN,))) as server:
         yield server
 
 
@@ -99,7 +99,7 @@ def test_smollm2_chat_through_server_and_proxy_equals_generate_local(
         smollm2: LoadedModel) -> None:
     prompt = "What is the capital of France?"
     ref = reference(Path("smollm2"), prompt, 12, raw=False)
-    with BackgroundServer(smollm2, ServerConfig(threads=1, token=TOKEN)) as server, \
+    with BackgroundServer(smollm2, ServerConfig(threads=1, tokens=(TOKEN,))) as server, \
             running_proxy(smollm2, server, placement="auto") as proxy:
         for base, key in ((server.http_url, TOKEN), (proxy.http_url, "unused")):
             client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import httpx
-import torch
+from hostile_kit import ALL_SERVER, Greedy, ids, token_of
 from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
 
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
@@ -22,47 +21,6 @@ from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.kvcache import kv_capacity
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.units import UnitStack
-
-ALL_SERVER = "SSSSSS"  # the tiny llama's 6 units (embed, 4 blocks, head), all on the server
-
-
-def ids(tokens: list[int]) -> torch.Tensor:
-    return torch.tensor([tokens], dtype=torch.long)  # [1, T]
-
-
-def token_of(reply: dict[str, Any]) -> int:
-    assert reply["type"] == "token", reply
-    return int(reply["token"])
-
-
-class Greedy:
-    """An all-server session on a raw connection, driven one forward at a time."""
-
-    def __init__(self, loaded: LoadedModel, client: RawClient, seed: int, prompt_tokens: int = 9,
-                 new_tokens: int = 6) -> None:
-        self.client = client
-        self.prompt = random_prompt(random.Random(seed), prompt_tokens)
-        self.want = list(generate_tokens(LocalPipe(loaded.model), self.prompt, new_tokens))
-        self.session = client.open(ALL_SERVER)
-        self.got: list[int] = []
-
-    def send_prefill(self) -> None:
-        self.client.forward(self.session, (0, 6), (0, len(self.prompt)), ids(self.prompt))
-
-    def decode(self) -> None:
-        """One more token (the first comes from the prefill's reply)."""
-        if not self.got:
-            self.got.append(token_of(self.client.recv()[0]))
-            return
-        position = len(self.prompt) + len(self.got) - 1
-        self.client.forward(self.session, (0, 6), (position, position + 1), ids(self.got[-1:]),
-                            seq=len(self.got) + 1)
-        self.got.append(token_of(self.client.recv()[0]))
-
-    def finish(self) -> list[int]:
-        while len(self.got) < len(self.want):
-            self.decode()
-        return self.got
 
 
 def rows_of(step: tuple[Scheduled, ...], session: str) -> int:

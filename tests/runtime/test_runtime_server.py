@@ -140,7 +140,7 @@ def test_frames_over_the_size_limit(tiny_llama: LoadedModel,
 
 def test_bearer_token_is_required(tiny_llama: LoadedModel,
                                   make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, token="s3cret")
+    server = make_server(tiny_llama, tokens=("s3cret",))
     assert httpx.get(server.http_url + "/health", timeout=TIMEOUT_S).status_code == 200
     assert httpx.get(server.http_url + "/v1/info", timeout=TIMEOUT_S).status_code == 401
     assert httpx.get(server.http_url + "/metrics", timeout=TIMEOUT_S,

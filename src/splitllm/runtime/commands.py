@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -38,8 +39,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
-    token: Annotated[str | None, typer.Option(
-        envvar=TOKEN_ENV, help="Require this bearer token of every client.")] = None,
+    token: Annotated[list[str] | None, typer.Option(
+        envvar=TOKEN_ENV, help="Require a bearer token of every client; repeat it for several "
+                               "(each with its own quotas).")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="More tokens, one per line (blank lines and # comments skipped).")] = None,
     compute: Annotated[str, typer.Option(
         help="Where the engine computes: cpu, cuda or auto (cuda when available).")] = "auto",
     dtype: Annotated[str | None, typer.Option(
@@ -55,12 +59,23 @@ def serve(
         help="Open sessions one connection may hold.")] = 8,
     max_in_flight_per_connection: Annotated[int, typer.Option(
         help="Forwards one connection may have queued or running at once.")] = 8,
+    max_sessions_per_token: Annotated[int | None, typer.Option(
+        help="Open sessions all connections of one token may hold (default: --max-sessions "
+             "shared equally between the tokens).")] = None,
+    max_in_flight_per_token: Annotated[int | None, typer.Option(
+        help="Forwards all connections of one token may have queued or running (default: "
+             "its sessions).")] = None,
     max_kv_mib: Annotated[float | None, typer.Option(
         help="KV cache of all sessions together, MiB (default: half the compute device's "
              "memory); a forward that would pass it gets 'over_capacity'.")] = None,
     idle_timeout_s: Annotated[float, typer.Option(
         help="Close sessions silent this long, seconds.")] = 300.0,
     max_frame_mib: Annotated[float, typer.Option(help="Largest WebSocket frame, MiB.")] = 64.0,
+    message_timeout_s: Annotated[float, typer.Option(
+        help="A message must be complete this long after its first byte, seconds.")] = 60.0,
+    max_unfinished_mib: Annotated[float, typer.Option(
+        help="Unfinished messages of all connections together, MiB (the connection that "
+             "would pass it is closed, code 1013).")] = 256.0,
     max_tokens_per_message: Annotated[int, typer.Option(
         help="Most tokens one forward may carry (clients chunk longer prompts).")] = 1024,
     announce_device: Annotated[str, typer.Option(
@@ -71,17 +86,26 @@ def serve(
 ) -> None:
     """Serve split inference: a WebSocket for sessions, /health, /v1/info, /metrics."""
     from splitllm.runtime.engine import EngineConfig
+    from splitllm.runtime.guards import TransportLimits
     from splitllm.runtime.hosting import serve_forever
     from splitllm.runtime.models import load_model
     from splitllm.runtime.server import ServerConfig
     from splitllm.runtime.session import Limits
 
-    if min(max_sessions, max_sessions_per_connection, max_in_flight_per_connection,
-           max_batch_tokens, max_batch_rows) < 1 or not idle_timeout_s > 0 \
-            or not max_frame_mib > 0 or (max_kv_mib is not None and not max_kv_mib > 0):
+    unset = 1  # an optional limit left to its default passes the check
+    counts = [max_sessions, max_sessions_per_connection, max_in_flight_per_connection,
+              max_batch_tokens, max_batch_rows,
+              unset if max_sessions_per_token is None else max_sessions_per_token,
+              unset if max_in_flight_per_token is None else max_in_flight_per_token]
+    amounts = [idle_timeout_s, max_frame_mib, unset if max_kv_mib is None else max_kv_mib,
+               message_timeout_s, max_unfinished_mib]
+    if min(counts) < 1 or not min(amounts) > 0:
         raise UserError("--max-sessions, --max-sessions-per-connection, "
                         "--max-in-flight-per-connection, --max-batch-tokens, --max-batch-rows, "
-                        "--idle-timeout-s, --max-frame-mib and --max-kv-mib must be positive")
+                        "--max-sessions-per-token, --max-in-flight-per-token, --idle-timeout-s, "
+                        "--max-frame-mib, --max-kv-mib, --message-timeout-s and "
+                        "--max-unfinished-mib must be positive")
+    tokens = server_tokens(token or [], token_file)
     if device is not None:
         print("splitllm: --device is deprecated: use --announce-device (what clients' auto "
               "placement assumes; --compute picks where the server computes)", file=sys.stderr)
@@ -92,9 +116,13 @@ def serve(
         device_preset(announce_device)  # fail now on a bad name, not at a client's auto placement
     target = compute_device(compute)
     config = ServerConfig(
-        token=token, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+        tokens=tokens, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
         max_sessions_per_connection=max_sessions_per_connection,
         max_in_flight_per_connection=max_in_flight_per_connection,
+        max_sessions_per_token=max_sessions_per_token,
+        max_in_flight_per_token=max_in_flight_per_token,
+        transport=TransportLimits(message_timeout_s=message_timeout_s,
+                                  max_unfinished_bytes=int(max_unfinished_mib * 2**20)),
         max_kv_bytes=None if max_kv_mib is None else int(max_kv_mib * 2**20),
         max_frame_bytes=int(max_frame_mib * 2**20),
         limits=Limits(max_tokens_per_message=max_tokens_per_message),
@@ -105,13 +133,31 @@ def serve(
     loaded = load_model(model, dtype or ("bf16" if target == "cuda" else "float32"))
     weights: Any = loaded.model  # transformers types .to() oddly
     weights.to(target)
-    auth = "bearer token required" if token else "no token"
-    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+    auth = f"bearer token required ({len(tokens)} tokens)" if tokens else "no token"
+    if not tokens and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"splitllm: WARNING: serving on {host} without --token: anyone who can reach it "
               "can use it", file=sys.stderr)
     print(f"splitllm: serving {loaded.model_id} ({loaded.dtype} on {target}, {config.threads} "
           f"threads) on ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
     serve_forever(loaded, host, port, config)
+
+
+def server_tokens(given: list[str], token_file: Path | None) -> tuple[str, ...]:
+    """The tokens of --token and --token-file, each once; UserError for an unreadable file or
+    an empty token."""
+    tokens = list(given)
+    if token_file is not None:
+        try:
+            lines = token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--token-file {token_file}: cannot read it ({exc})") from None
+        tokens += [line.strip() for line in lines
+                   if line.strip() and not line.lstrip().startswith("#")]
+        if len(tokens) == len(given):
+            raise UserError(f"--token-file {token_file}: no tokens in it")
+    if any(not token.strip() or token != token.strip() for token in tokens):
+        raise UserError("--token: a token must not be empty or begin or end with a space")
+    return tuple(dict.fromkeys(tokens))
 
 
 def compute_device(compute: str) -> str:

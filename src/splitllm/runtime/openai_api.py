@@ -282,6 +282,8 @@ def openai_router(backend: Backend) -> APIRouter:
 class _HttpOwner:
     """Stands where a WebSocket connection owns a session: the server closes it through this."""
 
+    token: int | None = None  # HTTP requests count against the server's limits, not a token's
+
     def __init__(self) -> None:
         self.sessions: dict[str, ServerSession] = {}
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import itertools
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -46,12 +47,17 @@ GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)  # the peer went aw
 class ServerConfig:
     """How the server runs and what it allows."""
 
-    token: str | None = None
+    tokens: tuple[str, ...] = ()  # any one of them authorizes a client (none: no auth)
     max_sessions: int = 64
     # A connection's share of the sessions and of the engine: with 64 sessions and 8 per
     # connection, a few greedy connections still leave slots for others.
     max_sessions_per_connection: int = 8
     max_in_flight_per_connection: int = 8  # forwards a connection may have queued or running
+    # The same two limits over all connections of one token (None: max_sessions shared
+    # equally between the tokens, and that many forwards): one token's clients cannot crowd
+    # out another token's, however many connections they open.
+    max_sessions_per_token: int | None = None
+    max_in_flight_per_token: int | None = None
     max_kv_bytes: int | None = None  # the KV cache of all sessions (None: half the device)
     idle_timeout_s: float = 300.0
     max_frame_bytes: int = 64 * 1024 * 1024
@@ -75,6 +81,11 @@ class ServerState:
                                                              self.stack.max_positions))
         self.metrics = ServerMetrics(self.stack.names)
         self.sessions: dict[str, tuple[ServerSession, Connection]] = {}
+        fair_share = math.ceil(config.max_sessions / max(1, len(config.tokens)))
+        self.sessions_per_token = config.max_sessions_per_token or fair_share
+        self.in_flight_per_token = config.max_in_flight_per_token or self.sessions_per_token
+        # Forward slots per token, shared by its connections (by the token's index).
+        self.token_slots = [asyncio.Semaphore(self.in_flight_per_token) for _ in config.tokens]
         self.fingerprint = weights_fingerprint(loaded.model)
         # The engine thread gets this many intra-op threads; the caller's own setting is left
         # alone (a test or the demo may run a client in the same process).
@@ -121,6 +132,8 @@ class ServerState:
                 "max_sessions": cfg.max_sessions,
                 "max_sessions_per_connection": cfg.max_sessions_per_connection,
                 "max_in_flight_per_connection": cfg.max_in_flight_per_connection,
+                "max_sessions_per_token": self.sessions_per_token if cfg.tokens else None,
+                "max_in_flight_per_token": self.in_flight_per_token if cfg.tokens else None,
                 "max_kv_bytes": self.kv_budget.limit_bytes,
                 "idle_timeout_s": cfg.idle_timeout_s,
             },
@@ -153,14 +166,22 @@ class ServerState:
 
     def authorized(self, header_value: str | None) -> bool:
         """Whether an `Authorization` header value (`Bearer <token>`, nothing else) is good."""
-        scheme, _, given = (header_value or "").partition(" ")
-        return self.token_ok(given.strip() if scheme.lower() == "bearer" else None)
+        return not self.config.tokens or self.token_index(bearer(header_value)) is not None
 
-    def token_ok(self, given: str | None) -> bool:
-        """Whether `given` is the server's token (anything is, on a server without one)."""
-        if self.config.token is None:
-            return True
-        return given is not None and hmac.compare_digest(given.encode(), self.config.token.encode())
+    def token_index(self, given: str | None) -> int | None:
+        """Which of the server's tokens `given` is (None: none of them)."""
+        if given is None:
+            return None
+        found = None
+        for index, token in enumerate(self.config.tokens):  # all compared: no timing hint
+            if hmac.compare_digest(given.encode(), token.encode()):
+                found = index
+        return found
+
+    def token_sessions(self, index: int) -> int:
+        """Open sessions of the connections authorized by token `index`."""
+        # list(): a snapshot, safe to take from another thread (a test, /metrics) too
+        return sum(1 for _, conn in list(self.sessions.values()) if conn.token == index)
 
     def close_session(self, session_id: str, reason: str) -> ServerSession | None:
         """Forget a session and free its caches."""
@@ -178,6 +199,13 @@ class ServerState:
         return self.metrics.render(len(sessions), sum(s.cache_bytes() for s in sessions))
 
 
+def bearer(header_value: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value (None: none, or another
+    scheme)."""
+    scheme, _, given = (header_value or "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else None
+
+
 def unauthorized(why: str) -> wire.ProtocolError:
     """The fatal error for a connection that has not authenticated."""
     return wire.ProtocolError("unauthorized", f"{why} (send 'Authorization: Bearer <token>', or "
@@ -188,10 +216,12 @@ class Connection:
     """One WebSocket: its sessions, its auth state, and a lock so that sends never interleave.
 
     The transport (runtime/guards.py) gives every send a deadline; until the connection has
-    authenticated it also refuses frames larger than a control message.
+    authenticated it also refuses frames larger than a control message. Its sessions and
+    forwards count against its own limits and, on a server with tokens, its token's.
     """
 
     _ids = itertools.count(1)
+    token: int | None = None  # the index of the token that authorized it
 
     def __init__(self, ws: WebSocket, state: ServerState) -> None:
         self.ws = ws
@@ -203,12 +233,19 @@ class Connection:
         self.notices: set[asyncio.Task[None]] = set()
         self.forwards: set[asyncio.Task[None]] = set()
         self.forward_slots = asyncio.Semaphore(state.config.max_in_flight_per_connection)
-        if state.authorized(ws.headers.get("authorization")):
-            self.authorize()
+        self.token_slots: asyncio.Semaphore | None = None
+        if not state.config.tokens:
+            self.authorize(None)
+        elif (token := state.token_index(bearer(ws.headers.get("authorization")))) is not None:
+            self.authorize(token)
 
-    def authorize(self) -> None:
-        """Trust this connection from now on: full-size frames, no auth deadline."""
+    def authorize(self, token: int | None) -> None:
+        """Trust this connection from now on: full-size frames, no auth deadline, and the
+        quotas of its token (if the server has tokens)."""
         self.authorized = True
+        self.token = token
+        if token is not None:
+            self.token_slots = self.state.token_slots[token]
         lift_frame_limit(self.ws)
 
     async def send(self, data: str | bytes) -> None:
@@ -257,10 +294,11 @@ class Connection:
     async def handle(self, message: wire.Message, payload: memoryview) -> None:
         """Route one validated message; ProtocolError for anything wrong with it."""
         if not self.authorized:
-            token = message.token if isinstance(message, wire.OpenMessage) else None
-            if token is None or not self.state.token_ok(token):
+            given = message.token if isinstance(message, wire.OpenMessage) else None
+            token = self.state.token_index(given)
+            if token is None:
                 raise unauthorized("missing or wrong bearer token")
-            self.authorize()
+            self.authorize(token)
         if isinstance(message, wire.ForwardHeader):
             await self._start_forward(message, payload)
         elif isinstance(message, wire.OpenMessage):
@@ -282,6 +320,9 @@ class Connection:
                                      "sessions already; retry later")
         if len(self.sessions) >= state.config.max_sessions_per_connection:
             raise wire.ProtocolError("busy", "too many sessions on this connection")
+        if self.token is not None and state.token_sessions(self.token) >= state.sessions_per_token:
+            raise wire.ProtocolError("busy", f"this token holds {state.sessions_per_token} "
+                                     "sessions already (all its connections together)")
         dtype = wire.WIRE_DTYPES[wire.wire_dtype_name(message.wire_dtype)]
         session_id = f"s{self.number}-{secrets.token_hex(6)}"
         session = ServerSession.open(session_id, state.stack, message.placement, dtype,
@@ -305,9 +346,16 @@ class Connection:
 
     async def _start_forward(self, header: wire.ForwardHeader, payload: memoryview) -> None:
         """Start a forward and read on: a connection's sessions batch with each other. Waits
-        (reading nothing more) while the connection has its limit of forwards in flight."""
+        (reading nothing more) while the connection, or its token, has its limit of forwards in
+        flight."""
         session = self._session(header.session)
         await self.forward_slots.acquire()
+        if self.token_slots is not None:
+            try:
+                await self.token_slots.acquire()
+            except BaseException:  # cancelled while waiting: the connection is going away
+                self.forward_slots.release()
+                raise
         task = asyncio.create_task(self._forward(session, header, payload))
         self.forwards.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._forward_done)
@@ -315,6 +363,8 @@ class Connection:
     def _forward_done(self, task: asyncio.Task[None]) -> None:
         self.forwards.discard(task)
         self.forward_slots.release()
+        if self.token_slots is not None:
+            self.token_slots.release()
 
     async def _forward(self, session: ServerSession, header: wire.ForwardHeader,
                        payload: memoryview) -> None:
