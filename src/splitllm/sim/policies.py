@@ -39,6 +39,7 @@ WAIT_STEPS_PER_DECADE = 10  # delays are planned on a log grid (steps of ~26%)
 LOAD_STEP = 0.05  # utilization is planned in steps of 5%
 HEADROOM_STEP = 0.02  # tuned headroom in steps of 2% of the limits
 PLAN_CACHE_LIMIT = 100_000
+INSTANCE_CACHE_LIMIT = 20_000  # zero-load instances (each ~ units x 10 floats)
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,9 @@ class PlanPolicy:
         # the load, not on the arrival rate)
         self.cache: dict[tuple[int, int, int, int, Load], Decision] = memo.table(
             "plans", policy, memo.planning_key(world))
+        # zero-load instances do not depend on the policy or the load: shared by all of them
+        self.instances: dict[tuple[int, int, int, int], Instance] = memo.table(
+            "instances", memo.planning_key(world))
 
     def decide(self, type_index: int, class_index: int, prompt: int, output: int,
                load: Load | None = None) -> Decision:
@@ -261,16 +265,20 @@ class PlanPolicy:
         key = (type_index, class_index, prompt_plan, output_plan, seen)
         decision = self.cache.get(key)
         if decision is None:
-            decision = self._plan(rtype, self.world.clients[class_index], prompt_plan,
-                                  output_plan, seen)
+            decision = self._plan(type_index, class_index, prompt_plan, output_plan, seen)
             memo.bounded_put(self.cache, key, decision, PLAN_CACHE_LIMIT)
         return decision
 
-    def _plan(self, rtype: RequestType, client: ClientClass, prompt: int, output: int,
+    def _plan(self, type_index: int, class_index: int, prompt: int, output: int,
               load: Load) -> Decision:
+        rtype, client = self.world.types[type_index], self.world.clients[class_index]
         if rtype.model is None:  # synthetic: one server job, nothing to place
             return Decision(Placement(SERVER), True, rtype.sla_s, 0.0)
-        base = request_instance(rtype, client, self.world, prompt, output)
+        key = (type_index, class_index, prompt, output)
+        base = self.instances.get(key)
+        if base is None:
+            base = request_instance(rtype, client, self.world, prompt, output)
+            memo.bounded_put(self.instances, key, base, INSTANCE_CACHE_LIMIT)
         try:
             placement, planned = choose(self.policy, base, load)
         except UserError as exc:

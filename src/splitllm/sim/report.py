@@ -161,7 +161,9 @@ def _world_section(world: World) -> str:
         f"{s.device.mem_bandwidth_bytes_per_s / 1e9:g} GB/s, efficiency "
         f"{s.device.efficiency:g}), scheduler `{s.scheduler}`"
         + (f", {s.workers} worker(s)" if s.scheduler == "fcfs" else "")
-        + (f", max batch {s.max_batch}" if s.scheduler == "batched" else "") + ".",
+        + (f", max batch {s.max_batch}, step times from "
+           + ("a measured step model" if s.step_model else "the roofline")
+           if s.scheduler == "batched" else "") + ".",
         f"Duration {world.duration_s:g} s after a {world.warmup_s:g} s warm-up (longer at low "
         f"rates: at least {world.sweep.min_requests} requests), seed {world.seed}, arrivals "
         + ("Poisson." if world.trace is None else "from a trace (time axis scaled per rate)."),

@@ -79,7 +79,8 @@ class _Run:
         self.meter = LoadMeter(world) if self.policy.sees_load else None
         self.log: list[tuple[int, int, float, float]] | None = [] if log else None
         self.busy = BusyMeter(world.warmup_s, world.horizon_s)
-        cost = BatchCost(world) if world.server.scheduler == "batched" else None
+        batched = world.server.scheduler == "batched"
+        cost = BatchCost(world, world.server.step_model) if batched else None
         self.server = make_server(world.server, self._done, self.busy, self._shape, cost)
 
     def _walk(self, now_s: float, r: int) -> Walk:

@@ -10,6 +10,7 @@ from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.network import Link
 from splitllm.planner.speculation import Speculation
 from splitllm.sim.dists import Dist
+from splitllm.stepmodel import StepModel
 
 DEFAULT_POLICIES = ("server-only", "greedy", "best-single-cut", "exact", "exact-load-aware",
                     "exact-quantile", "exact-tuned", "frontier-priced")
@@ -23,6 +24,7 @@ class ServerSpec:
     scheduler: str = "fcfs"  # fcfs | ps | batched
     workers: int = 1  # fcfs: jobs served at once, each at full speed
     max_batch: int = 32  # batched: sessions served by one step
+    step_model: StepModel | None = None  # batched: measured step times instead of the roofline
 
 
 @dataclass(frozen=True)
