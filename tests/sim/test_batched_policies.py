@@ -15,8 +15,11 @@ from splitllm.placement import Placement
 from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.instance import Plan, evaluate
 from splitllm.sim.batching import BatchCost
+from splitllm.sim.capacity import Capacity, run_point
 from splitllm.sim.load import LoadMeter
 from splitllm.sim.policies import Load, PlanPolicy, request_instance, visit_wait_s, wait_bucket
+from splitllm.sim.report import verdict_lines
+from splitllm.sim.study import SimStudy
 from splitllm.sim.world import ServerSpec, World
 from splitllm.stepmodel import StepModel, UnitFit
 
@@ -118,3 +121,17 @@ def test_the_meter_reads_the_rows_of_each_jobs_step(batched: World) -> None:
         meter.job_done(1.0, 0.0, 0.0, rows=8 if k < 30 else 24)
     assert meter.load(1.0).batch_rows == pytest.approx(16.0)
     assert np.isclose(meter.load(50.0).batch_rows, 16.0)  # a mean: idle time does not move it
+
+
+def test_a_batched_studys_first_lines_say_what_a_split_saves_there(batched: World) -> None:
+    world = replace(batched, policies=("server-only", "exact-load-aware"))
+    curve = tuple(run_point(world, p, 0.5) for p in world.policies)
+    study = SimStudy(world, (Capacity("server-only", 1.0, 0.9, ()),
+                             Capacity("exact-load-aware", 1.5, 0.9, ())), (0.5,), curve)
+    lines = verdict_lines(study)
+    assert lines[0].startswith("Best splitting policy: exact-load-aware")
+    assert lines[-1].startswith("Batched server: a step reads each unit's weights once")
+    assert f"{curve[1].server_s_per_request:.3g} server-s per request against server-only's " \
+           f"{curve[0].server_s_per_request:.3g}" in lines[-1]
+    fcfs = replace(study, world=replace(world, server=replace(world.server, scheduler="fcfs")))
+    assert not any(line.startswith("Batched") for line in verdict_lines(fcfs))

@@ -86,7 +86,21 @@ def verdict_lines(study: SimStudy) -> list[str]:
     lines.append("Below server-only's capacity: " + ", ".join(
         f"{p} ({_ratio(caps[p], base)})" for p in below) + "." if below
         else "No policy falls below server-only's capacity.")
+    if split and study.world.server.scheduler == "batched":
+        lines.append(_batched_line(study, max(split, key=lambda p: split[p])))
     return lines
+
+
+def _batched_line(study: SimStudy, best: str) -> str:
+    """Why splitting gains little work on a batched server, in the numbers of this study."""
+    low = {m.policy: m for m in study.at(0)}
+    ref, won = low.get("server-only"), low[best]
+    work = (f": {_num(won.server_s_per_request)} server-s per request against server-only's "
+            f"{_num(ref.server_s_per_request)} at {_num(study.rates_per_s[0])} req/s"
+            if ref else "")
+    return (f"Batched server: a step reads each unit's weights once for all its rows, so a "
+            f"split saves the server only a request's own FLOPs and KV reads (the load-reading "
+            f"policies price plans at that marginal cost){work}.")
 
 
 def capacity_rows(study: SimStudy) -> list[list[str]]:
