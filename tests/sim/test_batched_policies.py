@@ -94,24 +94,30 @@ def test_zero_load_planners_keep_the_solo_cost_on_a_batched_server(batched: Worl
     assert decision.placement.sides[1:] == "CS"
 
 
-def test_quantile_margins_cover_the_sum_of_a_requests_visits() -> None:
-    """Planning every one of n visits at the quantile would plan for n bad delays in a row:
-    the excess over the mean shrinks as sqrt(n)."""
+def test_batched_quantile_margins_cover_the_sum_of_a_requests_visits() -> None:
+    """On a batched server, planning every one of n visits at the quantile would plan for n
+    independent bad steps in a row: the excess over the mean shrinks as sqrt(n). A queueing
+    server's visits meet one backlog: each keeps the whole quantile."""
     q = wait_bucket(0.2)
-    assert visit_wait_s(Load(wait_quantile_s=q), 1) == q
-    assert visit_wait_s(Load(wait_quantile_s=q), 3) == pytest.approx(q / math.sqrt(3))
-    assert visit_wait_s(Load(wait_mean_s=0.1, wait_quantile_s=0.5), 4) == pytest.approx(0.3)
+    batched = Load(wait_quantile_s=q, batch_rows=8.0, utilization=1.0)
+    assert visit_wait_s(batched, 1) == q
+    assert visit_wait_s(batched, 3) == pytest.approx(q / math.sqrt(3))
+    assert visit_wait_s(Load(wait_mean_s=0.1, wait_quantile_s=0.5, batch_rows=2.0),
+                        4) == pytest.approx(0.3)
+    assert visit_wait_s(Load(wait_mean_s=0.1, wait_quantile_s=0.5), 4) == 0.5
     # the tiny world of test_load_policies: 3 passes, SLA 8 s; CCS meets it with up to 0.127 s
-    # at each visit (work 0.3), CSC with more (work 0.6)
+    # at each visit (work 0.3), ?SC with more (work 0.6)
     world = tiny_world((0.0,), prompt=PROMPT, output=OUTPUT, sla_s=8.0)
     base = request_instance(world.types[0], world.clients[0], world, PROMPT, OUTPUT)
     for policy in ("exact-quantile", "exact-tuned", "frontier-priced"):
-        chosen = PlanPolicy(world, policy).decide(0, 0, PROMPT, OUTPUT,
-                                                  Load(wait_quantile_s=q, utilization=1.0))
+        plans = PlanPolicy(world, policy)
+        chosen = plans.decide(0, 0, PROMPT, OUTPUT, batched)
         assert chosen.placement == Placement("CCS"), policy
         at_sum = evaluate(replace(base, server_wait_s=q / math.sqrt(3)), chosen.placement)
         assert at_sum.feasible
         assert not evaluate(replace(base, server_wait_s=q), chosen.placement).feasible
+        queueing = plans.decide(0, 0, PROMPT, OUTPUT, replace(batched, batch_rows=1.0))
+        assert queueing.placement.sides[1:] == "SC", policy  # embed is free: C or S
 
 
 def test_the_meter_reads_the_rows_of_each_jobs_step(batched: World) -> None:

@@ -113,10 +113,16 @@ def _exact_under(instance: Instance, wait_s: float, headroom: float) -> Choice:
 
 def visit_wait_s(load: Load, passes: int) -> float:
     """The delay to plan at every server visit of a request of `passes` forward passes, so
-    that the sum over its visits is a high quantile: the mean delay plus the quantile's excess
-    over it shrunk by sqrt(passes) (the spread of a sum of n delays grows as sqrt(n), its mean
-    as n). A one-pass request keeps the whole quantile; a long generation plans near the mean
-    (the quantile at each of its hundreds of visits would never happen together)."""
+    that the sum over its visits stays within a high quantile of what it will meet.
+
+    On a queueing server (FCFS, PS) every visit of a request meets the same backlog, so its
+    delays move together: each visit keeps the whole quantile. On a batched server (its
+    steps serve several rows) a visit's delay is the step in progress and its own step's
+    share, much the same at every step and independent from one step to the next: the sum of
+    n such delays spreads as sqrt(n), so each visit plans the mean plus the quantile's excess
+    over it shrunk by sqrt(passes) (a long generation plans near the mean)."""
+    if load.batch_rows <= 1.0:
+        return load.wait_quantile_s
     excess = max(load.wait_quantile_s - load.wait_mean_s, 0.0)
     return load.wait_mean_s + excess / math.sqrt(max(passes, 1))
 
