@@ -62,3 +62,17 @@ def read_step_model(path: Path) -> StepModel:
         raise UserError(f"{where}: {loc + ': ' if loc else ''}{first['msg']}") from None
     return StepModel(embed=_fit(parsed.embed), block=_fit(parsed.block), head=_fit(parsed.head),
                      n_blocks=parsed.n_blocks)
+
+
+def scenario_step_model(path_text: str | None, base_dir: Path,
+                        block_counts: set[int]) -> StepModel | None:
+    """The step model a scenario names (relative to its file), for a model of one of
+    `block_counts` blocks; None when it names none."""
+    if path_text is None:
+        return None
+    path = Path(path_text)
+    step_model = read_step_model(path if path.is_absolute() else base_dir / path)
+    if step_model.n_blocks not in block_counts:
+        raise UserError(f"scenario: {FIELD}: {path_text} was measured on a model of "
+                        f"{step_model.n_blocks} blocks; no request type's model has as many")
+    return step_model

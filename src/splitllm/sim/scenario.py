@@ -30,7 +30,7 @@ from splitllm.planner.hardware import DeviceProfile, device_preset, link_preset
 from splitllm.planner.network import Link
 from splitllm.sim import traces
 from splitllm.sim.dists import Dist
-from splitllm.sim.measured import read_step_model
+from splitllm.sim.measured import scenario_step_model
 from splitllm.sim.policies import check_policy
 from splitllm.sim.world import (
     DEFAULT_POLICIES,
@@ -41,7 +41,6 @@ from splitllm.sim.world import (
     Trace,
     World,
 )
-from splitllm.stepmodel import StepModel
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -375,19 +374,6 @@ def _load_trace(a: ArrivalsIn, path: Path, type_names: list[str],
                                    a.max_output_tokens)
 
 
-def _step_model(path_text: str | None, base_dir: Path,
-                types: tuple[RequestType, ...]) -> StepModel | None:
-    if path_text is None:
-        return None
-    path = Path(path_text)
-    step_model = read_step_model(path if path.is_absolute() else base_dir / path)
-    blocks = {len(t.model.units) - 2 for t in types if t.model is not None}
-    if step_model.n_blocks not in blocks:
-        raise UserError(f"scenario: server.step_model: {path_text} was measured on a model of "
-                        f"{step_model.n_blocks} blocks; no request type's model has as many")
-    return step_model
-
-
 def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
     """The `World` a validated scenario describes (presets, models and traces loaded)."""
     clients = tuple(ClientClass(c.name, c.device.resolve(), c.link.resolve(), c.share)
@@ -407,7 +393,9 @@ def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
     return World(
         name=s.name,
         server=ServerSpec(s.server.device.resolve(), s.server.scheduler, s.server.workers,
-                          s.server.max_batch, _step_model(s.server.step_model, base_dir, types)),
+                          s.server.max_batch, scenario_step_model(
+                              s.server.step_model, base_dir,
+                              {len(t.model.units) - 2 for t in types if t.model is not None})),
         clients=clients, types=types, duration_s=s.duration_s, warmup_s=s.warmup_s,
         seed=s.seed, rate_per_s=float(rate or 1.0), trace=trace, policies=tuple(s.policies),
         wait_tau_s=s.wait_tau_s, wait_quantile=s.wait_quantile, plan_headroom=s.plan_headroom,
