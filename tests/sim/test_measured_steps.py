@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from sim_kit import tiny_model, tiny_world
 
+from splitllm.errors import UserError
 from splitllm.planner.hardware import DeviceProfile
 from splitllm.sim.batching import BatchCost
+from splitllm.sim.run import run_policy
+from splitllm.sim.scenario import load_scenario
 from splitllm.sim.world import ServerSpec
 from splitllm.stepmodel import StepModel, UnitFit, jobs_step_s
 
@@ -40,3 +49,83 @@ def test_jobs_step_s_counts_each_unit_once_over_its_rows() -> None:
     want = model.block.seconds(1) + model.block.seconds(5) + model.block.seconds(4) \
         + model.head.seconds(1)
     assert got == pytest.approx(want)
+
+
+SMOL_STEPS = StepModel(embed=UnitFit(0.0, 1e-5), block=UnitFit(0.002, 1e-4),
+                       head=UnitFit(0.01, 1e-3), n_blocks=30)  # SmolLM2: 30 blocks
+ONE_CHAT = {  # SmolLM2 requests far apart on a batched server: every step serves one job
+    "name": "measured", "seed": 1, "duration_s": 50, "warmup_s": 0,
+    "server": {"device": "datacenter-gpu", "scheduler": "batched"},
+    "clients": [{"name": "laptop", "device": "laptop", "link": "wifi"}],
+    "request_types": [{"name": "chat", "model": "smollm2-135m", "prompt_tokens": 40,
+                       "output_tokens": 6, "sla_s": 100}],
+    "arrivals": {"process": "poisson", "rate_per_s": 0.1},
+    "policies": ["server-only"],
+}
+
+
+def _scenario(tmp_path: Path, step_file: object, **server: object) -> Path:
+    (tmp_path / "steps.json").write_text(json.dumps(step_file))
+    doc = {**ONE_CHAT, "server": {**ONE_CHAT["server"], "step_model": "steps.json", **server}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["step-model", "v1-info"])
+def test_a_scenario_runs_the_batched_server_on_a_measured_step_model(
+        tmp_path: Path, wrapped: bool) -> None:
+    body = SMOL_STEPS.to_json()
+    world = load_scenario(_scenario(tmp_path, {"model": "x", "step_model": body} if wrapped
+                                    else body))
+    assert world.server.step_model == SMOL_STEPS
+    rec = run_policy(world, "server-only")
+    done = ~np.isnan(rec.finished_at_s)
+    assert done.sum() >= 3
+    # alone on the server, a request costs its prefill step and one step per decode token
+    want = SMOL_STEPS.step_s(40, 1) + 5 * SMOL_STEPS.step_s(1, 1)
+    assert rec.server_work_s[done] == pytest.approx(want)
+    roofline = replace(world, server=replace(world.server, step_model=None))
+    assert run_policy(roofline, "server-only").server_work_s[0] != pytest.approx(want)
+
+
+BAD_STEPS = [
+    (None, "not valid JSON"),  # the file holds `{oops`
+    ({"n_blocks": 30, "embed": {"fixed_s": 0, "per_token_s": 0}}, "block: Field required"),
+    ({**SMOL_STEPS.to_json(), "block": {"fixed_s": -1, "per_token_s": 0}},
+     "block.fixed_s: Input should be greater than or equal to 0"),
+    ({**SMOL_STEPS.to_json(), "n_blocks": 12}, "measured on a model of 12 blocks"),
+    ([1, 2], "expected a step model object"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_STEPS,
+                         ids=["json", "missing", "negative", "blocks", "list"])
+def test_a_bad_step_model_file_is_one_line_naming_the_field(
+        tmp_path: Path, content: object, message: str) -> None:
+    path = _scenario(tmp_path, content)
+    if content is None:
+        (tmp_path / "steps.json").write_text("{oops")
+    with pytest.raises(UserError) as info:
+        load_scenario(path)
+    text = str(info.value)
+    assert "\n" not in text and "server.step_model" in text and message in text
+
+
+def test_a_step_model_needs_the_batched_server_and_a_readable_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"server\.step_model applies to scheduler batched"):
+        load_scenario(_scenario(tmp_path, SMOL_STEPS.to_json(), scheduler="ps"))
+    path = _scenario(tmp_path, SMOL_STEPS.to_json())
+    (tmp_path / "steps.json").unlink()
+    with pytest.raises(UserError, match=r"server.step_model: .*steps.json: cannot read"):
+        load_scenario(path)
+
+
+def test_cli_bad_step_model_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = _scenario(tmp_path, {**SMOL_STEPS.to_json(), "n_blocks": 12})
+    done = subprocess.run([sys.executable, "-c", "from splitllm.cli import main; main()",
+                           "simulate", "--scenario", str(path), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "server.step_model" in lines[0]

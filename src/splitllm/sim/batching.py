@@ -10,11 +10,15 @@ solo service time (`instance.phase_times`), so batching only ever helps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from splitllm.planner.costs import ModelCosts, UnitCost
 from splitllm.planner.hardware import DeviceProfile
-from splitllm.sim.world import World
+from splitllm.planner.instance import Request, phase_times
+from splitllm.planner.speculation import decode_passes
+from splitllm.sim.world import RequestType, World
 from splitllm.stepmodel import StepModel, jobs_step_s
 
 # (type index, first unit, stop unit, prompt tokens, pass index: 0 = prefill, k = decode step k)
@@ -53,6 +57,7 @@ class BatchCost:
     def __init__(self, world: World, measured: StepModel | None = None) -> None:
         self.device: DeviceProfile = world.server.device
         self.measured = measured
+        self.types = world.types
         groups: dict[ModelCosts, int] = {}
         self.models: list[_Model] = []
         self.group_of_type: list[int] = []
@@ -72,6 +77,26 @@ class BatchCost:
         for job in jobs:
             by_model.setdefault(self.group_of_type[job[0]], []).append(job)
         return sum(self._model_step_s(self.models[g], js) for g, js in by_model.items())
+
+    def unit_work_s(self, type_index: int, prompt: int, output: int, rows: float) -> np.ndarray:
+        """[units] Server-seconds one request's units add to the steps they join when `rows`
+        jobs share each step: its own FLOPs and KV reads, and its 1 / rows share of each
+        unit's fixed cost (weight reads; a measured step's fixed seconds). At one row: its
+        solo time."""
+        rtype = self.types[type_index]
+        assert rtype.model is not None
+        share = 1.0 / max(rows, 1.0)
+        measured = self.measured
+        if measured is None or measured.n_blocks != len(rtype.model.units) - 2:
+            shared = replace(rtype.model, units=tuple(
+                replace(u, weight_bytes=u.weight_bytes * share) for u in rtype.model.units))
+            times = phase_times(shared, self.device, Request(
+                prompt_tokens=prompt, output_tokens=output, speculation=rtype.speculation))
+            return times.prefill_s + times.decode_s.sum(axis=1)
+        passes, tokens = _passes_and_tokens(rtype, prompt, output)
+        fits = [measured.embed, *[measured.block] * measured.n_blocks, measured.head]
+        return np.array([fit.fixed_s * passes * share + fit.per_token_s * (
+            passes if k == len(fits) - 1 else tokens) for k, fit in enumerate(fits)])
 
     def _model_step_s(self, m: _Model, jobs: list[JobShape]) -> float:
         if self.measured is not None and self.measured.n_blocks == m.n_units - 2:
@@ -110,3 +135,10 @@ class BatchCost:
             if not active:  # drop rounding residue between disjoint ranges
                 flops = kv = 0.0
         return total
+
+
+def _passes_and_tokens(rtype: RequestType, prompt: int, output: int) -> tuple[int, float]:
+    """Forward passes of a request and the positions they carry (the head: one per pass)."""
+    decode = decode_passes(max(output - 1, 0), rtype.speculation) if rtype.decoder else 0
+    width = rtype.speculation.positions_per_pass if rtype.speculation else 1
+    return 1 + decode, prompt + decode * width

@@ -79,10 +79,11 @@ def _document(scenario: str) -> tuple[dict[str, Any], Path]:
         raise UserError(f"--scenario {scenario!r}: use paper, {', '.join(BUILTINS)} or a "
                         "scenario file")
     document = read_document(path)
-    arrivals = document.get("arrivals")
-    if isinstance(arrivals, dict) and isinstance(arrivals.get("path"), str):
-        # the report's copy of the scenario must find the trace from anywhere
-        arrivals["path"] = str((path.parent / arrivals["path"]).resolve())
+    # the report's copy of the scenario must find the trace and step model from anywhere
+    for section, key in (("arrivals", "path"), ("server", "step_model")):
+        part = document.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            part[key] = str((path.parent / part[key]).resolve())
     return document, path.parent
 
 

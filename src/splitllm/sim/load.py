@@ -7,6 +7,8 @@ meter keeps time-decayed statistics over `wait_tau_s` (weights `exp(-(now - t) /
   grid of delays), both shrinking by `exp(-idle / tau)` while no job completes, so a burst
   long gone does not keep the server looking busy;
 - utilization: decayed busy server-seconds per second;
+- batch rows: the decayed mean of the jobs served by each job's step (1 unless batched), the
+  concurrency a batched server's marginal cost is priced at;
 - the tuned headroom: a stochastic-approximation step per finished request, up after a miss
   and down after a hit, resting where the miss rate is 1 - `headroom_target`.
 """
@@ -61,6 +63,7 @@ class LoadMeter:
         self.delay_sum = 0.0
         self.weight = 0.0
         self.busy_s = 0.0
+        self.rows_sum = 0.0
         self.last_job_s = 0.0
 
     def _scale(self, now_s: float) -> float:
@@ -71,16 +74,19 @@ class LoadMeter:
             self.delay_sum *= shrink
             self.weight *= shrink
             self.busy_s *= shrink
+            self.rows_sum *= shrink
             self.origin_s, x = now_s, 0.0
         return math.exp(x)
 
-    def job_done(self, now_s: float, delay_s: float, busy_s: float) -> None:
-        """One server job completed after `delay_s` of delay, using `busy_s` server-seconds."""
+    def job_done(self, now_s: float, delay_s: float, busy_s: float, rows: int = 1) -> None:
+        """One server job completed after `delay_s` of delay, using `busy_s` server-seconds, in
+        a step that served `rows` jobs."""
         w = self._scale(now_s)
         self.histogram[_bucket(delay_s)] += w
         self.delay_sum += w * delay_s
         self.weight += w
         self.busy_s += w * busy_s
+        self.rows_sum += w * rows
         self.last_job_s = now_s
 
     def request_done(self, met: bool) -> None:
@@ -107,6 +113,7 @@ class LoadMeter:
             wait_mean_s=idle * self.delay_sum / self.weight,
             wait_quantile_s=idle * self._quantile_s(),
             utilization=self.busy_s / now_weight / self.tau_s,
+            batch_rows=self.rows_sum / self.weight,
             headroom=self.fixed_headroom,
             tuned_headroom=self.tuned_headroom,
         )

@@ -19,8 +19,9 @@ _TABLES: OrderedDict[Hashable, dict[Any, Any]] = OrderedDict()
 
 
 def planning_key(world: World) -> Hashable:
-    """What plans and walks depend on: server device, clients, request types, headroom."""
-    return (world.server.device, world.clients, world.types, world.plan_headroom)
+    """What plans and walks depend on: the server (device, scheduling, measured steps),
+    clients, request types, headroom."""
+    return (world.server, world.clients, world.types, world.plan_headroom)
 
 
 def table(*key: Hashable) -> dict[Any, Any]:

@@ -31,6 +31,7 @@ from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import REL_TOL, Instance, Request, build_instance, evaluate
 from splitllm.planner.solvers import frontier, solve
 from splitllm.sim import memo
+from splitllm.sim.batching import BatchCost
 from splitllm.sim.world import ClientClass, RequestType, World
 
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
@@ -39,6 +40,7 @@ WAIT_STEPS_PER_DECADE = 10  # delays are planned on a log grid (steps of ~26%)
 LOAD_STEP = 0.05  # utilization is planned in steps of 5%
 HEADROOM_STEP = 0.02  # tuned headroom in steps of 2% of the limits
 PLAN_CACHE_LIMIT = 100_000
+INSTANCE_CACHE_LIMIT = 20_000  # zero-load instances (each ~ units x 10 floats)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Load:
     wait_mean_s: float = 0.0  # mean job delay (response minus solo service), time-decayed
     wait_quantile_s: float = 0.0  # the world's wait_quantile of recent job delays
     utilization: float = 0.0  # recent busy share of the server
+    batch_rows: float = 1.0  # jobs per step of a batched server (1: not batched), time-decayed
     headroom: float = 0.0  # the scenario's fixed plan_headroom
     tuned_headroom: float = 0.0  # headroom steered toward the target attainment
 
@@ -108,21 +111,38 @@ def _exact_under(instance: Instance, wait_s: float, headroom: float) -> Choice:
     return rescue(instance, wait_s)
 
 
+def visit_wait_s(load: Load, passes: int) -> float:
+    """The delay to plan at every server visit of a request of `passes` forward passes, so
+    that the sum over its visits stays within a high quantile of what it will meet.
+
+    On a queueing server (FCFS, PS) every visit of a request meets the same backlog, so its
+    delays move together: each visit keeps the whole quantile. On a batched server (its
+    steps serve several rows) a visit's delay is the step in progress and its own step's
+    share, much the same at every step and independent from one step to the next: the sum of
+    n such delays spreads as sqrt(n), so each visit plans the mean plus the quantile's excess
+    over it shrunk by sqrt(passes) (a long generation plans near the mean)."""
+    if load.batch_rows <= 1.0:
+        return load.wait_quantile_s
+    excess = max(load.wait_quantile_s - load.wait_mean_s, 0.0)
+    return load.wait_mean_s + excess / math.sqrt(max(passes, 1))
+
+
 def exact_load_aware(instance: Instance, load: Load) -> Choice:
     """Least server work with the recent mean job delay at every visit (fixed headroom)."""
     return _exact_under(instance, load.wait_mean_s, load.headroom)
 
 
 def exact_quantile(instance: Instance, load: Load) -> Choice:
-    """Least server work with a high quantile of recent job delays at every visit: a margin
-    against the spread of delays, not just their mean (fixed headroom)."""
-    return _exact_under(instance, load.wait_quantile_s, load.headroom)
+    """Least server work with a high quantile of the recent job delays summed over the
+    request's visits (`visit_wait_s`): a margin against their spread, not just their mean
+    (fixed headroom)."""
+    return _exact_under(instance, visit_wait_s(load, instance.passes), load.headroom)
 
 
 def exact_tuned(instance: Instance, load: Load) -> Choice:
     """Like `exact_quantile`, against a headroom that tunes itself toward the target
     attainment (more reserve after misses, less while requests meet their SLA)."""
-    return _exact_under(instance, load.wait_quantile_s, load.tuned_headroom)
+    return _exact_under(instance, visit_wait_s(load, instance.passes), load.tuned_headroom)
 
 
 def latency_price(instance: Instance, utilization: float) -> float:
@@ -139,11 +159,12 @@ def frontier_priced(instance: Instance, load: Load) -> Choice:
     (quantile delay, tuned headroom), the least `server work + lambda x latency`, lambda from
     `latency_price`: an idle server spends no latency on small savings, a busy one offloads
     everything the SLA allows."""
-    loaded = replace(shrink(instance, load.tuned_headroom), server_wait_s=load.wait_quantile_s)
+    wait_s = visit_wait_s(load, instance.passes)
+    loaded = replace(shrink(instance, load.tuned_headroom), server_wait_s=wait_s)
     plans = frontier(loaded)
     fits = plans.latency_s <= loaded.sla_s * (1 + REL_TOL)
     if not fits.any():
-        return rescue(instance, load.wait_quantile_s)
+        return rescue(instance, wait_s)
     cost = plans.server_work + latency_price(instance, load.utilization) * plans.latency_s
     best = int(np.argmin(np.where(fits, cost, math.inf)))
     return plans[best].placement, True
@@ -157,12 +178,14 @@ class Policy:
     reads: frozenset[str] = frozenset({"headroom"})
 
 
-_QUANTILE = frozenset({"wait_quantile_s", "headroom"})
-_TUNED = frozenset({"wait_quantile_s", "tuned_headroom"})
+# every load-reading policy prices a batched server's work at its current batch (batch_rows)
+_QUANTILE = frozenset({"wait_mean_s", "wait_quantile_s", "headroom", "batch_rows"})
+_TUNED = frozenset({"wait_mean_s", "wait_quantile_s", "tuned_headroom", "batch_rows"})
 POLICIES: dict[str, Policy] = {
     **{name: Policy(_zero_load(name)) for name in
        ("server-only", "client-only", "greedy", "best-single-cut", "dp-grid", "exact")},
-    "exact-load-aware": Policy(exact_load_aware, frozenset({"wait_mean_s", "headroom"})),
+    "exact-load-aware": Policy(exact_load_aware,
+                               frozenset({"wait_mean_s", "headroom", "batch_rows"})),
     "exact-quantile": Policy(exact_quantile, _QUANTILE),
     "exact-tuned": Policy(exact_tuned, _TUNED),
     "frontier-priced": Policy(frontier_priced, _TUNED | {"utilization"}),
@@ -198,14 +221,29 @@ def _step(value: float, step: float) -> float:
     return round(round(value / step) * step, 6)
 
 
+def rows_bucket(rows: float) -> float:
+    """The batch a plan is priced at: the nearest point of a grid of steps of sqrt(2)."""
+    return float(2.0 ** (round(2 * math.log2(max(rows, 1.0))) / 2))
+
+
 def bucketed(load: Load, reads: frozenset[str]) -> Load:
-    """The load a plan is made for: fields the policy does not read at 0, the rest on grids."""
-    keep = {name: getattr(load, name) if name in reads else 0.0 for name in LOAD_FIELDS}
+    """The load a plan is made for: fields the policy does not read at their idle value, the
+    rest on grids."""
+    idle = Load()
+    keep = {name: getattr(load if name in reads else idle, name) for name in LOAD_FIELDS}
     return Load(wait_mean_s=wait_bucket(keep["wait_mean_s"]),
                 wait_quantile_s=wait_bucket(keep["wait_quantile_s"]),
                 utilization=min(_step(keep["utilization"], LOAD_STEP), 1.0),
+                batch_rows=rows_bucket(keep["batch_rows"]),
                 headroom=keep["headroom"],
                 tuned_headroom=_step(keep["tuned_headroom"], HEADROOM_STEP))
+
+
+def marginal(instance: Instance, work_s: np.ndarray) -> Instance:
+    """The instance with each unit's server work replaced by `work_s` (a batched server's
+    marginal seconds; its latency is unchanged: the measured delay covers the shared steps)."""
+    return replace(instance, units=tuple(replace(u, server_work=float(w))
+                                         for u, w in zip(instance.units, work_s, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -250,6 +288,11 @@ class PlanPolicy:
         # the load, not on the arrival rate)
         self.cache: dict[tuple[int, int, int, int, Load], Decision] = memo.table(
             "plans", policy, memo.planning_key(world))
+        # zero-load instances do not depend on the policy or the load: shared by all of them
+        self.instances: dict[tuple[int, int, int, int], Instance] = memo.table(
+            "instances", memo.planning_key(world))
+        batched = world.server.scheduler == "batched" and "batch_rows" in self.reads
+        self.batch = BatchCost(world, world.server.step_model) if batched else None
 
     def decide(self, type_index: int, class_index: int, prompt: int, output: int,
                load: Load | None = None) -> Decision:
@@ -261,18 +304,26 @@ class PlanPolicy:
         key = (type_index, class_index, prompt_plan, output_plan, seen)
         decision = self.cache.get(key)
         if decision is None:
-            decision = self._plan(rtype, self.world.clients[class_index], prompt_plan,
-                                  output_plan, seen)
+            decision = self._plan(type_index, class_index, prompt_plan, output_plan, seen)
             memo.bounded_put(self.cache, key, decision, PLAN_CACHE_LIMIT)
         return decision
 
-    def _plan(self, rtype: RequestType, client: ClientClass, prompt: int, output: int,
+    def _plan(self, type_index: int, class_index: int, prompt: int, output: int,
               load: Load) -> Decision:
+        rtype, client = self.world.types[type_index], self.world.clients[class_index]
         if rtype.model is None:  # synthetic: one server job, nothing to place
             return Decision(Placement(SERVER), True, rtype.sla_s, 0.0)
-        base = request_instance(rtype, client, self.world, prompt, output)
+        key = (type_index, class_index, prompt, output)
+        base = self.instances.get(key)
+        if base is None:
+            base = request_instance(rtype, client, self.world, prompt, output)
+            memo.bounded_put(self.instances, key, base, INSTANCE_CACHE_LIMIT)
+        priced = base
+        if self.batch is not None:  # the server's marginal work at the current batch
+            priced = marginal(base, self.batch.unit_work_s(type_index, prompt, output,
+                                                           load.batch_rows))
         try:
-            placement, planned = choose(self.policy, base, load)
+            placement, planned = choose(self.policy, priced, load)
         except UserError as exc:
             raise UserError(f"request type {rtype.name!r} from client {client.name!r}, "
                             f"{prompt} prompt tokens: {exc}") from None

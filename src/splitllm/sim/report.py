@@ -86,7 +86,21 @@ def verdict_lines(study: SimStudy) -> list[str]:
     lines.append("Below server-only's capacity: " + ", ".join(
         f"{p} ({_ratio(caps[p], base)})" for p in below) + "." if below
         else "No policy falls below server-only's capacity.")
+    if split and study.world.server.scheduler == "batched":
+        lines.append(_batched_line(study, max(split, key=lambda p: split[p])))
     return lines
+
+
+def _batched_line(study: SimStudy, best: str) -> str:
+    """Why splitting gains little work on a batched server, in the numbers of this study."""
+    low = {m.policy: m for m in study.at(0)}
+    ref, won = low.get("server-only"), low[best]
+    work = (f": {_num(won.server_s_per_request)} server-s per request against server-only's "
+            f"{_num(ref.server_s_per_request)} at {_num(study.rates_per_s[0])} req/s"
+            if ref else "")
+    return (f"Batched server: a step reads each unit's weights once for all its rows, so a "
+            f"split saves the server only a request's own FLOPs and KV reads (the load-reading "
+            f"policies price plans at that marginal cost){work}.")
 
 
 def capacity_rows(study: SimStudy) -> list[list[str]]:
@@ -161,7 +175,9 @@ def _world_section(world: World) -> str:
         f"{s.device.mem_bandwidth_bytes_per_s / 1e9:g} GB/s, efficiency "
         f"{s.device.efficiency:g}), scheduler `{s.scheduler}`"
         + (f", {s.workers} worker(s)" if s.scheduler == "fcfs" else "")
-        + (f", max batch {s.max_batch}" if s.scheduler == "batched" else "") + ".",
+        + (f", max batch {s.max_batch}, step times from "
+           + ("a measured step model" if s.step_model else "the roofline")
+           if s.scheduler == "batched" else "") + ".",
         f"Duration {world.duration_s:g} s after a {world.warmup_s:g} s warm-up (longer at low "
         f"rates: at least {world.sweep.min_requests} requests), seed {world.seed}, arrivals "
         + ("Poisson." if world.trace is None else "from a trace (time axis scaled per rate)."),

@@ -114,7 +114,7 @@ class _Run:
         self.at_server[r] = now_s
         return self.server.arrive(now_s, r, j, self.walks[r].service_s[j])
 
-    def _done(self, now_s: float, r: int, j: int, charge: float) -> NewEvent | None:
+    def _done(self, now_s: float, r: int, j: int, charge: float, rows: int) -> NewEvent | None:
         walk = self.walks[r]
         service_s = walk.service_s[j]
         self.work[r] += service_s * charge
@@ -122,7 +122,7 @@ class _Run:
         self.delay_sum += delay_s
         self.delay_n += 1
         if self.meter is not None:
-            self.meter.job_done(now_s, delay_s, service_s * charge)
+            self.meter.job_done(now_s, delay_s, service_s * charge, rows)
         if self.log is not None:
             self.log.append((r, j, self.at_server[r], now_s))
         j += 1

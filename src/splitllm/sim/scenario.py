@@ -30,6 +30,7 @@ from splitllm.planner.hardware import DeviceProfile, device_preset, link_preset
 from splitllm.planner.network import Link
 from splitllm.sim import traces
 from splitllm.sim.dists import Dist
+from splitllm.sim.measured import scenario_step_model
 from splitllm.sim.policies import check_policy
 from splitllm.sim.world import (
     DEFAULT_POLICIES,
@@ -169,6 +170,7 @@ class ServerIn(_In):
     scheduler: Literal["fcfs", "ps", "batched"] = "fcfs"
     workers: Annotated[int, Field(ge=1)] = 1
     max_batch: Annotated[int, Field(ge=1)] = 32
+    step_model: str | None = None  # batched: a JSON file of the server's measured step model
 
 
 class ClientIn(_In):
@@ -292,6 +294,8 @@ class ScenarioIn(_In):
     def _consistent(self) -> ScenarioIn:
         if self.server.scheduler == "batched" and any(t.service_s for t in self.request_types):
             raise ValueError("synthetic request types (service_s) need scheduler fcfs or ps")
+        if self.server.step_model is not None and self.server.scheduler != "batched":
+            raise ValueError("server.step_model applies to scheduler batched")
         return self
 
 
@@ -390,7 +394,9 @@ def resolve(s: ScenarioIn, base_dir: Path = Path()) -> World:
     return World(
         name=s.name,
         server=ServerSpec(s.server.device.resolve(), s.server.scheduler, s.server.workers,
-                          s.server.max_batch),
+                          s.server.max_batch, scenario_step_model(
+                              s.server.step_model, base_dir,
+                              {len(t.model.units) - 2 for t in types if t.model is not None})),
         clients=clients, types=types, duration_s=s.duration_s, warmup_s=s.warmup_s,
         seed=s.seed, rate_per_s=float(rate or 1.0), trace=trace, policies=tuple(s.policies),
         wait_tau_s=s.wait_tau_s, wait_quantile=s.wait_quantile, plan_headroom=s.plan_headroom,

@@ -3,8 +3,9 @@
 A job is one visit of one request to the server in one pass (a server segment), exactly what
 the real server handles as one message. Each model takes `arrive(now, r, j, service_s)` and its
 own wake-up events `wake(now, a, b)`, both returning new events for the engine, and calls
-`on_done(now, r, j, charge)` as each job completes (`charge`: server-seconds charged to the job
-per second of its solo service time; 1 except in batches, where a step's time is shared).
+`on_done(now, r, j, charge, rows)` as each job completes (`charge`: server-seconds charged to the
+job per second of its solo service time; 1 except in batches, where a step's time is shared;
+`rows`: the jobs its step served, 1 except in batches).
 
 - `fcfs`: first come, first served on `workers` identical workers.
 - `ps`: processor sharing: n jobs present each progress at 1/n speed (virtual time).
@@ -24,7 +25,7 @@ from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.world import ServerSpec
 
 WAKE = Kind.SERVER_WAKE  # the event every scheduling model schedules for itself
-OnDone = Callable[[float, int, int, float], "NewEvent | None"]
+OnDone = Callable[[float, int, int, float, int], "NewEvent | None"]
 SOLO = 1.0  # a job served alone is charged its own service time
 REL_EPS = 1e-12
 
@@ -73,7 +74,7 @@ class FcfsServer:
             out.append((now_s + s2, WAKE, r2, j2))
         else:
             self.free += 1
-        nxt = self.on_done(now_s, r, j, SOLO)
+        nxt = self.on_done(now_s, r, j, SOLO, 1)
         if nxt is not None:
             out.append(nxt)
         return out
@@ -121,7 +122,7 @@ class PsServer:
             done.append(heapq.heappop(self.jobs))
         out = self._next(now_s)
         for _finish, _seq, r, j in done:
-            nxt = self.on_done(now_s, r, j, SOLO)
+            nxt = self.on_done(now_s, r, j, SOLO, 1)
             if nxt is not None:
                 out.append(nxt)
         return out
@@ -157,7 +158,7 @@ class BatchedServer:
         solo_total = sum(s for _, _, s in batch)
         charge = step_s / solo_total if solo_total > 0 else SOLO  # shared by solo times
         for r, j, _ in batch:
-            nxt = self.on_done(now_s, r, j, charge)
+            nxt = self.on_done(now_s, r, j, charge, len(batch))
             if nxt is not None:
                 out.append(nxt)
         return out
