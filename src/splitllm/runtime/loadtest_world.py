@@ -166,7 +166,8 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
     types = _types(scenario, trace, costs, step, slowest, spec)
     world = World(
         name=scenario.name,
-        server=ServerSpec(this_machine, "batched", 1, spec.max_batch_rows, step),
+        server=ServerSpec(device=this_machine, scheduler="batched", workers=1,
+                          max_batch=spec.max_batch_rows, step_model=step),
         clients=clients, types=types,
         duration_s=spec.window_slas * max(t.sla_s for t in types), seed=scenario.seed,
         rate_per_s=1.0, trace=trace,
