@@ -46,9 +46,8 @@ def milp_case(seed: int) -> Instance:
     return with_sla(instance, reference.latency_s * rng.choice([0.9, 1.0, 1.1]))
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_exact_matches_milp(seed: int) -> None:
-    instance = milp_case(seed)
+def assert_exact_matches_milp(instance: Instance) -> None:
+    """Both find a plan or neither does; both plans are feasible and do the same server work."""
     exact = solve(instance, "exact")
     milp = solve(instance, "milp")
     assert (exact is None) == (milp is None)
@@ -57,6 +56,11 @@ def test_exact_matches_milp(seed: int) -> None:
     assert exact.feasible, exact.violation
     assert milp.feasible, milp.violation
     assert math.isclose(exact.server_work, milp.server_work, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_exact_matches_milp(seed: int) -> None:
+    assert_exact_matches_milp(milp_case(seed))
 
 
 def test_milp_cases_cover_sizes_and_binding_limits() -> None:
@@ -87,13 +91,7 @@ def memory_case(seed: int) -> Instance:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_exact_matches_milp_with_a_memory_limit(seed: int) -> None:
-    instance = memory_case(seed)
-    exact = solve(instance, "exact")
-    milp = solve(instance, "milp")
-    assert (exact is None) == (milp is None)
-    if exact is not None and milp is not None:
-        assert milp.feasible, milp.violation
-        assert math.isclose(exact.server_work, milp.server_work, rel_tol=1e-9, abs_tol=1e-12)
+    assert_exact_matches_milp(memory_case(seed))
 
 
 # Found by the random cases: HiGHS called a plan of work 0.0211 optimal although 'CCCSSC'

@@ -15,7 +15,7 @@ from splitllm.errors import UserError
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.costs import model_costs
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
-from splitllm.planner.instance import Instance, Request, build_instance
+from splitllm.planner.instance import Instance, PhaseLimit, Request, build_instance
 from splitllm.planner.instance_file import (
     instance_to_dict,
     load_instance,
@@ -91,6 +91,38 @@ def test_bad_field_is_a_user_error_naming_it(path: str, value: Any) -> None:
     field = path.split(".")[-1]
     with pytest.raises(UserError, match=field):
         parse_instance(edit(path, value))
+
+
+PHASE = {"name": "ttft", "limit_s": 1.0, "client_s": [1.0], "server_s": [0.1], "out_bytes": [1.0],
+         "input_bytes": 1.0, "output_bytes": 1.0}
+
+# The layers and phase limits are the planner's own dataclasses, validated in place: their errors
+# read like the top level's.
+NESTED_MESSAGES = [
+    (edit("layers.0.bogus", 1), "instance: unknown field layers.0.bogus"),
+    (edit("layers.0.server_s", None), "instance: missing field layers.0.server_s"),
+    (edit("layers.0.client_ok", "perhaps"), "instance: field layers.0.client_ok: "),
+    (edit("phase_limits", [{**PHASE, "colour": "red"}]),
+     "instance: unknown field phase_limits.0.colour"),
+    (edit("phase_limits", [{**PHASE, "passes": 0}]),
+     "instance: field phase_limits.0.passes: Input should be greater than or equal to 1 (got 0)"),
+    (edit("phase_limits", [{**PHASE, "client_s": [-1.0]}]),
+     "instance: field phase_limits.0.client_s.0: "),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), NESTED_MESSAGES)
+def test_bad_layer_or_phase_field_names_its_path(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError) as error:
+        parse_instance(data)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_valid_phase_limit_is_read_into_tuples() -> None:
+    instance = parse_instance(edit("phase_limits", [PHASE]))
+    assert instance.phase_limits == (PhaseLimit(name="ttft", limit_s=1.0, client_s=(1.0,),
+                                                server_s=(0.1,), out_bytes=(1.0,),
+                                                input_bytes=1.0, output_bytes=1.0),)
 
 
 def test_empty_layer_list_is_a_user_error() -> None:

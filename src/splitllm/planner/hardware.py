@@ -6,14 +6,12 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from splitllm.errors import UserError
-from splitllm.planner.network import Link
-
-Amount = TypeVar("Amount", float, np.ndarray)
+from splitllm.planner.network import Amount, Link
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,8 +12,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Annotated
 
 import numpy as np
+from pydantic import ConfigDict, Field, with_config
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
@@ -30,21 +32,29 @@ from splitllm.planner.speculation import Speculation, decode_passes, pass_contex
 
 REL_TOL = 1e-9  # limits hold up to this relative slack: sums in another order differ by ulps
 
+# What an instance file may hold (pydantic reads these when `instance_file` validates one; values
+# built in code are not checked): a number is a finite JSON number (true is not 1.0, "2" not 2.0).
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+AtLeastOne = Annotated[int, Field(ge=1)]
 
+
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True, kw_only=True)
 class Unit:
     """Costs of one placement unit (embedding, a block, or final norm + head) for one request."""
 
     name: str
-    client_s: float
-    server_s: float
-    server_work: float
-    out_bytes: float
-    client_mem_bytes: float = 0.0
+    client_s: NonNegative
+    server_s: NonNegative
+    server_work: NonNegative
+    out_bytes: NonNegative
+    client_mem_bytes: NonNegative = 0.0
     client_ok: bool = True
     server_ok: bool = True
 
 
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True, kw_only=True)
 class PhaseLimit:
     """An extra latency limit on one phase (TTFT: the prefill pass; TPOT: one decode step).
@@ -53,13 +63,13 @@ class PhaseLimit:
     """
 
     name: str
-    limit_s: float
-    client_s: tuple[float, ...]
-    server_s: tuple[float, ...]
-    out_bytes: tuple[float, ...]
-    input_bytes: float
-    output_bytes: float
-    passes: int = 1
+    limit_s: Positive
+    client_s: tuple[NonNegative, ...]
+    server_s: tuple[NonNegative, ...]
+    out_bytes: tuple[NonNegative, ...]
+    input_bytes: NonNegative
+    output_bytes: NonNegative
+    passes: AtLeastOne = 1
 
 
 @dataclass(frozen=True)

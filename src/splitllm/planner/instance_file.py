@@ -10,48 +10,23 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitllm.errors import UserError
-from splitllm.planner.instance import Instance, PhaseLimit, Unit
+from splitllm.planner.instance import AtLeastOne, Instance, NonNegative, PhaseLimit, Positive, Unit
 from splitllm.planner.network import Link
 
-# strict: a number must be a JSON number (true is not 1.0, "2" is not 2.0); ints are fine.
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 
+class InstanceModel(BaseModel):
+    """The file: the planner's own `Unit` and `PhaseLimit` (their fields carry the checks)."""
 
-class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
-
-class LayerModel(_Strict):
-    name: str
-    client_s: NonNegative
-    server_s: NonNegative
-    server_work: NonNegative
-    out_bytes: NonNegative
-    client_mem_bytes: NonNegative = 0.0
-    client_ok: bool = True
-    server_ok: bool = True
-
-
-class PhaseLimitModel(_Strict):
-    name: str
-    limit_s: Positive
-    client_s: list[NonNegative]
-    server_s: list[NonNegative]
-    out_bytes: list[NonNegative]
-    input_bytes: NonNegative
-    output_bytes: NonNegative
-    passes: Annotated[int, Field(ge=1)] = 1
-
-
-class InstanceModel(_Strict):
-    layers: Annotated[list[LayerModel], Field(min_length=1)]
+    layers: Annotated[list[Unit], Field(min_length=1)]
     input_bytes: NonNegative
     output_bytes: NonNegative
     uplink_bytes_per_s: Positive
@@ -60,9 +35,9 @@ class InstanceModel(_Strict):
     visit_s: NonNegative = 0.0
     sla_s: Positive
     client_mem_bytes: Positive | None = None
-    passes: Annotated[int, Field(ge=1)] = 1
+    passes: AtLeastOne = 1
     server_wait_s: NonNegative = 0.0
-    phase_limits: list[PhaseLimitModel] = []
+    phase_limits: list[PhaseLimit] = []
 
     def to_instance(self) -> Instance:
         n = len(self.layers)
@@ -71,7 +46,7 @@ class InstanceModel(_Strict):
                 if len(getattr(p, key)) != n:
                     raise UserError(f"phase_limits.{p.name}.{key}: expected {n} values")
         return Instance(
-            units=tuple(Unit(**layer.model_dump()) for layer in self.layers),
+            units=tuple(self.layers),
             link=Link(uplink_bytes_per_s=self.uplink_bytes_per_s,
                       downlink_bytes_per_s=self.downlink_bytes_per_s, rtt_s=self.rtt_s,
                       visit_s=self.visit_s),
@@ -81,13 +56,7 @@ class InstanceModel(_Strict):
             passes=self.passes,
             client_mem_limit_bytes=math.inf if self.client_mem_bytes is None
             else self.client_mem_bytes,
-            phase_limits=tuple(
-                PhaseLimit(name=p.name, limit_s=p.limit_s, client_s=tuple(p.client_s),
-                           server_s=tuple(p.server_s), out_bytes=tuple(p.out_bytes),
-                           input_bytes=p.input_bytes, output_bytes=p.output_bytes,
-                           passes=p.passes)
-                for p in self.phase_limits
-            ),
+            phase_limits=tuple(self.phase_limits),
             server_wait_s=self.server_wait_s,
         )
 
@@ -97,7 +66,7 @@ def _first_error(exc: ValidationError) -> str:
     where = ".".join(str(part) for part in err["loc"]) or "(top level)"
     if err["type"] == "missing":
         return f"missing field {where}"
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # model, dataclass
         return f"unknown field {where}"
     return f"field {where}: {err['msg']} (got {err.get('input')!r})"
 
@@ -126,13 +95,7 @@ def load_instance(path: Path) -> Instance:
 def instance_to_dict(instance: Instance) -> dict[str, Any]:
     """The instance in the file format (round-trips through `parse_instance`)."""
     out: dict[str, Any] = {
-        "layers": [
-            {"name": u.name, "client_s": u.client_s, "server_s": u.server_s,
-             "server_work": u.server_work, "out_bytes": u.out_bytes,
-             "client_mem_bytes": u.client_mem_bytes, "client_ok": u.client_ok,
-             "server_ok": u.server_ok}
-            for u in instance.units
-        ],
+        "layers": [asdict(u) for u in instance.units],
         "input_bytes": instance.input_bytes,
         "output_bytes": instance.output_bytes,
         "uplink_bytes_per_s": instance.link.uplink_bytes_per_s,

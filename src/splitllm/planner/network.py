@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-Bytes = TypeVar("Bytes", float, np.ndarray)
+Amount = TypeVar("Amount", float, np.ndarray)  # a plain float, or an array taken elementwise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +34,8 @@ class Link:
 
 
 def crossing_s(
-    link: Link, up: bool, nbytes: Bytes, passes: float = 1, server_wait_s: float = 0.0
-) -> Bytes:
+    link: Link, up: bool, nbytes: Amount, passes: float = 1, server_wait_s: float = 0.0
+) -> Amount:
     """Seconds of one switch in one direction over `passes` passes (elementwise on arrays).
 
     Going up (a visit), each pass also pays the link's `visit_s` and may wait `server_wait_s`

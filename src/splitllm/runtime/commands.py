@@ -26,6 +26,20 @@ if TYPE_CHECKING:
 TOKEN_ENV = "SPLITLLM_TOKEN"
 EXIT_INTERRUPTED = 3  # `generate`: the server was lost mid-generation (partial result)
 
+# Options several commands take, declared once: --model (all), the rest (`generate`, `proxy`).
+ModelOption = Annotated[str, typer.Option(
+    help="'smollm2' (built in) or a local HF directory (a client loads its server's model).")]
+TokenOption = Annotated[str | None, typer.Option(
+    envvar=TOKEN_ENV, help="The server's bearer token.")]
+WireDtypeOption = Annotated[str, typer.Option(help="Hidden states on the wire: fp32, bf16, fp16.")]
+ClientThreadsOption = Annotated[int | None, typer.Option(
+    help="Torch threads of this client (default: half the cores).")]
+ClientDtypeOption = Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")]
+SlowdownOption = Annotated[float, typer.Option(
+    help="EMULATION: client units take this many times longer.")]
+EmulateLinkOption = Annotated[str | None, typer.Option(
+    help="EMULATION: shape the link to the server like 4g, 5g, wifi or lan.")]
+
 
 def default_threads() -> int:
     """Half the cores this process may run on (a `taskset` pins it): client and server often
@@ -34,8 +48,7 @@ def default_threads() -> int:
 
 
 def serve(
-    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
-                     ] = "smollm2",
+    model: ModelOption = "smollm2",
     host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
@@ -181,8 +194,7 @@ def generate_command(
     placement: Annotated[str, typer.Option(
         help="'auto' (ask the planner) or one letter per unit, C or S, e.g. CCSS...S.")
                          ] = "auto",
-    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
-                     ] = "smollm2",
+    model: ModelOption = "smollm2",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     local: Annotated[bool, typer.Option(
         "--local", help="Run the unsplit model in-process (the reference), no server.")
@@ -192,9 +204,8 @@ def generate_command(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32, bf16, fp16.")
-                          ] = "fp32",
-    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help="Bearer token.")] = None,
+    wire_dtype: WireDtypeOption = "fp32",
+    token: TokenOption = None,
     timeout_s: Annotated[float, typer.Option(
         help="A server that does not reply (or connect) within this many seconds is lost.")
                          ] = 120.0,
@@ -209,16 +220,13 @@ def generate_command(
                              ] = "measured",
     server_device: Annotated[str | None, typer.Option(
         help="Auto placement: override what the server announces (a device preset).")] = None,
-    emulate_client_slowdown: Annotated[float, typer.Option(
-        help="EMULATION: client units take this many times longer.")] = 1.0,
-    emulate_link: Annotated[str | None, typer.Option(
-        help="EMULATION: shape the client's transport like 4g, 5g, wifi or lan.")] = None,
+    emulate_client_slowdown: SlowdownOption = 1.0,
+    emulate_link: EmulateLinkOption = None,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per forward message.")
                              ] = 512,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
-    threads: Annotated[int | None, typer.Option(
-        help="Torch threads of this client (default: half the cores).")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    threads: ClientThreadsOption = None,
+    dtype: ClientDtypeOption = "float32",
     speculate: Annotated[str, typer.Option(
         help="Speculative decoding (greedy): prompt-lookup draft tokens per pass, or 'auto'.")
                          ] = "0",
@@ -368,8 +376,7 @@ def demo(
                                ] = 4.0,
     sla_factor: Annotated[float, typer.Option(
         help="SLA as a multiple of the server-only latency the planner predicts.")] = 1.3,
-    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
-                     ] = "smollm2",
+    model: ModelOption = "smollm2",
 ) -> None:
     """Plan and run a real split for an emulated phone on an emulated 4G link, then report."""
     from splitllm.runtime.demo import DemoOptions, run_demo
@@ -384,22 +391,16 @@ def proxy(
                       ] = "ws://127.0.0.1:8765",
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve the OpenAI API on.")
                       ] = "127.0.0.1:8080",
-    model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory "
-                                            "(the server's model).")] = "smollm2",
-    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help="The server's bearer token.")
-                     ] = None,
-    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: fp32, bf16, fp16.")
-                          ] = "fp32",
-    threads: Annotated[int | None, typer.Option(
-        help="Torch threads of this client (default: half the cores).")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
+    model: ModelOption = "smollm2",
+    token: TokenOption = None,
+    wire_dtype: WireDtypeOption = "fp32",
+    threads: ClientThreadsOption = None,
+    dtype: ClientDtypeOption = "float32",
     placement: Annotated[str, typer.Option(
         help="'auto' (the planner, per request) or one fixed placement, e.g. CCSS...S.")
                          ] = "auto",
-    emulate_client_slowdown: Annotated[float, typer.Option(
-        help="EMULATION: client units take this many times longer.")] = 1.0,
-    emulate_link: Annotated[str | None, typer.Option(
-        help="EMULATION: shape the link to the server like 4g, 5g, wifi or lan.")] = None,
+    emulate_client_slowdown: SlowdownOption = 1.0,
+    emulate_link: EmulateLinkOption = None,
 ) -> None:
     """Serve the OpenAI API locally; each request runs split with a server (placement auto)."""
     import torch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -103,59 +104,54 @@ class DistIn(_In):
 DistField = Annotated[DistIn, _shorthand("value")]
 
 
-class DeviceIn(_In):
-    """A device preset (or profile JSON) by name, with optional overrides, or all numbers."""
+class _PresetIn(_In):
+    """A preset (or profile JSON) by name, with optional overrides, or all numbers."""
 
     preset: str | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> _PresetIn:
+        self.resolve()  # a bad preset or a missing number fails here, naming its field
+        return self
+
+    def resolve(self) -> Any:
+        """The value: the preset's fields (or `custom`'s) with the given ones over them."""
+        raise NotImplementedError
+
+    def _resolved(self, lookup: Callable[[str], Any], cls: Any, custom: dict[str, Any]) -> Any:
+        fields = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        if self.preset is None:
+            return _build(cls, {**custom, **fields})
+        try:
+            base = lookup(self.preset)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return _build(cls, {**base.__dict__, **fields})
+
+
+class DeviceIn(_PresetIn):
+    """A device preset (or profile JSON) by name, with optional overrides, or all numbers."""
+
     peak_flops_per_s: Positive | None = None
     mem_bandwidth_bytes_per_s: Positive | None = None
     mem_capacity_bytes: Positive | None = None
     efficiency: Annotated[float, Field(gt=0, le=1)] | None = None
 
-    @model_validator(mode="after")
-    def _known(self) -> DeviceIn:
-        self.resolve()
-        return self
-
     def resolve(self) -> DeviceProfile:
-        base = _preset(device_preset, self.preset)
-        fields = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
-        if base is None:
-            return _build(DeviceProfile, {"name": "custom", "efficiency": 0.5, **fields})
-        return _build(DeviceProfile, {**base.__dict__, **fields})
+        return self._resolved(device_preset, DeviceProfile, {"name": "custom", "efficiency": 0.5})
 
 
-class LinkIn(_In):
+class LinkIn(_PresetIn):
     """A link preset (or profile JSON) by name, with optional overrides, or all numbers."""
 
-    preset: str | None = None
-    name: str | None = None
     uplink_bytes_per_s: Positive | None = None
     downlink_bytes_per_s: Positive | None = None
     rtt_s: NonNegative | None = None
     visit_s: NonNegative | None = None  # a visit's fixed cost per pass (default 0)
 
-    @model_validator(mode="after")
-    def _known(self) -> LinkIn:
-        self.resolve()
-        return self
-
     def resolve(self) -> Link:
-        base = _preset(link_preset, self.preset)
-        fields = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
-        if base is None:
-            return _build(Link, {"name": "custom", "visit_s": 0.0, **fields})
-        return _build(Link, {**base.__dict__, **fields})
-
-
-def _preset(lookup: Any, name: str | None) -> Any:
-    if name is None:
-        return None
-    try:
-        return lookup(name)
-    except UserError as exc:
-        raise ValueError(str(exc)) from None
+        return self._resolved(link_preset, Link, {"name": "custom", "visit_s": 0.0})
 
 
 def _build(cls: Any, fields: dict[str, Any]) -> Any:
