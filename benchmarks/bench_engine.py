@@ -41,7 +41,7 @@ from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.engine import EngineConfig
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
-from splitllm.runtime.profile import measure_step_model
+from splitllm.runtime.profile import measure_step_models
 from splitllm.runtime.units import UnitStack
 from splitllm.stepmodel import StepModel, decode_share_s, marginal_decode_s
 
@@ -199,7 +199,7 @@ def main() -> None:
         batched = run_inprocess(args, loaded, ids, 64, "batched", placements, pin)
         single = run_inprocess(args, loaded, ids, 1, "batch-1", placements, pin)
         if not args.quick:
-            model = measure_step_model(UnitStack(loaded.model))
+            model = measure_step_models(UnitStack(loaded.model))[0]  # wall seconds
     _print(console, args, loaded, batched, single, placements, bandwidth, pin)
     if model is not None:
         _print_model(console, model, batched, placements)
