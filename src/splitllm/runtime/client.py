@@ -203,8 +203,8 @@ class Session:
         placement="auto" asks the planner (sla_s, client_device and server_device say how) and
         passes its decision to on_plan before generating. on_token receives each token id as it
         comes; an exception it raises ends the generation (the server's session is closed).
-        speculate: greedy speculative decoding with that many prompt-lookup drafts per pass,
-        or 'auto' (tuned to the running acceptance; 0 while drafts rarely hit).
+        speculate: speculative decoding (the same tokens, greedy or seeded) with that many
+        prompt-lookup drafts per pass, or 'auto' (tuned to the running acceptance).
         A lost connection is survived (resume.py): on_notice hears of it in one line. A server
         error, or no server back within the backoff's retry_s, raises GenerationInterrupted
         with the partial generation.

@@ -173,7 +173,7 @@ def generate_command(
         help="Torch threads of this client (default: half the cores).")] = None,
     dtype: Annotated[str, typer.Option(help="Weights: float32, bf16 or fp16.")] = "float32",
     speculate: Annotated[str, typer.Option(
-        help="Speculative decoding (greedy): prompt-lookup draft tokens per pass, or 'auto'.")
+        help="Speculative decoding: prompt-lookup draft tokens per pass, or 'auto'.")
                          ] = "0",
 ) -> None:
     """Generate text with a split between this client and a server, streaming tokens."""
@@ -191,7 +191,7 @@ def generate_command(
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     except (ProtocolError, ValueError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
-    drafts = _draft_tokens(speculate, local, temperature)
+    drafts = _draft_tokens(speculate, local)
     torch.set_num_threads(threads or default_threads())
     loaded = load_model(model, dtype)
     ids = checked_prompt(loaded, prompt, not raw, max_new_tokens)
@@ -255,7 +255,7 @@ def _print_notice(line: str) -> None:
     print(f"splitllm: {line}", file=sys.stderr, flush=True)
 
 
-def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
+def _draft_tokens(speculate: str, local: bool) -> int | str:
     """--speculate as the client takes it: a count of draft tokens >= 0, or 'auto'."""
     from splitllm.runtime.speculative import AUTO, MAX_DRAFT_TOKENS
 
@@ -266,9 +266,6 @@ def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
     drafts: int | str = text if text == AUTO else int(text)
     if drafts != 0 and local:
         raise UserError("--speculate runs over a split: leave out --local")
-    if drafts != 0 and temperature > 0.0:
-        raise UserError("--speculate needs greedy decoding (--temperature 0): sampled "
-                        "speculation is not supported")
     return drafts
 
 
