@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,21 @@ from runtime_kit import (
 from scipy import stats
 
 from splitllm.errors import UserError
+from splitllm.placement import Placement
+from splitllm.planner.hardware import link_preset
+from splitllm.planner.instance import Instance, Request, evaluate
+from splitllm.planner.speculation import Speculation
 from splitllm.runtime import speculative
+from splitllm.runtime.autoplace import measured_instance, plan_placement, with_sla
 from splitllm.runtime.client import Generation, Session, connect
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, load_model
+from splitllm.runtime.profile import UnitProfile
 from splitllm.runtime.protocol import Sampling, encode_tensor
 from splitllm.runtime.speculative import MAX_AUTO_K, Drafter, prompt_lookup
 from splitllm.runtime.transport import ServerError
+from splitllm.runtime.wire_bytes import WireFormat, request_bytes
 
 NEW_TOKENS = 24
 # All-server, all-client, every single cut in both directions, multi-switch placements.
@@ -273,3 +281,31 @@ def test_the_server_rolls_back_only_when_asked_and_only_backwards(
     raw.close()
     assert verified["type"] == "token" and len(verified["tokens"]) == 2
     assert verified["token"] == verified["tokens"][-1]
+
+
+def test_the_measured_instance_knows_speculation() -> None:
+    """Measured unit times: fewer, wider passes; the exact plan moves units to the client."""
+    lengths, names = (1, 10, 40), ("embed", "block0", "block1", "block2", "head")
+    def profile(scale: float) -> UnitProfile:  # prefill linear in the tokens, decode flat
+        return UnitProfile(names=names, prompt_tokens=lengths,
+                           prefill_s=tuple((scale * 0.002 * p,) * 5 for p in lengths),
+                           contexts=(10, 300), decode_s=((scale * 0.01,) * 5,) * 2, threads=1)
+
+    link = link_preset("4g")
+    fmt = WireFormat(n_units=5, hidden_size=576, wire_dtype="float32", vocab_size=320)
+    spec = Speculation(draft_tokens=4, hit_rate=0.8)
+
+    def instance(speculation: Speculation | None) -> Instance:
+        request = Request(prompt_tokens=40, output_tokens=64, speculation=speculation)
+        sizes = request_bytes(fmt, 40, 64, speculation=speculation)
+        return measured_instance(profile(3.0), profile(1.0), link, request, sizes)
+
+    plain, fast = instance(None), instance(spec)
+    assert plain.passes == 64 and fast.passes == 1 + math.ceil(63 / spec.tokens_per_pass)
+    block = fast.units[1]  # per pass: a decode step and four drafts' compute (prefill fit)
+    assert block.server_s == pytest.approx(0.002 * 40 + (fast.passes - 1) * (0.01 + 4 * 0.002))
+    assert block.out_bytes > plain.units[1].out_bytes  # five positions a pass cross the cut
+    sla_s = 1.1 * evaluate(plain, Placement("SSSSS")).latency_s
+    before = plan_placement(with_sla(plain, sla_s)).placement.sides.count("C")
+    after = plan_placement(with_sla(fast, sla_s)).placement.sides.count("C")
+    assert after > before

@@ -20,6 +20,7 @@ from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, Plan, Request, Unit, evaluate
 from splitllm.planner.network import Link
+from splitllm.planner.speculation import Speculation, decode_passes, pass_contexts
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.profile import UnitProfile
 from splitllm.runtime.units import UnitStack
@@ -46,15 +47,31 @@ def measured_instance(client: UnitProfile, server: UnitProfile, link: Link, requ
         raise UserError("client and server profiles cover different units (another model?)")
     g = max(request.output_tokens, 1)  # passes: one prefill, then g - 1 decode steps
     p = request.prompt_tokens
-    client_s = np.add(client.prefill_at(p), client.decode_steps_s(p, g - 1))
-    server_s = np.add(server.prefill_at(p), server.decode_steps_s(p, g - 1))
+    client_s = np.add(client.prefill_at(p), decode_s(client, p, g - 1, request.speculation))
+    server_s = np.add(server.prefill_at(p), decode_s(server, p, g - 1, request.speculation))
     out_bytes = (*wire_bytes.hidden, wire_bytes.token_down)  # the head's output is the token
     mem = client_mem_bytes if client_mem_bytes is not None else [0.0] * len(client.names)
     units = tuple(Unit(name=name, client_s=float(client_s[i]), server_s=float(server_s[i]),
                        server_work=float(server_s[i]), out_bytes=out_bytes[i],
                        client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
     return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
-                    output_bytes=wire_bytes.token_down, passes=g)
+                    output_bytes=wire_bytes.token_down,
+                    passes=1 + decode_passes(g - 1, request.speculation))
+
+
+def decode_s(profile: UnitProfile, prompt_tokens: int, decode_tokens: int,
+             speculation: Speculation | None) -> np.ndarray:
+    """[units] seconds of the decode passes that yield `decode_tokens` tokens.
+
+    A speculative pass is a decode step at its context plus the compute of its k drafts,
+    taken from the prefill fit (k + 1 positions against one): weights are read once per pass.
+    """
+    if speculation is None:
+        return np.array(profile.decode_steps_s(prompt_tokens, decode_tokens))
+    contexts = pass_contexts(prompt_tokens, decode_tokens, speculation)  # [passes]
+    steps = np.sum([profile.decode_at(int(c)) for c in contexts], axis=0)  # [units]
+    drafts = np.subtract(profile.prefill_at(speculation.positions_per_pass), profile.prefill_at(1))
+    return steps + len(contexts) * np.maximum(drafts, 0.0)
 
 
 def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Link,
@@ -78,7 +95,8 @@ def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Li
                   for u in range(stack.n_units)]
         fmt = WireFormat(n_units=stack.n_units, hidden_size=stack.hidden_size,
                          wire_dtype=wire_dtype, vocab_size=stack.vocab_size)
-        sizes = request_bytes(fmt, request.prompt_tokens, request.output_tokens)
+        sizes = request_bytes(fmt, request.prompt_tokens, request.output_tokens,
+                              speculation=request.speculation)
         instance = measured_instance(client_profile(), server_profile, link, request, sizes,
                                      client_mem_bytes=memory)
         return instance, MEASURED

@@ -24,6 +24,7 @@ from splitllm.placement import SERVER, Placement
 from splitllm.planner.hardware import link_preset
 from splitllm.planner.instance import Instance
 from splitllm.planner.network import Link
+from splitllm.planner.speculation import Speculation
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.autoplace import (
     MEASURED,
@@ -179,12 +180,14 @@ class Session:
         return plan_request(instance, source, sla_s)
 
     def instance(self, prompt_tokens: int, new_tokens: int, client_device: str = MEASURED,
-                 server_device: str | None = None) -> tuple[Instance, str]:
+                 server_device: str | None = None, speculation: Speculation | None = None
+                 ) -> tuple[Instance, str]:
         """The planner's instance for this request (no SLA yet) and where its times come from."""
         return request_instance(
             stack=self.stack, model_config=self.loaded.model.config.to_dict(),
             link=self.measure_link(),
-            request=Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens),
+            request=Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens,
+                            speculation=speculation),
             wire_dtype=self.wire_dtype, server_info=self.info,
             client_profile=self.client_profile, client_device=client_device,
             server_device=server_device)

@@ -308,9 +308,13 @@ def _generate_local(loaded: LoadedModel, ids: list[int], max_new_tokens: int, sa
             "prompt_tokens": len(ids)}
 
 
+DEMO_PROMPT = ("Rewrite this text in plain words, keeping its sentences: The city council met "
+               "on Tuesday to discuss the new bicycle lanes on Main Street. Shop owners said the "
+               "lanes hurt their business; cyclists said the lanes made their commute safer.")
+
+
 def demo(
-    prompt: Annotated[str, typer.Option(help="What to ask the model.")
-                      ] = "Explain in two sentences why the sky is blue.",
+    prompt: Annotated[str, typer.Option(help="What to ask the model.")] = DEMO_PROMPT,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     link: Annotated[str, typer.Option(help="EMULATED link: 4g, 5g, wifi or lan.")] = "4g",
     client_slowdown: Annotated[float, typer.Option(
@@ -320,13 +324,17 @@ def demo(
         help="SLA as a multiple of the server-only latency the planner predicts.")] = 1.3,
     model: Annotated[str, typer.Option(help="'smollm2' (built in) or a local HF directory.")
                      ] = "smollm2",
+    speculate: Annotated[int, typer.Option(
+        help="Prompt-lookup drafts per pass in the speculation part (0: skip it).")] = 4,
 ) -> None:
     """Plan and run a real split for an emulated phone on an emulated 4G link, then report."""
     from splitllm.runtime.demo import DemoOptions, run_demo
 
-    if max_new_tokens < 1 or client_slowdown < 1 or not sla_factor > 0:
-        raise UserError("--max-new-tokens >= 1, --client-slowdown >= 1, --sla-factor > 0")
-    run_demo(DemoOptions(prompt, max_new_tokens, link, client_slowdown, sla_factor, model))
+    if max_new_tokens < 1 or client_slowdown < 1 or not sla_factor > 0 or not 0 <= speculate <= 8:
+        raise UserError("--max-new-tokens >= 1, --client-slowdown >= 1, --sla-factor > 0, "
+                        "--speculate from 0 to 8")
+    run_demo(DemoOptions(prompt, max_new_tokens, link, client_slowdown, sla_factor, model,
+                         speculate))
 
 
 def proxy(

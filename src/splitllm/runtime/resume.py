@@ -7,7 +7,8 @@ the tokens it already has: the prompt in the same chunks, then one pass per kept
 fed the kept token whatever the pass samples. Every segment's cache (the client's are rebuilt
 the same way) then holds what the lost run computed, and every sampler (the server's when it
 holds the head, the client's otherwise) draws the token at each position with that position's
-own seed, so the tokens that follow are those of an uninterrupted run. The replay costs one pass per kept token.
+own seed, so the tokens that follow are those of an uninterrupted run. The replay costs one
+pass per kept token.
 """
 
 from __future__ import annotations
