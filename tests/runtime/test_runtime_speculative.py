@@ -123,51 +123,33 @@ def test_auto_backs_off_after_two_missed_passes_and_resumes_only_on_repeated_hit
         Drafter(-1)
 
 
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_every_placement_and_draft_length_gives_the_unsplit_greedy_tokens(
-        family: str, tiny_models: dict[str, LoadedModel], llama_server: BackgroundServer,
-        gpt2_server: BackgroundServer) -> None:
+def test_every_placement_and_draft_length_gives_the_unsplit_models_tokens(
+        family: str, seeded: bool, tiny_models: dict[str, LoadedModel],
+        llama_server: BackgroundServer, gpt2_server: BackgroundServer) -> None:
+    """The reference: the unsplit model running the same speculative decoding (same seed);
+    each position drawing with its own seed, the same tokens as without speculation too."""
     loaded = tiny_models[family]
     server = {"llama": llama_server, "gpt2": gpt2_server}[family]
     drafted = accepted = 0
     with connect(server.ws_url, loaded, timeout_s=TIMEOUT_S) as session:
         for i, placement in enumerate(PLACEMENTS):
-            prompt = looping_prompt(i)
-            want = reference(loaded, prompt)
+            prompt, sampling = looping_prompt(i), sampled(100 + i) if seeded else Sampling()
             k: int | str = 1 + i % 8 if i % 5 else "auto"
-            plain = speculate(session, placement, prompt, 0)
-            result = speculate(session, placement, prompt, k)
-            assert list(plain.tokens) == want, placement
+            want = reference(loaded, prompt, sampling, k)
+            plain = speculate(session, placement, prompt, 0, sampling=sampling)
+            result = speculate(session, placement, prompt, k, sampling=sampling)
             assert list(result.tokens) == want, (placement, k)
+            assert list(plain.tokens) == reference(loaded, prompt, sampling) == want, placement
             assert result.accepted <= result.drafted
             if result.accepted > 0 and "S" in placement:  # accepted drafts save round trips
                 assert result.round_trips < plain.round_trips, placement
             drafted += result.drafted
             accepted += result.accepted
-    assert 0 < accepted < drafted  # drafts were both accepted and rejected
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_sampled_speculation_gives_the_unsplit_models_seeded_tokens(
-        family: str, tiny_models: dict[str, LoadedModel], llama_server: BackgroundServer,
-        gpt2_server: BackgroundServer) -> None:
-    """The reference: the unsplit model running the same speculative decoding, same seed."""
-    loaded = tiny_models[family]
-    server = {"llama": llama_server, "gpt2": gpt2_server}[family]
-    drafted = accepted = 0
-    with connect(server.ws_url, loaded, timeout_s=TIMEOUT_S) as session:
-        for i, placement in enumerate(PLACEMENTS[::2]):
-            prompt, sampling = looping_prompt(20 + i), sampled(100 + i)
-            k: int | str = 1 + i % 8 if i % 4 else "auto"
-            want = reference(loaded, prompt, sampling, k)
-            result = speculate(session, placement, prompt, k, sampling=sampling)
-            assert list(result.tokens) == want, (placement, k)
-            # Each position's own seed: the same tokens as sampling without speculation.
-            assert want == reference(loaded, prompt, sampling), (placement, k)
-            drafted += result.drafted
-            accepted += result.accepted
-        other = speculate(session, "CSCSCS", looping_prompt(20), 4, sampling=sampled(99))
-    assert list(other.tokens) != reference(loaded, looping_prompt(20), sampled(100), 4)
+        if seeded:  # another seed, other tokens
+            other = speculate(session, "CSCSCS", looping_prompt(0), 4, sampling=sampled(99))
+            assert list(other.tokens) != reference(loaded, looping_prompt(0), sampled(100), 4)
     assert 0 < accepted < drafted  # drafts were both accepted and rejected
 
 

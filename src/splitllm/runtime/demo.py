@@ -194,12 +194,16 @@ def _speculation(session: Session, opts: DemoOptions, ids: list[int], instance: 
     rate = measured_hit_rate(k, (len(drafted.tokens) - 1) / passes)
     speculation = Speculation(draft_tokens=k, hit_rate=rate)
     known, _ = session.instance(len(ids), tokens, speculation=speculation)
-    plan = plan_placement(with_sla(known, instance.sla_s))
+    runs = {"split, no drafts": split, f"split, {k} drafts": drafted}
+    try:
+        plan = plan_placement(with_sla(known, instance.sla_s))
+    except UserError:  # drafts that rarely hit only add work: no placement may meet the SLA
+        log_stderr(f"splitllm demo: with the hit rate {rate:.2f} no placement meets the SLA")
+        return _speculation_table(runs, server_only, instance.sla_s, rate)
     log_stderr(f"splitllm demo: planned knowing the hit rate {rate:.2f}: {plan.placement}")
-    replanned = (drafted if str(plan.placement) == split.placement else
-                 session.generate(ids, tokens, placement=plan.placement, speculate=k))
-    runs = {"split, no drafts": split, f"split, {k} drafts": drafted,
-            "planned with drafts": replanned, "server-only": server_only}
+    runs["planned with drafts"] = (
+        drafted if str(plan.placement) == split.placement else
+        session.generate(ids, tokens, placement=plan.placement, speculate=k))
     return _speculation_table(runs, server_only, instance.sla_s, rate)
 
 
@@ -209,6 +213,7 @@ def _speculation_table(runs: dict[str, Generation], server_only: Generation, sla
                         f"the same SLA {sla_s:.2f} s)",
                   caption="measured; the phone and the link are EMULATED")
     table.add_column("")
+    runs = {**runs, "server-only": server_only}
     for name in runs:
         table.add_column(name, justify="right")
     rows: dict[str, Callable[[Generation], str]] = {
