@@ -89,16 +89,15 @@ def main() -> None:
     loaded = load_model(args.model)
     n = UnitStack(loaded.model).n_units
     placements = {"server-only": "S" * n, "split (embed, head on C)": "C" + "S" * (n - 2) + "C"}
-    load_before = os.getloadavg()[0]
+    console = Console(width=140)
+    console.print(f"load average (1 min) before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+                  "CPUs")
     with served(args.model, args.threads) as url:
-        rows = measure(loaded, url, args.links.split(","), placements, args.tokens)
+        show(console, measure(loaded, url, args.links.split(","), placements, args.tokens), args)
         chat = open_chat(loaded, url, args.links.split(","), placements, args.tokens,
                          args.repeats)
-    console = Console(width=140)
-    show(console, rows, args)
     show_open_chat(console, chat, args.repeats)
-    console.print(f"load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
-                  f"after, on {os.cpu_count()} CPUs")
+    console.print(f"load average (1 min) after: {os.getloadavg()[0]:.1f}")
 
 
 def measure(loaded: LoadedModel, url: str, links: list[str], placements: dict[str, str],
