@@ -128,8 +128,8 @@ class ChatRow:
     auto: list[Generation]
 
     @staticmethod
-    def median_tokens_per_s(runs: list[Generation]) -> float:
-        return statistics.median(1.0 / r.tpot_s if r.tpot_s > 0 else 0.0 for r in runs)
+    def tokens_per_s(runs: list[Generation]) -> list[float]:
+        return sorted(1.0 / r.tpot_s if r.tpot_s > 0 else 0.0 for r in runs)
 
 
 def open_chat(loaded: LoadedModel, url: str, links: list[str], placements: dict[str, str],
@@ -151,13 +151,17 @@ def open_chat(loaded: LoadedModel, url: str, links: list[str], placements: dict[
 def show_open_chat(console: Console, rows: list[ChatRow], repeats: int) -> None:
     table = Table(title=f"Open chat: auto k against no speculation, median of {repeats} "
                         "interleaved runs each (target: auto >= 0.95x)")
-    for column in ("link", "placement", "off tok/s", "auto tok/s", "auto / off",
-                   "round trips off, auto", "drafts sent by auto (accepted)", "same tokens"):
+    for column in ("link", "placement", "off tok/s (min-max)", "auto tok/s (min-max)",
+                   "auto / off", "round trips off, auto", "drafts sent by auto (accepted)",
+                   "same tokens"):
         table.add_column(column)
     for row in rows:
-        off, auto = ChatRow.median_tokens_per_s(row.off), ChatRow.median_tokens_per_s(row.auto)
-        table.add_row(row.link, row.placement, f"{off:.1f}", f"{auto:.1f}",
-                      f"{auto / off:.2f}" if off else "-",
+        off, auto = ChatRow.tokens_per_s(row.off), ChatRow.tokens_per_s(row.auto)
+        ratio = statistics.median(auto) / statistics.median(off) if off[0] > 0 else 0.0
+        table.add_row(row.link, row.placement,
+                      f"{statistics.median(off):.1f} ({off[0]:.1f}-{off[-1]:.1f})",
+                      f"{statistics.median(auto):.1f} ({auto[0]:.1f}-{auto[-1]:.1f})",
+                      f"{ratio:.2f}",
                       f"{row.off[0].round_trips}, {row.auto[0].round_trips}",
                       f"{row.auto[0].drafted} ({row.auto[0].accepted})",
                       "yes" if all(r.tokens == row.off[0].tokens for r in row.auto) else "NO")
