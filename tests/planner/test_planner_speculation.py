@@ -12,7 +12,7 @@ from splitllm.planner.costs import model_costs
 from splitllm.planner.hardware import device_preset, link_preset
 from splitllm.planner.instance import Instance, Request, build_instance, evaluate
 from splitllm.planner.solvers import compare
-from splitllm.planner.speculation import Speculation, decode_passes
+from splitllm.planner.speculation import Speculation, decode_passes, measured_hit_rate
 
 COSTS = model_costs(load_model_config("llama-3-8b"))
 
@@ -57,3 +57,12 @@ def test_the_exact_plan_with_speculation_puts_more_units_on_the_client() -> None
     assert fast.latency_s <= 30.0 and plain.latency_s <= 30.0
     assert str(fast.placement).count("C") > str(plain.placement).count("C")
     assert fast.server_work < plain.server_work
+
+
+def test_the_measured_hit_rate_gives_back_the_tokens_per_pass() -> None:
+    for k, rate in ((4, 0.7), (1, 0.3), (8, 0.95), (3, 0.01)):
+        tokens_per_pass = Speculation(draft_tokens=k, hit_rate=rate).tokens_per_pass
+        assert measured_hit_rate(k, tokens_per_pass) == pytest.approx(rate, abs=1e-9)
+    assert measured_hit_rate(4, 1.0) == 0.0  # no draft ever accepted
+    assert measured_hit_rate(4, 5.0) == 1.0  # every draft accepted
+    assert measured_hit_rate(0, 2.0) == 0.0

@@ -11,9 +11,10 @@ from runtime_kit import TIMEOUT_S, stream_pieces, whole_decode_pieces
 
 from splitllm.runtime import models
 from splitllm.runtime.client import connect
-from splitllm.runtime.decoding import LocalPipe, timed_generation
+from splitllm.runtime.decoding import LocalPipe, generate_tokens, timed_generation
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, encode_prompt
+from splitllm.runtime.protocol import Sampling
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +125,19 @@ def test_speculative_decoding_gives_the_unsplit_greedy_tokens(
                                       speculate=k)
             assert list(result.tokens) == want, (placement, k)
             assert result.accepted > 0, (placement, k)  # the copy task: drafts do hit
+
+
+def test_sampled_speculative_decoding_gives_the_unsplit_seeded_tokens(
+        smollm2: LoadedModel, smollm2_server: BackgroundServer) -> None:
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    ids = encode_prompt(smollm2, f"Repeat this sentence exactly: {text}")
+    with connect(smollm2_server.ws_url, smollm2, timeout_s=TIMEOUT_S) as session:
+        for placement, k, seed in (("S" * N_UNITS, 4, 1), ("C" + "S" * 30 + "C", "auto", 2),
+                                   ("C" * 8 + "S" * 16 + "C" * 8, 8, 3)):
+            sampling = Sampling(temperature=0.8, top_p=0.95, seed=seed)
+            pipe = LocalPipe(smollm2.model, sampling)
+            want = list(generate_tokens(pipe, ids, 16, speculate=k))
+            result = session.generate(ids, 16, placement=placement, stop_at_eos=False,
+                                      speculate=k, sampling=sampling)
+            assert list(result.tokens) == want, (placement, k)
+            assert result.accepted > 0, (placement, k)

@@ -57,6 +57,10 @@ BAD = [
         output_tokens={"dist": "choice", "values": [1, 2], "weights": [1]}),
      "request_types[1].output_tokens: choice: weights must have one entry per value"),
     (lambda d: d.pop("clients"), "clients: Field required"),
+    (lambda d: d["request_types"][0].update(speculation={"draft_tokens": 4, "hit_rate": 1.5}),
+     "request_types[0].speculation: speculation needs draft_tokens >= 0 and a hit rate in"),
+    (lambda d: d["request_types"][0].update(speculation={"draft_tokens": 4}),
+     "request_types[0].speculation.hit_rate: Field required"),
 ]
 
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import brentq
 
 from splitllm.errors import UserError
 
@@ -54,3 +55,16 @@ def pass_contexts(prompt_tokens: int, decode_tokens: int, speculation: Speculati
     step = 1.0 if speculation is None else decode_tokens / passes
     positions = 0 if speculation is None else speculation.draft_tokens
     return prompt_tokens + np.ceil(np.arange(1, passes + 1) * step).astype(int) + positions
+
+
+def measured_hit_rate(draft_tokens: int, tokens_per_pass: float) -> float:
+    """The hit rate `a` at which k drafts per pass yield `tokens_per_pass` (1 + a + ... + a^k)."""
+    if draft_tokens < 1 or tokens_per_pass <= 1.0:
+        return 0.0
+    if tokens_per_pass >= draft_tokens + 1:
+        return 1.0
+
+    def excess(a: float) -> float:
+        return Speculation(draft_tokens=draft_tokens, hit_rate=a).tokens_per_pass - tokens_per_pass
+
+    return float(brentq(excess, 0.0, 1.0))

@@ -22,6 +22,7 @@ from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, Plan, Request, Unit, evaluate
 from splitllm.planner.network import Link
+from splitllm.planner.speculation import Speculation, decode_passes, pass_contexts
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.profile import UnitProfile
 from splitllm.runtime.units import UnitStack
@@ -56,7 +57,8 @@ def profile_server_times(server: UnitProfile, request: Request) -> ServerTimes:
     p = request.prompt_tokens
 
     def total(profile: UnitProfile) -> tuple[float, ...]:
-        return tuple(np.add(profile.prefill_at(p), profile.decode_steps_s(p, g - 1)).tolist())
+        return tuple(np.add(profile.prefill_at(p),
+                            decode_s(profile, p, g - 1, request.speculation)).tolist())
 
     return ServerTimes(total(server), total(server.cpu()), "the server's unit profile")
 
@@ -71,12 +73,15 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
     """
     g = max(request.output_tokens, 1)
     p, c = request.prompt_tokens, max(rows, 1.0)
+    passes = decode_passes(g - 1, request.speculation)
+    spec = request.speculation
+    positions = spec.positions_per_pass if spec is not None else 1  # per row of a decode step
 
     def total(model: StepModel, share: float, context: tuple[float, ...]) -> tuple[float, ...]:
         fits = (model.embed, *[model.block] * model.n_blocks, model.head)
         prefill = [fit.seconds(p) for fit in fits[:-1]] + [model.head.seconds(1)]
-        step = [fit.fixed_s + fit.per_token_s * c for fit in fits]  # a step of c rows
-        return tuple(a + (g - 1) * b * share + x
+        step = [fit.fixed_s + fit.per_token_s * c * positions for fit in fits]  # c rows
+        return tuple(a + passes * b * share + x
                      for a, b, x in zip(prefill, step, context, strict=True))
 
     n = wall.n_blocks + 2
@@ -98,9 +103,11 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
         raise UserError("client and server profiles cover different units (another model?)")
     g = max(request.output_tokens, 1)  # passes: one prefill, then g - 1 decode steps
     p = request.prompt_tokens
+    passes = 1 + decode_passes(g - 1, request.speculation)
     loop_s = np.zeros(len(client.names))
-    loop_s[0] = client.pass_s * g
-    client_s = np.add(client.prefill_at(p), client.decode_steps_s(p, g - 1)) + loop_s
+    loop_s[0] = client.pass_s * passes
+    decode = decode_s(client, p, g - 1, request.speculation)
+    client_s = np.add(client.prefill_at(p), decode) + loop_s
     server_s = np.add(server.latency_s, loop_s)
     out_bytes = (*wire_bytes.hidden, wire_bytes.token_down)  # the head's output is the token
     mem = client_mem_bytes if client_mem_bytes is not None else [0.0] * len(client.names)
@@ -108,7 +115,23 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
                        server_work=float(server.work_s[i]), out_bytes=out_bytes[i],
                        client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
     return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
-                    output_bytes=wire_bytes.token_down, passes=g)
+                    output_bytes=wire_bytes.token_down,
+                    passes=passes)
+
+
+def decode_s(profile: UnitProfile, prompt_tokens: int, decode_tokens: int,
+             speculation: Speculation | None) -> np.ndarray:
+    """[units] seconds of the decode passes that yield `decode_tokens` tokens.
+
+    A speculative pass is a decode step at its context plus the compute of its k drafts,
+    taken from the prefill fit (k + 1 positions against one): weights are read once per pass.
+    """
+    if speculation is None:
+        return np.array(profile.decode_steps_s(prompt_tokens, decode_tokens))
+    contexts = pass_contexts(prompt_tokens, decode_tokens, speculation)  # [passes]
+    steps = np.sum([profile.decode_at(int(c)) for c in contexts], axis=0)  # [units]
+    drafts = np.subtract(profile.prefill_at(speculation.positions_per_pass), profile.prefill_at(1))
+    return steps + len(contexts) * np.maximum(drafts, 0.0)
 
 
 def server_times(server_info: dict[str, Any], request: Request, rows: float = 1.0
@@ -146,7 +169,8 @@ def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Li
                   for u in range(stack.n_units)]
         fmt = WireFormat(n_units=stack.n_units, hidden_size=stack.hidden_size,
                          wire_dtype=wire_dtype, vocab_size=stack.vocab_size)
-        sizes = request_bytes(fmt, request.prompt_tokens, request.output_tokens)
+        sizes = request_bytes(fmt, request.prompt_tokens, request.output_tokens,
+                              speculation=request.speculation)
         instance = measured_instance(client_profile(), server, link, request, sizes,
                                      client_mem_bytes=memory)
         return instance, f"{MEASURED}; server: {server.source}"

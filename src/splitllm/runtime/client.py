@@ -24,6 +24,7 @@ from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.hardware import link_preset
 from splitllm.planner.instance import Instance
 from splitllm.planner.network import Link
+from splitllm.planner.speculation import Speculation
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.autoplace import (
     MEASURED,
@@ -198,7 +199,8 @@ class Session:
         return plan_request(instance, source, sla_s)
 
     def instance(self, prompt_tokens: int, new_tokens: int, client_device: str = MEASURED,
-                 server_device: str | None = None) -> tuple[Instance, str]:
+                 server_device: str | None = None, speculation: Speculation | None = None
+                 ) -> tuple[Instance, str]:
         """The planner's instance for this request (no SLA yet) and where its times come from.
 
         The server's unit times are taken at the rows per step it reports now (its load).
@@ -210,7 +212,8 @@ class Session:
         return request_instance(
             stack=self.stack, model_config=self.loaded.model.config.to_dict(),
             link=self.measure_link(),
-            request=Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens),
+            request=Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens,
+                            speculation=speculation),
             wire_dtype=self.wire_dtype, server_info=self.info,
             client_profile=self.client_profile, client_device=client_device,
             server_device=server_device, server_rows=rows)
@@ -229,8 +232,8 @@ class Session:
         placement="auto" asks the planner (sla_s, client_device and server_device say how) and
         passes its decision to on_plan before generating. on_token receives each token id as it
         comes; an exception it raises ends the generation (the server's session is closed).
-        speculate: greedy speculative decoding with that many prompt-lookup drafts per pass,
-        or 'auto' (tuned to the running acceptance; 0 while drafts rarely hit).
+        speculate: speculative decoding (the same tokens, greedy or seeded) with that many
+        prompt-lookup drafts per pass, or 'auto' (tuned to the running acceptance).
         A lost connection is survived (resume.py): on_notice hears of it in one line. A server
         error, or no server back within the backoff's retry_s, raises GenerationInterrupted
         with the partial generation.

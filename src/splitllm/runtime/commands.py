@@ -228,7 +228,7 @@ def generate_command(
     threads: ClientThreadsOption = None,
     dtype: ClientDtypeOption = "float32",
     speculate: Annotated[str, typer.Option(
-        help="Speculative decoding (greedy): prompt-lookup draft tokens per pass, or 'auto'.")
+        help="Speculative decoding: prompt-lookup draft tokens per pass, or 'auto'.")
                          ] = "0",
 ) -> None:
     """Generate text with a split between this client and a server, streaming tokens."""
@@ -246,7 +246,7 @@ def generate_command(
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     except (ProtocolError, ValueError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
-    drafts = _draft_tokens(speculate, local, temperature)
+    drafts = _draft_tokens(speculate, local)
     torch.set_num_threads(threads or default_threads())
     loaded = load_model(model, dtype)
     ids = checked_prompt(loaded, prompt, not raw, max_new_tokens)
@@ -310,7 +310,7 @@ def _print_notice(line: str) -> None:
     print(f"splitllm: {line}", file=sys.stderr, flush=True)
 
 
-def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
+def _draft_tokens(speculate: str, local: bool) -> int | str:
     """--speculate as the client takes it: a count of draft tokens >= 0, or 'auto'."""
     from splitllm.runtime.speculative import AUTO, MAX_DRAFT_TOKENS
 
@@ -321,9 +321,6 @@ def _draft_tokens(speculate: str, local: bool, temperature: float) -> int | str:
     drafts: int | str = text if text == AUTO else int(text)
     if drafts != 0 and local:
         raise UserError("--speculate runs over a split: leave out --local")
-    if drafts != 0 and temperature > 0.0:
-        raise UserError("--speculate needs greedy decoding (--temperature 0): sampled "
-                        "speculation is not supported")
     return drafts
 
 
@@ -366,9 +363,13 @@ def _generate_local(loaded: LoadedModel, ids: list[int], max_new_tokens: int, sa
             "prompt_tokens": len(ids)}
 
 
+DEMO_PROMPT = ("Rewrite this text in plain words, keeping its sentences: The city council met "
+               "on Tuesday to discuss the new bicycle lanes on Main Street. Shop owners said the "
+               "lanes hurt their business; cyclists said the lanes made their commute safer.")
+
+
 def demo(
-    prompt: Annotated[str, typer.Option(help="What to ask the model.")
-                      ] = "Explain in two sentences why the sky is blue.",
+    prompt: Annotated[str, typer.Option(help="What to ask the model.")] = DEMO_PROMPT,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     link: Annotated[str, typer.Option(help="EMULATED link: 4g, 5g, wifi or lan.")] = "4g",
     client_slowdown: Annotated[float, typer.Option(
@@ -377,13 +378,17 @@ def demo(
     sla_factor: Annotated[float, typer.Option(
         help="SLA as a multiple of the server-only latency the planner predicts.")] = 1.3,
     model: ModelOption = "smollm2",
+    speculate: Annotated[int, typer.Option(
+        help="Prompt-lookup drafts per pass in the speculation part (0: skip it).")] = 4,
 ) -> None:
     """Plan and run a real split for an emulated phone on an emulated 4G link, then report."""
     from splitllm.runtime.demo import DemoOptions, run_demo
 
-    if max_new_tokens < 1 or client_slowdown < 1 or not sla_factor > 0:
-        raise UserError("--max-new-tokens >= 1, --client-slowdown >= 1, --sla-factor > 0")
-    run_demo(DemoOptions(prompt, max_new_tokens, link, client_slowdown, sla_factor, model))
+    if max_new_tokens < 1 or client_slowdown < 1 or not sla_factor > 0 or not 0 <= speculate <= 8:
+        raise UserError("--max-new-tokens >= 1, --client-slowdown >= 1, --sla-factor > 0, "
+                        "--speculate from 0 to 8")
+    run_demo(DemoOptions(prompt, max_new_tokens, link, client_slowdown, sla_factor, model,
+                         speculate))
 
 
 def proxy(

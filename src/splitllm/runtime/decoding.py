@@ -13,7 +13,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, Placement
@@ -32,7 +32,7 @@ class RemoteResult:
     hidden: torch.Tensor | None = None
     token: int | None = None
     logits: torch.Tensor | None = None
-    tokens: tuple[int, ...] | None = None  # verify: the greedy token after every position
+    tokens: tuple[int, ...] | None = None  # verify: the token after every position
 
 
 class Remote(Protocol):
@@ -51,25 +51,49 @@ class Pipe(Protocol):
     def forward(self, ids: torch.Tensor, start: int, sample: bool) -> int | None: ...
 
 
+class Verifier(Pipe, Protocol):
+    """A pipe that verifies draft tokens (speculative decoding) and counts them."""
+
+    drafted: int  # draft tokens sent for verification
+    accepted: int  # ... and those the model's tokens agreed with
+
+    def verify(self, ids: torch.Tensor, start: int) -> tuple[int, ...]: ...
+
+
 class LocalPipe:
     """The unsplit model in-process: the reference every split must reproduce."""
 
     def __init__(self, model: PreTrainedModel, sampling: Sampling = Sampling()) -> None:
         self.model = model
         self.sampler = Sampler(sampling)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = SegmentCache(0, config=model.config)
         self.cache_kw = cache_kwarg(model)
         self.last_logits: torch.Tensor | None = None
+        self.drafted = 0
+        self.accepted = 0
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, sample: bool) -> int | None:
-        positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)  # [1, T]
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self.cache_kw: self.cache})
+        """ids [1, T] at positions [start, start + T)."""
+        logits = self._run(ids, start, 1)
         if not sample:
             return None
-        self.last_logits = out.logits[:, -1, :].float()  # [1, V]
-        return self.sampler(self.last_logits)
+        self.last_logits = logits[:, -1, :].float()  # [1, V]
+        return self.sampler(self.last_logits, start + ids.shape[1])
+
+    def verify(self, ids: torch.Tensor, start: int) -> tuple[int, ...]:
+        """The model's token after each of ids [1, T], the cache first cropped to `start`."""
+        if start < self.cache.get_seq_length() and not self.cache.can_roll_back():
+            raise UserError("this model's sliding-window cache cannot roll back")
+        self.cache.roll_back(start)
+        self.last_logits = self._run(ids, start, ids.shape[1])[0].float()  # [T, V]
+        return self.sampler.each(self.last_logits, start + 1)
+
+    @torch.inference_mode()
+    def _run(self, ids: torch.Tensor, start: int, keep: int) -> torch.Tensor:
+        positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)  # [1, T]
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True,
+                         logits_to_keep=keep, **{self.cache_kw: self.cache})
+        return out.logits  # [1, keep, V]
 
 
 @dataclass
@@ -106,11 +130,8 @@ class SplitPipe:
         return None if tokens is None else tokens[-1]
 
     def verify(self, ids: torch.Tensor, start: int) -> tuple[int, ...]:
-        """The greedy next token after each of ids [1, T] at [start, start + T): the caches
+        """The model's next token after each of ids [1, T] at [start, start + T): the caches
         first forget what they hold from `start` on (speculative decoding's rollback)."""
-        if self.sampling.temperature > 0.0:
-            raise UserError("speculative decoding needs greedy decoding (temperature 0): "
-                            "sampled speculation is not supported")
         tokens = self._pass(ids, start, True, verify=True)
         assert tokens is not None
         return tokens
@@ -131,7 +152,7 @@ class SplitPipe:
             if seg.side == CLIENT:
                 x = self._run_local(a, b, x, positions, start if rollback else None, verify)
                 if b == n:
-                    tokens = self._pick(x, verify)
+                    tokens = self._pick(x, span, verify)
                 continue
             assert self.remote is not None
             # A pass that does not sample needs nothing back from its last segment.
@@ -155,13 +176,14 @@ class SplitPipe:
         self.held_positions = span[1]
         return tokens
 
-    def _pick(self, logits: torch.Tensor, verify: bool) -> tuple[int, ...]:
+    def _pick(self, logits: torch.Tensor, span: tuple[int, int], verify: bool
+              ) -> tuple[int, ...]:
         """Tokens from the client's head: logits [1, V], or [1, T, V] when verifying."""
         if verify:
             self.last_logits = logits[0].float()  # [T, V]
-            return tuple(int(t) for t in logits[0].argmax(dim=-1).tolist())
+            return self.sampler.each(self.last_logits, span[0] + 1)
         self.last_logits = logits.float()  # [1, V]
-        return (self.sampler(logits),)
+        return (self.sampler(self.last_logits, span[1]),)
 
     def _run_local(self, a: int, b: int, x: torch.Tensor, positions: torch.Tensor,
                    rollback_to: int | None, all_logits: bool) -> torch.Tensor:
@@ -209,14 +231,14 @@ def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, 
                     speculate: int | str = 0) -> Iterator[int]:
     """Yield up to max_new_tokens new tokens; stops after an end-of-sequence token.
 
-    speculate (a SplitPipe): drafts per pass of speculative decoding, or 'auto'.
+    speculate (a Verifier): drafts per pass of speculative decoding, or 'auto'.
     """
     if max_new_tokens < 1:
         return
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
     if speculate != 0:
-        assert isinstance(pipe, SplitPipe)
+        assert isinstance(pipe, LocalPipe | SplitPipe)
         yield from _speculate(pipe, prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids,
                               chunk_tokens=chunk_tokens, drafter=Drafter(speculate))
         return
@@ -230,14 +252,18 @@ def generate_tokens(pipe: Pipe, prompt_ids: Sequence[int], max_new_tokens: int, 
         position += 1
 
 
-def _speculate(pipe: SplitPipe, prompt_ids: Sequence[int], max_new_tokens: int, *,
+def _speculate(pipe: Verifier, prompt_ids: Sequence[int], max_new_tokens: int, *,
                eos_token_ids: Sequence[int], chunk_tokens: int, drafter: Drafter
                ) -> Iterator[int]:
-    """Greedy decoding that verifies prompt-lookup drafts: the same tokens, fewer passes.
+    """Decoding that verifies prompt-lookup drafts: the same tokens, fewer passes.
 
-    Each pass sends the last token and the drafter's drafts; the model's greedy token
-    after every position accepts the longest agreeing prefix of the drafts plus one token
-    of its own. The positions of rejected drafts are rolled back by the next pass.
+    Each pass sends the last token and the drafter's drafts; the model's token after every
+    position (greedy, or sampled with the seed of its position) accepts the longest agreeing
+    prefix of the drafts plus one token of its own. With sampling this is the speculative-
+    sampling rule for a draft that is certain (a point mass at draft x): x is accepted with
+    probability p(x), and a rejection's token is drawn from p without x, renormalised, so the
+    tokens are distributed as the model's (transformers' assisted generation does the same for
+    drafts without logits). The positions of rejected drafts are rolled back by the next pass.
     """
     history = [*prompt_ids, prefill(pipe, prompt_ids, chunk_tokens)]
     produced = 1
@@ -245,11 +271,11 @@ def _speculate(pipe: SplitPipe, prompt_ids: Sequence[int], max_new_tokens: int, 
     while history[-1] not in eos_token_ids and produced < max_new_tokens:
         drafts = drafter.draft(history, max_new_tokens - produced - 1)
         ids = torch.tensor([[history[-1], *drafts]], dtype=torch.long)  # [1, 1 + k]
-        greedy = pipe.verify(ids, len(history) - 1)
-        accepted = drafter.observe(drafts, greedy)
+        picked = pipe.verify(ids, len(history) - 1)
+        accepted = drafter.observe(drafts, picked)
         pipe.drafted += len(drafts)
         pipe.accepted += accepted
-        for token in (*drafts[:accepted], greedy[accepted]):
+        for token in (*drafts[:accepted], picked[accepted]):
             history.append(token)
             produced += 1
             yield token

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +24,12 @@ from rich.console import Console
 from rich.table import Table
 
 from splitllm.errors import UserError
-from splitllm.placement import SERVER, Placement
+from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, Plan, evaluate
+from splitllm.planner.speculation import Speculation, measured_hit_rate
 
 if TYPE_CHECKING:
-    from splitllm.runtime.client import Generation
+    from splitllm.runtime.client import Generation, Session
     from splitllm.runtime.models import LoadedModel
 
 SERVER_START_TIMEOUT_S = 180.0
@@ -44,6 +45,7 @@ class DemoOptions:
     client_slowdown: float
     sla_factor: float
     model: str
+    speculate: int = 4  # prompt-lookup drafts per pass in the speculation part (0: skip it)
 
 
 def free_port() -> int:
@@ -171,10 +173,63 @@ def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: s
         print(flush=True)
         log_stderr("splitllm demo: the same prompt server-only, for comparison...")
         server_only = session.generate(ids, opts.max_new_tokens, placement=SERVER * n)
-    console.print(_report(chosen, instance, split, server_only))
-    from splitllm.planner.report import plan_table
+        console.print(_report(chosen, instance, split, server_only))
+        from splitllm.planner.report import plan_table
 
-    console.print(plan_table(instance, plans))
+        console.print(plan_table(instance, plans))
+        if opts.speculate > 0:
+            console.print(_speculation(session, opts, ids, instance, split, server_only))
+
+
+def _speculation(session: Session, opts: DemoOptions, ids: list[int], instance: Instance,
+                 split: Generation, server_only: Generation) -> Table:
+    """Speculation on the chosen placement, then the exact plan that knows its hit rate."""
+    from splitllm.runtime.autoplace import plan_placement, with_sla
+    from splitllm.runtime.models import log_stderr
+
+    k, tokens = opts.speculate, opts.max_new_tokens
+    log_stderr(f"splitllm demo: the split's placement again, {k} prompt-lookup drafts a pass...")
+    drafted = session.generate(ids, tokens, placement=split.placement, speculate=k)
+    passes = max(len(drafted.tokens) - 1 - drafted.accepted, 1)
+    rate = measured_hit_rate(k, (len(drafted.tokens) - 1) / passes)
+    speculation = Speculation(draft_tokens=k, hit_rate=rate)
+    known, _ = session.instance(len(ids), tokens, speculation=speculation)
+    runs = {"split, no drafts": split, f"split, {k} drafts": drafted}
+    try:
+        plan = plan_placement(with_sla(known, instance.sla_s))
+    except UserError:  # drafts that rarely hit only add work: no placement may meet the SLA
+        log_stderr(f"splitllm demo: with the hit rate {rate:.2f} no placement meets the SLA")
+        return _speculation_table(runs, server_only, instance.sla_s, rate)
+    log_stderr(f"splitllm demo: planned knowing the hit rate {rate:.2f}: {plan.placement}")
+    runs["planned with drafts"] = (
+        drafted if str(plan.placement) == split.placement else
+        session.generate(ids, tokens, placement=plan.placement, speculate=k))
+    return _speculation_table(runs, server_only, instance.sla_s, rate)
+
+
+def _speculation_table(runs: dict[str, Generation], server_only: Generation, sla_s: float,
+                       rate: float) -> Table:
+    table = Table(title=f"What speculation did (prompt lookup; measured hit rate {rate:.2f}; "
+                        f"the same SLA {sla_s:.2f} s)",
+                  caption="measured; the phone and the link are EMULATED")
+    table.add_column("")
+    runs = {**runs, "server-only": server_only}
+    for name in runs:
+        table.add_column(name, justify="right")
+    rows: dict[str, Callable[[Generation], str]] = {
+        "placement": lambda g: _segments(g.placement),
+        "units on the phone": lambda g: str(g.placement.count(CLIENT)),
+        "round trips": lambda g: str(g.round_trips),
+        "drafts accepted": lambda g: f"{g.accepted}/{g.drafted}" if g.drafted else "-",
+        "tokens/s": lambda g: f"{g.tokens_per_s:.1f}",
+        "server CPU s": lambda g: f"{g.server_cpu_s:.3f}",
+        "server CPU saved": lambda g: f"{1 - g.server_cpu_s / server_only.server_cpu_s:.0%}"
+        if server_only.server_cpu_s > 0 else "",
+        "same tokens": lambda g: "yes" if g.tokens == server_only.tokens else "NO",
+    }
+    for label, cell in rows.items():
+        table.add_row(label, *(cell(g) for g in runs.values()))
+    return table
 
 
 def _stream(text: str) -> None:

@@ -299,13 +299,14 @@ class Engine:
         start, stop = prepared.units
         hidden = logits = token = tokens = None
         if stop == self.stack.n_units:
-            if header.verify:  # greedy (the session checked): the token after every position
+            p0, p1 = header.positions
+            if header.verify:  # the token after every position
                 logits_cpu = torch.cat([*job.logits_parts, out]).float().cpu()  # [T, V]
-                tokens = tuple(int(t) for t in logits_cpu.argmax(dim=-1).tolist())
+                tokens = session.sampler.each(logits_cpu, p0 + 1)
                 token = tokens[-1]
             else:
                 logits_cpu = out.float().cpu()  # [1, V]: the sampler's generator is on the CPU
-                token = session.sampler(logits_cpu)
+                token = session.sampler(logits_cpu, p1)
             logits = logits_cpu if header.return_logits else None
         elif header.return_hidden:
             whole = torch.cat([*job.hidden_parts, out], dim=1) if job.hidden_parts else out

@@ -119,7 +119,7 @@ class ForwardHeader(TensorHeader):
     return_hidden: StrictBool = True  # False: output not needed (a prompt chunk's last blocks)
     # Speculative decoding: the segment forgets what it holds from p0 on before running...
     rollback: StrictBool = False
-    # ...and the head returns the greedy next token after every position, not just the last.
+    # ...and the head returns its next token after every position, not just the last.
     verify: StrictBool = False
 
 

@@ -53,7 +53,7 @@ class RemoteSession:
         """Run server units [start, stop) on x (ids [1, T] or hidden [1, T, D]).
 
         rollback: the segment first forgets positions from positions[0] on; verify: the
-        head returns the greedy token after every position (speculative decoding).
+        head returns its token after every position (speculative decoding).
         """
         self.seq += 1
         tensor = x if units[0] == 0 else x.to(self.wire_dtype)

@@ -6,8 +6,9 @@ new session with the same placement and sampling, and repeats the generation's p
 the tokens it already has: the prompt in the same chunks, then one pass per kept token, each
 fed the kept token whatever the pass samples. Every segment's cache (the client's are rebuilt
 the same way) then holds what the lost run computed, and every sampler (the server's when it
-holds the head, the client's otherwise) has made the same draws from the same seed, so the
-tokens that follow are those of an uninterrupted run. The replay costs one pass per kept token.
+holds the head, the client's otherwise) draws the token at each position with that position's
+own seed, so the tokens that follow are those of an uninterrupted run. The replay costs one
+pass per kept token.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ class Resumable:
                speculate: int | str = 0) -> Iterator[int]:
         """Yield each new token once; after a lost connection, recover and replay the kept.
 
-        Speculation (greedy, so the same tokens either way) runs until the first loss; a replay
-        feeds the kept tokens one per pass, and the generation then goes on without drafts.
+        Speculation (the same tokens either way: greedy, or per-position seeds) runs until the
+        first loss; a replay feeds the kept tokens one per pass, and the generation then goes
+        on without drafts.
         """
         while True:
             try:

@@ -1,7 +1,16 @@
-"""Picking the next token from logits: greedy, or temperature + top-p with an explicit seed."""
+"""Picking the next token from logits: greedy, or temperature + top-p with an explicit seed.
+
+The token at position t is drawn with a generator seeded by (seed, t) alone. A seeded
+generation therefore yields the same tokens however its positions are grouped into passes:
+one token per pass, several per speculative pass (rejected drafts draw nothing that a later
+position reuses), or a replay after a lost connection.
+"""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from splitllm.runtime.protocol import Sampling
@@ -12,20 +21,30 @@ class Sampler:
 
     def __init__(self, sampling: Sampling) -> None:
         self.sampling = sampling
-        self.generator = torch.Generator(device="cpu")
-        if sampling.seed is not None:
-            self.generator.manual_seed(sampling.seed)
-        else:
-            self.generator.seed()
+        self.seed = sampling.seed if sampling.seed is not None else (
+            random.SystemRandom().getrandbits(63))
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """One token id from logits [1, V]."""
+    def __call__(self, logits: torch.Tensor, position: int) -> int:
+        """The token at `position` from the logits [1, V] of the position before it."""
+        return self.each(logits, position)[0]
+
+    def each(self, logits: torch.Tensor, position: int) -> tuple[int, ...]:
+        """The token after every row of logits [T, V]: row i's token is at position + i."""
         if self.sampling.temperature == 0.0:
-            return int(torch.argmax(logits[0]).item())
-        probs = torch.softmax(logits[0].float() / self.sampling.temperature, dim=-1)  # [V]
-        if self.sampling.top_p < 1.0:
-            probs = _top_p(probs, self.sampling.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+            return tuple(int(t) for t in logits.argmax(dim=-1).tolist())
+        probs = torch.softmax(logits.float() / self.sampling.temperature, dim=-1)  # [T, V]
+        tokens = []
+        for i, row in enumerate(probs):
+            if self.sampling.top_p < 1.0:
+                row = _top_p(row, self.sampling.top_p)
+            generator = torch.Generator(device="cpu").manual_seed(self._seed_at(position + i))
+            tokens.append(int(torch.multinomial(row, 1, generator=generator).item()))
+        return tuple(tokens)
+
+    def _seed_at(self, position: int) -> int:
+        """A well-mixed 64-bit seed for one position (neighbouring seeds stay independent)."""
+        state = np.random.SeedSequence((self.seed, position)).generate_state(1, np.uint64)
+        return int(state[0])
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -104,7 +104,7 @@ class ForwardResult:
     unit_seconds: tuple[float, ...]
     units: tuple[int, int]
     cpu_s: float = 0.0
-    tokens: tuple[int, ...] | None = None  # verify: the greedy token after every position
+    tokens: tuple[int, ...] | None = None  # verify: the token after every position
     rolled_back: int = 0  # positions the head's segment forgot before this forward
 
 
@@ -197,18 +197,13 @@ class ServerSession:
         return seg
 
     def _check_speculation(self, header: ForwardHeader, seg: SegmentState) -> None:
-        """A rollback needs a cache that can crop; verification needs the head and greedy."""
+        """A rollback needs a cache that can crop; verification needs the head."""
         if header.rollback and seg.cache is not None and not seg.cache.can_roll_back():
             raise ProtocolError("no_rollback", f"units [{seg.start}, {seg.stop}) hold sliding-"
                                 "window layers, whose cache cannot roll back: speculative "
                                 "decoding is not available for this model")
-        if not header.verify:
-            return
-        if header.units[1] != self.stack.n_units:
+        if header.verify and header.units[1] != self.stack.n_units:
             raise ProtocolError("bad_units", "verify needs a forward that runs the head")
-        if self.sampling.temperature > 0.0:
-            raise ProtocolError("bad_sampling", "speculative verification needs greedy "
-                                "decoding (temperature 0); sampled speculation is not supported")
 
     def _segment(self, start: int, stop: int) -> SegmentState:
         n = self.stack.n_units

@@ -29,17 +29,21 @@ def prompt_lookup(history: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) ->
 AUTO = "auto"
 MAX_DRAFT_TOKENS = 64  # what a client may ask for (a server's message limit still applies)
 MAX_AUTO_K = 8
-MIN_HIT_RATE = 0.25  # auto: below this running hit rate of drafts, send none
+MIN_HIT_RATE = 0.25  # auto: below this running hit rate of drafts, stop sending them...
+RESUME_HIT_RATE = 0.5  # ... and start again only above this one (two free probes in a row)
 WORTH_REACHING = 0.15  # auto: draft position j is sent while rate ** j is at least this
-RATE_WEIGHT = 0.15  # weight of one new observation in the running hit rate
+RATE_WEIGHT = 0.3  # weight of one new observation in the running hit rate
 
 
 class Drafter:
     """Prompt-lookup drafts for each pass: k of them, or ('auto') as many as the hit rate pays.
 
     'auto' keeps a running rate at which a draft token is right given the ones before it were.
-    With the rate low it sends no drafts but still looks one up and checks it against the
-    model's token, so the rate keeps moving and speculation resumes when text starts repeating.
+    It stops sending drafts after two passes whose first draft missed (from its prior), since
+    rejected drafts cost the server compute. While sending none it still looks one up and
+    checks it against the model's token (free: nothing is sent), so the rate keeps moving;
+    speculation resumes only once the rate is well above where it stopped (hysteresis), so
+    text that repeats a word now and then does not make it flip back and forth.
     """
 
     def __init__(self, k: int | str) -> None:
@@ -47,13 +51,14 @@ class Drafter:
             raise ValueError(f"speculate: a number of draft tokens >= 0 or 'auto', not {k!r}")
         self.fixed = None if k == AUTO else int(k)
         self.hit_rate = 0.5
+        self.sending = True  # auto: whether drafts are sent at all (see the hysteresis above)
         self.shadow: int | None = None  # auto, sending none: the draft it would have sent
 
     def k(self) -> int:
         """Drafts to send in the next pass."""
         if self.fixed is not None:
             return self.fixed
-        if self.hit_rate < MIN_HIT_RATE:
+        if not self.sending:
             return 0
         k = 1
         while k < MAX_AUTO_K and self.hit_rate ** (k + 1) >= WORTH_REACHING:
@@ -69,12 +74,14 @@ class Drafter:
             self.shadow = probe[0] if probe else None
         return prompt_lookup(history, min(k, budget))
 
-    def observe(self, drafts: Sequence[int], greedy: Sequence[int]) -> int:
-        """How many drafts the model's greedy tokens accept; updates the running hit rate."""
-        accepted = next((j for j, d in enumerate(drafts) if d != greedy[j]), len(drafts))
+    def observe(self, drafts: Sequence[int], picked: Sequence[int]) -> int:
+        """How many drafts the model's tokens accept; updates the running hit rate."""
+        accepted = next((j for j, d in enumerate(drafts) if d != picked[j]), len(drafts))
         hits = [True] * accepted + ([False] if accepted < len(drafts) else [])
         if self.shadow is not None:
-            hits = [self.shadow == greedy[0]]
+            hits = [self.shadow == picked[0]]
         for hit in hits:
             self.hit_rate += RATE_WEIGHT * (float(hit) - self.hit_rate)
+        threshold = MIN_HIT_RATE if self.sending else RESUME_HIT_RATE
+        self.sending = self.hit_rate >= threshold
         return accepted

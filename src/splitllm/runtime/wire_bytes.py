@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from splitllm.planner.speculation import Speculation, decode_passes
 from splitllm.runtime import protocol as wire
 
 # The server's session ids are `s{connection}-{12 hex digits}`; connection numbers stay short.
@@ -75,18 +76,22 @@ class WireFormat:
     vocab_size: int
 
 
-def request_bytes(fmt: WireFormat, prompt_tokens: int, new_tokens: int) -> RequestBytes:
+def request_bytes(fmt: WireFormat, prompt_tokens: int, new_tokens: int, *,
+                  speculation: Speculation | None = None) -> RequestBytes:
     """Bytes per crossing of a generation, from the frames its messages are sent in.
 
     Header lengths depend a little on digit counts (seq, positions, token ids): they are taken at
-    the middle decode step, which is within a few bytes of every step's.
+    the middle decode step, which is within a few bytes of every step's. With speculation each
+    decode pass carries k + 1 positions (the replies' token lists are not counted).
     """
-    passes = max(new_tokens, 1)
-    mid = prompt_tokens + passes // 2  # position of the middle decode step
+    decode = decode_passes(max(new_tokens, 1) - 1, speculation)
+    width = speculation.positions_per_pass if speculation else 1
+    passes = 1 + decode
+    mid = prompt_tokens + max(new_tokens, 1) // 2  # position of the middle decode step
     seq = passes  # a typical sequence number (one forward per server segment and pass)
     spans = [((0, prompt_tokens), prompt_tokens, 1)]  # (positions, tokens, messages)
     if passes > 1:
-        spans.append(((mid, mid + 1), 1, passes - 1))
+        spans.append(((mid, mid + width), width, decode))
     d, n = fmt.hidden_size, fmt.n_units
 
     def over_passes(message: Callable[..., int], units: tuple[int, int], dtype: str,

@@ -29,6 +29,7 @@ from splitllm.planner.configs import load_model_config
 from splitllm.planner.costs import model_costs
 from splitllm.planner.hardware import DeviceProfile, device_preset, link_preset
 from splitllm.planner.network import Link
+from splitllm.planner.speculation import Speculation
 from splitllm.sim import traces
 from splitllm.sim.dists import Dist
 from splitllm.sim.measured import scenario_step_model
@@ -190,6 +191,8 @@ class RequestTypeIn(_In):
     wire_dtype: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
     keep_on_client: list[str] = []
     keep_on_server: list[str] = []
+    # Speculative decoding by its clients: drafts per pass and the measured per-draft hit rate.
+    speculation: Speculation | None = None
 
     @field_validator("model")
     @classmethod
@@ -357,6 +360,7 @@ def _request_type(t: RequestTypeIn) -> RequestType:
         ttft_s=t.ttft_s, tpot_s=t.tpot_s, share=t.share,
         keep_on_client=frozenset(t.keep_on_client), keep_on_server=frozenset(t.keep_on_server),
         service_s=t.service_s.resolve(integer=False) if t.service_s is not None else None,
+        speculation=t.speculation,
     )
 
 
