@@ -55,12 +55,16 @@ class Point:
     engine: str
     placement: str
     sessions: int
-    tokens_per_s: float  # aggregate decode tokens/s of all sessions
     tpot_s: float  # mean per-session time per output token
     wall_s: float
     server_cpu_s: float
     mean_rows: float  # rows per engine step
     generated_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Aggregate generated tokens per wall second of the whole run (prefill included)."""
+        return self.generated_tokens / self.wall_s
 
     @property
     def tokens_per_cpu_s(self) -> float:
@@ -118,11 +122,12 @@ def measure(url: str, loaded: LoadedModel, ids: list[int], placement: str, sessi
     after = parse_metrics(httpx.get(url.replace("ws", "http", 1) + "/metrics").text)
     steps = after["splitllm_engine_steps_total"] - before["splitllm_engine_steps_total"]
     rows = after["splitllm_engine_step_rows_sum"] - before["splitllm_engine_step_rows_sum"]
-    return Point(engine, placement, sessions, sum(1.0 / r.tpot_s for r in results),
-                 sum(r.tpot_s for r in results) / sessions, wall_s,
-                 after["splitllm_server_cpu_seconds_total"]
-                 - before["splitllm_server_cpu_seconds_total"], rows / max(steps, 1),
-                 sum(len(r.tokens) for r in results))
+    return Point(engine=engine, placement=placement, sessions=sessions,
+                 tpot_s=sum(r.tpot_s for r in results) / sessions, wall_s=wall_s,
+                 server_cpu_s=after["splitllm_server_cpu_seconds_total"]
+                 - before["splitllm_server_cpu_seconds_total"],
+                 mean_rows=rows / max(steps, 1),
+                 generated_tokens=sum(len(r.tokens) for r in results))
 
 
 def run_server(args: argparse.Namespace, loaded: LoadedModel, ids: list[int], batch_rows: int,
@@ -157,9 +162,11 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
         driver.run(ids, 2, 4)  # warm up
         for n in args.sessions:
             run = driver.run(ids, n, args.tokens)
-            points.append(Point(engine, placement, n, sum(1.0 / t for t in run.tpot_s),
-                                sum(run.tpot_s) / n, run.wall_s, run.server_cpu_s,
-                                run.rows / max(run.steps, 1), run.generated_tokens))
+            points.append(Point(engine=engine, placement=placement, sessions=n,
+                                tpot_s=sum(run.tpot_s) / n, wall_s=run.wall_s,
+                                server_cpu_s=run.server_cpu_s,
+                                mean_rows=run.rows / max(run.steps, 1),
+                                generated_tokens=run.generated_tokens))
     return points
 
 
@@ -236,8 +243,9 @@ def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batc
     limit = bandwidth / weight_bytes(loaded)
     solo = [p for p in batched if p.sessions == 1 and p.placement == placements["server-only"]]
     if solo:
-        console.print(f"one session, server-only: {solo[0].tokens_per_s:.1f} tok/s = "
-                      f"{solo[0].tokens_per_s / limit:.0%} of the physical limit {limit:.1f} "
+        decode = 1.0 / solo[0].tpot_s  # decode alone, as the limit is per decode step
+        console.print(f"one session, server-only: {decode:.1f} decode tok/s = "
+                      f"{decode / limit:.0%} of the physical limit {limit:.1f} "
                       f"tok/s ({weight_bytes(loaded) / 1e6:.0f} MB of weights at "
                       f"{bandwidth / 1e9:.1f} GB/s, one thread's read bandwidth)")
 
