@@ -264,15 +264,22 @@ def _speculate(pipe: Verifier, prompt_ids: Sequence[int], max_new_tokens: int, *
     probability p(x), and a rejection's token is drawn from p without x, renormalised, so the
     tokens are distributed as the model's (transformers' assisted generation does the same for
     drafts without logits). The positions of rejected drafts are rolled back by the next pass.
+    A pass with no drafts and nothing to roll back is a plain decode step (the same token: its
+    position's seed), so 'auto' with speculation off costs what decoding without it costs.
     """
     history = [*prompt_ids, prefill(pipe, prompt_ids, chunk_tokens)]
     produced = 1
     yield history[-1]
+    clean = True  # the caches hold exactly the history but its last token
     while history[-1] not in eos_token_ids and produced < max_new_tokens:
         drafts = drafter.draft(history, max_new_tokens - produced - 1)
-        ids = torch.tensor([[history[-1], *drafts]], dtype=torch.long)  # [1, 1 + k]
-        picked = pipe.verify(ids, len(history) - 1)
+        if drafts or not clean:
+            ids = torch.tensor([[history[-1], *drafts]], dtype=torch.long)  # [1, 1 + k]
+            picked = pipe.verify(ids, len(history) - 1)
+        else:
+            picked = (decode_one_token(pipe, history[-1], len(history) - 1),)
         accepted = drafter.observe(drafts, picked)
+        clean = accepted == len(drafts)
         pipe.drafted += len(drafts)
         pipe.accepted += accepted
         for token in (*drafts[:accepted], picked[accepted]):
