@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitllm.runtime.gemv import install_fast_linear, warm_up
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.packing import install_packed_attention
 from splitllm.runtime.protocol import ForwardHeader, ProtocolError
@@ -136,6 +137,8 @@ class Engine:
         if config.max_batch_tokens < 1 or config.max_batch_rows < 1:
             raise ValueError("max_batch_tokens and max_batch_rows must be positive")
         install_packed_attention(stack.model)
+        install_fast_linear(stack.model)  # decode steps of few rows at the speed of memory
+        warm_up()
         self.stack = stack
         self.metrics = metrics
         self.config = config

@@ -1,0 +1,89 @@
+"""The compiled few-row linear kernel: F.linear's results, used only where it applies."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitllm.runtime import gemv
+from splitllm.runtime.engine import Engine, EngineConfig
+from splitllm.runtime.gemv import FAST_ROWS, fast_linear, install_fast_linear
+from splitllm.runtime.metrics import ServerMetrics
+from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.step import StepRow, run_step
+from splitllm.runtime.units import UnitStack
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 3, 48), (2, 2, 48), (4, 48), (48,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_linear_equals_f_linear(shape: tuple[int, ...], bias: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 48, generator=generator)
+    b = torch.randn(40, generator=generator) if bias else None
+    x = torch.randn(*shape, generator=generator)
+    with torch.inference_mode(), mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
+        got = fast_linear(x, weight, b)
+    assert kernel.call_count == 1  # the kernel ran, not the fallback
+    want = F.linear(x, weight, b)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["rows", "grad", "dtype", "threads", "strided"])
+def test_fast_linear_falls_back_where_the_kernel_does_not_apply(case: str) -> None:
+    weight, x = torch.randn(8, 16), torch.randn(1, 1, 16)
+    if case == "rows":
+        x = torch.randn(1, FAST_ROWS + 1, 16)
+    elif case == "dtype":
+        weight, x = weight.double(), x.double()
+    elif case == "strided":
+        weight = torch.randn(16, 8).t()
+    threads = torch.get_num_threads()
+    if case == "threads":
+        torch.set_num_threads(2)
+    try:
+        with mock.patch.object(gemv, "_matvec") as kernel, torch.set_grad_enabled(case == "grad"):
+            got = fast_linear(x, weight, None)
+    finally:
+        torch.set_num_threads(threads)
+    kernel.assert_not_called()
+    torch.testing.assert_close(got, F.linear(x, weight))
+
+
+def test_installed_linear_layers_keep_their_results_and_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8, bias=False))
+    x = torch.randn(1, 1, 32)
+    with torch.inference_mode():
+        want = model(x)
+    weights = [p.clone() for p in model.parameters()]
+    install_fast_linear(model)
+    install_fast_linear(model)  # idempotent
+    with torch.inference_mode(), mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
+        got = model(x)
+    assert kernel.call_count == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for before, after in zip(weights, model.parameters(), strict=True):
+        assert torch.equal(before, after) and after.is_contiguous()
+    model(x).sum().backward()  # with grad: F.linear, gradients as before
+    assert model[0].weight.grad is not None
+
+
+def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) -> None:
+    stack = UnitStack(tiny_llama.model)
+    Engine(stack, ServerMetrics(stack.names), EngineConfig(), threads=1, start=False)
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    tokens = FAST_ROWS + 1
+    prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None],
+                     torch.arange(tokens)[None], cache)
+    with mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
+        run_step(stack, [prompt])
+        assert kernel.call_count == 1  # the prompt's blocks by MKL; the head's one row
+        run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
+                                 torch.tensor([[tokens]]), cache)])
+    linear = sum(type(m) is nn.Linear for m in stack.model.modules())
+    assert kernel.call_count == 1 + linear
