@@ -248,7 +248,7 @@ class Engine:
         tokens = sum(take for _, take in picks)
         clock, cpu_clock = time.perf_counter(), time.thread_time()
         try:
-            outputs, times = run_step(self.stack, rows)
+            outputs, times = run_step(self.stack, rows, unit_cpu=False)
         except Exception as exc:  # the step as a whole failed (e.g. out of memory): all its rows
             for job, _ in picks:
                 self._remove(job)

@@ -114,21 +114,37 @@ def _packed_attention(base: str) -> Callable[..., tuple[torch.Tensor, None]]:
             alone.extend(decoding)
         if batched is not None and not alone and len(decoding) == query.shape[2]:
             return batched[1][None], None  # a step of decoding rows only: [1, T, H, d]
+        if batched is None and len(alone) == 1 and alone[0][0].end - alone[0][0].begin == \
+                query.shape[2]:  # one session holds every row: its attention is the output
+            part = _attend_group(inner, base, module, query, *alone[0], window, kwargs)
+            if part is not None:
+                return part, None
         out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
         if batched is not None:
             out[0, batched[0]] = batched[1].to(out.dtype)
-        for group, (keys, values) in alone:
-            try:
-                mask = _as_mask(base, group_mask(group.end - group.begin, keys.shape[2], window,
-                                                 query.device), query.dtype)
-                part, _ = inner(module, query[:, :, group.begin:group.end], keys, values, mask,
-                                **kwargs)
+        for group, kv in alone:
+            if group.error is None and (part := _attend_group(inner, base, module, query, group,
+                                                              kv, window, kwargs)) is not None:
                 out[:, group.begin:group.end] = part  # [1, t, H, d]
-            except Exception as exc:  # this session only: the other rows go on
-                group.error = exc
         return out, None
 
     return attention
+
+
+def _attend_group(inner: Callable[..., Any], base: str, module: nn.Module, query: torch.Tensor,
+                  group: RowGroup, kv: KeyValues, window: int | None, kwargs: dict[str, Any],
+                  ) -> torch.Tensor | None:
+    """One group's queries against its session's whole K/V: [1, t, H, d], or None with the
+    group's error set (this session only: the other rows go on)."""
+    keys, values = kv
+    try:
+        mask = _as_mask(base, group_mask(group.end - group.begin, keys.shape[2], window,
+                                         query.device), query.dtype)
+        part, _ = inner(module, query[:, :, group.begin:group.end], keys, values, mask, **kwargs)
+    except Exception as exc:
+        group.error = exc
+        return None
+    return part
 
 
 def _attend_decoding(inner: Callable[..., Any], base: str, module: nn.Module,

@@ -90,8 +90,10 @@ def _cache(row: StepRow) -> SegmentCache:
 
 
 @torch.inference_mode()
-def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], StepTimes]:
-    """Run every row through its units; a failure in one row's attention spares the others."""
+def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
+             ) -> tuple[list[RowOutput], StepTimes]:
+    """Run every row through its units; a failure in one row's attention spares the others.
+    unit_cpu=False leaves StepTimes.unit_cpu_s empty (a CPU clock read costs microseconds)."""
     install_packed_attention(stack.model)  # once per model; a no-op afterwards
     n = stack.n_units
     outputs = [RowOutput() for _ in rows]
@@ -99,7 +101,7 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
     times = StepTimes()
     packed: _Packed | None = None
     for unit in range(min(r.start for r in rows), max(r.stop for r in rows)):
-        clock, cpu_clock = time.perf_counter(), time.thread_time()
+        clock, cpu_clock = time.perf_counter(), time.thread_time() if unit_cpu else 0.0
         active = tuple(i for i, r in enumerate(rows)
                        if r.start <= unit < r.stop and outputs[i].error is None)
         if packed is not None and (packed.members != active or unit in (0, n - 1)):
@@ -119,7 +121,8 @@ def run_step(stack: UnitStack, rows: list[StepRow]) -> tuple[list[RowOutput], St
         if rows[0].x.is_cuda:
             torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
         times.unit_s[unit] = time.perf_counter() - clock
-        times.unit_cpu_s[unit] = time.thread_time() - cpu_clock
+        if unit_cpu:
+            times.unit_cpu_s[unit] = time.thread_time() - cpu_clock
         times.unit_tokens[unit] = (sum(rows[i].head_positions for i in active) if unit == n - 1
                                    else sum(rows[i].positions.shape[1] for i in active))
     if packed is not None:
