@@ -5,7 +5,8 @@
   one forward per step (`--max-batch-rows 1`: one session at a time, as before batching),
 - per-session time per output token, server CPU seconds beside wall time,
 - one session against the physical limit: the weights' bytes / one thread's read bandwidth,
-  measured in the same run, and the machine's load average beside every number.
+  measured in the same run, and the machine's load average beside every number; one session
+  alone again, the few-row linear kernel (runtime/gemv.py) against MKL alone, alternating.
 
 Two drivers. `inprocess` (default): the sessions queue their forwards straight into an engine
 in this process (benchmarks/engine_driver.py), so a step holds every waiting session: the
@@ -15,13 +16,14 @@ rows per step. The engine (or server) is pinned to core 0, the clients to core 1
 machine has two cores. Speed is measured here, never asserted in tests.
 
     .venv/bin/python benchmarks/bench_engine.py [--model smollm2] [--sessions 1,4,8,16,32]
-        [--tokens 16] [--compute cpu] [--driver inprocess|socket] [--quick]
+        [--tokens 16] [--compute cpu] [--driver inprocess|socket] [--quick] [--linear mkl]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,7 @@ from engine_driver import InProcessDriver
 from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.engine import EngineConfig
+from splitllm.runtime.gemv import FAST_ROWS, kernel_rows
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.profile import measure_step_models
@@ -170,6 +173,19 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
     return points
 
 
+def solo_side_by_side(loaded: LoadedModel, ids: list[int], tokens: int, rounds: int = 3,
+                      ) -> dict[str, list[float]]:
+    """One session's decode tok/s with the few-row kernel and with MKL alone, alternating."""
+    driver = InProcessDriver(UnitStack(loaded.model), config=EngineConfig(), client_units=0,
+                             client_core=None)
+    rates: dict[str, list[float]] = {"kernel": [], "MKL alone": []}
+    for _ in range(rounds):
+        for name, rows in (("kernel", FAST_ROWS), ("MKL alone", 0)):
+            with kernel_rows(rows):
+                rates[name].append(1.0 / driver.run(ids, 1, tokens).tpot_s[0])
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -180,9 +196,13 @@ def main() -> None:
     parser.add_argument("--driver", choices=("inprocess", "socket"), default="inprocess")
     parser.add_argument("--quick", action="store_true",
                         help="1 and 16 sessions, 8 tokens each (a few minutes)")
+    parser.add_argument("--linear", choices=("kernel", "mkl"), default="kernel",
+                        help="mkl: every linear layer by MKL (the few-row kernel off)")
     args = parser.parse_args()
     if args.quick:
         args.sessions, args.tokens = [1, 16], 8
+    if args.driver == "socket" and args.linear == "mkl":
+        parser.error("--linear mkl applies to the in-process driver's engine")
     if args.driver == "inprocess" and args.compute != "cpu":
         parser.error("the in-process driver runs on the CPU; use --driver socket --compute ...")
     console = Console(width=200)
@@ -203,11 +223,18 @@ def main() -> None:
     else:
         if pin:
             os.sched_setaffinity(0, {0})  # the engine thread; the client thread moves to core 1
-        batched = run_inprocess(args, loaded, ids, 64, "batched", placements, pin)
-        single = run_inprocess(args, loaded, ids, 1, "batch-1", placements, pin)
-        if not args.quick:
-            model = measure_step_models(UnitStack(loaded.model))[0]  # wall seconds
+        with kernel_rows(FAST_ROWS if args.linear == "kernel" else 0):
+            batched = run_inprocess(args, loaded, ids, 64, "batched", placements, pin)
+            single = run_inprocess(args, loaded, ids, 1, "batch-1", placements, pin)
+            if not args.quick:
+                model = measure_step_models(UnitStack(loaded.model))[0]  # wall seconds
     _print(console, args, loaded, batched, single, placements, bandwidth, pin)
+    if args.driver == "inprocess":
+        limit = bandwidth / weight_bytes(loaded)
+        rates = solo_side_by_side(loaded, ids, args.tokens)
+        console.print("one session alone, side by side (3 rounds each, alternating): " + "; ".join(
+            f"{name} {statistics.median(r):.1f} decode tok/s = "
+            f"{statistics.median(r) / limit:.0%} of the limit" for name, r in rates.items()))
     if model is not None:
         _print_model(console, model, batched, placements)
     console.print("load average (1, 5, 15 min): before "
@@ -220,7 +247,7 @@ def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batc
            single: list[Point], placements: dict[str, str], bandwidth: float, pin: bool) -> None:
     names = {v: k for k, v in placements.items()}
     table = Table(title=f"Engine decode throughput ({args.driver} driver): {loaded.model_id} "
-                        f"{loaded.dtype}, {args.compute}, 1 server thread"
+                        f"{loaded.dtype}, {args.compute}, 1 server thread, linear: {args.linear}"
                         f"{' (pinned)' if pin else ''}, "
                         f"prompt {len(encode_prompt(loaded, PROMPT))} tokens, "
                         f"{args.tokens} new tokens per session")

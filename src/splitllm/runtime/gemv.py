@@ -13,7 +13,9 @@ the same model.
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numba
@@ -24,6 +26,8 @@ from torch import nn
 
 FAST_ROWS = 4  # rows up to which the kernel beats MKL here (memory-bound: 4 rows cost what 1 does)
 _FLAG = "_splitllm_fast_linear"
+_ARRAY = "_splitllm_weight_array"
+_rows_now = FAST_ROWS  # what calls compare against: kernel_rows() changes it (benchmarks)
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
@@ -37,29 +41,50 @@ def _matvec(weight: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:  # p
             out[r, o] = acc
 
 
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias), by the compiled kernel where it is faster."""
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                weight_array: np.ndarray | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the compiled kernel where it is faster (weight_array: the
+    weight's numpy view, where the caller keeps one)."""
     features = weight.shape[-1]
     rows = x.numel() // features if features else 0
     if not _fits(x, weight, rows):
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, features).contiguous()  # [R, in]
-    out = torch.empty(rows, weight.shape[0], dtype=x.dtype)  # [R, out]
-    _matvec(weight.detach().numpy(), flat.detach().numpy(), out.numpy())
+    if weight_array is None:
+        weight_array = weight.detach().numpy()
+    flat = np.ascontiguousarray(x.detach().numpy().reshape(rows, features))  # [R, in]
+    out = np.empty((*x.shape[:-1], weight.shape[0]), dtype=np.float32)  # [..., out]
+    _matvec(weight_array, flat, out.reshape(rows, weight.shape[0]))
+    result = torch.from_numpy(out)
     if bias is not None:
-        out += bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+        result += bias
+    return result
 
 
 def _fits(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    return (0 < rows <= FAST_ROWS and x.dtype == weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu"
-            and weight.is_contiguous() and not torch.is_grad_enabled()
-            and torch.get_num_threads() == 1)
+    return (0 < rows <= _rows_now and torch.get_num_threads() == 1
+            and not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32
+            and x.is_cpu and weight.is_cpu and weight.is_contiguous())
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return fast_linear(x, self.weight, self.bias)
+    weight = self.weight
+    held = self.__dict__.get(_ARRAY)  # the weight's numpy view, while its storage stays
+    if held is None or held[0] != weight.data_ptr():
+        held = (weight.data_ptr(), weight.detach().numpy()) if weight.is_cpu and \
+            weight.dtype == torch.float32 else (weight.data_ptr(), None)
+        self.__dict__[_ARRAY] = held
+    return fast_linear(x, weight, self.bias, held[1])
+
+
+@contextlib.contextmanager
+def kernel_rows(rows: int) -> Iterator[None]:
+    """Use the kernel up to `rows` rows inside the block (0: MKL alone), to compare the two."""
+    global _rows_now
+    before, _rows_now = _rows_now, rows
+    try:
+        yield
+    finally:
+        _rows_now = before
 
 
 def install_fast_linear(model: nn.Module) -> None:
