@@ -54,6 +54,12 @@ def test_fast_linear_falls_back_where_the_kernel_does_not_apply(case: str) -> No
     torch.testing.assert_close(got, F.linear(x, weight))
 
 
+def test_fast_linear_rejects_a_wrong_shape_as_f_linear_does() -> None:
+    weight, x = torch.randn(8, 16), torch.randn(1, 1, 32)  # 32 = two rows of 16: not a match
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fast_linear(x, weight, None)
+
+
 def test_installed_linear_layers_keep_their_results_and_weights() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8, bias=False))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
-from typing import Any
 
 import numba
 import numpy as np
@@ -46,8 +45,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """F.linear(x, weight, bias), by the compiled kernel where it is faster (weight_array: the
     weight's numpy view, where the caller keeps one)."""
     features = weight.shape[-1]
-    rows = x.numel() // features if features else 0
-    if not _fits(x, weight, rows):
+    rows = x.numel() // features if x.dim() and x.shape[-1] == features > 0 else 0
+    if not _fits(x, weight, rows):  # F.linear: other cases, and wrong shapes' errors
         return F.linear(x, weight, bias)
     if weight_array is None:
         weight_array = weight.detach().numpy()
@@ -95,7 +94,7 @@ def install_fast_linear(model: nn.Module) -> None:
             setattr(layer, _FLAG, True)
 
 
-def warm_up() -> Any:
+def warm_up() -> None:
     """Compile (or load from numba's cache) the kernel now rather than in the first step."""
     weight = np.zeros((2, 2), dtype=np.float32)
     _matvec(weight, weight, np.empty((2, 2), dtype=np.float32))
