@@ -64,6 +64,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "tpot_p99_s": _num(m.tpot_s[2]) if m else None,
         "server_cpu_s_per_request": _num(at.process_cpu_s_per_request) if at else None,
         "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
+        "simulated_search_cut_short": r.simulated_cut_short,
         "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
         "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
                                   if r.simulated_at_capacity else None),
@@ -109,6 +110,21 @@ def verdict(results: list[PolicyResult]) -> str:
     return head + " **Splitting is below server-only here**: " + "; ".join(reasons) + "."
 
 
+def budget_note(results: list[PolicyResult]) -> str:
+    """Which searches the time budget (--max-minutes) ended early, or that none was."""
+    cut = []
+    for r in results:
+        kinds = [kind for kind, on in (("measured", r.measured.cut_short),
+                                       ("simulated", r.simulated_cut_short)) if on]
+        if kinds:
+            cut.append(f"`{r.policy}` ({', '.join(kinds)})")
+    if not cut:
+        return "Every search ended within the time budget (--max-minutes).\n"
+    return ("**The time budget (--max-minutes) ended these searches early**: " + ", ".join(cut)
+            + "; their capacities are the best rates found before it, brackets wider than "
+            "--rel-tol.\n")
+
+
 def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: str,
                 length_scale: float, model: str, where: str) -> str:
     """What ran, and what was EMULATED, for the top of every report."""
@@ -136,9 +152,10 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     return "\n".join(lines)
 
 
-def report_md(results: list[PolicyResult], header: str) -> str:
-    """The whole report."""
-    lines = ["# Load test: measured against simulated goodput capacity\n", header, "",
+def report_md(results: list[PolicyResult], header: str, idle: str = "") -> str:
+    """The whole report: the verdict first, what ran, the idle check, the capacities."""
+    lines = ["# Load test: measured against simulated goodput capacity\n", verdict(results), "",
+             header, "", idle, "## Goodput capacity per policy", "",
              "| policy | capacity measured (req/s) | simulated | sim error | attainment | "
              "goodput (req/s) | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (s) | "
              "server CPU s / request | probes |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,20 +163,22 @@ def report_md(results: list[PolicyResult], header: str) -> str:
         j = policy_json(r)
         err = j["capacity_rel_err"]
         cut = " (cut short)" if r.measured.cut_short else ""
+        sim_cut = " (cut short)" if r.simulated_cut_short else ""
         ttft = " / ".join(f"{j[f'ttft_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         tpot = " / ".join(f"{j[f'tpot_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         lines.append(
             f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
-            f"{r.simulated_capacity_per_s:.3g} | {'' if err is None else f'{err:+.0%}'} | "
+            f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {'' if err is None else f'{err:+.0%}'} | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
     errors = [abs(e) for r in results
               if (e := _rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)) == e]
     met = errors and max(errors) <= CAPACITY_TARGET
-    lines += ["", f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "
-              + ("met" if met else "**missed**") + (f" (worst {max(errors):.0%})" if errors
-                                                    else " (no capacity measured)") + ".",
-              "", verdict(results), "", "Every probe (measured):", "",
+    lines += ["", budget_note(results),
+              f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "
+              + ("met" if met else "**missed**")
+              + (f" (worst {max(errors):.0%})" if errors else " (no capacity measured)") + ".",
+              "", "Every probe (measured):", "",
               "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server CPU s / req | "
               "wall s |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -173,9 +192,10 @@ def report_md(results: list[PolicyResult], header: str) -> str:
 
 
 def study_json(results: list[PolicyResult], world: World, classes: tuple[EmulatedClass, ...],
-               *, scenario: str, length_scale: float) -> dict[str, Any]:
+               *, scenario: str, length_scale: float, idle: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
     """The `--json` document (results.json holds the same)."""
-    return {"policies": {r.policy: policy_json(r) for r in results},
+    return {"policies": {r.policy: policy_json(r) for r in results}, "idle": idle or [],
             "scenario": scenario, "length_scale": length_scale,
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
