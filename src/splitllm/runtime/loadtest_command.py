@@ -157,7 +157,9 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         stack.callback(runner.close)
         _progress("each policy's plan for the largest requests, alone on the idle server")
         idle = idle_check(world, runner.alone)
-        left_s = minutes * 60 - (time.monotonic() - started_s)  # less the model and server
+        # less what ran before, and a longest SLA kept for the requests a cut-off probe still
+        # runs (each ends at its next token) and for the server's shutdown
+        left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
         results = run_study(world, runner.probe, budget_s=left_s, clock=time.monotonic,
                             progress=_progress)
     where = (f"the server at {server}" if server else

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,7 @@ def idle_md(rows: list[IdleRow]) -> str:
     return "\n".join(lines)
 
 
-def idle_json(rows: list[IdleRow]) -> list[dict[str, object]]:
+def idle_json(rows: list[IdleRow]) -> list[dict[str, Any]]:
     """The idle check for results.json and `--json`."""
     def parts(p: Parts) -> dict[str, float]:
         return {"client_s": p.client_s, "server_s": p.server_s, "other_s": p.other_s,

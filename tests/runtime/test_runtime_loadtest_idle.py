@@ -1,0 +1,107 @@
+"""The load test's model of one request: an EMULATED client takes exactly what its device
+profile says (the planner's client time), and the idle check's arithmetic, predicted against
+measured part by part, on a fake runner whose times are known (no wall clock)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from splitllm.placement import Placement
+from splitllm.planner.hardware import device_preset, link_preset
+from splitllm.planner.instance import Request, build_instance, evaluate
+from splitllm.runtime.loadtest_idle import Alone, idle_check, idle_json, idle_md
+from splitllm.runtime.loadtest_world import (
+    LoadtestSpec,
+    loadtest_world,
+    roofline_clock,
+    served_costs,
+)
+from splitllm.sim.policies import request_instance
+from splitllm.sim.scenario import parse_scenario, resolve
+from splitllm.stepmodel import StepModel, UnitFit
+
+CONFIG: dict[str, object] = {
+    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+    "vocab_size": 320, "max_position_embeddings": 512}
+STEP = StepModel(embed=UnitFit(1e-4, 1e-6), block=UnitFit(2e-3, 1e-4), head=UnitFit(1e-3, 1e-4),
+                 n_blocks=4)
+
+
+def generation_passes(prompt: int, output: int) -> list[tuple[int, int]]:
+    """(start, tokens) of each pass of a generation, as `generate_tokens` runs them."""
+    return [(0, prompt), *((prompt + k, 1) for k in range(output - 1))]
+
+
+@pytest.mark.parametrize(("prompt", "output"), [(1, 1), (7, 1), (35, 3), (200, 40)])
+def test_the_emulated_client_takes_the_planners_client_time(prompt: int, output: int) -> None:
+    costs = served_costs(CONFIG)
+    phone = device_preset("phone")
+    clock = roofline_clock(costs, phone)
+    instance = build_instance(costs, phone, device_preset("laptop"), link_preset("4g"),
+                              Request(prompt_tokens=prompt, output_tokens=output))
+    for unit, planned in enumerate(instance.units):
+        emulated = sum(clock(unit, unit + 1, start, tokens)
+                       for start, tokens in generation_passes(prompt, output))
+        assert emulated == pytest.approx(planned.client_s, rel=1e-12)
+    # a client segment is the sum of its units
+    start, tokens = generation_passes(prompt, output)[-1]
+    assert clock(0, 3, start, tokens) == pytest.approx(
+        sum(clock(u, u + 1, start, tokens) for u in range(3)), rel=1e-12)
+
+
+SCENARIO: dict[str, Any] = {
+    "name": "t", "seed": 3, "duration_s": 60, "server": {"device": "datacenter-gpu"},
+    "clients": [{"name": "phone", "device": "phone", "link": "4g"},
+                {"name": "box", "device": "edge-box", "link": "lan"}],
+    "request_types": [{"name": "chat", "model": "llama-3-8b", "sla_s": 10,
+                       "prompt_tokens": {"dist": "uniform", "low": 100, "high": 1000},
+                       "output_tokens": {"dist": "uniform", "low": 10, "high": 100}}],
+    "arrivals": {"process": "poisson", "rate_per_s": 2.0}}
+
+
+def test_the_idle_check_puts_predicted_and_measured_parts_side_by_side() -> None:
+    world, _ = loadtest_world(resolve(parse_scenario(SCENARIO, "t")), config=CONFIG,
+                              context_tokens=512, this_machine=device_preset("laptop"),
+                              step=STEP, spec=LoadtestSpec(requests=20, length_scale=0.05,
+                                                           sla_s=0.05))
+    assert world.trace is not None
+    p, g = max(world.trace.prompt_tokens), max(world.trace.output_tokens)
+    ran: list[tuple[int, int, int, str]] = []
+
+    def run_alone(c: int, prompt: int, output: int, sides: str) -> Alone:
+        """A fake runtime with known times: the client 0.01 s per unit on it, the server
+        0.002 s per unit, 0.005 s per round trip; the phone's requests 1 s slower."""
+        ran.append((c, prompt, output, sides))
+        client_s, server_s = 0.01 * sides.count("C"), 0.002 * sides.count("S")
+        other_s = 0.005 * output + (1.0 if c == 0 else 0.0)
+        return Alone(latency_s=client_s + server_s + other_s, ttft_s=0.001,
+                     client_busy_s=client_s, server_busy_s=server_s, round_trips=output)
+
+    rows = idle_check(world, run_alone)
+    assert len(rows) == len(world.clients) * len(world.policies)
+    assert {(c, prompt, output) for c, prompt, output, _ in ran} == {(0, p, g), (1, p, g)}
+    for row, (c, _, _, sides) in zip(rows, ran, strict=True):
+        instance = request_instance(world.types[0], world.clients[c], world, p, g)
+        plan = evaluate(instance, Placement(sides))
+        assert (row.placement, row.client_class) == (sides, world.clients[c].name)
+        assert (row.predicted.client_s, row.predicted.server_s, row.predicted.other_s) == (
+            plan.client_compute_s, plan.server_compute_s, plan.network_s)
+        assert row.predicted.latency_s == pytest.approx(plan.latency_s, rel=1e-12)
+        assert row.measured.client_s == 0.01 * sides.count("C")
+        assert row.measured.server_s == 0.002 * sides.count("S")
+        assert row.measured.other_s == pytest.approx(0.005 * g + (1.0 if c == 0 else 0.0))
+        assert row.met == (row.measured.latency_s <= 0.05)
+    assert not any(r.met for r in rows if r.client_class == "phone")  # 1 s over a 0.05 s SLA
+    report = idle_md(rows)
+    missed = sum(not r.met for r in rows)
+    assert f"**{missed} of {len(rows)} missed their SLA alone" in report
+    document = idle_json(rows)
+    assert [d["met"] for d in document] == [r.met for r in rows]
+    assert all(math.isclose(d["measured"]["latency_s"], r.measured.latency_s)
+               for d, r in zip(document, rows, strict=True))
+    assert np.all([d["sla_s"] == 0.05 for d in document])
