@@ -5,31 +5,17 @@ measured part by part, on a fake runner whose times are known (no wall clock).""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pytest
+from test_runtime_loadtest_parts import CONFIG, scenario, world_of
 
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset, link_preset
 from splitllm.planner.instance import Request, build_instance, evaluate
 from splitllm.runtime.loadtest_idle import Alone, idle_check, idle_json, idle_md
-from splitllm.runtime.loadtest_world import (
-    LoadtestSpec,
-    loadtest_world,
-    roofline_clock,
-    served_costs,
-)
+from splitllm.runtime.loadtest_world import roofline_clock, served_costs
 from splitllm.sim.policies import request_instance
-from splitllm.sim.scenario import parse_scenario, resolve
-from splitllm.stepmodel import StepModel, UnitFit
-
-CONFIG: dict[str, object] = {
-    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-    "vocab_size": 320, "max_position_embeddings": 512}
-STEP = StepModel(embed=UnitFit(1e-4, 1e-6), block=UnitFit(2e-3, 1e-4), head=UnitFit(1e-3, 1e-4),
-                 n_blocks=4)
 
 
 def generation_passes(prompt: int, output: int) -> list[tuple[int, int]]:
@@ -54,21 +40,8 @@ def test_the_emulated_client_takes_the_planners_client_time(prompt: int, output:
         sum(clock(u, u + 1, start, tokens) for u in range(3)), rel=1e-12)
 
 
-SCENARIO: dict[str, Any] = {
-    "name": "t", "seed": 3, "duration_s": 60, "server": {"device": "datacenter-gpu"},
-    "clients": [{"name": "phone", "device": "phone", "link": "4g"},
-                {"name": "box", "device": "edge-box", "link": "lan"}],
-    "request_types": [{"name": "chat", "model": "llama-3-8b", "sla_s": 10,
-                       "prompt_tokens": {"dist": "uniform", "low": 100, "high": 1000},
-                       "output_tokens": {"dist": "uniform", "low": 10, "high": 100}}],
-    "arrivals": {"process": "poisson", "rate_per_s": 2.0}}
-
-
 def test_the_idle_check_puts_predicted_and_measured_parts_side_by_side() -> None:
-    world, _ = loadtest_world(resolve(parse_scenario(SCENARIO, "t")), config=CONFIG,
-                              context_tokens=512, this_machine=device_preset("laptop"),
-                              step=STEP, spec=LoadtestSpec(requests=20, length_scale=0.05,
-                                                           sla_s=0.05))
+    world = world_of(scenario(), length_scale=0.05, sla_s=0.05)
     assert world.trace is not None
     p, g = max(world.trace.prompt_tokens), max(world.trace.output_tokens)
     ran: list[tuple[int, int, int, str]] = []

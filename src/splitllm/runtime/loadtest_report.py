@@ -138,8 +138,9 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
              + f"; goodput capacity: the highest rate with >= "
              f"{world.sweep.target_attainment:.0%} of requests within it.", "",
              "EMULATED per client class (links: delay and bandwidth shaping in the client's "
-             "transport; devices: the client sleeps its units' time times the slowdown, the "
-             "scenario's client/server speed ratio on the served model):", ""]
+             "transport; devices: this machine's profile slowed by the scenario's client/server "
+             "speed ratio on the served model, and the client's units, computed for real, take "
+             "what that profile says: the planner's own client time):", ""]
     for e in classes:
         lines.append(f"- {e.name}: link {e.link.name} (rtt {e.link.rtt_s * 1e3:.3g} ms, up "
                      f"{e.link.uplink_bytes_per_s * 8e-6:.3g} Mbit/s, down "

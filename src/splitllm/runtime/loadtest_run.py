@@ -4,8 +4,9 @@ One probe replays the world's requests at one arrival rate: an asyncio loop rele
 request at its arrival time, its policy plans it (load-aware ones read the queue wait the
 server reports on /metrics, polled every `POLL_S`), and a worker thread runs it as a real split
 session (`Session.generate`, placement fixed by the plan) over its class's EMULATED link and
-client slowdown. Connections are pooled per client class and reused. A request still running
-when the probe ends (its last arrival plus the longest SLA) is stopped and counts as a miss;
+device (its units take what the class's device profile says: `loadtest_world.roofline_clock`).
+Connections are pooled per client class and reused. A request still running when the probe
+ends (its last arrival plus the longest SLA, or the time budget) is stopped and counts as a miss;
 a probe that has certainly failed (more misses than the target allows) stops early.
 """
 
