@@ -5,16 +5,19 @@ measured part by part, on a fake runner whose times are known (no wall clock).""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_runtime_loadtest_parts import CONFIG, scenario, world_of
+from test_runtime_loadtest_parts import CONFIG, fake_metrics, scenario, world_of
 
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset, link_preset
 from splitllm.planner.instance import Request, build_instance, evaluate
+from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe
 from splitllm.runtime.loadtest_idle import Alone, idle_check, idle_json, idle_md
-from splitllm.runtime.loadtest_world import roofline_clock, served_costs
+from splitllm.runtime.loadtest_report import report_md
+from splitllm.runtime.loadtest_world import EmulatedClass, roofline_clock, served_costs
 from splitllm.sim.policies import request_instance
 
 
@@ -78,3 +81,24 @@ def test_the_idle_check_puts_predicted_and_measured_parts_side_by_side() -> None
     assert all(math.isclose(d["measured"]["latency_s"], r.measured.latency_s)
                for d, r in zip(document, rows, strict=True))
     assert np.all([d["sla_s"] == 0.05 for d in document])
+
+
+def test_the_report_says_first_when_splitting_is_below_server_only() -> None:
+    def result(policy: str, rate: float, cpu_s: float, share: float) -> PolicyResult:
+        metrics = replace(fake_metrics(rate, 0.95), client_unit_share=share)
+        probe = Probe(metrics=metrics, process_cpu_s_per_request=cpu_s, wall_s=10.0)
+        return PolicyResult(policy, Capacity(policy, rate, 2 * rate, (probe,), cut_short=False),
+                            rate, False, None)
+
+    link = link_preset("4g")
+    classes = (EmulatedClass("phone", link, 50.7, "phone"),
+               EmulatedClass("laptop", link, 25.5, "laptop"))
+    results = [result("server-only", 20.0, 0.1, 0.0), result("exact", 5.0, 0.075, 0.3)]
+    text = report_md(results, "HEADER", "IDLE", classes)
+    first = text.splitlines()[2]  # after the title and a blank line
+    assert first.startswith("The best splitting policy, `exact`, measured 5 req/s against "
+                            "server-only's 20 req/s (0.25x). **Splitting is below server-only "
+                            "here**")
+    assert "saved only 25% of the server's CPU" in first
+    assert "EMULATED 25.5-50.7x slower than this server" in first and "30% of the units" in first
+    assert text.index(first) < text.index("HEADER") < text.index("IDLE")

@@ -168,7 +168,7 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
                          model=loaded.model_id, where=where)
     document = study_json(results, world, classes, scenario=scenario_name,
                           length_scale=spec.length_scale, idle=idle_json(idle))
-    markdown = report_md(results, header, idle_md(idle))
+    markdown = report_md(results, header, idle_md(idle), classes)
     if out is not None:
         write_report(out, markdown, document)
         _progress(f"report in {out}")

@@ -72,8 +72,9 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
     }
 
 
-def verdict(results: list[PolicyResult]) -> str:
-    """One paragraph: the best splitting policy's measured capacity against server-only, why."""
+def verdict(results: list[PolicyResult], classes: tuple[EmulatedClass, ...] = ()) -> str:
+    """One paragraph: the best splitting policy's measured capacity against server-only, why
+    (`classes`: the emulated clients, whose slowness is one reason)."""
     by_name = {r.policy: r for r in results}
     base = by_name.get(SERVER_ONLY)
     splits = [r for r in results if r.policy != SERVER_ONLY]
@@ -101,6 +102,12 @@ def verdict(results: list[PolicyResult]) -> str:
         elif math.isfinite(cpu_b) and math.isfinite(cpu_s):
             reasons.append(f"it saved only {1 - cpu_b / cpu_s:.0%} of the server's CPU per "
                            f"request ({cpu_b:.3g} s against {cpu_s:.3g} s at their capacities)")
+        if classes and share >= 0.02:
+            slow = sorted(e.slowdown for e in classes)
+            reasons.append(f"the clients are EMULATED {slow[0]:.3g}-{slow[-1]:.3g}x slower "
+                           "than this server, so a unit moved to one costs that many times its "
+                           "server time in latency: the SLA's slack paid for "
+                           f"{share:.0%} of the units on the clients")
         if b.metrics.ttft_s[2] > s.metrics.ttft_s[2]:
             reasons.append(f"its requests were slower (TTFT p99 {b.metrics.ttft_s[2]:.3g} s "
                            f"against {s.metrics.ttft_s[2]:.3g} s): the clients' units and the "
@@ -153,9 +160,11 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     return "\n".join(lines)
 
 
-def report_md(results: list[PolicyResult], header: str, idle: str = "") -> str:
+def report_md(results: list[PolicyResult], header: str, idle: str = "",
+              classes: tuple[EmulatedClass, ...] = ()) -> str:
     """The whole report: the verdict first, what ran, the idle check, the capacities."""
-    lines = ["# Load test: measured against simulated goodput capacity\n", verdict(results), "",
+    lines = ["# Load test: measured against simulated goodput capacity\n",
+             verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
              "| policy | capacity measured (req/s) | simulated | sim error | attainment | "
              "goodput (req/s) | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (s) | "
@@ -201,7 +210,7 @@ def study_json(results: list[PolicyResult], world: World, classes: tuple[Emulate
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
             "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
-            "verdict": verdict(results)}
+            "verdict": verdict(results, classes)}
 
 
 def write_report(out: Path, markdown: str, document: dict[str, Any]) -> None:
