@@ -15,6 +15,7 @@ import pytest
 from splitllm.planner.hardware import device_preset
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec, loadtest_world
 from splitllm.runtime.models import LoadedModel, context_tokens
@@ -77,6 +78,29 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
         runner.close()
 
 
+def test_each_plan_alone_on_the_idle_server(tiny_llama: LoadedModel,
+                                            llama_server: BackgroundServer) -> None:
+    world, classes = tiny_world(tiny_llama, llama_server, requests=6, sla_s=120.0,
+                                policies=("server-only", "fixed:CCSSSC"))
+    runner = RealRunner(tiny_llama, world, classes, RunnerOptions(server=llama_server.ws_url))
+    try:
+        rows = idle_check(world, runner.alone)
+    finally:
+        runner.close()
+    assert [(r.client_class, r.policy) for r in rows] == [
+        (c.name, p) for c in world.clients for p in ("server-only", "fixed:CCSSSC")]
+    for r in rows:
+        assert r.met and r.round_trips == r.output_tokens  # one visit to the server per pass
+        if r.policy == "server-only":
+            assert r.measured.client_s == r.predicted.client_s == 0.0
+        else:
+            # the EMULATED client took (at least: never faster than this machine) what its
+            # device profile says, the planner's own client time
+            assert r.predicted.client_s > 0
+            assert r.measured.client_s >= r.predicted.client_s * (1 - 1e-9)
+        assert r.measured.server_s > 0 and r.measured.latency_s >= r.measured.client_s
+
+
 def test_a_probe_that_cannot_meet_its_sla_stops_itself(tiny_llama: LoadedModel,
                                                        llama_server: BackgroundServer) -> None:
     world, classes = tiny_world(tiny_llama, llama_server, requests=8, sla_s=1e-4)
@@ -130,7 +154,12 @@ def test_the_command_prints_the_json_document(tmp_path: Path, tiny_llama_dir: Pa
         assert {"capacity_req_s", "attainment", "ttft_p99_s", "simulated_capacity_req_s",
                 "server_cpu_s_per_request", "probes"} <= set(entry)
         assert entry["search_cut_short"]
-    assert document["policies"]["server-only"]["simulated_capacity_req_s"] > 0  # null: infinite
+    # the whole run within 0.6 s of budget: the simulated search stopped after its first probe
+    server_only = document["policies"]["server-only"]
+    assert server_only["simulated_search_cut_short"]
+    assert server_only["simulated_capacity_req_s"] is not None  # null: infinite
     assert document["sla_s"] == {"chat": 0.3} and document["requests_per_probe"] == 4
     assert [e["link"]["name"] for e in document["emulated"]] == ["lan", "wifi"]
+    assert [(row["client_class"], row["policy"]) for row in document["idle"]] == [
+        (c, p) for c in ("box", "laptop") for p in ("server-only", "exact")]
     assert "simulated capacity" in result.stderr  # progress lines

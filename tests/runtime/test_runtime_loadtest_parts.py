@@ -23,6 +23,7 @@ from splitllm.runtime.loadtest import (
     run_study,
     search_capacity,
 )
+from splitllm.runtime.loadtest_report import budget_note
 from splitllm.runtime.loadtest_world import (
     LoadtestSpec,
     emulated_slowdown,
@@ -31,6 +32,7 @@ from splitllm.runtime.loadtest_world import (
     scenario_requests,
     served_costs,
 )
+from splitllm.sim.capacity import find_capacity
 from splitllm.sim.metrics import RunMetrics, summarize
 from splitllm.sim.policies import Load, PlanPolicy, request_instance
 from splitllm.sim.scenario import parse_scenario, resolve
@@ -200,7 +202,7 @@ def fake_metrics(rate: float, attainment: float) -> RunMetrics:
 def test_capacity_search_brackets_then_bisects_to_the_tolerance() -> None:
     probed: list[float] = []
 
-    def probe(rate: float) -> Probe:
+    def probe(rate: float, left_s: float) -> Probe:
         probed.append(rate)
         return Probe(metrics=fake_metrics(rate, 1.0 if rate <= 3.7 else 0.5),
                      process_cpu_s_per_request=0.1, wall_s=1.0)
@@ -227,7 +229,7 @@ class FakeServer:
     def service_s(self, prompt: int, output: int) -> float:
         return STEP.step_s(prompt, 1) + (output - 1) * STEP.step_s(1, 1)
 
-    def probe(self, policy: str, rate: float) -> Probe:
+    def probe(self, policy: str, rate: float, left_s: float = math.inf) -> Probe:
         world = self.world.with_rate(rate)
         load = sample_workload(world)
         free_s, outcomes = 0.0, []
@@ -271,12 +273,38 @@ def test_the_search_stops_at_its_time_budget() -> None:
                              rel_tol=0.01), policies=("server-only", "exact"))
     server = FakeServer(world)
     clock = [0.0]
+    told: list[float] = []
 
-    def probe(policy: str, rate: float) -> Probe:
-        clock[0] += 60.0  # every probe takes a virtual minute
-        return server.probe(policy, rate)
+    def probe(policy: str, rate: float, left_s: float) -> Probe:
+        told.append(left_s)
+        result = server.probe(policy, rate)
+        if left_s < 90.0:  # a probe takes 90 virtual seconds: this one the budget cuts off
+            clock[0] += left_s
+            return replace(result, wall_s=left_s, cut_off=True)
+        clock[0] += 90.0
+        return replace(result, wall_s=90.0)
 
+    lines: list[str] = []
     results = run_study(world, probe, budget_s=240.0, clock=lambda: clock[0],
-                        progress=lambda line: None)
-    assert [len(r.measured.probes) for r in results] == [2, 2]  # 4 minutes, half each
-    assert all(r.measured.cut_short for r in results)
+                        progress=lines.append)
+    assert clock[0] == 240.0  # the whole study within its budget, not a probe beyond it
+    assert told == [120.0, 30.0, 120.0, 30.0]  # half the time each; the second probe cut off
+    for r in results:
+        first, cut = r.measured.probes
+        assert r.measured.cut_short and cut.cut_off and not first.cut_off
+        # the cut-off probe counts for nothing: the capacity rests on the first one alone
+        good = first.metrics.sla_attainment >= 0.9
+        assert r.measured.rate_per_s == (first.rate_per_s if good else 0.0)
+        assert r.measured.lowest_failed_per_s == (math.inf if good else first.rate_per_s)
+    assert sum("cut off by --max-minutes" in line for line in lines) == 2
+    note = budget_note(results)
+    assert "ended these searches early" in note and "`exact` (measured)" in note
+
+
+def test_the_simulated_search_stops_when_told() -> None:
+    world = world_of(scenario(), requests=10, length_scale=0.05, sla_s=1.0, rel_tol=0.01)
+    seen: list[RunMetrics] = []
+    whole = find_capacity(world, "server-only")
+    assert not whole.cut_short and len(whole.probes) > 3
+    cut = find_capacity(world, "server-only", on_probe=seen.append, stop=lambda: len(seen) >= 3)
+    assert cut.cut_short and len(cut.probes) == 3 and cut.probes == whole.probes[:3]

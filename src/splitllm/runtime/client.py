@@ -33,7 +33,7 @@ from splitllm.runtime.autoplace import (
     plan_request,
     request_instance,
 )
-from splitllm.runtime.decoding import SplitPipe
+from splitllm.runtime.decoding import ClientClock, SplitPipe
 from splitllm.runtime.dialer import (
     DEFAULT_SERVER,
     Connection,
@@ -114,13 +114,15 @@ class Session:
     """A connection to a splitllm server (or the next of several), with the client's model."""
 
     def __init__(self, loaded: LoadedModel, dialer: Dialer, *, wire_dtype: str = "float32",
-                 slowdown: float = 1.0, emulation: str | None = None,
+                 slowdown: float = 1.0, client_clock: ClientClock | None = None,
+                 emulation: str | None = None,
                  timeout_s: float = REPLY_TIMEOUT_S, backoff: Backoff = Backoff()) -> None:
         self.loaded = loaded
         self.stack = UnitStack(loaded.model)
         self.dialer = dialer
         self.wire_dtype = wire.wire_dtype_name(wire_dtype)
         self.slowdown = slowdown
+        self.client_clock = client_clock  # an EMULATED device model's unit times (or None)
         self.emulation = emulation
         self.timeout_s = timeout_s  # for each reply: longer without one counts as a lost server
         self.backoff = backoff
@@ -322,7 +324,8 @@ class _Run:
                                         wire_dtype=session.wire_dtype, sampling=self.sampling,
                                         timeout_s=session.timeout_s)
         pipe = SplitPipe(session.stack, self.placement, self.remote, sampling=self.sampling,
-                         slowdown=session.slowdown, return_logits=self.return_logits)
+                         slowdown=session.slowdown, client_clock=session.client_clock,
+                         return_logits=self.return_logits)
         self.pipes.append(pipe)
         return pipe
 

@@ -24,6 +24,10 @@ from splitllm.runtime.units import SegmentCache, UnitStack, cache_kwarg
 
 DEFAULT_PREFILL_CHUNK = 512
 
+# Seconds an EMULATED client device takes to run units [a, b) over positions [start, start + T),
+# called as (a, b, start, T): a device model the client's real compute is stretched to.
+ClientClock = Callable[[int, int, int, int], float]
+
 
 @dataclass(frozen=True)
 class RemoteResult:
@@ -106,6 +110,7 @@ class SplitPipe:
     _: KW_ONLY
     sampling: Sampling = field(default_factory=Sampling)
     slowdown: float = 1.0  # emulation: client units take this many times longer
+    client_clock: ClientClock | None = None  # emulation: client units take what this says
     return_logits: bool = False  # ask the server for logits too (tests)
     last_logits: torch.Tensor | None = None
     client_busy_s: float = 0.0
@@ -196,12 +201,16 @@ class SplitPipe:
         clock, cpu_clock = time.perf_counter(), time.thread_time()
         out = self.stack.run(a, b, x, positions, cache, all_logits=all_logits)
         elapsed_s = time.perf_counter() - clock
-        if self.slowdown > 1.0:  # emulation of a slower client device: slowdown x the CPU
+        emulated_s = 0.0
+        if self.client_clock is not None:  # an emulated device model: its time, not ours
+            emulated_s = self.client_clock(a, b, int(positions[0, 0]), positions.shape[1])
+        elif self.slowdown > 1.0:  # emulation of a slower client device: slowdown x the CPU
             # time of this thread, so other threads on the core (many emulated clients in one
             # process, other load) do not stretch the emulated device's time as well
             emulated_s = (time.thread_time() - cpu_clock) * self.slowdown
-            time.sleep(max(emulated_s - elapsed_s, 0.0))
-            elapsed_s = max(emulated_s, elapsed_s)
+        if emulated_s > elapsed_s:
+            time.sleep(emulated_s - elapsed_s)
+            elapsed_s = emulated_s
         self.client_busy_s += elapsed_s
         return out
 

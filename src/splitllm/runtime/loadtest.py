@@ -47,6 +47,7 @@ class Probe:
     process_cpu_s_per_request: float  # whole server process (nan: not measured)
     wall_s: float
     stopped_early: bool = False  # given up once too many requests had missed their SLA
+    cut_off: bool = False  # ended by the time budget with requests not yet done: inconclusive
 
     @property
     def rate_per_s(self) -> float:
@@ -121,12 +122,15 @@ class Capacity:
     cut_short: bool  # the time budget ended the search before its bracket was narrow enough
 
 
-def search_capacity(policy: str, probe: Callable[[float], Probe], *, first_rate_per_s: float,
-                    target: float, rel_tol: float, deadline_s: float,
-                    clock: Callable[[], float]) -> Capacity:
+Prober = Callable[[float, float], Probe]  # (rate per s, seconds left) -> the probe
+
+
+def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, target: float,
+                    rel_tol: float, deadline_s: float, clock: Callable[[], float]) -> Capacity:
     """Double or halve from the first rate until a good and a failing rate bracket the
-    capacity, then bisect (geometrically) until the bracket is within `rel_tol`; no probe starts
-    at or after `deadline_s` on `clock`."""
+    capacity, then bisect (geometrically) until the bracket is within `rel_tol`. The search
+    ends at `deadline_s` on `clock`: no probe starts after it, and each probe is told the
+    seconds left (a probe cut off by them counts for nothing and ends the search)."""
     probes: list[Probe] = []
     good, bad = 0.0, math.inf
 
@@ -141,10 +145,13 @@ def search_capacity(policy: str, probe: Callable[[float], Probe], *, first_rate_
 
     rate = next_rate()
     while rate is not None:
-        if clock() >= deadline_s:
+        left_s = deadline_s - clock()
+        if left_s <= 0:
             return Capacity(policy, good, bad, tuple(probes), cut_short=True)
-        result = probe(rate)
+        result = probe(rate, left_s)
         probes.append(result)
+        if result.cut_off:
+            return Capacity(policy, good, bad, tuple(probes), cut_short=True)
         if result.metrics.sla_attainment >= target:
             good = max(good, rate)
         else:
@@ -160,6 +167,7 @@ class PolicyResult:
     policy: str
     measured: Capacity
     simulated_capacity_per_s: float
+    simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
     simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
 
     @property
@@ -169,38 +177,50 @@ class PolicyResult:
         return good[-1] if good else None
 
 
-def run_study(world: World, probe: Callable[[str, float], Probe], *, budget_s: float,
+SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
+
+
+def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
               clock: Callable[[], float], progress: Callable[[str], None]) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity, then the measured one searched from it
-    (each policy gets an equal share of the time left)."""
+    """Per policy of `world`: the simulated capacity, then the measured one searched from it.
+    Everything ends within `budget_s` on `clock` (probes are cut off at it): each policy gets
+    an equal share of the time left, its simulated search at most `SIMULATED_SHARE` of it."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
-        simulated = find_capacity(world, policy)
+        now_s = clock()
+        deadline_s = now_s + (end_s - now_s) / (len(world.policies) - i)
+        simulated_by_s = now_s + SIMULATED_SHARE * (deadline_s - now_s)
+
+        def out_of_time(by_s: float = simulated_by_s) -> bool:
+            return clock() >= by_s
+
+        simulated = find_capacity(world, policy, stop=out_of_time)
         guess = simulated.rate_per_s
         if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
             guess = first_guess_rate(world, policy)
-        progress(f"{policy}: simulated capacity {simulated.rate_per_s:.3g} req/s; measuring "
-                 f"from {guess:.3g} req/s")
+        cut = " (its search cut short by --max-minutes)" if simulated.cut_short else ""
+        progress(f"{policy}: simulated capacity {simulated.rate_per_s:.3g} req/s{cut}; "
+                 f"measuring from {guess:.3g} req/s")
 
-        def measure(rate: float, policy: str = policy) -> Probe:
-            result = probe(policy, rate)
+        def measure(rate: float, left_s: float, policy: str = policy) -> Probe:
+            result = probe(policy, rate, left_s)
             m = result.metrics
-            early = ", stopped early" if result.stopped_early else ""
+            how = (", cut off by --max-minutes" if result.cut_off else
+                   ", stopped early" if result.stopped_early else "")
             progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
-                     f"({m.completed}/{m.requests} done{early}), TTFT p99 {m.ttft_s[2]:.3g} s, "
+                     f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
                      f"{result.wall_s:.0f} s")
             return result
 
-        now_s = clock()
-        deadline_s = now_s + (end_s - now_s) / (len(world.policies) - i)
         measured = search_capacity(policy, measure, first_rate_per_s=guess,
                                    target=world.sweep.target_attainment,
                                    rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
                                    clock=clock)
         at_rate = (run_point(world, policy, measured.rate_per_s)
-                   if measured.rate_per_s > 0 else None)
-        results.append(PolicyResult(policy, measured, simulated.rate_per_s, at_rate))
+                   if measured.rate_per_s > 0 and clock() < end_s else None)
+        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
+                                    simulated.cut_short, at_rate))
         progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
     return results

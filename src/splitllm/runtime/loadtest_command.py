@@ -117,12 +117,15 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
                  scenario_world: World, spec: LoadtestSpec, minutes: float,
                  this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
                  out: Path | None, as_json: bool) -> None:
-    """The load test with checked options: server, world, study, report."""
+    """The load test with checked options: server, world, study, report; all of it within
+    `minutes`."""
+    started_s = time.monotonic()
     import torch
 
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.fidelity_run import local_server
     from splitllm.runtime.loadtest import run_study
+    from splitllm.runtime.loadtest_idle import idle_check, idle_json, idle_md
     from splitllm.runtime.loadtest_report import header_text, report_md, study_json, write_report
     from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
     from splitllm.runtime.loadtest_world import loadtest_world
@@ -152,15 +155,20 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         runner = RealRunner(loaded, world, classes, RunnerOptions(
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)
-        results = run_study(world, runner.probe, budget_s=minutes * 60, clock=time.monotonic,
+        _progress("each policy's plan for the largest requests, alone on the idle server")
+        idle = idle_check(world, runner.alone)
+        # less what ran before, and a longest SLA kept for the requests a cut-off probe still
+        # runs (each ends at its next token) and for the server's shutdown
+        left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
+        results = run_study(world, runner.probe, budget_s=left_s, clock=time.monotonic,
                             progress=_progress)
     where = (f"the server at {server}" if server else
              "a local `splitllm serve` child process pinned to its own core")
     header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,
                          model=loaded.model_id, where=where)
     document = study_json(results, world, classes, scenario=scenario_name,
-                          length_scale=spec.length_scale)
-    markdown = report_md(results, header)
+                          length_scale=spec.length_scale, idle=idle_json(idle))
+    markdown = report_md(results, header, idle_md(idle), classes)
     if out is not None:
         write_report(out, markdown, document)
         _progress(f"report in {out}")

@@ -64,6 +64,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "tpot_p99_s": _num(m.tpot_s[2]) if m else None,
         "server_cpu_s_per_request": _num(at.process_cpu_s_per_request) if at else None,
         "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
+        "simulated_search_cut_short": r.simulated_cut_short,
         "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
         "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
                                   if r.simulated_at_capacity else None),
@@ -71,8 +72,9 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
     }
 
 
-def verdict(results: list[PolicyResult]) -> str:
-    """One paragraph: the best splitting policy's measured capacity against server-only, why."""
+def verdict(results: list[PolicyResult], classes: tuple[EmulatedClass, ...] = ()) -> str:
+    """One paragraph: the best splitting policy's measured capacity against server-only, why
+    (`classes`: the emulated clients, whose slowness is one reason)."""
     by_name = {r.policy: r for r in results}
     base = by_name.get(SERVER_ONLY)
     splits = [r for r in results if r.policy != SERVER_ONLY]
@@ -100,6 +102,12 @@ def verdict(results: list[PolicyResult]) -> str:
         elif math.isfinite(cpu_b) and math.isfinite(cpu_s):
             reasons.append(f"it saved only {1 - cpu_b / cpu_s:.0%} of the server's CPU per "
                            f"request ({cpu_b:.3g} s against {cpu_s:.3g} s at their capacities)")
+        if classes and share >= 0.02:
+            slow = sorted(e.slowdown for e in classes)
+            reasons.append(f"the clients are EMULATED {slow[0]:.3g}-{slow[-1]:.3g}x slower "
+                           "than this server, so a unit moved to one costs that many times its "
+                           "server time in latency: the SLA's slack paid for "
+                           f"{share:.0%} of the units on the clients")
         if b.metrics.ttft_s[2] > s.metrics.ttft_s[2]:
             reasons.append(f"its requests were slower (TTFT p99 {b.metrics.ttft_s[2]:.3g} s "
                            f"against {s.metrics.ttft_s[2]:.3g} s): the clients' units and the "
@@ -107,6 +115,21 @@ def verdict(results: list[PolicyResult]) -> str:
     if not reasons:
         reasons.append("the probes' noise on a shared machine is as large as the difference")
     return head + " **Splitting is below server-only here**: " + "; ".join(reasons) + "."
+
+
+def budget_note(results: list[PolicyResult]) -> str:
+    """Which searches the time budget (--max-minutes) ended early, or that none was."""
+    cut = []
+    for r in results:
+        kinds = [kind for kind, on in (("measured", r.measured.cut_short),
+                                       ("simulated", r.simulated_cut_short)) if on]
+        if kinds:
+            cut.append(f"`{r.policy}` ({', '.join(kinds)})")
+    if not cut:
+        return "Every search ended within the time budget (--max-minutes).\n"
+    return ("**The time budget (--max-minutes) ended these searches early**: " + ", ".join(cut)
+            + "; their capacities are the best rates found before it, brackets wider than "
+            "--rel-tol.\n")
 
 
 def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: str,
@@ -122,8 +145,9 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
              + f"; goodput capacity: the highest rate with >= "
              f"{world.sweep.target_attainment:.0%} of requests within it.", "",
              "EMULATED per client class (links: delay and bandwidth shaping in the client's "
-             "transport; devices: the client sleeps its units' time times the slowdown, the "
-             "scenario's client/server speed ratio on the served model):", ""]
+             "transport; devices: this machine's profile slowed by the scenario's client/server "
+             "speed ratio on the served model, and the client's units, computed for real, take "
+             "what that profile says: the planner's own client time):", ""]
     for e in classes:
         lines.append(f"- {e.name}: link {e.link.name} (rtt {e.link.rtt_s * 1e3:.3g} ms, up "
                      f"{e.link.uplink_bytes_per_s * 8e-6:.3g} Mbit/s, down "
@@ -136,9 +160,12 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     return "\n".join(lines)
 
 
-def report_md(results: list[PolicyResult], header: str) -> str:
-    """The whole report."""
-    lines = ["# Load test: measured against simulated goodput capacity\n", header, "",
+def report_md(results: list[PolicyResult], header: str, idle: str = "",
+              classes: tuple[EmulatedClass, ...] = ()) -> str:
+    """The whole report: the verdict first, what ran, the idle check, the capacities."""
+    lines = ["# Load test: measured against simulated goodput capacity\n",
+             verdict(results, classes), "",
+             header, "", idle, "## Goodput capacity per policy", "",
              "| policy | capacity measured (req/s) | simulated | sim error | attainment | "
              "goodput (req/s) | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (s) | "
              "server CPU s / request | probes |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,20 +173,22 @@ def report_md(results: list[PolicyResult], header: str) -> str:
         j = policy_json(r)
         err = j["capacity_rel_err"]
         cut = " (cut short)" if r.measured.cut_short else ""
+        sim_cut = " (cut short)" if r.simulated_cut_short else ""
         ttft = " / ".join(f"{j[f'ttft_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         tpot = " / ".join(f"{j[f'tpot_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         lines.append(
             f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
-            f"{r.simulated_capacity_per_s:.3g} | {'' if err is None else f'{err:+.0%}'} | "
+            f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {'' if err is None else f'{err:+.0%}'} | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
     errors = [abs(e) for r in results
               if (e := _rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)) == e]
     met = errors and max(errors) <= CAPACITY_TARGET
-    lines += ["", f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "
-              + ("met" if met else "**missed**") + (f" (worst {max(errors):.0%})" if errors
-                                                    else " (no capacity measured)") + ".",
-              "", verdict(results), "", "Every probe (measured):", "",
+    lines += ["", budget_note(results),
+              f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "
+              + ("met" if met else "**missed**")
+              + (f" (worst {max(errors):.0%})" if errors else " (no capacity measured)") + ".",
+              "", "Every probe (measured):", "",
               "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server CPU s / req | "
               "wall s |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -173,14 +202,15 @@ def report_md(results: list[PolicyResult], header: str) -> str:
 
 
 def study_json(results: list[PolicyResult], world: World, classes: tuple[EmulatedClass, ...],
-               *, scenario: str, length_scale: float) -> dict[str, Any]:
+               *, scenario: str, length_scale: float, idle: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
     """The `--json` document (results.json holds the same)."""
-    return {"policies": {r.policy: policy_json(r) for r in results},
+    return {"policies": {r.policy: policy_json(r) for r in results}, "idle": idle or [],
             "scenario": scenario, "length_scale": length_scale,
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
             "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
-            "verdict": verdict(results)}
+            "verdict": verdict(results, classes)}
 
 
 def write_report(out: Path, markdown: str, document: dict[str, Any]) -> None:

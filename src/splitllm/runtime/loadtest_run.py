@@ -4,8 +4,9 @@ One probe replays the world's requests at one arrival rate: an asyncio loop rele
 request at its arrival time, its policy plans it (load-aware ones read the queue wait the
 server reports on /metrics, polled every `POLL_S`), and a worker thread runs it as a real split
 session (`Session.generate`, placement fixed by the plan) over its class's EMULATED link and
-client slowdown. Connections are pooled per client class and reused. A request still running
-when the probe ends (its last arrival plus the longest SLA) is stopped and counts as a miss;
+device (its units take what the class's device profile says: `loadtest_world.roofline_clock`).
+Connections are pooled per client class and reused. A request still running when the probe
+ends (its last arrival plus the longest SLA, or the time budget) is stopped and counts as a miss;
 a probe that has certainly failed (more misses than the target allows) stops early.
 """
 
@@ -35,7 +36,8 @@ from splitllm.runtime.loadtest import (
     counter_delta,
     run_record,
 )
-from splitllm.runtime.loadtest_world import EmulatedClass, first_requests
+from splitllm.runtime.loadtest_idle import Alone
+from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofline_clock
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
 from splitllm.runtime.transport import ServerError
@@ -105,7 +107,10 @@ class RealRunner:
         dialer = Dialer(servers=(self.opts.server,), fingerprint=self.fingerprint,
                         model_id=self.loaded.model_id, token=self.opts.token,
                         link=emulated.link)
-        return Session(self.loaded, dialer, slowdown=emulated.slowdown,
+        model = self.world.types[0].model
+        assert model is not None  # the load test's request types all run the served model
+        clock = roofline_clock(model, self.world.clients[class_index].device)
+        return Session(self.loaded, dialer, client_clock=clock,
                        emulation=f"EMULATED {emulated.name}")
 
     def _prompt(self, r: int, tokens: int) -> list[int]:
@@ -116,15 +121,16 @@ class RealRunner:
              stop: threading.Event) -> Outcome:
         """Run request r as a real split session (in a worker thread)."""
         arrived_s = start_s + float(load.arrived_at_s[r])
-        first = [math.nan]
+        first, last = [math.nan], [math.nan]
         nan = Outcome(first_token_s=math.nan, finished_s=math.nan, server_cpu_s=0.0,
                       placement=placement, planned=planned)
         if stop.is_set():
             return nan
 
         def on_token(_: int) -> None:
+            last[0] = time.perf_counter() - arrived_s
             if math.isnan(first[0]):
-                first[0] = time.perf_counter() - arrived_s
+                first[0] = last[0]
             if stop.is_set():
                 raise _Stopped
 
@@ -139,13 +145,31 @@ class RealRunner:
             return Outcome(first_token_s=first[0], finished_s=math.nan, server_cpu_s=0.0,
                            placement=placement, planned=planned)
         self.pools[c].put(session)
-        return Outcome(first_token_s=first[0], finished_s=time.perf_counter() - arrived_s,
+        # finished at its last token: closing the server's session after it (one more round
+        # trip, for its stats) is not part of the answer's latency
+        return Outcome(first_token_s=first[0], finished_s=last[0],
                        server_cpu_s=generation.server_cpu_s, placement=placement,
                        planned=planned)
 
-    def probe(self, policy: str, rate_per_s: float) -> Probe:
-        """Run `policy` at `rate_per_s` for real and measure it."""
-        return asyncio.run(self._probe(policy, rate_per_s))
+    def alone(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
+              ) -> Alone:
+        """One request of class `class_index` run by itself, its latency to its last token."""
+        session = self._session(class_index)
+        times: list[float] = []
+        start_s = time.perf_counter()
+        try:
+            generation = session.generate(
+                self._prompt(0, prompt_tokens), output_tokens, placement=placement, chat=False,
+                stop_at_eos=False, on_token=lambda _: times.append(time.perf_counter()))
+        finally:
+            self.pools[class_index].put(session)
+        return Alone(latency_s=times[-1] - start_s, ttft_s=times[0] - start_s,
+                     client_busy_s=generation.client_busy_s,
+                     server_busy_s=generation.server_busy_s, round_trips=generation.round_trips)
+
+    def probe(self, policy: str, rate_per_s: float, time_left_s: float = math.inf) -> Probe:
+        """Run `policy` at `rate_per_s` for real and measure it, ending within `time_left_s`."""
+        return asyncio.run(self._probe(policy, rate_per_s, time_left_s))
 
     def _connect_ahead(self, load: Workload) -> None:
         """Open the connections a probe may need before its clock starts (a handshake over an
@@ -155,7 +179,7 @@ class RealRunner:
             while self.opened[c] < min(int(count), self.opts.max_in_flight):
                 self.pools[c].put(self._dial(c))
 
-    async def _probe(self, policy: str, rate_per_s: float) -> Probe:
+    async def _probe(self, policy: str, rate_per_s: float, time_left_s: float) -> Probe:
         world = self.world.with_rate(rate_per_s)
         load = sample_workload(world)
         self._connect_ahead(load)
@@ -170,10 +194,12 @@ class RealRunner:
         loop = asyncio.get_running_loop()
         watcher = asyncio.create_task(self._watch(world, load, futures, start_s, stop,
                                                   server_load if plans.sees_load else None))
+        natural_end_s = start_s + world.horizon_s + world.max_sla_s
+        end_s = min(natural_end_s, start_s + time_left_s)  # the time budget cuts it off
         for r in range(n):
             await asyncio.sleep(max(start_s + float(load.arrived_at_s[r]) - time.perf_counter(),
                                     0.0))
-            if stop.is_set():
+            if stop.is_set() or time.perf_counter() >= end_s:
                 break
             decision = plans.decide(int(load.type_index[r]), int(load.class_index[r]),
                                     int(load.prompt_tokens[r]), int(load.output_tokens[r]),
@@ -181,12 +207,13 @@ class RealRunner:
             futures.append(loop.run_in_executor(
                 self.pool, self._one, load, r, decision.placement.sides, decision.planned,
                 start_s, stop))
-        end_s = start_s + world.horizon_s + world.max_sla_s
         pending = set(futures)  # wait (never cancelling) until all are done or the probe ends
         while pending and not stop.is_set() and time.perf_counter() < end_s:
             _, pending = await asyncio.wait(
                 pending, timeout=min(POLL_S, max(end_s - time.perf_counter(), 0.0)))
         stopped_early = stop.is_set()
+        cut_off = not stopped_early and end_s < natural_end_s and (len(futures) < n
+                                                                    or bool(pending))
         stop.set()  # the requests still running end at their next token
         outcomes = [await future for future in futures]
         watcher.cancel()
@@ -202,7 +229,7 @@ class RealRunner:
         cpu_s = counter_delta(after, before, PROCESS_CPU)
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
                      process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
-                     else math.nan, stopped_early=stopped_early)
+                     else math.nan, stopped_early=stopped_early, cut_off=cut_off)
 
     async def _watch(self, world: World, load: Workload, futures: list[asyncio.Future[Outcome]],
                      start_s: float, stop: threading.Event, server_load: ServerLoad | None

@@ -20,6 +20,7 @@ same requests with the same decisions. From the scenario:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -108,6 +109,26 @@ def emulated_slowdown(costs: ModelCosts, client: DeviceProfile, server: DevicePr
     on_client = sum(u.client_s for u in instance.units)
     on_server = sum(u.server_s for u in instance.units)
     return max(on_client / on_server, 1.0)
+
+
+def roofline_clock(costs: ModelCosts, device: DeviceProfile
+                   ) -> Callable[[int, int, int, int], float]:
+    """Seconds of units [a, b) on `device` for a pass over positions [start, start + T), called
+    as (a, b, start, T): the planner's own phase times (`build_instance`: a prefill from
+    position 0, else T positions at a context of start + T), so an EMULATED client that takes
+    them is the device the planner planned for."""
+    causal = costs.config.kind == "decoder"
+
+    def seconds(a: int, b: int, start: int, tokens: int) -> float:
+        units = costs.units[a:b]
+        if start == 0:
+            return sum(float(device.time_s(u.prefill_flops(tokens, causal),
+                                           u.prefill_bytes(tokens))) for u in units)
+        context = start + tokens
+        return sum(float(device.time_s(tokens * u.decode_flops(context),
+                                       u.decode_bytes(context))) for u in units)
+
+    return seconds
 
 
 def slower(device: DeviceProfile, factor: float, name: str) -> DeviceProfile:

@@ -33,6 +33,7 @@ class Capacity:
     # request of this policy used the server, so no arrival rate saturates it)
     target_attainment: float
     probes: tuple[RunMetrics, ...]
+    cut_short: bool = False  # `stop` ended the search before its bracket was narrow enough
 
 
 def run_point(world: World, policy: str, rate_per_s: float) -> RunMetrics:
@@ -57,10 +58,17 @@ def first_guess_rate(world: World, policy: str) -> float:
 
 
 def find_capacity(world: World, policy: str,
-                  on_probe: Callable[[RunMetrics], None] | None = None) -> Capacity:
-    """Bracket, then bisect, the highest rate with SLA attainment >= the target."""
+                  on_probe: Callable[[RunMetrics], None] | None = None,
+                  stop: Callable[[], bool] | None = None) -> Capacity:
+    """Bracket, then bisect, the highest rate with SLA attainment >= the target; no probe
+    after the first starts once `stop()` says so (a time budget)."""
     sweep = world.sweep
     probes: list[RunMetrics] = []
+    stopped = [False]
+
+    def more() -> bool:
+        stopped[0] = stopped[0] or (stop is not None and stop())
+        return len(probes) < MAX_PROBES and not stopped[0]
 
     def ok(rate: float) -> bool:
         metrics = run_point(world, policy, rate)
@@ -76,18 +84,18 @@ def find_capacity(world: World, policy: str,
             # every request ran on its own client: no arrival rate saturates the server
             return Capacity(policy, math.inf, sweep.target_attainment, tuple(probes))
         lo = guess  # double until a rate fails
-        while math.isinf(hi) and lo < sweep.max_rate_per_s and len(probes) < MAX_PROBES:
+        while math.isinf(hi) and lo < sweep.max_rate_per_s and more():
             rate = min(2 * lo, sweep.max_rate_per_s)
             lo, hi = (rate, hi) if ok(rate) else (lo, rate)
     else:  # halve until a rate works
         hi = guess
-        while lo == 0.0 and hi > guess * MIN_FRACTION and len(probes) < MAX_PROBES:
+        while lo == 0.0 and hi > guess * MIN_FRACTION and more():
             rate = hi / 2
             lo, hi = (rate, hi) if ok(rate) else (lo, rate)
-    while lo > 0 and math.isfinite(hi) and hi / lo - 1 > sweep.rel_tol and len(probes) < MAX_PROBES:
+    while lo > 0 and math.isfinite(hi) and hi / lo - 1 > sweep.rel_tol and more():
         mid = math.sqrt(lo * hi)
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return Capacity(policy, lo, sweep.target_attainment, tuple(probes))
+    return Capacity(policy, lo, sweep.target_attainment, tuple(probes), cut_short=stopped[0])
