@@ -330,9 +330,13 @@ def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: i
     from dataclasses import asdict
 
     from splitllm.runtime.fidelity import predict
+    from splitllm.runtime.wire_bytes import session_bytes
 
     first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
-    figures = asdict(predict(auto.instance, first, auto.plan.placement, new_tokens))
+    opened = session_bytes(auto.plan.placement, session.stack.names,
+                           wire_dtype=session.wire_dtype, prompt_tokens=prompt_tokens,
+                           new_tokens=new_tokens)
+    figures = asdict(predict(auto.instance, first, auto.plan.placement, new_tokens, opened))
     return {"sla_s": auto.instance.sla_s,
             "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, evaluate
-from splitllm.planner.network import carried_bytes
+from splitllm.planner.network import Link, carried_bytes, crossing_s
+from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes", "server_busy_s")
 PLACEMENT_KINDS = ("server-only", "best-single-cut", "exact", "multi-switch")
@@ -83,6 +84,10 @@ class Bench(Protocol):
                   ) -> tuple[Instance, Instance]:
         """(the whole generation, its first token alone), both without an SLA."""
 
+    def session_bytes(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                      placement: str) -> SessionBytes:
+        """The messages that open and close the server's session for this placement."""
+
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
                 placement: str) -> Figures:
         """Run one generation of exactly new_tokens tokens with this placement."""
@@ -104,13 +109,30 @@ def wire_bytes(instance: Instance, placement: Placement) -> float:
     return float(carried[sides[:-1] != sides[1:]].sum())
 
 
-def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: int) -> Figures:
-    """The planner's figures for a placement: first token from `first`, the rest from `whole`."""
+def session_s(link: Link, session: SessionBytes) -> tuple[float, float]:
+    """Seconds of the round trips that open and close the server's session (a visit each):
+    the first token waits for the one, the generation ends after the other."""
+    def round_trip_s(up: int, down: int) -> float:
+        return float(crossing_s(link, True, float(up)) + crossing_s(link, False, float(down)))
+
+    if session.total == 0:
+        return 0.0, 0.0
+    return (round_trip_s(session.open_up, session.open_down),
+            round_trip_s(session.close_up, session.close_down))
+
+
+def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: int,
+            session: SessionBytes = NO_SESSION) -> Figures:
+    """The planner's figures for a placement: first token from `first`, the rest from `whole`;
+    the session's opening and closing (`session`, once per generation) on top of its passes."""
     plan = evaluate(whole, placement)
-    ttft_s = evaluate(first, placement).latency_s
-    tpot_s = (plan.latency_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
-    return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=plan.latency_s,
-                   server_cpu_s=plan.server_work, wire_bytes=wire_bytes(whole, placement),
+    open_s, close_s = session_s(whole.link, session)
+    ttft_s = evaluate(first, placement).latency_s + open_s
+    e2e_s = plan.latency_s + open_s + close_s
+    tpot_s = (e2e_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
+    return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
+                   server_cpu_s=plan.server_work,
+                   wire_bytes=wire_bytes(whole, placement) + session.total,
                    server_busy_s=plan.server_compute_s)
 
 
@@ -166,7 +188,8 @@ def run_grid(bench: Bench, *, conditions: Sequence[Condition],
                 point = Point(condition=condition, prompt_tokens=prompt_tokens,
                               new_tokens=new_tokens, kinds=kinds, placement=placement,
                               sla_s=sla_s)
-                predicted = predict(whole, first, Placement(placement), new_tokens)
+                session = bench.session_bytes(condition, prompt_tokens, new_tokens, placement)
+                predicted = predict(whole, first, Placement(placement), new_tokens, session)
                 measured = bench.measure(condition, prompt_tokens, new_tokens, placement)
                 results.append(Result(point=point, predicted=predicted, measured=measured))
     return results

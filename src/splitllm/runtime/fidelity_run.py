@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitllm.errors import UserError
+from splitllm.placement import Placement
 from splitllm.planner.instance import Instance
 from splitllm.runtime.client import Session, connect
 from splitllm.runtime.fidelity import (
@@ -30,6 +31,7 @@ from splitllm.runtime.fidelity import (
     visit_residual_s,
 )
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.wire_bytes import SessionBytes, session_bytes
 
 QUICK_CONDITIONS = (Condition(), Condition(link="wifi", client_slowdown=2.0))
 FULL_CONDITIONS = (Condition(), Condition(client_slowdown=2.0), Condition(link="wifi"),
@@ -83,6 +85,13 @@ class RealBench:
         whole, _ = session.instance(prompt_tokens, new_tokens)
         first, _ = session.instance(prompt_tokens, 1)
         return whole, first
+
+    def session_bytes(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                      placement: str) -> SessionBytes:
+        session = self.session(condition)
+        return session_bytes(Placement(placement), session.stack.names,
+                             wire_dtype=session.wire_dtype, prompt_tokens=prompt_tokens,
+                             new_tokens=new_tokens)
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
                 placement: str) -> Figures:
