@@ -24,10 +24,16 @@ from splitllm.runtime.fidelity import (
     visit_residual_s,
     wire_bytes,
 )
-from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, header_text, write_report
+from splitllm.runtime.fidelity_run import (
+    FidelityOptions,
+    RealBench,
+    header_text,
+    promised,
+    write_report,
+)
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
-from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes
+from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes
 
 LINK = Link(uplink_bytes_per_s=1e6, downlink_bytes_per_s=2e6, rtt_s=0.02)
 # Each metric's measured value is the prediction divided by this: relative error f - 1 exactly.
@@ -100,6 +106,32 @@ def test_the_session_is_opened_before_the_first_token_and_closed_after_the_last(
     assert figures.wire_bytes == bare.wire_bytes + 700
     assert figures.server_cpu_s == bare.server_cpu_s  # the server's work is its units'
     assert session_s(LINK, NO_SESSION) == (0.0, 0.0)
+
+
+class FakeSession:
+    """What `promised` reads of a Session: instances per request, unit names, wire dtype."""
+
+    stack = type("Stack", (), {"names": ("embed", "b0", "b1", "head")})()
+    wire_dtype = "float32"
+
+    def instance(self, prompt_tokens: int, new_tokens: int, *devices: object
+                 ) -> tuple[Instance, str]:
+        return instance(new_tokens, 2.0), "measured"
+
+
+def test_a_promise_is_for_the_tokens_generated_and_opens_a_session() -> None:
+    # The demo's answer ends at EOS after 32 of its 64 tokens: its prediction is for 32.
+    placement = Placement("CSSC")
+    figures = promised(FakeSession(), placement, 10, 32)  # type: ignore[arg-type]
+    opened = session_bytes(placement, FakeSession.stack.names, wire_dtype="float32",
+                           prompt_tokens=10, new_tokens=32)
+    assert figures == predict(instance(32, 2.0), instance(1, 2.0), placement, 32, opened)
+    assert figures.e2e_s < promised(FakeSession(), placement, 10, 64).e2e_s  # type: ignore[arg-type]
+    assert opened.total > 0 and figures.wire_bytes == wire_bytes(instance(32, 2.0), placement) \
+        + opened.total
+    # A given instance (the plan's, with its SLA) is used as it is for the whole generation.
+    given = promised(FakeSession(), placement, 10, 32, whole=instance(40, 2.0))  # type: ignore[arg-type]
+    assert given.server_cpu_s == pytest.approx(evaluate(instance(40, 2.0), placement).server_work)
 
 
 def test_grid_errors_are_computed_exactly() -> None:
