@@ -175,7 +175,7 @@ def test_emulated_slowdown_makes_client_units_slower(
         assert slow.emulation == "EMULATED client slowdown x5"
         # The units' times, and the loop's own cost per pass measured beside them.
         assert replace(fast.client_profile(), pass_s=0.0) == measured
-        assert replace(slow.client_profile(), pass_s=0.0) == measured.scaled(5.0)
+        assert replace(slow.client_profile(), pass_s=0.0) == measured.emulated(5.0)
         assert fast.client_profile().pass_s > 0
         plan = slow.plan(4, 6)
         assert plan.source.startswith("measured; server: the server's engine step model at")

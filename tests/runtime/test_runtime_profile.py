@@ -173,6 +173,18 @@ def unit_profile(wall: float, cpu: float, pass_s: float = 0.0) -> UnitProfile:
                        decode_cpu_s=decode_cpu, pass_s=pass_s)
 
 
+def test_an_emulated_slowdown_scales_cpu_seconds_as_the_emulation_does() -> None:
+    # Wall 2 x CPU (a loaded machine): x3 emulated is 3 x CPU, not 3 x wall; x1.5 is the wall.
+    profile = unit_profile(wall=2.0, cpu=1.0)
+    slow = profile.emulated(3.0)
+    assert slow.prefill_at(32) == pytest.approx(tuple(1.5 * t for t in profile.prefill_at(32)))
+    assert slow.cpu().decode_at(100) == pytest.approx(profile.scaled(3.0).cpu().decode_at(100))
+    assert profile.emulated(1.5).decode_at(100) == pytest.approx(profile.decode_at(100))
+    assert profile.emulated(1.0) == profile
+    wall_only = replace(profile, prefill_cpu_s=(), decode_cpu_s=())  # an older profile
+    assert wall_only.emulated(3.0) == wall_only.scaled(3.0)
+
+
 def test_unit_profiles_round_trip_with_cpu_seconds_and_the_loop_cost() -> None:
     profile = unit_profile(wall=2.0, cpu=1.0, pass_s=0.004)
     assert UnitProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
