@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from splitllm.runtime.fidelity import (
     METRICS,
     Condition,
     Figures,
+    median_figures,
     multi_switch,
     predict,
     results_json,
@@ -69,13 +71,16 @@ class FakeBench:
         return SESSION if "S" in placement else NO_SESSION
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placement: str) -> Figures:
-        self.measured.append((condition, prompt_tokens, new_tokens, placement))
-        whole, first = self.instances(condition, prompt_tokens, new_tokens)
-        session = self.session_bytes(condition, prompt_tokens, new_tokens, placement)
-        truth = predict(whole, first, Placement(placement), new_tokens, session)
-        f = FACTORS["slow" if condition.client_slowdown > 1 else "loopback"]
-        return Figures(**{m: getattr(truth, m) / f for m in METRICS})
+                placements: Sequence[str]) -> dict[str, Figures]:
+        measured = {}
+        for placement in placements:
+            self.measured.append((condition, prompt_tokens, new_tokens, placement))
+            whole, first = self.instances(condition, prompt_tokens, new_tokens)
+            session = self.session_bytes(condition, prompt_tokens, new_tokens, placement)
+            truth = predict(whole, first, Placement(placement), new_tokens, session)
+            f = FACTORS["slow" if condition.client_slowdown > 1 else "loopback"]
+            measured[placement] = Figures(**{m: getattr(truth, m) / f for m in METRICS})
+        return measured
 
 
 def test_predict_follows_the_instance() -> None:
@@ -132,6 +137,14 @@ def test_a_promise_is_for_the_tokens_generated_and_opens_a_session() -> None:
     # A given instance (the plan's, with its SLA) is used as it is for the whole generation.
     given = promised(FakeSession(), placement, 10, 32, whole=instance(40, 2.0))  # type: ignore[arg-type]
     assert given.server_cpu_s == pytest.approx(evaluate(instance(40, 2.0), placement).server_work)
+
+
+def test_a_measured_figure_is_each_metrics_median_over_runs() -> None:
+    runs = [Figures(*(float(10 * i + m) for m in range(len(METRICS)))) for i in (3, 1, 2)]
+    assert median_figures(runs) == Figures(*(float(20 + m) for m in range(len(METRICS))))
+    slow_first = [Figures(ttft_s=9.0, tpot_s=1.0, e2e_s=1.0, server_cpu_s=1.0, wire_bytes=1.0,
+                          server_busy_s=1.0), runs[0], runs[1]]
+    assert median_figures(slow_first).ttft_s == 10.0 and median_figures(slow_first).tpot_s == 11.0
 
 
 def test_grid_errors_are_computed_exactly() -> None:

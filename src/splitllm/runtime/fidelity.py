@@ -89,8 +89,9 @@ class Bench(Protocol):
         """The messages that open and close the server's session for this placement."""
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placement: str) -> Figures:
-        """Run one generation of exactly new_tokens tokens with this placement."""
+                placements: Sequence[str]) -> dict[str, Figures]:
+        """Generations of exactly new_tokens tokens with each placement (in interleaved
+        rounds, so that a slow minute falls on every placement alike), per placement."""
 
 
 def rel_err(predicted: float, measured: float) -> float:
@@ -170,6 +171,12 @@ def _with_sla(instance: Instance, sla_s: float) -> Instance:
     return replace(instance, sla_s=sla_s)
 
 
+def median_figures(runs: Sequence[Figures]) -> Figures:
+    """Each metric's median over repeated runs (robust to a run disturbed by other load)."""
+    return Figures(**{metric: statistics.median(getattr(run, metric) for run in runs)
+                      for metric in METRICS})
+
+
 def run_grid(bench: Bench, *, conditions: Sequence[Condition],
              lengths: Sequence[tuple[int, int]], sla_factor: float) -> list[Result]:
     """Every condition x (prompt, output) length x grid placement: predicted and measured.
@@ -184,14 +191,16 @@ def run_grid(bench: Bench, *, conditions: Sequence[Condition],
         for prompt_tokens, new_tokens in lengths:
             whole, first = bench.instances(condition, prompt_tokens, new_tokens)
             sla_s = sla_factor * fastest_uniform_s(whole)
-            for placement, kinds in grid_placements(whole, sla_s).items():
+            placements = grid_placements(whole, sla_s)
+            measured = bench.measure(condition, prompt_tokens, new_tokens, list(placements))
+            for placement, kinds in placements.items():
                 point = Point(condition=condition, prompt_tokens=prompt_tokens,
                               new_tokens=new_tokens, kinds=kinds, placement=placement,
                               sla_s=sla_s)
                 session = bench.session_bytes(condition, prompt_tokens, new_tokens, placement)
                 predicted = predict(whole, first, Placement(placement), new_tokens, session)
-                measured = bench.measure(condition, prompt_tokens, new_tokens, placement)
-                results.append(Result(point=point, predicted=predicted, measured=measured))
+                results.append(Result(point=point, predicted=predicted,
+                                      measured=measured[placement]))
     return results
 
 
