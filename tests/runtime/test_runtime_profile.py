@@ -226,11 +226,18 @@ def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
     assert loaded.latency_s[1] == pytest.approx(0.02 + 4 * (0.01 + 0.008))
     assert loaded.work_s[1] == pytest.approx(0.01 + 4 * (0.005 + 0.004) / 8)
     assert "8 rows per step" in loaded.source
-    # The context terms come from the unit profile where there is one.
-    profile = unit_profile(wall=1.0, cpu=1.0)
-    with_context = step_model_server_times(wall, cpu, request, rows=1, profile=profile)
-    assert with_context.latency_s == pytest.approx(
-        np.add(alone.latency_s, profile.attention_s(10, 4)))
+    # With the server's unit profile: its prefill (timed at prompt lengths, the head at one
+    # position) and its decode steps' KV reads; the decode steps themselves are the line's.
+    profile = unit_profile(wall=1.0, cpu=0.5)
+    with_profile = step_model_server_times(wall, cpu, request, rows=8, profile=profile)
+    steps_wall = np.subtract(loaded.latency_s, [f.seconds(10) for f in (wall.embed, fit, fit)]
+                             + [wall.head.seconds(1)])
+    assert with_profile.latency_s == pytest.approx(
+        np.add(profile.prefill_at(10), steps_wall) + profile.kv_reads_s(10, 4))
+    assert with_profile.work_s[1] == pytest.approx(
+        profile.cpu().prefill_at(10)[1] + 4 * (0.005 + 0.004) / 8
+        + profile.cpu().kv_reads_s(10, 4)[1])
+    assert "the prefill: its unit profile" in with_profile.source
 
 
 def test_the_client_loop_cost_is_paid_by_every_placement() -> None:

@@ -130,9 +130,12 @@ class UnitProfile:
         """Seconds per unit of the context terms alone: the prefill's causal pairs and the KV
         reads of `steps` decode steps after it (what a step model linear in tokens lacks)."""
         pairs = prefill_features(np.array([prompt_tokens]))[0, 2] * self._prefill_fit[2]  # [U]
+        return tuple(float(t) for t in pairs + self.kv_reads_s(prompt_tokens, steps))
+
+    def kv_reads_s(self, prompt_tokens: int, steps: int) -> np.ndarray:
+        """[U] seconds of the KV reads alone of `steps` decode steps after a prompt."""
         contexts = np.arange(prompt_tokens + 1, prompt_tokens + steps + 1)  # [steps]
-        reads = float(contexts.sum()) * self._decode_fit[1]  # [U]
-        return tuple(float(t) for t in pairs + reads)
+        return float(contexts.sum()) * self._decode_fit[1]
 
     def to_json(self) -> dict[str, Any]:
         """The profile as published in the server's /v1/info."""
