@@ -126,14 +126,9 @@ class UnitProfile:
         total = decode_features(contexts).sum(axis=0) @ self._decode_fit  # [U]
         return tuple(float(t) for t in total)
 
-    def attention_s(self, prompt_tokens: int, steps: int) -> tuple[float, ...]:
-        """Seconds per unit of the context terms alone: the prefill's causal pairs and the KV
-        reads of `steps` decode steps after it (what a step model linear in tokens lacks)."""
-        pairs = prefill_features(np.array([prompt_tokens]))[0, 2] * self._prefill_fit[2]  # [U]
-        return tuple(float(t) for t in pairs + self.kv_reads_s(prompt_tokens, steps))
-
     def kv_reads_s(self, prompt_tokens: int, steps: int) -> np.ndarray:
-        """[U] seconds of the KV reads alone of `steps` decode steps after a prompt."""
+        """[U] seconds of the KV reads alone of `steps` decode steps after a prompt (the
+        context term a step model linear in tokens lacks)."""
         contexts = np.arange(prompt_tokens + 1, prompt_tokens + steps + 1)  # [steps]
         return float(contexts.sum()) * self._decode_fit[1]
 
