@@ -19,6 +19,7 @@ from splitllm.runtime.fidelity import (
     median_figures,
     multi_switch,
     predict,
+    promised,
     results_json,
     run_grid,
     session_s,
@@ -26,13 +27,7 @@ from splitllm.runtime.fidelity import (
     visit_residual_s,
     wire_bytes,
 )
-from splitllm.runtime.fidelity_run import (
-    FidelityOptions,
-    RealBench,
-    header_text,
-    promised,
-    write_report,
-)
+from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, header_text, write_report
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes

@@ -329,7 +329,7 @@ def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: i
     """What an auto placement promised: its SLA and the predicted figures (`--json`)."""
     from dataclasses import asdict
 
-    from splitllm.runtime.fidelity_run import promised
+    from splitllm.runtime.fidelity import promised
 
     figures = asdict(promised(session, auto.plan.placement, prompt_tokens, new_tokens,
                               whole=auto.instance, client_device=client_device,

@@ -139,7 +139,7 @@ def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: s
                 ids: list[int]) -> None:
     from splitllm.runtime.autoplace import AutoPlan, compare_plans, with_sla
     from splitllm.runtime.client import connect
-    from splitllm.runtime.fidelity_run import promised
+    from splitllm.runtime.fidelity import promised
     from splitllm.runtime.models import log_stderr
 
     with connect(url, loaded, emulate_link=opts.link,

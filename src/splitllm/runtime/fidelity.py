@@ -13,14 +13,18 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, evaluate
 from splitllm.planner.network import Link, carried_bytes, crossing_s
-from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes
+from splitllm.runtime.autoplace import MEASURED
+from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes
+
+if TYPE_CHECKING:
+    from splitllm.runtime.client import Session
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes", "server_busy_s")
 PLACEMENT_KINDS = ("server-only", "best-single-cut", "exact", "multi-switch")
@@ -135,6 +139,20 @@ def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: 
                    server_cpu_s=plan.server_work,
                    wire_bytes=wire_bytes(whole, placement) + session.total,
                    server_busy_s=plan.server_compute_s)
+
+
+def promised(session: Session, placement: Placement, prompt_tokens: int, new_tokens: int, *,
+             whole: Instance | None = None, client_device: str = MEASURED,
+             server_device: str | None = None) -> Figures:
+    """What a placement promises for a generation of exactly new_tokens tokens on this
+    session: its passes from the planner's instance (`whole`, else this request's), the first
+    token from the instance of one token, and the server session's opening and closing."""
+    if whole is None:
+        whole, _ = session.instance(prompt_tokens, new_tokens, client_device, server_device)
+    first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
+    opened = session_bytes(placement, session.stack.names, wire_dtype=session.wire_dtype,
+                           prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    return predict(whole, first, placement, new_tokens, opened)
 
 
 def multi_switch(n_units: int) -> Placement:

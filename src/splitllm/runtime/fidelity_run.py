@@ -18,7 +18,6 @@ from pathlib import Path
 from splitllm.errors import UserError
 from splitllm.placement import Placement
 from splitllm.planner.instance import Instance
-from splitllm.runtime.autoplace import MEASURED
 from splitllm.runtime.client import Session, connect
 from splitllm.runtime.fidelity import (
     METRICS,
@@ -26,7 +25,6 @@ from splitllm.runtime.fidelity import (
     Figures,
     Result,
     median_figures,
-    predict,
     results_json,
     run_grid,
     saving_gap,
@@ -55,20 +53,6 @@ class FidelityOptions:
     repeats: int = 3
     sla_factor: float = 1.3
     threads: int = 1
-
-
-def promised(session: Session, placement: Placement, prompt_tokens: int, new_tokens: int, *,
-             whole: Instance | None = None, client_device: str = MEASURED,
-             server_device: str | None = None) -> Figures:
-    """What a placement promises for a generation of exactly new_tokens tokens on this
-    session: its passes from the planner's instance (`whole`, else this request's), the first
-    token from the instance of one token, and the server session's opening and closing."""
-    if whole is None:
-        whole, _ = session.instance(prompt_tokens, new_tokens, client_device, server_device)
-    first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
-    opened = session_bytes(placement, session.stack.names, wire_dtype=session.wire_dtype,
-                           prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    return predict(whole, first, placement, new_tokens, opened)
 
 
 class RealBench:
