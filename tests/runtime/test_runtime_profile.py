@@ -173,6 +173,18 @@ def unit_profile(wall: float, cpu: float, pass_s: float = 0.0) -> UnitProfile:
                        decode_cpu_s=decode_cpu, pass_s=pass_s)
 
 
+def test_an_emulated_slowdown_scales_cpu_seconds_as_the_emulation_does() -> None:
+    # Wall 2 x CPU (a loaded machine): x3 emulated is 3 x CPU, not 3 x wall; x1.5 is the wall.
+    profile = unit_profile(wall=2.0, cpu=1.0)
+    slow = profile.emulated(3.0)
+    assert slow.prefill_at(32) == pytest.approx(tuple(1.5 * t for t in profile.prefill_at(32)))
+    assert slow.cpu().decode_at(100) == pytest.approx(profile.scaled(3.0).cpu().decode_at(100))
+    assert profile.emulated(1.5).decode_at(100) == pytest.approx(profile.decode_at(100))
+    assert profile.emulated(1.0) == profile
+    wall_only = replace(profile, prefill_cpu_s=(), decode_cpu_s=())  # an older profile
+    assert wall_only.emulated(3.0) == wall_only.scaled(3.0)
+
+
 def test_unit_profiles_round_trip_with_cpu_seconds_and_the_loop_cost() -> None:
     profile = unit_profile(wall=2.0, cpu=1.0, pass_s=0.004)
     assert UnitProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
@@ -214,11 +226,18 @@ def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
     assert loaded.latency_s[1] == pytest.approx(0.02 + 4 * (0.01 + 0.008))
     assert loaded.work_s[1] == pytest.approx(0.01 + 4 * (0.005 + 0.004) / 8)
     assert "8 rows per step" in loaded.source
-    # The context terms come from the unit profile where there is one.
-    profile = unit_profile(wall=1.0, cpu=1.0)
-    with_context = step_model_server_times(wall, cpu, request, rows=1, profile=profile)
-    assert with_context.latency_s == pytest.approx(
-        np.add(alone.latency_s, profile.attention_s(10, 4)))
+    # With the server's unit profile: its prefill (timed at prompt lengths, the head at one
+    # position) and its decode steps' KV reads; the decode steps themselves are the line's.
+    profile = unit_profile(wall=1.0, cpu=0.5)
+    with_profile = step_model_server_times(wall, cpu, request, rows=8, profile=profile)
+    steps_wall = np.subtract(loaded.latency_s, [f.seconds(10) for f in (wall.embed, fit, fit)]
+                             + [wall.head.seconds(1)])
+    assert with_profile.latency_s == pytest.approx(
+        np.add(profile.prefill_at(10), steps_wall) + profile.kv_reads_s(10, 4))
+    assert with_profile.work_s[1] == pytest.approx(
+        profile.cpu().prefill_at(10)[1] + 4 * (0.005 + 0.004) / 8
+        + profile.cpu().kv_reads_s(10, 4)[1])
+    assert "the prefill: its unit profile" in with_profile.source
 
 
 def test_the_client_loop_cost_is_paid_by_every_placement() -> None:

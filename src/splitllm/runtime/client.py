@@ -182,7 +182,7 @@ class Session:
         """This client's measured per-unit times (times the emulated slowdown) and its loop's
         own cost per pass."""
         if self._client_profile is None:
-            units = profile_units(self.stack).scaled(max(self.slowdown, 1.0))
+            units = profile_units(self.stack).emulated(self.slowdown)
             self._client_profile = replace(units, pass_s=self._loop_pass_s())
         return self._client_profile
 

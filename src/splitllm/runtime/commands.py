@@ -329,10 +329,11 @@ def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: i
     """What an auto placement promised: its SLA and the predicted figures (`--json`)."""
     from dataclasses import asdict
 
-    from splitllm.runtime.fidelity import predict
+    from splitllm.runtime.fidelity import promised
 
-    first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
-    figures = asdict(predict(auto.instance, first, auto.plan.placement, new_tokens))
+    figures = asdict(promised(session, auto.plan.placement, prompt_tokens, new_tokens,
+                              whole=auto.instance, client_device=client_device,
+                              server_device=server_device))
     return {"sla_s": auto.instance.sla_s,
             "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
 

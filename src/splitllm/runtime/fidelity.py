@@ -13,13 +13,18 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, evaluate
-from splitllm.planner.network import carried_bytes
+from splitllm.planner.network import Link, carried_bytes, crossing_s
+from splitllm.runtime.autoplace import MEASURED
+from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes
+
+if TYPE_CHECKING:
+    from splitllm.runtime.client import Session
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes", "server_busy_s")
 PLACEMENT_KINDS = ("server-only", "best-single-cut", "exact", "multi-switch")
@@ -83,9 +88,14 @@ class Bench(Protocol):
                   ) -> tuple[Instance, Instance]:
         """(the whole generation, its first token alone), both without an SLA."""
 
+    def session_bytes(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                      placement: str) -> SessionBytes:
+        """The messages that open and close the server's session for this placement."""
+
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placement: str) -> Figures:
-        """Run one generation of exactly new_tokens tokens with this placement."""
+                placements: Sequence[str]) -> dict[str, Figures]:
+        """Generations of exactly new_tokens tokens with each placement (in interleaved
+        rounds, so that a slow minute falls on every placement alike), per placement."""
 
 
 def rel_err(predicted: float, measured: float) -> float:
@@ -104,14 +114,45 @@ def wire_bytes(instance: Instance, placement: Placement) -> float:
     return float(carried[sides[:-1] != sides[1:]].sum())
 
 
-def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: int) -> Figures:
-    """The planner's figures for a placement: first token from `first`, the rest from `whole`."""
+def session_s(link: Link, session: SessionBytes) -> tuple[float, float]:
+    """Seconds of the round trips that open and close the server's session (a visit each):
+    the first token waits for the one, the generation ends after the other."""
+    def round_trip_s(up: int, down: int) -> float:
+        return float(crossing_s(link, True, float(up)) + crossing_s(link, False, float(down)))
+
+    if session.total == 0:
+        return 0.0, 0.0
+    return (round_trip_s(session.open_up, session.open_down),
+            round_trip_s(session.close_up, session.close_down))
+
+
+def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: int,
+            session: SessionBytes = NO_SESSION) -> Figures:
+    """The planner's figures for a placement: first token from `first`, the rest from `whole`;
+    the session's opening and closing (`session`, once per generation) on top of its passes."""
     plan = evaluate(whole, placement)
-    ttft_s = evaluate(first, placement).latency_s
-    tpot_s = (plan.latency_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
-    return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=plan.latency_s,
-                   server_cpu_s=plan.server_work, wire_bytes=wire_bytes(whole, placement),
+    open_s, close_s = session_s(whole.link, session)
+    ttft_s = evaluate(first, placement).latency_s + open_s
+    e2e_s = plan.latency_s + open_s + close_s
+    tpot_s = (e2e_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
+    return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
+                   server_cpu_s=plan.server_work,
+                   wire_bytes=wire_bytes(whole, placement) + session.total,
                    server_busy_s=plan.server_compute_s)
+
+
+def promised(session: Session, placement: Placement, prompt_tokens: int, new_tokens: int, *,
+             whole: Instance | None = None, client_device: str = MEASURED,
+             server_device: str | None = None) -> Figures:
+    """What a placement promises for a generation of exactly new_tokens tokens on this
+    session: its passes from the planner's instance (`whole`, else this request's), the first
+    token from the instance of one token, and the server session's opening and closing."""
+    if whole is None:
+        whole, _ = session.instance(prompt_tokens, new_tokens, client_device, server_device)
+    first, _ = session.instance(prompt_tokens, 1, client_device, server_device)
+    opened = session_bytes(placement, session.stack.names, wire_dtype=session.wire_dtype,
+                           prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    return predict(whole, first, placement, new_tokens, opened)
 
 
 def multi_switch(n_units: int) -> Placement:
@@ -148,6 +189,12 @@ def _with_sla(instance: Instance, sla_s: float) -> Instance:
     return replace(instance, sla_s=sla_s)
 
 
+def median_figures(runs: Sequence[Figures]) -> Figures:
+    """Each metric's median over repeated runs (robust to a run disturbed by other load)."""
+    return Figures(**{metric: statistics.median(getattr(run, metric) for run in runs)
+                      for metric in METRICS})
+
+
 def run_grid(bench: Bench, *, conditions: Sequence[Condition],
              lengths: Sequence[tuple[int, int]], sla_factor: float) -> list[Result]:
     """Every condition x (prompt, output) length x grid placement: predicted and measured.
@@ -162,13 +209,16 @@ def run_grid(bench: Bench, *, conditions: Sequence[Condition],
         for prompt_tokens, new_tokens in lengths:
             whole, first = bench.instances(condition, prompt_tokens, new_tokens)
             sla_s = sla_factor * fastest_uniform_s(whole)
-            for placement, kinds in grid_placements(whole, sla_s).items():
+            placements = grid_placements(whole, sla_s)
+            measured = bench.measure(condition, prompt_tokens, new_tokens, list(placements))
+            for placement, kinds in placements.items():
                 point = Point(condition=condition, prompt_tokens=prompt_tokens,
                               new_tokens=new_tokens, kinds=kinds, placement=placement,
                               sla_s=sla_s)
-                predicted = predict(whole, first, Placement(placement), new_tokens)
-                measured = bench.measure(condition, prompt_tokens, new_tokens, placement)
-                results.append(Result(point=point, predicted=predicted, measured=measured))
+                session = bench.session_bytes(condition, prompt_tokens, new_tokens, placement)
+                predicted = predict(whole, first, Placement(placement), new_tokens, session)
+                results.append(Result(point=point, predicted=predicted,
+                                      measured=measured[placement]))
     return results
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitllm.errors import UserError
+from splitllm.placement import Placement
 from splitllm.planner.instance import Instance
 from splitllm.runtime.client import Session, connect
 from splitllm.runtime.fidelity import (
@@ -23,6 +24,7 @@ from splitllm.runtime.fidelity import (
     Condition,
     Figures,
     Result,
+    median_figures,
     results_json,
     run_grid,
     saving_gap,
@@ -30,6 +32,7 @@ from splitllm.runtime.fidelity import (
     visit_residual_s,
 )
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.wire_bytes import SessionBytes, session_bytes
 
 QUICK_CONDITIONS = (Condition(), Condition(link="wifi", client_slowdown=2.0))
 FULL_CONDITIONS = (Condition(), Condition(client_slowdown=2.0), Condition(link="wifi"),
@@ -47,7 +50,7 @@ class FidelityOptions:
     server: str
     token: str | None = None
     quick: bool = False
-    repeats: int = 2
+    repeats: int = 3
     sla_factor: float = 1.3
     threads: int = 1
 
@@ -84,17 +87,26 @@ class RealBench:
         first, _ = session.instance(prompt_tokens, 1)
         return whole, first
 
-    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placement: str) -> Figures:
+    def session_bytes(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                      placement: str) -> SessionBytes:
         session = self.session(condition)
-        runs = [session.generate(self.prompt(prompt_tokens), new_tokens, placement=placement,
-                                 chat=False, stop_at_eos=False)
-                for _ in range(max(self.opts.repeats, 1))]
-        best = min(runs, key=lambda g: g.wall_s)  # the least disturbed by other load
-        return Figures(ttft_s=best.ttft_s, tpot_s=best.tpot_s, e2e_s=best.wall_s,
-                       server_cpu_s=best.server_cpu_s,
-                       wire_bytes=float(best.bytes_sent + best.bytes_received),
-                       server_busy_s=best.server_busy_s)
+        return session_bytes(Placement(placement), session.stack.names,
+                             wire_dtype=session.wire_dtype, prompt_tokens=prompt_tokens,
+                             new_tokens=new_tokens)
+
+    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                placements: Sequence[str]) -> dict[str, Figures]:
+        session = self.session(condition)
+        runs: dict[str, list[Figures]] = {placement: [] for placement in placements}
+        for _ in range(max(self.opts.repeats, 1)):  # rounds of every placement in turn
+            for placement, figures in runs.items():
+                run = session.generate(self.prompt(prompt_tokens), new_tokens,
+                                       placement=placement, chat=False, stop_at_eos=False)
+                figures.append(Figures(ttft_s=run.ttft_s, tpot_s=run.tpot_s, e2e_s=run.wall_s,
+                                       server_cpu_s=run.server_cpu_s,
+                                       wire_bytes=float(run.bytes_sent + run.bytes_received),
+                                       server_busy_s=run.server_busy_s))
+        return {placement: median_figures(figures) for placement, figures in runs.items()}
 
     def fixed_costs(self) -> list[str]:
         """What each condition's planning measured beside the units: the link and the fixed
@@ -242,7 +254,8 @@ def header_text(model: str, opts: FidelityOptions, server_started: bool,
             f"({os.cpu_count()} cores, shared with other work). EMULATED: the links (delay and "
             "bandwidth shaping in the client's transport) and client slowdowns (the client "
             "sleeps its layers' time times the factor) named per condition; `loopback` is the "
-            f"real local socket. Each point is the fastest of {opts.repeats} runs; the SLA of a "
+            f"real local socket. Each figure is the median of {opts.repeats} runs (the "
+            "placements of a point measured in turn in each round); the SLA of a "
             f"point is {opts.sla_factor:g}x the faster uniform placement's predicted latency. "
             "Predictions: `Session.instance` (what placement=auto plans on)."
             + "".join(f"\n\n- measured: {line}" for line in fixed_costs))

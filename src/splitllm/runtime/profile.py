@@ -95,6 +95,21 @@ class UnitProfile:
                        prefill_cpu_s=times(self.prefill_cpu_s),
                        decode_cpu_s=times(self.decode_cpu_s))
 
+    def emulated(self, slowdown: float) -> UnitProfile:
+        """This device emulated `slowdown` times slower, as the client's emulation does it
+        (decoding.py): slowdown x its CPU seconds, or its wall seconds where those are longer.
+        Scaling the wall seconds instead would scale their waits for the core as well."""
+        if slowdown <= 1.0 or not self.prefill_cpu_s:
+            return self.scaled(max(slowdown, 1.0))
+
+        def device(wall: Rows, cpu: Rows) -> Rows:
+            return tuple(tuple(max(slowdown * c, w) for w, c in zip(walls, cpus, strict=True))
+                         for walls, cpus in zip(wall, cpu, strict=True))
+
+        slowed = self.scaled(slowdown)
+        return replace(slowed, prefill_s=device(self.prefill_s, self.prefill_cpu_s),
+                       decode_s=device(self.decode_s, self.decode_cpu_s))
+
     def prefill_at(self, prompt_tokens: int) -> tuple[float, ...]:
         """Prefill seconds per unit for a prompt of this length (the fitted shape)."""
         row = prefill_features(np.array([prompt_tokens])) @ self._prefill_fit  # [1, U]
@@ -111,13 +126,11 @@ class UnitProfile:
         total = decode_features(contexts).sum(axis=0) @ self._decode_fit  # [U]
         return tuple(float(t) for t in total)
 
-    def attention_s(self, prompt_tokens: int, steps: int) -> tuple[float, ...]:
-        """Seconds per unit of the context terms alone: the prefill's causal pairs and the KV
-        reads of `steps` decode steps after it (what a step model linear in tokens lacks)."""
-        pairs = prefill_features(np.array([prompt_tokens]))[0, 2] * self._prefill_fit[2]  # [U]
+    def kv_reads_s(self, prompt_tokens: int, steps: int) -> np.ndarray:
+        """[U] seconds of the KV reads alone of `steps` decode steps after a prompt (the
+        context term a step model linear in tokens lacks)."""
         contexts = np.arange(prompt_tokens + 1, prompt_tokens + steps + 1)  # [steps]
-        reads = float(contexts.sum()) * self._decode_fit[1]  # [U]
-        return tuple(float(t) for t in pairs + reads)
+        return float(contexts.sum()) * self._decode_fit[1]
 
     def to_json(self) -> dict[str, Any]:
         """The profile as published in the server's /v1/info."""

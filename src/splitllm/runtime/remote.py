@@ -28,6 +28,18 @@ def receive(transport: Transport, kind: str, timeout_s: float) -> tuple[dict[str
     return header, bytes(payload)
 
 
+def open_message(placement: Placement, wire_dtype: str, sampling: wire.Sampling
+                 ) -> dict[str, Any]:
+    """The `open` message that starts a generation's session on the server."""
+    return {"type": "open", "protocol": wire.PROTOCOL_VERSION, "placement": str(placement),
+            "wire_dtype": wire_dtype, "sampling": sampling.model_dump()}
+
+
+def close_message(session_id: str) -> dict[str, Any]:
+    """The `close` message that ends it (the server answers `closed` with its stats)."""
+    return {"type": "close", "session": session_id}
+
+
 class RemoteSession:
     """One session on the server: opened at construction, runs the server's segments."""
 
@@ -39,10 +51,8 @@ class RemoteSession:
         self.wire_dtype = wire.WIRE_DTYPES[wire.wire_dtype_name(wire_dtype)]
         self.timeout_s = timeout_s
         self.seq = 0
-        opened = {"type": "open", "protocol": wire.PROTOCOL_VERSION, "placement": str(placement),
-                  "wire_dtype": wire.DTYPE_NAMES[self.wire_dtype],
-                  "sampling": (sampling or wire.Sampling()).model_dump()}
-        transport.send(wire.text(opened))
+        transport.send(wire.text(open_message(placement, wire.DTYPE_NAMES[self.wire_dtype],
+                                              sampling or wire.Sampling())))
         reply, _ = receive(transport, "opened", timeout_s)
         self.session_id = str(reply["session"])
         self.stats: dict[str, Any] = {}
@@ -89,7 +99,7 @@ class RemoteSession:
 
     def close(self) -> dict[str, Any]:
         """End the session on the server; returns its stats (busy seconds, tokens)."""
-        self.transport.send(wire.text({"type": "close", "session": self.session_id}))
+        self.transport.send(wire.text(close_message(self.session_id)))
         reply, _ = receive(self.transport, "closed", self.timeout_s)
         self.stats = dict(reply.get("stats") or {})
         return self.stats

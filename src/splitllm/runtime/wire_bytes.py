@@ -2,9 +2,10 @@
 
 No assumed overheads: each size is the length of a frame built with `encode_frame` (tensor
 frames: header + raw payload, as `encode_tensor` sends them) or `text`, for the messages a
-generation exchanges (docs/protocol.md): `forward` up, `hidden` and `token` replies down. These
-are message bytes, what the transport and the server's /metrics count; WebSocket framing adds
-2-14 bytes per message on top.
+generation exchanges (docs/protocol.md): `forward` up, `hidden` and `token` replies down, once
+per pass; and, once per generation that runs a unit on the server, the messages that open and
+close its session there (`open`/`opened`, `close`/`closed`). These are message bytes, what the
+transport and the server's /metrics count; WebSocket framing adds 2-14 bytes per message on top.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from splitllm.placement import SERVER, Placement
 from splitllm.planner.speculation import Speculation, decode_passes
 from splitllm.runtime import protocol as wire
+from splitllm.runtime.remote import close_message, open_message
 
 # The server's session ids are `s{connection}-{12 hex digits}`; connection numbers stay short.
 SESSION_ID = "s1-000000000000"
 ID_DTYPE = "int64"  # token ids go up as int64 (torch.long)
+STAT_S = 0.12345678901234567  # a float of the `closed` stats, as long as a typical repr
 
 
 def tensor_frame_bytes(header: dict[str, Any], shape: Sequence[int], dtype: str) -> int:
@@ -111,3 +115,42 @@ def request_bytes(fmt: WireFormat, prompt_tokens: int, new_tokens: int, *,
                   + (passes - 1) * token_reply_bytes(position=mid + 1, token=token, seq=seq))
     return RequestBytes(ids_up=ids_up, hidden_up=tuple(hidden_up),
                         hidden_down=tuple(hidden_down), token_down=float(token_down))
+
+
+@dataclass(frozen=True)
+class SessionBytes:
+    """The messages that open and close a generation's session on the server (none: 0)."""
+
+    open_up: int  # `open`
+    open_down: int  # `opened`
+    close_up: int  # `close`
+    close_down: int  # `closed`, with the session's stats
+
+    @property
+    def total(self) -> int:
+        """Both round trips, both directions."""
+        return self.open_up + self.open_down + self.close_up + self.close_down
+
+
+NO_SESSION = SessionBytes(0, 0, 0, 0)
+
+
+def session_bytes(placement: Placement, unit_names: Sequence[str], *, wire_dtype: str,
+                  prompt_tokens: int, new_tokens: int,
+                  sampling: wire.Sampling | None = None) -> SessionBytes:
+    """The session's four messages as the client and the server build them (no server unit:
+    no session). The stats' digit counts are typical ones (a few bytes either way)."""
+    segments = [[s.start, s.stop] for s in placement.segments() if s.side == SERVER]
+    if not segments:
+        return NO_SESSION
+    opened = {"type": "opened", "session": SESSION_ID, "placement": str(placement),
+              "server_segments": segments, "units": list(unit_names), "wire_dtype": wire_dtype}
+    sampled = new_tokens if placement.sides[-1] == SERVER else 0
+    closed = {"type": "closed", "session": SESSION_ID,
+              "stats": {"busy_s": STAT_S, "cpu_s": STAT_S,
+                        "tokens_processed": len(segments) * (prompt_tokens + new_tokens - 1),
+                        "tokens_sampled": sampled}}
+    return SessionBytes(
+        open_up=len(wire.text(open_message(placement, wire_dtype, sampling or wire.Sampling()))),
+        open_down=len(wire.text(opened)), close_up=len(wire.text(close_message(SESSION_ID))),
+        close_down=len(wire.text(closed)))
