@@ -64,7 +64,8 @@ class Backend(Protocol):
 
 
 class StopText:
-    """Holds back text that may begin a stop sequence; cuts the text where one appears."""
+    """Holds back text that may begin a stop sequence; cuts the text where the first one to
+    end begins."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
@@ -77,10 +78,12 @@ class StopText:
         if self.stopped:
             return ""
         self.text += delta
-        # A stop cannot start before `sent`: its beginning would have been held back.
-        found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        # A stop cannot start before `sent`: its beginning would have been held back. The
+        # stop that ends first wins (as when generation stops at it, however the text is cut
+        # into deltas); of two ending together, the longer.
+        found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
         if found:
-            self.text = self.text[:min(found)]
+            self.text = self.text[:min(found)[1]]
             self.stopped = True
             return self._release(len(self.text))
         held = max((k for s in self.stops for k in range(1, len(s))
