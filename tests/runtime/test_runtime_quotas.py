@@ -12,15 +12,13 @@ import threading
 from collections.abc import Callable
 
 import httpx
-from hostile_kit import ALL_SERVER, Greedy, ids, token_of
+from hostile_kit import ALL_SERVER, Greedy, ids, kv_bytes, token_of
 from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
 
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import EngineConfig, Scheduled
 from splitllm.runtime.hosting import BackgroundServer
-from splitllm.runtime.kvcache import kv_capacity
 from splitllm.runtime.models import LoadedModel
-from splitllm.runtime.units import UnitStack
 
 
 def rows_of(step: tuple[Scheduled, ...], session: str) -> int:
@@ -133,12 +131,6 @@ def test_rejected_forwards_do_not_keep_a_session_alive(
     assert server.state.sessions.keys() == {healthy.session}
     squatter.close()
     healthy.client.close()
-
-
-def kv_bytes(loaded: LoadedModel, tokens: int) -> int:
-    """KV cache an all-server session reserves at a context length (whole blocks)."""
-    stack = UnitStack(loaded.model)
-    return sum(stack.kv_bytes(unit, kv_capacity(tokens)) for unit in range(stack.n_units))
 
 
 def test_a_session_over_the_kv_cap_gets_over_capacity(

@@ -42,6 +42,8 @@ class ApiError(Exception):
     def type(self) -> str:
         if self.status == 401:
             return "authentication_error"
+        if self.status == 429:
+            return "requests"  # what OpenAI sends with rate_limit_exceeded on a request limit
         return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict[str, Any]:
