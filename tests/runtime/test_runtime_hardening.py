@@ -8,6 +8,7 @@ closing it, a sweeper by the notice it sends.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Callable
 
@@ -117,6 +118,7 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     server = make_server(tiny_llama, tokens=(TOKEN,))
     quick = make_server(tiny_llama, tokens=(TOKEN,), auth_timeout_s=0.5)
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
+    healthy_quick = HealthySession(tiny_llama, quick, token=TOKEN, seed=41)  # beside the silent
     frames: list[str | bytes] = [
         "not json", b"\x00", '{"type": "ping"}', '{"type": "open", "placement": "SSSSSS"}',
         '{"type": "open", "placement": "SSSSSS", "token": "wrong"}',
@@ -132,6 +134,7 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     assert "no authentication" in silent.expect_error("unauthorized")["message"]
     with pytest.raises(Exception, match="1008"):
         silent.recv()
+    assert healthy_quick.finish() == healthy_quick.want
     # The token in the first `open` authorizes the connection: full-size frames from then on.
     in_message = RawClient(server.ws_url)
     in_message.open("SSSSSS", token=TOKEN)
@@ -142,6 +145,27 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     assert healthy.finish() == healthy.want
     assert metrics(server.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 6
     assert metrics(quick.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 1
+
+
+def test_an_authorized_client_gets_no_large_json_parsed(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama, tokens=(TOKEN,))
+    healthy = HealthySession(tiny_llama, server, token=TOKEN)
+    client = RawClient(server.ws_url, token=TOKEN)
+    padding = "x" * (8 * 2**20)  # valid JSON: parsed, it would be refused only for its field
+    client.send(json.dumps({"type": "ping", "t": 1, "padding": padding}))
+    assert "text frame of" in client.expect_error("too_large")["message"]
+    header = json.dumps({"type": "probe", "reply_bytes": 1, "padding": padding}).encode()
+    client.send(wire.HEADER_LEN.pack(len(header)) + header)
+    assert "header limit" in client.expect_error("bad_frame")["message"]
+    client.send_json({"type": "ping", "t": 2})  # refused unparsed, and the connection goes on
+    assert client.recv()[0]["t"] == 2
+    errors = metrics(server.http_url, TOKEN)
+    assert errors['splitllm_errors_total{code="too_large"}'] == 1
+    assert errors['splitllm_errors_total{code="bad_frame"}'] == 1
+    assert 'splitllm_errors_total{code="bad_message"}' not in errors
+    assert healthy.finish() == healthy.want
+    client.close()
 
 
 def test_connections_are_capped(tiny_llama: LoadedModel,

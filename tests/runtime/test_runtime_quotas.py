@@ -109,26 +109,34 @@ def test_a_few_connections_cannot_take_every_session(
 
 def test_rejected_forwards_do_not_keep_a_session_alive(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, idle_timeout_s=2.0)
-    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=80, new_tokens=200)
+    timeout_s = 5.0
+    server = make_server(tiny_llama, idle_timeout_s=timeout_s)
+    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=80)
     healthy.send_prefill()
     squatter = RawClient(server.ws_url)
     session = squatter.open(ALL_SERVER)  # the clock starts here: no valid work will follow
+    opened_at = server.state.sessions[session][0].last_active
+    for _ in healthy.want:  # beside the healthy session: its valid work, the squatter's not
+        squatter.forward(session, (0, 6), (100, 101), ids([5]))  # wrong positions: rejected
+        squatter.expect_error("bad_positions")
+        healthy.decode()
+    assert healthy.got == healthy.want
+    assert server.state.sessions[session][0].last_active == opened_at  # not refreshed
+    healthy.client.send_json({"type": "close", "session": healthy.session})
+    assert healthy.client.recv()[0]["type"] == "closed"
     codes = []
     stop = threading.Event()
-    # Bounded: the healthy session's 200 tokens at >= 20 ms each outlast the 2 s idle timeout.
-    for _ in range(len(healthy.want) - 1):
-        squatter.forward(session, (0, 6), (100, 101), ids([5]))  # wrong positions: rejected
-        reply = squatter.recv()[0]
-        codes.append(reply["code"])
-        if reply["code"] in ("idle_timeout", "unknown_session"):
+    # Rejected forwards go on until the sweeper closes the session: 400 of them, each followed
+    # by a 0.05 s pause, outlast the timeout and a sweep (a slower machine only adds time).
+    for _ in range(400):
+        squatter.forward(session, (0, 6), (100, 101), ids([5]))
+        codes.append(squatter.recv()[0]["code"])
+        if codes[-1] in ("idle_timeout", "unknown_session"):
             break
-        healthy.decode()  # valid work: the healthy session stays open
-        stop.wait(0.02)
+        stop.wait(0.05)
     assert codes[-1] in ("idle_timeout", "unknown_session"), codes[-3:]
     assert set(codes[:-1]) == {"bad_positions"}
-    assert healthy.got == healthy.want[:len(healthy.got)]
-    assert server.state.sessions.keys() == {healthy.session}
+    assert not server.state.sessions
     squatter.close()
     healthy.client.close()
 
