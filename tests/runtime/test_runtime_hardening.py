@@ -14,10 +14,20 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from hostile_kit import HealthySession, SocketClient, closed_by_server
+import torch
+from hostile_kit import (
+    ALL_SERVER,
+    Greedy,
+    HealthySession,
+    SocketClient,
+    closed_by_server,
+    ids,
+    token_of,
+)
 from runtime_kit import TIMEOUT_S, RawClient, metrics, wait_for
 
 from splitllm.runtime import protocol as wire
+from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.guards import PRE_AUTH_FRAME_BYTES, TransportLimits, UnfinishedBudget
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
@@ -231,6 +241,40 @@ def test_hostile_values_get_defined_errors(tiny_llama: LoadedModel,
     assert bad.recv()[0]["type"] == "hidden"
     bad.close()
     assert healthy.finish() == healthy.want
+
+
+class BrokenSampler:
+    """A sampler with a bug: it raises after the step that computed its row."""
+
+    def __call__(self, logits: torch.Tensor, position: int) -> int:
+        raise RuntimeError("a sampler bug")
+
+
+def test_a_session_that_cannot_sample_fails_alone(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama)
+    engine = server.state.engine
+    narrow = RawClient(server.ws_url)  # a top_p that is 0 in float32: no token survived it
+    narrow_session = narrow.open(ALL_SERVER, sampling={"temperature": 1.0, "top_p": 1e-300})
+    broken = RawClient(server.ws_url)
+    broken_session = broken.open(ALL_SERVER, sampling={"temperature": 1.0})
+    server.state.sessions[broken_session][0].sampler = BrokenSampler()  # type: ignore[assignment]
+    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=160)
+    prompt = [5, 6, 7]
+    with engine.held_back():  # all three rows in one step, the healthy one last
+        narrow.forward(narrow_session, (0, 6), (0, 3), ids(prompt))
+        broken.forward(broken_session, (0, 6), (0, 3), ids(prompt))
+        healthy.send_prefill()
+        wait_for(lambda: engine.queued() == 3)
+        first_step = len(engine.history)
+    assert healthy.finish() == healthy.want
+    assert len(engine.history[first_step]) == 3
+    most_likely = list(generate_tokens(LocalPipe(tiny_llama.model), prompt, 1))[0]
+    assert token_of(narrow.recv()[0]) == most_likely  # top_p keeps the most likely token
+    assert "a sampler bug" in broken.expect_error("internal")["message"]
+    assert set(server.state.sessions) == {narrow_session, healthy.session}  # it alone closed
+    for client in (narrow, broken, healthy.client):
+        client.close()
 
 
 def test_http_needs_a_bearer_token_and_publishes_no_schema(
