@@ -269,7 +269,7 @@ def test_a_session_that_cannot_sample_fails_alone(
         first_step = len(engine.history)
     assert healthy.finish() == healthy.want
     assert len(engine.history[first_step]) == 3
-    most_likely = list(generate_tokens(LocalPipe(tiny_llama.model), prompt, 1))[0]
+    most_likely = next(iter(generate_tokens(LocalPipe(tiny_llama.model), prompt, 1)))
     assert token_of(narrow.recv()[0]) == most_likely  # top_p keeps the most likely token
     assert "a sampler bug" in broken.expect_error("internal")["message"]
     assert set(server.state.sessions) == {narrow_session, healthy.session}  # it alone closed
