@@ -25,6 +25,7 @@ from splitllm.runtime.decoding import (
     prefill,
 )
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.kvcache import kv_capacity
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import encode_tensor
 from splitllm.runtime.remote import RemoteSession
@@ -36,6 +37,12 @@ ALL_SERVER = "SSSSSS"  # the tiny llama's 6 units (embed, 4 blocks, head), all o
 
 def ids(tokens: list[int]) -> torch.Tensor:
     return torch.tensor([tokens], dtype=torch.long)  # [1, T]
+
+
+def kv_bytes(loaded: LoadedModel, tokens: int) -> int:
+    """KV cache an all-server session reserves at a context length (whole blocks)."""
+    stack = UnitStack(loaded.model)
+    return sum(stack.kv_bytes(unit, kv_capacity(tokens)) for unit in range(stack.n_units))
 
 
 def token_of(reply: dict[str, Any]) -> int:

@@ -8,15 +8,26 @@ closing it, a sweeper by the notice it sends.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Callable
 
 import httpx
 import pytest
-from hostile_kit import HealthySession, SocketClient, closed_by_server
+import torch
+from hostile_kit import (
+    ALL_SERVER,
+    Greedy,
+    HealthySession,
+    SocketClient,
+    closed_by_server,
+    ids,
+    token_of,
+)
 from runtime_kit import TIMEOUT_S, RawClient, metrics, wait_for
 
 from splitllm.runtime import protocol as wire
+from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.guards import PRE_AUTH_FRAME_BYTES, TransportLimits, UnfinishedBudget
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
@@ -117,6 +128,7 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     server = make_server(tiny_llama, tokens=(TOKEN,))
     quick = make_server(tiny_llama, tokens=(TOKEN,), auth_timeout_s=0.5)
     healthy = HealthySession(tiny_llama, server, token=TOKEN)
+    healthy_quick = HealthySession(tiny_llama, quick, token=TOKEN, seed=41)  # beside the silent
     frames: list[str | bytes] = [
         "not json", b"\x00", '{"type": "ping"}', '{"type": "open", "placement": "SSSSSS"}',
         '{"type": "open", "placement": "SSSSSS", "token": "wrong"}',
@@ -132,6 +144,7 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     assert "no authentication" in silent.expect_error("unauthorized")["message"]
     with pytest.raises(Exception, match="1008"):
         silent.recv()
+    assert healthy_quick.finish() == healthy_quick.want
     # The token in the first `open` authorizes the connection: full-size frames from then on.
     in_message = RawClient(server.ws_url)
     in_message.open("SSSSSS", token=TOKEN)
@@ -142,6 +155,27 @@ def test_anything_but_a_good_open_before_auth_is_fatal(
     assert healthy.finish() == healthy.want
     assert metrics(server.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 6
     assert metrics(quick.http_url, TOKEN)['splitllm_errors_total{code="unauthorized"}'] == 1
+
+
+def test_an_authorized_client_gets_no_large_json_parsed(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama, tokens=(TOKEN,))
+    healthy = HealthySession(tiny_llama, server, token=TOKEN)
+    client = RawClient(server.ws_url, token=TOKEN)
+    padding = "x" * (8 * 2**20)  # valid JSON: parsed, it would be refused only for its field
+    client.send(json.dumps({"type": "ping", "t": 1, "padding": padding}))
+    assert "text frame of" in client.expect_error("too_large")["message"]
+    header = json.dumps({"type": "probe", "reply_bytes": 1, "padding": padding}).encode()
+    client.send(wire.HEADER_LEN.pack(len(header)) + header)
+    assert "header limit" in client.expect_error("bad_frame")["message"]
+    client.send_json({"type": "ping", "t": 2})  # refused unparsed, and the connection goes on
+    assert client.recv()[0]["t"] == 2
+    errors = metrics(server.http_url, TOKEN)
+    assert errors['splitllm_errors_total{code="too_large"}'] == 1
+    assert errors['splitllm_errors_total{code="bad_frame"}'] == 1
+    assert 'splitllm_errors_total{code="bad_message"}' not in errors
+    assert healthy.finish() == healthy.want
+    client.close()
 
 
 def test_connections_are_capped(tiny_llama: LoadedModel,
@@ -207,6 +241,40 @@ def test_hostile_values_get_defined_errors(tiny_llama: LoadedModel,
     assert bad.recv()[0]["type"] == "hidden"
     bad.close()
     assert healthy.finish() == healthy.want
+
+
+class BrokenSampler:
+    """A sampler with a bug: it raises after the step that computed its row."""
+
+    def __call__(self, logits: torch.Tensor, position: int) -> int:
+        raise RuntimeError("a sampler bug")
+
+
+def test_a_session_that_cannot_sample_fails_alone(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(tiny_llama)
+    engine = server.state.engine
+    narrow = RawClient(server.ws_url)  # a top_p that is 0 in float32: no token survived it
+    narrow_session = narrow.open(ALL_SERVER, sampling={"temperature": 1.0, "top_p": 1e-300})
+    broken = RawClient(server.ws_url)
+    broken_session = broken.open(ALL_SERVER, sampling={"temperature": 1.0})
+    server.state.sessions[broken_session][0].sampler = BrokenSampler()  # type: ignore[assignment]
+    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=160)
+    prompt = [5, 6, 7]
+    with engine.held_back():  # all three rows in one step, the healthy one last
+        narrow.forward(narrow_session, (0, 6), (0, 3), ids(prompt))
+        broken.forward(broken_session, (0, 6), (0, 3), ids(prompt))
+        healthy.send_prefill()
+        wait_for(lambda: engine.queued() == 3)
+        first_step = len(engine.history)
+    assert healthy.finish() == healthy.want
+    assert len(engine.history[first_step]) == 3
+    most_likely = next(iter(generate_tokens(LocalPipe(tiny_llama.model), prompt, 1)))
+    assert token_of(narrow.recv()[0]) == most_likely  # top_p keeps the most likely token
+    assert "a sampler bug" in broken.expect_error("internal")["message"]
+    assert set(server.state.sessions) == {narrow_session, healthy.session}  # it alone closed
+    for client in (narrow, broken, healthy.client):
+        client.close()
 
 
 def test_http_needs_a_bearer_token_and_publishes_no_schema(

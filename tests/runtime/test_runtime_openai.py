@@ -192,6 +192,7 @@ def _bad_requests(model: str) -> list[tuple[str, Any, int, str | None]]:
         ("/chat/completions", {**chat, "n": 2}, 400, "unsupported_value"),
         ("/chat/completions", {**chat, "logprobs": True}, 400, "unsupported_value"),
         ("/chat/completions", {**chat, "temperature": 3}, 400, "invalid_value"),
+        ("/chat/completions", {**chat, "temperature": 1e-300}, 400, "invalid_value"),
         ("/chat/completions", {**chat, "max_tokens": 0}, 400, "invalid_value"),
         ("/chat/completions", {**chat, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
         ("/chat/completions", {**chat, "messages": []}, 400, "invalid_value"),

@@ -12,15 +12,13 @@ import threading
 from collections.abc import Callable
 
 import httpx
-from hostile_kit import ALL_SERVER, Greedy, ids, token_of
+from hostile_kit import ALL_SERVER, Greedy, ids, kv_bytes, token_of
 from runtime_kit import TIMEOUT_S, RawClient, random_prompt, wait_for
 
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import EngineConfig, Scheduled
 from splitllm.runtime.hosting import BackgroundServer
-from splitllm.runtime.kvcache import kv_capacity
 from splitllm.runtime.models import LoadedModel
-from splitllm.runtime.units import UnitStack
 
 
 def rows_of(step: tuple[Scheduled, ...], session: str) -> int:
@@ -111,34 +109,36 @@ def test_a_few_connections_cannot_take_every_session(
 
 def test_rejected_forwards_do_not_keep_a_session_alive(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
-    server = make_server(tiny_llama, idle_timeout_s=2.0)
-    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=80, new_tokens=200)
+    timeout_s = 5.0
+    server = make_server(tiny_llama, idle_timeout_s=timeout_s)
+    healthy = Greedy(tiny_llama, RawClient(server.ws_url), seed=80)
     healthy.send_prefill()
     squatter = RawClient(server.ws_url)
     session = squatter.open(ALL_SERVER)  # the clock starts here: no valid work will follow
+    opened_at = server.state.sessions[session][0].last_active
+    for _ in healthy.want:  # beside the healthy session: its valid work, the squatter's not
+        squatter.forward(session, (0, 6), (100, 101), ids([5]))  # wrong positions: rejected
+        squatter.expect_error("bad_positions")
+        healthy.decode()
+    assert healthy.got == healthy.want
+    assert server.state.sessions[session][0].last_active == opened_at  # not refreshed
+    healthy.client.send_json({"type": "close", "session": healthy.session})
+    assert healthy.client.recv()[0]["type"] == "closed"
     codes = []
     stop = threading.Event()
-    # Bounded: the healthy session's 200 tokens at >= 20 ms each outlast the 2 s idle timeout.
-    for _ in range(len(healthy.want) - 1):
-        squatter.forward(session, (0, 6), (100, 101), ids([5]))  # wrong positions: rejected
-        reply = squatter.recv()[0]
-        codes.append(reply["code"])
-        if reply["code"] in ("idle_timeout", "unknown_session"):
+    # Rejected forwards go on until the sweeper closes the session: 400 of them, each followed
+    # by a 0.05 s pause, outlast the timeout and a sweep (a slower machine only adds time).
+    for _ in range(400):
+        squatter.forward(session, (0, 6), (100, 101), ids([5]))
+        codes.append(squatter.recv()[0]["code"])
+        if codes[-1] in ("idle_timeout", "unknown_session"):
             break
-        healthy.decode()  # valid work: the healthy session stays open
-        stop.wait(0.02)
+        stop.wait(0.05)
     assert codes[-1] in ("idle_timeout", "unknown_session"), codes[-3:]
     assert set(codes[:-1]) == {"bad_positions"}
-    assert healthy.got == healthy.want[:len(healthy.got)]
-    assert server.state.sessions.keys() == {healthy.session}
+    assert not server.state.sessions
     squatter.close()
     healthy.client.close()
-
-
-def kv_bytes(loaded: LoadedModel, tokens: int) -> int:
-    """KV cache an all-server session reserves at a context length (whole blocks)."""
-    stack = UnitStack(loaded.model)
-    return sum(stack.kv_bytes(unit, kv_capacity(tokens)) for unit in range(stack.n_units))
 
 
 def test_a_session_over_the_kv_cap_gets_over_capacity(

@@ -1,9 +1,10 @@
 """Per-token quotas (issue 10, item 3, "with tokens, per-token"), over real sockets.
 
 A server with several tokens counts the sessions and in-flight forwards of all connections of
-one token together: opening more connections does not buy a token more than its share, and
-another token's clients are unaffected. Asserted on replies and on the engine's queue, never
-on time.
+one token together, and its OpenAI API requests (the official `openai` client) with them:
+opening more connections, or calling the HTTP API, does not buy a token more than its share,
+and another token's clients are unaffected. Asserted on replies, the server's counters and the
+engine's queue, never on time.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def test_connections_of_one_token_share_its_sessions(
     healthy.send_prefill()
     assert healthy.finish() == healthy.want
     alpha[1].close()  # its one session ends: one alpha session may open again, anywhere
-    wait_for(lambda: server.state.token_sessions(0) == 3)
+    wait_for(lambda: len(server.state.quotas[0].sessions) == 3)
     assert len(open_until_busy(in_open, token=TOKENS[0])[0]) == 1
     assert server.state.info()["limits"]["max_sessions_per_token"] == 4
 

@@ -273,7 +273,7 @@ class Engine:
                 job.deliver(output.error)
             elif job.done_tokens == job.tokens:
                 self._remove(job)
-                job.deliver(self._finish(job, output.out, times))
+                job.deliver(self._outcome(job, output.out, times))
             elif job.header.return_hidden and job.header.units[1] < n:
                 assert output.out is not None
                 job.hidden_parts.append(output.out)
@@ -294,6 +294,14 @@ class Engine:
         x = prepared.x[:, job.done_tokens:job.done_tokens + take]
         return StepRow(start, stop, x, positions, prepared.cache,
                        head_positions=take if verify else 1)
+
+    def _outcome(self, job: Job, out: torch.Tensor | None, times: StepTimes) -> Outcome:
+        """The job's result, or its own error: one row failing after the step (its sampler,
+        say) fails that row alone, and still gets its reply."""
+        try:
+            return self._finish(job, out, times)
+        except Exception as exc:
+            return exc
 
     def _finish(self, job: Job, out: torch.Tensor | None, times: StepTimes) -> ForwardResult:
         prepared = job.prepared

@@ -195,6 +195,13 @@ def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram
     lines.append(f"{name}_count {_number(histogram.n)}")
 
 
+def gauge(name: str, help_text: str, samples: list[tuple[str, float]]) -> list[str]:
+    """The /metrics lines of one gauge (for `render`'s `extra`)."""
+    lines: list[str] = []
+    _metric(lines, name, "gauge", help_text, samples)
+    return lines
+
+
 def _metric(lines: list[str], name: str, kind: str, help_text: str,
             samples: list[tuple[str, float]]) -> None:
     lines.append(f"# HELP {name} {help_text}")

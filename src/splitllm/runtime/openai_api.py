@@ -2,13 +2,15 @@
 
 One router serves them over any `Backend`, a source of generated token ids: the server's own
 (`server_router`: requests run wholly on the server, through `ServerState.run_forward` like
-every split session, so they batch, count in /metrics and take session slots alike) or the
+every split session, so they batch, count in /metrics and take session slots, and with several
+tokens count against the token's quota, alike) or the
 proxy's (runtime/proxy.py: each request a split session against a remote server). The router
 does what both share: auth, body limits, the chat template, text, stop sequences, usage, SSE.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -32,6 +34,7 @@ from splitllm.runtime.openai_schema import (
     parse_body,
     unauthorized,
 )
+from splitllm.runtime.quota import QuotaExceeded, TokenQuota
 from splitllm.runtime.session import ServerSession
 from splitllm.runtime.textstream import TextStream
 
@@ -59,8 +62,9 @@ class Backend(Protocol):
 
     def authorized(self, header_value: str | None) -> bool: ...
 
-    async def start(self, job: Job) -> TokenRun:
-        """Begin a generation; ApiError (503 at capacity) if it cannot start."""
+    async def start(self, job: Job, authorization: str | None) -> TokenRun:
+        """Begin a generation for an authorized request; ApiError (429 over the token's quota,
+        503 at capacity) if it cannot start."""
 
 
 class StopText:
@@ -221,7 +225,7 @@ async def _complete(backend: Backend, kind: Kind, request: Request) -> Response:
         raise unauthorized()  # before the body is read
     job = make_job(kind, parse_body(kind, await read_body(request)), backend.loaded,
                    backend.max_context)
-    run = await backend.start(job)
+    run = await backend.start(job, request.headers.get("authorization"))
     tokens = aiter(run)
     try:  # the first token before any reply: an upstream failure still gets its status
         first = await anext(tokens, None)
@@ -285,10 +289,9 @@ def openai_router(backend: Backend) -> APIRouter:
 class _HttpOwner:
     """Stands where a WebSocket connection owns a session: the server closes it through this."""
 
-    token: int | None = None  # HTTP requests count against the server's limits, not a token's
-
-    def __init__(self) -> None:
+    def __init__(self, quota: TokenQuota | None) -> None:
         self.sessions: dict[str, ServerSession] = {}
+        self.quota = quota  # that of the request's token: its session and forwards count there
 
     async def send(self, data: str | bytes) -> None:
         """Nothing to tell: the request sees its session closed at its next forward."""
@@ -297,20 +300,17 @@ class _HttpOwner:
 class ServerRun:
     """One request as an all-server session driven through `ServerState.run_forward`."""
 
-    def __init__(self, state: ServerState, job: Job) -> None:
-        if len(state.sessions) >= state.config.max_sessions:
-            raise ApiError(503, f"the server holds {state.config.max_sessions} sessions "
-                           "already; retry later", "server_busy")
-        self.state, self.job = state, job
+    def __init__(self, state: ServerState, job: Job, quota: TokenQuota | None) -> None:
+        try:  # the same admission as a WebSocket `open`
+            state.admit(quota)
+        except wire.ProtocolError as exc:
+            raise api_error(exc) from None
+        self.state, self.job, self.quota = state, job, quota
         self.n_units = state.stack.n_units
-        session_id = f"http-{secrets.token_hex(6)}"
-        self.session = ServerSession.open(session_id, state.stack, "S" * self.n_units,
-                                          torch.float32, job.sampling, state.limits,
-                                          kv_budget=state.kv_budget)
-        owner = _HttpOwner()
-        owner.sessions[session_id] = self.session
-        state.sessions[session_id] = (self.session, cast("Connection", owner))
-        state.metrics.record_open()
+        self.session = ServerSession.open(f"http-{secrets.token_hex(6)}", state.stack,
+                                          "S" * self.n_units, torch.float32, job.sampling,
+                                          state.limits, kv_budget=state.kv_budget)
+        state.add_session(self.session, cast("Connection", _HttpOwner(quota)))
         self.seq = 0
         self.tokens = self._generate()
 
@@ -347,12 +347,26 @@ class ServerRun:
             positions=(start, start + len(ids)), dtype="int64", shape=[1, len(ids)],
             return_hidden=False)
         payload = wire.tensor_bytes(torch.tensor([ids], dtype=torch.long))  # [1, T]
+        # The token's forward slot, as a WebSocket forward takes it: waits while it has its
+        # limit in flight, and is given back on completion, error or cancellation alike.
+        slot = self.quota.forward_slot() if self.quota else contextlib.nullcontext()
         try:
-            result = await self.state.run_forward(self.session, header, payload)
+            async with slot:
+                result = await self.state.run_forward(self.session, header, payload)
         except wire.ProtocolError as exc:
-            status = 503 if exc.code in ("unknown_session", "busy", "over_capacity") else 500
-            raise ApiError(status, f"generation failed: {exc.message}", exc.code) from None
+            raise api_error(exc, "generation failed: ") from None
         return result.token
+
+
+def api_error(exc: wire.ProtocolError, prefix: str = "") -> ApiError:
+    """The API's error for a refusal of the server: 429 over the token's quota, 503 at the
+    server's capacity (sessions or KV memory) or for a session gone, 500 otherwise."""
+    if isinstance(exc, QuotaExceeded):
+        return ApiError(429, prefix + exc.message, "rate_limit_exceeded")
+    if exc.code in ("unknown_session", "busy", "over_capacity"):
+        code = "server_busy" if exc.code == "busy" else exc.code
+        return ApiError(503, prefix + exc.message, code)
+    return ApiError(500, prefix + exc.message, exc.code)
 
 
 class ServerBackend:
@@ -366,8 +380,8 @@ class ServerBackend:
     def authorized(self, header_value: str | None) -> bool:
         return self.state.authorized(header_value)
 
-    async def start(self, job: Job) -> TokenRun:
-        return ServerRun(self.state, job)
+    async def start(self, job: Job, authorization: str | None) -> TokenRun:
+        return ServerRun(self.state, job, self.state.quota(authorization))
 
 
 def server_router(state: ServerState) -> APIRouter:

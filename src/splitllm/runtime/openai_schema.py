@@ -42,6 +42,8 @@ class ApiError(Exception):
     def type(self) -> str:
         if self.status == 401:
             return "authentication_error"
+        if self.status == 429:
+            return "requests"  # what OpenAI sends with rate_limit_exceeded on a request limit
         return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict[str, Any]:
@@ -137,11 +139,16 @@ def parse_body(kind: Kind, raw: bytes) -> ChatRequest | CompletionRequest:
     try:
         return cls.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        if first["type"].startswith("json"):
-            raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
-        raise ApiError(400, f"{where}: {first['msg']}", "invalid_value", where) from None
+        raise invalid(exc) from None
+
+
+def invalid(exc: ValidationError) -> ApiError:
+    """The 400 that names the first bad field of a failed validation."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    if first["type"].startswith("json"):
+        return ApiError(400, f"the body is not valid JSON: {first['msg']}")
+    return ApiError(400, f"{where}: {first['msg']}", "invalid_value", where)
 
 
 def _refuse_unsupported(request: ChatRequest | CompletionRequest) -> None:
@@ -235,10 +242,13 @@ def make_job(kind: Kind, request: ChatRequest | CompletionRequest, loaded: Loade
                        f"{len(ids)} and max_tokens asks for {max_tokens} more",
                        "context_length_exceeded", "max_tokens")
     options = request.stream_options
-    return Job(kind, loaded.model_id, tuple(ids), max_tokens,
-               Sampling(temperature=request.temperature, top_p=request.top_p,
-                        seed=request.seed),
-               stops, request.stream, bool(options and options.include_usage),
+    try:
+        sampling = Sampling(temperature=request.temperature, top_p=request.top_p,
+                            seed=request.seed)
+    except ValidationError as exc:  # e.g. a temperature too small to divide by
+        raise invalid(exc) from None
+    return Job(kind, loaded.model_id, tuple(ids), max_tokens, sampling, stops, request.stream,
+               bool(options and options.include_usage),
                request.splitllm.sla_s if request.splitllm else None)
 
 

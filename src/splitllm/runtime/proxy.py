@@ -108,7 +108,7 @@ class ProxyBackend:
     def authorized(self, header_value: str | None) -> bool:
         return True  # the proxy serves this machine; the server checks the token
 
-    async def start(self, job: Job) -> TokenRun:
+    async def start(self, job: Job, authorization: str | None) -> TokenRun:
         if self.queued >= self.config.max_queued:
             raise ApiError(503, f"the proxy has {self.queued} requests queued; retry later",
                            "server_busy")

@@ -51,6 +51,9 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p; renormalize."""
     sorted_probs, order = torch.sort(probs, descending=True)  # [V]
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0  # the most likely token always survives
+    dropped = mass_before >= top_p
+    # The most likely token always survives, even when top_p rounds to 0 in float32.
+    dropped[0] = False
+    sorted_probs[dropped] = 0.0
     kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return kept / kept.sum()

@@ -26,9 +26,10 @@ from starlette.websockets import WebSocketDisconnected
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.guards import TransportLimits, lift_frame_limit
-from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics
+from splitllm.runtime.metrics import CONTENT_TYPE, ServerMetrics, gauge
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, measure_step_models, profile_units
+from splitllm.runtime.quota import TokenQuota
 from splitllm.runtime.session import (
     ForwardResult,
     KvBudget,
@@ -84,8 +85,9 @@ class ServerState:
         fair_share = math.ceil(config.max_sessions / max(1, len(config.tokens)))
         self.sessions_per_token = config.max_sessions_per_token or fair_share
         self.in_flight_per_token = config.max_in_flight_per_token or self.sessions_per_token
-        # Forward slots per token, shared by its connections (by the token's index).
-        self.token_slots = [asyncio.Semaphore(self.in_flight_per_token) for _ in config.tokens]
+        # One quota per token (by the token's index), shared by its connections and requests.
+        self.quotas = tuple(TokenQuota(self.sessions_per_token, self.in_flight_per_token)
+                            for _ in config.tokens)
         self.fingerprint = weights_fingerprint(loaded.model)
         # The engine thread gets this many intra-op threads; the caller's own setting is left
         # alone (a test or the demo may run a client in the same process).
@@ -178,10 +180,26 @@ class ServerState:
                 found = index
         return found
 
-    def token_sessions(self, index: int) -> int:
-        """Open sessions of the connections authorized by token `index`."""
-        # list(): a snapshot, safe to take from another thread (a test, /metrics) too
-        return sum(1 for _, conn in list(self.sessions.values()) if conn.token == index)
+    def quota(self, header_value: str | None) -> TokenQuota | None:
+        """The quota of the token in an `Authorization` header value (None: no such token)."""
+        index = self.token_index(bearer(header_value))
+        return None if index is None else self.quotas[index]
+
+    def admit(self, quota: TokenQuota | None) -> None:
+        """Raise `busy` if no session may open now: the server is full, or the token's quota."""
+        if len(self.sessions) >= self.config.max_sessions:
+            raise wire.ProtocolError("busy", f"the server holds {self.config.max_sessions} "
+                                     "sessions already; retry later")
+        if quota is not None:
+            quota.check_open()
+
+    def add_session(self, session: ServerSession, owner: Connection) -> None:
+        """Count a session opened for `owner` (a connection or an API request) as open."""
+        self.sessions[session.session_id] = (session, owner)
+        owner.sessions[session.session_id] = session
+        if owner.quota is not None:
+            owner.quota.sessions.add(session.session_id)
+        self.metrics.record_open()
 
     def close_session(self, session_id: str, reason: str) -> ServerSession | None:
         """Forget a session and free its caches."""
@@ -191,12 +209,23 @@ class ServerState:
         session, conn = entry
         session.close()
         conn.sessions.pop(session_id, None)
+        if conn.quota is not None:
+            conn.quota.sessions.discard(session_id)
         self.metrics.record_close(reason)
         return session
 
     def render_metrics(self) -> str:
         sessions = [s for s, _ in list(self.sessions.values())]
-        return self.metrics.render(len(sessions), sum(s.cache_bytes() for s in sessions))
+        return self.metrics.render(len(sessions), sum(s.cache_bytes() for s in sessions),
+                                   extra=self._quota_metrics)
+
+    def _quota_metrics(self) -> list[str]:
+        # By the token's index: /metrics never shows a token itself.
+        return [*gauge("splitllm_token_sessions", "Open sessions of each token (connections "
+                       "and API requests).",
+                       [(f'token="{i}"', len(q.sessions)) for i, q in enumerate(self.quotas)]),
+                *gauge("splitllm_token_in_flight", "Forwards in flight of each token.",
+                       [(f'token="{i}"', q.in_flight) for i, q in enumerate(self.quotas)])]
 
 
 def bearer(header_value: str | None) -> str | None:
@@ -221,7 +250,7 @@ class Connection:
     """
 
     _ids = itertools.count(1)
-    token: int | None = None  # the index of the token that authorized it
+    quota: TokenQuota | None = None  # that of the token that authorized it
 
     def __init__(self, ws: WebSocket, state: ServerState) -> None:
         self.ws = ws
@@ -233,7 +262,6 @@ class Connection:
         self.notices: set[asyncio.Task[None]] = set()
         self.forwards: set[asyncio.Task[None]] = set()
         self.forward_slots = asyncio.Semaphore(state.config.max_in_flight_per_connection)
-        self.token_slots: asyncio.Semaphore | None = None
         if not state.config.tokens:
             self.authorize(None)
         elif (token := state.token_index(bearer(ws.headers.get("authorization")))) is not None:
@@ -243,9 +271,8 @@ class Connection:
         """Trust this connection from now on: full-size frames, no auth deadline, and the
         quotas of its token (if the server has tokens)."""
         self.authorized = True
-        self.token = token
         if token is not None:
-            self.token_slots = self.state.token_slots[token]
+            self.quota = self.state.quotas[token]
         lift_frame_limit(self.ws)
 
     async def send(self, data: str | bytes) -> None:
@@ -315,22 +342,15 @@ class Connection:
         if message.protocol != wire.PROTOCOL_VERSION:
             raise wire.ProtocolError("bad_message", f"protocol {message.protocol} is not "
                                      f"supported (server speaks {wire.PROTOCOL_VERSION})")
-        if len(state.sessions) >= state.config.max_sessions:
-            raise wire.ProtocolError("busy", f"the server holds {state.config.max_sessions} "
-                                     "sessions already; retry later")
         if len(self.sessions) >= state.config.max_sessions_per_connection:
             raise wire.ProtocolError("busy", "too many sessions on this connection")
-        if self.token is not None and state.token_sessions(self.token) >= state.sessions_per_token:
-            raise wire.ProtocolError("busy", f"this token holds {state.sessions_per_token} "
-                                     "sessions already (all its connections together)")
+        state.admit(self.quota)
         dtype = wire.WIRE_DTYPES[wire.wire_dtype_name(message.wire_dtype)]
         session_id = f"s{self.number}-{secrets.token_hex(6)}"
         session = ServerSession.open(session_id, state.stack, message.placement, dtype,
                                      message.sampling, state.limits, kv_budget=state.kv_budget,
                                      owner=f"c{self.number}")
-        state.sessions[session_id] = (session, self)
-        self.sessions[session_id] = session
-        state.metrics.record_open()
+        state.add_session(session, self)
         await self.send(wire.text({
             "type": "opened", "session": session_id, "placement": str(session.placement),
             "server_segments": session.server_segments, "units": list(state.stack.names),
@@ -350,9 +370,9 @@ class Connection:
         flight."""
         session = self._session(header.session)
         await self.forward_slots.acquire()
-        if self.token_slots is not None:
+        if self.quota is not None:
             try:
-                await self.token_slots.acquire()
+                await self.quota.acquire()
             except BaseException:  # cancelled while waiting: the connection is going away
                 self.forward_slots.release()
                 raise
@@ -363,8 +383,8 @@ class Connection:
     def _forward_done(self, task: asyncio.Task[None]) -> None:
         self.forwards.discard(task)
         self.forward_slots.release()
-        if self.token_slots is not None:
-            self.token_slots.release()
+        if self.quota is not None:
+            self.quota.release()
 
     async def _forward(self, session: ServerSession, header: wire.ForwardHeader,
                        payload: memoryview) -> None:
