@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FAST_ROWS = 4  # rows up to which the kernel beats MKL here (memory-bound: 4 rows cost what 1 does)
+FAST_ROWS = 6  # rows up to which the kernel beats MKL here (memory-bound: 6 rows cost ~1.1x what 1
+# does, half of MKL; even at 8): one session, a few together, a speculative pass of k <= 5 drafts
 _FLAG = "_splitllm_fast_linear"
 _ARRAY = "_splitllm_weight_array"
 _rows_now = FAST_ROWS  # what calls compare against: kernel_rows() changes it (benchmarks)
