@@ -308,3 +308,27 @@ def test_the_simulated_search_stops_when_told() -> None:
     assert not whole.cut_short and len(whole.probes) > 3
     cut = find_capacity(world, "server-only", on_probe=seen.append, stop=lambda: len(seen) >= 3)
     assert cut.cut_short and len(cut.probes) == 3 and cut.probes == whole.probes[:3]
+
+
+@pytest.mark.parametrize("sides", ["CSSSSS", "CCSSCS", "SSSSSS"])
+def test_the_measured_visit_cost_is_charged_per_pass_and_visit_by_planner_and_simulator(
+        sides: str) -> None:
+    from splitllm.sim.walk import WalkBuilder
+
+    visit_s, prompt, output = 0.0125, 30, 4
+    spec = LoadtestSpec(requests=20)
+    free, _ = loadtest_world(scenario(), config=CONFIG, context_tokens=512,
+                             this_machine=SERVER, step=STEP, spec=spec)
+    paid, classes = loadtest_world(scenario(), config=CONFIG, context_tokens=512,
+                                   this_machine=SERVER, step=STEP, spec=spec, visit_s=visit_s)
+    assert [c.link.visit_s for c in paid.clients] == [visit_s, visit_s]
+    assert [c.link.visit_s for c in classes] == [0.0, 0.0]  # the emulated link: the real visit
+    visits = output * sum(1 for s in Placement(sides).segments() if s.side == "S")
+    placement = Placement(sides)
+    for c in range(len(paid.clients)):
+        planned = [evaluate(request_instance(w.types[0], w.clients[c], w, prompt, output),
+                            placement).latency_s for w in (free, paid)]
+        walked = [sum(WalkBuilder(w).walk(0, c, prompt, output, placement).gaps_s)
+                  for w in (free, paid)]
+        assert planned[1] - planned[0] == pytest.approx(visits * visit_s)
+        assert walked[1] - walked[0] == pytest.approx(visits * visit_s)
