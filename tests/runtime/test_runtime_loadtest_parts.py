@@ -61,9 +61,9 @@ def scenario(arrivals: dict[str, Any] | None = None, **extra: Any) -> World:
         "arrivals": arrivals or {"process": "poisson", "rate_per_s": 2.0}, **extra}, "t"))
 
 
-def world_of(base: World, **spec: Any) -> World:
+def world_of(base: World, step: StepModel = STEP, **spec: Any) -> World:
     world, _ = loadtest_world(base, config=CONFIG, context_tokens=512, this_machine=SERVER,
-                              step=STEP, spec=LoadtestSpec(**{"requests": 20, **spec}))
+                              step=step, spec=LoadtestSpec(**{"requests": 20, **spec}))
     return world
 
 
@@ -146,7 +146,9 @@ def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
 
 
 def test_policy_choice_under_the_reported_load() -> None:
-    world = world_of(scenario(), length_scale=0.05)
+    fast = StepModel(embed=UnitFit(1e-7, 1e-9), block=UnitFit(1e-6, 1e-8),
+                     head=UnitFit(1e-6, 1e-8), n_blocks=4)  # the planner plans with it
+    world = world_of(scenario(), step=fast, length_scale=0.05)
     n = len(world.types[0].model.units)  # type: ignore[union-attr]
     instance = request_instance(world.types[0], world.clients[1], world, 30, 4)
     on_client = evaluate(instance, Placement("C" * n)).latency_s
@@ -308,3 +310,43 @@ def test_the_simulated_search_stops_when_told() -> None:
     assert not whole.cut_short and len(whole.probes) > 3
     cut = find_capacity(world, "server-only", on_probe=seen.append, stop=lambda: len(seen) >= 3)
     assert cut.cut_short and len(cut.probes) == 3 and cut.probes == whole.probes[:3]
+
+
+@pytest.mark.parametrize("sides", ["CSSSSS", "CCSSCS", "SSSSSS"])
+def test_the_measured_visit_cost_is_charged_per_pass_and_visit_by_planner_and_simulator(
+        sides: str) -> None:
+    from splitllm.sim.walk import WalkBuilder
+
+    visit_s, prompt, output = 0.0125, 30, 4
+    spec = LoadtestSpec(requests=20)
+    free, _ = loadtest_world(scenario(), config=CONFIG, context_tokens=512,
+                             this_machine=SERVER, step=STEP, spec=spec)
+    paid, classes = loadtest_world(scenario(), config=CONFIG, context_tokens=512,
+                                   this_machine=SERVER, step=STEP, spec=spec, visit_s=visit_s)
+    assert [c.link.visit_s for c in paid.clients] == [visit_s, visit_s]
+    assert [c.link.visit_s for c in classes] == [0.0, 0.0]  # the emulated link: the real visit
+    visits = output * sum(1 for s in Placement(sides).segments() if s.side == "S")
+    placement = Placement(sides)
+    for c in range(len(paid.clients)):
+        planned = [evaluate(request_instance(w.types[0], w.clients[c], w, prompt, output),
+                            placement).latency_s for w in (free, paid)]
+        walked = [sum(WalkBuilder(w).walk(0, c, prompt, output, placement).gaps_s)
+                  for w in (free, paid)]
+        assert planned[1] - planned[0] == pytest.approx(visits * visit_s)
+        assert walked[1] - walked[0] == pytest.approx(visits * visit_s)
+
+
+def test_the_planner_takes_the_measured_step_model_for_the_server_as_the_simulator_does() -> None:
+    prompt, output = 30, 4
+    world = world_of(scenario())
+    instance = request_instance(world.types[0], world.clients[0], world, prompt, output)
+    # alone: every pass pays each unit's fixed seconds, the blocks their per-token seconds for
+    # every position (30 prompt + 3 decoded), the head one row per pass
+    block_s = 4 * STEP.block.fixed_s + (prompt + output - 1) * STEP.block.per_token_s
+    head_s = 4 * STEP.head.fixed_s + 4 * STEP.head.per_token_s
+    assert [u.server_s for u in instance.units[1:-1]] == pytest.approx([block_s] * 4)
+    assert instance.units[-1].server_s == pytest.approx(head_s)
+    assert [u.server_work for u in instance.units] == [u.server_s for u in instance.units]
+    roofline = replace(world, server=replace(world.server, step_model=None))
+    plain = request_instance(roofline.types[0], roofline.clients[0], roofline, prompt, output)
+    assert plain.units[1].server_s != pytest.approx(block_s)  # the roofline misses fixed costs

@@ -113,6 +113,19 @@ def loadtest(
                  threads=threads, max_in_flight=max_in_flight, out=out, as_json=as_json)
 
 
+def _visit_s(url: str, token: str | None, n_units: int) -> float:
+    """The fixed cost of one visit to the server beyond its round trip, measured on the idle
+    server (what the planner and the simulator charge each pass's visit)."""
+    from splitllm.runtime.link_probe import measure_visit_s
+    from splitllm.runtime.transport import WebSocketTransport
+
+    transport = WebSocketTransport(url, token)
+    try:
+        return measure_visit_s(transport, n_units, visits=9)
+    finally:
+        transport.close()
+
+
 def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
                  scenario_world: World, spec: LoadtestSpec, minutes: float,
                  this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
@@ -149,9 +162,12 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         info = fetch_info(url, token)
         if not info.get("step_model"):
             raise UserError(f"{url} announces no step_model in /v1/info (started unprofiled?)")
+        visit_s = _visit_s(url, token, int(info["n_units"]))
+        _progress(f"a visit to the idle server costs {visit_s * 1e3:.3g} ms beyond its round trip")
         world, classes = loadtest_world(
             scenario_world, config=config, context_tokens=context_tokens(loaded.model.config),
-            this_machine=this_machine, step=StepModel.from_json(info["step_model"]), spec=spec)
+            this_machine=this_machine, step=StepModel.from_json(info["step_model"]), spec=spec,
+            visit_s=visit_s)
         runner = RealRunner(loaded, world, classes, RunnerOptions(
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)

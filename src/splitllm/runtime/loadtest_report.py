@@ -156,7 +156,10 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     lines += ["", "Every client runs in this one process (threads, one connection each), "
               "pinned apart from a local server where the OS allows; their compute shares "
               "the client's cores. The simulator's prediction: the same world, batched server "
-              "with the step model the server measured at start (/v1/info)."]
+              "with the step model the server measured at start (/v1/info). A visit to the "
+              f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
+              "(measured on the idle server at start; the planner and the simulator charge it "
+              "per pass and visit)."]
     return "\n".join(lines)
 
 
@@ -209,6 +212,7 @@ def study_json(results: list[PolicyResult], world: World, classes: tuple[Emulate
             "scenario": scenario, "length_scale": length_scale,
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
+            "visit_s": world.clients[0].link.visit_s,
             "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
             "verdict": verdict(results, classes)}
 

@@ -11,6 +11,10 @@ same requests with the same decisions. From the scenario:
 - every client class keeps its link (EMULATED in the client's transport) and is EMULATED as many
   times slower than this server as the scenario's client device is than the scenario's server
   device on the served model's median request (at least 1x);
+- every class's link in the world also carries `visit_s`, the fixed cost of one visit to the
+  real server measured at start (`link_probe.measure_visit_s`): the planner and the simulator
+  charge it per pass and visit (`network.crossing_s`); the emulated link does not add it (the
+  real visit pays it);
 - the server is this machine: its fitted device profile (what the planner sees) and the
   engine's measured step model, scheduler `batched` (what the simulator runs);
 - each type's SLA: `sla_factor` x the idle server-only latency of its largest request over the
@@ -164,9 +168,10 @@ def _types(world: World, trace: Trace, costs: ModelCosts, step: StepModel, slowe
 
 
 def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens: int,
-                   this_machine: DeviceProfile, step: StepModel, spec: LoadtestSpec
-                   ) -> tuple[World, tuple[EmulatedClass, ...]]:
-    """The world the load test and its simulated prediction share, and the emulated clients."""
+                   this_machine: DeviceProfile, step: StepModel, spec: LoadtestSpec,
+                   visit_s: float = 0.0) -> tuple[World, tuple[EmulatedClass, ...]]:
+    """The world the load test and its simulated prediction share, and the emulated clients
+    (`visit_s`: the measured fixed cost of one visit to the server, in the world's links)."""
     if spec.requests < 2:
         raise UserError("--requests must be >= 2")
     costs = served_costs(config)
@@ -179,7 +184,7 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
         slowdown=emulated_slowdown(costs, c.device, scenario.server.device, p_median, g_median))
         for c in scenario.clients)
     clients = tuple(ClientClass(
-        name=c.name, link=e.link, share=c.share,
+        name=c.name, link=replace(e.link, visit_s=visit_s), share=c.share,
         device=slower(this_machine, e.slowdown, f"{c.device.name}: this machine / "
                       f"{e.slowdown:.3g} (EMULATED)"))
         for c, e in zip(scenario.clients, emulated, strict=True))

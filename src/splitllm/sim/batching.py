@@ -93,10 +93,7 @@ class BatchCost:
             times = phase_times(shared, self.device, Request(
                 prompt_tokens=prompt, output_tokens=output, speculation=rtype.speculation))
             return times.prefill_s + times.decode_s.sum(axis=1)
-        passes, tokens = _passes_and_tokens(rtype, prompt, output)
-        fits = [measured.embed, *[measured.block] * measured.n_blocks, measured.head]
-        return np.array([fit.fixed_s * passes * share + fit.per_token_s * (
-            passes if k == len(fits) - 1 else tokens) for k, fit in enumerate(fits)])
+        return measured_unit_s(measured, rtype, prompt, output, share)
 
     def _model_step_s(self, m: _Model, jobs: list[JobShape]) -> float:
         if self.measured is not None and self.measured.n_blocks == m.n_units - 2:
@@ -135,6 +132,16 @@ class BatchCost:
             if not active:  # drop rounding residue between disjoint ranges
                 flops = kv = 0.0
         return total
+
+
+def measured_unit_s(measured: StepModel, rtype: RequestType, prompt: int, output: int,
+                    share: float = 1.0) -> np.ndarray:
+    """[units] Server-seconds of one request's units in steps a server measured (`measured`),
+    its `share` of each unit's fixed seconds per pass (1: alone, the request's solo time)."""
+    passes, tokens = _passes_and_tokens(rtype, prompt, output)
+    fits = [measured.embed, *[measured.block] * measured.n_blocks, measured.head]
+    return np.array([fit.fixed_s * passes * share + fit.per_token_s * (
+        passes if k == len(fits) - 1 else tokens) for k, fit in enumerate(fits)])
 
 
 def _passes_and_tokens(rtype: RequestType, prompt: int, output: int) -> tuple[int, float]:

@@ -31,7 +31,7 @@ from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import REL_TOL, Instance, Request, build_instance, evaluate
 from splitllm.planner.solvers import frontier, solve
 from splitllm.sim import memo
-from splitllm.sim.batching import BatchCost
+from splitllm.sim.batching import BatchCost, measured_unit_s
 from splitllm.sim.world import ClientClass, RequestType, World
 
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
@@ -263,8 +263,18 @@ def request_instance(rtype: RequestType, client: ClientClass, world: World, prom
     assert rtype.model is not None
     request = Request(prompt_tokens=prompt, output_tokens=output, sla_s=rtype.sla_s,
                       ttft_s=rtype.ttft_s, tpot_s=rtype.tpot_s, speculation=rtype.speculation)
-    return shrink(build_instance(rtype.model, client.device, world.server.device, client.link,
-                                 request, rtype.keep_on_client, rtype.keep_on_server), headroom)
+    instance = build_instance(rtype.model, client.device, world.server.device, client.link,
+                              request, rtype.keep_on_client, rtype.keep_on_server)
+    measured = world.server.step_model
+    if (world.server.scheduler == "batched" and measured is not None
+            and measured.n_blocks == len(rtype.model.units) - 2):
+        # the server measured its steps: plan with what the simulated (and real) server takes
+        # for this request alone, not the roofline (which misses each unit's fixed seconds)
+        solo_s = measured_unit_s(measured, rtype, prompt, output)
+        instance = replace(instance, units=tuple(
+            replace(u, server_s=float(s), server_work=float(s))
+            for u, s in zip(instance.units, solo_s, strict=True)))
+    return shrink(instance, headroom)
 
 
 def choose(policy: str, instance: Instance, load: Load) -> Choice:
