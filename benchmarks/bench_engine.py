@@ -2,7 +2,10 @@
 
 - aggregate decode tokens/s of one engine with 1, 4, 8, ... concurrent sessions, server-only and
   a split placement (embed and the first block on the client), against the same engine taking
-  one forward per step (`--max-batch-rows 1`: one session at a time, as before batching),
+  one forward per step (`--max-batch-rows 1`: one session at a time, as before batching): the
+  sum of the sessions' decode rates (1 / time per output token after the first), and beside it
+  the end-to-end rate (every generated token over the run's wall time, the prompts' prefill
+  included: with the 42-token prompt and 16 new tokens the prefill was most of the work),
 - per-session time per output token, server CPU seconds beside wall time,
 - one session against the physical limit: the weights' bytes / one thread's read bandwidth,
   measured in the same run, and the machine's load average beside every number; one session
@@ -16,7 +19,7 @@ rows per step. The engine (or server) is pinned to core 0, the clients to core 1
 machine has two cores. Speed is measured here, never asserted in tests.
 
     .venv/bin/python benchmarks/bench_engine.py [--model smollm2] [--sessions 1,4,8,16,32]
-        [--tokens 16] [--compute cpu] [--driver inprocess|socket] [--quick] [--linear mkl]
+        [--tokens 32] [--compute cpu] [--driver inprocess|socket] [--quick] [--linear mkl]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.profile import measure_step_models
 from splitllm.runtime.units import UnitStack
-from splitllm.stepmodel import StepModel, decode_share_s, marginal_decode_s
+from splitllm.stepmodel import StepModel, UnitFit, decode_share_s, marginal_decode_s
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -58,11 +61,20 @@ class Point:
     engine: str
     placement: str
     sessions: int
-    tpot_s: float  # mean per-session time per output token
+    tpot_s: tuple[float, ...]  # per session: time per output token after the first
     wall_s: float
     server_cpu_s: float
     mean_rows: float  # rows per engine step
     generated_tokens: int
+
+    @property
+    def mean_tpot_s(self) -> float:
+        return statistics.mean(self.tpot_s)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Aggregate decode rate: the sum of the sessions' own decode rates (1 / TPOT each)."""
+        return sum(1.0 / t for t in self.tpot_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,7 +138,7 @@ def measure(url: str, loaded: LoadedModel, ids: list[int], placement: str, sessi
     steps = after["splitllm_engine_steps_total"] - before["splitllm_engine_steps_total"]
     rows = after["splitllm_engine_step_rows_sum"] - before["splitllm_engine_step_rows_sum"]
     return Point(engine=engine, placement=placement, sessions=sessions,
-                 tpot_s=sum(r.tpot_s for r in results) / sessions, wall_s=wall_s,
+                 tpot_s=tuple(r.tpot_s for r in results), wall_s=wall_s,
                  server_cpu_s=after["splitllm_server_cpu_seconds_total"]
                  - before["splitllm_server_cpu_seconds_total"],
                  mean_rows=rows / max(steps, 1),
@@ -166,7 +178,7 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
         for n in args.sessions:
             run = driver.run(ids, n, args.tokens)
             points.append(Point(engine=engine, placement=placement, sessions=n,
-                                tpot_s=sum(run.tpot_s) / n, wall_s=run.wall_s,
+                                tpot_s=run.tpot_s, wall_s=run.wall_s,
                                 server_cpu_s=run.server_cpu_s,
                                 mean_rows=run.rows / max(run.steps, 1),
                                 generated_tokens=run.generated_tokens))
@@ -191,7 +203,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--sessions", default="1,4,8,16,32",
                         type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32,
+                        help="new tokens per session (the first comes from the prefill)")
     parser.add_argument("--compute", default="cpu")
     parser.add_argument("--driver", choices=("inprocess", "socket"), default="inprocess")
     parser.add_argument("--quick", action="store_true",
@@ -251,39 +264,44 @@ def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batc
                         f"{' (pinned)' if pin else ''}, "
                         f"prompt {len(encode_prompt(loaded, PROMPT))} tokens, "
                         f"{args.tokens} new tokens per session")
-    for column in ("placement", "sessions", "batched tok/s", "batch-1 tok/s", "speed-up",
-                   "TPOT ms (batched)", "TPOT vs 1 session", "rows/step", "server CPU s",
-                   "wall s", "batch-1 CPU s", "batch-1 wall s", "tok per CPU s: batched",
-                   "batch-1", "ratio"):
+    for column in ("placement", "sessions", "decode tok/s: batched", "batch-1", "speed-up",
+                   "TPOT ms (batched)", "TPOT vs 1 session", "rows/step",
+                   "end to end tok/s: batched", "batch-1", "ratio", "server CPU s", "wall s",
+                   "batch-1 CPU s", "batch-1 wall s", "tok per CPU s: ratio"):
         table.add_column(column, justify="left" if column == "placement" else "right")
-    solo_tpot = {p.placement: p.tpot_s for p in batched if p.sessions == 1}
+    solo_tpot = {p.placement: p.mean_tpot_s for p in batched if p.sessions == 1}
     for b, s in zip(batched, single, strict=True):
-        table.add_row(names[b.placement], str(b.sessions), f"{b.tokens_per_s:.1f}",
-                      f"{s.tokens_per_s:.1f}", f"{b.tokens_per_s / s.tokens_per_s:.2f}x",
-                      f"{b.tpot_s * 1e3:.0f}",
-                      f"{b.tpot_s / solo_tpot[b.placement]:.2f}x" if b.placement in solo_tpot
-                      else "", f"{b.mean_rows:.1f}", f"{b.server_cpu_s:.1f}", f"{b.wall_s:.1f}",
-                      f"{s.server_cpu_s:.1f}", f"{s.wall_s:.1f}", f"{b.tokens_per_cpu_s:.1f}",
-                      f"{s.tokens_per_cpu_s:.1f}",
+        table.add_row(names[b.placement], str(b.sessions), f"{b.decode_tokens_per_s:.1f}",
+                      f"{s.decode_tokens_per_s:.1f}",
+                      f"{b.decode_tokens_per_s / s.decode_tokens_per_s:.2f}x",
+                      f"{b.mean_tpot_s * 1e3:.0f}",
+                      f"{b.mean_tpot_s / solo_tpot[b.placement]:.2f}x"
+                      if b.placement in solo_tpot else "", f"{b.mean_rows:.1f}",
+                      f"{b.tokens_per_s:.1f}", f"{s.tokens_per_s:.1f}",
+                      f"{b.tokens_per_s / s.tokens_per_s:.2f}x", f"{b.server_cpu_s:.1f}",
+                      f"{b.wall_s:.1f}", f"{s.server_cpu_s:.1f}", f"{s.wall_s:.1f}",
                       f"{b.tokens_per_cpu_s / s.tokens_per_cpu_s:.2f}x")
     console.print(table)
     limit = bandwidth / weight_bytes(loaded)
     solo = [p for p in batched if p.sessions == 1 and p.placement == placements["server-only"]]
     if solo:
-        decode = 1.0 / solo[0].tpot_s  # decode alone, as the limit is per decode step
+        decode = solo[0].decode_tokens_per_s  # decode alone: the limit is per step
         console.print(f"one session, server-only: {decode:.1f} decode tok/s = "
                       f"{decode / limit:.0%} of the physical limit {limit:.1f} "
                       f"tok/s ({weight_bytes(loaded) / 1e6:.0f} MB of weights at "
                       f"{bandwidth / 1e9:.1f} GB/s, one thread's read bandwidth)")
 
 
+def _curve_ms(fit: UnitFit) -> str:
+    return ", ".join(f"{tokens:g}: {seconds * 1e3:.2f}" for tokens, seconds in fit.points)
+
+
 def _print_model(console: Console, model: StepModel, batched: list[Point],
                  placements: dict[str, str]) -> None:
     """The measured step model's cost of a token under batching, beside what the runs took."""
-    table = Table(title="Step model (/v1/info): block "
-                        f"{model.block.fixed_s * 1e3:.2f} ms + {model.block.per_token_s * 1e3:.3f} "
-                        f"ms/token, head {model.head.fixed_s * 1e3:.2f} ms + "
-                        f"{model.head.per_token_s * 1e3:.3f} ms/row; server-only decode")
+    table = Table(title="Step model (/v1/info), ms at tokens in the step: block "
+                        + _curve_ms(model.block) + "; head (rows) " + _curve_ms(model.head)
+                        + "; server-only decode")
     for column in ("sessions", "rows/step", "model: share ms/token", "model: marginal ms/token",
                    "measured: server CPU ms / generated token (prefill included)"):
         table.add_column(column, justify="right")

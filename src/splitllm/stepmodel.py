@@ -2,9 +2,12 @@
 
 The engine measures it at start (runtime/profile.py) and announces it in /v1/info; the planner
 and the simulator read the same dataclass. A step reads each unit's weights once whatever the
-batch, so a unit's time is close to `fixed_s + per_token_s * tokens`: the fixed part (weight
-reads, per-call costs) is shared by every row of the step, the per-token part is not. The head
-runs on one position per row, so its "tokens" are the step's rows. Torch-free on purpose.
+batch, so a unit's time grows slowly with the tokens in the step: a fixed part (weight reads,
+per-call costs) shared by every row, and a per-token part that is not. The growth is not one
+line: a step of a few rows runs its linear layers by the matrix-vector kernel (runtime/gemv.py),
+flat in rows, and more rows by MKL's GEMM, so a unit's time is the piecewise-linear curve
+through the measured points (one line through them put one row 11-13% too high). The head runs
+on one position per row, so its "tokens" are the step's rows. Torch-free on purpose.
 """
 
 from __future__ import annotations
@@ -14,17 +17,54 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import isotonic_regression
+
+Point = tuple[float, float]  # (tokens in the step, seconds)
 
 
 @dataclass(frozen=True)
 class UnitFit:
-    """Seconds of one unit in a step of `tokens` tokens: fixed_s + per_token_s * tokens."""
+    """Seconds of one unit in a step of `tokens` tokens: piecewise linear through `points`
+    (tokens ascending, seconds non-decreasing), extended beyond both ends by the end segments
+    (one point: flat), never below zero."""
 
-    fixed_s: float
-    per_token_s: float
+    points: tuple[Point, ...]
 
-    def seconds(self, tokens: int) -> float:
-        return self.fixed_s + self.per_token_s * tokens
+    def __post_init__(self) -> None:
+        tokens = [t for t, _ in self.points]
+        if not tokens or tokens != sorted(set(tokens)) or any(s < 0 for _, s in self.points):
+            raise ValueError(f"a unit's step curve needs points of distinct ascending tokens "
+                             f"and seconds >= 0, got {self.points}")
+
+    @classmethod
+    def line(cls, fixed_s: float, per_token_s: float) -> UnitFit:
+        """fixed_s + per_token_s * tokens."""
+        return cls(((0.0, fixed_s), (1.0, fixed_s + per_token_s)))
+
+    def seconds(self, tokens: float) -> float:
+        fixed_s, per_token_s = self.line_at(tokens)
+        return max(fixed_s + per_token_s * tokens, 0.0)
+
+    def line_at(self, tokens: float) -> tuple[float, float]:
+        """(fixed_s, per_token_s) of the segment that holds `tokens`: the curve's local line,
+        whose fixed part a step's rows share and whose per-token part each row pays."""
+        if len(self.points) == 1:
+            return self.points[0][1], 0.0
+        k = int(np.clip(np.searchsorted([t for t, _ in self.points], tokens) - 1, 0,
+                        len(self.points) - 2))
+        (t0, s0), (t1, s1) = self.points[k], self.points[k + 1]
+        slope = (s1 - s0) / (t1 - t0)
+        return s0 - slope * t0, slope
+
+    def to_json(self) -> dict[str, Any]:
+        return {"points": [list(point) for point in self.points]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UnitFit:
+        """`{"points": [[tokens, seconds], ...]}`, or a line `{"fixed_s", "per_token_s"}`."""
+        if "points" in data:
+            return cls(tuple((float(t), float(s)) for t, s in data["points"]))
+        return cls.line(float(data["fixed_s"]), float(data["per_token_s"]))
 
 
 @dataclass(frozen=True)
@@ -43,28 +83,25 @@ class StepModel:
 
     def to_json(self) -> dict[str, Any]:
         return {"n_blocks": self.n_blocks,
-                **{kind: {"fixed_s": fit.fixed_s, "per_token_s": fit.per_token_s}
-                   for kind, fit in (("embed", self.embed), ("block", self.block),
-                                     ("head", self.head))}}
+                **{kind: fit.to_json() for kind, fit in (("embed", self.embed),
+                                                         ("block", self.block),
+                                                         ("head", self.head))}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepModel:
-        fits = {kind: UnitFit(float(data[kind]["fixed_s"]), float(data[kind]["per_token_s"]))
-                for kind in ("embed", "block", "head")}
-        return cls(n_blocks=int(data["n_blocks"]), **fits)
+        return cls(n_blocks=int(data["n_blocks"]),
+                   **{kind: UnitFit.from_json(data[kind]) for kind in ("embed", "block", "head")})
 
 
-def fit_unit(samples: Sequence[tuple[int, float]]) -> UnitFit:
-    """fixed_s + per_token_s * tokens over (tokens, seconds), both >= 0, by least squares of
-    relative errors (a decode step of a few tokens matters as much as a long prefill)."""
-    tokens = np.array([t for t, _ in samples], dtype=float)
-    seconds = np.array([s for _, s in samples], dtype=float)
-    if len(set(tokens.tolist())) < 2:
-        return UnitFit(float(seconds.mean()), 0.0)
-    slope, intercept = np.polyfit(tokens, seconds, 1, w=1.0 / np.maximum(seconds, 1e-9))
-    slope = max(float(slope), 0.0)
-    return UnitFit(max(float(np.mean(seconds - slope * tokens)), 0.0) if intercept < 0
-                   else float(intercept), slope)
+def fit_unit(samples: Sequence[Point]) -> UnitFit:
+    """The curve through measured (tokens, seconds) samples: the mean at each token count, made
+    non-decreasing in tokens (isotonic regression: noise must not make more work look cheaper)."""
+    tokens = sorted({t for t, _ in samples})
+    means = [float(np.mean([s for t, s in samples if t == k])) for k in tokens]
+    counts = [sum(1 for t, _ in samples if t == k) for k in tokens]
+    fitted = isotonic_regression(means, weights=counts, increasing=True).x
+    return UnitFit(tuple((float(t), max(float(s), 0.0)) for t, s in zip(tokens, fitted,
+                                                                        strict=True)))
 
 
 def decode_share_s(model: StepModel, concurrency: int, blocks: int | None = None) -> float:

@@ -215,21 +215,41 @@ def test_the_server_announces_its_measured_step_model(llama_server: Any) -> None
     model = StepModel.from_json(info["step_model"])
     assert model.n_blocks == 4 and info["compute"] == "cpu"
     assert info["engine"] == {"max_batch_tokens": 512, "max_batch_rows": 64}
-    for fit in (model.embed, model.block, model.head):
-        assert fit.fixed_s >= 0 and fit.per_token_s >= 0
+    for fit in (model.embed, model.block, model.head):  # measured at several token counts
+        assert len(fit.points) >= 3 and all(s >= 0 for _, s in fit.points)
     assert model.step_s(16, 16) > 0
 
 
 def test_step_model_fit_and_costs_under_batching() -> None:
     from splitllm.stepmodel import StepModel, UnitFit, decode_share_s, fit_unit, marginal_decode_s
 
-    fit = fit_unit([(1, 0.0011), (4, 0.0014), (16, 0.0026), (64, 0.0074)])
-    assert fit.fixed_s == pytest.approx(0.001, rel=1e-6)
-    assert fit.per_token_s == pytest.approx(1e-4, rel=1e-6)
-    model = StepModel(UnitFit(0.0, 1e-6), fit, UnitFit(0.002, 1e-4), n_blocks=10)
+    fit = fit_unit([(16, 0.0026), (1, 0.0011), (4, 0.0014), (64, 0.0074)])
+    assert fit.points == ((1, 0.0011), (4, 0.0014), (16, 0.0026), (64, 0.0074))
+    assert fit.line_at(10) == pytest.approx((0.001, 1e-4))  # the segment 4-16
+    model = StepModel(UnitFit.line(0.0, 1e-6), fit, UnitFit.line(0.002, 1e-4), n_blocks=10)
     assert StepModel.from_json(model.to_json()) == model
     shares = [decode_share_s(model, c) for c in (1, 4, 16, 64)]
     assert shares == sorted(shares, reverse=True)  # weights amortised over the batch
     assert shares[0] == pytest.approx(model.step_s(1, 1))
     # The marginal request pays only its per-token work, not the shared weight reads.
     assert marginal_decode_s(model, 16) == pytest.approx(1e-6 + 10 * 1e-4 + 1e-4)
+
+
+def test_a_step_curve_follows_its_points_and_never_lets_more_work_look_cheaper() -> None:
+    from splitllm.stepmodel import UnitFit, fit_unit
+
+    # The few-row kernel: flat to 6 rows, then MKL's steeper line; a line through all of them
+    # would put one row too high.
+    kernel = fit_unit([(1, 1.0e-3), (4, 1.1e-3), (8, 1.6e-3), (16, 2.4e-3), (1, 1.0e-3)])
+    assert kernel.seconds(1) == pytest.approx(1.0e-3)
+    assert kernel.seconds(6) == pytest.approx(1.35e-3)  # between 4 and 8
+    assert kernel.seconds(32) == pytest.approx(4.0e-3)  # the last segment, extended
+    assert kernel.seconds(0) == pytest.approx(1.0e-3 - 0.1e-3 / 3)  # the first, extended
+    # Noise: 4 rows measured faster than 1 is pooled, not believed.
+    noisy = fit_unit([(1, 2.0e-3), (4, 1.0e-3), (16, 5.0e-3)])
+    assert noisy.points == ((1, 1.5e-3), (4, 1.5e-3), (16, 5.0e-3))
+    assert UnitFit.line(0.5, 0.25).seconds(4) == pytest.approx(1.5)
+    assert UnitFit.from_json({"fixed_s": 0.5, "per_token_s": 0.25}) == UnitFit.line(0.5, 0.25)
+    assert UnitFit.from_json(kernel.to_json()) == kernel
+    with pytest.raises(ValueError, match="distinct ascending tokens"):
+        UnitFit(((4, 1.0), (1, 2.0)))

@@ -44,8 +44,8 @@ CONFIG: dict[str, object] = {
     "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
     "vocab_size": 320, "max_position_embeddings": 512}
-STEP = StepModel(embed=UnitFit(1e-4, 1e-6), block=UnitFit(2e-3, 1e-4), head=UnitFit(1e-3, 1e-4),
-                 n_blocks=4)
+STEP = StepModel(embed=UnitFit.line(1e-4, 1e-6), block=UnitFit.line(2e-3, 1e-4),
+                 head=UnitFit.line(1e-3, 1e-4), n_blocks=4)
 SERVER = device_preset("laptop")
 
 
@@ -146,8 +146,8 @@ def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
 
 
 def test_policy_choice_under_the_reported_load() -> None:
-    fast = StepModel(embed=UnitFit(1e-7, 1e-9), block=UnitFit(1e-6, 1e-8),
-                     head=UnitFit(1e-6, 1e-8), n_blocks=4)  # the planner plans with it
+    fast = StepModel(embed=UnitFit.line(1e-7, 1e-9), block=UnitFit.line(1e-6, 1e-8),
+                     head=UnitFit.line(1e-6, 1e-8), n_blocks=4)  # the planner plans with it
     world = world_of(scenario(), step=fast, length_scale=0.05)
     n = len(world.types[0].model.units)  # type: ignore[union-attr]
     instance = request_instance(world.types[0], world.clients[1], world, 30, 4)
@@ -342,8 +342,8 @@ def test_the_planner_takes_the_measured_step_model_for_the_server_as_the_simulat
     instance = request_instance(world.types[0], world.clients[0], world, prompt, output)
     # alone: every pass pays each unit's fixed seconds, the blocks their per-token seconds for
     # every position (30 prompt + 3 decoded), the head one row per pass
-    block_s = 4 * STEP.block.fixed_s + (prompt + output - 1) * STEP.block.per_token_s
-    head_s = 4 * STEP.head.fixed_s + 4 * STEP.head.per_token_s
+    block_s = 4 * 2e-3 + (prompt + output - 1) * 1e-4  # STEP's block line
+    head_s = 4 * 1e-3 + 4 * 1e-4
     assert [u.server_s for u in instance.units[1:-1]] == pytest.approx([block_s] * 4)
     assert instance.units[-1].server_s == pytest.approx(head_s)
     assert [u.server_work for u in instance.units] == [u.server_s for u in instance.units]

@@ -212,10 +212,10 @@ def test_profile_units_times_both_clocks_at_long_contexts(tiny_llama: LoadedMode
 
 
 def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
-    fit = UnitFit(fixed_s=0.01, per_token_s=0.001)
-    wall = StepModel(embed=UnitFit(0.0, 0.0001), block=fit, head=fit, n_blocks=2)
-    cpu = StepModel(embed=UnitFit(0.0, 0.00005), block=UnitFit(0.005, 0.0005),
-                    head=UnitFit(0.005, 0.0005), n_blocks=2)
+    fit = UnitFit.line(fixed_s=0.01, per_token_s=0.001)
+    wall = StepModel(embed=UnitFit.line(0.0, 0.0001), block=fit, head=fit, n_blocks=2)
+    cpu = StepModel(embed=UnitFit.line(0.0, 0.00005), block=UnitFit.line(0.005, 0.0005),
+                    head=UnitFit.line(0.005, 0.0005), n_blocks=2)
     request = Request(prompt_tokens=10, output_tokens=5)  # a prefill and 4 decode steps
     alone = step_model_server_times(wall, cpu, request, rows=1)
     block = 0.01 + 0.001 * 10 + 4 * (0.01 + 0.001 * 1)

@@ -54,8 +54,8 @@ def test_a_requests_marginal_work_shares_the_weights_among_the_rows(batched: Wor
 
 
 def test_a_measured_step_models_fixed_time_is_shared_among_the_rows(batched: World) -> None:
-    measured = StepModel(embed=UnitFit(0.001, 0.0001), block=UnitFit(0.2, 0.01),
-                         head=UnitFit(0.05, 0.002), n_blocks=1)
+    measured = StepModel(embed=UnitFit.line(0.001, 0.0001), block=UnitFit.line(0.2, 0.01),
+                         head=UnitFit.line(0.05, 0.002), n_blocks=1)
     work = BatchCost(batched, measured).unit_work_s(0, PROMPT, OUTPUT, 4.0)
     passes, tokens = 3, PROMPT + 2  # the head runs one position per pass
     assert work == pytest.approx([0.001 * passes / 4 + 0.0001 * tokens,

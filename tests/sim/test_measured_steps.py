@@ -21,8 +21,8 @@ from splitllm.sim.scenario import load_scenario
 from splitllm.sim.world import ServerSpec
 from splitllm.stepmodel import StepModel, UnitFit, jobs_step_s
 
-MEASURED = StepModel(embed=UnitFit(0.001, 0.0001), block=UnitFit(0.2, 0.01),
-                     head=UnitFit(0.05, 0.002), n_blocks=1)
+MEASURED = StepModel(embed=UnitFit.line(0.001, 0.0001), block=UnitFit.line(0.2, 0.01),
+                     head=UnitFit.line(0.05, 0.002), n_blocks=1)
 
 
 def test_measured_steps_replace_the_roofline() -> None:
@@ -51,8 +51,8 @@ def test_jobs_step_s_counts_each_unit_once_over_its_rows() -> None:
     assert got == pytest.approx(want)
 
 
-SMOL_STEPS = StepModel(embed=UnitFit(0.0, 1e-5), block=UnitFit(0.002, 1e-4),
-                       head=UnitFit(0.01, 1e-3), n_blocks=30)  # SmolLM2: 30 blocks
+SMOL_STEPS = StepModel(embed=UnitFit.line(0.0, 1e-5), block=UnitFit.line(0.002, 1e-4),
+                       head=UnitFit.line(0.01, 1e-3), n_blocks=30)  # SmolLM2: 30 blocks
 ONE_CHAT = {  # SmolLM2 requests far apart on a batched server: every step serves one job
     "name": "measured", "seed": 1, "duration_s": 50, "warmup_s": 0,
     "server": {"device": "datacenter-gpu", "scheduler": "batched"},
@@ -94,13 +94,18 @@ BAD_STEPS = [
     ({"n_blocks": 30, "embed": {"fixed_s": 0, "per_token_s": 0}}, "block: Field required"),
     ({**SMOL_STEPS.to_json(), "block": {"fixed_s": -1, "per_token_s": 0}},
      "block.fixed_s: Input should be greater than or equal to 0"),
+    ({**SMOL_STEPS.to_json(), "head": {"points": [[4, 0.01], [1, 0.02]]}},
+     "distinct ascending tokens"),
+    ({**SMOL_STEPS.to_json(), "head": {"points": [[1, 0.01]], "fixed_s": 0.0}},
+     "head: Value error, give either points or both fixed_s and per_token_s"),
     ({**SMOL_STEPS.to_json(), "n_blocks": 12}, "measured on a model of 12 blocks"),
     ([1, 2], "expected a step model object"),
 ]
 
 
 @pytest.mark.parametrize(("content", "message"), BAD_STEPS,
-                         ids=["json", "missing", "negative", "blocks", "list"])
+                         ids=["json", "missing", "negative", "unordered", "both", "blocks",
+                              "list"])
 def test_a_bad_step_model_file_is_one_line_naming_the_field(
         tmp_path: Path, content: object, message: str) -> None:
     path = _scenario(tmp_path, content)

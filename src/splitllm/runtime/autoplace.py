@@ -68,11 +68,11 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
     """From the engine's own step model at `rows` rows per decode step (the server's load).
 
     A decode step of `rows` rows takes a unit's step time (latency) and costs this request its
-    share of the step's CPU seconds (work); the KV reads a step model linear in tokens lacks
-    come from the unit profile. The prefill is the unit profile's, timed at the prompt lengths
-    it fits (a P-token prefill, the head at one position): the step model's one line, fitted
-    mostly on decode steps of a few tokens, put a block's 32-token prefill 10-22% and the
-    head's one position 12-20% above the engine's own steps. Without a profile: the line.
+    share of the step's CPU seconds (work); the KV reads the step model, measured at short
+    contexts, lacks come from the unit profile. The prefill is the unit profile's, timed at the
+    prompt lengths it fits (a P-token prefill, the head at one position): the step model's
+    prefill points are several sessions' short prompts packed together. Without a profile: the
+    step model's curve.
     """
     g = max(request.output_tokens, 1)
     p, c = request.prompt_tokens, max(rows, 1.0)
@@ -89,7 +89,7 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
         else:
             prefill = np.array([fit.seconds(p) for fit in fits[:-1]] + [model.head.seconds(1)])
             reads = np.zeros(len(fits))
-        step = np.array([fit.fixed_s + fit.per_token_s * c * positions for fit in fits])  # c rows
+        step = np.array([fit.seconds(c * positions) for fit in fits])  # a step of c rows
         return tuple((prefill + passes * step * share + reads).tolist())
 
     return ServerTimes(total(wall, 1.0, profile), total(cpu, 1.0 / c, profile and profile.cpu()),

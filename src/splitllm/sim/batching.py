@@ -19,7 +19,7 @@ from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.instance import Request, phase_times
 from splitllm.planner.speculation import decode_passes
 from splitllm.sim.world import RequestType, World
-from splitllm.stepmodel import StepModel, jobs_step_s
+from splitllm.stepmodel import StepModel, UnitFit, jobs_step_s
 
 # (type index, first unit, stop unit, prompt tokens, pass index: 0 = prefill, k = decode step k)
 JobShape = tuple[int, int, int, int, int]
@@ -137,15 +137,24 @@ class BatchCost:
 def measured_unit_s(measured: StepModel, rtype: RequestType, prompt: int, output: int,
                     share: float = 1.0) -> np.ndarray:
     """[units] Server-seconds of one request's units in steps a server measured (`measured`),
-    its `share` of each unit's fixed seconds per pass (1: alone, the request's solo time)."""
-    passes, tokens = _passes_and_tokens(rtype, prompt, output)
-    fits = [measured.embed, *[measured.block] * measured.n_blocks, measured.head]
-    return np.array([fit.fixed_s * passes * share + fit.per_token_s * (
-        passes if k == len(fits) - 1 else tokens) for k, fit in enumerate(fits)])
+    its `share` of each unit's fixed seconds per pass (1: alone, the request's solo time).
 
-
-def _passes_and_tokens(rtype: RequestType, prompt: int, output: int) -> tuple[int, float]:
-    """Forward passes of a request and the positions they carry (the head: one per pass)."""
+    Each pass pays the local line of the unit's curve at the step's tokens (1 / share rows:
+    the prefill beside the others' decode positions, a decode pass beside theirs): its share
+    of the fixed part, all of its own tokens' part."""
+    rows = 1.0 / share
     decode = decode_passes(max(output - 1, 0), rtype.speculation) if rtype.decoder else 0
     width = rtype.speculation.positions_per_pass if rtype.speculation else 1
-    return 1 + decode, prompt + decode * width
+    fits = [measured.embed, *[measured.block] * measured.n_blocks, measured.head]
+
+    def passes_s(fit: UnitFit, passes: int, tokens: int, step_tokens: float) -> float:
+        fixed_s, per_token_s = fit.line_at(step_tokens)
+        return passes * (fixed_s * share + per_token_s * tokens)
+
+    def unit_s(fit: UnitFit, head: bool) -> float:
+        if head:  # one position per pass, beside the other rows' one each
+            return passes_s(fit, 1 + decode, 1, rows)
+        return (passes_s(fit, 1, prompt, prompt + rows - 1)
+                + passes_s(fit, decode, width, rows * width))
+
+    return np.array([unit_s(fit, k == len(fits) - 1) for k, fit in enumerate(fits)])

@@ -3,7 +3,8 @@
 The file holds what a running server announces in its /v1/info under `step_model`: either that
 whole /v1/info response (or any JSON object with a `step_model` entry, as a profile output
 holds it) or the step model object alone, `{"n_blocks", "embed", "block", "head"}` with
-`{"fixed_s", "per_token_s"}` for each kind of unit. The batched server then takes each step's
+`{"points": [[tokens, seconds], ...]}` (the measured curve) or a line `{"fixed_s",
+"per_token_s"}` for each kind of unit. The batched server then takes each step's
 time from it instead of the roofline (`sim.batching.BatchCost`).
 """
 
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitllm.errors import UserError
 from splitllm.stepmodel import StepModel, UnitFit
@@ -23,9 +24,19 @@ Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _FitIn(BaseModel):
+    """A unit's curve (`points`) or a line (`fixed_s`, `per_token_s`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    fixed_s: Seconds
-    per_token_s: Seconds
+    points: Annotated[list[tuple[Seconds, Seconds]], Field(min_length=1)] | None = None
+    fixed_s: Seconds | None = None
+    per_token_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> _FitIn:
+        line = (self.fixed_s is not None, self.per_token_s is not None)
+        if line not in ((False, False), (True, True)) or (self.points is None) != all(line):
+            raise ValueError("give either points or both fixed_s and per_token_s")
+        return self
 
 
 class _StepModelIn(BaseModel):
@@ -37,7 +48,10 @@ class _StepModelIn(BaseModel):
 
 
 def _fit(fit: _FitIn) -> UnitFit:
-    return UnitFit(fit.fixed_s, fit.per_token_s)
+    if fit.points is None:
+        assert fit.fixed_s is not None and fit.per_token_s is not None
+        return UnitFit.line(fit.fixed_s, fit.per_token_s)
+    return UnitFit(tuple(fit.points))
 
 
 def read_step_model(path: Path) -> StepModel:
@@ -60,8 +74,11 @@ def read_step_model(path: Path) -> StepModel:
         first = exc.errors()[0]
         loc = ".".join(str(part) for part in first["loc"])
         raise UserError(f"{where}: {loc + ': ' if loc else ''}{first['msg']}") from None
-    return StepModel(embed=_fit(parsed.embed), block=_fit(parsed.block), head=_fit(parsed.head),
-                     n_blocks=parsed.n_blocks)
+    try:
+        return StepModel(embed=_fit(parsed.embed), block=_fit(parsed.block),
+                         head=_fit(parsed.head), n_blocks=parsed.n_blocks)
+    except ValueError as exc:  # the points' order
+        raise UserError(f"{where}: {exc}") from None
 
 
 def scenario_step_model(path_text: str | None, base_dir: Path,
