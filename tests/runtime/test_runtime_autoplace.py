@@ -21,6 +21,7 @@ from splitllm.runtime.autoplace import (
     default_sla_s,
     measured_instance,
     plan_placement,
+    plan_request,
     profile_server_times,
     with_sla,
 )
@@ -118,6 +119,26 @@ def test_the_sla_decides_how_much_runs_on_the_client() -> None:
         evaluate(instance, Placement("CCCC")).latency_s, server_only))
     with pytest.raises(UserError, match="no placement meets the SLA"):
         plan_placement(with_sla(instance, 1e-6))
+
+
+def test_auto_placement_keeps_its_headroom_where_a_placement_is_that_fast() -> None:
+    request = Request(prompt_tokens=20, output_tokens=5)
+    instance = measured_instance(profile(6.0), profile_server_times(profile(1.0), request),
+                                 Link(uplink_bytes_per_s=1e7, downlink_bytes_per_s=1e7, rtt_s=0.02),
+                                 request, sizes(20, 5))
+    server_only = evaluate(instance, Placement("SSSS")).latency_s
+    sla_s = server_only * 1.3
+    on_the_sla = plan_request(instance, "test", sla_s, headroom=0.0)
+    spared = plan_request(instance, "test", sla_s, headroom=0.2)
+    assert spared.instance.sla_s == on_the_sla.instance.sla_s == sla_s  # the request's SLA
+    assert spared.headroom == 0.2 and spared.plan.latency_s <= 0.8 * sla_s
+    assert on_the_sla.plan.latency_s > 0.8 * sla_s  # without it, the plan spends the SLA
+    assert spared.plan.server_work > on_the_sla.plan.server_work  # what the margin costs
+    # Nothing within 0.9 x an SLA just above server-only: the least work within the SLA.
+    tight = plan_request(instance, "test", server_only * 1.0001, headroom=0.1)
+    assert tight.headroom == 0.0 and tight.plan.latency_s <= server_only * 1.0001
+    with pytest.raises(UserError, match="headroom must be in"):
+        plan_request(instance, "test", sla_s, headroom=1.0)
 
 
 class VirtualClock:

@@ -27,6 +27,7 @@ from splitllm.planner.network import Link
 from splitllm.planner.speculation import Speculation
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.autoplace import (
+    DEFAULT_HEADROOM,
     MEASURED,
     AutoPlan,
     Request,
@@ -195,10 +196,12 @@ class Session:
         return max(generated.wall_s - generated.client_busy_s, 0.0) / new_tokens
 
     def plan(self, prompt_tokens: int, new_tokens: int, sla_s: float | None = None,
-             client_device: str = MEASURED, server_device: str | None = None) -> AutoPlan:
-        """Ask the planner for the least-server-work placement that meets the SLA."""
+             client_device: str = MEASURED, server_device: str | None = None,
+             headroom: float = DEFAULT_HEADROOM) -> AutoPlan:
+        """Ask the planner for the least-server-work placement that meets the SLA, with
+        `headroom` to spare where one does (autoplace.plan_request)."""
         instance, source = self.instance(prompt_tokens, new_tokens, client_device, server_device)
-        return plan_request(instance, source, sla_s)
+        return plan_request(instance, source, sla_s, headroom)
 
     def instance(self, prompt_tokens: int, new_tokens: int, client_device: str = MEASURED,
                  server_device: str | None = None, speculation: Speculation | None = None
@@ -222,8 +225,9 @@ class Session:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                  placement: str | Placement = "auto", sampling: wire.Sampling | None = None,
-                 sla_s: float | None = None, client_device: str = MEASURED,
-                 server_device: str | None = None, chat: bool = True, stop_at_eos: bool = True,
+                 sla_s: float | None = None, headroom: float = DEFAULT_HEADROOM,
+                 client_device: str = MEASURED, server_device: str | None = None,
+                 chat: bool = True, stop_at_eos: bool = True,
                  prefill_chunk: int = 512, return_logits: bool = False, speculate: int | str = 0,
                  on_plan: Callable[[AutoPlan], None] | None = None,
                  on_text: Callable[[str], None] | None = None,
@@ -231,11 +235,11 @@ class Session:
                  on_notice: Callable[[str], None] | None = None) -> Generation:
         """Generate up to max_new_tokens tokens with a split; on_text receives text as it comes.
 
-        placement="auto" asks the planner (sla_s, client_device and server_device say how) and
-        passes its decision to on_plan before generating. on_token receives each token id as it
-        comes; an exception it raises ends the generation (the server's session is closed).
-        speculate: speculative decoding (the same tokens, greedy or seeded) with that many
-        prompt-lookup drafts per pass, or 'auto' (tuned to the running acceptance).
+        placement="auto" asks the planner (sla_s, headroom, client_device and server_device
+        say how) and passes its decision to on_plan before generating. on_token receives each
+        token id as it comes; an exception it raises ends the generation (the server's session
+        is closed). speculate: speculative decoding (the same tokens, greedy or seeded) with
+        that many prompt-lookup drafts per pass, or 'auto' (tuned to the running acceptance).
         A lost connection is survived (resume.py): on_notice hears of it in one line. A server
         error, or no server back within the backoff's retry_s, raises GenerationInterrupted
         with the partial generation.
@@ -248,7 +252,7 @@ class Session:
         auto = None
         if str(placement).lower() == "auto":
             auto = self.plan(len(prompt_ids), max_new_tokens, sla_s, client_device,
-                             server_device)
+                             server_device, headroom)
             placement = auto.plan.placement
             if on_plan is not None:
                 on_plan(auto)

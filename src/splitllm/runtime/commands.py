@@ -215,6 +215,10 @@ def generate_command(
     sla_s: Annotated[float | None, typer.Option(
         help="Latency SLA for auto placement (default: 1.5x the faster uniform placement).")
                      ] = None,
+    headroom: Annotated[float | None, typer.Option(
+        help="Auto placement plans within (1 - headroom) x the SLA where a placement is that "
+             "fast (a margin for steps slower than predicted), else within the SLA "
+             "[default: 0.1].")] = None,
     client_device: Annotated[str, typer.Option(
         help="Auto placement: 'measured' (time this client) or a device preset.")
                              ] = "measured",
@@ -256,6 +260,7 @@ def generate_command(
     if local:
         result = _generate_local(loaded, ids, max_new_tokens, sampling, on_text)
     else:
+        from splitllm.runtime.autoplace import DEFAULT_HEADROOM
         from splitllm.runtime.client import DEFAULT_SERVER, GenerationInterrupted, connect
         from splitllm.runtime.transport import ServerError
 
@@ -274,6 +279,8 @@ def generate_command(
 
                 result = session.generate(ids, max_new_tokens, placement=placement,
                                           sampling=sampling, sla_s=sla_s,
+                                          headroom=DEFAULT_HEADROOM if headroom is None
+                                          else headroom,
                                           client_device=client_device,
                                           server_device=server_device,
                                           prefill_chunk=prefill_chunk, on_plan=on_plan,
@@ -334,13 +341,14 @@ def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: i
     figures = asdict(promised(session, auto.plan.placement, prompt_tokens, new_tokens,
                               whole=auto.instance, client_device=client_device,
                               server_device=server_device))
-    return {"sla_s": auto.instance.sla_s,
+    return {"sla_s": auto.instance.sla_s, "headroom": auto.headroom,
             "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
 
 
 def _print_plan(auto: AutoPlan) -> None:
     print(f"splitllm: auto placement {auto.plan.placement} ({auto.source}; predicted "
-          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s)",
+          f"{auto.plan.latency_s:.2f} s, SLA {auto.instance.sla_s:.2f} s, planned within "
+          f"{(1 - auto.headroom) * auto.instance.sla_s:.2f} s)",
           file=sys.stderr, flush=True)
 
 

@@ -169,7 +169,8 @@ def _run_client(console: Console, opts: DemoOptions, loaded: LoadedModel, url: s
                           end="")
 
         split = session.generate(ids, opts.max_new_tokens, placement="auto",
-                                 sla_s=instance.sla_s, on_plan=announce, on_text=_stream)
+                                 sla_s=instance.sla_s, headroom=0.0,  # the table's plans
+                                 on_plan=announce, on_text=_stream)
         print(flush=True)
         log_stderr("splitllm demo: the same prompt server-only, for comparison...")
         server_only = session.generate(ids, opts.max_new_tokens, placement=SERVER * n)
