@@ -69,27 +69,33 @@ class UnitFit:
 
 @dataclass(frozen=True)
 class StepModel:
-    """Measured step time of one server: embed, every block alike, head (per row)."""
+    """Measured step time of one server: embed, every block alike, head (per row), and the
+    server's seconds per job (one session segment's forward) outside its units: framing,
+    decoding, sampling, the hand-offs between the event loop and the engine. Those run on the
+    server's core beside the steps; they are measured under traffic (the load test's idle
+    check), 0 where unmeasured."""
 
     embed: UnitFit
     block: UnitFit
     head: UnitFit
     n_blocks: int
+    job_s: float = 0.0
 
     def step_s(self, tokens: int, rows: int, blocks: int | None = None) -> float:
         """Seconds of a step of `rows` forwards, `tokens` positions, through embed..head."""
         n = self.n_blocks if blocks is None else blocks
-        return self.embed.seconds(tokens) + n * self.block.seconds(tokens) + self.head.seconds(rows)
+        return (self.embed.seconds(tokens) + n * self.block.seconds(tokens)
+                + self.head.seconds(rows) + self.job_s * rows)
 
     def to_json(self) -> dict[str, Any]:
-        return {"n_blocks": self.n_blocks,
+        return {"n_blocks": self.n_blocks, "job_s": self.job_s,
                 **{kind: fit.to_json() for kind, fit in (("embed", self.embed),
                                                          ("block", self.block),
                                                          ("head", self.head))}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepModel:
-        return cls(n_blocks=int(data["n_blocks"]),
+        return cls(n_blocks=int(data["n_blocks"]), job_s=float(data.get("job_s", 0.0)),
                    **{kind: UnitFit.from_json(data[kind]) for kind in ("embed", "block", "head")})
 
 
@@ -120,7 +126,8 @@ def jobs_step_s(model: StepModel, jobs: Sequence[tuple[int, int, int]]) -> float
     """Seconds of one step serving jobs (start unit, stop unit, tokens): each unit runs once.
 
     A unit's time counts once per step, over the tokens of every job whose range holds it
-    (the head over one position per job), as the engine walks its units.
+    (the head over one position per job), as the engine walks its units; each job adds the
+    server's seconds per job outside the units.
     """
     n_units = model.n_blocks + 2
     tokens_at = [0] * n_units
@@ -131,4 +138,5 @@ def jobs_step_s(model: StepModel, jobs: Sequence[tuple[int, int, int]]) -> float
         rows_at_head += int(stop == n_units)
     total = model.embed.seconds(tokens_at[0]) if tokens_at[0] else 0.0
     total += sum(model.block.seconds(t) for t in tokens_at[1:-1] if t)
-    return total + (model.head.seconds(rows_at_head) if rows_at_head else 0.0)
+    total += model.head.seconds(rows_at_head) if rows_at_head else 0.0
+    return total + model.job_s * len(jobs)

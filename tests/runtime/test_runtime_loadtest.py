@@ -159,6 +159,7 @@ def test_the_command_prints_the_json_document(tmp_path: Path, tiny_llama_dir: Pa
     assert server_only["simulated_search_cut_short"]
     assert server_only["simulated_capacity_req_s"] is not None  # null: infinite
     assert document["sla_s"] == {"chat": 0.3} and document["requests_per_probe"] == 4
+    assert document["server_job_s"] > 0  # the idle check's forwards cost the server CPU
     assert [e["link"]["name"] for e in document["emulated"]] == ["lan", "wifi"]
     assert [(row["client_class"], row["policy"]) for row in document["idle"]] == [
         (c, p) for c in ("box", "laptop") for p in ("server-only", "exact")]

@@ -22,6 +22,7 @@ from splitllm.runtime.loadtest import (
     run_record,
     run_study,
     search_capacity,
+    server_job_s,
 )
 from splitllm.runtime.loadtest_report import budget_note
 from splitllm.runtime.loadtest_world import (
@@ -143,6 +144,17 @@ def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
     assert load.load().utilization == pytest.approx(0.5 * (1 - math.exp(-0.5)))
     load.update(3.0, metrics_page(4.0, 20, 5.5))  # no forwards since: the same mean, decayed
     assert load.load().wait_mean_s == pytest.approx(0.3)
+
+
+def test_the_servers_cpu_per_forward_outside_its_steps_from_two_metrics_pages() -> None:
+    def page(process_s: float, steps_s: float, forwards: int) -> dict[str, float]:
+        return {"process_cpu_seconds_total": process_s,
+                "splitllm_server_cpu_seconds_total": steps_s, "splitllm_forwards_total": forwards}
+
+    # 40 forwards: 2.0 s of the process's CPU, 1.6 s of it in steps: 10 ms each outside them
+    assert server_job_s(page(10.0, 7.0, 100), page(12.0, 8.6, 140)) == pytest.approx(0.01)
+    assert server_job_s(page(10.0, 7.0, 100), page(10.5, 7.0, 100)) == 0.0  # no forwards
+    assert server_job_s({}, {}) == 0.0  # a server without the counters: unmeasured
 
 
 def test_policy_choice_under_the_reported_load() -> None:

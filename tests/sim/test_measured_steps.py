@@ -89,6 +89,22 @@ def test_a_scenario_runs_the_batched_server_on_a_measured_step_model(
     assert run_policy(roofline, "server-only").server_work_s[0] != pytest.approx(want)
 
 
+
+def test_the_servers_seconds_per_job_outside_its_units_count_once_per_job(
+        tmp_path: Path) -> None:
+    jobs = [(0, 32, 40), (0, 32, 1), (5, 20, 1)]  # a prefill, a decode, a split's segment
+    costly = replace(SMOL_STEPS, job_s=0.004)
+    assert jobs_step_s(costly, jobs) == pytest.approx(jobs_step_s(SMOL_STEPS, jobs) + 0.012)
+    assert costly.step_s(16, 16) == pytest.approx(SMOL_STEPS.step_s(16, 16) + 16 * 0.004)
+    assert StepModel.from_json(costly.to_json()) == costly
+    world = load_scenario(_scenario(tmp_path, costly.to_json()))
+    assert world.server.step_model == costly
+    rec = run_policy(world, "server-only")
+    done = ~np.isnan(rec.finished_at_s)
+    # alone on the server: the prefill step and one step per decode token, one job each
+    want = SMOL_STEPS.step_s(40, 1) + 5 * SMOL_STEPS.step_s(1, 1) + 6 * 0.004
+    assert rec.server_work_s[done] == pytest.approx(want)
+
 BAD_STEPS = [
     (None, "not valid JSON"),  # the file holds `{oops`
     ({"n_blocks": 30, "embed": {"fixed_s": 0, "per_token_s": 0}}, "block: Field required"),

@@ -78,6 +78,18 @@ def counter_delta(after: dict[str, float], before: dict[str, float], name: str) 
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
+def server_job_s(before: dict[str, float], after: dict[str, float]) -> float:
+    """The server's CPU seconds per forward outside its engine steps, between two /metrics
+    pages: the whole process's CPU less the steps', over the forwards served (framing,
+    decoding, sampling, hand-offs, and each request's session opening and closing)."""
+    forwards = counter_delta(after, before, "splitllm_forwards_total")
+    if forwards < 1:
+        return 0.0
+    outside = (counter_delta(after, before, "process_cpu_seconds_total")
+               - counter_delta(after, before, "splitllm_server_cpu_seconds_total"))
+    return max(outside / forwards, 0.0)
+
+
 class ServerLoad:
     """The load the server reports, as load-aware policies read it: the recent mean queue wait
     per forward and the busy share, from successive /metrics pages decayed over `tau_s`."""

@@ -137,11 +137,11 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
 
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.fidelity_run import local_server
-    from splitllm.runtime.loadtest import run_study
+    from splitllm.runtime.loadtest import run_study, server_job_s
     from splitllm.runtime.loadtest_idle import idle_check, idle_json, idle_md
     from splitllm.runtime.loadtest_report import header_text, report_md, study_json, write_report
     from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
-    from splitllm.runtime.loadtest_world import loadtest_world
+    from splitllm.runtime.loadtest_world import loadtest_world, with_job_s
     from splitllm.runtime.models import context_tokens, load_model
     from splitllm.stepmodel import StepModel
 
@@ -172,7 +172,12 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)
         _progress("each policy's plan for the largest requests, alone on the idle server")
+        before = runner.metrics()
         idle = idle_check(world, runner.alone)
+        job_s = server_job_s(before, runner.metrics())
+        world = with_job_s(world, job_s)
+        _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
+                  "(the simulator charges it per job)")
         # less what ran before, and a longest SLA kept for the requests a cut-off probe still
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s

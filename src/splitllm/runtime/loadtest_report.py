@@ -159,7 +159,10 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
               "with the step model the server measured at start (/v1/info). A visit to the "
               f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
               "(measured on the idle server at start; the planner and the simulator charge it "
-              "per pass and visit)."]
+              f"per pass and visit). The server spends {_job_s(world) * 1e3:.3g} ms of CPU per "
+              "forward outside its engine steps (framing, sampling, hand-offs, sessions "
+              "opened and closed; over the idle check: the process's CPU less the steps'), "
+              "which the simulator charges per job beside each step."]
     return "\n".join(lines)
 
 
@@ -204,6 +207,11 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
     return "\n".join(lines) + "\n"
 
 
+def _job_s(world: World) -> float:
+    step = world.server.step_model
+    return step.job_s if step is not None else 0.0
+
+
 def study_json(results: list[PolicyResult], world: World, classes: tuple[EmulatedClass, ...],
                *, scenario: str, length_scale: float, idle: list[dict[str, Any]] | None = None
                ) -> dict[str, Any]:
@@ -212,7 +220,7 @@ def study_json(results: list[PolicyResult], world: World, classes: tuple[Emulate
             "scenario": scenario, "length_scale": length_scale,
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
-            "visit_s": world.clients[0].link.visit_s,
+            "visit_s": world.clients[0].link.visit_s, "server_job_s": _job_s(world),
             "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
             "verdict": verdict(results, classes)}
 

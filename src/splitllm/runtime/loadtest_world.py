@@ -203,3 +203,11 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
         sweep=SweepSpec(target_attainment=scenario.sweep.target_attainment,
                         rel_tol=spec.rel_tol, min_requests=spec.requests))
     return world, emulated
+
+
+def with_job_s(world: World, job_s: float) -> World:
+    """The world whose batched server charges `job_s` per job beside its steps."""
+    step = world.server.step_model
+    if step is None:
+        return world
+    return replace(world, server=replace(world.server, step_model=replace(step, job_s=job_s)))

@@ -4,8 +4,9 @@ The file holds what a running server announces in its /v1/info under `step_model
 whole /v1/info response (or any JSON object with a `step_model` entry, as a profile output
 holds it) or the step model object alone, `{"n_blocks", "embed", "block", "head"}` with
 `{"points": [[tokens, seconds], ...]}` (the measured curve) or a line `{"fixed_s",
-"per_token_s"}` for each kind of unit. The batched server then takes each step's
-time from it instead of the roofline (`sim.batching.BatchCost`).
+"per_token_s"}` for each kind of unit, and optionally `job_s` (the server's seconds per job
+outside the units). The batched server then takes each step's time from it instead of the
+roofline (`sim.batching.BatchCost`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class _FitIn(BaseModel):
 class _StepModelIn(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     n_blocks: Annotated[int, Field(ge=1)]
+    job_s: Seconds = 0.0
     embed: _FitIn
     block: _FitIn
     head: _FitIn
@@ -76,7 +78,7 @@ def read_step_model(path: Path) -> StepModel:
         raise UserError(f"{where}: {loc + ': ' if loc else ''}{first['msg']}") from None
     try:
         return StepModel(embed=_fit(parsed.embed), block=_fit(parsed.block),
-                         head=_fit(parsed.head), n_blocks=parsed.n_blocks)
+                         head=_fit(parsed.head), n_blocks=parsed.n_blocks, job_s=parsed.job_s)
     except ValueError as exc:  # the points' order
         raise UserError(f"{where}: {exc}") from None
 
