@@ -41,7 +41,7 @@ from splitllm.runtime.decoding import LocalPipe, SplitPipe, generate_tokens
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.remote import RemoteSession
-from splitllm.runtime.server import ServerConfig
+from splitllm.runtime.server_state import ServerConfig
 from splitllm.runtime.transport import WebSocketTransport
 from splitllm.runtime.units import UnitStack
 

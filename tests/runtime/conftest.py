@@ -16,7 +16,7 @@ from runtime_kit import gpt2_config, llama_config, save_tiny_model
 
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, load_model
-from splitllm.runtime.server import ServerConfig
+from splitllm.runtime.server_state import ServerConfig
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,7 +22,7 @@ from splitllm.runtime.client import connect
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.openai_schema import MAX_BODY_BYTES
-from splitllm.runtime.server import ServerConfig
+from splitllm.runtime.server_state import ServerConfig
 
 SPLIT = "CSSCSC"  # embed here, two blocks there, one here, one there, the head here
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the lazy dog"}]

@@ -24,7 +24,7 @@ from splitllm.runtime.demo import free_port
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.openai_api import StopText
-from splitllm.runtime.server import ServerConfig
+from splitllm.runtime.server_state import ServerConfig
 
 SPLITLLM = str(Path(sys.executable).parent / "splitllm")
 

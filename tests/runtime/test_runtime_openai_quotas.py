@@ -166,3 +166,24 @@ def test_an_api_request_that_fails_gives_back_its_tokens_slot(
     assert complete(server, ALPHA, 6) == want(6)
     assert healthy.finish() == healthy.want
 
+
+
+def test_an_api_requests_idle_session_is_swept_and_the_sweeper_goes_on(
+        tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer],
+        want: Callable[[int], str]) -> None:
+    # The sweeper told a swept session's owner; an API request's owner could not be told, and
+    # the sweeper died on it: no session was ever swept again.
+    server = make_server(tiny_llama, tokens=TOKENS, idle_timeout_s=1.0)
+    swept = 'splitllm_sessions_closed_total{reason="idle_timeout"}'
+    with ThreadPoolExecutor(1) as pool, Gate(server):  # the gate opens first
+        held = pool.submit(complete, server, ALPHA, 4)  # its forward held: its session idles
+        wait_for(lambda: metrics(server.http_url, ALPHA).get(swept, 0) == 1)
+        idle = RawClient(server.ws_url, token=BETA)
+        session = idle.open("CCCSSS")
+        assert idle.expect_error("idle_timeout")["session"] == session  # swept too
+        idle.close()
+    with pytest.raises(openai.APIError):  # its session is gone when its forward runs
+        held.result(timeout=TIMEOUT_S)
+    assert metrics(server.http_url, ALPHA)[swept] == 2
+    assert token_counters(server, ALPHA) == (0, 0)
+    assert complete(server, ALPHA, 6) == want(6)

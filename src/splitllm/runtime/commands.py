@@ -102,7 +102,7 @@ def serve(
     from splitllm.runtime.guards import TransportLimits
     from splitllm.runtime.hosting import serve_forever
     from splitllm.runtime.models import load_model
-    from splitllm.runtime.server import ServerConfig
+    from splitllm.runtime.server_state import ServerConfig
     from splitllm.runtime.session import Limits
 
     unset = 1  # an optional limit left to its default passes the check

@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from splitllm.runtime.guards import guarded_protocols
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.openai_api import server_router
-from splitllm.runtime.server import FRAME_SLACK_BYTES, ServerConfig, ServerState, create_app
+from splitllm.runtime.server import FRAME_SLACK_BYTES, create_app
+from splitllm.runtime.server_state import ServerConfig, ServerState
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, config: ServerConfig) -> Any:

@@ -39,7 +39,7 @@ from splitllm.runtime.session import ServerSession
 from splitllm.runtime.textstream import TextStream
 
 if TYPE_CHECKING:
-    from splitllm.runtime.server import Connection, ServerState
+    from splitllm.runtime.server_state import ServerState
 
 
 class TokenRun(Protocol):
@@ -293,7 +293,7 @@ class _HttpOwner:
         self.sessions: dict[str, ServerSession] = {}
         self.quota = quota  # that of the request's token: its session and forwards count there
 
-    async def send(self, data: str | bytes) -> None:
+    def notify(self, data: str) -> None:
         """Nothing to tell: the request sees its session closed at its next forward."""
 
 
@@ -310,7 +310,7 @@ class ServerRun:
         self.session = ServerSession.open(f"http-{secrets.token_hex(6)}", state.stack,
                                           "S" * self.n_units, torch.float32, job.sampling,
                                           state.limits, kv_budget=state.kv_budget)
-        state.add_session(self.session, cast("Connection", _HttpOwner(quota)))
+        state.add_session(self.session, _HttpOwner(quota))
         self.seq = 0
         self.tokens = self._generate()
 
