@@ -12,8 +12,10 @@ on one position per row, so its "tokens" are the step's rows. Torch-free on purp
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -25,8 +27,8 @@ Point = tuple[float, float]  # (tokens in the step, seconds)
 @dataclass(frozen=True)
 class UnitFit:
     """Seconds of one unit in a step of `tokens` tokens: piecewise linear through `points`
-    (tokens ascending, seconds non-decreasing), extended beyond both ends by the end segments
-    (one point: flat), never below zero."""
+    (tokens ascending; `fit_unit` makes the seconds non-decreasing), extended beyond both ends
+    by the end segments (one point: flat), never below zero."""
 
     points: tuple[Point, ...]
 
@@ -50,11 +52,14 @@ class UnitFit:
         whose fixed part a step's rows share and whose per-token part each row pays."""
         if len(self.points) == 1:
             return self.points[0][1], 0.0
-        k = int(np.clip(np.searchsorted([t for t, _ in self.points], tokens) - 1, 0,
-                        len(self.points) - 2))
+        k = min(max(bisect.bisect_left(self._tokens, tokens) - 1, 0), len(self.points) - 2)
         (t0, s0), (t1, s1) = self.points[k], self.points[k + 1]
         slope = (s1 - s0) / (t1 - t0)
         return s0 - slope * t0, slope
+
+    @cached_property
+    def _tokens(self) -> tuple[float, ...]:
+        return tuple(t for t, _ in self.points)
 
     def to_json(self) -> dict[str, Any]:
         return {"points": [list(point) for point in self.points]}
