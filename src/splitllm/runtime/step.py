@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from splitllm.runtime import fused
 from splitllm.runtime.packing import STEP_KWARG, RowGroup, StepCache, install_packed_attention
 from splitllm.runtime.units import SegmentCache, UnitStack
 
@@ -64,6 +65,23 @@ class _Packed:
         self.cache = StepCache(self.groups)
         self.stack, self.positions = stack, positions
         self.kwargs_of: dict[str, dict[str, Any]] = {}
+        # One decode row: blocks the fused path covers run in one compiled call each.
+        self.tables = fused.rotary(stack, self.hidden, positions) if fused.applies(
+            self.hidden) else None
+
+    def run_block(self, block: int) -> None:
+        """The block over the packed rows: fused where it applies, else the model's own."""
+        group = self.groups[0]
+        if self.tables is not None and group.error is None:
+            self.hidden = self.hidden.contiguous()  # written in place through a numpy view
+            try:
+                if fused.run_block(self.stack, block, self.hidden, self.tables, group.cache):
+                    return
+            except Exception as exc:  # this row's (the only one): it leaves the step
+                group.error = exc
+                return
+        out = self.stack.layers[block](self.hidden, **self.kwargs(block))
+        self.hidden = out[0] if isinstance(out, tuple) else out
 
     def kwargs(self, block: int) -> dict[str, Any]:
         """The block's keyword arguments: the family's own (rotary tables of the packed
@@ -116,8 +134,7 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
             _head(stack, rows, active, hidden, outputs)
         else:
             packed = packed or _Packed(stack, rows, hidden, active)
-            out = stack.layers[unit - 1](packed.hidden, **packed.kwargs(unit - 1))
-            packed.hidden = out[0] if isinstance(out, tuple) else out
+            packed.run_block(unit - 1)
         if rows[0].x.is_cuda:
             torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
         times.unit_s[unit] = time.perf_counter() - clock
