@@ -176,6 +176,15 @@ def decode_block(weights: BlockWeights, hidden: torch.Tensor, cos: torch.Tensor,
     layer.advance(1)
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the block kernel now rather than in a step."""
+    square, vector = np.eye(2, dtype=np.float32), np.ones(2, dtype=np.float32)
+    kv = np.zeros((1, 1, 2), dtype=np.float32)
+    _block(vector.copy(), vector, vector, 1e-6, 1e-6, square, square, square, square, _NONE,
+           _NONE, _NONE, _NONE, square, square, square, _NONE, _NONE, _NONE, vector, vector,
+           kv, kv.copy(), 0, 1.0)
+
+
 @numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
 def _linear(weight: np.ndarray, bias: np.ndarray, x: np.ndarray,
             out: np.ndarray) -> None:  # pragma: no cover
