@@ -1,0 +1,220 @@
+"""The fused decode block equals the model's own path, covers what it claims, and keeps errors."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from runtime_kit import family_config, llama_config, random_prompt
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from splitllm.runtime import fused
+from splitllm.runtime.decoding import LocalPipe, generate_tokens
+from splitllm.runtime.hugepages import move_to_huge_pages
+from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
+from splitllm.runtime.models import LoadedModel, encode_prompt
+from splitllm.runtime.step import StepRow, run_step
+from splitllm.runtime.units import SegmentCache, UnitStack
+
+ATOL = 1e-4
+
+
+def mistral_full() -> PretrainedConfig:
+    config = family_config("mistral")
+    config.sliding_window = None  # full attention: the fused path's; with a window it is not
+    return config
+
+
+def qwen2_full() -> PretrainedConfig:
+    config = family_config("qwen2")
+    config.use_sliding_window, config.sliding_window = False, None
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    return config
+
+
+CONFIGS = {  # config, blocks of the 4 the fused path runs
+    "llama": (lambda: llama_config(), 4),
+    "llama with biases": (lambda: llama_config(attention_bias=True, mlp_bias=True), 4),
+    "mistral": (mistral_full, 4),
+    "qwen2 (q/k/v biases)": (qwen2_full, 4),
+}
+
+
+def stack_of(config: PretrainedConfig) -> UnitStack:
+    torch.manual_seed(0)
+    return UnitStack(AutoModelForCausalLM.from_config(config).eval())
+
+
+@contextmanager
+def counted() -> Iterator[mock.MagicMock]:
+    """Counts the fused kernel's calls (one per block and decode row it ran)."""
+    with mock.patch.object(fused, "_block", wraps=fused._block) as kernel:
+        yield kernel
+
+
+def forward(stack: UnitStack, cache: SegmentCache, ids: list[int], position: int,
+            fast: bool) -> torch.Tensor:
+    """One row through every unit: next-token logits [1, V]."""
+    row = StepRow(0, stack.n_units, torch.tensor([ids]),
+                  torch.arange(position, position + len(ids))[None], cache)
+    with fused.fused_decode(fast):
+        (out,), _ = run_step(stack, [row])
+    assert out.error is None and out.out is not None, out.error
+    return out.out
+
+
+def assert_same_caches(got: SegmentCache, want: SegmentCache) -> None:
+    assert got.get_seq_length() == want.get_seq_length()
+    for g, w in zip(got.layers, want.layers, strict=True):  # rotated keys: every block's input
+        torch.testing.assert_close(g.keys, w.keys, atol=ATOL, rtol=0)
+        torch.testing.assert_close(g.values, w.values, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_decode_equals_the_model_path(name: str) -> None:
+    """Decode past two KV block growths, a prefill chunk in between, a rollback: same logits
+    and caches as the model's own path, step after step."""
+    make, fused_blocks = CONFIGS[name]
+    stack = stack_of(make())
+    n = stack.n_units
+    fast, slow = (stack.new_cache(0, n, grown_in_blocks=True) for _ in range(2))
+    assert fast is not None and slow is not None
+    rng = random.Random(1)
+    # (tokens fed, roll back to this length first): decode rows are one token
+    script = [(5, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + [(1, 20)] + \
+        [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
+    decodes = 0
+    with counted() as kernel:
+        for tokens, back_to in script:
+            if back_to is not None:  # a speculative rollback: both caches keep `back_to`
+                fast.roll_back(back_to)
+                slow.roll_back(back_to)
+            ids, position = random_prompt(rng, tokens), fast.get_seq_length()
+            torch.testing.assert_close(forward(stack, fast, ids, position, True),
+                                       forward(stack, slow, ids, position, False),
+                                       atol=ATOL, rtol=0)
+            decodes += tokens == 1
+    assert kernel.call_count == decodes * fused_blocks  # prefill chunks took the model's path
+    assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
+    assert_same_caches(fast, slow)
+
+
+def test_a_split_segment_decodes_fused_and_leaves_its_input_alone() -> None:
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    fast, slow = (stack.new_cache(2, n, grown_in_blocks=True) for _ in range(2))
+    assert fast is not None and slow is not None
+    torch.manual_seed(2)
+    for position in range(KV_BLOCK_TOKENS + 3):
+        x = torch.randn(1, 1, stack.hidden_size)  # the client's hidden state
+        sent = x.clone()
+        outs = []
+        for cache, on in ((fast, True), (slow, False)):
+            with fused.fused_decode(on):
+                (out,), _ = run_step(stack, [StepRow(2, n, x, torch.tensor([[position]]), cache)])
+            outs.append(out.out)
+        assert torch.equal(x, sent)  # written in place: the step's own copy, not the input
+        torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+    assert_same_caches(fast, slow)
+
+
+@pytest.mark.parametrize("case", ["two rows", "gpt2", "two threads", "windowed", "client cache",
+                                  "qwen3"])
+def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> None:
+    config = {"gpt2": family_config("gpt2"), "windowed": family_config("mistral"),
+              "qwen3": family_config("qwen3")}.get(case, llama_config())
+    stack = stack_of(config)
+    n = stack.n_units
+    caches = [stack.new_cache(0, n, grown_in_blocks=case != "client cache") for _ in range(2)]
+    rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), cache) for cache in caches]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if case == "two threads" else 1)
+    try:
+        with counted() as kernel:
+            outputs, _ = run_step(stack, rows if case == "two rows" else rows[:1])
+    finally:
+        torch.set_num_threads(threads)
+    kernel.assert_not_called()
+    assert all(out.error is None and out.out is not None for out in outputs)
+
+
+def test_an_error_in_the_fused_path_is_the_rows_own() -> None:
+    """A session's cache that does not fit the block (here: another model's) fails that row,
+    before any change to the cache; the step returns, and later steps go on."""
+    stack = stack_of(llama_config())
+    narrow = llama_config()
+    narrow.num_key_value_heads = 1
+    other = stack_of(narrow)
+    n = stack.n_units
+    wrong = other.new_cache(0, n, grown_in_blocks=True)
+    assert wrong is not None
+    forward(other, wrong, [3, 4, 5], 0, False)
+    with counted() as kernel:
+        (out,), _ = run_step(stack, [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]),
+                                             wrong)])
+    assert isinstance(out.error, ValueError) and "do not fit" in str(out.error)
+    kernel.assert_not_called()
+    assert wrong.get_seq_length() == 3
+    good = stack.new_cache(0, n, grown_in_blocks=True)
+    assert good is not None
+    forward(stack, good, [3, 4, 5], 0, True)
+    forward(stack, good, [6], 3, True)
+    assert good.get_seq_length() == 4
+
+
+def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[int]:
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    assert cache is not None
+    tokens: list[int] = []
+    ids = prompt
+    with counted() as kernel:
+        for _ in range(new_tokens):
+            logits = forward(stack, cache, ids, cache.get_seq_length(), True)
+            ids = [int(logits.argmax(-1))]
+            tokens.append(ids[0])
+    assert kernel.call_count == (new_tokens - 1) * stack.n_blocks
+    return tokens
+
+
+def test_fused_greedy_tokens_equal_the_unsplit_model(tiny_llama: LoadedModel) -> None:
+    prompt = random_prompt(random.Random(3), 6)
+    want = list(generate_tokens(LocalPipe(tiny_llama.model), prompt, 24))
+    assert greedy_fused(UnitStack(tiny_llama.model), prompt, 24) == want
+
+
+@pytest.mark.slow
+def test_fused_greedy_tokens_equal_the_unsplit_smollm2(smollm2: LoadedModel) -> None:
+    """The real model, its weights in huge pages as the engine keeps them."""
+    prompt = encode_prompt(smollm2, "Name three colours of the rainbow.")
+    want = list(generate_tokens(LocalPipe(smollm2.model), prompt, 20))
+    move_to_huge_pages(smollm2.model)
+    assert greedy_fused(UnitStack(smollm2.model), prompt, 20) == want
+
+
+def test_huge_pages_keep_the_model_and_its_tied_weights() -> None:
+    torch.manual_seed(0)
+    config = llama_config()
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.inference_mode():
+        want = model(ids).logits
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = {p.data_ptr() for p in model.parameters()}
+    moved = move_to_huge_pages(model)
+    assert moved >= sum(v.numel() * 4 for v in values.values())
+    assert move_to_huge_pages(model) == 0  # idempotent
+    assert not before & {p.data_ptr() for p in model.parameters()}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, values[name]), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, want)
+    model(ids).logits.sum().backward()  # still a trainable model
+    grads: list[Any] = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
