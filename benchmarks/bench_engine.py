@@ -5,8 +5,10 @@
   one forward per step (`--max-batch-rows 1`: one session at a time, as before batching),
 - per-session time per output token, server CPU seconds beside wall time,
 - one session against the physical limit: the weights' bytes / one thread's read bandwidth,
-  measured in the same run, and the machine's load average beside every number; one session
-  alone again, the few-row linear kernel (runtime/gemv.py) against MKL alone, alternating.
+  measured in the same run (the best of several witnesses, benchmarks/bandwidth.py), and the
+  machine's load average beside every number; one session alone again, the fused decode block
+  (runtime/fused.py), the model's blocks with the few-row linear kernel (runtime/gemv.py) and
+  MKL alone, alternating.
 
 Two drivers. `inprocess` (default): the sessions queue their forwards straight into an engine
 in this process (benchmarks/engine_driver.py), so a step holds every waiting session: the
@@ -37,11 +39,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bandwidth import read_bandwidth, weights_matvec
 from engine_driver import InProcessDriver
 from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.engine import EngineConfig
+from splitllm.runtime.fused import fused_decode
 from splitllm.runtime.gemv import FAST_ROWS, kernel_rows
+from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.profile import measure_step_models
@@ -73,20 +78,6 @@ class Point:
     def tokens_per_cpu_s(self) -> float:
         """Generated tokens per server CPU second (prefill included): what load cannot blur."""
         return self.generated_tokens / self.server_cpu_s
-
-
-def read_bandwidth_bytes_per_s(size_bytes: int = 2**29, rounds: int = 5) -> float:
-    """One thread's memory read bandwidth: the best of a few sums of a large tensor."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    data = torch.ones(size_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(rounds):
-        clock = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - clock)
-    torch.set_num_threads(threads)
-    return size_bytes / best
 
 
 def weight_bytes(loaded: LoadedModel) -> int:
@@ -175,15 +166,30 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
 
 def solo_side_by_side(loaded: LoadedModel, ids: list[int], tokens: int, rounds: int = 3,
                       ) -> dict[str, list[float]]:
-    """One session's decode tok/s with the few-row kernel and with MKL alone, alternating."""
+    """One session's decode tok/s by the fused block (runtime/fused.py), by the model's own
+    blocks with the few-row kernel, and with MKL alone, alternating."""
     driver = InProcessDriver(UnitStack(loaded.model), config=EngineConfig(), client_units=0,
                              client_core=None)
-    rates: dict[str, list[float]] = {"kernel": [], "MKL alone": []}
+    rates: dict[str, list[float]] = {"fused": [], "kernel": [], "MKL alone": []}
     for _ in range(rounds):
-        for name, rows in (("kernel", FAST_ROWS), ("MKL alone", 0)):
-            with kernel_rows(rows):
+        for name, on, rows in (("fused", True, FAST_ROWS), ("kernel", False, FAST_ROWS),
+                               ("MKL alone", False, 0)):
+            with fused_decode(on), kernel_rows(rows):
                 rates[name].append(1.0 / driver.run(ids, 1, tokens).tpot_s[0])
     return rates
+
+
+def measure_bandwidth(console: Console, loaded: LoadedModel) -> float:
+    """The best witness of one thread's read bandwidth, the weights as loaded and in huge pages
+    (where the engine keeps them); every witness printed."""
+    witnesses = {f"{name} (weights as loaded)" if "weights" in name else name: value
+                 for name, value in read_bandwidth(loaded.model).items()}
+    move_to_huge_pages(loaded.model)
+    witnesses["matvec kernel over the weights (in huge pages)"] = weights_matvec(loaded.model, 5)
+    console.print("one thread's read bandwidth (best of 5 each): " + "; ".join(
+        f"{name} {value / 1e9:.1f} GB/s" for name, value in witnesses.items())
+        + f" (load average {os.getloadavg()[0]:.1f})")
+    return max(witnesses.values())
 
 
 def main() -> None:
@@ -210,7 +216,7 @@ def main() -> None:
     pin = len(os.sched_getaffinity(0)) >= 2 and args.compute == "cpu"
     torch.set_num_threads(1)
     loaded = load_model(args.model)
-    bandwidth = read_bandwidth_bytes_per_s()
+    bandwidth = measure_bandwidth(console, loaded)
     ids = encode_prompt(loaded, PROMPT)
     n = UnitStack(loaded.model).n_units
     placements = {"server-only": "S" * n, "split (C2 S..S)": "CC" + "S" * (n - 2)}
@@ -232,9 +238,12 @@ def main() -> None:
     if args.driver == "inprocess":
         limit = bandwidth / weight_bytes(loaded)
         rates = solo_side_by_side(loaded, ids, args.tokens)
-        console.print("one session alone, side by side (3 rounds each, alternating): " + "; ".join(
-            f"{name} {statistics.median(r):.1f} decode tok/s = "
-            f"{statistics.median(r) / limit:.0%} of the limit" for name, r in rates.items()))
+        console.print(f"one session alone, side by side (3 rounds each, alternating; limit "
+                      f"{limit:.1f} tok/s): " + "; ".join(
+                          f"{name} {statistics.median(r):.1f} decode tok/s = "
+                          f"{statistics.median(r) / limit:.0%} of the limit"
+                          for name, r in rates.items())
+                      + f" (load average {os.getloadavg()[0]:.1f})")
     if model is not None:
         _print_model(console, model, batched, placements)
     console.print("load average (1, 5, 15 min): before "

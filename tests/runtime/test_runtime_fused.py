@@ -13,10 +13,12 @@ import torch
 from runtime_kit import family_config, llama_config, random_prompt
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from splitllm.runtime import fused
+from splitllm.runtime import fused, gemv
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
+from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
+from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel, encode_prompt
 from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
@@ -165,6 +167,18 @@ def test_an_error_in_the_fused_path_is_the_rows_own() -> None:
     forward(stack, good, [3, 4, 5], 0, True)
     forward(stack, good, [6], 3, True)
     assert good.get_seq_length() == 4
+
+
+def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> None:
+    """Behind the engine: one compiled call per block, the head's one row by the gemv kernel."""
+    stack = UnitStack(tiny_llama.model)
+    Engine(stack, ServerMetrics(stack.names), EngineConfig(), threads=1, start=False)
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    assert cache is not None
+    forward(stack, cache, [3, 4, 5], 0, True)
+    with counted() as kernel, mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as matvec:
+        forward(stack, cache, [6], 3, True)
+    assert kernel.call_count == stack.n_blocks and matvec.call_count == 1
 
 
 def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -131,7 +132,8 @@ def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:
         return None
     linears = [getattr(attn, n) for n in names] + [
         getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+    norms: list[Any] = [getattr(layer, n, None)
+                        for n in ("input_layernorm", "post_attention_layernorm")]
     if not all(type(x) is nn.Linear for x in linears) or not all(
             isinstance(getattr(n, "weight", None), torch.Tensor)
             and hasattr(n, "variance_epsilon") for n in norms):
