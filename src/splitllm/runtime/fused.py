@@ -64,7 +64,8 @@ class BlockWeights:
     kv_heads: int
     head_dim: int
     scaling: float
-    data_ptr: int  # the q weight's storage when the views were taken
+    q_weight: torch.Tensor  # the model's q weight: moved elsewhere, the views are stale
+    data_ptr: int  # where the q weight's storage was when the views were taken
 
 
 @contextlib.contextmanager
@@ -78,46 +79,50 @@ def fused_decode(enabled: bool) -> Iterator[None]:
         _enabled = before
 
 
-def applies(hidden: torch.Tensor) -> bool:
-    """Whether a step's packed rows [1, T, D] can take the fused path: one fp32 CPU row, one
-    intra-op thread, no autograd."""
-    return (_enabled and hidden.shape[:2] == (1, 1) and hidden.dtype == torch.float32
-            and hidden.is_cpu and torch.get_num_threads() == 1 and not torch.is_grad_enabled())
+class FusedRow:
+    """One decode row of a step through the blocks the fused path covers: the rotary tables of
+    its position (the model's own) and the blocks' layers, taken once per step."""
 
+    def __init__(self, stack: UnitStack, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.stack = stack
+        self.layers = list(stack.layers)
+        self.cos, self.sin = cos.numpy().reshape(-1), sin.numpy().reshape(-1)  # [d] each
 
-def rotary(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor,
-           ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The model's own rotary tables (cos, sin [1, 1, d]) of a row, if one table serves every
-    block (else None: the fused path does not apply)."""
-    if stack.rotary_emb is None or stack.rotary_per_layer_type:
-        return None
-    cos, sin = stack.rotary_emb(hidden, positions)
-    return cos.contiguous(), sin.contiguous()
+    @staticmethod
+    def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor) -> FusedRow | None:
+        """The row of a step's packed rows [1, T, D], if the fused path applies: one fp32 CPU
+        row, one intra-op thread, no autograd, one rotary table for every block."""
+        if not (_enabled and hidden.shape[:2] == (1, 1) and hidden.dtype == torch.float32
+                and hidden.is_cpu and torch.get_num_threads() == 1
+                and not torch.is_grad_enabled()) or stack.rotary_emb is None \
+                or stack.rotary_per_layer_type:
+            return None
+        cos, sin = stack.rotary_emb(hidden, positions)  # [1, 1, d] each
+        return FusedRow(stack, cos.contiguous(), sin.contiguous())
 
-
-def run_block(stack: UnitStack, block: int, hidden: torch.Tensor,
-              tables: tuple[torch.Tensor, torch.Tensor], cache: SegmentCache) -> bool:
-    """Block `block` on one decode row [1, 1, D] in place, if the fused path covers it (False:
-    nothing done, the model's path runs it). Errors are the row's: raised before any change."""
-    layer = cache.layers[block - cache.first_block]
-    weights = block_weights(stack.layers[block], stack.family)
-    if weights is None or type(layer) is not BlockLayer or \
-            stack.layer_types[block] != FULL or stack.layer_windows[block] is not None:
-        return False
-    decode_block(weights, hidden, *tables, layer)
-    return True
+    def run(self, block: int, hidden: torch.Tensor, cache: SegmentCache) -> bool:
+        """Block `block` on the row's contiguous hidden state [1, 1, D] in place, if the fused
+        path covers it (False: nothing done, the model's path runs it). Errors are the row's,
+        raised before the cache holds anything new."""
+        weights = block_weights(self.layers[block], self.stack.family)
+        layer = cache.layers[block - cache.first_block]
+        if weights is None or type(layer) is not BlockLayer or \
+                self.stack.layer_types[block] != FULL or \
+                self.stack.layer_windows[block] is not None:
+            return False
+        decode_block(weights, hidden.numpy().reshape(-1), self.cos, self.sin, layer)
+        return True
 
 
 def block_weights(layer: nn.Module, family: str) -> BlockWeights | None:
-    """The block's weights if the fused path can run it, else None (kept on the layer)."""
+    """The block's weights if the fused path can run it, else None (kept on the layer while
+    its weights stay where they are)."""
     held = layer.__dict__.get(_WEIGHTS)
-    attn = getattr(layer, "self_attn", None)
-    q_proj = getattr(attn, "q_proj", None)
-    if held is not None and isinstance(q_proj, nn.Linear) and held.data_ptr == \
-            q_proj.weight.data_ptr():
+    if held is not None and held.q_weight.data_ptr() == held.data_ptr:
         return held
     weights = _weights_of(layer, family)
-    layer.__dict__[_WEIGHTS] = weights
+    if weights is not None:
+        layer.__dict__[_WEIGHTS] = weights
     return weights
 
 
@@ -152,29 +157,27 @@ def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:
         v_bias=biases[2], o_bias=biases[3], gate=arrays[4], up=arrays[5], down=arrays[6],
         gate_bias=biases[4], up_bias=biases[5], down_bias=biases[6], heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, scaling=float(attn.scaling),
-        data_ptr=linears[0].weight.data_ptr())
+        q_weight=linears[0].weight, data_ptr=linears[0].weight.data_ptr())
 
 
-def decode_block(weights: BlockWeights, hidden: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, layer: BlockLayer) -> None:
-    """One row's hidden state [1, 1, D] through the block, in place; its K/V appended to
-    `layer` (grown in Python first, so the cache stays what the model's path would hold)."""
-    if hidden.shape[-1] != weights.q.shape[1] or cos.shape[-1] != weights.head_dim:
-        raise ValueError(f"hidden {tuple(hidden.shape)} or rotary {tuple(cos.shape)} does not "
-                         "fit the block")
-    like = hidden if layer.is_initialized else hidden.new_empty(  # sets the buffers' shape
-        1, weights.kv_heads, 0, weights.head_dim)  # [1, Hkv, 0, d]
-    keys, values = layer.reserve(1, like, like)
+def decode_block(weights: BlockWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                 layer: BlockLayer) -> None:
+    """One row's hidden state x [D] through the block, in place; its K/V appended to `layer`
+    (grown in Python first, so the cache stays what the model's path would hold)."""
+    if x.shape[0] != weights.q.shape[1] or cos.shape[0] != weights.head_dim:
+        raise ValueError(f"hidden {x.shape} or rotary {cos.shape} does not fit the block")
+    if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
+        empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
+        layer.lazy_initialization(empty, empty)
+    keys, values = layer.reserve(1)
     if keys.shape[1] != weights.kv_heads or keys.shape[3] != weights.head_dim or \
-            keys.dtype != torch.float32 or values.shape != keys.shape or \
-            not (keys.is_contiguous() and values.is_contiguous()):
+            keys.dtype != torch.float32:
         raise ValueError(f"the session's K/V {tuple(keys.shape)} do not fit the block")
-    _block(hidden.numpy().reshape(-1), weights.norm_in, weights.norm_post, weights.eps_in,
-           weights.eps_post, weights.q, weights.k, weights.v, weights.o, weights.q_bias,
-           weights.k_bias, weights.v_bias, weights.o_bias, weights.gate, weights.up,
-           weights.down, weights.gate_bias, weights.up_bias, weights.down_bias,
-           cos.numpy().reshape(-1), sin.numpy().reshape(-1), keys.numpy()[0], values.numpy()[0],
-           layer.get_seq_length(), weights.scaling)
+    _block(x, weights.norm_in, weights.norm_post, weights.eps_in, weights.eps_post, weights.q,
+           weights.k, weights.v, weights.o, weights.q_bias, weights.k_bias, weights.v_bias,
+           weights.o_bias, weights.gate, weights.up, weights.down, weights.gate_bias,
+           weights.up_bias, weights.down_bias, cos, sin, keys.numpy()[0], values.numpy()[0],
+           layer.length, weights.scaling)
     layer.advance(1)
 
 

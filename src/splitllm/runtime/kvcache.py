@@ -39,18 +39,17 @@ class BlockLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions [1, H, t, d] after the held ones; all held K/V back."""
-        keys, values = self.reserve(key_states.shape[-2], key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.reserve(key_states.shape[-2])
         end = self.length + key_states.shape[-2]
         keys[:, :, self.length:end] = key_states
         values[:, :, self.length:end] = value_states
         return self.advance(key_states.shape[-2])
 
-    def reserve(self, tokens: int, key_like: torch.Tensor, value_like: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Room for `tokens` more positions (like [1, H, *, d] sets the shape on first use):
-        the whole buffers [1, H, capacity, d], to write the new positions in place."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_like, value_like)
+    def reserve(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for `tokens` more positions after the held ones (once initialized): the whole
+        buffers [1, H, capacity, d], to write the new positions in place."""
         end = self.length + tokens
         if end > self.key_buffer.shape[-2]:
             self._grow(kv_capacity(end))

@@ -66,16 +66,15 @@ class _Packed:
         self.stack, self.positions = stack, positions
         self.kwargs_of: dict[str, dict[str, Any]] = {}
         # One decode row: blocks the fused path covers run in one compiled call each.
-        self.tables = fused.rotary(stack, self.hidden, positions) if fused.applies(
-            self.hidden) else None
+        self.fused = fused.FusedRow.of(stack, self.hidden, positions)
 
     def run_block(self, block: int) -> None:
         """The block over the packed rows: fused where it applies, else the model's own."""
         group = self.groups[0]
-        if self.tables is not None and group.error is None:
+        if self.fused is not None and group.error is None:
             self.hidden = self.hidden.contiguous()  # written in place through a numpy view
             try:
-                if fused.run_block(self.stack, block, self.hidden, self.tables, group.cache):
+                if self.fused.run(block, self.hidden, group.cache):
                     return
             except Exception as exc:  # this row's (the only one): it leaves the step
                 group.error = exc
