@@ -13,7 +13,7 @@ import torch
 from runtime_kit import family_config, llama_config, random_prompt
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from splitllm.runtime import fused, gemv
+from splitllm.runtime import fused, fused_kernel, gemv
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.hugepages import move_to_huge_pages
@@ -52,11 +52,25 @@ def stack_of(config: PretrainedConfig) -> UnitStack:
     return UnitStack(AutoModelForCausalLM.from_config(config).eval())
 
 
+class Counted:
+    """The fused kernel's calls, and the blocks they ran (one call per run of blocks)."""
+
+    def __init__(self, kernel: mock.MagicMock) -> None:
+        self.kernel = kernel
+
+    @property
+    def calls(self) -> int:
+        return self.kernel.call_count
+
+    @property
+    def blocks(self) -> int:
+        return sum(call.args[2] - call.args[1] for call in self.kernel.call_args_list)
+
+
 @contextmanager
-def counted() -> Iterator[mock.MagicMock]:
-    """Counts the fused kernel's calls (one per block and decode row it ran)."""
-    with mock.patch.object(fused, "_block", wraps=fused._block) as kernel:
-        yield kernel
+def counted() -> Iterator[Counted]:
+    with mock.patch.object(fused_kernel, "run_blocks", wraps=fused_kernel.run_blocks) as kernel:
+        yield Counted(kernel)
 
 
 def forward(stack: UnitStack, cache: SegmentCache, ids: list[int], position: int,
@@ -101,7 +115,8 @@ def test_fused_decode_equals_the_model_path(name: str) -> None:
                                        forward(stack, slow, ids, position, False),
                                        atol=ATOL, rtol=0)
             decodes += tokens == 1
-    assert kernel.call_count == decodes * fused_blocks  # prefill chunks took the model's path
+    assert kernel.calls == decodes and kernel.blocks == decodes * fused_blocks  # one call
+    # per decode step; prefill chunks took the model's path
     assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
     assert_same_caches(fast, slow)
 
@@ -141,7 +156,7 @@ def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> N
             outputs, _ = run_step(stack, rows if case == "two rows" else rows[:1])
     finally:
         torch.set_num_threads(threads)
-    kernel.assert_not_called()
+    assert kernel.calls == 0
     assert all(out.error is None and out.out is not None for out in outputs)
 
 
@@ -160,7 +175,7 @@ def test_an_error_in_the_fused_path_is_the_rows_own() -> None:
         (out,), _ = run_step(stack, [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]),
                                              wrong)])
     assert isinstance(out.error, ValueError) and "do not fit" in str(out.error)
-    kernel.assert_not_called()
+    assert kernel.calls == 0
     assert wrong.get_seq_length() == 3
     good = stack.new_cache(0, n, grown_in_blocks=True)
     assert good is not None
@@ -178,7 +193,7 @@ def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> 
     forward(stack, cache, [3, 4, 5], 0, True)
     with counted() as kernel, mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as matvec:
         forward(stack, cache, [6], 3, True)
-    assert kernel.call_count == stack.n_blocks and matvec.call_count == 1
+    assert kernel.calls == 1 and kernel.blocks == stack.n_blocks and matvec.call_count == 1
 
 
 def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[int]:
@@ -191,7 +206,7 @@ def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[i
             logits = forward(stack, cache, ids, cache.get_seq_length(), True)
             ids = [int(logits.argmax(-1))]
             tokens.append(ids[0])
-    assert kernel.call_count == (new_tokens - 1) * stack.n_blocks
+    assert kernel.blocks == (new_tokens - 1) * stack.n_blocks
     return tokens
 
 

@@ -1,11 +1,12 @@
-"""One decode row through a Llama-style block in ONE compiled call (what gpt-fast compiles).
+"""One decode row through a run of Llama-style blocks in ONE compiled call (what gpt-fast compiles).
 
 A decode step of one session is bound by reading the weights, yet through the model's own modules
 a block costs ~40 small torch ops and Python calls (RMSNorm as 5 ops, rotary with cat/neg, the
 packed-attention dispatcher, SDPA, the cache update, SiLU*mul, residual adds): on SmolLM2 a
-third of the step. `decode_block` does the whole block for one single-position row in one numba
-call: norm -> q/k/v -> rotary -> write K/V into the session's `BlockLayer` buffers -> attention
-over the held positions -> o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual.
+third of the step. `FusedRow.run` sends one single-position row through a run of blocks in one
+numba call (runtime/fused_kernel.py): per block norm -> q/k/v -> rotary -> write K/V into the
+session's `BlockLayer` buffers -> attention over the held positions -> o-proj + residual ->
+norm -> gate/up -> SiLU*mul -> down + residual.
 
 The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
 model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the
@@ -22,19 +23,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numba
 import numpy as np
 import torch
+from numba.typed import List
 from torch import nn
 from transformers.activations import SiLUActivation
 
+from splitllm.runtime import fused_kernel as kernel
 from splitllm.runtime.families import FULL
 from splitllm.runtime.kvcache import BlockLayer
 from splitllm.runtime.units import SegmentCache, UnitStack
 
 FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SiLU-gated MLP, optional biases
 _WEIGHTS = "_splitllm_fused_weights"
-_NONE = np.zeros(0, dtype=np.float32)  # an absent bias
+_STACK = "_splitllm_fused_stack"
+_KV = "_splitllm_fused_kv"
 _enabled = True  # what `fused_decode` switches (benchmarks compare both paths)
 
 
@@ -100,18 +103,95 @@ class FusedRow:
         cos, sin = stack.rotary_emb(hidden, positions)  # [1, 1, d] each
         return FusedRow(stack, cos.contiguous(), sin.contiguous())
 
-    def run(self, block: int, hidden: torch.Tensor, cache: SegmentCache) -> bool:
-        """Block `block` on the row's contiguous hidden state [1, 1, D] in place, if the fused
-        path covers it (False: nothing done, the model's path runs it). Errors are the row's,
-        raised before the cache holds anything new."""
-        weights = block_weights(self.layers[block], self.stack.family)
-        layer = cache.layers[block - cache.first_block]
-        if weights is None or type(layer) is not BlockLayer or \
-                self.stack.layer_types[block] != FULL or \
-                self.stack.layer_windows[block] is not None:
-            return False
-        decode_block(weights, hidden.numpy().reshape(-1), self.cos, self.sin, layer)
-        return True
+    def run(self, block: int, stop: int, hidden: torch.Tensor, cache: SegmentCache) -> int:
+        """Blocks [block, b) on the row's contiguous hidden state [1, 1, D] in place, in one
+        call, b <= stop the first block the fused path does not cover: how many ran (0: none,
+        the model's path runs `block`). Errors are the row's, raised before the cache holds
+        anything new."""
+        weights = stack_weights(self.stack)
+        layers: list[Any] = cache.layers[block - cache.first_block:stop - cache.first_block]
+        count = 0
+        for layer, covered in zip(layers, weights.covered[block:stop], strict=True):
+            if not covered or type(layer) is not BlockLayer:
+                break
+            count += 1
+        if count == 0:
+            return 0
+        x = hidden.numpy().reshape(-1)  # [D], the tensor's memory
+        if x.shape[0] != weights.hidden_size or self.cos.shape[0] != weights.head_dim:
+            raise ValueError(f"hidden {x.shape} or rotary {self.cos.shape} does not fit the "
+                             "blocks")
+        for layer in layers[:count]:
+            _reserve(layer, weights)
+        keys, values = _segment_kv(cache)
+        lengths = np.array([layer.length for layer in layers[:count]], dtype=np.int64)
+        kernel.run_blocks(x, block, block + count, cache.first_block, **weights.lists,
+                          cos=self.cos, sin=self.sin, keys=keys, values=values, lengths=lengths)
+        for layer in layers[:count]:
+            layer.advance(1)
+        return count
+
+
+def _reserve(layer: BlockLayer, weights: StackWeights) -> None:
+    """Room for one more position in the layer's buffers, which must fit the blocks' K/V."""
+    if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
+        empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
+        layer.lazy_initialization(empty, empty)
+    keys, _ = layer.reserve(1)
+    if keys.shape[1] != weights.kv_heads or keys.shape[3] != weights.head_dim or \
+            keys.dtype != torch.float32:
+        raise ValueError(f"the session's K/V {tuple(keys.shape)} do not fit the block")
+
+
+def _segment_kv(cache: SegmentCache) -> tuple[List, List]:
+    """The segment's K/V buffers [Hkv, capacity, d] as typed lists (index = layer), rebuilt
+    only when a buffer was replaced (grown)."""
+    buffers = tuple(getattr(layer, "key_buffer", None) for layer in cache.layers)
+    held = cache.__dict__.get(_KV)
+    if held is None or any(a is not b for a, b in zip(held[0], buffers, strict=True)):
+        lists = tuple(List([kernel.NO_KV if buffer is None else getattr(layer, name).numpy()[0]
+                            for buffer, layer in zip(buffers, cache.layers, strict=True)])
+                      for name in ("key_buffer", "value_buffer"))
+        held = (buffers, *lists)
+        cache.__dict__[_KV] = held
+    return held[1], held[2]
+
+
+@dataclass(frozen=True)
+class StackWeights:
+    """Every block's weights as typed lists (index = block) for one call over a run of blocks;
+    a block the fused path does not run holds empty placeholders."""
+
+    blocks: tuple[BlockWeights | None, ...]
+    covered: tuple[bool, ...]
+    lists: dict[str, Any]  # run_blocks' weight arguments by name
+    hidden_size: int
+    kv_heads: int
+    head_dim: int
+
+
+def stack_weights(stack: UnitStack) -> StackWeights:
+    """The stack's blocks' weights for the kernel (kept on the model while they stay valid)."""
+    held: StackWeights | None = stack.model.__dict__.get(_STACK)
+    blocks = tuple(block_weights(layer, stack.family) if stack.layer_types[b] == FULL
+                   and stack.layer_windows[b] is None else None
+                   for b, layer in enumerate(stack.layers))
+    if held is not None and all(a is b for a, b in zip(held.blocks, blocks, strict=True)):
+        return held
+    some = next((w for w in blocks if w is not None), None)
+    lists: dict[str, Any] = {
+        name: List([kernel.NO_MATRIX if w is None else getattr(w, name) for w in blocks])
+        for name in kernel.MATRICES}
+    lists.update({name: List([kernel.NONE if w is None else getattr(w, name) for w in blocks])
+                  for name in kernel.VECTORS})
+    lists.update({name: np.array([0.0 if w is None else getattr(w, name) for w in blocks])
+                  for name in kernel.SCALARS})
+    weights = StackWeights(blocks, tuple(w is not None for w in blocks), lists,
+                           hidden_size=0 if some is None else some.q.shape[1],
+                           kv_heads=0 if some is None else some.kv_heads,
+                           head_dim=0 if some is None else some.head_dim)
+    stack.model.__dict__[_STACK] = weights
+    return weights
 
 
 def block_weights(layer: nn.Module, family: str) -> BlockWeights | None:
@@ -147,7 +227,7 @@ def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:
     if not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors):
         return None
     arrays = [x.weight.detach().numpy() for x in linears]
-    biases = [_NONE if x.bias is None else x.bias.detach().numpy() for x in linears]
+    biases = [kernel.NONE if x.bias is None else x.bias.detach().numpy() for x in linears]
     head_dim = int(attn.head_dim)
     heads, kv_heads = arrays[0].shape[0] // head_dim, arrays[1].shape[0] // head_dim
     return BlockWeights(
@@ -158,139 +238,3 @@ def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:
         gate_bias=biases[4], up_bias=biases[5], down_bias=biases[6], heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, scaling=float(attn.scaling),
         q_weight=linears[0].weight, data_ptr=linears[0].weight.data_ptr())
-
-
-def decode_block(weights: BlockWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                 layer: BlockLayer) -> None:
-    """One row's hidden state x [D] through the block, in place; its K/V appended to `layer`
-    (grown in Python first, so the cache stays what the model's path would hold)."""
-    if x.shape[0] != weights.q.shape[1] or cos.shape[0] != weights.head_dim:
-        raise ValueError(f"hidden {x.shape} or rotary {cos.shape} does not fit the block")
-    if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
-        empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
-        layer.lazy_initialization(empty, empty)
-    keys, values = layer.reserve(1)
-    if keys.shape[1] != weights.kv_heads or keys.shape[3] != weights.head_dim or \
-            keys.dtype != torch.float32:
-        raise ValueError(f"the session's K/V {tuple(keys.shape)} do not fit the block")
-    _block(x, weights.norm_in, weights.norm_post, weights.eps_in, weights.eps_post, weights.q,
-           weights.k, weights.v, weights.o, weights.q_bias, weights.k_bias, weights.v_bias,
-           weights.o_bias, weights.gate, weights.up, weights.down, weights.gate_bias,
-           weights.up_bias, weights.down_bias, cos, sin, keys.numpy()[0], values.numpy()[0],
-           layer.length, weights.scaling)
-    layer.advance(1)
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the block kernel now rather than in a step."""
-    square, vector = np.eye(2, dtype=np.float32), np.ones(2, dtype=np.float32)
-    kv = np.zeros((1, 1, 2), dtype=np.float32)
-    _block(vector.copy(), vector, vector, 1e-6, 1e-6, square, square, square, square, _NONE,
-           _NONE, _NONE, _NONE, square, square, square, _NONE, _NONE, _NONE, vector, vector,
-           kv, kv.copy(), 0, 1.0)
-
-
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
-def _linear(weight: np.ndarray, bias: np.ndarray, x: np.ndarray,
-            out: np.ndarray) -> None:  # pragma: no cover
-    """out = weight @ x (+ bias): each weight row read once."""
-    for o in range(weight.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(weight.shape[1]):
-            acc += weight[o, i] * x[i]
-        out[o] = acc + bias[o] if bias.shape[0] else acc
-
-
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
-def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float,
-              out: np.ndarray) -> None:  # pragma: no cover
-    """out = weight * x / sqrt(mean(x^2) + eps), as the model's RMSNorm in fp32."""
-    total = np.float32(0.0)
-    for i in range(x.shape[0]):
-        total += x[i] * x[i]
-    scale = np.float32(1.0 / np.sqrt(total / x.shape[0] + eps))
-    for i in range(x.shape[0]):
-        out[i] = weight[i] * (x[i] * scale)
-
-
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
-def _rotate(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray,
-            ) -> None:  # pragma: no cover
-    """x [heads * d] in place: x * cos + rotate_half(x) * sin, per head (the Llama convention)."""
-    d = cos.shape[0]
-    half = d // 2
-    for h in range(heads):
-        base = h * d
-        for i in range(half):
-            a, b = x[base + i], x[base + half + i]
-            x[base + i] = a * cos[i] - b * sin[i]
-            x[base + half + i] = b * cos[half + i] + a * sin[half + i]
-
-
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
-def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, held: int, scaling: float,
-            out: np.ndarray) -> None:  # pragma: no cover
-    """out [H * d] = softmax(q k^T * scaling) v per head over the `held` positions (GQA)."""
-    kv_heads, _, d = keys.shape
-    groups = q.shape[0] // d // kv_heads
-    scores = np.empty(held, dtype=np.float32)
-    for h in range(q.shape[0] // d):
-        kv, base = h // groups, h * d
-        top = np.float32(-np.inf)
-        for t in range(held):
-            acc = np.float32(0.0)
-            for i in range(d):
-                acc += q[base + i] * keys[kv, t, i]
-            scores[t] = acc * scaling
-            top = max(top, scores[t])
-        total = np.float32(0.0)
-        for t in range(held):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
-        for i in range(d):
-            out[base + i] = 0.0
-        for t in range(held):
-            weight = scores[t] / total
-            for i in range(d):
-                out[base + i] += weight * values[kv, t, i]
-
-
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
-def _block(x: np.ndarray, norm_in: np.ndarray, norm_post: np.ndarray, eps_in: float,
-           eps_post: float, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
-           bq: np.ndarray, bk: np.ndarray, bv: np.ndarray, bo: np.ndarray, w_gate: np.ndarray,
-           w_up: np.ndarray, w_down: np.ndarray, b_gate: np.ndarray, b_up: np.ndarray,
-           b_down: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: np.ndarray,
-           values: np.ndarray, length: int, scaling: float) -> None:  # pragma: no cover
-    """x [D] through one block in place; its K/V written at `length` of keys/values [Hkv, L, d]."""
-    kv_heads, _, d = keys.shape
-    normed = np.empty(x.shape[0], dtype=np.float32)
-    _rms_norm(x, norm_in, eps_in, normed)
-    q = np.empty(wq.shape[0], dtype=np.float32)
-    k = np.empty(wk.shape[0], dtype=np.float32)
-    _linear(wq, bq, normed, q)
-    _linear(wk, bk, normed, k)
-    _rotate(q, wq.shape[0] // d, cos, sin)
-    _rotate(k, kv_heads, cos, sin)
-    v = np.empty(wv.shape[0], dtype=np.float32)
-    _linear(wv, bv, normed, v)
-    for h in range(kv_heads):
-        for i in range(d):
-            keys[h, length, i] = k[h * d + i]
-            values[h, length, i] = v[h * d + i]
-    attended = np.empty(wq.shape[0], dtype=np.float32)
-    _attend(q, keys, values, length + 1, scaling, attended)
-    out = np.empty(x.shape[0], dtype=np.float32)
-    _linear(wo, bo, attended, out)
-    for i in range(x.shape[0]):
-        x[i] += out[i]
-    _rms_norm(x, norm_post, eps_post, normed)
-    gate = np.empty(w_gate.shape[0], dtype=np.float32)
-    up = np.empty(w_up.shape[0], dtype=np.float32)
-    _linear(w_gate, b_gate, normed, gate)
-    _linear(w_up, b_up, normed, up)
-    for i in range(gate.shape[0]):
-        gate[i] = gate[i] / (np.float32(1.0) + np.exp(-gate[i])) * up[i]
-    _linear(w_down, b_down, gate, out)
-    for i in range(x.shape[0]):
-        x[i] += out[i]
