@@ -140,6 +140,32 @@ def test_a_split_segment_decodes_fused_and_leaves_its_input_alone() -> None:
     assert_same_caches(fast, slow)
 
 
+def test_a_fused_run_ends_where_another_row_joins() -> None:
+    """A decode row alone through blocks 0-1 runs them in one call; from block 2 a second row
+    (a split session's hidden state) joins and both take the model's path. Every unit is timed."""
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    torch.manual_seed(3)
+    results = []
+    for on in (True, False):
+        alone = stack.new_cache(0, n, grown_in_blocks=True)
+        joining = stack.new_cache(3, n, grown_in_blocks=True)
+        assert alone is not None and joining is not None
+        forward(stack, alone, [3, 4, 5], 0, on)
+        with fused.fused_decode(on):
+            run_step(stack, [StepRow(3, n, torch.ones(1, 3, stack.hidden_size),
+                                     torch.arange(3)[None], joining)])
+        torch.manual_seed(4)
+        rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), alone),
+                StepRow(3, n, torch.randn(1, 1, stack.hidden_size), torch.tensor([[3]]), joining)]
+        with counted() as kernel, fused.fused_decode(on):
+            outputs, times = run_step(stack, rows)
+        assert kernel.blocks == (2 if on else 0) and set(times.unit_s) == set(range(n))
+        results.append([out.out for out in outputs])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["two rows", "gpt2", "two threads", "windowed", "client cache",
                                   "qwen3"])
 def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> None:
