@@ -83,12 +83,11 @@ def fused_decode(enabled: bool) -> Iterator[None]:
 
 
 class FusedRow:
-    """One decode row of a step through the blocks the fused path covers: the rotary tables of
-    its position (the model's own) and the blocks' layers, taken once per step."""
+    """One decode row of a step through the blocks the fused path covers, with the rotary
+    tables of its position (the model's own), taken once per step."""
 
     def __init__(self, stack: UnitStack, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.stack = stack
-        self.layers = list(stack.layers)
         self.cos, self.sin = cos.numpy().reshape(-1), sin.numpy().reshape(-1)  # [d] each
 
     @staticmethod
@@ -118,11 +117,12 @@ class FusedRow:
         if count == 0:
             return 0
         x = hidden.numpy().reshape(-1)  # [D], the tensor's memory
-        if x.shape[0] != weights.hidden_size or self.cos.shape[0] != weights.head_dim:
-            raise ValueError(f"hidden {x.shape} or rotary {self.cos.shape} does not fit the "
-                             "blocks")
-        for layer in layers[:count]:
-            _reserve(layer, weights)
+        for layer, own in zip(layers[:count], weights.blocks[block:], strict=False):
+            assert own is not None  # covered
+            if x.shape[0] != own.q.shape[1] or self.cos.shape[0] != own.head_dim:
+                raise ValueError(f"hidden {x.shape} or rotary {self.cos.shape} does not fit "
+                                 "the blocks")
+            _reserve(layer, own)
         keys, values = _segment_kv(cache)
         lengths = np.array([layer.length for layer in layers[:count]], dtype=np.int64)
         kernel.run_blocks(x, block, block + count, cache.first_block, **weights.lists,
@@ -132,7 +132,7 @@ class FusedRow:
         return count
 
 
-def _reserve(layer: BlockLayer, weights: StackWeights) -> None:
+def _reserve(layer: BlockLayer, weights: BlockWeights) -> None:
     """Room for one more position in the layer's buffers, which must fit the blocks' K/V."""
     if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
         empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
@@ -165,9 +165,6 @@ class StackWeights:
     blocks: tuple[BlockWeights | None, ...]
     covered: tuple[bool, ...]
     lists: dict[str, Any]  # run_blocks' weight arguments by name
-    hidden_size: int
-    kv_heads: int
-    head_dim: int
 
 
 def stack_weights(stack: UnitStack) -> StackWeights:
@@ -178,7 +175,6 @@ def stack_weights(stack: UnitStack) -> StackWeights:
                    for b, layer in enumerate(stack.layers))
     if held is not None and all(a is b for a, b in zip(held.blocks, blocks, strict=True)):
         return held
-    some = next((w for w in blocks if w is not None), None)
     lists: dict[str, Any] = {
         name: List([kernel.NO_MATRIX if w is None else getattr(w, name) for w in blocks])
         for name in kernel.MATRICES}
@@ -186,10 +182,7 @@ def stack_weights(stack: UnitStack) -> StackWeights:
                   for name in kernel.VECTORS})
     lists.update({name: np.array([0.0 if w is None else getattr(w, name) for w in blocks])
                   for name in kernel.SCALARS})
-    weights = StackWeights(blocks, tuple(w is not None for w in blocks), lists,
-                           hidden_size=0 if some is None else some.q.shape[1],
-                           kv_heads=0 if some is None else some.kv_heads,
-                           head_dim=0 if some is None else some.head_dim)
+    weights = StackWeights(blocks, tuple(w is not None for w in blocks), lists)
     stack.model.__dict__[_STACK] = weights
     return weights
 
