@@ -39,7 +39,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bandwidth import read_bandwidth, tensor_sum, weights_matvec
+from bandwidth import read_bandwidth, sum_buffers, tensor_sum, weights_matvec
 from engine_driver import InProcessDriver
 from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
@@ -175,8 +175,9 @@ def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tok
     rates: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     small_page_ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    buffers = sum_buffers()
     for _ in range(rounds):
-        small_pages, huge_pages = tensor_sum(False, 3), tensor_sum(True, 3)
+        small_pages, huge_pages = (tensor_sum(data, 3) for data in buffers.values())
         for name, on, rows in variants:
             with fused_decode(on), kernel_rows(rows):
                 rate = 1.0 / driver.run(ids, 1, tokens).tpot_s[0]
