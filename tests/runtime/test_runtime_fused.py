@@ -243,12 +243,24 @@ def test_fused_greedy_tokens_equal_the_unsplit_model(tiny_llama: LoadedModel) ->
 
 
 @pytest.mark.slow
-def test_fused_greedy_tokens_equal_the_unsplit_smollm2(smollm2: LoadedModel) -> None:
-    """The real model, its weights in huge pages as the engine keeps them."""
+def test_fused_smollm2_equals_the_model_path_and_the_unsplit_model(smollm2: LoadedModel) -> None:
+    """The real model, its weights in huge pages as the engine keeps them: logits of both paths
+    step by step past a KV block growth, and the unsplit model's greedy tokens."""
     prompt = encode_prompt(smollm2, "Name three colours of the rainbow.")
     want = list(generate_tokens(LocalPipe(smollm2.model), prompt, 20))
     move_to_huge_pages(smollm2.model)
-    assert greedy_fused(UnitStack(smollm2.model), prompt, 20) == want
+    stack = UnitStack(smollm2.model)
+    assert greedy_fused(stack, prompt, 20) == want
+    fast, slow = (stack.new_cache(0, stack.n_units, grown_in_blocks=True) for _ in range(2))
+    assert fast is not None and slow is not None
+    ids = prompt
+    for token in want[:KV_BLOCK_TOKENS + 2]:
+        position = fast.get_seq_length()
+        torch.testing.assert_close(forward(stack, fast, ids, position, True),
+                                   forward(stack, slow, ids, position, False),
+                                   atol=ATOL, rtol=0)
+        ids = [token]
+    assert_same_caches(fast, slow)
 
 
 def test_huge_pages_keep_the_model_and_its_tied_weights() -> None:
