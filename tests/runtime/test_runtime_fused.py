@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from splitllm.runtime import fused, fused_kernel, gemv
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import Engine, EngineConfig
+from splitllm.runtime.gemv import FAST_ROWS
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
 from splitllm.runtime.metrics import ServerMetrics
@@ -141,8 +142,9 @@ def test_a_split_segment_decodes_fused_and_leaves_its_input_alone() -> None:
 
 
 def test_a_fused_run_ends_where_another_row_joins() -> None:
-    """A decode row alone through blocks 0-1 runs them in one call; from block 2 a second row
-    (a split session's hidden state) joins and both take the model's path. Every unit is timed."""
+    """A decode row alone through blocks 0-1 runs them in one call; at block 2 a second row (a
+    split session's hidden state) joins and both run blocks 2-3 in a second call, the model's
+    path's results either way. Every unit is timed."""
     stack = stack_of(llama_config())
     n = stack.n_units
     torch.manual_seed(3)
@@ -160,14 +162,59 @@ def test_a_fused_run_ends_where_another_row_joins() -> None:
                 StepRow(3, n, torch.randn(1, 1, stack.hidden_size), torch.tensor([[3]]), joining)]
         with counted() as kernel, fused.fused_decode(on):
             outputs, times = run_step(stack, rows)
-        assert kernel.blocks == (2 if on else 0) and set(times.unit_s) == set(range(n))
+        assert (kernel.calls, kernel.blocks) == ((2, 4) if on else (0, 0))
+        assert set(times.unit_s) == set(range(n))
         results.append([out.out for out in outputs])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["two rows", "gpt2", "two threads", "windowed", "client cache",
-                                  "qwen3"])
+def grown(stack: UnitStack) -> SegmentCache:
+    """A server session's cache of every block."""
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    assert cache is not None
+    return cache
+
+
+def test_fused_decode_of_several_sessions_equals_the_model_path() -> None:
+    """FAST_ROWS sessions of different lengths decode together (one call per step, each its own
+    K/V), past a block growth, one of them rolled back and one sending a prompt chunk (that step
+    takes the model's path): logits and caches as the model's path."""
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    rng = random.Random(5)
+    sides = [[grown(stack) for _ in range(FAST_ROWS)] for _ in range(2)]  # fused, model's path
+    for k in range(FAST_ROWS):
+        prompt = random_prompt(rng, 3 + 2 * k)
+        for caches, on in zip(sides, (True, False), strict=True):
+            forward(stack, caches[k], prompt, 0, on)
+    decoding = 0
+    with counted() as kernel:
+        for step in range(KV_BLOCK_TOKENS + 2):
+            if step == 5:
+                for caches in sides:
+                    caches[1].roll_back(2)
+            chunk = 3 if step == 9 else 1  # session 0 sends three tokens: a mixed step
+            ids = [random_prompt(rng, chunk if k == 0 else 1) for k in range(FAST_ROWS)]
+            outs = []
+            for caches, on in zip(sides, (True, False), strict=True):
+                rows = [StepRow(0, n, torch.tensor([ids[k]]),
+                                torch.arange(cache.get_seq_length(),
+                                             cache.get_seq_length() + len(ids[k]))[None], cache)
+                        for k, cache in enumerate(caches)]
+                with fused.fused_decode(on):
+                    outputs, _ = run_step(stack, rows)
+                assert all(out.error is None and out.out is not None for out in outputs)
+                outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
+            torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+            decoding += chunk == 1
+    assert kernel.calls == decoding and kernel.blocks == decoding * stack.n_blocks
+    for fast, slow in zip(*sides, strict=True):
+        assert_same_caches(fast, slow)
+
+
+@pytest.mark.parametrize("case", ["too many rows", "gpt2", "two threads", "windowed",
+                                  "client cache", "qwen3"])
 def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> None:
     config = {"gpt2": family_config("gpt2"), "windowed": family_config("mistral"),
               "qwen3": family_config("qwen3")}.get(case, llama_config())
@@ -175,20 +222,25 @@ def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> N
     n = stack.n_units
     caches = [stack.new_cache(0, n, grown_in_blocks=case != "client cache") for _ in range(2)]
     rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), cache) for cache in caches]
+    if case == "too many rows":
+        rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), grown(stack))
+                for _ in range(FAST_ROWS + 1)]
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if case == "two threads" else 1)
     try:
         with counted() as kernel:
-            outputs, _ = run_step(stack, rows if case == "two rows" else rows[:1])
+            outputs, _ = run_step(stack, rows if case == "too many rows" else rows[:1])
     finally:
         torch.set_num_threads(threads)
     assert kernel.calls == 0
     assert all(out.error is None and out.out is not None for out in outputs)
 
 
-def test_an_error_in_the_fused_path_is_the_rows_own() -> None:
-    """A session's cache that does not fit the block (here: another model's) fails that row,
-    before any change to the cache; the step returns, and later steps go on."""
+@pytest.mark.parametrize("with_others", [False, True])
+def test_an_error_in_the_fused_path_is_the_rows_own(with_others: bool) -> None:
+    """A session's cache that does not fit the blocks (here: another model's) fails that row,
+    before any change to its cache; the other rows of the step decode as the model's path
+    does, and later steps go on."""
     stack = stack_of(llama_config())
     narrow = llama_config()
     narrow.num_key_value_heads = 1
@@ -197,16 +249,23 @@ def test_an_error_in_the_fused_path_is_the_rows_own() -> None:
     wrong = other.new_cache(0, n, grown_in_blocks=True)
     assert wrong is not None
     forward(other, wrong, [3, 4, 5], 0, False)
-    with counted() as kernel:
-        (out,), _ = run_step(stack, [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]),
-                                             wrong)])
-    assert isinstance(out.error, ValueError) and "do not fit" in str(out.error)
-    assert kernel.calls == 0
-    assert wrong.get_seq_length() == 3
-    good = stack.new_cache(0, n, grown_in_blocks=True)
-    assert good is not None
+    good, twin = grown(stack), grown(stack)
     forward(stack, good, [3, 4, 5], 0, True)
-    forward(stack, good, [6], 3, True)
+    forward(stack, twin, [3, 4, 5], 0, False)
+    rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), wrong)]
+    if with_others:
+        rows.append(StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), good))
+    with counted() as kernel:
+        outputs, _ = run_step(stack, rows)
+    assert isinstance(outputs[0].error, ValueError) and "do not fit" in str(outputs[0].error)
+    assert wrong.get_seq_length() == 3
+    if with_others:
+        assert kernel.blocks == stack.n_blocks and outputs[1].out is not None
+        torch.testing.assert_close(outputs[1].out, forward(stack, twin, [6], 3, False),
+                                   atol=ATOL, rtol=0)
+    else:
+        assert kernel.calls == 0
+        forward(stack, good, [6], 3, True)
     assert good.get_seq_length() == 4
 
 

@@ -31,7 +31,9 @@ from transformers.activations import SiLUActivation
 
 from splitllm.runtime import fused_kernel as kernel
 from splitllm.runtime.families import FULL
+from splitllm.runtime.gemv import FAST_ROWS
 from splitllm.runtime.kvcache import BlockLayer
+from splitllm.runtime.packing import RowGroup
 from splitllm.runtime.units import SegmentCache, UnitStack
 
 FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SiLU-gated MLP, optional biases
@@ -82,54 +84,82 @@ def fused_decode(enabled: bool) -> Iterator[None]:
         _enabled = before
 
 
-class FusedRow:
-    """One decode row of a step through the blocks the fused path covers, with the rotary
-    tables of its position (the model's own), taken once per step."""
+class FusedRows:
+    """The decode rows of a step (one position each, of up to FAST_ROWS sessions) through the
+    blocks the fused path covers, with the rotary tables of their positions (the model's own),
+    taken once per step."""
 
     def __init__(self, stack: UnitStack, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.stack = stack
-        self.cos, self.sin = cos.numpy().reshape(-1), sin.numpy().reshape(-1)  # [d] each
+        self.cos, self.sin = cos.numpy()[0], sin.numpy()[0]  # [R, d] each
 
     @staticmethod
-    def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor) -> FusedRow | None:
-        """The row of a step's packed rows [1, T, D], if the fused path applies: one fp32 CPU
-        row, one intra-op thread, no autograd, one rotary table for every block."""
-        if not (_enabled and hidden.shape[:2] == (1, 1) and hidden.dtype == torch.float32
-                and hidden.is_cpu and torch.get_num_threads() == 1
-                and not torch.is_grad_enabled()) or stack.rotary_emb is None \
-                or stack.rotary_per_layer_type:
+    def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor,
+           groups: list[RowGroup]) -> FusedRows | None:
+        """The rows of a step's packed rows [1, R, D], if the fused path applies: one position
+        per session, at most FAST_ROWS, fp32 on the CPU, one intra-op thread, no autograd, one
+        rotary table for every block."""
+        if not (_enabled and len(groups) == hidden.shape[1] <= FAST_ROWS
+                and hidden.dtype == torch.float32 and hidden.is_cpu
+                and torch.get_num_threads() == 1 and not torch.is_grad_enabled()) \
+                or stack.rotary_emb is None or stack.rotary_per_layer_type:
             return None
-        cos, sin = stack.rotary_emb(hidden, positions)  # [1, 1, d] each
-        return FusedRow(stack, cos.contiguous(), sin.contiguous())
+        cos, sin = stack.rotary_emb(hidden, positions)  # [1, R, d] each
+        return FusedRows(stack, cos.contiguous(), sin.contiguous())
 
-    def run(self, block: int, stop: int, hidden: torch.Tensor, cache: SegmentCache) -> int:
-        """Blocks [block, b) on the row's contiguous hidden state [1, 1, D] in place, in one
-        call, b <= stop the first block the fused path does not cover: how many ran (0: none,
-        the model's path runs `block`). Errors are the row's, raised before the cache holds
-        anything new."""
+    def run(self, block: int, stop: int, hidden: torch.Tensor, groups: list[RowGroup]) -> int:
+        """Blocks [block, b) on the rows' contiguous hidden states [1, R, D] in place, in one
+        call, b <= stop the first block the fused path does not cover for every row: how many
+        ran (0: none, the model's path runs `block`). A row whose cache does not fit gets its
+        error before its cache holds anything new; the other rows go on."""
         weights = stack_weights(self.stack)
-        layers: list[Any] = cache.layers[block - cache.first_block:stop - cache.first_block]
-        count = 0
-        for layer, covered in zip(layers, weights.covered[block:stop], strict=True):
-            if not covered or type(layer) is not BlockLayer:
-                break
-            count += 1
+        count = stop - block
+        for group in groups:
+            layers = _layers(group.cache, block, stop)
+            count = min(count, next((k for k, (layer, covered) in enumerate(zip(
+                layers, weights.covered[block:stop], strict=True))
+                if not covered or type(layer) is not BlockLayer), len(layers)))
         if count == 0:
             return 0
-        x = hidden.numpy().reshape(-1)  # [D], the tensor's memory
-        for layer, own in zip(layers[:count], weights.blocks[block:], strict=False):
-            assert own is not None  # covered
-            if x.shape[0] != own.q.shape[1] or self.cos.shape[0] != own.head_dim:
-                raise ValueError(f"hidden {x.shape} or rotary {self.cos.shape} does not fit "
-                                 "the blocks")
-            _reserve(layer, own)
-        keys, values = _segment_kv(cache)
-        lengths = np.array([layer.length for layer in layers[:count]], dtype=np.int64)
-        kernel.run_blocks(x, block, block + count, cache.first_block, **weights.lists,
-                          cos=self.cos, sin=self.sin, keys=keys, values=values, lengths=lengths)
-        for layer in layers[:count]:
-            layer.advance(1)
+        x = hidden.numpy()[0]  # [R, D], the tensor's memory
+        for group in groups:
+            if group.error is None:
+                try:
+                    _check(x, self.cos, _layers(group.cache, block, block + count),
+                           weights.blocks[block:block + count])
+                except Exception as exc:  # this row's; the others go on
+                    group.error = exc
+        active = np.array([group.error is None for group in groups], dtype=np.bool_)
+        if not active.any():
+            return count  # every row has its error: nothing to run, as the model's path would
+        kv = [_segment_kv(group.cache) for group in groups]
+        lengths = np.array([[layer.get_seq_length() for layer in
+                             _layers(group.cache, block, block + count)] for group in groups],
+                           dtype=np.int64)  # [R, count]
+        kernel.run_blocks(x, block, block + count,
+                          np.array([group.cache.first_block for group in groups]),
+                          **weights.lists, cos=self.cos, sin=self.sin,
+                          keys=List([k for k, _ in kv]), values=List([v for _, v in kv]),
+                          lengths=lengths, active=active)
+        for group, on in zip(groups, active, strict=True):
+            for layer in _layers(group.cache, block, block + count) if on else ():
+                layer.advance(1)
         return count
+
+
+def _layers(cache: SegmentCache, block: int, stop: int) -> list[Any]:
+    """The cache layers of blocks [block, stop)."""
+    return cache.layers[block - cache.first_block:stop - cache.first_block]
+
+
+def _check(x: np.ndarray, cos: np.ndarray, layers: list[Any],
+           blocks: tuple[BlockWeights | None, ...]) -> None:
+    """One row's cache layers fit the blocks (grown for one more position), or a ValueError."""
+    for layer, own in zip(layers, blocks, strict=True):
+        assert own is not None  # covered
+        if x.shape[1] != own.q.shape[1] or cos.shape[1] != own.head_dim:
+            raise ValueError(f"hidden {x.shape} or rotary {cos.shape} does not fit the blocks")
+        _reserve(layer, own)
 
 
 def _reserve(layer: BlockLayer, weights: BlockWeights) -> None:

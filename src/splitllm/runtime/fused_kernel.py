@@ -1,11 +1,13 @@
 """The compiled decode of one row through a run of Llama-style blocks (runtime/fused.py).
 
-`run_blocks` is ONE numba call for blocks [first, stop): per block, norm -> q/k/v -> rotary ->
-K/V written at the held length of the session's buffers -> attention over the held positions ->
-o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual, all in fp32 on one thread,
-the row's hidden state updated in place. Every block's weights come as typed lists (index =
-block), the session's K/V buffers likewise (index = block - kv_first), so a step of one session
-crosses from Python into compiled code once per segment rather than ~40 times per block.
+`run_blocks` is ONE numba call for blocks [first, stop) over a few decode rows (one position of
+each of a few sessions): per block, norm -> q/k/v -> rotary -> K/V written at the held length of
+each session's buffers -> attention over each session's held positions -> o-proj + residual ->
+norm -> gate/up -> SiLU*mul -> down + residual, all in fp32 on one thread, the rows' hidden
+states updated in place and every weight read once for all rows. Every block's weights come as
+typed lists (index = block), each session's K/V buffers likewise (index = block - its first
+block), so a step crosses from Python into compiled code once per segment rather than ~40 times
+per block.
 """
 
 from __future__ import annotations
@@ -31,37 +33,76 @@ def warm_up() -> None:
     matrices = {name: List([square]) for name in MATRICES}
     vectors = {name: List([vector if name.startswith("norm") else NONE]) for name in VECTORS}
     scalars = {name: np.ones(1) for name in SCALARS}
-    kv = np.zeros((1, 1, 2), dtype=np.float32)
-    run_blocks(vector.copy(), 0, 1, 0, **matrices, **vectors, **scalars, cos=vector, sin=vector,
-               keys=List([kv]), values=List([kv.copy()]), lengths=np.zeros(1, dtype=np.int64))
+    kv = List([np.zeros((1, 1, 2), dtype=np.float32)])
+    rows = vector[None].copy()  # [1, 2]
+    run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), **matrices, **vectors, **scalars,
+               cos=rows, sin=rows, keys=List([kv]), values=List([kv]),
+               lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
 
 
 @_KERNEL
-def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: int, q: List, k: List, v: List,
-               o: List, gate: List, up: List, down: List, norm_in: List, norm_post: List,
-               q_bias: List, k_bias: List, v_bias: List, o_bias: List, gate_bias: List,
-               up_bias: List, down_bias: List, eps_in: np.ndarray, eps_post: np.ndarray,
-               scaling: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: List, values: List,
-               lengths: np.ndarray) -> None:  # pragma: no cover
-    """x [D] through blocks [first, stop) in place; block b's K/V written at lengths[b - first]
-    of keys/values[b - kv_first] [Hkv, capacity, d]."""
+def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: List, k: List,
+               v: List, o: List, gate: List, up: List, down: List, norm_in: List,
+               norm_post: List, q_bias: List, k_bias: List, v_bias: List, o_bias: List,
+               gate_bias: List, up_bias: List, down_bias: List, eps_in: np.ndarray,
+               eps_post: np.ndarray, scaling: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+               keys: List, values: List, lengths: np.ndarray,
+               active: np.ndarray) -> None:  # pragma: no cover
+    """Rows x [R, D] (one position each, of R sessions) through blocks [first, stop) in place:
+    every weight read once for all rows. Row r's K/V for block b are written at
+    lengths[r, b - first] of keys/values[r][b - kv_first[r]] [Hkv, capacity, d]; a row not
+    `active` (its error already known) writes and attends nothing."""
+    rows, width = x.shape
+    d = cos.shape[1]
+    normed = np.empty((rows, width), dtype=np.float32)
+    out = np.empty((rows, width), dtype=np.float32)
     for b in range(first, stop):
-        at = b - kv_first
-        _block(x, norm_in[b], norm_post[b], eps_in[b], eps_post[b], q[b], k[b], v[b], o[b],
-               q_bias[b], k_bias[b], v_bias[b], o_bias[b], gate[b], up[b], down[b],
-               gate_bias[b], up_bias[b], down_bias[b], cos, sin, keys[at], values[at],
-               lengths[b - first], scaling[b])
+        for r in range(rows):
+            _rms_norm(x[r], norm_in[b], eps_in[b], normed[r])
+        qs = np.empty((rows, q[b].shape[0]), dtype=np.float32)
+        ks = np.empty((rows, k[b].shape[0]), dtype=np.float32)
+        vs = np.empty((rows, v[b].shape[0]), dtype=np.float32)
+        _linear(q[b], q_bias[b], normed, qs)
+        _linear(k[b], k_bias[b], normed, ks)
+        _linear(v[b], v_bias[b], normed, vs)
+        attended = np.zeros((rows, q[b].shape[0]), dtype=np.float32)
+        for r in range(rows):
+            if not active[r]:
+                continue
+            _rotate(qs[r], qs.shape[1] // d, cos[r], sin[r])
+            _rotate(ks[r], ks.shape[1] // d, cos[r], sin[r])
+            held_k, held_v = keys[r][b - kv_first[r]], values[r][b - kv_first[r]]
+            at = lengths[r, b - first]
+            for h in range(held_k.shape[0]):
+                for i in range(d):
+                    held_k[h, at, i] = ks[r, h * d + i]
+                    held_v[h, at, i] = vs[r, h * d + i]
+            _attend(qs[r], held_k, held_v, at + 1, scaling[b], attended[r])
+        _linear(o[b], o_bias[b], attended, out)
+        x += out
+        for r in range(rows):
+            _rms_norm(x[r], norm_post[b], eps_post[b], normed[r])
+        gated = np.empty((rows, gate[b].shape[0]), dtype=np.float32)
+        ups = np.empty((rows, up[b].shape[0]), dtype=np.float32)
+        _linear(gate[b], gate_bias[b], normed, gated)
+        _linear(up[b], up_bias[b], normed, ups)
+        for r in range(rows):
+            for i in range(gated.shape[1]):
+                gated[r, i] = gated[r, i] / (np.float32(1.0) + np.exp(-gated[r, i])) * ups[r, i]
+        _linear(down[b], down_bias[b], gated, out)
+        x += out
 
 
 @_PART
-def _linear(weight: np.ndarray, bias: np.ndarray, x: np.ndarray,
+def _linear(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray,
             out: np.ndarray) -> None:  # pragma: no cover
-    """out = weight @ x (+ bias): each weight row read once."""
+    """out [R, out] = rows [R, in] @ weight.T (+ bias): each weight row read once for all rows."""
     for o in range(weight.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(weight.shape[1]):
-            acc += weight[o, i] * x[i]
-        out[o] = acc + bias[o] if bias.shape[0] else acc
+        for r in range(rows.shape[0]):
+            acc = np.float32(0.0)
+            for i in range(weight.shape[1]):
+                acc += weight[o, i] * rows[r, i]
+            out[r, o] = acc + bias[o] if bias.shape[0] else acc
 
 
 @_PART
@@ -116,44 +157,3 @@ def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, held: int, scal
             weight = scores[t] / total
             for i in range(d):
                 out[base + i] += weight * values[kv, t, i]
-
-
-@_PART
-def _block(x: np.ndarray, norm_in: np.ndarray, norm_post: np.ndarray, eps_in: float,
-           eps_post: float, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray,
-           bq: np.ndarray, bk: np.ndarray, bv: np.ndarray, bo: np.ndarray, w_gate: np.ndarray,
-           w_up: np.ndarray, w_down: np.ndarray, b_gate: np.ndarray, b_up: np.ndarray,
-           b_down: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: np.ndarray,
-           values: np.ndarray, length: int, scaling: float) -> None:  # pragma: no cover
-    """x [D] through one block in place; its K/V written at `length` of keys/values [Hkv, L, d]."""
-    kv_heads, _, d = keys.shape
-    normed = np.empty(x.shape[0], dtype=np.float32)
-    _rms_norm(x, norm_in, eps_in, normed)
-    q = np.empty(wq.shape[0], dtype=np.float32)
-    k = np.empty(wk.shape[0], dtype=np.float32)
-    _linear(wq, bq, normed, q)
-    _linear(wk, bk, normed, k)
-    _rotate(q, wq.shape[0] // d, cos, sin)
-    _rotate(k, kv_heads, cos, sin)
-    v = np.empty(wv.shape[0], dtype=np.float32)
-    _linear(wv, bv, normed, v)
-    for h in range(kv_heads):
-        for i in range(d):
-            keys[h, length, i] = k[h * d + i]
-            values[h, length, i] = v[h * d + i]
-    attended = np.empty(wq.shape[0], dtype=np.float32)
-    _attend(q, keys, values, length + 1, scaling, attended)
-    out = np.empty(x.shape[0], dtype=np.float32)
-    _linear(wo, bo, attended, out)
-    for i in range(x.shape[0]):
-        x[i] += out[i]
-    _rms_norm(x, norm_post, eps_post, normed)
-    gate = np.empty(w_gate.shape[0], dtype=np.float32)
-    up = np.empty(w_up.shape[0], dtype=np.float32)
-    _linear(w_gate, b_gate, normed, gate)
-    _linear(w_up, b_up, normed, up)
-    for i in range(gate.shape[0]):
-        gate[i] = gate[i] / (np.float32(1.0) + np.exp(-gate[i])) * up[i]
-    _linear(w_down, b_down, gate, out)
-    for i in range(x.shape[0]):
-        x[i] += out[i]

@@ -66,18 +66,18 @@ class _Packed:
         self.stack, self.positions = stack, positions
         self.kwargs_of: dict[str, dict[str, Any]] = {}
         # One decode row: blocks the fused path covers run in one compiled call each.
-        self.fused = fused.FusedRow.of(stack, self.hidden, positions)
+        self.fused = fused.FusedRows.of(stack, self.hidden, positions, self.groups)
 
     def run_blocks(self, block: int, stop: int) -> int:
         """Blocks from `block` (at most to `stop`) over the packed rows: a run of them in one
         fused call where it applies, else `block` by the model's own modules; how many ran."""
-        group = self.groups[0]
-        if self.fused is not None and group.error is None:
+        if self.fused is not None and any(group.error is None for group in self.groups):
             self.hidden = self.hidden.contiguous()  # written in place through a numpy view
             try:
-                ran = self.fused.run(block, stop, self.hidden, group.cache)
-            except Exception as exc:  # this row's (the only one): it leaves the step
-                group.error = exc
+                ran = self.fused.run(block, stop, self.hidden, self.groups)
+            except Exception as exc:  # not one row's (those are kept in their groups)
+                for group in self.groups:
+                    group.error = group.error or exc
                 return 1
             if ran:
                 return ran
