@@ -1,12 +1,13 @@
-"""One decode row through a run of Llama-style blocks in ONE compiled call (what gpt-fast compiles).
+"""Decode rows through a run of Llama-style blocks in ONE compiled call (what gpt-fast compiles).
 
 A decode step of one session is bound by reading the weights, yet through the model's own modules
 a block costs ~40 small torch ops and Python calls (RMSNorm as 5 ops, rotary with cat/neg, the
 packed-attention dispatcher, SDPA, the cache update, SiLU*mul, residual adds): on SmolLM2 a
-third of the step. `FusedRow.run` sends one single-position row through a run of blocks in one
-numba call (runtime/fused_kernel.py): per block norm -> q/k/v -> rotary -> write K/V into the
-session's `BlockLayer` buffers -> attention over the held positions -> o-proj + residual ->
-norm -> gate/up -> SiLU*mul -> down + residual.
+third of the step. `FusedRows.run` sends a step's single-position rows (up to FAST_ROWS
+sessions) through a run of blocks in one numba call (runtime/fused_kernel.py): per block norm ->
+q/k/v -> rotary -> write K/V into each session's `BlockLayer` buffers -> attention over each
+session's held positions -> o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual,
+every weight read once for all rows.
 
 The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
 model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the

@@ -1,4 +1,4 @@
-"""The compiled decode of one row through a run of Llama-style blocks (runtime/fused.py).
+"""The compiled decode of a few rows through a run of Llama-style blocks (runtime/fused.py).
 
 `run_blocks` is ONE numba call for blocks [first, stop) over a few decode rows (one position of
 each of a few sessions): per block, norm -> q/k/v -> rotary -> K/V written at the held length of
