@@ -8,8 +8,10 @@
   included: with the 42-token prompt and 16 new tokens the prefill was most of the work),
 - per-session time per output token, server CPU seconds beside wall time,
 - one session against the physical limit: the weights' bytes / one thread's read bandwidth,
-  measured in the same run, and the machine's load average beside every number; one session
-  alone again, the few-row linear kernel (runtime/gemv.py) against MKL alone, alternating.
+  measured in the same run (the best of several witnesses, benchmarks/bandwidth.py), and the
+  machine's load average beside every number; one session alone again, the fused decode block
+  (runtime/fused.py), the model's blocks with the few-row linear kernel (runtime/gemv.py) and
+  MKL alone, alternating.
 
 Two drivers. `inprocess` (default): the sessions queue their forwards straight into an engine
 in this process (benchmarks/engine_driver.py), so a step holds every waiting session: the
@@ -40,11 +42,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bandwidth import read_bandwidth, sum_buffers, tensor_sum, weights_matvec
 from engine_driver import InProcessDriver
 from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.engine import EngineConfig
+from splitllm.runtime.fused import fused_decode
 from splitllm.runtime.gemv import FAST_ROWS, kernel_rows
+from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
 from splitllm.runtime.profile import measure_step_models
@@ -85,20 +90,6 @@ class Point:
     def tokens_per_cpu_s(self) -> float:
         """Generated tokens per server CPU second (prefill included): what load cannot blur."""
         return self.generated_tokens / self.server_cpu_s
-
-
-def read_bandwidth_bytes_per_s(size_bytes: int = 2**29, rounds: int = 5) -> float:
-    """One thread's memory read bandwidth: the best of a few sums of a large tensor."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    data = torch.ones(size_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(rounds):
-        clock = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - clock)
-    torch.set_num_threads(threads)
-    return size_bytes / best
 
 
 def weight_bytes(loaded: LoadedModel) -> int:
@@ -185,17 +176,46 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
     return points
 
 
-def solo_side_by_side(loaded: LoadedModel, ids: list[int], tokens: int, rounds: int = 3,
-                      ) -> dict[str, list[float]]:
-    """One session's decode tok/s with the few-row kernel and with MKL alone, alternating."""
+def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tokens: int,
+                      rounds: int = 3) -> None:
+    """One session's decode tok/s by the fused blocks (runtime/fused.py), by the model's own
+    blocks with the few-row kernel, and with MKL alone, alternating; each round's ratios
+    against the limit measured just before it (the load moves both alike)."""
     driver = InProcessDriver(UnitStack(loaded.model), config=EngineConfig(), client_units=0,
                              client_core=None)
-    rates: dict[str, list[float]] = {"kernel": [], "MKL alone": []}
+    variants = (("fused", True, FAST_ROWS), ("kernel", False, FAST_ROWS), ("MKL alone", False, 0))
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    small_page_ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    buffers = sum_buffers()
     for _ in range(rounds):
-        for name, rows in (("kernel", FAST_ROWS), ("MKL alone", 0)):
-            with kernel_rows(rows):
-                rates[name].append(1.0 / driver.run(ids, 1, tokens).tpot_s[0])
-    return rates
+        small_pages, huge_pages = (tensor_sum(data, 3) for data in buffers.values())
+        for name, on, rows in variants:
+            with fused_decode(on), kernel_rows(rows):
+                rate = 1.0 / driver.run(ids, 1, tokens).tpot_s[0]
+            rates[name].append(rate)
+            ratios[name].append(rate * weight_bytes(loaded) / max(small_pages, huge_pages))
+            small_page_ratios[name].append(rate * weight_bytes(loaded) / small_pages)
+    console.print(f"one session alone, side by side ({rounds} rounds, alternating; the limit "
+                  "measured before each round, the best of a tensor sum in huge and in 4 KiB "
+                  "pages): " + "; ".join(
+                      f"{name} {statistics.median(rates[name]):.1f} decode tok/s = "
+                      f"{statistics.median(ratios[name]):.0%} of the limit "
+                      f"({statistics.median(small_page_ratios[name]):.0%} of the 4 KiB-page "
+                      "limit)" for name in rates) + f" (load average {os.getloadavg()[0]:.1f})")
+
+
+def measure_bandwidth(console: Console, loaded: LoadedModel) -> float:
+    """The best witness of one thread's read bandwidth, the weights as loaded and in huge pages
+    (where the engine keeps them); every witness printed."""
+    witnesses = {f"{name} (weights as loaded)" if "weights" in name else name: value
+                 for name, value in read_bandwidth(loaded.model).items()}
+    move_to_huge_pages(loaded.model)
+    witnesses["matvec kernel over the weights (in huge pages)"] = weights_matvec(loaded.model, 5)
+    console.print("one thread's read bandwidth (best of 5 each): " + "; ".join(
+        f"{name} {value / 1e9:.1f} GB/s" for name, value in witnesses.items())
+        + f" (load average {os.getloadavg()[0]:.1f})")
+    return max(witnesses.values())
 
 
 def main() -> None:
@@ -223,7 +243,7 @@ def main() -> None:
     pin = len(os.sched_getaffinity(0)) >= 2 and args.compute == "cpu"
     torch.set_num_threads(1)
     loaded = load_model(args.model)
-    bandwidth = read_bandwidth_bytes_per_s()
+    bandwidth = measure_bandwidth(console, loaded)
     ids = encode_prompt(loaded, PROMPT)
     n = UnitStack(loaded.model).n_units
     placements = {"server-only": "S" * n, "split (C2 S..S)": "CC" + "S" * (n - 2)}
@@ -243,11 +263,7 @@ def main() -> None:
                 model = measure_step_models(UnitStack(loaded.model))[0]  # wall seconds
     _print(console, args, loaded, batched, single, placements, bandwidth, pin)
     if args.driver == "inprocess":
-        limit = bandwidth / weight_bytes(loaded)
-        rates = solo_side_by_side(loaded, ids, args.tokens)
-        console.print("one session alone, side by side (3 rounds each, alternating): " + "; ".join(
-            f"{name} {statistics.median(r):.1f} decode tok/s = "
-            f"{statistics.median(r) / limit:.0%} of the limit" for name, r in rates.items()))
+        solo_side_by_side(console, loaded, ids, args.tokens)
     if model is not None:
         _print_model(console, model, batched, placements)
     console.print("load average (1, 5, 15 min): before "

@@ -11,6 +11,7 @@ from torch import nn
 
 from splitllm.runtime import gemv
 from splitllm.runtime.engine import Engine, EngineConfig
+from splitllm.runtime.fused import fused_decode
 from splitllm.runtime.gemv import FAST_ROWS, fast_linear, install_fast_linear
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel
@@ -89,7 +90,8 @@ def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) 
     with mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
         run_step(stack, [prompt])
         assert kernel.call_count == 1  # the prompt's blocks by MKL; the head's one row
-        run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
-                                 torch.tensor([[tokens]]), cache)])
+        with fused_decode(False):  # the model's own blocks (fused: test_runtime_fused.py)
+            run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
+                                     torch.tensor([[tokens]]), cache)])
     linear = sum(type(m) is nn.Linear for m in stack.model.modules())
     assert kernel.call_count == 1 + linear

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitllm.runtime import fused_kernel
 from splitllm.runtime.gemv import install_fast_linear, warm_up
+from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.packing import install_packed_attention
 from splitllm.runtime.protocol import ForwardHeader, ProtocolError
@@ -138,7 +140,9 @@ class Engine:
             raise ValueError("max_batch_tokens and max_batch_rows must be positive")
         install_packed_attention(stack.model)
         install_fast_linear(stack.model)  # decode steps of few rows at the speed of memory
+        move_to_huge_pages(stack.model)  # weights streamed without TLB stalls (hugepages.py)
         warm_up()
+        fused_kernel.warm_up()
         self.stack = stack
         self.metrics = metrics
         self.config = config

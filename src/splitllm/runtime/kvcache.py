@@ -33,7 +33,6 @@ class BlockLayer(DynamicLayer):
         self.key_buffer = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[3])
         self.value_buffer = value_states.new_empty(*value_states.shape[:2], 0,
                                                    value_states.shape[3])
-        self._views()
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -41,13 +40,24 @@ class BlockLayer(DynamicLayer):
         """Write the new positions [1, H, t, d] after the held ones; all held K/V back."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        keys, values = self.reserve(key_states.shape[-2])
         end = self.length + key_states.shape[-2]
+        keys[:, :, self.length:end] = key_states
+        values[:, :, self.length:end] = value_states
+        self.advance(key_states.shape[-2])
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reserve(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for `tokens` more positions after the held ones (once initialized): the whole
+        buffers [1, H, capacity, d], to write the new positions in place."""
+        end = self.length + tokens
         if end > self.key_buffer.shape[-2]:
             self._grow(kv_capacity(end))
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        return self._views()
+        return self.key_buffer, self.value_buffer
+
+    def advance(self, tokens: int) -> None:
+        """Hold `tokens` more positions, written in place after `reserve`."""
+        self.length += tokens
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -58,7 +68,6 @@ class BlockLayer(DynamicLayer):
             raise ValueError("crop takes a negative count of positions to remove")
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
-            self._views()
 
     def nbytes(self) -> int:
         """Bytes the buffers reserve (held positions and room to grow)."""
@@ -74,7 +83,22 @@ class BlockLayer(DynamicLayer):
         values[:, :, :self.length] = self.value_buffer[:, :, :self.length]
         self.key_buffer, self.value_buffer = keys, values
 
-    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
-        self.keys, self.values = keys, values
-        return keys, values
+    # The held positions' views, made when read: a fused decode step advances every layer
+    # and reads none of them (transformers' own code assigns None once, at construction).
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.key_buffer[:, :, :self.length] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("BlockLayer.keys are the buffer's held positions")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.value_buffer[:, :, :self.length] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("BlockLayer.values are the buffer's held positions")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from splitllm.runtime import fused
 from splitllm.runtime.packing import STEP_KWARG, RowGroup, StepCache, install_packed_attention
 from splitllm.runtime.units import SegmentCache, UnitStack
 
@@ -64,6 +65,25 @@ class _Packed:
         self.cache = StepCache(self.groups)
         self.stack, self.positions = stack, positions
         self.kwargs_of: dict[str, dict[str, Any]] = {}
+        # One decode row: blocks the fused path covers run in one compiled call each.
+        self.fused = fused.FusedRows.of(stack, self.hidden, positions, self.groups)
+
+    def run_blocks(self, block: int, stop: int) -> int:
+        """Blocks from `block` (at most to `stop`) over the packed rows: a run of them in one
+        fused call where it applies, else `block` by the model's own modules; how many ran."""
+        if self.fused is not None and any(group.error is None for group in self.groups):
+            self.hidden = self.hidden.contiguous()  # written in place through a numpy view
+            try:
+                ran = self.fused.run(block, stop, self.hidden, self.groups)
+            except Exception as exc:  # not one row's (those are kept in their groups)
+                for group in self.groups:
+                    group.error = group.error or exc
+                return 1
+            if ran:
+                return ran
+        out = self.stack.layers[block](self.hidden, **self.kwargs(block))
+        self.hidden = out[0] if isinstance(out, tuple) else out
+        return 1
 
     def kwargs(self, block: int) -> dict[str, Any]:
         """The block's keyword arguments: the family's own (rotary tables of the packed
@@ -100,7 +120,11 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
     hidden = {i: row.x for i, row in enumerate(rows) if row.start > 0}
     times = StepTimes()
     packed: _Packed | None = None
+    last_unit, ran = -1, 1  # the units the last iteration ran (a fused run of blocks: several)
     for unit in range(min(r.start for r in rows), max(r.stop for r in rows)):
+        if unit < last_unit + ran:
+            continue  # inside a fused run, which ran and timed it
+        last_unit, ran = unit, 1
         clock, cpu_clock = time.perf_counter(), time.thread_time() if unit_cpu else 0.0
         active = tuple(i for i, r in enumerate(rows)
                        if r.start <= unit < r.stop and outputs[i].error is None)
@@ -116,21 +140,30 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
             _head(stack, rows, active, hidden, outputs)
         else:
             packed = packed or _Packed(stack, rows, hidden, active)
-            out = stack.layers[unit - 1](packed.hidden, **packed.kwargs(unit - 1))
-            packed.hidden = out[0] if isinstance(out, tuple) else out
+            ran = packed.run_blocks(unit - 1, _same_rows_until(rows, unit, n) - 1)
         if rows[0].x.is_cuda:
             torch.cuda.synchronize(rows[0].x.device)  # honest per-unit times for the step model
-        times.unit_s[unit] = time.perf_counter() - clock
-        if unit_cpu:
-            times.unit_cpu_s[unit] = time.thread_time() - cpu_clock
-        times.unit_tokens[unit] = (sum(rows[i].head_positions for i in active) if unit == n - 1
-                                   else sum(rows[i].positions.shape[1] for i in active))
+        wall_s = time.perf_counter() - clock
+        cpu_s = time.thread_time() - cpu_clock if unit_cpu else 0.0
+        tokens = (sum(rows[i].head_positions for i in active) if unit == n - 1
+                  else sum(rows[i].positions.shape[1] for i in active))
+        for each in range(unit, unit + ran):  # a run's blocks are alike: equal shares
+            times.unit_s[each] = wall_s / ran
+            if unit_cpu:
+                times.unit_cpu_s[each] = cpu_s / ran
+            times.unit_tokens[each] = tokens
     if packed is not None:
         packed.unpack(hidden, outputs)
     for i, row in enumerate(rows):
         if row.stop < n and outputs[i].error is None:
             outputs[i].out = hidden[i]
     return outputs, times
+
+
+def _same_rows_until(rows: list[StepRow], unit: int, n: int) -> int:
+    """The first unit after `unit` where a row joins or leaves, or the head: the rows inside
+    the blocks stay the same up to there."""
+    return min([n - 1, *(edge for row in rows for edge in (row.start, row.stop) if edge > unit)])
 
 
 def _head(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],

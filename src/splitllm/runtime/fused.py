@@ -1,0 +1,264 @@
+"""Decode rows through a run of Llama-style blocks in ONE compiled call (what gpt-fast compiles).
+
+A decode step of one session is bound by reading the weights, yet through the model's own modules
+a block costs ~40 small torch ops and Python calls (RMSNorm as 5 ops, rotary with cat/neg, the
+packed-attention dispatcher, SDPA, the cache update, SiLU*mul, residual adds): on SmolLM2 a
+third of the step. `FusedRows.run` sends a step's single-position rows (up to FAST_ROWS
+sessions) through a run of blocks in one numba call (runtime/fused_kernel.py): per block norm ->
+q/k/v -> rotary -> write K/V into each session's `BlockLayer` buffers -> attention over each
+session's held positions -> o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual,
+every weight read once for all rows.
+
+The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
+model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the
+model's path would write (rotated keys, values), so rollback, speculation and later prefill
+chunks read it alike. It applies to fp32 on the CPU with one intra-op thread, to full-attention
+blocks of the families in `FAMILIES` whose modules have the standard layout (checked per block);
+every other block, row or setting keeps the model's own path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numba.typed import List
+from torch import nn
+from transformers.activations import SiLUActivation
+
+from splitllm.runtime import fused_kernel as kernel
+from splitllm.runtime.families import FULL
+from splitllm.runtime.gemv import FAST_ROWS
+from splitllm.runtime.kvcache import BlockLayer
+from splitllm.runtime.packing import RowGroup
+from splitllm.runtime.units import SegmentCache, UnitStack
+
+FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SiLU-gated MLP, optional biases
+_WEIGHTS = "_splitllm_fused_weights"
+_STACK = "_splitllm_fused_stack"
+_KV = "_splitllm_fused_kv"
+_enabled = True  # what `fused_decode` switches (benchmarks compare both paths)
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """A block's parameters as numpy views of the model's own tensors ([out, in] matrices)."""
+
+    norm_in: np.ndarray
+    norm_post: np.ndarray
+    eps_in: float
+    eps_post: float
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    o: np.ndarray
+    q_bias: np.ndarray
+    k_bias: np.ndarray
+    v_bias: np.ndarray
+    o_bias: np.ndarray
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    gate_bias: np.ndarray
+    up_bias: np.ndarray
+    down_bias: np.ndarray
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    q_weight: torch.Tensor  # the model's q weight: moved elsewhere, the views are stale
+    data_ptr: int  # where the q weight's storage was when the views were taken
+
+
+@contextlib.contextmanager
+def fused_decode(enabled: bool) -> Iterator[None]:
+    """Use the fused path (or not) inside the block: to compare it with the model's own."""
+    global _enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+class FusedRows:
+    """The decode rows of a step (one position each, of up to FAST_ROWS sessions) through the
+    blocks the fused path covers, with the rotary tables of their positions (the model's own),
+    taken once per step."""
+
+    def __init__(self, stack: UnitStack, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.stack = stack
+        self.cos, self.sin = cos.numpy()[0], sin.numpy()[0]  # [R, d] each
+
+    @staticmethod
+    def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor,
+           groups: list[RowGroup]) -> FusedRows | None:
+        """The rows of a step's packed rows [1, R, D], if the fused path applies: one position
+        per session, at most FAST_ROWS, fp32 on the CPU, one intra-op thread, no autograd, one
+        rotary table for every block."""
+        if not (_enabled and len(groups) == hidden.shape[1] <= FAST_ROWS
+                and hidden.dtype == torch.float32 and hidden.is_cpu
+                and torch.get_num_threads() == 1 and not torch.is_grad_enabled()) \
+                or stack.rotary_emb is None or stack.rotary_per_layer_type:
+            return None
+        cos, sin = stack.rotary_emb(hidden, positions)  # [1, R, d] each
+        return FusedRows(stack, cos.contiguous(), sin.contiguous())
+
+    def run(self, block: int, stop: int, hidden: torch.Tensor, groups: list[RowGroup]) -> int:
+        """Blocks [block, b) on the rows' contiguous hidden states [1, R, D] in place, in one
+        call, b <= stop the first block the fused path does not cover for every row: how many
+        ran (0: none, the model's path runs `block`). A row whose cache does not fit gets its
+        error before its cache holds anything new; the other rows go on."""
+        weights = stack_weights(self.stack)
+        count = stop - block
+        for group in groups:
+            layers = _layers(group.cache, block, stop)
+            count = min(count, next((k for k, (layer, covered) in enumerate(zip(
+                layers, weights.covered[block:stop], strict=True))
+                if not covered or type(layer) is not BlockLayer), len(layers)))
+        if count == 0:
+            return 0
+        x = hidden.numpy()[0]  # [R, D], the tensor's memory
+        for group in groups:
+            if group.error is None:
+                try:
+                    _check(x, self.cos, _layers(group.cache, block, block + count),
+                           weights.blocks[block:block + count])
+                except Exception as exc:  # this row's; the others go on
+                    group.error = exc
+        active = np.array([group.error is None for group in groups], dtype=np.bool_)
+        if not active.any():
+            return count  # every row has its error: nothing to run, as the model's path would
+        kv = [_segment_kv(group.cache) for group in groups]
+        lengths = np.array([[layer.get_seq_length() for layer in
+                             _layers(group.cache, block, block + count)] for group in groups],
+                           dtype=np.int64)  # [R, count]
+        kernel.run_blocks(x, block, block + count,
+                          np.array([group.cache.first_block for group in groups]),
+                          **weights.lists, cos=self.cos, sin=self.sin,
+                          keys=List([k for k, _ in kv]), values=List([v for _, v in kv]),
+                          lengths=lengths, active=active)
+        for group, on in zip(groups, active, strict=True):
+            for layer in _layers(group.cache, block, block + count) if on else ():
+                layer.advance(1)
+        return count
+
+
+def _layers(cache: SegmentCache, block: int, stop: int) -> list[Any]:
+    """The cache layers of blocks [block, stop)."""
+    return cache.layers[block - cache.first_block:stop - cache.first_block]
+
+
+def _check(x: np.ndarray, cos: np.ndarray, layers: list[Any],
+           blocks: tuple[BlockWeights | None, ...]) -> None:
+    """One row's cache layers fit the blocks (grown for one more position), or a ValueError."""
+    for layer, own in zip(layers, blocks, strict=True):
+        assert own is not None  # covered
+        if x.shape[1] != own.q.shape[1] or cos.shape[1] != own.head_dim:
+            raise ValueError(f"hidden {x.shape} or rotary {cos.shape} does not fit the blocks")
+        _reserve(layer, own)
+
+
+def _reserve(layer: BlockLayer, weights: BlockWeights) -> None:
+    """Room for one more position in the layer's buffers, which must fit the blocks' K/V."""
+    if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
+        empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
+        layer.lazy_initialization(empty, empty)
+    keys, _ = layer.reserve(1)
+    if keys.shape[1] != weights.kv_heads or keys.shape[3] != weights.head_dim or \
+            keys.dtype != torch.float32:
+        raise ValueError(f"the session's K/V {tuple(keys.shape)} do not fit the block")
+
+
+def _segment_kv(cache: SegmentCache) -> tuple[List, List]:
+    """The segment's K/V buffers [Hkv, capacity, d] as typed lists (index = layer), rebuilt
+    only when a buffer was replaced (grown)."""
+    buffers = tuple(getattr(layer, "key_buffer", None) for layer in cache.layers)
+    held = cache.__dict__.get(_KV)
+    if held is None or any(a is not b for a, b in zip(held[0], buffers, strict=True)):
+        lists = tuple(List([kernel.NO_KV if buffer is None else getattr(layer, name).numpy()[0]
+                            for buffer, layer in zip(buffers, cache.layers, strict=True)])
+                      for name in ("key_buffer", "value_buffer"))
+        held = (buffers, *lists)
+        cache.__dict__[_KV] = held
+    return held[1], held[2]
+
+
+@dataclass(frozen=True)
+class StackWeights:
+    """Every block's weights as typed lists (index = block) for one call over a run of blocks;
+    a block the fused path does not run holds empty placeholders."""
+
+    blocks: tuple[BlockWeights | None, ...]
+    covered: tuple[bool, ...]
+    lists: dict[str, Any]  # run_blocks' weight arguments by name
+
+
+def stack_weights(stack: UnitStack) -> StackWeights:
+    """The stack's blocks' weights for the kernel (kept on the model while they stay valid)."""
+    held: StackWeights | None = stack.model.__dict__.get(_STACK)
+    blocks = tuple(block_weights(layer, stack.family) if stack.layer_types[b] == FULL
+                   and stack.layer_windows[b] is None else None
+                   for b, layer in enumerate(stack.layers))
+    if held is not None and all(a is b for a, b in zip(held.blocks, blocks, strict=True)):
+        return held
+    lists: dict[str, Any] = {
+        name: List([kernel.NO_MATRIX if w is None else getattr(w, name) for w in blocks])
+        for name in kernel.MATRICES}
+    lists.update({name: List([kernel.NONE if w is None else getattr(w, name) for w in blocks])
+                  for name in kernel.VECTORS})
+    lists.update({name: np.array([0.0 if w is None else getattr(w, name) for w in blocks])
+                  for name in kernel.SCALARS})
+    weights = StackWeights(blocks, tuple(w is not None for w in blocks), lists)
+    stack.model.__dict__[_STACK] = weights
+    return weights
+
+
+def block_weights(layer: nn.Module, family: str) -> BlockWeights | None:
+    """The block's weights if the fused path can run it, else None (kept on the layer while
+    its weights stay where they are)."""
+    held = layer.__dict__.get(_WEIGHTS)
+    if held is not None and held.q_weight.data_ptr() == held.data_ptr:
+        return held
+    weights = _weights_of(layer, family)
+    if weights is not None:
+        layer.__dict__[_WEIGHTS] = weights
+    return weights
+
+
+def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if family not in FAMILIES or attn is None or mlp is None or any(
+            getattr(attn, n, None) is None for n in ("scaling", "head_dim", *names)):
+        return None
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm") or not isinstance(
+            getattr(mlp, "act_fn", None), (SiLUActivation, nn.SiLU)):
+        return None
+    linears = [getattr(attn, n) for n in names] + [
+        getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    norms: list[Any] = [getattr(layer, n, None)
+                        for n in ("input_layernorm", "post_attention_layernorm")]
+    if not all(type(x) is nn.Linear for x in linears) or not all(
+            isinstance(getattr(n, "weight", None), torch.Tensor)
+            and hasattr(n, "variance_epsilon") for n in norms):
+        return None
+    tensors = [p for m in linears + norms for p in m.parameters()]
+    if not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors):
+        return None
+    arrays = [x.weight.detach().numpy() for x in linears]
+    biases = [kernel.NONE if x.bias is None else x.bias.detach().numpy() for x in linears]
+    head_dim = int(attn.head_dim)
+    heads, kv_heads = arrays[0].shape[0] // head_dim, arrays[1].shape[0] // head_dim
+    return BlockWeights(
+        norm_in=norms[0].weight.detach().numpy(), norm_post=norms[1].weight.detach().numpy(),
+        eps_in=float(norms[0].variance_epsilon), eps_post=float(norms[1].variance_epsilon),
+        q=arrays[0], k=arrays[1], v=arrays[2], o=arrays[3], q_bias=biases[0], k_bias=biases[1],
+        v_bias=biases[2], o_bias=biases[3], gate=arrays[4], up=arrays[5], down=arrays[6],
+        gate_bias=biases[4], up_bias=biases[5], down_bias=biases[6], heads=heads,
+        kv_heads=kv_heads, head_dim=head_dim, scaling=float(attn.scaling),
+        q_weight=linears[0].weight, data_ptr=linears[0].weight.data_ptr())

@@ -1,0 +1,159 @@
+"""The compiled decode of a few rows through a run of Llama-style blocks (runtime/fused.py).
+
+`run_blocks` is ONE numba call for blocks [first, stop) over a few decode rows (one position of
+each of a few sessions): per block, norm -> q/k/v -> rotary -> K/V written at the held length of
+each session's buffers -> attention over each session's held positions -> o-proj + residual ->
+norm -> gate/up -> SiLU*mul -> down + residual, all in fp32 on one thread, the rows' hidden
+states updated in place and every weight read once for all rows. Every block's weights come as
+typed lists (index = block), each session's K/V buffers likewise (index = block - its first
+block), so a step crosses from Python into compiled code once per segment rather than ~40 times
+per block.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba.typed import List
+
+_KERNEL = numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
+_PART = numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
+NONE = np.zeros(0, dtype=np.float32)  # an absent bias
+NO_MATRIX = np.zeros((0, 0), dtype=np.float32)  # a block the fused path does not run
+NO_KV = np.zeros((0, 0, 0), dtype=np.float32)  # a cache layer it does not write
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+VECTORS = ("norm_in", "norm_post", "q_bias", "k_bias", "v_bias", "o_bias", "gate_bias",
+           "up_bias", "down_bias")
+SCALARS = ("eps_in", "eps_post", "scaling")
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernel now rather than in a step."""
+    square, vector = np.eye(2, dtype=np.float32), np.ones(2, dtype=np.float32)
+    matrices = {name: List([square]) for name in MATRICES}
+    vectors = {name: List([vector if name.startswith("norm") else NONE]) for name in VECTORS}
+    scalars = {name: np.ones(1) for name in SCALARS}
+    kv = List([np.zeros((1, 1, 2), dtype=np.float32)])
+    rows = vector[None].copy()  # [1, 2]
+    run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), **matrices, **vectors, **scalars,
+               cos=rows, sin=rows, keys=List([kv]), values=List([kv]),
+               lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
+
+
+@_KERNEL
+def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: List, k: List,
+               v: List, o: List, gate: List, up: List, down: List, norm_in: List,
+               norm_post: List, q_bias: List, k_bias: List, v_bias: List, o_bias: List,
+               gate_bias: List, up_bias: List, down_bias: List, eps_in: np.ndarray,
+               eps_post: np.ndarray, scaling: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+               keys: List, values: List, lengths: np.ndarray,
+               active: np.ndarray) -> None:  # pragma: no cover
+    """Rows x [R, D] (one position each, of R sessions) through blocks [first, stop) in place:
+    every weight read once for all rows. Row r's K/V for block b are written at
+    lengths[r, b - first] of keys/values[r][b - kv_first[r]] [Hkv, capacity, d]; a row not
+    `active` (its error already known) writes and attends nothing."""
+    rows, width = x.shape
+    d = cos.shape[1]
+    normed = np.empty((rows, width), dtype=np.float32)
+    out = np.empty((rows, width), dtype=np.float32)
+    for b in range(first, stop):
+        for r in range(rows):
+            _rms_norm(x[r], norm_in[b], eps_in[b], normed[r])
+        qs = np.empty((rows, q[b].shape[0]), dtype=np.float32)
+        ks = np.empty((rows, k[b].shape[0]), dtype=np.float32)
+        vs = np.empty((rows, v[b].shape[0]), dtype=np.float32)
+        _linear(q[b], q_bias[b], normed, qs)
+        _linear(k[b], k_bias[b], normed, ks)
+        _linear(v[b], v_bias[b], normed, vs)
+        attended = np.zeros((rows, q[b].shape[0]), dtype=np.float32)
+        for r in range(rows):
+            if not active[r]:
+                continue
+            _rotate(qs[r], qs.shape[1] // d, cos[r], sin[r])
+            _rotate(ks[r], ks.shape[1] // d, cos[r], sin[r])
+            held_k, held_v = keys[r][b - kv_first[r]], values[r][b - kv_first[r]]
+            at = lengths[r, b - first]
+            for h in range(held_k.shape[0]):
+                for i in range(d):
+                    held_k[h, at, i] = ks[r, h * d + i]
+                    held_v[h, at, i] = vs[r, h * d + i]
+            _attend(qs[r], held_k, held_v, at + 1, scaling[b], attended[r])
+        _linear(o[b], o_bias[b], attended, out)
+        x += out
+        for r in range(rows):
+            _rms_norm(x[r], norm_post[b], eps_post[b], normed[r])
+        gated = np.empty((rows, gate[b].shape[0]), dtype=np.float32)
+        ups = np.empty((rows, up[b].shape[0]), dtype=np.float32)
+        _linear(gate[b], gate_bias[b], normed, gated)
+        _linear(up[b], up_bias[b], normed, ups)
+        for r in range(rows):
+            for i in range(gated.shape[1]):
+                gated[r, i] = gated[r, i] / (np.float32(1.0) + np.exp(-gated[r, i])) * ups[r, i]
+        _linear(down[b], down_bias[b], gated, out)
+        x += out
+
+
+@_PART
+def _linear(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray,
+            out: np.ndarray) -> None:  # pragma: no cover
+    """out [R, out] = rows [R, in] @ weight.T (+ bias): each weight row read once for all rows."""
+    for o in range(weight.shape[0]):
+        for r in range(rows.shape[0]):
+            acc = np.float32(0.0)
+            for i in range(weight.shape[1]):
+                acc += weight[o, i] * rows[r, i]
+            out[r, o] = acc + bias[o] if bias.shape[0] else acc
+
+
+@_PART
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float,
+              out: np.ndarray) -> None:  # pragma: no cover
+    """out = weight * x / sqrt(mean(x^2) + eps), as the model's RMSNorm in fp32."""
+    total = np.float32(0.0)
+    for i in range(x.shape[0]):
+        total += x[i] * x[i]
+    scale = np.float32(1.0 / np.sqrt(total / x.shape[0] + eps))
+    for i in range(x.shape[0]):
+        out[i] = weight[i] * (x[i] * scale)
+
+
+@_PART
+def _rotate(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray,
+            ) -> None:  # pragma: no cover
+    """x [heads * d] in place: x * cos + rotate_half(x) * sin, per head (the Llama convention)."""
+    d = cos.shape[0]
+    half = d // 2
+    for h in range(heads):
+        base = h * d
+        for i in range(half):
+            a, b = x[base + i], x[base + half + i]
+            x[base + i] = a * cos[i] - b * sin[i]
+            x[base + half + i] = b * cos[half + i] + a * sin[half + i]
+
+
+@_PART
+def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, held: int, scaling: float,
+            out: np.ndarray) -> None:  # pragma: no cover
+    """out [H * d] = softmax(q k^T * scaling) v per head over the `held` positions (GQA)."""
+    kv_heads, _, d = keys.shape
+    groups = q.shape[0] // d // kv_heads
+    scores = np.empty(held, dtype=np.float32)
+    for h in range(q.shape[0] // d):
+        kv, base = h // groups, h * d
+        top = np.float32(-np.inf)
+        for t in range(held):
+            acc = np.float32(0.0)
+            for i in range(d):
+                acc += q[base + i] * keys[kv, t, i]
+            scores[t] = acc * scaling
+            top = max(top, scores[t])
+        total = np.float32(0.0)
+        for t in range(held):
+            scores[t] = np.exp(scores[t] - top)
+            total += scores[t]
+        for i in range(d):
+            out[base + i] = 0.0
+        for t in range(held):
+            weight = scores[t] / total
+            for i in range(d):
+                out[base + i] += weight * values[kv, t, i]

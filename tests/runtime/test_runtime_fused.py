@@ -1,0 +1,346 @@
+"""The fused decode block equals the model's own path, covers what it claims, and keeps errors."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from runtime_kit import family_config, llama_config, random_prompt
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from splitllm.runtime import fused, fused_kernel, gemv
+from splitllm.runtime.decoding import LocalPipe, generate_tokens
+from splitllm.runtime.engine import Engine, EngineConfig
+from splitllm.runtime.gemv import FAST_ROWS
+from splitllm.runtime.hugepages import move_to_huge_pages
+from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
+from splitllm.runtime.metrics import ServerMetrics
+from splitllm.runtime.models import LoadedModel, encode_prompt
+from splitllm.runtime.step import StepRow, run_step
+from splitllm.runtime.units import SegmentCache, UnitStack
+
+ATOL = 1e-4
+
+
+def mistral_full() -> PretrainedConfig:
+    config = family_config("mistral")
+    config.sliding_window = None  # full attention: the fused path's; with a window it is not
+    return config
+
+
+def qwen2_full() -> PretrainedConfig:
+    config = family_config("qwen2")
+    config.use_sliding_window, config.sliding_window = False, None
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    return config
+
+
+CONFIGS = {  # config, blocks of the 4 the fused path runs
+    "llama": (lambda: llama_config(), 4),
+    "llama with biases": (lambda: llama_config(attention_bias=True, mlp_bias=True), 4),
+    "mistral": (mistral_full, 4),
+    "qwen2 (q/k/v biases)": (qwen2_full, 4),
+}
+
+
+def stack_of(config: PretrainedConfig) -> UnitStack:
+    torch.manual_seed(0)
+    return UnitStack(AutoModelForCausalLM.from_config(config).eval())
+
+
+class Counted:
+    """The fused kernel's calls, and the blocks they ran (one call per run of blocks)."""
+
+    def __init__(self, kernel: mock.MagicMock) -> None:
+        self.kernel = kernel
+
+    @property
+    def calls(self) -> int:
+        return self.kernel.call_count
+
+    @property
+    def blocks(self) -> int:
+        return sum(call.args[2] - call.args[1] for call in self.kernel.call_args_list)
+
+
+@contextmanager
+def counted() -> Iterator[Counted]:
+    with mock.patch.object(fused_kernel, "run_blocks", wraps=fused_kernel.run_blocks) as kernel:
+        yield Counted(kernel)
+
+
+def forward(stack: UnitStack, cache: SegmentCache, ids: list[int], position: int,
+            fast: bool) -> torch.Tensor:
+    """One row through every unit: next-token logits [1, V]."""
+    row = StepRow(0, stack.n_units, torch.tensor([ids]),
+                  torch.arange(position, position + len(ids))[None], cache)
+    with fused.fused_decode(fast):
+        (out,), _ = run_step(stack, [row])
+    assert out.error is None and out.out is not None, out.error
+    return out.out
+
+
+def assert_same_caches(got: SegmentCache, want: SegmentCache) -> None:
+    assert got.get_seq_length() == want.get_seq_length()
+    for g, w in zip(got.layers, want.layers, strict=True):  # rotated keys: every block's input
+        torch.testing.assert_close(g.keys, w.keys, atol=ATOL, rtol=0)
+        torch.testing.assert_close(g.values, w.values, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_decode_equals_the_model_path(name: str) -> None:
+    """Decode past two KV block growths, a prefill chunk in between, a rollback: same logits
+    and caches as the model's own path, step after step."""
+    make, fused_blocks = CONFIGS[name]
+    stack = stack_of(make())
+    n = stack.n_units
+    fast, slow = (stack.new_cache(0, n, grown_in_blocks=True) for _ in range(2))
+    assert fast is not None and slow is not None
+    rng = random.Random(1)
+    # (tokens fed, roll back to this length first): decode rows are one token
+    script = [(5, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + [(1, 20)] + \
+        [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
+    decodes = 0
+    with counted() as kernel:
+        for tokens, back_to in script:
+            if back_to is not None:  # a speculative rollback: both caches keep `back_to`
+                fast.roll_back(back_to)
+                slow.roll_back(back_to)
+            ids, position = random_prompt(rng, tokens), fast.get_seq_length()
+            torch.testing.assert_close(forward(stack, fast, ids, position, True),
+                                       forward(stack, slow, ids, position, False),
+                                       atol=ATOL, rtol=0)
+            decodes += tokens == 1
+    assert kernel.calls == decodes and kernel.blocks == decodes * fused_blocks  # one call
+    # per decode step; prefill chunks took the model's path
+    assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
+    assert_same_caches(fast, slow)
+
+
+def test_a_split_segment_decodes_fused_and_leaves_its_input_alone() -> None:
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    fast, slow = (stack.new_cache(2, n, grown_in_blocks=True) for _ in range(2))
+    assert fast is not None and slow is not None
+    torch.manual_seed(2)
+    for position in range(KV_BLOCK_TOKENS + 3):
+        x = torch.randn(1, 1, stack.hidden_size)  # the client's hidden state
+        sent = x.clone()
+        outs = []
+        for cache, on in ((fast, True), (slow, False)):
+            with fused.fused_decode(on):
+                (out,), _ = run_step(stack, [StepRow(2, n, x, torch.tensor([[position]]), cache)])
+            outs.append(out.out)
+        assert torch.equal(x, sent)  # written in place: the step's own copy, not the input
+        torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+    assert_same_caches(fast, slow)
+
+
+def test_a_fused_run_ends_where_another_row_joins() -> None:
+    """A decode row alone through blocks 0-1 runs them in one call; at block 2 a second row (a
+    split session's hidden state) joins and both run blocks 2-3 in a second call, the model's
+    path's results either way. Every unit is timed."""
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    torch.manual_seed(3)
+    results = []
+    for on in (True, False):
+        alone = stack.new_cache(0, n, grown_in_blocks=True)
+        joining = stack.new_cache(3, n, grown_in_blocks=True)
+        assert alone is not None and joining is not None
+        forward(stack, alone, [3, 4, 5], 0, on)
+        with fused.fused_decode(on):
+            run_step(stack, [StepRow(3, n, torch.ones(1, 3, stack.hidden_size),
+                                     torch.arange(3)[None], joining)])
+        torch.manual_seed(4)
+        rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), alone),
+                StepRow(3, n, torch.randn(1, 1, stack.hidden_size), torch.tensor([[3]]), joining)]
+        with counted() as kernel, fused.fused_decode(on):
+            outputs, times = run_step(stack, rows)
+        assert (kernel.calls, kernel.blocks) == ((2, 4) if on else (0, 0))
+        assert set(times.unit_s) == set(range(n))
+        results.append([out.out for out in outputs])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def grown(stack: UnitStack) -> SegmentCache:
+    """A server session's cache of every block."""
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    assert cache is not None
+    return cache
+
+
+def test_fused_decode_of_several_sessions_equals_the_model_path() -> None:
+    """FAST_ROWS sessions of different lengths decode together (one call per step, each its own
+    K/V), past a block growth, one of them rolled back and one sending a prompt chunk (that step
+    takes the model's path): logits and caches as the model's path."""
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    rng = random.Random(5)
+    sides = [[grown(stack) for _ in range(FAST_ROWS)] for _ in range(2)]  # fused, model's path
+    for k in range(FAST_ROWS):
+        prompt = random_prompt(rng, 3 + 2 * k)
+        for caches, on in zip(sides, (True, False), strict=True):
+            forward(stack, caches[k], prompt, 0, on)
+    decoding = 0
+    with counted() as kernel:
+        for step in range(KV_BLOCK_TOKENS + 2):
+            if step == 5:
+                for caches in sides:
+                    caches[1].roll_back(2)
+            chunk = 3 if step == 9 else 1  # session 0 sends three tokens: a mixed step
+            ids = [random_prompt(rng, chunk if k == 0 else 1) for k in range(FAST_ROWS)]
+            outs = []
+            for caches, on in zip(sides, (True, False), strict=True):
+                rows = [StepRow(0, n, torch.tensor([ids[k]]),
+                                torch.arange(cache.get_seq_length(),
+                                             cache.get_seq_length() + len(ids[k]))[None], cache)
+                        for k, cache in enumerate(caches)]
+                with fused.fused_decode(on):
+                    outputs, _ = run_step(stack, rows)
+                assert all(out.error is None and out.out is not None for out in outputs)
+                outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
+            torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+            decoding += chunk == 1
+    assert kernel.calls == decoding and kernel.blocks == decoding * stack.n_blocks
+    for fast, slow in zip(*sides, strict=True):
+        assert_same_caches(fast, slow)
+
+
+@pytest.mark.parametrize("case", ["too many rows", "gpt2", "two threads", "windowed",
+                                  "client cache", "qwen3"])
+def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> None:
+    config = {"gpt2": family_config("gpt2"), "windowed": family_config("mistral"),
+              "qwen3": family_config("qwen3")}.get(case, llama_config())
+    stack = stack_of(config)
+    n = stack.n_units
+    caches = [stack.new_cache(0, n, grown_in_blocks=case != "client cache") for _ in range(2)]
+    rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), cache) for cache in caches]
+    if case == "too many rows":
+        rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), grown(stack))
+                for _ in range(FAST_ROWS + 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if case == "two threads" else 1)
+    try:
+        with counted() as kernel:
+            outputs, _ = run_step(stack, rows if case == "too many rows" else rows[:1])
+    finally:
+        torch.set_num_threads(threads)
+    assert kernel.calls == 0
+    assert all(out.error is None and out.out is not None for out in outputs)
+
+
+@pytest.mark.parametrize("with_others", [False, True])
+def test_an_error_in_the_fused_path_is_the_rows_own(with_others: bool) -> None:
+    """A session's cache that does not fit the blocks (here: another model's) fails that row,
+    before any change to its cache; the other rows of the step decode as the model's path
+    does, and later steps go on."""
+    stack = stack_of(llama_config())
+    narrow = llama_config()
+    narrow.num_key_value_heads = 1
+    other = stack_of(narrow)
+    n = stack.n_units
+    wrong = other.new_cache(0, n, grown_in_blocks=True)
+    assert wrong is not None
+    forward(other, wrong, [3, 4, 5], 0, False)
+    good, twin = grown(stack), grown(stack)
+    forward(stack, good, [3, 4, 5], 0, True)
+    forward(stack, twin, [3, 4, 5], 0, False)
+    rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), wrong)]
+    if with_others:
+        rows.append(StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), good))
+    with counted() as kernel:
+        outputs, _ = run_step(stack, rows)
+    assert isinstance(outputs[0].error, ValueError) and "do not fit" in str(outputs[0].error)
+    assert wrong.get_seq_length() == 3
+    if with_others:
+        assert kernel.blocks == stack.n_blocks and outputs[1].out is not None
+        torch.testing.assert_close(outputs[1].out, forward(stack, twin, [6], 3, False),
+                                   atol=ATOL, rtol=0)
+    else:
+        assert kernel.calls == 0
+        forward(stack, good, [6], 3, True)
+    assert good.get_seq_length() == 4
+
+
+def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> None:
+    """Behind the engine: one compiled call per block, the head's one row by the gemv kernel."""
+    stack = UnitStack(tiny_llama.model)
+    Engine(stack, ServerMetrics(stack.names), EngineConfig(), threads=1, start=False)
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    assert cache is not None
+    forward(stack, cache, [3, 4, 5], 0, True)
+    with counted() as kernel, mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as matvec:
+        forward(stack, cache, [6], 3, True)
+    assert kernel.calls == 1 and kernel.blocks == stack.n_blocks and matvec.call_count == 1
+
+
+def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[int]:
+    cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
+    assert cache is not None
+    tokens: list[int] = []
+    ids = prompt
+    with counted() as kernel:
+        for _ in range(new_tokens):
+            logits = forward(stack, cache, ids, cache.get_seq_length(), True)
+            ids = [int(logits.argmax(-1))]
+            tokens.append(ids[0])
+    assert kernel.blocks == (new_tokens - 1) * stack.n_blocks
+    return tokens
+
+
+def test_fused_greedy_tokens_equal_the_unsplit_model(tiny_llama: LoadedModel) -> None:
+    prompt = random_prompt(random.Random(3), 6)
+    want = list(generate_tokens(LocalPipe(tiny_llama.model), prompt, 24))
+    assert greedy_fused(UnitStack(tiny_llama.model), prompt, 24) == want
+
+
+@pytest.mark.slow
+def test_fused_smollm2_equals_the_model_path_and_the_unsplit_model(smollm2: LoadedModel) -> None:
+    """The real model, its weights in huge pages as the engine keeps them: logits of both paths
+    step by step past a KV block growth, and the unsplit model's greedy tokens."""
+    prompt = encode_prompt(smollm2, "Name three colours of the rainbow.")
+    want = list(generate_tokens(LocalPipe(smollm2.model), prompt, 20))
+    move_to_huge_pages(smollm2.model)
+    stack = UnitStack(smollm2.model)
+    assert greedy_fused(stack, prompt, 20) == want
+    fast, slow = (stack.new_cache(0, stack.n_units, grown_in_blocks=True) for _ in range(2))
+    assert fast is not None and slow is not None
+    ids = prompt
+    for token in want[:KV_BLOCK_TOKENS + 2]:
+        position = fast.get_seq_length()
+        torch.testing.assert_close(forward(stack, fast, ids, position, True),
+                                   forward(stack, slow, ids, position, False),
+                                   atol=ATOL, rtol=0)
+        ids = [token]
+    assert_same_caches(fast, slow)
+
+
+def test_huge_pages_keep_the_model_and_its_tied_weights() -> None:
+    torch.manual_seed(0)
+    config = llama_config()
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.inference_mode():
+        want = model(ids).logits
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = {p.data_ptr() for p in model.parameters()}
+    moved = move_to_huge_pages(model)
+    assert moved >= sum(v.numel() * 4 for v in values.values())
+    assert move_to_huge_pages(model) == 0  # idempotent
+    assert not before & {p.data_ptr() for p in model.parameters()}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, values[name]), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, want)
+    model(ids).logits.sum().backward()  # still a trainable model
+    grads: list[Any] = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
