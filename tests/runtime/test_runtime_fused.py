@@ -21,6 +21,8 @@ from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel, encode_prompt
+from splitllm.runtime.profile import PROFILE_ROUNDS
+from splitllm.runtime.server_state import ServerConfig, ServerState
 from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
 
@@ -344,3 +346,26 @@ def test_huge_pages_keep_the_model_and_its_tied_weights() -> None:
     model(ids).logits.sum().backward()  # still a trainable model
     grads: list[Any] = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads)
+
+
+def test_the_servers_step_model_is_timed_on_the_fused_path(tiny_llama: LoadedModel) -> None:
+    """A server's step model times its decode steps as the engine runs them: 1 and 4 rows by
+    the fused blocks (a model timed on the model's own blocks put the server's work 1.5-1.8x
+    too high), with the engine's one thread whatever the caller's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with counted() as kernel:
+            state = ServerState(tiny_llama, ServerConfig(threads=1))
+        state.engine.stop()
+        assert torch.get_num_threads() == 2  # the caller's setting, given back
+    finally:
+        torch.set_num_threads(before)
+    n = state.stack.n_blocks
+    # the engine's warm-up (a dummy block), then 1 and 4 rows, 2 decode steps a round, 3 rounds:
+    # one call per step over every block
+    decode_steps = 2 * 2 * PROFILE_ROUNDS
+    assert kernel.calls == 1 + decode_steps
+    assert sum(call.args[2] - call.args[1] for call in kernel.kernel.call_args_list[1:]) == \
+        decode_steps * n
+    assert state.step_model is not None and state.step_model.block.points[0][0] == 1

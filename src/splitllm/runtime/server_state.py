@@ -94,9 +94,17 @@ class ServerState:
         self.threads = config.threads or torch.get_num_threads()
         self.engine = Engine(self.stack, self.metrics, config.engine, self.threads)
         self.kv_budget = KvBudget(config.max_kv_bytes or default_max_kv_bytes(self.engine.device))
-        self.profile: UnitProfile | None = profile_units(self.stack) if config.profile else None
-        # The engine's step in wall seconds (latency) and in CPU seconds (the server's work).
-        models = measure_step_models(self.stack) if config.profile else None
+        self.profile: UnitProfile | None = None
+        models = None
+        if config.profile:  # timed with the engine's threads: the fast paths take one only
+            caller_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                self.profile = profile_units(self.stack)
+                # The engine's step in wall seconds (latency) and in CPU seconds (its work).
+                models = measure_step_models(self.stack)
+            finally:
+                torch.set_num_threads(caller_threads)
         self.step_model: StepModel | None = models[0] if models else None
         self.step_model_cpu: StepModel | None = models[1] if models else None
         self.started_at = time.time()
