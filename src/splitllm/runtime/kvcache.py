@@ -23,6 +23,20 @@ def kv_capacity(tokens: int) -> int:
     return -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
 
 
+def _held_positions(buffer: str) -> Any:
+    """A property: the buffer's held positions [1, H, length, d] (None before the first
+    update); only transformers' None may be assigned to it."""
+
+    def get(layer: BlockLayer) -> torch.Tensor | None:
+        return getattr(layer, buffer)[:, :, :layer.length] if layer.is_initialized else None
+
+    def set_(layer: BlockLayer, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError(f"BlockLayer's {buffer} views are its held positions")
+
+    return property(get, set_)
+
+
 class BlockLayer(DynamicLayer):
     """One full-attention layer's K/V [1, H, capacity, d], written in place; keys/values are the
     held positions' views, so everything that reads a DynamicLayer reads this one alike."""
@@ -85,20 +99,5 @@ class BlockLayer(DynamicLayer):
 
     # The held positions' views, made when read: a fused decode step advances every layer
     # and reads none of them (transformers' own code assigns None once, at construction).
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self.key_buffer[:, :, :self.length] if self.is_initialized else None
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        if value is not None:
-            raise AttributeError("BlockLayer.keys are the buffer's held positions")
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self.value_buffer[:, :, :self.length] if self.is_initialized else None
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        if value is not None:
-            raise AttributeError("BlockLayer.values are the buffer's held positions")
+    keys = _held_positions("key_buffer")
+    values = _held_positions("value_buffer")
