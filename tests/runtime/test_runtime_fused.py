@@ -178,26 +178,36 @@ def grown(stack: UnitStack) -> SegmentCache:
     return cache
 
 
-def test_fused_decode_of_several_sessions_equals_the_model_path() -> None:
-    """FAST_ROWS sessions of different lengths decode together (one call per step, each its own
-    K/V), past a block growth, one of them rolled back and one sending a prompt chunk (that step
-    takes the model's path): logits and caches as the model's path."""
-    stack = stack_of(llama_config())
+def packed(stack: UnitStack) -> UnitStack:
+    """The stack with its linear layers' packed weights, as the engine sets them up."""
+    gemv.install_fast_linear(stack.model)
+    assert gemv.pack_weights(stack.model) > 0
+    return stack
+
+
+@pytest.mark.parametrize("sessions", [FAST_ROWS, 2 * FAST_ROWS + 1])
+def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -> None:
+    """Sessions of different lengths decode together (FAST_ROWS: one call per step; more: the
+    products by the packed weights and one call of the kernel's attention per block; each
+    session its own K/V), past a block growth, one of them rolled back and one sending a prompt
+    chunk (that step takes the model's path): logits and caches as the model's path."""
+    stack = packed(stack_of(llama_config()))
     n = stack.n_units
     rng = random.Random(5)
-    sides = [[grown(stack) for _ in range(FAST_ROWS)] for _ in range(2)]  # fused, model's path
-    for k in range(FAST_ROWS):
+    sides = [[grown(stack) for _ in range(sessions)] for _ in range(2)]  # fused, model's path
+    for k in range(sessions):
         prompt = random_prompt(rng, 3 + 2 * k)
         for caches, on in zip(sides, (True, False), strict=True):
             forward(stack, caches[k], prompt, 0, on)
     decoding = 0
-    with counted() as kernel:
+    attend = mock.patch.object(fused_kernel, "attend_rows", wraps=fused_kernel.attend_rows)
+    with counted() as kernel, attend as attended:
         for step in range(KV_BLOCK_TOKENS + 2):
             if step == 5:
                 for caches in sides:
                     caches[1].roll_back(2)
             chunk = 3 if step == 9 else 1  # session 0 sends three tokens: a mixed step
-            ids = [random_prompt(rng, chunk if k == 0 else 1) for k in range(FAST_ROWS)]
+            ids = [random_prompt(rng, chunk if k == 0 else 1) for k in range(sessions)]
             outs = []
             for caches, on in zip(sides, (True, False), strict=True):
                 rows = [StepRow(0, n, torch.tensor([ids[k]]),
@@ -210,12 +220,15 @@ def test_fused_decode_of_several_sessions_equals_the_model_path() -> None:
                 outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
             torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
             decoding += chunk == 1
-    assert kernel.calls == decoding and kernel.blocks == decoding * stack.n_blocks
+    one_call = sessions <= FAST_ROWS
+    assert kernel.calls == (decoding if one_call else 0)
+    assert kernel.blocks == (decoding * stack.n_blocks if one_call else 0)
+    assert attended.call_count == (0 if one_call else decoding * stack.n_blocks)
     for fast, slow in zip(*sides, strict=True):
         assert_same_caches(fast, slow)
 
 
-@pytest.mark.parametrize("case", ["too many rows", "gpt2", "two threads", "windowed",
+@pytest.mark.parametrize("case", ["many rows, unpacked", "gpt2", "two threads", "windowed",
                                   "client cache", "qwen3"])
 def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> None:
     config = {"gpt2": family_config("gpt2"), "windowed": family_config("mistral"),
@@ -224,26 +237,26 @@ def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> N
     n = stack.n_units
     caches = [stack.new_cache(0, n, grown_in_blocks=case != "client cache") for _ in range(2)]
     rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), cache) for cache in caches]
-    if case == "too many rows":
+    if case == "many rows, unpacked":
         rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), grown(stack))
                 for _ in range(FAST_ROWS + 1)]
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if case == "two threads" else 1)
     try:
         with counted() as kernel:
-            outputs, _ = run_step(stack, rows if case == "too many rows" else rows[:1])
+            outputs, _ = run_step(stack, rows if case == "many rows, unpacked" else rows[:1])
     finally:
         torch.set_num_threads(threads)
     assert kernel.calls == 0
     assert all(out.error is None and out.out is not None for out in outputs)
 
 
-@pytest.mark.parametrize("with_others", [False, True])
-def test_an_error_in_the_fused_path_is_the_rows_own(with_others: bool) -> None:
+@pytest.mark.parametrize("others", [0, 1, FAST_ROWS])
+def test_an_error_in_the_fused_path_is_the_rows_own(others: int) -> None:
     """A session's cache that does not fit the blocks (here: another model's) fails that row,
-    before any change to its cache; the other rows of the step decode as the model's path
-    does, and later steps go on."""
-    stack = stack_of(llama_config())
+    before any change to its cache; the other rows of the step (a few, or enough for the
+    many-row path) decode as the model's path does, and later steps go on."""
+    stack = packed(stack_of(llama_config()))
     narrow = llama_config()
     narrow.num_key_value_heads = 1
     other = stack_of(narrow)
@@ -251,24 +264,30 @@ def test_an_error_in_the_fused_path_is_the_rows_own(with_others: bool) -> None:
     wrong = other.new_cache(0, n, grown_in_blocks=True)
     assert wrong is not None
     forward(other, wrong, [3, 4, 5], 0, False)
-    good, twin = grown(stack), grown(stack)
-    forward(stack, good, [3, 4, 5], 0, True)
-    forward(stack, twin, [3, 4, 5], 0, False)
-    rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), wrong)]
-    if with_others:
-        rows.append(StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), good))
-    with counted() as kernel:
+    goods, twins = [grown(stack) for _ in range(max(others, 1))], \
+        [grown(stack) for _ in range(others)]
+    for cache in goods:
+        forward(stack, cache, [3, 4, 5], 0, True)
+    for cache in twins:
+        forward(stack, cache, [3, 4, 5], 0, False)
+    rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), cache)
+            for cache in [wrong, *goods[:others]]]
+    attend = mock.patch.object(fused_kernel, "attend_rows", wraps=fused_kernel.attend_rows)
+    with counted() as kernel, attend as attended:
         outputs, _ = run_step(stack, rows)
     assert isinstance(outputs[0].error, ValueError) and "do not fit" in str(outputs[0].error)
     assert wrong.get_seq_length() == 3
-    if with_others:
-        assert kernel.blocks == stack.n_blocks and outputs[1].out is not None
-        torch.testing.assert_close(outputs[1].out, forward(stack, twin, [6], 3, False),
-                                   atol=ATOL, rtol=0)
+    if others:
+        ran = kernel.blocks if len(rows) <= FAST_ROWS else attended.call_count
+        assert ran == stack.n_blocks
+        for out, twin in zip(outputs[1:], twins, strict=True):
+            assert out.out is not None
+            torch.testing.assert_close(out.out, forward(stack, twin, [6], 3, False),
+                                       atol=ATOL, rtol=0)
     else:
         assert kernel.calls == 0
-        forward(stack, good, [6], 3, True)
-    assert good.get_seq_length() == 4
+        forward(stack, goods[0], [6], 3, True)
+    assert all(cache.get_seq_length() == 4 for cache in goods)
 
 
 def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> None:

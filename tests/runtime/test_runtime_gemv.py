@@ -12,7 +12,13 @@ from torch import nn
 from splitllm.runtime import gemv
 from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.fused import fused_decode
-from splitllm.runtime.gemv import FAST_ROWS, fast_linear, install_fast_linear
+from splitllm.runtime.gemv import (
+    FAST_ROWS,
+    fast_linear,
+    install_fast_linear,
+    pack_weights,
+    packed_linear,
+)
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.step import StepRow, run_step
@@ -95,3 +101,62 @@ def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) 
                                      torch.tensor([[tokens]]), cache)])
     linear = sum(type(m) is nn.Linear for m in stack.model.modules())
     assert kernel.call_count == 1 + linear
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this torch has no oneDNN")
+
+
+@needs_onednn
+def test_packed_weights_serve_steps_of_many_rows_and_only_those() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8, bias=False))
+    install_fast_linear(model)
+    assert pack_weights(model) == (64 * 32 + 8 * 64) * 4
+    many, few = torch.randn(3, FAST_ROWS, 32), torch.randn(1, FAST_ROWS, 32)
+    with torch.no_grad():
+        want = [F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight)
+                for x in (many, few)]
+    packed = mock.patch.object(gemv, "packed_product", wraps=gemv.packed_product)
+    with torch.inference_mode(), packed as calls:
+        got_many = model(many)  # 18 rows: both layers packed
+        assert calls.call_count == 2
+        got_few = model(few)  # FAST_ROWS rows: the few-row kernel
+        assert calls.call_count == 2
+        with packed_linear(False):
+            model(many)
+        assert calls.call_count == 2
+    torch.testing.assert_close(got_many, want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_few, want[1], rtol=1e-4, atol=1e-5)
+    with packed as calls:  # with autograd: F.linear
+        model(many).sum().backward()
+    calls.assert_not_called()
+
+
+@needs_onednn
+def test_a_moved_weight_drops_its_packed_copy() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    install_fast_linear(layer)
+    pack_weights(layer)
+    with torch.no_grad():
+        layer.weight.data = layer.weight.data.clone() * 2  # new storage: the copy is stale
+    x = torch.randn(FAST_ROWS + 1, 16)
+    with torch.inference_mode(), mock.patch.object(gemv, "packed_product") as calls:
+        got = layer(x)
+    calls.assert_not_called()
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_the_engine_runs_a_prompt_through_the_packed_weights(tiny_llama: LoadedModel) -> None:
+    stack = UnitStack(tiny_llama.model)
+    engine = Engine(stack, ServerMetrics(stack.names), EngineConfig(), threads=1, start=False)
+    blocks = sum(type(m) is nn.Linear for layer in stack.layers for m in layer.modules())
+    assert engine.packed_bytes > 0
+    tokens = FAST_ROWS + 1
+    prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None],
+                     torch.arange(tokens)[None], stack.new_cache(0, stack.n_units))
+    with mock.patch.object(gemv, "packed_product", wraps=gemv.packed_product) as calls:
+        run_step(stack, [prompt])
+    assert calls.call_count == blocks  # every block product; the head reads its one row

@@ -7,7 +7,9 @@ third of the step. `FusedRows.run` sends a step's single-position rows (up to FA
 sessions) through a run of blocks in one numba call (runtime/fused_kernel.py): per block norm ->
 q/k/v -> rotary -> write K/V into each session's `BlockLayer` buffers -> attention over each
 session's held positions -> o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual,
-every weight read once for all rows.
+every weight read once for all rows. Steps of more rows are compute-bound: there each block's
+products run by oneDNN on packed weights (runtime/gemv.py), and the rest (norms, rotary, the K/V
+writes, attention, SiLU*mul) by the same kernel's parts, with no padded copies of the caches.
 
 The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
 model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the
@@ -32,7 +34,7 @@ from transformers.activations import SiLUActivation
 
 from splitllm.runtime import fused_kernel as kernel
 from splitllm.runtime.families import FULL
-from splitllm.runtime.gemv import FAST_ROWS
+from splitllm.runtime.gemv import FAST_ROWS, packed_product, packed_weight
 from splitllm.runtime.kvcache import BlockLayer
 from splitllm.runtime.packing import RowGroup
 from splitllm.runtime.units import SegmentCache, UnitStack
@@ -70,6 +72,7 @@ class BlockWeights:
     kv_heads: int
     head_dim: int
     scaling: float
+    linears: tuple[nn.Linear, ...]  # the modules of q, k, v, o, gate, up, down (packed weights)
     q_weight: torch.Tensor  # the model's q weight: moved elsewhere, the views are stale
     data_ptr: int  # where the q weight's storage was when the views were taken
 
@@ -86,9 +89,10 @@ def fused_decode(enabled: bool) -> Iterator[None]:
 
 
 class FusedRows:
-    """The decode rows of a step (one position each, of up to FAST_ROWS sessions) through the
-    blocks the fused path covers, with the rotary tables of their positions (the model's own),
-    taken once per step."""
+    """The decode rows of a step (one position each of several sessions) through the blocks the
+    fused path covers, with the rotary tables of their positions (the model's own), taken once
+    per step: up to FAST_ROWS rows in one kernel call, more block by block with the products by
+    oneDNN on the packed weights (runtime/gemv.py) and the rest by the kernel's parts."""
 
     def __init__(self, stack: UnitStack, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.stack = stack
@@ -98,9 +102,9 @@ class FusedRows:
     def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor,
            groups: list[RowGroup]) -> FusedRows | None:
         """The rows of a step's packed rows [1, R, D], if the fused path applies: one position
-        per session, at most FAST_ROWS, fp32 on the CPU, one intra-op thread, no autograd, one
+        per session, fp32 on the CPU, one intra-op thread, no autograd, one
         rotary table for every block."""
-        if not (_enabled and len(groups) == hidden.shape[1] <= FAST_ROWS
+        if not (_enabled and len(groups) == hidden.shape[1]
                 and hidden.dtype == torch.float32 and hidden.is_cpu
                 and torch.get_num_threads() == 1 and not torch.is_grad_enabled()) \
                 or stack.rotary_emb is None or stack.rotary_per_layer_type:
@@ -114,12 +118,17 @@ class FusedRows:
         ran (0: none, the model's path runs `block`). A row whose cache does not fit gets its
         error before its cache holds anything new; the other rows go on."""
         weights = stack_weights(self.stack)
+        covered = weights.covered[block:stop]
+        if len(groups) > FAST_ROWS:  # many rows: the blocks' products by their packed weights
+            covered = tuple(own is not None and all(packed_weight(m) is not None
+                                                     for m in own.linears)
+                            for own in weights.blocks[block:stop])
         count = stop - block
         for group in groups:
             layers = _layers(group.cache, block, stop)
-            count = min(count, next((k for k, (layer, covered) in enumerate(zip(
-                layers, weights.covered[block:stop], strict=True))
-                if not covered or type(layer) is not BlockLayer), len(layers)))
+            count = min(count, next((k for k, (layer, on) in enumerate(zip(
+                layers, covered, strict=True)) if not on or type(layer) is not BlockLayer),
+                len(layers)))
         if count == 0:
             return 0
         x = hidden.numpy()[0]  # [R, D], the tensor's memory
@@ -137,15 +146,47 @@ class FusedRows:
         lengths = np.array([[layer.get_seq_length() for layer in
                              _layers(group.cache, block, block + count)] for group in groups],
                            dtype=np.int64)  # [R, count]
-        kernel.run_blocks(x, block, block + count,
-                          np.array([group.cache.first_block for group in groups]),
-                          **weights.lists, cos=self.cos, sin=self.sin,
-                          keys=List([k for k, _ in kv]), values=List([v for _, v in kv]),
-                          lengths=lengths, active=active)
+        kv_first = np.array([group.cache.first_block for group in groups])
+        keys, values = List([k for k, _ in kv]), List([v for _, v in kv])
+        if len(groups) <= FAST_ROWS:
+            kernel.run_blocks(x, block, block + count, kv_first, **weights.lists, cos=self.cos,
+                              sin=self.sin, keys=keys, values=values, lengths=lengths,
+                              active=active)
+        else:
+            for j, own in enumerate(weights.blocks[block:block + count]):
+                assert own is not None  # covered
+                self._many_rows(hidden[0], own, layer=block + j - kv_first, keys=keys,
+                                values=values, lengths=np.ascontiguousarray(lengths[:, j]),
+                                active=active)
         for group, on in zip(groups, active, strict=True):
             for layer in _layers(group.cache, block, block + count) if on else ():
                 layer.advance(1)
         return count
+
+
+    def _many_rows(self, x: torch.Tensor, own: BlockWeights, *, layer: np.ndarray, keys: List,
+                   values: List, lengths: np.ndarray, active: np.ndarray) -> None:
+        """One block over many rows x [R, D] in place: the products by oneDNN on the packed
+        weights (compute-bound at many rows), the rest in the kernel's parts."""
+        q, k, v, o, gate, up, down = own.linears
+        normed = torch.empty_like(x)
+        kernel.norm_rows(x.numpy(), own.norm_in, own.eps_in, normed.numpy())
+        qs, ks, vs = (_product(m, normed) for m in (q, k, v))
+        attended = torch.zeros_like(qs)
+        kernel.attend_rows(qs.numpy(), ks.numpy(), vs.numpy(), layer, self.cos, self.sin, keys,
+                           values, lengths, own.scaling, active, attended.numpy())
+        x += _product(o, attended)
+        kernel.norm_rows(x.numpy(), own.norm_post, own.eps_post, normed.numpy())
+        gated = _product(gate, normed)
+        kernel.silu_mul(gated.numpy(), _product(up, normed).numpy())
+        x += _product(down, gated)
+
+
+def _product(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x @ the layer's weight.T + its bias, by oneDNN on the packed weight."""
+    packed = packed_weight(layer)
+    assert packed is not None  # checked when the block was taken
+    return packed_product(x, packed, layer.bias, layer.out_features)
 
 
 def _layers(cache: SegmentCache, block: int, stop: int) -> list[Any]:
@@ -260,5 +301,5 @@ def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:
         q=arrays[0], k=arrays[1], v=arrays[2], o=arrays[3], q_bias=biases[0], k_bias=biases[1],
         v_bias=biases[2], o_bias=biases[3], gate=arrays[4], up=arrays[5], down=arrays[6],
         gate_bias=biases[4], up_bias=biases[5], down_bias=biases[6], heads=heads,
-        kv_heads=kv_heads, head_dim=head_dim, scaling=float(attn.scaling),
+        kv_heads=kv_heads, head_dim=head_dim, scaling=float(attn.scaling), linears=tuple(linears),
         q_weight=linears[0].weight, data_ptr=linears[0].weight.data_ptr())

@@ -38,6 +38,11 @@ def warm_up() -> None:
     run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), **matrices, **vectors, **scalars,
                cos=rows, sin=rows, keys=List([kv]), values=List([kv]),
                lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
+    norm_rows(rows, vector, 1.0, rows.copy())
+    attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
+                List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
+                np.ones(1, dtype=np.bool_), rows.copy())
+    silu_mul(rows.copy(), rows)
 
 
 @_KERNEL
@@ -53,12 +58,10 @@ def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: Li
     lengths[r, b - first] of keys/values[r][b - kv_first[r]] [Hkv, capacity, d]; a row not
     `active` (its error already known) writes and attends nothing."""
     rows, width = x.shape
-    d = cos.shape[1]
     normed = np.empty((rows, width), dtype=np.float32)
     out = np.empty((rows, width), dtype=np.float32)
     for b in range(first, stop):
-        for r in range(rows):
-            _rms_norm(x[r], norm_in[b], eps_in[b], normed[r])
+        _norm_rows(x, norm_in[b], eps_in[b], normed)
         qs = np.empty((rows, q[b].shape[0]), dtype=np.float32)
         ks = np.empty((rows, k[b].shape[0]), dtype=np.float32)
         vs = np.empty((rows, v[b].shape[0]), dtype=np.float32)
@@ -66,31 +69,77 @@ def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: Li
         _linear(k[b], k_bias[b], normed, ks)
         _linear(v[b], v_bias[b], normed, vs)
         attended = np.zeros((rows, q[b].shape[0]), dtype=np.float32)
-        for r in range(rows):
-            if not active[r]:
-                continue
-            _rotate(qs[r], qs.shape[1] // d, cos[r], sin[r])
-            _rotate(ks[r], ks.shape[1] // d, cos[r], sin[r])
-            held_k, held_v = keys[r][b - kv_first[r]], values[r][b - kv_first[r]]
-            at = lengths[r, b - first]
-            for h in range(held_k.shape[0]):
-                for i in range(d):
-                    held_k[h, at, i] = ks[r, h * d + i]
-                    held_v[h, at, i] = vs[r, h * d + i]
-            _attend(qs[r], held_k, held_v, at + 1, scaling[b], attended[r])
+        _attend_rows(qs, ks, vs, b - kv_first, cos, sin, keys, values, lengths[:, b - first],
+                     scaling[b], active, attended)
         _linear(o[b], o_bias[b], attended, out)
         x += out
-        for r in range(rows):
-            _rms_norm(x[r], norm_post[b], eps_post[b], normed[r])
+        _norm_rows(x, norm_post[b], eps_post[b], normed)
         gated = np.empty((rows, gate[b].shape[0]), dtype=np.float32)
         ups = np.empty((rows, up[b].shape[0]), dtype=np.float32)
         _linear(gate[b], gate_bias[b], normed, gated)
         _linear(up[b], up_bias[b], normed, ups)
-        for r in range(rows):
-            for i in range(gated.shape[1]):
-                gated[r, i] = gated[r, i] / (np.float32(1.0) + np.exp(-gated[r, i])) * ups[r, i]
+        _silu_mul(gated, ups)
         _linear(down[b], down_bias[b], gated, out)
         x += out
+
+
+@_KERNEL
+def norm_rows(x: np.ndarray, weight: np.ndarray, eps: float,
+              out: np.ndarray) -> None:  # pragma: no cover
+    """out[r] = RMSNorm(x[r]) for every row (the many-row path's parts between products)."""
+    _norm_rows(x, weight, eps, out)
+
+
+@_KERNEL
+def attend_rows(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, layer: np.ndarray,
+                cos: np.ndarray, sin: np.ndarray, keys: List, values: List,
+                lengths: np.ndarray, scaling: float, active: np.ndarray,
+                out: np.ndarray) -> None:  # pragma: no cover
+    """`_attend_rows` as one call."""
+    _attend_rows(qs, ks, vs, layer, cos, sin, keys, values, lengths, scaling, active, out)
+
+
+@_KERNEL
+def silu_mul(gated: np.ndarray, ups: np.ndarray) -> None:  # pragma: no cover
+    """`_silu_mul` as one call."""
+    _silu_mul(gated, ups)
+
+
+@_PART
+def _norm_rows(x: np.ndarray, weight: np.ndarray, eps: float,
+               out: np.ndarray) -> None:  # pragma: no cover
+    for r in range(x.shape[0]):
+        _rms_norm(x[r], weight, eps, out[r])
+
+
+@_PART
+def _attend_rows(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, layer: np.ndarray,
+                 cos: np.ndarray, sin: np.ndarray, keys: List, values: List,
+                 lengths: np.ndarray, scaling: float, active: np.ndarray,
+                 out: np.ndarray) -> None:  # pragma: no cover
+    """Per active row r: rotate its q/k, write its K/V at lengths[r] of keys/values[r][layer[r]]
+    [Hkv, capacity, d], and attend over its held positions into out[r]."""
+    d = cos.shape[1]
+    for r in range(qs.shape[0]):
+        if not active[r]:
+            continue
+        _rotate(qs[r], qs.shape[1] // d, cos[r], sin[r])
+        _rotate(ks[r], ks.shape[1] // d, cos[r], sin[r])
+        held_k, held_v = keys[r][layer[r]], values[r][layer[r]]
+        at = lengths[r]
+        for h in range(held_k.shape[0]):
+            for i in range(d):
+                held_k[h, at, i] = ks[r, h * d + i]
+                held_v[h, at, i] = vs[r, h * d + i]
+        _attend(qs[r], held_k, held_v, at + 1, scaling, out[r])
+
+
+@_PART
+def _silu_mul(gated: np.ndarray, ups: np.ndarray) -> None:  # pragma: no cover
+    """gated = SiLU(gated) * ups in place."""
+    for r in range(gated.shape[0]):
+        for i in range(gated.shape[1]):
+            gated[r, i] = gated[r, i] / (np.float32(1.0) + np.exp(-gated[r, i])) * ups[r, i]
 
 
 @_PART

@@ -5,10 +5,16 @@ reading the weights. MKL's fp32 GEMM at one row reads SmolLM2's block weights at
 this AMD EPYC (the LM head at ~10 GB/s), about half of what one thread can read; a plain dot
 product per output, compiled by numba (vectorised with fastmath), reads them at ~18 GB/s.
 `install_fast_linear` routes a model's `nn.Linear` layers through it where it wins (fp32 on the
-CPU, one intra-op thread, at most `FAST_ROWS` rows) and leaves every other call to
-`F.linear`. Results differ from MKL's only by the rounding of a reordered fp32 sum; weights,
-their layout and the model's structure are untouched, so clients sharing the model object see
-the same model.
+CPU, one intra-op thread, at most `FAST_ROWS` rows).
+
+Steps of more rows are compute-bound, and there MKL's fp32 GEMM on this AMD EPYC stays at
+~45 GFLOP/s at 16 rows of SmolLM2's shapes: oneDNN on weights reordered once into its blocked
+layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses) reaches
+~77 (a step's products 56 vs 97 ms at 16 rows). `pack_weights` keeps that second copy of each
+weight (the model's own stays for the few-row kernel and everything else); without it, or where
+oneDNN is absent, the rest goes to `F.linear`. Results differ from MKL's only by the rounding
+of a reordered fp32 sum; the model's weights, their layout and its structure are untouched, so
+clients sharing the model object see the same model.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ FAST_ROWS = 6  # rows up to which the kernel beats MKL here (memory-bound: 6 row
 # does, half of MKL; even at 8): one session, a few together, a speculative pass of k <= 5 drafts
 _FLAG = "_splitllm_fast_linear"
 _ARRAY = "_splitllm_weight_array"
+_PACKED = "_splitllm_packed_weight"
+PACK_ROWS_HINT = 16  # the row count oneDNN lays the packed weights out for (any count works)
 _rows_now = FAST_ROWS  # what calls compare against: kernel_rows() changes it (benchmarks)
+_packed_enabled = True  # what packed_linear() switches (benchmarks compare both)
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
@@ -68,12 +77,69 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
+    packed = packed_weight(self)  # the oneDNN copy, while the weight's storage stays
+    if packed is not None and _packed_fits(x, weight):
+        return packed_product(x, packed, self.bias, weight.shape[0])
     held = self.__dict__.get(_ARRAY)  # the weight's numpy view, while its storage stays
     if held is None or held[0] != weight.data_ptr():
         held = (weight.data_ptr(), weight.detach().numpy()) if weight.is_cpu and \
             weight.dtype == torch.float32 else (weight.data_ptr(), None)
         self.__dict__[_ARRAY] = held
     return fast_linear(x, weight, self.bias, held[1])
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int) -> torch.Tensor:
+    """x [..., in] @ the packed weight (+ bias) by oneDNN: [..., out_features]."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _packed_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Rows beyond the few-row kernel's, fp32 on the CPU, no autograd, the weight's width."""
+    return (x.dim() >= 2 and x.shape[-1] == weight.shape[-1]
+            and x.numel() // max(x.shape[-1], 1) > _rows_now and x.dtype == torch.float32
+            and x.is_cpu and not torch.is_grad_enabled())
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Keep a oneDNN-packed copy of each fp32 CPU Linear weight of the model for steps of many
+    rows (call after the weights have moved for good: a moved weight drops its copy); returns
+    the copies' bytes (0 where this torch has no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    total = 0
+    for layer in model.modules():
+        weight = getattr(layer, "weight", None)
+        if getattr(layer, _FLAG, False) and weight is not None and weight.is_cpu \
+                and weight.dtype == torch.float32:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+            layer.__dict__[_PACKED] = (weight.data_ptr(), packed)
+            total += weight.numel() * weight.element_size()
+    return total
+
+
+def packed_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's packed weight if it has a current one and packing is on, else None."""
+    packed = layer.__dict__.get(_PACKED)
+    weight = getattr(layer, "weight", None)
+    if not _packed_enabled or packed is None or weight is None or \
+            packed[0] != weight.data_ptr():
+        return None
+    return packed[1]
+
+
+@contextlib.contextmanager
+def packed_linear(enabled: bool) -> Iterator[None]:
+    """Use the packed weights (or not) inside the block, to compare them with MKL."""
+    global _packed_enabled
+    before, _packed_enabled = _packed_enabled, enabled
+    try:
+        yield
+    finally:
+        _packed_enabled = before
 
 
 @contextlib.contextmanager
