@@ -2,10 +2,11 @@
 
 - aggregate decode tokens/s of one engine with 1, 4, 8, ... concurrent sessions, server-only and
   a split placement (embed and the first block on the client), against the same engine taking
-  one forward per step (`--max-batch-rows 1`: one session at a time, as before batching):
-  every generated token over the run's wall time, the prompts' prefill included (a sum of the
-  sessions' own decode rates is no aggregate: batch-1 serves a decoding session before others'
-  prompts, so its sessions decode one after another, each at one step per token),
+  one forward per step (`--max-batch-rows 1`: one session at a time, as before batching): the
+  tokens that arrived once every session had its first token (every prefill done), over that
+  window's wall seconds; beside it the same ratio on every generated token over the whole
+  run's wall time, the prompts' prefill included (the socket driver estimates each token's
+  arrival from its session's TTFT and TPOT),
 - per-session time per output token, server CPU seconds beside wall time,
 - one session against the physical limit: the weights' bytes / one thread's read bandwidth,
   measured in the same run (the best of several witnesses, benchmarks/bandwidth.py), and the
@@ -66,7 +67,7 @@ class Point:
     engine: str
     placement: str
     sessions: int
-    tpot_s: tuple[float, ...]  # per session: time per output token after the first
+    stamps: tuple[tuple[float, ...], ...]  # per session: when each of its tokens arrived
     wall_s: float
     server_cpu_s: float
     mean_rows: float  # rows per engine step
@@ -74,7 +75,15 @@ class Point:
 
     @property
     def mean_tpot_s(self) -> float:
-        return statistics.mean(self.tpot_s)
+        """Per session: time per output token after the first, averaged over sessions."""
+        return statistics.mean((s[-1] - s[0]) / (len(s) - 1) for s in self.stamps)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Aggregate decode tokens/s: the tokens that arrived once every session had its first
+        (every prefill done), over that window's wall seconds."""
+        start, end = max(s[0] for s in self.stamps), max(s[-1] for s in self.stamps)
+        return sum(t > start for s in self.stamps for t in s) / max(end - start, 1e-9)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,19 +121,23 @@ def measure(url: str, loaded: LoadedModel, ids: list[int], placement: str, sessi
     """Run `sessions` generations at once; aggregate decode rate and the server's CPU."""
     before = parse_metrics(httpx.get(url.replace("ws", "http", 1) + "/metrics").text)
 
-    def one(_: int) -> Generation:
+    def one(_: int) -> tuple[float, Generation]:
         with connect(url, loaded, timeout_s=600) as session:
-            return session.generate(ids, tokens, placement=placement, stop_at_eos=False)
+            started = time.perf_counter()
+            return started, session.generate(ids, tokens, placement=placement,
+                                              stop_at_eos=False)
 
     clock = time.perf_counter()
     with ThreadPoolExecutor(sessions) as pool:
-        results = list(pool.map(one, range(sessions)))
+        runs = list(pool.map(one, range(sessions)))
     wall_s = time.perf_counter() - clock
+    results = [r for _, r in runs]
     after = parse_metrics(httpx.get(url.replace("ws", "http", 1) + "/metrics").text)
     steps = after["splitllm_engine_steps_total"] - before["splitllm_engine_steps_total"]
     rows = after["splitllm_engine_step_rows_sum"] - before["splitllm_engine_step_rows_sum"]
     return Point(engine=engine, placement=placement, sessions=sessions,
-                 tpot_s=tuple(r.tpot_s for r in results), wall_s=wall_s,
+                 stamps=tuple(tuple(started + r.ttft_s + k * r.tpot_s for k in range(len(r.tokens)))
+                              for started, r in runs), wall_s=wall_s,
                  server_cpu_s=after["splitllm_server_cpu_seconds_total"]
                  - before["splitllm_server_cpu_seconds_total"],
                  mean_rows=rows / max(steps, 1),
@@ -164,7 +177,7 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
         for n in args.sessions:
             run = driver.run(ids, n, args.tokens)
             points.append(Point(engine=engine, placement=placement, sessions=n,
-                                tpot_s=run.tpot_s, wall_s=run.wall_s,
+                                stamps=run.stamps, wall_s=run.wall_s,
                                 server_cpu_s=run.server_cpu_s,
                                 mean_rows=run.rows / max(run.steps, 1),
                                 generated_tokens=run.generated_tokens))
@@ -187,7 +200,8 @@ def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tok
         small_pages, huge_pages = (tensor_sum(data, 3) for data in buffers.values())
         for name, on, rows in variants:
             with fused_decode(on), kernel_rows(rows):
-                rate = 1.0 / driver.run(ids, 1, tokens).tpot_s[0]
+                stamps = driver.run(ids, 1, tokens).stamps[0]
+                rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
             rates[name].append(rate)
             ratios[name].append(rate * weight_bytes(loaded) / max(small_pages, huge_pages))
             small_page_ratios[name].append(rate * weight_bytes(loaded) / small_pages)
@@ -275,18 +289,20 @@ def _print(console: Console, args: argparse.Namespace, loaded: LoadedModel, batc
                         f"{' (pinned)' if pin else ''}, "
                         f"prompt {len(encode_prompt(loaded, PROMPT))} tokens, "
                         f"{args.tokens} new tokens per session")
-    for column in ("placement", "sessions", "batched tok/s", "batch-1 tok/s", "speed-up",
-                   "TPOT ms (batched)", "TPOT vs 1 session", "rows/step", "server CPU s",
-                   "wall s", "batch-1 CPU s", "batch-1 wall s", "tok per CPU s: ratio"):
+    for column in ("placement", "sessions", "decode tok/s: batched", "batch-1", "speed-up",
+                   "TPOT ms (batched)", "TPOT vs 1 session", "rows/step",
+                   "tok/s with prefill: speed-up", "server CPU s", "wall s", "batch-1 CPU s",
+                   "batch-1 wall s", "tok per CPU s: ratio"):
         table.add_column(column, justify="left" if column == "placement" else "right")
     solo_tpot = {p.placement: p.mean_tpot_s for p in batched if p.sessions == 1}
     for b, s in zip(batched, single, strict=True):
-        table.add_row(names[b.placement], str(b.sessions), f"{b.tokens_per_s:.1f}",
-                      f"{s.tokens_per_s:.1f}", f"{b.tokens_per_s / s.tokens_per_s:.2f}x",
+        table.add_row(names[b.placement], str(b.sessions), f"{b.decode_tokens_per_s:.1f}",
+                      f"{s.decode_tokens_per_s:.1f}",
+                      f"{b.decode_tokens_per_s / s.decode_tokens_per_s:.2f}x",
                       f"{b.mean_tpot_s * 1e3:.0f}",
                       f"{b.mean_tpot_s / solo_tpot[b.placement]:.2f}x"
                       if b.placement in solo_tpot else "", f"{b.mean_rows:.1f}",
-                      f"{b.server_cpu_s:.1f}",
+                      f"{b.tokens_per_s / s.tokens_per_s:.2f}x", f"{b.server_cpu_s:.1f}",
                       f"{b.wall_s:.1f}", f"{s.server_cpu_s:.1f}", f"{s.wall_s:.1f}",
                       f"{b.tokens_per_cpu_s / s.tokens_per_cpu_s:.2f}x")
     console.print(table)

@@ -32,7 +32,7 @@ class DriverRun:
     """What one run of `sessions` concurrent generations took."""
 
     sessions: int
-    tpot_s: tuple[float, ...]  # per session: time per output token after the first
+    stamps: tuple[tuple[float, ...], ...]  # per session: when each of its tokens arrived
     wall_s: float
     server_cpu_s: float  # the engine thread's CPU seconds
     steps: int
@@ -105,8 +105,8 @@ class InProcessDriver:
         inbox.put(None)
         if errors:
             raise RuntimeError(f"a session failed: {errors[0]!r}")
-        return DriverRun(sessions, tuple((g.stamps[-1] - g.stamps[0]) / (len(g.stamps) - 1)
-                                         for g in gens), wall_s, metrics.cpu_s, metrics.steps,
+        return DriverRun(sessions, tuple(tuple(g.stamps) for g in gens), wall_s, metrics.cpu_s,
+                         metrics.steps,
                          int(metrics.step_rows.total), sum(len(g.tokens) for g in gens))
 
     def _forward(self, engine: Engine, inbox: Inbox, gen: _Generation, ids: list[int]) -> None:

@@ -8,8 +8,8 @@ sessions) through a run of blocks in one numba call (runtime/fused_kernel.py): p
 q/k/v -> rotary -> write K/V into each session's `BlockLayer` buffers -> attention over each
 session's held positions -> o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual,
 every weight read once for all rows. Steps of more rows are compute-bound: there each block's
-products run by oneDNN on packed weights (runtime/gemv.py), and the rest (norms, rotary, the K/V
-writes, attention, SiLU*mul) by the same kernel's parts, with no padded copies of the caches.
+products run by oneDNN on packed weights (runtime/gemv.py), norms, rotary, the K/V writes and
+attention by the same kernel's parts (no padded copies of the caches), SiLU*mul by torch.
 
 The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
 model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba.typed import List
 from torch import nn
 from transformers.activations import SiLUActivation
@@ -167,7 +168,7 @@ class FusedRows:
     def _many_rows(self, x: torch.Tensor, own: BlockWeights, *, layer: np.ndarray, keys: List,
                    values: List, lengths: np.ndarray, active: np.ndarray) -> None:
         """One block over many rows x [R, D] in place: the products by oneDNN on the packed
-        weights (compute-bound at many rows), the rest in the kernel's parts."""
+        weights (compute-bound at many rows), norms and attention by the kernel's parts."""
         q, k, v, o, gate, up, down = own.linears
         normed = torch.empty_like(x)
         kernel.norm_rows(x.numpy(), own.norm_in, own.eps_in, normed.numpy())
@@ -177,9 +178,8 @@ class FusedRows:
                            values, lengths, own.scaling, active, attended.numpy())
         x += _product(o, attended)
         kernel.norm_rows(x.numpy(), own.norm_post, own.eps_post, normed.numpy())
-        gated = _product(gate, normed)
-        kernel.silu_mul(gated.numpy(), _product(up, normed).numpy())
-        x += _product(down, gated)
+        gated = F.silu(_product(gate, normed), inplace=True)  # torch's exp is vectorised
+        x += _product(down, gated.mul_(_product(up, normed)))
 
 
 def _product(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
