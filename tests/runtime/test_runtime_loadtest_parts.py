@@ -32,6 +32,7 @@ from splitllm.runtime.loadtest_world import (
     loadtest_world,
     scenario_requests,
     served_costs,
+    with_job_s,
 )
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.metrics import RunMetrics, summarize
@@ -362,3 +363,12 @@ def test_the_planner_takes_the_measured_step_model_for_the_server_as_the_simulat
     roofline = replace(world, server=replace(world.server, step_model=None))
     plain = request_instance(roofline.types[0], roofline.clients[0], roofline, prompt, output)
     assert plain.units[1].server_s != pytest.approx(block_s)  # the roofline misses fixed costs
+    # the server's seconds per job (a visit's pass), charged per visit as its steps charge it
+    assert (instance.job_s, instance.job_work_s) == (STEP.job_s, STEP.job_s)
+    paid = with_job_s(world, 0.003)
+    costly = request_instance(paid.types[0], paid.clients[0], paid, prompt, output)
+    assert (costly.job_s, costly.job_work_s) == (0.003, 0.003)
+    one, two = Placement("CSSSSC"), Placement("CSCSSC")  # one visit, two
+    for placement, visits in ((one, 1), (two, 2)):
+        extra = evaluate(costly, placement).server_work - evaluate(instance, placement).server_work
+        assert extra == pytest.approx(visits * output * 0.003)  # a pass per output token

@@ -52,6 +52,8 @@ class ServerTimes:
     latency_s: tuple[float, ...]
     work_s: tuple[float, ...]
     source: str  # where they come from, in words
+    job_s: float = 0.0  # the server's own seconds per visit per pass, beyond the units...
+    job_work_s: float = 0.0  # ... and its work (the step models' job_s, wall and CPU)
 
 
 def profile_server_times(server: UnitProfile, request: Request) -> ServerTimes:
@@ -98,7 +100,8 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
 
     return ServerTimes(total(wall, 1.0, profile), total(cpu, 1.0 / c, profile and profile.cpu()),
                        f"the server's engine step model{fit} at {c:.3g} rows per step"
-                       + (" (the prefill: its unit profile)" if profile else ""))
+                       + (" (the prefill: its unit profile)" if profile else ""),
+                       job_s=wall.job_s, job_work_s=cpu.job_s)
 
 
 def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, request: Request,
@@ -107,7 +110,8 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
     """The planner's instance from measured per-unit times and the wire format's real sizes.
 
     The client loop's own cost per pass (`client.pass_s`) is paid by every placement: it is
-    added to the first unit's latency on both sides (never to the server's work).
+    added to the first unit's latency on both sides (never to the server's work). The server's
+    own seconds per visit (`server.job_s`, `job_work_s`) are charged per visit and pass.
     """
     if len(client.names) != len(server.latency_s):
         raise UserError("client and server profiles cover different units (another model?)")
@@ -125,8 +129,8 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
                        server_work=float(server.work_s[i]), out_bytes=out_bytes[i],
                        client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
     return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
-                    output_bytes=wire_bytes.token_down,
-                    passes=passes)
+                    output_bytes=wire_bytes.token_down, passes=passes,
+                    job_s=server.job_s, job_work_s=server.job_work_s)
 
 
 def decode_s(profile: UnitProfile, prompt_tokens: int, decode_tokens: int,
