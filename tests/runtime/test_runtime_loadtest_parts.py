@@ -32,7 +32,7 @@ from splitllm.runtime.loadtest_world import (
     loadtest_world,
     scenario_requests,
     served_costs,
-    with_job_s,
+    with_step_model,
 )
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.metrics import RunMetrics, summarize
@@ -365,7 +365,7 @@ def test_the_planner_takes_the_measured_step_model_for_the_server_as_the_simulat
     assert plain.units[1].server_s != pytest.approx(block_s)  # the roofline misses fixed costs
     # the server's seconds per job (a visit's pass), charged per visit as its steps charge it
     assert (instance.job_s, instance.job_work_s) == (STEP.job_s, STEP.job_s)
-    paid = with_job_s(world, 0.003)
+    paid = with_step_model(world, replace(STEP, job_s=0.003))
     costly = request_instance(paid.types[0], paid.clients[0], paid, prompt, output)
     assert (costly.job_s, costly.job_work_s) == (0.003, 0.003)
     one, two = Placement("CSSSSC"), Placement("CSCSSC")  # one visit, two
