@@ -145,6 +145,19 @@ def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
     assert load.load().utilization == pytest.approx(0.5 * (1 - math.exp(-0.5)))
     load.update(3.0, metrics_page(4.0, 20, 5.5))  # no forwards since: the same mean, decayed
     assert load.load().wait_mean_s == pytest.approx(0.3)
+    assert load.load().batch_rows == 1.0  # no steps reported: one row
+
+
+def test_load_aware_policies_read_the_rows_per_engine_step() -> None:
+    """As the simulator's meter gives them: the batch a batched server's work is priced at."""
+    load = ServerLoad(tau_s=2.0, headroom=0.1)
+    rows = "splitllm_engine_step_rows"
+    load.update(0.0, {rows + "_sum": 10.0, rows + "_count": 10.0})
+    load.update(1.0, {rows + "_sum": 50.0, rows + "_count": 20.0})  # 40 rows in 10 steps
+    assert load.load().batch_rows == pytest.approx(4.0)
+    keep = math.exp(-0.5)
+    load.update(2.0, {rows + "_sum": 60.0, rows + "_count": 30.0})  # then 10 rows in 10 steps
+    assert load.load().batch_rows == pytest.approx((keep * 40 + 10) / (keep * 10 + 10))
 
 
 def test_the_servers_cpu_per_forward_outside_its_steps_from_two_metrics_pages() -> None:
