@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
+import numpy as np
 import pytest
 from runtime_kit import TIMEOUT_S
 
@@ -20,6 +21,7 @@ from splitllm.runtime.live_steps import (
 )
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.profile import UnitProfile
 from splitllm.stepmodel import StepModel, UnitFit
 
 START = UnitFit(((1.0, 1.0), (4.0, 2.0), (16.0, 4.0)))
@@ -67,7 +69,8 @@ def test_each_step_is_one_sample_per_kind_and_token_count() -> None:
     assert models.wall.head.seconds(1) == pytest.approx(2.0)
     # the start-up curve's other points at the measured speed (4x at one token), job_s kept
     assert models.wall.block.seconds(16) == pytest.approx(16.0)
-    assert models.wall.job_s == 0.001 and models.fit_json() == {"source": LIVE, "steps": 2}
+    assert models.wall.job_s == 0.001 and models.block_slowdown == (4.0, 2.0)
+    assert models.fit_json() == {"source": LIVE, "steps": 2, "block_slowdown": [4.0, 2.0]}
     assert live.models() is live.models()  # refitted once per new step
 
 
@@ -83,7 +86,10 @@ def test_the_server_announces_its_live_step_model_after_steps(
         tiny_llama: LoadedModel, make_server: Callable[..., BackgroundServer]) -> None:
     server = make_server(tiny_llama, profile=True)
     info = httpx.get(server.http_url + "/v1/info", timeout=20).json()
-    assert info["step_model_fit"] == {"source": START_UP, "steps": 0}
+    assert info["step_model_fit"] == {"source": START_UP, "steps": 0,
+                                      "block_slowdown": [1.0, 1.0]}
+    profile = server.state.profile
+    assert profile is not None and UnitProfile.from_json(info["profile"]) == profile
     with connect(server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
         n = session.stack.n_units
         session.generate([5, 6, 7], 8, placement="S" * n, chat=False, stop_at_eos=False)
@@ -91,7 +97,14 @@ def test_the_server_announces_its_live_step_model_after_steps(
     steps = parse_metrics(httpx.get(server.http_url + "/metrics", timeout=20).text)[
         "splitllm_engine_steps_total"]
     info = httpx.get(server.http_url + "/v1/info", timeout=20).json()
-    assert info["step_model_fit"] == {"source": LIVE, "steps": int(steps)}
+    fit = info["step_model_fit"]
+    assert (fit["source"], fit["steps"]) == (LIVE, int(steps))
+    # the unit profile, timed at start too, at the speed of the blocks' recent steps
+    scaled = profile.scaled(*fit["block_slowdown"])
+    announced = UnitProfile.from_json(info["profile"])
+    for key in ("prefill_s", "decode_s", "prefill_cpu_s", "decode_cpu_s"):
+        assert np.ravel(getattr(announced, key)) == pytest.approx(np.ravel(getattr(scaled, key)))
+    assert fit["block_slowdown"] != [1.0, 1.0]  # timed, not copied
     assert steps >= 8  # a prefill and 7 decode steps at least
     assert f"live, refitted on {int(steps)} steps" in source
     live = StepModel.from_json(info["step_model"])

@@ -44,20 +44,30 @@ class StepModels:
     cpu: StepModel
     source: str  # START_UP: timed when the server started; LIVE: refitted from its steps
     steps: int  # engine steps the live refit saw (0: start-up)
+    # the blocks' recent seconds over their start-up seconds (`slowdown`), wall and CPU: the
+    # server's unit profile, timed at start too, is announced at this speed
+    block_slowdown: tuple[float, float] = (1.0, 1.0)
 
     def fit_json(self) -> dict[str, Any]:
         """/v1/info's `step_model_fit`: which model the server announces."""
-        return {"source": self.source, "steps": self.steps}
+        return {"source": self.source, "steps": self.steps,
+                "block_slowdown": list(self.block_slowdown)}
+
+
+def slowdown(start: UnitFit, samples: Samples) -> float:
+    """The median ratio of recent samples to the start-up curve at their token counts (1: as
+    at start; none: 1)."""
+    ratios = [s / start.seconds(t) for t, seconds in samples.items() for s in seconds
+              if start.seconds(t) > 0]
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def refit_unit(start: UnitFit, samples: Samples, min_samples: int = MIN_SAMPLES) -> UnitFit:
     """A unit kind's curve from its recent samples, the start-up curve filling in the token
-    counts they do not cover (scaled by the samples' median ratio to it)."""
-    ratios = [s / start.seconds(t) for t, seconds in samples.items() for s in seconds
-              if start.seconds(t) > 0]
-    if not ratios:
+    counts they do not cover (scaled by `slowdown`)."""
+    if not samples:
         return start
-    speed = statistics.median(ratios)
+    speed = slowdown(start, samples)
     own = {t: seconds for t, seconds in samples.items() if len(seconds) >= min_samples}
     points = [(float(t), s) for t, seconds in own.items() for s in seconds]
     points += [(t, s * speed) for t, s in start.points if t not in {float(k) for k in own}]
@@ -128,8 +138,11 @@ class LiveStepModel:
             return tuple({t: [pair[index] for pair in pairs] for t, pairs in kind.items()}
                          for kind in snapshot)  # type: ignore[return-value]
 
-        fitted = StepModels(refit(self.start.wall, clock(0), self.min_samples),
-                            refit(self.start.cpu, clock(1), self.min_samples), LIVE, steps)
+        wall, cpu = clock(0), clock(1)
+        fitted = StepModels(refit(self.start.wall, wall, self.min_samples),
+                            refit(self.start.cpu, cpu, self.min_samples), LIVE, steps,
+                            (slowdown(self.start.wall.block, wall[1]),
+                             slowdown(self.start.cpu.block, cpu[1])))
         with self._lock:
             if fitted.steps > self._fitted.steps:
                 self._fitted = fitted

@@ -87,14 +87,17 @@ class UnitProfile:
             return self
         return replace(self, prefill_s=self.prefill_cpu_s, decode_s=self.decode_cpu_s)
 
-    def scaled(self, factor: float) -> UnitProfile:
-        """The same profile on a device `factor` times slower."""
-        def times(rows: Rows) -> Rows:
-            return tuple(tuple(t * factor for t in row) for row in rows)
+    def scaled(self, factor: float, cpu_factor: float | None = None) -> UnitProfile:
+        """The same profile on a device `factor` times slower (its CPU seconds `cpu_factor`
+        times, default the same)."""
+        def times(rows: Rows, by: float) -> Rows:
+            return tuple(tuple(t * by for t in row) for row in rows)
 
-        return replace(self, prefill_s=times(self.prefill_s), decode_s=times(self.decode_s),
-                       prefill_cpu_s=times(self.prefill_cpu_s),
-                       decode_cpu_s=times(self.decode_cpu_s))
+        cpu = factor if cpu_factor is None else cpu_factor
+        return replace(self, prefill_s=times(self.prefill_s, factor),
+                       decode_s=times(self.decode_s, factor),
+                       prefill_cpu_s=times(self.prefill_cpu_s, cpu),
+                       decode_cpu_s=times(self.decode_cpu_s, cpu))
 
     def emulated(self, slowdown: float) -> UnitProfile:
         """This device emulated `slowdown` times slower, as the client's emulation does it

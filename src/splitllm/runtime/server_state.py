@@ -132,7 +132,6 @@ class ServerState:
             "device": cfg.announce_device,  # what clients' auto placement assumes of this server
             "compute": str(self.engine.device),
             "threads": self.threads,
-            "profile": self.profile.to_json() if self.profile else None,
             **self._step_model_json(),
             "engine": {"max_batch_tokens": cfg.engine.max_batch_tokens,
                        "max_batch_rows": cfg.engine.max_batch_rows},
@@ -153,11 +152,17 @@ class ServerState:
         }
 
     def _step_model_json(self) -> dict[str, Any]:
-        """/v1/info's step models (wall, CPU) and which fit they are (start-up or live)."""
+        """/v1/info's step models (wall, CPU), which fit they are (start-up or live), and the
+        unit profile at the speed the blocks' recent steps show."""
+        profile = self.profile
         if self.step_models is None:
-            return {"step_model": None, "step_model_cpu": None, "step_model_fit": None}
+            return {"profile": profile.to_json() if profile else None, "step_model": None,
+                    "step_model_cpu": None, "step_model_fit": None}
         models = self.step_models.models()
-        return {"step_model": models.wall.to_json(), "step_model_cpu": models.cpu.to_json(),
+        if profile is not None:
+            profile = profile.scaled(*models.block_slowdown)
+        return {"profile": profile.to_json() if profile else None,
+                "step_model": models.wall.to_json(), "step_model_cpu": models.cpu.to_json(),
                 "step_model_fit": models.fit_json()}
 
     async def run_forward(self, session: ServerSession, header: wire.ForwardHeader,
