@@ -8,10 +8,11 @@ internals:
 - latency = client_s of C units + server_s of S units + every crossing;
 - the input (input_bytes) starts on the client, the result (output_bytes) ends on the client;
   the edge into unit l carries unit l-1's out_bytes (edge 0: input_bytes, edge n: output_bytes);
-- an up crossing costs passes * (rtt/2 + visit_s + server_wait_s) + bytes / uplink,
+- an up crossing costs passes * (rtt/2 + visit_s + server_wait_s + job_s) + bytes / uplink,
   a down crossing passes * rtt/2 + bytes / downlink;
 - a phase limit is the same sum over its own per-unit times and bytes, with its own passes;
-- server work = sum of server_work of S units, client memory = sum of client_mem_bytes of C units;
+- server work = sum of server_work of S units + passes * job_work_s per visit (up crossing),
+  client memory = sum of client_mem_bytes of C units;
 - feasible: pins hold, memory <= limit (1 + 1e-12), latency <= SLA (1 + 1e-9), phases likewise.
 """
 
@@ -119,19 +120,21 @@ def brute_force(instance: Instance) -> BruteForce:
     latency = path_latency(
         on, [u.client_s for u in units], [u.server_s for u in units],
         [u.out_bytes for u in units], instance.input_bytes, instance.output_bytes,
-        instance.link, instance.passes, instance.server_wait_s,
+        instance.link, instance.passes, instance.server_wait_s + instance.job_s,
     )
     phases = np.array([
         path_latency(on, p.client_s, p.server_s, p.out_bytes, p.input_bytes, p.output_bytes,
-                     instance.link, p.passes, instance.server_wait_s)
+                     instance.link, p.passes, instance.server_wait_s + instance.job_s)
         for p in instance.phase_limits
     ]).reshape(len(instance.phase_limits), len(on))
     client_ok = np.array([u.client_ok for u in units])
     server_ok = np.array([u.server_ok for u in units])
     pins_ok = np.all(np.where(on, server_ok, client_ok), axis=1)
+    visits = np.count_nonzero(on & ~np.pad(on, ((0, 0), (1, 0)))[:, :-1], axis=1)  # [N] ups
     return BruteForce(
         instance, on, latency,
-        _ordered_sum(on, [u.server_work for u in units]),
+        _ordered_sum(on, [u.server_work for u in units])
+        + visits * instance.passes * instance.job_work_s,
         _ordered_sum(~on, [u.client_mem_bytes for u in units]),
         phases, pins_ok,
     )
@@ -283,7 +286,18 @@ def brute_force_case(seed: int, max_units: int = 14) -> Instance:
     if visit.random() < 0.3:
         link = dataclasses.replace(instance.link, visit_s=float(visit.uniform(0.001, 0.05)))
         instance = dataclasses.replace(instance, link=link)
+    job = np.random.default_rng(seed + 3_000_000)  # the server's own cost per visit, apart too
+    if job.random() < 0.3:
+        instance = with_job_cost(job, instance)
     return pick_limits(rng, instance, KINDS[seed % len(KINDS)])
+
+
+def with_job_cost(rng: np.random.Generator, instance: Instance) -> Instance:
+    """The instance with a random server cost per visit: latency 1-50 ms, work 5-100% of a
+    mean unit's."""
+    work = float(np.mean([u.server_work for u in instance.units]))
+    return dataclasses.replace(instance, job_s=float(rng.uniform(0.001, 0.05)),
+                               job_work_s=work * float(rng.uniform(0.05, 1.0)))
 
 
 def random_placement(rng: np.random.Generator, instance: Instance) -> str:

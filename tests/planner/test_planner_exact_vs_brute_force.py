@@ -48,7 +48,8 @@ def test_exact_matches_brute_force(seed: int) -> None:
 def test_brute_force_cases_cover_every_kind_of_constraint() -> None:
     """The 500 cases include infeasible ones, binding memory, pins and phase limits, and ties."""
     counts = dict.fromkeys(("infeasible", "memory binds", "phase binds", "pinned", "work ties",
-                            "tight sla", "passes > 1", "server wait", "visit cost"), 0)
+                            "tight sla", "passes > 1", "server wait", "visit cost",
+                            "job cost"), 0)
     for seed in range(N_CASES):
         instance = brute_force_case(seed)
         bf = brute_force(instance)
@@ -58,6 +59,7 @@ def test_brute_force_cases_cover_every_kind_of_constraint() -> None:
         counts["passes > 1"] += instance.passes > 1
         counts["server wait"] += instance.server_wait_s > 0
         counts["visit cost"] += instance.link.visit_s > 0
+        counts["job cost"] += instance.job_work_s > 0
         counts["tight sla"] += KINDS[seed % len(KINDS)] == "tight" and best is not None
         if best is None:
             continue

@@ -7,7 +7,13 @@ import math
 
 import numpy as np
 import pytest
-from planner_kit import random_instance, random_placement, with_phase_limits, with_sla
+from planner_kit import (
+    random_instance,
+    random_placement,
+    with_job_cost,
+    with_phase_limits,
+    with_sla,
+)
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import Instance, Unit, evaluate
@@ -37,6 +43,9 @@ def milp_case(seed: int) -> Instance:
     if visit.random() < 0.5:  # a per-visit cost on the link
         link = dataclasses.replace(instance.link, visit_s=float(visit.uniform(0.001, 0.05)))
         instance = dataclasses.replace(instance, link=link)
+    job = np.random.default_rng(4_000_000 + seed)
+    if job.random() < 0.5:  # the server's own cost per visit, in latency and in work
+        instance = with_job_cost(job, instance)
     reference = evaluate(instance, Placement(random_placement(rng, instance)))
     instance = with_phase_limits(
         instance, [v * rng.uniform(0.9, 1.3) for v in reference.phase_latency_s])

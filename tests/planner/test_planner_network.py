@@ -53,3 +53,49 @@ def test_a_path_pays_every_switch_and_the_way_back() -> None:
 def test_a_link_is_equal_to_another_of_the_same_costs_whatever_its_name() -> None:
     assert Link(name="4g", uplink_bytes_per_s=1000.0, downlink_bytes_per_s=4000.0,
                 rtt_s=0.2) == LINK
+
+
+def test_the_server_is_charged_its_own_cost_once_per_visit_and_pass() -> None:
+    """Each visit (switch up) costs passes x job_s more latency and passes x job_work_s more
+    server work: exactly, on costs that add up without rounding (powers of two)."""
+    from splitllm.placement import Placement
+    from splitllm.planner.instance import Instance, Unit, evaluate
+
+    units = tuple(Unit(name=f"u{i}", client_s=1.0, server_s=0.25, server_work=0.5, out_bytes=0.0)
+                  for i in range(5))
+    link = Link(uplink_bytes_per_s=1.0, downlink_bytes_per_s=1.0, rtt_s=0.0)
+    free = Instance(units=units, link=link, sla_s=100.0, input_bytes=0.0, output_bytes=0.0,
+                    passes=4)
+    costly = Instance(units=units, link=link, sla_s=100.0, input_bytes=0.0, output_bytes=0.0,
+                      passes=4, job_s=0.125, job_work_s=0.0625)
+    for sides, visits in (("CCCCC", 0), ("SSSSS", 1), ("CSSSC", 1), ("SCSCS", 3), ("CSCSC", 2)):
+        before, after = evaluate(free, Placement(sides)), evaluate(costly, Placement(sides))
+        assert after.server_work - before.server_work == visits * 4 * 0.0625, sides
+        assert after.latency_s - before.latency_s == visits * 4 * 0.125, sides
+        assert after.network_s - before.network_s == visits * 4 * 0.125, sides
+    # with the same units on the server, the plan of more visits costs more work
+    assert (evaluate(costly, Placement("SCSCS")).server_work
+            - evaluate(costly, Placement("SSSCC")).server_work) == 2 * 4 * 0.0625
+
+
+def test_a_servers_cost_per_visit_makes_the_planner_visit_less() -> None:
+    """Units 1 and 3 must run on the server to meet the SLA: two visits do the least unit work
+    without a per-visit cost; with it one visit over units 1-3 costs less. The exact solver,
+    the MILP and the grid DP agree."""
+    from splitllm.placement import Placement
+    from splitllm.planner.instance import Instance, Unit
+    from splitllm.planner.solvers import solve
+
+    units = tuple(Unit(name=f"u{i}", client_s=c, server_s=0.25, server_work=1.0, out_bytes=0.0)
+                  for i, c in enumerate((1.0, 4.0, 1.0, 4.0, 1.0)))
+    link = Link(uplink_bytes_per_s=1.0, downlink_bytes_per_s=1.0, rtt_s=0.0)
+    base = Instance(units=units, link=link, sla_s=3.5, input_bytes=0.0, output_bytes=0.0)
+    costly = Instance(units=units, link=link, sla_s=3.5, input_bytes=0.0, output_bytes=0.0,
+                      job_work_s=2.0)
+    for solver in ("exact", "milp", "dp-grid"):
+        plan = solve(base, solver)
+        assert plan is not None and plan.placement == Placement("CSCSC"), solver
+        assert plan.server_work == 2.0
+        plan = solve(costly, solver)
+        assert plan is not None and plan.placement == Placement("CSSSC"), solver
+        assert plan.server_work == 3.0 + 2.0  # against 2.0 + 2 x 2.0 for CSCSC

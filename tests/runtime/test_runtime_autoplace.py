@@ -199,7 +199,8 @@ def test_emulated_slowdown_makes_client_units_slower(
         assert replace(slow.client_profile(), pass_s=0.0) == measured.emulated(5.0)
         assert fast.client_profile().pass_s > 0
         plan = slow.plan(4, 6)
-        assert plan.source.startswith("measured; server: the server's engine step model at")
+        assert plan.source.startswith("measured; server: the server's engine step model (")
+        assert "rows per step" in plan.source
         assert plan.plan.feasible
         decided: list[AutoPlan] = []  # placement="auto": plans once, says so, then generates
         auto = slow.generate([5, 6, 7, 8], 6, placement="auto", stop_at_eos=False,

@@ -21,7 +21,7 @@ from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel, encode_prompt
-from splitllm.runtime.profile import PROFILE_ROUNDS
+from splitllm.runtime.profile import STEP_ROUNDS
 from splitllm.runtime.server_state import ServerConfig, ServerState
 from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
@@ -381,10 +381,11 @@ def test_the_servers_step_model_is_timed_on_the_fused_path(tiny_llama: LoadedMod
     finally:
         torch.set_num_threads(before)
     n = state.stack.n_blocks
-    # the engine's warm-up (a dummy block), then 1 and 4 rows, 2 decode steps a round, 3 rounds:
-    # one call per step over every block
-    decode_steps = 2 * 2 * PROFILE_ROUNDS
+    # the engine's warm-up (a dummy block), then 1 and 4 rows, 2 decode steps a round, a
+    # warm-up round and STEP_ROUNDS rounds: one call per step over every block
+    decode_steps = 2 * 2 * (STEP_ROUNDS + 1)
     assert kernel.calls == 1 + decode_steps
     assert sum(call.args[2] - call.args[1] for call in kernel.kernel.call_args_list[1:]) == \
         decode_steps * n
-    assert state.step_model is not None and state.step_model.block.points[0][0] == 1
+    assert state.step_models is not None
+    assert state.step_models.start.wall.block.points[0][0] == 1

@@ -32,6 +32,7 @@ from splitllm.runtime.loadtest_world import (
     loadtest_world,
     scenario_requests,
     served_costs,
+    with_step_model,
 )
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.metrics import RunMetrics, summarize
@@ -144,6 +145,19 @@ def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
     assert load.load().utilization == pytest.approx(0.5 * (1 - math.exp(-0.5)))
     load.update(3.0, metrics_page(4.0, 20, 5.5))  # no forwards since: the same mean, decayed
     assert load.load().wait_mean_s == pytest.approx(0.3)
+    assert load.load().batch_rows == 1.0  # no steps reported: one row
+
+
+def test_load_aware_policies_read_the_rows_per_engine_step() -> None:
+    """As the simulator's meter gives them: the batch a batched server's work is priced at."""
+    load = ServerLoad(tau_s=2.0, headroom=0.1)
+    rows = "splitllm_engine_step_rows"
+    load.update(0.0, {rows + "_sum": 10.0, rows + "_count": 10.0})
+    load.update(1.0, {rows + "_sum": 50.0, rows + "_count": 20.0})  # 40 rows in 10 steps
+    assert load.load().batch_rows == pytest.approx(4.0)
+    keep = math.exp(-0.5)
+    load.update(2.0, {rows + "_sum": 60.0, rows + "_count": 30.0})  # then 10 rows in 10 steps
+    assert load.load().batch_rows == pytest.approx((keep * 40 + 10) / (keep * 10 + 10))
 
 
 def test_the_servers_cpu_per_forward_outside_its_steps_from_two_metrics_pages() -> None:
@@ -362,3 +376,12 @@ def test_the_planner_takes_the_measured_step_model_for_the_server_as_the_simulat
     roofline = replace(world, server=replace(world.server, step_model=None))
     plain = request_instance(roofline.types[0], roofline.clients[0], roofline, prompt, output)
     assert plain.units[1].server_s != pytest.approx(block_s)  # the roofline misses fixed costs
+    # the server's seconds per job (a visit's pass), charged per visit as its steps charge it
+    assert (instance.job_s, instance.job_work_s) == (STEP.job_s, STEP.job_s)
+    paid = with_step_model(world, replace(STEP, job_s=0.003))
+    costly = request_instance(paid.types[0], paid.clients[0], paid, prompt, output)
+    assert (costly.job_s, costly.job_work_s) == (0.003, 0.003)
+    one, two = Placement("CSSSSC"), Placement("CSCSSC")  # one visit, two
+    for placement, visits in ((one, 1), (two, 2)):
+        extra = evaluate(costly, placement).server_work - evaluate(instance, placement).server_work
+        assert extra == pytest.approx(visits * output * 0.003)  # a pass per output token

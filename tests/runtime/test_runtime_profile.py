@@ -238,6 +238,29 @@ def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
         profile.cpu().prefill_at(10)[1] + 4 * (0.005 + 0.004) / 8
         + profile.cpu().kv_reads_s(10, 4)[1])
     assert "the prefill: its unit profile" in with_profile.source
+    assert (with_profile.job_s, with_profile.job_work_s) == (0.0, 0.0)  # none announced
+
+
+def test_the_servers_seconds_per_job_are_charged_per_visit_and_pass() -> None:
+    """The step models' job_s (wall: latency, CPU: work) go into the planner's instance, which
+    charges them once per visit and pass."""
+    fit = UnitFit.line(fixed_s=0.01, per_token_s=0.001)
+    wall = StepModel(embed=fit, block=fit, head=fit, n_blocks=2, job_s=0.004)
+    cpu = replace(wall, job_s=0.002)
+    request = Request(prompt_tokens=10, output_tokens=5)  # 5 passes
+    server = step_model_server_times(wall, cpu, request)
+    assert (server.job_s, server.job_work_s) == (0.004, 0.002)
+    client = unit_profile(wall=2.0, cpu=2.0)
+    link = Link(uplink_bytes_per_s=1e9, downlink_bytes_per_s=1e9, rtt_s=0.0)
+    sizes = request_bytes(WireFormat(n_units=4, hidden_size=8, wire_dtype="float32",
+                                     vocab_size=16), 10, 5)
+    costly = measured_instance(client, server, link, request, sizes)
+    free = measured_instance(client, replace(server, job_s=0.0, job_work_s=0.0), link, request,
+                             sizes)
+    for sides, visits in (("SSSS", 1), ("CSCS", 2), ("SCSC", 2)):
+        paid, not_paid = evaluate(costly, Placement(sides)), evaluate(free, Placement(sides))
+        assert paid.server_work - not_paid.server_work == pytest.approx(visits * 5 * 0.002)
+        assert paid.latency_s - not_paid.latency_s == pytest.approx(visits * 5 * 0.004)
 
 
 def test_the_client_loop_cost_is_paid_by_every_placement() -> None:

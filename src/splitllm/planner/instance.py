@@ -27,6 +27,7 @@ from splitllm.planner.network import (
     carried_bytes,
     path_network_s,
     switch_costs,
+    visits,
 )
 from splitllm.planner.speculation import Speculation, decode_passes, pass_contexts
 
@@ -85,6 +86,11 @@ class Instance:
     client_mem_limit_bytes: float = math.inf
     phase_limits: tuple[PhaseLimit, ...] = field(default=())
     server_wait_s: float = 0.0  # expected queueing delay per visit to the server, per pass
+    # The server's own seconds per visit (one forward message) per pass beyond its units:
+    # framing, decoding, sampling, the engine's hand-offs (`StepModel.job_s`); in latency
+    # (job_s, beside the queueing delay) and in server work (job_work_s).
+    job_s: float = 0.0
+    job_work_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.units)
@@ -98,14 +104,14 @@ class Instance:
         """What a switch costs on each edge of the end-to-end path (once per instance)."""
         carried = carried_bytes(self.input_bytes, [u.out_bytes for u in self.units],
                                 self.output_bytes)
-        return switch_costs(self.link, carried, self.passes, self.server_wait_s)
+        return switch_costs(self.link, carried, self.passes, self.server_wait_s + self.job_s)
 
     @cached_property
     def phase_switches(self) -> tuple[Switches, ...]:
         """The same for each phase limit, with its own bytes and passes."""
         return tuple(
             switch_costs(self.link, carried_bytes(p.input_bytes, p.out_bytes, p.output_bytes),
-                         p.passes, self.server_wait_s)
+                         p.passes, self.server_wait_s + self.job_s)
             for p in self.phase_limits
         )
 
@@ -132,8 +138,12 @@ def _path_latency(
     """(client compute, server compute, network) seconds of one path through the units."""
     client = sum(c for c, s in zip(client_s, sides, strict=True) if s == CLIENT)
     server = sum(t for t, s in zip(server_s, sides, strict=True) if s == SERVER)
-    on_server = np.frombuffer(sides.encode(), dtype=np.uint8) == ord(SERVER)  # [L]
-    return client, server, path_network_s(on_server, edges)
+    return client, server, path_network_s(_on_server(sides), edges)
+
+
+def _on_server(sides: str) -> np.ndarray:
+    """[L] bool: where a path runs each unit on the server."""
+    return np.frombuffer(sides.encode(), dtype=np.uint8) == ord(SERVER)
 
 
 def evaluate(instance: Instance, placement: Placement) -> Plan:
@@ -147,7 +157,8 @@ def evaluate(instance: Instance, placement: Placement) -> Plan:
         for p, edges in zip(instance.phase_limits, instance.phase_switches, strict=True)
     )
     latency = client + server + network
-    work = sum(u.server_work for u, s in zip(units, sides, strict=True) if s == SERVER)
+    work = (sum(u.server_work for u, s in zip(units, sides, strict=True) if s == SERVER)
+            + visits(_on_server(sides)) * instance.passes * instance.job_work_s)
     mem = sum(u.client_mem_bytes for u, s in zip(units, sides, strict=True) if s == CLIENT)
     violation = _violation(instance, sides, latency, mem, phases)
     return Plan(

@@ -3,7 +3,7 @@
 Format (see README): {"layers": [{"name", "client_s", "server_s", "server_work", "out_bytes",
 "client_mem_bytes"?, "client_ok"?, "server_ok"?}, ...], "input_bytes", "output_bytes",
 "uplink_bytes_per_s", "downlink_bytes_per_s", "rtt_s", "visit_s"?, "sla_s", "client_mem_bytes"?,
-"passes"?, "server_wait_s"?, "phase_limits"?}.
+"passes"?, "server_wait_s"?, "job_s"?, "job_work_s"?, "phase_limits"?}.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class InstanceModel(BaseModel):
     client_mem_bytes: Positive | None = None
     passes: AtLeastOne = 1
     server_wait_s: NonNegative = 0.0
+    job_s: NonNegative = 0.0
+    job_work_s: NonNegative = 0.0
     phase_limits: list[PhaseLimit] = []
 
     def to_instance(self) -> Instance:
@@ -58,6 +60,8 @@ class InstanceModel(BaseModel):
             else self.client_mem_bytes,
             phase_limits=tuple(self.phase_limits),
             server_wait_s=self.server_wait_s,
+            job_s=self.job_s,
+            job_work_s=self.job_work_s,
         )
 
 
@@ -107,8 +111,9 @@ def instance_to_dict(instance: Instance) -> dict[str, Any]:
     }
     if math.isfinite(instance.client_mem_limit_bytes):
         out["client_mem_bytes"] = instance.client_mem_limit_bytes
-    if instance.server_wait_s:
-        out["server_wait_s"] = instance.server_wait_s
+    for key in ("server_wait_s", "job_s", "job_work_s"):
+        if getattr(instance, key):
+            out[key] = getattr(instance, key)
     if instance.phase_limits:
         out["phase_limits"] = [
             {"name": p.name, "limit_s": p.limit_s, "client_s": list(p.client_s),

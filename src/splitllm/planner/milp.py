@@ -28,7 +28,8 @@ def _latency_row(
     n, link = len(instance.units), instance.link
     # The crossing formula restated on purpose (see planner/network.py): this is the check.
     carried = [input_bytes, *out_bytes[:-1], output_bytes]  # bytes on the edge into unit l
-    wait_s = link.visit_s + instance.server_wait_s  # each visit's fixed cost and queueing
+    # each visit's fixed cost, queueing and the server's own seconds
+    wait_s = link.visit_s + instance.server_wait_s + instance.job_s
     up = [passes * (link.rtt_s / 2 + wait_s) + carried[l] / link.uplink_bytes_per_s
           for l in range(n)]
     down = [passes * link.rtt_s / 2 + carried[l] / link.downlink_bytes_per_s
@@ -83,6 +84,7 @@ def solve_milp(instance: Instance) -> Placement | None:
         high[x + l] = 1.0 if unit.server_ok else 0.0
     cost = np.zeros(nvar)
     cost[x : x + n] = [u.server_work for u in units]
+    cost[up : up + n] = instance.passes * instance.job_work_s  # each visit's own server work
     integrality = np.zeros(nvar)
     integrality[x : x + n] = 1
     result = milp(

@@ -76,3 +76,9 @@ def path_network_s(on_server: np.ndarray, edges: Switches) -> float:
     up = sides[1:]  # [L + 1]: the edge into unit l arrives on the server
     seconds = np.where(up, edges.up_s, edges.down_s)[sides[:-1] != up]
     return float(sum(seconds.tolist()))  # in path order, as a walk adds them up
+
+
+def visits(on_server: np.ndarray) -> int:
+    """Visits to the server (switches up) of a path that starts on the client; on_server [L]."""
+    sides = np.concatenate(([False], on_server))  # [L + 1]
+    return int(np.count_nonzero(sides[1:] & ~sides[:-1]))

@@ -44,8 +44,10 @@ def build_costs(instance: Instance) -> Costs:
     """Cost arrays of an instance; dimensions that cannot bind are left out."""
     units = instance.units
     n = len(units)
+    visit_work = np.zeros((n + 1, 2, 2))  # each visit's own server work over its passes
+    visit_work[:n, C, S] = instance.passes * instance.job_work_s
     dims: list[tuple[np.ndarray, np.ndarray, float]] = [
-        (np.array([[0.0, u.server_work] for u in units]), np.zeros((n + 1, 2, 2)), math.inf),
+        (np.array([[0.0, u.server_work] for u in units]), visit_work, math.inf),
         (np.array([[u.client_s, u.server_s] for u in units]),
          _moves(instance.switches),
          instance.sla_s),
@@ -213,6 +215,7 @@ def _dp_grid(instance: Instance, step_s: float) -> Placement | None:
     unit = np.ceil(costs.unit[:, :, 1] / step_s)
     move = np.ceil(costs.move[:, :, :, 1] / step_s)
     work_unit = costs.unit[:, :, 0]
+    work_move = costs.move[:, :, :, 0]  # a visit's own server work
     n = len(instance)
     best = np.full((2, budget + 1), math.inf)  # best[s, b]: least work having used b steps
     best[C, 0] = 0.0  # before unit 0, on the client
@@ -228,7 +231,7 @@ def _dp_grid(instance: Instance, step_s: float) -> Placement | None:
                     continue
                 k = int(shift)
                 cand = np.full(budget + 1, math.inf)
-                cand[k:] = best[p, : budget + 1 - k] + work_unit[l, s]
+                cand[k:] = best[p, : budget + 1 - k] + work_unit[l, s] + work_move[l, p, s]
                 better = cand < new[s]
                 new[s][better] = cand[better]
                 parents[l, s][better] = p

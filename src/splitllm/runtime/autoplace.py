@@ -52,6 +52,8 @@ class ServerTimes:
     latency_s: tuple[float, ...]
     work_s: tuple[float, ...]
     source: str  # where they come from, in words
+    job_s: float = 0.0  # the server's own seconds per visit per pass, beyond the units...
+    job_work_s: float = 0.0  # ... and its work (the step models' job_s, wall and CPU)
 
 
 def profile_server_times(server: UnitProfile, request: Request) -> ServerTimes:
@@ -67,7 +69,8 @@ def profile_server_times(server: UnitProfile, request: Request) -> ServerTimes:
 
 
 def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *,
-                            rows: float = 1.0, profile: UnitProfile | None = None) -> ServerTimes:
+                            rows: float = 1.0, profile: UnitProfile | None = None,
+                            fit: str = "") -> ServerTimes:
     """From the engine's own step model at `rows` rows per decode step (the server's load).
 
     A decode step of `rows` rows takes a unit's step time (latency) and costs this request its
@@ -75,7 +78,7 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
     contexts, lacks come from the unit profile. The prefill is the unit profile's, timed at the
     prompt lengths it fits (a P-token prefill, the head at one position): the step model's
     prefill points are several sessions' short prompts packed together. Without a profile: the
-    step model's curve.
+    step model's curve. `fit` says which model it is (timed at start, or live), in words.
     """
     g = max(request.output_tokens, 1)
     p, c = request.prompt_tokens, max(rows, 1.0)
@@ -96,8 +99,9 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
         return tuple((prefill + passes * step * share + reads).tolist())
 
     return ServerTimes(total(wall, 1.0, profile), total(cpu, 1.0 / c, profile and profile.cpu()),
-                       f"the server's engine step model at {c:.3g} rows per step"
-                       + (" (the prefill: its unit profile)" if profile else ""))
+                       f"the server's engine step model{fit} at {c:.3g} rows per step"
+                       + (" (the prefill: its unit profile)" if profile else ""),
+                       job_s=wall.job_s, job_work_s=cpu.job_s)
 
 
 def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, request: Request,
@@ -106,7 +110,8 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
     """The planner's instance from measured per-unit times and the wire format's real sizes.
 
     The client loop's own cost per pass (`client.pass_s`) is paid by every placement: it is
-    added to the first unit's latency on both sides (never to the server's work).
+    added to the first unit's latency on both sides (never to the server's work). The server's
+    own seconds per visit (`server.job_s`, `job_work_s`) are charged per visit and pass.
     """
     if len(client.names) != len(server.latency_s):
         raise UserError("client and server profiles cover different units (another model?)")
@@ -124,8 +129,8 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
                        server_work=float(server.work_s[i]), out_bytes=out_bytes[i],
                        client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
     return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
-                    output_bytes=wire_bytes.token_down,
-                    passes=passes)
+                    output_bytes=wire_bytes.token_down, passes=passes,
+                    job_s=server.job_s, job_work_s=server.job_work_s)
 
 
 def decode_s(profile: UnitProfile, prompt_tokens: int, decode_tokens: int,
@@ -151,11 +156,21 @@ def server_times(server_info: dict[str, Any], request: Request, rows: float = 1.
     if server_info.get("step_model") and server_info.get("step_model_cpu"):
         return step_model_server_times(StepModel.from_json(server_info["step_model"]),
                                        StepModel.from_json(server_info["step_model_cpu"]),
-                                       request, rows=rows, profile=profile)
+                                       request, rows=rows, profile=profile,
+                                       fit=fit_words(server_info.get("step_model_fit")))
     if profile is None:
         raise UserError("the server publishes no measured profile: pass device presets "
                         "(--client-device and --server-device)")
     return profile_server_times(profile, request)
+
+
+def fit_words(fit: dict[str, Any] | None) -> str:
+    """/v1/info's `step_model_fit` in words: " (live, refitted on N steps)" or " (start-up)"."""
+    if not fit:
+        return ""
+    if fit.get("source") == "live":
+        return f" (live, refitted on {int(fit.get('steps', 0))} steps)"
+    return f" ({fit.get('source', 'start-up')})"
 
 
 def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Link,

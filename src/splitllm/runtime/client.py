@@ -208,18 +208,20 @@ class Session:
                  ) -> tuple[Instance, str]:
         """The planner's instance for this request (no SLA yet) and where its times come from.
 
-        The server's unit times are taken at the rows per step it reports now (its load).
+        The server's unit times are taken from the step model it announces now (refitted on
+        its engine's recent steps), at the rows per step it reports now (its load).
         """
-        rows = 1.0
+        link = self.measure_link()  # first: its probes are steps the announced model sees
+        rows, info = 1.0, self.info
         if client_device == MEASURED:
             with contextlib.suppress(UserError):  # an older server without the engine's metrics
                 rows = fetch_rows_per_step(self.server, self.dialer.token, self.timeout_s)
+                info = fetch_info(self.server, self.dialer.token, self.timeout_s)
         return request_instance(
             stack=self.stack, model_config=self.loaded.model.config.to_dict(),
-            link=self.measure_link(),
-            request=Request(prompt_tokens=prompt_tokens, output_tokens=new_tokens,
-                            speculation=speculation),
-            wire_dtype=self.wire_dtype, server_info=self.info,
+            link=link, request=Request(prompt_tokens=prompt_tokens,
+                                       output_tokens=new_tokens, speculation=speculation),
+            wire_dtype=self.wire_dtype, server_info=info,
             client_profile=self.client_profile, client_device=client_device,
             server_device=server_device, server_rows=rows)
 

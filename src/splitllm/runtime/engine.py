@@ -134,6 +134,10 @@ def fair_shares(demand: dict[str, int], budget: int) -> dict[str, int]:
 class Engine:
     """The queue and the thread that runs batched steps on one UnitStack."""
 
+    # Hears each step's seconds per unit (wall, CPU) and tokens per unit: the server's live
+    # step model (runtime/live_steps.py). Units are timed in CPU seconds only for it.
+    on_step: Callable[[dict[int, float], dict[int, float], dict[int, int]], None] | None = None
+
     def __init__(self, stack: UnitStack, metrics: ServerMetrics, config: EngineConfig,
                  threads: int, start: bool = True) -> None:
         if config.max_batch_tokens < 1 or config.max_batch_rows < 1:
@@ -253,7 +257,7 @@ class Engine:
         tokens = sum(take for _, take in picks)
         clock, cpu_clock = time.perf_counter(), time.thread_time()
         try:
-            outputs, times = run_step(self.stack, rows, unit_cpu=False)
+            outputs, times = run_step(self.stack, rows, unit_cpu=self.on_step is not None)
         except Exception as exc:  # the step as a whole failed (e.g. out of memory): all its rows
             for job, _ in picks:
                 self._remove(job)
@@ -266,6 +270,8 @@ class Engine:
         waits = [now - wall_s - job.enqueued_at for job, _ in picks if job.done_tokens == 0]
         self.metrics.record_step(times.unit_s, times.unit_tokens, rows=len(rows), tokens=tokens,
                                  wall_s=wall_s, cpu_s=cpu_s, queue_waits_s=waits)
+        if self.on_step is not None:
+            self.on_step(times.unit_s, times.unit_cpu_s, times.unit_tokens)
         for (job, take), row, output in zip(picks, rows, outputs, strict=True):
             share = take / tokens
             job.busy_s += wall_s * share

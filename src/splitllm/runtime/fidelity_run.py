@@ -41,6 +41,7 @@ QUICK_LENGTHS = ((32, 8),)
 FULL_LENGTHS = ((16, 8), (64, 16), (128, 8))
 TARGET_MEDIAN, TARGET_MAX, TARGET_SAVING_POINTS = 0.10, 0.25, 3.0
 SERVER_START_S = 600.0
+WARM_UP_TOKENS = 16  # server-only tokens each connection generates before planning
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,7 @@ class RealBench:
         self.loaded = loaded
         self.opts = opts
         self._sessions: dict[Condition, Session] = {}
+        self._sources: dict[Condition, str] = {}  # where each condition's predictions came from
 
     def session(self, condition: Condition) -> Session:
         """The connection of a condition (opened, warmed up and its link measured once)."""
@@ -70,7 +72,10 @@ class RealBench:
                               emulate_link=condition.link,
                               emulate_client_slowdown=condition.client_slowdown)
             n = session.stack.n_units
-            session.generate(self.prompt(8), 2, placement="S" * n, chat=False)  # warm up
+            # warm up; the server-only steps also give the server's live step model its
+            # first samples at one row (live_steps.MIN_SAMPLES) before the first prediction
+            session.generate(self.prompt(8), WARM_UP_TOKENS, placement="S" * n, chat=False,
+                             stop_at_eos=False)
             session.generate(self.prompt(8), 2, placement="C" * n, chat=False)
             self._sessions[condition] = session
         return self._sessions[condition]
@@ -83,8 +88,9 @@ class RealBench:
     def instances(self, condition: Condition, prompt_tokens: int, new_tokens: int
                   ) -> tuple[Instance, Instance]:
         session = self.session(condition)
-        whole, _ = session.instance(prompt_tokens, new_tokens)
+        whole, source = session.instance(prompt_tokens, new_tokens)
         first, _ = session.instance(prompt_tokens, 1)
+        self._sources.setdefault(condition, source)
         return whole, first
 
     def session_bytes(self, condition: Condition, prompt_tokens: int, new_tokens: int,
@@ -116,7 +122,8 @@ class RealBench:
             link, loop_s = session.measure_link(), session.client_profile().pass_s
             lines.append(f"{condition.label}: RTT {link.rtt_s * 1e3:.2f} ms, a visit "
                          f"{link.visit_s * 1e3:.2f} ms beyond it, the client loop "
-                         f"{loop_s * 1e3:.2f} ms per pass")
+                         f"{loop_s * 1e3:.2f} ms per pass; predicted from "
+                         f"{self._sources.get(condition, 'nothing')}")
         return lines
 
     def close(self) -> None:

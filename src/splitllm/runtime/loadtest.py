@@ -23,6 +23,7 @@ from splitllm.sim.workload import Workload
 from splitllm.sim.world import World
 
 QUEUE_WAIT = "splitllm_engine_queue_wait_seconds"
+STEP_ROWS = "splitllm_engine_step_rows"
 BUSY = "splitllm_server_busy_seconds_total"
 PROCESS_CPU = "process_cpu_seconds_total"
 RATE_RANGE = 1024.0  # the search stays within 1/1024 to 1024 times its first rate
@@ -92,7 +93,8 @@ def server_job_s(before: dict[str, float], after: dict[str, float]) -> float:
 
 class ServerLoad:
     """The load the server reports, as load-aware policies read it: the recent mean queue wait
-    per forward and the busy share, from successive /metrics pages decayed over `tau_s`."""
+    per forward, the busy share and the rows per engine step, from successive /metrics pages
+    decayed over `tau_s`."""
 
     def __init__(self, tau_s: float, headroom: float) -> None:
         self.tau_s = tau_s
@@ -101,6 +103,8 @@ class ServerLoad:
         self.wait_sum_s = 0.0
         self.waits = 0.0
         self.busy_share = 0.0
+        self.rows_sum = 0.0  # forwards in the recent steps (decayed)...
+        self.steps = 0.0  # ... and those steps
 
     def update(self, now_s: float, metrics: dict[str, float]) -> None:
         """Take one /metrics page read at `now_s`."""
@@ -108,9 +112,14 @@ class ServerLoad:
             then_s, before = self.last
             dt = max(now_s - then_s, 1e-9)
             keep = math.exp(-dt / self.tau_s)
-            self.wait_sum_s = keep * self.wait_sum_s + counter_delta(metrics, before,
-                                                                     QUEUE_WAIT + "_sum")
-            self.waits = keep * self.waits + counter_delta(metrics, before, QUEUE_WAIT + "_count")
+
+            def decayed(total: float, name: str) -> float:
+                return keep * total + counter_delta(metrics, before, name)
+
+            self.wait_sum_s = decayed(self.wait_sum_s, QUEUE_WAIT + "_sum")
+            self.waits = decayed(self.waits, QUEUE_WAIT + "_count")
+            self.rows_sum = decayed(self.rows_sum, STEP_ROWS + "_sum")
+            self.steps = decayed(self.steps, STEP_ROWS + "_count")
             busy = counter_delta(metrics, before, BUSY) / dt
             self.busy_share = keep * self.busy_share + (1 - keep) * busy
         self.last = (now_s, metrics)
@@ -118,9 +127,12 @@ class ServerLoad:
     def load(self) -> Load:
         """What a request arriving now sees."""
         wait_s = self.wait_sum_s / self.waits if self.waits > 1e-9 else 0.0
+        # the rows per step a batched server's work is priced at, as the simulator's meter
+        # reads them (1 before any step)
+        rows = max(self.rows_sum / self.steps, 1.0) if self.steps > 1e-9 else 1.0
         return Load(wait_mean_s=wait_s, wait_quantile_s=wait_s,
-                    utilization=min(self.busy_share, 1.0), headroom=self.headroom,
-                    tuned_headroom=self.headroom)
+                    utilization=min(self.busy_share, 1.0), batch_rows=rows,
+                    headroom=self.headroom, tuned_headroom=self.headroom)
 
 
 @dataclass(frozen=True)

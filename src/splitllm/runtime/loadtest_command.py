@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -141,7 +142,7 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
     from splitllm.runtime.loadtest_idle import idle_check, idle_json, idle_md
     from splitllm.runtime.loadtest_report import header_text, report_md, study_json, write_report
     from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
-    from splitllm.runtime.loadtest_world import loadtest_world, with_job_s
+    from splitllm.runtime.loadtest_world import loadtest_world, with_step_model
     from splitllm.runtime.models import context_tokens, load_model
     from splitllm.stepmodel import StepModel
 
@@ -175,9 +176,15 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         before = runner.metrics()
         idle = idle_check(world, runner.alone)
         job_s = server_job_s(before, runner.metrics())
-        world = with_job_s(world, job_s)
+        # the step model the server refitted on the idle check's steps, and its seconds per
+        # job: what the simulated server runs and what both sides' planners charge
+        live = fetch_info(url, token)
+        world = with_step_model(world, replace(StepModel.from_json(live["step_model"]),
+                                               job_s=job_s))
+        runner.world = world
         _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
-                  "(the simulator charges it per job)")
+                  "(charged per job); its step model "
+                  f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
         # less what ran before, and a longest SLA kept for the requests a cut-off probe still
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s

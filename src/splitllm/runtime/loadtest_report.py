@@ -156,13 +156,15 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     lines += ["", "Every client runs in this one process (threads, one connection each), "
               "pinned apart from a local server where the OS allows; their compute shares "
               "the client's cores. The simulator's prediction: the same world, batched server "
-              "with the step model the server measured at start (/v1/info). A visit to the "
+              "with the step model the server announced after the idle check (/v1/info: "
+              "refitted on its engine's steps). A visit to the "
               f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
               "(measured on the idle server at start; the planner and the simulator charge it "
               f"per pass and visit). The server spends {_job_s(world) * 1e3:.3g} ms of CPU per "
               "forward outside its engine steps (framing, sampling, hand-offs, sessions "
               "opened and closed; over the idle check: the process's CPU less the steps'), "
-              "which the simulator charges per job beside each step."]
+              "which the simulator charges per job beside each step and both planners per "
+              "visit and pass."]
     return "\n".join(lines)
 
 

@@ -205,9 +205,6 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
     return world, emulated
 
 
-def with_job_s(world: World, job_s: float) -> World:
-    """The world whose batched server charges `job_s` per job beside its steps."""
-    step = world.server.step_model
-    if step is None:
-        return world
-    return replace(world, server=replace(world.server, step_model=replace(step, job_s=job_s)))
+def with_step_model(world: World, step: StepModel) -> World:
+    """The world whose batched server runs `step` (its SLAs stay as they were set)."""
+    return replace(world, server=replace(world.server, step_model=step))

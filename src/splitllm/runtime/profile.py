@@ -32,6 +32,7 @@ from splitllm.stepmodel import StepModel, fit_unit
 PROFILE_PROMPT_TOKENS = (8, 32, 96)  # prefill lengths timed
 PROFILE_CONTEXTS = (16, 256, 1024)  # decode contexts timed (capped at the model's positions)
 PROFILE_ROUNDS = 3  # each point is the median of this many rounds
+STEP_ROUNDS = 5  # each step-model sample is the median of this many rounds (after a warm-up)
 
 Rows = tuple[tuple[float, ...], ...]  # [point][unit] seconds
 
@@ -86,14 +87,17 @@ class UnitProfile:
             return self
         return replace(self, prefill_s=self.prefill_cpu_s, decode_s=self.decode_cpu_s)
 
-    def scaled(self, factor: float) -> UnitProfile:
-        """The same profile on a device `factor` times slower."""
-        def times(rows: Rows) -> Rows:
-            return tuple(tuple(t * factor for t in row) for row in rows)
+    def scaled(self, factor: float, cpu_factor: float | None = None) -> UnitProfile:
+        """The same profile on a device `factor` times slower (its CPU seconds `cpu_factor`
+        times, default the same)."""
+        def times(rows: Rows, by: float) -> Rows:
+            return tuple(tuple(t * by for t in row) for row in rows)
 
-        return replace(self, prefill_s=times(self.prefill_s), decode_s=times(self.decode_s),
-                       prefill_cpu_s=times(self.prefill_cpu_s),
-                       decode_cpu_s=times(self.decode_cpu_s))
+        cpu = factor if cpu_factor is None else cpu_factor
+        return replace(self, prefill_s=times(self.prefill_s, factor),
+                       decode_s=times(self.decode_s, factor),
+                       prefill_cpu_s=times(self.prefill_cpu_s, cpu),
+                       decode_cpu_s=times(self.decode_cpu_s, cpu))
 
     def emulated(self, slowdown: float) -> UnitProfile:
         """This device emulated `slowdown` times slower, as the client's emulation does it
@@ -232,27 +236,28 @@ def filled_cache(stack: UnitStack, context: int) -> SegmentCache | None:
 
 def measure_step_models(stack: UnitStack, batch_rows: Sequence[int] = (1, 4, 16),
                         prompt_tokens: int = 8, decode_steps: int = 2,
-                        rounds: int = PROFILE_ROUNDS) -> tuple[StepModel, StepModel]:
+                        rounds: int = STEP_ROUNDS) -> tuple[StepModel, StepModel]:
     """The step model fitted on engine steps, in wall and in CPU seconds: a prefill and a few
     decode steps at each batch size, each sample the median of its rounds. The sessions' caches
     are the server's own (block-grown): the fused decode path (runtime/fused.py) takes only
     those, and a step model timed on others missed it (the demo's plan put the server's work
-    1.5-1.8x too high)."""
+    1.5-1.8x too high). A first round over every shape is discarded: the first steps of a
+    shape ran 10-20% slow (kernels, packed weights, memory touched the first time). The
+    server refits this model from its live steps (runtime/live_steps.py)."""
     device = next(stack.model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     n = stack.n_units
-    runs: list[list[StepTimes]] = []  # per sample: its rounds
-    run_step(stack, _rows(stack, prompt_tokens, 0, generator, device))  # warm-up
-    for batch in batch_rows:
-        prefill: list[StepTimes] = []
-        decode: list[StepTimes] = []
-        for _ in range(max(rounds, 1)):
+    runs: dict[tuple[int, bool], list[StepTimes]] = {}  # (batch, decode) -> every round's
+    for round_index in range(max(rounds, 1) + 1):  # rounds interleaved over the batch sizes
+        for batch in batch_rows:
             caches = [stack.new_cache(0, n, grown_in_blocks=True) for _ in range(batch)]
-            prefill.append(run_step(stack, _rows(stack, prompt_tokens, 0, generator, device,
-                                                 caches))[1])
-            decode += [run_step(stack, _rows(stack, 1, prompt_tokens + step, generator, device,
-                                             caches))[1] for step in range(decode_steps)]
-        runs += [prefill, decode]
+            prefill = run_step(stack, _rows(stack, prompt_tokens, 0, generator, device,
+                                            caches))[1]
+            decode = [run_step(stack, _rows(stack, 1, prompt_tokens + step, generator, device,
+                                            caches))[1] for step in range(decode_steps)]
+            if round_index:
+                runs.setdefault((batch, False), []).append(prefill)
+                runs.setdefault((batch, True), []).extend(decode)
 
     def fitted(clock: str) -> StepModel:
         def sample(unit_runs: list[StepTimes], units: range) -> tuple[int, float]:
@@ -260,7 +265,8 @@ def measure_step_models(stack: UnitStack, batch_rows: Sequence[int] = (1, 4, 16)
             return unit_runs[0].unit_tokens[units[0]], statistics.median(seconds)
 
         kinds = (range(0, 1), range(1, n - 1), range(n - 1, n))  # embed, every block, head
-        embed, block, head = (fit_unit([sample(r, units) for r in runs]) for units in kinds)
+        embed, block, head = (fit_unit([sample(r, units) for r in runs.values()])
+                              for units in kinds)
         return StepModel(embed, block, head, stack.n_blocks)
 
     return fitted("unit_s"), fitted("unit_cpu_s")

@@ -19,6 +19,7 @@ import torch
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.guards import TransportLimits
+from splitllm.runtime.live_steps import START_UP, LiveStepModel, StepModels
 from splitllm.runtime.metrics import ServerMetrics, gauge
 from splitllm.runtime.models import LoadedModel, weights_fingerprint
 from splitllm.runtime.profile import UnitProfile, measure_step_models, profile_units
@@ -31,7 +32,6 @@ from splitllm.runtime.session import (
     default_max_kv_bytes,
 )
 from splitllm.runtime.units import UnitStack
-from splitllm.stepmodel import StepModel
 
 
 class SessionOwner(Protocol):
@@ -105,8 +105,12 @@ class ServerState:
                 models = measure_step_models(self.stack)
             finally:
                 torch.set_num_threads(caller_threads)
-        self.step_model: StepModel | None = models[0] if models else None
-        self.step_model_cpu: StepModel | None = models[1] if models else None
+        # Announced as timed at start until the engine has run steps, then refitted on them.
+        self.step_models: LiveStepModel | None = None
+        if models:
+            self.step_models = LiveStepModel(StepModels(*models, START_UP, 0),
+                                             self.stack.n_units)
+            self.engine.on_step = self.step_models.record
         self.started_at = time.time()
 
     def info(self) -> dict[str, Any]:
@@ -128,9 +132,7 @@ class ServerState:
             "device": cfg.announce_device,  # what clients' auto placement assumes of this server
             "compute": str(self.engine.device),
             "threads": self.threads,
-            "profile": self.profile.to_json() if self.profile else None,
-            "step_model": self.step_model.to_json() if self.step_model else None,
-            "step_model_cpu": self.step_model_cpu.to_json() if self.step_model_cpu else None,
+            **self._step_model_json(),
             "engine": {"max_batch_tokens": cfg.engine.max_batch_tokens,
                        "max_batch_rows": cfg.engine.max_batch_rows},
             "limits": {
@@ -148,6 +150,20 @@ class ServerState:
                 "idle_timeout_s": cfg.idle_timeout_s,
             },
         }
+
+    def _step_model_json(self) -> dict[str, Any]:
+        """/v1/info's step models (wall, CPU), which fit they are (start-up or live), and the
+        unit profile at the speed the blocks' recent steps show."""
+        profile = self.profile
+        if self.step_models is None:
+            return {"profile": profile.to_json() if profile else None, "step_model": None,
+                    "step_model_cpu": None, "step_model_fit": None}
+        models = self.step_models.models()
+        if profile is not None:
+            profile = profile.scaled(*models.block_slowdown)
+        return {"profile": profile.to_json() if profile else None,
+                "step_model": models.wall.to_json(), "step_model_cpu": models.cpu.to_json(),
+                "step_model_fit": models.fit_json()}
 
     async def run_forward(self, session: ServerSession, header: wire.ForwardHeader,
                           payload: bytes | memoryview) -> ForwardResult:

@@ -269,11 +269,13 @@ def request_instance(rtype: RequestType, client: ClientClass, world: World, prom
     if (world.server.scheduler == "batched" and measured is not None
             and measured.n_blocks == len(rtype.model.units) - 2):
         # the server measured its steps: plan with what the simulated (and real) server takes
-        # for this request alone, not the roofline (which misses each unit's fixed seconds)
+        # for this request alone, not the roofline (which misses each unit's fixed seconds),
+        # and its seconds per job (a visit's pass) as its batched server charges them
         solo_s = measured_unit_s(measured, rtype, prompt, output)
         instance = replace(instance, units=tuple(
             replace(u, server_s=float(s), server_work=float(s))
-            for u, s in zip(instance.units, solo_s, strict=True)))
+            for u, s in zip(instance.units, solo_s, strict=True)),
+            job_s=measured.job_s, job_work_s=measured.job_s)
     return shrink(instance, headroom)
 
 

@@ -1,0 +1,149 @@
+"""The server's step model refitted from the steps its engine ran, not only timed at start.
+
+A step model timed once when the server starts carries the load of that moment: on this
+machine a process reading memory on the other core slowed the start-up steps 1.2-2.7x in wall
+and in CPU seconds alike (memory bandwidth is shared; the CPU clock does not see it), and the
+server kept that model for its life. The engine times every unit of every step it runs; this
+keeps the recent ones, per unit kind (embed, block, head) and token count, and refits the one
+step model (`stepmodel.StepModel`) from them:
+
+- a token count with at least `min_samples` recent samples gets its own point: their mean
+  (a step's expected seconds, what latency sums and a server's capacity see);
+- the start-up curve's other points are kept, scaled by the median ratio of every recent
+  sample to the start-up curve at its token count (the machine's speed now against then),
+  so a kind's curve keeps its shape where the engine has not run yet;
+- `fit_unit` makes the curve non-decreasing (a count's samples weigh by their number).
+
+Torch-free: the engine hands over `StepTimes`-like per-unit dicts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from splitllm.stepmodel import StepModel, UnitFit, fit_unit
+
+WINDOW_STEPS = 200  # recent samples kept per unit kind and token count
+MIN_SAMPLES = 5  # a token count's own point needs this many samples
+KINDS = ("embed", "block", "head")
+START_UP, LIVE = "start-up", "live"
+
+Samples = dict[int, list[float]]  # tokens -> seconds of the recent steps
+
+
+@dataclass(frozen=True)
+class StepModels:
+    """The server's step model in wall and in CPU seconds, and what it was fitted on."""
+
+    wall: StepModel
+    cpu: StepModel
+    source: str  # START_UP: timed when the server started; LIVE: refitted from its steps
+    steps: int  # engine steps the live refit saw (0: start-up)
+    # the blocks' recent seconds over their start-up seconds (`slowdown`), wall and CPU: the
+    # server's unit profile, timed at start too, is announced at this speed
+    block_slowdown: tuple[float, float] = (1.0, 1.0)
+
+    def fit_json(self) -> dict[str, Any]:
+        """/v1/info's `step_model_fit`: which model the server announces."""
+        return {"source": self.source, "steps": self.steps,
+                "block_slowdown": list(self.block_slowdown)}
+
+
+def slowdown(start: UnitFit, samples: Samples) -> float:
+    """The median ratio of recent samples to the start-up curve at their token counts (1: as
+    at start; none: 1)."""
+    ratios = [s / start.seconds(t) for t, seconds in samples.items() for s in seconds
+              if start.seconds(t) > 0]
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def refit_unit(start: UnitFit, samples: Samples, min_samples: int = MIN_SAMPLES) -> UnitFit:
+    """A unit kind's curve from its recent samples, the start-up curve filling in the token
+    counts they do not cover (scaled by `slowdown`)."""
+    if not samples:
+        return start
+    speed = slowdown(start, samples)
+    own = {t: seconds for t, seconds in samples.items() if len(seconds) >= min_samples}
+    points = [(float(t), s) for t, seconds in own.items() for s in seconds]
+    points += [(t, s * speed) for t, s in start.points if t not in {float(k) for k in own}]
+    return fit_unit(points)
+
+
+def refit(start: StepModel, samples: tuple[Samples, Samples, Samples],
+          min_samples: int = MIN_SAMPLES) -> StepModel:
+    """The step model with each kind (embed, block, head) refitted on its samples."""
+    embed, block, head = (refit_unit(getattr(start, kind), kind_samples, min_samples)
+                          for kind, kind_samples in zip(KINDS, samples, strict=True))
+    return StepModel(embed, block, head, start.n_blocks, job_s=start.job_s)
+
+
+class LiveStepModel:
+    """Recent engine steps, per unit kind and token count, and the step models refitted on them
+    (thread-safe: the engine thread records, the event loop reads)."""
+
+    def __init__(self, start: StepModels, n_units: int, *, window: int = WINDOW_STEPS,
+                 min_samples: int = MIN_SAMPLES) -> None:
+        self.start = start
+        self.n_units = n_units
+        self.window = window
+        self.min_samples = min_samples
+        # [kind] tokens -> recent (wall, cpu) seconds per unit; the token counts are bounded by
+        # the engine's token budget per step
+        self._samples: tuple[dict[int, deque[tuple[float, float]]], ...] = ({}, {}, {})
+        self._steps = 0
+        self._lock = threading.Lock()
+        self._fitted: StepModels = start
+
+    def kind(self, unit: int) -> int:
+        """0 embed, 1 block, 2 head."""
+        return 0 if unit == 0 else 2 if unit == self.n_units - 1 else 1
+
+    def record(self, unit_s: Mapping[int, float], unit_cpu_s: Mapping[int, float],
+               unit_tokens: Mapping[int, int]) -> None:
+        """Take one step's seconds per unit (CPU: wall where not timed) and tokens per unit:
+        one sample per kind and token count (the mean of its blocks in this step)."""
+        step: tuple[dict[int, list[tuple[float, float]]], ...] = ({}, {}, {})
+        for unit, wall_s in unit_s.items():
+            step[self.kind(unit)].setdefault(unit_tokens[unit], []).append(
+                (wall_s, unit_cpu_s.get(unit, wall_s)))
+        with self._lock:
+            self._steps += 1
+            for kind, by_tokens in enumerate(step):
+                for tokens, seconds in by_tokens.items():
+                    recent = self._samples[kind].setdefault(tokens, deque(maxlen=self.window))
+                    recent.append((statistics.fmean(w for w, _ in seconds),
+                                   statistics.fmean(c for _, c in seconds)))
+
+    @property
+    def steps(self) -> int:
+        """Engine steps recorded so far."""
+        with self._lock:
+            return self._steps
+
+    def models(self) -> StepModels:
+        """The step models refitted on the recent steps (the start-up ones before any)."""
+        with self._lock:
+            steps = self._steps
+            if steps == self._fitted.steps or steps == 0:
+                return self._fitted
+            snapshot = tuple({t: list(recent) for t, recent in kind.items()}
+                             for kind in self._samples)
+
+        def clock(index: int) -> tuple[Samples, Samples, Samples]:
+            return tuple({t: [pair[index] for pair in pairs] for t, pairs in kind.items()}
+                         for kind in snapshot)  # type: ignore[return-value]
+
+        wall, cpu = clock(0), clock(1)
+        fitted = StepModels(refit(self.start.wall, wall, self.min_samples),
+                            refit(self.start.cpu, cpu, self.min_samples), LIVE, steps,
+                            (slowdown(self.start.wall.block, wall[1]),
+                             slowdown(self.start.cpu.block, cpu[1])))
+        with self._lock:
+            if fitted.steps > self._fitted.steps:
+                self._fitted = fitted
+        return fitted
