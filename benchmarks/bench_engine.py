@@ -28,12 +28,14 @@ machine has two cores. Speed is measured here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.engine import EngineConfig
 from splitllm.runtime.fused import fused_decode
-from splitllm.runtime.gemv import FAST_ROWS, kernel_rows
+from splitllm.runtime.gemv import FAST_ROWS, kernel_rows, packed_linear
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
@@ -184,6 +186,16 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
     return points
 
 
+@contextlib.contextmanager
+def linear_paths(variant: str) -> Iterator[None]:
+    """fused: every fast path (the engine as it runs); kernel: the model's own blocks with the
+    few-row kernel and the packed weights; mkl: every product by MKL through the model's
+    modules (the engine before any of them)."""
+    with fused_decode(variant == "fused"), packed_linear(variant != "mkl"), \
+            kernel_rows(0 if variant == "mkl" else FAST_ROWS):
+        yield
+
+
 def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tokens: int,
                       rounds: int = 3) -> None:
     """One session's decode tok/s by the fused blocks (runtime/fused.py), by the model's own
@@ -191,15 +203,17 @@ def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tok
     against the limit measured just before it (the load moves both alike)."""
     driver = InProcessDriver(UnitStack(loaded.model), config=EngineConfig(), client_units=0,
                              client_core=None)
-    variants = (("fused", True, FAST_ROWS), ("kernel", False, FAST_ROWS), ("MKL alone", False, 0))
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    small_page_ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    variants = ("fused", "kernel", "mkl")
+    names = {"fused": "fused", "kernel": "kernel", "mkl": "MKL alone"}
+    rates: dict[str, list[float]] = {names[v]: [] for v in variants}
+    ratios: dict[str, list[float]] = {names[v]: [] for v in variants}
+    small_page_ratios: dict[str, list[float]] = {names[v]: [] for v in variants}
     buffers = sum_buffers()
     for _ in range(rounds):
         small_pages, huge_pages = (tensor_sum(data, 3) for data in buffers.values())
-        for name, on, rows in variants:
-            with fused_decode(on), kernel_rows(rows):
+        for variant in variants:
+            name = names[variant]
+            with linear_paths(variant):
                 stamps = driver.run(ids, 1, tokens).stamps[0]
                 rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
             rates[name].append(rate)
@@ -239,7 +253,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="1 and 16 sessions, 8 tokens each (a few minutes)")
     parser.add_argument("--linear", choices=("kernel", "mkl"), default="kernel",
-                        help="mkl: every linear layer by MKL (the few-row kernel off)")
+                        help="mkl: every linear layer by MKL (the few-row kernel, the fused "
+                             "path and the packed weights off)")
     args = parser.parse_args()
     if args.quick:
         args.sessions, args.tokens = [1, 16], 8
@@ -265,7 +280,7 @@ def main() -> None:
     else:
         if pin:
             os.sched_setaffinity(0, {0})  # the engine thread; the client thread moves to core 1
-        with kernel_rows(FAST_ROWS if args.linear == "kernel" else 0):
+        with linear_paths("fused" if args.linear == "kernel" else "mkl"):
             batched = run_inprocess(args, loaded, ids, 64, "batched", placements, pin)
             single = run_inprocess(args, loaded, ids, 1, "batch-1", placements, pin)
             if not args.quick:
