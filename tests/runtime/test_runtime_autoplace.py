@@ -70,12 +70,14 @@ def test_measured_instance_follows_the_cost_model() -> None:
     assert 256 * (20 + 4) + 5 * 100 < block.out_bytes < 256 * (20 + 4) + 5 * 200
     assert 5 * 50 < instance.units[-1].out_bytes == instance.output_bytes < 5 * 150
     assert 8 * (20 + 4) + 5 * 100 < instance.input_bytes < 8 * (20 + 4) + 5 * 200  # int64 ids
-    # All-server: compute on the server, the ids go up and the tokens come down every pass.
+    # All-server: compute on the server, the ids go up and the tokens come down every pass,
+    # after the session's opening (one round trip; its messages' bytes are the caller's).
+    assert instance.session_open_s == 0.05
     all_server = evaluate(instance, Placement("SSSS"))
     up = 5 * 0.025 + instance.input_bytes / 1e6
     down = 5 * 0.025 + instance.output_bytes / 2e6
     assert all_server.latency_s == pytest.approx(sum(u.server_s for u in instance.units)
-                                                 + up + down)
+                                                 + up + down + 0.05)
 
 
 def test_profiles_fit_the_cost_model_shape_to_their_points() -> None:
