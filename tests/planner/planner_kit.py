@@ -10,6 +10,7 @@ internals:
   the edge into unit l carries unit l-1's out_bytes (edge 0: input_bytes, edge n: output_bytes);
 - an up crossing costs passes * (rtt/2 + visit_s + server_wait_s + job_s) + bytes / uplink,
   a down crossing passes * rtt/2 + bytes / downlink;
+- a placement with any S unit also pays session_open_s once (opening its server session);
 - a phase limit is the same sum over its own per-unit times and bytes, with its own passes;
 - server work = sum of server_work of S units + passes * job_work_s per visit (up crossing),
   client memory = sum of client_mem_bytes of C units;
@@ -121,7 +122,7 @@ def brute_force(instance: Instance) -> BruteForce:
         on, [u.client_s for u in units], [u.server_s for u in units],
         [u.out_bytes for u in units], instance.input_bytes, instance.output_bytes,
         instance.link, instance.passes, instance.server_wait_s + instance.job_s,
-    )
+    ) + on.any(axis=1) * instance.session_open_s
     phases = np.array([
         path_latency(on, p.client_s, p.server_s, p.out_bytes, p.input_bytes, p.output_bytes,
                      instance.link, p.passes, instance.server_wait_s + instance.job_s)
@@ -289,6 +290,9 @@ def brute_force_case(seed: int, max_units: int = 14) -> Instance:
     job = np.random.default_rng(seed + 3_000_000)  # the server's own cost per visit, apart too
     if job.random() < 0.3:
         instance = with_job_cost(job, instance)
+    opening = np.random.default_rng(seed + 4_000_000)  # the session's opening, apart too
+    if opening.random() < 0.3:
+        instance = dataclasses.replace(instance, session_open_s=float(opening.uniform(0.001, 0.2)))
     return pick_limits(rng, instance, KINDS[seed % len(KINDS)])
 
 

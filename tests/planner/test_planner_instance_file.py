@@ -55,6 +55,16 @@ def test_server_wait_and_passes_roundtrip() -> None:
     assert parse_instance(instance_to_dict(instance)) == instance
 
 
+def test_the_sessions_opening_roundtrips_and_an_older_file_reads_it_as_nothing() -> None:
+    instance = dataclasses.replace(brute_force_case(3), session_open_s=0.0625)
+    data = json.loads(json.dumps(instance_to_dict(instance)))
+    assert data["session_open_s"] == 0.0625
+    assert parse_instance(data) == instance
+    assert model_instance().session_open_s == LINK_PRESETS["5g"].rtt_s  # built: the link's
+    del data["session_open_s"]  # a file from before the field: plans as it did
+    assert parse_instance(data) == dataclasses.replace(instance, session_open_s=0.0)
+
+
 def minimal() -> dict[str, Any]:
     return {
         "layers": [{"name": "a", "client_s": 1.0, "server_s": 0.1, "server_work": 0.1,
@@ -82,7 +92,7 @@ BAD_FIELDS = [
     ("sla_s", None), ("layers.0.server_s", None), ("bogus", 1), ("layers.0.bogus", 1),
     ("rtt_s", -0.1), ("layers.0.client_s", -1.0), ("sla_s", 0.0), ("uplink_bytes_per_s", 0.0),
     ("sla_s", math.nan), ("layers.0.server_work", math.inf), ("passes", 0),
-    ("client_mem_bytes", 0.0), ("layers.0.out_bytes", "lots"),
+    ("client_mem_bytes", 0.0), ("layers.0.out_bytes", "lots"), ("session_open_s", -0.01),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -12,6 +13,7 @@ from splitllm.planner.network import (
     carried_bytes,
     crossing_s,
     path_network_s,
+    session_open_s,
     switch_costs,
 )
 
@@ -99,3 +101,65 @@ def test_a_servers_cost_per_visit_makes_the_planner_visit_less() -> None:
         plan = solve(costly, solver)
         assert plan is not None and plan.placement == Placement("CSSSC"), solver
         assert plan.server_work == 3.0 + 2.0  # against 2.0 + 2 x 2.0 for CSCSC
+
+
+def test_opening_the_session_is_one_round_trip_with_its_bytes_and_no_visit_cost() -> None:
+    visited = Link(uplink_bytes_per_s=1000.0, downlink_bytes_per_s=4000.0, rtt_s=0.2,
+                   visit_s=0.5)
+    assert session_open_s(visited) == 0.2
+    assert session_open_s(visited, 250.0, 1000.0) == pytest.approx(0.2 + 0.25 + 0.25)
+
+
+def test_a_plan_on_the_server_pays_the_sessions_opening_once() -> None:
+    """latency = before + session_open_s for every placement with a server unit (whatever its
+    visits and passes), nothing for the client-only one; network seconds hold it, server work
+    does not: exactly, on costs that add up without rounding (powers of two)."""
+    from splitllm.placement import Placement
+    from splitllm.planner.instance import Instance, Unit, evaluate
+
+    units = tuple(Unit(name=f"u{i}", client_s=1.0, server_s=0.25, server_work=0.5, out_bytes=0.0)
+                  for i in range(5))
+    link = Link(uplink_bytes_per_s=1.0, downlink_bytes_per_s=1.0, rtt_s=0.25)
+    free = Instance(units=units, link=link, sla_s=100.0, input_bytes=0.0, output_bytes=0.0,
+                    passes=4, job_s=0.125, job_work_s=0.0625)
+    opening = dataclasses.replace(free, session_open_s=0.375)
+    for sides, opened in (("CCCCC", 0), ("SSSSS", 1), ("CSSSC", 1), ("SCSCS", 1), ("CCCCS", 1)):
+        before, after = evaluate(free, Placement(sides)), evaluate(opening, Placement(sides))
+        assert after.latency_s - before.latency_s == opened * 0.375, sides
+        assert after.network_s - before.network_s == opened * 0.375, sides
+        assert after.server_work == before.server_work, sides
+
+
+def test_a_plan_that_fits_its_sla_only_without_the_opening_is_not_chosen() -> None:
+    """CCSSC (server work 2, 4.5 s) fits an SLA of 4.75 s alone, not with an opening of 0.5 s:
+    then CSSSC (work 3, 2.75 + 0.5 s) is the least work that fits. Under an SLA of 9 s an
+    opening of 4 s rules out CCCSC (work 1, 7.25 + 4 s), and under 11 s leaves the client-only
+    plan (11 s, no session) as the only one that fits. The exact solver, the MILP, the grid DP,
+    the best single cut and the frontier agree with the brute-force spec."""
+    from planner_kit import brute_force
+
+    from splitllm.placement import Placement
+    from splitllm.planner.instance import Instance, Unit, evaluate
+    from splitllm.planner.solvers import frontier, solve
+
+    units = tuple(Unit(name=f"u{i}", client_s=c, server_s=0.25, server_work=1.0, out_bytes=0.0)
+                  for i, c in enumerate((1.0, 2.0, 3.0, 4.0, 1.0)))
+    link = Link(uplink_bytes_per_s=1.0, downlink_bytes_per_s=1.0, rtt_s=0.0)
+    base = Instance(units=units, link=link, sla_s=4.75, input_bytes=0.0, output_bytes=0.0)
+    cases = {(4.75, 0.0): "CCSSC", (4.75, 0.5): "CSSSC", (9.0, 0.0): "CCCSC",
+             (9.0, 4.0): "CCSSC", (11.0, 4.0): "CCCCC"}
+    for (sla_s, open_s), expected in cases.items():
+        instance = dataclasses.replace(base, sla_s=sla_s, session_open_s=open_s)
+        optimum = brute_force(instance).optimum()
+        assert optimum is not None
+        best = evaluate(instance, Placement(expected))
+        assert (best.server_work, best.latency_s) == optimum
+        for solver in ("exact", "milp", "dp-grid", "best-single-cut"):
+            plan = solve(instance, solver)
+            assert plan is not None and plan.placement == Placement(expected), (solver, sla_s)
+        front = frontier(instance)
+        assert next(p for p in front if p.feasible).placement == Placement(expected)
+        assert front.latency_s.tolist() == [p.latency_s for p in front]
+    # what rules CCSSC out under 4.75 s is the opening alone
+    opened = dataclasses.replace(base, session_open_s=0.5)
+    assert evaluate(opened, Placement("CCSSC")).latency_s == 4.5 + 0.5

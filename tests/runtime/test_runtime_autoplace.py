@@ -14,7 +14,7 @@ from runtime_kit import TIMEOUT_S, random_prompt
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import evaluate
-from splitllm.planner.network import Link, crossing_s
+from splitllm.planner.network import Link, crossing_s, session_open_s
 from splitllm.runtime.autoplace import (
     AutoPlan,
     Request,
@@ -70,12 +70,14 @@ def test_measured_instance_follows_the_cost_model() -> None:
     assert 256 * (20 + 4) + 5 * 100 < block.out_bytes < 256 * (20 + 4) + 5 * 200
     assert 5 * 50 < instance.units[-1].out_bytes == instance.output_bytes < 5 * 150
     assert 8 * (20 + 4) + 5 * 100 < instance.input_bytes < 8 * (20 + 4) + 5 * 200  # int64 ids
-    # All-server: compute on the server, the ids go up and the tokens come down every pass.
+    # All-server: compute on the server, the ids go up and the tokens come down every pass,
+    # after the session's opening (one round trip; its messages' bytes are the caller's).
+    assert instance.session_open_s == 0.05
     all_server = evaluate(instance, Placement("SSSS"))
     up = 5 * 0.025 + instance.input_bytes / 1e6
     down = 5 * 0.025 + instance.output_bytes / 2e6
     assert all_server.latency_s == pytest.approx(sum(u.server_s for u in instance.units)
-                                                 + up + down)
+                                                 + up + down + 0.05)
 
 
 def test_profiles_fit_the_cost_model_shape_to_their_points() -> None:
@@ -282,6 +284,24 @@ def test_a_sessions_bytes_are_its_passes_and_its_session(placement: str, tiny_ll
     assert opened.total > 8 * new_tokens
     slack = 4 * crossings * new_tokens + 8  # digit counts of headers and of the stats
     assert abs(up - predicted_up) <= slack and abs(down - predicted_down) <= slack
+
+
+def test_auto_placement_opens_the_session_with_its_real_messages(
+        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    """The instance `placement="auto"` plans on pays one opening of the session over the
+    measured link, with the `open` and `opened` messages' real bytes, in every plan that runs a
+    unit on the server (and none in the client-only plan)."""
+    with connect(llama_server.ws_url, tiny_llama) as session:
+        instance, _ = session.instance(11, 12)
+        link, n = session.measure_link(), session.stack.n_units
+        opened = session_bytes(Placement("S" * n), session.stack.names, wire_dtype="float32",
+                               prompt_tokens=11, new_tokens=12)
+    assert opened.open_up > 0 and opened.open_down > 0
+    assert instance.session_open_s == session_open_s(link, opened.open_up, opened.open_down)
+    bare = replace(instance, session_open_s=0.0)
+    for sides, paid in (("S" * n, 1), ("C" * n, 0)):
+        assert evaluate(instance, Placement(sides)).latency_s == pytest.approx(
+            evaluate(bare, Placement(sides)).latency_s + paid * instance.session_open_s)
 
 
 def test_kv_bytes_per_token_matches_the_cache(tiny_llama: LoadedModel) -> None:

@@ -5,24 +5,25 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import Instance, Unit, evaluate
-from splitllm.planner.network import Link
+from splitllm.planner.network import Link, session_open_s
 from splitllm.runtime.fidelity import (
     METRICS,
     Condition,
     Figures,
+    close_s,
     median_figures,
     multi_switch,
     predict,
     promised,
     results_json,
     run_grid,
-    session_s,
     summarize,
     visit_residual_s,
     wire_bytes,
@@ -94,18 +95,23 @@ def test_predict_follows_the_instance() -> None:
 
 
 def test_the_session_is_opened_before_the_first_token_and_closed_after_the_last() -> None:
-    whole, first = instance(5, 2.0), instance(1, 2.0)
-    bare = predict(whole, first, Placement("CSSC"), 5)
+    opening = session_open_s(LINK, SESSION.open_up, SESSION.open_down)
+    whole, first = (replace(instance(n, 2.0), session_open_s=opening) for n in (5, 1))
+    bare = predict(instance(5, 2.0), instance(1, 2.0), Placement("CSSC"), 5)
     figures = predict(whole, first, Placement("CSSC"), 5, SESSION)
     # A round trip each (RTT 20 ms), the bytes at 1 MB/s up and 2 MB/s down.
-    open_s, close_s = 0.02 + 100 / 1e6 + 400 / 2e6, 0.02 + 40 / 1e6 + 160 / 2e6
-    assert session_s(LINK, SESSION) == (pytest.approx(open_s), pytest.approx(close_s))
+    open_s, closing_s = 0.02 + 100 / 1e6 + 400 / 2e6, 0.02 + 40 / 1e6 + 160 / 2e6
+    assert opening == pytest.approx(open_s)
+    assert close_s(LINK, SESSION) == pytest.approx(closing_s)
     assert figures.ttft_s == pytest.approx(bare.ttft_s + open_s)
-    assert figures.e2e_s == pytest.approx(bare.e2e_s + open_s + close_s)
+    assert figures.e2e_s == pytest.approx(bare.e2e_s + open_s + closing_s)
     assert figures.tpot_s == pytest.approx((figures.e2e_s - figures.ttft_s) / 4)
     assert figures.wire_bytes == bare.wire_bytes + 700
     assert figures.server_cpu_s == bare.server_cpu_s  # the server's work is its units'
-    assert session_s(LINK, NO_SESSION) == (0.0, 0.0)
+    assert close_s(LINK, NO_SESSION) == 0.0
+    # A client-only plan opens no session: nothing on top.
+    assert predict(whole, first, Placement("CCCC"), 5) == predict(
+        instance(5, 2.0), instance(1, 2.0), Placement("CCCC"), 5)
 
 
 class FakeSession:

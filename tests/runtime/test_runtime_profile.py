@@ -332,4 +332,6 @@ def test_a_session_measures_the_visit_cost_and_the_servers_load(
         expected_network = (4 * (link.rtt_s + link.visit_s) + instance.input_bytes
                             / link.uplink_bytes_per_s + instance.output_bytes
                             / link.downlink_bytes_per_s)
-        assert all_server.network_s == pytest.approx(expected_network)
+        # ... and once the session's opening: a round trip with its messages, no visit cost
+        assert link.rtt_s < instance.session_open_s < link.rtt_s + 0.01
+        assert all_server.network_s == pytest.approx(expected_network + instance.session_open_s)

@@ -54,15 +54,17 @@ def test_processor_sharing_splits_the_server() -> None:
 def test_split_placement_walks_client_link_server_per_pass() -> None:
     # tiny model: server 1000 FLOP/s, client 100 FLOP/s; link 0.2 s RTT, 100 B/s each way.
     # P = 2, G = 2, placement C S C (embed and head on the client).
-    # r0 pass 0: embed 0 s; up 0.1 + 20 B / 100 = 0.3 -> server 0.3-0.5 (200 FLOP);
-    #   down 0.3 -> 0.8; head 100 FLOP on the client 1.0 -> first token at 1.8.
-    #   pass 1: up 0.1 + 0.1 -> 2.0; server 2.0-2.1; down 0.2 -> 2.3; head 0.5 -> 2.8.
-    # r1 arrives at 0.1: server at 0.4, waits for r0 until 0.5, served until 0.7; token at 2.0;
-    #   pass 1 reaches the server at 2.2 (free since 2.1), done 2.3, finished 3.0.
+    # r0 opens its server session first: one round trip, 0-0.2; pass 0: embed 0 s;
+    #   up 0.1 + 20 B / 100 = 0.3 -> server 0.5-0.7 (200 FLOP);
+    #   down 0.3 -> 1.0; head 100 FLOP on the client 1.0 -> first token at 2.0.
+    #   pass 1: up 0.1 + 0.1 -> 2.2; server 2.2-2.3; down 0.2 -> 2.5; head 0.5 -> 3.0.
+    # r1 arrives at 0.1, opens until 0.3: server at 0.6, waits for r0 until 0.7, served until
+    #   0.9; token at 2.2; pass 1 reaches the server at 2.4 (free since 2.3), done 2.5,
+    #   finished 3.2. (Without the opening every time is 0.2 s earlier.)
     rec = run_policy(tiny_world((0.0, 0.1), prompt=2, output=2), "fixed:CSC", log=True)
-    _same(rec.job_log, [(0, 0, 0.3, 0.5), (1, 0, 0.4, 0.7), (0, 1, 2.0, 2.1), (1, 1, 2.2, 2.3)])
-    assert rec.first_token_at_s.tolist() == pytest.approx([1.8, 2.0])
-    assert rec.finished_at_s.tolist() == pytest.approx([2.8, 3.0])
+    _same(rec.job_log, [(0, 0, 0.5, 0.7), (1, 0, 0.6, 0.9), (0, 1, 2.2, 2.3), (1, 1, 2.4, 2.5)])
+    assert rec.first_token_at_s.tolist() == pytest.approx([2.0, 2.2])
+    assert rec.finished_at_s.tolist() == pytest.approx([3.0, 3.2])
     assert rec.server_work_s.tolist() == pytest.approx([0.3, 0.3])
 
 

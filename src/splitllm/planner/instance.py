@@ -3,7 +3,8 @@
 Latency of a placement = unit times on their sides + every crossing (`network.crossing_s`): a
 generation of G tokens makes G forward passes (one prefill, G - 1 decode steps) and each pass
 pays the one-way delay at every switch, while the bytes already total what crosses over all
-passes.
+passes; a placement that runs any unit on the server also opens its session there once
+(`session_open_s`, counted in its network seconds).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from splitllm.planner.network import (
     Switches,
     carried_bytes,
     path_network_s,
+    session_open_s,
     switch_costs,
     visits,
 )
@@ -91,6 +93,9 @@ class Instance:
     # (job_s, beside the queueing delay) and in server work (job_work_s).
     job_s: float = 0.0
     job_work_s: float = 0.0
+    # Seconds of opening the request's server session (`network.session_open_s`), once per
+    # request that runs any unit on the server: latency, not server work.
+    session_open_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.units)
@@ -156,6 +161,7 @@ def evaluate(instance: Instance, placement: Placement) -> Plan:
         math.fsum(_path_latency(sides, p.client_s, p.server_s, edges))
         for p, edges in zip(instance.phase_limits, instance.phase_switches, strict=True)
     )
+    network += instance.session_open_s if SERVER in sides else 0.0
     latency = client + server + network
     work = (sum(u.server_work for u, s in zip(units, sides, strict=True) if s == SERVER)
             + visits(_on_server(sides)) * instance.passes * instance.job_work_s)
@@ -300,4 +306,5 @@ def build_instance(
         passes=passes,
         client_mem_limit_bytes=client.mem_capacity_bytes,
         phase_limits=tuple(phases),
+        session_open_s=session_open_s(link),
     )

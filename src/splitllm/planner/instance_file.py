@@ -3,7 +3,8 @@
 Format (see README): {"layers": [{"name", "client_s", "server_s", "server_work", "out_bytes",
 "client_mem_bytes"?, "client_ok"?, "server_ok"?}, ...], "input_bytes", "output_bytes",
 "uplink_bytes_per_s", "downlink_bytes_per_s", "rtt_s", "visit_s"?, "sla_s", "client_mem_bytes"?,
-"passes"?, "server_wait_s"?, "job_s"?, "job_work_s"?, "phase_limits"?}.
+"passes"?, "server_wait_s"?, "job_s"?, "job_work_s"?, "session_open_s"?, "phase_limits"?}
+(an absent `session_open_s` is 0: files from before it plan as they did).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class InstanceModel(BaseModel):
     server_wait_s: NonNegative = 0.0
     job_s: NonNegative = 0.0
     job_work_s: NonNegative = 0.0
+    session_open_s: NonNegative = 0.0
     phase_limits: list[PhaseLimit] = []
 
     def to_instance(self) -> Instance:
@@ -62,6 +64,7 @@ class InstanceModel(BaseModel):
             server_wait_s=self.server_wait_s,
             job_s=self.job_s,
             job_work_s=self.job_work_s,
+            session_open_s=self.session_open_s,
         )
 
 
@@ -111,7 +114,7 @@ def instance_to_dict(instance: Instance) -> dict[str, Any]:
     }
     if math.isfinite(instance.client_mem_limit_bytes):
         out["client_mem_bytes"] = instance.client_mem_limit_bytes
-    for key in ("server_wait_s", "job_s", "job_work_s"):
+    for key in ("server_wait_s", "job_s", "job_work_s", "session_open_s"):
         if getattr(instance, key):
             out[key] = getattr(instance, key)
     if instance.phase_limits:

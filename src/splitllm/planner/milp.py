@@ -1,7 +1,8 @@
 """An independent solver: the placement problem as a mixed-integer linear program (HiGHS).
 
 Used to check `exact` and as `--solver milp`. Variables: x[l] = 1 if unit l runs on the server,
-up[l] / down[l] >= the switch indicators on the edge into unit l (edge L ends on the client).
+up[l] / down[l] >= the switch indicators on the edge into unit l (edge L ends on the client),
+opened >= every x[l] (the request opens a server session: its latency pays `session_open_s`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _latency_row(
           for l in range(n)]
     down = [passes * link.rtt_s / 2 + carried[l] / link.downlink_bytes_per_s
             for l in range(n + 1)]
-    row = np.concatenate([np.subtract(server_s, client_s), up, [0.0], down])
+    row = np.concatenate([np.subtract(server_s, client_s), up, [0.0], down, [0.0]])
     return row, float(np.sum(client_s))
 
 
@@ -42,9 +43,15 @@ def solve_milp(instance: Instance) -> Placement | None:
     """Least-server-work placement within the SLA, memory and phase limits, or None."""
     units = instance.units
     n = len(units)
-    nvar = n + 2 * (n + 1)  # x[0..n-1], up[0..n], down[0..n]
-    x, up, down = 0, n, 2 * n + 1
+    nvar = n + 2 * (n + 1) + 1  # x[0..n-1], up[0..n], down[0..n], opened
+    x, up, down, opened = 0, n, 2 * n + 1, nvar - 1
     rows, lower, upper = [], [], []
+    for l in range(n):  # opened >= x[l]
+        row = np.zeros(nvar)
+        row[opened], row[x + l] = 1.0, -1.0
+        rows.append(row)
+        lower.append(0.0)
+        upper.append(np.inf)
     for l in range(n + 1):  # up[l] >= x[l] - x[l-1];  down[l] >= x[l-1] - x[l]
         for var, sign in ((up, 1.0), (down, -1.0)):
             row = np.zeros(nvar)
@@ -56,10 +63,12 @@ def solve_milp(instance: Instance) -> Placement | None:
             rows.append(row)
             lower.append(0.0)
             upper.append(np.inf)
-    sums = [(instance.sla_s, _latency_row(
+    sla_row, constant = _latency_row(
         instance, [u.client_s for u in units], [u.server_s for u in units],
         [u.out_bytes for u in units], instance.input_bytes, instance.output_bytes,
-        instance.passes))]
+        instance.passes)
+    sla_row[opened] = instance.session_open_s
+    sums = [(instance.sla_s, (sla_row, constant))]
     sums += [(p.limit_s, _latency_row(instance, p.client_s, p.server_s, p.out_bytes,
                                       p.input_bytes, p.output_bytes, p.passes))
              for p in instance.phase_limits]

@@ -46,11 +46,12 @@ def build_costs(instance: Instance) -> Costs:
     n = len(units)
     visit_work = np.zeros((n + 1, 2, 2))  # each visit's own server work over its passes
     visit_work[:n, C, S] = instance.passes * instance.job_work_s
+    # Every path but the client-only one opens the server's session: the latency limit is what
+    # is left after it (`_client_only` weighs that path on its own; `frontier` adds it back).
     dims: list[tuple[np.ndarray, np.ndarray, float]] = [
         (np.array([[0.0, u.server_work] for u in units]), visit_work, math.inf),
-        (np.array([[u.client_s, u.server_s] for u in units]),
-         _moves(instance.switches),
-         instance.sla_s),
+        (np.array([[u.client_s, u.server_s] for u in units]), _moves(instance.switches),
+         instance.sla_s - instance.session_open_s),
     ]
     mem = np.array([[u.client_mem_bytes, 0.0] for u in units])
     if mem[:, 0].sum() > instance.client_mem_limit_bytes:
@@ -175,8 +176,12 @@ def frontier(instance: Instance) -> Frontier:
                         "phase limits binding on widely varied units); plan one SLA instead"
                         ) from None
     values, rows = _final(costs, labels)
-    return Frontier(instance=instance, server_work=values[:, 0], latency_s=values[:, 1],
-                    on_server=_trace(labels, rows))
+    on_server = _trace(labels, rows)
+    latency_s = values[:, 1] + np.where(on_server.any(axis=1), instance.session_open_s, 0.0)
+    keep = _pareto_2d(np.column_stack([values[:, 0], latency_s]))  # the client-only path may
+    # now dominate plans it did not before the others paid their session's opening
+    return Frontier(instance=instance, server_work=values[keep, 0], latency_s=latency_s[keep],
+                    on_server=on_server[keep])
 
 
 def _exact(instance: Instance) -> Placement | None:
@@ -194,7 +199,7 @@ def _exact(instance: Instance) -> Placement | None:
 
         return solve_milp(instance)
     values, rows = _final(costs, labels)
-    fits = np.flatnonzero(values[:, 1] <= instance.sla_s * (1 + REL_TOL))
+    fits = np.flatnonzero(values[:, 1] <= costs.limit[1] * (1 + REL_TOL))
     if not len(fits):
         return incumbent
     return _placement(_trace(labels, rows[fits[:1]])[0])
@@ -208,7 +213,9 @@ def _dp_grid(instance: Instance, step_s: float) -> Placement | None:
     dropped (None) rather than repaired.
     """
     costs = build_costs(instance)
-    steps = instance.sla_s / step_s + REL_TOL
+    steps = costs.limit[1] / step_s + REL_TOL
+    if steps < 0:  # the session's opening alone breaks the SLA
+        return None
     if steps > 5_000_000:  # also an SLA of inf
         raise UserError(f"dp-grid: SLA / step = {steps:.0f} grid points; use a larger --step-s")
     budget = math.floor(steps)
@@ -261,6 +268,20 @@ def _uniform(instance: Instance, side: str) -> Placement | None:
     return placement if evaluate(instance, placement).feasible else None
 
 
+def _client_only(solver: Callable[[Instance], Placement | None]
+                 ) -> Callable[[Instance], Placement | None]:
+    """A least-work solver on cost arrays, with the client-only plan weighed on its own: it
+    opens no server session, which the arrays charge every path (ties: the lower latency)."""
+    def solve_it(instance: Instance) -> Placement | None:
+        found, alone = solver(instance), _uniform(instance, CLIENT)
+        if found is None or alone is None:
+            return found or alone
+        plans = [evaluate(instance, p) for p in (found, alone)]
+        return min(plans, key=lambda plan: (plan.server_work, plan.latency_s)).placement
+
+    return solve_it
+
+
 def _greedy(instance: Instance) -> Placement | None:
     """Start all on the server; move units to the client one at a time.
 
@@ -310,12 +331,12 @@ def _best_single_cut(instance: Instance) -> Placement | None:
 DEFAULT_STEP_S = 0.001
 
 SOLVERS: dict[str, Callable[[Instance], Placement | None]] = {
-    "exact": _exact,
-    "dp-grid": lambda instance: _dp_grid(instance, DEFAULT_STEP_S),
+    "exact": _client_only(_exact),
+    "dp-grid": _client_only(lambda instance: _dp_grid(instance, DEFAULT_STEP_S)),
     "server-only": lambda instance: _uniform(instance, SERVER),
     "client-only": lambda instance: _uniform(instance, CLIENT),
     "greedy": _greedy,
-    "best-single-cut": _best_single_cut,
+    "best-single-cut": _client_only(_best_single_cut),
 }
 
 
@@ -326,7 +347,7 @@ def solve(instance: Instance, solver: str = "exact", step_s: float | None = None
 
         placement = solve_milp(instance)
     elif solver == "dp-grid" and step_s is not None:
-        placement = _dp_grid(instance, step_s)
+        placement = _client_only(lambda i: _dp_grid(i, step_s))(instance)
     elif solver in SOLVERS:
         placement = SOLVERS[solver](instance)
     else:

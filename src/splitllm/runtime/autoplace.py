@@ -21,12 +21,12 @@ import numpy as np
 from splitllm.errors import UserError
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, Plan, Request, Unit, evaluate
-from splitllm.planner.network import Link
+from splitllm.planner.network import Link, session_open_s
 from splitllm.planner.speculation import Speculation, decode_passes, pass_contexts
 from splitllm.runtime import protocol as wire
 from splitllm.runtime.profile import UnitProfile
 from splitllm.runtime.units import UnitStack
-from splitllm.runtime.wire_bytes import RequestBytes, WireFormat, request_bytes
+from splitllm.runtime.wire_bytes import RequestBytes, WireFormat, request_bytes, session_bytes
 from splitllm.stepmodel import StepModel
 
 MEASURED = "measured"
@@ -111,7 +111,8 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
 
     The client loop's own cost per pass (`client.pass_s`) is paid by every placement: it is
     added to the first unit's latency on both sides (never to the server's work). The server's
-    own seconds per visit (`server.job_s`, `job_work_s`) are charged per visit and pass.
+    own seconds per visit (`server.job_s`, `job_work_s`) are charged per visit and pass, and
+    opening the server session once (`session_open_s`, its messages' bytes left to the caller).
     """
     if len(client.names) != len(server.latency_s):
         raise UserError("client and server profiles cover different units (another model?)")
@@ -130,7 +131,8 @@ def measured_instance(client: UnitProfile, server: ServerTimes, link: Link, requ
                        client_mem_bytes=float(mem[i])) for i, name in enumerate(client.names))
     return Instance(units=units, link=link, sla_s=sla_s, input_bytes=wire_bytes.ids_up,
                     output_bytes=wire_bytes.token_down, passes=passes,
-                    job_s=server.job_s, job_work_s=server.job_work_s)
+                    job_s=server.job_s, job_work_s=server.job_work_s,
+                    session_open_s=session_open_s(link))
 
 
 def decode_s(profile: UnitProfile, prompt_tokens: int, decode_tokens: int,
@@ -182,7 +184,7 @@ def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Li
 
     Both devices measured: the client's profile (measured on first use) and the server's
     engine step model at `server_rows` rows per step (or its unit profile) from /v1/info;
-    otherwise both are device presets.
+    otherwise both are device presets. Either way the session's opening pays its real messages.
     """
     server_device = server_device or str(server_info.get("device") or MEASURED)
     wire_itemsize = wire.WIRE_DTYPES[wire_dtype].itemsize
@@ -197,14 +199,27 @@ def request_instance(*, stack: UnitStack, model_config: dict[str, Any], link: Li
                               speculation=request.speculation)
         instance = measured_instance(client_profile(), server, link, request, sizes,
                                      client_mem_bytes=memory)
-        return instance, f"{MEASURED}; server: {server.source}"
+        source = f"{MEASURED}; server: {server.source}"
+        return _opening(instance, stack, wire_dtype, request), source
     if MEASURED in (client_device, server_device):
         raise UserError("mixing a measured profile with a device preset is not supported: "
                         "name presets for both --client-device and --server-device")
     instance = preset_instance(model_config, client_device=client_device,
                                server_device=server_device, link=link, request=request,
                                weight_bytes=stack.dtype.itemsize, wire_bytes=wire_itemsize)
-    return instance, f"presets {client_device}/{server_device}"
+    source = f"presets {client_device}/{server_device}"
+    return _opening(instance, stack, wire_dtype, request), source
+
+
+def _opening(instance: Instance, stack: UnitStack, wire_dtype: str, request: Request
+             ) -> Instance:
+    """The instance with its session's opening over its link, paying the real `open` and
+    `opened` messages (those of the server-only plan: other plans' differ by a few bytes)."""
+    opened = session_bytes(Placement.all_on(SERVER, stack.n_units), stack.names,
+                           wire_dtype=wire_dtype, prompt_tokens=request.prompt_tokens,
+                           new_tokens=request.output_tokens)
+    return replace(instance, session_open_s=session_open_s(instance.link, opened.open_up,
+                                                           opened.open_down))
 
 
 def preset_instance(config: dict[str, Any], *, client_device: str, server_device: str,

@@ -114,26 +114,23 @@ def wire_bytes(instance: Instance, placement: Placement) -> float:
     return float(carried[sides[:-1] != sides[1:]].sum())
 
 
-def session_s(link: Link, session: SessionBytes) -> tuple[float, float]:
-    """Seconds of the round trips that open and close the server's session (a visit each):
-    the first token waits for the one, the generation ends after the other."""
-    def round_trip_s(up: int, down: int) -> float:
-        return float(crossing_s(link, True, float(up)) + crossing_s(link, False, float(down)))
-
+def close_s(link: Link, session: SessionBytes) -> float:
+    """Seconds of the round trip that closes the server's session (a visit): the generation
+    ends after it. Its opening is the instance's (`Instance.session_open_s`, in every plan)."""
     if session.total == 0:
-        return 0.0, 0.0
-    return (round_trip_s(session.open_up, session.open_down),
-            round_trip_s(session.close_up, session.close_down))
+        return 0.0
+    return float(crossing_s(link, True, float(session.close_up))
+                 + crossing_s(link, False, float(session.close_down)))
 
 
 def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: int,
             session: SessionBytes = NO_SESSION) -> Figures:
-    """The planner's figures for a placement: first token from `first`, the rest from `whole`;
-    the session's opening and closing (`session`, once per generation) on top of its passes."""
+    """The planner's figures for a placement: first token from `first`, the rest from `whole`
+    (both open the session, as every plan that visits the server does); the session's closing
+    (`session`, once per generation) after its last pass."""
     plan = evaluate(whole, placement)
-    open_s, close_s = session_s(whole.link, session)
-    ttft_s = evaluate(first, placement).latency_s + open_s
-    e2e_s = plan.latency_s + open_s + close_s
+    ttft_s = evaluate(first, placement).latency_s
+    e2e_s = plan.latency_s + close_s(whole.link, session)
     tpot_s = (e2e_s - ttft_s) / (new_tokens - 1) if new_tokens > 1 else 0.0
     return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
                    server_cpu_s=plan.server_work,
@@ -146,7 +143,7 @@ def promised(session: Session, placement: Placement, prompt_tokens: int, new_tok
              server_device: str | None = None) -> Figures:
     """What a placement promises for a generation of exactly new_tokens tokens on this
     session: its passes from the planner's instance (`whole`, else this request's), the first
-    token from the instance of one token, and the server session's opening and closing."""
+    token from the instance of one token (each opens the server's session), and its closing."""
     if whole is None:
         whole, _ = session.instance(prompt_tokens, new_tokens, client_device, server_device)
     first, _ = session.instance(prompt_tokens, 1, client_device, server_device)

@@ -8,8 +8,9 @@ before any capacity is searched, whether the planner's model of a request holds:
   the time the client's units took (the emulation sleeps to what the profile says);
 - server: the units on the server, predicted by this machine's device profile; measured as the
   server's compute time for the session;
-- other: crossings of the (EMULATED) link, the per-visit cost, the client's loop; measured as
-  the rest of the request's latency (arrival to its last token).
+- other: crossings of the (EMULATED) link, the per-visit cost, the client's loop and the
+  opening of the server's session (`Instance.session_open_s`); measured as the rest of the
+  request's latency (arrival to its last token).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Parts:
 
     client_s: float
     server_s: float
-    other_s: float  # crossings, visits, the client's loop
+    other_s: float  # crossings, visits, the client's loop, the session's opening
 
     @property
     def latency_s(self) -> float:
@@ -132,7 +133,8 @@ def idle_md(rows: list[IdleRow]) -> str:
     lines = ["## Alone on an idle server: predicted against measured", "",
              "Each policy's plan for the largest request of each type from each client class, "
              "run alone before the search. Parts: client units / server units / other "
-             "(crossings, visits, the client's loop) = latency to the last token, seconds.", "",
+             "(crossings, visits, the client's loop, the session's opening) = latency to the "
+             "last token, seconds.", "",
              "| type | client | policy | units | SLA (s) | predicted | measured | met |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.request_type} | {r.client_class} | {r.policy} | {_sides(r.placement)}"

@@ -19,7 +19,7 @@ from splitllm.placement import SERVER, Placement
 from splitllm.planner.costs import ModelCosts
 from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.instance import Request, phase_times
-from splitllm.planner.network import Link, carried_bytes, crossing_s
+from splitllm.planner.network import Link, carried_bytes, crossing_s, session_open_s
 from splitllm.sim import memo
 from splitllm.sim.world import World
 
@@ -131,6 +131,7 @@ def _fold(placement: Placement, model: ModelCosts, link: Link, on_client: np.nda
                     first_token_tail_s=float(tail[0]), server_segments=())
     gap_matrix = np.column_stack(gaps)  # [passes, k]
     gap_matrix[1:, 0] += tail[:-1]  # a pass starts when the previous token reached the client
+    gap_matrix[0, 0] += session_open_s(link)  # once per request, before its first visit
     return Walk(
         gaps_s=[*gap_matrix.ravel().tolist(), float(tail[-1])],
         service_s=np.column_stack(services).ravel().tolist(),
