@@ -226,18 +226,23 @@ def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
     assert loaded.latency_s[1] == pytest.approx(0.02 + 4 * (0.01 + 0.008))
     assert loaded.work_s[1] == pytest.approx(0.01 + 4 * (0.005 + 0.004) / 8)
     assert "8 rows per step" in loaded.source
-    # With the server's unit profile: its prefill (timed at prompt lengths, the head at one
-    # position) and its decode steps' KV reads; the decode steps themselves are the line's.
-    profile = unit_profile(wall=1.0, cpu=0.5)
-    with_profile = step_model_server_times(wall, cpu, request, rows=8, profile=profile)
-    steps_wall = np.subtract(loaded.latency_s, [f.seconds(10) for f in (wall.embed, fit, fit)]
-                             + [wall.head.seconds(1)])
-    assert with_profile.latency_s == pytest.approx(
-        np.add(profile.prefill_at(10), steps_wall) + profile.kv_reads_s(10, 4))
-    assert with_profile.work_s[1] == pytest.approx(
-        profile.cpu().prefill_at(10)[1] + 4 * (0.005 + 0.004) / 8
-        + profile.cpu().kv_reads_s(10, 4)[1])
-    assert "the prefill: its unit profile" in with_profile.source
+    # With the server's unit profile: per unit the slower prefill of the two (the profile's,
+    # timed at prompt lengths with the head at one position, or the step model's curve) and
+    # the profile's KV reads of the decode steps; the decode steps themselves are the line's.
+    step_prefill = [f.seconds(10) for f in (wall.embed, fit, fit)] + [wall.head.seconds(1)]
+    steps_wall = np.subtract(loaded.latency_s, step_prefill)
+    for scale in (1.0, 0.001):  # the profile slower than the step model, then faster
+        profile = unit_profile(wall=scale, cpu=scale / 2)
+        with_profile = step_model_server_times(wall, cpu, request, rows=8, profile=profile)
+        prefill = np.maximum(profile.prefill_at(10), step_prefill)
+        assert with_profile.latency_s == pytest.approx(
+            np.add(prefill, steps_wall) + profile.kv_reads_s(10, 4))
+        assert with_profile.work_s[1] == pytest.approx(
+            max(profile.cpu().prefill_at(10)[1], 0.005 + 0.0005 * 10)
+            + 4 * (0.005 + 0.004) / 8 + profile.cpu().kv_reads_s(10, 4)[1])
+    assert list(with_profile.latency_s) != list(np.add(profile.prefill_at(10), steps_wall)
+                                                + profile.kv_reads_s(10, 4))  # the curve's
+    assert "the slower of it and the unit profile" in with_profile.source
     assert (with_profile.job_s, with_profile.job_work_s) == (0.0, 0.0)  # none announced
 
 

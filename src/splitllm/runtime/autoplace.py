@@ -75,10 +75,12 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
 
     A decode step of `rows` rows takes a unit's step time (latency) and costs this request its
     share of the step's CPU seconds (work); the KV reads the step model, measured at short
-    contexts, lacks come from the unit profile. The prefill is the unit profile's, timed at the
-    prompt lengths it fits (a P-token prefill, the head at one position): the step model's
-    prefill points are several sessions' short prompts packed together. Without a profile: the
-    step model's curve. `fit` says which model it is (timed at start, or live), in words.
+    contexts, lacks come from the unit profile. The prefill, per unit, is the slower of the
+    step model's curve at P tokens (the engine's own steps: their packing, caches and
+    hand-offs, which the profile's bare `stack.run` misses: a 32-token prefill of SmolLM2 took
+    105-115 ms in the engine where the profile said 90-100) and the unit profile's P-token
+    prefill (a long prompt's attention, which the step model's short packed prompts miss).
+    `fit` says which model it is (timed at start, or live), in words.
     """
     g = max(request.output_tokens, 1)
     p, c = request.prompt_tokens, max(rows, 1.0)
@@ -89,18 +91,18 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
     def total(model: StepModel, share: float, unit_profile: UnitProfile | None
               ) -> tuple[float, ...]:
         fits = (model.embed, *[model.block] * model.n_blocks, model.head)
-        if unit_profile is not None:
-            prefill = np.array(unit_profile.prefill_at(p))
-            reads = unit_profile.kv_reads_s(p, g - 1)
-        else:
-            prefill = np.array([fit.seconds(p) for fit in fits[:-1]] + [model.head.seconds(1)])
-            reads = np.zeros(len(fits))
+        prefill = np.array([fit.seconds(p) for fit in fits[:-1]] + [model.head.seconds(1)])
+        reads = np.zeros(len(fits))
+        if unit_profile is not None:  # per unit, the slower of the two measurements
+            prefill = np.maximum(prefill, unit_profile.prefill_at(p))
+            reads = np.array(unit_profile.kv_reads_s(p, g - 1))
         step = np.array([fit.seconds(c * positions) for fit in fits])  # a step of c rows
         return tuple((prefill + passes * step * share + reads).tolist())
 
     return ServerTimes(total(wall, 1.0, profile), total(cpu, 1.0 / c, profile and profile.cpu()),
                        f"the server's engine step model{fit} at {c:.3g} rows per step"
-                       + (" (the prefill: its unit profile)" if profile else ""),
+                       + (" (the prefill: the slower of it and the unit profile)" if profile
+                          else ""),
                        job_s=wall.job_s, job_work_s=cpu.job_s)
 
 
