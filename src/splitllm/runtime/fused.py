@@ -164,7 +164,6 @@ class FusedRows:
                 layer.advance(1)
         return count
 
-
     def _many_rows(self, x: torch.Tensor, own: BlockWeights, *, layer: np.ndarray, keys: List,
                    values: List, lengths: np.ndarray, active: np.ndarray) -> None:
         """One block over many rows x [R, D] in place: the products by oneDNN on the packed
