@@ -11,13 +11,13 @@ from torch import nn
 
 from splitllm.runtime import gemv
 from splitllm.runtime.engine import Engine, EngineConfig
-from splitllm.runtime.fused import fused_decode
 from splitllm.runtime.gemv import (
     FAST_ROWS,
+    FastPaths,
     fast_linear,
+    fast_paths,
     install_fast_linear,
     pack_weights,
-    packed_linear,
 )
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel
@@ -96,7 +96,7 @@ def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) 
     with mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
         run_step(stack, [prompt])
         assert kernel.call_count == 1  # the prompt's blocks by MKL; the head's one row
-        with fused_decode(False):  # the model's own blocks (fused: test_runtime_fused.py)
+        with fast_paths(FastPaths(fused=False)):  # the model's own blocks (test_runtime_fused.py)
             run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
                                      torch.tensor([[tokens]]), cache)])
     linear = sum(type(m) is nn.Linear for m in stack.model.modules())
@@ -123,7 +123,7 @@ def test_packed_weights_serve_steps_of_many_rows_and_only_those() -> None:
         assert calls.call_count == 2
         got_few = model(few)  # FAST_ROWS rows: the few-row kernel
         assert calls.call_count == 2
-        with packed_linear(False):
+        with fast_paths(FastPaths(packed=False)):
             model(many)
         assert calls.call_count == 2
     torch.testing.assert_close(got_many, want[0], rtol=1e-4, atol=1e-5)

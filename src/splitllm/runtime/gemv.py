@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -35,8 +36,36 @@ _FLAG = "_splitllm_fast_linear"
 _ARRAY = "_splitllm_weight_array"
 _PACKED = "_splitllm_packed_weight"
 PACK_ROWS_HINT = 16  # the row count oneDNN lays the packed weights out for (any count works)
-_rows_now = FAST_ROWS  # what calls compare against: kernel_rows() changes it (benchmarks)
-_packed_enabled = True  # what packed_linear() switches (benchmarks compare both)
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths run (benchmarks and tests switch them to compare with the model's own):
+    the fused decode blocks (runtime/fused.py), the few-row kernel up to `kernel_rows` rows (0:
+    MKL), the packed weights of many rows."""
+
+    fused: bool = True
+    kernel_rows: int = FAST_ROWS
+    packed: bool = True
+
+
+_paths = FastPaths()
+
+
+def fast_paths_now() -> FastPaths:
+    """The fast paths in force."""
+    return _paths
+
+
+@contextlib.contextmanager
+def fast_paths(paths: FastPaths) -> Iterator[None]:
+    """These fast paths inside the block, e.g. `fast_paths(FastPaths(fused=False))`."""
+    global _paths
+    before, _paths = _paths, paths
+    try:
+        yield
+    finally:
+        _paths = before
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
@@ -70,7 +99,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _fits(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    return (0 < rows <= _rows_now and torch.get_num_threads() == 1
+    return (0 < rows <= _paths.kernel_rows and torch.get_num_threads() == 1
             and not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32
             and x.is_cpu and weight.is_cpu and weight.is_contiguous())
 
@@ -99,7 +128,7 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 def _packed_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Rows beyond the few-row kernel's, fp32 on the CPU, no autograd, the weight's width."""
     return (x.dim() >= 2 and x.shape[-1] == weight.shape[-1]
-            and x.numel() // max(x.shape[-1], 1) > _rows_now and x.dtype == torch.float32
+            and x.numel() // max(x.shape[-1], 1) > _paths.kernel_rows and x.dtype == torch.float32
             and x.is_cpu and not torch.is_grad_enabled())
 
 
@@ -125,32 +154,12 @@ def packed_weight(layer: nn.Module) -> torch.Tensor | None:
     """The layer's packed weight if it has a current one and packing is on, else None."""
     packed = layer.__dict__.get(_PACKED)
     weight = getattr(layer, "weight", None)
-    if not _packed_enabled or packed is None or weight is None or \
+    if not _paths.packed or packed is None or weight is None or \
             packed[0] != weight.data_ptr():
         return None
     return packed[1]
 
 
-@contextlib.contextmanager
-def packed_linear(enabled: bool) -> Iterator[None]:
-    """Use the packed weights (or not) inside the block, to compare them with MKL."""
-    global _packed_enabled
-    before, _packed_enabled = _packed_enabled, enabled
-    try:
-        yield
-    finally:
-        _packed_enabled = before
-
-
-@contextlib.contextmanager
-def kernel_rows(rows: int) -> Iterator[None]:
-    """Use the kernel up to `rows` rows inside the block (0: MKL alone), to compare the two."""
-    global _rows_now
-    before, _rows_now = _rows_now, rows
-    try:
-        yield
-    finally:
-        _rows_now = before
 
 
 def install_fast_linear(model: nn.Module) -> None:
