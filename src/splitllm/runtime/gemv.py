@@ -2,10 +2,10 @@
 
 A decode step of one session multiplies one row by every weight matrix: the step is bound by
 reading the weights. MKL's fp32 GEMM at one row reads SmolLM2's block weights at ~11 GB/s on
-this AMD EPYC (the LM head at ~10 GB/s), about half of what one thread can read; a plain dot
-product per output, compiled by numba (vectorised with fastmath), reads them at ~18 GB/s.
-`install_fast_linear` routes a model's `nn.Linear` layers through it where it wins (fp32 on the
-CPU, one intra-op thread, at most `FAST_ROWS` rows).
+this AMD EPYC (the LM head at ~10 GB/s), about half of what one thread can read; dot products
+compiled by numba (`fused_kernel.linear_rows`, the fused decode's own products) read them at
+~27-32 GB/s in huge pages. `install_fast_linear` routes a model's `nn.Linear` layers through
+them where they win (fp32 on the CPU, one intra-op thread, at most `FAST_ROWS` rows).
 
 Steps of more rows are compute-bound, and there MKL's fp32 GEMM on this AMD EPYC stays at
 ~45 GFLOP/s at 16 rows of SmolLM2's shapes: oneDNN on weights reordered once into its blocked
@@ -24,11 +24,12 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from splitllm.runtime.fused_kernel import linear_rows
 
 FAST_ROWS = 6  # rows up to which the kernel beats MKL here (memory-bound: 6 rows cost ~1.1x what 1
 # does, half of MKL; even at 8): one session, a few together, a speculative pass of k <= 5 drafts
@@ -68,17 +69,6 @@ def fast_paths(paths: FastPaths) -> Iterator[None]:
         _paths = before
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
-def _matvec(weight: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    """out[r, o] = dot(weight[o], rows[r]): each weight row is read once for all rows."""
-    for o in range(weight.shape[0]):
-        for r in range(rows.shape[0]):
-            acc = np.float32(0.0)
-            for i in range(weight.shape[1]):
-                acc += weight[o, i] * rows[r, i]
-            out[r, o] = acc
-
-
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 weight_array: np.ndarray | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by the compiled kernel where it is faster (weight_array: the
@@ -91,7 +81,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight_array = weight.detach().numpy()
     flat = np.ascontiguousarray(x.detach().numpy().reshape(rows, features))  # [R, in]
     out = np.empty((*x.shape[:-1], weight.shape[0]), dtype=np.float32)  # [..., out]
-    _matvec(weight_array, flat, out.reshape(rows, weight.shape[0]))
+    linear_rows(weight_array, flat, out.reshape(rows, weight.shape[0]))
     result = torch.from_numpy(out)
     if bias is not None:
         result += bias
@@ -169,8 +159,3 @@ def install_fast_linear(model: nn.Module) -> None:
             layer.forward = types.MethodType(_forward, layer)  # type: ignore[method-assign]
             setattr(layer, _FLAG, True)
 
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernel now rather than in the first step."""
-    weight = np.zeros((2, 2), dtype=np.float32)
-    _matvec(weight, weight, np.empty((2, 2), dtype=np.float32))
