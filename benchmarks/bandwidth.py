@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitllm.runtime.gemv import _matvec
+from splitllm.runtime.fused_kernel import linear_rows
 from splitllm.runtime.hugepages import huge_page_array
 
 SUM_BYTES = 2**29
@@ -58,7 +58,7 @@ def weights_matvec(model: nn.Module, rounds: int) -> float:
 
     def sweep() -> None:
         for matrix, out in zip(matrices.values(), outs, strict=True):
-            _matvec(matrix, rows[matrix.shape[1]], out)
+            linear_rows(matrix, rows[matrix.shape[1]], out)
 
     return best_bytes_per_s(sweep, sum(m.nbytes for m in matrices.values()), rounds)
 

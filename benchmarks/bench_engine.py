@@ -50,8 +50,7 @@ from engine_driver import InProcessDriver
 from splitllm.runtime.client import Generation, connect
 from splitllm.runtime.demo import free_port, stop_server, wait_healthy
 from splitllm.runtime.engine import EngineConfig
-from splitllm.runtime.fused import fused_decode
-from splitllm.runtime.gemv import FAST_ROWS, kernel_rows, packed_linear
+from splitllm.runtime.gemv import FastPaths, fast_paths
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, encode_prompt, load_model
@@ -191,8 +190,8 @@ def linear_paths(variant: str) -> Iterator[None]:
     """fused: every fast path (the engine as it runs); kernel: the model's own blocks with the
     few-row kernel and the packed weights; mkl: every product by MKL through the model's
     modules (the engine before any of them)."""
-    with fused_decode(variant == "fused"), packed_linear(variant != "mkl"), \
-            kernel_rows(0 if variant == "mkl" else FAST_ROWS):
+    off = FastPaths(fused=False, kernel_rows=0, packed=False)
+    with fast_paths({"fused": FastPaths(), "kernel": FastPaths(fused=False), "mkl": off}[variant]):
         yield
 
 

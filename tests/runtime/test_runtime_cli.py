@@ -86,7 +86,8 @@ def test_auto_placement_over_an_emulated_link(served: str, tiny_llama_dir: Path)
     assert "EMULATED link lan" in str(out["emulation"])
     predicted = out["predicted"]  # what the plan promised, beside the measured figures
     assert isinstance(predicted, dict)
-    assert set(predicted) == {"ttft_s", "tpot_s", "e2e_s", "server_cpu_s"}
+    assert set(predicted) == {"new_tokens", "ttft_s", "tpot_s", "e2e_s", "server_cpu_s"}
+    assert predicted["new_tokens"] == 4  # the promise is for --max-new-tokens
     assert 0 < predicted["ttft_s"] <= predicted["e2e_s"] <= float(out["sla_s"])  # type: ignore[arg-type]
     assert out["headroom"] in (0.0, 0.1)  # planned within 0.9 x the SLA where a plan is that fast
     assert predicted["e2e_s"] <= (1 - out["headroom"]) * out["sla_s"] * (1 + 1e-9)  # type: ignore[operator]

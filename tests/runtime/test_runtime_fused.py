@@ -13,10 +13,10 @@ import torch
 from runtime_kit import family_config, llama_config, random_prompt
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from splitllm.runtime import fused, fused_kernel, gemv
+from splitllm.runtime import fused_kernel, gemv
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import Engine, EngineConfig
-from splitllm.runtime.gemv import FAST_ROWS
+from splitllm.runtime.gemv import FAST_ROWS, FastPaths, fast_paths
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
 from splitllm.runtime.metrics import ServerMetrics
@@ -81,7 +81,7 @@ def forward(stack: UnitStack, cache: SegmentCache, ids: list[int], position: int
     """One row through every unit: next-token logits [1, V]."""
     row = StepRow(0, stack.n_units, torch.tensor([ids]),
                   torch.arange(position, position + len(ids))[None], cache)
-    with fused.fused_decode(fast):
+    with fast_paths(FastPaths(fused=fast)):
         (out,), _ = run_step(stack, [row])
     assert out.error is None and out.out is not None, out.error
     return out.out
@@ -135,7 +135,7 @@ def test_a_split_segment_decodes_fused_and_leaves_its_input_alone() -> None:
         sent = x.clone()
         outs = []
         for cache, on in ((fast, True), (slow, False)):
-            with fused.fused_decode(on):
+            with fast_paths(FastPaths(fused=on)):
                 (out,), _ = run_step(stack, [StepRow(2, n, x, torch.tensor([[position]]), cache)])
             outs.append(out.out)
         assert torch.equal(x, sent)  # written in place: the step's own copy, not the input
@@ -156,13 +156,13 @@ def test_a_fused_run_ends_where_another_row_joins() -> None:
         joining = stack.new_cache(3, n, grown_in_blocks=True)
         assert alone is not None and joining is not None
         forward(stack, alone, [3, 4, 5], 0, on)
-        with fused.fused_decode(on):
+        with fast_paths(FastPaths(fused=on)):
             run_step(stack, [StepRow(3, n, torch.ones(1, 3, stack.hidden_size),
                                      torch.arange(3)[None], joining)])
         torch.manual_seed(4)
         rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), alone),
                 StepRow(3, n, torch.randn(1, 1, stack.hidden_size), torch.tensor([[3]]), joining)]
-        with counted() as kernel, fused.fused_decode(on):
+        with counted() as kernel, fast_paths(FastPaths(fused=on)):
             outputs, times = run_step(stack, rows)
         assert (kernel.calls, kernel.blocks) == ((2, 4) if on else (0, 0))
         assert set(times.unit_s) == set(range(n))
@@ -214,7 +214,7 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
                                 torch.arange(cache.get_seq_length(),
                                              cache.get_seq_length() + len(ids[k]))[None], cache)
                         for k, cache in enumerate(caches)]
-                with fused.fused_decode(on):
+                with fast_paths(FastPaths(fused=on)):
                     outputs, _ = run_step(stack, rows)
                 assert all(out.error is None and out.out is not None for out in outputs)
                 outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
@@ -297,7 +297,8 @@ def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> 
     cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
     assert cache is not None
     forward(stack, cache, [3, 4, 5], 0, True)
-    with counted() as kernel, mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as matvec:
+    matvec_calls = mock.patch.object(gemv, "linear_rows", wraps=gemv.linear_rows)
+    with counted() as kernel, matvec_calls as matvec:
         forward(stack, cache, [6], 3, True)
     assert kernel.calls == 1 and kernel.blocks == stack.n_blocks and matvec.call_count == 1
 

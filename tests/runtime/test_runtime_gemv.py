@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -11,18 +12,23 @@ from torch import nn
 
 from splitllm.runtime import gemv
 from splitllm.runtime.engine import Engine, EngineConfig
-from splitllm.runtime.fused import fused_decode
 from splitllm.runtime.gemv import (
     FAST_ROWS,
+    FastPaths,
     fast_linear,
+    fast_paths,
     install_fast_linear,
     pack_weights,
-    packed_linear,
 )
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import UnitStack
+
+
+def kernel_calls() -> Any:
+    """The few-row kernel's calls, counted (it still runs)."""
+    return mock.patch.object(gemv, "linear_rows", wraps=gemv.linear_rows)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (1, 3, 48), (2, 2, 48), (4, 48), (48,)])
@@ -32,7 +38,7 @@ def test_fast_linear_equals_f_linear(shape: tuple[int, ...], bias: bool) -> None
     weight = torch.randn(40, 48, generator=generator)
     b = torch.randn(40, generator=generator) if bias else None
     x = torch.randn(*shape, generator=generator)
-    with torch.inference_mode(), mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
+    with torch.inference_mode(), kernel_calls() as kernel:
         got = fast_linear(x, weight, b)
     assert kernel.call_count == 1  # the kernel ran, not the fallback
     want = F.linear(x, weight, b)
@@ -53,7 +59,8 @@ def test_fast_linear_falls_back_where_the_kernel_does_not_apply(case: str) -> No
     if case == "threads":
         torch.set_num_threads(2)
     try:
-        with mock.patch.object(gemv, "_matvec") as kernel, torch.set_grad_enabled(case == "grad"):
+        with mock.patch.object(gemv, "linear_rows") as kernel, \
+                torch.set_grad_enabled(case == "grad"):
             got = fast_linear(x, weight, None)
     finally:
         torch.set_num_threads(threads)
@@ -76,7 +83,7 @@ def test_installed_linear_layers_keep_their_results_and_weights() -> None:
     weights = [p.clone() for p in model.parameters()]
     install_fast_linear(model)
     install_fast_linear(model)  # idempotent
-    with torch.inference_mode(), mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
+    with torch.inference_mode(), kernel_calls() as kernel:
         got = model(x)
     assert kernel.call_count == 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -93,10 +100,10 @@ def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) 
     tokens = FAST_ROWS + 1
     prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None],
                      torch.arange(tokens)[None], cache)
-    with mock.patch.object(gemv, "_matvec", wraps=gemv._matvec) as kernel:
+    with kernel_calls() as kernel:
         run_step(stack, [prompt])
         assert kernel.call_count == 1  # the prompt's blocks by MKL; the head's one row
-        with fused_decode(False):  # the model's own blocks (fused: test_runtime_fused.py)
+        with fast_paths(FastPaths(fused=False)):  # the model's own blocks (test_runtime_fused.py)
             run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
                                      torch.tensor([[tokens]]), cache)])
     linear = sum(type(m) is nn.Linear for m in stack.model.modules())
@@ -123,7 +130,7 @@ def test_packed_weights_serve_steps_of_many_rows_and_only_those() -> None:
         assert calls.call_count == 2
         got_few = model(few)  # FAST_ROWS rows: the few-row kernel
         assert calls.call_count == 2
-        with packed_linear(False):
+        with fast_paths(FastPaths(packed=False)):
             model(many)
         assert calls.call_count == 2
     torch.testing.assert_close(got_many, want[0], rtol=1e-4, atol=1e-5)

@@ -333,7 +333,8 @@ def _draft_tokens(speculate: str, local: bool) -> int | str:
 
 def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: int,
              client_device: str, server_device: str | None) -> dict[str, object]:
-    """What an auto placement promised: its SLA and the predicted figures (`--json`)."""
+    """What an auto placement promised: its SLA and the predicted figures (`--json`), for
+    `new_tokens` tokens (--max-new-tokens: an EOS before them ends the generation sooner)."""
     from dataclasses import asdict
 
     from splitllm.runtime.fidelity import promised
@@ -342,7 +343,8 @@ def _promise(session: Session, auto: AutoPlan, prompt_tokens: int, new_tokens: i
                               whole=auto.instance, client_device=client_device,
                               server_device=server_device))
     return {"sla_s": auto.instance.sla_s, "headroom": auto.headroom,
-            "predicted": {k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}
+            "predicted": {"new_tokens": new_tokens,
+                          **{k: figures[k] for k in ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s")}}}
 
 
 def _print_plan(auto: AutoPlan) -> None:

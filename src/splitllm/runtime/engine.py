@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitllm.runtime import fused_kernel
-from splitllm.runtime.gemv import install_fast_linear, pack_weights, warm_up
+from splitllm.runtime.gemv import install_fast_linear, pack_weights
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.packing import install_packed_attention
@@ -146,7 +146,6 @@ class Engine:
         install_fast_linear(stack.model)  # decode steps of few rows at the speed of memory
         move_to_huge_pages(stack.model)  # weights streamed without TLB stalls (hugepages.py)
         self.packed_bytes = pack_weights(stack.model)  # steps of many rows: oneDNN's GEMM
-        warm_up()
         fused_kernel.warm_up()
         self.stack = stack
         self.metrics = metrics

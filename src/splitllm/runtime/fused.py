@@ -21,8 +21,6 @@ every other block, row or setting keeps the model's own path.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +33,7 @@ from transformers.activations import SiLUActivation
 
 from splitllm.runtime import fused_kernel as kernel
 from splitllm.runtime.families import FULL
-from splitllm.runtime.gemv import FAST_ROWS, packed_product, packed_weight
+from splitllm.runtime.gemv import FAST_ROWS, fast_paths_now, packed_product, packed_weight
 from splitllm.runtime.kvcache import BlockLayer
 from splitllm.runtime.packing import RowGroup
 from splitllm.runtime.units import SegmentCache, UnitStack
@@ -44,7 +42,6 @@ FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SiLU-gated MLP
 _WEIGHTS = "_splitllm_fused_weights"
 _STACK = "_splitllm_fused_stack"
 _KV = "_splitllm_fused_kv"
-_enabled = True  # what `fused_decode` switches (benchmarks compare both paths)
 
 
 @dataclass(frozen=True)
@@ -78,16 +75,6 @@ class BlockWeights:
     data_ptr: int  # where the q weight's storage was when the views were taken
 
 
-@contextlib.contextmanager
-def fused_decode(enabled: bool) -> Iterator[None]:
-    """Use the fused path (or not) inside the block: to compare it with the model's own."""
-    global _enabled
-    before, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = before
-
 
 class FusedRows:
     """The decode rows of a step (one position each of several sessions) through the blocks the
@@ -105,7 +92,7 @@ class FusedRows:
         """The rows of a step's packed rows [1, R, D], if the fused path applies: one position
         per session, fp32 on the CPU, one intra-op thread, no autograd, one
         rotary table for every block."""
-        if not (_enabled and len(groups) == hidden.shape[1]
+        if not (fast_paths_now().fused and len(groups) == hidden.shape[1]
                 and hidden.dtype == torch.float32 and hidden.is_cpu
                 and torch.get_num_threads() == 1 and not torch.is_grad_enabled()) \
                 or stack.rotary_emb is None or stack.rotary_per_layer_type:

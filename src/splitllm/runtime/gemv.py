@@ -2,10 +2,10 @@
 
 A decode step of one session multiplies one row by every weight matrix: the step is bound by
 reading the weights. MKL's fp32 GEMM at one row reads SmolLM2's block weights at ~11 GB/s on
-this AMD EPYC (the LM head at ~10 GB/s), about half of what one thread can read; a plain dot
-product per output, compiled by numba (vectorised with fastmath), reads them at ~18 GB/s.
-`install_fast_linear` routes a model's `nn.Linear` layers through it where it wins (fp32 on the
-CPU, one intra-op thread, at most `FAST_ROWS` rows).
+this AMD EPYC (the LM head at ~10 GB/s), about half of what one thread can read; dot products
+compiled by numba (`fused_kernel.linear_rows`, the fused decode's own products) read them at
+~27-32 GB/s in huge pages. `install_fast_linear` routes a model's `nn.Linear` layers through
+them where they win (fp32 on the CPU, one intra-op thread, at most `FAST_ROWS` rows).
 
 Steps of more rows are compute-bound, and there MKL's fp32 GEMM on this AMD EPYC stays at
 ~45 GFLOP/s at 16 rows of SmolLM2's shapes: oneDNN on weights reordered once into its blocked
@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from splitllm.runtime.fused_kernel import linear_rows
 
 FAST_ROWS = 6  # rows up to which the kernel beats MKL here (memory-bound: 6 rows cost ~1.1x what 1
 # does, half of MKL; even at 8): one session, a few together, a speculative pass of k <= 5 drafts
@@ -35,19 +37,36 @@ _FLAG = "_splitllm_fast_linear"
 _ARRAY = "_splitllm_weight_array"
 _PACKED = "_splitllm_packed_weight"
 PACK_ROWS_HINT = 16  # the row count oneDNN lays the packed weights out for (any count works)
-_rows_now = FAST_ROWS  # what calls compare against: kernel_rows() changes it (benchmarks)
-_packed_enabled = True  # what packed_linear() switches (benchmarks compare both)
 
 
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
-def _matvec(weight: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    """out[r, o] = dot(weight[o], rows[r]): each weight row is read once for all rows."""
-    for o in range(weight.shape[0]):
-        for r in range(rows.shape[0]):
-            acc = np.float32(0.0)
-            for i in range(weight.shape[1]):
-                acc += weight[o, i] * rows[r, i]
-            out[r, o] = acc
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths run (benchmarks and tests switch them to compare with the model's own):
+    the fused decode blocks (runtime/fused.py), the few-row kernel up to `kernel_rows` rows (0:
+    MKL), the packed weights of many rows."""
+
+    fused: bool = True
+    kernel_rows: int = FAST_ROWS
+    packed: bool = True
+
+
+_paths = FastPaths()
+
+
+def fast_paths_now() -> FastPaths:
+    """The fast paths in force."""
+    return _paths
+
+
+@contextlib.contextmanager
+def fast_paths(paths: FastPaths) -> Iterator[None]:
+    """These fast paths inside the block, e.g. `fast_paths(FastPaths(fused=False))`."""
+    global _paths
+    before, _paths = _paths, paths
+    try:
+        yield
+    finally:
+        _paths = before
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -62,7 +81,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight_array = weight.detach().numpy()
     flat = np.ascontiguousarray(x.detach().numpy().reshape(rows, features))  # [R, in]
     out = np.empty((*x.shape[:-1], weight.shape[0]), dtype=np.float32)  # [..., out]
-    _matvec(weight_array, flat, out.reshape(rows, weight.shape[0]))
+    linear_rows(weight_array, flat, out.reshape(rows, weight.shape[0]))
     result = torch.from_numpy(out)
     if bias is not None:
         result += bias
@@ -70,7 +89,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _fits(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    return (0 < rows <= _rows_now and torch.get_num_threads() == 1
+    return (0 < rows <= _paths.kernel_rows and torch.get_num_threads() == 1
             and not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32
             and x.is_cpu and weight.is_cpu and weight.is_contiguous())
 
@@ -99,7 +118,7 @@ def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 def _packed_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Rows beyond the few-row kernel's, fp32 on the CPU, no autograd, the weight's width."""
     return (x.dim() >= 2 and x.shape[-1] == weight.shape[-1]
-            and x.numel() // max(x.shape[-1], 1) > _rows_now and x.dtype == torch.float32
+            and x.numel() // max(x.shape[-1], 1) > _paths.kernel_rows and x.dtype == torch.float32
             and x.is_cpu and not torch.is_grad_enabled())
 
 
@@ -125,32 +144,12 @@ def packed_weight(layer: nn.Module) -> torch.Tensor | None:
     """The layer's packed weight if it has a current one and packing is on, else None."""
     packed = layer.__dict__.get(_PACKED)
     weight = getattr(layer, "weight", None)
-    if not _packed_enabled or packed is None or weight is None or \
+    if not _paths.packed or packed is None or weight is None or \
             packed[0] != weight.data_ptr():
         return None
     return packed[1]
 
 
-@contextlib.contextmanager
-def packed_linear(enabled: bool) -> Iterator[None]:
-    """Use the packed weights (or not) inside the block, to compare them with MKL."""
-    global _packed_enabled
-    before, _packed_enabled = _packed_enabled, enabled
-    try:
-        yield
-    finally:
-        _packed_enabled = before
-
-
-@contextlib.contextmanager
-def kernel_rows(rows: int) -> Iterator[None]:
-    """Use the kernel up to `rows` rows inside the block (0: MKL alone), to compare the two."""
-    global _rows_now
-    before, _rows_now = _rows_now, rows
-    try:
-        yield
-    finally:
-        _rows_now = before
 
 
 def install_fast_linear(model: nn.Module) -> None:
@@ -160,8 +159,3 @@ def install_fast_linear(model: nn.Module) -> None:
             layer.forward = types.MethodType(_forward, layer)  # type: ignore[method-assign]
             setattr(layer, _FLAG, True)
 
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernel now rather than in the first step."""
-    weight = np.zeros((2, 2), dtype=np.float32)
-    _matvec(weight, weight, np.empty((2, 2), dtype=np.float32))
