@@ -21,6 +21,7 @@ from splitllm.errors import UserError
 
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
+    from splitllm.runtime.loadtest_run import RealRunner
     from splitllm.runtime.loadtest_world import LoadtestSpec
     from splitllm.sim.world import World
 
@@ -127,6 +128,31 @@ def _visit_s(url: str, token: str | None, n_units: int) -> float:
         transport.close()
 
 
+def calibrated(world: World, runner: RealRunner, url: str, token: str | None) -> World:
+    """The world on the step model the server refitted on a first round of the idle check's
+    requests, with the server's CPU per forward outside its steps measured over them: what
+    the simulated server runs, what both sides' planners charge, and what the idle check then
+    predicts with (measured over that check itself, its predictions lacked it: 3 ms per
+    forward, the +7 to +10 ms every request ran over its prediction)."""
+    from splitllm.runtime.dialer import fetch_info
+    from splitllm.runtime.loadtest import server_job_s
+    from splitllm.runtime.loadtest_idle import idle_check
+    from splitllm.runtime.loadtest_world import with_step_model
+    from splitllm.stepmodel import StepModel
+
+    _progress("the server's own seconds per forward, over a first round of the idle check")
+    before = runner.metrics()
+    idle_check(world, runner.alone)
+    job_s = server_job_s(before, runner.metrics())
+    live = fetch_info(url, token)
+    world = with_step_model(world, replace(StepModel.from_json(live["step_model"]), job_s=job_s))
+    runner.world = world
+    _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
+              "(charged per job); its step model "
+              f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
+    return world
+
+
 def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
                  scenario_world: World, spec: LoadtestSpec, minutes: float,
                  this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
@@ -138,11 +164,11 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
 
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.fidelity_run import local_server
-    from splitllm.runtime.loadtest import run_study, server_job_s
+    from splitllm.runtime.loadtest import run_study
     from splitllm.runtime.loadtest_idle import idle_check, idle_json, idle_md
     from splitllm.runtime.loadtest_report import header_text, report_md, study_json, write_report
     from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
-    from splitllm.runtime.loadtest_world import loadtest_world, with_step_model
+    from splitllm.runtime.loadtest_world import loadtest_world
     from splitllm.runtime.models import context_tokens, load_model
     from splitllm.stepmodel import StepModel
 
@@ -172,19 +198,9 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         runner = RealRunner(loaded, world, classes, RunnerOptions(
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)
+        world = calibrated(world, runner, url, token)
         _progress("each policy's plan for the largest requests, alone on the idle server")
-        before = runner.metrics()
         idle = idle_check(world, runner.alone)
-        job_s = server_job_s(before, runner.metrics())
-        # the step model the server refitted on the idle check's steps, and its seconds per
-        # job: what the simulated server runs and what both sides' planners charge
-        live = fetch_info(url, token)
-        world = with_step_model(world, replace(StepModel.from_json(live["step_model"]),
-                                               job_s=job_s))
-        runner.world = world
-        _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
-                  "(charged per job); its step model "
-                  f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
         # less what ran before, and a longest SLA kept for the requests a cut-off probe still
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
