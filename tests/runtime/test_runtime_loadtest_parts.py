@@ -16,6 +16,7 @@ from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset, link_preset
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import (
+    Capacity,
     Outcome,
     Probe,
     ServerLoad,
@@ -294,6 +295,30 @@ def test_study_against_a_fake_server_with_known_step_time() -> None:
     assert found.lowest_failed_per_s / found.rate_per_s - 1 <= 0.05
     assert result.at_capacity is not None and result.at_capacity.rate_per_s == found.rate_per_s
     assert any("measured capacity" in line for line in lines)
+
+
+def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() -> None:
+    """After a policy's measured search, the simulator runs again on the step model the server
+    refitted under that policy's load (a slower server: less capacity); the first prediction,
+    on the idle server's model, stays beside it."""
+    world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0,
+                             rel_tol=0.1), policies=("server-only",))
+    slow = StepModel(embed=UnitFit.line(1.5e-4, 1.5e-6), block=UnitFit.line(3e-3, 1.5e-4),
+                     head=UnitFit.line(1.5e-3, 1.5e-4), n_blocks=4)
+    server = FakeServer(world)
+    seen: list[int] = []
+
+    def under_load(w: World, measured: Capacity) -> World:
+        seen.append(len(measured.probes))
+        return with_step_model(w, slow)
+
+    [result] = run_study(world, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+                         progress=lambda line: None, under_load=under_load)
+    assert seen == [len(result.measured.probes)] and seen[0] > 0  # once, after the probes
+    idle = find_capacity(world, "server-only").rate_per_s
+    loaded = find_capacity(with_step_model(world, slow), "server-only").rate_per_s
+    assert result.simulated_idle_capacity_per_s == idle
+    assert 0 < result.simulated_capacity_per_s == loaded < idle
 
 
 def test_the_search_stops_at_its_time_budget() -> None:

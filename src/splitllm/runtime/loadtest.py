@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -49,6 +50,7 @@ class Probe:
     wall_s: float
     stopped_early: bool = False  # given up once too many requests had missed their SLA
     cut_off: bool = False  # ended by the time budget with requests not yet done: inconclusive
+    server_job_s: float = math.nan  # the server's CPU per forward outside its steps (nan: none)
 
     @property
     def rate_per_s(self) -> float:
@@ -190,9 +192,10 @@ class PolicyResult:
 
     policy: str
     measured: Capacity
-    simulated_capacity_per_s: float
+    simulated_capacity_per_s: float  # on the server's step model under this policy's load
     simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
     simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
+    simulated_idle_capacity_per_s: float = math.nan  # on the step model of the idle server
 
     @property
     def at_capacity(self) -> Probe | None:
@@ -204,11 +207,16 @@ class PolicyResult:
 SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
 
 
+UnderLoad = Callable[[World, Capacity], World]  # the world on the server as its probes ran it
+
+
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
-              clock: Callable[[], float], progress: Callable[[str], None]) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity, then the measured one searched from it.
+              clock: Callable[[], float], progress: Callable[[str], None],
+              under_load: UnderLoad | None = None) -> list[PolicyResult]:
+    """Per policy of `world`: the simulated capacity, then the measured one searched from it,
+    then (`under_load`) the simulated one again on the server as the policy's probes ran it.
     Everything ends within `budget_s` on `clock` (probes are cut off at it): each policy gets
-    an equal share of the time left, its simulated search at most `SIMULATED_SHARE` of it."""
+    an equal share of the time left, each simulated search at most `SIMULATED_SHARE` of it."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
@@ -241,10 +249,17 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                                    target=world.sweep.target_attainment,
                                    rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
                                    clock=clock)
-        at_rate = (run_point(world, policy, measured.rate_per_s)
-                   if measured.rate_per_s > 0 and clock() < end_s else None)
-        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate))
         progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
+        loaded, idle_rate = world, simulated.rate_per_s
+        if under_load is not None and measured.probes and clock() < end_s:
+            loaded = under_load(world, measured)
+            again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
+            simulated = find_capacity(loaded, policy, stop=partial(out_of_time, again_by_s))
+            progress(f"{policy}: simulated capacity on the server's step model under its "
+                     f"load {simulated.rate_per_s:.3g} req/s")
+        at_rate = (run_point(loaded, policy, measured.rate_per_s)
+                   if measured.rate_per_s > 0 and clock() < end_s else None)
+        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
+                                    simulated.cut_short, at_rate, idle_rate))
     return results

@@ -35,6 +35,7 @@ from splitllm.runtime.loadtest import (
     ServerLoad,
     counter_delta,
     run_record,
+    server_job_s,
 )
 from splitllm.runtime.loadtest_idle import Alone
 from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofline_clock
@@ -229,7 +230,8 @@ class RealRunner:
         cpu_s = counter_delta(after, before, PROCESS_CPU)
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
                      process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
-                     else math.nan, stopped_early=stopped_early, cut_off=cut_off)
+                     else math.nan, stopped_early=stopped_early, cut_off=cut_off,
+                     server_job_s=server_job_s(before, after) if done else math.nan)
 
     async def _watch(self, world: World, load: Workload, futures: list[asyncio.Future[Outcome]],
                      start_s: float, stop: threading.Event, server_load: ServerLoad | None
