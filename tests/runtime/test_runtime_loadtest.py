@@ -74,6 +74,10 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
             "splitllm_sessions_opened_total"] == 4
         assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
+        # the server's busy share counts its arrivals' window, within the whole probe's busy
+        busy = "splitllm_server_busy_seconds_total"
+        horizon_s = world.with_rate(20.0).horizon_s
+        assert 0 <= m.utilization * horizon_s <= after[busy] - before[busy] + 1e-9
         split = runner.probe("fixed:CCSSSC", 20.0)  # a real split: fewer positions served
         assert (split.metrics.requests, split.metrics.completed) == (4, 4)
         assert runner.metrics()[processed] - after[processed] == positions

@@ -206,7 +206,7 @@ def test_metrics_arithmetic_of_a_probe() -> None:
                    output_tokens=np.array([3, 3, 3, 1]))
     outcomes = [outcome(0.5, 1.5), outcome(0.2, 1.0), outcome(1.0, 3.0), outcome(0.4, math.nan)]
     record = run_record("exact", 1.0, load, outcomes, horizon_s=4.0, busy_s=2.0,
-                        queue_wait_mean_s=0.05)
+                        queue_wait_mean_s=0.05, busy_total_s=2.6)
     m = summarize(world, record)
     assert m.requests == 4 and m.completed == 3
     assert m.sla_attainment == 0.5  # 1.5 s and 1.0 s met 2 s; 3.0 s did not; one never ended
@@ -214,7 +214,9 @@ def test_metrics_arithmetic_of_a_probe() -> None:
     assert m.throughput_per_s == pytest.approx(2 / 4)  # the third finished at 5.0, after it
     assert m.ttft_s == (0.5, 1.0, 1.0)  # p50, p90, p99 of 0.2, 0.4, 0.5, 1.0 ("higher")
     assert m.tpot_s == (0.5, 1.0, 1.0)  # (1.5-0.5)/2, (1.0-0.2)/2, (3-1)/2
+    # busy within the window, as the simulator counts it (not the drain after it)
     assert m.utilization == pytest.approx(0.5) and m.job_delay_mean_s == 0.05
+    assert (record.busy_window_s, record.busy_total_s) == (2.0, 2.6)
     assert m.server_s_per_request == pytest.approx(0.1)
 
 

@@ -58,8 +58,11 @@ class Probe:
 
 
 def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequence[Outcome],
-               *, horizon_s: float, busy_s: float, queue_wait_mean_s: float) -> RunRecord:
-    """The outcomes of a real probe as the simulator's record of a run (window [0, horizon))."""
+               *, horizon_s: float, busy_s: float, queue_wait_mean_s: float,
+               busy_total_s: float | None = None) -> RunRecord:
+    """The outcomes of a real probe as the simulator's record of a run (window [0, horizon)):
+    `busy_s` the server's busy seconds within the window, `busy_total_s` over the whole probe
+    (default: the same)."""
     placements: dict[str, int] = {}
     index = [placements.setdefault(o.placement, len(placements)) for o in outcomes]
     arrived = np.asarray(load.arrived_at_s, dtype=float)
@@ -72,7 +75,8 @@ def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequenc
         prompt_tokens=load.prompt_tokens, output_tokens=load.output_tokens,
         placement_index=np.array(index, dtype=np.int64), placements=tuple(placements),
         planned=np.array([o.planned for o in outcomes], dtype=bool),
-        busy_window_s=busy_s, busy_total_s=busy_s, job_delay_mean_s=queue_wait_mean_s,
+        busy_window_s=busy_s, busy_total_s=busy_s if busy_total_s is None else busy_total_s,
+        job_delay_mean_s=queue_wait_mean_s,
         events=len(outcomes))
 
 
