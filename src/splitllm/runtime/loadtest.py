@@ -51,6 +51,7 @@ class Probe:
     stopped_early: bool = False  # given up once too many requests had missed their SLA
     cut_off: bool = False  # ended by the time budget with requests not yet done: inconclusive
     server_job_s: float = math.nan  # the server's CPU per forward outside its steps (nan: none)
+    client_cores_busy: float = math.nan  # the EMULATED clients' process: CPU s per wall s
 
     @property
     def rate_per_s(self) -> float:
@@ -246,7 +247,8 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                    ", stopped early" if result.stopped_early else "")
             progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
                      f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
-                     f"{result.wall_s:.0f} s")
+                     f"server busy {m.utilization:.0%}, clients {result.client_cores_busy:.2f} "
+                     f"cores, {result.wall_s:.0f} s")
             return result
 
         measured = search_capacity(policy, measure, first_rate_per_s=guess,

@@ -170,8 +170,12 @@ def under_load(url: str, token: str | None) -> UnderLoad:
         step = StepModel.from_json(fetch_info(url, token)["step_model"])
         jobs_s = [p.server_job_s for p in measured.probes if math.isfinite(p.server_job_s)]
         before = world.server.step_model
-        job_s = (statistics.median(jobs_s) if jobs_s else
-                 before.job_s if before is not None else 0.0)
+        assert before is not None  # the load test's world runs the server's step model
+        job_s = statistics.median(jobs_s) if jobs_s else before.job_s
+        _progress("under these probes a block took " + ", ".join(
+            f"x{step.block.seconds(t) / before.block.seconds(t):.2f} at {t}" for t in (1, 4, 16))
+            + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward outside "
+            "the steps")
         return with_step_model(world, replace(step, job_s=job_s))
 
     return loaded

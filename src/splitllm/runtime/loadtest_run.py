@@ -190,7 +190,7 @@ class RealRunner:
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
         stop = threading.Event()
-        start_s = time.perf_counter()
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
         at_horizon = asyncio.create_task(self._metrics_at(start_s + world.horizon_s))
         futures: list[asyncio.Future[Outcome]] = []
         loop = asyncio.get_running_loop()
@@ -220,6 +220,7 @@ class RealRunner:
         outcomes = [await future for future in futures]
         watcher.cancel()
         wall_s = time.perf_counter() - start_s
+        client_cpu_s = time.process_time() - start_cpu_s
         after = self.metrics()
         # busy within the arrivals' window, as the simulator counts it (the whole probe also
         # holds the drain of the last requests: a long request's work after the window)
@@ -237,7 +238,8 @@ class RealRunner:
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
                      process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
                      else math.nan, stopped_early=stopped_early, cut_off=cut_off,
-                     server_job_s=server_job_s(before, after) if done else math.nan)
+                     server_job_s=server_job_s(before, after) if done else math.nan,
+                     client_cores_busy=client_cpu_s / wall_s)
 
     async def _metrics_at(self, when_s: float) -> dict[str, float]:
         """The server's /metrics page at `when_s` (time.perf_counter)."""
