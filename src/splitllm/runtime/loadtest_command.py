@@ -160,8 +160,9 @@ def under_load(url: str, token: str | None) -> UnderLoad:
     """The world on the server as a policy's probes ran it: the step model the server refitted
     on their steps (/v1/info) and its CPU per forward outside them (the probes' median). The
     EMULATED clients compute their units for real on this machine's other core, and their
-    memory traffic slows the server's steps: blocks ran 1.2-1.5x the idle server's model while
-    splits ran, 1.06-1.09x while server-only ran (whose clients compute nothing)."""
+    memory traffic slows the server's steps: blocks ran 1.2-2.9x the idle server's model while
+    splits ran, 0.97-1.4x while server-only ran (whose clients compute nothing; the rest is the
+    other work on the machine)."""
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.loadtest_world import with_step_model
     from splitllm.stepmodel import StepModel
