@@ -115,6 +115,14 @@ def fit_unit(samples: Sequence[Point]) -> UnitFit:
                                                                         strict=True)))
 
 
+def queue_wait_s(arrived_s: float, step_started_s: float) -> float:
+    """A server job's queue wait, the one delay load-aware policies read: from its arrival in
+    the engine's queue to the start of the step that runs it (its first, if chunked); not the
+    step's own seconds, however many rows share it. The real engine reports it
+    (`splitllm_engine_queue_wait_seconds`), the simulated servers meter it."""
+    return max(step_started_s - arrived_s, 0.0)
+
+
 def decode_share_s(model: StepModel, concurrency: int, blocks: int | None = None) -> float:
     """A request's share of server seconds per decode token when `concurrency` rows share steps."""
     c = max(concurrency, 1)

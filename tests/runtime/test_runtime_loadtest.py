@@ -5,20 +5,27 @@ tokens, never wall time."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
+from splitllm.planner.instance import evaluate
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.loadtest import Capacity, Probe
+from splitllm.runtime.loadtest_command import calibrated, under_load
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec, loadtest_world
 from splitllm.runtime.models import LoadedModel, context_tokens
+from splitllm.sim.policies import request_instance
 from splitllm.sim.scenario import parse_scenario, resolve
 from splitllm.sim.workload import sample_workload
 from splitllm.sim.world import World
@@ -70,6 +77,10 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
             "splitllm_sessions_opened_total"] == 4
         assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
+        # the server's busy share counts its arrivals' window, within the whole probe's busy
+        busy = "splitllm_server_busy_seconds_total"
+        horizon_s = world.with_rate(20.0).horizon_s
+        assert 0 <= m.utilization * horizon_s <= after[busy] - before[busy] + 1e-9
         split = runner.probe("fixed:CCSSSC", 20.0)  # a real split: fewer positions served
         assert (split.metrics.requests, split.metrics.completed) == (4, 4)
         assert runner.metrics()[processed] - after[processed] == positions
@@ -99,6 +110,43 @@ def test_each_plan_alone_on_the_idle_server(tiny_llama: LoadedModel,
             assert r.predicted.client_s > 0
             assert r.measured.client_s >= r.predicted.client_s * (1 - 1e-9)
         assert r.measured.server_s > 0 and r.measured.latency_s >= r.measured.client_s
+
+
+def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
+        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    """The server's CPU per forward outside its steps is measured on a first round of the idle
+    check, so the check's predictions charge it per pass as the probes' planners do (measured
+    over the check itself, every prediction lacked it)."""
+    world, classes = tiny_world(tiny_llama, llama_server, requests=6, sla_s=120.0,
+                                policies=("server-only", "fixed:CCSSSC"))
+    runner = RealRunner(tiny_llama, world, classes, RunnerOptions(server=llama_server.ws_url))
+    try:
+        ready = calibrated(world, runner, llama_server.ws_url, None)
+        rows = idle_check(ready, runner.alone)
+    finally:
+        runner.close()
+    assert ready.server.step_model is not None and runner.world is ready
+    job_s = ready.server.step_model.job_s
+    assert job_s > 0  # the first round's forwards cost the server CPU outside its steps
+    names = [c.name for c in world.clients]
+    for r in rows:
+        bare = evaluate(request_instance(world.types[0], world.clients[names.index(
+            r.client_class)], world, r.prompt_tokens, r.output_tokens), Placement(r.placement))
+        # one visit per pass: each pays the server's seconds per forward
+        assert r.predicted.other_s - bare.network_s == pytest.approx(job_s * r.round_trips)
+
+
+def test_under_load_is_the_servers_step_model_now_and_the_probes_cpu_per_forward(
+        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    world, _ = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0)
+    probes = tuple(Probe(metrics=None, process_cpu_s_per_request=0.1,  # type: ignore[arg-type]
+                         wall_s=1.0, server_job_s=job_s)
+                   for job_s in (0.002, math.nan, 0.004, 0.003))
+    loaded = under_load(llama_server.ws_url, None)(
+        world, Capacity("server-only", 1.0, 2.0, probes, cut_short=False))
+    announced = StepModel.from_json(fetch_info(llama_server.ws_url, None)["step_model"])
+    assert loaded.server.step_model == replace(announced, job_s=0.003)  # the median measured
+    assert loaded.types == world.types  # the SLAs stay as they were set
 
 
 def test_a_probe_that_cannot_meet_its_sla_stops_itself(tiny_llama: LoadedModel,

@@ -16,6 +16,7 @@ from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset, link_preset
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import (
+    Capacity,
     Outcome,
     Probe,
     ServerLoad,
@@ -205,7 +206,7 @@ def test_metrics_arithmetic_of_a_probe() -> None:
                    output_tokens=np.array([3, 3, 3, 1]))
     outcomes = [outcome(0.5, 1.5), outcome(0.2, 1.0), outcome(1.0, 3.0), outcome(0.4, math.nan)]
     record = run_record("exact", 1.0, load, outcomes, horizon_s=4.0, busy_s=2.0,
-                        queue_wait_mean_s=0.05)
+                        queue_wait_mean_s=0.05, busy_total_s=2.6)
     m = summarize(world, record)
     assert m.requests == 4 and m.completed == 3
     assert m.sla_attainment == 0.5  # 1.5 s and 1.0 s met 2 s; 3.0 s did not; one never ended
@@ -213,7 +214,9 @@ def test_metrics_arithmetic_of_a_probe() -> None:
     assert m.throughput_per_s == pytest.approx(2 / 4)  # the third finished at 5.0, after it
     assert m.ttft_s == (0.5, 1.0, 1.0)  # p50, p90, p99 of 0.2, 0.4, 0.5, 1.0 ("higher")
     assert m.tpot_s == (0.5, 1.0, 1.0)  # (1.5-0.5)/2, (1.0-0.2)/2, (3-1)/2
+    # busy within the window, as the simulator counts it (not the drain after it)
     assert m.utilization == pytest.approx(0.5) and m.job_delay_mean_s == 0.05
+    assert (record.busy_window_s, record.busy_total_s) == (2.0, 2.6)
     assert m.server_s_per_request == pytest.approx(0.1)
 
 
@@ -294,6 +297,30 @@ def test_study_against_a_fake_server_with_known_step_time() -> None:
     assert found.lowest_failed_per_s / found.rate_per_s - 1 <= 0.05
     assert result.at_capacity is not None and result.at_capacity.rate_per_s == found.rate_per_s
     assert any("measured capacity" in line for line in lines)
+
+
+def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() -> None:
+    """After a policy's measured search, the simulator runs again on the step model the server
+    refitted under that policy's load (a slower server: less capacity); the first prediction,
+    on the idle server's model, stays beside it."""
+    world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0,
+                             rel_tol=0.1), policies=("server-only",))
+    slow = StepModel(embed=UnitFit.line(1.5e-4, 1.5e-6), block=UnitFit.line(3e-3, 1.5e-4),
+                     head=UnitFit.line(1.5e-3, 1.5e-4), n_blocks=4)
+    server = FakeServer(world)
+    seen: list[int] = []
+
+    def under_load(w: World, measured: Capacity) -> World:
+        seen.append(len(measured.probes))
+        return with_step_model(w, slow)
+
+    [result] = run_study(world, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+                         progress=lambda line: None, under_load=under_load)
+    assert seen == [len(result.measured.probes)] and seen[0] > 0  # once, after the probes
+    idle = find_capacity(world, "server-only").rate_per_s
+    loaded = find_capacity(with_step_model(world, slow), "server-only").rate_per_s
+    assert result.simulated_idle_capacity_per_s == idle
+    assert 0 < result.simulated_capacity_per_s == loaded < idle
 
 
 def test_the_search_stops_at_its_time_budget() -> None:

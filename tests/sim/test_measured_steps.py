@@ -19,7 +19,7 @@ from splitllm.sim.batching import BatchCost
 from splitllm.sim.run import run_policy
 from splitllm.sim.scenario import load_scenario
 from splitllm.sim.world import ServerSpec
-from splitllm.stepmodel import StepModel, UnitFit, jobs_step_s
+from splitllm.stepmodel import StepModel, UnitFit, jobs_step_s, queue_wait_s
 
 MEASURED = StepModel(embed=UnitFit.line(0.001, 0.0001), block=UnitFit.line(0.2, 0.01),
                      head=UnitFit.line(0.05, 0.002), n_blocks=1)
@@ -150,3 +150,25 @@ def test_cli_bad_step_model_exits_2_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "server.step_model" in lines[0]
+
+
+def test_the_batched_servers_delay_is_the_queue_wait_before_its_step() -> None:
+    """Load-aware policies read what the real engine reports: a job's wait from its arrival to
+    the start of the step that runs it, not its response less its solo time (which would also
+    hold the stretching of a shared step by the other rows)."""
+    world = tiny_world((0.0, 0.05, 0.1), prompt=2, output=1)
+    world = replace(world, types=(replace(world.types[0], model=tiny_model()),),
+                    server=ServerSpec(world.server.device, "batched", step_model=MEASURED))
+    rec = run_policy(world, "server-only", log=True)
+    (_, _, at0, done0), (_, _, at1, done1), (_, _, at2, done2) = sorted(rec.job_log)
+    assert done1 == done2 > done0 > at2 > at1 > at0  # r0 alone, then r1 and r2 in one step
+    waits = [0.0, done0 - at1, done0 - at2]
+    assert rec.job_delay_mean_s == pytest.approx(np.mean(waits))
+    solo_s = jobs_step_s(MEASURED, [(0, 3, 2)])
+    assert done1 - done0 > solo_s  # the shared step took longer than either job alone ...
+    assert rec.job_delay_mean_s < np.mean([0.0, done1 - at1 - solo_s, done2 - at2 - solo_s])
+
+
+def test_a_queue_wait_runs_from_arrival_to_the_step_start() -> None:
+    assert queue_wait_s(1.0, 1.25) == pytest.approx(0.25)
+    assert queue_wait_s(1.0, 0.999) == 0.0  # clocks read apart: never negative

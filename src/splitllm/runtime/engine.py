@@ -30,6 +30,7 @@ from splitllm.runtime.protocol import ForwardHeader, ProtocolError
 from splitllm.runtime.session import ForwardResult, Prepared, ServerSession
 from splitllm.runtime.step import StepRow, StepTimes, run_step
 from splitllm.runtime.units import UnitStack
+from splitllm.stepmodel import queue_wait_s
 
 STARVE_STEPS = 8  # a forward passed over this many steps is scheduled before all others
 HISTORY_STEPS = 1024  # steps whose composition the engine remembers (tests, diagnostics)
@@ -266,7 +267,8 @@ class Engine:
         self.history.append(tuple(Scheduled(job.session.session_id, job.owner, take)
                                   for job, take in picks))
         now = time.perf_counter()
-        waits = [now - wall_s - job.enqueued_at for job, _ in picks if job.done_tokens == 0]
+        waits = [queue_wait_s(job.enqueued_at, now - wall_s) for job, _ in picks
+                 if job.done_tokens == 0]
         self.metrics.record_step(times.unit_s, times.unit_tokens, rows=len(rows), tokens=tokens,
                                  wall_s=wall_s, cpu_s=cpu_s, queue_waits_s=waits)
         if self.on_step is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -49,6 +50,8 @@ class Probe:
     wall_s: float
     stopped_early: bool = False  # given up once too many requests had missed their SLA
     cut_off: bool = False  # ended by the time budget with requests not yet done: inconclusive
+    server_job_s: float = math.nan  # the server's CPU per forward outside its steps (nan: none)
+    client_cores_busy: float = math.nan  # the EMULATED clients' process: CPU s per wall s
 
     @property
     def rate_per_s(self) -> float:
@@ -56,8 +59,11 @@ class Probe:
 
 
 def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequence[Outcome],
-               *, horizon_s: float, busy_s: float, queue_wait_mean_s: float) -> RunRecord:
-    """The outcomes of a real probe as the simulator's record of a run (window [0, horizon))."""
+               *, horizon_s: float, busy_s: float, queue_wait_mean_s: float,
+               busy_total_s: float | None = None) -> RunRecord:
+    """The outcomes of a real probe as the simulator's record of a run (window [0, horizon)):
+    `busy_s` the server's busy seconds within the window, `busy_total_s` over the whole probe
+    (default: the same)."""
     placements: dict[str, int] = {}
     index = [placements.setdefault(o.placement, len(placements)) for o in outcomes]
     arrived = np.asarray(load.arrived_at_s, dtype=float)
@@ -70,7 +76,8 @@ def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequenc
         prompt_tokens=load.prompt_tokens, output_tokens=load.output_tokens,
         placement_index=np.array(index, dtype=np.int64), placements=tuple(placements),
         planned=np.array([o.planned for o in outcomes], dtype=bool),
-        busy_window_s=busy_s, busy_total_s=busy_s, job_delay_mean_s=queue_wait_mean_s,
+        busy_window_s=busy_s, busy_total_s=busy_s if busy_total_s is None else busy_total_s,
+        job_delay_mean_s=queue_wait_mean_s,
         events=len(outcomes))
 
 
@@ -190,9 +197,10 @@ class PolicyResult:
 
     policy: str
     measured: Capacity
-    simulated_capacity_per_s: float
+    simulated_capacity_per_s: float  # on the server's step model under this policy's load
     simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
     simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
+    simulated_idle_capacity_per_s: float = math.nan  # on the step model of the idle server
 
     @property
     def at_capacity(self) -> Probe | None:
@@ -204,11 +212,16 @@ class PolicyResult:
 SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
 
 
+UnderLoad = Callable[[World, Capacity], World]  # the world on the server as its probes ran it
+
+
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
-              clock: Callable[[], float], progress: Callable[[str], None]) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity, then the measured one searched from it.
+              clock: Callable[[], float], progress: Callable[[str], None],
+              under_load: UnderLoad | None = None) -> list[PolicyResult]:
+    """Per policy of `world`: the simulated capacity, then the measured one searched from it,
+    then (`under_load`) the simulated one again on the server as the policy's probes ran it.
     Everything ends within `budget_s` on `clock` (probes are cut off at it): each policy gets
-    an equal share of the time left, its simulated search at most `SIMULATED_SHARE` of it."""
+    an equal share of the time left, each simulated search at most `SIMULATED_SHARE` of it."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
@@ -234,17 +247,25 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                    ", stopped early" if result.stopped_early else "")
             progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
                      f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
-                     f"{result.wall_s:.0f} s")
+                     f"server busy {m.utilization:.0%}, clients {result.client_cores_busy:.2f} "
+                     f"cores, {result.wall_s:.0f} s")
             return result
 
         measured = search_capacity(policy, measure, first_rate_per_s=guess,
                                    target=world.sweep.target_attainment,
                                    rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
                                    clock=clock)
-        at_rate = (run_point(world, policy, measured.rate_per_s)
-                   if measured.rate_per_s > 0 and clock() < end_s else None)
-        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate))
         progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
+        loaded, idle_rate = world, simulated.rate_per_s
+        if under_load is not None and measured.probes and clock() < end_s:
+            loaded = under_load(world, measured)
+            again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
+            simulated = find_capacity(loaded, policy, stop=partial(out_of_time, again_by_s))
+            progress(f"{policy}: simulated capacity on the server's step model under its "
+                     f"load {simulated.rate_per_s:.3g} req/s")
+        at_rate = (run_point(loaded, policy, measured.rate_per_s)
+                   if measured.rate_per_s > 0 and clock() < end_s else None)
+        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
+                                    simulated.cut_short, at_rate, idle_rate))
     return results

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -21,6 +23,8 @@ from splitllm.errors import UserError
 
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
+    from splitllm.runtime.loadtest import Capacity, UnderLoad
+    from splitllm.runtime.loadtest_run import RealRunner
     from splitllm.runtime.loadtest_world import LoadtestSpec
     from splitllm.sim.world import World
 
@@ -127,6 +131,57 @@ def _visit_s(url: str, token: str | None, n_units: int) -> float:
         transport.close()
 
 
+def calibrated(world: World, runner: RealRunner, url: str, token: str | None) -> World:
+    """The world on the step model the server refitted on a first round of the idle check's
+    requests, with the server's CPU per forward outside its steps measured over them: what
+    the simulated server runs, what both sides' planners charge, and what the idle check then
+    predicts with (measured over that check itself, its predictions lacked it: 3 ms per
+    forward, the +7 to +10 ms every request ran over its prediction)."""
+    from splitllm.runtime.dialer import fetch_info
+    from splitllm.runtime.loadtest import server_job_s
+    from splitllm.runtime.loadtest_idle import idle_check
+    from splitllm.runtime.loadtest_world import with_step_model
+    from splitllm.stepmodel import StepModel
+
+    _progress("the server's own seconds per forward, over a first round of the idle check")
+    before = runner.metrics()
+    idle_check(world, runner.alone)
+    job_s = server_job_s(before, runner.metrics())
+    live = fetch_info(url, token)
+    world = with_step_model(world, replace(StepModel.from_json(live["step_model"]), job_s=job_s))
+    runner.world = world
+    _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
+              "(charged per job); its step model "
+              f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
+    return world
+
+
+def under_load(url: str, token: str | None) -> UnderLoad:
+    """The world on the server as a policy's probes ran it: the step model the server refitted
+    on their steps (/v1/info) and its CPU per forward outside them (the probes' median). The
+    EMULATED clients compute their units for real on this machine's other core, and their
+    memory traffic slows the server's steps: blocks ran 1.2-2.9x the idle server's model while
+    splits ran, 0.97-1.4x while server-only ran (whose clients compute nothing; the rest is the
+    other work on the machine)."""
+    from splitllm.runtime.dialer import fetch_info
+    from splitllm.runtime.loadtest_world import with_step_model
+    from splitllm.stepmodel import StepModel
+
+    def loaded(world: World, measured: Capacity) -> World:
+        step = StepModel.from_json(fetch_info(url, token)["step_model"])
+        jobs_s = [p.server_job_s for p in measured.probes if math.isfinite(p.server_job_s)]
+        before = world.server.step_model
+        assert before is not None  # the load test's world runs the server's step model
+        job_s = statistics.median(jobs_s) if jobs_s else before.job_s
+        _progress("under these probes a block took " + ", ".join(
+            f"x{step.block.seconds(t) / before.block.seconds(t):.2f} at {t}" for t in (1, 4, 16))
+            + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward outside "
+            "the steps")
+        return with_step_model(world, replace(step, job_s=job_s))
+
+    return loaded
+
+
 def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
                  scenario_world: World, spec: LoadtestSpec, minutes: float,
                  this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
@@ -138,11 +193,11 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
 
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.fidelity_run import local_server
-    from splitllm.runtime.loadtest import run_study, server_job_s
+    from splitllm.runtime.loadtest import run_study
     from splitllm.runtime.loadtest_idle import idle_check, idle_json, idle_md
     from splitllm.runtime.loadtest_report import header_text, report_md, study_json, write_report
     from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
-    from splitllm.runtime.loadtest_world import loadtest_world, with_step_model
+    from splitllm.runtime.loadtest_world import loadtest_world
     from splitllm.runtime.models import context_tokens, load_model
     from splitllm.stepmodel import StepModel
 
@@ -172,24 +227,14 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         runner = RealRunner(loaded, world, classes, RunnerOptions(
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)
+        world = calibrated(world, runner, url, token)
         _progress("each policy's plan for the largest requests, alone on the idle server")
-        before = runner.metrics()
         idle = idle_check(world, runner.alone)
-        job_s = server_job_s(before, runner.metrics())
-        # the step model the server refitted on the idle check's steps, and its seconds per
-        # job: what the simulated server runs and what both sides' planners charge
-        live = fetch_info(url, token)
-        world = with_step_model(world, replace(StepModel.from_json(live["step_model"]),
-                                               job_s=job_s))
-        runner.world = world
-        _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
-                  "(charged per job); its step model "
-                  f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
         # less what ran before, and a longest SLA kept for the requests a cut-off probe still
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
         results = run_study(world, runner.probe, budget_s=left_s, clock=time.monotonic,
-                            progress=_progress)
+                            progress=_progress, under_load=under_load(url, token))
     where = (f"the server at {server}" if server else
              "a local `splitllm serve` child process pinned to its own core")
     header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,

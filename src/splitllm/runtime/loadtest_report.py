@@ -29,6 +29,10 @@ def _rel_err(simulated: float, measured: float) -> float:
     return math.nan
 
 
+def _pct(err: float | None) -> str:
+    return "n/a" if err is None else f"{err:+.0%}"
+
+
 def _metrics_json(m: RunMetrics) -> dict[str, Any]:
     return {"rate_req_s": m.rate_per_s, "requests": m.requests, "completed": m.completed,
             "attainment": _num(m.sla_attainment), "throughput_req_s": m.throughput_per_s,
@@ -42,7 +46,8 @@ def _metrics_json(m: RunMetrics) -> dict[str, Any]:
 
 def _probe_json(p: Probe) -> dict[str, Any]:
     return {**_metrics_json(p.metrics), "wall_s": p.wall_s, "stopped_early": p.stopped_early,
-            "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request)}
+            "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request),
+            "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy)}
 
 
 def policy_json(r: PolicyResult) -> dict[str, Any]:
@@ -66,6 +71,9 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
         "simulated_search_cut_short": r.simulated_cut_short,
         "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
+        "simulated_idle_model_capacity_req_s": _num(r.simulated_idle_capacity_per_s),
+        "idle_model_capacity_rel_err": _num(_rel_err(r.simulated_idle_capacity_per_s,
+                                                     r.measured.rate_per_s)),
         "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
                                   if r.simulated_at_capacity else None),
         "probes": [_probe_json(p) for p in r.measured.probes],
@@ -156,13 +164,17 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     lines += ["", "Every client runs in this one process (threads, one connection each), "
               "pinned apart from a local server where the OS allows; their compute shares "
               "the client's cores. The simulator's prediction: the same world, batched server "
-              "with the step model the server announced after the idle check (/v1/info: "
-              "refitted on its engine's steps). A visit to the "
+              "with the step model the server announced (/v1/info: refitted on its engine's "
+              "steps) after a first round of the idle check's requests (the idle model, where "
+              "each search starts), and again after each policy's probes (the server as they "
+              "ran it: the clients' real compute on this machine shares its memory). A visit "
+              "to the "
               f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
               "(measured on the idle server at start; the planner and the simulator charge it "
               f"per pass and visit). The server spends {_job_s(world) * 1e3:.3g} ms of CPU per "
               "forward outside its engine steps (framing, sampling, hand-offs, sessions "
-              "opened and closed; over the idle check: the process's CPU less the steps'), "
+              "opened and closed; over that first round: the process's CPU less the steps'; "
+              "under load, over each policy's probes), "
               "which the simulator charges per job beside each step and both planners per "
               "visit and pass."]
     return "\n".join(lines)
@@ -174,9 +186,13 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
     lines = ["# Load test: measured against simulated goodput capacity\n",
              verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
-             "| policy | capacity measured (req/s) | simulated | sim error | attainment | "
-             "goodput (req/s) | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (s) | "
-             "server CPU s / request | probes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Simulated: on the step model the server refitted on the policy's own probes (and "
+             "its CPU per forward outside the steps over them); idle model: on the one it "
+             "refitted alone before them, which the search starts from.", "",
+             "| policy | capacity measured (req/s) | simulated | sim error | idle model (error) | "
+             "attainment | goodput (req/s) | TTFT p50 / p90 / p99 (s) | "
+             "TPOT p50 / p90 / p99 (s) | server CPU s / request | probes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         j = policy_json(r)
         err = j["capacity_rel_err"]
@@ -186,7 +202,8 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
         tpot = " / ".join(f"{j[f'tpot_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         lines.append(
             f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
-            f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {'' if err is None else f'{err:+.0%}'} | "
+            f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {_pct(err)} | "
+            f"{r.simulated_idle_capacity_per_s:.3g} ({_pct(j['idle_model_capacity_rel_err'])}) | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
     errors = [abs(e) for r in results

@@ -35,6 +35,7 @@ from splitllm.runtime.loadtest import (
     ServerLoad,
     counter_delta,
     run_record,
+    server_job_s,
 )
 from splitllm.runtime.loadtest_idle import Alone
 from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofline_clock
@@ -189,7 +190,8 @@ class RealRunner:
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
         stop = threading.Event()
-        start_s = time.perf_counter()
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
+        at_horizon = asyncio.create_task(self._metrics_at(start_s + world.horizon_s))
         futures: list[asyncio.Future[Outcome]] = []
         loop = asyncio.get_running_loop()
         watcher = asyncio.create_task(self._watch(world, load, futures, start_s, stop,
@@ -218,18 +220,31 @@ class RealRunner:
         outcomes = [await future for future in futures]
         watcher.cancel()
         wall_s = time.perf_counter() - start_s
+        client_cpu_s = time.process_time() - start_cpu_s
         after = self.metrics()
+        # busy within the arrivals' window, as the simulator counts it (the whole probe also
+        # holds the drain of the last requests: a long request's work after the window)
+        window = at_horizon.result() if at_horizon.done() else after
+        at_horizon.cancel()
         kept = first_requests(load, len(outcomes))  # those released before any early stop
         waits = counter_delta(after, before, QUEUE_WAIT + "_count")
         record = run_record(policy, rate_per_s, kept, outcomes, horizon_s=world.horizon_s,
-                            busy_s=counter_delta(after, before, BUSY),
+                            busy_s=counter_delta(window, before, BUSY),
+                            busy_total_s=counter_delta(after, before, BUSY),
                             queue_wait_mean_s=counter_delta(after, before, QUEUE_WAIT + "_sum")
                             / waits if waits else 0.0)
         done = sum(not math.isnan(o.finished_s) for o in outcomes)
         cpu_s = counter_delta(after, before, PROCESS_CPU)
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
                      process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
-                     else math.nan, stopped_early=stopped_early, cut_off=cut_off)
+                     else math.nan, stopped_early=stopped_early, cut_off=cut_off,
+                     server_job_s=server_job_s(before, after) if done else math.nan,
+                     client_cores_busy=client_cpu_s / wall_s)
+
+    async def _metrics_at(self, when_s: float) -> dict[str, float]:
+        """The server's /metrics page at `when_s` (time.perf_counter)."""
+        await asyncio.sleep(max(when_s - time.perf_counter(), 0.0))
+        return await asyncio.to_thread(self.metrics)
 
     async def _watch(self, world: World, load: Workload, futures: list[asyncio.Future[Outcome]],
                      start_s: float, stop: threading.Event, server_load: ServerLoad | None

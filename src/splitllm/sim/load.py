@@ -1,7 +1,8 @@
 """The server's recent history as load-aware policies see it: job delays, utilization, headroom.
 
-Every server job that completes reports its delay (response minus solo service time) and the
-server-seconds it took; every request that finishes reports whether it met its limits. The
+Every server job that completes reports its delay (its queue wait before the step that runs it,
+`stepmodel.queue_wait_s`: what the real engine reports on /metrics) and the server-seconds it
+took; every request that finishes reports whether it met its limits. The
 meter keeps time-decayed statistics over `wait_tau_s` (weights `exp(-(now - t) / tau)`):
 - the mean and the `wait_quantile` quantile of job delays (a histogram on the planning
   grid of delays), both shrinking by `exp(-idle / tau)` while no job completes, so a burst

@@ -47,7 +47,7 @@ INSTANCE_CACHE_LIMIT = 20_000  # zero-load instances (each ~ units x 10 floats)
 class Load:
     """What the server's recent history says when a request arrives."""
 
-    wait_mean_s: float = 0.0  # mean job delay (response minus solo service), time-decayed
+    wait_mean_s: float = 0.0  # mean queue wait per job (`stepmodel.queue_wait_s`), time-decayed
     wait_quantile_s: float = 0.0  # the world's wait_quantile of recent job delays
     utilization: float = 0.0  # recent busy share of the server
     batch_rows: float = 1.0  # jobs per step of a batched server (1: not batched), time-decayed

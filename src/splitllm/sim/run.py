@@ -22,6 +22,7 @@ from splitllm.sim.server import BusyMeter, make_server
 from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
+from splitllm.stepmodel import queue_wait_s
 
 ARRIVE, AT_SERVER = Kind.ARRIVE, Kind.AT_SERVER  # plain module names in the hot loop
 WALK_CACHE_LIMIT = 4096  # a walk of G tokens holds ~2 floats per job: ~G * segments * 50 B
@@ -47,7 +48,7 @@ class RunRecord:
     planned: np.ndarray  # False: the policy found no feasible plan and fell back
     busy_window_s: float  # server busy seconds within the window (all workers)
     busy_total_s: float
-    job_delay_mean_s: float  # mean of (response - solo service) over all server jobs
+    job_delay_mean_s: float  # mean queue wait of the server jobs (`stepmodel.queue_wait_s`)
     events: int
     job_log: tuple[tuple[int, int, float, float], ...] = ()  # (r, j, at server, done) if asked
 
@@ -114,11 +115,14 @@ class _Run:
         self.at_server[r] = now_s
         return self.server.arrive(now_s, r, j, self.walks[r].service_s[j])
 
-    def _done(self, now_s: float, r: int, j: int, charge: float, rows: int) -> NewEvent | None:
+    def _done(self, now_s: float, r: int, j: int, charge: float, rows: int,
+              held_s: float | None) -> NewEvent | None:
         walk = self.walks[r]
         service_s = walk.service_s[j]
         self.work[r] += service_s * charge
-        delay_s = now_s - self.at_server[r] - service_s
+        # what the real engine reports and load-aware policies read: the wait before the step
+        delay_s = queue_wait_s(self.at_server[r], now_s - (service_s if held_s is None
+                                                           else held_s))
         self.delay_sum += delay_s
         self.delay_n += 1
         if self.meter is not None:

@@ -3,9 +3,11 @@
 A job is one visit of one request to the server in one pass (a server segment), exactly what
 the real server handles as one message. Each model takes `arrive(now, r, j, service_s)` and its
 own wake-up events `wake(now, a, b)`, both returning new events for the engine, and calls
-`on_done(now, r, j, charge, rows)` as each job completes (`charge`: server-seconds charged to the
-job per second of its solo service time; 1 except in batches, where a step's time is shared;
-`rows`: the jobs its step served, 1 except in batches).
+`on_done(now, r, j, charge, rows, held_s)` as each job completes (`charge`: server-seconds
+charged to the job per second of its solo service time; 1 except in batches, where a step's time
+is shared; `rows`: the jobs its step served, 1 except in batches; `held_s`: the seconds of the
+service that completed it, so that it started at `now - held_s`: its step's in a batch, else
+None for its solo service time, the equivalent under processor sharing).
 
 - `fcfs`: first come, first served on `workers` identical workers.
 - `ps`: processor sharing: n jobs present each progress at 1/n speed (virtual time).
@@ -25,7 +27,7 @@ from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.world import ServerSpec
 
 WAKE = Kind.SERVER_WAKE  # the event every scheduling model schedules for itself
-OnDone = Callable[[float, int, int, float, int], "NewEvent | None"]
+OnDone = Callable[[float, int, int, float, int, "float | None"], "NewEvent | None"]
 SOLO = 1.0  # a job served alone is charged its own service time
 REL_EPS = 1e-12
 
@@ -74,7 +76,7 @@ class FcfsServer:
             out.append((now_s + s2, WAKE, r2, j2))
         else:
             self.free += 1
-        nxt = self.on_done(now_s, r, j, SOLO, 1)
+        nxt = self.on_done(now_s, r, j, SOLO, 1, None)
         if nxt is not None:
             out.append(nxt)
         return out
@@ -122,7 +124,7 @@ class PsServer:
             done.append(heapq.heappop(self.jobs))
         out = self._next(now_s)
         for _finish, _seq, r, j in done:
-            nxt = self.on_done(now_s, r, j, SOLO, 1)
+            nxt = self.on_done(now_s, r, j, SOLO, 1, None)
             if nxt is not None:
                 out.append(nxt)
         return out
@@ -158,7 +160,7 @@ class BatchedServer:
         solo_total = sum(s for _, _, s in batch)
         charge = step_s / solo_total if solo_total > 0 else SOLO  # shared by solo times
         for r, j, _ in batch:
-            nxt = self.on_done(now_s, r, j, charge, len(batch))
+            nxt = self.on_done(now_s, r, j, charge, len(batch), step_s)
             if nxt is not None:
                 out.append(nxt)
         return out
