@@ -179,8 +179,8 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         # the step model the server refitted on the idle check's steps, and its seconds per
         # job: what the simulated server runs and what both sides' planners charge
         live = fetch_info(url, token)
-        world = with_step_model(world, replace(StepModel.from_json(live["step_model"]),
-                                               job_s=job_s))
+        refitted = StepModel.from_json(live["step_model"])  # its job_s: the steps' part
+        world = with_step_model(world, replace(refitted, job_s=refitted.job_s + job_s))
         runner.world = world
         _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
                   "(charged per job); its step model "
