@@ -295,6 +295,10 @@ def brute_force_case(seed: int, max_units: int = 14) -> Instance:
     opening = np.random.default_rng(seed + 4_000_000)  # the session's opening, apart too
     if opening.random() < 0.3:
         instance = dataclasses.replace(instance, session_open_s=float(opening.uniform(0.001, 0.2)))
+        if instance.phase_limits and opening.random() < 0.5:  # a TTFT: it waits for the opening
+            first = dataclasses.replace(instance.phase_limits[0], pays_session_open=True)
+            instance = dataclasses.replace(instance,
+                                           phase_limits=(first, *instance.phase_limits[1:]))
     return pick_limits(rng, instance, KINDS[seed % len(KINDS)])
 
 
