@@ -14,13 +14,13 @@ step model (`stepmodel.StepModel`) from them:
   so a kind's curve keeps its shape where the engine has not run yet;
 - `fit_unit` makes the curve non-decreasing (a count's samples weigh by their number);
 - the server's seconds per job beyond its units' share (`StepModel.job_s`): a visit costs a
-  fixed ~0.6 ms of CPU on the real server (measured: one row's decode through 2 blocks took
-  0.73-0.78 ms per block, through 16 blocks 0.55, through 30 0.525; a third of it outside the
-  units), which steps run back to back at start do not show (0.02 ms there: it is the cost of
-  a step after the engine thread waited). One row's decode steps give it: the intercept of
-  their blocks' seconds (and the step's outside its units) against their blocks (`job_fit`); the
-  block samples are taken net of it, so that a split of short server segments is charged its
-  visits, not a mean per block that depends on the traffic's mix of segments.
+  fixed 0.5-1.1 ms of CPU on the real server (measured: one row's decode through 2 blocks took
+  0.73-0.78 ms per block, through 16 blocks 0.55, through 30 0.51-0.61; 0.10-0.17 ms of it
+  outside the units), which steps run back to back at start do not show (0.02 ms there: it is
+  the cost of a step after the engine thread waited). One row's decode steps give it: the
+  intercept of their blocks' seconds (and the step's outside its units) against their blocks
+  (`job_fit`); the block samples are taken net of it, so that a split of short server segments
+  is charged its visits, not a mean per block that depends on the traffic's mix of segments.
 
 Torch-free: the engine hands over `StepTimes`-like per-unit dicts.
 """
