@@ -75,10 +75,10 @@ class UnitFit:
 @dataclass(frozen=True)
 class StepModel:
     """Measured step time of one server: embed, every block alike, head (per row), and the
-    server's seconds per job (one session segment's forward) outside its units: framing,
-    decoding, sampling, the hand-offs between the event loop and the engine. Those run on the
-    server's core beside the steps; they are measured under traffic (the load test's idle
-    check), 0 where unmeasured."""
+    server's seconds per job (one session segment's forward) beyond its units' per-token
+    curves: a step's fixed cost per visit (runtime/live_steps.py) and, where the load test
+    measures it, framing, decoding, sampling, the hand-offs between the event loop and the
+    engine. Both show only under traffic, 0 where unmeasured."""
 
     embed: UnitFit
     block: UnitFit

@@ -12,6 +12,7 @@ internals:
   a down crossing passes * rtt/2 + bytes / downlink;
 - a placement with any S unit also pays session_open_s once (opening its server session);
 - a phase limit is the same sum over its own per-unit times and bytes, with its own passes;
+  a phase that holds the first token (pays_session_open) pays session_open_s too;
 - server work = sum of server_work of S units + passes * job_work_s per visit (up crossing),
   client memory = sum of client_mem_bytes of C units;
 - feasible: pins hold, memory <= limit (1 + 1e-12), latency <= SLA (1 + 1e-9), phases likewise.
@@ -126,6 +127,7 @@ def brute_force(instance: Instance) -> BruteForce:
     phases = np.array([
         path_latency(on, p.client_s, p.server_s, p.out_bytes, p.input_bytes, p.output_bytes,
                      instance.link, p.passes, instance.server_wait_s + instance.job_s)
+        + on.any(axis=1) * (instance.session_open_s if p.pays_session_open else 0.0)
         for p in instance.phase_limits
     ]).reshape(len(instance.phase_limits), len(on))
     client_ok = np.array([u.client_ok for u in units])
@@ -293,6 +295,10 @@ def brute_force_case(seed: int, max_units: int = 14) -> Instance:
     opening = np.random.default_rng(seed + 4_000_000)  # the session's opening, apart too
     if opening.random() < 0.3:
         instance = dataclasses.replace(instance, session_open_s=float(opening.uniform(0.001, 0.2)))
+        if instance.phase_limits and opening.random() < 0.5:  # a TTFT: it waits for the opening
+            first = dataclasses.replace(instance.phase_limits[0], pays_session_open=True)
+            instance = dataclasses.replace(instance,
+                                           phase_limits=(first, *instance.phase_limits[1:]))
     return pick_limits(rng, instance, KINDS[seed % len(KINDS)])
 
 

@@ -163,3 +163,49 @@ def test_a_plan_that_fits_its_sla_only_without_the_opening_is_not_chosen() -> No
     # what rules CCSSC out under 4.75 s is the opening alone
     opened = dataclasses.replace(base, session_open_s=0.5)
     assert evaluate(opened, Placement("CCSSC")).latency_s == 4.5 + 0.5
+
+
+def test_a_plan_whose_ttft_fits_only_without_the_opening_is_not_chosen() -> None:
+    """The TTFT phase (the prefill) waits for the session's opening like the whole latency: a
+    TTFT limit of 2 s takes CCCSC (work 1, TTFT 1.8125 s) without an opening, but with an
+    opening of 0.5 s (2.3125 s) it takes CCSSC (work 2, 1.125 + 0.5 s); under a limit of
+    2.75 s the client-only plan (2.75 s, no session) fits as it is. The SLA is loose. The
+    exact solver, the MILP, the best single cut and the frontier agree with the brute-force
+    spec (the grid DP has no phase dimension: it drops the plan that breaks the phase, as
+    documented); a TPOT phase (no first token) does not pay the opening."""
+    from planner_kit import brute_force
+
+    from splitllm.placement import Placement
+    from splitllm.planner.instance import Instance, PhaseLimit, Unit, evaluate
+    from splitllm.planner.solvers import frontier, solve
+
+    client = (1.0, 2.0, 3.0, 4.0, 1.0)
+    units = tuple(Unit(name=f"u{i}", client_s=c, server_s=0.25, server_work=1.0, out_bytes=0.0)
+                  for i, c in enumerate(client))
+    link = Link(uplink_bytes_per_s=1.0, downlink_bytes_per_s=1.0, rtt_s=0.0)
+
+    def phase(limit_s: float, first_token: bool) -> PhaseLimit:
+        return PhaseLimit(name="ttft" if first_token else "tpot", limit_s=limit_s,
+                          client_s=tuple(c / 4 for c in client), server_s=(0.0625,) * 5,
+                          out_bytes=(0.0,) * 5, input_bytes=0.0, output_bytes=0.0,
+                          pays_session_open=first_token)
+
+    base = Instance(units=units, link=link, sla_s=100.0, input_bytes=0.0, output_bytes=0.0)
+    cases = {(2.0, 0.0, True): "CCCSC", (2.0, 0.5, True): "CCSSC", (2.75, 0.5, True): "CCCCC",
+             (2.0, 0.5, False): "CCCSC"}
+    for (limit_s, open_s, first_token), expected in cases.items():
+        instance = dataclasses.replace(base, session_open_s=open_s,
+                                       phase_limits=(phase(limit_s, first_token),))
+        optimum = brute_force(instance).optimum()
+        assert optimum is not None
+        best = evaluate(instance, Placement(expected))
+        assert (best.server_work, best.latency_s) == optimum
+        for solver in ("exact", "milp", "best-single-cut"):
+            plan = solve(instance, solver)
+            assert plan is not None and plan.placement == Placement(expected), (solver, limit_s)
+        assert next(p for p in frontier(instance) if p.feasible).placement == Placement(expected)
+        grid = solve(instance, "dp-grid")  # its least work under the SLA alone breaks the phase
+        assert grid is None or grid.placement == Placement(expected)
+    ttft = dataclasses.replace(base, session_open_s=0.5, phase_limits=(phase(2.0, True),))
+    assert evaluate(ttft, Placement("CCCSC")).phase_latency_s == (1.8125 + 0.5,)
+    assert evaluate(ttft, Placement("CCCCC")).phase_latency_s == (2.75,)  # opens nothing

@@ -28,7 +28,13 @@ from splitllm.runtime.fidelity import (
     visit_residual_s,
     wire_bytes,
 )
-from splitllm.runtime.fidelity_run import FidelityOptions, RealBench, header_text, write_report
+from splitllm.runtime.fidelity_run import (
+    FidelityOptions,
+    RealBench,
+    header_text,
+    warm_up_placements,
+    write_report,
+)
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes
@@ -197,6 +203,14 @@ def test_saving_and_report(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["points"] == len(results)
     assert "EMULATED" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
+
+
+def test_the_warm_up_runs_server_segments_of_several_lengths() -> None:
+    """What lets the server's live step model tell a visit's fixed cost from a block's: one
+    row's steps through 30, 15 and 8 blocks of SmolLM2's 32 units (live_steps.job_fit)."""
+    segments = {placement: [seg.stop - seg.start for seg in Placement(placement).segments()
+                            if seg.side == "S"] for placement in warm_up_placements(32)}
+    assert list(segments.values()) == [[32], [30], [15, 8]]
 
 
 def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:

@@ -17,6 +17,7 @@ from splitllm.runtime.live_steps import (
     START_UP,
     LiveStepModel,
     StepModels,
+    job_fit,
     refit_unit,
 )
 from splitllm.runtime.metrics import parse_metrics
@@ -50,6 +51,51 @@ def test_samples_where_the_start_up_curve_had_no_point_add_one() -> None:
     assert flat(fitted) == pytest.approx([1.0, 0.75, 2.0, 1.0, 4.0, 1.5, 16.0, 3.0])
 
 
+def test_a_jobs_fixed_part_is_the_intercept_of_seconds_against_blocks() -> None:
+    # 0.6 + 0.5 k, and one step preempted (9.0 s) that the medians leave out
+    visits = [(k, 0.6 + 0.5 * k) for k in (2, 8, 30, 2, 8, 30)] + [(30, 9.0)]
+    assert job_fit(visits) == pytest.approx(0.6)
+    assert job_fit([(30, 15.6)] * 9) is None  # one block count: not told apart
+    assert job_fit([(2, 1.6), (8, 4.6)], min_samples=5) is None  # too few steps
+    assert job_fit([(2, 0.9), (8, 4.2)] * 3) == 0.0  # never below 0
+
+
+def one_row_step(live: LiveStepModel, blocks: int, block_s: float, job_s: float,
+                 outside_s: float) -> None:
+    """A one-row decode step through `blocks` blocks of a 32-unit model: each block block_s, a
+    fixed job_s - outside_s inside the blocks' timing, outside_s beside it; CPU = wall / 2."""
+    inside_s = job_s - outside_s
+    unit_s = {1 + b: block_s + inside_s / blocks for b in range(blocks)}
+    total_s = block_s * blocks + job_s
+    live.record(unit_s, {u: s / 2 for u, s in unit_s.items()}, dict.fromkeys(unit_s, 1),
+                (total_s, total_s / 2), 1)
+
+
+def test_the_live_model_charges_a_visit_its_fixed_cost_not_each_block() -> None:
+    start = StepModel(START, START, START, n_blocks=30)
+    live = LiveStepModel(StepModels(start, start, START_UP, 0), n_units=32, min_samples=5)
+    for blocks in (30, 15, 8, 2) * 5:  # server-only, then splits' shorter segments
+        one_row_step(live, blocks, block_s=0.5e-3, job_s=0.6e-3, outside_s=0.15e-3)
+    models = live.models()
+    assert (models.wall.job_s, models.cpu.job_s) == pytest.approx((0.6e-3, 0.3e-3))
+    assert models.wall.block.seconds(1) == pytest.approx(0.5e-3)  # net of the visit's part
+    assert models.cpu.block.seconds(1) == pytest.approx(0.25e-3)
+    # a step of k blocks is what was measured: k blocks and one job
+    for k in (2, 30):
+        assert models.wall.step_s(1, 1, blocks=k) - models.wall.embed.seconds(1) \
+            - models.wall.head.seconds(1) == pytest.approx(k * 0.5e-3 + 0.6e-3)
+
+
+def test_without_varied_segments_the_blocks_carry_the_visit_as_before() -> None:
+    start = StepModel(START, START, START, n_blocks=30, job_s=0.001)
+    live = LiveStepModel(StepModels(start, start, START_UP, 0), n_units=32, min_samples=5)
+    for _ in range(6):
+        one_row_step(live, 30, block_s=0.5e-3, job_s=0.6e-3, outside_s=0.15e-3)
+    models = live.models()
+    assert models.wall.job_s == 0.001  # the start-up's, unchanged
+    assert models.wall.block.seconds(1) == pytest.approx(0.5e-3 + 0.45e-3 / 30)
+
+
 def start_models() -> StepModels:
     wall = StepModel(START, START, START, n_blocks=2, job_s=0.001)
     return StepModels(wall, wall, START_UP, 0)
@@ -70,7 +116,8 @@ def test_each_step_is_one_sample_per_kind_and_token_count() -> None:
     # the start-up curve's other points at the measured speed (4x at one token), job_s kept
     assert models.wall.block.seconds(16) == pytest.approx(16.0)
     assert models.wall.job_s == 0.001 and models.block_slowdown == (4.0, 2.0)
-    assert models.fit_json() == {"source": LIVE, "steps": 2, "block_slowdown": [4.0, 2.0]}
+    assert models.fit_json() == {"source": LIVE, "steps": 2, "block_slowdown": [4.0, 2.0],
+                                 "job_s": [0.001, 0.001]}
     assert live.models() is live.models()  # refitted once per new step
 
 
@@ -87,7 +134,7 @@ def test_the_server_announces_its_live_step_model_after_steps(
     server = make_server(tiny_llama, profile=True)
     info = httpx.get(server.http_url + "/v1/info", timeout=20).json()
     assert info["step_model_fit"] == {"source": START_UP, "steps": 0,
-                                      "block_slowdown": [1.0, 1.0]}
+                                      "block_slowdown": [1.0, 1.0], "job_s": [0.0, 0.0]}
     profile = server.state.profile
     assert profile is not None and UnitProfile.from_json(info["profile"]) == profile
     with connect(server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
@@ -106,7 +153,8 @@ def test_the_server_announces_its_live_step_model_after_steps(
         assert np.ravel(getattr(announced, key)) == pytest.approx(np.ravel(getattr(scaled, key)))
     assert fit["block_slowdown"] != [1.0, 1.0]  # timed, not copied
     assert steps >= 8  # a prefill and 7 decode steps at least
-    assert f"live, refitted on {int(steps)} steps" in source
+    job_ms = 1e3 * fit["job_s"][1]  # the server-only steps alone: one block count, start-up's
+    assert f"live, refitted on {int(steps)} steps, {job_ms:.2g} ms of CPU per visit" in source
     live = StepModel.from_json(info["step_model"])
     start = server.state.step_models.start.wall  # type: ignore[union-attr]
     assert live != start and live.n_blocks == start.n_blocks

@@ -35,7 +35,7 @@ from splitllm.runtime.autoplace import (
 )
 from splitllm.runtime.client import connect
 from splitllm.runtime.device_profile import Sample, fit_device, profile_device
-from splitllm.runtime.dialer import fetch_rows_per_step
+from splitllm.runtime.dialer import fetch_info, fetch_rows_per_step
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.profile import UnitProfile, filled_cache, profile_units
@@ -334,9 +334,13 @@ def test_a_session_measures_the_visit_cost_and_the_servers_load(
         assert "engine step model" in source
         n = len(instance)
         all_server = evaluate(instance, Placement("S" * n))
-        expected_network = (4 * (link.rtt_s + link.visit_s) + instance.input_bytes
-                            / link.uplink_bytes_per_s + instance.output_bytes
-                            / link.downlink_bytes_per_s)
+        # each pass's visit: the round trip, its fixed cost and the server's own per job (its
+        # live step model's, once earlier tests' splits let it tell a visit from a block)
+        announced = StepModel.from_json(fetch_info(session.server, None)["step_model"])
+        assert instance.job_s == announced.job_s
+        expected_network = (4 * (link.rtt_s + link.visit_s + instance.job_s)
+                            + instance.input_bytes / link.uplink_bytes_per_s
+                            + instance.output_bytes / link.downlink_bytes_per_s)
         # ... and once the session's opening: a round trip with its messages, no visit cost
         assert link.rtt_s < instance.session_open_s < link.rtt_s + 0.01
         assert all_server.network_s == pytest.approx(expected_network + instance.session_open_s)

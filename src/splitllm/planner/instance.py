@@ -62,7 +62,9 @@ class Unit:
 class PhaseLimit:
     """An extra latency limit on one phase (TTFT: the prefill pass; TPOT: one decode step).
 
-    The phase has its own per-unit times and bytes on the same units and link.
+    The phase has its own per-unit times and bytes on the same units and link. A phase that
+    holds the first token (`pays_session_open`: TTFT) also waits for the server session's
+    opening where the plan opens one (`Instance.session_open_s`).
     """
 
     name: str
@@ -73,6 +75,7 @@ class PhaseLimit:
     input_bytes: NonNegative
     output_bytes: NonNegative
     passes: AtLeastOne = 1
+    pays_session_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,11 +160,13 @@ def evaluate(instance: Instance, placement: Placement) -> Plan:
     units = instance.units
     client, server, network = _path_latency(
         sides, [u.client_s for u in units], [u.server_s for u in units], instance.switches)
+    opening_s = instance.session_open_s if SERVER in sides else 0.0
     phases = tuple(
-        math.fsum(_path_latency(sides, p.client_s, p.server_s, edges))
+        math.fsum((*_path_latency(sides, p.client_s, p.server_s, edges),
+                   opening_s if p.pays_session_open else 0.0))
         for p, edges in zip(instance.phase_limits, instance.phase_switches, strict=True)
     )
-    network += instance.session_open_s if SERVER in sides else 0.0
+    network += opening_s
     latency = client + server + network
     work = (sum(u.server_work for u, s in zip(units, sides, strict=True) if s == SERVER)
             + visits(_on_server(sides)) * instance.passes * instance.job_work_s)
@@ -288,7 +293,7 @@ def build_instance(
             server_s=_floats(on_server.prefill_s),
             out_bytes=tuple(float(b * p) for b in per_token_out),
             input_bytes=model.input_bytes_per_token * p,
-            output_bytes=model.output_bytes_per_token,
+            output_bytes=model.output_bytes_per_token, pays_session_open=True,
         ))
     if request.tpot_s is not None and decoder and g > 1:
         # The last decode step is the slowest (longest context): bound it.

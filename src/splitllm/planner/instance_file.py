@@ -4,7 +4,8 @@ Format (see README): {"layers": [{"name", "client_s", "server_s", "server_work",
 "client_mem_bytes"?, "client_ok"?, "server_ok"?}, ...], "input_bytes", "output_bytes",
 "uplink_bytes_per_s", "downlink_bytes_per_s", "rtt_s", "visit_s"?, "sla_s", "client_mem_bytes"?,
 "passes"?, "server_wait_s"?, "job_s"?, "job_work_s"?, "session_open_s"?, "phase_limits"?}
-(an absent `session_open_s` is 0: files from before it plan as they did).
+(an absent `session_open_s` is 0 and a phase's absent `pays_session_open` false: files from
+before them plan as they did).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def instance_to_dict(instance: Instance) -> dict[str, Any]:
         out["phase_limits"] = [
             {"name": p.name, "limit_s": p.limit_s, "client_s": list(p.client_s),
              "server_s": list(p.server_s), "out_bytes": list(p.out_bytes),
-             "input_bytes": p.input_bytes, "output_bytes": p.output_bytes, "passes": p.passes}
+             "input_bytes": p.input_bytes, "output_bytes": p.output_bytes, "passes": p.passes,
+             **({"pays_session_open": True} if p.pays_session_open else {})}
             for p in instance.phase_limits
         ]
     return out

@@ -2,7 +2,8 @@
 
 Used to check `exact` and as `--solver milp`. Variables: x[l] = 1 if unit l runs on the server,
 up[l] / down[l] >= the switch indicators on the edge into unit l (edge L ends on the client),
-opened >= every x[l] (the request opens a server session: its latency pays `session_open_s`).
+opened >= every x[l] (the request opens a server session: its latency pays `session_open_s`,
+and so does a phase limit that holds the first token).
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def solve_milp(instance: Instance) -> Placement | None:
         instance.passes)
     sla_row[opened] = instance.session_open_s
     sums = [(instance.sla_s, (sla_row, constant))]
-    sums += [(p.limit_s, _latency_row(instance, p.client_s, p.server_s, p.out_bytes,
-                                      p.input_bytes, p.output_bytes, p.passes))
-             for p in instance.phase_limits]
+    for p in instance.phase_limits:
+        row, phase_constant = _latency_row(instance, p.client_s, p.server_s, p.out_bytes,
+                                           p.input_bytes, p.output_bytes, p.passes)
+        row[opened] = instance.session_open_s if p.pays_session_open else 0.0
+        sums.append((p.limit_s, (row, phase_constant)))
     for limit_s, (row, constant) in sums:
         rows.append(row)
         lower.append(-np.inf)

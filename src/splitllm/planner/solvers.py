@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import overload
 
 import numpy as np
@@ -57,7 +57,9 @@ def build_costs(instance: Instance) -> Costs:
     if mem[:, 0].sum() > instance.client_mem_limit_bytes:
         dims.append((mem, np.zeros((n + 1, 2, 2)), instance.client_mem_limit_bytes))
     for p, edges in zip(instance.phase_limits, instance.phase_switches, strict=True):
-        dims.append((np.column_stack([p.client_s, p.server_s]), _moves(edges), p.limit_s))
+        opening_s = instance.session_open_s if p.pays_session_open else 0.0  # as the SLA's
+        dims.append((np.column_stack([p.client_s, p.server_s]), _moves(edges),
+                     p.limit_s - opening_s))
     allowed = np.array([[u.client_ok, u.server_ok] for u in units], dtype=bool)
     return Costs(
         unit=np.stack([d[0] for d in dims], axis=-1),
@@ -177,10 +179,17 @@ def frontier(instance: Instance) -> Frontier:
                         ) from None
     values, rows = _final(costs, labels)
     on_server = _trace(labels, rows)
+    work = values[:, 0]
     latency_s = values[:, 1] + np.where(on_server.any(axis=1), instance.session_open_s, 0.0)
-    keep = _pareto_2d(np.column_stack([values[:, 0], latency_s]))  # the client-only path may
+    alone = evaluate(replace(instance, sla_s=math.inf), Placement.all_on(CLIENT, len(instance)))
+    if alone.feasible and on_server.any(axis=1).all():  # the arrays' phase limits, less the
+        # opening, cut the client-only path, which opens nothing: weigh it on its own
+        work, latency_s = np.append(work, alone.server_work), np.append(latency_s,
+                                                                        alone.latency_s)
+        on_server = np.vstack([on_server, np.zeros(len(instance), dtype=bool)])
+    keep = _pareto_2d(np.column_stack([work, latency_s]))  # the client-only path may
     # now dominate plans it did not before the others paid their session's opening
-    return Frontier(instance=instance, server_work=values[keep, 0], latency_s=latency_s[keep],
+    return Frontier(instance=instance, server_work=work[keep], latency_s=latency_s[keep],
                     on_server=on_server[keep])
 
 

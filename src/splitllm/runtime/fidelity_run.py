@@ -25,6 +25,7 @@ from splitllm.runtime.fidelity import (
     Figures,
     Result,
     median_figures,
+    multi_switch,
     results_json,
     run_grid,
     saving_gap,
@@ -41,7 +42,10 @@ QUICK_LENGTHS = ((32, 8),)
 FULL_LENGTHS = ((16, 8), (64, 16), (128, 8))
 TARGET_MEDIAN, TARGET_MAX, TARGET_SAVING_POINTS = 0.10, 0.25, 3.0
 SERVER_START_S = 600.0
-WARM_UP_TOKENS = 16  # server-only tokens each connection generates before planning
+WARM_UP_TOKENS = 16  # server-only tokens each connection generates before planning, then
+WARM_UP_ROUNDS = 2  # unmeasured rounds of `warm_up_placements` at each of the grid's lengths:
+# 6 prefills of each prompt length, so the live step model holds a point of its own there
+# (live_steps.MIN_SAMPLES), not the start-up curve's (4 rows of 8 tokens at 32 tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +66,7 @@ class RealBench:
     def __init__(self, loaded: LoadedModel, opts: FidelityOptions) -> None:
         self.loaded = loaded
         self.opts = opts
+        self.lengths = QUICK_LENGTHS if opts.quick else FULL_LENGTHS
         self._sessions: dict[Condition, Session] = {}
         self._sources: dict[Condition, str] = {}  # where each condition's predictions came from
 
@@ -77,6 +82,11 @@ class RealBench:
             session.generate(self.prompt(8), WARM_UP_TOKENS, placement="S" * n, chat=False,
                              stop_at_eos=False)
             session.generate(self.prompt(8), 2, placement="C" * n, chat=False)
+            for _ in range(WARM_UP_ROUNDS):
+                for prompt_tokens, new_tokens in self.lengths:
+                    for placement in warm_up_placements(n):
+                        session.generate(self.prompt(prompt_tokens), new_tokens,
+                                         placement=placement, chat=False, stop_at_eos=False)
             self._sessions[condition] = session
         return self._sessions[condition]
 
@@ -131,6 +141,14 @@ class RealBench:
             session.close()
 
 
+def warm_up_placements(n_units: int) -> tuple[str, ...]:
+    """What each connection runs, unmeasured, at every length of its grid before it plans:
+    server-only, its blocks alone and the multi-switch plan, so that the server's live step
+    model holds steps of the grid's sizes and of server segments 8 to 30 blocks long (what
+    tells a visit's fixed cost from a block's: `live_steps.job_fit`)."""
+    return ("S" * n_units, "C" + "S" * (n_units - 2) + "C", str(multi_switch(n_units)))
+
+
 def run_fidelity(loaded: LoadedModel, opts: FidelityOptions) -> tuple[list[Result], list[str]]:
     """The grid on a running server (quick: 2 conditions x 1 length; full: 5 x 3), and the
     fixed costs each condition measured (`RealBench.fixed_costs`)."""
@@ -139,8 +157,7 @@ def run_fidelity(loaded: LoadedModel, opts: FidelityOptions) -> tuple[list[Resul
     bench = RealBench(loaded, opts)
     try:
         results = run_grid(bench, conditions=QUICK_CONDITIONS if opts.quick else FULL_CONDITIONS,
-                           lengths=QUICK_LENGTHS if opts.quick else FULL_LENGTHS,
-                           sla_factor=opts.sla_factor)
+                           lengths=bench.lengths, sla_factor=opts.sla_factor)
         return results, bench.fixed_costs()
     finally:
         bench.close()

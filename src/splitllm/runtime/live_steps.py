@@ -12,7 +12,15 @@ step model (`stepmodel.StepModel`) from them:
 - the start-up curve's other points are kept, scaled by the median ratio of every recent
   sample to the start-up curve at its token count (the machine's speed now against then),
   so a kind's curve keeps its shape where the engine has not run yet;
-- `fit_unit` makes the curve non-decreasing (a count's samples weigh by their number).
+- `fit_unit` makes the curve non-decreasing (a count's samples weigh by their number);
+- the server's seconds per job beyond its units' share (`StepModel.job_s`): a visit costs a
+  fixed 0.5-1.1 ms of CPU on the real server (measured: one row's decode through 2 blocks took
+  0.73-0.78 ms per block, through 16 blocks 0.55, through 30 0.51-0.61; 0.10-0.17 ms of it
+  outside the units), which steps run back to back at start do not show (0.02 ms there: it is
+  the cost of a step after the engine thread waited). One row's decode steps give it: the
+  intercept of their blocks' seconds (and the step's outside its units) against their blocks
+  (`job_fit`); the block samples are taken net of it, so that a split of short server segments
+  is charged its visits, not a mean per block that depends on the traffic's mix of segments.
 
 Torch-free: the engine hands over `StepTimes`-like per-unit dicts.
 """
@@ -22,9 +30,11 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from splitllm.stepmodel import StepModel, UnitFit, fit_unit
 
@@ -34,6 +44,9 @@ KINDS = ("embed", "block", "head")
 START_UP, LIVE = "start-up", "live"
 
 Samples = dict[int, list[float]]  # tokens -> seconds of the recent steps
+# one row's decode step: its blocks, its (wall, cpu) seconds less its embedding's and head's,
+# and the (wall, cpu) seconds of those outside its units
+Visit = tuple[int, float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,8 @@ class StepModels:
     def fit_json(self) -> dict[str, Any]:
         """/v1/info's `step_model_fit`: which model the server announces."""
         return {"source": self.source, "steps": self.steps,
-                "block_slowdown": list(self.block_slowdown)}
+                "block_slowdown": list(self.block_slowdown),
+                "job_s": [self.wall.job_s, self.cpu.job_s]}
 
 
 def slowdown(start: UnitFit, samples: Samples) -> float:
@@ -74,12 +88,31 @@ def refit_unit(start: UnitFit, samples: Samples, min_samples: int = MIN_SAMPLES)
     return fit_unit(points)
 
 
+def job_fit(visits: Sequence[tuple[int, float]], min_samples: int = MIN_SAMPLES
+            ) -> float | None:
+    """Seconds per job beyond its blocks: the intercept of a least-squares line through one
+    row's decode steps' median seconds at each block count (medians: a step preempted on a
+    loaded core must not tilt the line), within [0, the least median]; None with fewer than
+    `min_samples` steps or one block count (a fixed cost per job and one per block cannot be
+    told apart). Decode steps only: a prefill's seconds vary by more than the fixed cost."""
+    groups: dict[int, list[float]] = {}
+    for blocks, seconds in visits:
+        groups.setdefault(blocks, []).append(seconds)
+    if len(visits) < min_samples or len(groups) < 2:
+        return None
+    medians = [statistics.median(seconds) for seconds in groups.values()]
+    _, intercept = np.polyfit(list(groups), medians, 1)
+    return float(np.clip(intercept, 0.0, min(medians)))
+
+
 def refit(start: StepModel, samples: tuple[Samples, Samples, Samples],
-          min_samples: int = MIN_SAMPLES) -> StepModel:
-    """The step model with each kind (embed, block, head) refitted on its samples."""
+          min_samples: int = MIN_SAMPLES, job_s: float | None = None) -> StepModel:
+    """The step model with each kind (embed, block, head) refitted on its samples, and its
+    seconds per job (`job_fit`; None: the start-up model's)."""
     embed, block, head = (refit_unit(getattr(start, kind), kind_samples, min_samples)
                           for kind, kind_samples in zip(KINDS, samples, strict=True))
-    return StepModel(embed, block, head, start.n_blocks, job_s=start.job_s)
+    return StepModel(embed, block, head, start.n_blocks,
+                     job_s=start.job_s if job_s is None else job_s)
 
 
 class LiveStepModel:
@@ -92,9 +125,10 @@ class LiveStepModel:
         self.n_units = n_units
         self.window = window
         self.min_samples = min_samples
-        # [kind] tokens -> recent (wall, cpu) seconds per unit; the token counts are bounded by
-        # the engine's token budget per step
-        self._samples: tuple[dict[int, deque[tuple[float, float]]], ...] = ({}, {}, {})
+        # [kind] tokens -> recent (wall, cpu, jobs per unit) seconds per unit; the token counts
+        # are bounded by the engine's token budget per step
+        self._samples: tuple[dict[int, deque[tuple[float, float, float]]], ...] = ({}, {}, {})
+        self._visits: deque[Visit] = deque(maxlen=window)  # one row's decode steps (`_visit`)
         self._steps = 0
         self._lock = threading.Lock()
         self._fitted: StepModels = start
@@ -104,20 +138,38 @@ class LiveStepModel:
         return 0 if unit == 0 else 2 if unit == self.n_units - 1 else 1
 
     def record(self, unit_s: Mapping[int, float], unit_cpu_s: Mapping[int, float],
-               unit_tokens: Mapping[int, int]) -> None:
+               unit_tokens: Mapping[int, int], step_s: tuple[float, float] | None = None,
+               rows: int = 1) -> None:
         """Take one step's seconds per unit (CPU: wall where not timed) and tokens per unit:
-        one sample per kind and token count (the mean of its blocks in this step)."""
+        one sample per kind and token count (the mean of its blocks in this step); with the
+        whole step's (wall, cpu) seconds and its rows, what a job costs beyond its units."""
         step: tuple[dict[int, list[tuple[float, float]]], ...] = ({}, {}, {})
         for unit, wall_s in unit_s.items():
             step[self.kind(unit)].setdefault(unit_tokens[unit], []).append(
                 (wall_s, unit_cpu_s.get(unit, wall_s)))
+        visit = self._visit(step, step_s) if rows == 1 else None
         with self._lock:
             self._steps += 1
             for kind, by_tokens in enumerate(step):
                 for tokens, seconds in by_tokens.items():
                     recent = self._samples[kind].setdefault(tokens, deque(maxlen=self.window))
+                    jobs = rows / len(seconds) if kind == 1 else 0.0  # a block's share of jobs
                     recent.append((statistics.fmean(w for w, _ in seconds),
-                                   statistics.fmean(c for _, c in seconds)))
+                                   statistics.fmean(c for _, c in seconds), jobs))
+            if visit is not None:
+                self._visits.append(visit)
+
+    @staticmethod
+    def _visit(step: tuple[dict[int, list[tuple[float, float]]], ...],
+               step_s: tuple[float, float] | None) -> Visit | None:
+        """A decode step of one row through blocks as a `Visit` (None: another step)."""
+        if step_s is None or list(step[1]) != [1]:
+            return None
+        seconds = step[1][1]
+        others = [pair for kind in (0, 2) for pairs in step[kind].values() for pair in pairs]
+        wall_s, cpu_s = (step_s[i] - sum(pair[i] for pair in others) for i in (0, 1))
+        return (len(seconds), wall_s, cpu_s, wall_s - sum(w for w, _ in seconds),
+                cpu_s - sum(c for _, c in seconds))
 
     @property
     def steps(self) -> int:
@@ -133,16 +185,23 @@ class LiveStepModel:
                 return self._fitted
             snapshot = tuple({t: list(recent) for t, recent in kind.items()}
                              for kind in self._samples)
+            visits = list(self._visits)
 
-        def clock(index: int) -> tuple[Samples, Samples, Samples]:
-            return tuple({t: [pair[index] for pair in pairs] for t, pairs in kind.items()}
-                         for kind in snapshot)  # type: ignore[return-value]
+        def clock(index: int) -> tuple[tuple[Samples, Samples, Samples], float | None]:
+            """Samples on one clock, the blocks' net of a job's fixed part inside them, and
+            the seconds per job (None: not yet told apart)."""
+            job_s = job_fit([(v[0], v[1 + index]) for v in visits], self.min_samples)
+            outside = [v[3 + index] for v in visits]
+            inside_s = max(job_s - statistics.fmean(outside), 0.0) if job_s is not None else 0.0
+            return tuple({t: [max(sample[index] - inside_s * sample[2], 0.0)
+                              for sample in samples] for t, samples in kind.items()}
+                         for kind in snapshot), job_s  # type: ignore[return-value]
 
-        wall, cpu = clock(0), clock(1)
-        fitted = StepModels(refit(self.start.wall, wall, self.min_samples),
-                            refit(self.start.cpu, cpu, self.min_samples), LIVE, steps,
-                            (slowdown(self.start.wall.block, wall[1]),
-                             slowdown(self.start.cpu.block, cpu[1])))
+        (wall, wall_job_s), (cpu, cpu_job_s) = clock(0), clock(1)
+        fitted = StepModels(refit(self.start.wall, wall, self.min_samples, wall_job_s),
+                            refit(self.start.cpu, cpu, self.min_samples, cpu_job_s), LIVE,
+                            steps, (slowdown(self.start.wall.block, wall[1]),
+                                    slowdown(self.start.cpu.block, cpu[1])))
         with self._lock:
             if fitted.steps > self._fitted.steps:
                 self._fitted = fitted

@@ -148,7 +148,8 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None) ->
     idle_check(world, runner.alone)
     job_s = server_job_s(before, runner.metrics())
     live = fetch_info(url, token)
-    world = with_step_model(world, replace(StepModel.from_json(live["step_model"]), job_s=job_s))
+    refitted = StepModel.from_json(live["step_model"])  # its job_s: a visit's part in the steps
+    world = with_step_model(world, replace(refitted, job_s=refitted.job_s + job_s))
     runner.world = world
     _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
               "(charged per job); its step model "
@@ -172,7 +173,7 @@ def under_load(url: str, token: str | None) -> UnderLoad:
         jobs_s = [p.server_job_s for p in measured.probes if math.isfinite(p.server_job_s)]
         before = world.server.step_model
         assert before is not None  # the load test's world runs the server's step model
-        job_s = statistics.median(jobs_s) if jobs_s else before.job_s
+        job_s = step.job_s + statistics.median(jobs_s) if jobs_s else before.job_s
         _progress("under these probes a block took " + ", ".join(
             f"x{step.block.seconds(t) / before.block.seconds(t):.2f} at {t}" for t in (1, 4, 16))
             + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward outside "
