@@ -1,6 +1,6 @@
 """A visit's fixed cost on the real server: the same server blocks in 1, 2, 4 and 8 segments.
 
-Run: flock /work/measure.lock env PYTHONPATH=src .venv/bin/python benchmarks/bench_visit_cost.py
+Run: .venv/bin/python benchmarks/bench_visit_cost.py
      [--rounds 5] [--blocks 16]
 
 On a `splitllm serve` child pinned to its own core (loopback, P=32, G=8): after a warm-up, the
