@@ -301,8 +301,8 @@ def test_study_against_a_fake_server_with_known_step_time() -> None:
 
 def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() -> None:
     """After a policy's measured search, the simulator runs again on the step model the server
-    refitted under that policy's load (a slower server: less capacity); the first prediction,
-    on the idle server's model, stays beside it."""
+    refitted under that policy's load (a slower server: less capacity), beside the prediction,
+    which stays the one on the idle server's model."""
     world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0,
                              rel_tol=0.1), policies=("server-only",))
     slow = StepModel(embed=UnitFit.line(1.5e-4, 1.5e-6), block=UnitFit.line(3e-3, 1.5e-4),
@@ -319,8 +319,8 @@ def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() 
     assert seen == [len(result.measured.probes)] and seen[0] > 0  # once, after the probes
     idle = find_capacity(world, "server-only").rate_per_s
     loaded = find_capacity(with_step_model(world, slow), "server-only").rate_per_s
-    assert result.simulated_idle_capacity_per_s == idle
-    assert 0 < result.simulated_capacity_per_s == loaded < idle
+    assert result.simulated_capacity_per_s == idle
+    assert 0 < result.simulated_under_load_per_s == loaded < idle
 
 
 def test_the_search_stops_at_its_time_budget() -> None:

@@ -197,10 +197,12 @@ class PolicyResult:
 
     policy: str
     measured: Capacity
-    simulated_capacity_per_s: float  # on the server's step model under this policy's load
+    simulated_capacity_per_s: float  # the prediction: the world of the idle server's model
     simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
     simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
-    simulated_idle_capacity_per_s: float = math.nan  # on the step model of the idle server
+    # again, after the probes, on the step model the server refitted under them (a posteriori:
+    # it reads the measurement; NaN where not run)
+    simulated_under_load_per_s: float = math.nan
 
     @property
     def at_capacity(self) -> Probe | None:
@@ -257,15 +259,15 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                                    clock=clock)
         progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
-        loaded, idle_rate = world, simulated.rate_per_s
+        under_rate = math.nan
         if under_load is not None and measured.probes and clock() < end_s:
-            loaded = under_load(world, measured)
             again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
-            simulated = find_capacity(loaded, policy, stop=partial(out_of_time, again_by_s))
+            under_rate = find_capacity(under_load(world, measured), policy, stop=partial(
+                out_of_time, again_by_s)).rate_per_s
             progress(f"{policy}: simulated capacity on the server's step model under its "
-                     f"load {simulated.rate_per_s:.3g} req/s")
-        at_rate = (run_point(loaded, policy, measured.rate_per_s)
+                     f"probes {under_rate:.3g} req/s")
+        at_rate = (run_point(world, policy, measured.rate_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
         results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate, idle_rate))
+                                    simulated.cut_short, at_rate, under_rate))
     return results

@@ -71,8 +71,8 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
         "simulated_search_cut_short": r.simulated_cut_short,
         "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
-        "simulated_idle_model_capacity_req_s": _num(r.simulated_idle_capacity_per_s),
-        "idle_model_capacity_rel_err": _num(_rel_err(r.simulated_idle_capacity_per_s,
+        "simulated_under_load_capacity_req_s": _num(r.simulated_under_load_per_s),
+        "under_load_capacity_rel_err": _num(_rel_err(r.simulated_under_load_per_s,
                                                      r.measured.rate_per_s)),
         "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
                                   if r.simulated_at_capacity else None),
@@ -186,10 +186,12 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
     lines = ["# Load test: measured against simulated goodput capacity\n",
              verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
-             "Simulated: on the step model the server refitted on the policy's own probes (and "
-             "its CPU per forward outside the steps over them); idle model: on the one it "
-             "refitted alone before them, which the search starts from.", "",
-             "| policy | capacity measured (req/s) | simulated | sim error | idle model (error) | "
+             "Simulated: the prediction, on the step model the server refitted on the idle "
+             "check's first round (where the search starts). Under its probes: again after them, "
+             "on the model the server refitted under them and their CPU per forward outside the "
+             "steps (a posteriori: it reads the measurement, so it is no prediction of it).", "",
+             "| policy | capacity measured (req/s) | simulated | sim error | "
+             "under its probes (error) | "
              "attainment | goodput (req/s) | TTFT p50 / p90 / p99 (s) | "
              "TPOT p50 / p90 / p99 (s) | server CPU s / request | probes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -203,7 +205,7 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
         lines.append(
             f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
             f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {_pct(err)} | "
-            f"{r.simulated_idle_capacity_per_s:.3g} ({_pct(j['idle_model_capacity_rel_err'])}) | "
+            f"{r.simulated_under_load_per_s:.3g} ({_pct(j['under_load_capacity_rel_err'])}) | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
     errors = [abs(e) for r in results
