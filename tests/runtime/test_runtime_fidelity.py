@@ -94,6 +94,13 @@ def test_predict_follows_the_instance() -> None:
     # The server's work is its CPU seconds; its busy (wall) seconds are its units' latency.
     assert figures.server_cpu_s == pytest.approx(0.02 * 5 / 2)
     assert figures.server_busy_s == pytest.approx(0.02 * 5)
+    # A visit's fixed part of the server's steps (job_s, wall; job_work_s, CPU) is in both,
+    # per visit and pass: one visit (CSSC) x 5 passes; two visits (SCSC) x 5 passes.
+    fixed = replace(whole, job_s=0.003, job_work_s=0.001)
+    for placement, visited in (("CSSC", 1), ("SCSC", 2)):
+        bare, paid = (predict(w, first, Placement(placement), 5) for w in (whole, fixed))
+        assert paid.server_busy_s == pytest.approx(bare.server_busy_s + 0.003 * 5 * visited)
+        assert paid.server_cpu_s == pytest.approx(bare.server_cpu_s + 0.001 * 5 * visited)
     # Up after embed (1000 B), down after b1 (3000 B); server-only: the ids and the tokens.
     assert wire_bytes(whole, Placement("CSSC")) == 4000.0
     assert wire_bytes(whole, Placement("SSSS")) == 64.0 * 5 + 16.0 * 5

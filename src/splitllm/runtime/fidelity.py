@@ -19,7 +19,7 @@ import numpy as np
 
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, evaluate
-from splitllm.planner.network import Link, carried_bytes, crossing_s
+from splitllm.planner.network import Link, carried_bytes, crossing_s, visits
 from splitllm.runtime.autoplace import MEASURED
 from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes
 
@@ -127,7 +127,9 @@ def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: 
             session: SessionBytes = NO_SESSION) -> Figures:
     """The planner's figures for a placement: first token from `first`, the rest from `whole`
     (both open the session, as every plan that visits the server does); the session's closing
-    (`session`, once per generation) after its last pass."""
+    (`session`, once per generation) after its last pass. The server's busy seconds are its
+    units' and, per visit and pass, the fixed part of its steps (`whole.job_s`), which the
+    engine's busy seconds hold as its CPU seconds hold `job_work_s`."""
     plan = evaluate(whole, placement)
     ttft_s = evaluate(first, placement).latency_s
     e2e_s = plan.latency_s + close_s(whole.link, session)
@@ -135,7 +137,8 @@ def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: 
     return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
                    server_cpu_s=plan.server_work,
                    wire_bytes=wire_bytes(whole, placement) + session.total,
-                   server_busy_s=plan.server_compute_s)
+                   server_busy_s=plan.server_compute_s + visits(np.array(
+                       [side == SERVER for side in placement.sides])) * whole.passes * whole.job_s)
 
 
 def promised(session: Session, placement: Placement, prompt_tokens: int, new_tokens: int, *,
