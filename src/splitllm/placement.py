@@ -60,6 +60,11 @@ class Placement:
         return tuple(out)
 
     @property
+    def server_visits(self) -> int:
+        """Server segments: visits to the server per pass."""
+        return sum(segment.side == SERVER for segment in self.segments())
+
+    @property
     def switches(self) -> int:
         """Side changes between consecutive units (input and output crossings not counted)."""
         return len(self.segments()) - 1

@@ -183,3 +183,10 @@ def test_hand_computed_latencies_match_the_spec_and_evaluate(case: str) -> None:
     assert {p: float(bf.latency_s[bf.row_of(p)]) for p in expected} == pytest.approx(expected)
     assert {p: evaluate(instance, Placement(p)).latency_s for p in expected} == pytest.approx(
         expected)
+
+
+def test_a_placement_counts_its_server_visits_and_switches() -> None:
+    for sides, visits, switches in (("CCCC", 0, 0), ("SSSS", 1, 0), ("CSSC", 1, 2),
+                                    ("SCSC", 2, 3), ("CSCSCS", 3, 5)):
+        placement = Placement(sides)
+        assert (placement.server_visits, placement.switches) == (visits, switches), sides

@@ -19,7 +19,7 @@ import numpy as np
 
 from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner.instance import Instance, evaluate
-from splitllm.planner.network import Link, carried_bytes, crossing_s, visits
+from splitllm.planner.network import Link, carried_bytes, crossing_s
 from splitllm.runtime.autoplace import MEASURED
 from splitllm.runtime.wire_bytes import NO_SESSION, SessionBytes, session_bytes
 
@@ -137,8 +137,8 @@ def predict(whole: Instance, first: Instance, placement: Placement, new_tokens: 
     return Figures(ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
                    server_cpu_s=plan.server_work,
                    wire_bytes=wire_bytes(whole, placement) + session.total,
-                   server_busy_s=plan.server_compute_s + visits(np.array(
-                       [side == SERVER for side in placement.sides])) * whole.passes * whole.job_s)
+                   server_busy_s=plan.server_compute_s
+                   + placement.server_visits * whole.passes * whole.job_s)
 
 
 def promised(session: Session, placement: Placement, prompt_tokens: int, new_tokens: int, *,
@@ -258,7 +258,7 @@ def visit_residual_s(result: Result) -> float | None:
     A fixed cost per message (framing, thread hand-offs, a process woken on a loaded machine)
     would show as the same residual at every point.
     """
-    visits = sum(segment.side == SERVER for segment in Placement(result.point.placement).segments())
+    visits = Placement(result.point.placement).server_visits
     if not visits:
         return None
     passes = max(result.point.new_tokens, 1)

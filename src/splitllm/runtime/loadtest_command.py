@@ -138,10 +138,9 @@ CALIBRATION_ROUNDS = 2  # the least of them: a one-off cost in a round (measured
 def calibrated(world: World, runner: RealRunner, url: str, token: str | None) -> World:
     """The world on the step model the server refitted on first rounds of the idle check's
     requests, with the server's CPU per forward outside its steps measured over them (the
-    least round's): what
-    the simulated server runs, what both sides' planners charge, and what the idle check then
-    predicts with (measured over that check itself, its predictions lacked it: 3 ms per
-    forward, the +7 to +10 ms every request ran over its prediction)."""
+    least round's): what the simulated server runs, what both sides' planners charge, and
+    what the idle check then predicts with (measured over that check itself, its predictions
+    lacked it: 3 ms per forward, the +7 to +10 ms every request ran over its prediction)."""
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.loadtest import server_job_s
     from splitllm.runtime.loadtest_idle import idle_check
@@ -181,11 +180,11 @@ def under_load(url: str, token: str | None) -> UnderLoad:
         jobs_s = [p.server_job_s for p in measured.probes if math.isfinite(p.server_job_s)]
         before = world.server.step_model
         assert before is not None  # the load test's world runs the server's step model
-        job_s = step.job_s + statistics.median(jobs_s) if jobs_s else before.job_s
+        job_s = (step.job_s + statistics.median(jobs_s)) if jobs_s else before.job_s
         _progress("under these probes a block took " + ", ".join(
             f"x{step.block.seconds(t) / before.block.seconds(t):.2f} at {t}" for t in (1, 4, 16))
-            + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward outside "
-            "the steps")
+            + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward beyond "
+            "the units (a visit's part of the steps and the CPU outside them)")
         return with_step_model(world, replace(step, job_s=job_s))
 
     return loaded

@@ -171,10 +171,11 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
               "to the "
               f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
               "(measured on the idle server at start; the planner and the simulator charge it "
-              f"per pass and visit). The server spends {_job_s(world) * 1e3:.3g} ms of CPU per "
-              "forward outside its engine steps (framing, sampling, hand-offs, sessions "
-              "opened and closed; over that first round: the process's CPU less the steps'; "
-              "under load, over each policy's probes), "
+              f"per pass and visit). The server spends {_job_s(world) * 1e3:.3g} ms per forward "
+              "beyond its units: a visit's fixed part of its engine steps (the step model's "
+              "own, fitted live) and its CPU outside them (framing, sampling, hand-offs, "
+              "sessions opened and closed; over that first round: the process's CPU less the "
+              "steps'; under load, over each policy's probes), "
               "which the simulator charges per job beside each step and both planners per "
               "visit and pass."]
     return "\n".join(lines)
