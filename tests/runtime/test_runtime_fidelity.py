@@ -73,7 +73,7 @@ class FakeBench:
         return SESSION if "S" in placement else NO_SESSION
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placements: Sequence[str]) -> dict[str, Figures]:
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
         measured = {}
         for placement in placements:
             self.measured.append((condition, prompt_tokens, new_tokens, placement))
@@ -81,7 +81,7 @@ class FakeBench:
             session = self.session_bytes(condition, prompt_tokens, new_tokens, placement)
             truth = predict(whole, first, Placement(placement), new_tokens, session)
             f = FACTORS["slow" if condition.client_slowdown > 1 else "loopback"]
-            measured[placement] = Figures(**{m: getattr(truth, m) / f for m in METRICS})
+            measured[placement] = [Figures(**{m: getattr(truth, m) / f for m in METRICS})]
         return measured
 
 
@@ -210,6 +210,47 @@ def test_saving_and_report(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["points"] == len(results)
     assert "EMULATED" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
+
+
+class RoundsBench(FakeBench):
+    """Three rounds of each placement: the prediction times a known factor per round, one set
+    of factors for server-only and another for the splits (a slow round falls unevenly)."""
+
+    BASE, SPLIT = (1.0, 1.3, 0.9), (1.2, 1.0, 1.1)
+
+    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
+        truth = {p: figures[0] for p, figures in
+                 super().measure(condition, prompt_tokens, new_tokens, placements).items()}
+        return {p: [Figures(**{m: getattr(truth[p], m) * f for m in METRICS})
+                    for f in (self.BASE if "C" not in p else self.SPLIT)]
+                for p in placements}
+
+
+def test_the_measured_saving_is_the_median_of_the_rounds_paired_savings() -> None:
+    results = run_grid(RoundsBench(), conditions=(Condition(),), lengths=((8, 4),),
+                       sla_factor=1.3)
+    base = next(r for r in results if "server-only" in r.point.kinds)
+    rows = results_json(results)["savings"]
+    assert {row["placement"] for row in rows} == {r.point.placement for r in results} - {"SSSS"}
+    for row in rows:
+        split = next(r for r in results if r.point.placement == row["placement"])
+        # Measured = the prediction / 1.25 (FakeBench) x the round's factor, paired by round.
+        ratio = split.predicted.server_cpu_s / base.predicted.server_cpu_s
+        expected = [1 - ratio * s / b for s, b in zip(RoundsBench.SPLIT, RoundsBench.BASE,
+                                                      strict=True)]
+        assert row["round_savings"] == pytest.approx(expected)
+        assert row["planned_saving"] == pytest.approx(1 - ratio)
+        # The rounds' split/server-only: 1.2, 0.77, 1.22; their median 1.2 (the medians'
+        # ratio, 1.1 / 1.0, would pair the split's third round with server-only's first).
+        assert row["measured_saving"] == pytest.approx(1 - ratio * 1.2)
+        assert row["gap_points"] == pytest.approx(-100 * ratio * 0.2)
+    # Every round's figures are kept beside their medians.
+    point = results_json(results)["results"][0]
+    assert [run["server_cpu_s"] for run in point["runs"]] == pytest.approx(
+        [results[0].predicted.server_cpu_s / 1.25 * f for f in RoundsBench.BASE])
+    assert point["measured"]["server_cpu_s"] == pytest.approx(
+        results[0].predicted.server_cpu_s / 1.25)
 
 
 def test_the_warm_up_runs_server_segments_of_several_lengths() -> None:

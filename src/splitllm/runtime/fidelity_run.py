@@ -24,7 +24,6 @@ from splitllm.runtime.fidelity import (
     Condition,
     Figures,
     Result,
-    median_figures,
     multi_switch,
     results_json,
     run_grid,
@@ -111,7 +110,7 @@ class RealBench:
                              new_tokens=new_tokens)
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placements: Sequence[str]) -> dict[str, Figures]:
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
         session = self.session(condition)
         runs: dict[str, list[Figures]] = {placement: [] for placement in placements}
         for _ in range(max(self.opts.repeats, 1)):  # rounds of every placement in turn
@@ -122,7 +121,7 @@ class RealBench:
                                        server_cpu_s=run.server_cpu_s,
                                        wire_bytes=float(run.bytes_sent + run.bytes_received),
                                        server_busy_s=run.server_busy_s))
-        return {placement: median_figures(figures) for placement, figures in runs.items()}
+        return runs
 
     def fixed_costs(self) -> list[str]:
         """What each condition's planning measured beside the units: the link and the fixed
