@@ -227,7 +227,8 @@ class RoundsBench(FakeBench):
                 for p in placements}
 
 
-def test_the_measured_saving_is_the_median_of_the_rounds_paired_savings() -> None:
+def test_the_measured_saving_is_the_median_of_the_rounds_paired_savings(tmp_path: Path
+                                                                        ) -> None:
     results = run_grid(RoundsBench(), conditions=(Condition(),), lengths=((8, 4),),
                        sla_factor=1.3)
     base = next(r for r in results if "server-only" in r.point.kinds)
@@ -245,6 +246,11 @@ def test_the_measured_saving_is_the_median_of_the_rounds_paired_savings() -> Non
         # ratio, 1.1 / 1.0, would pair the split's third round with server-only's first).
         assert row["measured_saving"] == pytest.approx(1 - ratio * 1.2)
         assert row["gap_points"] == pytest.approx(-100 * ratio * 0.2)
+        # The report shows the median and the rounds' range beside the plan.
+        write_report(results, tmp_path, "EMULATED: nothing (a fake bench)")
+        assert (f"| {row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
+                f"{min(expected):.1%} / {max(expected):.1%} | {row['gap_points']:+.1f} |"
+                in (tmp_path / "report.md").read_text())
     # Every round's figures are kept beside their medians.
     point = results_json(results)["results"][0]
     assert [run["server_cpu_s"] for run in point["runs"]] == pytest.approx(
