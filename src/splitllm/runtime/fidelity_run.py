@@ -54,7 +54,8 @@ class FidelityOptions:
     server: str
     token: str | None = None
     quick: bool = False
-    repeats: int = 9  # rounds: 3 left a split's saving 6-8 points off in 1 quick run of 3
+    repeats: int = 9  # rounds per point: with 3, one split's saving missed its plan by 6-8
+    # points in 2 of 3 quiet quick runs (a few slow seconds hit 2 of its 3 rounds)
     sla_factor: float = 1.3
     threads: int = 1
 
