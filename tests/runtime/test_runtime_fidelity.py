@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from splitllm.cli import main
 from splitllm.placement import Placement
 from splitllm.planner.instance import Instance, Unit, evaluate
 from splitllm.planner.network import Link, session_open_s
@@ -297,3 +299,15 @@ def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundSer
         visits = sum(seg.side == "S" for seg in Placement(r.point.placement).segments())
         messages = (4 + 2 * 3 * visits) if visits else 0  # a forward and its reply per pass
         assert abs(r.predicted.wire_bytes - r.measured.wire_bytes) <= 4 * messages
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--sla-factor", "0.5"], ["--threads", "0"]])
+def test_bad_fidelity_options_are_one_line_and_exit_2(
+        args: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["splitllm", "fidelity", "--quick", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()  # before any model is loaded or server started
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {args[0]} must be at least 1, got {args[1]}"]

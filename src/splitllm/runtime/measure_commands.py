@@ -49,8 +49,10 @@ def fidelity(
     )
     from splitllm.runtime.models import load_model
 
-    if repeats < 1 or not sla_factor >= 1 or threads < 1:
-        raise UserError("--repeats >= 1, --sla-factor >= 1 and --threads >= 1")
+    for option, value in (("--repeats", repeats), ("--sla-factor", sla_factor),
+                          ("--threads", threads)):
+        if not value >= 1:
+            raise UserError(f"{option} must be at least 1, got {value:g}")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     with contextlib.ExitStack() as stack:
