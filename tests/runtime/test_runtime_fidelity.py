@@ -245,13 +245,15 @@ def test_the_measured_saving_is_the_median_of_the_rounds_paired_savings(tmp_path
         expected = [1 - ratio * s / b for s, b in zip(RoundsBench.SPLIT, RoundsBench.BASE,
                                                       strict=True)]
         assert row["round_savings"] == pytest.approx(expected)
+        assert (row["prompt_tokens"], row["new_tokens"]) == (8, 4)
         assert row["planned_saving"] == pytest.approx(1 - ratio)
         # The rounds' split/server-only: 1.2, 0.77, 1.22; their median 1.2 (the medians'
         # ratio, 1.1 / 1.0, would pair the split's third round with server-only's first).
         assert row["measured_saving"] == pytest.approx(1 - ratio * 1.2)
         assert row["gap_points"] == pytest.approx(-100 * ratio * 0.2)
         # The report shows the median and the rounds' range beside the plan.
-        assert (f"| {row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
+        assert (f"| 8 / 4 | {'/'.join(row['kinds'])} `{row['placement']}` | "
+                f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
                 f"{min(expected):.1%} / {max(expected):.1%} | {row['gap_points']:+.1f} |"
                 in report)
     # Every round's figures are kept beside their medians.

@@ -261,7 +261,9 @@ def saving_gap(results: Sequence[Result]) -> list[dict[str, Any]]:
         planned = 1 - r.predicted.server_cpu_s / base.predicted.server_cpu_s
         measured = statistics.median(per_round)
         rows.append({"placement": r.point.placement, "kinds": list(r.point.kinds),
-                     "condition": r.point.condition.label, "planned_saving": planned,
+                     "condition": r.point.condition.label,
+                     "prompt_tokens": r.point.prompt_tokens, "new_tokens": r.point.new_tokens,
+                     "planned_saving": planned,
                      "measured_saving": measured, "round_savings": per_round,
                      "gap_points": 100 * (measured - planned)})
     return rows

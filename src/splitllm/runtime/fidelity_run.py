@@ -220,11 +220,12 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
         lines.append(f"| {metric} | {med:.1%} | {worst:.1%} | {ok} |")
     lines += ["", "Server-work saving of each split against server-only (server CPU s), "
               f"target: within {TARGET_SAVING_POINTS:g} points of the plan", "",
-              "| condition | placement | planned | measured (median of rounds) | rounds "
-              "(lowest / highest) | gap (points) |", "|---|---|---|---|---|---|"]
+              "| condition | P / G | placement | planned | measured (median of rounds) | "
+              "rounds (lowest / highest) | gap (points) |", "|---|---|---|---|---|---|---|"]
     for row in saving_gap(results):
         rounds = row["round_savings"]
-        lines.append(f"| {row['condition']} | {'/'.join(row['kinds'])} `{row['placement']}` | "
+        lines.append(f"| {row['condition']} | {row['prompt_tokens']} / {row['new_tokens']} | "
+                     f"{'/'.join(row['kinds'])} `{row['placement']}` | "
                      f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
                      f"{min(rounds):.1%} / {max(rounds):.1%} | {row['gap_points']:+.1f} |")
     lines += ["", "Every point (predicted / measured), and the e2e residual per visit to the "
