@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from splitllm.cli import main
 from splitllm.placement import Placement
 from splitllm.planner.instance import Instance, Unit, evaluate
 from splitllm.planner.network import Link, session_open_s
@@ -73,7 +75,7 @@ class FakeBench:
         return SESSION if "S" in placement else NO_SESSION
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placements: Sequence[str]) -> dict[str, Figures]:
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
         measured = {}
         for placement in placements:
             self.measured.append((condition, prompt_tokens, new_tokens, placement))
@@ -81,7 +83,7 @@ class FakeBench:
             session = self.session_bytes(condition, prompt_tokens, new_tokens, placement)
             truth = predict(whole, first, Placement(placement), new_tokens, session)
             f = FACTORS["slow" if condition.client_slowdown > 1 else "loopback"]
-            measured[placement] = Figures(**{m: getattr(truth, m) / f for m in METRICS})
+            measured[placement] = [Figures(**{m: getattr(truth, m) / f for m in METRICS})]
         return measured
 
 
@@ -212,6 +214,56 @@ def test_saving_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
 
 
+class RoundsBench(FakeBench):
+    """Three rounds of each placement: the prediction times a known factor per round, one set
+    of factors for server-only and another for the splits (a slow round falls unevenly)."""
+
+    BASE, SPLIT = (1.0, 1.3, 0.9), (1.2, 1.0, 1.1)
+
+    def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
+        truth = {p: figures[0] for p, figures in
+                 super().measure(condition, prompt_tokens, new_tokens, placements).items()}
+        return {p: [Figures(**{m: getattr(truth[p], m) * f for m in METRICS})
+                    for f in (self.BASE if "C" not in p else self.SPLIT)]
+                for p in placements}
+
+
+def test_the_measured_saving_is_the_median_of_the_rounds_paired_savings(tmp_path: Path
+                                                                        ) -> None:
+    results = run_grid(RoundsBench(), conditions=(Condition(),), lengths=((8, 4),),
+                       sla_factor=1.3)
+    base = next(r for r in results if "server-only" in r.point.kinds)
+    rows = results_json(results)["savings"]
+    assert {row["placement"] for row in rows} == {r.point.placement for r in results} - {"SSSS"}
+    write_report(results, tmp_path, "EMULATED: nothing (a fake bench)")
+    report = (tmp_path / "report.md").read_text()
+    for row in rows:
+        split = next(r for r in results if r.point.placement == row["placement"])
+        # Measured = the prediction / 1.25 (FakeBench) x the round's factor, paired by round.
+        ratio = split.predicted.server_cpu_s / base.predicted.server_cpu_s
+        expected = [1 - ratio * s / b for s, b in zip(RoundsBench.SPLIT, RoundsBench.BASE,
+                                                      strict=True)]
+        assert row["round_savings"] == pytest.approx(expected)
+        assert (row["prompt_tokens"], row["new_tokens"]) == (8, 4)
+        assert row["planned_saving"] == pytest.approx(1 - ratio)
+        # The rounds' split/server-only: 1.2, 0.77, 1.22; their median 1.2 (the medians'
+        # ratio, 1.1 / 1.0, would pair the split's third round with server-only's first).
+        assert row["measured_saving"] == pytest.approx(1 - ratio * 1.2)
+        assert row["gap_points"] == pytest.approx(-100 * ratio * 0.2)
+        # The report shows the median and the rounds' range beside the plan.
+        assert (f"| 8 / 4 | {'/'.join(row['kinds'])} `{row['placement']}` | "
+                f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
+                f"{min(expected):.1%} / {max(expected):.1%} | {row['gap_points']:+.1f} |"
+                in report)
+    # Every round's figures are kept beside their medians.
+    point = results_json(results)["results"][0]
+    assert [run["server_cpu_s"] for run in point["runs"]] == pytest.approx(
+        [results[0].predicted.server_cpu_s / 1.25 * f for f in RoundsBench.BASE])
+    assert point["measured"]["server_cpu_s"] == pytest.approx(
+        results[0].predicted.server_cpu_s / 1.25)
+
+
 def test_the_warm_up_runs_server_segments_of_several_lengths() -> None:
     """What lets the server's live step model tell a visit's fixed cost from a block's: one
     row's steps through 30, 15 and 8 blocks of SmolLM2's 32 units (live_steps.job_fit)."""
@@ -249,3 +301,15 @@ def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundSer
         visits = sum(seg.side == "S" for seg in Placement(r.point.placement).segments())
         messages = (4 + 2 * 3 * visits) if visits else 0  # a forward and its reply per pass
         assert abs(r.predicted.wire_bytes - r.measured.wire_bytes) <= 4 * messages
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--sla-factor", "0.5"], ["--threads", "0"]])
+def test_bad_fidelity_options_are_one_line_and_exit_2(
+        args: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["splitllm", "fidelity", "--quick", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()  # before any model is loaded or server started
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {args[0]} must be at least 1, got {args[1]}"]

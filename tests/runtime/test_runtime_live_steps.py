@@ -153,8 +153,10 @@ def test_the_server_announces_its_live_step_model_after_steps(
         assert np.ravel(getattr(announced, key)) == pytest.approx(np.ravel(getattr(scaled, key)))
     assert fit["block_slowdown"] != [1.0, 1.0]  # timed, not copied
     assert steps >= 8  # a prefill and 7 decode steps at least
-    job_ms = 1e3 * fit["job_s"][1]  # the server-only steps alone: one block count, start-up's
-    assert f"live, refitted on {int(steps)} steps, {job_ms:.2g} ms of CPU per visit" in source
+    wall_ms, cpu_ms = (1e3 * s for s in fit["job_s"])  # server-only steps alone: one block
+    # count, so the start-up model's seconds per job
+    assert (f"live, refitted on {int(steps)} steps, {cpu_ms:.2g} ms of CPU per visit, "
+            f"{wall_ms:.2g} ms wall" in source)
     live = StepModel.from_json(info["step_model"])
     start = server.state.step_models.start.wall  # type: ignore[union-attr]
     assert live != start and live.n_blocks == start.n_blocks

@@ -170,13 +170,14 @@ def server_times(server_info: dict[str, Any], request: Request, rows: float = 1.
 
 def fit_words(fit: dict[str, Any] | None) -> str:
     """/v1/info's `step_model_fit` in words: " (live, refitted on N steps, X ms of CPU per
-    visit)" or " (start-up)"."""
+    visit, Y ms wall)" or " (start-up)"."""
     if not fit:
         return ""
     if fit.get("source") == "live":
         job_s = fit.get("job_s") or [0.0, 0.0]
         return (f" (live, refitted on {int(fit.get('steps', 0))} steps, "
-                f"{1e3 * float(job_s[-1]):.2g} ms of CPU per visit)")
+                f"{1e3 * float(job_s[-1]):.2g} ms of CPU per visit, "
+                f"{1e3 * float(job_s[0]):.2g} ms wall)")
     return f" ({fit.get('source', 'start-up')})"
 
 

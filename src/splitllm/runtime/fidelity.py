@@ -70,11 +70,17 @@ class Point:
 
 @dataclass(frozen=True)
 class Result:
-    """A point with the planner's prediction and the runtime's measurement."""
+    """A point with the planner's prediction and the runtime's measurement: every round's
+    figures (in round order) and their medians."""
 
     point: Point
     predicted: Figures
-    measured: Figures
+    runs: tuple[Figures, ...]
+
+    @property
+    def measured(self) -> Figures:
+        """Each metric's median over the rounds."""
+        return median_figures(self.runs)
 
     def rel_err(self, metric: str) -> float:
         """(predicted - measured) / measured for one metric."""
@@ -93,9 +99,10 @@ class Bench(Protocol):
         """The messages that open and close the server's session for this placement."""
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placements: Sequence[str]) -> dict[str, Figures]:
-        """Generations of exactly new_tokens tokens with each placement (in interleaved
-        rounds, so that a slow minute falls on every placement alike), per placement."""
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
+        """Generations of exactly new_tokens tokens with each placement in rounds (every
+        placement once per round, so that a slow minute falls on all of them alike): per
+        placement, its figures in round order."""
 
 
 def rel_err(predicted: float, measured: float) -> float:
@@ -218,7 +225,7 @@ def run_grid(bench: Bench, *, conditions: Sequence[Condition],
                 session = bench.session_bytes(condition, prompt_tokens, new_tokens, placement)
                 predicted = predict(whole, first, Placement(placement), new_tokens, session)
                 results.append(Result(point=point, predicted=predicted,
-                                      measured=measured[placement]))
+                                      runs=tuple(measured[placement])))
     return results
 
 
@@ -234,7 +241,11 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
 
 
 def saving_gap(results: Sequence[Result]) -> list[dict[str, Any]]:
-    """Per split point: the server-work saving against server-only, planned and measured."""
+    """Per split point: the server-work saving against server-only, planned and measured.
+
+    The measured saving is the median of the rounds' paired savings (a round measures every
+    placement of the point in turn, so a split and server-only share that round's conditions).
+    """
     rows = []
     for r in results:
         if "server-only" in r.point.kinds:
@@ -242,14 +253,27 @@ def saving_gap(results: Sequence[Result]) -> list[dict[str, Any]]:
         base = next((b for b in results if "server-only" in b.point.kinds
                      and (b.point.condition, b.point.prompt_tokens, b.point.new_tokens)
                      == (r.point.condition, r.point.prompt_tokens, r.point.new_tokens)), None)
-        if base is None or base.measured.server_cpu_s <= 0 or base.predicted.server_cpu_s <= 0:
+        if base is None or base.predicted.server_cpu_s <= 0:
+            continue
+        per_round = round_savings(r.runs, base.runs)
+        if not per_round:
             continue
         planned = 1 - r.predicted.server_cpu_s / base.predicted.server_cpu_s
-        measured = 1 - r.measured.server_cpu_s / base.measured.server_cpu_s
+        measured = statistics.median(per_round)
         rows.append({"placement": r.point.placement, "kinds": list(r.point.kinds),
-                     "condition": r.point.condition.label, "planned_saving": planned,
-                     "measured_saving": measured, "gap_points": 100 * (measured - planned)})
+                     "condition": r.point.condition.label,
+                     "prompt_tokens": r.point.prompt_tokens, "new_tokens": r.point.new_tokens,
+                     "planned_saving": planned,
+                     "measured_saving": measured, "round_savings": per_round,
+                     "gap_points": 100 * (measured - planned)})
     return rows
+
+
+def round_savings(split: Sequence[Figures], base: Sequence[Figures]) -> list[float]:
+    """1 - split / server-only server CPU seconds, round by round (rounds without server CPU
+    on the server-only side are skipped)."""
+    return [1 - s.server_cpu_s / b.server_cpu_s for s, b in zip(split, base, strict=True)
+            if b.server_cpu_s > 0]
 
 
 def visit_residual_s(result: Result) -> float | None:
@@ -269,6 +293,7 @@ def results_json(results: Sequence[Result]) -> dict[str, Any]:
     """The whole grid as one JSON document: summary, savings and every point."""
     points = [{**asdict(r.point), "condition_label": r.point.condition.label,
                "predicted": asdict(r.predicted), "measured": asdict(r.measured),
+               "runs": [asdict(run) for run in r.runs],
                "rel_err": {m: r.rel_err(m) for m in METRICS},
                "visit_residual_s": visit_residual_s(r)} for r in results]
     return {**summarize(results), "savings": saving_gap(results), "results": points}

@@ -24,7 +24,6 @@ from splitllm.runtime.fidelity import (
     Condition,
     Figures,
     Result,
-    median_figures,
     multi_switch,
     results_json,
     run_grid,
@@ -55,7 +54,8 @@ class FidelityOptions:
     server: str
     token: str | None = None
     quick: bool = False
-    repeats: int = 3
+    repeats: int = 9  # rounds per point: with 3, one split's saving missed its plan by 6-8
+    # points in 2 of 3 quiet quick runs (a few slow seconds hit 2 of its 3 rounds)
     sla_factor: float = 1.3
     threads: int = 1
 
@@ -111,7 +111,7 @@ class RealBench:
                              new_tokens=new_tokens)
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placements: Sequence[str]) -> dict[str, Figures]:
+                placements: Sequence[str]) -> dict[str, list[Figures]]:
         session = self.session(condition)
         runs: dict[str, list[Figures]] = {placement: [] for placement in placements}
         for _ in range(max(self.opts.repeats, 1)):  # rounds of every placement in turn
@@ -122,7 +122,7 @@ class RealBench:
                                        server_cpu_s=run.server_cpu_s,
                                        wire_bytes=float(run.bytes_sent + run.bytes_received),
                                        server_busy_s=run.server_busy_s))
-        return {placement: median_figures(figures) for placement, figures in runs.items()}
+        return runs
 
     def fixed_costs(self) -> list[str]:
         """What each condition's planning measured beside the units: the link and the fixed
@@ -220,12 +220,14 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
         lines.append(f"| {metric} | {med:.1%} | {worst:.1%} | {ok} |")
     lines += ["", "Server-work saving of each split against server-only (server CPU s), "
               f"target: within {TARGET_SAVING_POINTS:g} points of the plan", "",
-              "| condition | placement | planned | measured | gap (points) |",
-              "|---|---|---|---|---|"]
+              "| condition | P / G | placement | planned | measured (median of rounds) | "
+              "rounds (lowest / highest) | gap (points) |", "|---|---|---|---|---|---|---|"]
     for row in saving_gap(results):
-        lines.append(f"| {row['condition']} | {'/'.join(row['kinds'])} `{row['placement']}` | "
+        rounds = row["round_savings"]
+        lines.append(f"| {row['condition']} | {row['prompt_tokens']} / {row['new_tokens']} | "
+                     f"{'/'.join(row['kinds'])} `{row['placement']}` | "
                      f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
-                     f"{row['gap_points']:+.1f} |")
+                     f"{min(rounds):.1%} / {max(rounds):.1%} | {row['gap_points']:+.1f} |")
     lines += ["", "Every point (predicted / measured), and the e2e residual per visit to the "
               "server per pass (measured - predicted):", "",
               "| condition | P | G | kinds | " + " | ".join(METRICS) + " | residual/visit |",
@@ -278,8 +280,9 @@ def header_text(model: str, opts: FidelityOptions, server_started: bool,
             f"({os.cpu_count()} cores, shared with other work). EMULATED: the links (delay and "
             "bandwidth shaping in the client's transport) and client slowdowns (the client "
             "sleeps its layers' time times the factor) named per condition; `loopback` is the "
-            f"real local socket. Each figure is the median of {opts.repeats} runs (the "
-            "placements of a point measured in turn in each round); the SLA of a "
+            f"real local socket. Each figure is the median of {opts.repeats} rounds (the "
+            "placements of a point measured in turn in each round), a split's saving the median "
+            "of its rounds' savings against server-only in the same round; the SLA of a "
             f"point is {opts.sla_factor:g}x the faster uniform placement's predicted latency. "
             "Predictions: `Session.instance` (what placement=auto plans on)."
             + "".join(f"\n\n- measured: {line}" for line in fixed_costs))

@@ -26,7 +26,8 @@ def fidelity(
     quick: Annotated[bool, typer.Option(
         "--quick", help="A small grid: 2 conditions x 1 length (< 3 min on 2 cores).")] = False,
     repeats: Annotated[int, typer.Option(
-        help="Rounds per point (placements in turn); each figure's median counts.")] = 3,
+        help="Rounds per point (placements in turn); each figure's median counts, and a "
+             "split's saving is the median of its rounds' paired savings.")] = 9,
     sla_factor: Annotated[float, typer.Option(
         help="Each point's SLA: this times the faster uniform placement's prediction.")] = 1.3,
     threads: Annotated[int, typer.Option(help="Torch threads of the client and a local server.")
@@ -48,8 +49,10 @@ def fidelity(
     )
     from splitllm.runtime.models import load_model
 
-    if repeats < 1 or not sla_factor >= 1 or threads < 1:
-        raise UserError("--repeats >= 1, --sla-factor >= 1 and --threads >= 1")
+    for option, value in (("--repeats", repeats), ("--sla-factor", sla_factor),
+                          ("--threads", threads)):
+        if not value >= 1:
+            raise UserError(f"{option} must be at least 1, got {value:g}")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     with contextlib.ExitStack() as stack:
