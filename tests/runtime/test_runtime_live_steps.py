@@ -19,6 +19,7 @@ from splitllm.runtime.live_steps import (
     StepModels,
     job_fit,
     refit_unit,
+    wall_per_cpu,
 )
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel
@@ -61,14 +62,17 @@ def test_a_jobs_fixed_part_is_the_intercept_of_seconds_against_blocks() -> None:
 
 
 def one_row_step(live: LiveStepModel, blocks: int, block_s: float, job_s: float,
-                 outside_s: float) -> None:
+                 outside_s: float, preempted_s: float = 0.0) -> None:
     """A one-row decode step through `blocks` blocks of a 32-unit model: each block block_s, a
-    fixed job_s - outside_s inside the blocks' timing, outside_s beside it; CPU = wall / 2."""
+    fixed job_s - outside_s inside the blocks' timing, outside_s beside it; CPU = wall / 2;
+    the first block preempted for preempted_s more wall seconds."""
     inside_s = job_s - outside_s
     unit_s = {1 + b: block_s + inside_s / blocks for b in range(blocks)}
     total_s = block_s * blocks + job_s
-    live.record(unit_s, {u: s / 2 for u, s in unit_s.items()}, dict.fromkeys(unit_s, 1),
-                (total_s, total_s / 2), 1)
+    unit_cpu_s = {u: s / 2 for u, s in unit_s.items()}
+    unit_s[1] += preempted_s
+    live.record(unit_s, unit_cpu_s, dict.fromkeys(unit_s, 1),
+                (total_s + preempted_s, total_s / 2), 1)
 
 
 def test_the_live_model_charges_a_visit_its_fixed_cost_not_each_block() -> None:
@@ -84,6 +88,21 @@ def test_the_live_model_charges_a_visit_its_fixed_cost_not_each_block() -> None:
     for k in (2, 30):
         assert models.wall.step_s(1, 1, blocks=k) - models.wall.embed.seconds(1) \
             - models.wall.head.seconds(1) == pytest.approx(k * 0.5e-3 + 0.6e-3)
+
+
+def test_a_visits_wall_seconds_follow_its_cpu_not_preemptions_between_block_counts() -> None:
+    start = StepModel(START, START, START, n_blocks=30)
+    live = LiveStepModel(StepModels(start, start, START_UP, 0), n_units=32, min_samples=5)
+    for blocks in (30, 15, 8, 2) * 5:  # the 2-block steps all timed while preempted
+        one_row_step(live, blocks, block_s=0.5e-3, job_s=0.6e-3, outside_s=0.15e-3,
+                     preempted_s=3e-3 if blocks == 2 else 0.0)
+    models = live.models()
+    # a wall intercept would read the preemption as ~3 ms a visit; the CPU's 0.3 ms times the
+    # visits' median wall/CPU ratio (2) does not
+    assert (models.wall.job_s, models.cpu.job_s) == pytest.approx((0.6e-3, 0.3e-3))
+    assert wall_per_cpu([(2, 2.0, 1.0, 0.0, 0.0), (8, 3.0, 1.0, 0.0, 0.0),
+                         (4, 1.0, 0.0, 0.0, 0.0)]) == 2.5  # no CPU seconds: not counted
+    assert wall_per_cpu([]) == 1.0
 
 
 def test_without_varied_segments_the_blocks_carry_the_visit_as_before() -> None:
