@@ -58,7 +58,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "capacity_req_s": r.measured.rate_per_s,
         "lowest_failed_req_s": _num(r.measured.lowest_failed_per_s),
         "search_cut_short": r.measured.cut_short,
-        "attainment": _num(m.sla_attainment) if m else None,
+        "attainment": _num(r.measured.attainment) if m else None,  # its probes pooled
         "goodput_req_s": m.goodput_per_s if m else None,
         "throughput_req_s": m.throughput_per_s if m else None,
         "ttft_p50_s": _num(m.ttft_s[0]) if m else None,

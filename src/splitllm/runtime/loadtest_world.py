@@ -47,7 +47,8 @@ FP32_BYTES = 4
 class LoadtestSpec:
     """How a scenario is turned into the load test's world."""
 
-    requests: int = 24  # per probe: the scenario's first this many requests
+    requests: int = 96  # per probe, at least: the scenario's first this many requests (24
+    # replayed: 2 of them, 8% of every probe, sat at the SLA, so 1-2 more late ones decided it)
     length_scale: float = 1.0  # token counts times this (a small model's context, a slow CPU)
     sla_factor: float = 2.0  # SLA: this x the largest request's idle server-only latency
     sla_s: float | None = None  # or this SLA for every request type
