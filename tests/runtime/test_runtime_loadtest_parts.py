@@ -107,15 +107,26 @@ def test_trace_arrivals_replay_with_time_scaling(tmp_path: Path) -> None:
     assert fast.prompt_tokens.tolist() == [50, 100, 150, 200, 250, 50, 100, 150]
 
 
-def test_lengths_stay_within_the_context_and_slas_follow_the_step_model() -> None:
+def test_lengths_stay_within_the_context_and_slas_follow_the_device_profile() -> None:
     world = world_of(scenario(), length_scale=10.0, sla_factor=2.0)
     load = sample_workload(world.with_rate(1.0))
     assert (load.prompt_tokens + load.output_tokens <= 512).all()
-    assert load.output_tokens.max() == 256  # capped at half the context
+    p_max, g_max = int(load.prompt_tokens.max()), int(load.output_tokens.max())
+    assert g_max == 256  # capped at half the context
     slowest = link_preset("4g")
-    sla = 2.0 * idle_server_only_s(STEP, slowest, int(load.prompt_tokens.max()),
-                                   int(load.output_tokens.max()))
-    assert world.types[0].sla_s == pytest.approx(sla)
+    costs = served_costs(CONFIG)
+    idle_s = idle_server_only_s(costs, SERVER, slowest, p_max, g_max)
+    assert world.types[0].sla_s == pytest.approx(2.0 * idle_s)
+    # the roofline's server-only latency: a round trip per pass, and each decode pass reads
+    # every weight once at the device's memory bandwidth
+    weights = sum(u.weight_bytes for u in costs.units)
+    assert idle_s > g_max * slowest.rtt_s + (g_max - 1) * weights / SERVER.mem_bandwidth_bytes_per_s
+    # the server's step model (timed at its start, different each run) does not move the SLA
+    slower = replace(STEP, block=UnitFit.line(2e-2, 1e-3))
+    again = loadtest_world(scenario(), config=CONFIG, context_tokens=512, this_machine=SERVER,
+                           step=slower, spec=LoadtestSpec(requests=20, length_scale=10.0,
+                                                          sla_factor=2.0))[0]
+    assert again.types[0].sla_s == world.types[0].sla_s
     assert world.server.scheduler == "batched" and world.server.step_model == STEP
     assert world_of(scenario(), sla_s=7.0).types[0].sla_s == 7.0
 
