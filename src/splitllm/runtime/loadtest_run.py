@@ -61,7 +61,7 @@ class RunnerOptions:
 
     server: str
     token: str | None = None
-    max_in_flight: int = 32  # worker threads: requests beyond wait for one (it counts)
+    max_in_flight: int = 64  # worker threads: requests beyond wait for one (it counts)
 
 
 class RealRunner:
