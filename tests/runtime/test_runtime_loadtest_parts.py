@@ -20,6 +20,8 @@ from splitllm.runtime.loadtest import (
     Outcome,
     Probe,
     ServerLoad,
+    certainly_failed,
+    noise_band,
     run_record,
     run_study,
     search_capacity,
@@ -105,15 +107,26 @@ def test_trace_arrivals_replay_with_time_scaling(tmp_path: Path) -> None:
     assert fast.prompt_tokens.tolist() == [50, 100, 150, 200, 250, 50, 100, 150]
 
 
-def test_lengths_stay_within_the_context_and_slas_follow_the_step_model() -> None:
+def test_lengths_stay_within_the_context_and_slas_follow_the_device_profile() -> None:
     world = world_of(scenario(), length_scale=10.0, sla_factor=2.0)
     load = sample_workload(world.with_rate(1.0))
     assert (load.prompt_tokens + load.output_tokens <= 512).all()
-    assert load.output_tokens.max() == 256  # capped at half the context
+    p_max, g_max = int(load.prompt_tokens.max()), int(load.output_tokens.max())
+    assert g_max == 256  # capped at half the context
     slowest = link_preset("4g")
-    sla = 2.0 * idle_server_only_s(STEP, slowest, int(load.prompt_tokens.max()),
-                                   int(load.output_tokens.max()))
-    assert world.types[0].sla_s == pytest.approx(sla)
+    costs = served_costs(CONFIG)
+    idle_s = idle_server_only_s(costs, SERVER, slowest, p_max, g_max)
+    assert world.types[0].sla_s == pytest.approx(2.0 * idle_s)
+    # the roofline's server-only latency: a round trip per pass, and each decode pass reads
+    # every weight once at the device's memory bandwidth
+    weights = sum(u.weight_bytes for u in costs.units)
+    assert idle_s > g_max * slowest.rtt_s + (g_max - 1) * weights / SERVER.mem_bandwidth_bytes_per_s
+    # the server's step model (timed at its start, different each run) does not move the SLA
+    slower = replace(STEP, block=UnitFit.line(2e-2, 1e-3))
+    again = loadtest_world(scenario(), config=CONFIG, context_tokens=512, this_machine=SERVER,
+                           step=slower, spec=LoadtestSpec(requests=20, length_scale=10.0,
+                                                          sla_factor=2.0))[0]
+    assert again.types[0].sla_s == world.types[0].sla_s
     assert world.server.scheduler == "batched" and world.server.step_model == STEP
     assert world_of(scenario(), sla_s=7.0).types[0].sla_s == 7.0
 
@@ -220,9 +233,9 @@ def test_metrics_arithmetic_of_a_probe() -> None:
     assert m.server_s_per_request == pytest.approx(0.1)
 
 
-def fake_metrics(rate: float, attainment: float) -> RunMetrics:
+def fake_metrics(rate: float, attainment: float, requests: int = 10) -> RunMetrics:
     nan3 = (math.nan,) * 3
-    return RunMetrics(policy="p", rate_per_s=rate, requests=10, completed=10,
+    return RunMetrics(policy="p", rate_per_s=rate, requests=requests, completed=requests,
                       throughput_per_s=rate, goodput_per_s=rate * attainment,
                       sla_attainment=attainment, server_s_per_request=0.0, utilization=0.0,
                       ttft_s=nan3, tpot_s=nan3, latency_s=nan3, client_unit_share=0.0,
@@ -246,6 +259,50 @@ def test_capacity_search_brackets_then_bisects_to_the_tolerance() -> None:
     start_high = search_capacity("p", probe, first_rate_per_s=100.0, target=0.9, rel_tol=0.05,
                                  deadline_s=math.inf, clock=lambda: 0.0)
     assert 3.7 / 1.05 <= start_high.rate_per_s <= 3.7  # halved until one worked
+
+
+def test_the_noise_band_of_a_probes_verdict_and_when_it_may_stop_early() -> None:
+    # one binomial standard error at the target: sqrt(0.9 * 0.1 / n)
+    assert noise_band(100, 0.9) == pytest.approx(0.03)
+    assert noise_band(400, 0.9) == pytest.approx(0.015)
+    # 96 requests: 9.6 misses are the target, 2.94 more are chance
+    assert not certainly_failed(12, 96, 0.9) and certainly_failed(13, 96, 0.9)
+    assert certainly_failed(1, 1, 0.9) and not certainly_failed(0, 1, 0.9)
+
+
+def test_a_rate_within_the_noise_is_probed_again_and_judged_on_its_requests_pooled() -> None:
+    """At 4 req/s a probe of 100 requests reads 91% (within 3 points of 90%: undecided), its
+    repeats 86% and 87%: pooled, 88% of 300 requests, a failure. Rates far from the target
+    are probed once; the capacity's attainment is its probes' pooled."""
+    readings = {2.0: [1.0], 4.0: [0.91, 0.86, 0.87], 2.828: [0.95]}
+    probed: list[float] = []
+
+    def probe(rate: float, left_s: float) -> Probe:
+        probed.append(rate)
+        return Probe(metrics=fake_metrics(rate, readings[round(rate, 3)].pop(0), 100),
+                     process_cpu_s_per_request=0.1, wall_s=1.0)
+
+    found = search_capacity("p", probe, first_rate_per_s=2.0, target=0.9, rel_tol=0.5,
+                            deadline_s=math.inf, clock=lambda: 0.0)
+    assert probed == [2.0, 4.0, 4.0, 4.0, pytest.approx(math.sqrt(8.0))]
+    assert found.lowest_failed_per_s == 4.0 and not found.cut_short
+    assert found.rate_per_s == pytest.approx(math.sqrt(8.0)) and found.attainment == 0.95
+    assert len(found.probes) == 5
+
+
+def test_a_repeat_that_the_time_budget_leaves_no_room_for_ends_the_search() -> None:
+    clock = [0.0]
+
+    def probe(rate: float, left_s: float) -> Probe:
+        clock[0] += 10.0  # a probe takes 10 s; the budget is 15 s
+        return Probe(metrics=fake_metrics(rate, 0.91, 100), process_cpu_s_per_request=0.1,
+                     wall_s=10.0)
+
+    found = search_capacity("p", probe, first_rate_per_s=2.0, target=0.9, rel_tol=0.1,
+                            deadline_s=15.0, clock=lambda: clock[0])
+    # 91% of 100 is undecided; its repeat (again 91%) is undecided too, and no third fits
+    assert len(found.probes) == 2 and found.cut_short
+    assert found.rate_per_s == 0.0 and math.isinf(found.lowest_failed_per_s)
 
 
 class FakeServer:

@@ -28,6 +28,8 @@ STEP_ROWS = "splitllm_engine_step_rows"
 BUSY = "splitllm_server_busy_seconds_total"
 PROCESS_CPU = "process_cpu_seconds_total"
 RATE_RANGE = 1024.0  # the search stays within 1/1024 to 1024 times its first rate
+NOISE_Z = 1.0  # a probe's attainment within this many binomial standard errors of the target
+REPEATS = 3  # is undecided: its rate is probed again, up to this many probes, judged pooled
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +58,26 @@ class Probe:
     @property
     def rate_per_s(self) -> float:
         return self.metrics.rate_per_s
+
+
+def noise_band(requests: int, target: float) -> float:
+    """How far chance alone moves an attainment measured on `requests` requests at the target
+    (NOISE_Z binomial standard errors): a verdict within it is undecided. Measured: the same
+    probe repeated 4 times at a split's capacity (49 requests) read 88-96%."""
+    return NOISE_Z * math.sqrt(target * (1 - target) / max(requests, 1))
+
+
+def certainly_failed(misses: float, requests: int, target: float) -> bool:
+    """Whether `misses` of `requests` put a probe's attainment below the target by more than
+    chance (`noise_band`): a probe may stop early then; one nearer runs to its end."""
+    return misses > (1 - target + noise_band(requests, target)) * requests
+
+
+def pooled_attainment(probes: Sequence[Probe]) -> tuple[float, int]:
+    """The attainment of several probes' requests together, and how many requests."""
+    requests = sum(p.metrics.requests for p in probes)
+    met = sum(p.metrics.sla_attainment * p.metrics.requests for p in probes)
+    return (met / requests if requests else 0.0), requests
 
 
 def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequence[Outcome],
@@ -151,6 +173,7 @@ class Capacity:
     lowest_failed_per_s: float  # inf: no probe failed
     probes: tuple[Probe, ...]
     cut_short: bool  # the time budget ended the search before its bracket was narrow enough
+    attainment: float = math.nan  # at `rate_per_s`, its probes pooled (nan: none was good)
 
 
 Prober = Callable[[float, float], Probe]  # (rate per s, seconds left) -> the probe
@@ -159,11 +182,13 @@ Prober = Callable[[float, float], Probe]  # (rate per s, seconds left) -> the pr
 def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, target: float,
                     rel_tol: float, deadline_s: float, clock: Callable[[], float]) -> Capacity:
     """Double or halve from the first rate until a good and a failing rate bracket the
-    capacity, then bisect (geometrically) until the bracket is within `rel_tol`. The search
-    ends at `deadline_s` on `clock`: no probe starts after it, and each probe is told the
-    seconds left (a probe cut off by them counts for nothing and ends the search)."""
+    capacity, then bisect (geometrically) until the bracket is within `rel_tol`. A rate whose
+    attainment is within the noise of its requests (`noise_band`) is probed again, up to
+    `REPEATS` probes, and judged on their requests pooled. The search ends at `deadline_s` on
+    `clock`: no probe starts after it, and each probe is told the seconds left (a probe cut off
+    by them, or a repeat it leaves no time for, counts for nothing and ends the search)."""
     probes: list[Probe] = []
-    good, bad = 0.0, math.inf
+    good, bad, good_attainment = 0.0, math.inf, math.nan
 
     def next_rate() -> float | None:
         if not probes:
@@ -174,21 +199,34 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
             return bad / 2 if bad / 2 >= first_rate_per_s / RATE_RANGE else None
         return math.sqrt(good * bad) if bad / good - 1 > rel_tol else None
 
+    def judged(rate: float) -> float | None:
+        """The pooled attainment at `rate` once decided (None: the time budget ended it)."""
+        at_rate: list[Probe] = []
+        while True:
+            left_s = deadline_s - clock()
+            if left_s <= 0:
+                return None
+            result = probe(rate, left_s)
+            probes.append(result)
+            at_rate.append(result)
+            if result.cut_off:
+                return None
+            attainment, requests = pooled_attainment(at_rate)
+            if (result.stopped_early or len(at_rate) >= REPEATS
+                    or abs(attainment - target) >= noise_band(requests, target)):
+                return attainment
+
     rate = next_rate()
     while rate is not None:
-        left_s = deadline_s - clock()
-        if left_s <= 0:
-            return Capacity(policy, good, bad, tuple(probes), cut_short=True)
-        result = probe(rate, left_s)
-        probes.append(result)
-        if result.cut_off:
-            return Capacity(policy, good, bad, tuple(probes), cut_short=True)
-        if result.metrics.sla_attainment >= target:
-            good = max(good, rate)
+        attainment = judged(rate)
+        if attainment is None:
+            return Capacity(policy, good, bad, tuple(probes), True, good_attainment)
+        if attainment >= target:
+            good, good_attainment = max(good, rate), attainment
         else:
             bad = min(bad, rate)
         rate = next_rate()
-    return Capacity(policy, good, bad, tuple(probes), cut_short=False)
+    return Capacity(policy, good, bad, tuple(probes), False, good_attainment)
 
 
 @dataclass(frozen=True)

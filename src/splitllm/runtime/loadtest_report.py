@@ -58,7 +58,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "capacity_req_s": r.measured.rate_per_s,
         "lowest_failed_req_s": _num(r.measured.lowest_failed_per_s),
         "search_cut_short": r.measured.cut_short,
-        "attainment": _num(m.sla_attainment) if m else None,
+        "attainment": _num(r.measured.attainment) if m else None,  # its probes pooled
         "goodput_req_s": m.goodput_per_s if m else None,
         "throughput_req_s": m.throughput_per_s if m else None,
         "ttft_p50_s": _num(m.ttft_s[0]) if m else None,
@@ -146,7 +146,9 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
     lines = [f"Scenario `{scenario}` on model {model}, {where}. Each probe replays the "
              f"scenario's first {world.sweep.min_requests} requests (seeded; the same requests "
              "in every probe and in the simulator), its time axis scaled to the probe's rate, "
-             f"in a loop until arrivals span {world.duration_s:.3g} s (3 x the longest SLA). "
+             f"in a loop until arrivals span {world.duration_s:.3g} s (3 x the longest SLA) "
+             "and all of them have arrived; a probe whose attainment is within the noise of "
+             "its requests (one binomial standard error) is repeated and judged pooled. "
              f"Token counts are scaled by {length_scale:g} (the served model's context and this "
              "CPU's speed; at least 1 token each). SLA per request type: "
              + ", ".join(f"{t.name} {t.sla_s:.3g} s" for t in world.types)
@@ -165,7 +167,7 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
               "pinned apart from a local server where the OS allows; their compute shares "
               "the client's cores. The simulator's prediction: the same world, batched server "
               "with the step model the server announced (/v1/info: refitted on its engine's "
-              "steps) after a first round of the idle check's requests (the idle model, where "
+              "steps) after three rounds of the idle check's requests (the idle model, where "
               "each search starts), and again after each policy's probes (the server as they "
               "ran it: the clients' real compute on this machine shares its memory). A visit "
               "to the "
@@ -174,8 +176,8 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
               f"per pass and visit). The server spends {_job_s(world) * 1e3:.3g} ms per forward "
               "beyond its units: a visit's fixed part of its engine steps (the step model's "
               "own, fitted live) and its CPU outside them (framing, sampling, hand-offs, "
-              "sessions opened and closed; over that first round: the process's CPU less the "
-              "steps'; under load, over each policy's probes), "
+              "sessions opened and closed; the median of those rounds: the process's CPU less "
+              "the steps'; under load, over each policy's probes), "
               "which the simulator charges per job beside each step and both planners per "
               "visit and pass."]
     return "\n".join(lines)
@@ -188,7 +190,7 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
              verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
              "Simulated: the prediction, on the step model the server refitted on the idle "
-             "check's first round (where the search starts). Under its probes: again after them, "
+             "check's first rounds (where the search starts). Under its probes: again after them, "
              "on the model the server refitted under them and their CPU per forward outside the "
              "steps (a posteriori: it reads the measurement, so it is no prediction of it).", "",
              "| policy | capacity measured (req/s) | simulated | sim error | "
@@ -217,15 +219,17 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
               + ("met" if met else "**missed**")
               + (f" (worst {max(errors):.0%})" if errors else " (no capacity measured)") + ".",
               "", "Every probe (measured):", "",
-              "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server CPU s / req | "
-              "wall s |", "|---|---|---|---|---|---|---|"]
+              "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server busy | "
+              "server CPU s / req | EMULATED clients' cores busy | wall s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for p in r.measured.probes:
             m = p.metrics
             lines.append(f"| {r.policy} | {m.rate_per_s:.3g} | {m.sla_attainment:.0%}"
                          f"{' (stopped early)' if p.stopped_early else ''} | "
                          f"{m.completed}/{m.requests} | {m.ttft_s[2]:.3g} | "
-                         f"{p.process_cpu_s_per_request:.3g} | {p.wall_s:.0f} |")
+                         f"{m.utilization:.0%} | {p.process_cpu_s_per_request:.3g} | "
+                         f"{p.client_cores_busy:.2f} | {p.wall_s:.0f} |")
     return "\n".join(lines) + "\n"
 
 

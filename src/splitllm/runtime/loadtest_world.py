@@ -18,8 +18,10 @@ same requests with the same decisions. From the scenario:
 - the server is this machine: its fitted device profile (what the planner sees) and the
   engine's measured step model, scheduler `batched` (what the simulator runs);
 - each type's SLA: `sla_factor` x the idle server-only latency of its largest request over the
-  slowest link (from the step model), or `sla_s` if given; the scenario's TTFT / TPOT limits
-  are dropped (they were set for its own model and server).
+  slowest link on this machine's device profile (a file: the same world in every run; from the
+  step model the server timed at its start it read 1.97 and 2.68 s in two runs minutes apart),
+  or `sla_s` if given; the scenario's TTFT / TPOT limits are dropped (they were set for its own
+  model and server).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from splitllm.errors import UserError
+from splitllm.placement import SERVER, Placement
 from splitllm.planner.configs import ModelConfig
 from splitllm.planner.costs import ModelCosts, model_costs
 from splitllm.planner.hardware import DeviceProfile
-from splitllm.planner.instance import Request, build_instance
+from splitllm.planner.instance import Request, build_instance, evaluate
 from splitllm.planner.network import Link
 from splitllm.sim.dists import Dist
 from splitllm.sim.workload import Workload, sample_workload
@@ -47,7 +50,8 @@ FP32_BYTES = 4
 class LoadtestSpec:
     """How a scenario is turned into the load test's world."""
 
-    requests: int = 24  # per probe: the scenario's first this many requests
+    requests: int = 96  # per probe, at least: the scenario's first this many requests (24
+    # replayed: 2 of them, 8% of every probe, sat at the SLA, so 1-2 more late ones decided it)
     length_scale: float = 1.0  # token counts times this (a small model's context, a slow CPU)
     sla_factor: float = 2.0  # SLA: this x the largest request's idle server-only latency
     sla_s: float | None = None  # or this SLA for every request type
@@ -141,17 +145,17 @@ def slower(device: DeviceProfile, factor: float, name: str) -> DeviceProfile:
                    mem_bandwidth_bytes_per_s=device.mem_bandwidth_bytes_per_s / factor)
 
 
-def idle_server_only_s(step: StepModel, link: Link, prompt_tokens: int,
-                       output_tokens: int) -> float:
-    """Server-only latency on an idle server: a prefill step, one step per further token, and
-    a round trip per pass."""
-    passes = max(output_tokens, 1)
-    return (step.step_s(prompt_tokens, 1) + (passes - 1) * step.step_s(1, 1)
-            + passes * link.rtt_s)
+def idle_server_only_s(costs: ModelCosts, device: DeviceProfile, link: Link,
+                       prompt_tokens: int, output_tokens: int) -> float:
+    """Server-only latency on an idle server of `device` (the planner's own phase times): the
+    session's opening, every unit of every pass, a round trip per pass."""
+    request = Request(prompt_tokens=prompt_tokens, output_tokens=output_tokens, sla_s=1.0)
+    instance = build_instance(costs, device, device, link, request)
+    return evaluate(instance, Placement(SERVER * len(instance.units))).latency_s
 
 
-def _types(world: World, trace: Trace, costs: ModelCosts, step: StepModel, slowest: Link,
-           spec: LoadtestSpec) -> tuple[RequestType, ...]:
+def _types(world: World, trace: Trace, costs: ModelCosts, device: DeviceProfile,
+           slowest: Link, spec: LoadtestSpec) -> tuple[RequestType, ...]:
     types = []
     kinds = np.asarray(trace.type_index)
     prompts, outputs = np.asarray(trace.prompt_tokens), np.asarray(trace.output_tokens)
@@ -159,7 +163,8 @@ def _types(world: World, trace: Trace, costs: ModelCosts, step: StepModel, slowe
         mine = kinds == k
         p_max = int(prompts[mine].max()) if mine.any() else 1
         g_max = int(outputs[mine].max()) if mine.any() else 1
-        sla_s = spec.sla_s or spec.sla_factor * idle_server_only_s(step, slowest, p_max, g_max)
+        sla_s = spec.sla_s or spec.sla_factor * idle_server_only_s(costs, device, slowest,
+                                                                   p_max, g_max)
         types.append(RequestType(
             name=t.name, sla_s=sla_s, model=costs, share=t.share,
             prompt_tokens=Dist("uniform", low=1, high=p_max),
@@ -189,7 +194,7 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
                       f"{e.slowdown:.3g} (EMULATED)"))
         for c, e in zip(scenario.clients, emulated, strict=True))
     slowest = max((c.link for c in scenario.clients), key=lambda link: link.rtt_s)
-    types = _types(scenario, trace, costs, step, slowest, spec)
+    types = _types(scenario, trace, costs, this_machine, slowest, spec)
     world = World(
         name=scenario.name,
         server=ServerSpec(device=this_machine, scheduler="batched", workers=1,
