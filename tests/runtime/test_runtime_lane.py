@@ -12,6 +12,8 @@ from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from runtime_kit import llama_config, random_prompt
 from test_runtime_engine import Driver, reference_logits
 from test_runtime_fused import CONFIGS, assert_same_caches, forward, grown, stack_of
@@ -21,6 +23,8 @@ from splitllm.runtime.gemv import FAST_ROWS, FastPaths, fast_paths
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
 from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.protocol import Sampling
+from splitllm.runtime.sampling import Sampler
 from splitllm.runtime.session import ServerSession
 from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
@@ -238,3 +242,14 @@ def test_the_engine_decodes_concurrent_sessions_in_the_lane(tiny_llama: LoadedMo
     for session, seq, text in done:
         torch.testing.assert_close(drv.result(session, seq).logits,
                                    reference_logits(tiny_llama, text), atol=ATOL, rtol=0)
+
+
+@given(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, float("nan"), float("inf")]),
+                min_size=1, max_size=12), st.integers(1, 3))
+def test_greedy_sampling_picks_torchs_argmax(values: list[float], rows: int) -> None:
+    """The greedy sampler's numpy argmax (fp32 on the CPU) is torch's: the first of tied
+    maxima, the first NaN where there is one."""
+    logits = torch.tensor([values] * rows, dtype=torch.float32)  # [T, V]
+    want = tuple(int(t) for t in logits.argmax(dim=-1).tolist())
+    assert Sampler(Sampling()).each(logits, 0) == want
+    assert Sampler(Sampling()).each(logits.double(), 0) == want  # torch's own path

@@ -49,6 +49,61 @@ if TYPE_CHECKING:
     from splitllm.runtime.step import StepRow
 
 _LANE = "_splitllm_decode_lane"  # the model's last lane: one, so closed sessions' K/V go soon
+_ROTARY = "_splitllm_rotary_table"
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not move with the context
+
+
+class RotaryTable:
+    """The model's own rotary tables (`rotary_emb`) of positions [0, P), taken in one call and
+    doubled as positions grow: a row's table is a slice, not ~10 torch ops per step (the same
+    values: each position's angles are one product, and cos/sin elementwise)."""
+
+    def __init__(self, rotary: nn.Module, hidden_size: int) -> None:
+        self.rotary, self.hidden_size = rotary, hidden_size
+        self.cos = self.sin = np.zeros((0, 0), dtype=np.float32)  # [P, d]
+        self.inv_freq = _inv_freq(rotary)
+        self.data_ptr = self.inv_freq.data_ptr()
+
+    def holds(self) -> bool:
+        """Whether the frequencies are the ones the tables were taken with (static rope types
+        never change them in place)."""
+        return _inv_freq(self.rotary) is self.inv_freq and \
+            self.inv_freq.data_ptr() == self.data_ptr
+
+    def rows(self, positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [R, d] of these positions."""
+        top = max(positions)
+        if top >= self.cos.shape[0]:
+            self._take(max(256, 2 * top))
+        if len(positions) == 1:
+            p = positions[0]
+            return self.cos[p:p + 1], self.sin[p:p + 1]
+        return self.cos[positions], self.sin[positions]
+
+    def _take(self, count: int) -> None:
+        probe = torch.zeros(1, 1, self.hidden_size)
+        cos, sin = self.rotary(probe, torch.arange(count)[None])  # [1, P, d] each
+        self.cos, self.sin = cos[0].contiguous().numpy(), sin[0].contiguous().numpy()
+
+
+def _inv_freq(rotary: nn.Module) -> torch.Tensor:
+    inv_freq = rotary.inv_freq
+    assert isinstance(inv_freq, torch.Tensor)  # checked by rotary_table
+    return inv_freq
+
+
+def rotary_table(stack: UnitStack) -> RotaryTable | None:
+    """The stack's rotary table (kept on the model), where its rope type is static."""
+    rotary = stack.rotary_emb
+    if rotary is None or stack.rotary_per_layer_type or getattr(
+            rotary, "rope_type", None) not in STATIC_ROPE or not isinstance(
+            getattr(rotary, "inv_freq", None), torch.Tensor):
+        return None
+    held: RotaryTable | None = stack.model.__dict__.get(_ROTARY)
+    if held is None or held.rotary is not rotary or not held.holds():
+        held = RotaryTable(rotary, stack.hidden_size)
+        stack.model.__dict__[_ROTARY] = held
+    return held
 
 
 @dataclass(eq=False)
@@ -74,7 +129,14 @@ class DecodeLane:
     values: List
     kv_first: np.ndarray  # [R]: each cache's first block
     lengths: np.ndarray  # [R, blocks]: where each row writes its K/V
+    rotary: RotaryTable
     steps: int = 0  # steps this lane ran (tests: the lane did run)
+
+    def __post_init__(self) -> None:
+        # What run_blocks takes that stays from step to step (all but x, the rotary tables)
+        self.kernel_args = dict(**self.weights.lists, keys=self.keys, values=self.values,
+                                lengths=self.lengths,
+                                active=np.ones(len(self.caches), dtype=np.bool_))
 
     @property
     def block_range(self) -> range:
@@ -82,7 +144,8 @@ class DecodeLane:
 
     def holds(self, rows: Sequence[StepRow]) -> bool:
         """Whether these rows are this lane's, their caches as it left them, with room."""
-        if len(rows) != len(self.caches) or not self._weights_hold():
+        if len(rows) != len(self.caches) or not self._weights_hold() or \
+                not self.rotary.holds():
             return False
         for r, row in enumerate(rows):
             if row.cache is not self.caches[r] or row.start != self.start or \
@@ -97,8 +160,11 @@ class DecodeLane:
         return True
 
     def _weights_hold(self) -> bool:
-        """No weight moved since the lane took its views (as fused.block_weights checks)."""
-        return all(own.q_weight.data_ptr() == own.data_ptr for own in self.blocks) and (
+        """No weight moved since the lane took its views: the first and last blocks' (as
+        fused.block_weights checks each; the model's weights move together), the head's, the
+        embedding's."""
+        return all(own.q_weight.data_ptr() == own.data_ptr
+                   for own in (self.blocks[0], self.blocks[-1])) and (
             self.head is None or self.head.hold()) and (
             self.embedding_weight is None
             or self.embedding_weight.data_ptr() == self.embedding_at)
@@ -110,21 +176,16 @@ class DecodeLane:
         laps: list[Lap] = []
         clock = Clock(unit_cpu)
         x = self._input(rows)  # [R, D]
-        positions = rows[0].positions if len(rows) == 1 else torch.cat(
-            [row.positions for row in rows], dim=1)  # [1, R]
-        assert self.stack.rotary_emb is not None  # checked when the lane was built
-        cos, sin = (t.contiguous().numpy()[0] for t in
-                    self.stack.rotary_emb(torch.from_numpy(x)[None], positions))  # [R, d]
+        cos, sin = self.rotary.rows([int(row.positions[0, 0]) for row in rows])  # [R, d] each
         if self.start == 0:
             laps.append(clock.lap(range(0, 1)))
         blocks = self.block_range
-        kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, **self.weights.lists,
-                          cos=cos, sin=sin, keys=self.keys, values=self.values,
-                          lengths=self.lengths, active=np.ones(len(rows), dtype=np.bool_))
+        kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, cos=cos, sin=sin,
+                          **self.kernel_args)
         for r, layers in enumerate(self.layers):
+            held = self.held[r] = self.held[r] + 1
             for layer in layers:
-                layer.advance(1)
-            self.held[r] += 1
+                layer.length = held  # BlockLayer.advance(1), without a call per layer
         self.lengths += 1
         laps.append(clock.lap(range(blocks.start + 1, blocks.stop + 1)))
         self.steps += 1
@@ -192,8 +253,10 @@ def _build(stack: UnitStack, rows: Sequence[StepRow]) -> DecodeLane | None:
     weights = stack_weights(stack)
     head = head_weights(stack) if stop == stack.n_units else None
     embedding = _embedding(stack) if start == 0 else None
+    rotary = rotary_table(stack)
     if not all(weights.covered[b] for b in blocks) or (stop == stack.n_units and head is None) \
-            or (start == 0 and embedding is None) or not _rotary_fits(stack, weights, blocks):
+            or (start == 0 and embedding is None) or rotary is None \
+            or not _rotary_fits(rotary, weights, blocks, stack.hidden_size):
         return None
     own = tuple(w for w in weights.blocks[blocks.start:blocks.stop] if w is not None)
     layers, held = [], []
@@ -226,7 +289,7 @@ def _build(stack: UnitStack, rows: Sequence[StepRow]) -> DecodeLane | None:
         embedding_at=0 if embedding is None else embedding[1].data_ptr(),
         keys=List([k for k, _ in kv]), values=List([v for _, v in kv]),
         kv_first=np.array([row.cache.first_block for row in rows if row.cache is not None]),
-        lengths=np.array([[h] * len(blocks) for h in held], dtype=np.int64))
+        lengths=np.array([[h] * len(blocks) for h in held], dtype=np.int64), rotary=rotary)
 
 
 def _applies(stack: UnitStack, rows: Sequence[StepRow]) -> bool:
@@ -235,7 +298,6 @@ def _applies(stack: UnitStack, rows: Sequence[StepRow]) -> bool:
     paths = fast_paths_now()
     return (paths.fused and paths.lane and 0 < len(rows) <= FAST_ROWS
             and torch.get_num_threads() == 1 and not torch.is_grad_enabled()
-            and stack.rotary_emb is not None and not stack.rotary_per_layer_type
             and all(row.start == first.start and row.stop == first.stop and row.cache is not None
                     and row.positions.shape[1] == 1 and row.head_positions == 1
                     and row.x.is_cpu and (first.start == 0 or (
@@ -255,11 +317,9 @@ def _embedding(stack: UnitStack) -> tuple[np.ndarray, torch.Tensor] | None:
     return weight.detach().numpy(), weight
 
 
-def _rotary_fits(stack: UnitStack, weights: StackWeights, blocks: range) -> bool:
+def _rotary_fits(rotary: RotaryTable, weights: StackWeights, blocks: range,
+                 hidden_size: int) -> bool:
     """The rotary tables' width is every block's head dim (as fused._check requires)."""
-    assert stack.rotary_emb is not None
-    probe = torch.zeros(1, 1, stack.hidden_size)
-    cos, _ = stack.rotary_emb(probe, torch.zeros(1, 1, dtype=torch.long))
-    return all(own is not None and own.head_dim == cos.shape[-1]
-               and own.q.shape[1] == stack.hidden_size for own in weights.blocks[blocks.start:
-                                                                                 blocks.stop])
+    cos, _ = rotary.rows([0])
+    return all(own is not None and own.head_dim == cos.shape[-1] and own.q.shape[1] == hidden_size
+               for own in weights.blocks[blocks.start:blocks.stop])
