@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -45,8 +45,22 @@ from splitllm.runtime.gemv import FAST_ROWS, fast_paths_now
 from splitllm.runtime.kvcache import BlockLayer
 from splitllm.runtime.units import SegmentCache, UnitStack
 
-if TYPE_CHECKING:
-    from splitllm.runtime.step import StepRow
+
+class LaneRow(Protocol):
+    """What the lane reads of a step's row (runtime/step.py's StepRow; step imports lane)."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def stop(self) -> int: ...
+    @property
+    def x(self) -> torch.Tensor: ...  # token ids [1, 1] from embed, else hidden [1, 1, D]
+    @property
+    def positions(self) -> torch.Tensor: ...  # [1, t]
+    @property
+    def cache(self) -> SegmentCache | None: ...
+    @property
+    def head_positions(self) -> int: ...
 
 _LANE = "_splitllm_decode_lane"  # the model's last lane: one, so closed sessions' K/V go soon
 _ROTARY = "_splitllm_rotary_table"
@@ -130,7 +144,6 @@ class DecodeLane:
     kv_first: np.ndarray  # [R]: each cache's first block
     lengths: np.ndarray  # [R, blocks]: where each row writes its K/V
     rotary: RotaryTable
-    steps: int = 0  # steps this lane ran (tests: the lane did run)
 
     def __post_init__(self) -> None:
         # What run_blocks takes that stays from step to step (all but x, the rotary tables)
@@ -142,7 +155,7 @@ class DecodeLane:
     def block_range(self) -> range:
         return self.stack.blocks_in(self.start, self.stop)
 
-    def holds(self, rows: Sequence[StepRow]) -> bool:
+    def holds(self, rows: Sequence[LaneRow]) -> bool:
         """Whether these rows are this lane's, their caches as it left them, with room."""
         if len(rows) != len(self.caches) or not self._weights_hold() or \
                 not self.rotary.holds():
@@ -169,7 +182,7 @@ class DecodeLane:
             self.embedding_weight is None
             or self.embedding_weight.data_ptr() == self.embedding_at)
 
-    def run(self, rows: Sequence[StepRow], unit_cpu: bool,
+    def run(self, rows: Sequence[LaneRow], unit_cpu: bool,
             ) -> tuple[list[torch.Tensor], list[Lap]]:
         """The rows through the lane's units, the blocks in one call, the head in another: each
         row's output (logits [1, V], or hidden [1, 1, D] before the head) and the laps."""
@@ -188,7 +201,6 @@ class DecodeLane:
                 layer.length = held  # BlockLayer.advance(1), without a call per layer
         self.lengths += 1
         laps.append(clock.lap(range(blocks.start + 1, blocks.stop + 1)))
-        self.steps += 1
         if self.head is None:
             hidden = torch.from_numpy(x)[None]  # [1, R, D]
             return [hidden[:, r:r + 1] for r in range(len(rows))], laps
@@ -198,7 +210,7 @@ class DecodeLane:
         out = torch.from_numpy(logits)
         return [out[r:r + 1] for r in range(len(rows))], laps
 
-    def _input(self, rows: Sequence[StepRow]) -> np.ndarray:
+    def _input(self, rows: Sequence[LaneRow]) -> np.ndarray:
         """The rows' hidden states [R, D], a new array (the outputs are views of it)."""
         if self.embedding is not None:  # the model's embedding is a plain lookup (checked)
             ids = rows[0].x.numpy()[0] if len(rows) == 1 else np.concatenate(
@@ -233,7 +245,7 @@ class Clock:
         return lap
 
 
-def decode_lane(stack: UnitStack, rows: Sequence[StepRow]) -> DecodeLane | None:
+def decode_lane(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
     """The lane of these rows: the model's last one if it holds them, else a new one if every
     row is a single position through the same units the fused path covers, else None."""
     held: DecodeLane | None = stack.model.__dict__.get(_LANE)
@@ -245,7 +257,7 @@ def decode_lane(stack: UnitStack, rows: Sequence[StepRow]) -> DecodeLane | None:
     return lane
 
 
-def _build(stack: UnitStack, rows: Sequence[StepRow]) -> DecodeLane | None:
+def _build(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
     start, stop = rows[0].start, rows[0].stop
     blocks = stack.blocks_in(start, stop)
     if not _applies(stack, rows) or not len(blocks):
@@ -292,7 +304,7 @@ def _build(stack: UnitStack, rows: Sequence[StepRow]) -> DecodeLane | None:
         lengths=np.array([[h] * len(blocks) for h in held], dtype=np.int64), rotary=rotary)
 
 
-def _applies(stack: UnitStack, rows: Sequence[StepRow]) -> bool:
+def _applies(stack: UnitStack, rows: Sequence[LaneRow]) -> bool:
     """Few single-position rows through the same units, fp32 on the CPU, one thread."""
     first = rows[0]
     paths = fast_paths_now()
