@@ -11,8 +11,8 @@
 - one session against the physical limit: the weights' bytes / one thread's read bandwidth,
   measured in the same run (the best of several witnesses, benchmarks/bandwidth.py), and the
   machine's load average beside every number; one session alone again, the fused decode block
-  (runtime/fused.py), the model's blocks with the few-row linear kernel (runtime/gemv.py) and
-  MKL alone, alternating.
+  in the decode lane (runtime/lane.py) and without it (runtime/fused.py), the model's blocks
+  with the few-row linear kernel (runtime/gemv.py) and MKL alone, alternating.
 
 Two drivers. `inprocess` (default): the sessions queue their forwards straight into an engine
 in this process (benchmarks/engine_driver.py), so a step holds every waiting session: the
@@ -187,23 +187,27 @@ def run_inprocess(args: argparse.Namespace, loaded: LoadedModel, ids: list[int],
 
 @contextlib.contextmanager
 def linear_paths(variant: str) -> Iterator[None]:
-    """fused: every fast path (the engine as it runs); kernel: the model's own blocks with the
-    few-row kernel and the packed weights; mkl: every product by MKL through the model's
-    modules (the engine before any of them)."""
+    """fused: every fast path (the engine as it runs); no lane: the fused blocks without the
+    decode lane (runtime/lane.py: each step packed and checked anew); kernel: the model's own
+    blocks with the few-row kernel and the packed weights; mkl: every product by MKL through
+    the model's modules (the engine before any of them)."""
     off = FastPaths(fused=False, kernel_rows=0, packed=False)
-    with fast_paths({"fused": FastPaths(), "kernel": FastPaths(fused=False), "mkl": off}[variant]):
+    with fast_paths({"fused": FastPaths(), "no lane": FastPaths(lane=False),
+                     "kernel": FastPaths(fused=False), "mkl": off}[variant]):
         yield
 
 
 def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tokens: int,
                       rounds: int = 3) -> None:
-    """One session's decode tok/s by the fused blocks (runtime/fused.py), by the model's own
-    blocks with the few-row kernel, and with MKL alone, alternating; each round's ratios
-    against the limit measured just before it (the load moves both alike)."""
+    """One session's decode tok/s by the fused blocks in the decode lane (runtime/lane.py),
+    without the lane, by the model's own blocks with the few-row kernel, and with MKL alone,
+    alternating; each round's ratios against the limit measured just before it (the load
+    moves both alike)."""
     driver = InProcessDriver(UnitStack(loaded.model), config=EngineConfig(), client_units=0,
                              client_core=None)
-    variants = ("fused", "kernel", "mkl")
-    names = {"fused": "fused", "kernel": "kernel", "mkl": "MKL alone"}
+    variants = ("fused", "no lane", "kernel", "mkl")
+    names = {"fused": "fused (lane)", "no lane": "fused without the lane", "kernel": "kernel",
+             "mkl": "MKL alone"}
     rates: dict[str, list[float]] = {names[v]: [] for v in variants}
     ratios: dict[str, list[float]] = {names[v]: [] for v in variants}
     small_page_ratios: dict[str, list[float]] = {names[v]: [] for v in variants}

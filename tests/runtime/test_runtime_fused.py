@@ -291,16 +291,17 @@ def test_an_error_in_the_fused_path_is_the_rows_own(others: int) -> None:
 
 
 def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> None:
-    """Behind the engine: one compiled call per block, the head's one row by the gemv kernel."""
+    """Behind the engine: one compiled call for the blocks, one for the head's norm and
+    product."""
     stack = UnitStack(tiny_llama.model)
     Engine(stack, ServerMetrics(stack.names), EngineConfig(), threads=1, start=False)
     cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
     assert cache is not None
     forward(stack, cache, [3, 4, 5], 0, True)
-    matvec_calls = mock.patch.object(gemv, "linear_rows", wraps=gemv.linear_rows)
-    with counted() as kernel, matvec_calls as matvec:
+    head_calls = mock.patch.object(fused_kernel, "head_rows", wraps=fused_kernel.head_rows)
+    with counted() as kernel, head_calls as head:
         forward(stack, cache, [6], 3, True)
-    assert kernel.calls == 1 and kernel.blocks == stack.n_blocks and matvec.call_count == 1
+    assert kernel.calls == 1 and kernel.blocks == stack.n_blocks and head.call_count == 1
 
 
 def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[int]:

@@ -100,12 +100,12 @@ def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) 
     tokens = FAST_ROWS + 1
     prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None],
                      torch.arange(tokens)[None], cache)
-    with kernel_calls() as kernel:
+    # the model's own blocks and head (the fused ones: test_runtime_fused.py)
+    with kernel_calls() as kernel, fast_paths(FastPaths(fused=False)):
         run_step(stack, [prompt])
         assert kernel.call_count == 1  # the prompt's blocks by MKL; the head's one row
-        with fast_paths(FastPaths(fused=False)):  # the model's own blocks (test_runtime_fused.py)
-            run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
-                                     torch.tensor([[tokens]]), cache)])
+        run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
+                                 torch.tensor([[tokens]]), cache)])
     linear = sum(type(m) is nn.Linear for m in stack.model.modules())
     assert kernel.call_count == 1 + linear
 

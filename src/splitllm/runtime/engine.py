@@ -280,8 +280,12 @@ class Engine:
             share = take / tokens
             job.busy_s += wall_s * share
             job.cpu_s += cpu_s * share
-            for unit in range(row.start, row.stop):
-                job.unit_seconds[unit] = job.unit_seconds.get(unit, 0.0) + times.unit_s[unit]
+            if take == job.tokens:  # the whole forward in this step (a decode row): its times
+                job.unit_seconds = times.unit_s
+            else:
+                for unit in range(row.start, row.stop):
+                    job.unit_seconds[unit] = job.unit_seconds.get(unit, 0.0) + \
+                        times.unit_s[unit]
             job.done_tokens += take
             if output.error is not None:
                 self._remove(job)
@@ -306,7 +310,8 @@ class Engine:
             stop = n - 1  # only the last chunk's last position needs the head
         p0 = prepared.positions[0] + job.done_tokens
         positions = torch.arange(p0, p0 + take, device=self.device)[None]  # [1, t]
-        x = prepared.x[:, job.done_tokens:job.done_tokens + take]
+        x = prepared.x if take == job.tokens else \
+            prepared.x[:, job.done_tokens:job.done_tokens + take]
         return StepRow(start, stop, x, positions, prepared.cache,
                        head_positions=take if verify else 1)
 

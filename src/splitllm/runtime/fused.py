@@ -42,6 +42,7 @@ FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SiLU-gated MLP
 _WEIGHTS = "_splitllm_fused_weights"
 _STACK = "_splitllm_fused_stack"
 _KV = "_splitllm_fused_kv"
+_HEAD = "_splitllm_fused_head"
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class FusedRows:
                             for own in weights.blocks[block:stop])
         count = stop - block
         for group in groups:
-            layers = _layers(group.cache, block, stop)
+            layers = layers_of(group.cache, block, stop)
             count = min(count, next((k for k, (layer, on) in enumerate(zip(
                 layers, covered, strict=True)) if not on or type(layer) is not BlockLayer),
                 len(layers)))
@@ -123,16 +124,16 @@ class FusedRows:
         for group in groups:
             if group.error is None:
                 try:
-                    _check(x, self.cos, _layers(group.cache, block, block + count),
+                    _check(x, self.cos, layers_of(group.cache, block, block + count),
                            weights.blocks[block:block + count])
                 except Exception as exc:  # this row's; the others go on
                     group.error = exc
         active = np.array([group.error is None for group in groups], dtype=np.bool_)
         if not active.any():
             return count  # every row has its error: nothing to run, as the model's path would
-        kv = [_segment_kv(group.cache) for group in groups]
+        kv = [segment_kv(group.cache) for group in groups]
         lengths = np.array([[layer.get_seq_length() for layer in
-                             _layers(group.cache, block, block + count)] for group in groups],
+                             layers_of(group.cache, block, block + count)] for group in groups],
                            dtype=np.int64)  # [R, count]
         kv_first = np.array([group.cache.first_block for group in groups])
         keys, values = List([k for k, _ in kv]), List([v for _, v in kv])
@@ -147,7 +148,7 @@ class FusedRows:
                                 values=values, lengths=np.ascontiguousarray(lengths[:, j]),
                                 active=active)
         for group, on in zip(groups, active, strict=True):
-            for layer in _layers(group.cache, block, block + count) if on else ():
+            for layer in layers_of(group.cache, block, block + count) if on else ():
                 layer.advance(1)
         return count
 
@@ -175,7 +176,7 @@ def _product(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return packed_product(x, packed, layer.bias, layer.out_features)
 
 
-def _layers(cache: SegmentCache, block: int, stop: int) -> list[Any]:
+def layers_of(cache: SegmentCache, block: int, stop: int) -> list[Any]:
     """The cache layers of blocks [block, stop)."""
     return cache.layers[block - cache.first_block:stop - cache.first_block]
 
@@ -187,10 +188,10 @@ def _check(x: np.ndarray, cos: np.ndarray, layers: list[Any],
         assert own is not None  # covered
         if x.shape[1] != own.q.shape[1] or cos.shape[1] != own.head_dim:
             raise ValueError(f"hidden {x.shape} or rotary {cos.shape} does not fit the blocks")
-        _reserve(layer, own)
+        reserve_position(layer, own)
 
 
-def _reserve(layer: BlockLayer, weights: BlockWeights) -> None:
+def reserve_position(layer: BlockLayer, weights: BlockWeights) -> None:
     """Room for one more position in the layer's buffers, which must fit the blocks' K/V."""
     if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
         empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
@@ -201,7 +202,7 @@ def _reserve(layer: BlockLayer, weights: BlockWeights) -> None:
         raise ValueError(f"the session's K/V {tuple(keys.shape)} do not fit the block")
 
 
-def _segment_kv(cache: SegmentCache) -> tuple[List, List]:
+def segment_kv(cache: SegmentCache) -> tuple[List, List]:
     """The segment's K/V buffers [Hkv, capacity, d] as typed lists (index = layer), rebuilt
     only when a buffer was replaced (grown)."""
     buffers = tuple(getattr(layer, "key_buffer", None) for layer in cache.layers)
@@ -255,6 +256,59 @@ def block_weights(layer: nn.Module, family: str) -> BlockWeights | None:
     if weights is not None:
         layer.__dict__[_WEIGHTS] = weights
     return weights
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """The final norm and the LM head as numpy views of the model's own tensors."""
+
+    norm: np.ndarray
+    eps: float
+    matrix: np.ndarray  # [V, D]
+    weight: torch.Tensor  # the LM head's weight: moved elsewhere, the views are stale
+    data_ptr: int
+
+    def hold(self) -> bool:
+        """Whether the views still show the model's weights (none has moved since)."""
+        return self.weight.data_ptr() == self.data_ptr
+
+
+def head_weights(stack: UnitStack) -> HeadWeights | None:
+    """The head's weights if the compiled head (`fused_kernel.head_rows`) can run it: the
+    families' RMSNorm, a bias-free fp32 Linear, no logit scaling (kept while they stay)."""
+    held: HeadWeights | None = stack.model.__dict__.get(_HEAD)
+    if held is not None and held.hold():
+        return held
+    norm, head = stack.final_norm, stack.lm_head
+    weights = [getattr(norm, "weight", None), getattr(head, "weight", None)]
+    if stack.family not in FAMILIES or type(head) is not nn.Linear or head.bias is not None \
+            or not hasattr(norm, "variance_epsilon") or not all(
+                isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.is_cpu
+                and w.is_contiguous() for w in weights) or any(
+                scale is not None for scale in (stack.logit_multiplier, stack.logit_divisor,
+                                                stack.logit_softcap)):
+        return None
+    held = HeadWeights(norm=norm.weight.detach().numpy(), eps=float(norm.variance_epsilon),
+                       matrix=head.weight.detach().numpy(), weight=head.weight,
+                       data_ptr=head.weight.data_ptr())
+    stack.model.__dict__[_HEAD] = held
+    return held
+
+
+def head_logits(stack: UnitStack, hidden: torch.Tensor) -> torch.Tensor | None:
+    """Logits [R, V] of a few rows' hidden states [R, D] by one compiled call (final norm and
+    LM head), or None where it does not apply (the model's modules then run the head)."""
+    if not (fast_paths_now().fused and 0 < hidden.shape[0] <= FAST_ROWS
+            and hidden.dtype == torch.float32 and hidden.is_cpu
+            and torch.get_num_threads() == 1 and not torch.is_grad_enabled()):
+        return None
+    weights = head_weights(stack)
+    if weights is None or hidden.shape[1] != weights.matrix.shape[1]:
+        return None
+    logits = np.empty((hidden.shape[0], weights.matrix.shape[0]), dtype=np.float32)
+    kernel.head_rows(np.ascontiguousarray(hidden.numpy()), weights.norm, weights.eps,
+                     weights.matrix, logits)
+    return torch.from_numpy(logits)
 
 
 def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:

@@ -39,6 +39,7 @@ def warm_up() -> None:
                cos=rows, sin=rows, keys=List([kv]), values=List([kv]),
                lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
     norm_rows(rows, vector, 1.0, rows.copy())
+    head_rows(rows, vector, 1.0, square, rows.copy())
     linear_rows(square, rows, rows.copy())
     attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
                 List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
@@ -87,6 +88,15 @@ def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: Li
 def linear_rows(weight: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     """out [R, out] = rows [R, in] @ weight.T: `_linear` as one call (runtime/gemv.py)."""
     _linear(weight, NONE, rows, out)
+
+
+@_KERNEL
+def head_rows(x: np.ndarray, norm: np.ndarray, eps: float, weight: np.ndarray,
+              out: np.ndarray) -> None:  # pragma: no cover
+    """out [R, V] = RMSNorm(x [R, D]) @ weight.T: the final norm and the LM head in one call."""
+    normed = np.empty_like(x)
+    _norm_rows(x, norm, eps, normed)
+    _linear(weight, NONE, normed, out)
 
 
 @_KERNEL

@@ -43,11 +43,12 @@ PACK_ROWS_HINT = 16  # the row count oneDNN lays the packed weights out for (any
 class FastPaths:
     """Which fast paths run (benchmarks and tests switch them to compare with the model's own):
     the fused decode blocks (runtime/fused.py), the few-row kernel up to `kernel_rows` rows (0:
-    MKL), the packed weights of many rows."""
+    MKL), the packed weights of many rows, the decode lane of fused steps (runtime/lane.py)."""
 
     fused: bool = True
     kernel_rows: int = FAST_ROWS
     packed: bool = True
+    lane: bool = True
 
 
 _paths = FastPaths()

@@ -31,6 +31,8 @@ class Sampler:
     def each(self, logits: torch.Tensor, position: int) -> tuple[int, ...]:
         """The token after every row of logits [T, V]: row i's token is at position + i."""
         if self.sampling.temperature == 0.0:
+            if logits.is_cpu and logits.dtype == torch.float32:  # numpy's: ~9x less overhead
+                return tuple(np.argmax(logits.detach().numpy(), axis=-1).tolist())
             return tuple(int(t) for t in logits.argmax(dim=-1).tolist())
         probs = torch.softmax(logits.float() / self.sampling.temperature, dim=-1)  # [T, V]
         tokens = []

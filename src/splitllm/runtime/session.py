@@ -243,7 +243,8 @@ class ServerSession:
         x = decode_tensor(header, payload)
         if header.units[0] == 0:
             x = x.long()
-            if bool(((x < 0) | (x >= self.stack.vocab_size)).any()):
+            ids = x.numpy()  # [1, T], T >= 1 (checked): numpy's min/max cost less than torch's
+            if ids.min() < 0 or ids.max() >= self.stack.vocab_size:
                 raise ProtocolError("bad_values", f"token ids must lie in [0, "
                                     f"{self.stack.vocab_size})")
         else:

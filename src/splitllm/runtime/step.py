@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from splitllm.runtime import fused
+from splitllm.runtime.lane import DecodeLane, decode_lane
 from splitllm.runtime.packing import STEP_KWARG, RowGroup, StepCache, install_packed_attention
 from splitllm.runtime.units import SegmentCache, UnitStack
 
@@ -115,6 +116,9 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
     """Run every row through its units; a failure in one row's attention spares the others.
     unit_cpu=False leaves StepTimes.unit_cpu_s empty (a CPU clock read costs microseconds)."""
     install_packed_attention(stack.model)  # once per model; a no-op afterwards
+    lane = decode_lane(stack, rows)
+    if lane is not None:  # a few decode rows that hold still: the kernels' arguments kept
+        return _lane_step(lane, rows, unit_cpu)
     n = stack.n_units
     outputs = [RowOutput() for _ in rows]
     hidden = {i: row.x for i, row in enumerate(rows) if row.start > 0}
@@ -160,6 +164,19 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
     return outputs, times
 
 
+def _lane_step(lane: DecodeLane, rows: list[StepRow], unit_cpu: bool,
+               ) -> tuple[list[RowOutput], StepTimes]:
+    outs, laps = lane.run(rows, unit_cpu)
+    times = StepTimes()
+    for lap in laps:  # a lap's units are alike: equal shares
+        for unit in lap.units:
+            times.unit_s[unit] = lap.wall_s / len(lap.units)
+            if unit_cpu:
+                times.unit_cpu_s[unit] = lap.cpu_s / len(lap.units)
+            times.unit_tokens[unit] = len(rows)
+    return [RowOutput(out) for out in outs], times
+
+
 def _same_rows_until(rows: list[StepRow], unit: int, n: int) -> int:
     """The first unit after `unit` where a row joins or leaves, or the head: the rows inside
     the blocks stay the same up to there."""
@@ -170,7 +187,10 @@ def _head(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
           hidden: dict[int, torch.Tensor], outputs: list[RowOutput]) -> None:
     """One LM head over the last head_positions of every row: outputs [h, V] each."""
     picked = [hidden[i][0, -rows[i].head_positions:] for i in active]  # [h_i, D]
-    logits = stack.logits_of(torch.cat(picked, dim=0))  # [sum h_i, V]
+    last = torch.cat(picked, dim=0) if len(picked) > 1 else picked[0]  # [sum h_i, D]
+    logits = fused.head_logits(stack, last)  # a few rows: one compiled call
+    if logits is None:
+        logits = stack.logits_of(last)  # [sum h_i, V]
     begin = 0
     for i in active:
         end = begin + rows[i].head_positions

@@ -1,0 +1,337 @@
+"""The decode lane: a step of decode rows that hold still runs with the arguments of the step
+before, in two compiled calls.
+
+Measured on SmolLM2 (fp32, one session, one thread): of ~21.3 ms per token the fused blocks took
+15.0 and the LM head's product 4.1; the other ~2.2 ms went to Python and torch calls around
+them (packing the rows, the step cache, each cache layer checked and its K/V gathered into new
+typed lists, the rotary call, the final norm by torch, the head's wrapper), each slow because
+streaming 540 MB of weights leaves none of their code or data in the CPU's caches: the same
+calls timed warm add up to ~0.4 ms. So a step whose rows are single positions through the same
+units, whose sessions' caches hold still since the lane's last step (the same K/V buffers,
+every layer at the length the lane left it, room for one more position), keeps everything the
+kernel takes: each row's embedding (or hidden state) is copied in, the rotary table of its
+position taken, the blocks run in one call (`fused_kernel.run_blocks`), the final norm and the
+LM head in another (`fused_kernel.head_rows`). Anything else (a rollback, a prompt chunk, a
+grown buffer, another set of rows) builds the lane anew with the fused path's checks; a row
+that does not fit leaves the step to the general path (runtime/step.py), where it fails alone.
+The caches end as the fused path leaves them, so rollbacks, speculation and later prompt chunks
+see no difference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from numba.typed import List
+from torch import nn
+
+from splitllm.runtime import fused_kernel as kernel
+from splitllm.runtime.fused import (
+    BlockWeights,
+    HeadWeights,
+    StackWeights,
+    head_weights,
+    layers_of,
+    reserve_position,
+    segment_kv,
+    stack_weights,
+)
+from splitllm.runtime.gemv import FAST_ROWS, fast_paths_now
+from splitllm.runtime.kvcache import BlockLayer
+from splitllm.runtime.units import SegmentCache, UnitStack
+
+
+class LaneRow(Protocol):
+    """What the lane reads of a step's row (runtime/step.py's StepRow; step imports lane)."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def stop(self) -> int: ...
+    @property
+    def x(self) -> torch.Tensor: ...  # token ids [1, 1] from embed, else hidden [1, 1, D]
+    @property
+    def positions(self) -> torch.Tensor: ...  # [1, t]
+    @property
+    def cache(self) -> SegmentCache | None: ...
+    @property
+    def head_positions(self) -> int: ...
+
+_LANE = "_splitllm_decode_lane"  # the model's last lane: one, so closed sessions' K/V go soon
+_ROTARY = "_splitllm_rotary_table"
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not move with the context
+
+
+class RotaryTable:
+    """The model's own rotary tables (`rotary_emb`) of positions [0, P), taken in one call and
+    doubled as positions grow: a row's table is a slice, not ~10 torch ops per step (the same
+    values: each position's angles are one product, and cos/sin elementwise)."""
+
+    def __init__(self, rotary: nn.Module, hidden_size: int) -> None:
+        self.rotary, self.hidden_size = rotary, hidden_size
+        self.cos = self.sin = np.zeros((0, 0), dtype=np.float32)  # [P, d]
+        self.inv_freq = _inv_freq(rotary)
+        self.data_ptr = self.inv_freq.data_ptr()
+
+    def holds(self) -> bool:
+        """Whether the frequencies are the ones the tables were taken with (static rope types
+        never change them in place)."""
+        return _inv_freq(self.rotary) is self.inv_freq and \
+            self.inv_freq.data_ptr() == self.data_ptr
+
+    def rows(self, positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [R, d] of these positions."""
+        top = max(positions)
+        if top >= self.cos.shape[0]:
+            self._take(max(256, 2 * top))
+        if len(positions) == 1:
+            p = positions[0]
+            return self.cos[p:p + 1], self.sin[p:p + 1]
+        return self.cos[positions], self.sin[positions]
+
+    def _take(self, count: int) -> None:
+        probe = torch.zeros(1, 1, self.hidden_size)
+        cos, sin = self.rotary(probe, torch.arange(count)[None])  # [1, P, d] each
+        self.cos, self.sin = cos[0].contiguous().numpy(), sin[0].contiguous().numpy()
+
+
+def _inv_freq(rotary: nn.Module) -> torch.Tensor:
+    inv_freq = rotary.inv_freq
+    assert isinstance(inv_freq, torch.Tensor)  # checked by rotary_table
+    return inv_freq
+
+
+def rotary_table(stack: UnitStack) -> RotaryTable | None:
+    """The stack's rotary table (kept on the model), where its rope type is static."""
+    rotary = stack.rotary_emb
+    if rotary is None or stack.rotary_per_layer_type or getattr(
+            rotary, "rope_type", None) not in STATIC_ROPE or not isinstance(
+            getattr(rotary, "inv_freq", None), torch.Tensor):
+        return None
+    held: RotaryTable | None = stack.model.__dict__.get(_ROTARY)
+    if held is None or held.rotary is not rotary or not held.holds():
+        held = RotaryTable(rotary, stack.hidden_size)
+        stack.model.__dict__[_ROTARY] = held
+    return held
+
+
+@dataclass(eq=False)
+class DecodeLane:
+    """A few sessions' decode rows through units [start, stop) with the kernel's arguments kept:
+    valid while the same caches hold the same buffers at the lengths it left them."""
+
+    stack: UnitStack
+    start: int
+    stop: int
+    caches: tuple[SegmentCache, ...]
+    layers: tuple[tuple[BlockLayer, ...], ...]  # per row: the cache layers of the blocks
+    buffers: tuple[tuple[torch.Tensor, ...], ...]  # per row: each layer's key buffer
+    held: list[int]  # per row: the positions every layer holds
+    capacity: tuple[int, ...]  # per row: the positions its buffers have room for
+    weights: StackWeights
+    blocks: tuple[BlockWeights, ...]
+    head: HeadWeights | None  # None: the rows stop before the head
+    embedding: np.ndarray | None  # [V, D], where the rows start at embed
+    embedding_weight: torch.Tensor | None  # the model's: moved elsewhere, the view is stale
+    embedding_at: int  # where its storage was when the view was taken
+    keys: List
+    values: List
+    kv_first: np.ndarray  # [R]: each cache's first block
+    lengths: np.ndarray  # [R, blocks]: where each row writes its K/V
+    rotary: RotaryTable
+
+    def __post_init__(self) -> None:
+        # What run_blocks takes that stays from step to step (all but x, the rotary tables)
+        self.kernel_args = dict(**self.weights.lists, keys=self.keys, values=self.values,
+                                lengths=self.lengths,
+                                active=np.ones(len(self.caches), dtype=np.bool_))
+
+    @property
+    def block_range(self) -> range:
+        return self.stack.blocks_in(self.start, self.stop)
+
+    def holds(self, rows: Sequence[LaneRow]) -> bool:
+        """Whether these rows are this lane's, their caches as it left them, with room."""
+        if len(rows) != len(self.caches) or not self._weights_hold() or \
+                not self.rotary.holds():
+            return False
+        for r, row in enumerate(rows):
+            if row.cache is not self.caches[r] or row.start != self.start or \
+                    row.stop != self.stop or row.positions.shape[1] != 1 or \
+                    row.head_positions != 1 or self.held[r] >= self.capacity[r] or \
+                    (self.start > 0 and row.x.dtype != torch.float32):
+                return False
+            held = self.held[r]
+            for layer, buffer in zip(self.layers[r], self.buffers[r], strict=True):
+                if layer.length != held or layer.key_buffer is not buffer:
+                    return False
+        return True
+
+    def _weights_hold(self) -> bool:
+        """No weight moved since the lane took its views: the first and last blocks' (as
+        fused.block_weights checks each; the model's weights move together), the head's, the
+        embedding's."""
+        return all(own.q_weight.data_ptr() == own.data_ptr
+                   for own in (self.blocks[0], self.blocks[-1])) and (
+            self.head is None or self.head.hold()) and (
+            self.embedding_weight is None
+            or self.embedding_weight.data_ptr() == self.embedding_at)
+
+    def run(self, rows: Sequence[LaneRow], unit_cpu: bool,
+            ) -> tuple[list[torch.Tensor], list[Lap]]:
+        """The rows through the lane's units, the blocks in one call, the head in another: each
+        row's output (logits [1, V], or hidden [1, 1, D] before the head) and the laps."""
+        laps: list[Lap] = []
+        clock = Clock(unit_cpu)
+        x = self._input(rows)  # [R, D]
+        cos, sin = self.rotary.rows([int(row.positions[0, 0]) for row in rows])  # [R, d] each
+        if self.start == 0:
+            laps.append(clock.lap(range(0, 1)))
+        blocks = self.block_range
+        kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, cos=cos, sin=sin,
+                          **self.kernel_args)
+        for r, layers in enumerate(self.layers):
+            held = self.held[r] = self.held[r] + 1
+            for layer in layers:
+                layer.length = held  # BlockLayer.advance(1), without a call per layer
+        self.lengths += 1
+        laps.append(clock.lap(range(blocks.start + 1, blocks.stop + 1)))
+        if self.head is None:
+            hidden = torch.from_numpy(x)[None]  # [1, R, D]
+            return [hidden[:, r:r + 1] for r in range(len(rows))], laps
+        logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
+        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
+        laps.append(clock.lap(range(self.stack.n_units - 1, self.stack.n_units)))
+        out = torch.from_numpy(logits)
+        return [out[r:r + 1] for r in range(len(rows))], laps
+
+    def _input(self, rows: Sequence[LaneRow]) -> np.ndarray:
+        """The rows' hidden states [R, D], a new array (the outputs are views of it)."""
+        if self.embedding is not None:  # the model's embedding is a plain lookup (checked)
+            ids = rows[0].x.numpy()[0] if len(rows) == 1 else np.concatenate(
+                [row.x.numpy()[0] for row in rows])
+            return np.take(self.embedding, ids, axis=0)
+        x = np.empty((len(rows), self.stack.hidden_size), dtype=np.float32)
+        for r, row in enumerate(rows):
+            x[r] = row.x.numpy()[0, 0]
+        return x
+
+
+@dataclass(frozen=True)
+class Lap:
+    """Units that ran together, and their wall (and this thread's CPU) seconds."""
+
+    units: range
+    wall_s: float
+    cpu_s: float
+
+
+class Clock:
+    """Laps of wall and (if asked) this thread's CPU time: a CPU clock read costs microseconds."""
+
+    def __init__(self, cpu: bool) -> None:
+        self.cpu = cpu
+        self.wall, self.thread = time.perf_counter(), time.thread_time() if cpu else 0.0
+
+    def lap(self, units: range) -> Lap:
+        wall, thread = time.perf_counter(), time.thread_time() if self.cpu else 0.0
+        lap = Lap(units, wall - self.wall, thread - self.thread)
+        self.wall, self.thread = wall, thread
+        return lap
+
+
+def decode_lane(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
+    """The lane of these rows: the model's last one if it holds them, else a new one if every
+    row is a single position through the same units the fused path covers, else None."""
+    held: DecodeLane | None = stack.model.__dict__.get(_LANE)
+    if held is not None and held.stack is stack and held.holds(rows):
+        return held
+    lane = _build(stack, rows)
+    if lane is not None:
+        stack.model.__dict__[_LANE] = lane
+    return lane
+
+
+def _build(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
+    start, stop = rows[0].start, rows[0].stop
+    blocks = stack.blocks_in(start, stop)
+    if not _applies(stack, rows) or not len(blocks):
+        return None
+    weights = stack_weights(stack)
+    head = head_weights(stack) if stop == stack.n_units else None
+    embedding = _embedding(stack) if start == 0 else None
+    rotary = rotary_table(stack)
+    if not all(weights.covered[b] for b in blocks) or (stop == stack.n_units and head is None) \
+            or (start == 0 and embedding is None) or rotary is None \
+            or not _rotary_fits(rotary, weights, blocks, stack.hidden_size):
+        return None
+    own = tuple(w for w in weights.blocks[blocks.start:blocks.stop] if w is not None)
+    layers, held = [], []
+    for row in rows:
+        assert row.cache is not None  # checked in _applies
+        mine = layers_of(row.cache, blocks.start, blocks.stop)
+        if len(mine) != len(blocks) or any(type(layer) is not BlockLayer for layer in mine):
+            return None
+        try:
+            for layer, weight in zip(mine, own, strict=True):
+                reserve_position(layer, weight)  # room for one more position, the block's K/V shape
+        except Exception:  # this row's: the general path fails it alone
+            return None
+        lengths = {layer.get_seq_length() for layer in mine}
+        if len(lengths) != 1:
+            return None
+        layers.append(tuple(mine))
+        held.append(lengths.pop())
+    kv = [segment_kv(row.cache) for row in rows if row.cache is not None]
+    return DecodeLane(
+        stack=stack, start=start, stop=stop, caches=tuple(row.cache for row in rows
+                                                           if row.cache is not None),
+        layers=tuple(layers), buffers=tuple(tuple(layer.key_buffer for layer in mine)
+                                            for mine in layers),
+        held=held, capacity=tuple(min(layer.key_buffer.shape[2] for layer in mine)
+                                  for mine in layers),
+        weights=weights, blocks=own, head=head,
+        embedding=None if embedding is None else embedding[0],
+        embedding_weight=None if embedding is None else embedding[1],
+        embedding_at=0 if embedding is None else embedding[1].data_ptr(),
+        keys=List([k for k, _ in kv]), values=List([v for _, v in kv]),
+        kv_first=np.array([row.cache.first_block for row in rows if row.cache is not None]),
+        lengths=np.array([[h] * len(blocks) for h in held], dtype=np.int64), rotary=rotary)
+
+
+def _applies(stack: UnitStack, rows: Sequence[LaneRow]) -> bool:
+    """Few single-position rows through the same units, fp32 on the CPU, one thread."""
+    first = rows[0]
+    paths = fast_paths_now()
+    return (paths.fused and paths.lane and 0 < len(rows) <= FAST_ROWS
+            and torch.get_num_threads() == 1 and not torch.is_grad_enabled()
+            and all(row.start == first.start and row.stop == first.stop and row.cache is not None
+                    and row.positions.shape[1] == 1 and row.head_positions == 1
+                    and row.x.is_cpu and (first.start == 0 or (
+                        row.x.dtype == torch.float32
+                        and row.x.shape == (1, 1, stack.hidden_size))) for row in rows))
+
+
+def _embedding(stack: UnitStack) -> tuple[np.ndarray, torch.Tensor] | None:
+    """The embedding matrix [V, D] (and its tensor) where embed is a plain fp32 lookup (no
+    scale, no positions)."""
+    table = stack.embed_tokens
+    weight = getattr(table, "weight", None)
+    if type(table) is not nn.Embedding or stack.embed_multiplier is not None or \
+            stack.position_table is not None or not isinstance(weight, torch.Tensor) or \
+            weight.dtype != torch.float32 or not weight.is_cpu or not weight.is_contiguous():
+        return None
+    return weight.detach().numpy(), weight
+
+
+def _rotary_fits(rotary: RotaryTable, weights: StackWeights, blocks: range,
+                 hidden_size: int) -> bool:
+    """The rotary tables' width is every block's head dim (as fused._check requires)."""
+    cos, _ = rotary.rows([0])
+    return all(own is not None and own.head_dim == cos.shape[-1] and own.q.shape[1] == hidden_size
+               for own in weights.blocks[blocks.start:blocks.stop])
