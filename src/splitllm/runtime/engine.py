@@ -280,7 +280,8 @@ class Engine:
             share = take / tokens
             job.busy_s += wall_s * share
             job.cpu_s += cpu_s * share
-            if take == job.tokens:  # the whole forward in this step (a decode row): its times
+            if take == job.tokens:  # the whole forward in this step: the step's times (read
+                # only: the job is done, and its result reads its own units of them)
                 job.unit_seconds = times.unit_s
             else:
                 for unit in range(row.start, row.stop):

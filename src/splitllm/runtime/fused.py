@@ -93,9 +93,8 @@ class FusedRows:
         """The rows of a step's packed rows [1, R, D], if the fused path applies: one position
         per session, fp32 on the CPU, one intra-op thread, no autograd, one
         rotary table for every block."""
-        if not (fast_paths_now().fused and len(groups) == hidden.shape[1]
-                and hidden.dtype == torch.float32 and hidden.is_cpu
-                and torch.get_num_threads() == 1 and not torch.is_grad_enabled()) \
+        if not (fused_now() and len(groups) == hidden.shape[1]
+                and hidden.dtype == torch.float32 and hidden.is_cpu) \
                 or stack.rotary_emb is None or stack.rotary_per_layer_type:
             return None
         cos, sin = stack.rotary_emb(hidden, positions)  # [1, R, d] each
@@ -174,6 +173,12 @@ def _product(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = packed_weight(layer)
     assert packed is not None  # checked when the block was taken
     return packed_product(x, packed, layer.bias, layer.out_features)
+
+
+def fused_now() -> bool:
+    """Whether the compiled paths may run now: switched on, one intra-op thread, no autograd."""
+    return fast_paths_now().fused and torch.get_num_threads() == 1 \
+        and not torch.is_grad_enabled()
 
 
 def layers_of(cache: SegmentCache, block: int, stop: int) -> list[Any]:
@@ -298,9 +303,8 @@ def head_weights(stack: UnitStack) -> HeadWeights | None:
 def head_logits(stack: UnitStack, hidden: torch.Tensor) -> torch.Tensor | None:
     """Logits [R, V] of a few rows' hidden states [R, D] by one compiled call (final norm and
     LM head), or None where it does not apply (the model's modules then run the head)."""
-    if not (fast_paths_now().fused and 0 < hidden.shape[0] <= FAST_ROWS
-            and hidden.dtype == torch.float32 and hidden.is_cpu
-            and torch.get_num_threads() == 1 and not torch.is_grad_enabled()):
+    if not (fused_now() and 0 < hidden.shape[0] <= FAST_ROWS
+            and hidden.dtype == torch.float32 and hidden.is_cpu):
         return None
     weights = head_weights(stack)
     if weights is None or hidden.shape[1] != weights.matrix.shape[1]:

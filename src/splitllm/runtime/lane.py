@@ -35,6 +35,7 @@ from splitllm.runtime.fused import (
     BlockWeights,
     HeadWeights,
     StackWeights,
+    fused_now,
     head_weights,
     layers_of,
     reserve_position,
@@ -307,9 +308,7 @@ def _build(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
 def _applies(stack: UnitStack, rows: Sequence[LaneRow]) -> bool:
     """Few single-position rows through the same units, fp32 on the CPU, one thread."""
     first = rows[0]
-    paths = fast_paths_now()
-    return (paths.fused and paths.lane and 0 < len(rows) <= FAST_ROWS
-            and torch.get_num_threads() == 1 and not torch.is_grad_enabled()
+    return (fused_now() and fast_paths_now().lane and 0 < len(rows) <= FAST_ROWS
             and all(row.start == first.start and row.stop == first.stop and row.cache is not None
                     and row.positions.shape[1] == 1 and row.head_positions == 1
                     and row.x.is_cpu and (first.start == 0 or (
