@@ -96,7 +96,7 @@ def assert_same_caches(got: SegmentCache, want: SegmentCache) -> None:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fused_decode_equals_the_model_path(name: str) -> None:
-    """Decode past two KV block growths, a prefill chunk in between, a rollback: same logits
+    """Decode past two KV block growths, prefill chunks in between, a rollback: same logits
     and caches as the model's own path, step after step."""
     make, fused_blocks = CONFIGS[name]
     stack = stack_of(make())
@@ -105,9 +105,9 @@ def test_fused_decode_equals_the_model_path(name: str) -> None:
     assert fast is not None and slow is not None
     rng = random.Random(1)
     # (tokens fed, roll back to this length first): decode rows are one token
-    script = [(5, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + [(1, 20)] + \
-        [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
-    decodes = 0
+    script = [(FAST_ROWS + 2, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + \
+        [(1, 20)] + [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
+    fused_steps = 0
     with counted() as kernel:
         for tokens, back_to in script:
             if back_to is not None:  # a speculative rollback: both caches keep `back_to`
@@ -117,9 +117,9 @@ def test_fused_decode_equals_the_model_path(name: str) -> None:
             torch.testing.assert_close(forward(stack, fast, ids, position, True),
                                        forward(stack, slow, ids, position, False),
                                        atol=ATOL, rtol=0)
-            decodes += tokens == 1
-    assert kernel.calls == decodes and kernel.blocks == decodes * fused_blocks  # one call
-    # per decode step; prefill chunks took the model's path
+            fused_steps += tokens <= FAST_ROWS
+    assert kernel.calls == fused_steps and kernel.blocks == fused_steps * fused_blocks  # one
+    # call per step of up to FAST_ROWS positions; the longer prompt took the model's path
     assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
     assert_same_caches(fast, slow)
 
@@ -190,7 +190,8 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
     """Sessions of different lengths decode together (FAST_ROWS: one call per step; more: the
     products by the packed weights and one call of the kernel's attention per block; each
     session its own K/V), past a block growth, one of them rolled back and one sending a prompt
-    chunk (that step takes the model's path): logits and caches as the model's path."""
+    chunk of 3 positions (3 kernel rows: that step has more than FAST_ROWS rows, the many-row
+    path): logits and caches as the model's path."""
     stack = packed(stack_of(llama_config()))
     n = stack.n_units
     rng = random.Random(5)
@@ -199,7 +200,7 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
         prompt = random_prompt(rng, 3 + 2 * k)
         for caches, on in zip(sides, (True, False), strict=True):
             forward(stack, caches[k], prompt, 0, on)
-    decoding = 0
+    few = many = 0  # steps of up to FAST_ROWS positions, and of more
     attend = mock.patch.object(fused_kernel, "attend_rows", wraps=fused_kernel.attend_rows)
     with counted() as kernel, attend as attended:
         for step in range(KV_BLOCK_TOKENS + 2):
@@ -219,11 +220,11 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
                 assert all(out.error is None and out.out is not None for out in outputs)
                 outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
             torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
-            decoding += chunk == 1
-    one_call = sessions <= FAST_ROWS
-    assert kernel.calls == (decoding if one_call else 0)
-    assert kernel.blocks == (decoding * stack.n_blocks if one_call else 0)
-    assert attended.call_count == (0 if one_call else decoding * stack.n_blocks)
+            positions = sessions - 1 + chunk
+            few, many = few + (positions <= FAST_ROWS), many + (positions > FAST_ROWS)
+    assert many >= 1
+    assert kernel.calls == few and kernel.blocks == few * stack.n_blocks
+    assert attended.call_count == many * stack.n_blocks
     for fast, slow in zip(*sides, strict=True):
         assert_same_caches(fast, slow)
 
@@ -314,7 +315,8 @@ def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[i
             logits = forward(stack, cache, ids, cache.get_seq_length(), True)
             ids = [int(logits.argmax(-1))]
             tokens.append(ids[0])
-    assert kernel.blocks == (new_tokens - 1) * stack.n_blocks
+    fused_steps = new_tokens - (len(prompt) > FAST_ROWS)  # a long prompt: the model's path
+    assert kernel.blocks == fused_steps * stack.n_blocks
     return tokens
 
 
