@@ -259,19 +259,26 @@ def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> N
     assert all(out.error is None and out.out is not None for out in outputs)
 
 
+def misfit() -> SegmentCache:
+    """A session cache of 3 positions that does not fit llama_config's blocks: another model's
+    (one K/V head)."""
+    narrow = llama_config()
+    narrow.num_key_value_heads = 1
+    other = stack_of(narrow)
+    cache = other.new_cache(0, other.n_units, grown_in_blocks=True)
+    assert cache is not None
+    forward(other, cache, [3, 4, 5], 0, False)
+    return cache
+
+
 @pytest.mark.parametrize("others", [0, 1, FAST_ROWS])
 def test_an_error_in_the_fused_path_is_the_rows_own(others: int) -> None:
     """A session's cache that does not fit the blocks (here: another model's) fails that row,
     before any change to its cache; the other rows of the step (a few, or enough for the
     many-row path) decode as the model's path does, and later steps go on."""
     stack = packed(stack_of(llama_config()))
-    narrow = llama_config()
-    narrow.num_key_value_heads = 1
-    other = stack_of(narrow)
     n = stack.n_units
-    wrong = other.new_cache(0, n, grown_in_blocks=True)
-    assert wrong is not None
-    forward(other, wrong, [3, 4, 5], 0, False)
+    wrong = misfit()
     goods, twins = [grown(stack) for _ in range(max(others, 1))], \
         [grown(stack) for _ in range(others)]
     for cache in goods:
@@ -392,13 +399,8 @@ def test_a_verification_row_that_does_not_fit_fails_alone() -> None:
     holds anything new; the others run in the same kernel call (6 rows, the failed row's
     skipped) as the model's path, and decode on afterwards."""
     stack = stack_of(llama_config())
-    narrow = llama_config()
-    narrow.num_key_value_heads = 1
-    other = stack_of(narrow)
     n = stack.n_units
-    wrong = other.new_cache(0, n, grown_in_blocks=True)
-    assert wrong is not None
-    forward(other, wrong, [3, 4, 5], 0, False)
+    wrong = misfit()
     goods, twins = [grown(stack) for _ in range(2)], [grown(stack) for _ in range(2)]
     for cache in goods + twins:
         forward(stack, cache, [3, 4, 5], 0, False)
