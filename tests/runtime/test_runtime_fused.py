@@ -69,6 +69,11 @@ class Counted:
     def blocks(self) -> int:
         return sum(call.args[2] - call.args[1] for call in self.kernel.call_args_list)
 
+    @property
+    def rows(self) -> list[int]:
+        """Each call's kernel rows (a position each)."""
+        return [call.args[0].shape[0] for call in self.kernel.call_args_list]
+
 
 @contextmanager
 def counted() -> Iterator[Counted]:
@@ -77,10 +82,12 @@ def counted() -> Iterator[Counted]:
 
 
 def forward(stack: UnitStack, cache: SegmentCache, ids: list[int], position: int,
-            fast: bool) -> torch.Tensor:
-    """One row through every unit: next-token logits [1, V]."""
+            fast: bool, verify: bool = False) -> torch.Tensor:
+    """One row through every unit: next-token logits [1, V] (verify: of every position,
+    [t, V], as a speculative verification pass)."""
     row = StepRow(0, stack.n_units, torch.tensor([ids]),
-                  torch.arange(position, position + len(ids))[None], cache)
+                  torch.arange(position, position + len(ids))[None], cache,
+                  head_positions=len(ids) if verify else 1)
     with fast_paths(FastPaths(fused=fast)):
         (out,), _ = run_step(stack, [row])
     assert out.error is None and out.out is not None, out.error
@@ -96,7 +103,7 @@ def assert_same_caches(got: SegmentCache, want: SegmentCache) -> None:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fused_decode_equals_the_model_path(name: str) -> None:
-    """Decode past two KV block growths, a prefill chunk in between, a rollback: same logits
+    """Decode past two KV block growths, prefill chunks in between, a rollback: same logits
     and caches as the model's own path, step after step."""
     make, fused_blocks = CONFIGS[name]
     stack = stack_of(make())
@@ -105,9 +112,9 @@ def test_fused_decode_equals_the_model_path(name: str) -> None:
     assert fast is not None and slow is not None
     rng = random.Random(1)
     # (tokens fed, roll back to this length first): decode rows are one token
-    script = [(5, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + [(1, 20)] + \
-        [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
-    decodes = 0
+    script = [(FAST_ROWS + 2, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + \
+        [(1, 20)] + [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
+    fused_steps = 0
     with counted() as kernel:
         for tokens, back_to in script:
             if back_to is not None:  # a speculative rollback: both caches keep `back_to`
@@ -117,9 +124,9 @@ def test_fused_decode_equals_the_model_path(name: str) -> None:
             torch.testing.assert_close(forward(stack, fast, ids, position, True),
                                        forward(stack, slow, ids, position, False),
                                        atol=ATOL, rtol=0)
-            decodes += tokens == 1
-    assert kernel.calls == decodes and kernel.blocks == decodes * fused_blocks  # one call
-    # per decode step; prefill chunks took the model's path
+            fused_steps += tokens <= FAST_ROWS
+    assert kernel.calls == fused_steps and kernel.blocks == fused_steps * fused_blocks  # one
+    # call per step of up to FAST_ROWS positions; the longer prompt took the model's path
     assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
     assert_same_caches(fast, slow)
 
@@ -190,7 +197,8 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
     """Sessions of different lengths decode together (FAST_ROWS: one call per step; more: the
     products by the packed weights and one call of the kernel's attention per block; each
     session its own K/V), past a block growth, one of them rolled back and one sending a prompt
-    chunk (that step takes the model's path): logits and caches as the model's path."""
+    chunk of 3 positions (3 kernel rows: that step has more than FAST_ROWS rows, the many-row
+    path): logits and caches as the model's path."""
     stack = packed(stack_of(llama_config()))
     n = stack.n_units
     rng = random.Random(5)
@@ -199,7 +207,7 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
         prompt = random_prompt(rng, 3 + 2 * k)
         for caches, on in zip(sides, (True, False), strict=True):
             forward(stack, caches[k], prompt, 0, on)
-    decoding = 0
+    few = many = 0  # steps of up to FAST_ROWS positions, and of more
     attend = mock.patch.object(fused_kernel, "attend_rows", wraps=fused_kernel.attend_rows)
     with counted() as kernel, attend as attended:
         for step in range(KV_BLOCK_TOKENS + 2):
@@ -219,11 +227,11 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
                 assert all(out.error is None and out.out is not None for out in outputs)
                 outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
             torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
-            decoding += chunk == 1
-    one_call = sessions <= FAST_ROWS
-    assert kernel.calls == (decoding if one_call else 0)
-    assert kernel.blocks == (decoding * stack.n_blocks if one_call else 0)
-    assert attended.call_count == (0 if one_call else decoding * stack.n_blocks)
+            positions = sessions - 1 + chunk
+            few, many = few + (positions <= FAST_ROWS), many + (positions > FAST_ROWS)
+    assert many >= 1
+    assert kernel.calls == few and kernel.blocks == few * stack.n_blocks
+    assert attended.call_count == many * stack.n_blocks
     for fast, slow in zip(*sides, strict=True):
         assert_same_caches(fast, slow)
 
@@ -251,19 +259,26 @@ def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> N
     assert all(out.error is None and out.out is not None for out in outputs)
 
 
+def misfit() -> SegmentCache:
+    """A session cache of 3 positions that does not fit llama_config's blocks: another model's
+    (one K/V head)."""
+    narrow = llama_config()
+    narrow.num_key_value_heads = 1
+    other = stack_of(narrow)
+    cache = other.new_cache(0, other.n_units, grown_in_blocks=True)
+    assert cache is not None
+    forward(other, cache, [3, 4, 5], 0, False)
+    return cache
+
+
 @pytest.mark.parametrize("others", [0, 1, FAST_ROWS])
 def test_an_error_in_the_fused_path_is_the_rows_own(others: int) -> None:
     """A session's cache that does not fit the blocks (here: another model's) fails that row,
     before any change to its cache; the other rows of the step (a few, or enough for the
     many-row path) decode as the model's path does, and later steps go on."""
     stack = packed(stack_of(llama_config()))
-    narrow = llama_config()
-    narrow.num_key_value_heads = 1
-    other = stack_of(narrow)
     n = stack.n_units
-    wrong = other.new_cache(0, n, grown_in_blocks=True)
-    assert wrong is not None
-    forward(other, wrong, [3, 4, 5], 0, False)
+    wrong = misfit()
     goods, twins = [grown(stack) for _ in range(max(others, 1))], \
         [grown(stack) for _ in range(others)]
     for cache in goods:
@@ -290,6 +305,123 @@ def test_an_error_in_the_fused_path_is_the_rows_own(others: int) -> None:
     assert all(cache.get_seq_length() == 4 for cache in goods)
 
 
+def both(caches: tuple[SegmentCache, SegmentCache], stack: UnitStack, ids: list[int],
+         ) -> torch.Tensor:
+    """A verification row of len(ids) positions on the fused path's cache and on the model
+    path's, at their (equal) length: the logits [t, V] of both, equal within ATOL."""
+    held = caches[0].get_seq_length()
+    assert caches[1].get_seq_length() == held
+    got, want = (forward(stack, cache, ids, held, on, verify=True)
+                 for cache, on in zip(caches, (True, False), strict=True))
+    assert got.shape == (len(ids), stack.model.config.vocab_size)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    return got
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_verification_rows_equal_the_model_path(name: str) -> None:
+    """Speculative passes of k = 2..5 positions (the last token and its drafts), each rolled
+    back to its accepted length and now and then followed by a decode step, past two KV block
+    growths (some passes straddling one): every position's logits and the caches as the
+    model's path, one kernel call of k rows a pass."""
+    make, fused_blocks = CONFIGS[name]
+    stack = stack_of(make())
+    caches = grown(stack), grown(stack)
+    rng = random.Random(6)
+    prompt = random_prompt(rng, FAST_ROWS + 3)  # longer than a kernel call: the model's path
+    for cache in caches:
+        forward(stack, cache, prompt, 0, False)
+    calls: list[int] = []  # the kernel rows of each fused step
+    straddled = 0
+    with counted() as kernel:
+        while caches[0].get_seq_length() < 2 * KV_BLOCK_TOKENS + 4:
+            held, k = caches[0].get_seq_length(), 2 + len(calls) % 4
+            straddled += held % KV_BLOCK_TOKENS + k > KV_BLOCK_TOKENS
+            both(caches, stack, random_prompt(rng, k))
+            accepted = rng.randrange(k)  # drafts accepted: the rest roll back
+            for cache in caches:
+                cache.roll_back(held + 1 + accepted)
+            calls.append(k)
+            if accepted % 2:
+                both(caches, stack, random_prompt(rng, 1))
+                calls.append(1)
+    assert straddled >= 1 and 1 in calls
+    assert kernel.rows == calls and kernel.blocks == len(calls) * fused_blocks
+    assert_same_caches(*caches)
+
+
+@pytest.mark.parametrize("others", [2, FAST_ROWS])
+def test_a_verification_row_beside_decode_rows_of_other_sessions(others: int) -> None:
+    """A session verifying 4 positions in the same step as `others` sessions decoding one each
+    (6 kernel rows: one call; 10: the many-row path, its products by the packed weights), two
+    of its drafts rolled back, then a step of decode rows only, then another mixed step:
+    every row's logits and every cache as the model's path."""
+    stack = packed(stack_of(llama_config()))
+    n = stack.n_units
+    rng = random.Random(7)
+    sides = [[grown(stack) for _ in range(others + 1)] for _ in range(2)]  # fused, model's
+    for k in range(others + 1):
+        prompt = random_prompt(rng, FAST_ROWS + 1 + 3 * k)
+        for caches in sides:
+            forward(stack, caches[k], prompt, 0, False)
+    attend = mock.patch.object(fused_kernel, "attend_rows", wraps=fused_kernel.attend_rows)
+    with counted() as kernel, attend as attended:
+        for step in range(3):
+            verifying = step != 1
+            ids = [random_prompt(rng, 4 if verifying and k == 0 else 1)
+                   for k in range(others + 1)]
+            outs = []
+            for caches, on in zip(sides, (True, False), strict=True):
+                rows = [StepRow(0, n, torch.tensor([ids[k]]),
+                                torch.arange(cache.get_seq_length(),
+                                             cache.get_seq_length() + len(ids[k]))[None],
+                                cache, head_positions=len(ids[k]))
+                        for k, cache in enumerate(caches)]
+                with fast_paths(FastPaths(fused=on)):
+                    outputs, _ = run_step(stack, rows)
+                assert all(out.error is None and out.out is not None for out in outputs)
+                outs.append(torch.cat([out.out for out in outputs if out.out is not None]))
+                if verifying:
+                    caches[0].roll_back(caches[0].get_seq_length() - 2)
+            assert outs[0].shape[0] == others + (4 if verifying else 1)
+            torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+    if others + 4 <= FAST_ROWS:  # the decode step: the lane's call
+        assert kernel.rows == [others + 4, others + 1, others + 4] and attended.call_count == 0
+    else:
+        assert kernel.calls == 0 and attended.call_count == 3 * stack.n_blocks
+    for fast, slow in zip(*sides, strict=True):
+        assert_same_caches(fast, slow)
+
+
+def test_a_verification_row_that_does_not_fit_fails_alone() -> None:
+    """A session whose cache does not fit the blocks (another model's) verifying 3 positions
+    beside a session verifying 2 and one decoding: that row gets its error before its cache
+    holds anything new; the others run in the same kernel call (6 rows, the failed row's
+    skipped) as the model's path, and decode on afterwards."""
+    stack = stack_of(llama_config())
+    n = stack.n_units
+    wrong = misfit()
+    goods, twins = [grown(stack) for _ in range(2)], [grown(stack) for _ in range(2)]
+    for cache in goods + twins:
+        forward(stack, cache, [3, 4, 5], 0, False)
+    rows = [StepRow(0, n, torch.tensor([ids]), torch.arange(3, 3 + len(ids))[None], cache,
+                    head_positions=len(ids))
+            for ids, cache in (([6, 7, 8], wrong), ([6, 7], goods[0]), ([6], goods[1]))]
+    with counted() as kernel:
+        outputs, _ = run_step(stack, rows)
+    assert isinstance(outputs[0].error, ValueError) and "do not fit" in str(outputs[0].error)
+    assert wrong.get_seq_length() == 3 and kernel.rows == [6]
+    for out, ids, twin in zip(outputs[1:], ([6, 7], [6]), twins, strict=True):
+        assert out.out is not None
+        torch.testing.assert_close(out.out, forward(stack, twin, ids, 3, False, verify=True),
+                                   atol=ATOL, rtol=0)
+    for good, twin in zip(goods, twins, strict=True):
+        torch.testing.assert_close(forward(stack, good, [9], good.get_seq_length(), True),
+                                   forward(stack, twin, [9], twin.get_seq_length(), False),
+                                   atol=ATOL, rtol=0)
+        assert_same_caches(good, twin)
+
+
 def test_the_engine_decodes_one_row_by_fused_blocks(tiny_llama: LoadedModel) -> None:
     """Behind the engine: one compiled call for the blocks, one for the head's norm and
     product."""
@@ -314,7 +446,8 @@ def greedy_fused(stack: UnitStack, prompt: list[int], new_tokens: int) -> list[i
             logits = forward(stack, cache, ids, cache.get_seq_length(), True)
             ids = [int(logits.argmax(-1))]
             tokens.append(ids[0])
-    assert kernel.blocks == (new_tokens - 1) * stack.n_blocks
+    fused_steps = new_tokens - (len(prompt) > FAST_ROWS)  # a long prompt: the model's path
+    assert kernel.blocks == fused_steps * stack.n_blocks
     return tokens
 
 
@@ -343,6 +476,27 @@ def test_fused_smollm2_equals_the_model_path_and_the_unsplit_model(smollm2: Load
                                    atol=ATOL, rtol=0)
         ids = [token]
     assert_same_caches(fast, slow)
+
+
+@pytest.mark.slow
+def test_fused_smollm2_verification_passes_equal_the_model_path(smollm2: LoadedModel) -> None:
+    """The real model: passes of k = 5, 3, 2, 4 positions through the fused blocks, each rolled
+    back (drafts rejected) and followed by a decode step: logits and caches as the model's
+    path."""
+    stack = UnitStack(smollm2.model)
+    caches = grown(stack), grown(stack)
+    prompt = encode_prompt(smollm2, "Rewrite: the cat sat on the mat.")
+    for cache in caches:
+        forward(stack, cache, prompt, 0, False)
+    with counted() as kernel:
+        for k in (5, 3, 2, 4):
+            held = caches[0].get_seq_length()
+            drafts = both(caches, stack, [prompt[-1], *prompt[1:k]]).argmax(-1).tolist()
+            for cache in caches:
+                cache.roll_back(held + 1 + k // 3)
+            both(caches, stack, drafts[k // 3:k // 3 + 1])
+    assert kernel.rows == [5, 1, 3, 1, 2, 1, 4, 1]
+    assert_same_caches(*caches)
 
 
 def test_huge_pages_keep_the_model_and_its_tied_weights() -> None:

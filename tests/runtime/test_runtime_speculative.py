@@ -6,6 +6,7 @@ import math
 import random
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from splitllm.placement import Placement
 from splitllm.planner.hardware import link_preset
 from splitllm.planner.instance import Instance, Request, evaluate
 from splitllm.planner.speculation import Speculation
-from splitllm.runtime import speculative
+from splitllm.runtime import fused_kernel, speculative
 from splitllm.runtime.autoplace import (
     measured_instance,
     plan_placement,
@@ -33,6 +34,7 @@ from splitllm.runtime.autoplace import (
 )
 from splitllm.runtime.client import Generation, Session, connect
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
+from splitllm.runtime.gemv import FAST_ROWS
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.models import LoadedModel, load_model
 from splitllm.runtime.profile import UnitProfile
@@ -230,6 +232,24 @@ def test_metrics_count_verified_and_accepted_positions(
     assert 1 <= verify_passes <= passes
     # Rejected drafts are rolled back by the next pass (the last pass's never are).
     assert verify_passes + result.accepted <= accepted < verified
+
+
+@pytest.mark.parametrize("placement", ["SSSSSS", "CSSSSC"])
+def test_the_servers_verification_passes_run_through_the_fused_blocks(
+        placement: str, tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+    """Over sockets, each pass with d drafts is one call of the fused kernel over its d + 1
+    positions on the server (the prompt, longer than a call takes, by the model's path), and
+    the tokens stay the unsplit model's."""
+    prompt = looping_prompt(70)
+    assert len(prompt) > FAST_ROWS
+    want = reference(tiny_llama, prompt, k=4)
+    with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session, \
+            mock.patch.object(fused_kernel, "run_blocks", wraps=fused_kernel.run_blocks) as kernel:
+        result = speculate(session, placement, prompt, 4)
+    assert list(result.tokens) == want
+    verifying = [call.args[0].shape[0] for call in kernel.call_args_list
+                 if call.args[0].shape[0] > 1]
+    assert result.drafted > 0 and sum(rows - 1 for rows in verifying) == result.drafted
 
 
 @pytest.mark.parametrize("chunk", [1, 4])

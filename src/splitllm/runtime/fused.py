@@ -1,13 +1,15 @@
-"""Decode rows through a run of Llama-style blocks in ONE compiled call (what gpt-fast compiles).
+"""Rows of a few positions through a run of Llama-style blocks in ONE compiled call (gpt-fast).
 
 A decode step of one session is bound by reading the weights, yet through the model's own modules
 a block costs ~40 small torch ops and Python calls (RMSNorm as 5 ops, rotary with cat/neg, the
 packed-attention dispatcher, SDPA, the cache update, SiLU*mul, residual adds): on SmolLM2 a
-third of the step. `FusedRows.run` sends a step's single-position rows (up to FAST_ROWS
-sessions) through a run of blocks in one numba call (runtime/fused_kernel.py): per block norm ->
-q/k/v -> rotary -> write K/V into each session's `BlockLayer` buffers -> attention over each
-session's held positions -> o-proj + residual -> norm -> gate/up -> SiLU*mul -> down + residual,
-every weight read once for all rows. Steps of more rows are compute-bound: there each block's
+third of the step. `FusedRows.run` sends a step's rows of up to FAST_ROWS positions each (a
+decode position, or the k + 1 of a speculative verification) through a run of blocks in one
+numba call (runtime/fused_kernel.py), each position one kernel row: per block norm -> q/k/v ->
+rotary -> write K/V into each session's `BlockLayer` buffers at the position's place -> causal
+attention over the session's held positions and its new ones up to this one -> o-proj +
+residual -> norm -> gate/up -> SiLU*mul -> down + residual, every weight read once for all rows
+(up to FAST_ROWS of them). Steps of more rows are compute-bound: there each block's
 products run by oneDNN on packed weights (runtime/gemv.py), norms, rotary, the K/V writes and
 attention by the same kernel's parts (no padded copies of the caches), SiLU*mul by torch.
 
@@ -77,11 +79,38 @@ class BlockWeights:
 
 
 
+@dataclass(frozen=True)
+class KernelRows:
+    """The kernel's per-row arguments of a step's groups: one kernel row per position, a
+    session's positions consecutive and in order, each at its own held length."""
+
+    keys: List  # [R]: the row's session's K buffers (index = block - kv_first)
+    values: List
+    kv_first: np.ndarray  # [R]: the first block of the row's session's cache
+    lengths: np.ndarray  # [R, blocks]: where the row writes its K/V (held + its place)
+    active: np.ndarray  # [R]: its session has no error yet
+
+    @staticmethod
+    def of(groups: list[RowGroup], block: int, stop: int) -> KernelRows:
+        """The rows of blocks [block, stop), the groups' caches fitting them (checked)."""
+        spans = [group.end - group.begin for group in groups]
+        owner = np.repeat(np.arange(len(groups)), spans)  # [R]: each row's group
+        place = np.arange(len(owner)) - np.repeat([group.begin for group in groups], spans)
+        kv = [segment_kv(group.cache) for group in groups]
+        held = np.array([[layer.get_seq_length() for layer in layers_of(group.cache, block, stop)]
+                         for group in groups], dtype=np.int64)  # [G, blocks]
+        return KernelRows(
+            keys=List([kv[g][0] for g in owner]), values=List([kv[g][1] for g in owner]),
+            kv_first=np.array([groups[g].cache.first_block for g in owner]),
+            lengths=held[owner] + place[:, None],
+            active=np.array([groups[g].error is None for g in owner], dtype=np.bool_))
+
+
 class FusedRows:
-    """The decode rows of a step (one position each of several sessions) through the blocks the
-    fused path covers, with the rotary tables of their positions (the model's own), taken once
-    per step: up to FAST_ROWS rows in one kernel call, more block by block with the products by
-    oneDNN on the packed weights (runtime/gemv.py) and the rest by the kernel's parts."""
+    """The rows of a step (a few positions of each session) through the blocks the fused path
+    covers, with the rotary tables of their positions (the model's own), taken once per step:
+    up to FAST_ROWS positions in all in one kernel call, more block by block with the products
+    by oneDNN on the packed weights (runtime/gemv.py) and the rest by the kernel's parts."""
 
     def __init__(self, stack: UnitStack, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.stack = stack
@@ -90,10 +119,10 @@ class FusedRows:
     @staticmethod
     def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor,
            groups: list[RowGroup]) -> FusedRows | None:
-        """The rows of a step's packed rows [1, R, D], if the fused path applies: one position
-        per session, fp32 on the CPU, one intra-op thread, no autograd, one
+        """The rows of a step's packed rows [1, R, D], if the fused path applies: at most
+        FAST_ROWS positions per session, fp32 on the CPU, one intra-op thread, no autograd, one
         rotary table for every block."""
-        if not (fused_now() and len(groups) == hidden.shape[1]
+        if not (fused_now() and all(group.end - group.begin <= FAST_ROWS for group in groups)
                 and hidden.dtype == torch.float32 and hidden.is_cpu) \
                 or stack.rotary_emb is None or stack.rotary_per_layer_type:
             return None
@@ -103,11 +132,13 @@ class FusedRows:
     def run(self, block: int, stop: int, hidden: torch.Tensor, groups: list[RowGroup]) -> int:
         """Blocks [block, b) on the rows' contiguous hidden states [1, R, D] in place, in one
         call, b <= stop the first block the fused path does not cover for every row: how many
-        ran (0: none, the model's path runs `block`). A row whose cache does not fit gets its
-        error before its cache holds anything new; the other rows go on."""
+        ran (0: none, the model's path runs `block`). A session's positions are consecutive
+        kernel rows, each writing its K/V after the ones before it and attending over them
+        (causal). A row whose cache does not fit gets its error before its cache holds
+        anything new; the other rows go on."""
         weights = stack_weights(self.stack)
         covered = weights.covered[block:stop]
-        if len(groups) > FAST_ROWS:  # many rows: the blocks' products by their packed weights
+        if hidden.shape[1] > FAST_ROWS:  # many rows: the blocks' products by their packed weights
             covered = tuple(own is not None and all(packed_weight(m) is not None
                                                      for m in own.linears)
                             for own in weights.blocks[block:stop])
@@ -124,31 +155,27 @@ class FusedRows:
             if group.error is None:
                 try:
                     _check(x, self.cos, layers_of(group.cache, block, block + count),
-                           weights.blocks[block:block + count])
+                           weights.blocks[block:block + count], tokens=group.end - group.begin)
                 except Exception as exc:  # this row's; the others go on
                     group.error = exc
-        active = np.array([group.error is None for group in groups], dtype=np.bool_)
-        if not active.any():
+        if all(group.error is not None for group in groups):
             return count  # every row has its error: nothing to run, as the model's path would
-        kv = [segment_kv(group.cache) for group in groups]
-        lengths = np.array([[layer.get_seq_length() for layer in
-                             layers_of(group.cache, block, block + count)] for group in groups],
-                           dtype=np.int64)  # [R, count]
-        kv_first = np.array([group.cache.first_block for group in groups])
-        keys, values = List([k for k, _ in kv]), List([v for _, v in kv])
-        if len(groups) <= FAST_ROWS:
-            kernel.run_blocks(x, block, block + count, kv_first, **weights.lists, cos=self.cos,
-                              sin=self.sin, keys=keys, values=values, lengths=lengths,
-                              active=active)
+        rows = KernelRows.of(groups, block, block + count)
+        if x.shape[0] <= FAST_ROWS:
+            kernel.run_blocks(x, block, block + count, rows.kv_first, **weights.lists,
+                              cos=self.cos, sin=self.sin, keys=rows.keys, values=rows.values,
+                              lengths=rows.lengths, active=rows.active)
         else:
             for j, own in enumerate(weights.blocks[block:block + count]):
                 assert own is not None  # covered
-                self._many_rows(hidden[0], own, layer=block + j - kv_first, keys=keys,
-                                values=values, lengths=np.ascontiguousarray(lengths[:, j]),
-                                active=active)
-        for group, on in zip(groups, active, strict=True):
-            for layer in layers_of(group.cache, block, block + count) if on else ():
-                layer.advance(1)
+                self._many_rows(hidden[0], own, layer=block + j - rows.kv_first, keys=rows.keys,
+                                values=rows.values,
+                                lengths=np.ascontiguousarray(rows.lengths[:, j]),
+                                active=rows.active)
+        for group in groups:
+            for layer in layers_of(group.cache, block, block + count) \
+                    if group.error is None else ():
+                layer.advance(group.end - group.begin)
         return count
 
     def _many_rows(self, x: torch.Tensor, own: BlockWeights, *, layer: np.ndarray, keys: List,
@@ -187,21 +214,23 @@ def layers_of(cache: SegmentCache, block: int, stop: int) -> list[Any]:
 
 
 def _check(x: np.ndarray, cos: np.ndarray, layers: list[Any],
-           blocks: tuple[BlockWeights | None, ...]) -> None:
-    """One row's cache layers fit the blocks (grown for one more position), or a ValueError."""
+           blocks: tuple[BlockWeights | None, ...], tokens: int) -> None:
+    """One session's cache layers fit the blocks (grown for its `tokens` new positions), or a
+    ValueError."""
     for layer, own in zip(layers, blocks, strict=True):
         assert own is not None  # covered
         if x.shape[1] != own.q.shape[1] or cos.shape[1] != own.head_dim:
             raise ValueError(f"hidden {x.shape} or rotary {cos.shape} does not fit the blocks")
-        reserve_position(layer, own)
+        reserve_position(layer, own, tokens)
 
 
-def reserve_position(layer: BlockLayer, weights: BlockWeights) -> None:
-    """Room for one more position in the layer's buffers, which must fit the blocks' K/V."""
+def reserve_position(layer: BlockLayer, weights: BlockWeights, tokens: int = 1) -> None:
+    """Room for `tokens` more positions in the layer's buffers, which must fit the blocks'
+    K/V."""
     if not layer.is_initialized:  # the buffers' shape [1, Hkv, 0, d], as the model's K/V set it
         empty = torch.empty(1, weights.kv_heads, 0, weights.head_dim)
         layer.lazy_initialization(empty, empty)
-    keys, _ = layer.reserve(1)
+    keys, _ = layer.reserve(tokens)
     if keys.shape[1] != weights.kv_heads or keys.shape[3] != weights.head_dim or \
             keys.dtype != torch.float32:
         raise ValueError(f"the session's K/V {tuple(keys.shape)} do not fit the block")

@@ -1,7 +1,8 @@
 """The compiled decode of a few rows through a run of Llama-style blocks (runtime/fused.py).
 
-`run_blocks` is ONE numba call for blocks [first, stop) over a few decode rows (one position of
-each of a few sessions): per block, norm -> q/k/v -> rotary -> K/V written at the held length of
+`run_blocks` is ONE numba call for blocks [first, stop) over a few rows (a position each: one of
+each of a few sessions, or a session's consecutive positions, e.g. a speculative verification's
+k + 1): per block, norm -> q/k/v -> rotary -> K/V written at the held length of
 each session's buffers -> attention over each session's held positions -> o-proj + residual ->
 norm -> gate/up -> SiLU*mul -> down + residual, all in fp32 on one thread, the rows' hidden
 states updated in place and every weight read once for all rows. Every block's weights come as
@@ -54,10 +55,12 @@ def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: Li
                eps_post: np.ndarray, scaling: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                keys: List, values: List, lengths: np.ndarray,
                active: np.ndarray) -> None:  # pragma: no cover
-    """Rows x [R, D] (one position each, of R sessions) through blocks [first, stop) in place:
-    every weight read once for all rows. Row r's K/V for block b are written at
-    lengths[r, b - first] of keys/values[r][b - kv_first[r]] [Hkv, capacity, d]; a row not
-    `active` (its error already known) writes and attends nothing."""
+    """Rows x [R, D] (a position each) through blocks [first, stop) in place: every weight
+    read once for all rows. Row r's K/V for block b are written at lengths[r, b - first] of
+    keys/values[r][b - kv_first[r]] [Hkv, capacity, d], and it attends over the positions
+    before and at it; a session's rows in order at consecutive lengths are causal attention
+    over its new positions. A row not `active` (its error already known) writes and attends
+    nothing."""
     rows, width = x.shape
     normed = np.empty((rows, width), dtype=np.float32)
     out = np.empty((rows, width), dtype=np.float32)
@@ -127,8 +130,9 @@ def _attend_rows(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, layer: np.ndarr
                  cos: np.ndarray, sin: np.ndarray, keys: List, values: List,
                  lengths: np.ndarray, scaling: float, active: np.ndarray,
                  out: np.ndarray) -> None:  # pragma: no cover
-    """Per active row r: rotate its q/k, write its K/V at lengths[r] of keys/values[r][layer[r]]
-    [Hkv, capacity, d], and attend over its held positions into out[r]."""
+    """Per active row r, in order: rotate its q/k, write its K/V at lengths[r] of
+    keys/values[r][layer[r]] [Hkv, capacity, d], and attend over positions [0, lengths[r]]
+    into out[r] (those a session's earlier rows wrote included: causal)."""
     d = cos.shape[1]
     for r in range(qs.shape[0]):
         if not active[r]:

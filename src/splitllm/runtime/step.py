@@ -66,7 +66,7 @@ class _Packed:
         self.cache = StepCache(self.groups)
         self.stack, self.positions = stack, positions
         self.kwargs_of: dict[str, dict[str, Any]] = {}
-        # One decode row: blocks the fused path covers run in one compiled call each.
+        # Rows of a few positions (decode, verification): covered blocks in one compiled call.
         self.fused = fused.FusedRows.of(stack, self.hidden, positions, self.groups)
 
     def run_blocks(self, block: int, stop: int) -> int:
