@@ -214,6 +214,31 @@ def test_other_steps_take_the_general_path(case: str) -> None:
     assert all(out.error is None and out.out is not None for out in outputs)
 
 
+def test_a_failed_kernel_call_leaves_the_caches_as_they_were() -> None:
+    """The blocks' call raises in a lane step: the step fails, every layer still holds what it
+    held, and the next step reuses the lane with the model path's logits."""
+    stack = stack_of(llama_config())
+    fast, slow = grown(stack), grown(stack)
+    for cache, on in ((fast, True), (slow, False)):
+        forward(stack, cache, [3, 4, 5], 0, on)
+        forward(stack, cache, [6], 3, on)  # the lane is built here
+    real, calls = lane.kernel.run_blocks, []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise MemoryError("the kernel's scratch")
+
+    with lanes() as counted:
+        with mock.patch.object(lane.kernel, "run_blocks", failing), pytest.raises(MemoryError):
+            forward(stack, fast, [7], 4, True)
+        assert calls == [1] and {layer.get_seq_length() for layer in fast.layers} == {4}
+        assert lane.kernel.run_blocks is real
+        torch.testing.assert_close(forward(stack, fast, [7], 4, True),
+                                   forward(stack, slow, [7], 4, False), atol=ATOL, rtol=0)
+    assert counted.steps == 2 and counted.builds == 0
+    assert_same_caches(fast, slow)
+
+
 def test_a_moved_weight_rebuilds_the_lane() -> None:
     """The weights moved into huge pages after the lane took its views: the next step builds
     a new lane on the moved weights, with the same logits."""
