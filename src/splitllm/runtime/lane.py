@@ -190,7 +190,7 @@ class DecodeLane:
         laps: list[Lap] = []
         clock = Clock(unit_cpu)
         x = self._input(rows)  # [R, D]
-        cos, sin = self.rotary.rows([row.positions.item() for row in rows])  # [R, d] each
+        cos, sin = self.rotary.rows([int(row.positions.item()) for row in rows])  # [R, d] each
         if self.start == 0:
             laps.append(clock.lap(range(0, 1)))
         blocks = self.block_range
