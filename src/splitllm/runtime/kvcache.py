@@ -8,8 +8,8 @@ length back, and what the server accounts against its KV budget is what the buff
 (`kv_capacity`: whole blocks of `KV_BLOCK_TOKENS`, grown by half each time, so a long context
 grows its buffers a few times rather than once per block). A segment's layers keep their K/V in
 one `KvArena` and grow together, one allocation and one copy: every growth replaces the buffers
-the compiled decode holds views of (runtime/lane.py builds its arguments again), and at one
-growth per block that cost ~0.14 ms per token on SmolLM2.
+the compiled decode holds views of (runtime/lane.py builds its arguments again): grown a block
+at a time, that cost ~0.14 ms per token on SmolLM2.
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ class KvArena:
     def join(self, layer: BlockLayer, keys: torch.Tensor) -> bool:
         """Whether the layer, whose K/V are shaped as `keys` [1, Hkv, t, d], keeps them here
         (False: another shape, dtype or device than the members', or no slot left)."""
+        if len(self.members) == self.slots or keys.shape[0] != 1:
+            return False
         if self.storage is None:
             self.storage = keys.new_empty(self.slots, 2, keys.shape[1], 0, keys.shape[3])
         _, _, heads, _, dim = self.storage.shape
-        if len(self.members) == self.slots or keys.shape[0] != 1 or keys.shape[1] != heads or \
-                keys.shape[3] != dim or keys.dtype != self.storage.dtype or \
-                keys.device != self.storage.device:
+        if keys.shape[1] != heads or keys.shape[3] != dim or keys.dtype != self.storage.dtype \
+                or keys.device != self.storage.device:
             return False
         self.members.append(layer)
         self._point(len(self.members) - 1)
