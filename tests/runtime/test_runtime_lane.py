@@ -21,7 +21,7 @@ from test_runtime_fused import CONFIGS, assert_same_caches, forward, grown, stac
 from splitllm.runtime import lane
 from splitllm.runtime.gemv import FAST_ROWS, FastPaths, fast_paths
 from splitllm.runtime.hugepages import move_to_huge_pages
-from splitllm.runtime.kvcache import KV_BLOCK_TOKENS
+from splitllm.runtime.kvcache import KV_BLOCK_TOKENS, kv_capacity
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import Sampling
 from splitllm.runtime.sampling import Sampler
@@ -91,11 +91,31 @@ def test_the_lane_equals_the_model_path_and_holds_still_between_steps(name: str)
                                        atol=ATOL, rtol=0)
             if tokens == 1:
                 decodes += 1
-                expected_builds += not still or position % KV_BLOCK_TOKENS == 0
+                expected_builds += not still or kv_capacity(position) == position  # full
             still = tokens == 1
     assert counted.steps == decodes and counted.builds == expected_builds
     assert decodes - expected_builds >= decodes // 2  # most steps reused the lane
     assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
+    assert_same_caches(fast, slow)
+
+
+def test_a_long_decode_builds_the_lane_only_where_its_cache_grows() -> None:
+    """130 positions decoded one at a time: the segment's K/V grow together at 16, 32, 48, 80
+    and 128 positions (runtime/kvcache.py), so the lane is built 6 times, not once per block
+    of 16 (9); the logits and caches stay the model path's."""
+    stack = stack_of(llama_config())
+    fast, slow = grown(stack), grown(stack)
+    for cache, on in ((fast, True), (slow, False)):
+        forward(stack, cache, [3, 4, 5], 0, on)
+    rng = random.Random(3)
+    with lanes() as counted:
+        for position in range(3, 130):
+            ids = random_prompt(rng, 1)
+            got = forward(stack, fast, ids, position, True)
+            want = forward(stack, slow, ids, position, False)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert counted.steps == 127 and counted.builds == 1 + len([16, 32, 48, 80, 128]) == 6
+    assert [kv_capacity(p) for p in (16, 17, 33, 49, 81, 129)] == [16, 32, 48, 80, 128, 192]
     assert_same_caches(fast, slow)
 
 
@@ -192,6 +212,31 @@ def test_other_steps_take_the_general_path(case: str) -> None:
         torch.set_num_threads(threads)
     assert counted.steps == 0 and counted.builds == 0
     assert all(out.error is None and out.out is not None for out in outputs)
+
+
+def test_a_failed_kernel_call_leaves_the_caches_as_they_were() -> None:
+    """The blocks' call raises in a lane step: the step fails, every layer still holds what it
+    held, and the next step reuses the lane with the model path's logits."""
+    stack = stack_of(llama_config())
+    fast, slow = grown(stack), grown(stack)
+    for cache, on in ((fast, True), (slow, False)):
+        forward(stack, cache, [3, 4, 5], 0, on)
+        forward(stack, cache, [6], 3, on)  # the lane is built here
+    real, calls = lane.kernel.run_blocks, []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise MemoryError("the kernel's scratch")
+
+    with lanes() as counted:
+        with mock.patch.object(lane.kernel, "run_blocks", failing), pytest.raises(MemoryError):
+            forward(stack, fast, [7], 4, True)
+        assert calls == [1] and {layer.get_seq_length() for layer in fast.layers} == {4}
+        assert lane.kernel.run_blocks is real
+        torch.testing.assert_close(forward(stack, fast, [7], 4, True),
+                                   forward(stack, slow, [7], 4, False), atol=ATOL, rtol=0)
+    assert counted.steps == 2 and counted.builds == 0
+    assert_same_caches(fast, slow)
 
 
 def test_a_moved_weight_rebuilds_the_lane() -> None:

@@ -190,26 +190,33 @@ class DecodeLane:
         laps: list[Lap] = []
         clock = Clock(unit_cpu)
         x = self._input(rows)  # [R, D]
-        cos, sin = self.rotary.rows([int(row.positions[0, 0]) for row in rows])  # [R, d] each
+        cos, sin = self.rotary.rows([int(row.positions.item()) for row in rows])  # [R, d] each
         if self.start == 0:
             laps.append(clock.lap(range(0, 1)))
         blocks = self.block_range
-        kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, cos=cos, sin=sin,
-                          **self.kernel_args)
-        for r, layers in enumerate(self.layers):
-            held = self.held[r] = self.held[r] + 1
-            for layer in layers:
-                layer.length = held  # BlockLayer.advance(1), without a call per layer
+        self._hold(1)  # now, while holds() has just read the layers (in the CPU's caches)
+        try:  # each row's K/V written at self.lengths, the positions held before
+            kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, cos=cos, sin=sin,
+                              **self.kernel_args)
+        except BaseException:
+            self._hold(-1)
+            raise
         self.lengths += 1
         laps.append(clock.lap(range(blocks.start + 1, blocks.stop + 1)))
         if self.head is None:
-            hidden = torch.from_numpy(x)[None]  # [1, R, D]
-            return [hidden[:, r:r + 1] for r in range(len(rows))], laps
+            return _rows_of(torch.from_numpy(x)[:, None]), laps  # [1, 1, D] each
         logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
         kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
         laps.append(clock.lap(range(self.stack.n_units - 1, self.stack.n_units)))
-        out = torch.from_numpy(logits)
-        return [out[r:r + 1] for r in range(len(rows))], laps
+        return _rows_of(torch.from_numpy(logits)), laps  # [1, V] each
+
+    def _hold(self, positions: int) -> None:
+        """Every layer of every row holds `positions` more (BlockLayer.advance, without a call
+        per layer)."""
+        for r, layers in enumerate(self.layers):
+            held = self.held[r] = self.held[r] + positions
+            for layer in layers:
+                layer.length = held
 
     def _input(self, rows: Sequence[LaneRow]) -> np.ndarray:
         """The rows' hidden states [R, D], a new array (the outputs are views of it)."""
@@ -221,6 +228,11 @@ class DecodeLane:
         for r, row in enumerate(rows):
             x[r] = row.x.numpy()[0, 0]
         return x
+
+
+def _rows_of(out: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's output of out [R, ...], [1, ...] each (one row: out itself, unsliced)."""
+    return [out] if out.shape[0] == 1 else [out[r:r + 1] for r in range(out.shape[0])]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from splitllm.runtime.families import (
     module,
     splittable_family,
 )
-from splitllm.runtime.kvcache import BlockLayer
+from splitllm.runtime.kvcache import BlockLayer, KvArena
 from splitllm.runtime.models import context_tokens
 
 # The mask each attention type's layers get in the models' own forwards.
@@ -55,11 +55,15 @@ class SegmentCache(DynamicCache):
                  grown_in_blocks: bool = False) -> None:
         super().__init__(config=config)
         self.first_block = first_block
+        self.arena: KvArena | None = None  # the block-grown layers' K/V, in one allocation
         if config is not None:
             stop = None if n_blocks is None else first_block + n_blocks
-            grow = grown_in_blocks
-            self.layers = [BlockLayer() if grow and type(layer) is DynamicLayer else layer
-                           for layer in self.layers[first_block:stop]]
+            layers = self.layers[first_block:stop]
+            full = sum(type(layer) is DynamicLayer for layer in layers)
+            self.arena = KvArena(full) if grown_in_blocks and full else None
+            self.layers = [BlockLayer(self.arena) if self.arena is not None
+                           and type(layer) is DynamicLayer
+                           else layer for layer in layers]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -80,10 +84,10 @@ class SegmentCache(DynamicCache):
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values (block-grown layers: what they reserve)."""
-        total = 0
+        total = 0 if self.arena is None else self.arena.nbytes()  # its slots, taken or not
         for layer in self.layers:
             if isinstance(layer, BlockLayer):
-                total += layer.nbytes()
+                total += 0 if layer.arena is not None else layer.nbytes()
                 continue
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(tensor, torch.Tensor):
