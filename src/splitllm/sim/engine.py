@@ -21,6 +21,7 @@ class Kind(IntEnum):
     ARRIVE = 0  # a request arrives: a = request
     AT_SERVER = 1  # a request's job reaches the server: a = request, b = job
     SERVER_WAKE = 2  # the server model's own wake-up (a job or a step ends): a, b are its own
+    CLIENT_WAKE = 3  # the shared client cores' wake-up (`client_host`): a, b are its own
 
 
 def handler_table(handlers: dict[Kind, Handler]) -> list[Handler]:

@@ -134,8 +134,10 @@ class BatchedServer:
     """Steps that each serve the jobs waiting when the step starts (up to `max_batch`)."""
 
     def __init__(self, spec: ServerSpec, on_done: OnDone, busy: BusyMeter,
-                 shape: Callable[[int, int], JobShape], cost: BatchCost) -> None:
+                 shape: Callable[[int, int], JobShape], cost: BatchCost,
+                 slowdown: Callable[[], float] | None = None) -> None:
         self.max_batch = spec.max_batch
+        self.slowdown = slowdown  # a step's time x this when it starts (co-located clients)
         self.queue: deque[tuple[int, int, float]] = deque()
         self.running: list[tuple[int, int, float]] = []
         self.step_s = 0.0
@@ -146,6 +148,8 @@ class BatchedServer:
         batch = [self.queue.popleft() for _ in range(take)]
         self.running = batch
         self.step_s = self.cost.step_s([self.shape(r, j) for r, j, _ in batch])
+        if self.slowdown is not None:
+            self.step_s *= self.slowdown()
         self.busy.add(now_s, now_s + self.step_s)
         return [(now_s + self.step_s, WAKE, 0, 0)]
 
@@ -170,12 +174,14 @@ Server = FcfsServer | PsServer | BatchedServer
 
 
 def make_server(spec: ServerSpec, on_done: OnDone, busy: BusyMeter,
-                shape: Callable[[int, int], JobShape], cost: BatchCost | None) -> Server:
-    """The scheduling model the spec names."""
+                shape: Callable[[int, int], JobShape], cost: BatchCost | None,
+                slowdown: Callable[[], float] | None = None) -> Server:
+    """The scheduling model the spec names (`slowdown`: batched steps' time factor, read as
+    each step starts)."""
     if spec.scheduler == "fcfs":
         return FcfsServer(spec, on_done, busy)
     if spec.scheduler == "ps":
         return PsServer(spec, on_done, busy)
     if spec.scheduler == "batched" and cost is not None:
-        return BatchedServer(spec, on_done, busy, shape, cost)
+        return BatchedServer(spec, on_done, busy, shape, cost, slowdown)
     raise ValueError(f"unknown scheduler {spec.scheduler!r}")
