@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -158,7 +159,7 @@ class RealRunner:
         """One request of class `class_index` run by itself, its latency to its last token."""
         session = self._session(class_index)
         times: list[float] = []
-        start_s = time.perf_counter()
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
         try:
             generation = session.generate(
                 self._prompt(0, prompt_tokens), output_tokens, placement=placement, chat=False,
@@ -167,7 +168,32 @@ class RealRunner:
             self.pools[class_index].put(session)
         return Alone(latency_s=times[-1] - start_s, ttft_s=times[0] - start_s,
                      client_busy_s=generation.client_busy_s,
-                     server_busy_s=generation.server_busy_s, round_trips=generation.round_trips)
+                     server_busy_s=generation.server_busy_s, round_trips=generation.round_trips,
+                     client_cpu_s=time.process_time() - start_cpu_s)
+
+    @contextlib.contextmanager
+    def computing(self, threads: int) -> Iterator[None]:
+        """Within: `threads` threads of this process run the model's units for real, without
+        pause (the clients' cores busy with client compute, as under a split's load)."""
+        import torch
+
+        stop = threading.Event()
+        ids = torch.zeros((1, 4), dtype=torch.long)  # [1, 4]: a short pass over every unit
+
+        def compute() -> None:
+            with torch.inference_mode():
+                while not stop.is_set():
+                    self.loaded.model(ids)
+
+        workers = [threading.Thread(target=compute, daemon=True) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
 
     def probe(self, policy: str, rate_per_s: float, time_left_s: float = math.inf) -> Probe:
         """Run `policy` at `rate_per_s` for real and measure it, ending within `time_left_s`."""

@@ -1,0 +1,116 @@
+"""The load test's clients share this machine: what their real compute costs the clients'
+cores and the server, calibrated on the idle server (`sim.client_host.ClientHost`).
+
+The EMULATED clients compute their units for real, all in one process on this machine's
+client core(s), and sleep up to their emulated device's time; a real fleet's clients are each
+their own device. Measured at the splits' capacities before this model: the client process ran
+0.80-0.88 of its one core (70-76 ms of CPU a request, 67-72 ms of it in the units), where the
+simulator gave each client its own device. Calibrated here:
+- the clients' CPU: the client process's CPU seconds for each of the idle check's requests
+  (run alone), against this machine's own time for its client units (the planner's roofline
+  on this machine's device profile: the class's emulated time over its slowdown) and its
+  visits to the server (transport): non-negative least squares over the calibration rounds;
+- the server's slowdown while the clients' cores compute (their compute and the server share
+  this machine's memory bandwidth): the server's seconds for one policy's idle-check requests
+  with the clients' cores busy running the model for real, over the same requests' seconds in
+  the calibration rounds (idle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+from splitllm.runtime.loadtest_idle import IdleRow, Runner, idle_check
+from splitllm.runtime.loadtest_world import EmulatedClass
+from splitllm.sim.client_host import ClientHost
+from splitllm.sim.world import World
+
+BUSY_ROUNDS = 2  # rounds of one policy's idle-check requests with the clients' cores busy
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostFit:
+    """What the calibration measured of the clients' machine."""
+
+    cores: int  # the clients' cores (this process's CPU affinity)
+    cpu_per_machine_s: float  # client CPU seconds per second of this machine's unit time
+    cpu_per_visit_s: float  # client CPU seconds per visit to the server (transport)
+    server_idle_s: tuple[float, ...]  # the server's seconds for the same requests, per round:
+    server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
+
+    @property
+    def server_slowdown(self) -> float:
+        """The server's time with the clients' cores busy over idle (>= 1: noise below it)."""
+        idle = statistics.median(self.server_idle_s) if self.server_idle_s else 0.0
+        busy = statistics.median(self.server_busy_s) if self.server_busy_s else 0.0
+        return max(busy / idle, 1.0) if idle > 0 and busy > 0 else 1.0
+
+    def host(self, classes: Sequence[EmulatedClass]) -> ClientHost:
+        """The world's clients' machine: each class's CPU per second of its emulated time is
+        this machine's CPU per unit second over the class's slowdown."""
+        return ClientHost(cores=float(self.cores),
+                          cpu_per_client_s=tuple(self.cpu_per_machine_s / e.slowdown
+                                                 for e in classes),
+                          cpu_per_visit_s=self.cpu_per_visit_s,
+                          server_slowdown=self.server_slowdown)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cores": self.cores, "cpu_per_machine_s": self.cpu_per_machine_s,
+                "cpu_per_visit_s": self.cpu_per_visit_s,
+                "server_idle_s": list(self.server_idle_s),
+                "server_busy_s": list(self.server_busy_s),
+                "server_slowdown": self.server_slowdown}
+
+
+def client_cores() -> int:
+    """The cores this process may run on (the clients' share of the machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fit_client_cpu(rows: Sequence[IdleRow], classes: Sequence[EmulatedClass]
+                   ) -> tuple[float, float]:
+    """(CPU seconds per second of this machine's unit time, CPU seconds per visit): the
+    non-negative least-squares fit of the rows' measured client CPU."""
+    slowdown = {e.name: e.slowdown for e in classes}
+    kept = [r for r in rows if math.isfinite(r.client_cpu_s)]
+    if not kept:
+        return 0.0, 0.0
+    x = np.array([[r.predicted.client_s / slowdown[r.client_class], r.round_trips]
+                  for r in kept], dtype=float)
+    y = np.array([r.client_cpu_s for r in kept], dtype=float)
+    (per_unit_s, per_visit_s), _ = nnls(x, y)
+    return float(per_unit_s), float(per_visit_s)
+
+
+def _server_s(rows: Sequence[IdleRow], policy: str) -> float:
+    return sum(r.measured.server_s for r in rows if r.policy == policy)
+
+
+def calibrate_host(world: World, classes: Sequence[EmulatedClass],
+                   rounds: Sequence[Sequence[IdleRow]], run_alone: Runner,
+                   computing: Callable[[int], contextlib.AbstractContextManager[None]],
+                   cores: int) -> HostFit:
+    """Fit the clients' CPU on the calibration `rounds` (the idle check's rows), and time one
+    policy's idle-check requests again (`BUSY_ROUNDS`) while `computing(cores)` keeps the
+    clients' cores busy."""
+    per_unit_s, per_visit_s = fit_client_cpu([r for rows in rounds for r in rows], classes)
+    policy = "server-only" if "server-only" in world.policies else world.policies[0]
+    one = replace(world, policies=(policy,))
+    busy = []
+    with computing(cores):
+        for _ in range(BUSY_ROUNDS):
+            busy.append(_server_s(idle_check(one, run_alone), policy))
+    return HostFit(cores=cores, cpu_per_machine_s=per_unit_s, cpu_per_visit_s=per_visit_s,
+                   server_idle_s=tuple(_server_s(rows, policy) for rows in rounds),
+                   server_busy_s=tuple(busy))
