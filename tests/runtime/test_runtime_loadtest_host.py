@@ -5,7 +5,7 @@ the report's two predictions (the world measured here, a real fleet)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import pytest
@@ -14,7 +14,13 @@ from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, worl
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
-from splitllm.runtime.loadtest_host import HostFit, calibrate_host, fit_client_cpu
+from splitllm.runtime.loadtest_host import (
+    BUSY_ROUNDS,
+    HostFit,
+    calibrate_host,
+    client_segments,
+    fit_client_cpu,
+)
 from splitllm.runtime.loadtest_idle import Alone, idle_check
 from splitllm.runtime.loadtest_report import policy_json, report_md
 from splitllm.runtime.loadtest_world import EmulatedClass
@@ -33,6 +39,7 @@ class FakeClients:
     def __init__(self, world: World, classes: tuple[EmulatedClass, ...]) -> None:
         self.world, self.classes = world, classes
         self.busy_threads = 0
+        self.segments: list[tuple[int, int]] = []
 
     def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
         instance = request_instance(self.world.types[0], self.world.clients[c], self.world,
@@ -46,7 +53,8 @@ class FakeClients:
                      client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits)
 
     @contextlib.contextmanager
-    def computing(self, threads: int) -> Iterator[None]:
+    def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
+        self.segments = list(segments)
         self.busy_threads = threads
         try:
             yield
@@ -77,6 +85,15 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
         (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
     assert fit.server_slowdown == pytest.approx(2.0)  # the fake server: x2 while computing
+    assert len(fit.server_busy_s) == BUSY_ROUNDS
+    # while timed, the clients' cores ran what the split plans run on their clients
+    assert fake.segments == client_segments([r for rows in rounds for r in rows])
+    assert fake.segments and all(0 <= a < b <= 6 for a, b in fake.segments)
+    # plans that run nothing on their clients: nothing to time, no slowdown
+    only = replace(world, policies=("server-only",))
+    bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.alone,
+                          fake.computing, cores=1)
+    assert bare.server_busy_s == () and bare.server_slowdown == 1.0
     host = fit.host(classes)
     assert host == ClientHost(cores=1.0, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
         (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
@@ -102,6 +119,13 @@ def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> N
     assert result.simulated_fleet_per_s == fleet
     assert result.simulated_capacity_per_s == find_capacity(shared, "fixed:CCSSSC").rate_per_s
     assert 0 < result.simulated_capacity_per_s < fleet
+    # no server slowdown in this world: the shared cores alone explain the difference
+    assert result.simulated_unslowed_per_s == result.simulated_capacity_per_s
+    slowed = replace(shared, client_host=replace(host, server_slowdown=3.0))
+    [worse] = run_study(slowed, FakeServer(slowed).probe, budget_s=1e6, clock=lambda: 0.0,
+                        progress=lambda line: None)
+    assert worse.simulated_unslowed_per_s == result.simulated_capacity_per_s
+    assert worse.simulated_capacity_per_s < result.simulated_capacity_per_s
     document = policy_json(result)
     assert document["simulated_fleet_capacity_req_s"] == fleet
     assert document["colocation_cost"] == pytest.approx(
@@ -116,10 +140,11 @@ def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> N
 def test_the_report_shows_both_predictions() -> None:
     probe = Probe(metrics=fake_metrics(10.0, 0.95), process_cpu_s_per_request=0.05, wall_s=9.0)
     result = PolicyResult("greedy", Capacity("greedy", 10.0, 11.0, (probe,), cut_short=False),
-                          11.0, False, None, simulated_fleet_per_s=20.0)
+                          11.0, False, None, simulated_fleet_per_s=20.0,
+                          simulated_unslowed_per_s=15.0)
     text = report_md([result], "HEADER")
     row = next(line for line in text.splitlines() if line.startswith("| greedy | 10 |"))
-    assert "| 11 | +10% | 20 (45% lost) |" in row
+    assert "| 11 | +10% | 20 (45% lost) | 15 |" in row
     assert "Fleet: the same prediction with every client its own device" in text
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
                   server_idle_s=(1.0, 1.1), server_busy_s=(1.6,))

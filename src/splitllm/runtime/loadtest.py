@@ -243,8 +243,10 @@ class PolicyResult:
     # it reads the measurement; NaN where not run)
     simulated_under_load_per_s: float = math.nan
     # the same world with every client its own device (a real fleet; NaN: the world's
-    # clients are that already)
+    # clients are that already), and with the clients' cores shared but the server not slowed
+    # by them (what each of the two pieces of co-location explains)
     simulated_fleet_per_s: float = math.nan
+    simulated_unslowed_per_s: float = math.nan
 
     @property
     def at_capacity(self) -> Probe | None:
@@ -277,12 +279,17 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
             return clock() >= by_s
 
         simulated = find_capacity(world, policy, stop=out_of_time)
-        fleet_rate = math.nan
-        if world.client_host is not None:
+        fleet_rate = unslowed_rate = math.nan
+        host = world.client_host
+        if host is not None:
             fleet_rate = find_capacity(replace(world, client_host=None), policy,
                                        stop=out_of_time).rate_per_s
+            unslowed_rate = find_capacity(replace(world, client_host=replace(
+                host, server_slowdown=1.0)), policy, stop=out_of_time).rate_per_s
             progress(f"{policy}: simulated capacity of a fleet (each client its own device) "
-                     f"{fleet_rate:.3g} req/s")
+                     f"{fleet_rate:.3g} req/s, its clients on this machine's shared cores "
+                     f"{unslowed_rate:.3g} req/s, and the server slowed while they compute "
+                     f"{simulated.rate_per_s:.3g} req/s")
         guess = simulated.rate_per_s
         if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
             guess = first_guess_rate(world, policy)
@@ -317,5 +324,6 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
         at_rate = (run_point(world, policy, measured.rate_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
         results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate, under_rate, fleet_rate))
+                                    simulated.cut_short, at_rate, under_rate, fleet_rate,
+                                    unslowed_rate))
     return results

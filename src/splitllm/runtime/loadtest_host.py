@@ -12,8 +12,9 @@ simulator gave each client its own device. Calibrated here:
   visits to the server (transport): non-negative least squares over the calibration rounds;
 - the server's slowdown while the clients' cores compute (their compute and the server share
   this machine's memory bandwidth): the server's seconds for one policy's idle-check requests
-  with the clients' cores busy running the model for real, over the same requests' seconds in
-  the calibration rounds (idle).
+  with the clients' cores busy running the split plans' client units for real (the same
+  weights the clients read, one position a pass), over the same requests' seconds in the
+  calibration rounds (idle).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from splitllm.placement import CLIENT, Placement
 from splitllm.runtime.loadtest_idle import IdleRow, Runner, idle_check
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.world import World
 
-BUSY_ROUNDS = 2  # rounds of one policy's idle-check requests with the clients' cores busy
+BUSY_ROUNDS = 4  # rounds of one policy's idle-check requests with the clients' cores busy
+# (two read 1.71 and 1.25 s against 0.87-0.99 s idle: one round's noise is large)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,19 +100,29 @@ def _server_s(rows: Sequence[IdleRow], policy: str) -> float:
     return sum(r.measured.server_s for r in rows if r.policy == policy)
 
 
+def client_segments(rows: Sequence[IdleRow]) -> list[tuple[int, int]]:
+    """The unit ranges [a, b) the rows' plans run on their clients (each once)."""
+    return sorted({(seg.start, seg.stop) for r in rows
+                   for seg in Placement(r.placement).segments() if seg.side == CLIENT})
+
+
+Computing = Callable[[int, Sequence[tuple[int, int]]], contextlib.AbstractContextManager[None]]
+
+
 def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                    rounds: Sequence[Sequence[IdleRow]], run_alone: Runner,
-                   computing: Callable[[int], contextlib.AbstractContextManager[None]],
-                   cores: int) -> HostFit:
+                   computing: Computing, cores: int) -> HostFit:
     """Fit the clients' CPU on the calibration `rounds` (the idle check's rows), and time one
-    policy's idle-check requests again (`BUSY_ROUNDS`) while `computing(cores)` keeps the
-    clients' cores busy."""
-    per_unit_s, per_visit_s = fit_client_cpu([r for rows in rounds for r in rows], classes)
+    policy's idle-check requests again (`BUSY_ROUNDS`) while `computing(cores, segments)`
+    keeps the clients' cores busy with the plans' client units (none: no slowdown timed)."""
+    rows = [r for found in rounds for r in found]
+    per_unit_s, per_visit_s = fit_client_cpu(rows, classes)
     policy = "server-only" if "server-only" in world.policies else world.policies[0]
     one = replace(world, policies=(policy,))
     busy = []
-    with computing(cores):
-        for _ in range(BUSY_ROUNDS):
+    segments = client_segments(rows)
+    with computing(cores, segments) if segments else contextlib.nullcontext():
+        for _ in range(BUSY_ROUNDS if segments else 0):
             busy.append(_server_s(idle_check(one, run_alone), policy))
     return HostFit(cores=cores, cpu_per_machine_s=per_unit_s, cpu_per_visit_s=per_visit_s,
                    server_idle_s=tuple(_server_s(rows, policy) for rows in rounds),

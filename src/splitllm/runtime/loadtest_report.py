@@ -76,6 +76,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "simulated_search_cut_short": r.simulated_cut_short,
         "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
         "simulated_fleet_capacity_req_s": _num(r.simulated_fleet_per_s),
+        "simulated_unslowed_capacity_req_s": _num(r.simulated_unslowed_per_s),
         "colocation_cost": _num(colocation_cost(r)),
         "simulated_under_load_capacity_req_s": _num(r.simulated_under_load_per_s),
         "under_load_capacity_rel_err": _num(_rel_err(r.simulated_under_load_per_s,
@@ -214,10 +215,11 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
              "CPU per forward outside the steps (a posteriori: it reads the measurement, so it "
              "is no prediction of it).", "",
              "| policy | capacity measured (req/s) | simulated | sim error | "
-             "fleet (co-location's cost) | under its probes (error) | "
+             "fleet (co-location's cost) | shared cores, server not slowed | "
+             "under its probes (error) | "
              "attainment | goodput (req/s) | TTFT p50 / p90 / p99 (s) | "
              "TPOT p50 / p90 / p99 (s) | server CPU s / request | probes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         j = policy_json(r)
         err = j["capacity_rel_err"]
@@ -229,6 +231,7 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
             f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
             f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {_pct(err)} | "
             f"{r.simulated_fleet_per_s:.3g} ({_lost(j['colocation_cost'])}) | "
+            f"{r.simulated_unslowed_per_s:.3g} | "
             f"{r.simulated_under_load_per_s:.3g} ({_pct(j['under_load_capacity_rel_err'])}) | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
@@ -285,6 +288,8 @@ def study_json(results: list[PolicyResult], world: World, classes: tuple[Emulate
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
             "visit_s": world.clients[0].link.visit_s, "server_job_s": _job_s(world),
+            "step_model": (world.server.step_model.to_json()
+                           if world.server.step_model is not None else None),
             "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
             "verdict": verdict(results, classes)}
 

@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -172,18 +172,25 @@ class RealRunner:
                      client_cpu_s=time.process_time() - start_cpu_s)
 
     @contextlib.contextmanager
-    def computing(self, threads: int) -> Iterator[None]:
-        """Within: `threads` threads of this process run the model's units for real, without
-        pause (the clients' cores busy with client compute, as under a split's load)."""
+    def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
+        """Within: `threads` threads of this process run the client unit ranges `segments`
+        for real, one position a pass, without pause (the clients' cores busy with what the
+        splits' clients compute)."""
         import torch
 
+        from splitllm.runtime.units import UnitStack
+
+        stack = UnitStack(self.loaded.model)
         stop = threading.Event()
-        ids = torch.zeros((1, 4), dtype=torch.long)  # [1, 4]: a short pass over every unit
+        ids = torch.zeros((1, 1), dtype=torch.long)  # [1, 1]
+        hidden = torch.zeros((1, 1, int(self.loaded.model.config.hidden_size)),
+                             dtype=stack.dtype)  # [1, 1, D]
 
         def compute() -> None:
             with torch.inference_mode():
                 while not stop.is_set():
-                    self.loaded.model(ids)
+                    for a, b in segments:
+                        stack.run(a, b, ids if a == 0 else hidden, ids, stack.new_cache(a, b))
 
         workers = [threading.Thread(target=compute, daemon=True) for _ in range(threads)]
         for worker in workers:
