@@ -16,7 +16,9 @@ from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
     BUSY_ROUNDS,
+    COPIES,
     HostFit,
+    HostProbes,
     calibrate_host,
     client_segments,
     fit_client_cpu,
@@ -30,6 +32,7 @@ from splitllm.sim.policies import request_instance
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
+TOGETHER = 1.25  # ... and how much more it costs with many requests side by side
 
 
 class FakeClients:
@@ -40,6 +43,7 @@ class FakeClients:
         self.world, self.classes = world, classes
         self.busy_threads = 0
         self.segments: list[tuple[int, int]] = []
+        self.together_ran: list[tuple[int, int, int, str]] = []
 
     def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
         instance = request_instance(self.world.types[0], self.world.clients[c], self.world,
@@ -51,6 +55,14 @@ class FakeClients:
         return Alone(latency_s=1.0, ttft_s=0.1, client_busy_s=0.0, server_busy_s=server_s,
                      round_trips=visits,
                      client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits)
+
+    def together(self, requests: Sequence[tuple[int, int, int, str]]) -> float:
+        """Side by side each request costs TOGETHER x its CPU alone."""
+        self.together_ran = list(requests)
+        return TOGETHER * sum(self.alone(*request).client_cpu_s for request in requests)
+
+    def probes(self) -> HostProbes:
+        return HostProbes(alone=self.alone, computing=self.computing, together=self.together)
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
@@ -81,7 +93,8 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     world, classes = _world()
     fake = FakeClients(world, classes)
     rounds = [idle_check(world, fake.alone) for _ in range(3)]
-    fit = calibrate_host(world, classes, rounds, fake.alone, fake.computing, cores=1)
+    fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
+    ran_together = fake.together_ran
     assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
         (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
     assert fit.server_slowdown == pytest.approx(2.0)  # the fake server: x2 while computing
@@ -91,13 +104,18 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     assert fake.segments and all(0 <= a < b <= 6 for a, b in fake.segments)
     # plans that run nothing on their clients: nothing to time, no slowdown
     only = replace(world, policies=("server-only",))
-    bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.alone,
-                          fake.computing, cores=1)
+    bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.probes(),
+                          cores=1)
     assert bare.server_busy_s == () and bare.server_slowdown == 1.0
+    # side by side: every idle-check request COPIES times at once, each class's own
+    assert fit.concurrency_factor == pytest.approx(TOGETHER)
+    assert ran_together == COPIES * [
+        ([c.name for c in world.clients].index(r.client_class), r.prompt_tokens,
+         r.output_tokens, r.placement) for r in rounds[0]]
     host = fit.host(classes)
     assert host == ClientHost(cores=1.0, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
-        (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
-        server_slowdown=pytest.approx(2.0))
+        (TOGETHER * PER_UNIT_S / 50.0, TOGETHER * PER_UNIT_S / 20.0)),
+        cpu_per_visit_s=pytest.approx(TOGETHER * PER_VISIT_S), server_slowdown=pytest.approx(2.0))
     # noise that makes the busy server look faster is no speed-up
     faster = replace(fit, server_busy_s=tuple(0.9 * s for s in fit.server_idle_s))
     assert faster.server_slowdown == 1.0

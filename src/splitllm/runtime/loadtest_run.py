@@ -206,18 +206,28 @@ class RealRunner:
         """Run `policy` at `rate_per_s` for real and measure it, ending within `time_left_s`."""
         return asyncio.run(self._probe(policy, rate_per_s, time_left_s))
 
-    def _connect_ahead(self, load: Workload) -> None:
-        """Open the connections a probe may need before its clock starts (a handshake over an
-        emulated link is not part of a request)."""
-        counts = np.bincount(load.class_index, minlength=len(self.classes))
+    def _connect_ahead(self, class_index: Sequence[int] | np.ndarray) -> None:
+        """Open the connections requests of these classes may need before a clock starts (a
+        handshake over an emulated link is not part of a request)."""
+        counts = np.bincount(np.asarray(class_index, dtype=np.int64),
+                             minlength=len(self.classes))
         for c, count in enumerate(counts):
             while self.opened[c] < min(int(count), self.opts.max_in_flight):
                 self.pools[c].put(self._dial(c))
 
+    def together(self, requests: Sequence[tuple[int, int, int, str]]) -> float:
+        """This process's CPU seconds for `requests` (class, prompt, output tokens, sides) run
+        all at once, each in a worker thread, as a probe's requests run side by side."""
+        self._connect_ahead([c for c, _, _, _ in requests])
+        start_cpu_s = time.process_time()
+        for future in [self.pool.submit(self.alone, *request) for request in requests]:
+            future.result()
+        return time.process_time() - start_cpu_s
+
     async def _probe(self, policy: str, rate_per_s: float, time_left_s: float) -> Probe:
         world = self.world.with_rate(rate_per_s)
         load = sample_workload(world)
-        self._connect_ahead(load)
+        self._connect_ahead(load.class_index)
         n = len(load)
         plans = PlanPolicy(world, policy)
         server_load = ServerLoad(world.wait_tau_s, world.plan_headroom)
