@@ -96,6 +96,12 @@ def test_the_server_is_slowed_while_the_clients_cores_compute() -> None:
     unslowed = replace(world, client_host=replace(world.client_host, server_slowdown=1.0))
     log = run_policy(unslowed, "fixed:CSC", log=True).job_log
     assert list(log[:2]) == [pytest.approx((0, 0, 0.5, 0.7)), pytest.approx((1, 0, 1.5, 1.7))]
+    # a visit's transport work keeps the core busy but moves little memory: no slowdown
+    transport = ClientHost(cores=1.0, cpu_per_client_s=(0.0, 0.0), cpu_per_visit_s=10.0,
+                           server_slowdown=3.0)
+    logs = [run_policy(replace(world, client_host=replace(transport, server_slowdown=s)),
+                       "fixed:CSC", log=True).job_log for s in (3.0, 1.0)]
+    assert logs[0] == logs[1] and logs[0][1][2] > 10.0  # r1 waited for the core
 
 
 def test_the_server_factor_grows_with_the_busy_share_of_the_clients_cores() -> None:

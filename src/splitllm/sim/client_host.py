@@ -33,7 +33,7 @@ class ClientHost:
     # its emulated client time (this machine's CPU per unit over the class's slowdown)
     cpu_per_visit_s: float = 0.0  # client CPU of one visit to the server (its transport work)
     server_slowdown: float = 1.0  # the server's steps x this while the clients' cores are all
-    # busy (x1 while idle, linear between)
+    # busy computing units (x1 while idle, linear between; a visit's transport work: idle)
 
     def cpu_s(self, class_index: int, client_s: float, visits: int) -> float:
         """Real CPU seconds of a gap's client work: its units' and its visits' transport."""
@@ -49,11 +49,14 @@ class ClientHost:
 class SharedCores:
     """Processor sharing on `cores` cores, by virtual time: each of n jobs present progresses
     at min(1, cores / n) CPU seconds per second. `arrive` and `wake` return engine events; a
-    finished job is handed to `on_done(now_s, a, b)`."""
+    finished job is handed to `on_done(now_s, a, b)`. Jobs that compute units (`units`) are
+    counted apart: their memory traffic is what slows the server."""
 
     def __init__(self, cores: float, on_done: OnDone) -> None:
         self.cores = cores
-        self.jobs: list[tuple[float, int, int, int]] = []  # (virtual finish, seq, a, b)
+        self.jobs: list[tuple[float, int, int, int, bool]] = []  # (virtual finish, seq, a, b,
+        # computes units)
+        self.computing = 0  # jobs present that compute units
         self.virtual_s = 0.0  # CPU seconds each job present has received
         self.last_s = 0.0
         self.version = 0
@@ -62,8 +65,9 @@ class SharedCores:
         self.on_done = on_done
 
     def busy_fraction(self) -> float:
-        """The share of the cores computing now."""
-        return min(len(self.jobs) / self.cores, 1.0)
+        """The share of the cores computing units now (a visit's transport work alone moves
+        little memory)."""
+        return min(self.computing / self.cores, 1.0)
 
     def _speed(self) -> float:
         return min(1.0, self.cores / len(self.jobs)) if self.jobs else 0.0
@@ -81,11 +85,13 @@ class SharedCores:
         left_s = max(self.jobs[0][0] - self.virtual_s, 0.0)
         return (now_s + left_s / self._speed(), WAKE, self.version, 0)
 
-    def arrive(self, now_s: float, a: int, b: int, cpu_s: float) -> NewEvent | None:
-        """A job of `cpu_s` CPU seconds starts computing now."""
+    def arrive(self, now_s: float, a: int, b: int, cpu_s: float, units: bool = True
+               ) -> NewEvent | None:
+        """A job of `cpu_s` CPU seconds starts now (`units`: it computes units)."""
         self._advance(now_s)
         self.seq += 1
-        heapq.heappush(self.jobs, (self.virtual_s + cpu_s, self.seq, a, b))
+        heapq.heappush(self.jobs, (self.virtual_s + cpu_s, self.seq, a, b, units))
+        self.computing += units
         return self._next(now_s)
 
     def wake(self, now_s: float, version: int, _b: int) -> list[NewEvent]:
@@ -98,7 +104,8 @@ class SharedCores:
             done.append(heapq.heappop(self.jobs))
         wake = self._next(now_s)
         out = [] if wake is None else [wake]
-        for _finish, _seq, a, b in done:
+        self.computing -= sum(units for *_, units in done)
+        for _finish, _seq, a, b, _units in done:
             nxt = self.on_done(now_s, a, b)
             if nxt is not None:
                 out.append(nxt)

@@ -126,12 +126,13 @@ class _Run:
         """Request r's gap j starts: its client compute and crossings, then job j (or, after
         the last job, its end). On shared client cores its real CPU queues there first."""
         walk = self.walks[r]
-        if self.cores is not None and self.world.client_host is not None:
-            cpu_s = self.world.client_host.cpu_s(self.classes[r], walk.client_s[j],
-                                                 int(j < walk.jobs))
+        host = self.world.client_host
+        if self.cores is not None and host is not None:
+            units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0)
+            cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs))
             if cpu_s > 0:
                 self.gap_started_s[r] = now_s
-                return self.cores.arrive(now_s, r, j, cpu_s)
+                return self.cores.arrive(now_s, r, j, cpu_s, units_s > 0)
         return self._gap_end(now_s + walk.gaps_s[j], r, j)
 
     def _computed(self, now_s: float, r: int, j: int) -> NewEvent | None:
