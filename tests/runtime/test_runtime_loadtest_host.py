@@ -98,7 +98,7 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
         (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
     assert fit.server_slowdown == pytest.approx(2.0)  # the fake server: x2 while computing
-    assert len(fit.server_busy_s) == BUSY_ROUNDS
+    assert len(fit.server_busy_s) == len(fit.server_idle_s) == BUSY_ROUNDS
     # while timed, the clients' cores ran what the split plans run on their clients
     assert fake.segments == client_segments([r for rows in rounds for r in rows])
     assert fake.segments and all(0 <= a < b <= 6 for a, b in fake.segments)
