@@ -137,7 +137,7 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
     assert ready.client_host == fit.host(classes) and fit.cores >= 1
     assert fit.cpu_per_machine_s >= 0 and fit.cpu_per_visit_s > 0
     assert len(fit.server_busy_s) == BUSY_ROUNDS and min(fit.server_busy_s) > 0
-    assert fit.server_slowdown >= 1.0 and fit.concurrency_factor > 0
+    assert fit.server_slowdown >= 1.0
     assert all(r.client_cpu_s > 0 for r in rows)
     job_s = ready.server.step_model.job_s
     assert job_s > 0  # the first round's forwards cost the server CPU outside its steps

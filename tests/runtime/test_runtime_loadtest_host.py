@@ -16,7 +16,6 @@ from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
     BUSY_ROUNDS,
-    COPIES,
     HostFit,
     HostProbes,
     calibrate_host,
@@ -32,7 +31,6 @@ from splitllm.sim.policies import request_instance
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
-TOGETHER = 1.25  # ... and how much more it costs with many requests side by side
 
 
 class FakeClients:
@@ -43,7 +41,6 @@ class FakeClients:
         self.world, self.classes = world, classes
         self.busy_threads = 0
         self.segments: list[tuple[int, int]] = []
-        self.together_ran: list[tuple[int, int, int, str]] = []
 
     def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
         instance = request_instance(self.world.types[0], self.world.clients[c], self.world,
@@ -56,13 +53,8 @@ class FakeClients:
                      round_trips=visits,
                      client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits)
 
-    def together(self, requests: Sequence[tuple[int, int, int, str]]) -> float:
-        """Side by side each request costs TOGETHER x its CPU alone."""
-        self.together_ran = list(requests)
-        return TOGETHER * sum(self.alone(*request).client_cpu_s for request in requests)
-
     def probes(self) -> HostProbes:
-        return HostProbes(alone=self.alone, computing=self.computing, together=self.together)
+        return HostProbes(alone=self.alone, computing=self.computing)
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
@@ -94,7 +86,6 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     fake = FakeClients(world, classes)
     rounds = [idle_check(world, fake.alone) for _ in range(3)]
     fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
-    ran_together = fake.together_ran
     assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
         (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
     assert fit.server_slowdown == pytest.approx(2.0)  # the fake server: x2 while computing
@@ -107,15 +98,10 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.probes(),
                           cores=1)
     assert bare.server_busy_s == () and bare.server_slowdown == 1.0
-    # side by side: every idle-check request COPIES times at once, each class's own
-    assert fit.concurrency_factor == pytest.approx(TOGETHER)
-    assert ran_together == COPIES * [
-        ([c.name for c in world.clients].index(r.client_class), r.prompt_tokens,
-         r.output_tokens, r.placement) for r in rounds[0]]
     host = fit.host(classes)
     assert host == ClientHost(cores=1.0, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
-        (TOGETHER * PER_UNIT_S / 50.0, TOGETHER * PER_UNIT_S / 20.0)),
-        cpu_per_visit_s=pytest.approx(TOGETHER * PER_VISIT_S), server_slowdown=pytest.approx(2.0))
+        (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
+        server_slowdown=pytest.approx(2.0))
     # noise that makes the busy server look faster is no speed-up
     faster = replace(fit, server_busy_s=tuple(0.9 * s for s in fit.server_idle_s))
     assert faster.server_slowdown == 1.0
@@ -165,5 +151,5 @@ def test_the_report_shows_both_predictions() -> None:
     assert "| 11 | +10% | 20 (45% lost) | 15 |" in row
     assert "Fleet: the same prediction with every client its own device" in text
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
-                  server_idle_s=(1.0, 1.1), server_busy_s=(1.6,))
-    assert fit.server_slowdown == pytest.approx(1.6 / 1.05)
+                  server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
+    assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio

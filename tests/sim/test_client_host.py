@@ -104,6 +104,21 @@ def test_the_server_is_slowed_while_the_clients_cores_compute() -> None:
     assert logs[0] == logs[1] and logs[0][1][2] > 10.0  # r1 waited for the core
 
 
+def test_a_clients_units_take_more_cpu_while_the_server_computes() -> None:
+    # As above, but r1 (whose units cost no CPU) arrives at 0.1: its job reaches the server at
+    # 0.6 and its step starts at 0.7, as r0's ends; r0's head then starts on the clients' core
+    # with the server computing: its 10 s of CPU take x3 (the same memory shared); its last
+    # pass's head (5 s of CPU) starts with the server idle.
+    world = tiny_world((0.0, 0.1), prompt=2, output=2, scheduler="batched")
+    client = world.clients[0]
+    host = ClientHost(cores=1.0, cpu_per_client_s=(0.0, 10.0), server_slowdown=3.0)
+    world = replace(world, clients=(client, replace(client, name="busy")),
+                    trace=replace(world.trace, class_index=(1, 0)), client_host=host)
+    assert run_policy(world, "fixed:CSC").client_cores_busy_s == pytest.approx(30.0 + 5.0)
+    unslowed = replace(world, client_host=replace(host, server_slowdown=1.0))
+    assert run_policy(unslowed, "fixed:CSC").client_cores_busy_s == pytest.approx(10.0 + 5.0)
+
+
 def test_the_server_factor_grows_with_the_busy_share_of_the_clients_cores() -> None:
     host = ClientHost(cores=2.0, server_slowdown=2.0)
     assert host.server_factor(0.0) == 1.0

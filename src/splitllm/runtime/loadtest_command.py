@@ -173,15 +173,15 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
               "job); its step model "
               f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
     _progress("the server's seconds with the clients' cores computing")
-    fit = calibrate_host(world, classes, rounds, HostProbes(
-        alone=runner.alone, computing=runner.computing, together=runner.together),
-        cores=client_cores())
+    fit = calibrate_host(world, classes, rounds,
+                         HostProbes(alone=runner.alone, computing=runner.computing),
+                         cores=client_cores())
     world = replace(world, client_host=fit.host(classes))
     runner.world = world
     _progress(f"the EMULATED clients share {fit.cores} core(s): "
               f"{fit.cpu_per_machine_s:.3g} CPU s per second of this machine's unit time, "
-              f"{fit.cpu_per_visit_s * 1e3:.3g} ms per visit, x{fit.concurrency_factor:.3g} "
-              f"side by side; the server x{fit.server_slowdown:.3g} while they compute")
+              f"{fit.cpu_per_visit_s * 1e3:.3g} ms per visit; the server x"
+              f"{fit.server_slowdown:.3g} while they compute (and they x that while it does)")
     return world, fit
 
 

@@ -37,9 +37,7 @@ from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.world import World
 
-COPIES = 2  # the idle check's requests run this many times at once (24: a split's capacity
-# holds 25-30 requests at once)
-BUSY_ROUNDS = 4  # rounds of one policy's idle-check requests with the clients' cores busy
+BUSY_ROUNDS = 6  # rounds of one policy's idle-check requests with the clients' cores busy
 # (two read 1.71 and 1.25 s against 0.87-0.99 s idle: one round's noise is large)
 
 
@@ -52,23 +50,22 @@ class HostFit:
     cpu_per_visit_s: float  # client CPU seconds per visit to the server (transport)
     server_idle_s: tuple[float, ...]  # the server's seconds for the same requests, per round:
     server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
-    concurrency_factor: float = 1.0  # the clients' CPU side by side over alone
 
     @property
     def server_slowdown(self) -> float:
-        """The server's time with the clients' cores busy over idle (>= 1: noise below it)."""
-        idle = statistics.median(self.server_idle_s) if self.server_idle_s else 0.0
-        busy = statistics.median(self.server_busy_s) if self.server_busy_s else 0.0
-        return max(busy / idle, 1.0) if idle > 0 and busy > 0 else 1.0
+        """The server's time with the clients' cores busy over idle, the median of the rounds'
+        ratios (each busy round beside its idle one; >= 1: noise below it)."""
+        ratios = [busy / idle for idle, busy in zip(self.server_idle_s, self.server_busy_s,
+                                                      strict=False) if idle > 0]
+        return max(statistics.median(ratios), 1.0) if ratios else 1.0
 
     def host(self, classes: Sequence[EmulatedClass]) -> ClientHost:
         """The world's clients' machine: each class's CPU per second of its emulated time is
         this machine's CPU per unit second over the class's slowdown."""
-        side_by_side = self.concurrency_factor
         return ClientHost(cores=float(self.cores),
-                          cpu_per_client_s=tuple(side_by_side * self.cpu_per_machine_s
-                                                 / e.slowdown for e in classes),
-                          cpu_per_visit_s=side_by_side * self.cpu_per_visit_s,
+                          cpu_per_client_s=tuple(self.cpu_per_machine_s / e.slowdown
+                                                 for e in classes),
+                          cpu_per_visit_s=self.cpu_per_visit_s,
                           server_slowdown=self.server_slowdown)
 
     def to_json(self) -> dict[str, Any]:
@@ -76,8 +73,7 @@ class HostFit:
                 "cpu_per_visit_s": self.cpu_per_visit_s,
                 "server_idle_s": list(self.server_idle_s),
                 "server_busy_s": list(self.server_busy_s),
-                "server_slowdown": self.server_slowdown,
-                "concurrency_factor": self.concurrency_factor}
+                "server_slowdown": self.server_slowdown}
 
 
 def client_cores() -> int:
@@ -113,7 +109,6 @@ def client_segments(rows: Sequence[IdleRow]) -> list[tuple[int, int]]:
 
 
 Computing = Callable[[int, Sequence[tuple[int, int]]], contextlib.AbstractContextManager[None]]
-Together = Callable[[Sequence[tuple[int, int, int, str]]], float]  # requests -> CPU seconds
 
 
 @dataclass(frozen=True)
@@ -122,33 +117,17 @@ class HostProbes:
 
     alone: Runner  # one request by itself
     computing: Computing  # within: the clients' cores busy with these client unit ranges
-    together: Together  # the client process's CPU seconds for requests run all at once
-
-
-def concurrency_factor(world: World, rounds: Sequence[Sequence[IdleRow]],
-                       together: Together) -> float:
-    """The client process's CPU for the rounds' requests run `COPIES` times all at once, over
-    the same requests' CPU alone (each row's median over the rounds): what a probe's side by
-    side requests cost the clients' cores beyond their idle CPU (threads, the interpreter's
-    lock, caches shared)."""
-    names = [c.name for c in world.clients]
-    alone_s = COPIES * sum(statistics.median(found[i].client_cpu_s for found in rounds)
-                           for i in range(len(rounds[0])))
-    requests = [(names.index(r.client_class), r.prompt_tokens, r.output_tokens, r.placement)
-                for r in rounds[0]]
-    return together(requests * COPIES) / alone_s if alone_s > 0 else 1.0
 
 
 def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                    rounds: Sequence[Sequence[IdleRow]], probes: HostProbes, *,
                    cores: int) -> HostFit:
-    """Fit the clients' CPU on the calibration `rounds` (the idle check's rows) and their
-    CPU side by side (`concurrency_factor`), and time one policy's idle-check requests again
+    """Fit the clients' CPU on the calibration `rounds` (the idle check's rows), and time one
+    policy's idle-check requests again
     (`BUSY_ROUNDS`), each round once idle and once while `probes.computing(cores, segments)`
     keeps the clients' cores busy with the plans' client units (none: no slowdown timed)."""
     rows = [r for found in rounds for r in found]
     per_unit_s, per_visit_s = fit_client_cpu(rows, classes)
-    factor = concurrency_factor(world, rounds, probes.together)
     policy = "server-only" if "server-only" in world.policies else world.policies[0]
     one = replace(world, policies=(policy,))
     idle, busy = [], []
@@ -159,5 +138,4 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
         with probes.computing(cores, segments):
             busy.append(_server_s(idle_check(one, probes.alone), policy))
     return HostFit(cores=cores, cpu_per_machine_s=per_unit_s, cpu_per_visit_s=per_visit_s,
-                   server_idle_s=tuple(idle), server_busy_s=tuple(busy),
-                   concurrency_factor=factor)
+                   server_idle_s=tuple(idle), server_busy_s=tuple(busy))

@@ -215,15 +215,6 @@ class RealRunner:
             while self.opened[c] < min(int(count), self.opts.max_in_flight):
                 self.pools[c].put(self._dial(c))
 
-    def together(self, requests: Sequence[tuple[int, int, int, str]]) -> float:
-        """This process's CPU seconds for `requests` (class, prompt, output tokens, sides) run
-        all at once, each in a worker thread, as a probe's requests run side by side."""
-        self._connect_ahead([c for c, _, _, _ in requests])
-        start_cpu_s = time.process_time()
-        for future in [self.pool.submit(self.alone, *request) for request in requests]:
-            future.result()
-        return time.process_time() - start_cpu_s
-
     async def _probe(self, policy: str, rate_per_s: float, time_left_s: float) -> Probe:
         world = self.world.with_rate(rate_per_s)
         load = sample_workload(world)

@@ -8,7 +8,11 @@ core(s), computing their units for real and sleeping up to their emulated device
   passes computing at once at min(1, cores / n) of a core (`SharedCores`); a pass lasts
   max(its emulated time, its completion there), never less than its emulated time;
 - the server's steps take `server_factor` times their time, growing with the share of the
-  clients' cores busy (their compute and the server's share this machine's memory bandwidth).
+  clients' cores busy computing units (their compute and the server's share this machine's
+  memory bandwidth); and alike, a pass's unit CPU that starts while the server computes takes
+  `server_slowdown` times its CPU (the same sharing seen from the other side: measured at the
+  splits' rates, with the server about half busy, a unit cost 1.24-1.34 CPU s per second of
+  this machine's time against 1.15-1.19 alone).
 """
 
 from __future__ import annotations

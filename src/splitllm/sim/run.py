@@ -19,7 +19,7 @@ from splitllm.sim.client_host import SharedCores
 from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.load import LoadMeter, met_limits
 from splitllm.sim.policies import PlanPolicy
-from splitllm.sim.server import BusyMeter, make_server
+from splitllm.sim.server import BatchedServer, BusyMeter, make_server
 from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
@@ -129,6 +129,8 @@ class _Run:
         host = self.world.client_host
         if self.cores is not None and host is not None:
             units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0)
+            if isinstance(self.server, BatchedServer) and self.server.running:
+                units_s *= host.server_slowdown  # the server's compute slows theirs alike
             cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs))
             if cpu_s > 0:
                 self.gap_started_s[r] = now_s
