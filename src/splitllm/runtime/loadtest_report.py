@@ -269,8 +269,9 @@ def _host_text(world: World) -> str:
             f"{host.cpu_per_visit_s * 1e3:.3g} ms per visit; fitted on the calibration "
             "rounds), a pass lasting its emulated time or, if longer, until its CPU is done; "
             f"and the server's steps x{host.server_slowdown:.3g} while those cores are all "
-            "busy (timed on the idle check's requests with the clients' cores running the "
-            "model), in proportion between.")
+            "busy computing units (timed on server-only's idle-check requests with the "
+            "clients' cores running the split plans' client units), in proportion between, "
+            "and a pass's units that start while the server computes x that CPU alike.")
 
 
 def _job_s(world: World) -> float:
