@@ -21,10 +21,9 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from splitllm.sim.engine import Kind, NewEvent
+from splitllm.sim.engine import Kind, NewEvent, pop_due
 
 WAKE = Kind.CLIENT_WAKE
-REL_EPS = 1e-12
 OnDone = Callable[[float, int, int], NewEvent | None]  # (now, a, b) -> the next event
 
 
@@ -102,10 +101,7 @@ class SharedCores:
         if version != self.version:
             return []
         self._advance(now_s)
-        done = [heapq.heappop(self.jobs)]
-        limit = self.virtual_s * (1 + REL_EPS) + REL_EPS
-        while self.jobs and self.jobs[0][0] <= limit:
-            done.append(heapq.heappop(self.jobs))
+        done = pop_due(self.jobs, self.virtual_s)
         wake = self._next(now_s)
         out = [] if wake is None else [wake]
         self.computing -= sum(units for *_, units in done)

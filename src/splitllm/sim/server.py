@@ -23,13 +23,12 @@ from collections import deque
 from collections.abc import Callable
 
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.engine import Kind, NewEvent
+from splitllm.sim.engine import Kind, NewEvent, pop_due
 from splitllm.sim.world import ServerSpec
 
 WAKE = Kind.SERVER_WAKE  # the event every scheduling model schedules for itself
 OnDone = Callable[[float, int, int, float, int, "float | None"], "NewEvent | None"]
 SOLO = 1.0  # a job served alone is charged its own service time
-REL_EPS = 1e-12
 
 
 class BusyMeter:
@@ -117,11 +116,7 @@ class PsServer:
         if version != self.version:
             return None
         self._advance(now_s)
-        # The head job is the one this wake-up was for; others finishing together go too.
-        done = [heapq.heappop(self.jobs)]
-        limit = self.virtual_s * (1 + REL_EPS) + REL_EPS
-        while self.jobs and self.jobs[0][0] <= limit:
-            done.append(heapq.heappop(self.jobs))
+        done = pop_due(self.jobs, self.virtual_s)
         out = self._next(now_s)
         for _finish, _seq, r, j in done:
             nxt = self.on_done(now_s, r, j, SOLO, 1, None)
