@@ -21,6 +21,7 @@ from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.loadtest import Capacity, Probe
 from splitllm.runtime.loadtest_command import calibrated, under_load
+from splitllm.runtime.loadtest_host import BUSY_ROUNDS
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import (
@@ -126,11 +127,18 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
                                 policies=("server-only", "fixed:CCSSSC"))
     runner = RealRunner(tiny_llama, world, classes, RunnerOptions(server=llama_server.ws_url))
     try:
-        ready = calibrated(world, runner, llama_server.ws_url, None)
+        ready, fit = calibrated(world, runner, llama_server.ws_url, None, classes)
         rows = idle_check(ready, runner.alone)
     finally:
         runner.close()
     assert ready.server.step_model is not None and runner.world is ready
+    # the clients share this machine: their CPU fitted on the rounds, the server timed again
+    # (server-only's requests) while their cores ran the model
+    assert ready.client_host == fit.host(classes) and fit.cores >= 1
+    assert fit.cpu_per_machine_s >= 0 and fit.cpu_per_visit_s > 0
+    assert len(fit.server_busy_s) == BUSY_ROUNDS and min(fit.server_busy_s) > 0
+    assert fit.server_slowdown >= 1.0
+    assert all(r.client_cpu_s > 0 for r in rows)
     job_s = ready.server.step_model.job_s
     assert job_s > 0  # the first round's forwards cost the server CPU outside its steps
     names = [c.name for c in world.clients]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -235,12 +235,18 @@ class PolicyResult:
 
     policy: str
     measured: Capacity
-    simulated_capacity_per_s: float  # the prediction: the world of the idle server's model
+    simulated_capacity_per_s: float  # the prediction: the world of the idle server's model,
+    # its clients as the load test runs them (sharing this machine, where the world says so)
     simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
     simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
     # again, after the probes, on the step model the server refitted under them (a posteriori:
     # it reads the measurement; NaN where not run)
     simulated_under_load_per_s: float = math.nan
+    # the same world with every client its own device (a real fleet; NaN: the world's
+    # clients are that already), and with the clients' cores shared but the server not slowed
+    # by them (what each of the two pieces of co-location explains)
+    simulated_fleet_per_s: float = math.nan
+    simulated_unslowed_per_s: float = math.nan
 
     @property
     def at_capacity(self) -> Probe | None:
@@ -273,6 +279,17 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
             return clock() >= by_s
 
         simulated = find_capacity(world, policy, stop=out_of_time)
+        fleet_rate = unslowed_rate = math.nan
+        host = world.client_host
+        if host is not None:
+            fleet_rate = find_capacity(replace(world, client_host=None), policy,
+                                       stop=out_of_time).rate_per_s
+            unslowed_rate = find_capacity(replace(world, client_host=replace(
+                host, server_slowdown=1.0)), policy, stop=out_of_time).rate_per_s
+            progress(f"{policy}: simulated capacity of a fleet (each client its own device) "
+                     f"{fleet_rate:.3g} req/s, its clients on this machine's shared cores "
+                     f"{unslowed_rate:.3g} req/s, and the server slowed while they compute "
+                     f"{simulated.rate_per_s:.3g} req/s")
         guess = simulated.rate_per_s
         if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
             guess = first_guess_rate(world, policy)
@@ -307,5 +324,6 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
         at_rate = (run_point(world, policy, measured.rate_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
         results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate, under_rate))
+                                    simulated.cut_short, at_rate, under_rate, fleet_rate,
+                                    unslowed_rate))
     return results

@@ -24,8 +24,9 @@ from splitllm.errors import UserError
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
     from splitllm.runtime.loadtest import Capacity, UnderLoad
+    from splitllm.runtime.loadtest_host import HostFit
     from splitllm.runtime.loadtest_run import RealRunner
-    from splitllm.runtime.loadtest_world import LoadtestSpec
+    from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec
     from splitllm.sim.world import World
 
 QUICK_REQUESTS, QUICK_REL_TOL, QUICK_MINUTES = 24, 0.3, 10.0
@@ -141,34 +142,47 @@ CALIBRATION_ROUNDS = 3  # their median: a one-off cost in one round (measured: 2
 # forward in one quiet run's only round against 4.0 in another's) must not price every forward
 
 
-def calibrated(world: World, runner: RealRunner, url: str, token: str | None) -> World:
+def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
+               classes: tuple[EmulatedClass, ...]) -> tuple[World, HostFit]:
     """The world on the step model the server refitted on first rounds of the idle check's
     requests, with the server's CPU per forward outside its steps measured over them (the
     median round's): what the simulated server runs, what both sides' planners charge, and
     what the idle check then predicts with (measured over that check itself, its predictions
-    lacked it: 3 ms per forward, the +7 to +10 ms every request ran over its prediction)."""
+    lacked it: 3 ms per forward, the +7 to +10 ms every request ran over its prediction). Its
+    clients share this machine (`loadtest_host`): their CPU fitted on the same rounds, the
+    server's slowdown while their cores compute timed after them."""
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.loadtest import server_job_s
+    from splitllm.runtime.loadtest_host import HostProbes, calibrate_host, client_cores
     from splitllm.runtime.loadtest_idle import idle_check
     from splitllm.runtime.loadtest_world import with_step_model
     from splitllm.stepmodel import StepModel
 
     _progress("the server's own seconds per forward, over first rounds of the idle check")
-    jobs_s = []
+    jobs_s, rounds = [], []
     for _ in range(CALIBRATION_ROUNDS):
         before = runner.metrics()
-        idle_check(world, runner.alone)
+        rounds.append(idle_check(world, runner.alone))
         jobs_s.append(server_job_s(before, runner.metrics()))
     job_s = statistics.median(jobs_s)
     live = fetch_info(url, token)
     refitted = StepModel.from_json(live["step_model"])  # its job_s: a visit's part in the steps
     world = with_step_model(world, replace(refitted, job_s=refitted.job_s + job_s))
-    runner.world = world
     _progress(f"the server's CPU outside its engine steps: {job_s * 1e3:.3g} ms per forward "
               f"(the median of {', '.join(f'{j * 1e3:.3g}' for j in jobs_s)}; charged per "
               "job); its step model "
               f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
-    return world
+    _progress("the server's seconds with the clients' cores computing")
+    fit = calibrate_host(world, classes, rounds,
+                         HostProbes(alone=runner.alone, computing=runner.computing),
+                         cores=client_cores())
+    world = replace(world, client_host=fit.host(classes))
+    runner.world = world
+    _progress(f"the EMULATED clients share {fit.cores} core(s): "
+              f"{fit.cpu_per_machine_s:.3g} CPU s per second of this machine's unit time, "
+              f"{fit.cpu_per_visit_s * 1e3:.3g} ms per visit; the server x"
+              f"{fit.server_slowdown:.3g} while they compute (and they x that while it does)")
+    return world, fit
 
 
 def under_load(url: str, token: str | None) -> UnderLoad:
@@ -177,7 +191,8 @@ def under_load(url: str, token: str | None) -> UnderLoad:
     EMULATED clients compute their units for real on this machine's other core, and their
     memory traffic slows the server's steps: blocks ran 1.2-2.9x the idle server's model while
     splits ran, 0.97-1.4x while server-only ran (whose clients compute nothing; the rest is the
-    other work on the machine)."""
+    other work on the machine). That model holds the slowdown: the world's co-located clients
+    no longer add it (their cores stay shared)."""
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.loadtest_world import with_step_model
     from splitllm.stepmodel import StepModel
@@ -192,7 +207,9 @@ def under_load(url: str, token: str | None) -> UnderLoad:
             f"x{step.block.seconds(t) / before.block.seconds(t):.2f} at {t}" for t in (1, 4, 16))
             + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward beyond "
             "the units (a visit's part of the steps and the CPU outside them)")
-        return with_step_model(world, replace(step, job_s=job_s))
+        host = world.client_host
+        unslowed = replace(world, client_host=host and replace(host, server_slowdown=1.0))
+        return with_step_model(unslowed, replace(step, job_s=job_s))
 
     return loaded
 
@@ -242,7 +259,7 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         runner = RealRunner(loaded, world, classes, RunnerOptions(
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)
-        world = calibrated(world, runner, url, token)
+        world, host = calibrated(world, runner, url, token, classes)
         _progress("each policy's plan for the largest requests, alone on the idle server")
         idle = idle_check(world, runner.alone)
         # less what ran before, and a longest SLA kept for the requests a cut-off probe still
@@ -255,7 +272,8 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
     header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,
                          model=loaded.model_id, where=where)
     document = study_json(results, world, classes, scenario=scenario_name,
-                          length_scale=spec.length_scale, idle=idle_json(idle))
+                          length_scale=spec.length_scale, idle=idle_json(idle),
+                          client_host=host.to_json())
     markdown = report_md(results, header, idle_md(idle), classes)
     if out is not None:
         write_report(out, markdown, document)

@@ -15,6 +15,7 @@ before any capacity is searched, whether the planner's model of a request holds:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ class Alone:
     client_busy_s: float  # the client's units, emulation included
     server_busy_s: float  # the server's compute for this session
     round_trips: int
+    client_cpu_s: float = math.nan  # the client process's CPU seconds for it (units, transport)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +68,7 @@ class IdleRow:
     measured: Parts
     ttft_s: float
     round_trips: int
+    client_cpu_s: float = math.nan  # measured: the client process's CPU seconds for it
 
     @property
     def met(self) -> bool:
@@ -113,7 +116,7 @@ def idle_check(world: World, run_alone: Runner) -> list[IdleRow]:
                     sla_s=rtype.sla_s, predicted=predicted_parts(evaluate(instance,
                                                                           decision.placement)),
                     measured=measured_parts(alone), ttft_s=alone.ttft_s,
-                    round_trips=alone.round_trips))
+                    round_trips=alone.round_trips, client_cpu_s=alone.client_cpu_s))
     return rows
 
 
@@ -159,5 +162,6 @@ def idle_json(rows: list[IdleRow]) -> list[dict[str, Any]]:
              "policy": r.policy, "placement": r.placement, "planned": r.planned,
              "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
              "sla_s": r.sla_s, "met": r.met, "predicted": parts(r.predicted),
-             "measured": parts(r.measured), "ttft_s": r.ttft_s, "round_trips": r.round_trips}
+             "measured": parts(r.measured), "ttft_s": r.ttft_s, "round_trips": r.round_trips,
+             "client_cpu_s": r.client_cpu_s if math.isfinite(r.client_cpu_s) else None}
             for r in rows]

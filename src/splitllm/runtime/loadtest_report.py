@@ -33,6 +33,10 @@ def _pct(err: float | None) -> str:
     return "n/a" if err is None else f"{err:+.0%}"
 
 
+def _lost(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%} lost"
+
+
 def _metrics_json(m: RunMetrics) -> dict[str, Any]:
     return {"rate_req_s": m.rate_per_s, "requests": m.requests, "completed": m.completed,
             "attainment": _num(m.sla_attainment), "throughput_req_s": m.throughput_per_s,
@@ -71,6 +75,9 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
         "simulated_search_cut_short": r.simulated_cut_short,
         "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
+        "simulated_fleet_capacity_req_s": _num(r.simulated_fleet_per_s),
+        "simulated_unslowed_capacity_req_s": _num(r.simulated_unslowed_per_s),
+        "colocation_cost": _num(colocation_cost(r)),
         "simulated_under_load_capacity_req_s": _num(r.simulated_under_load_per_s),
         "under_load_capacity_rel_err": _num(_rel_err(r.simulated_under_load_per_s,
                                                      r.measured.rate_per_s)),
@@ -78,6 +85,15 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
                                   if r.simulated_at_capacity else None),
         "probes": [_probe_json(p) for p in r.measured.probes],
     }
+
+
+def colocation_cost(r: PolicyResult) -> float:
+    """The share of a fleet's simulated capacity lost by clients that share one machine (as
+    the load test's EMULATED clients do): 1 - co-located / fleet (nan: not simulated)."""
+    fleet = r.simulated_fleet_per_s
+    if math.isfinite(fleet) and fleet > 0 and math.isfinite(r.simulated_capacity_per_s):
+        return 1.0 - r.simulated_capacity_per_s / fleet
+    return math.nan
 
 
 def verdict(results: list[PolicyResult], classes: tuple[EmulatedClass, ...] = ()) -> str:
@@ -165,7 +181,8 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
                      f"{e.scenario_device} as this machine x{e.slowdown:.3g} slower")
     lines += ["", "Every client runs in this one process (threads, one connection each), "
               "pinned apart from a local server where the OS allows; their compute shares "
-              "the client's cores. The simulator's prediction: the same world, batched server "
+              "the client's cores. " + _host_text(world) + " The simulator's prediction: "
+              "the same world, batched server "
               "with the step model the server announced (/v1/info: refitted on its engine's "
               "steps) after three rounds of the idle check's requests (the idle model, where "
               "each search starts), and again after each policy's probes (the server as they "
@@ -189,15 +206,20 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
     lines = ["# Load test: measured against simulated goodput capacity\n",
              verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
-             "Simulated: the prediction, on the step model the server refitted on the idle "
-             "check's first rounds (where the search starts). Under its probes: again after them, "
-             "on the model the server refitted under them and their CPU per forward outside the "
-             "steps (a posteriori: it reads the measurement, so it is no prediction of it).", "",
+             "Simulated: the prediction for the world measured here, on the step model the "
+             "server refitted on the idle check's first rounds (where the search starts), its "
+             "EMULATED clients sharing this machine's client cores (their real CPU there, the "
+             "server slowed while those compute). Fleet: the same prediction with every client "
+             "its own device (a real fleet; what the co-location costs beside it). Under its "
+             "probes: again after them, on the model the server refitted under them and their "
+             "CPU per forward outside the steps (a posteriori: it reads the measurement, so it "
+             "is no prediction of it).", "",
              "| policy | capacity measured (req/s) | simulated | sim error | "
+             "fleet (co-location's cost) | shared cores, server not slowed | "
              "under its probes (error) | "
              "attainment | goodput (req/s) | TTFT p50 / p90 / p99 (s) | "
              "TPOT p50 / p90 / p99 (s) | server CPU s / request | probes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         j = policy_json(r)
         err = j["capacity_rel_err"]
@@ -208,6 +230,8 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
         lines.append(
             f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
             f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {_pct(err)} | "
+            f"{r.simulated_fleet_per_s:.3g} ({_lost(j['colocation_cost'])}) | "
+            f"{r.simulated_unslowed_per_s:.3g} | "
             f"{r.simulated_under_load_per_s:.3g} ({_pct(j['under_load_capacity_rel_err'])}) | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
@@ -233,20 +257,40 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
     return "\n".join(lines) + "\n"
 
 
+def _host_text(world: World) -> str:
+    """What the simulated world knows of the clients' shared machine."""
+    host = world.client_host
+    if host is None:
+        return "The simulated world gives each client its own device."
+    per_class = ", ".join(f"{c.name} {f * 1e3:.3g} ms" for c, f in
+                          zip(world.clients, host.cpu_per_client_s, strict=True))
+    return (f"The simulated world shares them too: {host.cores:g} processor-shared core(s), "
+            f"each client pass's real CPU there (per second of its emulated time: {per_class}; "
+            f"{host.cpu_per_visit_s * 1e3:.3g} ms per visit; fitted on the calibration "
+            "rounds), a pass lasting its emulated time or, if longer, until its CPU is done; "
+            f"and the server's steps x{host.server_slowdown:.3g} while those cores are all "
+            "busy computing units (timed on server-only's idle-check requests with the "
+            "clients' cores running the split plans' client units), in proportion between, "
+            "and a pass's units that start while the server computes x that CPU alike.")
+
+
 def _job_s(world: World) -> float:
     step = world.server.step_model
     return step.job_s if step is not None else 0.0
 
 
 def study_json(results: list[PolicyResult], world: World, classes: tuple[EmulatedClass, ...],
-               *, scenario: str, length_scale: float, idle: list[dict[str, Any]] | None = None
-               ) -> dict[str, Any]:
+               *, scenario: str, length_scale: float, idle: list[dict[str, Any]] | None = None,
+               client_host: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `--json` document (results.json holds the same)."""
     return {"policies": {r.policy: policy_json(r) for r in results}, "idle": idle or [],
+            "client_host": client_host,
             "scenario": scenario, "length_scale": length_scale,
             "requests_per_probe": world.sweep.min_requests,
             "sla_s": {t.name: t.sla_s for t in world.types},
             "visit_s": world.clients[0].link.visit_s, "server_job_s": _job_s(world),
+            "step_model": (world.server.step_model.to_json()
+                           if world.server.step_model is not None else None),
             "emulated": [{**asdict(e), "link": asdict(e.link)} for e in classes],
             "verdict": verdict(results, classes)}
 

@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -158,7 +159,7 @@ class RealRunner:
         """One request of class `class_index` run by itself, its latency to its last token."""
         session = self._session(class_index)
         times: list[float] = []
-        start_s = time.perf_counter()
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
         try:
             generation = session.generate(
                 self._prompt(0, prompt_tokens), output_tokens, placement=placement, chat=False,
@@ -167,16 +168,49 @@ class RealRunner:
             self.pools[class_index].put(session)
         return Alone(latency_s=times[-1] - start_s, ttft_s=times[0] - start_s,
                      client_busy_s=generation.client_busy_s,
-                     server_busy_s=generation.server_busy_s, round_trips=generation.round_trips)
+                     server_busy_s=generation.server_busy_s, round_trips=generation.round_trips,
+                     client_cpu_s=time.process_time() - start_cpu_s)
+
+    @contextlib.contextmanager
+    def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
+        """Within: `threads` threads of this process run the client unit ranges `segments`
+        for real, one position a pass, without pause (the clients' cores busy with what the
+        splits' clients compute)."""
+        import torch
+
+        from splitllm.runtime.units import UnitStack
+
+        stack = UnitStack(self.loaded.model)
+        stop = threading.Event()
+        ids = torch.zeros((1, 1), dtype=torch.long)  # [1, 1]
+        hidden = torch.zeros((1, 1, int(self.loaded.model.config.hidden_size)),
+                             dtype=stack.dtype)  # [1, 1, D]
+
+        def compute() -> None:
+            with torch.inference_mode():
+                while not stop.is_set():
+                    for a, b in segments:
+                        stack.run(a, b, ids if a == 0 else hidden, ids, stack.new_cache(a, b))
+
+        workers = [threading.Thread(target=compute, daemon=True) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
 
     def probe(self, policy: str, rate_per_s: float, time_left_s: float = math.inf) -> Probe:
         """Run `policy` at `rate_per_s` for real and measure it, ending within `time_left_s`."""
         return asyncio.run(self._probe(policy, rate_per_s, time_left_s))
 
-    def _connect_ahead(self, load: Workload) -> None:
-        """Open the connections a probe may need before its clock starts (a handshake over an
-        emulated link is not part of a request)."""
-        counts = np.bincount(load.class_index, minlength=len(self.classes))
+    def _connect_ahead(self, class_index: Sequence[int] | np.ndarray) -> None:
+        """Open the connections requests of these classes may need before a clock starts (a
+        handshake over an emulated link is not part of a request)."""
+        counts = np.bincount(np.asarray(class_index, dtype=np.int64),
+                             minlength=len(self.classes))
         for c, count in enumerate(counts):
             while self.opened[c] < min(int(count), self.opts.max_in_flight):
                 self.pools[c].put(self._dial(c))
@@ -184,7 +218,7 @@ class RealRunner:
     async def _probe(self, policy: str, rate_per_s: float, time_left_s: float) -> Probe:
         world = self.world.with_rate(rate_per_s)
         load = sample_workload(world)
-        self._connect_ahead(load)
+        self._connect_ahead(load.class_index)
         n = len(load)
         plans = PlanPolicy(world, policy)
         server_load = ServerLoad(world.wait_tau_s, world.plan_headroom)

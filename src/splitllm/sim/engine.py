@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from enum import IntEnum
+from typing import Any
 
 NewEvent = tuple[float, int, int, int]  # (time_s, kind, a, b): what a handler asks for
 
@@ -21,6 +22,7 @@ class Kind(IntEnum):
     ARRIVE = 0  # a request arrives: a = request
     AT_SERVER = 1  # a request's job reaches the server: a = request, b = job
     SERVER_WAKE = 2  # the server model's own wake-up (a job or a step ends): a, b are its own
+    CLIENT_WAKE = 3  # the shared client cores' wake-up (`client_host`): a, b are its own
 
 
 def handler_table(handlers: dict[Kind, Handler]) -> list[Handler]:
@@ -71,3 +73,16 @@ def run(queue: EventQueue, handlers: Sequence[Handler], until_s: float = float("
     queue.pushed = seq
     queue.popped += popped
     return now_s
+
+
+REL_EPS = 1e-12
+
+
+def pop_due(jobs: list[Any], virtual_s: float) -> list[Any]:
+    """From a heap of (virtual finish, ...) jobs under processor sharing: the head job, which a
+    wake-up was for, and every other one due by `virtual_s` (finishing together, to rounding)."""
+    done = [heapq.heappop(jobs)]
+    limit = virtual_s * (1 + REL_EPS) + REL_EPS
+    while jobs and jobs[0][0] <= limit:
+        done.append(heapq.heappop(jobs))
+    return done

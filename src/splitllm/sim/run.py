@@ -15,10 +15,11 @@ import numpy as np
 
 from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
+from splitllm.sim.client_host import SharedCores
 from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.load import LoadMeter, met_limits
 from splitllm.sim.policies import PlanPolicy
-from splitllm.sim.server import BusyMeter, make_server
+from splitllm.sim.server import BatchedServer, BusyMeter, make_server
 from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
@@ -51,6 +52,7 @@ class RunRecord:
     job_delay_mean_s: float  # mean queue wait of the server jobs (`stepmodel.queue_wait_s`)
     events: int
     job_log: tuple[tuple[int, int, float, float], ...] = ()  # (r, j, at server, done) if asked
+    client_cores_busy_s: float = 0.0  # core-seconds the shared client cores computed (if any)
 
 
 class _Run:
@@ -82,7 +84,17 @@ class _Run:
         self.busy = BusyMeter(world.warmup_s, world.horizon_s)
         batched = world.server.scheduler == "batched"
         cost = BatchCost(world, world.server.step_model) if batched else None
-        self.server = make_server(world.server, self._done, self.busy, self._shape, cost)
+        host = world.client_host
+        self.cores = None if host is None else SharedCores(host.cores, self._computed)
+        self.gap_started_s = [0.0] * n  # when the request's current gap began (shared cores)
+        slowed = host is not None and host.server_slowdown != 1.0
+        self.server = make_server(world.server, self._done, self.busy, self._shape, cost,
+                                  self._server_slowdown if slowed else None)
+
+    def _server_slowdown(self) -> float:
+        """A server step's time factor now: the shared client cores' share busy."""
+        assert self.world.client_host is not None and self.cores is not None
+        return self.world.client_host.server_factor(self.cores.busy_fraction())
 
     def _walk(self, now_s: float, r: int) -> Walk:
         t, c, p, g = self.types[r], self.classes[r], self.prompts[r], self.outputs[r]
@@ -102,14 +114,47 @@ class _Run:
         out: list[NewEvent] = []
         if r + 1 < len(self.arrivals):  # one pending arrival keeps the heap small
             out.append((self.arrivals[r + 1], ARRIVE, r + 1, 0))
-        walk = self._walk(now_s, r)
+        walk = self.walks[r] = self._walk(now_s, r)
         if not walk.jobs:  # runs entirely on its client
             self.first_token[r] = now_s + walk.first_token_tail_s
-            self._finish(r, now_s + walk.gaps_s[0])
-            return out
-        self.walks[r] = walk
-        out.append((now_s + walk.gaps_s[0], AT_SERVER, r, 0))
+        nxt = self._gap(now_s, r, 0)
+        if nxt is not None:
+            out.append(nxt)
         return out
+
+    def _gap(self, now_s: float, r: int, j: int) -> NewEvent | None:
+        """Request r's gap j starts: its client compute and crossings, then job j (or, after
+        the last job, its end). On shared client cores its real CPU queues there first."""
+        walk = self.walks[r]
+        host = self.world.client_host
+        if self.cores is not None and host is not None:
+            units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0)
+            if isinstance(self.server, BatchedServer) and self.server.running:
+                units_s *= host.server_slowdown  # the server's compute slows theirs alike
+            cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs))
+            if cpu_s > 0:
+                self.gap_started_s[r] = now_s
+                return self.cores.arrive(now_s, r, j, cpu_s, units_s > 0)
+        return self._gap_end(now_s + walk.gaps_s[j], r, j)
+
+    def _computed(self, now_s: float, r: int, j: int) -> NewEvent | None:
+        """Gap j's CPU is done on the shared cores: its client compute took its device's time
+        or, if longer, until now (the client sleeps up to its device's time, never less; a
+        visit's transport CPU alone is in the link's visit cost already)."""
+        walk, started_s = self.walks[r], self.gap_started_s[r]
+        assert self.world.client_host is not None
+        visit_cpu_s = self.world.client_host.cpu_per_visit_s if j < walk.jobs else 0.0
+        client_s = max(walk.client_s[j], now_s - started_s - visit_cpu_s)
+        end_s = started_s + walk.gaps_s[j] - walk.client_s[j] + client_s
+        return self._gap_end(max(end_s, now_s), r, j)  # not before its CPU is done
+
+    def _gap_end(self, at_s: float, r: int, j: int) -> NewEvent | None:
+        walk = self.walks[r]
+        if j < walk.jobs:
+            return (at_s, AT_SERVER, r, j)
+        self._finish(r, at_s)
+        self.walks[r] = NO_WALK  # done: free its walk
+        return None
 
     def _at_server(self, now_s: float, r: int, j: int) -> list[NewEvent] | None:
         self.at_server[r] = now_s
@@ -132,11 +177,7 @@ class _Run:
         j += 1
         if j == walk.jobs_per_pass:  # the first pass's last job: the first token is on its way
             self.first_token[r] = now_s + walk.first_token_tail_s
-        if j < len(walk.service_s):
-            return (now_s + walk.gaps_s[j], AT_SERVER, r, j)
-        self._finish(r, now_s + walk.gaps_s[j])
-        self.walks[r] = NO_WALK  # done: free its walk
-        return None
+        return self._gap(now_s, r, j)
 
     def _finish(self, r: int, at_s: float) -> None:
         self.finished[r] = at_s
@@ -157,10 +198,15 @@ class _Run:
         queue = engine.EventQueue()
         if self.arrivals:
             queue.push(self.arrivals[0], ARRIVE, 0, 0)
-        handlers = engine.handler_table({ARRIVE: self._arrive, AT_SERVER: self._at_server,
-                                         Kind.SERVER_WAKE: self.server.wake})
+        handlers = engine.handler_table({
+            ARRIVE: self._arrive, AT_SERVER: self._at_server, Kind.SERVER_WAKE: self.server.wake,
+            Kind.CLIENT_WAKE: self.cores.wake if self.cores is not None else _no_cores})
         engine.run(queue, handlers, until_s=self.world.horizon_s + self.world.max_sla_s)
         return queue.popped
+
+
+def _no_cores(_now_s: float, _a: int, _b: int) -> None:
+    """No shared client cores in this world: nothing wakes them."""
 
 
 def run_policy(world: World, policy: str, log: bool = False) -> RunRecord:
@@ -188,4 +234,5 @@ def run_policy(world: World, policy: str, log: bool = False) -> RunRecord:
         job_delay_mean_s=run.delay_sum / run.delay_n if run.delay_n else 0.0,
         events=events,
         job_log=tuple(run.log or ()),
+        client_cores_busy_s=run.cores.busy_s if run.cores is not None else 0.0,
     )

@@ -23,13 +23,12 @@ from collections import deque
 from collections.abc import Callable
 
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.engine import Kind, NewEvent
+from splitllm.sim.engine import Kind, NewEvent, pop_due
 from splitllm.sim.world import ServerSpec
 
 WAKE = Kind.SERVER_WAKE  # the event every scheduling model schedules for itself
 OnDone = Callable[[float, int, int, float, int, "float | None"], "NewEvent | None"]
 SOLO = 1.0  # a job served alone is charged its own service time
-REL_EPS = 1e-12
 
 
 class BusyMeter:
@@ -117,11 +116,7 @@ class PsServer:
         if version != self.version:
             return None
         self._advance(now_s)
-        # The head job is the one this wake-up was for; others finishing together go too.
-        done = [heapq.heappop(self.jobs)]
-        limit = self.virtual_s * (1 + REL_EPS) + REL_EPS
-        while self.jobs and self.jobs[0][0] <= limit:
-            done.append(heapq.heappop(self.jobs))
+        done = pop_due(self.jobs, self.virtual_s)
         out = self._next(now_s)
         for _finish, _seq, r, j in done:
             nxt = self.on_done(now_s, r, j, SOLO, 1, None)
@@ -134,8 +129,10 @@ class BatchedServer:
     """Steps that each serve the jobs waiting when the step starts (up to `max_batch`)."""
 
     def __init__(self, spec: ServerSpec, on_done: OnDone, busy: BusyMeter,
-                 shape: Callable[[int, int], JobShape], cost: BatchCost) -> None:
+                 shape: Callable[[int, int], JobShape], cost: BatchCost,
+                 slowdown: Callable[[], float] | None = None) -> None:
         self.max_batch = spec.max_batch
+        self.slowdown = slowdown  # a step's time x this when it starts (co-located clients)
         self.queue: deque[tuple[int, int, float]] = deque()
         self.running: list[tuple[int, int, float]] = []
         self.step_s = 0.0
@@ -146,6 +143,8 @@ class BatchedServer:
         batch = [self.queue.popleft() for _ in range(take)]
         self.running = batch
         self.step_s = self.cost.step_s([self.shape(r, j) for r, j, _ in batch])
+        if self.slowdown is not None:
+            self.step_s *= self.slowdown()
         self.busy.add(now_s, now_s + self.step_s)
         return [(now_s + self.step_s, WAKE, 0, 0)]
 
@@ -170,12 +169,14 @@ Server = FcfsServer | PsServer | BatchedServer
 
 
 def make_server(spec: ServerSpec, on_done: OnDone, busy: BusyMeter,
-                shape: Callable[[int, int], JobShape], cost: BatchCost | None) -> Server:
-    """The scheduling model the spec names."""
+                shape: Callable[[int, int], JobShape], cost: BatchCost | None,
+                slowdown: Callable[[], float] | None = None) -> Server:
+    """The scheduling model the spec names (`slowdown`: batched steps' time factor, read as
+    each step starts)."""
     if spec.scheduler == "fcfs":
         return FcfsServer(spec, on_done, busy)
     if spec.scheduler == "ps":
         return PsServer(spec, on_done, busy)
     if spec.scheduler == "batched" and cost is not None:
-        return BatchedServer(spec, on_done, busy, shape, cost)
+        return BatchedServer(spec, on_done, busy, shape, cost, slowdown)
     raise ValueError(f"unknown scheduler {spec.scheduler!r}")

@@ -35,6 +35,7 @@ class Walk:
     jobs_per_pass: int
     first_token_tail_s: float  # from the end of pass 0's last job (or arrival) to token 1
     server_segments: tuple[tuple[int, int], ...]  # units [a, b) of each job within a pass
+    client_s: list[float]  # [jobs + 1]: the client compute within gap j (its device's time)
 
     @property
     def jobs(self) -> int:
@@ -42,14 +43,14 @@ class Walk:
 
 
 NO_WALK = Walk(gaps_s=[0.0], service_s=[], jobs_per_pass=0, first_token_tail_s=0.0,
-               server_segments=())  # nothing on the server
+               server_segments=(), client_s=[0.0])  # nothing on the server
 
 
 def synthetic_walk(service_s: float, link: Link) -> Walk:
     """One server job of `service_s` seconds, half a round trip on each side."""
     half_s = crossing_s(link, True, 0.0)  # no bytes: half the round trip each way
     return Walk(gaps_s=[half_s, half_s], service_s=[service_s], jobs_per_pass=1,
-                first_token_tail_s=half_s, server_segments=((0, 1),))
+                first_token_tail_s=half_s, server_segments=((0, 1),), client_s=[0.0, 0.0])
 
 
 class WalkBuilder:
@@ -106,7 +107,9 @@ def _fold(placement: Placement, model: ModelCosts, link: Link, on_client: np.nda
     carried = np.outer(per_token, tokens)  # [units + 1, passes]
     carried[-1] = model.output_bytes_per_token  # every pass returns one result
     gap = np.zeros(passes)
+    computed = np.zeros(passes)  # the client compute within `gap`
     gaps: list[np.ndarray] = []
+    computes: list[np.ndarray] = []
     services: list[np.ndarray] = []
     segments: list[tuple[int, int]] = []
     on_server_before = False  # the input starts on the client
@@ -116,11 +119,13 @@ def _fold(placement: Placement, model: ModelCosts, link: Link, on_client: np.nda
             gap = gap + crossing_s(link, here_server, carried[seg.start])
         if here_server:
             gaps.append(gap)
+            computes.append(computed)
             services.append(on_server[seg.stop] - on_server[seg.start])
             segments.append((seg.start, seg.stop))
-            gap = np.zeros(passes)
+            gap, computed = np.zeros(passes), np.zeros(passes)
         else:
             gap = gap + (on_client[seg.stop] - on_client[seg.start])
+            computed = computed + (on_client[seg.stop] - on_client[seg.start])
         on_server_before = here_server
     if on_server_before:  # the result goes back down to the client
         gap = gap + crossing_s(link, False, carried[-1])
@@ -128,14 +133,18 @@ def _fold(placement: Placement, model: ModelCosts, link: Link, on_client: np.nda
     k = len(services)
     if k == 0:
         return Walk(gaps_s=[float(tail.sum())], service_s=[], jobs_per_pass=0,
-                    first_token_tail_s=float(tail[0]), server_segments=())
+                    first_token_tail_s=float(tail[0]), server_segments=(),
+                    client_s=[float(computed.sum())])
     gap_matrix = np.column_stack(gaps)  # [passes, k]
     gap_matrix[1:, 0] += tail[:-1]  # a pass starts when the previous token reached the client
     gap_matrix[0, 0] += session_open_s(link)  # once per request, before its first visit
+    compute_matrix = np.column_stack(computes)
+    compute_matrix[1:, 0] += computed[:-1]
     return Walk(
         gaps_s=[*gap_matrix.ravel().tolist(), float(tail[-1])],
         service_s=np.column_stack(services).ravel().tolist(),
         jobs_per_pass=k,
         first_token_tail_s=float(tail[0]),
         server_segments=tuple(segments),
+        client_s=[*compute_matrix.ravel().tolist(), float(computed[-1])],
     )

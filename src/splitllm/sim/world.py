@@ -9,6 +9,7 @@ from splitllm.planner.costs import ModelCosts
 from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.network import Link
 from splitllm.planner.speculation import Speculation
+from splitllm.sim.client_host import ClientHost
 from splitllm.sim.dists import Dist
 from splitllm.stepmodel import StepModel
 
@@ -120,6 +121,8 @@ class World:
     plan_headroom: float = 0.0  # policies plan against (1 - headroom) x each latency limit
     headroom_target: float = 0.99  # the SLA attainment self-tuning headroom steers toward
     sweep: SweepSpec = field(default_factory=SweepSpec)
+    client_host: ClientHost | None = None  # every client on one machine (the load test's
+    # EMULATED clients); None: each client its own device (a real fleet)
 
     def with_rate(self, rate_per_s: float) -> World:
         """The same world at another arrival rate, run long enough for the sweep's minimum

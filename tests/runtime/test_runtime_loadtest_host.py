@@ -1,0 +1,155 @@
+"""The load test's clients sharing this machine, against a fake runtime whose CPU and server
+times are known: the clients' CPU fit, the server's slowdown while their cores compute, and
+the report's two predictions (the world measured here, a real fleet)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import pytest
+from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, world_of
+
+from splitllm.placement import Placement
+from splitllm.planner.instance import evaluate
+from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
+from splitllm.runtime.loadtest_host import (
+    BUSY_ROUNDS,
+    HostFit,
+    HostProbes,
+    calibrate_host,
+    client_segments,
+    fit_client_cpu,
+)
+from splitllm.runtime.loadtest_idle import Alone, idle_check
+from splitllm.runtime.loadtest_report import policy_json, report_md
+from splitllm.runtime.loadtest_world import EmulatedClass
+from splitllm.sim.capacity import find_capacity
+from splitllm.sim.client_host import ClientHost
+from splitllm.sim.policies import request_instance
+from splitllm.sim.world import World
+
+PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
+
+
+class FakeClients:
+    """Requests alone with known client CPU (PER_UNIT_S of this machine's time for its units,
+    PER_VISIT_S a visit) and server seconds (0.002 a server unit, x2 while `computing`)."""
+
+    def __init__(self, world: World, classes: tuple[EmulatedClass, ...]) -> None:
+        self.world, self.classes = world, classes
+        self.busy_threads = 0
+        self.segments: list[tuple[int, int]] = []
+
+    def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
+        instance = request_instance(self.world.types[0], self.world.clients[c], self.world,
+                                    prompt, output)
+        machine_s = evaluate(instance, Placement(sides)).client_compute_s / self.classes[
+            c].slowdown
+        visits = output * sum(1 for s in Placement(sides).segments() if s.side == "S")
+        server_s = 0.002 * sides.count("S") * (2.0 if self.busy_threads else 1.0)
+        return Alone(latency_s=1.0, ttft_s=0.1, client_busy_s=0.0, server_busy_s=server_s,
+                     round_trips=visits,
+                     client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits)
+
+    def probes(self) -> HostProbes:
+        return HostProbes(alone=self.alone, computing=self.computing)
+
+    @contextlib.contextmanager
+    def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
+        self.segments = list(segments)
+        self.busy_threads = threads
+        try:
+            yield
+        finally:
+            self.busy_threads = 0
+
+
+def _world() -> tuple[World, tuple[EmulatedClass, ...]]:
+    world = world_of(scenario(), length_scale=0.05, sla_s=1.0)
+    classes = tuple(EmulatedClass(c.name, c.link, s, c.name) for c, s in
+                    zip(world.clients, (50.0, 20.0), strict=True))
+    return world, classes
+
+
+def test_the_clients_cpu_is_fitted_per_unit_second_and_per_visit() -> None:
+    world, classes = _world()
+    fake = FakeClients(world, classes)
+    rows = idle_check(world, fake.alone)
+    assert {r.policy for r in rows} >= {"server-only", "exact"}
+    assert fit_client_cpu(rows, classes) == pytest.approx((PER_UNIT_S, PER_VISIT_S), rel=1e-6)
+
+
+def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> None:
+    world, classes = _world()
+    fake = FakeClients(world, classes)
+    rounds = [idle_check(world, fake.alone) for _ in range(3)]
+    fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
+    assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
+        (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
+    assert fit.server_slowdown == pytest.approx(2.0)  # the fake server: x2 while computing
+    assert len(fit.server_busy_s) == len(fit.server_idle_s) == BUSY_ROUNDS
+    # while timed, the clients' cores ran what the split plans run on their clients
+    assert fake.segments == client_segments([r for rows in rounds for r in rows])
+    assert fake.segments and all(0 <= a < b <= 6 for a, b in fake.segments)
+    # plans that run nothing on their clients: nothing to time, no slowdown
+    only = replace(world, policies=("server-only",))
+    bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.probes(),
+                          cores=1)
+    assert bare.server_busy_s == () and bare.server_slowdown == 1.0
+    host = fit.host(classes)
+    assert host == ClientHost(cores=1.0, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
+        (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
+        server_slowdown=pytest.approx(2.0))
+    # noise that makes the busy server look faster is no speed-up
+    faster = replace(fit, server_busy_s=tuple(0.9 * s for s in fit.server_idle_s))
+    assert faster.server_slowdown == 1.0
+    assert fit.to_json()["server_slowdown"] == pytest.approx(2.0)
+
+
+def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> None:
+    """The prediction (the target's comparison) runs the clients on their shared core; the
+    fleet's, every client its own device. Clients whose units cost real CPU beyond one core's
+    worth at the fleet's capacity cap the co-located world below it."""
+    world, _ = _world()
+    world = replace(world, policies=("fixed:CCSSSC",))
+    fleet = find_capacity(world, "fixed:CCSSSC").rate_per_s
+    host = ClientHost(cores=1.0, cpu_per_client_s=(20.0, 20.0), cpu_per_visit_s=0.001)
+    shared = replace(world, client_host=host)
+    server = FakeServer(shared)
+    [result] = run_study(shared, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+                         progress=lambda line: None)
+    assert result.simulated_fleet_per_s == fleet
+    assert result.simulated_capacity_per_s == find_capacity(shared, "fixed:CCSSSC").rate_per_s
+    assert 0 < result.simulated_capacity_per_s < fleet
+    # no server slowdown in this world: the shared cores alone explain the difference
+    assert result.simulated_unslowed_per_s == result.simulated_capacity_per_s
+    slowed = replace(shared, client_host=replace(host, server_slowdown=3.0))
+    [worse] = run_study(slowed, FakeServer(slowed).probe, budget_s=1e6, clock=lambda: 0.0,
+                        progress=lambda line: None)
+    assert worse.simulated_unslowed_per_s == result.simulated_capacity_per_s
+    assert worse.simulated_capacity_per_s < result.simulated_capacity_per_s
+    document = policy_json(result)
+    assert document["simulated_fleet_capacity_req_s"] == fleet
+    assert document["colocation_cost"] == pytest.approx(
+        1 - result.simulated_capacity_per_s / fleet)
+    # a world whose clients are each their own device already has no second prediction
+    [alone] = run_study(world, FakeServer(world).probe, budget_s=1e6, clock=lambda: 0.0,
+                        progress=lambda line: None)
+    assert alone.simulated_capacity_per_s == fleet and policy_json(alone)[
+        "simulated_fleet_capacity_req_s"] is None
+
+
+def test_the_report_shows_both_predictions() -> None:
+    probe = Probe(metrics=fake_metrics(10.0, 0.95), process_cpu_s_per_request=0.05, wall_s=9.0)
+    result = PolicyResult("greedy", Capacity("greedy", 10.0, 11.0, (probe,), cut_short=False),
+                          11.0, False, None, simulated_fleet_per_s=20.0,
+                          simulated_unslowed_per_s=15.0)
+    text = report_md([result], "HEADER")
+    row = next(line for line in text.splitlines() if line.startswith("| greedy | 10 |"))
+    assert "| 11 | +10% | 20 (45% lost) | 15 |" in row
+    assert "Fleet: the same prediction with every client its own device" in text
+    fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
+                  server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
+    assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio
