@@ -17,11 +17,10 @@ core(s), computing their units for real and sleeping up to their emulated device
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from splitllm.sim.engine import Kind, NewEvent, pop_due
+from splitllm.sim.engine import Kind, NewEvent, Sharing
 
 WAKE = Kind.CLIENT_WAKE
 OnDone = Callable[[float, int, int], NewEvent | None]  # (now, a, b) -> the next event
@@ -50,59 +49,35 @@ class ClientHost:
 
 
 class SharedCores:
-    """Processor sharing on `cores` cores, by virtual time: each of n jobs present progresses
-    at min(1, cores / n) CPU seconds per second. `arrive` and `wake` return engine events; a
-    finished job is handed to `on_done(now_s, a, b)`. Jobs that compute units (`units`) are
-    counted apart: their memory traffic is what slows the server."""
+    """The clients' cores, processor-shared (`engine.Sharing`): `arrive` and `wake` return
+    engine events; a finished job is handed to `on_done(now_s, a, b)`. Jobs that compute units
+    are counted apart: their memory traffic is what slows the server."""
 
     def __init__(self, cores: float, on_done: OnDone) -> None:
-        self.cores = cores
-        self.jobs: list[tuple[float, int, int, int, bool]] = []  # (virtual finish, seq, a, b,
-        # computes units)
+        self.sharing = Sharing(cores, WAKE, self._progressed)
         self.computing = 0  # jobs present that compute units
-        self.virtual_s = 0.0  # CPU seconds each job present has received
-        self.last_s = 0.0
-        self.version = 0
-        self.seq = 0
         self.busy_s = 0.0  # core-seconds computed
         self.on_done = on_done
 
     def busy_fraction(self) -> float:
         """The share of the cores computing units now (a visit's transport work alone moves
         little memory)."""
-        return min(self.computing / self.cores, 1.0)
+        return min(self.computing / self.sharing.cores, 1.0)
 
-    def _speed(self) -> float:
-        return min(1.0, self.cores / len(self.jobs)) if self.jobs else 0.0
-
-    def _advance(self, now_s: float) -> None:
-        speed = self._speed()
-        self.virtual_s += (now_s - self.last_s) * speed
-        self.busy_s += (now_s - self.last_s) * speed * len(self.jobs)
-        self.last_s = now_s
-
-    def _next(self, now_s: float) -> NewEvent | None:
-        self.version += 1  # any earlier wake-up is now stale
-        if not self.jobs:
-            return None
-        left_s = max(self.jobs[0][0] - self.virtual_s, 0.0)
-        return (now_s + left_s / self._speed(), WAKE, self.version, 0)
+    def _progressed(self, began_s: float, now_s: float, jobs: int) -> None:
+        self.busy_s += (now_s - began_s) * min(jobs, self.sharing.cores)
 
     def arrive(self, now_s: float, a: int, b: int, cpu_s: float, units: bool = True
                ) -> NewEvent | None:
         """A job of `cpu_s` CPU seconds starts now (`units`: it computes units)."""
-        self._advance(now_s)
-        self.seq += 1
-        heapq.heappush(self.jobs, (self.virtual_s + cpu_s, self.seq, a, b, units))
         self.computing += units
-        return self._next(now_s)
+        return self.sharing.push(now_s, a, b, cpu_s, tag=int(units))
 
     def wake(self, now_s: float, version: int, _b: int) -> list[NewEvent]:
-        if version != self.version:
+        woken = self.sharing.wake(now_s, version)
+        if woken is None:
             return []
-        self._advance(now_s)
-        done = pop_due(self.jobs, self.virtual_s)
-        wake = self._next(now_s)
+        done, wake = woken
         out = [] if wake is None else [wake]
         self.computing -= sum(units for *_, units in done)
         for _finish, _seq, a, b, _units in done:
@@ -110,4 +85,3 @@ class SharedCores:
             if nxt is not None:
                 out.append(nxt)
         return out
-

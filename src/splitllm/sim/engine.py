@@ -78,6 +78,56 @@ def run(queue: EventQueue, handlers: Sequence[Handler], until_s: float = float("
 REL_EPS = 1e-12
 
 
+Progressed = Callable[[float, float, int], None]  # (began_s, now_s, jobs present in between)
+
+
+class Sharing:
+    """Processor sharing on `cores` cores, by virtual time: each of the n jobs present
+    progresses at min(1, cores / n) seconds of work per second. It schedules its own wake-ups
+    (events of `kind`, a = its version, so a stale one is ignored); jobs are (virtual finish,
+    seq, a, b, tag) in a heap; `progressed` hears of every interval that had jobs."""
+
+    def __init__(self, cores: float, kind: Kind, progressed: Progressed) -> None:
+        self.cores, self.kind, self.progressed = cores, kind, progressed
+        self.jobs: list[tuple[float, int, int, int, int]] = []
+        self.virtual_s = 0.0  # work each job present has received
+        self.last_s = 0.0
+        self.version = 0
+        self.seq = 0
+
+    def _advance(self, now_s: float) -> None:
+        n = len(self.jobs)
+        if n:  # n <= cores: each at full speed; else cores / n (1 / n on one core, exactly)
+            elapsed_s = now_s - self.last_s
+            self.virtual_s += elapsed_s if n <= self.cores else elapsed_s * self.cores / n
+            self.progressed(self.last_s, now_s, n)
+        self.last_s = now_s
+
+    def _next(self, now_s: float) -> NewEvent | None:
+        self.version += 1  # any earlier wake-up is now stale
+        if not self.jobs:
+            return None
+        n, left_s = len(self.jobs), max(self.jobs[0][0] - self.virtual_s, 0.0)
+        return (now_s + (left_s if n <= self.cores else left_s * n / self.cores), self.kind,
+                self.version, 0)
+
+    def push(self, now_s: float, a: int, b: int, work_s: float, tag: int = 0) -> NewEvent | None:
+        """A job of `work_s` seconds of work starts now: the next wake-up."""
+        self._advance(now_s)
+        self.seq += 1
+        heapq.heappush(self.jobs, (self.virtual_s + work_s, self.seq, a, b, tag))
+        return self._next(now_s)
+
+    def wake(self, now_s: float, version: int
+             ) -> tuple[list[tuple[float, int, int, int, int]], NewEvent | None] | None:
+        """At a wake-up: the jobs done and the next wake-up (None: a stale wake-up)."""
+        if version != self.version:
+            return None
+        self._advance(now_s)
+        done = pop_due(self.jobs, self.virtual_s)
+        return done, self._next(now_s)
+
+
 def pop_due(jobs: list[Any], virtual_s: float) -> list[Any]:
     """From a heap of (virtual finish, ...) jobs under processor sharing: the head job, which a
     wake-up was for, and every other one due by `virtual_s` (finishing together, to rounding)."""

@@ -18,12 +18,11 @@ None for its solo service time, the equivalent under processor sharing).
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Callable
 
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.engine import Kind, NewEvent, pop_due
+from splitllm.sim.engine import Kind, NewEvent, Sharing
 from splitllm.sim.world import ServerSpec
 
 WAKE = Kind.SERVER_WAKE  # the event every scheduling model schedules for itself
@@ -85,40 +84,20 @@ class PsServer:
     """Processor sharing, by virtual time: each of n jobs gets 1/n of the server."""
 
     def __init__(self, spec: ServerSpec, on_done: OnDone, busy: BusyMeter) -> None:
-        self.jobs: list[tuple[float, int, int, int]] = []  # (virtual finish, seq, r, j)
-        self.virtual_s = 0.0
-        self.last_s = 0.0
-        self.version = 0
-        self.seq = 0
-        self.on_done, self.busy = on_done, busy
-
-    def _advance(self, now_s: float) -> None:
-        n = len(self.jobs)
-        if n:
-            self.virtual_s += (now_s - self.last_s) / n
-            self.busy.add(self.last_s, now_s)
-        self.last_s = now_s
-
-    def _next(self, now_s: float) -> list[NewEvent]:
-        self.version += 1  # any earlier wake-up is now stale
-        if not self.jobs:
-            return []
-        finish_s = now_s + max(self.jobs[0][0] - self.virtual_s, 0.0) * len(self.jobs)
-        return [(finish_s, WAKE, self.version, 0)]
+        self.sharing = Sharing(1.0, WAKE, lambda began_s, now_s, _n: busy.add(began_s, now_s))
+        self.on_done = on_done
 
     def arrive(self, now_s: float, r: int, j: int, service_s: float) -> list[NewEvent]:
-        self._advance(now_s)
-        self.seq += 1
-        heapq.heappush(self.jobs, (self.virtual_s + service_s, self.seq, r, j))
-        return self._next(now_s)
+        wake = self.sharing.push(now_s, r, j, service_s)
+        return [] if wake is None else [wake]
 
     def wake(self, now_s: float, version: int, _b: int) -> list[NewEvent] | None:
-        if version != self.version:
+        woken = self.sharing.wake(now_s, version)
+        if woken is None:
             return None
-        self._advance(now_s)
-        done = pop_due(self.jobs, self.virtual_s)
-        out = self._next(now_s)
-        for _finish, _seq, r, j in done:
+        done, wake = woken
+        out = [] if wake is None else [wake]
+        for _finish, _seq, r, j, _tag in done:
             nxt = self.on_done(now_s, r, j, SOLO, 1, None)
             if nxt is not None:
                 out.append(nxt)
