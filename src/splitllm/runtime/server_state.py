@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -111,7 +110,6 @@ class ServerState:
             self.step_models = LiveStepModel(StepModels(*models, START_UP, 0),
                                              self.stack.n_units)
             self.engine.on_step = self.step_models.record
-        self.started_at = time.time()
 
     def info(self) -> dict[str, Any]:
         """The /v1/info document."""
