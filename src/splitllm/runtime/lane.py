@@ -184,15 +184,15 @@ class DecodeLane:
             or self.embedding_weight.data_ptr() == self.embedding_at)
 
     def run(self, rows: Sequence[LaneRow], unit_cpu: bool,
-            ) -> tuple[list[torch.Tensor], list[Lap]]:
+            ) -> tuple[list[torch.Tensor], tuple[Lap, ...]]:
         """The rows through the lane's units, the blocks in one call, the head in another: each
         row's output (logits [1, V], or hidden [1, 1, D] before the head) and the laps."""
-        laps: list[Lap] = []
-        clock = Clock(unit_cpu)
+        clock = Clock(unit_cpu, len(rows))
+        embed = None
         x = self._input(rows)  # [R, D]
         cos, sin = self.rotary.rows([int(row.positions.item()) for row in rows])  # [R, d] each
         if self.start == 0:
-            laps.append(clock.lap(range(0, 1)))
+            embed = clock.lap(range(0, 1))
         blocks = self.block_range
         self._hold(1)  # now, while holds() has just read the layers (in the CPU's caches)
         try:  # each row's K/V written at self.lengths, the positions held before
@@ -202,12 +202,13 @@ class DecodeLane:
             self._hold(-1)
             raise
         self.lengths += 1
-        laps.append(clock.lap(range(blocks.start + 1, blocks.stop + 1)))
+        ran = clock.lap(range(blocks.start + 1, blocks.stop + 1))
+        laps: tuple[Lap, ...] = (ran,) if embed is None else (embed, ran)
         if self.head is None:
             return _rows_of(torch.from_numpy(x)[:, None]), laps  # [1, 1, D] each
         logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
         kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
-        laps.append(clock.lap(range(self.stack.n_units - 1, self.stack.n_units)))
+        laps += (clock.lap(range(self.stack.n_units - 1, self.stack.n_units)),)
         return _rows_of(torch.from_numpy(logits)), laps  # [1, V] each
 
     def _hold(self, positions: int) -> None:
@@ -237,23 +238,25 @@ def _rows_of(out: torch.Tensor) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Lap:
-    """Units that ran together, and their wall (and this thread's CPU) seconds."""
+    """Units that ran together (alike: equal shares), their wall (and this thread's CPU)
+    seconds, and the tokens (head: rows) they ran on."""
 
     units: range
     wall_s: float
     cpu_s: float
+    tokens: int
 
 
 class Clock:
     """Laps of wall and (if asked) this thread's CPU time: a CPU clock read costs microseconds."""
 
-    def __init__(self, cpu: bool) -> None:
-        self.cpu = cpu
+    def __init__(self, cpu: bool, tokens: int) -> None:
+        self.cpu, self.tokens = cpu, tokens
         self.wall, self.thread = time.perf_counter(), time.thread_time() if cpu else 0.0
 
     def lap(self, units: range) -> Lap:
         wall, thread = time.perf_counter(), time.thread_time() if self.cpu else 0.0
-        lap = Lap(units, wall - self.wall, thread - self.thread)
+        lap = Lap(units, wall - self.wall, thread - self.thread, self.tokens)
         self.wall, self.thread = wall, thread
         return lap
 
