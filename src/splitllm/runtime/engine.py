@@ -29,7 +29,7 @@ from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.packing import install_packed_attention
 from splitllm.runtime.protocol import ForwardHeader, ProtocolError
 from splitllm.runtime.session import ForwardResult, Prepared, ServerSession
-from splitllm.runtime.step import StepRow, run_step, unit_seconds
+from splitllm.runtime.step import RowOutput, StepRow, run_step, unit_seconds
 from splitllm.runtime.units import UnitStack
 from splitllm.stepmodel import queue_wait_s
 
@@ -294,7 +294,7 @@ class Engine:
                 job.deliver(output.error)
             elif job.done_tokens == job.tokens:
                 self._remove(job)
-                job.deliver(self._outcome(job, output.out))
+                job.deliver(self._outcome(job, output))
             elif job.header.return_hidden and job.header.units[1] < n:
                 assert output.out is not None
                 job.hidden_parts.append(output.out)
@@ -317,21 +317,26 @@ class Engine:
         return StepRow(start, stop, x, positions, prepared.cache,
                        head_positions=take if verify else 1)
 
-    def _outcome(self, job: Job, out: torch.Tensor | None) -> Outcome:
+    def _outcome(self, job: Job, output: RowOutput) -> Outcome:
         """The job's result, or its own error: one row failing after the step (its sampler,
         say) fails that row alone, and still gets its reply."""
         try:
-            return self._finish(job, out)
+            return self._finish(job, output)
         except Exception as exc:
             return exc
 
-    def _finish(self, job: Job, out: torch.Tensor | None) -> ForwardResult:
+    def _finish(self, job: Job, output: RowOutput) -> ForwardResult:
         prepared = job.prepared
-        assert prepared is not None and out is not None
+        assert prepared is not None
         session, header = job.session, job.header
         start, stop = prepared.units
         hidden = logits = token = tokens = None
-        if stop == self.stack.n_units:
+        if stop == self.stack.n_units and output.greedy is not None and \
+                session.sampler.greedy and not header.verify and not header.return_logits:
+            token = output.greedy  # the decode lane's argmax of the logits: no tensor made
+        elif stop == self.stack.n_units:
+            out = output.out
+            assert out is not None
             p0, p1 = header.positions
             if header.verify:  # the token after every position
                 logits_cpu = torch.cat([*job.logits_parts, out]).float().cpu()  # [T, V]
@@ -343,6 +348,8 @@ class Engine:
                 token = session.sampler(logits_cpu, p1)
             logits = logits_cpu if header.return_logits else None
         elif header.return_hidden:
+            out = output.out
+            assert out is not None
             whole = torch.cat([*job.hidden_parts, out], dim=1) if job.hidden_parts else out
             hidden = whole.to(device="cpu", dtype=session.wire_dtype)  # [1, T, D]
         session.record(prepared, job.busy_s, job.cpu_s, sampled=token is not None)

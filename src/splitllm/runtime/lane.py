@@ -184,9 +184,9 @@ class DecodeLane:
             or self.embedding_weight.data_ptr() == self.embedding_at)
 
     def run(self, rows: Sequence[LaneRow], unit_cpu: bool,
-            ) -> tuple[list[torch.Tensor], tuple[Lap, ...]]:
-        """The rows through the lane's units, the blocks in one call, the head in another: each
-        row's output (logits [1, V], or hidden [1, 1, D] before the head) and the laps."""
+            ) -> tuple[LaneOutputs, tuple[Lap, ...]]:
+        """The rows through the lane's units, the blocks in one call, the head in another: the
+        rows' outputs and the laps."""
         clock = Clock(unit_cpu, len(rows))
         embed = None
         x = self._input(rows)  # [R, D]
@@ -201,15 +201,20 @@ class DecodeLane:
         except BaseException:
             self._hold(-1)
             raise
-        self.lengths += 1
         ran = clock.lap(range(blocks.start + 1, blocks.stop + 1))
         laps: tuple[Lap, ...] = (ran,) if embed is None else (embed, ran)
+        logits = np.empty((len(rows), 0 if self.head is None else self.head.matrix.shape[0]),
+                          dtype=np.float32)  # [R, V]
+        tokens = np.empty(len(rows), dtype=np.int64)
+        try:
+            if self.head is not None:
+                kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
+        finally:  # the lengths one on whatever the head did, as the layers hold; greedy tokens
+            kernel.lane_tail(self.lengths, logits, tokens)
         if self.head is None:
-            return _rows_of(torch.from_numpy(x)[:, None]), laps  # [1, 1, D] each
-        logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
-        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
+            return LaneOutputs(hidden=_rows_of(torch.from_numpy(x)[:, None])), laps  # [1, 1, D]
         laps += (clock.lap(range(self.stack.n_units - 1, self.stack.n_units)),)
-        return _rows_of(torch.from_numpy(logits)), laps  # [1, V] each
+        return LaneOutputs(logits=logits, greedy=tokens.tolist()), laps
 
     def _hold(self, positions: int) -> None:
         """Every layer of every row holds `positions` more (BlockLayer.advance, without a call
@@ -229,6 +234,18 @@ class DecodeLane:
         for r, row in enumerate(rows):
             x[r] = row.x.numpy()[0, 0]
         return x
+
+
+@dataclass(frozen=True)
+class LaneOutputs:
+    """A lane step's outputs: each row's hidden state [1, 1, D] (rows that stop before the
+    head), or the logits [R, V] as numpy (a tensor is made only where one is asked for: torch's
+    calls cost ~70 us each here, after the weights streamed through the CPU's caches) with each
+    row's greedy token (np.argmax's, taken in the head's call)."""
+
+    hidden: list[torch.Tensor] | None = None
+    logits: np.ndarray | None = None
+    greedy: list[int] | None = None
 
 
 def _rows_of(out: torch.Tensor) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 from splitllm.runtime import fused
@@ -34,12 +35,23 @@ class StepRow:
     head_positions: int = 1  # the head's last positions (all of them to verify draft tokens)
 
 
-@dataclass
 class RowOutput:
-    """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error."""
+    """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error.
+    The decode lane's logits stay numpy until `out` is read, beside their greedy token."""
 
-    out: torch.Tensor | None = None
-    error: BaseException | None = None
+    def __init__(self, out: torch.Tensor | None = None, error: BaseException | None = None, *,
+                 logits: np.ndarray | None = None, greedy: int | None = None) -> None:
+        self._out, self.error, self.logits, self.greedy = out, error, logits, greedy
+
+    @property
+    def out(self) -> torch.Tensor | None:
+        if self._out is None and self.logits is not None:
+            self._out = torch.from_numpy(self.logits)  # [1, V]
+        return self._out
+
+    @out.setter
+    def out(self, value: torch.Tensor | None) -> None:
+        self._out = value
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,12 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
 def _lane_step(lane: DecodeLane, rows: list[StepRow], unit_cpu: bool,
                ) -> tuple[list[RowOutput], StepTimes]:
     outs, laps = lane.run(rows, unit_cpu)
-    return [RowOutput(out) for out in outs], StepTimes(laps, unit_cpu)
+    if outs.hidden is not None:
+        return [RowOutput(out) for out in outs.hidden], StepTimes(laps, unit_cpu)
+    assert outs.logits is not None and outs.greedy is not None
+    logits = outs.logits
+    return [RowOutput(logits=logits[r:r + 1], greedy=token)  # [1, V] each
+            for r, token in enumerate(outs.greedy)], StepTimes(laps, unit_cpu)
 
 
 def _same_rows_until(rows: list[StepRow], unit: int, n: int) -> int:
