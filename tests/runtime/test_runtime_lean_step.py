@@ -11,19 +11,9 @@ from hypothesis import strategies as st
 from runtime_kit import llama_config
 from test_runtime_fused import grown, stack_of
 
-from splitllm.runtime import fused_kernel
 from splitllm.runtime.lane import Lap
 from splitllm.runtime.metrics import SECONDS_BOUNDS, Histogram, ServerMetrics
 from splitllm.runtime.step import StepRow, run_step, unit_seconds
-
-FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
-
-
-@given(st.lists(st.sampled_from([0.0, 1.0, -1.0, 2.0]) | FLOATS, min_size=1, max_size=40))
-def test_the_compiled_argmax_is_numpys(values: list[float]) -> None:
-    """The first largest, the first NaN where there is one; ties drawn often."""
-    array = np.array(values, dtype=np.float32)
-    assert fused_kernel.first_argmax(array) == int(np.argmax(array))
 
 
 def test_the_lanes_greedy_token_is_the_argmax_of_its_logits() -> None:

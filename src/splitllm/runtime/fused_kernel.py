@@ -18,9 +18,6 @@ import numpy as np
 from numba.typed import List
 
 _KERNEL = numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
-# Exact comparisons (np.argmax's NaN): fastmath may assume no NaN, and a fastmath caller
-# compiles its callees so too, hence lane_tail is not fastmath either.
-_EXACT = numba.njit(nogil=True, cache=True, boundscheck=False)
 _PART = numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inline="always")
 NONE = np.zeros(0, dtype=np.float32)  # an absent bias
 NO_MATRIX = np.zeros((0, 0), dtype=np.float32)  # a block the fused path does not run
@@ -44,7 +41,7 @@ def warm_up() -> None:
                lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
     norm_rows(rows, vector, 1.0, rows.copy())
     head_rows(rows, vector, 1.0, square, rows.copy())
-    lane_tail(np.zeros((1, 1), dtype=np.int64), rows, np.zeros(1, dtype=np.int64))
+    lane_tail(np.zeros((1, 1), dtype=np.int64))
     linear_rows(square, rows, rows.copy())
     attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
                 List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
@@ -91,29 +88,14 @@ def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: Li
         x += out
 
 
-@_EXACT
-def lane_tail(lengths: np.ndarray, out: np.ndarray, tokens: np.ndarray) -> None:  # pragma: no cover
-    """The decode lane's step after its kernels: every row's lengths [R, blocks] one position
-    on and each row's greedy token (np.argmax's) of the logits out [R, V] into tokens [R], in
-    one call (numpy's calls find none of their code in the CPU's caches after the weights
-    streamed through them: ~30-60 us each)."""
+@_KERNEL
+def lane_tail(lengths: np.ndarray) -> None:  # pragma: no cover
+    """The decode lane's lengths [R, blocks] one position on after its step: one compiled call
+    (numpy's `+= 1` costs ~60 us here, none of its code left in the CPU's caches after the
+    weights streamed through them)."""
     for r in range(lengths.shape[0]):
         for b in range(lengths.shape[1]):
             lengths[r, b] += 1
-    for r in range(out.shape[0] if out.shape[1] else 0):
-        tokens[r] = first_argmax(out[r])
-
-
-@_EXACT
-def first_argmax(values: np.ndarray) -> int:  # pragma: no cover
-    """np.argmax of a vector: the first largest, the first NaN if any."""
-    best = 0
-    for i in range(values.shape[0]):
-        if np.isnan(values[i]):
-            return i
-        if values[i] > values[best]:
-            best = i
-    return best
 
 
 @_KERNEL

@@ -203,18 +203,14 @@ class DecodeLane:
             raise
         ran = clock.lap(range(blocks.start + 1, blocks.stop + 1))
         laps: tuple[Lap, ...] = (ran,) if embed is None else (embed, ran)
-        logits = np.empty((len(rows), 0 if self.head is None else self.head.matrix.shape[0]),
-                          dtype=np.float32)  # [R, V]
-        tokens = np.empty(len(rows), dtype=np.int64)
-        try:
-            if self.head is not None:
-                kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
-        finally:  # the lengths one on whatever the head did, as the layers hold; greedy tokens
-            kernel.lane_tail(self.lengths, logits, tokens)
+        kernel.lane_tail(self.lengths)  # where the next step writes, as the layers hold
         if self.head is None:
             return LaneOutputs(hidden=_rows_of(torch.from_numpy(x)[:, None])), laps  # [1, 1, D]
+        logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
+        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
+        tokens = np.argmax(logits, axis=1).tolist()  # the logits just written: in the caches
         laps += (clock.lap(range(self.stack.n_units - 1, self.stack.n_units)),)
-        return LaneOutputs(logits=logits, greedy=tokens.tolist()), laps
+        return LaneOutputs(logits=logits, greedy=tokens), laps
 
     def _hold(self, positions: int) -> None:
         """Every layer of every row holds `positions` more (BlockLayer.advance, without a call
@@ -241,7 +237,7 @@ class LaneOutputs:
     """A lane step's outputs: each row's hidden state [1, 1, D] (rows that stop before the
     head), or the logits [R, V] as numpy (a tensor is made only where one is asked for: torch's
     calls cost ~70 us each here, after the weights streamed through the CPU's caches) with each
-    row's greedy token (np.argmax's, taken in the head's call)."""
+    row's greedy token (np.argmax's)."""
 
     hidden: list[torch.Tensor] | None = None
     logits: np.ndarray | None = None
