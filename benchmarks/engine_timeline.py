@@ -80,6 +80,7 @@ FINE = (  # --fine: the parts inside the parts above
     (step, "_lane_step", "    _lane_step (lane.run inside)"),
     (engine_driver.ForwardHeader, "model_construct", "    driver: its header"),
     (lane.DecodeLane, "_weights_hold", "        lane._weights_hold"),
+    (lane, "_build", "      lane._build (spread over the steps)"),
     (lane.RotaryTable, "holds", "        rotary holds"),
 )
 
@@ -146,6 +147,11 @@ def main() -> None:
         print(f"{name:48s} {statistics.median(values) * scale:8.3f}")
     step_ms = statistics.median(parts["engine step (all below)"] for _, parts in rounds) * 1e-6
     print(f"{'outside the step (the loop, its lock, wakeups)':48s} {interval_ms - step_ms:8.3f}")
+    python_ms = [(parts["engine step (all below)"] - parts["      run_blocks (30 blocks)"]
+                  - parts["      head_rows (norm + LM head)"]) * 1e-6 for _, parts in rounds]
+    print(f"{'the step outside its two kernels (each round)':48s} "
+          + " ".join(f"{ms:.3f}" for ms in python_ms)
+          + f"  median {statistics.median(python_ms):.3f}")
 
 
 if __name__ == "__main__":
