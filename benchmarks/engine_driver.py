@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from splitllm.runtime.engine import Engine, EngineConfig, Job, Outcome
@@ -113,7 +114,7 @@ class InProcessDriver:
         if self.client_units:
             inbox.put((gen, ids))  # the client runs its units first, on its own thread
         else:
-            self._submit(engine, gen, torch.tensor([ids]), 0)
+            self._submit(engine, gen, np.array([ids], dtype=np.int64), 0)  # [1, t]
 
     def _client(self, engine: Engine, inbox: Inbox) -> None:
         """The clients' units of every waiting session in one packed step (runtime/step.py), once
@@ -139,18 +140,24 @@ class InProcessDriver:
             if item is None:
                 return
 
-    def _submit(self, engine: Engine, gen: _Generation, x: torch.Tensor, start: int) -> None:
+    def _submit(self, engine: Engine, gen: _Generation, x: torch.Tensor | np.ndarray,
+                start: int) -> None:
+        """Queue the forward of x (token ids [1, t] or hidden states [1, t, D]). This runs on
+        the engine's thread (a server parses frames on its event loop's): the header is built
+        without pydantic's validation (its values are this driver's own; the engine checks
+        them as any forward's) and token ids go to bytes by numpy, not torch."""
         tokens = x.shape[1]
         gen.seq += 1
-        header = ForwardHeader(type="forward", session=gen.server.session_id, seq=gen.seq,
-                               units=(start, self.stack.n_units),
-                               positions=(gen.position, gen.position + tokens),
-                               dtype=DTYPE_NAMES[x.dtype], shape=list(x.shape))
+        header = ForwardHeader.model_construct(
+            type="forward", session=gen.server.session_id, seq=gen.seq,
+            units=(start, self.stack.n_units), positions=(gen.position, gen.position + tokens),
+            dtype=str(x.dtype) if isinstance(x, np.ndarray) else DTYPE_NAMES[x.dtype],
+            shape=list(x.shape))
         gen.position += tokens
         with self.settled:
             self.in_engine += 1
-        engine.put(Job(gen.server, header, tensor_bytes(x),
-                       lambda outcome: self._settle(gen, outcome)))
+        payload = x.tobytes() if isinstance(x, np.ndarray) else tensor_bytes(x)
+        engine.put(Job(gen.server, header, payload, lambda outcome: self._settle(gen, outcome)))
 
     def _settle(self, gen: _Generation, outcome: Outcome) -> None:
         gen.deliver(gen, outcome)  # first: a split session's next forward is in the inbox now

@@ -24,11 +24,12 @@ import torch
 from splitllm.runtime import fused_kernel
 from splitllm.runtime.gemv import install_fast_linear, pack_weights
 from splitllm.runtime.hugepages import move_to_huge_pages
+from splitllm.runtime.lane import Lap
 from splitllm.runtime.metrics import ServerMetrics
 from splitllm.runtime.packing import install_packed_attention
 from splitllm.runtime.protocol import ForwardHeader, ProtocolError
 from splitllm.runtime.session import ForwardResult, Prepared, ServerSession
-from splitllm.runtime.step import StepRow, StepTimes, run_step
+from splitllm.runtime.step import RowOutput, StepRow, run_step, unit_seconds
 from splitllm.runtime.units import UnitStack
 from splitllm.stepmodel import queue_wait_s
 
@@ -69,7 +70,7 @@ class Job:
     steps_waited: int = 0
     hidden_parts: list[torch.Tensor] = field(default_factory=list)
     logits_parts: list[torch.Tensor] = field(default_factory=list)  # verify: earlier chunks'
-    unit_seconds: dict[int, float] = field(default_factory=dict)
+    laps: list[Lap] = field(default_factory=list)  # of the steps it ran in, its own units'
     busy_s: float = 0.0
     cpu_s: float = 0.0
 
@@ -205,6 +206,10 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_num_threads(self.threads)
+        with torch.inference_mode():  # once for the thread, not once per step (run_step)
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.wakeup:
                 while (self.held or not self.queue) and not self.stopping:
@@ -271,8 +276,8 @@ class Engine:
         now = time.perf_counter()
         waits = [queue_wait_s(job.enqueued_at, now - wall_s) for job, _ in picks
                  if job.done_tokens == 0]
-        self.metrics.record_step(times.unit_s, times.unit_tokens, rows=len(rows), tokens=tokens,
-                                 wall_s=wall_s, cpu_s=cpu_s, queue_waits_s=waits)
+        self.metrics.record_step(times.laps, rows=len(rows), tokens=tokens, wall_s=wall_s,
+                                 cpu_s=cpu_s, queue_waits_s=waits)
         if self.on_step is not None:
             self.on_step(times.unit_s, times.unit_cpu_s, times.unit_tokens, (wall_s, cpu_s),
                          len(rows))
@@ -280,20 +285,16 @@ class Engine:
             share = take / tokens
             job.busy_s += wall_s * share
             job.cpu_s += cpu_s * share
-            if take == job.tokens:  # the whole forward in this step: the step's times (read
-                # only: the job is done, and its result reads its own units of them)
-                job.unit_seconds = times.unit_s
-            else:
-                for unit in range(row.start, row.stop):
-                    job.unit_seconds[unit] = job.unit_seconds.get(unit, 0.0) + \
-                        times.unit_s[unit]
+            # its own units' laps (a lap never straddles a row's edge: runtime/step.py)
+            job.laps.extend(lap for lap in times.laps
+                            if row.start <= lap.units.start and lap.units.stop <= row.stop)
             job.done_tokens += take
             if output.error is not None:
                 self._remove(job)
                 job.deliver(output.error)
             elif job.done_tokens == job.tokens:
                 self._remove(job)
-                job.deliver(self._outcome(job, output.out, times))
+                job.deliver(self._outcome(job, output))
             elif job.header.return_hidden and job.header.units[1] < n:
                 assert output.out is not None
                 job.hidden_parts.append(output.out)
@@ -316,36 +317,44 @@ class Engine:
         return StepRow(start, stop, x, positions, prepared.cache,
                        head_positions=take if verify else 1)
 
-    def _outcome(self, job: Job, out: torch.Tensor | None, times: StepTimes) -> Outcome:
+    def _outcome(self, job: Job, output: RowOutput) -> Outcome:
         """The job's result, or its own error: one row failing after the step (its sampler,
         say) fails that row alone, and still gets its reply."""
         try:
-            return self._finish(job, out, times)
+            return self._finish(job, output)
         except Exception as exc:
             return exc
 
-    def _finish(self, job: Job, out: torch.Tensor | None, times: StepTimes) -> ForwardResult:
+    def _finish(self, job: Job, output: RowOutput) -> ForwardResult:
         prepared = job.prepared
-        assert prepared is not None and out is not None
+        assert prepared is not None
         session, header = job.session, job.header
         start, stop = prepared.units
         hidden = logits = token = tokens = None
-        if stop == self.stack.n_units:
+        if stop == self.stack.n_units and output.greedy is not None and \
+                session.sampler.greedy and not header.verify and not header.return_logits:
+            token = output.greedy  # the decode lane's argmax of the logits: no tensor made
+        elif stop == self.stack.n_units:
+            out = output.out
+            assert out is not None
             p0, p1 = header.positions
             if header.verify:  # the token after every position
                 logits_cpu = torch.cat([*job.logits_parts, out]).float().cpu()  # [T, V]
                 tokens = session.sampler.each(logits_cpu, p0 + 1)
                 token = tokens[-1]
-            else:
-                logits_cpu = out.float().cpu()  # [1, V]: the sampler's generator is on the CPU
+            else:  # [1, V]: the sampler's generator is on the CPU
+                logits_cpu = out if out.dtype == torch.float32 and out.is_cpu else \
+                    out.float().cpu()
                 token = session.sampler(logits_cpu, p1)
             logits = logits_cpu if header.return_logits else None
         elif header.return_hidden:
+            out = output.out
+            assert out is not None
             whole = torch.cat([*job.hidden_parts, out], dim=1) if job.hidden_parts else out
             hidden = whole.to(device="cpu", dtype=session.wire_dtype)  # [1, T, D]
         session.record(prepared, job.busy_s, job.cpu_s, sampled=token is not None)
-        unit_seconds = tuple(job.unit_seconds.get(u, 0.0) for u in range(start, stop))
-        return ForwardResult(hidden, token, logits, unit_seconds, (start, stop), job.cpu_s,
+        return ForwardResult(hidden, token, logits, unit_seconds(job.laps, start, stop),
+                             (start, stop), job.cpu_s,
                              tokens, prepared.rolled_back)
 
 

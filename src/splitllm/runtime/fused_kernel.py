@@ -41,6 +41,7 @@ def warm_up() -> None:
                lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
     norm_rows(rows, vector, 1.0, rows.copy())
     head_rows(rows, vector, 1.0, square, rows.copy())
+    lane_tail(np.zeros((1, 1), dtype=np.int64))
     linear_rows(square, rows, rows.copy())
     attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
                 List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
@@ -85,6 +86,16 @@ def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: Li
         _silu_mul(gated, ups)
         _linear(down[b], down_bias[b], gated, out)
         x += out
+
+
+@_KERNEL
+def lane_tail(lengths: np.ndarray) -> None:  # pragma: no cover
+    """The decode lane's lengths [R, blocks] one position on after its step: one compiled call
+    (numpy's `+= 1` costs ~60 us here, none of its code left in the CPU's caches after the
+    weights streamed through them)."""
+    for r in range(lengths.shape[0]):
+        for b in range(lengths.shape[1]):
+            lengths[r, b] += 1
 
 
 @_KERNEL
@@ -199,29 +210,52 @@ def _rotate(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray,
 @_PART
 def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, held: int, scaling: float,
             out: np.ndarray) -> None:  # pragma: no cover
-    """out [H * d] = softmax(q k^T * scaling) v per head over the `held` positions (GQA). Each
-    head's query, output and each position's key and value are taken as 1-d slices: indexing
-    the 3-d buffers inside the inner loops kept LLVM from vectorising them (3x slower)."""
-    kv_heads, _, d = keys.shape
+    """out [H * d] = softmax(q k^T * scaling) v per head over the `held` positions (GQA). The
+    common head dims as constants (LLVM then unrolls the loops over a key or value row)."""
+    d = keys.shape[2]
+    if d == 64:
+        _attend_grouped(q, keys, values, held, scaling, out, 64)
+    elif d == 128:
+        _attend_grouped(q, keys, values, held, scaling, out, 128)
+    else:
+        _attend_grouped(q, keys, values, held, scaling, out, d)
+
+
+@_PART
+def _attend_grouped(q: np.ndarray, keys: np.ndarray, values: np.ndarray, held: int,
+                    scaling: float, out: np.ndarray, d: int) -> None:  # pragma: no cover
+    """`_attend` with the query heads that share a K/V head together: each position's key and
+    value row read once for the group, not once per query head (at 1024 positions a layer's K/V
+    leave the L2 cache). Each head's query, output and each position's key and value are 1-d
+    slices: indexing the 3-d buffers inside the inner loops kept LLVM from vectorising them."""
+    kv_heads = keys.shape[0]
     groups = q.shape[0] // d // kv_heads
-    scores = np.empty(held, dtype=np.float32)
-    for h in range(q.shape[0] // d):
-        kv = h // groups
-        query, head_out = q[h * d:(h + 1) * d], out[h * d:(h + 1) * d]
-        top = np.float32(-np.inf)
+    scores = np.empty((groups, held), dtype=np.float32)
+    for kv in range(kv_heads):
+        first = kv * groups
         for t in range(held):
             key = keys[kv, t]
-            acc = np.float32(0.0)
-            for i in range(d):
-                acc += query[i] * key[i]
-            scores[t] = acc * scaling
-            top = max(top, scores[t])
-        total = np.float32(0.0)
+            for g in range(groups):
+                query = q[(first + g) * d:(first + g + 1) * d]
+                acc = np.float32(0.0)
+                for i in range(d):
+                    acc += query[i] * key[i]
+                scores[g, t] = acc * scaling
+        for g in range(groups):
+            row = scores[g]
+            top = np.float32(-np.inf)
+            for t in range(held):
+                top = max(top, row[t])
+            total = np.float32(0.0)
+            for t in range(held):
+                row[t] = np.exp(row[t] - top)
+                total += row[t]
+            for t in range(held):
+                row[t] /= total
+            out[(first + g) * d:(first + g + 1) * d] = 0.0
         for t in range(held):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
-        head_out[:] = 0.0
-        for t in range(held):
-            weight, value = scores[t] / total, values[kv, t]
-            for i in range(d):
-                head_out[i] += weight * value[i]
+            value = values[kv, t]
+            for g in range(groups):
+                weight, head_out = scores[g, t], out[(first + g) * d:(first + g + 1) * d]
+                for i in range(d):
+                    head_out[i] += weight * value[i]

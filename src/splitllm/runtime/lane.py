@@ -184,15 +184,15 @@ class DecodeLane:
             or self.embedding_weight.data_ptr() == self.embedding_at)
 
     def run(self, rows: Sequence[LaneRow], unit_cpu: bool,
-            ) -> tuple[list[torch.Tensor], list[Lap]]:
-        """The rows through the lane's units, the blocks in one call, the head in another: each
-        row's output (logits [1, V], or hidden [1, 1, D] before the head) and the laps."""
-        laps: list[Lap] = []
-        clock = Clock(unit_cpu)
+            ) -> tuple[LaneOutputs, tuple[Lap, ...]]:
+        """The rows through the lane's units, the blocks in one call, the head in another: the
+        rows' outputs and the laps."""
+        clock = Clock(unit_cpu, len(rows))
+        embed = None
         x = self._input(rows)  # [R, D]
         cos, sin = self.rotary.rows([int(row.positions.item()) for row in rows])  # [R, d] each
         if self.start == 0:
-            laps.append(clock.lap(range(0, 1)))
+            embed = clock.lap(range(0, 1))
         blocks = self.block_range
         self._hold(1)  # now, while holds() has just read the layers (in the CPU's caches)
         try:  # each row's K/V written at self.lengths, the positions held before
@@ -201,14 +201,16 @@ class DecodeLane:
         except BaseException:
             self._hold(-1)
             raise
-        self.lengths += 1
-        laps.append(clock.lap(range(blocks.start + 1, blocks.stop + 1)))
+        ran = clock.lap(range(blocks.start + 1, blocks.stop + 1))
+        laps: tuple[Lap, ...] = (ran,) if embed is None else (embed, ran)
+        kernel.lane_tail(self.lengths)  # where the next step writes, as the layers hold
         if self.head is None:
-            return _rows_of(torch.from_numpy(x)[:, None]), laps  # [1, 1, D] each
+            return LaneOutputs(hidden=_rows_of(torch.from_numpy(x)[:, None])), laps  # [1, 1, D]
         logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
         kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
-        laps.append(clock.lap(range(self.stack.n_units - 1, self.stack.n_units)))
-        return _rows_of(torch.from_numpy(logits)), laps  # [1, V] each
+        tokens = np.argmax(logits, axis=1).tolist()  # the logits just written: in the caches
+        laps += (clock.lap(range(self.stack.n_units - 1, self.stack.n_units)),)
+        return LaneOutputs(logits=logits, greedy=tokens), laps
 
     def _hold(self, positions: int) -> None:
         """Every layer of every row holds `positions` more (BlockLayer.advance, without a call
@@ -230,6 +232,18 @@ class DecodeLane:
         return x
 
 
+@dataclass(frozen=True)
+class LaneOutputs:
+    """A lane step's outputs: each row's hidden state [1, 1, D] (rows that stop before the
+    head), or the logits [R, V] as numpy (a tensor is made only where one is asked for: torch's
+    calls cost ~70 us each here, after the weights streamed through the CPU's caches) with each
+    row's greedy token (np.argmax's)."""
+
+    hidden: list[torch.Tensor] | None = None
+    logits: np.ndarray | None = None
+    greedy: list[int] | None = None
+
+
 def _rows_of(out: torch.Tensor) -> list[torch.Tensor]:
     """Each row's output of out [R, ...], [1, ...] each (one row: out itself, unsliced)."""
     return [out] if out.shape[0] == 1 else [out[r:r + 1] for r in range(out.shape[0])]
@@ -237,23 +251,25 @@ def _rows_of(out: torch.Tensor) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Lap:
-    """Units that ran together, and their wall (and this thread's CPU) seconds."""
+    """Units that ran together (alike: equal shares), their wall (and this thread's CPU)
+    seconds, and the tokens (head: rows) they ran on."""
 
     units: range
     wall_s: float
     cpu_s: float
+    tokens: int
 
 
 class Clock:
     """Laps of wall and (if asked) this thread's CPU time: a CPU clock read costs microseconds."""
 
-    def __init__(self, cpu: bool) -> None:
-        self.cpu = cpu
+    def __init__(self, cpu: bool, tokens: int) -> None:
+        self.cpu, self.tokens = cpu, tokens
         self.wall, self.thread = time.perf_counter(), time.thread_time() if cpu else 0.0
 
     def lap(self, units: range) -> Lap:
         wall, thread = time.perf_counter(), time.thread_time() if self.cpu else 0.0
-        lap = Lap(units, wall - self.wall, thread - self.thread)
+        lap = Lap(units, wall - self.wall, thread - self.thread, self.tokens)
         self.wall, self.thread = wall, thread
         return lap
 

@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
 class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+    """A Prometheus histogram: bucket counts (each value counted once, in the first bucket that
+    holds it: one search per value; cumulated at render), sum and count."""
 
     bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # [len(bounds) + 1]: the last is +Inf
     total: float = 0.0
     n: int = 0
 
     def observe(self, value: float) -> None:
         if not self.counts:
-            self.counts = [0] * len(self.bounds)
-        for k, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[k] += 1
+            self.counts = [0] * (len(self.bounds) + 1)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
         self.n += 1
 
     def samples(self) -> list[tuple[str, float]]:
-        counts = self.counts or [0] * len(self.bounds)
-        buckets = [(f'le="{_number(b)}"', c) for b, c in zip(self.bounds, counts, strict=True)]
+        """The cumulative buckets (value <= bound), +Inf last."""
+        counts = itertools.accumulate(self.counts or [0] * (len(self.bounds) + 1))
+        buckets = [(f'le="{_number(b)}"', c) for b, c in zip(self.bounds, counts, strict=False)]
         return [*buckets, ('le="+Inf"', self.n)]
 
 
 SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COUNT_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Lap(Protocol):
+    """Units that ran together in a step (runtime/lane.py's Lap): alike, equal shares."""
+
+    @property
+    def units(self) -> range: ...
+    @property
+    def wall_s(self) -> float: ...
+    @property
+    def tokens(self) -> int: ...
+
+
+@dataclass
+class LapTotals:
+    """What every step's lap over the same units added up to."""
+
+    busy_s: float = 0.0
+    tokens: int = 0
+    steps: int = 0
 
 
 @dataclass
@@ -53,8 +76,9 @@ class ServerMetrics:
     rolled_back_positions: int = 0  # ... and those a later forward rolled back (rejected)
     busy_s: float = 0.0
     cpu_s: float = 0.0
-    unit_busy_s: dict[str, float] = field(default_factory=dict)
-    unit_tokens: Counter[str] = field(default_factory=Counter)
+    # per run of units that ran together (a decode step's blocks: one entry, not 30): spread
+    # over the units at render time, so a step costs a few dict operations, not ~100
+    lap_totals: dict[range, LapTotals] = field(default_factory=dict)
     bytes_received: int = 0
     bytes_sent: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # by code
@@ -63,7 +87,6 @@ class ServerMetrics:
     step_rows: Histogram = field(default_factory=lambda: Histogram(COUNT_BOUNDS))
     step_tokens: Histogram = field(default_factory=lambda: Histogram(COUNT_BOUNDS))
     queue_wait_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
-    unit_steps: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_forward(self, tokens: int, sampled: bool) -> None:
@@ -73,10 +96,9 @@ class ServerMetrics:
             self.tokens_processed += tokens
             self.tokens_sampled += int(sampled)
 
-    def record_step(self, unit_s: dict[int, float], unit_tokens: dict[int, int], *, rows: int,
-                    tokens: int, wall_s: float, cpu_s: float,
-                    queue_waits_s: Sequence[float]) -> None:
-        """Account one engine step: its time, its batch, each unit it ran."""
+    def record_step(self, laps: Sequence[Lap], *, rows: int, tokens: int, wall_s: float,
+                    cpu_s: float, queue_waits_s: Sequence[float]) -> None:
+        """Account one engine step: its time, its batch, the units it ran (by laps)."""
         with self.lock:
             self.steps += 1
             self.step_s.observe(wall_s)
@@ -85,12 +107,33 @@ class ServerMetrics:
             for wait_s in queue_waits_s:
                 self.queue_wait_s.observe(wait_s)
             self.cpu_s += cpu_s
-            for index, seconds in unit_s.items():
-                name = self.unit_names[index]
-                self.unit_busy_s[name] = self.unit_busy_s.get(name, 0.0) + seconds
-                self.unit_tokens[name] += unit_tokens[index]
-                self.unit_steps[name] += 1
-                self.busy_s += seconds
+            for lap in laps:
+                totals = self.lap_totals.get(lap.units)
+                if totals is None:
+                    totals = self.lap_totals[lap.units] = LapTotals()
+                totals.busy_s += lap.wall_s
+                totals.tokens += lap.tokens
+                totals.steps += 1
+                self.busy_s += lap.wall_s
+
+    def unit_busy_s(self) -> dict[str, float]:
+        """Seconds each unit computed (a lap's units alike: equal shares)."""
+        busy: dict[str, float] = {}
+        for units, totals in self.lap_totals.items():
+            for unit in units:
+                name = self.unit_names[unit]
+                busy[name] = busy.get(name, 0.0) + totals.busy_s / len(units)
+        return busy
+
+    def unit_counts(self) -> tuple[Counter[str], Counter[str]]:
+        """Token positions each unit processed, and the steps that ran it."""
+        tokens: Counter[str] = Counter()
+        steps: Counter[str] = Counter()
+        for units, totals in self.lap_totals.items():
+            for unit in units:
+                tokens[self.unit_names[unit]] += totals.tokens
+                steps[self.unit_names[unit]] += totals.steps
+        return tokens, steps
 
     def record_bytes(self, received: int = 0, sent: int = 0) -> None:
         with self.lock:
@@ -151,12 +194,14 @@ class ServerMetrics:
             _metric(lines, "process_cpu_seconds_total", "counter",
                     "CPU seconds of the whole server process (every thread: compute, event "
                     "loop, framing).", [("", time.process_time())])
+            busy = self.unit_busy_s()
+            unit_tokens, unit_steps = self.unit_counts()
             _metric(lines, "splitllm_unit_busy_seconds_total", "counter",
                     "Seconds the server spent computing each unit.",
-                    [(f'unit="{u}"', self.unit_busy_s.get(u, 0.0)) for u in self.unit_names])
+                    [(f'unit="{u}"', busy.get(u, 0.0)) for u in self.unit_names])
             _metric(lines, "splitllm_unit_tokens_total", "counter",
                     "Token positions each unit processed on the server.",
-                    [(f'unit="{u}"', self.unit_tokens.get(u, 0)) for u in self.unit_names])
+                    [(f'unit="{u}"', unit_tokens.get(u, 0)) for u in self.unit_names])
             _metric(lines, "splitllm_wire_bytes_received_total", "counter",
                     "Bytes of WebSocket messages received.", [("", self.bytes_received)])
             _metric(lines, "splitllm_wire_bytes_sent_total", "counter",
@@ -164,12 +209,12 @@ class ServerMetrics:
             _metric(lines, "splitllm_errors_total", "counter",
                     "Error messages sent to clients, by code.",
                     [(f'code="{c}"', n) for c, n in sorted(self.errors.items())])
-            self._render_engine(lines)
+            self._render_engine(lines, unit_steps)
         if extra is not None:
             lines.extend(extra())
         return "\n".join(lines) + "\n"
 
-    def _render_engine(self, lines: list[str]) -> None:
+    def _render_engine(self, lines: list[str], unit_steps: Counter[str]) -> None:
         _metric(lines, "splitllm_engine_steps_total", "counter", "Batched engine steps run.",
                 [("", self.steps)])
         _histogram(lines, "splitllm_engine_step_seconds", "Wall seconds of one engine step.",
@@ -183,7 +228,7 @@ class ServerMetrics:
                    self.queue_wait_s)
         _metric(lines, "splitllm_engine_unit_steps_total", "counter",
                 "Engine steps that ran each unit (the batch's units).",
-                [(f'unit="{u}"', self.unit_steps.get(u, 0)) for u in self.unit_names])
+                [(f'unit="{u}"', unit_steps.get(u, 0)) for u in self.unit_names])
 
 
 def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram) -> None:

@@ -24,13 +24,18 @@ class Sampler:
         self.seed = sampling.seed if sampling.seed is not None else (
             random.SystemRandom().getrandbits(63))
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the token is the logits' argmax (np.argmax's: the first largest)."""
+        return self.sampling.temperature == 0.0
+
     def __call__(self, logits: torch.Tensor, position: int) -> int:
         """The token at `position` from the logits [1, V] of the position before it."""
         return self.each(logits, position)[0]
 
     def each(self, logits: torch.Tensor, position: int) -> tuple[int, ...]:
         """The token after every row of logits [T, V]: row i's token is at position + i."""
-        if self.sampling.temperature == 0.0:
+        if self.greedy:
             if logits.is_cpu and logits.dtype == torch.float32:  # numpy's: ~9x less overhead
                 return tuple(np.argmax(logits.detach().numpy(), axis=-1).tolist())
             return tuple(int(t) for t in logits.argmax(dim=-1).tolist())

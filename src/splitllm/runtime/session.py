@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from splitllm.errors import UserError
@@ -28,6 +29,8 @@ from splitllm.runtime.protocol import (
 )
 from splitllm.runtime.sampling import Sampler
 from splitllm.runtime.units import SegmentCache, UnitStack
+
+_ID_NUMPY = {name: np.dtype(name) for name in ID_DTYPES}  # token ids, decoded by numpy
 
 
 @dataclass(frozen=True)
@@ -240,14 +243,15 @@ class ServerSession:
                 device: torch.device) -> Prepared:
         """Check a forward and decode its input onto `device`: ProtocolError if it is bad."""
         seg = self.check(header)
-        x = decode_tensor(header, payload)
-        if header.units[0] == 0:
-            x = x.long()
-            ids = x.numpy()  # [1, T], T >= 1 (checked): numpy's min/max cost less than torch's
+        if header.units[0] == 0:  # in numpy (its calls cost less than torch's), then one tensor
+            ids = np.frombuffer(payload, dtype=_ID_NUMPY[header.dtype]).astype(
+                np.int64).reshape(header.shape)  # [1, T], T >= 1 (checked): a copy
             if ids.min() < 0 or ids.max() >= self.stack.vocab_size:
                 raise ProtocolError("bad_values", f"token ids must lie in [0, "
                                     f"{self.stack.vocab_size})")
+            x = torch.from_numpy(ids)
         else:
+            x = decode_tensor(header, payload)
             if not bool(torch.isfinite(x).all()):
                 raise ProtocolError("bad_values", "hidden states contain NaN or infinity")
             x = x.to(self.stack.dtype)
@@ -258,8 +262,8 @@ class ServerSession:
         if header.rollback and seg.cache is not None:  # every check passed: now forget
             seg.cache.roll_back(p0)
         # The cache is held here: a concurrent close() may drop the segment's reference.
-        return Prepared(seg, seg.cache, x.to(device), header.positions, header.units,
-                        max(rolled_back, 0))
+        return Prepared(seg, seg.cache, x if device.type == "cpu" else x.to(device),
+                        header.positions, header.units, max(rolled_back, 0))
 
     def _reserve_kv(self, seg: SegmentState, context_tokens: int) -> None:
         """Grow the segment's share of the KV budget to what its cache reserves to hold

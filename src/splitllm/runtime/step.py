@@ -10,13 +10,15 @@ position of a row that verifies draft tokens).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 from splitllm.runtime import fused
-from splitllm.runtime.lane import DecodeLane, decode_lane
+from splitllm.runtime.lane import DecodeLane, Lap, decode_lane
 from splitllm.runtime.packing import STEP_KWARG, RowGroup, StepCache, install_packed_attention
 from splitllm.runtime.units import SegmentCache, UnitStack
 
@@ -33,22 +35,59 @@ class StepRow:
     head_positions: int = 1  # the head's last positions (all of them to verify draft tokens)
 
 
-@dataclass
 class RowOutput:
-    """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error."""
+    """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error.
+    The decode lane's logits stay numpy until `out` is read, beside their greedy token."""
 
-    out: torch.Tensor | None = None
-    error: BaseException | None = None
+    def __init__(self, out: torch.Tensor | None = None, error: BaseException | None = None, *,
+                 logits: np.ndarray | None = None, greedy: int | None = None) -> None:
+        self._out, self.error, self.logits, self.greedy = out, error, logits, greedy
+
+    @property
+    def out(self) -> torch.Tensor | None:
+        if self._out is None and self.logits is not None:
+            self._out = torch.from_numpy(self.logits)  # [1, V]
+        return self._out
+
+    @out.setter
+    def out(self, value: torch.Tensor | None) -> None:
+        self._out = value
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepTimes:
-    """Wall (and this thread's CPU) seconds of each unit the step ran, and the tokens (head:
-    rows) it ran them on."""
+    """The step's laps (units that ran together, alike: equal shares of a lap's wall and CPU
+    seconds), and per unit on demand: a step is accounted per lap (a decode step: three), not
+    per unit."""
 
-    unit_s: dict[int, float] = field(default_factory=dict)
-    unit_cpu_s: dict[int, float] = field(default_factory=dict)
-    unit_tokens: dict[int, int] = field(default_factory=dict)
+    laps: tuple[Lap, ...]
+    cpu: bool  # the laps' CPU seconds were measured (else unit_cpu_s is empty)
+
+    @cached_property
+    def unit_s(self) -> dict[int, float]:
+        """Wall seconds of each unit the step ran."""
+        return {unit: lap.wall_s / len(lap.units) for lap in self.laps for unit in lap.units}
+
+    @cached_property
+    def unit_cpu_s(self) -> dict[int, float]:
+        """This thread's CPU seconds of each unit (empty where not measured)."""
+        return {unit: lap.cpu_s / len(lap.units) for lap in self.laps for unit in lap.units
+                } if self.cpu else {}
+
+    @cached_property
+    def unit_tokens(self) -> dict[int, int]:
+        """The tokens (head: rows) each unit ran on."""
+        return {unit: lap.tokens for lap in self.laps for unit in lap.units}
+
+
+def unit_seconds(laps: list[Lap], start: int, stop: int) -> tuple[float, ...]:
+    """Wall seconds of each unit of [start, stop) summed over these laps (0: none ran it)."""
+    seconds = [0.0] * (stop - start)
+    for lap in laps:
+        share = lap.wall_s / len(lap.units)
+        for unit in range(max(lap.units.start, start), min(lap.units.stop, stop)):
+            seconds[unit - start] += share
+    return tuple(seconds)
 
 
 class _Packed:
@@ -110,11 +149,13 @@ def _cache(row: StepRow) -> SegmentCache:
     return row.cache
 
 
-@torch.inference_mode()
 def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
              ) -> tuple[list[RowOutput], StepTimes]:
     """Run every row through its units; a failure in one row's attention spares the others.
     unit_cpu=False leaves StepTimes.unit_cpu_s empty (a CPU clock read costs microseconds)."""
+    if not torch.is_inference_mode_enabled():  # the engine's thread runs in it already
+        with torch.inference_mode():
+            return run_step(stack, rows, unit_cpu)
     install_packed_attention(stack.model)  # once per model; a no-op afterwards
     lane = decode_lane(stack, rows)
     if lane is not None:  # a few decode rows that hold still: the kernels' arguments kept
@@ -122,7 +163,7 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
     n = stack.n_units
     outputs = [RowOutput() for _ in rows]
     hidden = {i: row.x for i, row in enumerate(rows) if row.start > 0}
-    times = StepTimes()
+    laps: list[Lap] = []
     packed: _Packed | None = None
     last_unit, ran = -1, 1  # the units the last iteration ran (a fused run of blocks: several)
     for unit in range(min(r.start for r in rows), max(r.stop for r in rows)):
@@ -151,30 +192,24 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
         cpu_s = time.thread_time() - cpu_clock if unit_cpu else 0.0
         tokens = (sum(rows[i].head_positions for i in active) if unit == n - 1
                   else sum(rows[i].positions.shape[1] for i in active))
-        for each in range(unit, unit + ran):  # a run's blocks are alike: equal shares
-            times.unit_s[each] = wall_s / ran
-            if unit_cpu:
-                times.unit_cpu_s[each] = cpu_s / ran
-            times.unit_tokens[each] = tokens
+        laps.append(Lap(range(unit, unit + ran), wall_s, cpu_s, tokens))
     if packed is not None:
         packed.unpack(hidden, outputs)
     for i, row in enumerate(rows):
         if row.stop < n and outputs[i].error is None:
             outputs[i].out = hidden[i]
-    return outputs, times
+    return outputs, StepTimes(tuple(laps), unit_cpu)
 
 
 def _lane_step(lane: DecodeLane, rows: list[StepRow], unit_cpu: bool,
                ) -> tuple[list[RowOutput], StepTimes]:
     outs, laps = lane.run(rows, unit_cpu)
-    times = StepTimes()
-    for lap in laps:  # a lap's units are alike: equal shares
-        for unit in lap.units:
-            times.unit_s[unit] = lap.wall_s / len(lap.units)
-            if unit_cpu:
-                times.unit_cpu_s[unit] = lap.cpu_s / len(lap.units)
-            times.unit_tokens[unit] = len(rows)
-    return [RowOutput(out) for out in outs], times
+    if outs.hidden is not None:
+        return [RowOutput(out) for out in outs.hidden], StepTimes(laps, unit_cpu)
+    assert outs.logits is not None and outs.greedy is not None
+    logits = outs.logits
+    return [RowOutput(logits=logits[r:r + 1], greedy=token)  # [1, V] each
+            for r, token in enumerate(outs.greedy)], StepTimes(laps, unit_cpu)
 
 
 def _same_rows_until(rows: list[StepRow], unit: int, n: int) -> int:
