@@ -142,13 +142,12 @@ class InProcessDriver:
 
     def _submit(self, engine: Engine, gen: _Generation, x: torch.Tensor | np.ndarray,
                 start: int) -> None:
-        """Queue the forward of x (token ids [1, t] or hidden states [1, t, D]). This runs on
-        the engine's thread (a server parses frames on its event loop's): the header is built
-        without pydantic's validation (its values are this driver's own; the engine checks
-        them as any forward's) and token ids go to bytes by numpy, not torch."""
+        """Queue the forward of x (token ids [1, t] or hidden states [1, t, D]), its header
+        validated as a server's frame parser validates one (a server parses on its event loop's
+        thread, on the engine's core: the verdict counts that cost)."""
         tokens = x.shape[1]
         gen.seq += 1
-        header = ForwardHeader.model_construct(
+        header = ForwardHeader(
             type="forward", session=gen.server.session_id, seq=gen.seq,
             units=(start, self.stack.n_units), positions=(gen.position, gen.position + tokens),
             dtype=str(x.dtype) if isinstance(x, np.ndarray) else DTYPE_NAMES[x.dtype],
