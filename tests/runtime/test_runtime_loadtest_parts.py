@@ -261,6 +261,24 @@ def test_capacity_search_brackets_then_bisects_to_the_tolerance() -> None:
     assert 3.7 / 1.05 <= start_high.rate_per_s <= 3.7  # halved until one worked
 
 
+def test_the_measured_capacity_is_the_crossing_within_the_last_bracket() -> None:
+    """Attainment falling linearly in log rate, through 90% at 3.7 req/s: whatever rates the
+    search's grid lands on, the interpolated crossing is 3.7 exactly (the highest good rate
+    alone is up to one --rel-tol step below it)."""
+    def probe(rate: float, left_s: float) -> Probe:
+        attainment = min(max(0.9 - 0.4 * math.log(rate / 3.7), 0.0), 1.0)
+        return Probe(metrics=fake_metrics(rate, attainment, 1000),
+                     process_cpu_s_per_request=0.1, wall_s=1.0)
+
+    for first, rel_tol in ((1.0, 0.1), (2.9, 0.1), (100.0, 0.3)):
+        found = search_capacity("p", probe, first_rate_per_s=first, target=0.9,
+                                rel_tol=rel_tol, deadline_s=math.inf, clock=lambda: 0.0)
+        assert found.rate_per_s < 3.7 < found.lowest_failed_per_s
+        assert found.crossing_per_s == pytest.approx(3.7)
+        assert found.bracket.good_attainment == found.attainment > 0.9
+        assert found.bracket.bad_attainment == found.failed_attainment < 0.9
+
+
 def test_the_noise_band_of_a_probes_verdict_and_when_it_may_stop_early() -> None:
     # one binomial standard error at the target: sqrt(0.9 * 0.1 / n)
     assert noise_band(100, 0.9) == pytest.approx(0.03)
@@ -356,10 +374,10 @@ def test_study_against_a_fake_server_with_known_step_time() -> None:
     assert any("measured capacity" in line for line in lines)
 
 
-def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() -> None:
-    """After a policy's measured search, the simulator runs again on the step model the server
-    refitted under that policy's load (a slower server: less capacity), beside the prediction,
-    which stays the one on the idle server's model."""
+def test_the_prediction_is_simulated_on_the_server_as_the_probes_ran_it() -> None:
+    """After a policy's measured search, the simulator runs on the step model the server
+    refitted under that policy's load (a slower server: less capacity): that is the
+    prediction; the one on the start-of-run model, where the search began, stays beside it."""
     world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0,
                              rel_tol=0.1), policies=("server-only",))
     slow = StepModel(embed=UnitFit.line(1.5e-4, 1.5e-6), block=UnitFit.line(3e-3, 1.5e-4),
@@ -374,10 +392,14 @@ def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() 
     [result] = run_study(world, server.probe, budget_s=1e6, clock=lambda: server.now_s,
                          progress=lambda line: None, under_load=under_load)
     assert seen == [len(result.measured.probes)] and seen[0] > 0  # once, after the probes
-    idle = find_capacity(world, "server-only").rate_per_s
-    loaded = find_capacity(with_step_model(world, slow), "server-only").rate_per_s
-    assert result.simulated_capacity_per_s == idle
-    assert 0 < result.simulated_under_load_per_s == loaded < idle
+    idle = find_capacity(world, "server-only").crossing_per_s
+    loaded = find_capacity(with_step_model(world, slow), "server-only").crossing_per_s
+    assert result.simulated_start.crossing_per_s == idle and not math.isnan(idle)
+    assert result.simulated_on_probes and 0 < result.simulated_per_s == loaded < idle
+    # without the probes' model (none asked for) the prediction is the start-of-run one
+    [bare] = run_study(world, FakeServer(world).probe, budget_s=1e6, clock=lambda: 0.0,
+                       progress=lambda line: None)
+    assert not bare.simulated_on_probes and bare.simulated_per_s == idle
 
 
 def test_the_search_stops_at_its_time_budget() -> None:

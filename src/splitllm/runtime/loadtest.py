@@ -16,12 +16,14 @@ from functools import partial
 
 import numpy as np
 
-from splitllm.sim.capacity import find_capacity, first_guess_rate, run_point
+from splitllm.sim.capacity import Bracket, find_capacity, first_guess_rate, run_point
+from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.policies import Load
 from splitllm.sim.run import RunRecord
 from splitllm.sim.workload import Workload
 from splitllm.sim.world import World
+from splitllm.stepmodel import StepModel
 
 QUEUE_WAIT = "splitllm_engine_queue_wait_seconds"
 STEP_ROWS = "splitllm_engine_step_rows"
@@ -166,7 +168,8 @@ class ServerLoad:
 
 @dataclass(frozen=True)
 class Capacity:
-    """The highest rate probed with enough requests in SLA, and every probe made."""
+    """The highest rate probed with enough requests in SLA, the lowest that failed above it,
+    and every probe made."""
 
     policy: str
     rate_per_s: float  # 0: no rate probed was good enough
@@ -174,6 +177,20 @@ class Capacity:
     probes: tuple[Probe, ...]
     cut_short: bool  # the time budget ended the search before its bracket was narrow enough
     attainment: float = math.nan  # at `rate_per_s`, its probes pooled (nan: none was good)
+    failed_attainment: float = math.nan  # at `lowest_failed_per_s`, pooled (nan: none failed)
+    target: float = 0.9  # the attainment searched for
+
+    @property
+    def bracket(self) -> Bracket:
+        """The search's last bracket."""
+        return Bracket(self.rate_per_s, self.attainment, self.lowest_failed_per_s,
+                       self.failed_attainment)
+
+    @property
+    def crossing_per_s(self) -> float:
+        """The capacity interpolated within the last bracket (`Bracket.crossing_per_s`): the
+        estimator the simulated searches report too."""
+        return self.bracket.crossing_per_s(self.target)
 
 
 Prober = Callable[[float, float], Probe]  # (rate per s, seconds left) -> the probe
@@ -188,7 +205,7 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
     `clock`: no probe starts after it, and each probe is told the seconds left (a probe cut off
     by them, or a repeat it leaves no time for, counts for nothing and ends the search)."""
     probes: list[Probe] = []
-    good, bad, good_attainment = 0.0, math.inf, math.nan
+    good, bad, good_attainment, bad_attainment = 0.0, math.inf, math.nan, math.nan
 
     def next_rate() -> float | None:
         if not probes:
@@ -220,37 +237,47 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
     while rate is not None:
         attainment = judged(rate)
         if attainment is None:
-            return Capacity(policy, good, bad, tuple(probes), True, good_attainment)
-        if attainment >= target:
-            good, good_attainment = max(good, rate), attainment
-        else:
-            bad = min(bad, rate)
+            break
+        if attainment >= target and rate > good:
+            good, good_attainment = rate, attainment
+        elif attainment < target and rate < bad:
+            bad, bad_attainment = rate, attainment
         rate = next_rate()
-    return Capacity(policy, good, bad, tuple(probes), False, good_attainment)
+    return Capacity(policy, good, bad, tuple(probes), rate is not None, good_attainment,
+                    bad_attainment, target)
 
 
 @dataclass(frozen=True)
 class PolicyResult:
-    """One policy: its measured capacity search and the simulator's prediction beside it."""
+    """One policy: its measured capacity search and the simulator's prediction beside it. Every
+    capacity is the crossing interpolated within its search's last bracket."""
 
     policy: str
     measured: Capacity
-    simulated_capacity_per_s: float  # the prediction: the world of the idle server's model,
-    # its clients as the load test runs them (sharing this machine, where the world says so)
-    simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
-    simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
-    # again, after the probes, on the step model the server refitted under them (a posteriori:
-    # it reads the measurement; NaN where not run)
-    simulated_under_load_per_s: float = math.nan
-    # the same world with every client its own device (a real fleet; NaN: the world's
+    simulated: SimCapacity  # the prediction: the world on the server as this policy's probes
+    # ran it (the step model the server refitted on their steps: `under_load`), or, where not
+    # run, on the model calibrated at the run's start
+    simulated_on_probes: bool  # which of the two `simulated` is
+    simulated_start: SimCapacity  # on the start-of-run model (where the measured search began)
+    simulated_at_capacity: RunMetrics | None  # `simulated`'s world at the measured capacity
+    # the start-of-run world with every client its own device (a real fleet; NaN: the world's
     # clients are that already), and with the clients' cores shared but the server not slowed
     # by them (what each of the two pieces of co-location explains)
     simulated_fleet_per_s: float = math.nan
     simulated_unslowed_per_s: float = math.nan
+    step_model: StepModel | None = None  # what `simulated`'s server ran
+
+    @property
+    def measured_per_s(self) -> float:
+        return self.measured.crossing_per_s
+
+    @property
+    def simulated_per_s(self) -> float:
+        return self.simulated.crossing_per_s
 
     @property
     def at_capacity(self) -> Probe | None:
-        """The measured probe at the capacity (None: no rate was good enough)."""
+        """The measured probe at the highest good rate (None: no rate was good enough)."""
         good = [p for p in self.measured.probes if p.rate_per_s == self.measured.rate_per_s]
         return good[-1] if good else None
 
@@ -264,10 +291,11 @@ UnderLoad = Callable[[World, Capacity], World]  # the world on the server as its
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
               clock: Callable[[], float], progress: Callable[[str], None],
               under_load: UnderLoad | None = None) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity, then the measured one searched from it,
-    then (`under_load`) the simulated one again on the server as the policy's probes ran it.
-    Everything ends within `budget_s` on `clock` (probes are cut off at it): each policy gets
-    an equal share of the time left, each simulated search at most `SIMULATED_SHARE` of it."""
+    """Per policy of `world`: the simulated capacity on the start-of-run model, the measured
+    one searched from it, then (`under_load`) the prediction on the server as the policy's
+    probes ran it. Everything ends within `budget_s` on `clock` (probes are cut off at it):
+    each policy gets an equal share of the time left, each simulated search at most
+    `SIMULATED_SHARE` of it."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
@@ -278,24 +306,24 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
         def out_of_time(by_s: float = simulated_by_s) -> bool:
             return clock() >= by_s
 
-        simulated = find_capacity(world, policy, stop=out_of_time)
+        start = find_capacity(world, policy, stop=out_of_time)
         fleet_rate = unslowed_rate = math.nan
         host = world.client_host
         if host is not None:
             fleet_rate = find_capacity(replace(world, client_host=None), policy,
-                                       stop=out_of_time).rate_per_s
+                                       stop=out_of_time).crossing_per_s
             unslowed_rate = find_capacity(replace(world, client_host=replace(
-                host, server_slowdown=1.0)), policy, stop=out_of_time).rate_per_s
+                host, server_slowdown=1.0)), policy, stop=out_of_time).crossing_per_s
             progress(f"{policy}: simulated capacity of a fleet (each client its own device) "
                      f"{fleet_rate:.3g} req/s, its clients on this machine's shared cores "
                      f"{unslowed_rate:.3g} req/s, and the server slowed while they compute "
-                     f"{simulated.rate_per_s:.3g} req/s")
-        guess = simulated.rate_per_s
+                     f"{start.crossing_per_s:.3g} req/s")
+        guess = start.crossing_per_s
         if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
             guess = first_guess_rate(world, policy)
-        cut = " (its search cut short by --max-minutes)" if simulated.cut_short else ""
-        progress(f"{policy}: simulated capacity {simulated.rate_per_s:.3g} req/s{cut}; "
-                 f"measuring from {guess:.3g} req/s")
+        cut = " (its search cut short by --max-minutes)" if start.cut_short else ""
+        progress(f"{policy}: simulated capacity on the start-of-run model "
+                 f"{start.crossing_per_s:.3g} req/s{cut}; measuring from {guess:.3g} req/s")
 
         def measure(rate: float, left_s: float, policy: str = policy) -> Probe:
             result = probe(policy, rate, left_s)
@@ -312,18 +340,19 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                                    target=world.sweep.target_attainment,
                                    rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
                                    clock=clock)
-        progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
+        progress(f"{policy}: measured capacity {measured.crossing_per_s:.3g} req/s (between "
+                 f"{measured.rate_per_s:.3g} and {measured.lowest_failed_per_s:.3g})"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
-        under_rate = math.nan
+        simulated, on_probes, seen = start, False, world
         if under_load is not None and measured.probes and clock() < end_s:
             again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
-            under_rate = find_capacity(under_load(world, measured), policy, stop=partial(
-                out_of_time, again_by_s)).rate_per_s
+            seen = under_load(world, measured)
+            simulated = find_capacity(seen, policy, stop=partial(out_of_time, again_by_s))
+            on_probes = True
             progress(f"{policy}: simulated capacity on the server's step model under its "
-                     f"probes {under_rate:.3g} req/s")
-        at_rate = (run_point(world, policy, measured.rate_per_s)
+                     f"probes {simulated.crossing_per_s:.3g} req/s")
+        at_rate = (run_point(seen, policy, measured.crossing_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
-        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate, under_rate, fleet_rate,
-                                    unslowed_rate))
+        results.append(PolicyResult(policy, measured, simulated, on_probes, start, at_rate,
+                                    fleet_rate, unslowed_rate, seen.server.step_model))
     return results
