@@ -14,7 +14,13 @@ from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, worl
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
+from splitllm.runtime.loadtest import (
+    Capacity,
+    PolicyResult,
+    Probe,
+    run_study,
+    with_client_background,
+)
 from splitllm.runtime.loadtest_host import (
     BUSY_ROUNDS,
     HostFit,
@@ -30,6 +36,7 @@ from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.policies import request_instance
+from splitllm.sim.run import run_policy
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
@@ -141,6 +148,49 @@ def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> N
                         progress=lambda line: None)
     assert alone.simulated_per_s == fleet and policy_json(alone)[
         "simulated_fleet_capacity_req_s"] is None
+
+
+def test_the_client_process_background_is_its_cpu_beyond_its_requests_over_the_probes(
+) -> None:
+    """Probes whose client process ran 0.2, 0.3 and 0.25 cores above the world's CPU for
+    their requests: the background is their median; a probe stopped early is left out."""
+    world, _ = _world()
+    policy = "fixed:CCSSSC"
+    world = replace(world, policies=(policy,), client_host=ClientHost(
+        cores=1.0, cpu_per_client_s=(20.0, 20.0), cpu_per_visit_s=0.001))
+
+    def probe(rate: float, extra_cores: float, stopped_early: bool = False) -> Probe:
+        requests_cpu_s = run_policy(world.with_rate(rate), policy).client_cores_busy_s
+        assert requests_cpu_s > 0
+        return Probe(metrics=fake_metrics(rate, 0.95), process_cpu_s_per_request=0.1,
+                     wall_s=10.0, stopped_early=stopped_early,
+                     client_cores_busy=(requests_cpu_s + 10.0 * extra_cores) / 10.0)
+
+    probes = (probe(0.5, 0.2), probe(1.0, 0.3), probe(2.0, 0.25), probe(4.0, 0.9, True))
+    fitted = with_client_background(world, policy, probes)
+    assert fitted.client_host is not None
+    assert fitted.client_host.background_cores == pytest.approx(0.25)
+    below = with_client_background(world, policy, (probe(1.0, -0.1),))
+    assert below.client_host is not None and below.client_host.background_cores == 0.0
+    assert with_client_background(world, policy, probes[3:]) is world  # none ran to its end
+    fleet = replace(world, client_host=None)
+    assert with_client_background(fleet, policy, probes) is fleet
+    # the study's prediction runs on it: less capacity than on the start-of-run world
+    busy = FakeServer(world)
+    real_probe = busy.probe
+
+    def probe_with_background(policy: str, rate: float, left_s: float) -> Probe:
+        found = real_probe(policy, rate, left_s)
+        requests_cpu_s = run_policy(world.with_rate(rate), policy).client_cores_busy_s
+        return replace(found, client_cores_busy=(requests_cpu_s + 0.5 * found.wall_s)
+                       / found.wall_s)
+
+    [result] = run_study(world, probe_with_background, budget_s=1e6,
+                         clock=lambda: busy.now_s, progress=lambda line: None)
+    assert result.simulated_on_probes and result.client_host is not None
+    assert result.client_host.background_cores == pytest.approx(0.5)
+    assert 0 < result.simulated_per_s < result.simulated_start.crossing_per_s
+    assert policy_json(result)["client_background_cores"] == pytest.approx(0.5)
 
 
 def test_the_report_shows_both_predictions() -> None:

@@ -16,8 +16,10 @@ from functools import partial
 
 import numpy as np
 
+from splitllm.runtime.loadtest_world import client_background_cores
 from splitllm.sim.capacity import Bracket, find_capacity, first_guess_rate, run_point
 from splitllm.sim.capacity import Capacity as SimCapacity
+from splitllm.sim.client_host import ClientHost
 from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.policies import Load
 from splitllm.sim.run import RunRecord
@@ -266,6 +268,7 @@ class PolicyResult:
     simulated_fleet_per_s: float = math.nan
     simulated_unslowed_per_s: float = math.nan
     step_model: StepModel | None = None  # what `simulated`'s server ran
+    client_host: ClientHost | None = None  # ... and its clients' machine
 
     @property
     def measured_per_s(self) -> float:
@@ -280,6 +283,18 @@ class PolicyResult:
         """The measured probe at the highest good rate (None: no rate was good enough)."""
         good = [p for p in self.measured.probes if p.rate_per_s == self.measured.rate_per_s]
         return good[-1] if good else None
+
+
+def with_client_background(world: World, policy: str, probes: Sequence[Probe]) -> World:
+    """`world` with its clients' process background (`ClientHost.background_cores`) fitted on
+    the policy's probes that ran to their end (unchanged: no shared cores, or none ran)."""
+    host = world.client_host
+    complete = [(p.rate_per_s, p.client_cores_busy * p.wall_s, p.wall_s) for p in probes
+                if not (p.stopped_early or p.cut_off) and math.isfinite(p.client_cores_busy)]
+    if host is None or not complete:
+        return world
+    background = client_background_cores(world, policy, complete)
+    return replace(world, client_host=replace(host, background_cores=background))
 
 
 SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
@@ -343,16 +358,22 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
         progress(f"{policy}: measured capacity {measured.crossing_per_s:.3g} req/s (between "
                  f"{measured.rate_per_s:.3g} and {measured.lowest_failed_per_s:.3g})"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
-        simulated, on_probes, seen = start, False, world
+        seen = world
         if under_load is not None and measured.probes and clock() < end_s:
-            again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
             seen = under_load(world, measured)
+        seen = with_client_background(seen, policy, measured.probes)
+        simulated, on_probes = start, seen is not world
+        if on_probes and clock() < end_s:
+            again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
             simulated = find_capacity(seen, policy, stop=partial(out_of_time, again_by_s))
-            on_probes = True
+            host = seen.client_host
             progress(f"{policy}: simulated capacity on the server's step model under its "
-                     f"probes {simulated.crossing_per_s:.3g} req/s")
+                     f"probes{'' if host is None else ' and the clients process background '}"
+                     f"{'' if host is None else f'({host.background_cores:.2f} cores)'} "
+                     f"{simulated.crossing_per_s:.3g} req/s")
         at_rate = (run_point(seen, policy, measured.crossing_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
         results.append(PolicyResult(policy, measured, simulated, on_probes, start, at_rate,
-                                    fleet_rate, unslowed_rate, seen.server.step_model))
+                                    fleet_rate, unslowed_rate, seen.server.step_model,
+                                    seen.client_host))
     return results

@@ -87,6 +87,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "simulated_on": "its probes' step model" if r.simulated_on_probes else "start-of-run",
         "simulated_search_cut_short": r.simulated.cut_short,
         "simulated_step_model": r.step_model.to_json() if r.step_model else None,
+        "client_background_cores": r.client_host.background_cores if r.client_host else None,
         "capacity_rel_err": _num(_rel_err(r.simulated_per_s, r.measured_per_s)),
         "simulated_start_capacity_req_s": _num(r.simulated_start.crossing_per_s),
         "start_capacity_rel_err": _num(_rel_err(r.simulated_start.crossing_per_s,

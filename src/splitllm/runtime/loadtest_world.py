@@ -26,7 +26,8 @@ same requests with the same decisions. From the scenario:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,6 +40,7 @@ from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.instance import Request, build_instance, evaluate
 from splitllm.planner.network import Link
 from splitllm.sim.dists import Dist
+from splitllm.sim.run import run_policy
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import ClientClass, RequestType, ServerSpec, SweepSpec, Trace, World
 from splitllm.stepmodel import StepModel
@@ -213,3 +215,18 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
 def with_step_model(world: World, step: StepModel) -> World:
     """The world whose batched server runs `step` (its SLAs stay as they were set)."""
     return replace(world, server=replace(world.server, step_model=step))
+
+
+def client_background_cores(world: World, policy: str,
+                            probes: Sequence[tuple[float, float, float]]) -> float:
+    """The clients' process's CPU beyond what its requests' passes cost in `world`, in cores:
+    for each probe given as (rate per s, CPU seconds, wall seconds) that ran to its end, the
+    CPU measured less the world's for its requests at that rate, over its wall time; their
+    median, >= 0 (0: no shared cores or no probe)."""
+    host = world.client_host
+    if host is None:
+        return 0.0
+    bare = replace(world, client_host=replace(host, background_cores=0.0))
+    excess = [(cpu_s - run_policy(bare.with_rate(rate), policy).client_cores_busy_s) / wall_s
+              for rate, cpu_s, wall_s in probes if wall_s > 0]
+    return max(statistics.median(excess), 0.0) if excess else 0.0
