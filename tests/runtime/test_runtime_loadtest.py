@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,15 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
                                                        llama_server: BackgroundServer) -> None:
     world, classes = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0,
                                 window_slas=0.0)  # the 4 requests once, whatever the rate
+
+    def workers() -> int:
+        return sum(t.name.startswith("loadtest") for t in threading.enumerate())
+
+    started = workers()
     runner = RealRunner(tiny_llama, world, classes,
                         RunnerOptions(server=llama_server.ws_url, max_in_flight=4))
     try:
+        assert workers() == started + 4  # every worker thread up before any clock starts
         before = runner.metrics()
         probe = runner.probe("server-only", 20.0)
         after = runner.metrics()
