@@ -5,7 +5,6 @@ tokens, never wall time."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import threading
@@ -20,8 +19,7 @@ from splitllm.planner.hardware import device_preset
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
-from splitllm.runtime.loadtest import Capacity, Probe
-from splitllm.runtime.loadtest_command import calibrated, under_load
+from splitllm.runtime.loadtest_command import calibrated
 from splitllm.runtime.loadtest_host import BUSY_ROUNDS
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
@@ -155,20 +153,6 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
             r.client_class)], free, r.prompt_tokens, r.output_tokens), Placement(r.placement))
         # one visit per pass: each pays the server's seconds per forward
         assert r.predicted.other_s - bare.network_s == pytest.approx(job_s * r.round_trips)
-
-
-def test_under_load_is_the_servers_step_model_now_and_the_probes_cpu_per_forward(
-        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
-    world, _ = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0)
-    probes = tuple(Probe(metrics=None, process_cpu_s_per_request=0.1,  # type: ignore[arg-type]
-                         wall_s=1.0, server_job_s=job_s)
-                   for job_s in (0.002, math.nan, 0.004, 0.003))
-    loaded = under_load(llama_server.ws_url, None)(
-        world, Capacity("server-only", 1.0, 2.0, probes, cut_short=False))
-    announced = StepModel.from_json(fetch_info(llama_server.ws_url, None)["step_model"])
-    # the steps' own part of a visit, as announced, and the median measured outside the steps
-    assert loaded.server.step_model == replace(announced, job_s=announced.job_s + 0.003)
-    assert loaded.types == world.types  # the SLAs stay as they were set
 
 
 def test_a_probe_that_cannot_meet_its_sla_stops_itself(tiny_llama: LoadedModel,

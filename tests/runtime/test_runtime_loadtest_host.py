@@ -14,13 +14,7 @@ from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, worl
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.runtime.loadtest import (
-    Capacity,
-    PolicyResult,
-    Probe,
-    run_study,
-    with_client_background,
-)
+from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
     BUSY_ROUNDS,
     HostFit,
@@ -36,7 +30,6 @@ from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.policies import request_instance
-from splitllm.sim.run import run_policy
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
@@ -119,8 +112,9 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
 
 def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> None:
     """The prediction (the target's comparison) runs the clients on their shared core; the
-    fleet's, every client its own device. Clients whose units cost real CPU beyond one core's
-    worth at the fleet's capacity cap the co-located world below it."""
+    fleet's, every client its own device (both on the start-of-run world). Clients whose units
+    cost real CPU beyond one core's worth at the fleet's capacity cap the co-located world
+    below it."""
     world, _ = _world()
     world = replace(world, policies=("fixed:CCSSSC",))
     fleet = find_capacity(world, "fixed:CCSSSC").crossing_per_s
@@ -130,67 +124,25 @@ def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> N
     [result] = run_study(shared, server.probe, budget_s=1e6, clock=lambda: server.now_s,
                          progress=lambda line: None)
     assert result.simulated_fleet_per_s == fleet
-    assert result.simulated_per_s == find_capacity(shared, "fixed:CCSSSC").crossing_per_s
-    assert 0 < result.simulated_per_s < fleet
+    assert result.simulated_start.crossing_per_s == find_capacity(
+        shared, "fixed:CCSSSC").crossing_per_s
+    assert 0 < result.simulated_start.crossing_per_s < fleet
     # no server slowdown in this world: the shared cores alone explain the difference
-    assert result.simulated_unslowed_per_s == result.simulated_per_s
+    assert result.simulated_unslowed_per_s == result.simulated_start.crossing_per_s
     slowed = replace(shared, client_host=replace(host, server_slowdown=3.0))
     [worse] = run_study(slowed, FakeServer(slowed).probe, budget_s=1e6, clock=lambda: 0.0,
                         progress=lambda line: None)
-    assert worse.simulated_unslowed_per_s == result.simulated_per_s
-    assert worse.simulated_per_s < result.simulated_per_s
+    assert worse.simulated_unslowed_per_s == result.simulated_start.crossing_per_s
+    assert worse.simulated_start.crossing_per_s < result.simulated_start.crossing_per_s
     document = policy_json(result)
     assert document["simulated_fleet_capacity_req_s"] == fleet
     assert document["colocation_cost"] == pytest.approx(
-        1 - result.simulated_per_s / fleet)
+        1 - result.simulated_start.crossing_per_s / fleet)
     # a world whose clients are each their own device already has no second prediction
     [alone] = run_study(world, FakeServer(world).probe, budget_s=1e6, clock=lambda: 0.0,
                         progress=lambda line: None)
-    assert alone.simulated_per_s == fleet and policy_json(alone)[
+    assert alone.simulated_start.crossing_per_s == fleet and policy_json(alone)[
         "simulated_fleet_capacity_req_s"] is None
-
-
-def test_the_client_process_background_is_its_cpu_beyond_its_requests_over_the_probes(
-) -> None:
-    """Probes whose client process ran 0.2, 0.3 and 0.25 cores above the world's CPU for
-    their requests: the background is their median; a probe stopped early is left out."""
-    world, _ = _world()
-    policy = "fixed:CCSSSC"
-    world = replace(world, policies=(policy,), client_host=ClientHost(
-        cores=1.0, cpu_per_client_s=(20.0, 20.0), cpu_per_visit_s=0.001))
-
-    def probe(rate: float, extra_cores: float, stopped_early: bool = False) -> Probe:
-        requests_cpu_s = run_policy(world.with_rate(rate), policy).client_cores_busy_s
-        assert requests_cpu_s > 0
-        return Probe(metrics=fake_metrics(rate, 0.95), process_cpu_s_per_request=0.1,
-                     wall_s=10.0, stopped_early=stopped_early,
-                     client_cores_busy=(requests_cpu_s + 10.0 * extra_cores) / 10.0)
-
-    probes = (probe(0.5, 0.2), probe(1.0, 0.3), probe(2.0, 0.25), probe(4.0, 0.9, True))
-    fitted = with_client_background(world, policy, probes)
-    assert fitted.client_host is not None
-    assert fitted.client_host.background_cores == pytest.approx(0.25)
-    below = with_client_background(world, policy, (probe(1.0, -0.1),))
-    assert below.client_host is not None and below.client_host.background_cores == 0.0
-    assert with_client_background(world, policy, probes[3:]) is world  # none ran to its end
-    fleet = replace(world, client_host=None)
-    assert with_client_background(fleet, policy, probes) is fleet
-    # the study's prediction runs on it: less capacity than on the start-of-run world
-    busy = FakeServer(world)
-    real_probe = busy.probe
-
-    def probe_with_background(policy: str, rate: float, left_s: float) -> Probe:
-        found = real_probe(policy, rate, left_s)
-        requests_cpu_s = run_policy(world.with_rate(rate), policy).client_cores_busy_s
-        return replace(found, client_cores_busy=(requests_cpu_s + 0.5 * found.wall_s)
-                       / found.wall_s)
-
-    [result] = run_study(world, probe_with_background, budget_s=1e6,
-                         clock=lambda: busy.now_s, progress=lambda line: None)
-    assert result.simulated_on_probes and result.client_host is not None
-    assert result.client_host.background_cores == pytest.approx(0.5)
-    assert 0 < result.simulated_per_s < result.simulated_start.crossing_per_s
-    assert policy_json(result)["client_background_cores"] == pytest.approx(0.5)
 
 
 def test_the_report_shows_both_predictions() -> None:
@@ -202,8 +154,9 @@ def test_the_report_shows_both_predictions() -> None:
     on_probes = SimCapacity("greedy", 12.0, 0.9, tuple(sims))
     start = SimCapacity("greedy", 8.0, 0.9, (fake_metrics(8.0, 0.9),
                                              fake_metrics(16.0, 0.5)))
-    result = PolicyResult("greedy", measured, on_probes, True, start, None,
-                          simulated_fleet_per_s=20.0, simulated_unslowed_per_s=15.0)
+    result = PolicyResult("greedy", measured, on_probes, start, None,
+                          simulated_fleet_per_s=20.0, simulated_unslowed_per_s=15.0,
+                          server_factor=1.1, client_factor=0.9)
     # the crossings: halfway (in attainment) between the bracket's rates, geometrically
     assert result.measured_per_s == pytest.approx(math.sqrt(110.0))
     assert result.simulated_per_s == pytest.approx(math.sqrt(12.0 * 14.0))
@@ -215,7 +168,8 @@ def test_the_report_shows_both_predictions() -> None:
     document = policy_json(result)
     assert document["bracket"] == {"good_req_s": 10.0, "good_attainment": 0.95,
                                    "bad_req_s": 11.0, "bad_attainment": 0.85}
-    assert document["simulated_on"] == "its probes' step model"
+    assert document["simulated_on"] == "its probes' speeds"
+    assert (document["server_speed_factor"], document["client_cpu_factor"]) == (1.1, 0.9)
     assert document["simulated_start_capacity_req_s"] == 8.0
     assert "Fleet: that with every client its own device" in text
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,

@@ -90,7 +90,7 @@ def test_the_report_says_first_when_splitting_is_below_server_only() -> None:
         probe = Probe(metrics=metrics, process_cpu_s_per_request=cpu_s, wall_s=10.0)
         simulated = SimCapacity(policy, rate, 0.9, (metrics,))
         return PolicyResult(policy, Capacity(policy, rate, 2 * rate, (probe,), cut_short=False),
-                            simulated, False, simulated, None)
+                            simulated, simulated, None)
 
     link = link_preset("4g")
     classes = (EmulatedClass("phone", link, 50.7, "phone"),

@@ -70,16 +70,13 @@ def test_a_pass_lasts_its_cpu_on_the_shared_core_when_that_exceeds_its_device_ti
         pytest.approx([4.5, 4.5]))
 
 
-def test_the_client_process_background_takes_its_share_of_the_cores_first() -> None:
-    # half the core busy with the process's own machinery: the two requests' 4.5 s of CPU
-    # each share the other half, done at 18 s (9 s with the whole core)
-    half = ClientHost(cores=1.0, cpu_per_client_s=(1.0,), background_cores=0.5)
-    rec = run_policy(_client_only(half), "fixed:CCC")
-    assert rec.finished_at_s.tolist() == pytest.approx([18.0, 18.0])
-    assert rec.client_cores_busy_s == pytest.approx(9.0)  # the requests' CPU, as before
-    # a background fitted beyond the cores leaves a quarter of them (noise, not a halt)
-    assert replace(half, background_cores=0.9).free_cores == 0.25
-    assert ClientHost(cores=2.0, background_cores=0.5).free_cores == 1.5
+def test_a_machine_whose_passes_cost_more_cpu_shares_its_core_longer() -> None:
+    # the clients measured at 2x the calibrated CPU: two requests' 9 s of CPU each, 18 s
+    host = ClientHost(cores=1.0, cpu_per_client_s=(1.0,), cpu_per_visit_s=0.25)
+    assert host.scaled_cpu(2.0) == ClientHost(cores=1.0, cpu_per_client_s=(2.0,),
+                                              cpu_per_visit_s=0.5)
+    assert run_policy(_client_only(host.scaled_cpu(2.0)), "fixed:CCC").finished_at_s.tolist(
+    ) == pytest.approx([18.0, 18.0])
 
 
 def test_a_pass_is_never_shorter_than_its_device_time() -> None:

@@ -16,16 +16,14 @@ from functools import partial
 
 import numpy as np
 
-from splitllm.runtime.loadtest_world import client_background_cores
+from splitllm.runtime.loadtest_world import Probed, as_probed, speed_factors
 from splitllm.sim.capacity import Bracket, find_capacity, first_guess_rate, run_point
 from splitllm.sim.capacity import Capacity as SimCapacity
-from splitllm.sim.client_host import ClientHost
 from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.policies import Load
 from splitllm.sim.run import RunRecord
 from splitllm.sim.workload import Workload
 from splitllm.sim.world import World
-from splitllm.stepmodel import StepModel
 
 QUEUE_WAIT = "splitllm_engine_queue_wait_seconds"
 STEP_ROWS = "splitllm_engine_step_rows"
@@ -256,10 +254,9 @@ class PolicyResult:
 
     policy: str
     measured: Capacity
-    simulated: SimCapacity  # the prediction: the world on the server as this policy's probes
-    # ran it (the step model the server refitted on their steps: `under_load`), or, where not
-    # run, on the model calibrated at the run's start
-    simulated_on_probes: bool  # which of the two `simulated` is
+    simulated: SimCapacity  # the prediction: the world as this policy's probes ran it (its
+    # server's and clients' speeds, `loadtest_world.speed_factors`), or, where none ran to its
+    # end, the start-of-run world
     simulated_start: SimCapacity  # on the start-of-run model (where the measured search began)
     simulated_at_capacity: RunMetrics | None  # `simulated`'s world at the measured capacity
     # the start-of-run world with every client its own device (a real fleet; NaN: the world's
@@ -267,8 +264,12 @@ class PolicyResult:
     # by them (what each of the two pieces of co-location explains)
     simulated_fleet_per_s: float = math.nan
     simulated_unslowed_per_s: float = math.nan
-    step_model: StepModel | None = None  # what `simulated`'s server ran
-    client_host: ClientHost | None = None  # ... and its clients' machine
+    server_factor: float = math.nan  # `simulated`'s server: the start's step model x this
+    client_factor: float = math.nan  # ... and its clients' CPU x this (nan: not fitted)
+
+    @property
+    def simulated_on_probes(self) -> bool:
+        return not math.isnan(self.server_factor)
 
     @property
     def measured_per_s(self) -> float:
@@ -285,32 +286,24 @@ class PolicyResult:
         return good[-1] if good else None
 
 
-def with_client_background(world: World, policy: str, probes: Sequence[Probe]) -> World:
-    """`world` with its clients' process background (`ClientHost.background_cores`) fitted on
-    the policy's probes that ran to their end (unchanged: no shared cores, or none ran)."""
-    host = world.client_host
-    complete = [(p.rate_per_s, p.client_cores_busy * p.wall_s, p.wall_s) for p in probes
-                if not (p.stopped_early or p.cut_off) and math.isfinite(p.client_cores_busy)]
-    if host is None or not complete:
-        return world
-    background = client_background_cores(world, policy, complete)
-    return replace(world, client_host=replace(host, background_cores=background))
+def probed(probes: Sequence[Probe]) -> list[Probed]:
+    """What the probes that ran to their end measured of the machine."""
+    return [Probed(rate_per_s=p.rate_per_s, server_s_per_request=p.metrics.server_s_per_request,
+                   client_cpu_s=p.client_cores_busy * p.wall_s)
+            for p in probes if not (p.stopped_early or p.cut_off)]
 
 
 SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
 
 
-UnderLoad = Callable[[World, Capacity], World]  # the world on the server as its probes ran it
-
-
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
-              clock: Callable[[], float], progress: Callable[[str], None],
-              under_load: UnderLoad | None = None) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity on the start-of-run model, the measured
-    one searched from it, then (`under_load`) the prediction on the server as the policy's
-    probes ran it. Everything ends within `budget_s` on `clock` (probes are cut off at it):
-    each policy gets an equal share of the time left, each simulated search at most
-    `SIMULATED_SHARE` of it."""
+              clock: Callable[[], float], progress: Callable[[str], None]
+              ) -> list[PolicyResult]:
+    """Per policy of `world`: the simulated capacity on the start-of-run world, the measured
+    one searched from it, then the prediction on the machine as the policy's probes ran it
+    (`loadtest_world.speed_factors`). Everything ends within `budget_s` on `clock` (probes are
+    cut off at it): each policy gets an equal share of the time left, each simulated search
+    at most `SIMULATED_SHARE` of it."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
@@ -358,22 +351,19 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
         progress(f"{policy}: measured capacity {measured.crossing_per_s:.3g} req/s (between "
                  f"{measured.rate_per_s:.3g} and {measured.lowest_failed_per_s:.3g})"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
-        seen = world
-        if under_load is not None and measured.probes and clock() < end_s:
-            seen = under_load(world, measured)
-        seen = with_client_background(seen, policy, measured.probes)
-        simulated, on_probes = start, seen is not world
-        if on_probes and clock() < end_s:
+        seen, simulated, factors = world, start, (math.nan, math.nan)
+        ran = probed(measured.probes)
+        if ran and clock() < end_s:
+            factors = speed_factors(world, policy, ran)
+            seen = as_probed(world, *factors)
             again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
             simulated = find_capacity(seen, policy, stop=partial(out_of_time, again_by_s))
-            host = seen.client_host
-            progress(f"{policy}: simulated capacity on the server's step model under its "
-                     f"probes{'' if host is None else ' and the clients process background '}"
-                     f"{'' if host is None else f'({host.background_cores:.2f} cores)'} "
+            progress(f"{policy}: under its probes the server took x{factors[0]:.2f} the "
+                     f"start-of-run model's seconds per request and the clients x"
+                     f"{factors[1]:.2f} its CPU: simulated capacity "
                      f"{simulated.crossing_per_s:.3g} req/s")
         at_rate = (run_point(seen, policy, measured.crossing_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
-        results.append(PolicyResult(policy, measured, simulated, on_probes, start, at_rate,
-                                    fleet_rate, unslowed_rate, seen.server.step_model,
-                                    seen.client_host))
+        results.append(PolicyResult(policy, measured, simulated, start, at_rate, fleet_rate,
+                                    unslowed_rate, *factors))
     return results

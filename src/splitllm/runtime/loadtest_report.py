@@ -84,10 +84,10 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "server_cpu_s_per_request": _num(at.process_cpu_s_per_request) if at else None,
         "simulated_capacity_req_s": _num(r.simulated_per_s),
         "simulated_bracket": r.simulated.bracket.to_json(),
-        "simulated_on": "its probes' step model" if r.simulated_on_probes else "start-of-run",
+        "simulated_on": "its probes' speeds" if r.simulated_on_probes else "start-of-run",
+        "server_speed_factor": _num(r.server_factor),
+        "client_cpu_factor": _num(r.client_factor),
         "simulated_search_cut_short": r.simulated.cut_short,
-        "simulated_step_model": r.step_model.to_json() if r.step_model else None,
-        "client_background_cores": r.client_host.background_cores if r.client_host else None,
         "capacity_rel_err": _num(_rel_err(r.simulated_per_s, r.measured_per_s)),
         "simulated_start_capacity_req_s": _num(r.simulated_start.crossing_per_s),
         "start_capacity_rel_err": _num(_rel_err(r.simulated_start.crossing_per_s,
@@ -199,11 +199,10 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
               "the client's cores. " + _host_text(world) + " The simulator's prediction: "
               "the same world, batched server "
               "with the step model the server announced (/v1/info: refitted on its engine's "
-              "steps) after each policy's probes (the server as they ran it: the machine's "
-              "other load and the clients' real compute, which shares its memory, move its "
-              "speed between minutes); beside it the one on the model announced after three "
-              "rounds of the idle check's requests at the run's start (where each search "
-              "starts). A visit "
+              "steps) after three rounds of the idle check's requests at the run's start (where "
+              "each search starts), and again at the speeds each policy's probes measured "
+              "(the machine's other load and the clients' real compute, which shares its "
+              "memory, move them between minutes). A visit "
               "to the "
               f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
               "(measured on the idle server at start; the planner and the simulator charge it "
@@ -228,12 +227,14 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
              "that met it and the lowest above it that did not; geometric in rate, linear in "
              "attainment). Simulated: the prediction for the world measured here, its "
              "EMULATED clients sharing this machine's client cores (their real CPU there, the "
-             "server slowed while those compute), on the step model the server refitted on "
-             "the policy's probes' steps and their CPU per forward outside the steps (the "
-             "server's speed in those minutes, which other work on this machine moves; a "
-             "profile of the server, not its capacity). On the start-of-run model: the same "
-             "on the model calibrated before the search (where it started). Fleet: that with "
-             "every client its own device (a real fleet; what the co-location costs).", "",
+             "server slowed while those compute), at the speeds the policy's probes that ran "
+             "to their end measured: the start-of-run step model times the median ratio of "
+             "the server's seconds per request measured to simulated at the probes' rates, "
+             "and the clients' CPU times the same ratio of the client process's CPU (this "
+             "machine's other load moves both between minutes; a profile of the machine, not "
+             "its capacity). On the start-of-run model: the same world as calibrated before "
+             "the search (where it started). Fleet: that with every client its own device (a "
+             "real fleet; what the co-location costs).", "",
              "| policy | capacity measured (req/s) [bracket] | simulated [bracket] | sim error | "
              "on the start-of-run model (error) | fleet (co-location's cost) | "
              "shared cores, server not slowed | "

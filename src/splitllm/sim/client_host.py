@@ -12,23 +12,17 @@ core(s), computing their units for real and sleeping up to their emulated device
   memory bandwidth); and alike, a pass's unit CPU that starts while the server computes takes
   `server_slowdown` times its CPU (the same sharing seen from the other side: measured at the
   splits' rates, with the server about half busy, a unit cost 1.24-1.34 CPU s per second of
-  this machine's time against 1.15-1.19 alone);
-- the client process's own machinery (the arrival loop, the watcher, a load-aware policy's
-  /metrics polls, thread hand-offs) keeps `background_cores` of those cores busy whatever the
-  requests do: the passes share what is left (measured: the process's CPU ran a steady
-  0.12-0.17 cores above its requests' modelled CPU at every rate of a run, and the capacity
-  is steep in it: 14.2, 12.6 and 10.9 req/s for greedy with 1, 0.9 and 0.8 cores left).
+  this machine's time against 1.15-1.19 alone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from splitllm.sim.engine import Kind, NewEvent, Sharing
 
 WAKE = Kind.CLIENT_WAKE
-MIN_FREE_SHARE = 0.25
 OnDone = Callable[[float, int, int], NewEvent | None]  # (now, a, b) -> the next event
 
 
@@ -42,13 +36,11 @@ class ClientHost:
     cpu_per_visit_s: float = 0.0  # client CPU of one visit to the server (its transport work)
     server_slowdown: float = 1.0  # the server's steps x this while the clients' cores are all
     # busy computing units (x1 while idle, linear between; a visit's transport work: idle)
-    background_cores: float = 0.0  # of `cores`, busy with the client process's own machinery
 
-    @property
-    def free_cores(self) -> float:
-        """The cores the requests' passes share: `cores` less the background (at least
-        `MIN_FREE_SHARE` of them: a fit that leaves none is noise, not a stopped machine)."""
-        return max(self.cores - self.background_cores, MIN_FREE_SHARE * self.cores)
+    def scaled_cpu(self, factor: float) -> ClientHost:
+        """This machine with every pass's CPU (units and visits) times `factor`."""
+        return replace(self, cpu_per_client_s=tuple(c * factor for c in self.cpu_per_client_s),
+                       cpu_per_visit_s=self.cpu_per_visit_s * factor)
 
     def cpu_s(self, class_index: int, client_s: float, visits: int) -> float:
         """Real CPU seconds of a gap's client work: its units' and its visits' transport."""

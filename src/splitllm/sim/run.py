@@ -85,7 +85,7 @@ class _Run:
         batched = world.server.scheduler == "batched"
         cost = BatchCost(world, world.server.step_model) if batched else None
         host = world.client_host
-        self.cores = None if host is None else SharedCores(host.free_cores, self._computed)
+        self.cores = None if host is None else SharedCores(host.cores, self._computed)
         self.gap_started_s = [0.0] * n  # when the request's current gap began (shared cores)
         slowed = host is not None and host.server_slowdown != 1.0
         self.server = make_server(world.server, self._done, self.busy, self._shape, cost,
