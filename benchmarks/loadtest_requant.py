@@ -1,10 +1,11 @@
-"""Old load-test runs under the bracket-crossing estimator: how much of their error was the
-capacity search's quantisation.
+"""Old load-test runs under the bracket-crossing estimator and at their probes' speeds: how
+much of their error was the capacity search's quantisation, and how much the machine's speed.
 
 Rebuilds each results.json's start-of-run world (azure-conv on SmolLM2, its step model, visit
 cost and client-host calibration, this machine's device profile), checks that the simulator
 gives its recorded simulated capacity again, and prints both sides as recorded (highest
-passing rate) beside the crossing interpolated in the last bracket (`sim.capacity.Bracket`):
+passing rate) beside the crossing interpolated in the last bracket (`sim.capacity.Bracket`),
+then the prediction at the speeds the policy's probes measured (`loadtest_world.as_probed`):
 
     PYTHONPATH=src python benchmarks/loadtest_requant.py --device-profile device.json \
         run1/results.json run2/results.json
@@ -21,7 +22,13 @@ from typing import Any
 
 from splitllm.planner.hardware import device_preset
 from splitllm.runtime.loadtest_command import _scenario
-from splitllm.runtime.loadtest_world import LoadtestSpec, loadtest_world
+from splitllm.runtime.loadtest_world import (
+    LoadtestSpec,
+    Probed,
+    as_probed,
+    loadtest_world,
+    speed_factors,
+)
 from splitllm.runtime.models import context_tokens, load_model
 from splitllm.sim.capacity import bracket_of, find_capacity
 from splitllm.sim.client_host import ClientHost
@@ -65,9 +72,17 @@ def main() -> None:
             old_m, old_s = entry["capacity_req_s"], entry["simulated_capacity_req_s"]
             new_m = measured.crossing_per_s(world.sweep.target_attainment)
             new_s = simulated.crossing_per_s
+            ran = [Probed(rate_per_s=p["rate_req_s"],
+                          server_s_per_request=p["server_s_per_request"],
+                          client_cpu_s=p["client_cores_busy"] * p["wall_s"])
+                   for p in entry["probes"] if not p["stopped_early"]]
+            server, clients = speed_factors(world, name, ran)
+            probed = find_capacity(as_probed(world, server, clients), name).crossing_per_s
             print(f"  {name:17s} recorded {old_m:.3g} / {old_s:.3g} ({old_s / old_m - 1:+.0%}; "
                   f"re-simulated {simulated.rate_per_s:.3g}) | crossing {new_m:.3g} / "
-                  f"{new_s:.3g} ({new_s / new_m - 1:+.0%})", flush=True)
+                  f"{new_s:.3g} ({new_s / new_m - 1:+.0%}) | at its probes' speeds (server "
+                  f"x{server:.2f}, clients' CPU x{clients:.2f}) {probed:.3g} "
+                  f"({probed / new_m - 1:+.0%})", flush=True)
 
 
 if __name__ == "__main__":
