@@ -269,14 +269,17 @@ class PolicyResult:
 
     @property
     def simulated_on_probes(self) -> bool:
+        """Whether `simulated` ran at the probes' speeds (else: the start-of-run world)."""
         return not math.isnan(self.server_factor)
 
     @property
     def measured_per_s(self) -> float:
+        """The measured capacity (the crossing within its last bracket)."""
         return self.measured.crossing_per_s
 
     @property
     def simulated_per_s(self) -> float:
+        """The predicted capacity (the crossing within its last bracket)."""
         return self.simulated.crossing_per_s
 
     @property
