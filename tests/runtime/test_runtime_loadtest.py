@@ -87,6 +87,7 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
         assert after["splitllm_sessions_opened_total"] - before[
             "splitllm_sessions_opened_total"] == 4
         assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
+        assert probe.server_wall_s_per_request > 0  # the steps' wall share, what the model prices
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
         # the server's busy share counts its arrivals' window, within the whole probe's busy
         busy = "splitllm_server_busy_seconds_total"

@@ -357,7 +357,8 @@ class FakeServer:
         self.now_s += wall_s
         self.probes += 1
         return Probe(metrics=summarize(world, record), process_cpu_s_per_request=0.1,
-                     wall_s=wall_s)
+                     wall_s=wall_s, server_wall_s_per_request=float(np.mean(
+                         [o.server_cpu_s for o in outcomes])))
 
 
 def test_study_against_a_fake_server_with_known_step_time() -> None:

@@ -43,6 +43,7 @@ class Outcome:
     server_cpu_s: float  # the compute CPU seconds the server reported for it
     placement: str
     planned: bool
+    server_wall_s: float = math.nan  # the wall seconds of the server's steps that were its
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,8 @@ class Probe:
     cut_off: bool = False  # ended by the time budget with requests not yet done: inconclusive
     server_job_s: float = math.nan  # the server's CPU per forward outside its steps (nan: none)
     client_cores_busy: float = math.nan  # the EMULATED clients' process: CPU s per wall s
+    server_wall_s_per_request: float = math.nan  # the server's steps' wall seconds a finished
+    # request (its share of each step: what the step model, in wall seconds, prices)
 
     @property
     def rate_per_s(self) -> float:
@@ -291,7 +294,7 @@ class PolicyResult:
 
 def probed(probes: Sequence[Probe]) -> list[Probed]:
     """What the probes that ran to their end measured of the machine."""
-    return [Probed(rate_per_s=p.rate_per_s, server_s_per_request=p.metrics.server_s_per_request,
+    return [Probed(rate_per_s=p.rate_per_s, server_s_per_request=p.server_wall_s_per_request,
                    client_cpu_s=p.client_cores_busy * p.wall_s)
             for p in probes if not (p.stopped_early or p.cut_off)]
 

@@ -60,7 +60,8 @@ def _metrics_json(m: RunMetrics) -> dict[str, Any]:
 def _probe_json(p: Probe) -> dict[str, Any]:
     return {**_metrics_json(p.metrics), "wall_s": p.wall_s, "stopped_early": p.stopped_early,
             "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request),
-            "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy)}
+            "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy),
+            "server_wall_s_per_request": _num(p.server_wall_s_per_request)}
 
 
 def policy_json(r: PolicyResult) -> dict[str, Any]:
