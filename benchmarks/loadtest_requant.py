@@ -73,7 +73,9 @@ def main() -> None:
             new_m = measured.crossing_per_s(world.sweep.target_attainment)
             new_s = simulated.crossing_per_s
             ran = [Probed(rate_per_s=p["rate_req_s"],
-                          server_s_per_request=p["server_s_per_request"],
+                          # runs before the wall seconds were recorded: their CPU seconds
+                          server_s_per_request=p.get("server_wall_s_per_request")
+                          or p["server_s_per_request"],
                           client_cpu_s=p["client_cores_busy"] * p["wall_s"])
                    for p in entry["probes"] if not p["stopped_early"]]
             server, clients = speed_factors(world, name, ran)
