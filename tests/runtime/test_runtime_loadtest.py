@@ -5,9 +5,9 @@ tokens, never wall time."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,7 @@ from splitllm.planner.hardware import device_preset
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
-from splitllm.runtime.loadtest import Capacity, Probe
-from splitllm.runtime.loadtest_command import calibrated, under_load
+from splitllm.runtime.loadtest_command import calibrated
 from splitllm.runtime.loadtest_host import BUSY_ROUNDS
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
@@ -64,9 +63,15 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
                                                        llama_server: BackgroundServer) -> None:
     world, classes = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0,
                                 window_slas=0.0)  # the 4 requests once, whatever the rate
+
+    def workers() -> int:
+        return sum(t.name.startswith("loadtest") for t in threading.enumerate())
+
+    started = workers()
     runner = RealRunner(tiny_llama, world, classes,
                         RunnerOptions(server=llama_server.ws_url, max_in_flight=4))
     try:
+        assert workers() == started + 4  # every worker thread up before any clock starts
         before = runner.metrics()
         probe = runner.probe("server-only", 20.0)
         after = runner.metrics()
@@ -82,6 +87,7 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
         assert after["splitllm_sessions_opened_total"] - before[
             "splitllm_sessions_opened_total"] == 4
         assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
+        assert probe.server_wall_s_per_request > 0  # the steps' wall share, what the model prices
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
         # the server's busy share counts its arrivals' window, within the whole probe's busy
         busy = "splitllm_server_busy_seconds_total"
@@ -148,20 +154,6 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
             r.client_class)], free, r.prompt_tokens, r.output_tokens), Placement(r.placement))
         # one visit per pass: each pays the server's seconds per forward
         assert r.predicted.other_s - bare.network_s == pytest.approx(job_s * r.round_trips)
-
-
-def test_under_load_is_the_servers_step_model_now_and_the_probes_cpu_per_forward(
-        tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
-    world, _ = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0)
-    probes = tuple(Probe(metrics=None, process_cpu_s_per_request=0.1,  # type: ignore[arg-type]
-                         wall_s=1.0, server_job_s=job_s)
-                   for job_s in (0.002, math.nan, 0.004, 0.003))
-    loaded = under_load(llama_server.ws_url, None)(
-        world, Capacity("server-only", 1.0, 2.0, probes, cut_short=False))
-    announced = StepModel.from_json(fetch_info(llama_server.ws_url, None)["step_model"])
-    # the steps' own part of a visit, as announced, and the median measured outside the steps
-    assert loaded.server.step_model == replace(announced, job_s=announced.job_s + 0.003)
-    assert loaded.types == world.types  # the SLAs stay as they were set
 
 
 def test_a_probe_that_cannot_meet_its_sla_stops_itself(tiny_llama: LoadedModel,

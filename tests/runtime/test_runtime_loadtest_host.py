@@ -5,6 +5,7 @@ the report's two predictions (the world measured here, a real fleet)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from splitllm.runtime.loadtest_host import (
 from splitllm.runtime.loadtest_idle import Alone, idle_check
 from splitllm.runtime.loadtest_report import policy_json, report_md
 from splitllm.runtime.loadtest_world import EmulatedClass
+from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.policies import request_instance
@@ -110,46 +112,66 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
 
 def test_the_study_predicts_the_world_measured_here_and_a_fleet_beside_it() -> None:
     """The prediction (the target's comparison) runs the clients on their shared core; the
-    fleet's, every client its own device. Clients whose units cost real CPU beyond one core's
-    worth at the fleet's capacity cap the co-located world below it."""
+    fleet's, every client its own device (both on the start-of-run world). Clients whose units
+    cost real CPU beyond one core's worth at the fleet's capacity cap the co-located world
+    below it."""
     world, _ = _world()
     world = replace(world, policies=("fixed:CCSSSC",))
-    fleet = find_capacity(world, "fixed:CCSSSC").rate_per_s
+    fleet = find_capacity(world, "fixed:CCSSSC").crossing_per_s
     host = ClientHost(cores=1.0, cpu_per_client_s=(20.0, 20.0), cpu_per_visit_s=0.001)
     shared = replace(world, client_host=host)
     server = FakeServer(shared)
     [result] = run_study(shared, server.probe, budget_s=1e6, clock=lambda: server.now_s,
                          progress=lambda line: None)
     assert result.simulated_fleet_per_s == fleet
-    assert result.simulated_capacity_per_s == find_capacity(shared, "fixed:CCSSSC").rate_per_s
-    assert 0 < result.simulated_capacity_per_s < fleet
+    assert result.simulated_start.crossing_per_s == find_capacity(
+        shared, "fixed:CCSSSC").crossing_per_s
+    assert 0 < result.simulated_start.crossing_per_s < fleet
     # no server slowdown in this world: the shared cores alone explain the difference
-    assert result.simulated_unslowed_per_s == result.simulated_capacity_per_s
+    assert result.simulated_unslowed_per_s == result.simulated_start.crossing_per_s
     slowed = replace(shared, client_host=replace(host, server_slowdown=3.0))
     [worse] = run_study(slowed, FakeServer(slowed).probe, budget_s=1e6, clock=lambda: 0.0,
                         progress=lambda line: None)
-    assert worse.simulated_unslowed_per_s == result.simulated_capacity_per_s
-    assert worse.simulated_capacity_per_s < result.simulated_capacity_per_s
+    assert worse.simulated_unslowed_per_s == result.simulated_start.crossing_per_s
+    assert worse.simulated_start.crossing_per_s < result.simulated_start.crossing_per_s
     document = policy_json(result)
     assert document["simulated_fleet_capacity_req_s"] == fleet
     assert document["colocation_cost"] == pytest.approx(
-        1 - result.simulated_capacity_per_s / fleet)
+        1 - result.simulated_start.crossing_per_s / fleet)
     # a world whose clients are each their own device already has no second prediction
     [alone] = run_study(world, FakeServer(world).probe, budget_s=1e6, clock=lambda: 0.0,
                         progress=lambda line: None)
-    assert alone.simulated_capacity_per_s == fleet and policy_json(alone)[
+    assert alone.simulated_start.crossing_per_s == fleet and policy_json(alone)[
         "simulated_fleet_capacity_req_s"] is None
 
 
 def test_the_report_shows_both_predictions() -> None:
     probe = Probe(metrics=fake_metrics(10.0, 0.95), process_cpu_s_per_request=0.05, wall_s=9.0)
-    result = PolicyResult("greedy", Capacity("greedy", 10.0, 11.0, (probe,), cut_short=False),
-                          11.0, False, None, simulated_fleet_per_s=20.0,
-                          simulated_unslowed_per_s=15.0)
+    measured = Capacity("greedy", 10.0, 11.0, (probe,), cut_short=False, attainment=0.95,
+                        failed_attainment=0.85)
+    # the simulated searches: 10 and 12 req/s met the target, 14 did not; 8 did
+    sims = [fake_metrics(10.0, 1.0), fake_metrics(12.0, 0.95), fake_metrics(14.0, 0.85)]
+    on_probes = SimCapacity("greedy", 12.0, 0.9, tuple(sims))
+    start = SimCapacity("greedy", 8.0, 0.9, (fake_metrics(8.0, 0.9),
+                                             fake_metrics(16.0, 0.5)))
+    result = PolicyResult("greedy", measured, on_probes, start, None,
+                          simulated_fleet_per_s=20.0, simulated_unslowed_per_s=15.0,
+                          server_factor=1.1, client_factor=0.9)
+    # the crossings: halfway (in attainment) between the bracket's rates, geometrically
+    assert result.measured_per_s == pytest.approx(math.sqrt(110.0))
+    assert result.simulated_per_s == pytest.approx(math.sqrt(12.0 * 14.0))
+    assert start.crossing_per_s == 8.0  # exactly on the target: the good rate
     text = report_md([result], "HEADER")
-    row = next(line for line in text.splitlines() if line.startswith("| greedy | 10 |"))
-    assert "| 11 | +10% | 20 (45% lost) | 15 |" in row
-    assert "Fleet: the same prediction with every client its own device" in text
+    row = next(line for line in text.splitlines() if line.startswith("| greedy | 10.5 "))
+    assert "[10 (95%) - 11 (85%)]" in row and "| 13 [12 (95%) - 14 (85%)] | +24% |" in row
+    assert "| 8 (-24%) | 20 (60% lost) | 15 |" in row
+    document = policy_json(result)
+    assert document["bracket"] == {"good_req_s": 10.0, "good_attainment": 0.95,
+                                   "bad_req_s": 11.0, "bad_attainment": 0.85}
+    assert document["simulated_on"] == "its probes' speeds"
+    assert (document["server_speed_factor"], document["client_cpu_factor"]) == (1.1, 0.9)
+    assert document["simulated_start_capacity_req_s"] == 8.0
+    assert "Fleet: that with every client its own device" in text
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
                   server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
     assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio

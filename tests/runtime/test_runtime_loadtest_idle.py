@@ -18,6 +18,7 @@ from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe
 from splitllm.runtime.loadtest_idle import Alone, idle_check, idle_json, idle_md
 from splitllm.runtime.loadtest_report import report_md
 from splitllm.runtime.loadtest_world import EmulatedClass, roofline_clock, served_costs
+from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.policies import request_instance
 
 
@@ -87,8 +88,9 @@ def test_the_report_says_first_when_splitting_is_below_server_only() -> None:
     def result(policy: str, rate: float, cpu_s: float, share: float) -> PolicyResult:
         metrics = replace(fake_metrics(rate, 0.95), client_unit_share=share)
         probe = Probe(metrics=metrics, process_cpu_s_per_request=cpu_s, wall_s=10.0)
+        simulated = SimCapacity(policy, rate, 0.9, (metrics,))
         return PolicyResult(policy, Capacity(policy, rate, 2 * rate, (probe,), cut_short=False),
-                            rate, False, None)
+                            simulated, simulated, None)
 
     link = link_preset("4g")
     classes = (EmulatedClass("phone", link, 50.7, "phone"),

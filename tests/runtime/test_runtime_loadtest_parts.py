@@ -16,7 +16,6 @@ from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset, link_preset
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import (
-    Capacity,
     Outcome,
     Probe,
     ServerLoad,
@@ -30,16 +29,22 @@ from splitllm.runtime.loadtest import (
 from splitllm.runtime.loadtest_report import budget_note
 from splitllm.runtime.loadtest_world import (
     LoadtestSpec,
+    Probed,
+    as_probed,
     emulated_slowdown,
     idle_server_only_s,
     loadtest_world,
+    scaled_step_model,
     scenario_requests,
     served_costs,
+    speed_factors,
     with_step_model,
 )
 from splitllm.sim.capacity import find_capacity
+from splitllm.sim.client_host import ClientHost
 from splitllm.sim.metrics import RunMetrics, summarize
 from splitllm.sim.policies import Load, PlanPolicy, request_instance
+from splitllm.sim.run import run_policy
 from splitllm.sim.scenario import parse_scenario, resolve
 from splitllm.sim.workload import sample_workload
 from splitllm.sim.world import World
@@ -261,6 +266,24 @@ def test_capacity_search_brackets_then_bisects_to_the_tolerance() -> None:
     assert 3.7 / 1.05 <= start_high.rate_per_s <= 3.7  # halved until one worked
 
 
+def test_the_measured_capacity_is_the_crossing_within_the_last_bracket() -> None:
+    """Attainment falling linearly in log rate, through 90% at 3.7 req/s: whatever rates the
+    search's grid lands on, the interpolated crossing is 3.7 exactly (the highest good rate
+    alone is up to one --rel-tol step below it)."""
+    def probe(rate: float, left_s: float) -> Probe:
+        attainment = min(max(0.9 - 0.4 * math.log(rate / 3.7), 0.0), 1.0)
+        return Probe(metrics=fake_metrics(rate, attainment, 1000),
+                     process_cpu_s_per_request=0.1, wall_s=1.0)
+
+    for first, rel_tol in ((1.0, 0.1), (2.9, 0.1), (100.0, 0.3)):
+        found = search_capacity("p", probe, first_rate_per_s=first, target=0.9,
+                                rel_tol=rel_tol, deadline_s=math.inf, clock=lambda: 0.0)
+        assert found.rate_per_s < 3.7 < found.lowest_failed_per_s
+        assert found.crossing_per_s == pytest.approx(3.7)
+        assert found.bracket.good_attainment == found.attainment > 0.9
+        assert found.bracket.bad_attainment == found.failed_attainment < 0.9
+
+
 def test_the_noise_band_of_a_probes_verdict_and_when_it_may_stop_early() -> None:
     # one binomial standard error at the target: sqrt(0.9 * 0.1 / n)
     assert noise_band(100, 0.9) == pytest.approx(0.03)
@@ -309,13 +332,14 @@ class FakeServer:
     """Server-only requests on one FCFS server whose step time is known, in virtual time: the
     probe's wall time advances a fake clock."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, speed: float = 1.0) -> None:
         self.world = world
         self.now_s = 0.0
         self.probes = 0
+        self.speed = speed  # its steps take this many times STEP's
 
     def service_s(self, prompt: int, output: int) -> float:
-        return STEP.step_s(prompt, 1) + (output - 1) * STEP.step_s(1, 1)
+        return self.speed * (STEP.step_s(prompt, 1) + (output - 1) * STEP.step_s(1, 1))
 
     def probe(self, policy: str, rate: float, left_s: float = math.inf) -> Probe:
         world = self.world.with_rate(rate)
@@ -325,14 +349,16 @@ class FakeServer:
                               strict=True):
             start_s = max(free_s, float(at_s))
             free_s = start_s + self.service_s(int(p), int(g))
-            outcomes.append(outcome(start_s + STEP.step_s(int(p), 1) - at_s, free_s - at_s))
+            outcomes.append(outcome(start_s + self.speed * STEP.step_s(int(p), 1) - at_s,
+                                    free_s - at_s, self.service_s(int(p), int(g))))
         record = run_record(policy, rate, load, outcomes, horizon_s=world.horizon_s,
                             busy_s=0.0, queue_wait_mean_s=0.0)
         wall_s = free_s + 1.0
         self.now_s += wall_s
         self.probes += 1
         return Probe(metrics=summarize(world, record), process_cpu_s_per_request=0.1,
-                     wall_s=wall_s)
+                     wall_s=wall_s, server_wall_s_per_request=float(np.mean(
+                         [o.server_cpu_s for o in outcomes])))
 
 
 def test_study_against_a_fake_server_with_known_step_time() -> None:
@@ -356,28 +382,54 @@ def test_study_against_a_fake_server_with_known_step_time() -> None:
     assert any("measured capacity" in line for line in lines)
 
 
-def test_the_prediction_is_simulated_again_on_the_server_as_the_probes_ran_it() -> None:
-    """After a policy's measured search, the simulator runs again on the step model the server
-    refitted under that policy's load (a slower server: less capacity), beside the prediction,
-    which stays the one on the idle server's model."""
+def test_the_prediction_runs_at_the_speeds_the_probes_measured() -> None:
+    """After a policy's measured search, the simulator runs again with the server's step model
+    scaled to the server's seconds per request its probes measured (a server 1.5x slower
+    than its start-of-run model: less capacity): that is the prediction; the start-of-run
+    one, where the search began, stays beside it."""
     world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0,
                              rel_tol=0.1), policies=("server-only",))
-    slow = StepModel(embed=UnitFit.line(1.5e-4, 1.5e-6), block=UnitFit.line(3e-3, 1.5e-4),
-                     head=UnitFit.line(1.5e-3, 1.5e-4), n_blocks=4)
-    server = FakeServer(world)
-    seen: list[int] = []
-
-    def under_load(w: World, measured: Capacity) -> World:
-        seen.append(len(measured.probes))
-        return with_step_model(w, slow)
-
+    server = FakeServer(world, speed=1.5)
     [result] = run_study(world, server.probe, budget_s=1e6, clock=lambda: server.now_s,
-                         progress=lambda line: None, under_load=under_load)
-    assert seen == [len(result.measured.probes)] and seen[0] > 0  # once, after the probes
-    idle = find_capacity(world, "server-only").rate_per_s
-    loaded = find_capacity(with_step_model(world, slow), "server-only").rate_per_s
-    assert result.simulated_capacity_per_s == idle
-    assert 0 < result.simulated_under_load_per_s == loaded < idle
+                         progress=lambda line: None)
+    start = find_capacity(world, "server-only").crossing_per_s
+    assert result.simulated_start.crossing_per_s == start and not math.isnan(start)
+    # the fake runs each request alone (FCFS), the simulated server batches them and charges
+    # each its share of a step: the measured seconds read at least the 1.5x
+    assert result.simulated_on_probes and result.server_factor > 1.5
+    scaled = with_step_model(world, scaled_step_model(STEP, result.server_factor))
+    assert result.simulated_per_s == find_capacity(scaled, "server-only").crossing_per_s
+    assert 0 < result.simulated_per_s < start
+    # no probe ran to its end: the prediction stays the start-of-run one
+    cut = FakeServer(world)
+
+    def cut_off(policy: str, rate: float, left_s: float) -> Probe:
+        return replace(cut.probe(policy, rate), stopped_early=True)
+
+    [bare] = run_study(world, cut_off, budget_s=1e6, clock=lambda: cut.now_s,
+                       progress=lambda line: None)
+    assert not bare.simulated_on_probes and bare.simulated_per_s == start
+
+
+def test_the_speed_factors_are_the_median_ratios_of_measured_to_simulated() -> None:
+    world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0),
+                    client_host=ClientHost(cores=1.0, cpu_per_client_s=(2.0, 2.0),
+                                           cpu_per_visit_s=0.001))
+    policy = "fixed:CCSSSC"
+    probes = []
+    for rate, server, clients in ((0.5, 1.2, 0.7), (1.0, 1.5, 0.8), (2.0, 1.4, 0.9)):
+        at_rate = world.with_rate(rate)
+        record = run_policy(at_rate, policy)
+        probes.append(Probed(rate_per_s=rate, server_s_per_request=server * summarize(
+            at_rate, record).server_s_per_request, client_cpu_s=clients
+            * record.client_cores_busy_s))
+    assert speed_factors(world, policy, probes) == pytest.approx((1.4, 0.8))
+    assert speed_factors(world, policy, []) == (1.0, 1.0)
+    probed = as_probed(world, 2.0, 0.5)
+    assert probed.server.step_model == scaled_step_model(STEP, 2.0)
+    assert probed.server.step_model.step_s(8, 2) == pytest.approx(2 * STEP.step_s(8, 2))
+    assert probed.client_host == ClientHost(cores=1.0, cpu_per_client_s=(1.0, 1.0),
+                                            cpu_per_visit_s=0.0005)
 
 
 def test_the_search_stops_at_its_time_budget() -> None:

@@ -70,6 +70,15 @@ def test_a_pass_lasts_its_cpu_on_the_shared_core_when_that_exceeds_its_device_ti
         pytest.approx([4.5, 4.5]))
 
 
+def test_a_machine_whose_passes_cost_more_cpu_shares_its_core_longer() -> None:
+    # the clients measured at 2x the calibrated CPU: two requests' 9 s of CPU each, 18 s
+    host = ClientHost(cores=1.0, cpu_per_client_s=(1.0,), cpu_per_visit_s=0.25)
+    assert host.scaled_cpu(2.0) == ClientHost(cores=1.0, cpu_per_client_s=(2.0,),
+                                              cpu_per_visit_s=0.5)
+    assert run_policy(_client_only(host.scaled_cpu(2.0)), "fixed:CCC").finished_at_s.tolist(
+    ) == pytest.approx([18.0, 18.0])
+
+
 def test_a_pass_is_never_shorter_than_its_device_time() -> None:
     # 1.125 s of CPU each, 2.25 s shared: the clients sleep up to their device's 4.5 s
     quarter = ClientHost(cores=1.0, cpu_per_client_s=(0.25,))

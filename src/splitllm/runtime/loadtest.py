@@ -16,7 +16,9 @@ from functools import partial
 
 import numpy as np
 
-from splitllm.sim.capacity import find_capacity, first_guess_rate, run_point
+from splitllm.runtime.loadtest_world import Probed, as_probed, speed_factors
+from splitllm.sim.capacity import Bracket, find_capacity, first_guess_rate, run_point
+from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.policies import Load
 from splitllm.sim.run import RunRecord
@@ -41,6 +43,7 @@ class Outcome:
     server_cpu_s: float  # the compute CPU seconds the server reported for it
     placement: str
     planned: bool
+    server_wall_s: float = math.nan  # the wall seconds of the server's steps that were its
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +57,8 @@ class Probe:
     cut_off: bool = False  # ended by the time budget with requests not yet done: inconclusive
     server_job_s: float = math.nan  # the server's CPU per forward outside its steps (nan: none)
     client_cores_busy: float = math.nan  # the EMULATED clients' process: CPU s per wall s
+    server_wall_s_per_request: float = math.nan  # the server's steps' wall seconds a finished
+    # request (its share of each step: what the step model, in wall seconds, prices)
 
     @property
     def rate_per_s(self) -> float:
@@ -166,7 +171,8 @@ class ServerLoad:
 
 @dataclass(frozen=True)
 class Capacity:
-    """The highest rate probed with enough requests in SLA, and every probe made."""
+    """The highest rate probed with enough requests in SLA, the lowest that failed above it,
+    and every probe made."""
 
     policy: str
     rate_per_s: float  # 0: no rate probed was good enough
@@ -174,6 +180,20 @@ class Capacity:
     probes: tuple[Probe, ...]
     cut_short: bool  # the time budget ended the search before its bracket was narrow enough
     attainment: float = math.nan  # at `rate_per_s`, its probes pooled (nan: none was good)
+    failed_attainment: float = math.nan  # at `lowest_failed_per_s`, pooled (nan: none failed)
+    target: float = 0.9  # the attainment searched for
+
+    @property
+    def bracket(self) -> Bracket:
+        """The search's last bracket."""
+        return Bracket(self.rate_per_s, self.attainment, self.lowest_failed_per_s,
+                       self.failed_attainment)
+
+    @property
+    def crossing_per_s(self) -> float:
+        """The capacity interpolated within the last bracket (`Bracket.crossing_per_s`): the
+        estimator the simulated searches report too."""
+        return self.bracket.crossing_per_s(self.target)
 
 
 Prober = Callable[[float, float], Probe]  # (rate per s, seconds left) -> the probe
@@ -188,7 +208,7 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
     `clock`: no probe starts after it, and each probe is told the seconds left (a probe cut off
     by them, or a repeat it leaves no time for, counts for nothing and ends the search)."""
     probes: list[Probe] = []
-    good, bad, good_attainment = 0.0, math.inf, math.nan
+    good, bad, good_attainment, bad_attainment = 0.0, math.inf, math.nan, math.nan
 
     def next_rate() -> float | None:
         if not probes:
@@ -220,54 +240,76 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
     while rate is not None:
         attainment = judged(rate)
         if attainment is None:
-            return Capacity(policy, good, bad, tuple(probes), True, good_attainment)
-        if attainment >= target:
-            good, good_attainment = max(good, rate), attainment
-        else:
-            bad = min(bad, rate)
+            break
+        if attainment >= target and rate > good:
+            good, good_attainment = rate, attainment
+        elif attainment < target and rate < bad:
+            bad, bad_attainment = rate, attainment
         rate = next_rate()
-    return Capacity(policy, good, bad, tuple(probes), False, good_attainment)
+    return Capacity(policy, good, bad, tuple(probes), rate is not None, good_attainment,
+                    bad_attainment, target)
 
 
 @dataclass(frozen=True)
 class PolicyResult:
-    """One policy: its measured capacity search and the simulator's prediction beside it."""
+    """One policy: its measured capacity search and the simulator's prediction beside it. Every
+    capacity is the crossing interpolated within its search's last bracket."""
 
     policy: str
     measured: Capacity
-    simulated_capacity_per_s: float  # the prediction: the world of the idle server's model,
-    # its clients as the load test runs them (sharing this machine, where the world says so)
-    simulated_cut_short: bool  # the simulator's search ended at its share of the time budget
-    simulated_at_capacity: RunMetrics | None  # the simulator at the measured capacity's rate
-    # again, after the probes, on the step model the server refitted under them (a posteriori:
-    # it reads the measurement; NaN where not run)
-    simulated_under_load_per_s: float = math.nan
-    # the same world with every client its own device (a real fleet; NaN: the world's
+    simulated: SimCapacity  # the prediction: the world as this policy's probes ran it (its
+    # server's and clients' speeds, `loadtest_world.speed_factors`), or, where none ran to its
+    # end, the start-of-run world
+    simulated_start: SimCapacity  # on the start-of-run model (where the measured search began)
+    simulated_at_capacity: RunMetrics | None  # `simulated`'s world at the measured capacity
+    # the start-of-run world with every client its own device (a real fleet; NaN: the world's
     # clients are that already), and with the clients' cores shared but the server not slowed
     # by them (what each of the two pieces of co-location explains)
     simulated_fleet_per_s: float = math.nan
     simulated_unslowed_per_s: float = math.nan
+    server_factor: float = math.nan  # `simulated`'s server: the start's step model x this
+    client_factor: float = math.nan  # ... and its clients' CPU x this (nan: not fitted)
+
+    @property
+    def simulated_on_probes(self) -> bool:
+        """Whether `simulated` ran at the probes' speeds (else: the start-of-run world)."""
+        return not math.isnan(self.server_factor)
+
+    @property
+    def measured_per_s(self) -> float:
+        """The measured capacity (the crossing within its last bracket)."""
+        return self.measured.crossing_per_s
+
+    @property
+    def simulated_per_s(self) -> float:
+        """The predicted capacity (the crossing within its last bracket)."""
+        return self.simulated.crossing_per_s
 
     @property
     def at_capacity(self) -> Probe | None:
-        """The measured probe at the capacity (None: no rate was good enough)."""
+        """The measured probe at the highest good rate (None: no rate was good enough)."""
         good = [p for p in self.measured.probes if p.rate_per_s == self.measured.rate_per_s]
         return good[-1] if good else None
+
+
+def probed(probes: Sequence[Probe]) -> list[Probed]:
+    """What the probes that ran to their end measured of the machine."""
+    return [Probed(rate_per_s=p.rate_per_s, server_s_per_request=p.server_wall_s_per_request,
+                   client_cpu_s=p.client_cores_busy * p.wall_s)
+            for p in probes if not (p.stopped_early or p.cut_off)]
 
 
 SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
 
 
-UnderLoad = Callable[[World, Capacity], World]  # the world on the server as its probes ran it
-
-
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
-              clock: Callable[[], float], progress: Callable[[str], None],
-              under_load: UnderLoad | None = None) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity, then the measured one searched from it,
-    then (`under_load`) the simulated one again on the server as the policy's probes ran it.
-    Everything ends within `budget_s` on `clock` (probes are cut off at it): each policy gets
-    an equal share of the time left, each simulated search at most `SIMULATED_SHARE` of it."""
+              clock: Callable[[], float], progress: Callable[[str], None]
+              ) -> list[PolicyResult]:
+    """Per policy of `world`: the simulated capacity on the start-of-run world, the measured
+    one searched from it, then the prediction on the machine as the policy's probes ran it
+    (`loadtest_world.speed_factors`). Everything ends within `budget_s` on `clock` (probes are
+    cut off at it): each policy gets an equal share of the time left, each simulated search
+    at most `SIMULATED_SHARE` of it."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
@@ -278,24 +320,24 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
         def out_of_time(by_s: float = simulated_by_s) -> bool:
             return clock() >= by_s
 
-        simulated = find_capacity(world, policy, stop=out_of_time)
+        start = find_capacity(world, policy, stop=out_of_time)
         fleet_rate = unslowed_rate = math.nan
         host = world.client_host
         if host is not None:
             fleet_rate = find_capacity(replace(world, client_host=None), policy,
-                                       stop=out_of_time).rate_per_s
+                                       stop=out_of_time).crossing_per_s
             unslowed_rate = find_capacity(replace(world, client_host=replace(
-                host, server_slowdown=1.0)), policy, stop=out_of_time).rate_per_s
+                host, server_slowdown=1.0)), policy, stop=out_of_time).crossing_per_s
             progress(f"{policy}: simulated capacity of a fleet (each client its own device) "
                      f"{fleet_rate:.3g} req/s, its clients on this machine's shared cores "
                      f"{unslowed_rate:.3g} req/s, and the server slowed while they compute "
-                     f"{simulated.rate_per_s:.3g} req/s")
-        guess = simulated.rate_per_s
+                     f"{start.crossing_per_s:.3g} req/s")
+        guess = start.crossing_per_s
         if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
             guess = first_guess_rate(world, policy)
-        cut = " (its search cut short by --max-minutes)" if simulated.cut_short else ""
-        progress(f"{policy}: simulated capacity {simulated.rate_per_s:.3g} req/s{cut}; "
-                 f"measuring from {guess:.3g} req/s")
+        cut = " (its search cut short by --max-minutes)" if start.cut_short else ""
+        progress(f"{policy}: simulated capacity on the start-of-run model "
+                 f"{start.crossing_per_s:.3g} req/s{cut}; measuring from {guess:.3g} req/s")
 
         def measure(rate: float, left_s: float, policy: str = policy) -> Probe:
             result = probe(policy, rate, left_s)
@@ -312,18 +354,22 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                                    target=world.sweep.target_attainment,
                                    rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
                                    clock=clock)
-        progress(f"{policy}: measured capacity {measured.rate_per_s:.3g} req/s"
+        progress(f"{policy}: measured capacity {measured.crossing_per_s:.3g} req/s (between "
+                 f"{measured.rate_per_s:.3g} and {measured.lowest_failed_per_s:.3g})"
                  f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
-        under_rate = math.nan
-        if under_load is not None and measured.probes and clock() < end_s:
+        seen, simulated, factors = world, start, (math.nan, math.nan)
+        ran = probed(measured.probes)
+        if ran and clock() < end_s:
+            factors = speed_factors(world, policy, ran)
+            seen = as_probed(world, *factors)
             again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
-            under_rate = find_capacity(under_load(world, measured), policy, stop=partial(
-                out_of_time, again_by_s)).rate_per_s
-            progress(f"{policy}: simulated capacity on the server's step model under its "
-                     f"probes {under_rate:.3g} req/s")
-        at_rate = (run_point(world, policy, measured.rate_per_s)
+            simulated = find_capacity(seen, policy, stop=partial(out_of_time, again_by_s))
+            progress(f"{policy}: under its probes the server took x{factors[0]:.2f} the "
+                     f"start-of-run model's seconds per request and the clients x"
+                     f"{factors[1]:.2f} its CPU: simulated capacity "
+                     f"{simulated.crossing_per_s:.3g} req/s")
+        at_rate = (run_point(seen, policy, measured.crossing_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
-        results.append(PolicyResult(policy, measured, simulated.rate_per_s,
-                                    simulated.cut_short, at_rate, under_rate, fleet_rate,
-                                    unslowed_rate))
+        results.append(PolicyResult(policy, measured, simulated, start, at_rate, fleet_rate,
+                                    unslowed_rate, *factors))
     return results

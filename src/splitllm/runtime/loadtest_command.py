@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -23,7 +22,6 @@ from splitllm.errors import UserError
 
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
-    from splitllm.runtime.loadtest import Capacity, UnderLoad
     from splitllm.runtime.loadtest_host import HostFit
     from splitllm.runtime.loadtest_run import RealRunner
     from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec
@@ -185,35 +183,6 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
     return world, fit
 
 
-def under_load(url: str, token: str | None) -> UnderLoad:
-    """The world on the server as a policy's probes ran it: the step model the server refitted
-    on their steps (/v1/info) and its CPU per forward outside them (the probes' median). The
-    EMULATED clients compute their units for real on this machine's other core, and their
-    memory traffic slows the server's steps: blocks ran 1.2-2.9x the idle server's model while
-    splits ran, 0.97-1.4x while server-only ran (whose clients compute nothing; the rest is the
-    other work on the machine). That model holds the slowdown: the world's co-located clients
-    no longer add it (their cores stay shared)."""
-    from splitllm.runtime.dialer import fetch_info
-    from splitllm.runtime.loadtest_world import with_step_model
-    from splitllm.stepmodel import StepModel
-
-    def loaded(world: World, measured: Capacity) -> World:
-        step = StepModel.from_json(fetch_info(url, token)["step_model"])
-        jobs_s = [p.server_job_s for p in measured.probes if math.isfinite(p.server_job_s)]
-        before = world.server.step_model
-        assert before is not None  # the load test's world runs the server's step model
-        job_s = (step.job_s + statistics.median(jobs_s)) if jobs_s else before.job_s
-        _progress("under these probes a block took " + ", ".join(
-            f"x{step.block.seconds(t) / before.block.seconds(t):.2f} at {t}" for t in (1, 4, 16))
-            + f" tokens of the idle model's time; {job_s * 1e3:.3g} ms per forward beyond "
-            "the units (a visit's part of the steps and the CPU outside them)")
-        host = world.client_host
-        unslowed = replace(world, client_host=host and replace(host, server_slowdown=1.0))
-        return with_step_model(unslowed, replace(step, job_s=job_s))
-
-    return loaded
-
-
 def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
                  scenario_world: World, spec: LoadtestSpec, minutes: float,
                  this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
@@ -266,7 +235,7 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
         results = run_study(world, runner.probe, budget_s=left_s, clock=time.monotonic,
-                            progress=_progress, under_load=under_load(url, token))
+                            progress=_progress)
     where = (f"the server at {server}" if server else
              "a local `splitllm serve` child process pinned to its own core")
     header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,

@@ -11,6 +11,7 @@ from typing import Any
 
 from splitllm.runtime.loadtest import PolicyResult, Probe
 from splitllm.runtime.loadtest_world import EmulatedClass
+from splitllm.sim.capacity import Bracket
 from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.world import World
 
@@ -33,6 +34,14 @@ def _pct(err: float | None) -> str:
     return "n/a" if err is None else f"{err:+.0%}"
 
 
+def _bracket(b: Bracket) -> str:
+    """A search's last bracket, good rate (attainment) to bad rate (attainment)."""
+    if not 0 < b.good_per_s < b.bad_per_s < math.inf:
+        return ""
+    return (f"[{b.good_per_s:.3g} ({b.good_attainment:.0%}) - {b.bad_per_s:.3g} "
+            f"({b.bad_attainment:.0%})]")
+
+
 def _lost(share: float | None) -> str:
     return "n/a" if share is None else f"{share:.0%} lost"
 
@@ -51,7 +60,8 @@ def _metrics_json(m: RunMetrics) -> dict[str, Any]:
 def _probe_json(p: Probe) -> dict[str, Any]:
     return {**_metrics_json(p.metrics), "wall_s": p.wall_s, "stopped_early": p.stopped_early,
             "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request),
-            "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy)}
+            "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy),
+            "server_wall_s_per_request": _num(p.server_wall_s_per_request)}
 
 
 def policy_json(r: PolicyResult) -> dict[str, Any]:
@@ -59,7 +69,8 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
     at = r.at_capacity
     m = at.metrics if at is not None else None
     return {
-        "capacity_req_s": r.measured.rate_per_s,
+        "capacity_req_s": r.measured_per_s,
+        "bracket": r.measured.bracket.to_json(),
         "lowest_failed_req_s": _num(r.measured.lowest_failed_per_s),
         "search_cut_short": r.measured.cut_short,
         "attainment": _num(r.measured.attainment) if m else None,  # its probes pooled
@@ -72,15 +83,19 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "tpot_p90_s": _num(m.tpot_s[1]) if m else None,
         "tpot_p99_s": _num(m.tpot_s[2]) if m else None,
         "server_cpu_s_per_request": _num(at.process_cpu_s_per_request) if at else None,
-        "simulated_capacity_req_s": _num(r.simulated_capacity_per_s),
-        "simulated_search_cut_short": r.simulated_cut_short,
-        "capacity_rel_err": _num(_rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)),
+        "simulated_capacity_req_s": _num(r.simulated_per_s),
+        "simulated_bracket": r.simulated.bracket.to_json(),
+        "simulated_on": "its probes' speeds" if r.simulated_on_probes else "start-of-run",
+        "server_speed_factor": _num(r.server_factor),
+        "client_cpu_factor": _num(r.client_factor),
+        "simulated_search_cut_short": r.simulated.cut_short,
+        "capacity_rel_err": _num(_rel_err(r.simulated_per_s, r.measured_per_s)),
+        "simulated_start_capacity_req_s": _num(r.simulated_start.crossing_per_s),
+        "start_capacity_rel_err": _num(_rel_err(r.simulated_start.crossing_per_s,
+                                                r.measured_per_s)),
         "simulated_fleet_capacity_req_s": _num(r.simulated_fleet_per_s),
         "simulated_unslowed_capacity_req_s": _num(r.simulated_unslowed_per_s),
         "colocation_cost": _num(colocation_cost(r)),
-        "simulated_under_load_capacity_req_s": _num(r.simulated_under_load_per_s),
-        "under_load_capacity_rel_err": _num(_rel_err(r.simulated_under_load_per_s,
-                                                     r.measured.rate_per_s)),
         "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
                                   if r.simulated_at_capacity else None),
         "probes": [_probe_json(p) for p in r.measured.probes],
@@ -89,10 +104,11 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
 
 def colocation_cost(r: PolicyResult) -> float:
     """The share of a fleet's simulated capacity lost by clients that share one machine (as
-    the load test's EMULATED clients do): 1 - co-located / fleet (nan: not simulated)."""
-    fleet = r.simulated_fleet_per_s
-    if math.isfinite(fleet) and fleet > 0 and math.isfinite(r.simulated_capacity_per_s):
-        return 1.0 - r.simulated_capacity_per_s / fleet
+    the load test's EMULATED clients do), both on the start-of-run model: 1 - co-located /
+    fleet (nan: not simulated)."""
+    fleet, here = r.simulated_fleet_per_s, r.simulated_start.crossing_per_s
+    if math.isfinite(fleet) and fleet > 0 and math.isfinite(here):
+        return 1.0 - here / fleet
     return math.nan
 
 
@@ -104,8 +120,8 @@ def verdict(results: list[PolicyResult], classes: tuple[EmulatedClass, ...] = ()
     splits = [r for r in results if r.policy != SERVER_ONLY]
     if base is None or not splits:
         return "No comparison with server-only (both it and a splitting policy must run)."
-    best = max(splits, key=lambda r: r.measured.rate_per_s)
-    ours, theirs = best.measured.rate_per_s, base.measured.rate_per_s
+    best = max(splits, key=lambda r: r.measured_per_s)
+    ours, theirs = best.measured_per_s, base.measured_per_s
     ratio = f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
     head = (f"The best splitting policy, `{best.policy}`, measured {ours:.3g} req/s against "
             f"server-only's {theirs:.3g} req/s ({ratio}).")
@@ -146,7 +162,7 @@ def budget_note(results: list[PolicyResult]) -> str:
     cut = []
     for r in results:
         kinds = [kind for kind, on in (("measured", r.measured.cut_short),
-                                       ("simulated", r.simulated_cut_short)) if on]
+                                       ("simulated", r.simulated.cut_short)) if on]
         if kinds:
             cut.append(f"`{r.policy}` ({', '.join(kinds)})")
     if not cut:
@@ -184,9 +200,10 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
               "the client's cores. " + _host_text(world) + " The simulator's prediction: "
               "the same world, batched server "
               "with the step model the server announced (/v1/info: refitted on its engine's "
-              "steps) after three rounds of the idle check's requests (the idle model, where "
-              "each search starts), and again after each policy's probes (the server as they "
-              "ran it: the clients' real compute on this machine shares its memory). A visit "
+              "steps) after three rounds of the idle check's requests at the run's start (where "
+              "each search starts), and again at the speeds each policy's probes measured "
+              "(the machine's other load and the clients' real compute, which shares its "
+              "memory, move them between minutes). A visit "
               "to the "
               f"server costs {world.clients[0].link.visit_s * 1e3:.3g} ms beyond its round trip "
               "(measured on the idle server at start; the planner and the simulator charge it "
@@ -206,37 +223,43 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
     lines = ["# Load test: measured against simulated goodput capacity\n",
              verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
-             "Simulated: the prediction for the world measured here, on the step model the "
-             "server refitted on the idle check's first rounds (where the search starts), its "
+             "Every capacity, measured and simulated, is the rate where the attainment crosses "
+             "the target, interpolated within its search's last bracket (the highest rate "
+             "that met it and the lowest above it that did not; geometric in rate, linear in "
+             "attainment). Simulated: the prediction for the world measured here, its "
              "EMULATED clients sharing this machine's client cores (their real CPU there, the "
-             "server slowed while those compute). Fleet: the same prediction with every client "
-             "its own device (a real fleet; what the co-location costs beside it). Under its "
-             "probes: again after them, on the model the server refitted under them and their "
-             "CPU per forward outside the steps (a posteriori: it reads the measurement, so it "
-             "is no prediction of it).", "",
-             "| policy | capacity measured (req/s) | simulated | sim error | "
-             "fleet (co-location's cost) | shared cores, server not slowed | "
-             "under its probes (error) | "
+             "server slowed while those compute), at the speeds the policy's probes that ran "
+             "to their end measured: the start-of-run step model times the median ratio of "
+             "the server's steps' wall seconds per request measured to simulated at the "
+             "probes' rates, "
+             "and the clients' CPU times the same ratio of the client process's CPU (this "
+             "machine's other load moves both between minutes; a profile of the machine, not "
+             "its capacity). On the start-of-run model: the same world as calibrated before "
+             "the search (where it started). Fleet: that with every client its own device (a "
+             "real fleet; what the co-location costs).", "",
+             "| policy | capacity measured (req/s) [bracket] | simulated [bracket] | sim error | "
+             "on the start-of-run model (error) | fleet (co-location's cost) | "
+             "shared cores, server not slowed | "
              "attainment | goodput (req/s) | TTFT p50 / p90 / p99 (s) | "
              "TPOT p50 / p90 / p99 (s) | server CPU s / request | probes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         j = policy_json(r)
-        err = j["capacity_rel_err"]
         cut = " (cut short)" if r.measured.cut_short else ""
-        sim_cut = " (cut short)" if r.simulated_cut_short else ""
+        sim_cut = " (cut short)" if r.simulated.cut_short else ""
         ttft = " / ".join(f"{j[f'ttft_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         tpot = " / ".join(f"{j[f'tpot_p{q}_s'] or math.nan:.3g}" for q in (50, 90, 99))
         lines.append(
-            f"| {r.policy} | {r.measured.rate_per_s:.3g}{cut} | "
-            f"{r.simulated_capacity_per_s:.3g}{sim_cut} | {_pct(err)} | "
+            f"| {r.policy} | {r.measured_per_s:.3g} {_bracket(r.measured.bracket)}{cut} | "
+            f"{r.simulated_per_s:.3g} {_bracket(r.simulated.bracket)}{sim_cut} | "
+            f"{_pct(j['capacity_rel_err'])} | {r.simulated_start.crossing_per_s:.3g} "
+            f"({_pct(j['start_capacity_rel_err'])}) | "
             f"{r.simulated_fleet_per_s:.3g} ({_lost(j['colocation_cost'])}) | "
             f"{r.simulated_unslowed_per_s:.3g} | "
-            f"{r.simulated_under_load_per_s:.3g} ({_pct(j['under_load_capacity_rel_err'])}) | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
     errors = [abs(e) for r in results
-              if (e := _rel_err(r.simulated_capacity_per_s, r.measured.rate_per_s)) == e]
+              if (e := _rel_err(r.simulated_per_s, r.measured_per_s)) == e]
     met = errors and max(errors) <= CAPACITY_TARGET
     lines += ["", budget_note(results),
               f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "

@@ -79,6 +79,18 @@ class RealRunner:
         self.opened = [0] * len(classes)
         self.pool = ThreadPoolExecutor(max_workers=opts.max_in_flight,
                                        thread_name_prefix="loadtest")
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Start every worker thread now, before any clock: the pool starts them lazily, and
+        on the clients' busy core one started mid-probe took its request up to 1.1 s late
+        (the first probe's requests 44-156 ms late at the median against 3-12 ms once
+        started)."""
+        n = self.opts.max_in_flight
+        everyone = threading.Barrier(n + 1)  # each thread waits here, so the next one starts
+        for _ in range(n):
+            self.pool.submit(everyone.wait)
+        everyone.wait()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -152,6 +164,7 @@ class RealRunner:
         # trip, for its stats) is not part of the answer's latency
         return Outcome(first_token_s=first[0], finished_s=last[0],
                        server_cpu_s=generation.server_cpu_s, placement=placement,
+                       server_wall_s=generation.server_busy_s,
                        planned=planned)
 
     def alone(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
@@ -269,12 +282,14 @@ class RealRunner:
                             queue_wait_mean_s=counter_delta(after, before, QUEUE_WAIT + "_sum")
                             / waits if waits else 0.0)
         done = sum(not math.isnan(o.finished_s) for o in outcomes)
+        walls = [o.server_wall_s for o in outcomes if not math.isnan(o.finished_s)]
         cpu_s = counter_delta(after, before, PROCESS_CPU)
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
                      process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
                      else math.nan, stopped_early=stopped_early, cut_off=cut_off,
                      server_job_s=server_job_s(before, after) if done else math.nan,
-                     client_cores_busy=client_cpu_s / wall_s)
+                     client_cores_busy=client_cpu_s / wall_s,
+                     server_wall_s_per_request=float(np.nanmean(walls)) if walls else math.nan)
 
     async def _metrics_at(self, when_s: float) -> dict[str, float]:
         """The server's /metrics page at `when_s` (time.perf_counter)."""

@@ -26,7 +26,8 @@ same requests with the same decisions. From the scenario:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,9 +40,11 @@ from splitllm.planner.hardware import DeviceProfile
 from splitllm.planner.instance import Request, build_instance, evaluate
 from splitllm.planner.network import Link
 from splitllm.sim.dists import Dist
+from splitllm.sim.metrics import summarize
+from splitllm.sim.run import run_policy
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import ClientClass, RequestType, ServerSpec, SweepSpec, Trace, World
-from splitllm.stepmodel import StepModel
+from splitllm.stepmodel import StepModel, UnitFit
 
 FP32_BYTES = 4
 
@@ -213,3 +216,48 @@ def loadtest_world(scenario: World, *, config: dict[str, object], context_tokens
 def with_step_model(world: World, step: StepModel) -> World:
     """The world whose batched server runs `step` (its SLAs stay as they were set)."""
     return replace(world, server=replace(world.server, step_model=step))
+
+
+
+def scaled_step_model(step: StepModel, factor: float) -> StepModel:
+    """`step` with every unit's seconds and its seconds per job times `factor`."""
+    def times(fit: UnitFit) -> UnitFit:
+        return UnitFit(points=tuple((tokens, seconds * factor) for tokens, seconds in fit.points))
+
+    return replace(step, embed=times(step.embed), block=times(step.block),
+                   head=times(step.head), job_s=step.job_s * factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probed:
+    """What one probe that ran to its end measured of the machine."""
+
+    rate_per_s: float
+    server_s_per_request: float  # the server's steps' wall seconds per request (nan: none)
+    client_cpu_s: float  # the clients' process CPU seconds over the probe (nan: none)
+
+
+def speed_factors(world: World, policy: str, probes: Sequence[Probed]) -> tuple[float, float]:
+    """(server, clients): the median, over `probes`, of the server's wall seconds per request
+    (the step model's seconds: a server core shared with other work stretches them, its CPU
+    seconds not) and of the clients' CPU measured, each over what `world` gives at the probe's
+    rate (1: none to compare)."""
+    server, clients = [], []
+    for p in probes:
+        at_rate = world.with_rate(p.rate_per_s)
+        record = run_policy(at_rate, policy)
+        simulated = summarize(at_rate, record).server_s_per_request
+        if simulated > 0 and p.server_s_per_request > 0:
+            server.append(p.server_s_per_request / simulated)
+        if record.client_cores_busy_s > 0 and p.client_cpu_s > 0:
+            clients.append(p.client_cpu_s / record.client_cores_busy_s)
+    return (statistics.median(server) if server else 1.0,
+            statistics.median(clients) if clients else 1.0)
+
+
+def as_probed(world: World, server_factor: float, client_factor: float) -> World:
+    """`world` with its server's step model and its clients' CPU scaled by these factors."""
+    step = world.server.step_model
+    host = world.client_host
+    return replace(world, server=replace(world.server, step_model=step and scaled_step_model(
+        step, server_factor)), client_host=host and host.scaled_cpu(client_factor))

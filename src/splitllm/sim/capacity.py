@@ -3,13 +3,17 @@
 Found by bracketing (doubling or halving from a first guess) and then bisection on a log scale
 until the bracket is within `rel_tol`. Every probe runs the same request sequence (common
 random numbers), only faster or slower, so attainment falls almost monotonically with the rate.
+The highest passing rate sits up to one `rel_tol` step below the crossing, wherever the
+search's grid happens to fall; `Bracket.crossing_per_s` interpolates within the last bracket,
+the one estimator the load test reports for its measured and its simulated searches alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +29,50 @@ PLANNING_SAMPLE = 400  # requests whose zero-load server work gives the first gu
 
 
 @dataclass(frozen=True)
+class Bracket:
+    """A capacity search's last bracket: the highest rate that met the target and the lowest
+    above it that did not, with their attainments (a rate probed again: pooled)."""
+
+    good_per_s: float  # 0: no rate met the target
+    good_attainment: float  # nan: none did
+    bad_per_s: float  # inf: no rate above it failed
+    bad_attainment: float  # nan: none did (or no request came)
+
+    def crossing_per_s(self, target: float) -> float:
+        """Where the attainment crosses `target`: interpolated between the bracket's rates,
+        geometrically in rate and linearly in attainment (the good rate where nothing failed
+        above it; 0 where nothing met the target)."""
+        if not (0 < self.good_per_s < self.bad_per_s < math.inf):
+            return self.good_per_s
+        bad = self.bad_attainment if math.isfinite(self.bad_attainment) else 0.0
+        drop = self.good_attainment - bad
+        share = min(max((self.good_attainment - target) / drop, 0.0), 1.0) if drop > 0 else 0.0
+        return self.good_per_s * (self.bad_per_s / self.good_per_s) ** share
+
+    def to_json(self) -> dict[str, Any]:
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
+        return {"good_req_s": self.good_per_s, "good_attainment": num(self.good_attainment),
+                "bad_req_s": num(self.bad_per_s), "bad_attainment": num(self.bad_attainment)}
+
+
+def bracket_of(points: Iterable[tuple[float, float, int]], target: float) -> Bracket:
+    """The bracket of probes given as (rate, attainment, requests): a rate probed more than
+    once is judged on its requests pooled."""
+    pooled: dict[float, tuple[float, int]] = {}
+    for rate, attainment, requests in points:
+        met, n = pooled.get(rate, (0.0, 0))
+        pooled[rate] = (met + (attainment if math.isfinite(attainment) else 0.0) * requests,
+                        n + requests)
+    judged = {rate: met / n if n else math.nan for rate, (met, n) in pooled.items()}
+    good = max((r for r, a in judged.items() if a >= target), default=0.0)
+    bad = min((r for r, a in judged.items() if not a >= target and r > good),
+              default=math.inf)
+    return Bracket(good, judged.get(good, math.nan), bad, judged.get(bad, math.nan))
+
+
+@dataclass(frozen=True)
 class Capacity:
     """A policy's goodput capacity and every run the search made."""
 
@@ -34,6 +82,19 @@ class Capacity:
     target_attainment: float
     probes: tuple[RunMetrics, ...]
     cut_short: bool = False  # `stop` ended the search before its bracket was narrow enough
+
+    @property
+    def bracket(self) -> Bracket:
+        """The search's last bracket."""
+        return bracket_of(((p.rate_per_s, p.sla_attainment, p.requests) for p in self.probes),
+                          self.target_attainment)
+
+    @property
+    def crossing_per_s(self) -> float:
+        """The capacity interpolated within the last bracket (`Bracket.crossing_per_s`)."""
+        if math.isinf(self.rate_per_s):
+            return self.rate_per_s
+        return self.bracket.crossing_per_s(self.target_attainment)
 
 
 def run_point(world: World, policy: str, rate_per_s: float) -> RunMetrics:

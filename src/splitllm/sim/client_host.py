@@ -18,7 +18,7 @@ core(s), computing their units for real and sleeping up to their emulated device
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from splitllm.sim.engine import Kind, NewEvent, Sharing
 
@@ -36,6 +36,11 @@ class ClientHost:
     cpu_per_visit_s: float = 0.0  # client CPU of one visit to the server (its transport work)
     server_slowdown: float = 1.0  # the server's steps x this while the clients' cores are all
     # busy computing units (x1 while idle, linear between; a visit's transport work: idle)
+
+    def scaled_cpu(self, factor: float) -> ClientHost:
+        """This machine with every pass's CPU (units and visits) times `factor`."""
+        return replace(self, cpu_per_client_s=tuple(c * factor for c in self.cpu_per_client_s),
+                       cpu_per_visit_s=self.cpu_per_visit_s * factor)
 
     def cpu_s(self, class_index: int, client_s: float, visits: int) -> float:
         """Real CPU seconds of a gap's client work: its units' and its visits' transport."""
