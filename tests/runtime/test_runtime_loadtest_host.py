@@ -172,6 +172,10 @@ def test_the_report_shows_both_predictions() -> None:
     assert (document["server_speed_factor"], document["client_cpu_factor"]) == (1.1, 0.9)
     assert document["simulated_start_capacity_req_s"] == 8.0
     assert "Fleet: that with every client its own device" in text
+    assert ("measured: **missed** (worst 24%) at the probes' speeds (read after the probes); "
+            "**missed** (worst 24%) on the start-of-run model") in text
+    close = replace(result, simulated=SimCapacity("greedy", 10.0, 0.9, tuple(sims[:2])))
+    assert "measured: met (worst " in report_md([close], "HEADER")
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
                   server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
     assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio
