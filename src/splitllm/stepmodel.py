@@ -123,6 +123,18 @@ def queue_wait_s(arrived_s: float, step_started_s: float) -> float:
     return max(step_started_s - arrived_s, 0.0)
 
 
+def decode_share_s(model: StepModel, concurrency: int, blocks: int | None = None) -> float:
+    """A request's share of server seconds per decode token when `concurrency` rows share steps."""
+    c = max(concurrency, 1)
+    return model.step_s(c, c, blocks) / c
+
+
+def marginal_decode_s(model: StepModel, concurrency: int, blocks: int | None = None) -> float:
+    """Server seconds one more decoding request adds to each step at `concurrency` requests."""
+    c = max(concurrency, 1)
+    return model.step_s(c, c, blocks) - (model.step_s(c - 1, c - 1, blocks) if c > 1 else 0.0)
+
+
 def jobs_step_s(model: StepModel, jobs: Sequence[tuple[int, int, int]]) -> float:
     """Seconds of one step serving jobs (start unit, stop unit, tokens): each unit runs once.
 

@@ -221,15 +221,18 @@ def test_the_server_announces_its_measured_step_model(llama_server: Any) -> None
 
 
 def test_step_model_fit_and_costs_under_batching() -> None:
-    from splitllm.stepmodel import StepModel, UnitFit, fit_unit
+    from splitllm.stepmodel import StepModel, UnitFit, decode_share_s, fit_unit, marginal_decode_s
 
     fit = fit_unit([(16, 0.0026), (1, 0.0011), (4, 0.0014), (64, 0.0074)])
     assert fit.points == ((1, 0.0011), (4, 0.0014), (16, 0.0026), (64, 0.0074))
     assert fit.line_at(10) == pytest.approx((0.001, 1e-4))  # the segment 4-16
     model = StepModel(UnitFit.line(0.0, 1e-6), fit, UnitFit.line(0.002, 1e-4), n_blocks=10)
     assert StepModel.from_json(model.to_json()) == model
-    shares = [model.step_s(c, c) / c for c in (1, 4, 16, 64)]
+    shares = [decode_share_s(model, c) for c in (1, 4, 16, 64)]
     assert shares == sorted(shares, reverse=True)  # weights amortised over the batch
+    assert shares[0] == pytest.approx(model.step_s(1, 1))
+    # The marginal request pays only its per-token work, not the shared weight reads.
+    assert marginal_decode_s(model, 16) == pytest.approx(1e-6 + 10 * 1e-4 + 1e-4)
 
 
 def test_a_step_curve_follows_its_points_and_never_lets_more_work_look_cheaper() -> None:
