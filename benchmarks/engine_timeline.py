@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-import engine_driver
 from engine_driver import InProcessDriver
 from splitllm.runtime import engine, fused_kernel, lane, sampling, session, step
 from splitllm.runtime.engine import EngineConfig
@@ -78,7 +77,7 @@ FINE = (  # --fine: the parts inside the parts above
     (lane.RotaryTable, "rows", "      rotary rows"),
     (lane.DecodeLane, "_hold", "      lane._hold"),
     (step, "_lane_step", "    _lane_step (lane.run inside)"),
-    (engine_driver.ForwardHeader, "model_construct", "    driver: its header"),
+    (InProcessDriver, "_submit", "    driver: its forward (header, payload, put)"),
     (lane.DecodeLane, "_weights_hold", "        lane._weights_hold"),
     (lane, "_build", "      lane._build (spread over the steps)"),
     (lane.RotaryTable, "holds", "        rotary holds"),
