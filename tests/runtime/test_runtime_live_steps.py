@@ -11,6 +11,7 @@ from runtime_kit import TIMEOUT_S
 
 from splitllm.runtime.client import connect
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.lane import Lap
 from splitllm.runtime.live_steps import (
     LIVE,
     MIN_SAMPLES,
@@ -61,6 +62,13 @@ def test_a_jobs_fixed_part_is_the_intercept_of_seconds_against_blocks() -> None:
     assert job_fit([(2, 0.9), (8, 4.2)] * 3) == 0.0  # never below 0
 
 
+def unit_laps(unit_s: dict[int, float], unit_cpu_s: dict[int, float],
+              unit_tokens: dict[int, int]) -> list[Lap]:
+    """One lap per unit (units timed apart): each its wall, CPU (0 where not timed), tokens."""
+    return [Lap(range(u, u + 1), s, unit_cpu_s.get(u, 0.0), unit_tokens[u])
+            for u, s in unit_s.items()]
+
+
 def one_row_step(live: LiveStepModel, blocks: int, block_s: float, job_s: float,
                  outside_s: float, preempted_s: float = 0.0) -> None:
     """A one-row decode step through `blocks` blocks of a 32-unit model: each block block_s, a
@@ -71,7 +79,7 @@ def one_row_step(live: LiveStepModel, blocks: int, block_s: float, job_s: float,
     total_s = block_s * blocks + job_s
     unit_cpu_s = {u: s / 2 for u, s in unit_s.items()}
     unit_s[1] += preempted_s
-    live.record(unit_s, unit_cpu_s, dict.fromkeys(unit_s, 1),
+    live.record(unit_laps(unit_s, unit_cpu_s, dict.fromkeys(unit_s, 1)), True,
                 (total_s + preempted_s, total_s / 2), 1)
 
 
@@ -124,8 +132,8 @@ def test_each_step_is_one_sample_per_kind_and_token_count() -> None:
     live = LiveStepModel(start_models(), n_units=4, min_samples=2)
     assert live.models().source == START_UP and live.models().steps == 0
     for _ in range(2):  # embed 0.5, blocks 3.0 and 5.0 (their mean: 4.0), head 2.0; CPU half
-        live.record({0: 0.5, 1: 3.0, 2: 5.0, 3: 2.0}, {0: 0.25, 1: 1.5, 2: 2.5, 3: 1.0},
-                    {0: 1, 1: 1, 2: 1, 3: 1})
+        live.record(unit_laps({0: 0.5, 1: 3.0, 2: 5.0, 3: 2.0},
+                              {0: 0.25, 1: 1.5, 2: 2.5, 3: 1.0}, {0: 1, 1: 1, 2: 1, 3: 1}), True)
     models = live.models()
     assert (models.source, models.steps, live.steps) == (LIVE, 2, 2)
     assert flat(models.wall.block)[:2] == pytest.approx([1.0, 4.0])
@@ -142,9 +150,12 @@ def test_each_step_is_one_sample_per_kind_and_token_count() -> None:
 
 def test_a_unit_not_timed_in_cpu_seconds_counts_its_wall_seconds() -> None:
     live = LiveStepModel(start_models(), n_units=4, min_samples=1)
-    live.record({1: 3.0, 2: 3.0}, {}, {1: 4, 2: 4})  # a split's rows: blocks only
+    live.record(unit_laps({1: 3.0, 2: 3.0}, {}, {1: 4, 2: 4}), False)  # a split's: blocks only
     models = live.models()
     assert models.cpu.block.seconds(4) == pytest.approx(3.0)
+    together = LiveStepModel(start_models(), n_units=4, min_samples=1)  # one lap, equal shares
+    together.record([Lap(range(1, 3), 6.0, 0.0, 4)], False)
+    assert together.models().cpu.block.seconds(4) == pytest.approx(3.0)
     assert models.cpu.embed == START and models.cpu.head == START  # no samples: unchanged
 
 

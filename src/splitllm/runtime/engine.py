@@ -136,11 +136,11 @@ def fair_shares(demand: dict[str, int], budget: int) -> dict[str, int]:
 class Engine:
     """The queue and the thread that runs batched steps on one UnitStack."""
 
-    # Hears each step's seconds per unit (wall, CPU), tokens per unit, the whole step's (wall,
-    # CPU) seconds and its rows: the server's live step model (runtime/live_steps.py). Units
-    # are timed in CPU seconds only for it.
-    on_step: Callable[[dict[int, float], dict[int, float], dict[int, int], tuple[float, float],
-                       int], None] | None = None
+    # Hears each step's laps (units that ran together: their wall and CPU seconds, tokens),
+    # whether their CPU was timed, the whole step's (wall, CPU) seconds and its rows: the
+    # server's live step model (runtime/live_steps.py). Units are timed in CPU seconds only
+    # for it.
+    on_step: Callable[[Sequence[Lap], bool, tuple[float, float], int], None] | None = None
 
     def __init__(self, stack: UnitStack, metrics: ServerMetrics, config: EngineConfig,
                  threads: int, start: bool = True) -> None:
@@ -279,8 +279,7 @@ class Engine:
         self.metrics.record_step(times.laps, rows=len(rows), tokens=tokens, wall_s=wall_s,
                                  cpu_s=cpu_s, queue_waits_s=waits)
         if self.on_step is not None:
-            self.on_step(times.unit_s, times.unit_cpu_s, times.unit_tokens, (wall_s, cpu_s),
-                         len(rows))
+            self.on_step(times.laps, times.cpu, (wall_s, cpu_s), len(rows))
         for (job, take), row, output in zip(picks, rows, outputs, strict=True):
             share = take / tokens
             job.busy_s += wall_s * share

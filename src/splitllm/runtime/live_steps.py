@@ -31,12 +31,13 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from splitllm.runtime.metrics import Lap
 from splitllm.stepmodel import StepModel, UnitFit, fit_unit
 
 WINDOW_STEPS = 200  # recent samples kept per unit kind and token count
@@ -146,20 +147,24 @@ class LiveStepModel:
         self._lock = threading.Lock()
         self._fitted: StepModels = start
 
-    def kind(self, unit: int) -> int:
-        """0 embed, 1 block, 2 head."""
-        return 0 if unit == 0 else 2 if unit == self.n_units - 1 else 1
+    def _kinds(self, units: range) -> tuple[int, int, int]:
+        """How many of `units` are the embedding, blocks and the head."""
+        embed, head = int(0 in units), int(self.n_units - 1 in units)
+        return embed, len(units) - embed - head, head
 
-    def record(self, unit_s: Mapping[int, float], unit_cpu_s: Mapping[int, float],
-               unit_tokens: Mapping[int, int], step_s: tuple[float, float] | None = None,
+    def record(self, laps: Sequence[Lap], cpu: bool, step_s: tuple[float, float] | None = None,
                rows: int = 1) -> None:
-        """Take one step's seconds per unit (CPU: wall where not timed) and tokens per unit:
-        one sample per kind and token count (the mean of its blocks in this step); with the
-        whole step's (wall, cpu) seconds and its rows, what a job costs beyond its units."""
+        """Take one step's laps (units that ran together, equal shares of a lap's seconds; CPU:
+        wall where `cpu` is False): one sample per kind and token count (the mean of its blocks
+        in this step); with the whole step's (wall, cpu) seconds and its rows, what a job costs
+        beyond its units."""
         step: tuple[dict[int, list[tuple[float, float]]], ...] = ({}, {}, {})
-        for unit, wall_s in unit_s.items():
-            step[self.kind(unit)].setdefault(unit_tokens[unit], []).append(
-                (wall_s, unit_cpu_s.get(unit, wall_s)))
+        for lap in laps:
+            n = len(lap.units)
+            share = (lap.wall_s / n, (lap.cpu_s if cpu else lap.wall_s) / n)
+            for kind, count in enumerate(self._kinds(lap.units)):
+                if count:
+                    step[kind].setdefault(lap.tokens, []).extend([share] * count)
         visit = self._visit(step, step_s) if rows == 1 else None
         with self._lock:
             self._steps += 1
