@@ -272,7 +272,8 @@ def test_the_warm_up_runs_server_segments_of_several_lengths() -> None:
     assert list(segments.values()) == [[32], [30], [15, 8]]
 
 
-def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
+def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundServer,
+                            capsys: pytest.CaptureFixture[str]) -> None:
     opts = FidelityOptions(server=llama_server.ws_url, repeats=1)
     bench = RealBench(tiny_llama, opts)
     try:
@@ -280,6 +281,11 @@ def test_a_real_quick_point(tiny_llama: LoadedModel, llama_server: BackgroundSer
         fixed_costs = bench.fixed_costs()
     finally:
         bench.close()
+    # Progress on stderr: the connection's warm-up, then each point before it is measured.
+    placements = len({r.point.placement for r in results})
+    assert capsys.readouterr().err.splitlines() == [
+        "splitllm fidelity: loopback: connecting, warming up",
+        f"splitllm fidelity: loopback, P=8 G=3: {placements} placement(s) x 1 rounds"]
     # What the condition's planning measured beside the units, in the report's header.
     assert len(fixed_costs) == 1 and fixed_costs[0].startswith("loopback: RTT")
     assert "a visit" in fixed_costs[0] and "per pass" in fixed_costs[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ class RealBench:
     def session(self, condition: Condition) -> Session:
         """The connection of a condition (opened, warmed up and its link measured once)."""
         if condition not in self._sessions:
+            _progress(f"{condition.label}: connecting, warming up")
             session = connect(self.opts.server, self.loaded, token=self.opts.token,
                               emulate_link=condition.link,
                               emulate_client_slowdown=condition.client_slowdown)
@@ -113,6 +115,8 @@ class RealBench:
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
                 placements: Sequence[str]) -> dict[str, list[Figures]]:
         session = self.session(condition)
+        _progress(f"{condition.label}, P={prompt_tokens} G={new_tokens}: {len(placements)} "
+                  f"placement(s) x {max(self.opts.repeats, 1)} rounds")
         runs: dict[str, list[Figures]] = {placement: [] for placement in placements}
         for _ in range(max(self.opts.repeats, 1)):  # rounds of every placement in turn
             for placement, figures in runs.items():
@@ -139,6 +143,10 @@ class RealBench:
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
+
+
+def _progress(line: str) -> None:
+    print(f"splitllm fidelity: {line}", file=sys.stderr, flush=True)
 
 
 def warm_up_placements(n_units: int) -> tuple[str, ...]:
