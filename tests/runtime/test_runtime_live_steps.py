@@ -148,6 +148,30 @@ def test_each_step_is_one_sample_per_kind_and_token_count() -> None:
     assert live.models() is live.models()  # refitted once per new step
 
 
+def test_samples_older_than_the_horizon_before_the_newest_are_left_out() -> None:
+    now = [0.0]
+    live = LiveStepModel(start_models(), n_units=4, min_samples=2, horizon_s=60.0,
+                         clock=lambda: now[0])
+
+    def blocks(tokens: int, block_s: float) -> None:  # one step of 2 blocks at `tokens`
+        live.record(unit_laps({1: block_s, 2: block_s}, {}, {1: tokens, 2: tokens}), False)
+
+    for _ in range(2):  # a loaded minute: a 16-token prefill and a decode at 3x the start-up
+        blocks(16, 12.0)
+        blocks(1, 3.0)
+    assert live.models().wall.block.seconds(16) == pytest.approx(12.0)  # its own point
+    now[0] = 60.0  # within the horizon of the newest: the prefill's samples still count
+    blocks(1, 1.0)
+    assert live.models().wall.block.seconds(16) == pytest.approx(12.0)
+    now[0] = 61.0  # now they are older than the horizon: the prefill's count falls back to
+    blocks(1, 1.0)  # the start-up curve at the recent decode's speed (1x: 4.0 at 16 tokens)
+    models = live.models()
+    assert models.wall.block.seconds(1) == pytest.approx(1.0)
+    assert models.wall.block.seconds(16) == pytest.approx(4.0)
+    assert models.block_slowdown == (1.0, 1.0)
+    assert models.wall.embed == START  # a kind the recent steps did not run: as it was
+
+
 def test_a_unit_not_timed_in_cpu_seconds_counts_its_wall_seconds() -> None:
     live = LiveStepModel(start_models(), n_units=4, min_samples=1)
     live.record(unit_laps({1: 3.0, 2: 3.0}, {}, {1: 4, 2: 4}), False)  # a split's: blocks only

@@ -9,6 +9,11 @@ step model (`stepmodel.StepModel`) from them:
 
 - a token count with at least `min_samples` recent samples gets its own point: their mean
   (a step's expected seconds, what latency sums and a server's capacity see);
+- recent: of a kind's last `window` samples per token count, those of the `horizon_s` before
+  the kind's newest sample. Prefill counts are rare: a window of 200 of them spans many
+  minutes (a fidelity grid's whole run), and a minute of load at its start stayed in them: the
+  later conditions' server-only TTFTs at 128 tokens were predicted 1.15-2.2x what they
+  measured. The decode counts, a sample per step, turn over in seconds anyway;
 - the start-up curve's other points are kept, scaled by the median ratio of every recent
   sample to the start-up curve at its token count (the machine's speed now against then),
   so a kind's curve keeps its shape where the engine has not run yet;
@@ -30,8 +35,9 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +47,13 @@ from splitllm.runtime.metrics import Lap
 from splitllm.stepmodel import StepModel, UnitFit, fit_unit
 
 WINDOW_STEPS = 200  # recent samples kept per unit kind and token count
+HORIZON_S = 120.0  # a kind's samples older than this before its newest one are left out
 MIN_SAMPLES = 5  # a token count's own point needs this many samples
 KINDS = ("embed", "block", "head")
 START_UP, LIVE = "start-up", "live"
 
 Samples = dict[int, list[float]]  # tokens -> seconds of the recent steps
+Sample = tuple[float, float, float, float]  # (when, wall s, cpu s, jobs per unit) of a step
 # one row's decode step: its blocks, its (wall, cpu) seconds less its embedding's and head's,
 # and the (wall, cpu) seconds of those outside its units
 Visit = tuple[int, float, float, float, float]
@@ -134,14 +142,17 @@ class LiveStepModel:
     (thread-safe: the engine thread records, the event loop reads)."""
 
     def __init__(self, start: StepModels, n_units: int, *, window: int = WINDOW_STEPS,
-                 min_samples: int = MIN_SAMPLES) -> None:
+                 min_samples: int = MIN_SAMPLES, horizon_s: float = HORIZON_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.start = start
         self.n_units = n_units
         self.window = window
         self.min_samples = min_samples
-        # [kind] tokens -> recent (wall, cpu, jobs per unit) seconds per unit; the token counts
-        # are bounded by the engine's token budget per step
-        self._samples: tuple[dict[int, deque[tuple[float, float, float]]], ...] = ({}, {}, {})
+        self.horizon_s = horizon_s
+        self._clock = clock
+        # [kind] tokens -> recent samples per unit; the token counts are bounded by the
+        # engine's token budget per step
+        self._samples: tuple[dict[int, deque[Sample]], ...] = ({}, {}, {})
         self._visits: deque[Visit] = deque(maxlen=window)  # one row's decode steps (`_visit`)
         self._steps = 0
         self._lock = threading.Lock()
@@ -166,13 +177,14 @@ class LiveStepModel:
                 if count:
                     step[kind].setdefault(lap.tokens, []).extend([share] * count)
         visit = self._visit(step, step_s) if rows == 1 else None
+        now = self._clock()
         with self._lock:
             self._steps += 1
             for kind, by_tokens in enumerate(step):
                 for tokens, seconds in by_tokens.items():
                     recent = self._samples[kind].setdefault(tokens, deque(maxlen=self.window))
                     jobs = rows / len(seconds) if kind == 1 else 0.0  # a block's share of jobs
-                    recent.append((statistics.fmean(w for w, _ in seconds),
+                    recent.append((now, statistics.fmean(w for w, _ in seconds),
                                    statistics.fmean(c for _, c in seconds), jobs))
             if visit is not None:
                 self._visits.append(visit)
@@ -189,6 +201,13 @@ class LiveStepModel:
         return (len(seconds), wall_s, cpu_s, wall_s - sum(w for w, _ in seconds),
                 cpu_s - sum(c for _, c in seconds))
 
+    def _recent(self, kind: dict[int, deque[Sample]]) -> dict[int, list[Sample]]:
+        """A kind's samples of the `horizon_s` before its newest one, per token count."""
+        newest = max((recent[-1][0] for recent in kind.values()), default=0.0)
+        within = {t: [s for s in recent if s[0] >= newest - self.horizon_s]
+                  for t, recent in kind.items()}
+        return {t: samples for t, samples in within.items() if samples}
+
     @property
     def steps(self) -> int:
         """Engine steps recorded so far."""
@@ -201,15 +220,14 @@ class LiveStepModel:
             steps = self._steps
             if steps == self._fitted.steps or steps == 0:
                 return self._fitted
-            snapshot = tuple({t: list(recent) for t, recent in kind.items()}
-                             for kind in self._samples)
+            snapshot = tuple(self._recent(kind) for kind in self._samples)
             visits = list(self._visits)
 
         def clock(index: int, job_s: float | None) -> tuple[Samples, Samples, Samples]:
             """Samples on one clock, the blocks' net of a job's fixed part inside them."""
             outside = [v[3 + index] for v in visits]
             inside_s = max(job_s - statistics.fmean(outside), 0.0) if job_s is not None else 0.0
-            return tuple({t: [max(sample[index] - inside_s * sample[2], 0.0)
+            return tuple({t: [max(sample[1 + index] - inside_s * sample[3], 0.0)
                               for sample in samples] for t, samples in kind.items()}
                          for kind in snapshot)  # type: ignore[return-value]
 
