@@ -309,11 +309,9 @@ class Engine:
         verify = job.header.verify  # every position needs the head
         if not last_chunk and stop == n and not verify:
             stop = n - 1  # only the last chunk's last position needs the head
-        p0 = prepared.positions[0] + job.done_tokens
-        positions = torch.arange(p0, p0 + take, device=self.device)[None]  # [1, t]
         x = prepared.x if take == job.tokens else \
             prepared.x[:, job.done_tokens:job.done_tokens + take]
-        return StepRow(start, stop, x, positions, prepared.cache,
+        return StepRow(start, stop, x, prepared.positions[0] + job.done_tokens, prepared.cache,
                        head_positions=take if verify else 1)
 
     def _outcome(self, job: Job, output: RowOutput) -> Outcome:

@@ -252,8 +252,8 @@ def segment_kv(cache: SegmentCache) -> tuple[List, List]:
 
 @dataclass(frozen=True)
 class StackWeights:
-    """Every block's weights as typed lists (index = block) for one call over a run of blocks;
-    a block the fused path does not run holds empty placeholders."""
+    """Every block's weights as typed lists (block b's at b * len(MATRICES) + m, ...) for one
+    call over a run of blocks; a block the fused path does not run holds empty placeholders."""
 
     blocks: tuple[BlockWeights | None, ...]
     covered: tuple[bool, ...]
@@ -268,13 +268,13 @@ def stack_weights(stack: UnitStack) -> StackWeights:
                    for b, layer in enumerate(stack.layers))
     if held is not None and all(a is b for a, b in zip(held.blocks, blocks, strict=True)):
         return held
-    lists: dict[str, Any] = {
-        name: List([kernel.NO_MATRIX if w is None else getattr(w, name) for w in blocks])
-        for name in kernel.MATRICES}
-    lists.update({name: List([kernel.NONE if w is None else getattr(w, name) for w in blocks])
-                  for name in kernel.VECTORS})
-    lists.update({name: np.array([0.0 if w is None else getattr(w, name) for w in blocks])
-                  for name in kernel.SCALARS})
+    lists: dict[str, Any] = {  # block b's: at b * len(MATRICES) + m, ...
+        "matrices": List([kernel.NO_MATRIX if w is None else getattr(w, name)
+                          for w in blocks for name in kernel.MATRICES]),
+        "vectors": List([kernel.NONE if w is None else getattr(w, name)
+                         for w in blocks for name in kernel.VECTORS]),
+        "scalars": np.array([[0.0 if w is None else getattr(w, name) for name in kernel.SCALARS]
+                             for w in blocks]).reshape(len(blocks), len(kernel.SCALARS))}
     weights = StackWeights(blocks, tuple(w is not None for w in blocks), lists)
     stack.model.__dict__[_STACK] = weights
     return weights

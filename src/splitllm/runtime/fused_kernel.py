@@ -22,7 +22,7 @@ _PART = numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inl
 NONE = np.zeros(0, dtype=np.float32)  # an absent bias
 NO_MATRIX = np.zeros((0, 0), dtype=np.float32)  # a block the fused path does not run
 NO_KV = np.zeros((0, 0, 0), dtype=np.float32)  # a cache layer it does not write
-MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # a block's, in run_blocks' order
 VECTORS = ("norm_in", "norm_post", "q_bias", "k_bias", "v_bias", "o_bias", "gate_bias",
            "up_bias", "down_bias")
 SCALARS = ("eps_in", "eps_post", "scaling")
@@ -31,17 +31,16 @@ SCALARS = ("eps_in", "eps_post", "scaling")
 def warm_up() -> None:
     """Compile (or load from numba's cache) the kernel now rather than in a step."""
     square, vector = np.eye(2, dtype=np.float32), np.ones(2, dtype=np.float32)
-    matrices = {name: List([square]) for name in MATRICES}
-    vectors = {name: List([vector if name.startswith("norm") else NONE]) for name in VECTORS}
-    scalars = {name: np.ones(1) for name in SCALARS}
+    matrices = List([square] * len(MATRICES))
+    vectors = List([vector if name.startswith("norm") else NONE for name in VECTORS])
     kv = List([np.zeros((1, 1, 2), dtype=np.float32)])
     rows = vector[None].copy()  # [1, 2]
-    run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), **matrices, **vectors, **scalars,
-               cos=rows, sin=rows, keys=List([kv]), values=List([kv]),
-               lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
+    run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), matrices=matrices, vectors=vectors,
+               scalars=np.ones((1, len(SCALARS))), cos=rows, sin=rows, keys=List([kv]),
+               values=List([kv]), lengths=np.zeros((1, 1), dtype=np.int64),
+               active=np.ones(1, dtype=np.bool_))
     norm_rows(rows, vector, 1.0, rows.copy())
     head_rows(rows, vector, 1.0, square, rows.copy())
-    lane_tail(np.zeros((1, 1), dtype=np.int64))
     linear_rows(square, rows, rows.copy())
     attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
                 List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
@@ -49,52 +48,48 @@ def warm_up() -> None:
 
 
 @_KERNEL
-def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: List, k: List,
-               v: List, o: List, gate: List, up: List, down: List, norm_in: List,
-               norm_post: List, q_bias: List, k_bias: List, v_bias: List, o_bias: List,
-               gate_bias: List, up_bias: List, down_bias: List, eps_in: np.ndarray,
-               eps_post: np.ndarray, scaling: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-               keys: List, values: List, lengths: np.ndarray,
-               active: np.ndarray) -> None:  # pragma: no cover
+def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, matrices: List,
+               vectors: List, scalars: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: List,
+               values: List, lengths: np.ndarray, active: np.ndarray) -> None:  # pragma: no cover
     """Rows x [R, D] (a position each) through blocks [first, stop) in place: every weight
-    read once for all rows. Row r's K/V for block b are written at lengths[r, b - first] of
-    keys/values[r][b - kv_first[r]] [Hkv, capacity, d], and it attends over the positions
-    before and at it; a session's rows in order at consecutive lengths are causal attention
-    over its new positions. A row not `active` (its error already known) writes and attends
-    nothing."""
+    read once for all rows. Block b's matrices [out, in] are matrices[b * 7 + m] (in MATRICES'
+    order), its vectors vectors[b * 9 + v] (VECTORS'; an absent bias empty), its scalars
+    scalars[b] (SCALARS'): four typed lists in all, as numba's dispatcher types each typed list
+    in Python (~7 us each here after the weights streamed through the CPU's caches). Row r's
+    K/V for block b are written at lengths[r, b - first] of keys/values[r][b - kv_first[r]]
+    [Hkv, capacity, d], and it attends over the positions before and at it; a session's rows
+    in order at consecutive lengths are causal attention over its new positions. A row not
+    `active` (its error already known) writes and attends nothing. Every row's lengths end one
+    on, past the position it wrote (the decode lane's next step writes there: no call of its
+    own, ~50 us here)."""
     rows, width = x.shape
     normed = np.empty((rows, width), dtype=np.float32)
     out = np.empty((rows, width), dtype=np.float32)
     for b in range(first, stop):
-        _norm_rows(x, norm_in[b], eps_in[b], normed)
-        qs = np.empty((rows, q[b].shape[0]), dtype=np.float32)
-        ks = np.empty((rows, k[b].shape[0]), dtype=np.float32)
-        vs = np.empty((rows, v[b].shape[0]), dtype=np.float32)
-        _linear(q[b], q_bias[b], normed, qs)
-        _linear(k[b], k_bias[b], normed, ks)
-        _linear(v[b], v_bias[b], normed, vs)
-        attended = np.zeros((rows, q[b].shape[0]), dtype=np.float32)
+        mat, vec = b * len(MATRICES), b * len(VECTORS)  # the block's first matrix, vector
+        eps_in, eps_post, scaling = scalars[b, 0], scalars[b, 1], scalars[b, 2]
+        _norm_rows(x, vectors[vec], eps_in, normed)
+        qs = np.empty((rows, matrices[mat].shape[0]), dtype=np.float32)
+        ks = np.empty((rows, matrices[mat + 1].shape[0]), dtype=np.float32)
+        vs = np.empty((rows, matrices[mat + 2].shape[0]), dtype=np.float32)
+        _linear(matrices[mat], vectors[vec + 2], normed, qs)
+        _linear(matrices[mat + 1], vectors[vec + 3], normed, ks)
+        _linear(matrices[mat + 2], vectors[vec + 4], normed, vs)
+        attended = np.zeros((rows, matrices[mat].shape[0]), dtype=np.float32)
         _attend_rows(qs, ks, vs, b - kv_first, cos, sin, keys, values, lengths[:, b - first],
-                     scaling[b], active, attended)
-        _linear(o[b], o_bias[b], attended, out)
+                     scaling, active, attended)
+        _linear(matrices[mat + 3], vectors[vec + 5], attended, out)
         x += out
-        _norm_rows(x, norm_post[b], eps_post[b], normed)
-        gated = np.empty((rows, gate[b].shape[0]), dtype=np.float32)
-        ups = np.empty((rows, up[b].shape[0]), dtype=np.float32)
-        _linear(gate[b], gate_bias[b], normed, gated)
-        _linear(up[b], up_bias[b], normed, ups)
+        _norm_rows(x, vectors[vec + 1], eps_post, normed)
+        gated = np.empty((rows, matrices[mat + 4].shape[0]), dtype=np.float32)
+        ups = np.empty((rows, matrices[mat + 5].shape[0]), dtype=np.float32)
+        _linear(matrices[mat + 4], vectors[vec + 6], normed, gated)
+        _linear(matrices[mat + 5], vectors[vec + 7], normed, ups)
         _silu_mul(gated, ups)
-        _linear(down[b], down_bias[b], gated, out)
+        _linear(matrices[mat + 6], vectors[vec + 8], gated, out)
         x += out
-
-
-@_KERNEL
-def lane_tail(lengths: np.ndarray) -> None:  # pragma: no cover
-    """The decode lane's lengths [R, blocks] one position on after its step: one compiled call
-    (numpy's `+= 1` costs ~60 us here, none of its code left in the CPU's caches after the
-    weights streamed through them)."""
-    for r in range(lengths.shape[0]):
-        for b in range(lengths.shape[1]):
+    for r in range(rows):
+        for b in range(stop - first):
             lengths[r, b] += 1
 
 

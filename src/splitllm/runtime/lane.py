@@ -57,7 +57,9 @@ class LaneRow(Protocol):
     @property
     def x(self) -> torch.Tensor: ...  # token ids [1, 1] from embed, else hidden [1, 1, D]
     @property
-    def positions(self) -> torch.Tensor: ...  # [1, t]
+    def tokens(self) -> int: ...  # its positions t
+    @property
+    def first_position(self) -> int: ...
     @property
     def cache(self) -> SegmentCache | None: ...
     @property
@@ -163,7 +165,7 @@ class DecodeLane:
             return False
         for r, row in enumerate(rows):
             if row.cache is not self.caches[r] or row.start != self.start or \
-                    row.stop != self.stop or row.positions.shape[1] != 1 or \
+                    row.stop != self.stop or row.tokens != 1 or \
                     row.head_positions != 1 or self.held[r] >= self.capacity[r] or \
                     (self.start > 0 and row.x.dtype != torch.float32):
                 return False
@@ -190,12 +192,12 @@ class DecodeLane:
         clock = Clock(unit_cpu, len(rows))
         embed = None
         x = self._input(rows)  # [R, D]
-        cos, sin = self.rotary.rows([int(row.positions.item()) for row in rows])  # [R, d] each
+        cos, sin = self.rotary.rows([row.first_position for row in rows])  # [R, d] each
         if self.start == 0:
             embed = clock.lap(range(0, 1))
         blocks = self.block_range
         self._hold(1)  # now, while holds() has just read the layers (in the CPU's caches)
-        try:  # each row's K/V written at self.lengths, the positions held before
+        try:  # each row's K/V written at self.lengths (then one on), the positions held before
             kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, cos=cos, sin=sin,
                               **self.kernel_args)
         except BaseException:
@@ -203,7 +205,6 @@ class DecodeLane:
             raise
         ran = clock.lap(range(blocks.start + 1, blocks.stop + 1))
         laps: tuple[Lap, ...] = (ran,) if embed is None else (embed, ran)
-        kernel.lane_tail(self.lengths)  # where the next step writes, as the layers hold
         if self.head is None:
             return LaneOutputs(hidden=_rows_of(torch.from_numpy(x)[:, None])), laps  # [1, 1, D]
         logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
@@ -338,7 +339,7 @@ def _applies(stack: UnitStack, rows: Sequence[LaneRow]) -> bool:
     first = rows[0]
     return (fused_now() and fast_paths_now().lane and 0 < len(rows) <= FAST_ROWS
             and all(row.start == first.start and row.stop == first.stop and row.cache is not None
-                    and row.positions.shape[1] == 1 and row.head_positions == 1
+                    and row.tokens == 1 and row.head_positions == 1
                     and row.x.is_cpu and (first.start == 0 or (
                         row.x.dtype == torch.float32
                         and row.x.shape == (1, 1, stack.hidden_size))) for row in rows))

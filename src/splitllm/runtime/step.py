@@ -25,14 +25,34 @@ from splitllm.runtime.units import SegmentCache, UnitStack
 
 @dataclass(frozen=True)
 class StepRow:
-    """One row of a step: `x` through units [start, stop) at absolute `positions` [1, t]."""
+    """One row of a step: `x` through units [start, stop) at absolute `positions`."""
 
     start: int
     stop: int
     x: torch.Tensor  # token ids [1, t] if start == 0, else hidden states [1, t, D]
-    positions: torch.Tensor  # [1, t]
+    # [1, t], or the first of t consecutive positions (the engine's: the decode lane reads the
+    # int, and a torch call costs ~100 us after the weights streamed through the CPU's caches)
+    positions: torch.Tensor | int
     cache: SegmentCache | None
     head_positions: int = 1  # the head's last positions (all of them to verify draft tokens)
+
+    @property
+    def tokens(self) -> int:
+        """The row's positions t."""
+        return self.x.shape[1]
+
+    @property
+    def first_position(self) -> int:
+        """The row's first absolute position."""
+        return self.positions if isinstance(self.positions, int) else int(self.positions[0, 0])
+
+    @cached_property
+    def position_ids(self) -> torch.Tensor:
+        """The absolute positions [1, t]."""
+        if isinstance(self.positions, torch.Tensor):
+            return self.positions
+        first = self.positions
+        return torch.arange(first, first + self.tokens, device=self.x.device)[None]
 
 
 class RowOutput:
@@ -96,9 +116,9 @@ class _Packed:
     def __init__(self, stack: UnitStack, rows: list[StepRow], hidden: dict[int, torch.Tensor],
                  members: tuple[int, ...]) -> None:
         self.members = members
-        lengths = [rows[i].positions.shape[1] for i in members]
+        lengths = [rows[i].tokens for i in members]
         self.hidden = torch.cat([hidden[i] for i in members], dim=1)
-        positions = torch.cat([rows[i].positions for i in members], dim=1)
+        positions = torch.cat([rows[i].position_ids for i in members], dim=1)
         offsets = [sum(lengths[:k]) for k in range(len(members) + 1)]
         self.groups = [RowGroup(offsets[k], offsets[k + 1], _cache(rows[i]))
                        for k, i in enumerate(members)]
@@ -191,7 +211,7 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
         wall_s = time.perf_counter() - clock
         cpu_s = time.thread_time() - cpu_clock if unit_cpu else 0.0
         tokens = (sum(rows[i].head_positions for i in active) if unit == n - 1
-                  else sum(rows[i].positions.shape[1] for i in active))
+                  else sum(rows[i].tokens for i in active))
         laps.append(Lap(range(unit, unit + ran), wall_s, cpu_s, tokens))
     if packed is not None:
         packed.unpack(hidden, outputs)
@@ -236,10 +256,10 @@ def _head(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
 def _embed(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
            hidden: dict[int, torch.Tensor]) -> None:
     ids = torch.cat([rows[i].x for i in active], dim=1)  # [1, T]
-    positions = torch.cat([rows[i].positions for i in active], dim=1)
+    positions = torch.cat([rows[i].position_ids for i in active], dim=1)
     embedded = stack.embed(ids, positions)  # [1, T, D]
     begin = 0
     for i in active:
-        end = begin + rows[i].positions.shape[1]
+        end = begin + rows[i].tokens
         hidden[i] = embedded[:, begin:end]
         begin = end
