@@ -10,15 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from runtime_kit import llama_config, random_prompt
 from test_runtime_engine import Driver, reference_logits
 from test_runtime_fused import CONFIGS, assert_same_caches, forward, grown, stack_of
 
-from splitllm.runtime import lane
+from splitllm.runtime import fused_kernel, lane
 from splitllm.runtime.gemv import FAST_ROWS, FastPaths, fast_paths
 from splitllm.runtime.hugepages import move_to_huge_pages
 from splitllm.runtime.kvcache import KV_BLOCK_TOKENS, kv_capacity
@@ -298,3 +299,20 @@ def test_greedy_sampling_picks_torchs_argmax(values: list[float], rows: int) -> 
     want = tuple(int(t) for t in logits.argmax(dim=-1).tolist())
     assert Sampler(Sampling()).each(logits, 0) == want
     assert Sampler(Sampling()).each(logits.double(), 0) == want  # torch's own path
+
+
+@settings(deadline=None)  # the first example loads the compiled kernel
+@given(st.lists(st.sampled_from([-1.0, -0.0, 0.0, 0.5, 2.0, float("nan"), float("inf"),
+                                 float("-inf")]), min_size=1, max_size=12), st.integers(1, 3))
+def test_the_compiled_heads_greedy_token_is_torchs_argmax(values: list[float], rows: int) -> None:
+    """The head kernel's argmax of the logits it wrote (the lane's greedy token) is torch's:
+    the first of tied maxima, the first NaN where there is one. The LM head is a column of
+    these values and every row's hidden state a 1, so the logits are the values."""
+    weight = np.array(values, dtype=np.float32)[:, None]  # [V, 1]
+    logits = np.empty((rows, len(values)), dtype=np.float32)  # [R, V]
+    greedy = np.full(rows, -1, dtype=np.int64)
+    fused_kernel.head_rows(np.ones((rows, 1), dtype=np.float32), np.ones(1, dtype=np.float32),
+                           0.0, weight, logits, greedy)
+    torch.testing.assert_close(torch.from_numpy(logits), torch.tensor([values] * rows),
+                               equal_nan=True)
+    assert greedy.tolist() == torch.from_numpy(logits).argmax(dim=-1).tolist()

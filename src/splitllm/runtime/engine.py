@@ -330,7 +330,7 @@ class Engine:
         hidden = logits = token = tokens = None
         if stop == self.stack.n_units and output.greedy is not None and \
                 session.sampler.greedy and not header.verify and not header.return_logits:
-            token = output.greedy  # the decode lane's argmax of the logits: no tensor made
+            token = output.greedy  # the compiled head's argmax of the logits: no tensor made
         elif stop == self.stack.n_units:
             out = output.out
             assert out is not None

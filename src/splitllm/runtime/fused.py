@@ -329,9 +329,10 @@ def head_weights(stack: UnitStack) -> HeadWeights | None:
     return held
 
 
-def head_logits(stack: UnitStack, hidden: torch.Tensor) -> torch.Tensor | None:
+def head_logits(stack: UnitStack, hidden: torch.Tensor) -> tuple[torch.Tensor, np.ndarray] | None:
     """Logits [R, V] of a few rows' hidden states [R, D] by one compiled call (final norm and
-    LM head), or None where it does not apply (the model's modules then run the head)."""
+    LM head) with each row's greedy token [R], or None where it does not apply (the model's
+    modules then run the head)."""
     if not (fused_now() and 0 < hidden.shape[0] <= FAST_ROWS
             and hidden.dtype == torch.float32 and hidden.is_cpu):
         return None
@@ -339,9 +340,10 @@ def head_logits(stack: UnitStack, hidden: torch.Tensor) -> torch.Tensor | None:
     if weights is None or hidden.shape[1] != weights.matrix.shape[1]:
         return None
     logits = np.empty((hidden.shape[0], weights.matrix.shape[0]), dtype=np.float32)
+    greedy = np.empty(hidden.shape[0], dtype=np.int64)
     kernel.head_rows(np.ascontiguousarray(hidden.numpy()), weights.norm, weights.eps,
-                     weights.matrix, logits)
-    return torch.from_numpy(logits)
+                     weights.matrix, logits, greedy)
+    return torch.from_numpy(logits), greedy
 
 
 def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:

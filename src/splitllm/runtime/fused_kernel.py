@@ -40,7 +40,7 @@ def warm_up() -> None:
                values=List([kv]), lengths=np.zeros((1, 1), dtype=np.int64),
                active=np.ones(1, dtype=np.bool_))
     norm_rows(rows, vector, 1.0, rows.copy())
-    head_rows(rows, vector, 1.0, square, rows.copy())
+    head_rows(rows, vector, 1.0, square, rows.copy(), np.zeros(1, dtype=np.int64))
     linear_rows(square, rows, rows.copy())
     attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
                 List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
@@ -101,11 +101,35 @@ def linear_rows(weight: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None: 
 
 @_KERNEL
 def head_rows(x: np.ndarray, norm: np.ndarray, eps: float, weight: np.ndarray,
-              out: np.ndarray) -> None:  # pragma: no cover
-    """out [R, V] = RMSNorm(x [R, D]) @ weight.T: the final norm and the LM head in one call."""
+              out: np.ndarray, greedy: np.ndarray) -> None:  # pragma: no cover
+    """out [R, V] = RMSNorm(x [R, D]) @ weight.T: the final norm and the LM head in one call;
+    greedy [R] each row's argmax of out (np.argmax's after the call costs ~80 us here, its code
+    no longer in the CPU's caches once the weights streamed through them)."""
     normed = np.empty_like(x)
     _norm_rows(x, norm, eps, normed)
     _linear(weight, NONE, normed, out)
+    _argmax_rows(out, greedy)
+
+
+@_PART
+def _argmax_rows(logits: np.ndarray, greedy: np.ndarray) -> None:  # pragma: no cover
+    """greedy[r] = np.argmax(logits[r]): the first of tied maxima, the first NaN if any. On the
+    floats' bits as integers (ordered as the floats: -0 as +0), as fastmath's no-NaN rule
+    (the caller's, inherited even where this is compiled without it) removes a float NaN test."""
+    for r in range(logits.shape[0]):
+        bits = logits[r].view(np.int32)
+        best, top = 0, np.int64(-(2 ** 31))
+        for o in range(bits.shape[0]):
+            b = np.int64(bits[o])
+            if b & 0x7FFFFFFF > 0x7F800000:  # NaN
+                best = o
+                break
+            key = b ^ ((b >> 31) & 0x7FFFFFFF)  # ordered as the floats
+            if key == -1:  # -0 ties with +0
+                key = np.int64(0)
+            if key > top:
+                best, top = o, key
+        greedy[r] = best
 
 
 @_KERNEL

@@ -208,10 +208,10 @@ class DecodeLane:
         if self.head is None:
             return LaneOutputs(hidden=_rows_of(torch.from_numpy(x)[:, None])), laps  # [1, 1, D]
         logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
-        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
-        tokens = np.argmax(logits, axis=1).tolist()  # the logits just written: in the caches
+        greedy = np.empty(len(rows), dtype=np.int64)
+        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits, greedy)
         laps += (clock.lap(range(self.stack.n_units - 1, self.stack.n_units)),)
-        return LaneOutputs(logits=logits, greedy=tokens), laps
+        return LaneOutputs(logits=logits, greedy=greedy.tolist()), laps
 
     def _hold(self, positions: int) -> None:
         """Every layer of every row holds `positions` more (BlockLayer.advance, without a call

@@ -57,7 +57,8 @@ class StepRow:
 
 class RowOutput:
     """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error.
-    The decode lane's logits stay numpy until `out` is read, beside their greedy token."""
+    The decode lane's logits stay numpy until `out` is read; the compiled head's rows carry
+    their greedy token (its argmax: np.argmax's)."""
 
     def __init__(self, out: torch.Tensor | None = None, error: BaseException | None = None, *,
                  logits: np.ndarray | None = None, greedy: int | None = None) -> None:
@@ -243,13 +244,14 @@ def _head(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
     """One LM head over the last head_positions of every row: outputs [h, V] each."""
     picked = [hidden[i][0, -rows[i].head_positions:] for i in active]  # [h_i, D]
     last = torch.cat(picked, dim=0) if len(picked) > 1 else picked[0]  # [sum h_i, D]
-    logits = fused.head_logits(stack, last)  # a few rows: one compiled call
-    if logits is None:
-        logits = stack.logits_of(last)  # [sum h_i, V]
+    fast = fused.head_logits(stack, last)  # a few rows: one compiled call
+    logits, greedy = fast if fast is not None else (stack.logits_of(last), None)  # [sum h_i, V]
     begin = 0
     for i in active:
         end = begin + rows[i].head_positions
         outputs[i].out = logits[begin:end]
+        if greedy is not None and end - begin == 1:
+            outputs[i].greedy = int(greedy[begin])
         begin = end
 
 
