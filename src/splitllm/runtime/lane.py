@@ -133,9 +133,9 @@ class DecodeLane:
     stop: int
     caches: tuple[SegmentCache, ...]
     layers: tuple[tuple[BlockLayer, ...], ...]  # per row: the cache layers of the blocks
-    buffers: tuple[tuple[torch.Tensor, ...], ...]  # per row: each layer's key buffer
+    buffers: list[tuple[torch.Tensor, ...]]  # per row: each layer's key buffer
     held: list[int]  # per row: the positions every layer holds
-    capacity: tuple[int, ...]  # per row: the positions its buffers have room for
+    capacity: list[int]  # per row: the positions its buffers have room for
     weights: StackWeights
     blocks: tuple[BlockWeights, ...]
     head: HeadWeights | None  # None: the rows stop before the head
@@ -159,20 +159,39 @@ class DecodeLane:
         return self.stack.blocks_in(self.start, self.stop)
 
     def holds(self, rows: Sequence[LaneRow]) -> bool:
-        """Whether these rows are this lane's, their caches as it left them, with room."""
+        """Whether these rows are this lane's, their caches as it left them."""
         if len(rows) != len(self.caches) or not self._weights_hold() or \
                 not self.rotary.holds():
             return False
         for r, row in enumerate(rows):
             if row.cache is not self.caches[r] or row.start != self.start or \
                     row.stop != self.stop or row.tokens != 1 or \
-                    row.head_positions != 1 or self.held[r] >= self.capacity[r] or \
+                    row.head_positions != 1 or \
                     (self.start > 0 and row.x.dtype != torch.float32):
                 return False
             held = self.held[r]
             for layer, buffer in zip(self.layers[r], self.buffers[r], strict=True):
                 if layer.length != held or layer.key_buffer is not buffer:
                     return False
+        return True
+
+    def make_room(self) -> bool:
+        """Room for one more position in every row's buffers: a full row's cache grows (an
+        arena: every layer at once) and the lane takes its new buffers, rather than being built
+        anew (~1 ms after the weights streamed through the CPU's caches); False where a growth
+        fails (the lane is then built anew, and that row fails alone on the general path). The
+        buffers keep their K/V shape as they grow (runtime/kvcache.py): checked at the build."""
+        for r, held in enumerate(self.held):
+            if held < self.capacity[r]:
+                continue
+            try:
+                for layer in self.layers[r]:
+                    layer.reserve(1)
+            except Exception:  # out of memory, say
+                return False
+            self.buffers[r] = tuple(layer.key_buffer for layer in self.layers[r])
+            self.capacity[r] = min(buffer.shape[2] for buffer in self.buffers[r])
+            self.keys[r], self.values[r] = segment_kv(self.caches[r])
         return True
 
     def _weights_hold(self) -> bool:
@@ -279,7 +298,7 @@ def decode_lane(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
     """The lane of these rows: the model's last one if it holds them, else a new one if every
     row is a single position through the same units the fused path covers, else None."""
     held: DecodeLane | None = stack.model.__dict__.get(_LANE)
-    if held is not None and held.stack is stack and held.holds(rows):
+    if held is not None and held.stack is stack and held.holds(rows) and held.make_room():
         return held
     lane = _build(stack, rows)
     if lane is not None:
@@ -321,10 +340,10 @@ def _build(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
     return DecodeLane(
         stack=stack, start=start, stop=stop, caches=tuple(row.cache for row in rows
                                                            if row.cache is not None),
-        layers=tuple(layers), buffers=tuple(tuple(layer.key_buffer for layer in mine)
-                                            for mine in layers),
-        held=held, capacity=tuple(min(layer.key_buffer.shape[2] for layer in mine)
-                                  for mine in layers),
+        layers=tuple(layers), buffers=[tuple(layer.key_buffer for layer in mine)
+                                       for mine in layers],
+        held=held, capacity=[min(layer.key_buffer.shape[2] for layer in mine)
+                            for mine in layers],
         weights=weights, blocks=own, head=head,
         embedding=None if embedding is None else embedding[0],
         embedding_weight=None if embedding is None else embedding[1],
