@@ -8,12 +8,13 @@ typed lists, the rotary call, the final norm by torch, the head's wrapper), each
 streaming 540 MB of weights leaves none of their code or data in the CPU's caches: the same
 calls timed warm add up to ~0.4 ms. So a step whose rows are single positions through the same
 units, whose sessions' caches hold still since the lane's last step (the same K/V buffers,
-every layer at the length the lane left it, room for one more position), keeps everything the
+every layer at the length the lane left it), keeps everything the
 kernel takes: each row's embedding (or hidden state) is copied in, the rotary table of its
 position taken, the blocks run in one call (`fused_kernel.run_blocks`), the final norm and the
-LM head in another (`fused_kernel.head_rows`). Anything else (a rollback, a prompt chunk, a
-grown buffer, another set of rows) builds the lane anew with the fused path's checks; a row
-that does not fit leaves the step to the general path (runtime/step.py), where it fails alone.
+LM head in another (`fused_kernel.head_rows`, with each row's greedy token). A full buffer grows
+in the lane (the new buffers taken); anything else (a rollback, a prompt chunk, another set of
+rows) builds the lane anew with the fused path's checks; a row that does not fit leaves the
+step to the general path (runtime/step.py), where it fails alone.
 The caches end as the fused path leaves them, so rollbacks, speculation and later prompt chunks
 see no difference.
 """
