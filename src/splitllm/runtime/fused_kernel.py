@@ -112,22 +112,27 @@ def head_rows(x: np.ndarray, norm: np.ndarray, eps: float, weight: np.ndarray,
 @_PART
 def _argmax_rows(logits: np.ndarray, greedy: np.ndarray) -> None:  # pragma: no cover
     """greedy[r] = np.argmax(logits[r]): the first of tied maxima, the first NaN if any. On the
-    floats' bits as integers (ordered as the floats: -0 as +0), as fastmath's no-NaN rule
-    (the caller's, inherited even where this is compiled without it) removes a float NaN test."""
+    floats' bits as integers, ordered as the floats (-0 as +0), since fastmath's no-NaN rule
+    (the caller's, inherited even where this is compiled without it) removes a float NaN test;
+    the max and whether there is a NaN in one branch-free pass (vectorised), then the first
+    place of either."""
     for r in range(logits.shape[0]):
         bits = logits[r].view(np.int32)
-        best, top = 0, np.int64(-(2 ** 31))
+        top, nan = np.int32(-(2 ** 31)), False
         for o in range(bits.shape[0]):
-            b = np.int64(bits[o])
-            if b & 0x7FFFFFFF > 0x7F800000:  # NaN
-                best = o
-                break
-            key = b ^ ((b >> 31) & 0x7FFFFFFF)  # ordered as the floats
-            if key == -1:  # -0 ties with +0
-                key = np.int64(0)
-            if key > top:
-                best, top = o, key
+            top = max(top, _order(bits[o]))
+            nan |= bits[o] & 0x7FFFFFFF > 0x7F800000
+        best = 0
+        while not (bits[best] & 0x7FFFFFFF > 0x7F800000 if nan else _order(bits[best]) == top):
+            best += 1
         greedy[r] = best
+
+
+@_PART
+def _order(bits: np.int32) -> np.int32:  # pragma: no cover
+    """An fp32's bits as an integer ordered as the float (not NaN), -0 as +0."""
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return np.int32(0) if key == -1 else np.int32(key)
 
 
 @_KERNEL
