@@ -45,7 +45,7 @@ def packed_vs_solo_max_diff(model: str, device: str) -> tuple[float, float]:
         outputs, _ = run_step(stack, rows)
         with torch.inference_mode():
             for k, (row, out) in enumerate(zip(rows, outputs, strict=True)):
-                want = stack.run(row.start, row.stop, row.x, row.positions, solo[k])
+                want = stack.run(row.start, row.stop, row.x, row.position_ids, solo[k])
                 assert out.out is not None
                 diff = float((out.out - want).abs().max())
                 if row.stop == n:

@@ -33,7 +33,7 @@ ATOL = 1e-4
 
 def solo(stack: UnitStack, row: StepRow, cache: SegmentCache | None) -> torch.Tensor:
     """The same row run alone through the one-session path (the model's own masks)."""
-    return stack.run(row.start, row.stop, row.x, row.positions, cache)
+    return stack.run(row.start, row.stop, row.x, row.position_ids, cache)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

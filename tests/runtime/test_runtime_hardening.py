@@ -246,6 +246,8 @@ def test_hostile_values_get_defined_errors(tiny_llama: LoadedModel,
 class BrokenSampler:
     """A sampler with a bug: it raises after the step that computed its row."""
 
+    greedy = False  # as the session's sampling (temperature 1): the engine asks the sampler
+
     def __call__(self, logits: torch.Tensor, position: int) -> int:
         raise RuntimeError("a sampler bug")
 

@@ -10,18 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from runtime_kit import llama_config, random_prompt
 from test_runtime_engine import Driver, reference_logits
 from test_runtime_fused import CONFIGS, assert_same_caches, forward, grown, stack_of
 
-from splitllm.runtime import lane
+from splitllm.runtime import fused_kernel, lane
 from splitllm.runtime.gemv import FAST_ROWS, FastPaths, fast_paths
 from splitllm.runtime.hugepages import move_to_huge_pages
-from splitllm.runtime.kvcache import KV_BLOCK_TOKENS, kv_capacity
+from splitllm.runtime.kvcache import KV_BLOCK_TOKENS, KvArena, kv_capacity
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import Sampling
 from splitllm.runtime.sampling import Sampler
@@ -34,16 +35,18 @@ ATOL = 1e-4
 
 @dataclass
 class Lanes:
-    """The steps the lane ran, and the lanes built for them."""
+    """The steps the lane ran, the lanes built for them, and the full rows whose caches grew
+    in a lane that was kept."""
 
     steps: int = 0
     builds: int = 0
+    grown: int = 0
 
 
 @contextmanager
 def lanes() -> Iterator[Lanes]:
     counted = Lanes()
-    real_run, real_build = lane.DecodeLane.run, lane._build
+    real_run, real_build, real_room = lane.DecodeLane.run, lane._build, lane.DecodeLane.make_room
 
     def run(self: lane.DecodeLane, *args: Any) -> Any:
         counted.steps += 1
@@ -54,7 +57,15 @@ def lanes() -> Iterator[Lanes]:
         counted.builds += made is not None
         return made
 
-    with mock.patch.object(lane.DecodeLane, "run", run), mock.patch.object(lane, "_build", build):
+    def make_room(self: lane.DecodeLane) -> bool:
+        full = sum(held >= room for held, room in zip(self.held, self.capacity, strict=True))
+        made = real_room(self)
+        counted.grown += full if made else 0
+        return made
+
+    with mock.patch.object(lane.DecodeLane, "run", run), \
+            mock.patch.object(lane, "_build", build), \
+            mock.patch.object(lane.DecodeLane, "make_room", make_room):
         yield counted
 
 
@@ -70,15 +81,15 @@ def step(stack: UnitStack, rows: list[StepRow], on: bool) -> list[torch.Tensor]:
 def test_the_lane_equals_the_model_path_and_holds_still_between_steps(name: str) -> None:
     """Decode past two KV block growths, a prefill chunk and a rollback in between: the lane's
     logits and caches are the model path's; a lane is built only where the rows did not hold
-    still (the first decode, a full buffer, after the chunk or the rollback), every other
-    decode step reuses it."""
+    still (the first decode, after the chunk or the rollback), every other decode step reuses
+    it, a full buffer grown in the lane."""
     make, _ = CONFIGS[name]
     stack = stack_of(make())
     fast, slow = grown(stack), grown(stack)
     rng = random.Random(1)
     script = [(5, None)] + [(1, None)] * 14 + [(3, None)] + [(1, None)] * 5 + [(1, 20)] + \
         [(1, None)] * (2 * KV_BLOCK_TOKENS - 20)
-    decodes, expected_builds, still = 0, 0, False
+    decodes, expected_builds, expected_grown, still = 0, 0, 0, False
     with lanes() as counted:
         for tokens, back_to in script:
             if back_to is not None:
@@ -91,18 +102,20 @@ def test_the_lane_equals_the_model_path_and_holds_still_between_steps(name: str)
                                        atol=ATOL, rtol=0)
             if tokens == 1:
                 decodes += 1
-                expected_builds += not still or kv_capacity(position) == position  # full
+                expected_builds += not still
+                expected_grown += still and kv_capacity(position) == position  # full
             still = tokens == 1
     assert counted.steps == decodes and counted.builds == expected_builds
+    assert counted.grown == expected_grown >= 1
     assert decodes - expected_builds >= decodes // 2  # most steps reused the lane
     assert fast.get_seq_length() > 2 * KV_BLOCK_TOKENS
     assert_same_caches(fast, slow)
 
 
-def test_a_long_decode_builds_the_lane_only_where_its_cache_grows() -> None:
+def test_a_long_decode_grows_its_cache_in_the_lane_without_building_it_again() -> None:
     """130 positions decoded one at a time: the segment's K/V grow together at 16, 32, 48, 80
-    and 128 positions (runtime/kvcache.py), so the lane is built 6 times, not once per block
-    of 16 (9); the logits and caches stay the model path's."""
+    and 128 positions (runtime/kvcache.py), each time in place by the lane built at the first
+    decode step, not built again; the logits and caches stay the model path's."""
     stack = stack_of(llama_config())
     fast, slow = grown(stack), grown(stack)
     for cache, on in ((fast, True), (slow, False)):
@@ -114,7 +127,8 @@ def test_a_long_decode_builds_the_lane_only_where_its_cache_grows() -> None:
             got = forward(stack, fast, ids, position, True)
             want = forward(stack, slow, ids, position, False)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    assert counted.steps == 127 and counted.builds == 1 + len([16, 32, 48, 80, 128]) == 6
+    assert counted.steps == 127 and counted.builds == 1
+    assert counted.grown == len([16, 32, 48, 80, 128])
     assert [kv_capacity(p) for p in (16, 17, 33, 49, 81, 129)] == [16, 32, 48, 80, 128, 192]
     assert_same_caches(fast, slow)
 
@@ -174,7 +188,8 @@ def test_a_split_segment_runs_in_the_lane(stop: str) -> None:
             assert got[0].shape == want[0].shape == ((1, stack.vocab_size) if stop == "head"
                                                      else (1, 1, stack.hidden_size))
             torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=0)
-    assert counted.steps == KV_BLOCK_TOKENS + 3 and counted.builds == 2  # at 0 and 16
+    assert counted.steps == KV_BLOCK_TOKENS + 3 and counted.builds == 1  # at 0
+    assert counted.grown == 1  # at 16
     assert_same_caches(fast, slow)
 
 
@@ -239,6 +254,34 @@ def test_a_failed_kernel_call_leaves_the_caches_as_they_were() -> None:
     assert_same_caches(fast, slow)
 
 
+def test_a_growth_that_fails_in_the_lane_fails_that_row_alone() -> None:
+    """Two sessions decode in a lane; the one whose buffers are full cannot grow them (out of
+    memory): the lane is not kept, that row fails alone on the general path holding what it
+    held, and the other gets the model path's logits."""
+    stack = stack_of(llama_config())
+    full, other, twin = grown(stack), grown(stack), grown(stack)
+    step(stack, rows_of(stack, [full], KV_BLOCK_TOKENS - 1), True)
+    for cache, on in ((other, True), (twin, False)):
+        step(stack, rows_of(stack, [cache], 3), on)
+    step(stack, rows_of(stack, [full, other]), True)  # the lane is built: full holds 16 of 16
+    step(stack, rows_of(stack, [twin]), False)
+    real, arena = KvArena.grow, full.layers[0].arena
+
+    def grow(self: KvArena, capacity: int) -> None:
+        if self is arena:
+            raise MemoryError("no room for the K/V")
+        real(self, capacity)
+
+    with lanes() as counted, mock.patch.object(KvArena, "grow", grow), \
+            fast_paths(FastPaths()):
+        outputs, _ = run_step(stack, rows_of(stack, [full, other]))
+    assert isinstance(outputs[0].error, MemoryError) and outputs[1].error is None
+    assert counted.steps == counted.builds == counted.grown == 0
+    assert full.get_seq_length() == KV_BLOCK_TOKENS and other.get_seq_length() == 5
+    torch.testing.assert_close(outputs[1].out, step(stack, rows_of(stack, [twin]), False)[0],
+                               atol=ATOL, rtol=0)
+
+
 def test_a_moved_weight_rebuilds_the_lane() -> None:
     """The weights moved into huge pages after the lane took its views: the next step builds
     a new lane on the moved weights, with the same logits."""
@@ -283,7 +326,8 @@ def test_the_engine_decodes_concurrent_sessions_in_the_lane(tiny_llama: LoadedMo
                                      torch.tensor([[token]]))
                 done.append((session, seqs[k], list(texts[k])))
             drv.step()
-    assert counted.steps == 20 and counted.builds == 3  # b fills its block at step 11, a at 13
+    assert counted.steps == 20 and counted.builds == 1
+    assert counted.grown == 2  # b fills its block at step 11, a at 13
     for session, seq, text in done:
         torch.testing.assert_close(drv.result(session, seq).logits,
                                    reference_logits(tiny_llama, text), atol=ATOL, rtol=0)
@@ -298,3 +342,21 @@ def test_greedy_sampling_picks_torchs_argmax(values: list[float], rows: int) -> 
     want = tuple(int(t) for t in logits.argmax(dim=-1).tolist())
     assert Sampler(Sampling()).each(logits, 0) == want
     assert Sampler(Sampling()).each(logits.double(), 0) == want  # torch's own path
+
+
+@settings(deadline=None)  # the first example loads the compiled kernel
+@given(st.lists(st.sampled_from([-1.0, -0.0, 0.0, 0.5, 2.0, float("nan"), float("inf"),
+                                 float("-inf")]), min_size=1, max_size=40), st.integers(1, 3))
+def test_the_compiled_heads_greedy_token_is_torchs_argmax(values: list[float], rows: int) -> None:
+    """The head kernel's argmax of the logits it wrote (the lane's greedy token) is torch's:
+    the first of tied maxima, the first NaN where there is one (up to 40 logits: the
+    vectorised pass's tails). The LM head is a column of these values and every row's hidden
+    state a 1, so the logits are the values."""
+    weight = np.array(values, dtype=np.float32)[:, None]  # [V, 1]
+    logits = np.empty((rows, len(values)), dtype=np.float32)  # [R, V]
+    greedy = np.full(rows, -1, dtype=np.int64)
+    fused_kernel.head_rows(np.ones((rows, 1), dtype=np.float32), np.ones(1, dtype=np.float32),
+                           0.0, weight, logits, greedy)
+    torch.testing.assert_close(torch.from_numpy(logits), torch.tensor([values] * rows),
+                               equal_nan=True)
+    assert greedy.tolist() == torch.from_numpy(logits).argmax(dim=-1).tolist()

@@ -309,11 +309,9 @@ class Engine:
         verify = job.header.verify  # every position needs the head
         if not last_chunk and stop == n and not verify:
             stop = n - 1  # only the last chunk's last position needs the head
-        p0 = prepared.positions[0] + job.done_tokens
-        positions = torch.arange(p0, p0 + take, device=self.device)[None]  # [1, t]
         x = prepared.x if take == job.tokens else \
             prepared.x[:, job.done_tokens:job.done_tokens + take]
-        return StepRow(start, stop, x, positions, prepared.cache,
+        return StepRow(start, stop, x, prepared.positions[0] + job.done_tokens, prepared.cache,
                        head_positions=take if verify else 1)
 
     def _outcome(self, job: Job, output: RowOutput) -> Outcome:
@@ -332,7 +330,7 @@ class Engine:
         hidden = logits = token = tokens = None
         if stop == self.stack.n_units and output.greedy is not None and \
                 session.sampler.greedy and not header.verify and not header.return_logits:
-            token = output.greedy  # the decode lane's argmax of the logits: no tensor made
+            token = output.greedy  # the compiled head's argmax of the logits: no tensor made
         elif stop == self.stack.n_units:
             out = output.out
             assert out is not None

@@ -252,8 +252,8 @@ def segment_kv(cache: SegmentCache) -> tuple[List, List]:
 
 @dataclass(frozen=True)
 class StackWeights:
-    """Every block's weights as typed lists (index = block) for one call over a run of blocks;
-    a block the fused path does not run holds empty placeholders."""
+    """Every block's weights as typed lists (block b's at b * len(MATRICES) + m, ...) for one
+    call over a run of blocks; a block the fused path does not run holds empty placeholders."""
 
     blocks: tuple[BlockWeights | None, ...]
     covered: tuple[bool, ...]
@@ -268,13 +268,13 @@ def stack_weights(stack: UnitStack) -> StackWeights:
                    for b, layer in enumerate(stack.layers))
     if held is not None and all(a is b for a, b in zip(held.blocks, blocks, strict=True)):
         return held
-    lists: dict[str, Any] = {
-        name: List([kernel.NO_MATRIX if w is None else getattr(w, name) for w in blocks])
-        for name in kernel.MATRICES}
-    lists.update({name: List([kernel.NONE if w is None else getattr(w, name) for w in blocks])
-                  for name in kernel.VECTORS})
-    lists.update({name: np.array([0.0 if w is None else getattr(w, name) for w in blocks])
-                  for name in kernel.SCALARS})
+    lists: dict[str, Any] = {  # block b's: at b * len(MATRICES) + m, ...
+        "matrices": List([kernel.NO_MATRIX if w is None else getattr(w, name)
+                          for w in blocks for name in kernel.MATRICES]),
+        "vectors": List([kernel.NONE if w is None else getattr(w, name)
+                         for w in blocks for name in kernel.VECTORS]),
+        "scalars": np.array([[0.0 if w is None else getattr(w, name) for name in kernel.SCALARS]
+                             for w in blocks]).reshape(len(blocks), len(kernel.SCALARS))}
     weights = StackWeights(blocks, tuple(w is not None for w in blocks), lists)
     stack.model.__dict__[_STACK] = weights
     return weights
@@ -329,9 +329,10 @@ def head_weights(stack: UnitStack) -> HeadWeights | None:
     return held
 
 
-def head_logits(stack: UnitStack, hidden: torch.Tensor) -> torch.Tensor | None:
+def head_logits(stack: UnitStack, hidden: torch.Tensor) -> tuple[torch.Tensor, np.ndarray] | None:
     """Logits [R, V] of a few rows' hidden states [R, D] by one compiled call (final norm and
-    LM head), or None where it does not apply (the model's modules then run the head)."""
+    LM head) with each row's greedy token [R], or None where it does not apply (the model's
+    modules then run the head)."""
     if not (fused_now() and 0 < hidden.shape[0] <= FAST_ROWS
             and hidden.dtype == torch.float32 and hidden.is_cpu):
         return None
@@ -339,9 +340,10 @@ def head_logits(stack: UnitStack, hidden: torch.Tensor) -> torch.Tensor | None:
     if weights is None or hidden.shape[1] != weights.matrix.shape[1]:
         return None
     logits = np.empty((hidden.shape[0], weights.matrix.shape[0]), dtype=np.float32)
+    greedy = np.empty(hidden.shape[0], dtype=np.int64)
     kernel.head_rows(np.ascontiguousarray(hidden.numpy()), weights.norm, weights.eps,
-                     weights.matrix, logits)
-    return torch.from_numpy(logits)
+                     weights.matrix, logits, greedy)
+    return torch.from_numpy(logits), greedy
 
 
 def _weights_of(layer: nn.Module, family: str) -> BlockWeights | None:

@@ -22,7 +22,7 @@ _PART = numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False, inl
 NONE = np.zeros(0, dtype=np.float32)  # an absent bias
 NO_MATRIX = np.zeros((0, 0), dtype=np.float32)  # a block the fused path does not run
 NO_KV = np.zeros((0, 0, 0), dtype=np.float32)  # a cache layer it does not write
-MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # a block's, in run_blocks' order
 VECTORS = ("norm_in", "norm_post", "q_bias", "k_bias", "v_bias", "o_bias", "gate_bias",
            "up_bias", "down_bias")
 SCALARS = ("eps_in", "eps_post", "scaling")
@@ -31,17 +31,16 @@ SCALARS = ("eps_in", "eps_post", "scaling")
 def warm_up() -> None:
     """Compile (or load from numba's cache) the kernel now rather than in a step."""
     square, vector = np.eye(2, dtype=np.float32), np.ones(2, dtype=np.float32)
-    matrices = {name: List([square]) for name in MATRICES}
-    vectors = {name: List([vector if name.startswith("norm") else NONE]) for name in VECTORS}
-    scalars = {name: np.ones(1) for name in SCALARS}
+    matrices = List([square] * len(MATRICES))
+    vectors = List([vector if name.startswith("norm") else NONE for name in VECTORS])
     kv = List([np.zeros((1, 1, 2), dtype=np.float32)])
     rows = vector[None].copy()  # [1, 2]
-    run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), **matrices, **vectors, **scalars,
-               cos=rows, sin=rows, keys=List([kv]), values=List([kv]),
-               lengths=np.zeros((1, 1), dtype=np.int64), active=np.ones(1, dtype=np.bool_))
+    run_blocks(rows, 0, 1, np.zeros(1, dtype=np.int64), matrices=matrices, vectors=vectors,
+               scalars=np.ones((1, len(SCALARS))), cos=rows, sin=rows, keys=List([kv]),
+               values=List([kv]), lengths=np.zeros((1, 1), dtype=np.int64),
+               active=np.ones(1, dtype=np.bool_))
     norm_rows(rows, vector, 1.0, rows.copy())
-    head_rows(rows, vector, 1.0, square, rows.copy())
-    lane_tail(np.zeros((1, 1), dtype=np.int64))
+    head_rows(rows, vector, 1.0, square, rows.copy(), np.zeros(1, dtype=np.int64))
     linear_rows(square, rows, rows.copy())
     attend_rows(rows.copy(), rows.copy(), rows.copy(), np.zeros(1, dtype=np.int64), rows, rows,
                 List([kv]), List([kv]), np.zeros(1, dtype=np.int64), 1.0,
@@ -49,52 +48,46 @@ def warm_up() -> None:
 
 
 @_KERNEL
-def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, q: List, k: List,
-               v: List, o: List, gate: List, up: List, down: List, norm_in: List,
-               norm_post: List, q_bias: List, k_bias: List, v_bias: List, o_bias: List,
-               gate_bias: List, up_bias: List, down_bias: List, eps_in: np.ndarray,
-               eps_post: np.ndarray, scaling: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-               keys: List, values: List, lengths: np.ndarray,
-               active: np.ndarray) -> None:  # pragma: no cover
+def run_blocks(x: np.ndarray, first: int, stop: int, kv_first: np.ndarray, matrices: List,
+               vectors: List, scalars: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: List,
+               values: List, lengths: np.ndarray, active: np.ndarray) -> None:  # pragma: no cover
     """Rows x [R, D] (a position each) through blocks [first, stop) in place: every weight
-    read once for all rows. Row r's K/V for block b are written at lengths[r, b - first] of
-    keys/values[r][b - kv_first[r]] [Hkv, capacity, d], and it attends over the positions
-    before and at it; a session's rows in order at consecutive lengths are causal attention
-    over its new positions. A row not `active` (its error already known) writes and attends
-    nothing."""
+    read once for all rows. Block b's matrices [out, in] are matrices[b * 7 + m] (in MATRICES'
+    order), its vectors vectors[b * 9 + v] (VECTORS'; an absent bias empty), its scalars
+    scalars[b] (SCALARS'): four typed lists in all, as numba's dispatcher types each typed list
+    in Python (~7 us each here after the weights streamed through the CPU's caches). Row r's
+    K/V for block b are written at lengths[r, b - first] of keys/values[r][b - kv_first[r]]
+    [Hkv, capacity, d], and it attends over the positions before and at it; a session's rows
+    in order at consecutive lengths are causal attention over its new positions. A row not
+    `active` (its error already known) writes and attends nothing. Every row's lengths end one
+    on, past the position it wrote (the decode lane's next step writes there: no call of its
+    own, ~50 us here)."""
     rows, width = x.shape
     normed = np.empty((rows, width), dtype=np.float32)
     out = np.empty((rows, width), dtype=np.float32)
     for b in range(first, stop):
-        _norm_rows(x, norm_in[b], eps_in[b], normed)
-        qs = np.empty((rows, q[b].shape[0]), dtype=np.float32)
-        ks = np.empty((rows, k[b].shape[0]), dtype=np.float32)
-        vs = np.empty((rows, v[b].shape[0]), dtype=np.float32)
-        _linear(q[b], q_bias[b], normed, qs)
-        _linear(k[b], k_bias[b], normed, ks)
-        _linear(v[b], v_bias[b], normed, vs)
-        attended = np.zeros((rows, q[b].shape[0]), dtype=np.float32)
+        mat, vec = b * len(MATRICES), b * len(VECTORS)  # the block's first matrix, vector
+        eps_in, eps_post, scaling = scalars[b, 0], scalars[b, 1], scalars[b, 2]
+        _norm_rows(x, vectors[vec], eps_in, normed)
+        qs = np.empty((rows, matrices[mat].shape[0]), dtype=np.float32)
+        ks = np.empty((rows, matrices[mat + 1].shape[0]), dtype=np.float32)
+        vs = np.empty((rows, matrices[mat + 2].shape[0]), dtype=np.float32)
+        _linear(matrices[mat], vectors[vec + 2], normed, qs)
+        _linear(matrices[mat + 1], vectors[vec + 3], normed, ks)
+        _linear(matrices[mat + 2], vectors[vec + 4], normed, vs)
+        attended = np.zeros((rows, matrices[mat].shape[0]), dtype=np.float32)
         _attend_rows(qs, ks, vs, b - kv_first, cos, sin, keys, values, lengths[:, b - first],
-                     scaling[b], active, attended)
-        _linear(o[b], o_bias[b], attended, out)
+                     scaling, active, attended)
+        _linear(matrices[mat + 3], vectors[vec + 5], attended, out)
         x += out
-        _norm_rows(x, norm_post[b], eps_post[b], normed)
-        gated = np.empty((rows, gate[b].shape[0]), dtype=np.float32)
-        ups = np.empty((rows, up[b].shape[0]), dtype=np.float32)
-        _linear(gate[b], gate_bias[b], normed, gated)
-        _linear(up[b], up_bias[b], normed, ups)
-        _silu_mul(gated, ups)
-        _linear(down[b], down_bias[b], gated, out)
+        _norm_rows(x, vectors[vec + 1], eps_post, normed)
+        gated = np.empty((rows, matrices[mat + 4].shape[0]), dtype=np.float32)
+        _linear(matrices[mat + 4], vectors[vec + 6], normed, gated)
+        _gate_up(matrices[mat + 5], vectors[vec + 7], normed, gated)
+        _linear(matrices[mat + 6], vectors[vec + 8], gated, out)
         x += out
-
-
-@_KERNEL
-def lane_tail(lengths: np.ndarray) -> None:  # pragma: no cover
-    """The decode lane's lengths [R, blocks] one position on after its step: one compiled call
-    (numpy's `+= 1` costs ~60 us here, none of its code left in the CPU's caches after the
-    weights streamed through them)."""
-    for r in range(lengths.shape[0]):
-        for b in range(lengths.shape[1]):
+    for r in range(rows):
+        for b in range(stop - first):
             lengths[r, b] += 1
 
 
@@ -106,11 +99,40 @@ def linear_rows(weight: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None: 
 
 @_KERNEL
 def head_rows(x: np.ndarray, norm: np.ndarray, eps: float, weight: np.ndarray,
-              out: np.ndarray) -> None:  # pragma: no cover
-    """out [R, V] = RMSNorm(x [R, D]) @ weight.T: the final norm and the LM head in one call."""
+              out: np.ndarray, greedy: np.ndarray) -> None:  # pragma: no cover
+    """out [R, V] = RMSNorm(x [R, D]) @ weight.T: the final norm and the LM head in one call;
+    greedy [R] each row's argmax of out (np.argmax's after the call costs ~80 us here, its code
+    no longer in the CPU's caches once the weights streamed through them)."""
     normed = np.empty_like(x)
     _norm_rows(x, norm, eps, normed)
     _linear(weight, NONE, normed, out)
+    _argmax_rows(out, greedy)
+
+
+@_PART
+def _argmax_rows(logits: np.ndarray, greedy: np.ndarray) -> None:  # pragma: no cover
+    """greedy[r] = np.argmax(logits[r]): the first of tied maxima, the first NaN if any. On the
+    floats' bits as integers, ordered as the floats (-0 as +0), since fastmath's no-NaN rule
+    (the caller's, inherited even where this is compiled without it) removes a float NaN test;
+    the max and whether there is a NaN in one branch-free pass (vectorised), then the first
+    place of either."""
+    for r in range(logits.shape[0]):
+        bits = logits[r].view(np.int32)
+        top, nan = np.int32(-(2 ** 31)), False
+        for o in range(bits.shape[0]):
+            top = max(top, _order(bits[o]))
+            nan |= bits[o] & 0x7FFFFFFF > 0x7F800000
+        best = 0
+        while not (bits[best] & 0x7FFFFFFF > 0x7F800000 if nan else _order(bits[best]) == top):
+            best += 1
+        greedy[r] = best
+
+
+@_PART
+def _order(bits: np.int32) -> np.int32:  # pragma: no cover
+    """An fp32's bits as an integer ordered as the float (not NaN), -0 as +0."""
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return np.int32(0) if key == -1 else np.int32(key)
 
 
 @_KERNEL
@@ -160,11 +182,15 @@ def _attend_rows(qs: np.ndarray, ks: np.ndarray, vs: np.ndarray, layer: np.ndarr
 
 
 @_PART
-def _silu_mul(gated: np.ndarray, ups: np.ndarray) -> None:  # pragma: no cover
-    """gated = SiLU(gated) * ups in place."""
-    for r in range(gated.shape[0]):
-        for i in range(gated.shape[1]):
-            gated[r, i] = gated[r, i] / (np.float32(1.0) + np.exp(-gated[r, i])) * ups[r, i]
+def _gate_up(up: np.ndarray, bias: np.ndarray, rows: np.ndarray,
+             gated: np.ndarray) -> None:  # pragma: no cover
+    """gated [R, out] = SiLU(gated) * (rows [R, in] @ up.T (+ bias)), each output as soon as its
+    product is done: the exp runs while the weights stream on (in a pass of its own after the
+    products it took ~0.14 ms per token of SmolLM2, the stream stalled meanwhile)."""
+    for o in range(up.shape[0]):
+        for r in range(rows.shape[0]):
+            value, gate = _dot(up, bias, o, rows[r]), gated[r, o]
+            gated[r, o] = gate / (np.float32(1.0) + np.exp(-gate)) * value
 
 
 @_PART
@@ -175,10 +201,17 @@ def _linear(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray,
     4, the same at 1 and 6.)"""
     for o in range(weight.shape[0]):
         for r in range(rows.shape[0]):
-            acc = np.float32(0.0)
-            for i in range(weight.shape[1]):
-                acc += weight[o, i] * rows[r, i]
-            out[r, o] = acc + bias[o] if bias.shape[0] else acc
+            out[r, o] = _dot(weight, bias, o, rows[r])
+
+
+@_PART
+def _dot(weight: np.ndarray, bias: np.ndarray, o: int,
+         row: np.ndarray) -> np.float32:  # pragma: no cover
+    """row [in] . weight[o] (+ bias[o])."""
+    acc = np.float32(0.0)
+    for i in range(weight.shape[1]):
+        acc += weight[o, i] * row[i]
+    return acc + bias[o] if bias.shape[0] else acc
 
 
 @_PART

@@ -8,8 +8,8 @@ length back, and what the server accounts against its KV budget is what the buff
 (`kv_capacity`: whole blocks of `KV_BLOCK_TOKENS`, grown by half each time, so a long context
 grows its buffers a few times rather than once per block). A segment's layers keep their K/V in
 one `KvArena` and grow together, one allocation and one copy: every growth replaces the buffers
-the compiled decode holds views of (runtime/lane.py builds its arguments again): grown a block
-at a time, that cost ~0.14 ms per token on SmolLM2.
+the compiled decode holds views of (runtime/lane.py takes the new ones; it once built all its
+arguments again, which grown a block at a time cost ~0.14 ms per token on SmolLM2).
 """
 
 from __future__ import annotations

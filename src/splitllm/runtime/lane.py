@@ -8,12 +8,13 @@ typed lists, the rotary call, the final norm by torch, the head's wrapper), each
 streaming 540 MB of weights leaves none of their code or data in the CPU's caches: the same
 calls timed warm add up to ~0.4 ms. So a step whose rows are single positions through the same
 units, whose sessions' caches hold still since the lane's last step (the same K/V buffers,
-every layer at the length the lane left it, room for one more position), keeps everything the
+every layer at the length the lane left it), keeps everything the
 kernel takes: each row's embedding (or hidden state) is copied in, the rotary table of its
 position taken, the blocks run in one call (`fused_kernel.run_blocks`), the final norm and the
-LM head in another (`fused_kernel.head_rows`). Anything else (a rollback, a prompt chunk, a
-grown buffer, another set of rows) builds the lane anew with the fused path's checks; a row
-that does not fit leaves the step to the general path (runtime/step.py), where it fails alone.
+LM head in another (`fused_kernel.head_rows`, with each row's greedy token). A full buffer grows
+in the lane (the new buffers taken); anything else (a rollback, a prompt chunk, another set of
+rows) builds the lane anew with the fused path's checks; a row that does not fit leaves the
+step to the general path (runtime/step.py), where it fails alone.
 The caches end as the fused path leaves them, so rollbacks, speculation and later prompt chunks
 see no difference.
 """
@@ -57,7 +58,9 @@ class LaneRow(Protocol):
     @property
     def x(self) -> torch.Tensor: ...  # token ids [1, 1] from embed, else hidden [1, 1, D]
     @property
-    def positions(self) -> torch.Tensor: ...  # [1, t]
+    def tokens(self) -> int: ...  # its positions t
+    @property
+    def first_position(self) -> int: ...
     @property
     def cache(self) -> SegmentCache | None: ...
     @property
@@ -131,9 +134,9 @@ class DecodeLane:
     stop: int
     caches: tuple[SegmentCache, ...]
     layers: tuple[tuple[BlockLayer, ...], ...]  # per row: the cache layers of the blocks
-    buffers: tuple[tuple[torch.Tensor, ...], ...]  # per row: each layer's key buffer
+    buffers: list[tuple[torch.Tensor, ...]]  # per row: each layer's key buffer
     held: list[int]  # per row: the positions every layer holds
-    capacity: tuple[int, ...]  # per row: the positions its buffers have room for
+    capacity: list[int]  # per row: the positions its buffers have room for
     weights: StackWeights
     blocks: tuple[BlockWeights, ...]
     head: HeadWeights | None  # None: the rows stop before the head
@@ -157,20 +160,39 @@ class DecodeLane:
         return self.stack.blocks_in(self.start, self.stop)
 
     def holds(self, rows: Sequence[LaneRow]) -> bool:
-        """Whether these rows are this lane's, their caches as it left them, with room."""
+        """Whether these rows are this lane's, their caches as it left them."""
         if len(rows) != len(self.caches) or not self._weights_hold() or \
                 not self.rotary.holds():
             return False
         for r, row in enumerate(rows):
             if row.cache is not self.caches[r] or row.start != self.start or \
-                    row.stop != self.stop or row.positions.shape[1] != 1 or \
-                    row.head_positions != 1 or self.held[r] >= self.capacity[r] or \
+                    row.stop != self.stop or row.tokens != 1 or \
+                    row.head_positions != 1 or \
                     (self.start > 0 and row.x.dtype != torch.float32):
                 return False
             held = self.held[r]
             for layer, buffer in zip(self.layers[r], self.buffers[r], strict=True):
                 if layer.length != held or layer.key_buffer is not buffer:
                     return False
+        return True
+
+    def make_room(self) -> bool:
+        """Room for one more position in every row's buffers: a full row's cache grows (an
+        arena: every layer at once) and the lane takes its new buffers, rather than being built
+        anew (~1 ms after the weights streamed through the CPU's caches); False where a growth
+        fails (the lane is then built anew, and that row fails alone on the general path). The
+        buffers keep their K/V shape as they grow (runtime/kvcache.py): checked at the build."""
+        for r, held in enumerate(self.held):
+            if held < self.capacity[r]:
+                continue
+            try:
+                for layer in self.layers[r]:
+                    layer.reserve(1)
+            except Exception:  # out of memory, say
+                return False
+            self.buffers[r] = tuple(layer.key_buffer for layer in self.layers[r])
+            self.capacity[r] = min(buffer.shape[2] for buffer in self.buffers[r])
+            self.keys[r], self.values[r] = segment_kv(self.caches[r])
         return True
 
     def _weights_hold(self) -> bool:
@@ -190,12 +212,12 @@ class DecodeLane:
         clock = Clock(unit_cpu, len(rows))
         embed = None
         x = self._input(rows)  # [R, D]
-        cos, sin = self.rotary.rows([int(row.positions.item()) for row in rows])  # [R, d] each
+        cos, sin = self.rotary.rows([row.first_position for row in rows])  # [R, d] each
         if self.start == 0:
             embed = clock.lap(range(0, 1))
         blocks = self.block_range
         self._hold(1)  # now, while holds() has just read the layers (in the CPU's caches)
-        try:  # each row's K/V written at self.lengths, the positions held before
+        try:  # each row's K/V written at self.lengths (then one on), the positions held before
             kernel.run_blocks(x, blocks.start, blocks.stop, self.kv_first, cos=cos, sin=sin,
                               **self.kernel_args)
         except BaseException:
@@ -203,14 +225,13 @@ class DecodeLane:
             raise
         ran = clock.lap(range(blocks.start + 1, blocks.stop + 1))
         laps: tuple[Lap, ...] = (ran,) if embed is None else (embed, ran)
-        kernel.lane_tail(self.lengths)  # where the next step writes, as the layers hold
         if self.head is None:
             return LaneOutputs(hidden=_rows_of(torch.from_numpy(x)[:, None])), laps  # [1, 1, D]
         logits = np.empty((len(rows), self.head.matrix.shape[0]), dtype=np.float32)  # [R, V]
-        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits)
-        tokens = np.argmax(logits, axis=1).tolist()  # the logits just written: in the caches
+        greedy = np.empty(len(rows), dtype=np.int64)
+        kernel.head_rows(x, self.head.norm, self.head.eps, self.head.matrix, logits, greedy)
         laps += (clock.lap(range(self.stack.n_units - 1, self.stack.n_units)),)
-        return LaneOutputs(logits=logits, greedy=tokens), laps
+        return LaneOutputs(logits=logits, greedy=greedy.tolist()), laps
 
     def _hold(self, positions: int) -> None:
         """Every layer of every row holds `positions` more (BlockLayer.advance, without a call
@@ -278,7 +299,7 @@ def decode_lane(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
     """The lane of these rows: the model's last one if it holds them, else a new one if every
     row is a single position through the same units the fused path covers, else None."""
     held: DecodeLane | None = stack.model.__dict__.get(_LANE)
-    if held is not None and held.stack is stack and held.holds(rows):
+    if held is not None and held.stack is stack and held.holds(rows) and held.make_room():
         return held
     lane = _build(stack, rows)
     if lane is not None:
@@ -320,10 +341,10 @@ def _build(stack: UnitStack, rows: Sequence[LaneRow]) -> DecodeLane | None:
     return DecodeLane(
         stack=stack, start=start, stop=stop, caches=tuple(row.cache for row in rows
                                                            if row.cache is not None),
-        layers=tuple(layers), buffers=tuple(tuple(layer.key_buffer for layer in mine)
-                                            for mine in layers),
-        held=held, capacity=tuple(min(layer.key_buffer.shape[2] for layer in mine)
-                                  for mine in layers),
+        layers=tuple(layers), buffers=[tuple(layer.key_buffer for layer in mine)
+                                       for mine in layers],
+        held=held, capacity=[min(layer.key_buffer.shape[2] for layer in mine)
+                            for mine in layers],
         weights=weights, blocks=own, head=head,
         embedding=None if embedding is None else embedding[0],
         embedding_weight=None if embedding is None else embedding[1],
@@ -338,7 +359,7 @@ def _applies(stack: UnitStack, rows: Sequence[LaneRow]) -> bool:
     first = rows[0]
     return (fused_now() and fast_paths_now().lane and 0 < len(rows) <= FAST_ROWS
             and all(row.start == first.start and row.stop == first.stop and row.cache is not None
-                    and row.positions.shape[1] == 1 and row.head_positions == 1
+                    and row.tokens == 1 and row.head_positions == 1
                     and row.x.is_cpu and (first.start == 0 or (
                         row.x.dtype == torch.float32
                         and row.x.shape == (1, 1, stack.hidden_size))) for row in rows))

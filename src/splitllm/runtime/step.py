@@ -25,19 +25,40 @@ from splitllm.runtime.units import SegmentCache, UnitStack
 
 @dataclass(frozen=True)
 class StepRow:
-    """One row of a step: `x` through units [start, stop) at absolute `positions` [1, t]."""
+    """One row of a step: `x` through units [start, stop) at absolute `positions`."""
 
     start: int
     stop: int
     x: torch.Tensor  # token ids [1, t] if start == 0, else hidden states [1, t, D]
-    positions: torch.Tensor  # [1, t]
+    # [1, t], or the first of t consecutive positions (the engine's: the decode lane reads the
+    # int, and a torch call costs ~100 us after the weights streamed through the CPU's caches)
+    positions: torch.Tensor | int
     cache: SegmentCache | None
     head_positions: int = 1  # the head's last positions (all of them to verify draft tokens)
+
+    @property
+    def tokens(self) -> int:
+        """The row's positions t."""
+        return self.x.shape[1]
+
+    @property
+    def first_position(self) -> int:
+        """The row's first absolute position."""
+        return self.positions if isinstance(self.positions, int) else int(self.positions[0, 0])
+
+    @cached_property
+    def position_ids(self) -> torch.Tensor:
+        """The absolute positions [1, t]."""
+        if isinstance(self.positions, torch.Tensor):
+            return self.positions
+        first = self.positions
+        return torch.arange(first, first + self.tokens, device=self.x.device)[None]
 
 
 class RowOutput:
     """A row's result: hidden [1, t, D] (stop before the head) or logits [1, V], or its error.
-    The decode lane's logits stay numpy until `out` is read, beside their greedy token."""
+    The decode lane's logits stay numpy until `out` is read; the compiled head's rows carry
+    their greedy token (its argmax: np.argmax's)."""
 
     def __init__(self, out: torch.Tensor | None = None, error: BaseException | None = None, *,
                  logits: np.ndarray | None = None, greedy: int | None = None) -> None:
@@ -96,9 +117,9 @@ class _Packed:
     def __init__(self, stack: UnitStack, rows: list[StepRow], hidden: dict[int, torch.Tensor],
                  members: tuple[int, ...]) -> None:
         self.members = members
-        lengths = [rows[i].positions.shape[1] for i in members]
+        lengths = [rows[i].tokens for i in members]
         self.hidden = torch.cat([hidden[i] for i in members], dim=1)
-        positions = torch.cat([rows[i].positions for i in members], dim=1)
+        positions = torch.cat([rows[i].position_ids for i in members], dim=1)
         offsets = [sum(lengths[:k]) for k in range(len(members) + 1)]
         self.groups = [RowGroup(offsets[k], offsets[k + 1], _cache(rows[i]))
                        for k, i in enumerate(members)]
@@ -191,7 +212,7 @@ def run_step(stack: UnitStack, rows: list[StepRow], unit_cpu: bool = True,
         wall_s = time.perf_counter() - clock
         cpu_s = time.thread_time() - cpu_clock if unit_cpu else 0.0
         tokens = (sum(rows[i].head_positions for i in active) if unit == n - 1
-                  else sum(rows[i].positions.shape[1] for i in active))
+                  else sum(rows[i].tokens for i in active))
         laps.append(Lap(range(unit, unit + ran), wall_s, cpu_s, tokens))
     if packed is not None:
         packed.unpack(hidden, outputs)
@@ -223,23 +244,24 @@ def _head(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
     """One LM head over the last head_positions of every row: outputs [h, V] each."""
     picked = [hidden[i][0, -rows[i].head_positions:] for i in active]  # [h_i, D]
     last = torch.cat(picked, dim=0) if len(picked) > 1 else picked[0]  # [sum h_i, D]
-    logits = fused.head_logits(stack, last)  # a few rows: one compiled call
-    if logits is None:
-        logits = stack.logits_of(last)  # [sum h_i, V]
+    fast = fused.head_logits(stack, last)  # a few rows: one compiled call
+    logits, greedy = fast if fast is not None else (stack.logits_of(last), None)  # [sum h_i, V]
     begin = 0
     for i in active:
         end = begin + rows[i].head_positions
         outputs[i].out = logits[begin:end]
+        if greedy is not None and end - begin == 1:
+            outputs[i].greedy = int(greedy[begin])
         begin = end
 
 
 def _embed(stack: UnitStack, rows: list[StepRow], active: tuple[int, ...],
            hidden: dict[int, torch.Tensor]) -> None:
     ids = torch.cat([rows[i].x for i in active], dim=1)  # [1, T]
-    positions = torch.cat([rows[i].positions for i in active], dim=1)
+    positions = torch.cat([rows[i].position_ids for i in active], dim=1)
     embedded = stack.embed(ids, positions)  # [1, T, D]
     begin = 0
     for i in active:
-        end = begin + rows[i].positions.shape[1]
+        end = begin + rows[i].tokens
         hidden[i] = embedded[:, begin:end]
         begin = end
