@@ -172,14 +172,19 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
               f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
     _progress("the server's seconds with the clients' cores computing")
     fit = calibrate_host(world, classes, rounds,
-                         HostProbes(alone=runner.alone, computing=runner.computing),
+                         HostProbes(alone=runner.alone, computing=runner.computing,
+                                    together=runner.together),
                          cores=client_cores())
     world = replace(world, client_host=fit.host(classes))
     runner.world = world
     _progress(f"the EMULATED clients share {fit.cores} core(s): "
               f"{fit.cpu_per_machine_s:.3g} CPU s per second of this machine's unit time, "
-              f"{fit.cpu_per_visit_s * 1e3:.3g} ms per visit; the server x"
-              f"{fit.server_slowdown:.3g} while they compute (and they x that while it does)")
+              f"{fit.cpu_per_visit_s * 1e3:.3g} ms per visit, and for each other request in "
+              f"flight {fit.cpu_per_machine_other_s:.3g} and "
+              f"{fit.cpu_per_visit_other_s * 1e3:.3g} ms more; the server x"
+              f"{fit.server_slowdown:.3g} while they compute (and they x that while it does; "
+              f"pairs {', '.join(f'{r:.2f}' for r in fit.ratios)}; load average "
+              f"{fit.load_average:.2f}{': LOADED' if fit.loaded else ''})")
     return world, fit
 
 
