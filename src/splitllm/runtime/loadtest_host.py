@@ -7,13 +7,13 @@ their own device. Measured at the splits' capacities before this model: the clie
 0.80-0.88 of its one core (70-76 ms of CPU a request, 67-72 ms of it in the units), where the
 simulator gave each client its own device. Calibrated here:
 - the clients' CPU: the client process's CPU seconds for each of the idle check's requests
-  run alone, and for batches of them started at once through the probes' worker threads
-  (`TOGETHER_REQUESTS`: server-only's, visits alone, and the splits', units and visits),
-  against this machine's own time for their client units (the planner's roofline on this
-  machine's device profile: the class's emulated time over its slowdown) and their visits to
-  the server (transport), each alone and times the other requests in flight beside it
-  (non-negative least squares: measured before the batches, the probes' client process took
-  1.12-1.38x the CPU the requests alone said);
+  run alone, and for batches of the probes' own requests (the world's first
+  `TOGETHER_REQUESTS`, every size, as each policy plans them) started at once through the
+  probes' worker threads, against this machine's own time for their client units (the
+  planner's roofline on this machine's device profile: the class's emulated time over its
+  slowdown) and their visits to the server (transport), each alone and times the other
+  requests in flight beside it, and their count (non-negative least squares: fitted on the
+  largest requests alone, the probes' client process took 1.12-1.38x the CPU it said);
 - the server's slowdown while the clients' cores compute (their compute and the server share
   this machine's memory bandwidth): the server's seconds for one policy's idle-check requests
   with the clients' cores busy running the split plans' client units for real (the same
@@ -39,16 +39,18 @@ import numpy as np
 from scipy.optimize import nnls
 
 from splitllm.placement import CLIENT, Placement
+from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest_idle import IdleRow, Runner, idle_check
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.client_host import ClientHost
+from splitllm.sim.policies import PlanPolicy, request_instance
 from splitllm.sim.world import World
 
 BUSY_ROUNDS = 6  # pairs of one policy's idle-check rounds, the clients' cores idle and busy
 # (two read 1.71 and 1.25 s against 0.87-0.99 s idle: one round's noise is large)
 TOGETHER_REQUESTS = 18  # requests started at once in a calibration batch (the probes near the
 # splits' capacities ran 20-30 at once)
-TOGETHER_ROUNDS = 2  # batches of each kind (server-only's requests, the splits')
+TOGETHER_ROUNDS = 2  # batches per policy
 LOADED_BEYOND = 1.0  # runnable processes beyond the load test's own two (its server, clients)
 LOADED_SPREAD = 1.5  # the pairs' highest ratio over their lowest
 
@@ -61,10 +63,12 @@ class CpuSample:
     visits: float
     unit_others_s: float  # the units' seconds x the other requests in flight beside them
     visit_others: float  # the visits x the other requests in flight beside them
+    requests: int
     cpu_s: float
 
-    def regressors(self) -> tuple[float, float, float, float]:
-        return (self.unit_s, self.visits, self.unit_others_s, self.visit_others)
+    def regressors(self) -> tuple[float, float, float, float, float]:
+        return (self.unit_s, self.visits, self.unit_others_s, self.visit_others,
+                float(self.requests))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,7 @@ class Together:
     """Requests started at once through the probes' worker threads."""
 
     spans_s: tuple[tuple[float, float], ...]  # each one's (start, end), seconds on one clock
+    round_trips: tuple[int, ...]  # each one's visits to the server
     cpu_s: float  # the clients' process's CPU seconds over them all
     server_busy_share: float  # the server's busy seconds over the batch's wall seconds
 
@@ -85,6 +90,7 @@ class HostFit:
     cpu_per_visit_s: float  # client CPU seconds per visit to the server (transport)
     cpu_per_machine_other_s: float = 0.0  # ... more per unit second and per visit for each
     cpu_per_visit_other_s: float = 0.0  # other request in flight beside it
+    cpu_per_request_s: float = 0.0  # client CPU seconds of a request's start and end
     server_idle_s: tuple[float, ...]  # the server's seconds for the same requests, per round:
     server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
     load_average: float = math.nan  # the machine's during the calibration (1 minute)
@@ -120,6 +126,7 @@ class HostFit:
                           cpu_per_client_other_s=tuple(self.cpu_per_machine_other_s / e.slowdown
                                                        for e in classes),
                           cpu_per_visit_other_s=self.cpu_per_visit_other_s,
+                          cpu_per_request_s=self.cpu_per_request_s,
                           server_slowdown=self.server_slowdown)
 
     def to_json(self) -> dict[str, Any]:
@@ -127,13 +134,28 @@ class HostFit:
                 "cpu_per_visit_s": self.cpu_per_visit_s,
                 "cpu_per_machine_other_s": self.cpu_per_machine_other_s,
                 "cpu_per_visit_other_s": self.cpu_per_visit_other_s,
+                "cpu_per_request_s": self.cpu_per_request_s,
                 "server_idle_s": list(self.server_idle_s),
                 "server_busy_s": list(self.server_busy_s),
                 "server_slowdown": self.server_slowdown, "load_average": self.load_average,
                 "loaded": self.loaded,
                 "samples": [{"unit_s": c.unit_s, "visits": c.visits,
                              "unit_others_s": c.unit_others_s, "visit_others": c.visit_others,
-                             "cpu_s": c.cpu_s} for c in self.samples]}
+                             "requests": c.requests, "cpu_s": c.cpu_s} for c in self.samples]}
+
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> HostFit:
+        """A fit from its `to_json` (older runs': no concurrency terms, no load average)."""
+        return cls(cores=int(document["cores"]),
+                   cpu_per_machine_s=float(document["cpu_per_machine_s"]),
+                   cpu_per_visit_s=float(document["cpu_per_visit_s"]),
+                   cpu_per_machine_other_s=float(document.get("cpu_per_machine_other_s", 0.0)),
+                   cpu_per_visit_other_s=float(document.get("cpu_per_visit_other_s", 0.0)),
+                   cpu_per_request_s=float(document.get("cpu_per_request_s", 0.0)),
+                   server_idle_s=tuple(document["server_idle_s"]),
+                   server_busy_s=tuple(document["server_busy_s"]),
+                   load_average=float(document.get("load_average", math.nan)))
 
 
 def client_cores() -> int:
@@ -143,16 +165,16 @@ def client_cores() -> int:
     return os.cpu_count() or 1
 
 
-def fit_client_cpu(samples: Sequence[CpuSample]) -> tuple[float, float, float, float]:
-    """(CPU seconds per second of this machine's unit time, per visit, and each per other
-    request in flight): the non-negative least-squares fit of the samples' measured CPU."""
+def fit_client_cpu(samples: Sequence[CpuSample]) -> tuple[float, float, float, float, float]:
+    """(CPU seconds per second of this machine's unit time, per visit, each of those per other
+    request in flight, per request): the non-negative least-squares fit of the samples' CPU."""
     kept = [c for c in samples if math.isfinite(c.cpu_s)]
     if not kept:
-        return 0.0, 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0, 0.0
     x = np.array([c.regressors() for c in kept], dtype=float)
     y = np.array([c.cpu_s for c in kept], dtype=float)
-    unit, visit, unit_other, visit_other = nnls(x, y)[0]
-    return float(unit), float(visit), float(unit_other), float(visit_other)
+    unit, visit, unit_other, visit_other, request = nnls(x, y)[0]
+    return float(unit), float(visit), float(unit_other), float(visit_other), float(request)
 
 
 def _machine_s(row: IdleRow, classes: Sequence[EmulatedClass]) -> float:
@@ -165,7 +187,7 @@ def alone_samples(rows: Sequence[IdleRow], classes: Sequence[EmulatedClass]
                   ) -> list[CpuSample]:
     """The idle check's requests, each run alone."""
     return [CpuSample(unit_s=_machine_s(r, classes), visits=r.round_trips, unit_others_s=0.0,
-                      visit_others=0.0, cpu_s=r.client_cpu_s) for r in rows]
+                      visit_others=0.0, requests=1, cpu_s=r.client_cpu_s) for r in rows]
 
 
 def others_in_flight(spans_s: Sequence[tuple[float, float]]) -> list[float]:
@@ -178,19 +200,19 @@ def others_in_flight(spans_s: Sequence[tuple[float, float]]) -> list[float]:
     return out
 
 
-def together_sample(rows: Sequence[IdleRow], together: Together,
-                    classes: Sequence[EmulatedClass], server_slowdown: float) -> CpuSample:
-    """A batch of `rows`' requests run at once: their units' time as the simulated clients
-    price it (x `server_slowdown` while the server computes: its busy share of the batch)."""
+def together_sample(unit_s: Sequence[float], together: Together, server_slowdown: float
+                    ) -> CpuSample:
+    """A batch of requests run at once, `unit_s` this machine's seconds of each one's client
+    units, priced as the simulated clients pay them (x `server_slowdown` while the server
+    computes: its busy share of the batch)."""
     others = others_in_flight(together.spans_s)
-    unit_s = [_machine_s(r, classes) for r in rows]
     slowed = 1.0 + (server_slowdown - 1.0) * min(together.server_busy_share, 1.0)
-    return CpuSample(unit_s=slowed * sum(unit_s), visits=sum(r.round_trips for r in rows),
+    return CpuSample(unit_s=slowed * sum(unit_s), visits=sum(together.round_trips),
                      unit_others_s=slowed * sum(u * k for u, k in zip(unit_s, others,
                                                                       strict=True)),
-                     visit_others=sum(r.round_trips * k for r, k in zip(rows, others,
-                                                                        strict=True)),
-                     cpu_s=together.cpu_s)
+                     visit_others=sum(v * k for v, k in zip(together.round_trips, others,
+                                                            strict=True)),
+                     requests=len(unit_s), cpu_s=together.cpu_s)
 
 
 def _server_s(rows: Sequence[IdleRow], policy: str) -> float:
@@ -235,20 +257,28 @@ def _slowdown_pairs(world: World, rows: Sequence[IdleRow], probes: HostProbes, *
     return idle, busy
 
 
-def _together_samples(rows: Sequence[IdleRow], classes: Sequence[EmulatedClass],
-                      probes: HostProbes, server_slowdown: float) -> list[CpuSample]:
-    """`TOGETHER_ROUNDS` batches each of server-only's requests and the splits'."""
-    index = {e.name: c for c, e in enumerate(classes)}
-    kinds = [[r for r in rows if CLIENT not in r.placement],
-             [r for r in rows if CLIENT in r.placement]]
-    samples = []
-    for _ in range(TOGETHER_ROUNDS):
-        for kind in (k for k in kinds if k):
-            batch = [*kind] * max(round(TOGETHER_REQUESTS / len(kind)), 1)
-            together = probes.together([(index[r.client_class], r.prompt_tokens,
-                                         r.output_tokens, r.placement) for r in batch])
-            samples.append(together_sample(batch, together, classes, server_slowdown))
-    return samples
+def _together_samples(world: World, classes: Sequence[EmulatedClass], probes: HostProbes,
+                      server_slowdown: float) -> list[CpuSample]:
+    """`TOGETHER_ROUNDS` batches per policy: the world's first `TOGETHER_REQUESTS` requests
+    (the probes' own, of every size) as the policy plans them at no load, all at once."""
+    trace = world.trace
+    assert trace is not None  # the load test's world replays recorded requests
+    n = min(TOGETHER_REQUESTS, len(trace.arrived_at_s))
+    requests = [(trace.type_index[i], trace.class_index[i], trace.prompt_tokens[i],
+                 trace.output_tokens[i]) for i in range(n)]
+    batches = []
+    for policy in world.policies:
+        plans = PlanPolicy(world, policy)
+        batch: list[Request] = []
+        unit_s: list[float] = []
+        for k, c, p, g in requests:
+            placement = plans.decide(k, c, p, g).placement
+            instance = request_instance(world.types[k], world.clients[c], world, p, g)
+            unit_s.append(evaluate(instance, placement).client_compute_s / classes[c].slowdown)
+            batch.append((c, p, g, placement.sides))
+        batches.append((batch, unit_s))
+    return [together_sample(unit_s, probes.together(batch), server_slowdown)
+            for _ in range(TOGETHER_ROUNDS) for batch, unit_s in batches]
 
 
 def calibrate_host(world: World, classes: Sequence[EmulatedClass],
@@ -263,9 +293,10 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
     slowdown = HostFit(cores=cores, cpu_per_machine_s=0.0, cpu_per_visit_s=0.0,
                        server_idle_s=tuple(idle), server_busy_s=tuple(busy)).server_slowdown
     samples = [*alone_samples(rows, classes),
-               *_together_samples(rounds[-1], classes, probes, slowdown)]
-    unit, visit, unit_other, visit_other = fit_client_cpu(samples)
+               *_together_samples(world, classes, probes, slowdown)]
+    unit, visit, unit_other, visit_other, request = fit_client_cpu(samples)
     return HostFit(cores=cores, cpu_per_machine_s=unit, cpu_per_visit_s=visit,
                    cpu_per_machine_other_s=unit_other, cpu_per_visit_other_s=visit_other,
+                   cpu_per_request_s=request,
                    server_idle_s=tuple(idle), server_busy_s=tuple(busy),
                    load_average=load_average, samples=tuple(samples))

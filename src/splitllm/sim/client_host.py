@@ -16,7 +16,9 @@ core(s), computing their units for real and sleeping up to their emulated device
 - a pass's CPU grows with the requests in flight beside it (`cpu_per_client_other_s`,
   `cpu_per_visit_other_s`: per other request in flight when the pass starts): their threads in
   the one process hand the interpreter's lock and the cores to each other (measured before this
-  term, the probes' client process took 1.12-1.38x the CPU of the same requests run alone).
+  term, the probes' client process took 1.12-1.38x the CPU of the same requests run alone),
+  and each request costs `cpu_per_request_s` once (its session's start and end), charged with
+  its first pass.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ClientHost:
     cpu_per_client_other_s: tuple[float, ...] = ()  # per class: more CPU per second of its
     # emulated client time for each other request in flight
     cpu_per_visit_other_s: float = 0.0  # more CPU per visit for each other request in flight
+    cpu_per_request_s: float = 0.0  # client CPU of a request's own start and end (its session)
     server_slowdown: float = 1.0  # the server's steps x this while the clients' cores are all
     # busy computing units (x1 while idle, linear between; a visit's transport work: idle)
 
@@ -50,16 +53,19 @@ class ClientHost:
                        cpu_per_visit_s=self.cpu_per_visit_s * factor,
                        cpu_per_client_other_s=tuple(c * factor
                                                     for c in self.cpu_per_client_other_s),
-                       cpu_per_visit_other_s=self.cpu_per_visit_other_s * factor)
+                       cpu_per_visit_other_s=self.cpu_per_visit_other_s * factor,
+                       cpu_per_request_s=self.cpu_per_request_s * factor)
 
-    def cpu_s(self, class_index: int, client_s: float, visits: int, others: int = 0) -> float:
-        """Real CPU seconds of a gap's client work, its units' and its visits' transport, with
-        `others` other requests in flight."""
+    def cpu_s(self, class_index: int, client_s: float, visits: int, others: int = 0,
+              requests: int = 0) -> float:
+        """Real CPU seconds of a gap's client work, its units' and its visits' transport (and
+        the `requests` started in it), with `others` other requests in flight."""
         alone = self.cpu_per_client_s[class_index] if self.cpu_per_client_s else 0.0
         beside = (self.cpu_per_client_other_s[class_index] if self.cpu_per_client_other_s
                   else 0.0)
         return ((alone + beside * others) * client_s
-                + (self.cpu_per_visit_s + self.cpu_per_visit_other_s * others) * visits)
+                + (self.cpu_per_visit_s + self.cpu_per_visit_other_s * others) * visits
+                + self.cpu_per_request_s * requests)
 
     def server_factor(self, busy_fraction: float) -> float:
         """How many times its own time a server step takes while this share of the clients'
