@@ -16,6 +16,7 @@ from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
+    BETWEEN_PAIRS,
     BUSY_ROUNDS,
     TOGETHER_REQUESTS,
     TOGETHER_ROUNDS,
@@ -28,6 +29,7 @@ from splitllm.runtime.loadtest_host import (
     client_segments,
     fit_client_cpu,
     others_in_flight,
+    retimed,
 )
 from splitllm.runtime.loadtest_idle import Alone, idle_check
 from splitllm.runtime.loadtest_report import policy_json, report_md
@@ -53,6 +55,7 @@ class FakeClients:
         self.world, self.classes = world, classes
         self.busy_threads = 0
         self.segments: list[tuple[int, int]] = []
+        self.slowdowns: list[float] = []  # the busy server's factor, round by round (then 2)
         self.batches: list[list[Request]] = []
 
     def _work(self, c: int, prompt: int, output: int, sides: str) -> tuple[float, int]:
@@ -65,7 +68,7 @@ class FakeClients:
 
     def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
         machine_s, visits = self._work(c, prompt, output, sides)
-        server_s = 0.002 * sides.count("S") * (2.0 if self.busy_threads else 1.0)
+        server_s = 0.002 * sides.count("S") * (self.slowdown if self.busy_threads else 1.0)
         return Alone(latency_s=1.0, ttft_s=0.1, client_busy_s=0.0, server_busy_s=server_s,
                      round_trips=visits,
                      client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits
@@ -96,6 +99,7 @@ class FakeClients:
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
         self.segments = list(segments)
         self.busy_threads = threads
+        self.slowdown = self.slowdowns.pop(0) if self.slowdowns else 2.0
         try:
             yield
         finally:
@@ -268,3 +272,33 @@ def test_the_report_shows_both_predictions() -> None:
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
                   server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
     assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio
+
+
+def test_the_slowdown_is_timed_again_between_policies_and_pooled() -> None:
+    """A transient under half the first pairs (x3 against x1.1) is outvoted once the pairs
+    timed before the later policies join them."""
+    world, classes = _world()
+    fake = FakeClients(world, classes)
+    fake.slowdowns = [3.0, 3.0, 3.0] + [1.1] * 20
+    rounds = [idle_check(world, fake.alone)]
+    fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
+    assert fit.ratios == pytest.approx([3.0] * 3 + [1.1] * 3)
+    assert fit.server_slowdown == pytest.approx(2.05) and fit.loaded  # the spread flags it
+    again = retimed(world, retimed(world, fit, fake.probes()), fake.probes())
+    assert len(again.ratios) == BUSY_ROUNDS + 2 * BETWEEN_PAIRS
+    assert again.server_slowdown == pytest.approx(1.1)
+    assert again.segments == fit.segments == tuple(fake.segments)
+    assert HostFit.from_json(again.to_json()).server_slowdown == pytest.approx(1.1)
+    assert "LOADED" in again.note() and "x1.1 while the clients compute" in again.note()
+    # the study recalibrates before each policy after the first
+    seen: list[tuple[str, ...]] = []
+
+    def between(w: World) -> World:
+        seen.append(w.policies)
+        return w
+
+    two = replace(world, policies=("server-only", "fixed:CCSSSC"))
+    server = FakeServer(two)
+    run_study(two, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+              progress=lambda line: None, between=between)
+    assert seen == [two.policies]

@@ -51,6 +51,7 @@ BUSY_ROUNDS = 6  # pairs of one policy's idle-check rounds, the clients' cores i
 TOGETHER_REQUESTS = 18  # requests started at once in a calibration batch (the probes near the
 # splits' capacities ran 20-30 at once)
 TOGETHER_ROUNDS = 2  # batches per policy
+BETWEEN_PAIRS = 2  # pairs timed again before each policy after the first
 LOADED_BEYOND = 1.0  # runnable processes beyond the load test's own two (its server, clients)
 LOADED_SPREAD = 1.5  # the pairs' highest ratio over their lowest
 
@@ -95,6 +96,7 @@ class HostFit:
     server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
     load_average: float = math.nan  # the machine's during the calibration (1 minute)
     samples: tuple[CpuSample, ...] = ()  # what the CPU fit was fitted on
+    segments: tuple[tuple[int, int], ...] = ()  # the client unit ranges the busy rounds ran
 
     @property
     def ratios(self) -> list[float]:
@@ -115,6 +117,23 @@ class HostFit:
         ratios = self.ratios
         spread = max(ratios) / min(ratios) if ratios and min(ratios) > 0 else 1.0
         return self.load_average - 2 > LOADED_BEYOND or spread > LOADED_SPREAD
+
+    def note(self) -> str:
+        """The calibration in one paragraph, for the report's header."""
+        flag = ("**LOADED: the calibration ran on a machine other work loaded** (load average "
+                f"{self.load_average:.2f} beyond this load test's own two processes by more "
+                f"than {LOADED_BEYOND:g}, or the pairs' ratios {LOADED_SPREAD:g}x apart or "
+                "more): its slowdown is suspect" if self.loaded else "not loaded")
+        return (f"Calibration of the clients' machine: {self.cpu_per_machine_s:.3g} CPU s per "
+                f"second of this machine's unit time, {self.cpu_per_visit_s * 1e3:.3g} ms per "
+                f"visit, {self.cpu_per_request_s * 1e3:.3g} ms per request, and for each "
+                f"other request in flight {self.cpu_per_machine_other_s:.3g} and "
+                f"{self.cpu_per_visit_other_s * 1e3:.3g} ms more (fitted on {len(self.samples)} "
+                "samples: the idle check's requests alone and batches of the probes' requests "
+                f"at once); the server x{self.server_slowdown:.3g} while the clients compute "
+                f"(the median of {len(self.ratios)} pairs: "
+                f"{', '.join(f'{r:.2f}' for r in self.ratios)}); load average "
+                f"{self.load_average:.2f}: {flag}.")
 
     def host(self, classes: Sequence[EmulatedClass]) -> ClientHost:
         """The world's clients' machine: each class's CPU per second of its emulated time is
@@ -138,7 +157,7 @@ class HostFit:
                 "server_idle_s": list(self.server_idle_s),
                 "server_busy_s": list(self.server_busy_s),
                 "server_slowdown": self.server_slowdown, "load_average": self.load_average,
-                "loaded": self.loaded,
+                "loaded": self.loaded, "segments": [list(seg) for seg in self.segments],
                 "samples": [{"unit_s": c.unit_s, "visits": c.visits,
                              "unit_others_s": c.unit_others_s, "visit_others": c.visit_others,
                              "requests": c.requests, "cpu_s": c.cpu_s} for c in self.samples]}
@@ -155,7 +174,8 @@ class HostFit:
                    cpu_per_request_s=float(document.get("cpu_per_request_s", 0.0)),
                    server_idle_s=tuple(document["server_idle_s"]),
                    server_busy_s=tuple(document["server_busy_s"]),
-                   load_average=float(document.get("load_average", math.nan)))
+                   load_average=float(document.get("load_average", math.nan)),
+                   segments=tuple((int(a), int(b)) for a, b in document.get("segments", ())))
 
 
 def client_cores() -> int:
@@ -239,22 +259,30 @@ class HostProbes:
     together: AllAtOnce  # requests started at once through the probes' worker threads
 
 
-def _slowdown_pairs(world: World, rows: Sequence[IdleRow], probes: HostProbes, *, cores: int
-                    ) -> tuple[list[float], list[float]]:
+def _slowdown_pairs(world: World, segments: Sequence[tuple[int, int]], probes: HostProbes,
+                    *, cores: int, pairs: int) -> tuple[list[float], list[float]]:
     """The server's seconds for one policy's idle-check requests, the clients' cores idle and
-    busy, `BUSY_ROUNDS` pairs whose order alternates (a drift in the machine's other load
-    moves both sides of the median pair alike)."""
+    busy with the client unit ranges `segments`, `pairs` pairs whose order alternates (a drift
+    in the machine's other load moves both sides of the median pair alike)."""
     policy = "server-only" if "server-only" in world.policies else world.policies[0]
     one = replace(world, policies=(policy,))
     idle: list[float] = []
     busy: list[float] = []
-    segments = client_segments(rows)
-    for i in range(BUSY_ROUNDS if segments else 0):
+    for i in range(pairs if segments else 0):
         for computing in ((False, True) if i % 2 == 0 else (True, False)):
             with probes.computing(cores, segments) if computing else contextlib.nullcontext():
                 (busy if computing else idle).append(_server_s(idle_check(one, probes.alone),
                                                                policy))
     return idle, busy
+
+
+def retimed(world: World, fit: HostFit, probes: HostProbes) -> HostFit:
+    """`fit` with `BETWEEN_PAIRS` more pairs timed now (between policies: a transient under
+    the first pairs is outvoted by the later ones in the median)."""
+    idle, busy = _slowdown_pairs(world, fit.segments, probes, cores=fit.cores,
+                                 pairs=BETWEEN_PAIRS)
+    return replace(fit, server_idle_s=fit.server_idle_s + tuple(idle),
+                   server_busy_s=fit.server_busy_s + tuple(busy))
 
 
 def _together_samples(world: World, classes: Sequence[EmulatedClass], probes: HostProbes,
@@ -289,7 +317,8 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
     CPU on those and on the calibration `rounds` (the idle check's rows, each alone)."""
     load_average = os.getloadavg()[0]  # before the batches' threads count in it
     rows = [r for found in rounds for r in found]
-    idle, busy = _slowdown_pairs(world, rows, probes, cores=cores)
+    segments = tuple(client_segments(rows))
+    idle, busy = _slowdown_pairs(world, segments, probes, cores=cores, pairs=BUSY_ROUNDS)
     slowdown = HostFit(cores=cores, cpu_per_machine_s=0.0, cpu_per_visit_s=0.0,
                        server_idle_s=tuple(idle), server_busy_s=tuple(busy)).server_slowdown
     samples = [*alone_samples(rows, classes),
@@ -299,4 +328,4 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                    cpu_per_machine_other_s=unit_other, cpu_per_visit_other_s=visit_other,
                    cpu_per_request_s=request,
                    server_idle_s=tuple(idle), server_busy_s=tuple(busy),
-                   load_average=load_average, samples=tuple(samples))
+                   load_average=load_average, samples=tuple(samples), segments=segments)
