@@ -45,6 +45,7 @@ PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second a
 PER_UNIT_OTHER_S, PER_VISIT_OTHER_S = 0.02, 0.0001
 PER_REQUEST_S = 0.003  # ... and its CPU per request (its start and end)
 BUSY_SHARE = 0.5  # the fake server's busy share while a batch runs
+CORE_SHARE = 0.75  # the fake clients' share of their core while it computes
 
 
 class FakeClients:
@@ -56,6 +57,8 @@ class FakeClients:
         self.busy_threads = 0
         self.segments: list[tuple[int, int]] = []
         self.slowdowns: list[float] = []  # the busy server's factor, round by round (then 2)
+        self.wall_s = self.cpu_s = 0.0  # its clock: a request alone takes 1 s, and while its
+        # cores compute the clients' process gets CORE_SHARE of its core
         self.batches: list[list[Request]] = []
 
     def _work(self, c: int, prompt: int, output: int, sides: str) -> tuple[float, int]:
@@ -68,6 +71,8 @@ class FakeClients:
 
     def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
         machine_s, visits = self._work(c, prompt, output, sides)
+        self.wall_s += 1.0
+        self.cpu_s += CORE_SHARE * self.busy_threads
         server_s = 0.002 * sides.count("S") * (self.slowdown if self.busy_threads else 1.0)
         return Alone(latency_s=1.0, ttft_s=0.1, client_busy_s=0.0, server_busy_s=server_s,
                      round_trips=visits,
@@ -93,7 +98,8 @@ class FakeClients:
                         round_trips=tuple(trips), cpu_s=cpu_s, server_busy_share=BUSY_SHARE)
 
     def probes(self) -> HostProbes:
-        return HostProbes(alone=self.alone, computing=self.computing, together=self.together)
+        return HostProbes(alone=self.alone, computing=self.computing, together=self.together,
+                          clock=lambda: (self.wall_s, self.cpu_s))
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
@@ -190,8 +196,11 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.probes(),
                           cores=1)
     assert bare.server_busy_s == () and bare.server_slowdown == 1.0
+    # the clients' process got CORE_SHARE of its core in the busy rounds: the simulated
+    # clients have that much
+    assert fit.core_shares == pytest.approx([CORE_SHARE] * BUSY_ROUNDS)
     host = fit.host(classes)
-    assert host == ClientHost(cores=1.0, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
+    assert host == ClientHost(cores=CORE_SHARE, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
         (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
         cpu_per_client_other_s=pytest.approx(  # type: ignore[arg-type]
             (PER_UNIT_OTHER_S / 50.0, PER_UNIT_OTHER_S / 20.0)),

@@ -20,7 +20,9 @@ simulator gave each client its own device. Calibrated here:
   weights the clients read, one position a pass), over the same requests' seconds with those
   cores idle, in pairs whose order alternates (measured: 1.52x with the whole model
   computing, 2 rounds; 1.13x with the plans' units, 4 rounds; 2.08x while other work loaded
-  the machine): the median pair's ratio, and the calibration flagged `loaded` where the
+  the machine): the median pair's ratio; in the busy rounds, the share of its cores the
+  clients' process gets (CPU over wall seconds: other work on the machine takes the rest),
+  the simulated clients' cores; and the calibration flagged `loaded` where the
   machine's load average beyond this load test's own two processes exceeds
   `LOADED_BEYOND` or the pairs' ratios spread wider than `LOADED_SPREAD`.
 """
@@ -31,6 +33,7 @@ import contextlib
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -97,6 +100,14 @@ class HostFit:
     load_average: float = math.nan  # the machine's during the calibration (1 minute)
     samples: tuple[CpuSample, ...] = ()  # what the CPU fit was fitted on
     segments: tuple[tuple[int, int], ...] = ()  # the client unit ranges the busy rounds ran
+    core_shares: tuple[float, ...] = ()  # per busy round: the clients' process's CPU seconds
+    # per wall second and core while its cores computed without pause
+
+    @property
+    def core_share(self) -> float:
+        """The share of its cores the clients' process gets (other work on the machine takes
+        the rest): the busy rounds' median, at most 1."""
+        return min(statistics.median(self.core_shares), 1.0) if self.core_shares else 1.0
 
     @property
     def ratios(self) -> list[float]:
@@ -132,13 +143,15 @@ class HostFit:
                 "samples: the idle check's requests alone and batches of the probes' requests "
                 f"at once); the server x{self.server_slowdown:.3g} while the clients compute "
                 f"(the median of {len(self.ratios)} pairs: "
-                f"{', '.join(f'{r:.2f}' for r in self.ratios)}); load average "
+                f"{', '.join(f'{r:.2f}' for r in self.ratios)}); the clients' process got "
+                f"{self.core_share:.2f} of its {self.cores} core(s) while they computed (the "
+                "median of the busy rounds: the rest went to other work); load average "
                 f"{self.load_average:.2f}: {flag}.")
 
     def host(self, classes: Sequence[EmulatedClass]) -> ClientHost:
         """The world's clients' machine: each class's CPU per second of its emulated time is
         this machine's CPU per unit second over the class's slowdown."""
-        return ClientHost(cores=float(self.cores),
+        return ClientHost(cores=self.cores * self.core_share,
                           cpu_per_client_s=tuple(self.cpu_per_machine_s / e.slowdown
                                                  for e in classes),
                           cpu_per_visit_s=self.cpu_per_visit_s,
@@ -158,6 +171,7 @@ class HostFit:
                 "server_busy_s": list(self.server_busy_s),
                 "server_slowdown": self.server_slowdown, "load_average": self.load_average,
                 "loaded": self.loaded, "segments": [list(seg) for seg in self.segments],
+                "core_shares": list(self.core_shares), "core_share": self.core_share,
                 "samples": [{"unit_s": c.unit_s, "visits": c.visits,
                              "unit_others_s": c.unit_others_s, "visit_others": c.visit_others,
                              "requests": c.requests, "cpu_s": c.cpu_s} for c in self.samples]}
@@ -175,7 +189,8 @@ class HostFit:
                    server_idle_s=tuple(document["server_idle_s"]),
                    server_busy_s=tuple(document["server_busy_s"]),
                    load_average=float(document.get("load_average", math.nan)),
-                   segments=tuple((int(a), int(b)) for a, b in document.get("segments", ())))
+                   segments=tuple((int(a), int(b)) for a, b in document.get("segments", ())),
+                   core_shares=tuple(document.get("core_shares", ())))
 
 
 def client_cores() -> int:
@@ -257,10 +272,22 @@ class HostProbes:
     alone: Runner  # one request by itself
     computing: Computing  # within: the clients' cores busy with these client unit ranges
     together: AllAtOnce  # requests started at once through the probes' worker threads
+    clock: Callable[[], tuple[float, float]] = lambda: (time.perf_counter(),
+                                                        time.process_time())  # (wall, CPU)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Rounds of one policy's idle-check requests, the clients' cores idle and busy."""
+
+    idle_s: tuple[float, ...]  # the server's seconds, per round
+    busy_s: tuple[float, ...]
+    core_shares: tuple[float, ...]  # per busy round: the clients' process's CPU seconds per
+    # wall second and core (what other work on the machine leaves it)
 
 
 def _slowdown_pairs(world: World, segments: Sequence[tuple[int, int]], probes: HostProbes,
-                    *, cores: int, pairs: int) -> tuple[list[float], list[float]]:
+                    *, cores: int, pairs: int) -> Pairs:
     """The server's seconds for one policy's idle-check requests, the clients' cores idle and
     busy with the client unit ranges `segments`, `pairs` pairs whose order alternates (a drift
     in the machine's other load moves both sides of the median pair alike)."""
@@ -268,21 +295,27 @@ def _slowdown_pairs(world: World, segments: Sequence[tuple[int, int]], probes: H
     one = replace(world, policies=(policy,))
     idle: list[float] = []
     busy: list[float] = []
+    shares: list[float] = []
     for i in range(pairs if segments else 0):
         for computing in ((False, True) if i % 2 == 0 else (True, False)):
-            with probes.computing(cores, segments) if computing else contextlib.nullcontext():
-                (busy if computing else idle).append(_server_s(idle_check(one, probes.alone),
-                                                               policy))
-    return idle, busy
+            if not computing:
+                idle.append(_server_s(idle_check(one, probes.alone), policy))
+                continue
+            wall_s, cpu_s = probes.clock()
+            with probes.computing(cores, segments):
+                busy.append(_server_s(idle_check(one, probes.alone), policy))
+            (wall_end_s, cpu_end_s) = probes.clock()
+            shares.append((cpu_end_s - cpu_s) / max(wall_end_s - wall_s, 1e-9) / cores)
+    return Pairs(tuple(idle), tuple(busy), tuple(shares))
 
 
 def retimed(world: World, fit: HostFit, probes: HostProbes) -> HostFit:
     """`fit` with `BETWEEN_PAIRS` more pairs timed now (between policies: a transient under
     the first pairs is outvoted by the later ones in the median)."""
-    idle, busy = _slowdown_pairs(world, fit.segments, probes, cores=fit.cores,
-                                 pairs=BETWEEN_PAIRS)
-    return replace(fit, server_idle_s=fit.server_idle_s + tuple(idle),
-                   server_busy_s=fit.server_busy_s + tuple(busy))
+    more = _slowdown_pairs(world, fit.segments, probes, cores=fit.cores, pairs=BETWEEN_PAIRS)
+    return replace(fit, server_idle_s=fit.server_idle_s + more.idle_s,
+                   server_busy_s=fit.server_busy_s + more.busy_s,
+                   core_shares=fit.core_shares + more.core_shares)
 
 
 def _together_samples(world: World, classes: Sequence[EmulatedClass], probes: HostProbes,
@@ -318,14 +351,15 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
     load_average = os.getloadavg()[0]  # before the batches' threads count in it
     rows = [r for found in rounds for r in found]
     segments = tuple(client_segments(rows))
-    idle, busy = _slowdown_pairs(world, segments, probes, cores=cores, pairs=BUSY_ROUNDS)
+    pairs = _slowdown_pairs(world, segments, probes, cores=cores, pairs=BUSY_ROUNDS)
     slowdown = HostFit(cores=cores, cpu_per_machine_s=0.0, cpu_per_visit_s=0.0,
-                       server_idle_s=tuple(idle), server_busy_s=tuple(busy)).server_slowdown
+                       server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s).server_slowdown
     samples = [*alone_samples(rows, classes),
                *_together_samples(world, classes, probes, slowdown)]
     unit, visit, unit_other, visit_other, request = fit_client_cpu(samples)
     return HostFit(cores=cores, cpu_per_machine_s=unit, cpu_per_visit_s=visit,
                    cpu_per_machine_other_s=unit_other, cpu_per_visit_other_s=visit_other,
                    cpu_per_request_s=request,
-                   server_idle_s=tuple(idle), server_busy_s=tuple(busy),
-                   load_average=load_average, samples=tuple(samples), segments=segments)
+                   server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s,
+                   core_shares=pairs.core_shares, load_average=load_average,
+                   samples=tuple(samples), segments=segments)
