@@ -22,6 +22,7 @@ from typing import Any
 
 from splitllm.planner.hardware import device_preset
 from splitllm.runtime.loadtest_command import _scenario
+from splitllm.runtime.loadtest_host import HostFit
 from splitllm.runtime.loadtest_world import (
     LoadtestSpec,
     Probed,
@@ -31,7 +32,6 @@ from splitllm.runtime.loadtest_world import (
 )
 from splitllm.runtime.models import context_tokens, load_model
 from splitllm.sim.capacity import bracket_of, find_capacity
-from splitllm.sim.client_host import ClientHost
 from splitllm.sim.world import World
 from splitllm.stepmodel import StepModel
 
@@ -47,11 +47,7 @@ def start_world(document: dict[str, Any], device_profile: str) -> World:
         spec=LoadtestSpec(requests=int(document["requests_per_probe"]),
                           length_scale=float(document["length_scale"]), sla_factor=3.0),
         visit_s=float(document["visit_s"]))
-    host = document["client_host"]
-    return replace(world, client_host=ClientHost(
-        cores=float(host["cores"]),
-        cpu_per_client_s=tuple(host["cpu_per_machine_s"] / e.slowdown for e in classes),
-        cpu_per_visit_s=host["cpu_per_visit_s"], server_slowdown=host["server_slowdown"]))
+    return replace(world, client_host=HostFit.from_json(document["client_host"]).host(classes))
 
 
 def main() -> None:

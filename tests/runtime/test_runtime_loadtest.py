@@ -20,7 +20,7 @@ from splitllm.planner.instance import evaluate
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.loadtest_command import calibrated
-from splitllm.runtime.loadtest_host import BUSY_ROUNDS
+from splitllm.runtime.loadtest_host import BUSY_ROUNDS, TOGETHER_ROUNDS
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import (
@@ -144,6 +144,11 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
     assert fit.cpu_per_machine_s >= 0 and fit.cpu_per_visit_s > 0
     assert len(fit.server_busy_s) == BUSY_ROUNDS and min(fit.server_busy_s) > 0
     assert fit.server_slowdown >= 1.0
+    # and batches of the probes' first requests ran at once through their worker threads:
+    # each request had others beside it, and the clients' process spent CPU on them
+    together = fit.samples[-len(world.policies) * TOGETHER_ROUNDS:]
+    assert all(s.visit_others > 0 and s.cpu_s > 0 for s in together)
+    assert len(fit.samples) == 3 * len(rows) + len(together)
     assert all(r.client_cpu_s > 0 for r in rows)
     job_s = ready.server.step_model.job_s
     assert job_s > 0  # the first round's forwards cost the server CPU outside its steps

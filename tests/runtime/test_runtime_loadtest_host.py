@@ -16,12 +16,20 @@ from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
+    BETWEEN_PAIRS,
     BUSY_ROUNDS,
+    TOGETHER_REQUESTS,
+    TOGETHER_ROUNDS,
     HostFit,
     HostProbes,
+    Request,
+    Together,
+    alone_samples,
     calibrate_host,
     client_segments,
     fit_client_cpu,
+    others_in_flight,
+    retimed,
 )
 from splitllm.runtime.loadtest_idle import Alone, idle_check
 from splitllm.runtime.loadtest_report import policy_json, report_md
@@ -33,6 +41,11 @@ from splitllm.sim.policies import request_instance
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
+# ... and more of each for every other request in flight beside it
+PER_UNIT_OTHER_S, PER_VISIT_OTHER_S = 0.02, 0.0001
+PER_REQUEST_S = 0.003  # ... and its CPU per request (its start and end)
+BUSY_SHARE = 0.5  # the fake server's busy share while a batch runs
+CORE_SHARE = 0.75  # the fake clients' share of their core while it computes
 
 
 class FakeClients:
@@ -43,25 +56,56 @@ class FakeClients:
         self.world, self.classes = world, classes
         self.busy_threads = 0
         self.segments: list[tuple[int, int]] = []
+        self.slowdowns: list[float] = []  # the busy server's factor, round by round (then 2)
+        self.wall_s = self.cpu_s = 0.0  # its clock: a request alone takes 1 s, and while its
+        # cores compute the clients' process gets CORE_SHARE of its core
+        self.batches: list[list[Request]] = []
 
-    def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
+    def _work(self, c: int, prompt: int, output: int, sides: str) -> tuple[float, int]:
+        """(this machine's seconds of the request's client units, its visits)"""
         instance = request_instance(self.world.types[0], self.world.clients[c], self.world,
                                     prompt, output)
         machine_s = evaluate(instance, Placement(sides)).client_compute_s / self.classes[
             c].slowdown
-        visits = output * sum(1 for s in Placement(sides).segments() if s.side == "S")
-        server_s = 0.002 * sides.count("S") * (2.0 if self.busy_threads else 1.0)
+        return machine_s, output * sum(1 for s in Placement(sides).segments() if s.side == "S")
+
+    def alone(self, c: int, prompt: int, output: int, sides: str) -> Alone:
+        machine_s, visits = self._work(c, prompt, output, sides)
+        self.wall_s += 1.0
+        self.cpu_s += CORE_SHARE * self.busy_threads
+        server_s = 0.002 * sides.count("S") * (self.slowdown if self.busy_threads else 1.0)
         return Alone(latency_s=1.0, ttft_s=0.1, client_busy_s=0.0, server_busy_s=server_s,
                      round_trips=visits,
-                     client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits)
+                     client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits
+                     + PER_REQUEST_S)
+
+    def together(self, requests: Sequence[Request]) -> Together:
+        """Request i runs 0.1 i to 0.1 i + 1 s; the CPU the model says (its units x the
+        server's slowdown (2) over its busy share (BUSY_SHARE), as the simulated clients pay)."""
+        n = len(requests)
+        cpu_s = 0.0
+        trips = []
+        for i, request in enumerate(requests):
+            machine_s, visits = self._work(*request)
+            trips.append(visits)
+            # by hand: the others in flight beside request i, on average over its second
+            others = sum(max(1.0 - 0.1 * abs(i - j), 0.0) for j in range(n) if j != i)
+            cpu_s += ((1 + (2.0 - 1) * BUSY_SHARE) * machine_s
+                      * (PER_UNIT_S + PER_UNIT_OTHER_S * others)
+                      + visits * (PER_VISIT_S + PER_VISIT_OTHER_S * others) + PER_REQUEST_S)
+        self.batches.append(list(requests))
+        return Together(spans_s=tuple((0.1 * i, 0.1 * i + 1.0) for i in range(n)),
+                        round_trips=tuple(trips), cpu_s=cpu_s, server_busy_share=BUSY_SHARE)
 
     def probes(self) -> HostProbes:
-        return HostProbes(alone=self.alone, computing=self.computing)
+        return HostProbes(alone=self.alone, computing=self.computing, together=self.together,
+                          clock=lambda: (self.wall_s, self.cpu_s))
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
         self.segments = list(segments)
         self.busy_threads = threads
+        self.slowdown = self.slowdowns.pop(0) if self.slowdowns else 2.0
         try:
             yield
         finally:
@@ -80,7 +124,59 @@ def test_the_clients_cpu_is_fitted_per_unit_second_and_per_visit() -> None:
     fake = FakeClients(world, classes)
     rows = idle_check(world, fake.alone)
     assert {r.policy for r in rows} >= {"server-only", "exact"}
-    assert fit_client_cpu(rows, classes) == pytest.approx((PER_UNIT_S, PER_VISIT_S), rel=1e-6)
+    # alone: nothing beside them
+    assert fit_client_cpu(alone_samples(rows, classes)) == pytest.approx(
+        (PER_UNIT_S, PER_VISIT_S, 0.0, 0.0, PER_REQUEST_S), rel=1e-6, abs=1e-12)
+
+
+def test_the_others_in_flight_beside_each_request_are_averaged_over_its_span() -> None:
+    # 0-2 s, 1-2 s and 3-4 s: the first has the second beside it half its span, the second
+    # the first all of it, the third nobody
+    assert others_in_flight([(0.0, 2.0), (1.0, 2.0), (3.0, 4.0)]) == pytest.approx(
+        [0.5, 1.0, 0.0])
+
+
+def test_the_clients_cpu_is_fitted_on_requests_run_together_as_well() -> None:
+    world, classes = _world()
+    fake = FakeClients(world, classes)
+    rounds = [idle_check(world, fake.alone) for _ in range(3)]
+    fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
+    assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s, fit.cpu_per_machine_other_s,
+            fit.cpu_per_visit_other_s, fit.cpu_per_request_s) == pytest.approx(
+        (PER_UNIT_S, PER_VISIT_S, PER_UNIT_OTHER_S, PER_VISIT_OTHER_S, PER_REQUEST_S), rel=1e-6)
+    # per policy, TOGETHER_ROUNDS batches of the probes' first TOGETHER_REQUESTS requests (every
+    # size) as it plans them: server-only's visit alone, the split's compute units too
+    assert len(fake.batches) == len(world.policies) * TOGETHER_ROUNDS
+    trace = world.trace
+    assert trace is not None
+    n = min(TOGETHER_REQUESTS, len(trace.arrived_at_s))
+    assert all([(c, p, g) for c, p, g, _ in b] == list(zip(
+        trace.class_index[:n], trace.prompt_tokens[:n], trace.output_tokens[:n], strict=True))
+        for b in fake.batches)
+    assert len({g for b in fake.batches for _, _, g, _ in b}) > 1
+    sides = [{placement for *_, placement in batch} for batch in fake.batches]
+    assert sides[0] == {"SSSSSS"} and any("C" in p for p in sides[1])
+    assert fit.host(classes).cpu_per_request_s == pytest.approx(PER_REQUEST_S)
+    host = fit.host(classes)
+    assert host.cpu_per_client_other_s == pytest.approx(
+        (PER_UNIT_OTHER_S / 50.0, PER_UNIT_OTHER_S / 20.0))
+    assert host.cpu_per_visit_other_s == pytest.approx(PER_VISIT_OTHER_S)
+    assert len(fit.to_json()["samples"]) == len(fit.samples) == 3 * len(rounds[0]) + len(
+        fake.batches)
+    assert HostFit.from_json(fit.to_json()) == replace(fit, samples=())
+
+
+def test_a_calibration_on_a_loaded_machine_is_flagged() -> None:
+    pairs = {"server_idle_s": (1.0, 1.0, 1.0), "cores": 1, "cpu_per_machine_s": 1.0,
+             "cpu_per_visit_s": 0.0}
+    calm = HostFit(server_busy_s=(1.1, 1.2, 1.1), load_average=2.5, **pairs)
+    assert calm.server_slowdown == pytest.approx(1.1) and not calm.loaded
+    # a transient under one pair: the median pair's ratio holds, the spread flags it
+    transient = HostFit(server_busy_s=(1.1, 2.1, 1.15), load_average=2.5, **pairs)
+    assert transient.server_slowdown == pytest.approx(1.15) and transient.loaded
+    # other work beyond the load test's own server and clients
+    assert HostFit(server_busy_s=(1.1, 1.2, 1.1), load_average=3.5, **pairs).loaded
+    assert calm.to_json()["loaded"] is False
 
 
 def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> None:
@@ -100,10 +196,16 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     bare = calibrate_host(only, classes, [idle_check(only, fake.alone)], fake.probes(),
                           cores=1)
     assert bare.server_busy_s == () and bare.server_slowdown == 1.0
+    # the clients' process got CORE_SHARE of its core in the busy rounds: the simulated
+    # clients have that much
+    assert fit.core_shares == pytest.approx([CORE_SHARE] * BUSY_ROUNDS)
     host = fit.host(classes)
-    assert host == ClientHost(cores=1.0, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
+    assert host == ClientHost(cores=CORE_SHARE, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
         (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
-        server_slowdown=pytest.approx(2.0))
+        cpu_per_client_other_s=pytest.approx(  # type: ignore[arg-type]
+            (PER_UNIT_OTHER_S / 50.0, PER_UNIT_OTHER_S / 20.0)),
+        cpu_per_visit_other_s=pytest.approx(PER_VISIT_OTHER_S),
+        cpu_per_request_s=pytest.approx(PER_REQUEST_S), server_slowdown=pytest.approx(2.0))
     # noise that makes the busy server look faster is no speed-up
     faster = replace(fit, server_busy_s=tuple(0.9 * s for s in fit.server_idle_s))
     assert faster.server_slowdown == 1.0
@@ -179,3 +281,33 @@ def test_the_report_shows_both_predictions() -> None:
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
                   server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
     assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio
+
+
+def test_the_slowdown_is_timed_again_between_policies_and_pooled() -> None:
+    """A transient under half the first pairs (x3 against x1.1) is outvoted once the pairs
+    timed before the later policies join them."""
+    world, classes = _world()
+    fake = FakeClients(world, classes)
+    fake.slowdowns = [3.0, 3.0, 3.0] + [1.1] * 20
+    rounds = [idle_check(world, fake.alone)]
+    fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
+    assert fit.ratios == pytest.approx([3.0] * 3 + [1.1] * 3)
+    assert fit.server_slowdown == pytest.approx(2.05) and fit.loaded  # the spread flags it
+    again = retimed(world, retimed(world, fit, fake.probes()), fake.probes())
+    assert len(again.ratios) == BUSY_ROUNDS + 2 * BETWEEN_PAIRS
+    assert again.server_slowdown == pytest.approx(1.1)
+    assert again.segments == fit.segments == tuple(fake.segments)
+    assert HostFit.from_json(again.to_json()).server_slowdown == pytest.approx(1.1)
+    assert "LOADED" in again.note() and "x1.1 while the clients compute" in again.note()
+    # the study recalibrates before each policy after the first
+    seen: list[tuple[str, ...]] = []
+
+    def between(w: World) -> World:
+        seen.append(w.policies)
+        return w
+
+    two = replace(world, policies=("server-only", "fixed:CCSSSC"))
+    server = FakeServer(two)
+    run_study(two, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+              progress=lambda line: None, between=between)
+    assert seen == [two.policies]

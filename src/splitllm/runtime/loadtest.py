@@ -303,16 +303,19 @@ SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may 
 
 
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
-              clock: Callable[[], float], progress: Callable[[str], None]
-              ) -> list[PolicyResult]:
+              clock: Callable[[], float], progress: Callable[[str], None],
+              between: Callable[[World], World] | None = None) -> list[PolicyResult]:
     """Per policy of `world`: the simulated capacity on the start-of-run world, the measured
     one searched from it, then the prediction on the machine as the policy's probes ran it
     (`loadtest_world.speed_factors`). Everything ends within `budget_s` on `clock` (probes are
     cut off at it): each policy gets an equal share of the time left, each simulated search
-    at most `SIMULATED_SHARE` of it."""
+    at most `SIMULATED_SHARE` of it. `between` recalibrates the world before each policy after
+    the first (its time counts)."""
     results = []
     end_s = clock() + budget_s
     for i, policy in enumerate(world.policies):
+        if i and between is not None:
+            world = between(world)
         now_s = clock()
         deadline_s = now_s + (end_s - now_s) / (len(world.policies) - i)
         simulated_by_s = now_s + SIMULATED_SHARE * (deadline_s - now_s)

@@ -22,7 +22,7 @@ from splitllm.errors import UserError
 
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
-    from splitllm.runtime.loadtest_host import HostFit
+    from splitllm.runtime.loadtest_host import HostFit, HostProbes
     from splitllm.runtime.loadtest_run import RealRunner
     from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec
     from splitllm.sim.world import World
@@ -151,7 +151,7 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
     server's slowdown while their cores compute timed after them."""
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.loadtest import server_job_s
-    from splitllm.runtime.loadtest_host import HostProbes, calibrate_host, client_cores
+    from splitllm.runtime.loadtest_host import calibrate_host, client_cores
     from splitllm.runtime.loadtest_idle import idle_check
     from splitllm.runtime.loadtest_world import with_step_model
     from splitllm.stepmodel import StepModel
@@ -171,16 +171,22 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
               "job); its step model "
               f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
     _progress("the server's seconds with the clients' cores computing")
-    fit = calibrate_host(world, classes, rounds,
-                         HostProbes(alone=runner.alone, computing=runner.computing),
-                         cores=client_cores())
-    world = replace(world, client_host=fit.host(classes))
-    runner.world = world
-    _progress(f"the EMULATED clients share {fit.cores} core(s): "
-              f"{fit.cpu_per_machine_s:.3g} CPU s per second of this machine's unit time, "
-              f"{fit.cpu_per_visit_s * 1e3:.3g} ms per visit; the server x"
-              f"{fit.server_slowdown:.3g} while they compute (and they x that while it does)")
-    return world, fit
+    fit = calibrate_host(world, classes, rounds, _host_probes(runner), cores=client_cores())
+    return with_host(world, fit, runner, classes), fit
+
+
+def _host_probes(runner: RealRunner) -> HostProbes:
+    from splitllm.runtime.loadtest_host import HostProbes
+
+    return HostProbes(alone=runner.alone, computing=runner.computing, together=runner.together)
+
+
+def with_host(world: World, fit: HostFit, runner: RealRunner,
+              classes: tuple[EmulatedClass, ...]) -> World:
+    """The world (the runner's too) whose clients share the machine `fit` calibrated."""
+    runner.world = replace(world, client_host=fit.host(classes))
+    _progress(f"the EMULATED clients share {fit.cores} core(s). {fit.note()}")
+    return runner.world
 
 
 def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
@@ -229,17 +235,27 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
             server=url, token=token, max_in_flight=max_in_flight))
         stack.callback(runner.close)
         world, host = calibrated(world, runner, url, token, classes)
+
+        def between(world: World) -> World:
+            """The server's slowdown timed again (pooled with the pairs before)."""
+            nonlocal host
+            from splitllm.runtime.loadtest_host import retimed
+
+            host = retimed(world, host, _host_probes(runner))
+            return with_host(world, host, runner, classes)
+
         _progress("each policy's plan for the largest requests, alone on the idle server")
         idle = idle_check(world, runner.alone)
         # less what ran before, and a longest SLA kept for the requests a cut-off probe still
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
         results = run_study(world, runner.probe, budget_s=left_s, clock=time.monotonic,
-                            progress=_progress)
+                            progress=_progress, between=between)
+        world = runner.world  # its server's slowdown as last timed (all pairs pooled)
     where = (f"the server at {server}" if server else
              "a local `splitllm serve` child process pinned to its own core")
     header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,
-                         model=loaded.model_id, where=where)
+                         model=loaded.model_id, where=where) + "\n\n" + host.note()
     document = study_json(results, world, classes, scenario=scenario_name,
                           length_scale=spec.length_scale, idle=idle_json(idle),
                           client_host=host.to_json())

@@ -7,15 +7,24 @@ their own device. Measured at the splits' capacities before this model: the clie
 0.80-0.88 of its one core (70-76 ms of CPU a request, 67-72 ms of it in the units), where the
 simulator gave each client its own device. Calibrated here:
 - the clients' CPU: the client process's CPU seconds for each of the idle check's requests
-  (run alone), against this machine's own time for its client units (the planner's roofline
-  on this machine's device profile: the class's emulated time over its slowdown) and its
-  visits to the server (transport): non-negative least squares over the calibration rounds;
+  run alone, and for batches of the probes' own requests (the world's first
+  `TOGETHER_REQUESTS`, every size, as each policy plans them) started at once through the
+  probes' worker threads, against this machine's own time for their client units (the
+  planner's roofline on this machine's device profile: the class's emulated time over its
+  slowdown) and their visits to the server (transport), each alone and times the other
+  requests in flight beside it, and their count (non-negative least squares: fitted on the
+  largest requests alone, the probes' client process took 1.12-1.38x the CPU it said);
 - the server's slowdown while the clients' cores compute (their compute and the server share
   this machine's memory bandwidth): the server's seconds for one policy's idle-check requests
   with the clients' cores busy running the split plans' client units for real (the same
   weights the clients read, one position a pass), over the same requests' seconds with those
-  cores idle, rounds alternating (measured: 1.52x with the whole model computing, 2 rounds;
-  1.13x with the plans' units, 4 rounds; 2.08x while other work loaded the machine).
+  cores idle, in pairs whose order alternates (measured: 1.52x with the whole model
+  computing, 2 rounds; 1.13x with the plans' units, 4 rounds; 2.08x while other work loaded
+  the machine): the median pair's ratio; in the busy rounds, the share of its cores the
+  clients' process gets (CPU over wall seconds: other work on the machine takes the rest),
+  the simulated clients' cores; and the calibration flagged `loaded` where the
+  machine's load average beyond this load test's own two processes exceeds
+  `LOADED_BEYOND` or the pairs' ratios spread wider than `LOADED_SPREAD`.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import contextlib
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,13 +42,47 @@ import numpy as np
 from scipy.optimize import nnls
 
 from splitllm.placement import CLIENT, Placement
+from splitllm.planner.instance import evaluate
 from splitllm.runtime.loadtest_idle import IdleRow, Runner, idle_check
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.client_host import ClientHost
+from splitllm.sim.policies import PlanPolicy, request_instance
 from splitllm.sim.world import World
 
-BUSY_ROUNDS = 6  # rounds of one policy's idle-check requests with the clients' cores busy
+BUSY_ROUNDS = 6  # pairs of one policy's idle-check rounds, the clients' cores idle and busy
 # (two read 1.71 and 1.25 s against 0.87-0.99 s idle: one round's noise is large)
+TOGETHER_REQUESTS = 18  # requests started at once in a calibration batch (the probes near the
+# splits' capacities ran 20-30 at once)
+TOGETHER_ROUNDS = 2  # batches per policy
+BETWEEN_PAIRS = 2  # pairs timed again before each policy after the first
+LOADED_BEYOND = 1.0  # runnable processes beyond the load test's own two (its server, clients)
+LOADED_SPREAD = 1.5  # the pairs' highest ratio over their lowest
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuSample:
+    """Client work, and the clients' process's CPU seconds measured for it."""
+
+    unit_s: float  # this machine's seconds of the client units computed
+    visits: float
+    unit_others_s: float  # the units' seconds x the other requests in flight beside them
+    visit_others: float  # the visits x the other requests in flight beside them
+    requests: int
+    cpu_s: float
+
+    def regressors(self) -> tuple[float, float, float, float, float]:
+        return (self.unit_s, self.visits, self.unit_others_s, self.visit_others,
+                float(self.requests))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Together:
+    """Requests started at once through the probes' worker threads."""
+
+    spans_s: tuple[tuple[float, float], ...]  # each one's (start, end), seconds on one clock
+    round_trips: tuple[int, ...]  # each one's visits to the server
+    cpu_s: float  # the clients' process's CPU seconds over them all
+    server_busy_share: float  # the server's busy seconds over the batch's wall seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,32 +92,105 @@ class HostFit:
     cores: int  # the clients' cores (this process's CPU affinity)
     cpu_per_machine_s: float  # client CPU seconds per second of this machine's unit time
     cpu_per_visit_s: float  # client CPU seconds per visit to the server (transport)
+    cpu_per_machine_other_s: float = 0.0  # ... more per unit second and per visit for each
+    cpu_per_visit_other_s: float = 0.0  # other request in flight beside it
+    cpu_per_request_s: float = 0.0  # client CPU seconds of a request's start and end
     server_idle_s: tuple[float, ...]  # the server's seconds for the same requests, per round:
     server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
+    load_average: float = math.nan  # the machine's during the calibration (1 minute)
+    samples: tuple[CpuSample, ...] = ()  # what the CPU fit was fitted on
+    segments: tuple[tuple[int, int], ...] = ()  # the client unit ranges the busy rounds ran
+    core_shares: tuple[float, ...] = ()  # per busy round: the clients' process's CPU seconds
+    # per wall second and core while its cores computed without pause
+
+    @property
+    def core_share(self) -> float:
+        """The share of its cores the clients' process gets (other work on the machine takes
+        the rest): the busy rounds' median, at most 1."""
+        return min(statistics.median(self.core_shares), 1.0) if self.core_shares else 1.0
+
+    @property
+    def ratios(self) -> list[float]:
+        """Each pair's busy over idle seconds."""
+        return [busy / idle for idle, busy in zip(self.server_idle_s, self.server_busy_s,
+                                                  strict=False) if idle > 0]
 
     @property
     def server_slowdown(self) -> float:
-        """The server's time with the clients' cores busy over idle, the median of the rounds'
-        ratios (each busy round beside its idle one; >= 1: noise below it)."""
-        ratios = [busy / idle for idle, busy in zip(self.server_idle_s, self.server_busy_s,
-                                                      strict=False) if idle > 0]
+        """The server's time with the clients' cores busy over idle, the median pair's ratio
+        (>= 1: noise below it)."""
+        ratios = self.ratios
         return max(statistics.median(ratios), 1.0) if ratios else 1.0
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the calibration ran on a machine other work loaded (its slowdown suspect)."""
+        ratios = self.ratios
+        spread = max(ratios) / min(ratios) if ratios and min(ratios) > 0 else 1.0
+        return self.load_average - 2 > LOADED_BEYOND or spread > LOADED_SPREAD
+
+    def note(self) -> str:
+        """The calibration in one paragraph, for the report's header."""
+        flag = ("**LOADED: the calibration ran on a machine other work loaded** (load average "
+                f"{self.load_average:.2f} beyond this load test's own two processes by more "
+                f"than {LOADED_BEYOND:g}, or the pairs' ratios {LOADED_SPREAD:g}x apart or "
+                "more): its slowdown is suspect" if self.loaded else "not loaded")
+        return (f"Calibration of the clients' machine: {self.cpu_per_machine_s:.3g} CPU s per "
+                f"second of this machine's unit time, {self.cpu_per_visit_s * 1e3:.3g} ms per "
+                f"visit, {self.cpu_per_request_s * 1e3:.3g} ms per request, and for each "
+                f"other request in flight {self.cpu_per_machine_other_s:.3g} and "
+                f"{self.cpu_per_visit_other_s * 1e3:.3g} ms more (fitted on {len(self.samples)} "
+                "samples: the idle check's requests alone and batches of the probes' requests "
+                f"at once); the server x{self.server_slowdown:.3g} while the clients compute "
+                f"(the median of {len(self.ratios)} pairs: "
+                f"{', '.join(f'{r:.2f}' for r in self.ratios)}); the clients' process got "
+                f"{self.core_share:.2f} of its {self.cores} core(s) while they computed (the "
+                "median of the busy rounds: the rest went to other work); load average "
+                f"{self.load_average:.2f}: {flag}.")
 
     def host(self, classes: Sequence[EmulatedClass]) -> ClientHost:
         """The world's clients' machine: each class's CPU per second of its emulated time is
         this machine's CPU per unit second over the class's slowdown."""
-        return ClientHost(cores=float(self.cores),
+        return ClientHost(cores=self.cores * self.core_share,
                           cpu_per_client_s=tuple(self.cpu_per_machine_s / e.slowdown
                                                  for e in classes),
                           cpu_per_visit_s=self.cpu_per_visit_s,
+                          cpu_per_client_other_s=tuple(self.cpu_per_machine_other_s / e.slowdown
+                                                       for e in classes),
+                          cpu_per_visit_other_s=self.cpu_per_visit_other_s,
+                          cpu_per_request_s=self.cpu_per_request_s,
                           server_slowdown=self.server_slowdown)
 
     def to_json(self) -> dict[str, Any]:
         return {"cores": self.cores, "cpu_per_machine_s": self.cpu_per_machine_s,
                 "cpu_per_visit_s": self.cpu_per_visit_s,
+                "cpu_per_machine_other_s": self.cpu_per_machine_other_s,
+                "cpu_per_visit_other_s": self.cpu_per_visit_other_s,
+                "cpu_per_request_s": self.cpu_per_request_s,
                 "server_idle_s": list(self.server_idle_s),
                 "server_busy_s": list(self.server_busy_s),
-                "server_slowdown": self.server_slowdown}
+                "server_slowdown": self.server_slowdown, "load_average": self.load_average,
+                "loaded": self.loaded, "segments": [list(seg) for seg in self.segments],
+                "core_shares": list(self.core_shares), "core_share": self.core_share,
+                "samples": [{"unit_s": c.unit_s, "visits": c.visits,
+                             "unit_others_s": c.unit_others_s, "visit_others": c.visit_others,
+                             "requests": c.requests, "cpu_s": c.cpu_s} for c in self.samples]}
+
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> HostFit:
+        """A fit from its `to_json` (older runs': no concurrency terms, no load average)."""
+        return cls(cores=int(document["cores"]),
+                   cpu_per_machine_s=float(document["cpu_per_machine_s"]),
+                   cpu_per_visit_s=float(document["cpu_per_visit_s"]),
+                   cpu_per_machine_other_s=float(document.get("cpu_per_machine_other_s", 0.0)),
+                   cpu_per_visit_other_s=float(document.get("cpu_per_visit_other_s", 0.0)),
+                   cpu_per_request_s=float(document.get("cpu_per_request_s", 0.0)),
+                   server_idle_s=tuple(document["server_idle_s"]),
+                   server_busy_s=tuple(document["server_busy_s"]),
+                   load_average=float(document.get("load_average", math.nan)),
+                   segments=tuple((int(a), int(b)) for a, b in document.get("segments", ())),
+                   core_shares=tuple(document.get("core_shares", ())))
 
 
 def client_cores() -> int:
@@ -83,19 +200,54 @@ def client_cores() -> int:
     return os.cpu_count() or 1
 
 
-def fit_client_cpu(rows: Sequence[IdleRow], classes: Sequence[EmulatedClass]
-                   ) -> tuple[float, float]:
-    """(CPU seconds per second of this machine's unit time, CPU seconds per visit): the
-    non-negative least-squares fit of the rows' measured client CPU."""
-    slowdown = {e.name: e.slowdown for e in classes}
-    kept = [r for r in rows if math.isfinite(r.client_cpu_s)]
+def fit_client_cpu(samples: Sequence[CpuSample]) -> tuple[float, float, float, float, float]:
+    """(CPU seconds per second of this machine's unit time, per visit, each of those per other
+    request in flight, per request): the non-negative least-squares fit of the samples' CPU."""
+    kept = [c for c in samples if math.isfinite(c.cpu_s)]
     if not kept:
-        return 0.0, 0.0
-    x = np.array([[r.predicted.client_s / slowdown[r.client_class], r.round_trips]
-                  for r in kept], dtype=float)
-    y = np.array([r.client_cpu_s for r in kept], dtype=float)
-    (per_unit_s, per_visit_s), _ = nnls(x, y)
-    return float(per_unit_s), float(per_visit_s)
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    x = np.array([c.regressors() for c in kept], dtype=float)
+    y = np.array([c.cpu_s for c in kept], dtype=float)
+    unit, visit, unit_other, visit_other, request = nnls(x, y)[0]
+    return float(unit), float(visit), float(unit_other), float(visit_other), float(request)
+
+
+def _machine_s(row: IdleRow, classes: Sequence[EmulatedClass]) -> float:
+    """This machine's seconds of the row's client units (its class's time over its slowdown)."""
+    return row.predicted.client_s / next(e.slowdown for e in classes
+                                         if e.name == row.client_class)
+
+
+def alone_samples(rows: Sequence[IdleRow], classes: Sequence[EmulatedClass]
+                  ) -> list[CpuSample]:
+    """The idle check's requests, each run alone."""
+    return [CpuSample(unit_s=_machine_s(r, classes), visits=r.round_trips, unit_others_s=0.0,
+                      visit_others=0.0, requests=1, cpu_s=r.client_cpu_s) for r in rows]
+
+
+def others_in_flight(spans_s: Sequence[tuple[float, float]]) -> list[float]:
+    """For each span: the other spans beside it, on average over its length."""
+    out = []
+    for i, (a, b) in enumerate(spans_s):
+        overlap_s = sum(max(min(b, d) - max(a, c), 0.0)
+                        for j, (c, d) in enumerate(spans_s) if j != i)
+        out.append(overlap_s / (b - a) if b > a else 0.0)
+    return out
+
+
+def together_sample(unit_s: Sequence[float], together: Together, server_slowdown: float
+                    ) -> CpuSample:
+    """A batch of requests run at once, `unit_s` this machine's seconds of each one's client
+    units, priced as the simulated clients pay them (x `server_slowdown` while the server
+    computes: its busy share of the batch)."""
+    others = others_in_flight(together.spans_s)
+    slowed = 1.0 + (server_slowdown - 1.0) * min(together.server_busy_share, 1.0)
+    return CpuSample(unit_s=slowed * sum(unit_s), visits=sum(together.round_trips),
+                     unit_others_s=slowed * sum(u * k for u, k in zip(unit_s, others,
+                                                                      strict=True)),
+                     visit_others=sum(v * k for v, k in zip(together.round_trips, others,
+                                                            strict=True)),
+                     requests=len(unit_s), cpu_s=together.cpu_s)
 
 
 def _server_s(rows: Sequence[IdleRow], policy: str) -> float:
@@ -109,6 +261,8 @@ def client_segments(rows: Sequence[IdleRow]) -> list[tuple[int, int]]:
 
 
 Computing = Callable[[int, Sequence[tuple[int, int]]], contextlib.AbstractContextManager[None]]
+Request = tuple[int, int, int, str]  # (class, prompt tokens, output tokens, placement)
+AllAtOnce = Callable[[Sequence[Request]], Together]
 
 
 @dataclass(frozen=True)
@@ -117,25 +271,95 @@ class HostProbes:
 
     alone: Runner  # one request by itself
     computing: Computing  # within: the clients' cores busy with these client unit ranges
+    together: AllAtOnce  # requests started at once through the probes' worker threads
+    clock: Callable[[], tuple[float, float]] = lambda: (time.perf_counter(),
+                                                        time.process_time())  # (wall, CPU)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Rounds of one policy's idle-check requests, the clients' cores idle and busy."""
+
+    idle_s: tuple[float, ...]  # the server's seconds, per round
+    busy_s: tuple[float, ...]
+    core_shares: tuple[float, ...]  # per busy round: the clients' process's CPU seconds per
+    # wall second and core (what other work on the machine leaves it)
+
+
+def _slowdown_pairs(world: World, segments: Sequence[tuple[int, int]], probes: HostProbes,
+                    *, cores: int, pairs: int) -> Pairs:
+    """The server's seconds for one policy's idle-check requests, the clients' cores idle and
+    busy with the client unit ranges `segments`, `pairs` pairs whose order alternates (a drift
+    in the machine's other load moves both sides of the median pair alike)."""
+    policy = "server-only" if "server-only" in world.policies else world.policies[0]
+    one = replace(world, policies=(policy,))
+    idle: list[float] = []
+    busy: list[float] = []
+    shares: list[float] = []
+    for i in range(pairs if segments else 0):
+        for computing in ((False, True) if i % 2 == 0 else (True, False)):
+            if not computing:
+                idle.append(_server_s(idle_check(one, probes.alone), policy))
+                continue
+            wall_s, cpu_s = probes.clock()
+            with probes.computing(cores, segments):
+                busy.append(_server_s(idle_check(one, probes.alone), policy))
+            (wall_end_s, cpu_end_s) = probes.clock()
+            shares.append((cpu_end_s - cpu_s) / max(wall_end_s - wall_s, 1e-9) / cores)
+    return Pairs(tuple(idle), tuple(busy), tuple(shares))
+
+
+def retimed(world: World, fit: HostFit, probes: HostProbes) -> HostFit:
+    """`fit` with `BETWEEN_PAIRS` more pairs timed now (between policies: a transient under
+    the first pairs is outvoted by the later ones in the median)."""
+    more = _slowdown_pairs(world, fit.segments, probes, cores=fit.cores, pairs=BETWEEN_PAIRS)
+    return replace(fit, server_idle_s=fit.server_idle_s + more.idle_s,
+                   server_busy_s=fit.server_busy_s + more.busy_s,
+                   core_shares=fit.core_shares + more.core_shares)
+
+
+def _together_samples(world: World, classes: Sequence[EmulatedClass], probes: HostProbes,
+                      server_slowdown: float) -> list[CpuSample]:
+    """`TOGETHER_ROUNDS` batches per policy: the world's first `TOGETHER_REQUESTS` requests
+    (the probes' own, of every size) as the policy plans them at no load, all at once."""
+    trace = world.trace
+    assert trace is not None  # the load test's world replays recorded requests
+    n = min(TOGETHER_REQUESTS, len(trace.arrived_at_s))
+    requests = [(trace.type_index[i], trace.class_index[i], trace.prompt_tokens[i],
+                 trace.output_tokens[i]) for i in range(n)]
+    batches = []
+    for policy in world.policies:
+        plans = PlanPolicy(world, policy)
+        batch: list[Request] = []
+        unit_s: list[float] = []
+        for k, c, p, g in requests:
+            placement = plans.decide(k, c, p, g).placement
+            instance = request_instance(world.types[k], world.clients[c], world, p, g)
+            unit_s.append(evaluate(instance, placement).client_compute_s / classes[c].slowdown)
+            batch.append((c, p, g, placement.sides))
+        batches.append((batch, unit_s))
+    return [together_sample(unit_s, probes.together(batch), server_slowdown)
+            for _ in range(TOGETHER_ROUNDS) for batch, unit_s in batches]
 
 
 def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                    rounds: Sequence[Sequence[IdleRow]], probes: HostProbes, *,
                    cores: int) -> HostFit:
-    """Fit the clients' CPU on the calibration `rounds` (the idle check's rows), and time one
-    policy's idle-check requests again
-    (`BUSY_ROUNDS`), each round once idle and once while `probes.computing(cores, segments)`
-    keeps the clients' cores busy with the plans' client units (none: no slowdown timed)."""
+    """Time the server's slowdown while the clients' cores compute (`_slowdown_pairs`), run
+    batches of the idle check's requests at once (`_together_samples`), and fit the clients'
+    CPU on those and on the calibration `rounds` (the idle check's rows, each alone)."""
+    load_average = os.getloadavg()[0]  # before the batches' threads count in it
     rows = [r for found in rounds for r in found]
-    per_unit_s, per_visit_s = fit_client_cpu(rows, classes)
-    policy = "server-only" if "server-only" in world.policies else world.policies[0]
-    one = replace(world, policies=(policy,))
-    idle, busy = [], []
-    segments = client_segments(rows)
-    for _ in range(BUSY_ROUNDS if segments else 0):  # alternately: the machine's other load
-        # moves between minutes, not between seconds
-        idle.append(_server_s(idle_check(one, probes.alone), policy))
-        with probes.computing(cores, segments):
-            busy.append(_server_s(idle_check(one, probes.alone), policy))
-    return HostFit(cores=cores, cpu_per_machine_s=per_unit_s, cpu_per_visit_s=per_visit_s,
-                   server_idle_s=tuple(idle), server_busy_s=tuple(busy))
+    segments = tuple(client_segments(rows))
+    pairs = _slowdown_pairs(world, segments, probes, cores=cores, pairs=BUSY_ROUNDS)
+    slowdown = HostFit(cores=cores, cpu_per_machine_s=0.0, cpu_per_visit_s=0.0,
+                       server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s).server_slowdown
+    samples = [*alone_samples(rows, classes),
+               *_together_samples(world, classes, probes, slowdown)]
+    unit, visit, unit_other, visit_other, request = fit_client_cpu(samples)
+    return HostFit(cores=cores, cpu_per_machine_s=unit, cpu_per_visit_s=visit,
+                   cpu_per_machine_other_s=unit_other, cpu_per_visit_other_s=visit_other,
+                   cpu_per_request_s=request,
+                   server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s,
+                   core_shares=pairs.core_shares, load_average=load_average,
+                   samples=tuple(samples), segments=segments)

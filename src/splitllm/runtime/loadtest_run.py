@@ -39,6 +39,7 @@ from splitllm.runtime.loadtest import (
     run_record,
     server_job_s,
 )
+from splitllm.runtime.loadtest_host import Request, Together
 from splitllm.runtime.loadtest_idle import Alone
 from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofline_clock
 from splitllm.runtime.metrics import parse_metrics
@@ -183,6 +184,27 @@ class RealRunner:
                      client_busy_s=generation.client_busy_s,
                      server_busy_s=generation.server_busy_s, round_trips=generation.round_trips,
                      client_cpu_s=time.process_time() - start_cpu_s)
+
+    def together(self, requests: Sequence[Request]) -> Together:
+        """Start `requests` (class, prompt, output tokens, placement) all at once through the
+        probes' worker threads; the clients' process's CPU over them."""
+        self._connect_ahead([c for c, *_ in requests])
+        before = self.metrics()
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
+        futures = [self.pool.submit(self._span, *request) for request in requests]
+        spans = [future.result() for future in futures]
+        wall_s, cpu_s = time.perf_counter() - start_s, time.process_time() - start_cpu_s
+        busy_s = counter_delta(self.metrics(), before, BUSY)
+        return Together(spans_s=tuple((a, b) for a, b, _ in spans),
+                        round_trips=tuple(visits for *_, visits in spans), cpu_s=cpu_s,
+                        server_busy_share=busy_s / wall_s)
+
+    def _span(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
+              ) -> tuple[float, float, int]:
+        """When one request of a batch started and ended, and its visits to the server."""
+        start_s = time.perf_counter()
+        alone = self.alone(class_index, prompt_tokens, output_tokens, placement)
+        return start_s, time.perf_counter(), alone.round_trips
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
