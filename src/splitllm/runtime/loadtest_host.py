@@ -176,7 +176,6 @@ class HostFit:
                              "unit_others_s": c.unit_others_s, "visit_others": c.visit_others,
                              "requests": c.requests, "cpu_s": c.cpu_s} for c in self.samples]}
 
-
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> HostFit:
         """A fit from its `to_json` (older runs': no concurrency terms, no load average)."""
