@@ -247,8 +247,10 @@ def _report(split: Generation, server_only: Generation, predicted: dict[str, Fig
             ) -> Table:
     """Measured beside predicted (for the tokens each run generated), split and server-only."""
     table = Table(title="What the split did",
-                  caption="measured on this machine; the phone and the link are EMULATED; "
-                          "CPU seconds are robust to other load, wall seconds are not")
+                  caption="measured once on this machine; the phone and the link are "
+                          "EMULATED; CPU seconds are robust to preemption, not to other work's "
+                          "memory traffic: on a busy machine one run's saving moves by +-20% "
+                          "(`splitllm fidelity` pairs 9 rounds)")
     for column in ("", "split", "server-only"):
         table.add_column(column, justify="left" if not column else "right")
     def saved(split_s: float, server_only_s: float) -> str:
