@@ -112,15 +112,12 @@ class HostFit:
     @property
     def ratios(self) -> list[float]:
         """Each pair's busy over idle seconds."""
-        return [busy / idle for idle, busy in zip(self.server_idle_s, self.server_busy_s,
-                                                  strict=False) if idle > 0]
+        return pair_ratios(self.server_idle_s, self.server_busy_s)
 
     @property
     def server_slowdown(self) -> float:
-        """The server's time with the clients' cores busy over idle, the median pair's ratio
-        (>= 1: noise below it)."""
-        ratios = self.ratios
-        return max(statistics.median(ratios), 1.0) if ratios else 1.0
+        """The server's time with the clients' cores busy over idle (`median_slowdown`)."""
+        return median_slowdown(self.ratios)
 
     @property
     def loaded(self) -> bool:
@@ -190,6 +187,16 @@ class HostFit:
                    load_average=float(document.get("load_average", math.nan)),
                    segments=tuple((int(a), int(b)) for a, b in document.get("segments", ())),
                    core_shares=tuple(document.get("core_shares", ())))
+
+
+def pair_ratios(idle_s: Sequence[float], busy_s: Sequence[float]) -> list[float]:
+    """Each pair's busy over idle seconds."""
+    return [busy / idle for idle, busy in zip(idle_s, busy_s, strict=False) if idle > 0]
+
+
+def median_slowdown(ratios: Sequence[float]) -> float:
+    """The median pair's ratio (>= 1: noise below it; none: 1)."""
+    return max(statistics.median(ratios), 1.0) if ratios else 1.0
 
 
 def client_cores() -> int:
@@ -351,8 +358,7 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
     rows = [r for found in rounds for r in found]
     segments = tuple(client_segments(rows))
     pairs = _slowdown_pairs(world, segments, probes, cores=cores, pairs=BUSY_ROUNDS)
-    slowdown = HostFit(cores=cores, cpu_per_machine_s=0.0, cpu_per_visit_s=0.0,
-                       server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s).server_slowdown
+    slowdown = median_slowdown(pair_ratios(pairs.idle_s, pairs.busy_s))
     samples = [*alone_samples(rows, classes),
                *_together_samples(world, classes, probes, slowdown)]
     unit, visit, unit_other, visit_other, request = fit_client_cpu(samples)
