@@ -299,10 +299,9 @@ def _host_text(world: World) -> str:
                           zip(world.clients, host.cpu_per_client_s, strict=True))
     return (f"The simulated world shares them too: {host.cores:g} processor-shared core(s), "
             f"each client pass's real CPU there (per second of its emulated time: {per_class}; "
-            f"{host.cpu_per_visit_s * 1e3:.3g} ms per visit, "
-            f"{host.cpu_per_request_s * 1e3:.3g} ms per request, and more of each per other "
-            "request in flight when the pass starts; fitted on the calibration's requests "
-            "alone and in batches at once), a pass lasting its emulated time or, if longer, "
+            f"{host.cpu_per_visit_s * 1e3:.3g} ms per visit; fitted on the calibration's "
+            "requests alone and in batches at once), a pass lasting its emulated time or, if "
+            "longer, "
             "until its CPU is done; "
             f"and the server's steps x{host.server_slowdown:.3g} while those cores are all "
             "busy computing units (timed on server-only's idle-check requests with the "

@@ -191,20 +191,12 @@ class RealRunner:
         self._connect_ahead([c for c, *_ in requests])
         before = self.metrics()
         start_s, start_cpu_s = time.perf_counter(), time.process_time()
-        futures = [self.pool.submit(self._span, *request) for request in requests]
-        spans = [future.result() for future in futures]
+        futures = [self.pool.submit(self.alone, *request) for request in requests]
+        runs = [future.result() for future in futures]
         wall_s, cpu_s = time.perf_counter() - start_s, time.process_time() - start_cpu_s
         busy_s = counter_delta(self.metrics(), before, BUSY)
-        return Together(spans_s=tuple((a, b) for a, b, _ in spans),
-                        round_trips=tuple(visits for *_, visits in spans), cpu_s=cpu_s,
+        return Together(round_trips=tuple(run.round_trips for run in runs), cpu_s=cpu_s,
                         server_busy_share=busy_s / wall_s)
-
-    def _span(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
-              ) -> tuple[float, float, int]:
-        """When one request of a batch started and ended, and its visits to the server."""
-        start_s = time.perf_counter()
-        alone = self.alone(class_index, prompt_tokens, output_tokens, placement)
-        return start_s, time.perf_counter(), alone.round_trips
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:

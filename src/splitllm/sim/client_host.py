@@ -12,13 +12,7 @@ core(s), computing their units for real and sleeping up to their emulated device
   memory bandwidth); and alike, a pass's unit CPU that starts while the server computes takes
   `server_slowdown` times its CPU (the same sharing seen from the other side: measured at the
   splits' rates, with the server about half busy, a unit cost 1.24-1.34 CPU s per second of
-  this machine's time against 1.15-1.19 alone);
-- a pass's CPU grows with the requests in flight beside it (`cpu_per_client_other_s`,
-  `cpu_per_visit_other_s`: per other request in flight when the pass starts): their threads in
-  the one process hand the interpreter's lock and the cores to each other (measured before this
-  term, the probes' client process took 1.12-1.38x the CPU of the same requests run alone),
-  and each request costs `cpu_per_request_s` once (its session's start and end), charged with
-  its first pass.
+  this machine's time against 1.15-1.19 alone).
 """
 
 from __future__ import annotations
@@ -40,32 +34,18 @@ class ClientHost:
     cpu_per_client_s: tuple[float, ...] = ()  # per client class: real CPU seconds per second of
     # its emulated client time (this machine's CPU per unit over the class's slowdown)
     cpu_per_visit_s: float = 0.0  # client CPU of one visit to the server (its transport work)
-    cpu_per_client_other_s: tuple[float, ...] = ()  # per class: more CPU per second of its
-    # emulated client time for each other request in flight
-    cpu_per_visit_other_s: float = 0.0  # more CPU per visit for each other request in flight
-    cpu_per_request_s: float = 0.0  # client CPU of a request's own start and end (its session)
     server_slowdown: float = 1.0  # the server's steps x this while the clients' cores are all
     # busy computing units (x1 while idle, linear between; a visit's transport work: idle)
 
     def scaled_cpu(self, factor: float) -> ClientHost:
         """This machine with every pass's CPU (units and visits) times `factor`."""
         return replace(self, cpu_per_client_s=tuple(c * factor for c in self.cpu_per_client_s),
-                       cpu_per_visit_s=self.cpu_per_visit_s * factor,
-                       cpu_per_client_other_s=tuple(c * factor
-                                                    for c in self.cpu_per_client_other_s),
-                       cpu_per_visit_other_s=self.cpu_per_visit_other_s * factor,
-                       cpu_per_request_s=self.cpu_per_request_s * factor)
+                       cpu_per_visit_s=self.cpu_per_visit_s * factor)
 
-    def cpu_s(self, class_index: int, client_s: float, visits: int, others: int = 0,
-              requests: int = 0) -> float:
-        """Real CPU seconds of a gap's client work, its units' and its visits' transport (and
-        the `requests` started in it), with `others` other requests in flight."""
-        alone = self.cpu_per_client_s[class_index] if self.cpu_per_client_s else 0.0
-        beside = (self.cpu_per_client_other_s[class_index] if self.cpu_per_client_other_s
-                  else 0.0)
-        return ((alone + beside * others) * client_s
-                + (self.cpu_per_visit_s + self.cpu_per_visit_other_s * others) * visits
-                + self.cpu_per_request_s * requests)
+    def cpu_s(self, class_index: int, client_s: float, visits: int) -> float:
+        """Real CPU seconds of a gap's client work: its units' and its visits' transport."""
+        per_client_s = self.cpu_per_client_s[class_index] if self.cpu_per_client_s else 0.0
+        return per_client_s * client_s + self.cpu_per_visit_s * visits
 
     def server_factor(self, busy_fraction: float) -> float:
         """How many times its own time a server step takes while this share of the clients'

@@ -8,7 +8,6 @@ SLA after it, so every measured request has either finished or certainly missed 
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -88,10 +87,6 @@ class _Run:
         host = world.client_host
         self.cores = None if host is None else SharedCores(host.cores, self._computed)
         self.gap_started_s = [0.0] * n  # when the request's current gap began (shared cores)
-        # requests in flight (their CPU grows with it): arrived, less those whose finish time
-        # (known ahead: a last gap's end) has passed
-        self.arrived_n, self.finished_n = 0, 0
-        self.finishing: list[float] = []  # a heap of finish times still ahead
         slowed = host is not None and host.server_slowdown != 1.0
         self.server = make_server(world.server, self._done, self.busy, self._shape, cost,
                                   self._server_slowdown if slowed else None)
@@ -120,7 +115,6 @@ class _Run:
         if r + 1 < len(self.arrivals):  # one pending arrival keeps the heap small
             out.append((self.arrivals[r + 1], ARRIVE, r + 1, 0))
         walk = self.walks[r] = self._walk(now_s, r)
-        self.arrived_n += 1
         if not walk.jobs:  # runs entirely on its client
             self.first_token[r] = now_s + walk.first_token_tail_s
         nxt = self._gap(now_s, r, 0)
@@ -134,29 +128,19 @@ class _Run:
         walk = self.walks[r]
         host = self.world.client_host
         if self.cores is not None and host is not None:
-            others = self._in_flight(now_s) - 1
-            units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0, others)
+            units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0)
             if isinstance(self.server, BatchedServer) and self.server.running:
                 units_s *= host.server_slowdown  # the server's compute slows theirs alike
-            cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs), others,
-                                         requests=int(j == 0))
+            cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs))
             if cpu_s > 0:
                 self.gap_started_s[r] = now_s
                 return self.cores.arrive(now_s, r, j, cpu_s, units_s > 0)
         return self._gap_end(now_s + walk.gaps_s[j], r, j)
 
-    def _in_flight(self, now_s: float) -> int:
-        """Requests arrived and not finished by now."""
-        while self.finishing and self.finishing[0] <= now_s:
-            heapq.heappop(self.finishing)
-            self.finished_n += 1
-        return self.arrived_n - self.finished_n
-
     def _computed(self, now_s: float, r: int, j: int) -> NewEvent | None:
         """Gap j's CPU is done on the shared cores: its client compute took its device's time
         or, if longer, until now (the client sleeps up to its device's time, never less; a
-        visit's transport CPU alone is in the link's visit cost already; what the requests in
-        flight beside it add is not)."""
+        visit's transport CPU is in the link's visit cost already)."""
         walk, started_s = self.walks[r], self.gap_started_s[r]
         assert self.world.client_host is not None
         visit_cpu_s = self.world.client_host.cpu_per_visit_s if j < walk.jobs else 0.0
@@ -197,7 +181,6 @@ class _Run:
 
     def _finish(self, r: int, at_s: float) -> None:
         self.finished[r] = at_s
-        heapq.heappush(self.finishing, at_s)
         if self.meter is not None:  # the tuned headroom learns from every finished request
             # (known at its finish time: the feedback reaches later arrivals, never earlier)
             steps = self.outputs[r] - 1
