@@ -154,6 +154,7 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
     # every request visited the server, and the clients' process spent CPU on them
     together = fit.samples[-len(world.policies) * TOGETHER_ROUNDS:]
     assert all(s.visits > 0 and s.cpu_s > 0 for s in together)
+    assert fit.cpu_per_poll_s > 0  # its reads of /metrics cost the clients' process CPU
     assert len(fit.samples) == 3 * len(rows) + len(together)
     assert all(r.client_cpu_s > 0 for r in rows)
     job_s = ready.server.step_model.job_s

@@ -14,7 +14,7 @@ from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, worl
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
+from splitllm.runtime.loadtest import POLL_S, Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
     BETWEEN_PAIRS,
     BUSY_ROUNDS,
@@ -40,6 +40,7 @@ from splitllm.sim.policies import request_instance
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
+PER_POLL_S = 0.004  # ... and per read of the server's load
 BUSY_SHARE = 0.5  # the fake server's busy share while a batch runs
 CORE_SHARE = 0.75  # the fake clients' share of their core while it computes
 
@@ -87,9 +88,12 @@ class FakeClients:
         self.batches.append(list(requests))
         return Together(round_trips=tuple(trips), cpu_s=cpu_s, server_busy_share=BUSY_SHARE)
 
+    def poll(self) -> None:
+        self.cpu_s += PER_POLL_S
+
     def probes(self) -> HostProbes:
         return HostProbes(alone=self.alone, computing=self.computing, together=self.together,
-                          clock=lambda: (self.wall_s, self.cpu_s))
+                          poll=self.poll, clock=lambda: (self.wall_s, self.cpu_s))
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
@@ -194,6 +198,7 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     host = fit.host(classes)
     assert host == ClientHost(cores=CORE_SHARE, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
         (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
+        poll_s=POLL_S, cpu_per_poll_s=pytest.approx(PER_POLL_S),
         server_slowdown=pytest.approx(2.0))
     # noise that makes the busy server look faster is no speed-up
     faster = replace(fit, server_busy_s=tuple(0.9 * s for s in fit.server_idle_s))

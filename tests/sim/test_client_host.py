@@ -139,3 +139,23 @@ def test_the_server_factor_grows_with_the_busy_share_of_the_clients_cores() -> N
         pytest.approx(1.03))
 
 
+
+def test_a_load_reading_policy_reads_the_load_at_a_cpu_cost_until_its_requests_finish() -> None:
+    # One client-only request at 0 (4.5 s of device time, its CPU the same) on one core; a
+    # load-reading policy's clients read the load every 1 s at 0.1 s of CPU: each read shares
+    # the core for 0.2 s (both at half speed), costing the request 0.1 s. Reads at 1-4 leave
+    # 3.8 s of its CPU done at 4.2, the rest (0.7 s) done at 4.9; the read scheduled at 4 (still
+    # unfinished then) runs at 5, and none after: 5 reads, 4.5 + 0.5 core-seconds busy.
+    host = ClientHost(cores=1.0, cpu_per_client_s=(1.0,), poll_s=1.0, cpu_per_poll_s=0.1)
+    world = _client_only(host, (0.0,))
+    aware = run_policy(world, "exact-load-aware")
+    assert aware.placements == ("CCC",)
+    assert aware.finished_at_s.tolist() == pytest.approx([4.9])
+    assert aware.client_cores_busy_s == pytest.approx(5.0)
+    # a policy that reads no load reads none: the request alone, done at its device's 4.5 s
+    blind = run_policy(world, "exact")
+    assert blind.placements == ("CCC",)
+    assert blind.finished_at_s.tolist() == pytest.approx([4.5])
+    assert blind.client_cores_busy_s == pytest.approx(4.5)
+    # reads cost their CPU times the clients' measured factor, like the rest of their CPU
+    assert host.scaled_cpu(2.0).cpu_per_poll_s == pytest.approx(0.2)

@@ -15,6 +15,10 @@ simulator gave each client its own device. Calibrated here:
   on the largest requests alone, the probes' client process took 1.12-1.38x the CPU it said;
   terms per other request in flight and per request fitted 0 in every real run: concurrency
   made a request's transport cheaper, not dearer);
+- the clients' CPU of one read of the server's load (a /metrics page, what load-aware
+  probes read every `POLL_S`): the process's CPU seconds over `POLLS` reads (before it was
+  charged, exact-load-aware's probes took 1.18-1.26x the clients' CPU the model said where
+  the other policies' took 0.95-1.09x);
 - the server's slowdown while the clients' cores compute (their compute and the server share
   this machine's memory bandwidth): the server's seconds for one policy's idle-check requests
   with the clients' cores busy running the split plans' client units for real (the same
@@ -44,6 +48,7 @@ from scipy.optimize import nnls
 
 from splitllm.placement import CLIENT, Placement
 from splitllm.planner.instance import evaluate
+from splitllm.runtime.loadtest import POLL_S
 from splitllm.runtime.loadtest_idle import IdleRow, Runner, idle_check
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.client_host import ClientHost
@@ -58,6 +63,7 @@ TOGETHER_ROUNDS = 2  # batches per policy
 BETWEEN_PAIRS = 2  # pairs timed again before each policy after the first
 LOADED_BEYOND = 1.0  # runnable processes beyond the load test's own two (its server, clients)
 LOADED_SPREAD = 1.5  # the pairs' highest ratio over their lowest
+POLLS = 40  # reads of the server's load timed for their CPU (10 s of a probe's reads)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +94,8 @@ class HostFit:
     cores: int  # the clients' cores (this process's CPU affinity)
     cpu_per_machine_s: float  # client CPU seconds per second of this machine's unit time
     cpu_per_visit_s: float  # client CPU seconds per visit to the server (transport)
+    cpu_per_poll_s: float = 0.0  # client CPU seconds of one read of the server's load (older
+    # runs: not measured)
     server_idle_s: tuple[float, ...]  # the server's seconds for the same requests, per round:
     server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
     load_average: float = math.nan  # the machine's during the calibration (1 minute)
@@ -128,7 +136,9 @@ class HostFit:
         return (f"Calibration of the clients' machine: {self.cpu_per_machine_s:.3g} CPU s per "
                 f"second of this machine's unit time and {self.cpu_per_visit_s * 1e3:.3g} ms "
                 f"per visit (fitted on {len(self.samples)} samples: the idle check's requests "
-                "alone and batches of the probes' requests at once); the server "
+                "alone and batches of the probes' requests at once), "
+                f"{self.cpu_per_poll_s * 1e3:.3g} ms per read of the server's load (the mean of "
+                f"{POLLS}; load-aware policies read it every {POLL_S:g} s); the server "
                 f"x{self.server_slowdown:.3g} while the clients compute "
                 f"(the median of {len(self.ratios)} pairs: "
                 f"{', '.join(f'{r:.2f}' for r in self.ratios)}); the clients' process got "
@@ -143,11 +153,12 @@ class HostFit:
                           cpu_per_client_s=tuple(self.cpu_per_machine_s / e.slowdown
                                                  for e in classes),
                           cpu_per_visit_s=self.cpu_per_visit_s,
+                          poll_s=POLL_S, cpu_per_poll_s=self.cpu_per_poll_s,
                           server_slowdown=self.server_slowdown)
 
     def to_json(self) -> dict[str, Any]:
         return {"cores": self.cores, "cpu_per_machine_s": self.cpu_per_machine_s,
-                "cpu_per_visit_s": self.cpu_per_visit_s,
+                "cpu_per_visit_s": self.cpu_per_visit_s, "cpu_per_poll_s": self.cpu_per_poll_s,
                 "server_idle_s": list(self.server_idle_s),
                 "server_busy_s": list(self.server_busy_s),
                 "server_slowdown": self.server_slowdown, "load_average": self.load_average,
@@ -163,6 +174,7 @@ class HostFit:
         return cls(cores=int(document["cores"]),
                    cpu_per_machine_s=float(document["cpu_per_machine_s"]),
                    cpu_per_visit_s=float(document["cpu_per_visit_s"]),
+                   cpu_per_poll_s=float(document.get("cpu_per_poll_s", 0.0)),
                    server_idle_s=tuple(document["server_idle_s"]),
                    server_busy_s=tuple(document["server_busy_s"]),
                    load_average=float(document.get("load_average", math.nan)),
@@ -244,6 +256,7 @@ class HostProbes:
     alone: Runner  # one request by itself
     computing: Computing  # within: the clients' cores busy with these client unit ranges
     together: AllAtOnce  # requests started at once through the probes' worker threads
+    poll: Callable[[], object]  # one read of the server's load, as load-aware probes read it
     clock: Callable[[], tuple[float, float]] = lambda: (time.perf_counter(),
                                                         time.process_time())  # (wall, CPU)
 
@@ -314,12 +327,23 @@ def _together_samples(world: World, classes: Sequence[EmulatedClass], probes: Ho
             for _ in range(TOGETHER_ROUNDS) for batch, unit_s in batches]
 
 
+def cpu_per_poll_s(probes: HostProbes) -> float:
+    """The clients' process's CPU seconds for one read of the server's load: the mean over
+    `POLLS` reads (nothing else runs in it meanwhile)."""
+    _, cpu_s = probes.clock()
+    for _ in range(POLLS):
+        probes.poll()
+    _, cpu_end_s = probes.clock()
+    return (cpu_end_s - cpu_s) / POLLS
+
+
 def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                    rounds: Sequence[Sequence[IdleRow]], probes: HostProbes, *,
                    cores: int) -> HostFit:
     """Time the server's slowdown while the clients' cores compute (`_slowdown_pairs`), run
     batches of the idle check's requests at once (`_together_samples`), and fit the clients'
-    CPU on those and on the calibration `rounds` (the idle check's rows, each alone)."""
+    CPU on those and on the calibration `rounds` (the idle check's rows, each alone), and time
+    the CPU of a read of the server's load (`cpu_per_poll_s`)."""
     load_average = os.getloadavg()[0]  # before the batches' threads count in it
     rows = [r for found in rounds for r in found]
     segments = tuple(client_segments(rows))
@@ -329,6 +353,7 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                *_together_samples(world, classes, probes, slowdown)]
     unit, visit = fit_client_cpu(samples)
     return HostFit(cores=cores, cpu_per_machine_s=unit, cpu_per_visit_s=visit,
+                   cpu_per_poll_s=cpu_per_poll_s(probes),
                    server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s,
                    core_shares=pairs.core_shares, load_average=load_average,
                    samples=tuple(samples), segments=segments)
