@@ -14,7 +14,7 @@ from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, worl
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.runtime.loadtest import Capacity, PolicyResult, Probe, run_study
+from splitllm.runtime.loadtest import POLL_S, Capacity, PolicyResult, Probe, run_study
 from splitllm.runtime.loadtest_host import (
     BETWEEN_PAIRS,
     BUSY_ROUNDS,
@@ -28,7 +28,6 @@ from splitllm.runtime.loadtest_host import (
     calibrate_host,
     client_segments,
     fit_client_cpu,
-    others_in_flight,
     retimed,
 )
 from splitllm.runtime.loadtest_idle import Alone, idle_check
@@ -41,9 +40,7 @@ from splitllm.sim.policies import request_instance
 from splitllm.sim.world import World
 
 PER_UNIT_S, PER_VISIT_S = 1.7, 0.0006  # the fake client's CPU per unit second and per visit
-# ... and more of each for every other request in flight beside it
-PER_UNIT_OTHER_S, PER_VISIT_OTHER_S = 0.02, 0.0001
-PER_REQUEST_S = 0.003  # ... and its CPU per request (its start and end)
+PER_POLL_S = 0.004  # ... and per read of the server's load
 BUSY_SHARE = 0.5  # the fake server's busy share while a batch runs
 CORE_SHARE = 0.75  # the fake clients' share of their core while it computes
 
@@ -76,30 +73,27 @@ class FakeClients:
         server_s = 0.002 * sides.count("S") * (self.slowdown if self.busy_threads else 1.0)
         return Alone(latency_s=1.0, ttft_s=0.1, client_busy_s=0.0, server_busy_s=server_s,
                      round_trips=visits,
-                     client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits
-                     + PER_REQUEST_S)
+                     client_cpu_s=PER_UNIT_S * machine_s + PER_VISIT_S * visits)
 
     def together(self, requests: Sequence[Request]) -> Together:
-        """Request i runs 0.1 i to 0.1 i + 1 s; the CPU the model says (its units x the
-        server's slowdown (2) over its busy share (BUSY_SHARE), as the simulated clients pay)."""
-        n = len(requests)
+        """The CPU the model says: each request's units x the server's slowdown (2) over its
+        busy share (BUSY_SHARE), as the simulated clients pay, and its visits."""
         cpu_s = 0.0
         trips = []
-        for i, request in enumerate(requests):
+        for request in requests:
             machine_s, visits = self._work(*request)
             trips.append(visits)
-            # by hand: the others in flight beside request i, on average over its second
-            others = sum(max(1.0 - 0.1 * abs(i - j), 0.0) for j in range(n) if j != i)
-            cpu_s += ((1 + (2.0 - 1) * BUSY_SHARE) * machine_s
-                      * (PER_UNIT_S + PER_UNIT_OTHER_S * others)
-                      + visits * (PER_VISIT_S + PER_VISIT_OTHER_S * others) + PER_REQUEST_S)
+            cpu_s += ((1 + (2.0 - 1) * BUSY_SHARE) * machine_s * PER_UNIT_S
+                      + visits * PER_VISIT_S)
         self.batches.append(list(requests))
-        return Together(spans_s=tuple((0.1 * i, 0.1 * i + 1.0) for i in range(n)),
-                        round_trips=tuple(trips), cpu_s=cpu_s, server_busy_share=BUSY_SHARE)
+        return Together(round_trips=tuple(trips), cpu_s=cpu_s, server_busy_share=BUSY_SHARE)
+
+    def poll(self) -> None:
+        self.cpu_s += PER_POLL_S
 
     def probes(self) -> HostProbes:
         return HostProbes(alone=self.alone, computing=self.computing, together=self.together,
-                          clock=lambda: (self.wall_s, self.cpu_s))
+                          poll=self.poll, clock=lambda: (self.wall_s, self.cpu_s))
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:
@@ -124,16 +118,8 @@ def test_the_clients_cpu_is_fitted_per_unit_second_and_per_visit() -> None:
     fake = FakeClients(world, classes)
     rows = idle_check(world, fake.alone)
     assert {r.policy for r in rows} >= {"server-only", "exact"}
-    # alone: nothing beside them
     assert fit_client_cpu(alone_samples(rows, classes)) == pytest.approx(
-        (PER_UNIT_S, PER_VISIT_S, 0.0, 0.0, PER_REQUEST_S), rel=1e-6, abs=1e-12)
-
-
-def test_the_others_in_flight_beside_each_request_are_averaged_over_its_span() -> None:
-    # 0-2 s, 1-2 s and 3-4 s: the first has the second beside it half its span, the second
-    # the first all of it, the third nobody
-    assert others_in_flight([(0.0, 2.0), (1.0, 2.0), (3.0, 4.0)]) == pytest.approx(
-        [0.5, 1.0, 0.0])
+        (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
 
 
 def test_the_clients_cpu_is_fitted_on_requests_run_together_as_well() -> None:
@@ -141,9 +127,8 @@ def test_the_clients_cpu_is_fitted_on_requests_run_together_as_well() -> None:
     fake = FakeClients(world, classes)
     rounds = [idle_check(world, fake.alone) for _ in range(3)]
     fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
-    assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s, fit.cpu_per_machine_other_s,
-            fit.cpu_per_visit_other_s, fit.cpu_per_request_s) == pytest.approx(
-        (PER_UNIT_S, PER_VISIT_S, PER_UNIT_OTHER_S, PER_VISIT_OTHER_S, PER_REQUEST_S), rel=1e-6)
+    assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
+        (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
     # per policy, TOGETHER_ROUNDS batches of the probes' first TOGETHER_REQUESTS requests (every
     # size) as it plans them: server-only's visit alone, the split's compute units too
     assert len(fake.batches) == len(world.policies) * TOGETHER_ROUNDS
@@ -156,14 +141,25 @@ def test_the_clients_cpu_is_fitted_on_requests_run_together_as_well() -> None:
     assert len({g for b in fake.batches for _, _, g, _ in b}) > 1
     sides = [{placement for *_, placement in batch} for batch in fake.batches]
     assert sides[0] == {"SSSSSS"} and any("C" in p for p in sides[1])
-    assert fit.host(classes).cpu_per_request_s == pytest.approx(PER_REQUEST_S)
-    host = fit.host(classes)
-    assert host.cpu_per_client_other_s == pytest.approx(
-        (PER_UNIT_OTHER_S / 50.0, PER_UNIT_OTHER_S / 20.0))
-    assert host.cpu_per_visit_other_s == pytest.approx(PER_VISIT_OTHER_S)
     assert len(fit.to_json()["samples"]) == len(fit.samples) == 3 * len(rounds[0]) + len(
         fake.batches)
     assert HostFit.from_json(fit.to_json()) == replace(fit, samples=())
+
+
+def test_an_older_runs_calibration_is_read_without_its_zero_terms() -> None:
+    # runs E-H (loadtest12) wrote terms per other request in flight and per request (all
+    # fitted 0) and their samples' regressors: ignored
+    older = {"cores": 1, "cpu_per_machine_s": 1.38, "cpu_per_visit_s": 0.0021,
+             "cpu_per_machine_other_s": 0.0, "cpu_per_visit_other_s": 0.0,
+             "cpu_per_request_s": 0.0, "server_idle_s": [1.0, 1.2], "server_busy_s": [1.1, 1.2],
+             "server_slowdown": 1.05, "load_average": 1.3, "loaded": False,
+             "segments": [[0, 2]], "core_shares": [0.98, 0.99], "core_share": 0.985,
+             "samples": [{"unit_s": 0.0, "visits": 7, "unit_others_s": 0.0,
+                          "visit_others": 0.0, "requests": 1, "cpu_s": 0.012}]}
+    assert HostFit.from_json(older) == HostFit(
+        cores=1, cpu_per_machine_s=1.38, cpu_per_visit_s=0.0021, server_idle_s=(1.0, 1.2),
+        server_busy_s=(1.1, 1.2), load_average=1.3, segments=((0, 2),),
+        core_shares=(0.98, 0.99))
 
 
 def test_a_calibration_on_a_loaded_machine_is_flagged() -> None:
@@ -202,10 +198,8 @@ def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> Non
     host = fit.host(classes)
     assert host == ClientHost(cores=CORE_SHARE, cpu_per_client_s=pytest.approx(  # type: ignore[arg-type]
         (PER_UNIT_S / 50.0, PER_UNIT_S / 20.0)), cpu_per_visit_s=pytest.approx(PER_VISIT_S),
-        cpu_per_client_other_s=pytest.approx(  # type: ignore[arg-type]
-            (PER_UNIT_OTHER_S / 50.0, PER_UNIT_OTHER_S / 20.0)),
-        cpu_per_visit_other_s=pytest.approx(PER_VISIT_OTHER_S),
-        cpu_per_request_s=pytest.approx(PER_REQUEST_S), server_slowdown=pytest.approx(2.0))
+        poll_s=POLL_S, cpu_per_poll_s=pytest.approx(PER_POLL_S),
+        server_slowdown=pytest.approx(2.0))
     # noise that makes the busy server look faster is no speed-up
     faster = replace(fit, server_busy_s=tuple(0.9 * s for s in fit.server_idle_s))
     assert faster.server_slowdown == 1.0

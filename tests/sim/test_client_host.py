@@ -139,20 +139,23 @@ def test_the_server_factor_grows_with_the_busy_share_of_the_clients_cores() -> N
         pytest.approx(1.03))
 
 
-def test_a_pass_costs_more_cpu_for_each_other_request_in_flight() -> None:
-    # Three client-only requests (4.5 s of device time each) at 0 on one core, whose CPU is
-    # nothing alone and 2 s per device second for each other request in flight when it
-    # starts: r0 (none beside it) takes its device's 4.5 s; r1 (one) 9 s of CPU, r2 (two) 18 s,
-    # sharing the core: r1 done at 18 (half speed), r2 alone then, its 9 s left done at 27.
-    host = ClientHost(cores=1.0, cpu_per_client_s=(0.0,), cpu_per_client_other_s=(2.0,))
-    rec = run_policy(_client_only(host, (0.0, 0.0, 0.0)), "fixed:CCC")
-    assert rec.finished_at_s.tolist() == pytest.approx([4.5, 18.0, 27.0])
-    assert rec.client_cores_busy_s == pytest.approx(27.0)
-    # each request once the one before it finished: none beside it, none more
-    apart = run_policy(_client_only(host, (0.0, 5.0, 10.0)), "fixed:CCC")
-    assert apart.client_cores_busy_s == 0.0
-    # the per-visit part, by hand: (0.5 + 0.25 x 4) x 2 s + (0.01 + 0.002 x 4) x 3 visits
-    beside = ClientHost(cpu_per_client_s=(0.1, 0.5), cpu_per_visit_s=0.01,
-                        cpu_per_client_other_s=(0.0, 0.25), cpu_per_visit_other_s=0.002)
-    assert beside.cpu_s(1, 2.0, 3, 4) == pytest.approx(3.054)
-    assert beside.scaled_cpu(2.0).cpu_s(1, 2.0, 3, 4) == pytest.approx(2 * 3.054)
+
+def test_a_load_reading_policy_reads_the_load_at_a_cpu_cost_until_its_requests_finish() -> None:
+    # One client-only request at 0 (4.5 s of device time, its CPU the same) on one core; a
+    # load-reading policy's clients read the load every 1 s at 0.1 s of CPU: each read shares
+    # the core for 0.2 s (both at half speed), costing the request 0.1 s. Reads at 1-4 leave
+    # 3.8 s of its CPU done at 4.2, the rest (0.7 s) done at 4.9; the read scheduled at 4 (still
+    # unfinished then) runs at 5, and none after: 5 reads, 4.5 + 0.5 core-seconds busy.
+    host = ClientHost(cores=1.0, cpu_per_client_s=(1.0,), poll_s=1.0, cpu_per_poll_s=0.1)
+    world = _client_only(host, (0.0,))
+    aware = run_policy(world, "exact-load-aware")
+    assert aware.placements == ("CCC",)
+    assert aware.finished_at_s.tolist() == pytest.approx([4.9])
+    assert aware.client_cores_busy_s == pytest.approx(5.0)
+    # a policy that reads no load reads none: the request alone, done at its device's 4.5 s
+    blind = run_policy(world, "exact")
+    assert blind.placements == ("CCC",)
+    assert blind.finished_at_s.tolist() == pytest.approx([4.5])
+    assert blind.client_cores_busy_s == pytest.approx(4.5)
+    # reads cost their CPU times the clients' measured factor, like the rest of their CPU
+    assert host.scaled_cpu(2.0).cpu_per_poll_s == pytest.approx(0.2)

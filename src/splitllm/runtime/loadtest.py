@@ -32,6 +32,7 @@ PROCESS_CPU = "process_cpu_seconds_total"
 RATE_RANGE = 1024.0  # the search stays within 1/1024 to 1024 times its first rate
 NOISE_Z = 1.0  # a probe's attainment within this many binomial standard errors of the target
 REPEATS = 3  # is undecided: its rate is probed again, up to this many probes, judged pooled
+POLL_S = 0.25  # a probe's watcher: load-aware policies' reads of /metrics, the early-stop check
 
 
 @dataclass(frozen=True, kw_only=True)

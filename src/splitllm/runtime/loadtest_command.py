@@ -178,7 +178,8 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
 def _host_probes(runner: RealRunner) -> HostProbes:
     from splitllm.runtime.loadtest_host import HostProbes
 
-    return HostProbes(alone=runner.alone, computing=runner.computing, together=runner.together)
+    return HostProbes(alone=runner.alone, computing=runner.computing, together=runner.together,
+                      poll=runner.metrics)
 
 
 def with_host(world: World, fit: HostFit, runner: RealRunner,

@@ -11,9 +11,14 @@ simulator gave each client its own device. Calibrated here:
   `TOGETHER_REQUESTS`, every size, as each policy plans them) started at once through the
   probes' worker threads, against this machine's own time for their client units (the
   planner's roofline on this machine's device profile: the class's emulated time over its
-  slowdown) and their visits to the server (transport), each alone and times the other
-  requests in flight beside it, and their count (non-negative least squares: fitted on the
-  largest requests alone, the probes' client process took 1.12-1.38x the CPU it said);
+  slowdown) and their visits to the server (transport) (non-negative least squares: fitted
+  on the largest requests alone, the probes' client process took 1.12-1.38x the CPU it said;
+  terms per other request in flight and per request fitted 0 in every real run: concurrency
+  made a request's transport cheaper, not dearer);
+- the clients' CPU of one read of the server's load (a /metrics page, what load-aware
+  probes read every `POLL_S`): the process's CPU seconds over `POLLS` reads (before it was
+  charged, exact-load-aware's probes took 1.18-1.26x the clients' CPU the model said where
+  the other policies' took 0.95-1.09x);
 - the server's slowdown while the clients' cores compute (their compute and the server share
   this machine's memory bandwidth): the server's seconds for one policy's idle-check requests
   with the clients' cores busy running the split plans' client units for real (the same
@@ -43,6 +48,7 @@ from scipy.optimize import nnls
 
 from splitllm.placement import CLIENT, Placement
 from splitllm.planner.instance import evaluate
+from splitllm.runtime.loadtest import POLL_S
 from splitllm.runtime.loadtest_idle import IdleRow, Runner, idle_check
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.client_host import ClientHost
@@ -57,6 +63,7 @@ TOGETHER_ROUNDS = 2  # batches per policy
 BETWEEN_PAIRS = 2  # pairs timed again before each policy after the first
 LOADED_BEYOND = 1.0  # runnable processes beyond the load test's own two (its server, clients)
 LOADED_SPREAD = 1.5  # the pairs' highest ratio over their lowest
+POLLS = 40  # reads of the server's load timed for their CPU (10 s of a probe's reads)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,21 +72,16 @@ class CpuSample:
 
     unit_s: float  # this machine's seconds of the client units computed
     visits: float
-    unit_others_s: float  # the units' seconds x the other requests in flight beside them
-    visit_others: float  # the visits x the other requests in flight beside them
-    requests: int
     cpu_s: float
 
-    def regressors(self) -> tuple[float, float, float, float, float]:
-        return (self.unit_s, self.visits, self.unit_others_s, self.visit_others,
-                float(self.requests))
+    def regressors(self) -> tuple[float, float]:
+        return (self.unit_s, self.visits)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Together:
     """Requests started at once through the probes' worker threads."""
 
-    spans_s: tuple[tuple[float, float], ...]  # each one's (start, end), seconds on one clock
     round_trips: tuple[int, ...]  # each one's visits to the server
     cpu_s: float  # the clients' process's CPU seconds over them all
     server_busy_share: float  # the server's busy seconds over the batch's wall seconds
@@ -92,9 +94,8 @@ class HostFit:
     cores: int  # the clients' cores (this process's CPU affinity)
     cpu_per_machine_s: float  # client CPU seconds per second of this machine's unit time
     cpu_per_visit_s: float  # client CPU seconds per visit to the server (transport)
-    cpu_per_machine_other_s: float = 0.0  # ... more per unit second and per visit for each
-    cpu_per_visit_other_s: float = 0.0  # other request in flight beside it
-    cpu_per_request_s: float = 0.0  # client CPU seconds of a request's start and end
+    cpu_per_poll_s: float = 0.0  # client CPU seconds of one read of the server's load (older
+    # runs: not measured)
     server_idle_s: tuple[float, ...]  # the server's seconds for the same requests, per round:
     server_busy_s: tuple[float, ...]  # ... the clients' cores idle, and busy computing
     load_average: float = math.nan  # the machine's during the calibration (1 minute)
@@ -133,12 +134,12 @@ class HostFit:
                 f"than {LOADED_BEYOND:g}, or the pairs' ratios {LOADED_SPREAD:g}x apart or "
                 "more): its slowdown is suspect" if self.loaded else "not loaded")
         return (f"Calibration of the clients' machine: {self.cpu_per_machine_s:.3g} CPU s per "
-                f"second of this machine's unit time, {self.cpu_per_visit_s * 1e3:.3g} ms per "
-                f"visit, {self.cpu_per_request_s * 1e3:.3g} ms per request, and for each "
-                f"other request in flight {self.cpu_per_machine_other_s:.3g} and "
-                f"{self.cpu_per_visit_other_s * 1e3:.3g} ms more (fitted on {len(self.samples)} "
-                "samples: the idle check's requests alone and batches of the probes' requests "
-                f"at once); the server x{self.server_slowdown:.3g} while the clients compute "
+                f"second of this machine's unit time and {self.cpu_per_visit_s * 1e3:.3g} ms "
+                f"per visit (fitted on {len(self.samples)} samples: the idle check's requests "
+                "alone and batches of the probes' requests at once), "
+                f"{self.cpu_per_poll_s * 1e3:.3g} ms per read of the server's load (the mean of "
+                f"{POLLS}; load-aware policies read it every {POLL_S:g} s); the server "
+                f"x{self.server_slowdown:.3g} while the clients compute "
                 f"(the median of {len(self.ratios)} pairs: "
                 f"{', '.join(f'{r:.2f}' for r in self.ratios)}); the clients' process got "
                 f"{self.core_share:.2f} of its {self.cores} core(s) while they computed (the "
@@ -152,36 +153,28 @@ class HostFit:
                           cpu_per_client_s=tuple(self.cpu_per_machine_s / e.slowdown
                                                  for e in classes),
                           cpu_per_visit_s=self.cpu_per_visit_s,
-                          cpu_per_client_other_s=tuple(self.cpu_per_machine_other_s / e.slowdown
-                                                       for e in classes),
-                          cpu_per_visit_other_s=self.cpu_per_visit_other_s,
-                          cpu_per_request_s=self.cpu_per_request_s,
+                          poll_s=POLL_S, cpu_per_poll_s=self.cpu_per_poll_s,
                           server_slowdown=self.server_slowdown)
 
     def to_json(self) -> dict[str, Any]:
         return {"cores": self.cores, "cpu_per_machine_s": self.cpu_per_machine_s,
-                "cpu_per_visit_s": self.cpu_per_visit_s,
-                "cpu_per_machine_other_s": self.cpu_per_machine_other_s,
-                "cpu_per_visit_other_s": self.cpu_per_visit_other_s,
-                "cpu_per_request_s": self.cpu_per_request_s,
+                "cpu_per_visit_s": self.cpu_per_visit_s, "cpu_per_poll_s": self.cpu_per_poll_s,
                 "server_idle_s": list(self.server_idle_s),
                 "server_busy_s": list(self.server_busy_s),
                 "server_slowdown": self.server_slowdown, "load_average": self.load_average,
                 "loaded": self.loaded, "segments": [list(seg) for seg in self.segments],
                 "core_shares": list(self.core_shares), "core_share": self.core_share,
-                "samples": [{"unit_s": c.unit_s, "visits": c.visits,
-                             "unit_others_s": c.unit_others_s, "visit_others": c.visit_others,
-                             "requests": c.requests, "cpu_s": c.cpu_s} for c in self.samples]}
+                "samples": [{"unit_s": c.unit_s, "visits": c.visits, "cpu_s": c.cpu_s}
+                            for c in self.samples]}
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> HostFit:
-        """A fit from its `to_json` (older runs': no concurrency terms, no load average)."""
+        """A fit from its `to_json` (older runs': no load average; their terms per other
+        request in flight and per request, all fitted 0, ignored)."""
         return cls(cores=int(document["cores"]),
                    cpu_per_machine_s=float(document["cpu_per_machine_s"]),
                    cpu_per_visit_s=float(document["cpu_per_visit_s"]),
-                   cpu_per_machine_other_s=float(document.get("cpu_per_machine_other_s", 0.0)),
-                   cpu_per_visit_other_s=float(document.get("cpu_per_visit_other_s", 0.0)),
-                   cpu_per_request_s=float(document.get("cpu_per_request_s", 0.0)),
+                   cpu_per_poll_s=float(document.get("cpu_per_poll_s", 0.0)),
                    server_idle_s=tuple(document["server_idle_s"]),
                    server_busy_s=tuple(document["server_busy_s"]),
                    load_average=float(document.get("load_average", math.nan)),
@@ -206,16 +199,16 @@ def client_cores() -> int:
     return os.cpu_count() or 1
 
 
-def fit_client_cpu(samples: Sequence[CpuSample]) -> tuple[float, float, float, float, float]:
-    """(CPU seconds per second of this machine's unit time, per visit, each of those per other
-    request in flight, per request): the non-negative least-squares fit of the samples' CPU."""
+def fit_client_cpu(samples: Sequence[CpuSample]) -> tuple[float, float]:
+    """(CPU seconds per second of this machine's unit time, per visit): the non-negative
+    least-squares fit of the samples' CPU."""
     kept = [c for c in samples if math.isfinite(c.cpu_s)]
     if not kept:
-        return 0.0, 0.0, 0.0, 0.0, 0.0
+        return 0.0, 0.0
     x = np.array([c.regressors() for c in kept], dtype=float)
     y = np.array([c.cpu_s for c in kept], dtype=float)
-    unit, visit, unit_other, visit_other, request = nnls(x, y)[0]
-    return float(unit), float(visit), float(unit_other), float(visit_other), float(request)
+    unit, visit = nnls(x, y)[0]
+    return float(unit), float(visit)
 
 
 def _machine_s(row: IdleRow, classes: Sequence[EmulatedClass]) -> float:
@@ -227,18 +220,8 @@ def _machine_s(row: IdleRow, classes: Sequence[EmulatedClass]) -> float:
 def alone_samples(rows: Sequence[IdleRow], classes: Sequence[EmulatedClass]
                   ) -> list[CpuSample]:
     """The idle check's requests, each run alone."""
-    return [CpuSample(unit_s=_machine_s(r, classes), visits=r.round_trips, unit_others_s=0.0,
-                      visit_others=0.0, requests=1, cpu_s=r.client_cpu_s) for r in rows]
-
-
-def others_in_flight(spans_s: Sequence[tuple[float, float]]) -> list[float]:
-    """For each span: the other spans beside it, on average over its length."""
-    out = []
-    for i, (a, b) in enumerate(spans_s):
-        overlap_s = sum(max(min(b, d) - max(a, c), 0.0)
-                        for j, (c, d) in enumerate(spans_s) if j != i)
-        out.append(overlap_s / (b - a) if b > a else 0.0)
-    return out
+    return [CpuSample(unit_s=_machine_s(r, classes), visits=r.round_trips,
+                      cpu_s=r.client_cpu_s) for r in rows]
 
 
 def together_sample(unit_s: Sequence[float], together: Together, server_slowdown: float
@@ -246,14 +229,9 @@ def together_sample(unit_s: Sequence[float], together: Together, server_slowdown
     """A batch of requests run at once, `unit_s` this machine's seconds of each one's client
     units, priced as the simulated clients pay them (x `server_slowdown` while the server
     computes: its busy share of the batch)."""
-    others = others_in_flight(together.spans_s)
     slowed = 1.0 + (server_slowdown - 1.0) * min(together.server_busy_share, 1.0)
     return CpuSample(unit_s=slowed * sum(unit_s), visits=sum(together.round_trips),
-                     unit_others_s=slowed * sum(u * k for u, k in zip(unit_s, others,
-                                                                      strict=True)),
-                     visit_others=sum(v * k for v, k in zip(together.round_trips, others,
-                                                            strict=True)),
-                     requests=len(unit_s), cpu_s=together.cpu_s)
+                     cpu_s=together.cpu_s)
 
 
 def _server_s(rows: Sequence[IdleRow], policy: str) -> float:
@@ -278,6 +256,7 @@ class HostProbes:
     alone: Runner  # one request by itself
     computing: Computing  # within: the clients' cores busy with these client unit ranges
     together: AllAtOnce  # requests started at once through the probes' worker threads
+    poll: Callable[[], object]  # one read of the server's load, as load-aware probes read it
     clock: Callable[[], tuple[float, float]] = lambda: (time.perf_counter(),
                                                         time.process_time())  # (wall, CPU)
 
@@ -348,12 +327,23 @@ def _together_samples(world: World, classes: Sequence[EmulatedClass], probes: Ho
             for _ in range(TOGETHER_ROUNDS) for batch, unit_s in batches]
 
 
+def cpu_per_poll_s(probes: HostProbes) -> float:
+    """The clients' process's CPU seconds for one read of the server's load: the mean over
+    `POLLS` reads (nothing else runs in it meanwhile)."""
+    _, cpu_s = probes.clock()
+    for _ in range(POLLS):
+        probes.poll()
+    _, cpu_end_s = probes.clock()
+    return (cpu_end_s - cpu_s) / POLLS
+
+
 def calibrate_host(world: World, classes: Sequence[EmulatedClass],
                    rounds: Sequence[Sequence[IdleRow]], probes: HostProbes, *,
                    cores: int) -> HostFit:
     """Time the server's slowdown while the clients' cores compute (`_slowdown_pairs`), run
     batches of the idle check's requests at once (`_together_samples`), and fit the clients'
-    CPU on those and on the calibration `rounds` (the idle check's rows, each alone)."""
+    CPU on those and on the calibration `rounds` (the idle check's rows, each alone), and time
+    the CPU of a read of the server's load (`cpu_per_poll_s`)."""
     load_average = os.getloadavg()[0]  # before the batches' threads count in it
     rows = [r for found in rounds for r in found]
     segments = tuple(client_segments(rows))
@@ -361,10 +351,9 @@ def calibrate_host(world: World, classes: Sequence[EmulatedClass],
     slowdown = median_slowdown(pair_ratios(pairs.idle_s, pairs.busy_s))
     samples = [*alone_samples(rows, classes),
                *_together_samples(world, classes, probes, slowdown)]
-    unit, visit, unit_other, visit_other, request = fit_client_cpu(samples)
+    unit, visit = fit_client_cpu(samples)
     return HostFit(cores=cores, cpu_per_machine_s=unit, cpu_per_visit_s=visit,
-                   cpu_per_machine_other_s=unit_other, cpu_per_visit_other_s=visit_other,
-                   cpu_per_request_s=request,
+                   cpu_per_poll_s=cpu_per_poll_s(probes),
                    server_idle_s=pairs.idle_s, server_busy_s=pairs.busy_s,
                    core_shares=pairs.core_shares, load_average=load_average,
                    samples=tuple(samples), segments=segments)

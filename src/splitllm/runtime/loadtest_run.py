@@ -2,7 +2,8 @@
 
 One probe replays the world's requests at one arrival rate: an asyncio loop releases each
 request at its arrival time, its policy plans it (load-aware ones read the queue wait the
-server reports on /metrics, polled every `POLL_S`), and a worker thread runs it as a real split
+server reports on /metrics, read every `POLL_S` over one kept HTTP connection), and a worker
+thread runs it as a real split
 session (`Session.generate`, placement fixed by the plan) over its class's EMULATED link and
 device (its units take what the class's device profile says: `loadtest_world.roofline_clock`).
 Connections are pooled per client class and reused. A request still running when the probe
@@ -22,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
 
 from splitllm.errors import UserError
@@ -29,6 +31,7 @@ from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import Dialer, http_url
 from splitllm.runtime.loadtest import (
     BUSY,
+    POLL_S,
     PROCESS_CPU,
     QUEUE_WAIT,
     Outcome,
@@ -50,8 +53,6 @@ from splitllm.sim.policies import PlanPolicy
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
 
-POLL_S = 0.25  # /metrics polling and the early-stop check
-
 
 class _Stopped(Exception):
     """The probe ended while this request still ran."""
@@ -66,6 +67,24 @@ class RunnerOptions:
     max_in_flight: int = 64  # worker threads: requests beyond wait for one (it counts)
 
 
+def metrics_client(opts: RunnerOptions) -> httpx.Client:
+    """The runner's one HTTP client for every /metrics read (thread-safe, its connection
+    kept): 1.1 ms of the clients' process's CPU a read, where a fresh client per read (its
+    connection pool and TLS context built anew), as before, took 28 ms, 11% of a core at one
+    read every `POLL_S` (`benchmarks/loadtest_poll.py`)."""
+    headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
+    return httpx.Client(base_url=http_url(opts.server), headers=headers, timeout=10.0)
+
+
+def read_metrics(http: httpx.Client) -> dict[str, float]:
+    """The server's /metrics page, parsed."""
+    try:
+        response = http.get("/metrics")
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot read /metrics of {http.base_url}: {exc}") from None
+    return parse_metrics(response.text)
+
+
 class RealRunner:
     """Probes on a real server: one LoadedModel, a connection pool per client class."""
 
@@ -75,6 +94,7 @@ class RealRunner:
         self.world = world
         self.classes = classes
         self.opts = opts
+        self.http = metrics_client(opts)
         self.fingerprint = weights_fingerprint(loaded.model)
         self.pools: list[queue.SimpleQueue[Session]] = [queue.SimpleQueue() for _ in classes]
         self.opened = [0] * len(classes)
@@ -95,6 +115,7 @@ class RealRunner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.http.close()
         for pool in self.pools:
             while not pool.empty():
                 with contextlib.suppress(Exception):
@@ -102,15 +123,7 @@ class RealRunner:
 
     def metrics(self) -> dict[str, float]:
         """The server's /metrics page, parsed."""
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.opts.token}"} if self.opts.token else {}
-        try:
-            response = httpx.get(http_url(self.opts.server) + "/metrics", headers=headers,
-                                 timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise UserError(f"cannot read /metrics of {self.opts.server}: {exc}") from None
-        return parse_metrics(response.text)
+        return read_metrics(self.http)
 
     def _session(self, class_index: int) -> Session:
         with contextlib.suppress(queue.Empty):
@@ -191,20 +204,12 @@ class RealRunner:
         self._connect_ahead([c for c, *_ in requests])
         before = self.metrics()
         start_s, start_cpu_s = time.perf_counter(), time.process_time()
-        futures = [self.pool.submit(self._span, *request) for request in requests]
-        spans = [future.result() for future in futures]
+        futures = [self.pool.submit(self.alone, *request) for request in requests]
+        runs = [future.result() for future in futures]
         wall_s, cpu_s = time.perf_counter() - start_s, time.process_time() - start_cpu_s
         busy_s = counter_delta(self.metrics(), before, BUSY)
-        return Together(spans_s=tuple((a, b) for a, b, _ in spans),
-                        round_trips=tuple(visits for *_, visits in spans), cpu_s=cpu_s,
+        return Together(round_trips=tuple(run.round_trips for run in runs), cpu_s=cpu_s,
                         server_busy_share=busy_s / wall_s)
-
-    def _span(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
-              ) -> tuple[float, float, int]:
-        """When one request of a batch started and ended, and its visits to the server."""
-        start_s = time.perf_counter()
-        alone = self.alone(class_index, prompt_tokens, output_tokens, placement)
-        return start_s, time.perf_counter(), alone.round_trips
 
     @contextlib.contextmanager
     def computing(self, threads: int, segments: Sequence[tuple[int, int]]) -> Iterator[None]:

@@ -13,12 +13,9 @@ core(s), computing their units for real and sleeping up to their emulated device
   `server_slowdown` times its CPU (the same sharing seen from the other side: measured at the
   splits' rates, with the server about half busy, a unit cost 1.24-1.34 CPU s per second of
   this machine's time against 1.15-1.19 alone);
-- a pass's CPU grows with the requests in flight beside it (`cpu_per_client_other_s`,
-  `cpu_per_visit_other_s`: per other request in flight when the pass starts): their threads in
-  the one process hand the interpreter's lock and the cores to each other (measured before this
-  term, the probes' client process took 1.12-1.38x the CPU of the same requests run alone),
-  and each request costs `cpu_per_request_s` once (its session's start and end), charged with
-  its first pass.
+- while a policy that reads the server's load runs, the clients' process reads it every
+  `poll_s` (the load test's probes: a /metrics page), `cpu_per_poll_s` of CPU each on the
+  shared cores, until every request has finished.
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from dataclasses import dataclass, replace
 from splitllm.sim.engine import Kind, NewEvent, Sharing
 
 WAKE = Kind.CLIENT_WAKE
+POLL = -1  # a read of the server's load, as a job on the shared cores (not a request)
 OnDone = Callable[[float, int, int], NewEvent | None]  # (now, a, b) -> the next event
 
 
@@ -40,32 +38,27 @@ class ClientHost:
     cpu_per_client_s: tuple[float, ...] = ()  # per client class: real CPU seconds per second of
     # its emulated client time (this machine's CPU per unit over the class's slowdown)
     cpu_per_visit_s: float = 0.0  # client CPU of one visit to the server (its transport work)
-    cpu_per_client_other_s: tuple[float, ...] = ()  # per class: more CPU per second of its
-    # emulated client time for each other request in flight
-    cpu_per_visit_other_s: float = 0.0  # more CPU per visit for each other request in flight
-    cpu_per_request_s: float = 0.0  # client CPU of a request's own start and end (its session)
+    poll_s: float = 0.0  # a load-reading policy's clients read the server's load this often
+    cpu_per_poll_s: float = 0.0  # ... at this much client CPU a read (0: never)
     server_slowdown: float = 1.0  # the server's steps x this while the clients' cores are all
     # busy computing units (x1 while idle, linear between; a visit's transport work: idle)
 
     def scaled_cpu(self, factor: float) -> ClientHost:
-        """This machine with every pass's CPU (units and visits) times `factor`."""
+        """This machine with all its clients' CPU (units, visits, reads of the load) times
+        `factor`."""
         return replace(self, cpu_per_client_s=tuple(c * factor for c in self.cpu_per_client_s),
                        cpu_per_visit_s=self.cpu_per_visit_s * factor,
-                       cpu_per_client_other_s=tuple(c * factor
-                                                    for c in self.cpu_per_client_other_s),
-                       cpu_per_visit_other_s=self.cpu_per_visit_other_s * factor,
-                       cpu_per_request_s=self.cpu_per_request_s * factor)
+                       cpu_per_poll_s=self.cpu_per_poll_s * factor)
 
-    def cpu_s(self, class_index: int, client_s: float, visits: int, others: int = 0,
-              requests: int = 0) -> float:
-        """Real CPU seconds of a gap's client work, its units' and its visits' transport (and
-        the `requests` started in it), with `others` other requests in flight."""
-        alone = self.cpu_per_client_s[class_index] if self.cpu_per_client_s else 0.0
-        beside = (self.cpu_per_client_other_s[class_index] if self.cpu_per_client_other_s
-                  else 0.0)
-        return ((alone + beside * others) * client_s
-                + (self.cpu_per_visit_s + self.cpu_per_visit_other_s * others) * visits
-                + self.cpu_per_request_s * requests)
+    @property
+    def polls(self) -> bool:
+        """Whether load-reading policies' reads of the load cost the clients CPU."""
+        return self.poll_s > 0 and self.cpu_per_poll_s > 0
+
+    def cpu_s(self, class_index: int, client_s: float, visits: int) -> float:
+        """Real CPU seconds of a gap's client work: its units' and its visits' transport."""
+        per_client_s = self.cpu_per_client_s[class_index] if self.cpu_per_client_s else 0.0
+        return per_client_s * client_s + self.cpu_per_visit_s * visits
 
     def server_factor(self, busy_fraction: float) -> float:
         """How many times its own time a server step takes while this share of the clients'

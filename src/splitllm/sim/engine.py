@@ -23,6 +23,7 @@ class Kind(IntEnum):
     AT_SERVER = 1  # a request's job reaches the server: a = request, b = job
     SERVER_WAKE = 2  # the server model's own wake-up (a job or a step ends): a, b are its own
     CLIENT_WAKE = 3  # the shared client cores' wake-up (`client_host`): a, b are its own
+    CLIENT_POLL = 4  # the clients' process reads the server's load (`client_host`)
 
 
 def handler_table(handlers: dict[Kind, Handler]) -> list[Handler]:

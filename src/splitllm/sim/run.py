@@ -8,7 +8,6 @@ SLA after it, so every measured request has either finished or certainly missed 
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.client_host import SharedCores
+from splitllm.sim.client_host import POLL, SharedCores
 from splitllm.sim.engine import Kind, NewEvent
 from splitllm.sim.load import LoadMeter, met_limits
 from splitllm.sim.policies import PlanPolicy
@@ -26,7 +25,8 @@ from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
 from splitllm.stepmodel import queue_wait_s
 
-ARRIVE, AT_SERVER = Kind.ARRIVE, Kind.AT_SERVER  # plain module names in the hot loop
+ARRIVE, AT_SERVER, CLIENT_POLL = Kind.ARRIVE, Kind.AT_SERVER, Kind.CLIENT_POLL  # plain
+# module names in the hot loop
 WALK_CACHE_LIMIT = 4096  # a walk of G tokens holds ~2 floats per job: ~G * segments * 50 B
 
 
@@ -88,10 +88,9 @@ class _Run:
         host = world.client_host
         self.cores = None if host is None else SharedCores(host.cores, self._computed)
         self.gap_started_s = [0.0] * n  # when the request's current gap began (shared cores)
-        # requests in flight (their CPU grows with it): arrived, less those whose finish time
-        # (known ahead: a last gap's end) has passed
-        self.arrived_n, self.finished_n = 0, 0
-        self.finishing: list[float] = []  # a heap of finish times still ahead
+        self.unfinished = n
+        self.polling = (self.cores is not None and host is not None and host.polls
+                        and self.policy.sees_load)
         slowed = host is not None and host.server_slowdown != 1.0
         self.server = make_server(world.server, self._done, self.busy, self._shape, cost,
                                   self._server_slowdown if slowed else None)
@@ -120,7 +119,6 @@ class _Run:
         if r + 1 < len(self.arrivals):  # one pending arrival keeps the heap small
             out.append((self.arrivals[r + 1], ARRIVE, r + 1, 0))
         walk = self.walks[r] = self._walk(now_s, r)
-        self.arrived_n += 1
         if not walk.jobs:  # runs entirely on its client
             self.first_token[r] = now_s + walk.first_token_tail_s
         nxt = self._gap(now_s, r, 0)
@@ -134,35 +132,39 @@ class _Run:
         walk = self.walks[r]
         host = self.world.client_host
         if self.cores is not None and host is not None:
-            others = self._in_flight(now_s) - 1
-            units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0, others)
+            units_s = host.cpu_s(self.classes[r], walk.client_s[j], 0)
             if isinstance(self.server, BatchedServer) and self.server.running:
                 units_s *= host.server_slowdown  # the server's compute slows theirs alike
-            cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs), others,
-                                         requests=int(j == 0))
+            cpu_s = units_s + host.cpu_s(self.classes[r], 0.0, int(j < walk.jobs))
             if cpu_s > 0:
                 self.gap_started_s[r] = now_s
                 return self.cores.arrive(now_s, r, j, cpu_s, units_s > 0)
         return self._gap_end(now_s + walk.gaps_s[j], r, j)
 
-    def _in_flight(self, now_s: float) -> int:
-        """Requests arrived and not finished by now."""
-        while self.finishing and self.finishing[0] <= now_s:
-            heapq.heappop(self.finishing)
-            self.finished_n += 1
-        return self.arrived_n - self.finished_n
-
     def _computed(self, now_s: float, r: int, j: int) -> NewEvent | None:
         """Gap j's CPU is done on the shared cores: its client compute took its device's time
         or, if longer, until now (the client sleeps up to its device's time, never less; a
-        visit's transport CPU alone is in the link's visit cost already; what the requests in
-        flight beside it add is not)."""
+        visit's transport CPU is in the link's visit cost already). A read of the load: done."""
+        if r == POLL:
+            return None
         walk, started_s = self.walks[r], self.gap_started_s[r]
         assert self.world.client_host is not None
         visit_cpu_s = self.world.client_host.cpu_per_visit_s if j < walk.jobs else 0.0
         client_s = max(walk.client_s[j], now_s - started_s - visit_cpu_s)
         end_s = started_s + walk.gaps_s[j] - walk.client_s[j] + client_s
         return self._gap_end(max(end_s, now_s), r, j)  # not before its CPU is done
+
+    def _poll(self, now_s: float, _a: int, _b: int) -> list[NewEvent]:
+        """The clients' process reads the server's load: its CPU on the shared cores; the next
+        read `poll_s` later while requests are yet to finish (the load test's probes read it
+        until their last request is done)."""
+        host = self.world.client_host
+        assert host is not None and self.cores is not None
+        read = self.cores.arrive(now_s, POLL, 0, host.cpu_per_poll_s, units=False)
+        out = [] if read is None else [read]
+        if self.unfinished:
+            out.append((now_s + host.poll_s, CLIENT_POLL, 0, 0))
+        return out
 
     def _gap_end(self, at_s: float, r: int, j: int) -> NewEvent | None:
         walk = self.walks[r]
@@ -197,7 +199,7 @@ class _Run:
 
     def _finish(self, r: int, at_s: float) -> None:
         self.finished[r] = at_s
-        heapq.heappush(self.finishing, at_s)
+        self.unfinished -= 1
         if self.meter is not None:  # the tuned headroom learns from every finished request
             # (known at its finish time: the feedback reaches later arrivals, never earlier)
             steps = self.outputs[r] - 1
@@ -215,9 +217,12 @@ class _Run:
         queue = engine.EventQueue()
         if self.arrivals:
             queue.push(self.arrivals[0], ARRIVE, 0, 0)
+        if self.polling and self.world.client_host is not None:
+            queue.push(self.world.client_host.poll_s, CLIENT_POLL, 0, 0)
         handlers = engine.handler_table({
             ARRIVE: self._arrive, AT_SERVER: self._at_server, Kind.SERVER_WAKE: self.server.wake,
-            Kind.CLIENT_WAKE: self.cores.wake if self.cores is not None else _no_cores})
+            Kind.CLIENT_WAKE: self.cores.wake if self.cores is not None else _no_cores,
+            CLIENT_POLL: self._poll})
         engine.run(queue, handlers, until_s=self.world.horizon_s + self.world.max_sla_s)
         return queue.popped
 
