@@ -57,6 +57,11 @@ class UnitFit:
         slope = (s1 - s0) / (t1 - t0)
         return s0 - slope * t0, slope
 
+    @property
+    def longest_tokens(self) -> float:
+        """The largest token count the curve was measured at (beyond it, extended)."""
+        return self.points[-1][0]
+
     @cached_property
     def _tokens(self) -> tuple[float, ...]:
         return tuple(t for t, _ in self.points)

@@ -226,9 +226,10 @@ def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
     assert loaded.latency_s[1] == pytest.approx(0.02 + 4 * (0.01 + 0.008))
     assert loaded.work_s[1] == pytest.approx(0.01 + 4 * (0.005 + 0.004) / 8)
     assert "8 rows per step" in loaded.source
-    # With the server's unit profile: per unit the slower prefill of the two (the profile's,
-    # timed at prompt lengths with the head at one position, or the step model's curve) and
-    # the profile's KV reads of the decode steps; the decode steps themselves are the line's.
+    # With the server's unit profile, a prompt beyond the curve's longest step (its lines are
+    # measured at 0 and 1 token): per unit the slower prefill of the two (the profile's, timed
+    # at prompt lengths with the head at one position, or the curve's extension); always the
+    # profile's KV reads of the decode steps; the decode steps themselves are the line's.
     step_prefill = [f.seconds(10) for f in (wall.embed, fit, fit)] + [wall.head.seconds(1)]
     steps_wall = np.subtract(loaded.latency_s, step_prefill)
     for scale in (1.0, 0.001):  # the profile slower than the step model, then faster
@@ -242,8 +243,25 @@ def test_the_step_model_gives_server_latency_and_work_at_the_load() -> None:
             + 4 * (0.005 + 0.004) / 8 + profile.cpu().kv_reads_s(10, 4)[1])
     assert list(with_profile.latency_s) != list(np.add(profile.prefill_at(10), steps_wall)
                                                 + profile.kv_reads_s(10, 4))  # the curve's
-    assert "the slower of it and the unit profile" in with_profile.source
+    assert "beyond its longest step: the slower of it and the unit profile" in with_profile.source
     assert (with_profile.job_s, with_profile.job_work_s) == (0.0, 0.0)  # none announced
+
+
+def test_within_the_step_models_measured_steps_its_prefill_is_the_curves() -> None:
+    """A prompt no longer than the steps the curve was measured at: the curve's prefill even
+    where the unit profile is slower (timed once at start, announced at the decode steps'
+    speed); a longer prompt: the slower of the two, per unit."""
+    curve = UnitFit(((1.0, 0.001), (16.0, 0.004)))  # measured steps of 1 and 16 tokens
+    wall = StepModel(embed=curve, block=curve, head=curve, n_blocks=2)
+    slow = unit_profile(wall=10.0, cpu=10.0)  # prefill 10-42 ms per unit: slower than the curve
+    for prompt_tokens in (8, 16, 17):
+        times = step_model_server_times(wall, wall, Request(prompt_tokens=prompt_tokens,
+                                                            output_tokens=1), profile=slow)
+        prefill = np.array([curve.seconds(prompt_tokens)] * 3)  # embed and the two blocks
+        assert np.all(prefill < slow.prefill_at(prompt_tokens)[:3])  # the profile is slower
+        if prompt_tokens > 16:
+            prefill = np.maximum(prefill, slow.prefill_at(prompt_tokens)[:3])
+        assert times.latency_s == pytest.approx([*prefill, curve.seconds(1)])
 
 
 def test_the_servers_seconds_per_job_are_charged_per_visit_and_pass() -> None:

@@ -75,11 +75,13 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
 
     A decode step of `rows` rows takes a unit's step time (latency) and costs this request its
     share of the step's CPU seconds (work); the KV reads the step model, measured at short
-    contexts, lacks come from the unit profile. The prefill, per unit, is the slower of the
-    step model's curve at P tokens (the engine's own steps: their packing, caches and
-    hand-offs, which the profile's bare `stack.run` misses: a 32-token prefill of SmolLM2 took
-    105-115 ms in the engine where the profile said 90-100) and the unit profile's P-token
-    prefill (a long prompt's attention, which the step model's short packed prompts miss).
+    contexts, lacks come from the unit profile. The prefill, per unit, is the step model's
+    curve at P tokens where the engine has run steps that long (its own steps: their packing,
+    caches and hand-offs, which the profile's bare `stack.run` misses); beyond its longest, the
+    slower of the curve's extension and the unit profile's P-token prefill (a long prompt's
+    attention, which the curve's straight extension misses). Within the curve the profile is
+    no better: it was timed once at start and is announced at the blocks' live speed, a ratio
+    the decode steps set (memory-bound, where a prefill is compute-bound).
     `fit` says which model it is (timed at start, or live), in words.
     """
     g = max(request.output_tokens, 1)
@@ -93,16 +95,17 @@ def step_model_server_times(wall: StepModel, cpu: StepModel, request: Request, *
         fits = (model.embed, *[model.block] * model.n_blocks, model.head)
         prefill = np.array([fit.seconds(p) for fit in fits[:-1]] + [model.head.seconds(1)])
         reads = np.zeros(len(fits))
-        if unit_profile is not None:  # per unit, the slower of the two measurements
-            prefill = np.maximum(prefill, unit_profile.prefill_at(p))
+        if unit_profile is not None:
+            beyond = np.array([p > fit.longest_tokens for fit in fits[:-1]] + [False])
+            prefill = np.where(beyond, np.maximum(prefill, unit_profile.prefill_at(p)), prefill)
             reads = np.array(unit_profile.kv_reads_s(p, g - 1))
         step = np.array([fit.seconds(c * positions) for fit in fits])  # a step of c rows
         return tuple((prefill + passes * step * share + reads).tolist())
 
     return ServerTimes(total(wall, 1.0, profile), total(cpu, 1.0 / c, profile and profile.cpu()),
                        f"the server's engine step model{fit} at {c:.3g} rows per step"
-                       + (" (the prefill: the slower of it and the unit profile)" if profile
-                          else ""),
+                       + (" (a prefill beyond its longest step: the slower of it and the "
+                          "unit profile)" if profile else ""),
                        job_s=wall.job_s, job_work_s=cpu.job_s)
 
 
