@@ -13,8 +13,9 @@ simulator gave each client its own device. Calibrated here:
   planner's roofline on this machine's device profile: the class's emulated time over its
   slowdown) and their visits to the server (transport) (non-negative least squares: fitted
   on the largest requests alone, the probes' client process took 1.12-1.38x the CPU it said;
-  terms per other request in flight and per request fitted 0 in every real run: concurrency
-  made a request's transport cheaper, not dearer);
+  terms per other request in flight and per request fitted 0 in four of five real runs, and
+  0.024 CPU s per unit second per other request in the fifth: concurrency made a request's
+  transport cheaper, not dearer);
 - the clients' CPU of one read of the server's load (a /metrics page, what load-aware
   probes read every `POLL_S`): the process's CPU seconds over `POLLS` reads (before it was
   charged, exact-load-aware's probes took 1.18-1.26x the clients' CPU the model said where
