@@ -44,7 +44,7 @@ def prefill_parts(stack: UnitStack, rounds: int) -> None:
     for p in (1, 8, 32, 128):
         units = []
         for _ in range(rounds):
-            row = StepRow(0, n, ids[:, :p], torch.arange(p)[None], stack.new_cache(0, n))
+            row = StepRow(0, n, ids[:, :p], 0, stack.new_cache(0, n))
             units.append([run_step(stack, [row])[1].unit_cpu_s[u] for u in range(n)])
         measured = np.median(np.array(units), axis=0) * 1e3  # [units] ms
         block_ms = np.mean(profile.prefill_at(p)[1:-1]) * 1e3

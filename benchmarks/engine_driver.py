@@ -129,8 +129,7 @@ class InProcessDriver:
             waiting = [item]
             while not inbox.empty() and (item := inbox.get()) is not None:
                 waiting.append(item)
-            rows = [StepRow(0, self.client_units, torch.tensor([ids]),
-                            torch.arange(gen.position, gen.position + len(ids))[None],
+            rows = [StepRow(0, self.client_units, torch.tensor([ids]), gen.position,
                             gen.client_cache) for gen, ids in waiting]  # [1, t] each
             outputs, _ = run_step(self.stack, rows)
             with engine.held_back():  # all of them into one step, as the prompts went

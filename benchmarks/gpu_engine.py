@@ -39,8 +39,7 @@ def packed_vs_solo_max_diff(model: str, device: str) -> tuple[float, float]:
             t = prompt if step == 0 else 1
             x = (torch.randint(0, stack.vocab_size, (1, t), generator=gen) if start == 0
                  else torch.randn(1, t, stack.hidden_size, generator=gen)).to(device)
-            pos = torch.arange(lengths[k], lengths[k] + t, device=device)[None]
-            rows.append(StepRow(start, stop, x, pos, caches[k]))
+            rows.append(StepRow(start, stop, x, lengths[k], caches[k]))
             lengths[k] += t
         outputs, _ = run_step(stack, rows)
         with torch.inference_mode():

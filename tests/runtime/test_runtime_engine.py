@@ -36,6 +36,19 @@ def solo(stack: UnitStack, row: StepRow, cache: SegmentCache | None) -> torch.Te
     return stack.run(row.start, row.stop, row.x, row.position_ids, cache)
 
 
+def test_a_rows_position_ids_are_the_consecutive_run_from_its_first_position() -> None:
+    """Token ids from embed or hidden states from a client: positions first .. first + t - 1,
+    integers on the row's device (what embeddings and rotary tables index with)."""
+    ids = StepRow(0, 6, torch.tensor([[11, 12, 13, 14]]), 7, None)
+    hidden = StepRow(3, 6, torch.zeros(1, 3, 8), 0, None)
+    one = StepRow(0, 6, torch.tensor([[5]]), 41, None)
+    assert ids.position_ids.tolist() == [[7, 8, 9, 10]]
+    assert hidden.position_ids.tolist() == [[0, 1, 2]]
+    assert one.position_ids.tolist() == [[41]]
+    for row in (ids, hidden, one):
+        assert row.position_ids.dtype == torch.int64 and row.position_ids.device == row.x.device
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_steps_equal_solo_runs(family: str) -> None:
     """Mixed segments, prompt lengths, chunks; rows joining and leaving between steps; every
@@ -58,9 +71,7 @@ def test_packed_steps_equal_solo_runs(family: str) -> None:
             tokens = prompt if step == first else (3 if step == 3 else 1)  # step 3: a chunk
             x = (torch.randint(3, 300, (1, tokens), generator=gen) if start == 0
                  else torch.randn(1, tokens, stack.hidden_size, generator=gen))
-            rows.append(StepRow(start, stop, x, torch.arange(positions[k],
-                                                             positions[k] + tokens)[None],
-                                caches[k]))
+            rows.append(StepRow(start, stop, x, positions[k], caches[k]))
             members.append(k)
             positions[k] += tokens
         outputs, times = run_step(stack, rows)

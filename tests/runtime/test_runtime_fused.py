@@ -85,8 +85,7 @@ def forward(stack: UnitStack, cache: SegmentCache, ids: list[int], position: int
             fast: bool, verify: bool = False) -> torch.Tensor:
     """One row through every unit: next-token logits [1, V] (verify: of every position,
     [t, V], as a speculative verification pass)."""
-    row = StepRow(0, stack.n_units, torch.tensor([ids]),
-                  torch.arange(position, position + len(ids))[None], cache,
+    row = StepRow(0, stack.n_units, torch.tensor([ids]), position, cache,
                   head_positions=len(ids) if verify else 1)
     with fast_paths(FastPaths(fused=fast)):
         (out,), _ = run_step(stack, [row])
@@ -143,7 +142,7 @@ def test_a_split_segment_decodes_fused_and_leaves_its_input_alone() -> None:
         outs = []
         for cache, on in ((fast, True), (slow, False)):
             with fast_paths(FastPaths(fused=on)):
-                (out,), _ = run_step(stack, [StepRow(2, n, x, torch.tensor([[position]]), cache)])
+                (out,), _ = run_step(stack, [StepRow(2, n, x, position, cache)])
             outs.append(out.out)
         assert torch.equal(x, sent)  # written in place: the step's own copy, not the input
         torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
@@ -164,11 +163,10 @@ def test_a_fused_run_ends_where_another_row_joins() -> None:
         assert alone is not None and joining is not None
         forward(stack, alone, [3, 4, 5], 0, on)
         with fast_paths(FastPaths(fused=on)):
-            run_step(stack, [StepRow(3, n, torch.ones(1, 3, stack.hidden_size),
-                                     torch.arange(3)[None], joining)])
+            run_step(stack, [StepRow(3, n, torch.ones(1, 3, stack.hidden_size), 0, joining)])
         torch.manual_seed(4)
-        rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), alone),
-                StepRow(3, n, torch.randn(1, 1, stack.hidden_size), torch.tensor([[3]]), joining)]
+        rows = [StepRow(0, n, torch.tensor([[6]]), 3, alone),
+                StepRow(3, n, torch.randn(1, 1, stack.hidden_size), 3, joining)]
         with counted() as kernel, fast_paths(FastPaths(fused=on)):
             outputs, times = run_step(stack, rows)
         assert (kernel.calls, kernel.blocks) == ((2, 4) if on else (0, 0))
@@ -218,9 +216,7 @@ def test_fused_decode_of_several_sessions_equals_the_model_path(sessions: int) -
             ids = [random_prompt(rng, chunk if k == 0 else 1) for k in range(sessions)]
             outs = []
             for caches, on in zip(sides, (True, False), strict=True):
-                rows = [StepRow(0, n, torch.tensor([ids[k]]),
-                                torch.arange(cache.get_seq_length(),
-                                             cache.get_seq_length() + len(ids[k]))[None], cache)
+                rows = [StepRow(0, n, torch.tensor([ids[k]]), cache.get_seq_length(), cache)
                         for k, cache in enumerate(caches)]
                 with fast_paths(FastPaths(fused=on)):
                     outputs, _ = run_step(stack, rows)
@@ -244,10 +240,9 @@ def test_the_model_path_runs_where_the_fused_path_does_not_apply(case: str) -> N
     stack = stack_of(config)
     n = stack.n_units
     caches = [stack.new_cache(0, n, grown_in_blocks=case != "client cache") for _ in range(2)]
-    rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), cache) for cache in caches]
+    rows = [StepRow(0, n, torch.tensor([[5]]), 0, cache) for cache in caches]
     if case == "many rows, unpacked":
-        rows = [StepRow(0, n, torch.tensor([[5]]), torch.tensor([[0]]), grown(stack))
-                for _ in range(FAST_ROWS + 1)]
+        rows = [StepRow(0, n, torch.tensor([[5]]), 0, grown(stack)) for _ in range(FAST_ROWS + 1)]
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if case == "two threads" else 1)
     try:
@@ -285,8 +280,7 @@ def test_an_error_in_the_fused_path_is_the_rows_own(others: int) -> None:
         forward(stack, cache, [3, 4, 5], 0, True)
     for cache in twins:
         forward(stack, cache, [3, 4, 5], 0, False)
-    rows = [StepRow(0, n, torch.tensor([[6]]), torch.tensor([[3]]), cache)
-            for cache in [wrong, *goods[:others]]]
+    rows = [StepRow(0, n, torch.tensor([[6]]), 3, cache) for cache in [wrong, *goods[:others]]]
     attend = mock.patch.object(fused_kernel, "attend_rows", wraps=fused_kernel.attend_rows)
     with counted() as kernel, attend as attended:
         outputs, _ = run_step(stack, rows)
@@ -372,10 +366,8 @@ def test_a_verification_row_beside_decode_rows_of_other_sessions(others: int) ->
                    for k in range(others + 1)]
             outs = []
             for caches, on in zip(sides, (True, False), strict=True):
-                rows = [StepRow(0, n, torch.tensor([ids[k]]),
-                                torch.arange(cache.get_seq_length(),
-                                             cache.get_seq_length() + len(ids[k]))[None],
-                                cache, head_positions=len(ids[k]))
+                rows = [StepRow(0, n, torch.tensor([ids[k]]), cache.get_seq_length(), cache,
+                                head_positions=len(ids[k]))
                         for k, cache in enumerate(caches)]
                 with fast_paths(FastPaths(fused=on)):
                     outputs, _ = run_step(stack, rows)
@@ -404,8 +396,7 @@ def test_a_verification_row_that_does_not_fit_fails_alone() -> None:
     goods, twins = [grown(stack) for _ in range(2)], [grown(stack) for _ in range(2)]
     for cache in goods + twins:
         forward(stack, cache, [3, 4, 5], 0, False)
-    rows = [StepRow(0, n, torch.tensor([ids]), torch.arange(3, 3 + len(ids))[None], cache,
-                    head_positions=len(ids))
+    rows = [StepRow(0, n, torch.tensor([ids]), 3, cache, head_positions=len(ids))
             for ids, cache in (([6, 7, 8], wrong), ([6, 7], goods[0]), ([6], goods[1]))]
     with counted() as kernel:
         outputs, _ = run_step(stack, rows)

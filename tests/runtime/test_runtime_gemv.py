@@ -98,14 +98,12 @@ def test_the_engine_decodes_one_row_through_the_kernel(tiny_llama: LoadedModel) 
     Engine(stack, ServerMetrics(stack.names), EngineConfig(), threads=1, start=False)
     cache = stack.new_cache(0, stack.n_units, grown_in_blocks=True)
     tokens = FAST_ROWS + 1
-    prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None],
-                     torch.arange(tokens)[None], cache)
+    prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None], 0, cache)
     # the model's own blocks and head (the fused ones: test_runtime_fused.py)
     with kernel_calls() as kernel, fast_paths(FastPaths(fused=False)):
         run_step(stack, [prompt])
         assert kernel.call_count == 1  # the prompt's blocks by MKL; the head's one row
-        run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]),
-                                 torch.tensor([[tokens]]), cache)])
+        run_step(stack, [StepRow(0, stack.n_units, torch.tensor([[7]]), tokens, cache)])
     linear = sum(type(m) is nn.Linear for m in stack.model.modules())
     assert kernel.call_count == 1 + linear
 
@@ -162,8 +160,8 @@ def test_the_engine_runs_a_prompt_through_the_packed_weights(tiny_llama: LoadedM
     blocks = sum(type(m) is nn.Linear for layer in stack.layers for m in layer.modules())
     assert engine.packed_bytes > 0
     tokens = FAST_ROWS + 1
-    prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None],
-                     torch.arange(tokens)[None], stack.new_cache(0, stack.n_units))
+    prompt = StepRow(0, stack.n_units, torch.arange(1, tokens + 1)[None], 0,
+                     stack.new_cache(0, stack.n_units))
     with mock.patch.object(gemv, "packed_product", wraps=gemv.packed_product) as calls:
         run_step(stack, [prompt])
     assert calls.call_count == blocks  # every block product; the head reads its one row

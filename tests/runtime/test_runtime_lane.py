@@ -144,8 +144,7 @@ def test_several_sessions_share_a_lane_and_rebuild_it_when_one_changes() -> None
     for k in range(FAST_ROWS):
         prompt = random_prompt(rng, 1 + k)  # none fills its first KV block in these steps
         for caches, on in zip(sides, (True, False), strict=True):
-            step(stack, [StepRow(0, n, torch.tensor([prompt]), torch.arange(len(prompt))[None],
-                                 caches[k])], on)
+            step(stack, [StepRow(0, n, torch.tensor([prompt]), 0, caches[k])], on)
     with lanes() as counted:
         for t in range(10):
             if t == 3:
@@ -156,9 +155,8 @@ def test_several_sessions_share_a_lane_and_rebuild_it_when_one_changes() -> None
                     caches.reverse()
             chunk = [3 if t == 5 and k == 0 else 1 for k in range(FAST_ROWS)]
             ids = [random_prompt(rng, c) for c in chunk]
-            outs = [step(stack, [StepRow(0, n, torch.tensor([ids[k]]), torch.arange(
-                cache.get_seq_length(), cache.get_seq_length() + chunk[k])[None], cache)
-                for k, cache in enumerate(caches)], on)
+            outs = [step(stack, [StepRow(0, n, torch.tensor([ids[k]]), cache.get_seq_length(),
+                                         cache) for k, cache in enumerate(caches)], on)
                 for caches, on in zip(sides, (True, False), strict=True)]
             for got, want in zip(*outs, strict=True):
                 torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
@@ -182,7 +180,7 @@ def test_a_split_segment_runs_in_the_lane(stop: str) -> None:
         for position in range(KV_BLOCK_TOKENS + 3):
             x = torch.randn(1, 1, stack.hidden_size)
             sent = x.clone()
-            got, want = (step(stack, [StepRow(2, end, x, torch.tensor([[position]]), cache)], on)
+            got, want = (step(stack, [StepRow(2, end, x, position, cache)], on)
                          for cache, on in ((fast, True), (slow, False)))
             assert torch.equal(x, sent)
             assert got[0].shape == want[0].shape == ((1, stack.vocab_size) if stop == "head"
@@ -194,8 +192,7 @@ def test_a_split_segment_runs_in_the_lane(stop: str) -> None:
 
 
 def rows_of(stack: UnitStack, caches: list[SegmentCache], tokens: int = 1) -> list[StepRow]:
-    return [StepRow(0, stack.n_units, torch.tensor([[5] * tokens]),
-                    torch.arange(c.get_seq_length(), c.get_seq_length() + tokens)[None], c)
+    return [StepRow(0, stack.n_units, torch.tensor([[5] * tokens]), c.get_seq_length(), c)
             for c in caches]
 
 
@@ -210,7 +207,7 @@ def test_other_steps_take_the_general_path(case: str) -> None:
     rows = rows_of(stack, caches[:2], tokens=3 if case == "a prompt chunk" else 1)
     if case == "rows at other units":
         split = stack.new_cache(2, n, grown_in_blocks=True)
-        rows[1] = StepRow(2, n, torch.randn(1, 1, stack.hidden_size), torch.tensor([[0]]), split)
+        rows[1] = StepRow(2, n, torch.randn(1, 1, stack.hidden_size), 0, split)
     elif case == "too many rows":
         rows = rows_of(stack, caches)
     elif case == "a client's cache":  # transformers' own layers: the model path writes them

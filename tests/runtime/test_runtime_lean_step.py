@@ -26,7 +26,7 @@ def test_the_lanes_greedy_token_is_the_argmax_of_its_logits() -> None:
     rng = np.random.default_rng(0)
     for tokens in (4, 1, 1, 1, 1):
         rows = [StepRow(0, stack.n_units, torch.tensor([rng.integers(3, 300, tokens).tolist()]),
-                        torch.arange(p, p + tokens)[None], cache)
+                        p, cache)
                 for p, cache in zip(positions, caches, strict=True)]
         outputs, _ = run_step(stack, rows)
         positions = [p + tokens for p in positions]

@@ -276,7 +276,6 @@ def _rows(stack: UnitStack, tokens: int, position: int, generator: torch.Generat
           device: torch.device, caches: Sequence[Any] | None = None) -> list[StepRow]:
     caches = caches if caches is not None else [stack.new_cache(0, stack.n_units,
                                                                 grown_in_blocks=True)]
-    positions = torch.arange(position, position + tokens, device=device)[None]  # [1, t]
     return [StepRow(0, stack.n_units,
                     torch.randint(0, stack.vocab_size, (1, tokens), generator=generator
-                                  ).to(device), positions, cache) for cache in caches]
+                                  ).to(device), position, cache) for cache in caches]

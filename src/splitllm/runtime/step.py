@@ -25,14 +25,15 @@ from splitllm.runtime.units import SegmentCache, UnitStack
 
 @dataclass(frozen=True)
 class StepRow:
-    """One row of a step: `x` through units [start, stop) at absolute `positions`."""
+    """One row of a step: `x` through units [start, stop) at the consecutive absolute
+    positions from `first_position` (decode, prompt chunks and draft verification alike)."""
 
     start: int
     stop: int
     x: torch.Tensor  # token ids [1, t] if start == 0, else hidden states [1, t, D]
-    # [1, t], or the first of t consecutive positions (the engine's: the decode lane reads the
-    # int, and a torch call costs ~100 us after the weights streamed through the CPU's caches)
-    positions: torch.Tensor | int
+    # an int, not a tensor: the decode lane reads it, and a torch call costs ~100 us after the
+    # weights streamed through the CPU's caches (position_ids builds the tensor where read)
+    first_position: int
     cache: SegmentCache | None
     head_positions: int = 1  # the head's last positions (all of them to verify draft tokens)
 
@@ -41,17 +42,10 @@ class StepRow:
         """The row's positions t."""
         return self.x.shape[1]
 
-    @property
-    def first_position(self) -> int:
-        """The row's first absolute position."""
-        return self.positions if isinstance(self.positions, int) else int(self.positions[0, 0])
-
     @cached_property
     def position_ids(self) -> torch.Tensor:
         """The absolute positions [1, t]."""
-        if isinstance(self.positions, torch.Tensor):
-            return self.positions
-        first = self.positions
+        first = self.first_position
         return torch.arange(first, first + self.tokens, device=self.x.device)[None]
 
 
