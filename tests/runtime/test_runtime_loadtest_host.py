@@ -30,7 +30,7 @@ from splitllm.runtime.loadtest_host import (
     fit_client_cpu,
     retimed,
 )
-from splitllm.runtime.loadtest_idle import Alone, idle_check
+from splitllm.runtime.loadtest_idle import Alone, IdleRow, idle_check
 from splitllm.runtime.loadtest_report import policy_json, report_md
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.capacity import Capacity as SimCapacity
@@ -122,13 +122,20 @@ def test_the_clients_cpu_is_fitted_per_unit_second_and_per_visit() -> None:
         (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
 
 
-def test_the_clients_cpu_is_fitted_on_requests_run_together_as_well() -> None:
+def _calibrated() -> tuple[World, tuple[EmulatedClass, ...], FakeClients, list[list[IdleRow]],
+                           HostFit]:
+    """The fake clients' calibration over three idle-check rounds, its CPU fit checked exact."""
     world, classes = _world()
     fake = FakeClients(world, classes)
     rounds = [idle_check(world, fake.alone) for _ in range(3)]
     fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
     assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
         (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
+    return world, classes, fake, rounds, fit
+
+
+def test_the_clients_cpu_is_fitted_on_requests_run_together_as_well() -> None:
+    world, _, fake, rounds, fit = _calibrated()
     # per policy, TOGETHER_ROUNDS batches of the probes' first TOGETHER_REQUESTS requests (every
     # size) as it plans them: server-only's visit alone, the split's compute units too
     assert len(fake.batches) == len(world.policies) * TOGETHER_ROUNDS
@@ -176,12 +183,7 @@ def test_a_calibration_on_a_loaded_machine_is_flagged() -> None:
 
 
 def test_the_servers_slowdown_is_timed_with_the_clients_cores_computing() -> None:
-    world, classes = _world()
-    fake = FakeClients(world, classes)
-    rounds = [idle_check(world, fake.alone) for _ in range(3)]
-    fit = calibrate_host(world, classes, rounds, fake.probes(), cores=1)
-    assert (fit.cpu_per_machine_s, fit.cpu_per_visit_s) == pytest.approx(
-        (PER_UNIT_S, PER_VISIT_S), rel=1e-6)
+    world, classes, fake, rounds, fit = _calibrated()
     assert fit.server_slowdown == pytest.approx(2.0)  # the fake server: x2 while computing
     assert len(fit.server_busy_s) == len(fit.server_idle_s) == BUSY_ROUNDS
     # while timed, the clients' cores ran what the split plans run on their clients
