@@ -267,16 +267,15 @@ def solo_side_by_side(console: Console, loaded: LoadedModel, ids: list[int], tok
                 stamps = driver.run(ids, 1, tokens).stamps[0]
                 rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
             rates[name].append(rate)
-            ratios[name].append(rate * weight_bytes(loaded) / limit.best)
+            read_bytes_per_s = rate * weight_bytes(loaded)  # a token reads every weight once
+            ratios[name].append(read_bytes_per_s / limit.best)
             if variant == "fused":  # a token's median interval: between other work's slices
                 gaps = [b - a for a, b in itertools.pairwise(stamps)]
                 median_token_ratios.append(weight_bytes(loaded) / limit.best
                                            / statistics.median(gaps))
-                sustained_ratios["sustained"].append(rate * weight_bytes(loaded)
-                                                     / limit.sustained)
-                sustained_ratios["matvec"].append(rate * weight_bytes(loaded)
-                                                  / limit.sustained_matvec)
-            small_page_ratios[name].append(rate * weight_bytes(loaded) / limit.small_pages)
+                sustained_ratios["sustained"].append(read_bytes_per_s / limit.sustained)
+                sustained_ratios["matvec"].append(read_bytes_per_s / limit.sustained_matvec)
+            small_page_ratios[name].append(read_bytes_per_s / limit.small_pages)
     console.print(f"one session alone, side by side ({rounds} rounds, alternating; the limit "
                   "measured before each round, the best of a tensor sum in huge and in 4 KiB "
                   "pages and the matrix-vector loop over the weights): " + "; ".join(
