@@ -232,8 +232,8 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
               f"when it excludes a miss of {TARGET_SAVING_POINTS:g} points, `missed` when it "
               "excludes meeting the target, else `undecided`. "
               f"{sum(abs(r['gap_points']) <= TARGET_SAVING_POINTS for r in rows)} of "
-              f"{len(rows)} estimates within the target; intervals "
-              + ", ".join(f"{v} {sum(r['verdict'] == v for r in rows)}"
+              f"{len(rows)} estimates within the target; their intervals: "
+              + ", ".join(f"{sum(r['verdict'] == v for r in rows)} {v}"
                           for v in ("within", "missed", "undecided")) + ".", "",
               "| condition | P / G | placement | planned | measured (mean ± 95%) | rounds | "
               "lowest / highest round | gap (points) | interval |",
