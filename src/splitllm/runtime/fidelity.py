@@ -58,9 +58,8 @@ class Saving:
     def verdict(self, planned: float) -> str:
         """Whether the interval excludes a miss of the target ('within'), excludes meeting it
         ('missed'), or neither ('undecided')."""
-        target = TARGET_SAVING_POINTS / 100
-        low, high = self.estimate - self.half_width - planned, self.estimate + self.half_width \
-            - planned
+        target, gap = TARGET_SAVING_POINTS / 100, self.estimate - planned
+        low, high = gap - self.half_width, gap + self.half_width
         if -target < low and high < target:
             return "within"
         if high < -target or low > target:
