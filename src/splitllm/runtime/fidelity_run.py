@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,14 @@ from splitllm.planner.instance import Instance
 from splitllm.runtime.client import Session, connect
 from splitllm.runtime.fidelity import (
     METRICS,
+    SAVING_CONFIDENCE,
+    TARGET_SAVING_POINTS,
     Condition,
     Figures,
     Result,
+    Rounds,
     multi_switch,
+    progress,
     results_json,
     run_grid,
     saving_gap,
@@ -40,7 +43,7 @@ FULL_CONDITIONS = (Condition(), Condition(client_slowdown=2.0), Condition(link="
                    Condition(link="wifi", client_slowdown=2.0), Condition(link="4g"))
 QUICK_LENGTHS = ((32, 8),)
 FULL_LENGTHS = ((16, 8), (64, 16), (128, 8))
-TARGET_MEDIAN, TARGET_MAX, TARGET_SAVING_POINTS = 0.10, 0.25, 3.0
+TARGET_MEDIAN, TARGET_MAX = 0.10, 0.25
 SERVER_START_S = 600.0
 WARM_UP_TOKENS = 16  # server-only tokens each connection generates before planning, then
 WARM_UP_ROUNDS = 2  # unmeasured rounds of `warm_up_placements` at each of the grid's lengths:
@@ -55,8 +58,7 @@ class FidelityOptions:
     server: str
     token: str | None = None
     quick: bool = False
-    repeats: int = 9  # rounds per point: with 3, one split's saving missed its plan by 6-8
-    # points in 2 of 3 quiet quick runs (a few slow seconds hit 2 of its 3 rounds)
+    rounds: Rounds
     sla_factor: float = 1.3
     threads: int = 1
 
@@ -74,7 +76,7 @@ class RealBench:
     def session(self, condition: Condition) -> Session:
         """The connection of a condition (opened, warmed up and its link measured once)."""
         if condition not in self._sessions:
-            _progress(f"{condition.label}: connecting, warming up")
+            progress(f"{condition.label}: connecting, warming up")
             session = connect(self.opts.server, self.loaded, token=self.opts.token,
                               emulate_link=condition.link,
                               emulate_client_slowdown=condition.client_slowdown)
@@ -113,12 +115,10 @@ class RealBench:
                              new_tokens=new_tokens)
 
     def measure(self, condition: Condition, prompt_tokens: int, new_tokens: int,
-                placements: Sequence[str]) -> dict[str, list[Figures]]:
+                placements: Sequence[str], rounds: int) -> dict[str, list[Figures]]:
         session = self.session(condition)
-        _progress(f"{condition.label}, P={prompt_tokens} G={new_tokens}: {len(placements)} "
-                  f"placement(s) x {max(self.opts.repeats, 1)} rounds")
         runs: dict[str, list[Figures]] = {placement: [] for placement in placements}
-        for _ in range(max(self.opts.repeats, 1)):  # rounds of every placement in turn
+        for _ in range(rounds):  # rounds of every placement in turn
             for placement, figures in runs.items():
                 run = session.generate(self.prompt(prompt_tokens), new_tokens,
                                        placement=placement, chat=False, stop_at_eos=False)
@@ -145,10 +145,6 @@ class RealBench:
             session.close()
 
 
-def _progress(line: str) -> None:
-    print(f"splitllm fidelity: {line}", file=sys.stderr, flush=True)
-
-
 def warm_up_placements(n_units: int) -> tuple[str, ...]:
     """What each connection runs, unmeasured, at every length of its grid before it plans:
     server-only, its blocks alone and the multi-switch plan, so that the server's live step
@@ -160,12 +156,13 @@ def warm_up_placements(n_units: int) -> tuple[str, ...]:
 def run_fidelity(loaded: LoadedModel, opts: FidelityOptions) -> tuple[list[Result], list[str]]:
     """The grid on a running server (quick: 2 conditions x 1 length; full: 5 x 3), and the
     fixed costs each condition measured (`RealBench.fixed_costs`)."""
-    if opts.repeats < 1 or opts.sla_factor < 1:
+    if opts.rounds.first < 1 or opts.sla_factor < 1:
         raise UserError("--repeats must be >= 1 and --sla-factor >= 1")
     bench = RealBench(loaded, opts)
     try:
         results = run_grid(bench, conditions=QUICK_CONDITIONS if opts.quick else FULL_CONDITIONS,
-                           lengths=bench.lengths, sla_factor=opts.sla_factor)
+                           lengths=bench.lengths, sla_factor=opts.sla_factor,
+                           rounds=opts.rounds)
         return results, bench.fixed_costs()
     finally:
         bench.close()
@@ -226,16 +223,29 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
         med, worst = summary[metric]["median_abs_rel_err"], summary[metric]["max_abs_rel_err"]
         ok = "met" if med <= TARGET_MEDIAN and worst <= TARGET_MAX else "**missed**"
         lines.append(f"| {metric} | {med:.1%} | {worst:.1%} | {ok} |")
+    rows = saving_gap(results)
     lines += ["", "Server-work saving of each split against server-only (server CPU s), "
-              f"target: within {TARGET_SAVING_POINTS:g} points of the plan", "",
-              "| condition | P / G | placement | planned | measured (median of rounds) | "
-              "rounds (lowest / highest) | gap (points) |", "|---|---|---|---|---|---|---|"]
-    for row in saving_gap(results):
+              f"target: within {TARGET_SAVING_POINTS:g} points of the plan. Measured: the mean "
+              "of the rounds' paired savings (each split's run against the mean of server-only's "
+              "runs just before and after it) and its "
+              f"{SAVING_CONFIDENCE:.0%} Student t interval; the interval's verdict: `within` "
+              f"when it excludes a miss of {TARGET_SAVING_POINTS:g} points, `missed` when it "
+              "excludes meeting the target, else `undecided`. "
+              f"{sum(abs(r['gap_points']) <= TARGET_SAVING_POINTS for r in rows)} of "
+              f"{len(rows)} estimates within the target; their intervals: "
+              + ", ".join(f"{sum(r['verdict'] == v for r in rows)} {v}"
+                          for v in ("within", "missed", "undecided")) + ".", "",
+              "| condition | P / G | placement | planned | measured (mean ± 95%) | rounds | "
+              "lowest / highest round | gap (points) | interval |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
         rounds = row["round_savings"]
         lines.append(f"| {row['condition']} | {row['prompt_tokens']} / {row['new_tokens']} | "
                      f"{'/'.join(row['kinds'])} `{row['placement']}` | "
-                     f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} | "
-                     f"{min(rounds):.1%} / {max(rounds):.1%} | {row['gap_points']:+.1f} |")
+                     f"{row['planned_saving']:.1%} | {row['measured_saving']:.1%} "
+                     f"± {row['half_width_points']:.1f} | {row['rounds']} | "
+                     f"{min(rounds):.1%} / {max(rounds):.1%} | {row['gap_points']:+.1f} | "
+                     f"{row['verdict']} |")
     lines += ["", "Every point (predicted / measured), and the e2e residual per visit to the "
               "server per pass (measured - predicted):", "",
               "| condition | P | G | kinds | " + " | ".join(METRICS) + " | residual/visit |",
@@ -288,9 +298,13 @@ def header_text(model: str, opts: FidelityOptions, server_started: bool,
             f"({os.cpu_count()} cores, shared with other work). EMULATED: the links (delay and "
             "bandwidth shaping in the client's transport) and client slowdowns (the client "
             "sleeps its layers' time times the factor) named per condition; `loopback` is the "
-            f"real local socket. Each figure is the median of {opts.repeats} rounds (the "
-            "placements of a point measured in turn in each round), a split's saving the median "
-            "of its rounds' savings against server-only in the same round; the SLA of a "
+            "real local socket. Each figure is the median of its rounds (the placements of a "
+            f"point measured in turn in each round: {opts.rounds.first} rounds of each, then "
+            "paired rounds of server-only and the splits whose saving's "
+            f"{SAVING_CONFIDENCE:.0%} interval is wider than "
+            f"±{opts.rounds.half_width_points:g} points, up to {opts.rounds.most} rounds); a "
+            "split's saving is the mean of its rounds' savings, each against the mean of "
+            "server-only's runs before and after it (its round's and the next's); the SLA of a "
             f"point is {opts.sla_factor:g}x the faster uniform placement's predicted latency. "
             "Predictions: `Session.instance` (what placement=auto plans on)."
             + "".join(f"\n\n- measured: {line}" for line in fixed_costs))

@@ -25,9 +25,18 @@ def fidelity(
         help="Write report.md, results.json and plots into this folder.")] = None,
     quick: Annotated[bool, typer.Option(
         "--quick", help="A small grid: 2 conditions x 1 length (< 3 min on 2 cores).")] = False,
+    # 3 first rounds let one split's saving miss its plan by 6-8 points in 2 of 3 quiet quick
+    # runs; 40 rounds give +-2 points to the splits of the past grids' 90th percentile of noise
+    # (47 rounds) but a few, and keep the full grid near 18 minutes (README)
     repeats: Annotated[int, typer.Option(
-        help="Rounds per point (placements in turn); each figure's median counts, and a "
-             "split's saving is the median of its rounds' paired savings.")] = 9,
+        help="First rounds per point (placements in turn); each figure's median counts, and "
+             "a split's saving is the mean of its rounds' paired savings.")] = 9,
+    max_rounds: Annotated[int, typer.Option(
+        help="Rounds at most per point: paired rounds of server-only and the splits whose "
+             "saving's 95% interval is wider than --saving-half-width.")] = 40,
+    saving_half_width: Annotated[float, typer.Option(
+        help="Points of saving: a split's 95% interval half-width that ends its rounds.")
+                                 ] = 2.0,
     sla_factor: Annotated[float, typer.Option(
         help="Each point's SLA: this times the faster uniform placement's prediction.")] = 1.3,
     threads: Annotated[int, typer.Option(help="Torch threads of the client and a local server.")
@@ -38,7 +47,7 @@ def fidelity(
     """Predicted against measured on the real runtime: TTFT, TPOT, e2e, server CPU, wire bytes."""
     import torch
 
-    from splitllm.runtime.fidelity import summarize
+    from splitllm.runtime.fidelity import Rounds, summarize
     from splitllm.runtime.fidelity_run import (
         FidelityOptions,
         header_text,
@@ -53,12 +62,16 @@ def fidelity(
                           ("--threads", threads)):
         if not value >= 1:
             raise UserError(f"{option} must be at least 1, got {value:g}")
+    if max_rounds < repeats or not saving_half_width > 0:
+        raise UserError(f"--max-rounds must be at least --repeats ({repeats}) and "
+                        f"--saving-half-width above 0, got {max_rounds} and {saving_half_width:g}")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     with contextlib.ExitStack() as stack:
         url = server or stack.enter_context(local_server(model, threads))
-        opts = FidelityOptions(server=url, token=token, quick=quick, repeats=repeats,
-                               sla_factor=sla_factor, threads=threads)
+        opts = FidelityOptions(server=url, token=token, quick=quick, sla_factor=sla_factor,
+                               threads=threads, rounds=Rounds(first=repeats, most=max_rounds,
+                                                              half_width_points=saving_half_width))
         results, fixed_costs = run_fidelity(loaded, opts)
     header = header_text(loaded.model_id, opts, server_started=server is None,
                          fixed_costs=fixed_costs)
