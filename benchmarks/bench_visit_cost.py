@@ -1,14 +1,17 @@
 """A visit's fixed cost on the real server: the same server blocks in 1, 2, 4 and 8 segments.
 
 Run: .venv/bin/python benchmarks/bench_visit_cost.py
-     [--rounds 5] [--blocks 16]
+     [--rounds 5] [--blocks 16] [--emulate-link 4g]
 
 On a `splitllm serve` child pinned to its own core (loopback, P=32, G=8): after a warm-up, the
 placements (server-only, a cut with the head, and `--blocks` server blocks in 1, 2, 4 and 8
 segments) each in turn per round; per placement, the median server CPU seconds beside the
 prediction of `Session.instance` (the server's live step model with its `job_s`, per visit), and
 a line through (visits x passes, measured - predicted): its slope is the CPU per visit per pass
-the model misses (0 when the model holds it).
+the model misses (0 when the model holds it); and the CPU per visit per pass itself, measured:
+the slope of the segmented placements' measured CPU (the same blocks) against their visits.
+`--emulate-link` delays each message as that link would (the engine then waits between
+visits): run it with and without to see whether a visit after a longer wait costs more.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--emulate-link", default=None, help="a link preset, e.g. wifi or 4g")
     args = parser.parse_args()
     loaded = load_model("smollm2")
     vocab = loaded.model.config.vocab_size
     prompt = [(vocab // 3 + 7 * i) % vocab for i in range(P)]
-    with local_server("smollm2", 1) as url, connect(url, loaded) as session:
+    with local_server("smollm2", 1) as url, connect(
+            url, loaded, emulate_link=args.emulate_link) as session:
         n = session.stack.n_units
         placements = {"server-only": SERVER * n, "cut + head": "C" * 5 + SERVER * (n - 5),
                       **{f"{k} segments": segmented(n, k, args.blocks) for k in (1, 2, 4, 8)}}
@@ -56,7 +61,8 @@ def main() -> None:
                                        stop_at_eos=False)
                 cpu_s[name].append(run.server_cpu_s)
         whole, source = session.instance(P, G)
-        print(f"predicted from: {source}")
+        print(f"link: {args.emulate_link or 'loopback'} (EMULATED where named); predicted from: "
+              f"{source}")
         visit_passes, missed_s = [], []
         for name, placement in placements.items():
             predicted = promised(session, Placement(placement), P, G, whole=whole).server_cpu_s
@@ -70,6 +76,11 @@ def main() -> None:
                   f"{(measured - predicted) * 1e3:+.1f} ms")
         slope, _ = np.polyfit(visit_passes, missed_s, 1)
         print(f"missed per visit per pass: {slope * 1e3:+.2f} ms of CPU")
+        segments = [name for name in placements if name.endswith("segments")]
+        per_visit, _ = np.polyfit([visit_passes[list(placements).index(name)] for name in segments],
+                                  [statistics.median(cpu_s[name]) for name in segments], 1)
+        print(f"measured per visit per pass ({args.blocks} blocks in 1-8 segments): "
+              f"{per_visit * 1e3:.2f} ms of CPU")
 
 
 if __name__ == "__main__":
