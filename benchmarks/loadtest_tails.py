@@ -34,6 +34,8 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -47,7 +49,7 @@ import numpy as np
 
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
-from splitllm.runtime import loadtest_run, remote
+from splitllm.runtime import demo, loadtest_run, remote
 from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.fidelity_run import local_server
@@ -301,6 +303,27 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
             + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))), raw
 
 
+@contextlib.contextmanager
+def server_switching(interval_ms: float) -> Iterator[None]:
+    """Within: the local server starts with this Python thread switch interval."""
+    start = demo.start_server
+
+    def started(model: str, port: int, log_path: Path, threads: int = 1) -> Any:
+        code = (f"import sys; sys.setswitchinterval({interval_ms / 1e3!r}); import typer; "
+                "from splitllm.runtime.commands import serve; typer.run(serve)")
+        args = [sys.executable, "-c", code, "--model", model, "--port", str(port),
+                "--threads", str(threads)]
+        with log_path.open("wb") as log:
+            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+    demo.start_server = started  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        demo.start_server = start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device-profile", required=True)
@@ -309,6 +332,9 @@ def main() -> None:
     parser.add_argument("--switch-intervals-ms", default="",
                         help="run every probe once at each of these Python thread switch "
                         "intervals of the clients' process (default: as it is, 5 ms)")
+    parser.add_argument("--server-switch-interval-ms", type=float, default=None,
+                        help="the server process's Python thread switch interval (default: "
+                        "as it is, 5 ms)")
     parser.add_argument("--out", type=Path, help="write every probe's per-request parts here "
                         "(JSON)")
     args = parser.parse_args()
@@ -318,6 +344,8 @@ def main() -> None:
     loaded = load_model("smollm2")
     spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
     with contextlib.ExitStack() as stack:
+        if args.server_switch_interval_ms is not None:
+            stack.enter_context(server_switching(args.server_switch_interval_ms))
         url = stack.enter_context(local_server("smollm2", 1))
         info = fetch_info(url, None)
         world, classes = loadtest_world(
