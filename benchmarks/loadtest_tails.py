@@ -53,7 +53,7 @@ from splitllm.runtime import demo, loadtest_run, remote
 from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.fidelity_run import local_server
-from splitllm.runtime.loadtest import QUEUE_WAIT, Outcome, Probe, counter_delta, probed
+from splitllm.runtime.loadtest import BUSY, QUEUE_WAIT, Outcome, Probe, counter_delta, probed
 from splitllm.runtime.loadtest_command import _scenario, _visit_s, calibrated
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import (
@@ -259,7 +259,10 @@ def engine_line(pages: tuple[dict[str, float], dict[str, float]], record: RunRec
     sim_steps = len(np.unique(done_at))
     sim_step_s = record.busy_total_s / max(sim_steps, 1)
     sim_beyond_s = float(np.mean([done - at for _, _, at, done in record.job_log])) + visit_s
-    return (f"engine, measured / simulated: {steps:.0f} / {sim_steps} steps, "
+    compute_cpu_s = delta("splitllm_server_cpu_seconds_total")
+    wall_over_cpu = delta(BUSY) / compute_cpu_s if compute_cpu_s > 0 else math.nan
+    return (f"engine (its compute's wall seconds x{wall_over_cpu:.3f} its CPU: above 1, its "
+            f"core was shared), measured / simulated: {steps:.0f} / {sim_steps} steps, "
             f"{forwards / max(steps, 1):.2f} / {len(done_at) / max(sim_steps, 1):.2f} rows a "
             f"step, {step_s * 1e3:.1f} / {sim_step_s * 1e3:.1f} ms a step, queue wait "
             f"{wait_s * 1e3:.1f} / {record.job_delay_mean_s * 1e3:.1f} ms a forward; a forward "
