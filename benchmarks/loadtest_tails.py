@@ -1,47 +1,98 @@
-"""Where a load-test probe's requests lose their time: per request, from the client's side.
+"""Where a load-test probe's requests lose their time: measured beside simulated, per request.
 
 Starts a local SmolLM2 server as `splitllm loadtest` does (azure-conv x 1/64 tokens, 96
-requests a probe, calibrated the same way), runs one policy's probes at the given rates, and
-times every request's parts from inside the client process: how late its worker thread took
-it (after its scheduled arrival), its client units (emulation included), its session's
-opening beyond the emulated link, and its forwards beyond the emulated link and the server's
-compute for them (the server's queue, and the client process's own delays); beside them the
-server's mean queue wait per forward (/metrics). Run it under the measurement lock:
+requests a probe, calibrated the same way), runs each policy's probes at the given rates (to
+their end: no early stop, so every request has both sides), and splits every request's
+latency into the same parts on both sides:
+
+- units: the client's units (measured: their wall seconds, emulation included; simulated: its
+  device's time);
+- server: each visit's time at the server beyond the link (measured: each forward's wall
+  seconds less its emulated link delay: the server's queue and compute, a visit's fixed cost,
+  the client's own transport work; simulated: the server's queue and steps plus the link's
+  `visit_s` a visit);
+- link: the emulated crossings and the session's opening;
+- rest: measured, everything else (the worker thread taking the request late, the client's
+  loop between its parts); simulated, the shared client cores' queue (`sim.client_host`).
+
+The simulated side is the world as this very probe ran it (the calibrated world at the
+probe's own server and clients' speed factors, `loadtest_world.speed_factors`), at the same
+rate, on the same requests with the same placements (greedy and exact do not read the load).
+Per part: median / p90 on each side, the mean of measured less simulated over the same
+requests, and that mean over the requests that missed their SLA measured but met it
+simulated (the part whose error costs attainment). Then how close the plans sit to the SLA:
+each request's idle latency (its walk on an idle server) over its SLA, and the simulated
+attainment if every request took 0.1, 0.2 or 0.3 s longer. Run it under the measurement lock:
 
     flock /work/measure.lock env PYTHONPATH=src python benchmarks/loadtest_tails.py \
-        --device-profile device.json --policy greedy --rates 11.3,12.3
+        --device-profile device.json --policies greedy,exact --rates 6.5,7.5
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
+import json
+import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from itertools import product
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
-from splitllm.runtime import remote
+from splitllm.runtime import demo, loadtest_run, remote
 from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.fidelity_run import local_server
+from splitllm.runtime.loadtest import BUSY, QUEUE_WAIT, Outcome, Probe, counter_delta, probed
 from splitllm.runtime.loadtest_command import _scenario, _visit_s, calibrated
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
-from splitllm.runtime.loadtest_world import LoadtestSpec, loadtest_world
+from splitllm.runtime.loadtest_world import (
+    LoadtestSpec,
+    as_probed,
+    loadtest_world,
+    speed_factors,
+)
 from splitllm.runtime.models import context_tokens, load_model
+from splitllm.sim.metrics import sla_met
+from splitllm.sim.run import RunRecord, run_policy
+from splitllm.sim.walk import Walk, WalkBuilder
+from splitllm.sim.world import World
 from splitllm.stepmodel import StepModel
 
 CURRENT = threading.local()  # the request a worker thread runs now
+PARTS = ("latency_s", "units_s", "server_s", "link_s", "rest_s")
+LONGER_S = (0.1, 0.2, 0.3)  # the knife-edge: simulated attainment with every request this late
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parts:
+    """Per request (arrays over the probe's requests, nan: not finished), seconds."""
+
+    latency_s: np.ndarray
+    units_s: np.ndarray
+    server_s: np.ndarray
+    link_s: np.ndarray
+    rest_s: np.ndarray
 
 
 class Timings:
-    """Per request: (wall s, emulated link s) of each message exchange, and its generation."""
+    """Per request: (kind, wall s, emulated link s) of each message exchange, its generation,
+    its outcome and how late its worker thread took it."""
 
     def __init__(self) -> None:
         self.exchanges: dict[int, list[tuple[str, float, float]]] = {}
         self.generations: dict[int, Any] = {}
+        self.outcomes: dict[int, Outcome] = {}
         self.picked_late_s: dict[int, float] = {}
 
     def exchange(self, kind: str, call: Callable[[], Any], transport: Any) -> Any:
@@ -56,10 +107,11 @@ class Timings:
 
 @contextlib.contextmanager
 def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
-    """Within: the runner's requests, sessions and server exchanges are timed."""
+    """Within: the runner's requests, sessions and server exchanges are timed, and its probes
+    run to their end (no early stop)."""
     forward, opened, generate = (remote.RemoteSession.forward, remote.RemoteSession.__init__,
                                  Session.generate)
-    one = runner._one
+    one, failed = runner._one, loadtest_run.certainly_failed
 
     def timed_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return timings.exchange("forward", lambda: forward(self, *args, **kwargs),
@@ -73,16 +125,18 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
         timings.generations[getattr(CURRENT, "r", -1)] = result
         return result
 
-    def timed_one(load: Any, r: int, *args: Any) -> Any:
+    def timed_one(load: Any, r: int, *args: Any) -> Outcome:
         start_s = args[2]
         timings.picked_late_s[r] = time.perf_counter() - start_s - float(load.arrived_at_s[r])
         CURRENT.r = r
-        return one(load, r, *args)
+        timings.outcomes[r] = one(load, r, *args)
+        return timings.outcomes[r]
 
     remote.RemoteSession.forward = timed_forward  # type: ignore[method-assign]
     remote.RemoteSession.__init__ = timed_open  # type: ignore[method-assign]
     Session.generate = timed_generate  # type: ignore[method-assign]
     runner._one = timed_one  # type: ignore[method-assign,assignment]
+    loadtest_run.certainly_failed = lambda *_: False  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -90,40 +144,202 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
         remote.RemoteSession.__init__ = opened  # type: ignore[method-assign]
         Session.generate = generate  # type: ignore[method-assign]
         runner._one = one  # type: ignore[method-assign]
+        loadtest_run.certainly_failed = failed
 
 
-def _ms(values: list[float], q: float) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.quantiles(values, n=10)[int(q * 10) - 1] * 1e3:.0f}" if len(
-        values) > 1 else f"{values[0] * 1e3:.0f}"
+def measured_parts(timings: Timings, n: int) -> Parts:
+    """The parts of each of the probe's `n` requests as measured."""
+    parts = {name: np.full(n, math.nan) for name in PARTS}
+    for r, outcome in timings.outcomes.items():
+        generation = timings.generations.get(r)
+        if generation is None or math.isnan(outcome.finished_s):
+            continue
+        exchanges = timings.exchanges.get(r, [])
+        forwards = [(wall, link) for kind, wall, link in exchanges if kind == "forward"]
+        opening_s = sum(wall for kind, wall, _ in exchanges if kind == "open")
+        parts["latency_s"][r] = outcome.finished_s
+        parts["units_s"][r] = generation.client_busy_s
+        parts["server_s"][r] = sum(wall - link for wall, link in forwards)
+        parts["link_s"][r] = sum(link for _, link in forwards) + opening_s
+        parts["rest_s"][r] = outcome.finished_s - sum(parts[p][r] for p in PARTS[1:4])
+    return Parts(**parts)
 
 
-def summary(timings: Timings) -> str:
-    """Median / p90 (ms) of each part over the probe's requests."""
-    beyond: list[float] = []
-    opening: list[float] = []
-    units: list[float] = []
-    for r, generation in timings.generations.items():
-        forwards = [(wall, link) for kind, wall, link in timings.exchanges.get(r, ())
-                    if kind == "forward"]
-        if forwards:
-            beyond.append((sum(w - link for w, link in forwards) - generation.server_busy_s)
-                          / len(forwards))
-        opening += [w - link for kind, w, link in timings.exchanges.get(r, ()) if kind == "open"]
-        units.append(generation.client_busy_s)
-    late = list(timings.picked_late_s.values())
-    return (f"picked up late {_ms(late, 0.5)} / {_ms(late, 0.9)} ms; session opening beyond "
-            f"the link {_ms(opening, 0.5)} / {_ms(opening, 0.9)} ms; a forward beyond the link "
-            f"and the server's compute {_ms(beyond, 0.5)} / {_ms(beyond, 0.9)} ms; client units "
-            f"{_ms(units, 0.5)} / {_ms(units, 0.9)} ms (median / p90)")
+def _walks(world: World, record: RunRecord) -> list[Walk]:
+    builder = WalkBuilder(world)
+    return [builder.walk(int(record.type_index[r]), int(record.class_index[r]),
+                         int(record.prompt_tokens[r]), int(record.output_tokens[r]),
+                         Placement(record.placements[record.placement_index[r]]))
+            for r in range(len(record.arrived_at_s))]
+
+
+def simulated_parts(world: World, record: RunRecord) -> Parts:
+    """The parts of each request of a simulated run made with `log=True`."""
+    n = len(record.arrived_at_s)
+    at_server = np.zeros(n)
+    for r, _j, arrived_s, done_s in record.job_log:
+        at_server[r] += done_s - arrived_s
+    walks = _walks(world, record)
+    visit_s = np.array([world.clients[int(c)].link.visit_s for c in record.class_index])
+    visits = np.array([w.jobs for w in walks], dtype=float)
+    gaps = np.array([sum(w.gaps_s) for w in walks])
+    units = np.array([sum(w.client_s) for w in walks])
+    latency = record.finished_at_s - record.arrived_at_s
+    return Parts(latency_s=latency, units_s=units, server_s=at_server + visits * visit_s,
+                 link_s=gaps - units - visits * visit_s, rest_s=latency - gaps - at_server)
+
+
+def idle_latency_s(world: World, record: RunRecord) -> np.ndarray:
+    """Each request's latency on an idle server with its own device (its walk's sum)."""
+    return np.array([sum(w.gaps_s) + sum(w.service_s) for w in _walks(world, record)])
+
+
+def _q(values: np.ndarray, q: float) -> float:
+    finite = values[~np.isnan(values)]
+    return float(np.quantile(finite, q)) if len(finite) else math.nan
+
+
+def comparison(measured: Parts, simulated: Parts, missed: np.ndarray) -> str:
+    """Per part: median / p90 (ms) on each side, and the mean difference over the same
+    requests, all of them and those in `missed`."""
+    lines = ["| part | measured p50 / p90 (ms) | simulated p50 / p90 (ms) | measured - "
+             "simulated, mean (ms) | ... over those missed measured, met simulated |",
+             "|---|---|---|---|---|"]
+    both = ~np.isnan(measured.latency_s) & ~np.isnan(simulated.latency_s)
+    for name in PARTS:
+        m, s = getattr(measured, name), getattr(simulated, name)
+        diff = (m - s)[both]
+        lost = (m - s)[both & missed]
+        lines.append(f"| {name[:-2]} | {_q(m, .5) * 1e3:.0f} / {_q(m, .9) * 1e3:.0f} | "
+                     f"{_q(s, .5) * 1e3:.0f} / {_q(s, .9) * 1e3:.0f} | "
+                     f"{np.mean(diff) * 1e3:+.0f} | "
+                     f"{np.mean(lost) * 1e3 if len(lost) else math.nan:+.0f} ({len(lost)}) |")
+    return "\n".join(lines)
+
+
+def knife_edge(world: World, record: RunRecord) -> str:
+    """How close the requests' plans sit to their SLA, and what a little more latency does
+    to the simulated attainment."""
+    sla = np.array([world.types[int(k)].sla_s for k in record.type_index])
+    share = idle_latency_s(world, record) / sla
+    met = sla_met(world, record)
+    longer = []
+    for extra_s in LONGER_S:
+        later = replace(record, finished_at_s=record.finished_at_s + extra_s)
+        longer.append(f"+{extra_s:g} s: {sla_met(world, later).mean():.0%}")
+    return (f"idle latency / SLA median {np.median(share):.2f}, p90 {np.quantile(share, .9):.2f}"
+            f", {np.mean(share > 0.7):.0%} of requests above 0.7; simulated attainment "
+            f"{met.mean():.0%}, with every request " + ", ".join(longer))
+
+
+def misses_in_time(arrived_s: np.ndarray, missed: np.ndarray, bins: int = 10) -> str:
+    """How the probe's misses spread over its arrivals: a count per tenth of its span (misses
+    bunched in one tenth: a stall, not a steady excess)."""
+    counts, _ = np.histogram(arrived_s[missed], bins=bins, range=(0.0, float(arrived_s.max())))
+    return " ".join(str(int(c)) for c in counts)
+
+
+def engine_line(pages: tuple[dict[str, float], dict[str, float]], record: RunRecord,
+                 measured: Parts, visit_s: float) -> str:
+    """The server's engine over the probe, measured (its /metrics before and after) beside
+    simulated (the run's job log): steps, rows a step, seconds a step, queue wait a forward,
+    and a forward's time beyond the link less its wait and its step (the server's event loop,
+    both sides' transport work)."""
+    before, after = pages
+
+    def delta(name: str) -> float:
+        return counter_delta(after, before, name)
+
+    forwards = delta("splitllm_forwards_total")
+    steps = delta("splitllm_engine_steps_total")
+    step_s = delta("splitllm_engine_step_seconds_sum") / max(steps, 1)
+    wait_s = (delta(QUEUE_WAIT + "_sum") / max(delta(QUEUE_WAIT + "_count"), 1))
+    beyond_s = np.nansum(measured.server_s) / max(forwards, 1)
+    done_at = np.array([done for *_, done in record.job_log])
+    sim_steps = len(np.unique(done_at))
+    sim_step_s = record.busy_total_s / max(sim_steps, 1)
+    sim_beyond_s = float(np.mean([done - at for _, _, at, done in record.job_log])) + visit_s
+    compute_cpu_s = delta("splitllm_server_cpu_seconds_total")
+    wall_over_cpu = delta(BUSY) / compute_cpu_s if compute_cpu_s > 0 else math.nan
+    return (f"engine (its compute's wall seconds x{wall_over_cpu:.3f} its CPU: above 1, its "
+            f"core was shared), measured / simulated: {steps:.0f} / {sim_steps} steps, "
+            f"{forwards / max(steps, 1):.2f} / {len(done_at) / max(sim_steps, 1):.2f} rows a "
+            f"step, {step_s * 1e3:.1f} / {sim_step_s * 1e3:.1f} ms a step, queue wait "
+            f"{wait_s * 1e3:.1f} / {record.job_delay_mean_s * 1e3:.1f} ms a forward; a forward "
+            f"beyond the link {beyond_s * 1e3:.1f} / {sim_beyond_s * 1e3:.1f} ms, less its wait "
+            f"and a step {(beyond_s - wait_s - step_s) * 1e3:.1f} / "
+            f"{(sim_beyond_s - record.job_delay_mean_s - sim_step_s) * 1e3:.1f} ms")
+
+
+def report(world: World, policy: str, probe: Probe, timings: Timings,
+           pages: tuple[dict[str, float], dict[str, float]]) -> tuple[str, dict[str, Any]]:
+    """One probe measured beside its simulation at the probe's own speeds: the text, and the
+    per-request parts of both sides."""
+    factors = speed_factors(world, policy, probed([probe]))
+    seen = as_probed(world, *factors).with_rate(probe.rate_per_s)
+    record = run_policy(seen, policy, log=True)
+    n = len(record.arrived_at_s)
+    measured = measured_parts(timings, n)
+    simulated = simulated_parts(seen, record)
+    sla = np.array([world.types[int(k)].sla_s for k in record.type_index])
+    measured_missed = ~(measured.latency_s <= sla)
+    missed = measured_missed & sla_met(seen, record)
+    late = np.array(list(timings.picked_late_s.values()))
+    m = probe.metrics
+    raw = {"policy": policy, "rate_req_s": probe.rate_per_s, "factors": factors,
+           "arrived_at_s": record.arrived_at_s.tolist(), "sla_s": sla.tolist(),
+           "picked_late_s": [timings.picked_late_s.get(r, math.nan) for r in range(n)],
+           "idle_latency_s": idle_latency_s(seen, record).tolist(),
+           "measured": {k: getattr(measured, k).tolist() for k in PARTS},
+           "simulated": {k: getattr(simulated, k).tolist() for k in PARTS}}
+    return (f"\n{policy} at {probe.rate_per_s:.3g} req/s: {m.sla_attainment:.0%} within SLA "
+            f"measured, {sla_met(seen, record).mean():.0%} simulated (server x{factors[0]:.2f}, "
+            f"clients' CPU x{factors[1]:.2f}); server busy {m.utilization:.0%}, its queue wait "
+            f"{m.job_delay_mean_s * 1e3:.0f} ms a forward (simulated "
+            f"{record.job_delay_mean_s * 1e3:.0f}); clients {probe.client_cores_busy:.2f} "
+            f"cores; worker threads took requests {_q(late, .5) * 1e3:.0f} / "
+            f"{_q(late, .9) * 1e3:.0f} ms late (median / p90)\n"
+            + comparison(measured, simulated, missed) + "\n" + knife_edge(seen, record)
+            + "\n" + engine_line(pages, record, measured, world.clients[0].link.visit_s)
+            + "\nmissed measured, per tenth of the arrivals: "
+            + misses_in_time(record.arrived_at_s, measured_missed)
+            + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))), raw
+
+
+@contextlib.contextmanager
+def server_switching(interval_ms: float) -> Iterator[None]:
+    """Within: the local server starts with this Python thread switch interval."""
+    start = demo.start_server
+
+    def started(model: str, port: int, log_path: Path, threads: int = 1) -> Any:
+        code = (f"import sys; sys.setswitchinterval({interval_ms / 1e3!r}); import typer; "
+                "from splitllm.runtime.commands import serve; typer.run(serve)")
+        args = [sys.executable, "-c", code, "--model", model, "--port", str(port),
+                "--threads", str(threads)]
+        with log_path.open("wb") as log:
+            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+    demo.start_server = started  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        demo.start_server = start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device-profile", required=True)
-    parser.add_argument("--policy", default="greedy")
-    parser.add_argument("--rates", default="11.3,12.3")
+    parser.add_argument("--policies", default="greedy,exact")
+    parser.add_argument("--rates", default="6.5,7.5")
+    parser.add_argument("--switch-intervals-ms", default="",
+                        help="run every probe once at each of these Python thread switch "
+                        "intervals of the clients' process (default: as it is, 5 ms)")
+    parser.add_argument("--server-switch-interval-ms", type=float, default=None,
+                        help="the server process's Python thread switch interval (default: "
+                        "as it is, 5 ms)")
+    parser.add_argument("--out", type=Path, help="write every probe's per-request parts here "
+                        "(JSON)")
     args = parser.parse_args()
     import torch
 
@@ -131,6 +347,8 @@ def main() -> None:
     loaded = load_model("smollm2")
     spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
     with contextlib.ExitStack() as stack:
+        if args.server_switch_interval_ms is not None:
+            stack.enter_context(server_switching(args.server_switch_interval_ms))
         url = stack.enter_context(local_server("smollm2", 1))
         info = fetch_info(url, None)
         world, classes = loadtest_world(
@@ -141,16 +359,24 @@ def main() -> None:
             visit_s=_visit_s(url, None, int(info["n_units"])))
         runner = RealRunner(loaded, world, classes, RunnerOptions(server=url))
         stack.callback(runner.close)
-        calibrated(world, runner, url, None, classes)
-        for rate in (float(r) for r in args.rates.split(",")):
-            timings = Timings()
-            with instrumented(runner, timings):
-                probe = runner.probe(args.policy, rate)
-            m = probe.metrics
-            print(f"{args.policy} at {rate:g} req/s: {m.sla_attainment:.0%} within SLA, server "
-                  f"busy {m.utilization:.0%}, its queue wait {m.job_delay_mean_s * 1e3:.0f} ms "
-                  f"a forward, clients {probe.client_cores_busy:.2f} cores; "
-                  + summary(timings), flush=True)
+        world, _ = calibrated(world, runner, url, None, classes)
+        probes = []
+        for policy in args.policies.split(","):
+            for rate, interval_ms in product(
+                    (float(r) for r in args.rates.split(",")),
+                    [float(i) for i in args.switch_intervals_ms.split(",") if i] or [None]):
+                if interval_ms is not None:
+                    sys.setswitchinterval(interval_ms / 1e3)
+                    print(f"\nthe clients' process switches threads every {interval_ms:g} ms")
+                timings = Timings()
+                before = runner.metrics()
+                with instrumented(runner, timings):
+                    probe = runner.probe(policy, rate)
+                text, raw = report(world, policy, probe, timings, (before, runner.metrics()))
+                print(text, flush=True)
+                probes.append(raw)
+                if args.out is not None:
+                    args.out.write_text(json.dumps(probes))
 
 
 if __name__ == "__main__":
