@@ -32,6 +32,7 @@ METRICS = ("ttft_s", "tpot_s", "e2e_s", "server_cpu_s", "wire_bytes", "server_bu
 PLACEMENT_KINDS = ("server-only", "best-single-cut", "exact", "multi-switch")
 SAVING_CONFIDENCE = 0.95
 TARGET_SAVING_POINTS = 3.0  # a split's measured saving within this of its plan
+VERDICTS = ("within", "missed", "undecided")  # what a saving's interval says (`Saving.verdict`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -316,8 +317,7 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
     rows = saving_gap(results)
     verdicts = {"splits": len(rows),
                 "within_target": sum(abs(r["gap_points"]) <= TARGET_SAVING_POINTS for r in rows),
-                **{v: sum(r["verdict"] == v for r in rows)
-                   for v in ("within", "missed", "undecided")}}
+                **{v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}}
     return {"points": len(results), "metrics": metrics, "saving_verdicts": verdicts}
 
 

@@ -23,6 +23,7 @@ from splitllm.runtime.fidelity import (
     METRICS,
     SAVING_CONFIDENCE,
     TARGET_SAVING_POINTS,
+    VERDICTS,
     Condition,
     Figures,
     Result,
@@ -210,7 +211,7 @@ def write_report(results: list[Result], out: Path, header: str) -> None:
 
 def report_md(results: list[Result], header: str, plots: list[str]) -> str:
     """The fidelity report: what was emulated, the error summary against targets, every point."""
-    summary = summarize(results)["metrics"]
+    summary = summarize(results)
     busy_s = sum(r.measured.server_busy_s for r in results)
     share = sum(r.measured.server_cpu_s for r in results) / busy_s if busy_s else 0.0
     lines = ["# Fidelity: the planner's predictions against the real runtime\n", header, "",
@@ -220,10 +221,11 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
              "| metric | median abs rel err | max abs rel err | target (<= 10% / <= 25%) |",
              "|---|---|---|---|"]
     for metric in METRICS:
-        med, worst = summary[metric]["median_abs_rel_err"], summary[metric]["max_abs_rel_err"]
+        med, worst = (summary["metrics"][metric][key]
+                      for key in ("median_abs_rel_err", "max_abs_rel_err"))
         ok = "met" if med <= TARGET_MEDIAN and worst <= TARGET_MAX else "**missed**"
         lines.append(f"| {metric} | {med:.1%} | {worst:.1%} | {ok} |")
-    rows = saving_gap(results)
+    rows, verdicts = saving_gap(results), summary["saving_verdicts"]
     lines += ["", "Server-work saving of each split against server-only (server CPU s), "
               f"target: within {TARGET_SAVING_POINTS:g} points of the plan. Measured: the mean "
               "of the rounds' paired savings (each split's run against the mean of server-only's "
@@ -231,10 +233,8 @@ def report_md(results: list[Result], header: str, plots: list[str]) -> str:
               f"{SAVING_CONFIDENCE:.0%} Student t interval; the interval's verdict: `within` "
               f"when it excludes a miss of {TARGET_SAVING_POINTS:g} points, `missed` when it "
               "excludes meeting the target, else `undecided`. "
-              f"{sum(abs(r['gap_points']) <= TARGET_SAVING_POINTS for r in rows)} of "
-              f"{len(rows)} estimates within the target; their intervals: "
-              + ", ".join(f"{sum(r['verdict'] == v for r in rows)} {v}"
-                          for v in ("within", "missed", "undecided")) + ".", "",
+              f"{verdicts['within_target']} of {verdicts['splits']} estimates within the target; "
+              "their intervals: " + ", ".join(f"{verdicts[v]} {v}" for v in VERDICTS) + ".", "",
               "| condition | P / G | placement | planned | measured (mean ± 95%) | rounds | "
               "lowest / highest round | gap (points) | interval |",
               "|---|---|---|---|---|---|---|---|---|"]
