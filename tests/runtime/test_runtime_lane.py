@@ -26,7 +26,7 @@ from splitllm.runtime.kvcache import KV_BLOCK_TOKENS, KvArena, kv_capacity
 from splitllm.runtime.models import LoadedModel
 from splitllm.runtime.protocol import Sampling
 from splitllm.runtime.sampling import Sampler
-from splitllm.runtime.session import ServerSession
+from splitllm.runtime.session import Limits, ServerSession
 from splitllm.runtime.step import StepRow, run_step
 from splitllm.runtime.units import SegmentCache, UnitStack
 
@@ -191,6 +191,52 @@ def test_a_split_segment_runs_in_the_lane(stop: str) -> None:
     assert_same_caches(fast, slow)
 
 
+SEGMENTS = ((0, 2), (3, 4), (5, 8))  # a placement's server segments, SSCSCSSS of 6 blocks
+
+
+def test_a_multi_switch_sessions_segments_keep_their_lanes() -> None:
+    """A session's three server segments, one after the other at every position: each its own
+    lane, built once and found again at every later visit, with the model path's outputs."""
+    stack = stack_of(llama_config(layers=6))
+    sides = [[stack.new_cache(a, b, grown_in_blocks=True) for a, b in SEGMENTS] for _ in "fs"]
+    torch.manual_seed(3)
+    with lanes() as counted:
+        for position in range(6):
+            for k, (a, b) in enumerate(SEGMENTS):
+                x = torch.tensor([[5 + position]]) if a == 0 else torch.randn(
+                    1, 1, stack.hidden_size)
+                got, want = (step(stack, [StepRow(a, b, x, position, caches[k])], on)
+                             for caches, on in zip(sides, (True, False), strict=True))
+                torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=0)
+    assert counted.steps == 18 and counted.builds == 3
+    assert {id(c) for held in lane.kept_lanes(stack) for c in held.caches} == {
+        id(c) for c in sides[0]}
+    for fast, slow in zip(*sides, strict=True):
+        assert fast is not None and slow is not None
+        assert_same_caches(fast, slow)
+
+
+def test_the_model_keeps_its_last_lanes_and_a_closed_sessions_go() -> None:
+    """More single-row sessions than lanes kept, each decoded once: the newest `LANES_KEPT`
+    lanes kept; a multi-switch session's lanes go when it closes, the others' stay."""
+    stack = stack_of(llama_config(layers=6))
+    caches = [grown(stack) for _ in range(lane.LANES_KEPT + 2)]
+    for cache in caches:
+        step(stack, [StepRow(0, stack.n_units, torch.tensor([[5]]), 0, cache)], True)
+    assert [held.caches for held in lane.kept_lanes(stack)] == [
+        (cache,) for cache in reversed(caches[2:])]
+    session = ServerSession.open("s", stack, "SSCSCSSS", torch.float32, Sampling(), Limits())
+    for seg in session.segments.values():
+        x = torch.tensor([[5]]) if seg.start == 0 else torch.randn(1, 1, stack.hidden_size)
+        step(stack, [StepRow(seg.start, seg.stop, x, 0, seg.cache)], True)
+    mine = [seg.cache for seg in session.segments.values()]
+    assert [held.caches for held in lane.kept_lanes(stack)][:3] == [(c,) for c in reversed(mine)]
+    assert len(lane.kept_lanes(stack)) == lane.LANES_KEPT
+    session.close()
+    assert [held.caches for held in lane.kept_lanes(stack)] == [
+        (cache,) for cache in reversed(caches[5:])]
+
+
 def rows_of(stack: UnitStack, caches: list[SegmentCache], tokens: int = 1) -> list[StepRow]:
     return [StepRow(0, stack.n_units, torch.tensor([[5] * tokens]), c.get_seq_length(), c)
             for c in caches]
@@ -296,7 +342,7 @@ def test_a_moved_weight_rebuilds_the_lane() -> None:
                                        forward(stack, slow, [token], position, False),
                                        atol=ATOL, rtol=0)
     assert counted.steps == 3 and counted.builds == 2
-    held = stack.model.__dict__[lane._LANE]
+    held = lane.kept_lanes(stack)[0]
     assert held.head is not None and held.head.weight.data_ptr() == held.head.data_ptr
 
 

@@ -19,6 +19,7 @@ import torch
 from splitllm.errors import UserError
 from splitllm.placement import SERVER, Placement
 from splitllm.runtime.kvcache import kv_capacity
+from splitllm.runtime.lane import drop_lanes
 from splitllm.runtime.protocol import (
     DTYPE_NAMES,
     ID_DTYPES,
@@ -166,6 +167,8 @@ class ServerSession:
             if self.kv_budget is not None:
                 self.kv_budget.release(self.kv_reserved_bytes)
             self.kv_reserved_bytes = 0
+        drop_lanes(self.stack, [seg.cache for seg in self.segments.values()
+                                 if seg.cache is not None])
         for seg in self.segments.values():
             seg.cache = None
 
