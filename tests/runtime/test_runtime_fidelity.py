@@ -385,8 +385,8 @@ def test_only_splits_with_wide_intervals_get_more_rounds_up_to_the_cap(
 
 
 def test_the_warm_up_runs_server_segments_of_several_lengths() -> None:
-    """What lets the server's live step model tell a visit's fixed cost from a block's: one
-    row's steps through 30, 15 and 8 blocks of SmolLM2's 32 units (live_steps.job_fit)."""
+    """One row's steps through 30, 15 and 8 blocks of SmolLM2's 32 units: the server's live
+    step model holds each kind of visit before the grid is measured (live_steps.job_s)."""
     segments = {placement: [seg.stop - seg.start for seg in Placement(placement).segments()
                             if seg.side == "S"] for placement in warm_up_placements(32)}
     assert list(segments.values()) == [[32], [30], [15, 8]]

@@ -18,9 +18,8 @@ from splitllm.runtime.live_steps import (
     START_UP,
     LiveStepModel,
     StepModels,
-    job_fit,
+    job_s,
     refit_unit,
-    wall_per_cpu,
 )
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel
@@ -53,13 +52,10 @@ def test_samples_where_the_start_up_curve_had_no_point_add_one() -> None:
     assert flat(fitted) == pytest.approx([1.0, 0.75, 2.0, 1.0, 4.0, 1.5, 16.0, 3.0])
 
 
-def test_a_jobs_fixed_part_is_the_intercept_of_seconds_against_blocks() -> None:
-    # 0.6 + 0.5 k, and one step preempted (9.0 s) that the medians leave out
-    visits = [(k, 0.6 + 0.5 * k) for k in (2, 8, 30, 2, 8, 30)] + [(30, 9.0)]
-    assert job_fit(visits) == pytest.approx(0.6)
-    assert job_fit([(30, 15.6)] * 9) is None  # one block count: not told apart
-    assert job_fit([(2, 1.6), (8, 4.6)], min_samples=5) is None  # too few steps
-    assert job_fit([(2, 0.9), (8, 4.2)] * 3) == 0.0  # never below 0
+def test_a_visits_fixed_part_is_the_mean_of_its_steps_seconds_outside_their_units() -> None:
+    visits = [(0.4, 0.2), (0.6, 0.3), (2.0, 0.4)]  # (wall, cpu); one step preempted (wall 2.0)
+    assert job_s(visits, min_samples=3) == pytest.approx((1.0, 0.3))
+    assert job_s(visits, min_samples=4) is None  # too few steps
 
 
 def unit_laps(unit_s: dict[int, float], unit_cpu_s: dict[int, float],
@@ -69,58 +65,44 @@ def unit_laps(unit_s: dict[int, float], unit_cpu_s: dict[int, float],
             for u, s in unit_s.items()]
 
 
-def one_row_step(live: LiveStepModel, blocks: int, block_s: float, job_s: float,
-                 outside_s: float, preempted_s: float = 0.0) -> None:
-    """A one-row decode step through `blocks` blocks of a 32-unit model: each block block_s, a
-    fixed job_s - outside_s inside the blocks' timing, outside_s beside it; CPU = wall / 2;
-    the first block preempted for preempted_s more wall seconds."""
-    inside_s = job_s - outside_s
-    unit_s = {1 + b: block_s + inside_s / blocks for b in range(blocks)}
-    total_s = block_s * blocks + job_s
+def one_row_step(live: LiveStepModel, blocks: int, block_s: float, outside_s: float,
+                 preempted_s: float = 0.0) -> None:
+    """A one-row decode step through `blocks` blocks of a 32-unit model: each block block_s,
+    outside_s beside them; CPU = wall / 2; the first block preempted for preempted_s more wall
+    seconds."""
+    unit_s = {1 + b: block_s for b in range(blocks)}
+    total_s = block_s * blocks + outside_s
     unit_cpu_s = {u: s / 2 for u, s in unit_s.items()}
     unit_s[1] += preempted_s
     live.record(unit_laps(unit_s, unit_cpu_s, dict.fromkeys(unit_s, 1)), True,
                 (total_s + preempted_s, total_s / 2), 1)
 
 
-def test_the_live_model_charges_a_visit_its_fixed_cost_not_each_block() -> None:
+def test_the_live_model_charges_a_visit_its_steps_seconds_outside_their_units() -> None:
+    """Server-only's and splits' shorter segments: each block its seconds, each visit the
+    seconds its steps spent outside their units (a preemption inside them stays there)."""
     start = StepModel(START, START, START, n_blocks=30)
     live = LiveStepModel(StepModels(start, start, START_UP, 0), n_units=32, min_samples=5)
-    for blocks in (30, 15, 8, 2) * 5:  # server-only, then splits' shorter segments
-        one_row_step(live, blocks, block_s=0.5e-3, job_s=0.6e-3, outside_s=0.15e-3)
-    models = live.models()
-    assert (models.wall.job_s, models.cpu.job_s) == pytest.approx((0.6e-3, 0.3e-3))
-    assert models.wall.block.seconds(1) == pytest.approx(0.5e-3)  # net of the visit's part
-    assert models.cpu.block.seconds(1) == pytest.approx(0.25e-3)
-    # a step of k blocks is what was measured: k blocks and one job
-    for k in (2, 30):
-        assert models.wall.step_s(1, 1, blocks=k) - models.wall.embed.seconds(1) \
-            - models.wall.head.seconds(1) == pytest.approx(k * 0.5e-3 + 0.6e-3)
-
-
-def test_a_visits_wall_seconds_follow_its_cpu_not_preemptions_between_block_counts() -> None:
-    start = StepModel(START, START, START, n_blocks=30)
-    live = LiveStepModel(StepModels(start, start, START_UP, 0), n_units=32, min_samples=5)
-    for blocks in (30, 15, 8, 2) * 5:  # the 2-block steps all timed while preempted
-        one_row_step(live, blocks, block_s=0.5e-3, job_s=0.6e-3, outside_s=0.15e-3,
+    for blocks in (30, 15, 8, 2) * 5:
+        one_row_step(live, blocks, block_s=0.5e-3, outside_s=0.25e-3,
                      preempted_s=3e-3 if blocks == 2 else 0.0)
     models = live.models()
-    # a wall intercept would read the preemption as ~3 ms a visit; the CPU's 0.3 ms times the
-    # visits' median wall/CPU ratio (2) does not
-    assert (models.wall.job_s, models.cpu.job_s) == pytest.approx((0.6e-3, 0.3e-3))
-    assert wall_per_cpu([(2, 2.0, 1.0, 0.0, 0.0), (8, 3.0, 1.0, 0.0, 0.0),
-                         (4, 1.0, 0.0, 0.0, 0.0)]) == 2.5  # no CPU seconds: not counted
-    assert wall_per_cpu([]) == 1.0
+    assert (models.wall.job_s, models.cpu.job_s) == pytest.approx((0.25e-3, 0.125e-3))
+    assert models.cpu.block.seconds(1) == pytest.approx(0.25e-3)
+    # a step of k blocks is what was measured: k blocks and one visit (CPU: no preemption)
+    for k in (8, 30):
+        assert models.cpu.step_s(1, 1, blocks=k) - models.cpu.embed.seconds(1) \
+            - models.cpu.head.seconds(1) == pytest.approx(k * 0.25e-3 + 0.125e-3)
 
 
-def test_without_varied_segments_the_blocks_carry_the_visit_as_before() -> None:
+def test_before_enough_one_row_steps_a_visit_costs_what_it_cost_at_start() -> None:
     start = StepModel(START, START, START, n_blocks=30, job_s=0.001)
     live = LiveStepModel(StepModels(start, start, START_UP, 0), n_units=32, min_samples=5)
-    for _ in range(6):
-        one_row_step(live, 30, block_s=0.5e-3, job_s=0.6e-3, outside_s=0.15e-3)
-    models = live.models()
-    assert models.wall.job_s == 0.001  # the start-up's, unchanged
-    assert models.wall.block.seconds(1) == pytest.approx(0.5e-3 + 0.45e-3 / 30)
+    for _ in range(4):
+        one_row_step(live, 30, block_s=0.5e-3, outside_s=0.25e-3)
+    assert live.models().wall.job_s == 0.001  # the start-up's, unchanged
+    one_row_step(live, 30, block_s=0.5e-3, outside_s=0.25e-3)
+    assert live.models().wall.job_s == pytest.approx(0.25e-3)
 
 
 def start_models() -> StepModels:

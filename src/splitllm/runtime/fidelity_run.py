@@ -149,8 +149,8 @@ class RealBench:
 def warm_up_placements(n_units: int) -> tuple[str, ...]:
     """What each connection runs, unmeasured, at every length of its grid before it plans:
     server-only, its blocks alone and the multi-switch plan, so that the server's live step
-    model holds steps of the grid's sizes and of server segments 8 to 30 blocks long (what
-    tells a visit's fixed cost from a block's: `live_steps.job_fit`)."""
+    model holds steps of the grid's sizes, and one row's steps through server segments 8 to 30
+    blocks long (what a visit costs beyond its units: `live_steps.job_s`)."""
     return ("S" * n_units, "C" + "S" * (n_units - 2) + "C", str(multi_switch(n_units)))
 
 

@@ -18,15 +18,14 @@ step model (`stepmodel.StepModel`) from them:
   sample to the start-up curve at its token count (the machine's speed now against then),
   so a kind's curve keeps its shape where the engine has not run yet;
 - `fit_unit` makes the curve non-decreasing (a count's samples weigh by their number);
-- the server's seconds per job beyond its units' share (`StepModel.job_s`): a visit costs a
-  fixed 0.5-1.1 ms of CPU on the real server (measured: one row's decode through 2 blocks took
-  0.73-0.78 ms per block, through 16 blocks 0.55, through 30 0.51-0.61; 0.10-0.17 ms of it
-  outside the units), which steps run back to back at start do not show (0.02 ms there: it is
-  the cost of a step after the engine thread waited). One row's decode steps give it: the
-  intercept of their blocks' seconds (and the step's outside its units) against their blocks
-  (`job_fit`, in CPU seconds; the wall's is that times the visits' wall/CPU ratio); the block
-  samples are taken net of it, so that a split of short server segments is charged its
-  visits, not a mean per block that depends on the traffic's mix of segments.
+- the server's seconds per job beyond its units' share (`StepModel.job_s`, per visit): the
+  mean of one row's decode steps' seconds outside their units (`job_s`), measured in every such
+  step, wall and CPU. It is where a visit's fixed cost lies: one row's decode through the same
+  16 blocks of SmolLM2 in 1 to 8 segments took the same CPU per block in its units (0.69-0.82
+  ms, whatever the segment's length) and 0.12-0.27 ms per step outside them, once each server
+  segment kept its decode lane (runtime/lane.py; rebuilt at every visit, 0.36-0.69 ms). An
+  intercept of the steps' seconds against their blocks, fitted before, read 0 to 12 ms from
+  run to run: the blocks' speed drifts between the moments their counts are timed.
 
 Torch-free: the engine hands over `StepTimes`-like per-unit dicts.
 """
@@ -41,8 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from splitllm.runtime.metrics import Lap
 from splitllm.stepmodel import StepModel, UnitFit, fit_unit
 
@@ -53,10 +50,8 @@ KINDS = ("embed", "block", "head")
 START_UP, LIVE = "start-up", "live"
 
 Samples = dict[int, list[float]]  # tokens -> seconds of the recent steps
-Sample = tuple[float, float, float, float]  # (when, wall s, cpu s, jobs per unit) of a step
-# one row's decode step: its blocks, its (wall, cpu) seconds less its embedding's and head's,
-# and the (wall, cpu) seconds of those outside its units
-Visit = tuple[int, float, float, float, float]
+Sample = tuple[float, float, float]  # (when, wall s, cpu s) of a unit kind in a step
+Visit = tuple[float, float]  # one row's decode step: its (wall, cpu) seconds outside its units
 
 
 @dataclass(frozen=True)
@@ -98,39 +93,20 @@ def refit_unit(start: UnitFit, samples: Samples, min_samples: int = MIN_SAMPLES)
     return fit_unit(points)
 
 
-def job_fit(visits: Sequence[tuple[int, float]], min_samples: int = MIN_SAMPLES
-            ) -> float | None:
-    """Seconds per job beyond its blocks: the intercept of a least-squares line through one
-    row's decode steps' median seconds at each block count (medians: a step preempted on a
-    loaded core must not tilt the line), within [0, the least median]; None with fewer than
-    `min_samples` steps or one block count (a fixed cost per job and one per block cannot be
-    told apart). Decode steps only: a prefill's seconds vary by more than the fixed cost."""
-    groups: dict[int, list[float]] = {}
-    for blocks, seconds in visits:
-        groups.setdefault(blocks, []).append(seconds)
-    if len(visits) < min_samples or len(groups) < 2:
+def job_s(visits: Sequence[Visit], min_samples: int = MIN_SAMPLES) -> tuple[float, float] | None:
+    """A visit's (wall, cpu) seconds beyond its units: the mean over one row's decode steps of
+    their seconds outside their units (a step's expected seconds, as a token count's point);
+    None with fewer than `min_samples` of them."""
+    if len(visits) < min_samples:
         return None
-    medians = [statistics.median(seconds) for seconds in groups.values()]
-    _, intercept = np.polyfit(list(groups), medians, 1)
-    return float(np.clip(intercept, 0.0, min(medians)))
-
-
-def wall_per_cpu(visits: Sequence[Visit]) -> float:
-    """The median ratio of the visits' wall to CPU seconds (1 without CPU seconds).
-
-    The wall seconds per job are the CPU's times it: an intercept fitted on wall seconds reads
-    every preemption of the engine thread between block counts timed at different moments as
-    a fixed cost per visit (2.0-4.3 ms of wall against 0.55-0.86 ms of CPU in a fidelity run
-    beside a test suite), the CPU seconds do not; this ratio carries the load's stretching.
-    """
-    ratios = [v[1] / v[2] for v in visits if v[2] > 0]
-    return statistics.median(ratios) if ratios else 1.0
+    return (statistics.fmean(wall for wall, _ in visits),
+            statistics.fmean(cpu for _, cpu in visits))
 
 
 def refit(start: StepModel, samples: tuple[Samples, Samples, Samples],
           min_samples: int = MIN_SAMPLES, job_s: float | None = None) -> StepModel:
     """The step model with each kind (embed, block, head) refitted on its samples, and its
-    seconds per job (`job_fit`; None: the start-up model's)."""
+    seconds per job (`job_s`; None: the start-up model's)."""
     embed, block, head = (refit_unit(getattr(start, kind), kind_samples, min_samples)
                           for kind, kind_samples in zip(KINDS, samples, strict=True))
     return StepModel(embed, block, head, start.n_blocks,
@@ -167,8 +143,8 @@ class LiveStepModel:
                rows: int = 1) -> None:
         """Take one step's laps (units that ran together, equal shares of a lap's seconds; CPU:
         wall where `cpu` is False): one sample per kind and token count (the mean of its blocks
-        in this step); with the whole step's (wall, cpu) seconds and its rows, what a job costs
-        beyond its units."""
+        in this step); with the whole step's (wall, cpu) seconds and its rows, what a visit
+        costs beyond its units."""
         step: tuple[dict[int, list[tuple[float, float]]], ...] = ({}, {}, {})
         for lap in laps:
             n = len(lap.units)
@@ -183,9 +159,8 @@ class LiveStepModel:
             for kind, by_tokens in enumerate(step):
                 for tokens, seconds in by_tokens.items():
                     recent = self._samples[kind].setdefault(tokens, deque(maxlen=self.window))
-                    jobs = rows / len(seconds) if kind == 1 else 0.0  # a block's share of jobs
                     recent.append((now, statistics.fmean(w for w, _ in seconds),
-                                   statistics.fmean(c for _, c in seconds), jobs))
+                                   statistics.fmean(c for _, c in seconds)))
             if visit is not None:
                 self._visits.append(visit)
 
@@ -195,11 +170,9 @@ class LiveStepModel:
         """A decode step of one row through blocks as a `Visit` (None: another step)."""
         if step_s is None or list(step[1]) != [1]:
             return None
-        seconds = step[1][1]
-        others = [pair for kind in (0, 2) for pairs in step[kind].values() for pair in pairs]
-        wall_s, cpu_s = (step_s[i] - sum(pair[i] for pair in others) for i in (0, 1))
-        return (len(seconds), wall_s, cpu_s, wall_s - sum(w for w, _ in seconds),
-                cpu_s - sum(c for _, c in seconds))
+        units = [pair for by_tokens in step for pairs in by_tokens.values() for pair in pairs]
+        wall_s, cpu_s = (step_s[i] - sum(pair[i] for pair in units) for i in (0, 1))
+        return wall_s, cpu_s
 
     def _recent(self, kind: dict[int, deque[Sample]]) -> dict[int, list[Sample]]:
         """A kind's samples of the `horizon_s` before its newest one, per token count."""
@@ -223,19 +196,18 @@ class LiveStepModel:
             snapshot = tuple(self._recent(kind) for kind in self._samples)
             visits = list(self._visits)
 
-        def clock(index: int, job_s: float | None) -> tuple[Samples, Samples, Samples]:
-            """Samples on one clock, the blocks' net of a job's fixed part inside them."""
-            outside = [v[3 + index] for v in visits]
-            inside_s = max(job_s - statistics.fmean(outside), 0.0) if job_s is not None else 0.0
-            return tuple({t: [max(sample[1 + index] - inside_s * sample[3], 0.0)
-                              for sample in samples] for t, samples in kind.items()}
+        def clock(index: int) -> tuple[Samples, Samples, Samples]:
+            """Samples on one clock (0: wall, 1: CPU)."""
+            return tuple({t: [sample[1 + index] for sample in samples]
+                          for t, samples in kind.items()}
                          for kind in snapshot)  # type: ignore[return-value]
 
-        cpu_job_s = job_fit([(v[0], v[2]) for v in visits], self.min_samples)
-        wall_job_s = None if cpu_job_s is None else cpu_job_s * wall_per_cpu(visits)
-        wall, cpu = clock(0, wall_job_s), clock(1, cpu_job_s)
-        fitted = StepModels(refit(self.start.wall, wall, self.min_samples, wall_job_s),
-                            refit(self.start.cpu, cpu, self.min_samples, cpu_job_s), LIVE,
+        visit = job_s(visits, self.min_samples)
+        wall, cpu = clock(0), clock(1)
+        fitted = StepModels(refit(self.start.wall, wall, self.min_samples,
+                                  None if visit is None else visit[0]),
+                            refit(self.start.cpu, cpu, self.min_samples,
+                                  None if visit is None else visit[1]), LIVE,
                             steps, (slowdown(self.start.wall.block, wall[1]),
                                     slowdown(self.start.cpu.block, cpu[1])))
         with self._lock:
