@@ -6,10 +6,11 @@ Run: .venv/bin/python benchmarks/bench_visit_cost.py
 On a `splitllm serve` child pinned to its own core (loopback, P=32, G=8): after a warm-up, the
 placements (server-only, a cut with the head, and `--blocks` server blocks in 1, 2, 4 and 8
 segments) each in turn per round; per placement, the median server CPU seconds beside the
-prediction of `Session.instance` (the server's live step model with its `job_s`, per visit), and
-a line through (visits x passes, measured - predicted): its slope is the CPU per visit per pass
+prediction of `Session.instance` (the server's live step model with its `job_s`, per visit); over
+the segmented placements (the same blocks: an error in the blocks' cost moves them alike), a
+line through (visits x passes, measured - predicted): its slope is the CPU per visit per pass
 the model misses (0 when the model holds it); and the CPU per visit per pass itself, measured:
-the slope of the segmented placements' measured CPU (the same blocks) against their visits.
+the slope of their measured CPU against their visits.
 `--emulate-link` delays each message as that link would (the engine then waits between
 visits): run it with and without to see whether a visit after a longer wait costs more.
 """
@@ -74,11 +75,14 @@ def main() -> None:
                   f"predicted {predicted * 1e3:6.1f} ms, measured {measured * 1e3:6.1f} ms "
                   f"({min(cpu_s[name]) * 1e3:.1f}-{max(cpu_s[name]) * 1e3:.1f}), "
                   f"{(measured - predicted) * 1e3:+.1f} ms")
-        slope, _ = np.polyfit(visit_passes, missed_s, 1)
+        segments = [list(placements).index(name) for name in placements
+                    if name.endswith("segments")]
+        slope, _ = np.polyfit([visit_passes[i] for i in segments], [missed_s[i] for i in segments],
+                              1)
         print(f"missed per visit per pass: {slope * 1e3:+.2f} ms of CPU")
-        segments = [name for name in placements if name.endswith("segments")]
-        per_visit, _ = np.polyfit([visit_passes[list(placements).index(name)] for name in segments],
-                                  [statistics.median(cpu_s[name]) for name in segments], 1)
+        measured_s = [statistics.median(seconds) for seconds in cpu_s.values()]
+        per_visit, _ = np.polyfit([visit_passes[i] for i in segments],
+                                  [measured_s[i] for i in segments], 1)
         print(f"measured per visit per pass ({args.blocks} blocks in 1-8 segments): "
               f"{per_visit * 1e3:.2f} ms of CPU")
 
