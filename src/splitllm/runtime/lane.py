@@ -74,8 +74,8 @@ class LaneRow(Protocol):
     def head_positions(self) -> int: ...
 
 _LANES = "_splitllm_decode_lanes"  # the model's last lanes, newest first
-LANES_KEPT = 8  # a multi-switch placement's server segments; a row set's lane counts once
-_LANES_LOCK = threading.Lock()  # the engine's thread builds lanes, a closing session drops its
+LANES_KEPT = 8  # lanes of as many row sets (one session's server segments: one each)
+_LANES_LOCK = threading.Lock()  # the engine's thread keeps lanes, a closing session drops its own
 _ROTARY = "_splitllm_rotary_table"
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not move with the context
 
