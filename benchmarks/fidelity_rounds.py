@@ -19,6 +19,9 @@ Each DIR is a `splitllm fidelity --out DIR` report (its results.json keeps every
 3. The per-round sd of a split's saving, and the rounds a 95% t interval of +-1, 2 or 3 points
    needs at that sd.
 4. Per k, how many windows of k consecutive rounds put the mean within 3 points of the plan.
+5. Grid to grid: per kind of split, the sd of its planned and of its measured saving over the
+   runs that hold the same point (condition, lengths, placement), their mean over the points (a
+   planned saving that moves from run to run is the cost model's noise, not the measurement's).
 """
 
 from __future__ import annotations
@@ -143,19 +146,38 @@ def windows(rows: list[tuple[float, np.ndarray, np.ndarray]], rounds: list[int])
                   f"worst {max(gaps, key=abs):+.1f}, mean {statistics.fmean(gaps):+.2f}")
 
 
+def spread(documents: list[dict[str, Any]]) -> None:
+    """Each kind of split's planned and measured saving, their sd over the runs per point."""
+    by_point: dict[tuple[str, str, int, int, str], list[tuple[float, float]]] = {}
+    for document in documents:
+        for saving in document["savings"]:
+            key = ("+".join(saving["kinds"]), saving["condition"], saving["prompt_tokens"],
+                   saving["new_tokens"], saving["placement"])
+            by_point.setdefault(key, []).append((saving["planned_saving"],
+                                                 saving["measured_saving"]))
+    for kind in sorted({key[0] for key in by_point}):
+        points = [runs for key, runs in by_point.items() if key[0] == kind and len(runs) > 1]
+        if points:
+            planned, measured = (statistics.fmean(100 * statistics.stdev(run[i] for run in runs)
+                                                  for runs in points) for i in (0, 1))
+            print(f"{kind}: sd grid to grid over {len(points)} points, planned {planned:.2f}, "
+                  f"measured {measured:.2f} points")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--windows", default="3,5,7,9")
     args = parser.parse_args()
-    rows = [row for d in args.dirs
-            for row in split_rounds(json.loads((d / "results.json").read_text()))]
+    documents = [json.loads((d / "results.json").read_text()) for d in args.dirs]
+    rows = [row for document in documents for row in split_rounds(document)]
     rounds = [int(w) for w in args.windows.split(",")]
     print(f"{len(rows)} splits from {len(args.dirs)} runs")
     pairing(rows)
     estimators(rows, rounds)
     rounds_needed(rows)
     windows(rows, rounds)
+    spread(documents)
 
 
 if __name__ == "__main__":
