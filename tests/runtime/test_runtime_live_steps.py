@@ -58,6 +58,12 @@ def test_a_visits_fixed_part_is_the_mean_of_its_steps_seconds_outside_their_unit
     assert job_s(visits, min_samples=4) is None  # too few steps
 
 
+def test_a_rare_pause_counts_at_most_ten_medians() -> None:
+    # median 0.2: a lane built anew (0.8) counts whole, a 50 s pause as 2.0
+    visits = [(0.2, 0.1)] * 3 + [(0.8, 0.4), (50.0, 25.0)]
+    assert job_s(visits) == pytest.approx(((0.6 + 0.8 + 2.0) / 5, (0.3 + 0.4 + 1.0) / 5))
+
+
 def unit_laps(unit_s: dict[int, float], unit_cpu_s: dict[int, float],
               unit_tokens: dict[int, int]) -> list[Lap]:
     """One lap per unit (units timed apart): each its wall, CPU (0 where not timed), tokens."""

@@ -19,13 +19,14 @@ step model (`stepmodel.StepModel`) from them:
   so a kind's curve keeps its shape where the engine has not run yet;
 - `fit_unit` makes the curve non-decreasing (a count's samples weigh by their number);
 - the server's seconds per job beyond its units' share (`StepModel.job_s`, per visit): the
-  mean of one row's decode steps' seconds outside their units (`job_s`), measured in every such
-  step, wall and CPU. It is where a visit's fixed cost lies: one row's decode through the same
-  16 blocks of SmolLM2 in 1 to 8 segments took the same CPU per block in its units (0.69-0.82
-  ms, whatever the segment's length) and 0.12-0.27 ms per step outside them, once each server
-  segment kept its decode lane (runtime/lane.py; rebuilt at every visit, 0.36-0.69 ms). An
-  intercept of the steps' seconds against their blocks, fitted before, read 0 to 12 ms from
-  run to run: the blocks' speed drifts between the moments their counts are timed.
+  mean of one row's decode steps' seconds outside their units (`job_s`; each at most
+  `PAUSE_FACTOR` times their median), measured in every such step, wall and CPU. It is where
+  a visit's fixed cost lies: one row's decode through the same 16 blocks of SmolLM2 in 1 to 8
+  segments took the same CPU per block in its units (0.69-0.82 ms, whatever the segment's
+  length) and 0.12-0.27 ms per step outside them, once each server segment kept its decode
+  lane (runtime/lane.py; rebuilt at every visit, 0.36-0.69 ms). An intercept of the steps'
+  seconds against their blocks, fitted before, read 0 to 12 ms from run to run: the blocks'
+  speed drifts between the moments their counts are timed.
 
 Torch-free: the engine hands over `StepTimes`-like per-unit dicts.
 """
@@ -46,6 +47,11 @@ from splitllm.stepmodel import StepModel, UnitFit, fit_unit
 WINDOW_STEPS = 200  # recent samples kept per unit kind and token count
 HORIZON_S = 120.0  # a kind's samples older than this before its newest one are left out
 MIN_SAMPLES = 5  # a token count's own point needs this many samples
+# A step's seconds outside its units count at most this many times their median in a visit's
+# cost: a lane built anew costs ~4x the median (kept); a rare pause of the engine's thread, a
+# one-off, costs hundreds of times it (a quick fidelity run's first 86 steps read 4.4 ms a visit,
+# 10x what the full grids' conditions read)
+PAUSE_FACTOR = 10.0
 KINDS = ("embed", "block", "head")
 START_UP, LIVE = "start-up", "live"
 
@@ -95,12 +101,19 @@ def refit_unit(start: UnitFit, samples: Samples, min_samples: int = MIN_SAMPLES)
 
 def job_s(visits: Sequence[Visit], min_samples: int = MIN_SAMPLES) -> tuple[float, float] | None:
     """A visit's (wall, cpu) seconds beyond its units: the mean over one row's decode steps of
-    their seconds outside their units (a step's expected seconds, as a token count's point);
-    None with fewer than `min_samples` of them."""
+    their seconds outside their units (a step's expected seconds, as a token count's point),
+    each at most `PAUSE_FACTOR` times their median; None with fewer than `min_samples` of
+    them."""
     if len(visits) < min_samples:
         return None
-    return (statistics.fmean(wall for wall, _ in visits),
-            statistics.fmean(cpu for _, cpu in visits))
+    walls, cpus = zip(*visits, strict=True)
+    return capped_mean(walls), capped_mean(cpus)
+
+
+def capped_mean(seconds: Sequence[float]) -> float:
+    """The mean of the seconds, each at most `PAUSE_FACTOR` times their median."""
+    cap = PAUSE_FACTOR * statistics.median(seconds)
+    return statistics.fmean(min(s, cap) for s in seconds)
 
 
 def refit(start: StepModel, samples: tuple[Samples, Samples, Samples],
