@@ -34,8 +34,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -312,13 +310,8 @@ def server_switching(interval_ms: float) -> Iterator[None]:
     start = demo.start_server
 
     def started(model: str, port: int, log_path: Path, threads: int = 1) -> Any:
-        code = (f"import sys; sys.setswitchinterval({interval_ms / 1e3!r}); import typer; "
-                "from splitllm.runtime.commands import serve; typer.run(serve)")
-        args = [sys.executable, "-c", code, "--model", model, "--port", str(port),
-                "--threads", str(threads)]
-        with log_path.open("wb") as log:
-            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        return start(model, port, log_path, threads,
+                     setup=f"import sys; sys.setswitchinterval({interval_ms / 1e3!r}); ")
 
     demo.start_server = started  # type: ignore[assignment]
     try:

@@ -56,10 +56,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(model: str, port: int, log_path: Path, threads: int = 1
+def start_server(model: str, port: int, log_path: Path, threads: int = 1, *, setup: str = ""
                  ) -> subprocess.Popen[bytes]:
-    """`splitllm serve` in a child process (the demo gives it one core, the client the other)."""
-    code = "import typer; from splitllm.runtime.commands import serve; typer.run(serve)"
+    """`splitllm serve` in a child process (the demo gives it one core, the client the other);
+    `setup`: Python statements the child runs first (a benchmark's settings)."""
+    code = setup + "import typer; from splitllm.runtime.commands import serve; typer.run(serve)"
     args = [sys.executable, "-c", code, "--model", model, "--port", str(port),
             "--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
