@@ -3,8 +3,9 @@
 One session's decode reads every weight once, so its limit is the weights' bytes over what one
 thread reads. This puts the kernel's products (`fused_kernel.linear_rows`: a dot product per
 weight row, each row read once) beside plain reads of the same bytes, all in one compiled call
-over SmolLM2's block and head matrices laid out as the engine lays them (one huge-page arena, in
-the kernel's order), alternating, each the median of back-to-back runs over `--seconds`:
+over SmolLM2's block and head matrices in one huge-page arena, in the order a decode step
+reads them, alternating, each the median of back-to-back runs over `--seconds`
+(`bandwidth.Witness.sustained_bytes_per_s`):
 
 - `tensor sum`: torch's sum of a tensor of as many bytes (the bandwidth witness);
 - `sum of the weights`: a compiled sum of every weight, matrix after matrix (loads only);
@@ -27,7 +28,6 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from numba.typed import List
 
+from bandwidth import Witness
 from splitllm.runtime.fused_kernel import linear_rows
 from splitllm.runtime.hugepages import huge_page_array
 
@@ -98,7 +99,8 @@ def two_rows(matrices: List, xs: List, outs: List) -> None:  # pragma: no cover
 
 
 def c_runs(matrices: List, xs: List, outs: List) -> dict[str, Callable[[], object]]:
-    """The C variants over the same matrices (the packed one over a packed copy)."""
+    """The C variants over the same matrices (the packed one over packed copies, each in huge
+    pages of its own)."""
     library = Path(tempfile.mkdtemp()) / "matvec_layouts.so"
     subprocess.run(["gcc", "-O3", "-march=native", "-shared", "-fPIC", "-o", str(library),
                     str(Path(__file__).with_name("matvec_layouts.c"))], check=True)
@@ -123,18 +125,6 @@ def c_runs(matrices: List, xs: List, outs: List) -> dict[str, Callable[[], objec
 
     return {"C rows": calls(compiled.rows, list(matrices)),
             "C packed by 4": calls(compiled.packed4, packed)}
-
-
-def median_seconds(run: Callable[[], object], seconds: float) -> float:
-    """The median of back-to-back runs lasting `seconds`, after one warm-up run."""
-    run()
-    spent: list[float] = []
-    begin = time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        clock = time.perf_counter()
-        run()
-        spent.append(time.perf_counter() - clock)
-    return statistics.median(spent)
 
 
 def main() -> None:
@@ -165,7 +155,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}; GB/s, each the median of {args.seconds:g} s")
     for round_index in range(args.rounds):
         for name, run in runs.items():
-            rates[name].append(nbytes / median_seconds(run, args.seconds) / 1e9)
+            rates[name].append(Witness(run, nbytes).sustained_bytes_per_s(args.seconds) / 1e9)
         print(f"round {round_index + 1}: " + ", ".join(
             f"{name} {values[-1]:.1f}" for name, values in rates.items()), flush=True)
     medians = {name: statistics.median(values) for name, values in rates.items()}
