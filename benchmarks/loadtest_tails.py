@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from forward_trace import lines_from, parts_table
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
 from splitllm.runtime import demo, loadtest_run, remote
@@ -305,19 +306,29 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
 
 
 @contextlib.contextmanager
-def server_switching(interval_ms: float) -> Iterator[None]:
-    """Within: the local server starts with this Python thread switch interval."""
+def server_setup(setup: str) -> Iterator[None]:
+    """Within: the local server runs these Python statements first (`demo.start_server`)."""
     start = demo.start_server
 
     def started(model: str, port: int, log_path: Path, threads: int = 1) -> Any:
-        return start(model, port, log_path, threads,
-                     setup=f"import sys; sys.setswitchinterval({interval_ms / 1e3!r}); ")
+        return start(model, port, log_path, threads, setup=setup)
 
     demo.start_server = started  # type: ignore[assignment]
     try:
         yield
     finally:
         demo.start_server = start
+
+
+def setup_line(switch_interval_ms: float | None, trace_out: Path | None) -> str:
+    """The server child's first statements: its thread switch interval, the forwards' trace."""
+    line = "import sys; "
+    if switch_interval_ms is not None:
+        line += f"sys.setswitchinterval({switch_interval_ms / 1e3!r}); "
+    if trace_out is not None:
+        line += (f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import forward_trace; "
+                 f"forward_trace.install({str(trace_out)!r}); ")
+    return line
 
 
 def main() -> None:
@@ -333,6 +344,9 @@ def main() -> None:
                         "as it is, 5 ms)")
     parser.add_argument("--out", type=Path, help="write every probe's per-request parts here "
                         "(JSON)")
+    parser.add_argument("--trace-out", type=Path, default=None,
+                        help="time every forward inside the server (benchmarks/forward_trace.py) "
+                        "into this file, and print each probe's parts")
     args = parser.parse_args()
     import torch
 
@@ -340,8 +354,10 @@ def main() -> None:
     loaded = load_model("smollm2")
     spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
     with contextlib.ExitStack() as stack:
-        if args.server_switch_interval_ms is not None:
-            stack.enter_context(server_switching(args.server_switch_interval_ms))
+        if args.trace_out is not None:
+            args.trace_out.unlink(missing_ok=True)
+        stack.enter_context(server_setup(setup_line(args.server_switch_interval_ms,
+                                                    args.trace_out)))
         url = stack.enter_context(local_server("smollm2", 1))
         info = fetch_info(url, None)
         world, classes = loadtest_world(
@@ -363,10 +379,13 @@ def main() -> None:
                     print(f"\nthe clients' process switches threads every {interval_ms:g} ms")
                 timings = Timings()
                 before = runner.metrics()
+                traced = 0 if args.trace_out is None else lines_from(args.trace_out, 0)[1]
                 with instrumented(runner, timings):
                     probe = runner.probe(policy, rate)
                 text, raw = report(world, policy, probe, timings, (before, runner.metrics()))
                 print(text, flush=True)
+                if args.trace_out is not None:
+                    print(parts_table(lines_from(args.trace_out, traced)[0]), flush=True)
                 probes.append(raw)
                 if args.out is not None:
                     args.out.write_text(json.dumps(probes))
