@@ -106,18 +106,17 @@ def install(path: str) -> None:
     engine._settle = traced_settle
 
 
-def lines_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """The complete forwards written to `path` after byte `offset`, and the new offset."""
+def lines_from(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The complete forwards written to `path` after byte `offset`."""
     if not path.exists():
-        return [], offset
+        return []
     with path.open() as trace:
         trace.seek(offset)
         text = trace.read()
     text = text[:text.rfind("\n") + 1]  # whole lines only: a reply may be being written
     entries = [json.loads(line) for line in text.splitlines()]
-    complete = [e for e in entries if all(n in e for n in ("start", "task", "put", "step_start",
-                                                            "deliver", "settle", "sent"))]
-    return complete, offset + len(text.encode())
+    return [e for e in entries if all(n in e for n in ("start", "task", "put", "step_start",
+                                                        "deliver", "settle", "sent"))]
 
 
 def parts_table(entries: Sequence[dict[str, Any]]) -> str:

@@ -379,13 +379,14 @@ def main() -> None:
                     print(f"\nthe clients' process switches threads every {interval_ms:g} ms")
                 timings = Timings()
                 before = runner.metrics()
-                traced = 0 if args.trace_out is None else lines_from(args.trace_out, 0)[1]
+                traced = (args.trace_out.stat().st_size  # the server is idle between probes
+                          if args.trace_out is not None and args.trace_out.exists() else 0)
                 with instrumented(runner, timings):
                     probe = runner.probe(policy, rate)
                 text, raw = report(world, policy, probe, timings, (before, runner.metrics()))
                 print(text, flush=True)
                 if args.trace_out is not None:
-                    print(parts_table(lines_from(args.trace_out, traced)[0]), flush=True)
+                    print(parts_table(lines_from(args.trace_out, traced)), flush=True)
                 probes.append(raw)
                 if args.out is not None:
                     args.out.write_text(json.dumps(probes))
