@@ -5,7 +5,8 @@ calls `install(PATH)` before it serves; every forward then appends one JSON line
 perf-counter times (seconds) at its message (`start`: parsed, before its connection's slot),
 its task (`task`), its queue (`put`), the start of each engine step it ran in (`step_start`),
 the engine's delivery (`deliver`: its last step done), the event loop's callback (`settle`)
-and its reply sent (`sent`). `lines_from` reads them back, `parts_table` prints each part.
+and its reply sent (`sent`), with its units (`units`: [start, stop)) and its tokens in each
+step (`step_tokens`). `lines_from` reads them back, `parts_table` prints each part.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def install(path: str) -> None:
 
     def traced_run(self: Any, picks: list[tuple[Any, int]]) -> None:
         begin = time.perf_counter()  # marked before the step: it delivers what it finishes
-        for job, _ in picks:
+        for job, take in picks:
             mark(key(job.header), "step_start", begin, many=True)
+            mark(key(job.header), "step_tokens", take, many=True)
+            mark(key(job.header), "units", list(job.header.units))
         run(self, picks)
 
     def traced_settle(future: Any, outcome: Any) -> None:

@@ -286,6 +286,7 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
     late = np.array(list(timings.picked_late_s.values()))
     m = probe.metrics
     raw = {"policy": policy, "rate_req_s": probe.rate_per_s, "factors": factors,
+           "step_model": seen.server.step_model and seen.server.step_model.to_json(),
            "arrived_at_s": record.arrived_at_s.tolist(), "sla_s": sla.tolist(),
            "picked_late_s": [timings.picked_late_s.get(r, math.nan) for r in range(n)],
            "idle_latency_s": idle_latency_s(seen, record).tolist(),

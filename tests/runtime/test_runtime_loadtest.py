@@ -5,6 +5,7 @@ tokens, never wall time."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -19,8 +20,8 @@ from splitllm.planner.hardware import device_preset
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
-from splitllm.runtime.loadtest_command import calibrated
-from splitllm.runtime.loadtest_host import BUSY_ROUNDS, TOGETHER_ROUNDS
+from splitllm.runtime.loadtest_command import _on_this_machine, calibrated
+from splitllm.runtime.loadtest_host import BUSY_ROUNDS, TOGETHER_ROUNDS, machine_busy_s
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import (
@@ -88,6 +89,8 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
             "splitllm_sessions_opened_total"] == 4
         assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
         assert probe.server_wall_s_per_request > 0  # the steps' wall share, what the model prices
+        # other work on the machine, timed (Linux): the server's CPU is this process's own
+        assert probe.foreign_cores >= 0 or math.isnan(machine_busy_s())
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
         # the server's busy share counts its arrivals' window, within the whole probe's busy
         busy = "splitllm_server_busy_seconds_total"
@@ -203,6 +206,11 @@ def test_bad_scenario_and_profile_files_are_one_line_naming_the_field(tmp_path: 
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_a_server_on_this_machine_is_named_by_its_loopback() -> None:
+    assert _on_this_machine("ws://127.0.0.1:8765") and _on_this_machine("ws://localhost:1")
+    assert _on_this_machine("ws://[::1]:8765") and not _on_this_machine("ws://10.0.0.7:8765")
 
 
 def test_the_command_prints_the_json_document(tmp_path: Path, tiny_llama_dir: Path,

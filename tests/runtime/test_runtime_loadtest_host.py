@@ -6,15 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from test_runtime_loadtest_parts import FakeServer, fake_metrics, scenario, world_of
 
 from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
-from splitllm.runtime.loadtest import POLL_S, Capacity, PolicyResult, Probe, run_study
+from splitllm.runtime.loadtest import (
+    FOREIGN_CORES,
+    POLL_S,
+    Capacity,
+    PolicyResult,
+    Probe,
+    run_study,
+)
 from splitllm.runtime.loadtest_host import (
     BETWEEN_PAIRS,
     BUSY_ROUNDS,
@@ -28,10 +40,13 @@ from splitllm.runtime.loadtest_host import (
     calibrate_host,
     client_segments,
     fit_client_cpu,
+    foreign_cores,
+    machine_busy_s,
     retimed,
 )
 from splitllm.runtime.loadtest_idle import Alone, IdleRow, idle_check
 from splitllm.runtime.loadtest_report import policy_json, report_md
+from splitllm.runtime.loadtest_run import RealRunner
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.capacity import find_capacity
@@ -277,6 +292,56 @@ def test_the_report_shows_both_predictions() -> None:
     fit = HostFit(cores=1, cpu_per_machine_s=1.5, cpu_per_visit_s=5e-4,
                   server_idle_s=(1.0, 2.0, 1.1), server_busy_s=(1.6, 2.2, 1.1 * 1.3))
     assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio
+
+
+def test_the_report_says_which_probes_other_work_disturbed() -> None:
+    def probe(attainment: float, foreign: float, repeated: bool = False) -> Probe:
+        return Probe(metrics=fake_metrics(10.0, attainment), process_cpu_s_per_request=0.05,
+                     wall_s=9.0, foreign_cores=foreign, repeated=repeated)
+
+    probes = (probe(0.5, 0.8, repeated=True), probe(0.95, 0.05), probe(0.92, 0.4))
+    measured = Capacity("greedy", 10.0, math.inf, probes, cut_short=False, attainment=0.95)
+    sim = SimCapacity("greedy", 10.0, 0.9, (fake_metrics(10.0, 0.95),))
+    result = PolicyResult("greedy", measured, sim, sim, None)
+    assert result.at_capacity is probes[2]  # the last that counts
+    text = report_md([result], "HEADER")
+    assert ("Other work on this machine took at most 0.80 cores during a probe (its CPU less "
+            "this load test's own processes'); **2 probe(s) disturbed** (> 0.25 cores): 1 that "
+            "did not pass were run again (they count for nothing), 1 count as measured.") in text
+    assert "| 0.80 (run again) | 9 |" in text and "| 0.05 | 9 |" in text
+    assert [(p["foreign_cores"], p["repeated"]) for p in policy_json(result)["probes"]] == [
+        (0.8, True), (0.05, False), (0.4, False)]
+    quiet = replace(result, measured=replace(measured, probes=probes[1:2]))
+    assert "at most 0.05 cores during a probe (its CPU less this load test's own processes'); " \
+        "no probe was disturbed (> 0.25 cores)." in report_md([quiet], "HEADER")
+    unknown = replace(result, measured=replace(measured, probes=(
+        replace(probes[1], foreign_cores=math.nan),)))
+    assert "during the probes: not known (no /proc/stat)." in report_md([unknown], "HEADER")
+
+
+def test_other_work_on_the_machine_is_seen_beside_the_load_tests_own() -> None:
+    """A process spinning on this machine is other work; this process's own CPU is not."""
+    if math.isnan(machine_busy_s()):
+        pytest.skip("no /proc/stat here")
+    assert foreign_cores(5.0, 3.0, 4.0) == 0.5 and foreign_cores(1.0, 3.0, 4.0) == 0.0
+    assert math.isnan(foreign_cores(math.nan, 1.0, 1.0))
+    burner = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdout.write('up\\n'); "
+                               "sys.stdout.flush()\nwhile True: pass"], stdout=subprocess.PIPE)
+    try:
+        assert burner.stdout is not None and burner.stdout.readline() == b"up\n"
+        machine_s, own_s, wall_s = machine_busy_s(), time.process_time(), time.monotonic()
+        time.sleep(1.0)
+        seen = foreign_cores(machine_busy_s() - machine_s, time.process_time() - own_s,
+                             time.monotonic() - wall_s)
+        # after a disturbed probe the runner waits for quiet: here it never comes
+        lines: list[str] = []
+        waited_s = RealRunner._wait_quiet(cast(Any, SimpleNamespace(progress=lines.append)), 1.5)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert seen > FOREIGN_CORES  # it spins on a core of its own or shares one with two others
+    assert waited_s >= 1.5 and lines == [
+        "waiting up to 2 s for other work on this machine to end"]
 
 
 def test_the_slowdown_is_timed_again_between_policies_and_pooled() -> None:

@@ -21,6 +21,7 @@ from splitllm.runtime.loadtest import (
     ServerLoad,
     certainly_failed,
     noise_band,
+    probed,
     run_record,
     run_study,
     search_capacity,
@@ -311,6 +312,34 @@ def test_a_rate_within_the_noise_is_probed_again_and_judged_on_its_requests_pool
     assert found.lowest_failed_per_s == 4.0 and not found.cut_short
     assert found.rate_per_s == pytest.approx(math.sqrt(8.0)) and found.attainment == 0.95
     assert len(found.probes) == 5
+
+
+def test_a_probe_that_other_work_disturbed_and_failed_is_run_again_and_counts_for_nothing(
+) -> None:
+    """At 4 req/s other work took 0.8 then 0.6 cores and the probes failed: both are run again
+    (the second repeat, quiet, passes and counts); at 8 req/s a disturbed failure is run
+    again twice, and the third, still disturbed, counts; a disturbed pass counts at once."""
+    readings = {2.0: [(1.0, 0.5)], 4.0: [(0.5, 0.8), (0.6, 0.6), (0.95, 0.0)],
+                8.0: [(0.5, 0.9), (0.5, 0.9), (0.5, 0.9)], 5.657: [(0.95, 0.7)]}
+
+    def probe(rate: float, left_s: float) -> Probe:
+        attainment, foreign = readings[round(rate, 3)].pop(0)
+        return Probe(metrics=fake_metrics(rate, attainment, 100), process_cpu_s_per_request=0.1,
+                     wall_s=1.0, foreign_cores=foreign)
+
+    found = search_capacity("p", probe, first_rate_per_s=2.0, target=0.9, rel_tol=0.5,
+                            deadline_s=math.inf, clock=lambda: 0.0)
+    assert [(p.rate_per_s, p.repeated) for p in found.probes] == [
+        (2.0, False), (4.0, True), (4.0, True), (4.0, False), (8.0, True), (8.0, True),
+        (8.0, False), (pytest.approx(math.sqrt(32.0)), False)]
+    assert found.rate_per_s == pytest.approx(math.sqrt(32.0)) and found.attainment == 0.95
+    assert found.lowest_failed_per_s == 8.0 and found.failed_attainment == 0.5
+    assert all(p.disturbed for p in found.probes[4:]) and not found.probes[3].disturbed
+    # what the repeated probes measured of the machine does not count either
+    assert [p.rate_per_s for p in probed(found.probes)] == [2.0, 4.0, 8.0,
+                                                           pytest.approx(math.sqrt(32.0))]
+    quiet = Probe(metrics=fake_metrics(1.0, 0.5), process_cpu_s_per_request=0.1, wall_s=1.0)
+    assert not quiet.disturbed  # nan: not known, not disturbed
 
 
 def test_a_repeat_that_the_time_budget_leaves_no_room_for_ends_the_search() -> None:

@@ -33,6 +33,11 @@ RATE_RANGE = 1024.0  # the search stays within 1/1024 to 1024 times its first ra
 NOISE_Z = 1.0  # a probe's attainment within this many binomial standard errors of the target
 REPEATS = 3  # is undecided: its rate is probed again, up to this many probes, judged pooled
 POLL_S = 0.25  # a probe's watcher: load-aware policies' reads of /metrics, the early-stop check
+FOREIGN_CORES = 0.25  # other work beyond this many cores of the machine during a probe (the
+# machine's CPU less the load test's own processes') disturbed it: a disturbed probe that did
+# not pass is run again, up to DISTURBED_REPEATS times at its rate (a pass counts: other work
+# only slows a probe)
+DISTURBED_REPEATS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,10 +65,17 @@ class Probe:
     client_cores_busy: float = math.nan  # the EMULATED clients' process: CPU s per wall s
     server_wall_s_per_request: float = math.nan  # the server's steps' wall seconds a finished
     # request (its share of each step: what the step model, in wall seconds, prices)
+    foreign_cores: float = math.nan  # cores other work on the machine took (nan: not known)
+    repeated: bool = False  # disturbed and run again: it counts for nothing
 
     @property
     def rate_per_s(self) -> float:
         return self.metrics.rate_per_s
+
+    @property
+    def disturbed(self) -> bool:
+        """Whether other work on the machine took more than `FOREIGN_CORES` during it."""
+        return self.foreign_cores > FOREIGN_CORES
 
 
 def noise_band(requests: int, target: float) -> float:
@@ -205,9 +217,11 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
     """Double or halve from the first rate until a good and a failing rate bracket the
     capacity, then bisect (geometrically) until the bracket is within `rel_tol`. A rate whose
     attainment is within the noise of its requests (`noise_band`) is probed again, up to
-    `REPEATS` probes, and judged on their requests pooled. The search ends at `deadline_s` on
-    `clock`: no probe starts after it, and each probe is told the seconds left (a probe cut off
-    by them, or a repeat it leaves no time for, counts for nothing and ends the search)."""
+    `REPEATS` probes, and judged on their requests pooled; a disturbed probe that did not pass
+    is run again, up to `DISTURBED_REPEATS` times a rate, and kept as `repeated`. The search
+    ends at `deadline_s` on `clock`: no probe starts after it, and each probe is told the
+    seconds left (a probe cut off by them, or a repeat it leaves no time for, counts for
+    nothing and ends the search)."""
     probes: list[Probe] = []
     good, bad, good_attainment, bad_attainment = 0.0, math.inf, math.nan, math.nan
 
@@ -223,11 +237,17 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
     def judged(rate: float) -> float | None:
         """The pooled attainment at `rate` once decided (None: the time budget ended it)."""
         at_rate: list[Probe] = []
+        repeats = 0
         while True:
             left_s = deadline_s - clock()
             if left_s <= 0:
                 return None
             result = probe(rate, left_s)
+            if (result.disturbed and not result.cut_off and repeats < DISTURBED_REPEATS
+                    and result.metrics.sla_attainment < target):
+                repeats += 1
+                probes.append(replace(result, repeated=True))
+                continue
             probes.append(result)
             at_rate.append(result)
             if result.cut_off:
@@ -289,15 +309,16 @@ class PolicyResult:
     @property
     def at_capacity(self) -> Probe | None:
         """The measured probe at the highest good rate (None: no rate was good enough)."""
-        good = [p for p in self.measured.probes if p.rate_per_s == self.measured.rate_per_s]
+        good = [p for p in self.measured.probes
+                if p.rate_per_s == self.measured.rate_per_s and not p.repeated]
         return good[-1] if good else None
 
 
 def probed(probes: Sequence[Probe]) -> list[Probed]:
-    """What the probes that ran to their end measured of the machine."""
+    """What the probes that ran to their end, and count, measured of the machine."""
     return [Probed(rate_per_s=p.rate_per_s, server_s_per_request=p.server_wall_s_per_request,
                    client_cpu_s=p.client_cores_busy * p.wall_s)
-            for p in probes if not (p.stopped_early or p.cut_off)]
+            for p in probes if not (p.stopped_early or p.cut_off or p.repeated)]
 
 
 SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
@@ -348,6 +369,8 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
             m = result.metrics
             how = (", cut off by --max-minutes" if result.cut_off else
                    ", stopped early" if result.stopped_early else "")
+            if result.disturbed:
+                how += f", other work on this machine took {result.foreign_cores:.2f} cores"
             progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
                      f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
                      f"server busy {m.utilization:.0%}, clients {result.client_cores_busy:.2f} "

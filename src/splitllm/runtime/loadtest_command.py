@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlparse
 
 import typer
 
@@ -57,6 +58,12 @@ def _policies(text: str) -> tuple[str, ...]:
     for name in names:
         check_policy(name)
     return names
+
+
+def _on_this_machine(url: str) -> bool:
+    """Whether a server URL names this machine (its loopback)."""
+    host = urlparse(url).hostname or ""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def _progress(line: str) -> None:
@@ -233,7 +240,8 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
             this_machine=this_machine, step=StepModel.from_json(info["step_model"]), spec=spec,
             visit_s=visit_s)
         runner = RealRunner(loaded, world, classes, RunnerOptions(
-            server=url, token=token, max_in_flight=max_in_flight))
+            server=url, token=token, max_in_flight=max_in_flight,
+            server_here=server is None or _on_this_machine(server)), progress=_progress)
         stack.callback(runner.close)
         world, host = calibrated(world, runner, url, token, classes)
 

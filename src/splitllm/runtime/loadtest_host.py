@@ -193,6 +193,28 @@ def median_slowdown(ratios: Sequence[float]) -> float:
     return max(statistics.median(ratios), 1.0) if ratios else 1.0
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every process on this machine has run since boot, all cores (Linux's
+    /proc/stat: user, nice, system, irq, softirq and steal time); nan where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return math.nan
+    if len(fields) < 9 or fields[0] != "cpu":
+        return math.nan
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def foreign_cores(machine_s: float, own_s: float, wall_s: float) -> float:
+    """Cores other work took over `wall_s` seconds: the machine's CPU seconds less this load
+    test's own processes' (`own_s`), per second (nan: the machine's not known)."""
+    if math.isnan(machine_s) or wall_s <= 0:
+        return math.nan
+    return max(machine_s - own_s, 0.0) / wall_s
+
+
 def client_cores() -> int:
     """The cores this process may run on (the clients' share of the machine)."""
     if hasattr(os, "sched_getaffinity"):

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from splitllm.runtime.loadtest import PolicyResult, Probe
+from splitllm.runtime.loadtest import FOREIGN_CORES, PolicyResult, Probe
 from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.capacity import Bracket
 from splitllm.sim.metrics import RunMetrics
@@ -62,7 +62,8 @@ def _probe_json(p: Probe) -> dict[str, Any]:
     return {**_metrics_json(p.metrics), "wall_s": p.wall_s, "stopped_early": p.stopped_early,
             "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request),
             "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy),
-            "server_wall_s_per_request": _num(p.server_wall_s_per_request)}
+            "server_wall_s_per_request": _num(p.server_wall_s_per_request),
+            "foreign_cores": _num(p.foreign_cores), "repeated": p.repeated}
 
 
 def policy_json(r: PolicyResult) -> dict[str, Any]:
@@ -173,6 +174,23 @@ def budget_note(results: list[PolicyResult]) -> str:
             "--rel-tol.\n")
 
 
+def disturbance_note(results: list[PolicyResult]) -> str:
+    """How much other work on this machine took during the probes, and which it disturbed."""
+    probes = [p for r in results for p in r.measured.probes]
+    known = [p.foreign_cores for p in probes if not math.isnan(p.foreign_cores)]
+    if not known:
+        return "Other work on this machine during the probes: not known (no /proc/stat).\n"
+    text = (f"Other work on this machine took at most {max(known):.2f} cores during a probe "
+            f"(its CPU less this load test's own processes'); ")
+    disturbed = [p for p in probes if p.disturbed]
+    if not disturbed:
+        return text + f"no probe was disturbed (> {FOREIGN_CORES:g} cores).\n"
+    repeated = sum(p.repeated for p in disturbed)
+    return (text + f"**{len(disturbed)} probe(s) disturbed** (> {FOREIGN_CORES:g} cores): "
+            f"{repeated} that did not pass were run again (they count for nothing), "
+            f"{len(disturbed) - repeated} count as measured.\n")
+
+
 def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: str,
                 length_scale: float, model: str, where: str) -> str:
     """What ran, and what was EMULATED, for the top of every report."""
@@ -259,7 +277,7 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
             f"{r.simulated_unslowed_per_s:.3g} | "
             f"{j['attainment'] or 0:.0%} | {j['goodput_req_s'] or 0:.3g} | {ttft} | {tpot} | "
             f"{j['server_cpu_s_per_request'] or math.nan:.3g} | {len(r.measured.probes)} |")
-    lines += ["", budget_note(results),
+    lines += ["", budget_note(results), disturbance_note(results),
               f"Simulated capacity within {CAPACITY_TARGET:.0%} of measured: "
               + _target_verdict(results, lambda r: r.simulated_per_s) + " at the probes' "
               "speeds (read after the probes); "
@@ -267,8 +285,8 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
               + " on the start-of-run model (a prediction before any probe).",
               "", "Every probe (measured):", "",
               "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server busy | "
-              "server CPU s / req | EMULATED clients' cores busy | wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "server CPU s / req | EMULATED clients' cores busy | other work (cores) | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for p in r.measured.probes:
             m = p.metrics
@@ -276,7 +294,8 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
                          f"{' (stopped early)' if p.stopped_early else ''} | "
                          f"{m.completed}/{m.requests} | {m.ttft_s[2]:.3g} | "
                          f"{m.utilization:.0%} | {p.process_cpu_s_per_request:.3g} | "
-                         f"{p.client_cores_busy:.2f} | {p.wall_s:.0f} |")
+                         f"{p.client_cores_busy:.2f} | {p.foreign_cores:.2f}"
+                         f"{' (run again)' if p.repeated else ''} | {p.wall_s:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,6 +31,7 @@ from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import Dialer, http_url
 from splitllm.runtime.loadtest import (
     BUSY,
+    FOREIGN_CORES,
     POLL_S,
     PROCESS_CPU,
     QUEUE_WAIT,
@@ -42,7 +43,7 @@ from splitllm.runtime.loadtest import (
     run_record,
     server_job_s,
 )
-from splitllm.runtime.loadtest_host import Request, Together
+from splitllm.runtime.loadtest_host import Request, Together, foreign_cores, machine_busy_s
 from splitllm.runtime.loadtest_idle import Alone
 from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofline_clock
 from splitllm.runtime.metrics import parse_metrics
@@ -52,6 +53,9 @@ from splitllm.sim.metrics import summarize
 from splitllm.sim.policies import PlanPolicy
 from splitllm.sim.workload import Workload, sample_workload
 from splitllm.sim.world import World
+
+QUIET_WAIT_S = 60.0  # after a disturbed probe, the longest the next one waits for other work
+# on the machine to end (a second at a time)
 
 
 class _Stopped(Exception):
@@ -65,6 +69,7 @@ class RunnerOptions:
     server: str
     token: str | None = None
     max_in_flight: int = 64  # worker threads: requests beyond wait for one (it counts)
+    server_here: bool = True  # the server runs on this machine: its CPU is the load test's own
 
 
 def metrics_client(opts: RunnerOptions) -> httpx.Client:
@@ -89,8 +94,10 @@ class RealRunner:
     """Probes on a real server: one LoadedModel, a connection pool per client class."""
 
     def __init__(self, loaded: LoadedModel, world: World, classes: tuple[EmulatedClass, ...],
-                 opts: RunnerOptions) -> None:
+                 opts: RunnerOptions, progress: Callable[[str], None] | None = None) -> None:
         self.loaded = loaded
+        self.progress = progress
+        self.disturbed = False  # other work took the machine during the last probe
         self.world = world
         self.classes = classes
         self.opts = opts
@@ -243,8 +250,28 @@ class RealRunner:
                 worker.join()
 
     def probe(self, policy: str, rate_per_s: float, time_left_s: float = math.inf) -> Probe:
-        """Run `policy` at `rate_per_s` for real and measure it, ending within `time_left_s`."""
-        return asyncio.run(self._probe(policy, rate_per_s, time_left_s))
+        """Run `policy` at `rate_per_s` for real and measure it, ending within `time_left_s`
+        (after a disturbed probe, first waiting for the machine to be quiet)."""
+        if self.disturbed:
+            time_left_s -= self._wait_quiet(min(QUIET_WAIT_S, time_left_s / 4))
+        result = asyncio.run(self._probe(policy, rate_per_s, time_left_s))
+        self.disturbed = result.disturbed
+        return result
+
+    def _wait_quiet(self, longest_s: float) -> float:
+        """Wait, a second at a time and at most `longest_s`, until other work on the machine
+        takes at most `FOREIGN_CORES` (the load test idle meanwhile); the seconds waited."""
+        start_s = time.perf_counter()
+        if self.progress is not None:
+            self.progress(f"waiting up to {longest_s:.0f} s for other work on this machine to "
+                          "end")
+        while time.perf_counter() - start_s < longest_s:
+            machine_s, own_s, then_s = machine_busy_s(), time.process_time(), time.perf_counter()
+            time.sleep(1.0)
+            if not foreign_cores(machine_busy_s() - machine_s, time.process_time() - own_s,
+                                 time.perf_counter() - then_s) > FOREIGN_CORES:
+                break
+        return time.perf_counter() - start_s
 
     def _connect_ahead(self, class_index: Sequence[int] | np.ndarray) -> None:
         """Open the connections requests of these classes may need before a clock starts (a
@@ -265,7 +292,8 @@ class RealRunner:
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
         stop = threading.Event()
-        start_s, start_cpu_s = time.perf_counter(), time.process_time()
+        start_s, start_cpu_s, machine_s = (time.perf_counter(), time.process_time(),
+                                           machine_busy_s())
         at_horizon = asyncio.create_task(self._metrics_at(start_s + world.horizon_s))
         futures: list[asyncio.Future[Outcome]] = []
         loop = asyncio.get_running_loop()
@@ -296,7 +324,10 @@ class RealRunner:
         watcher.cancel()
         wall_s = time.perf_counter() - start_s
         client_cpu_s = time.process_time() - start_cpu_s
+        machine_s = machine_busy_s() - machine_s
         after = self.metrics()
+        own_s = client_cpu_s + (counter_delta(after, before, PROCESS_CPU)
+                                if self.opts.server_here else 0.0)
         # busy within the arrivals' window, as the simulator counts it (the whole probe also
         # holds the drain of the last requests: a long request's work after the window)
         window = at_horizon.result() if at_horizon.done() else after
@@ -316,7 +347,8 @@ class RealRunner:
                      else math.nan, stopped_early=stopped_early, cut_off=cut_off,
                      server_job_s=server_job_s(before, after) if done else math.nan,
                      client_cores_busy=client_cpu_s / wall_s,
-                     server_wall_s_per_request=float(np.nanmean(walls)) if walls else math.nan)
+                     server_wall_s_per_request=float(np.nanmean(walls)) if walls else math.nan,
+                     foreign_cores=foreign_cores(machine_s, own_s, wall_s))
 
     async def _metrics_at(self, when_s: float) -> dict[str, float]:
         """The server's /metrics page at `when_s` (time.perf_counter)."""
