@@ -6,7 +6,8 @@ perf-counter times (seconds) at its message (`start`: parsed, before its connect
 its task (`task`), its queue (`put`), the start of each engine step it ran in (`step_start`),
 the engine's delivery (`deliver`: its last step done), the event loop's callback (`settle`)
 and its reply sent (`sent`), with its units (`units`: [start, stop)) and its tokens in each
-step (`step_tokens`). `lines_from` reads them back, `parts_table` prints each part.
+step (`step_tokens`). `lines_from` reads them back, `parts_table` prints each part,
+`steps_table` prices every real step by the step model for its own rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from splitllm.stepmodel import StepModel, jobs_step_s
 
 PARTS: dict[str, Callable[[dict[str, Any]], float]] = {
     "message -> its task": lambda r: r["task"] - r["start"],
@@ -37,7 +42,7 @@ def install(path: str) -> None:
     times: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
 
-    def mark(key: str, name: str, value: float, many: bool = False) -> None:
+    def mark(key: str, name: str, value: Any, many: bool = False) -> None:
         with lock:
             entry = times.setdefault(key, {})
             if many:
@@ -134,3 +139,31 @@ def parts_table(entries: Sequence[dict[str, Any]]) -> str:
         lines.append(f"  {name}: {statistics.fmean(ms):.2f} / {ms[len(ms) // 2]:.2f} / "
                      f"{ms[int(0.9 * (len(ms) - 1))]:.2f}")
     return "\n".join(lines)
+
+
+def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
+    """Every real step (its forwards' shared start, its end their last delivery) beside the
+    step model's seconds for its own rows: its units, and the model's seconds per job (what the
+    simulator adds to each step for a forward's work outside the units); their ratio per step
+    and over each second of the probe."""
+    steps: dict[float, list[tuple[dict[str, Any], int]]] = {}
+    for e in entries:
+        for start, tokens in zip(e["step_start"], e.get("step_tokens", ()), strict=False):
+            steps.setdefault(start, []).append((e, tokens))
+    if not steps:
+        return "(no step's rows traced)"
+    starts = sorted(steps)
+    real = np.array([max(e["deliver"] for e, _ in steps[t]) - t for t in starts])
+    units = np.array([jobs_step_s(model, [(e["units"][0], e["units"][1], tokens)
+                                          for e, tokens in steps[t]])
+                      - model.job_s * len(steps[t]) for t in starts])
+    rows = sum(len(steps[t]) for t in starts)
+    ratio = real / units
+    second = np.floor(np.array(starts) - starts[0]).astype(int)
+    windows = " ".join(f"{real[second == k].sum() / units[second == k].sum():.2f}"
+                       for k in np.unique(second))
+    return (f"{len(starts)} real steps priced by the step model for their own rows: measured "
+            f"{real.sum():.2f} s, the model's units {units.sum():.2f} s + {model.job_s * 1e3:.2f} "
+            f"ms a job x {rows} = {units.sum() + model.job_s * rows:.2f} s; measured over the "
+            f"units per step: median {np.median(ratio):.2f}, coefficient of variation "
+            f"{ratio.std() / ratio.mean():.2f}; over each second of the probe: {windows}")

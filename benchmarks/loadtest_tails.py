@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from forward_trace import lines_from, parts_table
+from forward_trace import lines_from, parts_table, steps_table
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
 from splitllm.runtime import demo, loadtest_run, remote
@@ -135,7 +135,7 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
     remote.RemoteSession.__init__ = timed_open  # type: ignore[method-assign]
     Session.generate = timed_generate  # type: ignore[method-assign]
     runner._one = timed_one  # type: ignore[method-assign,assignment]
-    loadtest_run.certainly_failed = lambda *_: False  # type: ignore[assignment]
+    loadtest_run.certainly_failed = lambda *_: False
     try:
         yield
     finally:
@@ -372,9 +372,10 @@ def main() -> None:
         world, _ = calibrated(world, runner, url, None, classes)
         probes = []
         for policy in args.policies.split(","):
-            for rate, interval_ms in product(
-                    (float(r) for r in args.rates.split(",")),
-                    [float(i) for i in args.switch_intervals_ms.split(",") if i] or [None]):
+            intervals: list[float | None] = [float(i) for i in
+                                             args.switch_intervals_ms.split(",") if i]
+            for rate, interval_ms in product((float(r) for r in args.rates.split(",")),
+                                             intervals or [None]):
                 if interval_ms is not None:
                     sys.setswitchinterval(interval_ms / 1e3)
                     print(f"\nthe clients' process switches threads every {interval_ms:g} ms")
@@ -387,7 +388,11 @@ def main() -> None:
                 text, raw = report(world, policy, probe, timings, (before, runner.metrics()))
                 print(text, flush=True)
                 if args.trace_out is not None:
-                    print(parts_table(lines_from(args.trace_out, traced)), flush=True)
+                    entries = lines_from(args.trace_out, traced)
+                    print(parts_table(entries), flush=True)
+                    if raw["step_model"] is not None:
+                        print(steps_table(entries, StepModel.from_json(raw["step_model"])),
+                              flush=True)
                 probes.append(raw)
                 if args.out is not None:
                     args.out.write_text(json.dumps(probes))
