@@ -265,9 +265,9 @@ class RealRunner:
         if self.progress is not None:
             self.progress(f"waiting up to {longest_s:.0f} s for other work on this machine to "
                           "end")
-        while time.perf_counter() - start_s < longest_s:
+        while (left_s := longest_s - (time.perf_counter() - start_s)) > 0:
             machine_s, own_s, then_s = machine_busy_s(), time.process_time(), time.perf_counter()
-            time.sleep(1.0)
+            time.sleep(min(left_s, 1.0))
             if not foreign_cores(machine_busy_s() - machine_s, time.process_time() - own_s,
                                  time.perf_counter() - then_s) > FOREIGN_CORES:
                 break
