@@ -9,6 +9,8 @@ device (its units take what the class's device profile says: `loadtest_world.roo
 Connections are pooled per client class and reused. A request still running when the probe
 ends (its last arrival plus the longest SLA, or the time budget) is stopped and counts as a miss;
 a probe that has certainly failed (more misses than the target and chance allow) stops early.
+Each probe times the other work on this machine (its CPU less the load test's own processes',
+`loadtest_host.foreign_cores`); after one that other work disturbed, the next waits for quiet.
 """
 
 from __future__ import annotations
