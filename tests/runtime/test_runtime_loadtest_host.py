@@ -320,7 +320,8 @@ def test_the_report_says_which_probes_other_work_disturbed() -> None:
 
 
 def test_other_work_on_the_machine_is_seen_beside_the_load_tests_own() -> None:
-    """A process spinning on this machine is other work; this process's own CPU is not."""
+    """A process spinning on this machine is other work: the machine's CPU less this
+    process's own."""
     if math.isnan(machine_busy_s()):
         pytest.skip("no /proc/stat here")
     assert foreign_cores(5.0, 3.0, 4.0) == 0.5 and foreign_cores(1.0, 3.0, 4.0) == 0.0
