@@ -6,7 +6,8 @@ probes' speeds), then simulates one policy at the given rates with every batched
 times a lognormal factor of mean 1 and the given coefficients of variation (0: the load test's
 own deterministic prediction), several seeds each, and prints each rate's attainment: the mean
 and the range over the seeds. A real step's time over the step model's for its rows read a
-coefficient of variation of 0.15 (`loadtest_tails.py --trace-out`).
+coefficient of variation of 0.15 (`loadtest_tails.py --trace-out`). `--server-x F` slows the
+world's server by a further F first (its deterministic capacity printed beside the run's).
 
     PYTHONPATH=src python benchmarks/loadtest_jitter.py reports/loadtest/results.json \\
         --device-profile device.json --policy server-only --rates 14,16,18,20
@@ -29,7 +30,7 @@ from splitllm.runtime.loadtest_host import HostFit
 from splitllm.runtime.loadtest_world import LoadtestSpec, as_probed, loadtest_world
 from splitllm.runtime.models import context_tokens, load_model
 from splitllm.sim.batching import BatchCost, JobShape
-from splitllm.sim.capacity import run_point
+from splitllm.sim.capacity import find_capacity, run_point
 from splitllm.sim.world import World
 from splitllm.stepmodel import StepModel
 
@@ -60,12 +61,16 @@ def main() -> None:
     parser.add_argument("--rates", default="14,16,18,20")
     parser.add_argument("--cvs", default="0,0.16,0.3")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--server-x", type=float, default=1.0,
+                        help="the world's server a further this many times slower")
     args = parser.parse_args()
     document = json.loads(args.results.read_text())
-    world = run_world(document, args.device_profile, args.policy)
+    world = as_probed(run_world(document, args.device_profile, args.policy), args.server_x, 1.0)
     entry = document["policies"][args.policy]
     print(f"{args.policy}: measured capacity {entry['capacity_req_s']:.3g} req/s, simulated "
-          f"{entry['simulated_capacity_req_s']:.3g} (server x{entry['server_speed_factor']:.3f})")
+          f"{entry['simulated_capacity_req_s']:.3g} (server x{entry['server_speed_factor']:.3f}); "
+          f"rebuilt here with the server x{args.server_x:g} more: "
+          f"{find_capacity(world, args.policy).crossing_per_s:.3g} req/s")
     step_s = BatchCost.step_s
     rng = np.random.default_rng(0)
     cv = [0.0]
