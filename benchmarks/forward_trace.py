@@ -142,18 +142,24 @@ def parts_table(entries: Sequence[dict[str, Any]]) -> str:
 
 
 def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
-    """Every real step (its forwards' shared start, its end their last delivery) beside the
-    step model's seconds for its own rows: its units, and the model's seconds per job (what the
-    simulator adds to each step for a forward's work outside the units); their ratio per step
-    and over each second of the probe."""
+    """Every real step (its forwards' shared start, its end the last delivery of those whose
+    last step it was; a step that finished none is left out) beside the step model's seconds
+    for its own rows: its units, and the model's seconds per job (what the simulator adds to
+    each step for a forward's work outside the units); their ratio per step and over each
+    second of the probe."""
     steps: dict[float, list[tuple[dict[str, Any], int]]] = {}
     for e in entries:
         for start, tokens in zip(e["step_start"], e.get("step_tokens", ()), strict=False):
             steps.setdefault(start, []).append((e, tokens))
-    if not steps:
+    ends: dict[float, float] = {}
+    for t, step in steps.items():
+        finished = [e["deliver"] for e, _ in step if e["step_start"][-1] == t]
+        if finished:
+            ends[t] = max(finished)
+    starts = sorted(ends)
+    if not starts:
         return "(no step's rows traced)"
-    starts = sorted(steps)
-    real = np.array([max(e["deliver"] for e, _ in steps[t]) - t for t in starts])
+    real = np.array([ends[t] - t for t in starts])
     units = np.array([jobs_step_s(model, [(e["units"][0], e["units"][1], tokens)
                                           for e, tokens in steps[t]])
                       - model.job_s * len(steps[t]) for t in starts])

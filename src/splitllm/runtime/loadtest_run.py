@@ -294,8 +294,8 @@ class RealRunner:
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
         stop = threading.Event()
-        start_s, start_cpu_s, machine_s = (time.perf_counter(), time.process_time(),
-                                           machine_busy_s())
+        start_s, start_cpu_s, start_machine_s = (time.perf_counter(), time.process_time(),
+                                                 machine_busy_s())
         at_horizon = asyncio.create_task(self._metrics_at(start_s + world.horizon_s))
         futures: list[asyncio.Future[Outcome]] = []
         loop = asyncio.get_running_loop()
@@ -326,7 +326,7 @@ class RealRunner:
         watcher.cancel()
         wall_s = time.perf_counter() - start_s
         client_cpu_s = time.process_time() - start_cpu_s
-        machine_s = machine_busy_s() - machine_s
+        machine_s = machine_busy_s() - start_machine_s
         after = self.metrics()
         own_s = client_cpu_s + (counter_delta(after, before, PROCESS_CPU)
                                 if self.opts.server_here else 0.0)
