@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -90,7 +93,29 @@ def test_a_layer_unlike_the_arenas_keeps_buffers_of_its_own() -> None:
     a, b = torch.randn(1, 2, 20, 4), torch.randn(1, 3, 20, 4)
     first.update(a, a)
     other.update(b, b)
-    assert first.arena is arena and other.arena is None and arena.members == [first]
+    assert first.arena is arena and other.arena is None and [ref() for ref in arena.members] == [first]
     assert torch.equal(first.keys, a) and torch.equal(other.values, b)
     assert arena.nbytes() == 2 * 2 * 2 * kv_capacity(20) * 4 * 4
     assert other.nbytes() == 2 * 3 * kv_capacity(20) * 4 * 4
+
+
+def test_a_segments_kv_goes_with_its_cache_without_a_collection() -> None:
+    """The arena refers to its layers weakly: a closed session's K/V are freed the moment its
+    cache goes, not at the garbage collector's next pass (a pass stalls every thread)."""
+    stack = UnitStack(AutoModelForCausalLM.from_config(family_config("llama")).eval())
+    cache = stack.new_cache(2, 5, grown_in_blocks=True)
+    assert cache is not None and cache.arena is not None
+    heads, dim = 2, stack.hidden_size // stack.config.num_attention_heads
+    for layer in range(1, 4):
+        k, v = torch.randn(2, 1, heads, 40, dim)
+        cache.update(k, v, layer)
+    storage = weakref.ref(cache.arena.storage)
+    assert storage() is not None
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del cache
+        assert storage() is None
+    finally:
+        if enabled:
+            gc.enable()

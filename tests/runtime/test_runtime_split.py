@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 
@@ -168,3 +169,26 @@ def _prompt_ids(loaded: LoadedModel) -> list[int]:
     from splitllm.runtime.models import encode_prompt
 
     return encode_prompt(loaded, "the quick fox")
+
+
+def test_a_finished_generation_leaves_no_reference_cycle(tiny_llama: LoadedModel,
+                                                         llama_server: BackgroundServer) -> None:
+    """Its pipes and client caches go when `generate` returns: held in a cycle, every request's
+    caches stayed until a collection, and a collection stalls every thread of the process."""
+    prompt = random_prompt(random.Random(12), 9)
+    with connect(llama_server.ws_url, tiny_llama, timeout_s=TIMEOUT_S) as session:
+        session.generate(prompt, 4, placement="CSSCSC", stop_at_eos=False)  # warm
+        gc.collect()
+        flags = gc.get_debug()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # the collected cycles kept in gc.garbage
+        try:
+            for speculate in (0, 2):
+                session.generate(prompt, 4, placement="CSSCSC", stop_at_eos=False,
+                                 speculate=speculate)
+            gc.collect()
+            cyclic = sorted({f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage})
+        finally:
+            gc.set_debug(flags)
+            gc.garbage.clear()
+    print(cyclic)
+    assert cyclic == []

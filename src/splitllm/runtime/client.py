@@ -261,6 +261,9 @@ class Session:
         chosen = (placement if isinstance(placement, Placement)
                   else Placement.parse(placement, self.stack.n_units))
         run = _Run(self, chosen, sampling or wire.Sampling(), return_logits, on_notice)
+        # Beside the run, not in it: no reference cycle, so the client's caches go when the
+        # generation returns (a cycle held them, and every request's, until a collection).
+        resumable = Resumable(run.start, run.recover)
         sent, received = self.bytes_sent, self.bytes_received
         logits: list[torch.Tensor] = []
         stream = TextStream(self.loaded, on_text)
@@ -269,7 +272,7 @@ class Session:
 
         def result(stats: dict[str, Any], error: str | None = None) -> Generation:
             stream.finish()
-            tokens, wall_s = run.resumable.kept, time.perf_counter() - clock
+            tokens, wall_s = resumable.kept, time.perf_counter() - clock
             return Generation(
                 tokens=tuple(tokens), text=stream.text, placement=str(chosen), ttft_s=first_s,
                 tpot_s=(wall_s - first_s) / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
@@ -278,15 +281,15 @@ class Session:
                 server_cpu_s=float(stats.get("cpu_s", 0.0)),
                 client_busy_s=sum(pipe.client_busy_s for pipe in run.pipes),
                 bytes_sent=self.bytes_sent - sent, bytes_received=self.bytes_received - received,
-                emulation=self.emulation, reconnects=run.resumable.reconnects,
-                replay_mismatches=run.resumable.mismatches, error=error, auto=auto,
+                emulation=self.emulation, reconnects=resumable.reconnects,
+                replay_mismatches=resumable.mismatches, error=error, auto=auto,
                 logits=tuple(logits), round_trips=sum(pipe.round_trips for pipe in run.pipes),
                 drafted=sum(pipe.drafted for pipe in run.pipes),
                 accepted=sum(pipe.accepted for pipe in run.pipes))
 
         eos = self.loaded.eos_token_ids if stop_at_eos else ()
         try:
-            for token in run.resumable.tokens(prompt_ids, max_new_tokens, eos_token_ids=eos,
+            for token in resumable.tokens(prompt_ids, max_new_tokens, eos_token_ids=eos,
                                               chunk_tokens=prefill_chunk,
                                               speculate=speculate):
                 first_s = first_s or time.perf_counter() - clock
@@ -319,7 +322,6 @@ class _Run:
         self.pipes: list[SplitPipe] = []
         self.deadline: float | None = None  # of the current outage
         self.kept_at_loss = -1
-        self.resumable = Resumable(self.start, self.recover)
 
     def start(self) -> SplitPipe:
         """A fresh pipe, with a new server session if the placement has server units."""

@@ -14,6 +14,7 @@ arguments again, which grown a block at a time cost ~0.14 ms per token on SmolLM
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -50,11 +51,13 @@ def _held_positions(buffer: str) -> Any:
 class KvArena:
     """The K/V of a segment's block-grown layers in one tensor [slots, 2, Hkv, capacity, d]: the
     layers join as they first see their K/V (the first sets the slots' shape), hold views of
-    their slot, and grow together (one allocation, one copy of the held positions)."""
+    their slot, and grow together (one allocation, one copy of the held positions). It refers
+    to its members weakly, as they refer to it: a cycle held a closed session's K/V until a
+    collection of the garbage."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self.members: list[BlockLayer] = []
+        self.members: list[weakref.ref[BlockLayer]] = []
         self.storage: torch.Tensor | None = None  # [slots, 2, Hkv, capacity, d]
 
     def join(self, layer: BlockLayer, keys: torch.Tensor) -> bool:
@@ -68,14 +71,14 @@ class KvArena:
         if keys.shape[1] != heads or keys.shape[3] != dim or keys.dtype != self.storage.dtype \
                 or keys.device != self.storage.device:
             return False
-        self.members.append(layer)
+        self.members.append(weakref.ref(layer))
         self._point(len(self.members) - 1)
         return True
 
     def grow(self, capacity: int) -> None:
         """Room for `capacity` positions in every slot, each member's held positions kept."""
         assert self.storage is not None  # a member joined
-        old, top = self.storage, max(member.length for member in self.members)
+        old, top = self.storage, max((member.length for member in self._living()), default=0)
         self.storage = old.new_empty(*old.shape[:3], capacity, old.shape[4])
         self.storage[:, :, :, :top] = old[:, :, :, :top]  # [slots, 2, Hkv, top, d]
         for slot in range(len(self.members)):
@@ -85,9 +88,14 @@ class KvArena:
         """Bytes the arena reserves (every slot, held positions and room to grow)."""
         return 0 if self.storage is None else self.storage.numel() * self.storage.element_size()
 
+    def _living(self) -> list[BlockLayer]:
+        return [member for ref in self.members if (member := ref()) is not None]
+
     def _point(self, slot: int) -> None:
         assert self.storage is not None
-        member = self.members[slot]
+        member = self.members[slot]()
+        if member is None:
+            return
         member.key_buffer = self.storage[slot, 0][None]  # [1, Hkv, capacity, d]
         member.value_buffer = self.storage[slot, 1][None]
 
