@@ -12,7 +12,7 @@ import torch
 from fastapi import FastAPI
 
 from splitllm.runtime.guards import guarded_protocols
-from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.models import LoadedModel, freeze_heap
 from splitllm.runtime.openai_api import server_router
 from splitllm.runtime.server import FRAME_SLACK_BYTES, create_app
 from splitllm.runtime.server_state import ServerConfig, ServerState
@@ -45,6 +45,7 @@ def serve_forever(loaded: LoadedModel, host: str, port: int, config: ServerConfi
     if config.threads:
         torch.set_num_threads(config.threads)
     state = ServerState(loaded, config)
+    freeze_heap()  # the model loaded, its units and steps timed: no pause walks them again
     uvicorn.Server(uvicorn_config(server_app(state), host, port, config)).run()
 
 

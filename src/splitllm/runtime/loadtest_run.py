@@ -49,7 +49,7 @@ from splitllm.runtime.loadtest_host import Request, Together, foreign_cores, mac
 from splitllm.runtime.loadtest_idle import Alone
 from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofline_clock
 from splitllm.runtime.metrics import parse_metrics
-from splitllm.runtime.models import LoadedModel, weights_fingerprint
+from splitllm.runtime.models import LoadedModel, freeze_heap, weights_fingerprint
 from splitllm.runtime.transport import ServerError
 from splitllm.sim.metrics import summarize
 from splitllm.sim.policies import PlanPolicy
@@ -288,6 +288,7 @@ class RealRunner:
         world = self.world.with_rate(rate_per_s)
         load = sample_workload(world)
         self._connect_ahead(load.class_index)
+        freeze_heap()  # no collection of what lives across probes stalls every client in one
         n = len(load)
         plans = PlanPolicy(world, policy)
         server_load = ServerLoad(world.wait_tau_s, world.plan_headroom)

@@ -25,7 +25,7 @@ from splitllm.placement import Placement
 from splitllm.planner.instance import evaluate
 from splitllm.runtime.autoplace import default_sla_s, with_sla
 from splitllm.runtime.client import AutoPlan, Generation, Session, connect
-from splitllm.runtime.models import LoadedModel
+from splitllm.runtime.models import LoadedModel, freeze_heap
 from splitllm.runtime.openai_api import TokenRun, openai_router
 from splitllm.runtime.openai_schema import ApiError, Job
 from splitllm.runtime.transport import ServerError
@@ -238,6 +238,7 @@ def run_proxy(loaded: LoadedModel, config: ProxyConfig, host: str, port: int,
     import uvicorn
 
     backend = ProxyBackend(loaded, config)
+    freeze_heap()  # the model loaded, connected: no collection walks them again
     if ready is not None:
         ready()
     try:
