@@ -22,7 +22,9 @@ Per part: median / p90 on each side, the mean of measured less simulated over th
 requests, and that mean over the requests that missed their SLA measured but met it
 simulated (the part whose error costs attainment). Then how close the plans sit to the SLA:
 each request's idle latency (its walk on an idle server) over its SLA, and the simulated
-attainment if every request took 0.1, 0.2 or 0.3 s longer. Run it under the measurement lock:
+attainment if every request took 0.1, 0.2 or 0.3 s longer. `--trace-out FILE` times every
+forward inside the server (`forward_trace.py`); `--gc-out DIR` logs every garbage collection of
+both processes (`gc_pauses.py`) and prints each probe's. Run it under the measurement lock:
 
     flock /work/measure.lock env PYTHONPATH=src python benchmarks/loadtest_tails.py \
         --device-profile device.json --policies greedy,exact --rates 6.5,7.5
@@ -45,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+import gc_pauses
 from forward_trace import lines_from, parts_table, steps_table
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
@@ -321,14 +324,17 @@ def server_setup(setup: str) -> Iterator[None]:
         demo.start_server = start
 
 
-def setup_line(switch_interval_ms: float | None, trace_out: Path | None) -> str:
-    """The server child's first statements: its thread switch interval, the forwards' trace."""
-    line = "import sys; "
+def setup_line(switch_interval_ms: float | None, trace_out: Path | None,
+               gc_log: Path | None) -> str:
+    """The server child's first statements: its thread switch interval, the forwards' trace,
+    its garbage collections' log."""
+    line = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
     if switch_interval_ms is not None:
         line += f"sys.setswitchinterval({switch_interval_ms / 1e3!r}); "
     if trace_out is not None:
-        line += (f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import forward_trace; "
-                 f"forward_trace.install({str(trace_out)!r}); ")
+        line += f"import forward_trace; forward_trace.install({str(trace_out)!r}); "
+    if gc_log is not None:
+        line += f"import gc_pauses; gc_pauses.install({str(gc_log)!r}); "
     return line
 
 
@@ -348,6 +354,10 @@ def main() -> None:
     parser.add_argument("--trace-out", type=Path, default=None,
                         help="time every forward inside the server (benchmarks/forward_trace.py) "
                         "into this file, and print each probe's parts")
+    parser.add_argument("--gc-out", type=Path, default=None,
+                        help="log every garbage collection of the clients' process and the "
+                        "server's into this folder (benchmarks/gc_pauses.py), and print each "
+                        "probe's")
     args = parser.parse_args()
     import torch
 
@@ -357,8 +367,16 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if args.trace_out is not None:
             args.trace_out.unlink(missing_ok=True)
-        stack.enter_context(server_setup(setup_line(args.server_switch_interval_ms,
-                                                    args.trace_out)))
+        gc_logs = None
+        if args.gc_out is not None:
+            args.gc_out.mkdir(parents=True, exist_ok=True)
+            gc_logs = {side: args.gc_out / f"{side}.log" for side in ("clients", "server")}
+            for log in gc_logs.values():
+                log.unlink(missing_ok=True)
+            gc_pauses.install(str(gc_logs["clients"]))
+        stack.enter_context(server_setup(setup_line(
+            args.server_switch_interval_ms, args.trace_out,
+            None if gc_logs is None else gc_logs["server"])))
         url = stack.enter_context(local_server("smollm2", 1))
         info = fetch_info(url, None)
         world, classes = loadtest_world(
@@ -383,10 +401,17 @@ def main() -> None:
                 before = runner.metrics()
                 traced = (args.trace_out.stat().st_size  # the server is idle between probes
                           if args.trace_out is not None and args.trace_out.exists() else 0)
+                start = time.time()
                 with instrumented(runner, timings):
                     probe = runner.probe(policy, rate)
+                end = time.time()
                 text, raw = report(world, policy, probe, timings, (before, runner.metrics()))
                 print(text, flush=True)
+                if gc_logs is not None:
+                    time.sleep(gc_pauses.FLUSH_S * 1.5)  # the logs flushed past the probe's end
+                    for side, log in gc_logs.items():
+                        print(f"garbage collections in the {side}' process during the probe: "
+                              + gc_pauses.pauses_line(log, start, end), flush=True)
                 if args.trace_out is not None:
                     entries = lines_from(args.trace_out, traced)
                     print(parts_table(entries), flush=True)
