@@ -290,8 +290,7 @@ class Session:
         eos = self.loaded.eos_token_ids if stop_at_eos else ()
         try:
             for token in resumable.tokens(prompt_ids, max_new_tokens, eos_token_ids=eos,
-                                              chunk_tokens=prefill_chunk,
-                                              speculate=speculate):
+                                          chunk_tokens=prefill_chunk, speculate=speculate):
                 first_s = first_s or time.perf_counter() - clock
                 if return_logits and run.pipes[-1].last_logits is not None:
                     logits.append(run.pipes[-1].last_logits)
