@@ -370,13 +370,14 @@ def main() -> None:
         gc_logs = None
         if args.gc_out is not None:
             args.gc_out.mkdir(parents=True, exist_ok=True)
-            gc_logs = {side: args.gc_out / f"{side}.log" for side in ("clients", "server")}
+            gc_logs = {side: args.gc_out / f"{name}.log"
+                       for side, name in (("clients'", "clients"), ("server's", "server"))}
             for log in gc_logs.values():
                 log.unlink(missing_ok=True)
-            gc_pauses.install(str(gc_logs["clients"]))
+            gc_pauses.install(str(gc_logs["clients'"]))
         stack.enter_context(server_setup(setup_line(
             args.server_switch_interval_ms, args.trace_out,
-            None if gc_logs is None else gc_logs["server"])))
+            None if gc_logs is None else gc_logs["server's"])))
         url = stack.enter_context(local_server("smollm2", 1))
         info = fetch_info(url, None)
         world, classes = loadtest_world(
@@ -410,7 +411,7 @@ def main() -> None:
                 if gc_logs is not None:
                     time.sleep(gc_pauses.FLUSH_S * 1.5)  # the logs flushed past the probe's end
                     for side, log in gc_logs.items():
-                        print(f"garbage collections in the {side}' process during the probe: "
+                        print(f"garbage collections in the {side} process during the probe: "
                               + gc_pauses.pauses_line(log, start, end), flush=True)
                 if args.trace_out is not None:
                     entries = lines_from(args.trace_out, traced)

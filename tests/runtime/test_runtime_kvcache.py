@@ -93,7 +93,8 @@ def test_a_layer_unlike_the_arenas_keeps_buffers_of_its_own() -> None:
     a, b = torch.randn(1, 2, 20, 4), torch.randn(1, 3, 20, 4)
     first.update(a, a)
     other.update(b, b)
-    assert first.arena is arena and other.arena is None and [ref() for ref in arena.members] == [first]
+    assert first.arena is arena and other.arena is None
+    assert [ref() for ref in arena.members] == [first]
     assert torch.equal(first.keys, a) and torch.equal(other.values, b)
     assert arena.nbytes() == 2 * 2 * 2 * kv_capacity(20) * 4 * 4
     assert other.nbytes() == 2 * 3 * kv_capacity(20) * 4 * 4
