@@ -186,9 +186,12 @@ def test_a_finished_generation_leaves_no_reference_cycle(tiny_llama: LoadedModel
                 session.generate(prompt, 4, placement="CSSCSC", stop_at_eos=False,
                                  speculate=speculate)
             gc.collect()
-            cyclic = sorted({f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage})
+            # Only what a generation makes: the server's thread may meanwhile release a closed
+            # connection of an earlier test (its protocol object and asyncio's are in a cycle).
+            cyclic = sorted({f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage
+                             if type(o).__module__.startswith(("splitllm", "torch"))
+                             and type(o).__qualname__ != "GuardedWebSocket"})
         finally:
             gc.set_debug(flags)
             gc.garbage.clear()
-    print(cyclic)
     assert cyclic == []
