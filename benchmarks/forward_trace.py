@@ -141,30 +141,39 @@ def parts_table(entries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
-    """Every real step (its forwards' shared start, its end the last delivery of those whose
-    last step it was; a step that finished none is left out) beside the step model's seconds
-    for its own rows: its units, and the model's seconds per job (what the simulator adds to
-    each step for a forward's work outside the units); their ratio per step and over each
-    second of the probe."""
+Step = tuple[float, float, list[tuple[int, int, int]]]  # (start, end, jobs: start, stop, tokens)
+
+
+def real_steps(entries: Sequence[dict[str, Any]]) -> list[Step]:
+    """Every real step, by start: its forwards' shared start, its end the last delivery of
+    those whose last step it was (a step that finished none is left out), its rows as the step
+    model's jobs."""
     steps: dict[float, list[tuple[dict[str, Any], int]]] = {}
     for e in entries:
         for start, tokens in zip(e["step_start"], e.get("step_tokens", ()), strict=False):
             steps.setdefault(start, []).append((e, tokens))
-    ends: dict[float, float] = {}
-    for t, step in steps.items():
-        finished = [e["deliver"] for e, _ in step if e["step_start"][-1] == t]
+    out = []
+    for t in sorted(steps):
+        finished = [e["deliver"] for e, _ in steps[t] if e["step_start"][-1] == t]
         if finished:
-            ends[t] = max(finished)
-    starts = sorted(ends)
-    if not starts:
+            out.append((t, max(finished), [(e["units"][0], e["units"][1], tokens)
+                                           for e, tokens in steps[t]]))
+    return out
+
+
+def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
+    """Every real step (`real_steps`) beside the step model's seconds for its own rows: its
+    units, and the model's seconds per job (what the simulator adds to each step for a
+    forward's work outside the units); their ratio per step and over each second of the
+    probe."""
+    steps = real_steps(entries)
+    if not steps:
         return "(no step's rows traced)"
-    real = np.array([ends[t] - t for t in starts])
-    units = np.array([jobs_step_s(model, [(e["units"][0], e["units"][1], tokens)
-                                          for e, tokens in steps[t]])
-                      - model.job_s * len(steps[t]) for t in starts])
-    rows = sum(len(steps[t]) for t in starts)
+    real = np.array([end - start for start, end, _ in steps])
+    units = np.array([jobs_step_s(model, jobs) - model.job_s * len(jobs) for _, _, jobs in steps])
+    rows = sum(len(jobs) for _, _, jobs in steps)
     ratio = real / units
+    starts = [start for start, _, _ in steps]
     second = np.floor(np.array(starts) - starts[0]).astype(int)
     windows = " ".join(f"{real[second == k].sum() / units[second == k].sum():.2f}"
                        for k in np.unique(second))

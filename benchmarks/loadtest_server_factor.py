@@ -24,7 +24,7 @@ from typing import Any
 
 import loadtest_tails
 import splitllm.sim.server as sim_server
-from forward_trace import steps_table
+from forward_trace import real_steps, steps_table
 from splitllm.runtime.loadtest import Probe, probed
 from splitllm.runtime.loadtest_world import as_probed, speed_factors
 from splitllm.sim.engine import NewEvent
@@ -56,20 +56,10 @@ def report(world: World, policy: str, probe: Probe, timings: loadtest_tails.Timi
 
 
 def real_over_model_s(entries: Sequence[dict[str, Any]], model: StepModel) -> tuple[float, float]:
-    """The real steps' seconds and `model`'s for their own rows (`forward_trace.steps_table`'s
-    steps: their forwards' shared start, ending at the last delivery of those they finished)."""
-    steps: dict[float, list[tuple[dict[str, Any], int]]] = {}
-    for e in entries:
-        for start, tokens in zip(e["step_start"], e.get("step_tokens", ()), strict=False):
-            steps.setdefault(start, []).append((e, tokens))
-    real = priced = 0.0
-    for start, rows in steps.items():
-        finished = [e["deliver"] for e, _ in rows if e["step_start"][-1] == start]
-        if finished:
-            real += max(finished) - start
-            priced += jobs_step_s(model, [(e["units"][0], e["units"][1], tokens)
-                                          for e, tokens in rows])
-    return real, priced
+    """The real steps' seconds (`forward_trace.real_steps`) and `model`'s for their own rows."""
+    steps = real_steps(entries)
+    return (sum(end - start for start, end, _ in steps),
+            sum(jobs_step_s(model, jobs) for _, _, jobs in steps))
 
 
 def with_like_for_like(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
