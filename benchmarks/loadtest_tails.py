@@ -88,14 +88,13 @@ class Parts:
 
 
 class Timings:
-    """Per request: (kind, wall s, emulated link s) of each message exchange, its generation,
-    its outcome and how late its worker thread took it."""
+    """Per request: (kind, wall s, emulated link s) of each message exchange, its generation
+    and its outcome (how late its worker thread took it among them)."""
 
     def __init__(self) -> None:
         self.exchanges: dict[int, list[tuple[str, float, float]]] = {}
         self.generations: dict[int, Any] = {}
         self.outcomes: dict[int, Outcome] = {}
-        self.picked_late_s: dict[int, float] = {}
 
     def exchange(self, kind: str, call: Callable[[], Any], transport: Any) -> Any:
         link_before_s = getattr(transport, "delay_s", 0.0)
@@ -128,8 +127,6 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
         return result
 
     def timed_one(load: Any, r: int, *args: Any) -> Outcome:
-        start_s = args[2]
-        timings.picked_late_s[r] = time.perf_counter() - start_s - float(load.arrived_at_s[r])
         CURRENT.r = r
         timings.outcomes[r] = one(load, r, *args)
         return timings.outcomes[r]
@@ -286,12 +283,14 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
     sla = np.array([world.types[int(k)].sla_s for k in record.type_index])
     measured_missed = ~(measured.latency_s <= sla)
     missed = measured_missed & sla_met(seen, record)
-    late = np.array(list(timings.picked_late_s.values()))
+    picked_late_s = [timings.outcomes[r].started_late_s if r in timings.outcomes else math.nan
+                     for r in range(n)]
+    late = np.array([s for s in picked_late_s if not math.isnan(s)])
     m = probe.metrics
     raw = {"policy": policy, "rate_req_s": probe.rate_per_s, "factors": factors,
            "step_model": seen.server.step_model and seen.server.step_model.to_json(),
            "arrived_at_s": record.arrived_at_s.tolist(), "sla_s": sla.tolist(),
-           "picked_late_s": [timings.picked_late_s.get(r, math.nan) for r in range(n)],
+           "picked_late_s": picked_late_s,
            "idle_latency_s": idle_latency_s(seen, record).tolist(),
            "measured": {k: getattr(measured, k).tolist() for k in PARTS},
            "simulated": {k: getattr(simulated, k).tolist() for k in PARTS}}

@@ -92,6 +92,10 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
         # other work on the machine, timed (Linux): the server's CPU is this process's own
         assert probe.foreign_cores >= 0 or math.isnan(machine_busy_s())
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0
+        # how late the clients' worker threads took the requests, timed for each: each one
+        # started before it finished
+        assert math.isfinite(probe.started_late_p90_s)
+        assert probe.started_late_p90_s <= m.latency_s[1]
         # the server's busy share counts its arrivals' window, within the whole probe's busy
         busy = "splitllm_server_busy_seconds_total"
         horizon_s = world.with_rate(20.0).horizon_s

@@ -50,6 +50,8 @@ class Outcome:
     placement: str
     planned: bool
     server_wall_s: float = math.nan  # the wall seconds of the server's steps that were its
+    started_late_s: float = math.nan  # how late a worker thread of the EMULATED clients'
+    # process took it (their process lagging: not the server's doing, not simulated)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +68,7 @@ class Probe:
     server_wall_s_per_request: float = math.nan  # the server's steps' wall seconds a finished
     # request (its share of each step: what the step model, in wall seconds, prices)
     foreign_cores: float = math.nan  # cores other work on the machine took (nan: not known)
+    started_late_p90_s: float = math.nan  # the requests' `Outcome.started_late_s`, p90
     repeated: bool = False  # disturbed and run again: it counts for nothing
 
     @property
@@ -374,7 +377,8 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
             progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
                      f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
                      f"server busy {m.utilization:.0%}, clients {result.client_cores_busy:.2f} "
-                     f"cores, {result.wall_s:.0f} s")
+                     f"cores (requests started {result.started_late_p90_s * 1e3:.0f} ms late at "
+                     f"p90), {result.wall_s:.0f} s")
             return result
 
         measured = search_capacity(policy, measure, first_rate_per_s=guess,

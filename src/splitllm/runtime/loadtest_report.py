@@ -63,7 +63,8 @@ def _probe_json(p: Probe) -> dict[str, Any]:
             "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request),
             "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy),
             "server_wall_s_per_request": _num(p.server_wall_s_per_request),
-            "foreign_cores": _num(p.foreign_cores), "repeated": p.repeated}
+            "foreign_cores": _num(p.foreign_cores),
+            "started_late_p90_s": _num(p.started_late_p90_s), "repeated": p.repeated}
 
 
 def policy_json(r: PolicyResult) -> dict[str, Any]:
@@ -285,8 +286,9 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
               + " on the start-of-run model (a prediction before any probe).",
               "", "Every probe (measured):", "",
               "| policy | rate (req/s) | within SLA | done | TTFT p99 (s) | server busy | "
-              "server CPU s / req | EMULATED clients' cores busy | other work (cores) | wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "server CPU s / req | EMULATED clients' cores busy | started late p90 (ms) | "
+              "other work (cores) | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for p in r.measured.probes:
             m = p.metrics
@@ -294,7 +296,8 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
                          f"{' (stopped early)' if p.stopped_early else ''} | "
                          f"{m.completed}/{m.requests} | {m.ttft_s[2]:.3g} | "
                          f"{m.utilization:.0%} | {p.process_cpu_s_per_request:.3g} | "
-                         f"{p.client_cores_busy:.2f} | {p.foreign_cores:.2f}"
+                         f"{p.client_cores_busy:.2f} | {p.started_late_p90_s * 1e3:.0f} | "
+                         f"{p.foreign_cores:.2f}"
                          f"{' (run again)' if p.repeated else ''} | {p.wall_s:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -159,11 +159,11 @@ class RealRunner:
              stop: threading.Event) -> Outcome:
         """Run request r as a real split session (in a worker thread)."""
         arrived_s = start_s + float(load.arrived_at_s[r])
+        late_s = time.perf_counter() - arrived_s
         first, last = [math.nan], [math.nan]
-        nan = Outcome(first_token_s=math.nan, finished_s=math.nan, server_cpu_s=0.0,
-                      placement=placement, planned=planned)
         if stop.is_set():
-            return nan
+            return Outcome(first_token_s=math.nan, finished_s=math.nan, server_cpu_s=0.0,
+                           placement=placement, planned=planned, started_late_s=late_s)
 
         def on_token(_: int) -> None:
             last[0] = time.perf_counter() - arrived_s
@@ -181,14 +181,14 @@ class RealRunner:
         except (_Stopped, ServerError):
             self.pools[c].put(session)
             return Outcome(first_token_s=first[0], finished_s=math.nan, server_cpu_s=0.0,
-                           placement=placement, planned=planned)
+                           placement=placement, planned=planned, started_late_s=late_s)
         self.pools[c].put(session)
         # finished at its last token: closing the server's session after it (one more round
         # trip, for its stats) is not part of the answer's latency
         return Outcome(first_token_s=first[0], finished_s=last[0],
                        server_cpu_s=generation.server_cpu_s, placement=placement,
                        server_wall_s=generation.server_busy_s,
-                       planned=planned)
+                       planned=planned, started_late_s=late_s)
 
     def alone(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
               ) -> Alone:
@@ -344,6 +344,7 @@ class RealRunner:
                             / waits if waits else 0.0)
         done = sum(not math.isnan(o.finished_s) for o in outcomes)
         walls = [o.server_wall_s for o in outcomes if not math.isnan(o.finished_s)]
+        late = [o.started_late_s for o in outcomes if not math.isnan(o.started_late_s)]
         cpu_s = counter_delta(after, before, PROCESS_CPU)
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
                      process_cpu_s_per_request=cpu_s / done if done and PROCESS_CPU in after
@@ -351,7 +352,8 @@ class RealRunner:
                      server_job_s=server_job_s(before, after) if done else math.nan,
                      client_cores_busy=client_cpu_s / wall_s,
                      server_wall_s_per_request=float(np.nanmean(walls)) if walls else math.nan,
-                     foreign_cores=foreign_cores(machine_s, own_s, wall_s))
+                     foreign_cores=foreign_cores(machine_s, own_s, wall_s),
+                     started_late_p90_s=float(np.percentile(late, 90)) if late else math.nan)
 
     async def _metrics_at(self, when_s: float) -> dict[str, float]:
         """The server's /metrics page at `when_s` (time.perf_counter)."""
