@@ -31,7 +31,7 @@ from splitllm.runtime.loadtest_world import (
     with_step_model,
 )
 from splitllm.runtime.models import LoadedModel, context_tokens
-from splitllm.sim.policies import request_instance
+from splitllm.sim.policies import PlanPolicy, request_instance
 from splitllm.sim.scenario import parse_scenario, resolve
 from splitllm.sim.workload import sample_workload
 from splitllm.sim.world import World
@@ -104,6 +104,41 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
         assert (split.metrics.requests, split.metrics.completed) == (4, 4)
         assert runner.metrics()[processed] - after[processed] == positions
         assert split.metrics.client_unit_share == pytest.approx(0.5)
+    finally:
+        runner.close()
+
+
+def test_a_probe_plans_its_requests_before_its_clock(tiny_llama: LoadedModel,
+                                                     llama_server: BackgroundServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request is planned before the first is released: at an arrival only a
+    load-reading policy's choice under the load it reads is left to compute (planning in the
+    arrival loop took the EMULATED clients' core and delayed arrivals)."""
+    world, classes = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0,
+                                window_slas=0.0)
+    events: list[str] = []
+    decide, one = PlanPolicy.decide, RealRunner._one
+
+    def planned(self: PlanPolicy, *kind: Any) -> Any:
+        decision = decide(self, *kind)
+        events.append(f"plan {len(kind) > 4 and kind[4] is not None}")  # with a load read
+        return decision
+
+    def ran(self: RealRunner, *args: Any) -> Any:
+        events.append("run")
+        return one(self, *args)
+
+    monkeypatch.setattr(PlanPolicy, "decide", planned)
+    monkeypatch.setattr(RealRunner, "_one", ran)
+    runner = RealRunner(tiny_llama, world, classes, RunnerOptions(server=llama_server.ws_url))
+    try:
+        for policy, reads_load in (("greedy", False), ("exact-load-aware", True)):
+            events.clear()
+            probe = runner.probe(policy, 20.0)
+            assert probe.metrics.completed == 4
+            # the four planned ahead, then each arrival: its choice (under the load it reads)
+            assert events[:4] == ["plan False"] * 4
+            assert sorted(events[4:]) == ["plan " + str(reads_load)] * 4 + ["run"] * 4
     finally:
         runner.close()
 

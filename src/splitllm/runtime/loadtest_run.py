@@ -288,9 +288,16 @@ class RealRunner:
         world = self.world.with_rate(rate_per_s)
         load = sample_workload(world)
         self._connect_ahead(load.class_index)
-        freeze_heap()  # no collection of what lives across probes stalls every client in one
         n = len(load)
         plans = PlanPolicy(world, policy)
+        kinds = [(int(load.type_index[r]), int(load.class_index[r]), int(load.prompt_tokens[r]),
+                  int(load.output_tokens[r])) for r in range(n)]
+        # planned before the clock (a fleet's clients plan each on its own device; here all
+        # would plan in the arrival loop, on the clients' one core): at an arrival only a
+        # load-reading policy's choice under the load it reads is left to compute
+        for kind in kinds:
+            plans.decide(*kind)
+        freeze_heap()  # no collection of what lives across probes stalls every client in one
         server_load = ServerLoad(world.wait_tau_s, world.plan_headroom)
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
@@ -309,9 +316,7 @@ class RealRunner:
                                     0.0))
             if stop.is_set() or time.perf_counter() >= end_s:
                 break
-            decision = plans.decide(int(load.type_index[r]), int(load.class_index[r]),
-                                    int(load.prompt_tokens[r]), int(load.output_tokens[r]),
-                                    server_load.load() if plans.sees_load else None)
+            decision = plans.decide(*kinds[r], server_load.load() if plans.sees_load else None)
             futures.append(loop.run_in_executor(
                 self.pool, self._one, load, r, decision.placement.sides, decision.planned,
                 start_s, stop))
