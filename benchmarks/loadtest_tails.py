@@ -22,7 +22,10 @@ Per part: median / p90 on each side, the mean of measured less simulated over th
 requests, and that mean over the requests that missed their SLA measured but met it
 simulated (the part whose error costs attainment). Then how close the plans sit to the SLA:
 each request's idle latency (its walk on an idle server) over its SLA, and the simulated
-attainment if every request took 0.1, 0.2 or 0.3 s longer. `--trace-out FILE` times every
+attainment if every request took 0.1, 0.2 or 0.3 s longer; last, every 0.5 s of the probe the
+clients' core busy and the requests in flight on both sides (measured: the clients' process's
+CPU and its worker threads running a request; simulated: the shared cores, the requests arrived
+and not finished). `--trace-out FILE` times every
 forward inside the server (`forward_trace.py`); `--gc-out DIR` logs every garbage collection of
 both processes (`gc_pauses.py`) and prints each probe's. Run it under the measurement lock:
 
@@ -39,7 +42,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
@@ -65,6 +68,7 @@ from splitllm.runtime.loadtest_world import (
     speed_factors,
 )
 from splitllm.runtime.models import context_tokens, load_model
+from splitllm.sim.client_host import SharedCores
 from splitllm.sim.metrics import sla_met
 from splitllm.sim.run import RunRecord, run_policy
 from splitllm.sim.walk import Walk, WalkBuilder
@@ -74,6 +78,7 @@ from splitllm.stepmodel import StepModel
 CURRENT = threading.local()  # the request a worker thread runs now
 PARTS = ("latency_s", "units_s", "server_s", "link_s", "rest_s")
 LONGER_S = (0.1, 0.2, 0.3)  # the knife-edge: simulated attainment with every request this late
+TIMELINE_S = 0.5  # the clients' core and requests in flight, a value this often
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,12 +94,36 @@ class Parts:
 
 class Timings:
     """Per request: (kind, wall s, emulated link s) of each message exchange, its generation
-    and its outcome (how late its worker thread took it among them)."""
+    and its outcome (how late its worker thread took it among them); and every `TIMELINE_S`
+    the clients' process's (wall s, CPU s, requests in flight)."""
 
     def __init__(self) -> None:
         self.exchanges: dict[int, list[tuple[str, float, float]]] = {}
         self.generations: dict[int, Any] = {}
         self.outcomes: dict[int, Outcome] = {}
+        self.samples: list[tuple[float, float, int]] = []
+        self.start_s = math.nan  # the probe's clock (time.perf_counter)
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Within: a thread samples the clients' process every `TIMELINE_S`."""
+        stop = threading.Event()
+
+        def sample() -> None:
+            while True:
+                self.samples.append((time.perf_counter(), time.process_time(), self.in_flight))
+                if stop.wait(TIMELINE_S):
+                    return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            sampler.join()
 
     def exchange(self, kind: str, call: Callable[[], Any], transport: Any) -> Any:
         link_before_s = getattr(transport, "delay_s", 0.0)
@@ -128,7 +157,14 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
 
     def timed_one(load: Any, r: int, *args: Any) -> Outcome:
         CURRENT.r = r
-        timings.outcomes[r] = one(load, r, *args)
+        timings.start_s = args[2]
+        with timings.lock:
+            timings.in_flight += 1
+        try:
+            timings.outcomes[r] = one(load, r, *args)
+        finally:
+            with timings.lock:
+                timings.in_flight -= 1
         return timings.outcomes[r]
 
     remote.RemoteSession.forward = timed_forward  # type: ignore[method-assign]
@@ -137,7 +173,8 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
     runner._one = timed_one  # type: ignore[method-assign,assignment]
     loadtest_run.certainly_failed = lambda *_: False
     try:
-        yield
+        with timings.sampling():
+            yield
     finally:
         remote.RemoteSession.forward = forward  # type: ignore[method-assign]
         remote.RemoteSession.__init__ = opened  # type: ignore[method-assign]
@@ -270,13 +307,65 @@ def engine_line(pages: tuple[dict[str, float], dict[str, float]], record: RunRec
             f"{(sim_beyond_s - record.job_delay_mean_s - sim_step_s) * 1e3:.1f} ms")
 
 
+@contextlib.contextmanager
+def cores_logged(intervals: list[tuple[float, float, float]]) -> Iterator[None]:
+    """Within: every stretch of the simulated clients' shared cores is logged (start s, end
+    s, cores busy)."""
+    progressed = SharedCores._progressed
+
+    def logged(self: SharedCores, began_s: float, now_s: float, jobs: int) -> None:
+        intervals.append((began_s, now_s, min(jobs, self.sharing.cores)))
+        progressed(self, began_s, now_s, jobs)
+
+    SharedCores._progressed = logged  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SharedCores._progressed = progressed  # type: ignore[method-assign]
+
+
+def _binned(stretches: Sequence[tuple[float, float, float]], bins: int) -> np.ndarray:
+    """Cores busy per `TIMELINE_S` bin from (start s, end s, cores) stretches."""
+    busy = np.zeros(bins)
+    for a, b, cores in stretches:
+        for i in range(max(int(a // TIMELINE_S), 0), min(int(b // TIMELINE_S) + 1, bins)):
+            overlap = min(b, (i + 1) * TIMELINE_S) - max(a, i * TIMELINE_S)
+            busy[i] += max(overlap, 0.0) * cores / TIMELINE_S
+    return busy
+
+
+def timeline(timings: Timings, record: RunRecord, cores: list[tuple[float, float, float]]
+             ) -> str:
+    """The clients' core busy and the requests in flight every `TIMELINE_S` of the probe,
+    measured (the clients' process's CPU, its worker threads running a request) beside
+    simulated (the shared cores, the requests arrived and not finished)."""
+    bins = int(np.nanmax(record.finished_at_s) // TIMELINE_S) + 1
+    ends = (np.arange(bins) + 1) * TIMELINE_S
+    finished = np.nan_to_num(record.finished_at_s, nan=np.inf)
+    simulated = [int(((record.arrived_at_s <= t) & (finished > t)).sum()) for t in ends]
+    pairs = zip(timings.samples, timings.samples[1:], strict=False)  # each with the next
+    stretches = [(w0 - timings.start_s, w1 - timings.start_s, (c1 - c0) / max(w1 - w0, 1e-9))
+                 for (w0, c0, _), (w1, c1, _) in pairs]
+    at = np.array([w - timings.start_s for w, _, _ in timings.samples])
+    in_flight = [timings.samples[int(np.argmin(np.abs(at - t)))][2] for t in ends]
+
+    def line(busy: np.ndarray, counts: list[int]) -> str:
+        return " ".join(f"{c:.2f}/{n}" for c, n in zip(busy, counts, strict=True))
+
+    return (f"clients' core busy / requests in flight every {TIMELINE_S:g} s, measured: "
+            f"{line(_binned(stretches, bins), in_flight)}\n  simulated: "
+            f"{line(_binned(cores, bins), simulated)}")
+
+
 def report(world: World, policy: str, probe: Probe, timings: Timings,
            pages: tuple[dict[str, float], dict[str, float]]) -> tuple[str, dict[str, Any]]:
     """One probe measured beside its simulation at the probe's own speeds: the text, and the
     per-request parts of both sides."""
     factors = speed_factors(world, policy, probed([probe]))
     seen = as_probed(world, *factors).with_rate(probe.rate_per_s)
-    record = run_policy(seen, policy, log=True)
+    cores: list[tuple[float, float, float]] = []
+    with cores_logged(cores):
+        record = run_policy(seen, policy, log=True)
     n = len(record.arrived_at_s)
     measured = measured_parts(timings, n)
     simulated = simulated_parts(seen, record)
@@ -305,7 +394,8 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
             + "\n" + engine_line(pages, record, measured, world.clients[0].link.visit_s)
             + "\nmissed measured, per tenth of the arrivals: "
             + misses_in_time(record.arrived_at_s, measured_missed)
-            + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))), raw
+            + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))
+            + "\n" + timeline(timings, record, cores)), raw
 
 
 @contextlib.contextmanager
