@@ -161,9 +161,13 @@ class RealRunner:
         arrived_s = start_s + float(load.arrived_at_s[r])
         late_s = time.perf_counter() - arrived_s
         first, last = [math.nan], [math.nan]
-        if stop.is_set():
-            return Outcome(first_token_s=math.nan, finished_s=math.nan, server_cpu_s=0.0,
+
+        def unfinished() -> Outcome:
+            return Outcome(first_token_s=first[0], finished_s=math.nan, server_cpu_s=0.0,
                            placement=placement, planned=planned, started_late_s=late_s)
+
+        if stop.is_set():
+            return unfinished()
 
         def on_token(_: int) -> None:
             last[0] = time.perf_counter() - arrived_s
@@ -180,8 +184,7 @@ class RealRunner:
                 placement=placement, chat=False, stop_at_eos=False, on_token=on_token)
         except (_Stopped, ServerError):
             self.pools[c].put(session)
-            return Outcome(first_token_s=first[0], finished_s=math.nan, server_cpu_s=0.0,
-                           placement=placement, planned=planned, started_late_s=late_s)
+            return unfinished()
         self.pools[c].put(session)
         # finished at its last token: closing the server's session after it (one more round
         # trip, for its stats) is not part of the answer's latency
