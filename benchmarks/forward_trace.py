@@ -5,9 +5,10 @@ calls `install(PATH)` before it serves; every forward then appends one JSON line
 perf-counter times (seconds) at its message (`start`: parsed, before its connection's slot),
 its task (`task`), its queue (`put`), the start of each engine step it ran in (`step_start`),
 the engine's delivery (`deliver`: its last step done), the event loop's callback (`settle`)
-and its reply sent (`sent`), with its units (`units`: [start, stop)) and its tokens in each
-step (`step_tokens`). `lines_from` reads them back, `parts_table` prints each part,
-`steps_table` prices every real step by the step model for its own rows.
+and its reply sent (`sent`), with its `session:seq` (`key`), its units (`units`: [start,
+stop)) and its tokens in each step (`step_tokens`). `lines_from` reads them back,
+`parts_table` prints each part, `steps_table` prices every real step by the step model for
+its own rows.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def install(path: str) -> None:
         with lock:
             entry = times.pop(key, None)
         if entry is not None:
+            entry["key"] = key
             with open(path, "a") as out:
                 out.write(json.dumps(entry) + "\n")
 
@@ -162,23 +164,22 @@ def real_steps(entries: Sequence[dict[str, Any]]) -> list[Step]:
 
 
 def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
-    """Every real step (`real_steps`) beside the step model's seconds for its own rows: its
-    units, and the model's seconds per job (what the simulator adds to each step for a
-    forward's work outside the units); their ratio per step and over each second of the
-    probe."""
+    """Every real step (`real_steps`) beside the step model's seconds for its own rows (its
+    units and its seconds per job, as the simulator prices a step); their ratio per step and
+    over each second of the probe."""
     steps = real_steps(entries)
     if not steps:
         return "(no step's rows traced)"
     real = np.array([end - start for start, end, _ in steps])
-    units = np.array([jobs_step_s(model, jobs) - model.job_s * len(jobs) for _, _, jobs in steps])
+    priced = np.array([jobs_step_s(model, jobs) for _, _, jobs in steps])
     rows = sum(len(jobs) for _, _, jobs in steps)
-    ratio = real / units
+    ratio = real / priced
     starts = [start for start, _, _ in steps]
     second = np.floor(np.array(starts) - starts[0]).astype(int)
-    windows = " ".join(f"{real[second == k].sum() / units[second == k].sum():.2f}"
+    windows = " ".join(f"{real[second == k].sum() / priced[second == k].sum():.2f}"
                        for k in np.unique(second))
     return (f"{len(starts)} real steps priced by the step model for their own rows: measured "
-            f"{real.sum():.2f} s, the model's units {units.sum():.2f} s + {model.job_s * 1e3:.2f} "
-            f"ms a job x {rows} = {units.sum() + model.job_s * rows:.2f} s; measured over the "
-            f"units per step: median {np.median(ratio):.2f}, coefficient of variation "
+            f"{real.sum():.2f} s, the model {priced.sum():.2f} s (its units and "
+            f"{model.job_s * 1e3:.2f} ms a job x {rows}); measured over the model per step: "
+            f"median {np.median(ratio):.2f}, coefficient of variation "
             f"{ratio.std() / ratio.mean():.2f}; over each second of the probe: {windows}")

@@ -26,8 +26,12 @@ attainment if every request took 0.1, 0.2 or 0.3 s longer; last, every 0.5 s of 
 clients' core busy and the requests in flight on both sides (measured: the clients' process's
 CPU and its worker threads running a request; simulated: the shared cores, the requests arrived
 and not finished). `--trace-out FILE` times every
-forward inside the server (`forward_trace.py`); `--gc-out DIR` logs every garbage collection of
-both processes (`gc_pauses.py`) and prints each probe's. Run it under the measurement lock:
+forward inside the server (`forward_trace.py`) and prints, per probe, each forward's hops on
+one clock (the client's call, its socket, the server's message to reply, the client's read),
+over all requests and over those missed measured and met simulated, and the real steps over
+the step model's price grouped by how busy the clients' core was; `--gc-out DIR` logs every
+garbage collection of both processes (`gc_pauses.py`) and prints each probe's. Run it under
+the measurement lock:
 
     flock /work/measure.lock env PYTHONPATH=src python benchmarks/loadtest_tails.py \
         --device-profile device.json --policies greedy,exact --rates 6.5,7.5
@@ -51,10 +55,10 @@ from typing import Any
 import numpy as np
 
 import gc_pauses
-from forward_trace import lines_from, parts_table, steps_table
+from forward_trace import lines_from, parts_table, real_steps, steps_table
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
-from splitllm.runtime import demo, loadtest_run, remote
+from splitllm.runtime import demo, loadtest_run, remote, transport
 from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.fidelity_run import local_server
@@ -73,7 +77,7 @@ from splitllm.sim.metrics import sla_met
 from splitllm.sim.run import RunRecord, run_policy
 from splitllm.sim.walk import Walk, WalkBuilder
 from splitllm.sim.world import World
-from splitllm.stepmodel import StepModel
+from splitllm.stepmodel import StepModel, jobs_step_s
 
 CURRENT = threading.local()  # the request a worker thread runs now
 PARTS = ("latency_s", "units_s", "server_s", "link_s", "rest_s")
@@ -92,13 +96,25 @@ class Parts:
     rest_s: np.ndarray
 
 
+@dataclass(frozen=True, kw_only=True)
+class Exchange:
+    """One message exchange of a request, as its client saw it."""
+
+    kind: str  # "forward" or "open"
+    wall_s: float
+    link_s: float  # its emulated link delay
+    key: str  # a forward's `session:seq`, as the server's trace names it
+    start_s: float  # time.perf_counter(), the clock of the server's trace
+    socket: tuple[tuple[str, float], ...]  # ("sent" | "received", when) at the socket
+
+
 class Timings:
-    """Per request: (kind, wall s, emulated link s) of each message exchange, its generation
-    and its outcome (how late its worker thread took it among them); and every `TIMELINE_S`
-    the clients' process's (wall s, CPU s, requests in flight)."""
+    """Per request: each message exchange, its generation and its outcome (how late its
+    worker thread took it among them); and every `TIMELINE_S` the clients' process's (wall s,
+    CPU s, requests in flight)."""
 
     def __init__(self) -> None:
-        self.exchanges: dict[int, list[tuple[str, float, float]]] = {}
+        self.exchanges: dict[int, list[Exchange]] = {}
         self.generations: dict[int, Any] = {}
         self.outcomes: dict[int, Outcome] = {}
         self.samples: list[tuple[float, float, int]] = []
@@ -125,13 +141,15 @@ class Timings:
             stop.set()
             sampler.join()
 
-    def exchange(self, kind: str, call: Callable[[], Any], transport: Any) -> Any:
+    def exchange(self, kind: str, call: Callable[[], Any], transport: Any,
+                 key: Callable[[], str] = lambda: "") -> Any:
         link_before_s = getattr(transport, "delay_s", 0.0)
         start_s = time.perf_counter()
         result = call()
-        self.exchanges.setdefault(getattr(CURRENT, "r", -1), []).append(
-            (kind, time.perf_counter() - start_s, getattr(transport, "delay_s", 0.0)
-             - link_before_s))
+        self.exchanges.setdefault(getattr(CURRENT, "r", -1), []).append(Exchange(
+            kind=kind, wall_s=time.perf_counter() - start_s,
+            link_s=getattr(transport, "delay_s", 0.0) - link_before_s, key=key(),
+            start_s=start_s, socket=tuple(getattr(CURRENT, "socket", ()))))
         return result
 
 
@@ -142,10 +160,20 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
     forward, opened, generate = (remote.RemoteSession.forward, remote.RemoteSession.__init__,
                                  Session.generate)
     one, failed = runner._one, loadtest_run.certainly_failed
+    socket = transport.WebSocketTransport
+    send, recv = socket.send, socket.recv
 
     def timed_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        CURRENT.socket = []
         return timings.exchange("forward", lambda: forward(self, *args, **kwargs),
-                                self.transport)
+                                self.transport, key=lambda: f"{self.session_id}:{self.seq}")
+
+    def marked(call: Callable[..., Any], what: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            result = call(*args, **kwargs)
+            getattr(CURRENT, "socket", []).append((what, time.perf_counter()))
+            return result
+        return timed
 
     def timed_open(self: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
         timings.exchange("open", lambda: opened(self, transport, *args, **kwargs), transport)
@@ -171,6 +199,7 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
     remote.RemoteSession.__init__ = timed_open  # type: ignore[method-assign]
     Session.generate = timed_generate  # type: ignore[method-assign]
     runner._one = timed_one  # type: ignore[method-assign,assignment]
+    socket.send, socket.recv = marked(send, "sent"), marked(recv, "received")  # type: ignore
     loadtest_run.certainly_failed = lambda *_: False
     try:
         with timings.sampling():
@@ -180,6 +209,7 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
         remote.RemoteSession.__init__ = opened  # type: ignore[method-assign]
         Session.generate = generate  # type: ignore[method-assign]
         runner._one = one  # type: ignore[method-assign]
+        socket.send, socket.recv = send, recv  # type: ignore[method-assign]
         loadtest_run.certainly_failed = failed
 
 
@@ -191,8 +221,8 @@ def measured_parts(timings: Timings, n: int) -> Parts:
         if generation is None or math.isnan(outcome.finished_s):
             continue
         exchanges = timings.exchanges.get(r, [])
-        forwards = [(wall, link) for kind, wall, link in exchanges if kind == "forward"]
-        opening_s = sum(wall for kind, wall, _ in exchanges if kind == "open")
+        forwards = [(e.wall_s, e.link_s) for e in exchanges if e.kind == "forward"]
+        opening_s = sum(e.wall_s for e in exchanges if e.kind == "open")
         parts["latency_s"][r] = outcome.finished_s
         parts["units_s"][r] = generation.client_busy_s
         parts["server_s"][r] = sum(wall - link for wall, link in forwards)
@@ -250,6 +280,53 @@ def comparison(measured: Parts, simulated: Parts, missed: np.ndarray) -> str:
                      f"{_q(s, .5) * 1e3:.0f} / {_q(s, .9) * 1e3:.0f} | "
                      f"{np.mean(diff) * 1e3:+.0f} | "
                      f"{np.mean(lost) * 1e3 if len(lost) else math.nan:+.0f} ({len(lost)}) |")
+    return "\n".join(lines)
+
+
+HOPS: dict[str, Callable[[Exchange, dict[str, Any]], float]] = {
+    "client: call -> written to the socket (uplink sleep in it)":
+        lambda e, t: _at(e, "sent") - e.start_s,
+    "socket -> the server's message parsed": lambda e, t: t["start"] - _at(e, "sent"),
+    "server: message -> reply sent": lambda e, t: t["sent"] - t["start"],
+    "  of it, queue -> its first step": lambda e, t: t["step_start"][0] - t["put"],
+    "server sent -> client read it": lambda e, t: _at(e, "received") - t["sent"],
+    "client: read -> returned (downlink sleep in it)":
+        lambda e, t: e.start_s + e.wall_s - _at(e, "received"),
+    "client's oversleep and hand-offs (all client hops less the link)":
+        lambda e, t: e.wall_s - (t["sent"] - t["start"]) - e.link_s,
+}
+
+
+def _at(exchange: Exchange, what: str) -> float:
+    """When the exchange first did `what` at its socket."""
+    return next((t for w, t in exchange.socket if w == what), math.nan)
+
+
+def hops_table(timings: Timings, entries: Sequence[dict[str, Any]], missed: np.ndarray) -> str:
+    """Where each request's forwards spent their time, the client's clock beside the server's
+    trace (one machine, one perf counter): per hop the mean over requests of its sum over the
+    request's forwards, over all requests and over those in `missed`, and the p99 of one
+    forward."""
+    traced = {e["key"]: e for e in entries if "key" in e and e.get("step_start")}
+    n = len(missed)
+    sums = {hop: np.full(n, math.nan) for hop in HOPS}
+    every: dict[str, list[float]] = {hop: [] for hop in HOPS}
+    for r, exchanges in timings.exchanges.items():
+        pairs = [(e, traced[e.key]) for e in exchanges if e.kind == "forward" and e.key in traced]
+        if not 0 <= r < n or not pairs:
+            continue
+        for hop, part in HOPS.items():
+            values = [part(e, t) for e, t in pairs]
+            sums[hop][r] = sum(values)
+            every[hop] += values
+    lines = ["| hop | mean a request (ms) | ... missed measured, met simulated | p99 a forward "
+             "(ms) |", "|---|---|---|---|"]
+    for hop in HOPS:
+        lost = sums[hop][missed]
+        lost_ms = np.nanmean(lost) * 1e3 if np.isfinite(lost).any() else math.nan
+        lines.append(f"| {hop} | {np.nanmean(sums[hop]) * 1e3:.1f} | {lost_ms:.1f} "
+                     f"({int(np.isfinite(lost).sum())}) | "
+                     f"{_q(np.array(every[hop]), .99) * 1e3:.1f} |")
     return "\n".join(lines)
 
 
@@ -357,10 +434,32 @@ def timeline(timings: Timings, record: RunRecord, cores: list[tuple[float, float
             f"{line(_binned(cores, bins), simulated)}")
 
 
+def steps_by_clients_busy(timings: Timings, entries: Sequence[dict[str, Any]],
+                          model: StepModel) -> str:
+    """The real steps' seconds over the step model's for their rows, grouped by how busy the
+    clients' core was in the `TIMELINE_S` sample around each step's start (the model prices
+    the server's slowdown while the clients compute by one calibrated factor)."""
+    samples = np.array([(w, c) for w, c, _ in timings.samples])
+    if len(samples) < 2:
+        return "(no samples of the clients' core)"
+    busy = np.diff(samples[:, 1]) / np.maximum(np.diff(samples[:, 0]), 1e-9)
+    groups: dict[str, list[float]] = {"< 0.5": [0.0, 0.0], "0.5-0.95": [0.0, 0.0],
+                                      ">= 0.95": [0.0, 0.0]}
+    for start, end, jobs in real_steps(entries):
+        i = int(np.clip(np.searchsorted(samples[:, 0], start) - 1, 0, len(busy) - 1))
+        name = "< 0.5" if busy[i] < 0.5 else "0.5-0.95" if busy[i] < 0.95 else ">= 0.95"
+        groups[name][0] += end - start
+        groups[name][1] += jobs_step_s(model, jobs)
+    return ("real steps over the step model by the clients' core busy: " + ", ".join(
+        f"{name}: {real / priced:.2f} ({real:.2f} s)" for name, (real, priced) in groups.items()
+        if priced > 0))
+
+
 def report(world: World, policy: str, probe: Probe, timings: Timings,
-           pages: tuple[dict[str, float], dict[str, float]]) -> tuple[str, dict[str, Any]]:
+           pages: tuple[dict[str, float], dict[str, float]],
+           entries: Sequence[dict[str, Any]] = ()) -> tuple[str, dict[str, Any]]:
     """One probe measured beside its simulation at the probe's own speeds: the text, and the
-    per-request parts of both sides."""
+    per-request parts of both sides; with the server's trace `entries`, each forward's hops."""
     factors = speed_factors(world, policy, probed([probe]))
     seen = as_probed(world, *factors).with_rate(probe.rate_per_s)
     cores: list[tuple[float, float, float]] = []
@@ -395,7 +494,8 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
             + "\nmissed measured, per tenth of the arrivals: "
             + misses_in_time(record.arrived_at_s, measured_missed)
             + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))
-            + "\n" + timeline(timings, record, cores)), raw
+            + "\n" + timeline(timings, record, cores)
+            + ("\n" + hops_table(timings, entries, missed) if entries else "")), raw
 
 
 @contextlib.contextmanager
@@ -495,19 +595,24 @@ def main() -> None:
                 with instrumented(runner, timings):
                     probe = runner.probe(policy, rate)
                 end = time.time()
-                text, raw = report(world, policy, probe, timings, (before, runner.metrics()))
+                entries = []
+                if args.trace_out is not None:
+                    time.sleep(0.5)  # the server appends a forward's line after its reply
+                    entries = lines_from(args.trace_out, traced)
+                text, raw = report(world, policy, probe, timings, (before, runner.metrics()),
+                                   entries)
                 print(text, flush=True)
                 if gc_logs is not None:
                     time.sleep(gc_pauses.FLUSH_S * 1.5)  # the logs flushed past the probe's end
                     for side, log in gc_logs.items():
                         print(f"garbage collections in the {side} process during the probe: "
                               + gc_pauses.pauses_line(log, start, end), flush=True)
-                if args.trace_out is not None:
-                    entries = lines_from(args.trace_out, traced)
+                if entries:
                     print(parts_table(entries), flush=True)
                     if raw["step_model"] is not None:
-                        print(steps_table(entries, StepModel.from_json(raw["step_model"])),
-                              flush=True)
+                        model = StepModel.from_json(raw["step_model"])
+                        print(steps_table(entries, model), flush=True)
+                        print(steps_by_clients_busy(timings, entries, model), flush=True)
                 probes.append(raw)
                 if args.out is not None:
                     args.out.write_text(json.dumps(probes))
