@@ -186,7 +186,8 @@ def test_a_bad_forward_never_disturbs_the_others(tiny_llama: LoadedModel,
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("attention failed for this session")
 
-    monkeypatch.setattr(broken, "update", fail)  # fails inside the packed step
+    for layer in broken.layers:  # fails inside the step, on the fused path or the model's
+        monkeypatch.setattr(layer, "reserve", fail)
     drv.step()
     rejected = drv.outcomes[(sessions[0].session_id, bad_positions)]
     assert isinstance(rejected, ProtocolError) and rejected.code == "bad_positions"

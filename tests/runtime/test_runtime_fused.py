@@ -13,7 +13,7 @@ import torch
 from runtime_kit import family_config, llama_config, random_prompt
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from splitllm.runtime import fused_kernel, gemv
+from splitllm.runtime import fused, fused_kernel, gemv
 from splitllm.runtime.decoding import LocalPipe, generate_tokens
 from splitllm.runtime.engine import Engine, EngineConfig
 from splitllm.runtime.gemv import FAST_ROWS, FastPaths, fast_paths
@@ -536,3 +536,47 @@ def test_the_servers_step_model_is_timed_on_the_fused_path(tiny_llama: LoadedMod
         decode_steps * n
     assert state.step_models is not None
     assert state.step_models.start.wall.block.points[0][0] == 1
+
+
+def _steps_alike(stack: UnitStack, script: list[list[tuple[int, list[int]]]]) -> int:
+    """Each step of `script` (rows of (session, ids), the sessions' caches grown from 0) on the
+    fused path and on the model's path: the same logits and caches. How many blocks the
+    kernel's attention ran on the fused side (the many-row path: once per block a step)."""
+    sessions = 1 + max(s for step in script for s, _ in step)
+    sides = [[grown(stack) for _ in range(sessions)] for _ in range(2)]  # fused, model's path
+    attended = 0
+    for step in script:
+        outputs = []
+        for caches, on in zip(sides, (True, False), strict=True):
+            rows = [StepRow(0, stack.n_units, torch.tensor([ids]),
+                            caches[s].get_seq_length(), caches[s]) for s, ids in step]
+            attend = mock.patch.object(fused_kernel, "attend_rows",
+                                       wraps=fused_kernel.attend_rows)
+            with fast_paths(FastPaths(fused=on)), attend as attend_rows:
+                outs, _ = run_step(stack, rows)
+            attended += attend_rows.call_count if on else 0
+            outputs.append([out.out for out in outs])
+        for got, want in zip(*outputs, strict=True):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for got_cache, want_cache in zip(*sides, strict=True):
+        assert_same_caches(got_cache, want_cache)
+    return attended
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prompt_chunks_run_fused_beside_decode_rows(name: str) -> None:
+    """A prompt of more than FAST_ROWS positions in two chunks (the second attending over the
+    first) beside another session's decode rows takes the many-row path, logits and caches as
+    the model's path; a chunk of more than `SESSION_POSITIONS` sends its step by the model's
+    path."""
+    make, fused_blocks = CONFIGS[name]
+    stack = packed(stack_of(make()))
+    rng = random.Random(3)
+    first, second = random_prompt(rng, FAST_ROWS + 5), random_prompt(rng, FAST_ROWS + 3)
+    script = [[(1, random_prompt(rng, 3))],
+              [(0, first), (1, random_prompt(rng, 1))],
+              [(1, random_prompt(rng, 1)), (0, second)]]
+    assert _steps_alike(stack, script) == 2 * fused_blocks  # the two steps with a chunk
+    with mock.patch.object(fused, "SESSION_POSITIONS", FAST_ROWS + 4):
+        # the first chunk is longer: its step by the model's path; the second's fused
+        assert _steps_alike(stack, script) == fused_blocks

@@ -238,8 +238,8 @@ def test_metrics_count_verified_and_accepted_positions(
 def test_the_servers_verification_passes_run_through_the_fused_blocks(
         placement: str, tiny_llama: LoadedModel, llama_server: BackgroundServer) -> None:
     """Over sockets, each pass with d drafts is one call of the fused kernel over its d + 1
-    positions on the server (the prompt, longer than a call takes, by the model's path), and
-    the tokens stay the unsplit model's."""
+    positions on the server (the prompt, longer than a call takes, by the fused blocks'
+    many-row path), and the tokens stay the unsplit model's."""
     prompt = looping_prompt(70)
     assert len(prompt) > FAST_ROWS
     want = reference(tiny_llama, prompt, k=4)

@@ -3,15 +3,20 @@
 A decode step of one session is bound by reading the weights, yet through the model's own modules
 a block costs ~40 small torch ops and Python calls (RMSNorm as 5 ops, rotary with cat/neg, the
 packed-attention dispatcher, SDPA, the cache update, SiLU*mul, residual adds): on SmolLM2 a
-third of the step. `FusedRows.run` sends a step's rows of up to FAST_ROWS positions each (a
-decode position, or the k + 1 of a speculative verification) through a run of blocks in one
-numba call (runtime/fused_kernel.py), each position one kernel row: per block norm -> q/k/v ->
+third of the step. `FusedRows.run` sends a step of up to FAST_ROWS positions in all (decode
+positions, the k + 1 of a speculative verification, a short prompt) through a run of blocks in
+one numba call (runtime/fused_kernel.py), each position one kernel row: per block norm -> q/k/v ->
 rotary -> write K/V into each session's `BlockLayer` buffers at the position's place -> causal
 attention over the session's held positions and its new ones up to this one -> o-proj +
 residual -> norm -> gate/up -> SiLU*mul -> down + residual, every weight read once for all rows
-(up to FAST_ROWS of them). Steps of more rows are compute-bound: there each block's
-products run by oneDNN on packed weights (runtime/gemv.py), norms, rotary, the K/V writes and
-attention by the same kernel's parts (no padded copies of the caches), SiLU*mul by torch.
+(up to FAST_ROWS of them). Steps of more positions (many sessions, prompt chunks) are
+compute-bound: there each block's products run by oneDNN on packed weights (runtime/gemv.py),
+norms, rotary, the K/V writes and attention by the same kernel's parts (no padded copies of the
+caches), SiLU*mul by torch. Prompt chunks take it too (up to `SESSION_POSITIONS` positions
+of a session): a step's time is then one function of its tokens whatever its rows (the step
+model's premise), where before a prompt of more than FAST_ROWS positions sent its whole step
+by the model's path, 1.1-1.4x what the step model priced for its tokens in a load test's
+prefill steps.
 
 The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
 model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the
@@ -39,6 +44,13 @@ from splitllm.runtime.gemv import FAST_ROWS, fast_paths_now, packed_product, pac
 from splitllm.runtime.kvcache import BlockLayer
 from splitllm.runtime.packing import RowGroup
 from splitllm.runtime.units import SegmentCache, UnitStack
+
+# A session's positions in one fused step, at most: a longer prompt chunk sends its step by the
+# model's path (SDPA), as the kernel's attention loops over every earlier position of each.
+# `benchmarks/bench_prefill.py` (SmolLM2, one prompt through every unit, the fused path's
+# seconds over the model's path's, two runs): P = 8: 0.75-0.80, 17: 0.76-0.80, 32: 0.77-0.83,
+# 62: 0.88-1.00, 128: 0.98, 256: 0.88-0.99, 512: 1.02-1.07.
+SESSION_POSITIONS = 256
 
 FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SiLU-gated MLP, optional biases
 _WEIGHTS = "_splitllm_fused_weights"
@@ -120,9 +132,10 @@ class FusedRows:
     def of(stack: UnitStack, hidden: torch.Tensor, positions: torch.Tensor,
            groups: list[RowGroup]) -> FusedRows | None:
         """The rows of a step's packed rows [1, R, D], if the fused path applies: at most
-        FAST_ROWS positions per session, fp32 on the CPU, one intra-op thread, no autograd, one
-        rotary table for every block."""
-        if not (fused_now() and all(group.end - group.begin <= FAST_ROWS for group in groups)
+        `SESSION_POSITIONS` positions per session, fp32 on the CPU, one intra-op thread, no
+        autograd, one rotary table for every block."""
+        if not (fused_now() and all(group.end - group.begin <= SESSION_POSITIONS
+                                    for group in groups)
                 and hidden.dtype == torch.float32 and hidden.is_cpu) \
                 or stack.rotary_emb is None or stack.rotary_per_layer_type:
             return None
