@@ -14,9 +14,9 @@ compute-bound: there each block's products run by oneDNN on packed weights (runt
 norms, rotary, the K/V writes and attention by the same kernel's parts (no padded copies of the
 caches), SiLU*mul by torch. Prompt chunks take it too (up to `SESSION_POSITIONS` positions
 of a session): a step's time is then one function of its tokens whatever its rows (the step
-model's premise), where before a prompt of more than FAST_ROWS positions sent its whole step
-by the model's path, 1.1-1.4x what the step model priced for its tokens in a load test's
-prefill steps.
+model's premise). When a prompt of more than FAST_ROWS positions sent its whole step by the
+model's path, a load test's prompt steps took 1.11-1.15x what the step model priced for their
+tokens, and the requests of a burst that waited behind them missed their SLA.
 
 The weights are the model's own tensors (numpy views, no copies); the rotary tables are the
 model's own (`rotary_emb`, so any rope scaling applies); the cache ends holding exactly what the
