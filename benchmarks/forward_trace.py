@@ -163,19 +163,26 @@ def real_steps(entries: Sequence[dict[str, Any]]) -> list[Step]:
     return out
 
 
-def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
-    """Every real step (`real_steps`) beside the step model's seconds for its own rows (its
-    units and its seconds per job, as the simulator prices a step); their ratio per step and
-    over each second of the probe."""
+def priced_steps(entries: Sequence[dict[str, Any]], model: StepModel
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Every real step (`real_steps`): its start, its seconds and the step model's seconds for
+    its own rows (its units and its seconds per job, as the simulator prices a step); and the
+    rows of them all."""
     steps = real_steps(entries)
-    if not steps:
+    return (np.array([start for start, _, _ in steps]),
+            np.array([end - start for start, end, _ in steps]),
+            np.array([jobs_step_s(model, jobs) for _, _, jobs in steps]),
+            sum(len(jobs) for _, _, jobs in steps))
+
+
+def steps_table(entries: Sequence[dict[str, Any]], model: StepModel) -> str:
+    """Every real step beside the step model's seconds for its own rows (`priced_steps`);
+    their ratio per step and over each second of the probe."""
+    starts, real, priced, rows = priced_steps(entries, model)
+    if not len(starts):
         return "(no step's rows traced)"
-    real = np.array([end - start for start, end, _ in steps])
-    priced = np.array([jobs_step_s(model, jobs) for _, _, jobs in steps])
-    rows = sum(len(jobs) for _, _, jobs in steps)
     ratio = real / priced
-    starts = [start for start, _, _ in steps]
-    second = np.floor(np.array(starts) - starts[0]).astype(int)
+    second = np.floor(starts - starts[0]).astype(int)
     windows = " ".join(f"{real[second == k].sum() / priced[second == k].sum():.2f}"
                        for k in np.unique(second))
     return (f"{len(starts)} real steps priced by the step model for their own rows: measured "

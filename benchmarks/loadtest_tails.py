@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 import gc_pauses
-from forward_trace import lines_from, parts_table, real_steps, steps_table
+from forward_trace import lines_from, parts_table, priced_steps, steps_table
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
 from splitllm.runtime import demo, loadtest_run, remote, transport
@@ -77,7 +77,7 @@ from splitllm.sim.metrics import sla_met
 from splitllm.sim.run import RunRecord, run_policy
 from splitllm.sim.walk import Walk, WalkBuilder
 from splitllm.sim.world import World
-from splitllm.stepmodel import StepModel, jobs_step_s
+from splitllm.stepmodel import StepModel
 
 CURRENT = threading.local()  # the request a worker thread runs now
 PARTS = ("latency_s", "units_s", "server_s", "link_s", "rest_s")
@@ -121,6 +121,12 @@ class Timings:
         self.start_s = math.nan  # the probe's clock (time.perf_counter)
         self.in_flight = 0
         self.lock = threading.Lock()
+
+    def busy_stretches(self) -> list[tuple[float, float, float]]:
+        """(start, end, the clients' process's cores busy) between consecutive samples, on the
+        perf counter."""
+        pairs = zip(self.samples, self.samples[1:], strict=False)  # each with the next
+        return [(w0, w1, (c1 - c0) / max(w1 - w0, 1e-9)) for (w0, c0, _), (w1, c1, _) in pairs]
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
@@ -420,9 +426,8 @@ def timeline(timings: Timings, record: RunRecord, cores: list[tuple[float, float
     ends = (np.arange(bins) + 1) * TIMELINE_S
     finished = np.nan_to_num(record.finished_at_s, nan=np.inf)
     simulated = [int(((record.arrived_at_s <= t) & (finished > t)).sum()) for t in ends]
-    pairs = zip(timings.samples, timings.samples[1:], strict=False)  # each with the next
-    stretches = [(w0 - timings.start_s, w1 - timings.start_s, (c1 - c0) / max(w1 - w0, 1e-9))
-                 for (w0, c0, _), (w1, c1, _) in pairs]
+    stretches = [(w0 - timings.start_s, w1 - timings.start_s, busy)
+                 for w0, w1, busy in timings.busy_stretches()]
     at = np.array([w - timings.start_s for w, _, _ in timings.samples])
     in_flight = [timings.samples[int(np.argmin(np.abs(at - t)))][2] for t in ends]
 
@@ -439,17 +444,17 @@ def steps_by_clients_busy(timings: Timings, entries: Sequence[dict[str, Any]],
     """The real steps' seconds over the step model's for their rows, grouped by how busy the
     clients' core was in the `TIMELINE_S` sample around each step's start (the model prices
     the server's slowdown while the clients compute by one calibrated factor)."""
-    samples = np.array([(w, c) for w, c, _ in timings.samples])
-    if len(samples) < 2:
+    stretches = timings.busy_stretches()
+    if not stretches:
         return "(no samples of the clients' core)"
-    busy = np.diff(samples[:, 1]) / np.maximum(np.diff(samples[:, 0]), 1e-9)
+    began = np.array([w0 for w0, _, _ in stretches])
     groups: dict[str, list[float]] = {"< 0.5": [0.0, 0.0], "0.5-0.95": [0.0, 0.0],
                                       ">= 0.95": [0.0, 0.0]}
-    for start, end, jobs in real_steps(entries):
-        i = int(np.clip(np.searchsorted(samples[:, 0], start) - 1, 0, len(busy) - 1))
-        name = "< 0.5" if busy[i] < 0.5 else "0.5-0.95" if busy[i] < 0.95 else ">= 0.95"
-        groups[name][0] += end - start
-        groups[name][1] += jobs_step_s(model, jobs)
+    for start, real_s, priced_s in zip(*priced_steps(entries, model)[:3], strict=True):
+        busy = stretches[int(np.clip(np.searchsorted(began, start) - 1, 0, len(began) - 1))][2]
+        name = "< 0.5" if busy < 0.5 else "0.5-0.95" if busy < 0.95 else ">= 0.95"
+        groups[name][0] += real_s
+        groups[name][1] += priced_s
     return ("real steps over the step model by the clients' core busy: " + ", ".join(
         f"{name}: {real / priced:.2f} ({real:.2f} s)" for name, (real, priced) in groups.items()
         if priced > 0))
