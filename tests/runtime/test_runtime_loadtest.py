@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from splitllm.placement import Placement
 from splitllm.planner.hardware import device_preset
 from splitllm.planner.instance import evaluate
+from splitllm.runtime.decoding import RemoteResult, SplitPipe, generate_tokens
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
-from splitllm.runtime.loadtest_command import _on_this_machine, calibrated
+from splitllm.runtime.loadtest_command import _on_this_machine, calibrated, calibrated_host
 from splitllm.runtime.loadtest_host import BUSY_ROUNDS, TOGETHER_ROUNDS, machine_busy_s
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
@@ -31,6 +33,7 @@ from splitllm.runtime.loadtest_world import (
     with_step_model,
 )
 from splitllm.runtime.models import LoadedModel, context_tokens
+from splitllm.runtime.units import UnitStack
 from splitllm.sim.policies import PlanPolicy, request_instance
 from splitllm.sim.scenario import parse_scenario, resolve
 from splitllm.sim.workload import sample_workload
@@ -175,11 +178,13 @@ def test_the_idle_check_predicts_with_the_servers_seconds_per_forward(
                                 policies=("server-only", "fixed:CCSSSC"))
     runner = RealRunner(tiny_llama, world, classes, RunnerOptions(server=llama_server.ws_url))
     try:
-        ready, fit = calibrated(world, runner, llama_server.ws_url, None, classes)
+        stepped, rounds = calibrated(world, runner, llama_server.ws_url, None)
+        ready, fit = calibrated_host(stepped, runner, rounds, classes)
         rows = idle_check(ready, runner.alone)
     finally:
         runner.close()
     assert ready.server.step_model is not None and runner.world is ready
+    assert ready.server == stepped.server and stepped.client_host is None  # `--clients fleet`
     # the clients share this machine: their CPU fitted on the rounds, the server timed again
     # (server-only's requests) while their cores ran the model
     assert ready.client_host == fit.host(classes) and fit.cores >= 1
@@ -222,6 +227,89 @@ def test_a_probe_that_cannot_meet_its_sla_stops_itself(tiny_llama: LoadedModel,
     assert probe.metrics.requests < 8  # no more requests were sent once it had failed
 
 
+class RecordingServer:
+    """A server segment that records what the client sent: hidden states of ones back, or
+    token 7 where it holds the head."""
+
+    def __init__(self, stack: UnitStack) -> None:
+        self.stack = stack
+        self.sent: list[tuple[tuple[int, int], torch.Tensor, tuple[int, int]]] = []
+
+    def forward(self, units: tuple[int, int], x: torch.Tensor, positions: tuple[int, int],
+                return_logits: bool, return_hidden: bool = True, **_: bool) -> RemoteResult:
+        self.sent.append((units, x.clone(), positions))
+        if units[1] == self.stack.n_units:
+            return RemoteResult(token=7)
+        return RemoteResult(hidden=torch.ones(1, positions[1] - positions[0],
+                                              self.stack.hidden_size))
+
+
+def test_a_fleets_client_units_are_timed_not_computed(tiny_llama: LoadedModel,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = UnitStack(tiny_llama.model)
+    n = stack.n_units
+    placement = Placement("CC" + "S" * (n - 4) + "CC")  # the client holds two blocks and the head
+    monkeypatch.setattr(UnitStack, "run", lambda *a, **k: pytest.fail("a unit was computed"))
+    clocked: list[tuple[int, int, int, int]] = []
+
+    def clock(a: int, b: int, start: int, tokens: int) -> float:
+        clocked.append((a, b, start, tokens))
+        return 1e-4 * (b - a) * tokens
+
+    server = RecordingServer(stack)
+    pipe = SplitPipe(stack, placement, server, client_clock=clock, compute_units=False)
+    prompt = [5, 9, 2, 11, 3]
+    # the stand-in head's logits are zeros: greedy token 0, after the prompt's and each decode's
+    assert list(generate_tokens(pipe, prompt, 3)) == [0, 0, 0]
+    # the server got what a real client sends, in shape: the prompt's embedding (the stand-in
+    # for units [0, 2)), then one position at a time
+    assert [(units, tuple(x.shape), span) for units, x, span in server.sent] == [
+        ((2, n - 2), (1, 5, stack.hidden_size), (0, 5)),
+        ((2, n - 2), (1, 1, stack.hidden_size), (5, 6)),
+        ((2, n - 2), (1, 1, stack.hidden_size), (6, 7))]
+    positions = torch.arange(5)[None]
+    torch.testing.assert_close(server.sent[0][1], stack.embed(torch.tensor([prompt]), positions))
+    torch.testing.assert_close(server.sent[1][1], stack.embed(torch.tensor([[0]]),
+                                                             torch.tensor([[5]])))
+    # each client segment of each pass took its emulated time, and only that
+    assert clocked == [(0, 2, 0, 5), (n - 2, n, 0, 5), (0, 2, 5, 1), (n - 2, n, 5, 1),
+                       (0, 2, 6, 1), (n - 2, n, 6, 1)]
+    assert pipe.client_busy_s == pytest.approx(sum(1e-4 * (b - a) * t for a, b, _, t in clocked))
+    with pytest.raises(ValueError, match="client_clock"):
+        SplitPipe(stack, placement, server, compute_units=False)
+
+
+def test_a_fleet_probe_gives_the_server_a_real_splits_work(
+        tiny_llama: LoadedModel, llama_server: BackgroundServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world, classes = tiny_world(tiny_llama, llama_server, requests=4, sla_s=120.0,
+                                window_slas=0.0)
+    run = UnitStack.run
+    by_clients = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        by_clients[0] += threading.current_thread().name.startswith("loadtest")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(UnitStack, "run", counted)
+    processed = "splitllm_tokens_processed_total"
+    served = []
+    for fleet in (False, True):
+        runner = RealRunner(tiny_llama, world, classes, RunnerOptions(
+            server=llama_server.ws_url, max_in_flight=4, fleet=fleet))
+        try:
+            before = runner.metrics()
+            probe = runner.probe("fixed:CCSSSC", 20.0)
+            served.append(runner.metrics()[processed] - before[processed])
+        finally:
+            runner.close()
+        assert (probe.metrics.requests, probe.metrics.completed) == (4, 4)
+        assert probe.metrics.client_unit_share == pytest.approx(0.5)
+        computed, by_clients[0] = by_clients[0], 0
+        assert (computed == 0) == fleet  # the fleet's clients computed no unit
+    assert served[0] == served[1] > 0  # the same positions through the server either way
+
+
 def run_command(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "from splitllm.cli import main; main()",
                            "loadtest", *args], capture_output=True, text=True,
@@ -240,6 +328,7 @@ def test_bad_scenario_and_profile_files_are_one_line_naming_the_field(tmp_path: 
         (["--device-profile", str(profile)], "unknown field 'speed'"),
         (["--scenario", "nowhere.yaml"], "--scenario 'nowhere.yaml'"),
         (["--policies", "fastest"], "unknown policy 'fastest'"),
+        (["--clients", "moon"], "--clients 'moon'"),
     ]:
         result = run_command(*args)
         assert result.returncode == 2, (args, result.stderr)
@@ -252,17 +341,24 @@ def test_a_server_on_this_machine_is_named_by_its_loopback() -> None:
     assert _on_this_machine("ws://[::1]:8765") and not _on_this_machine("ws://10.0.0.7:8765")
 
 
+@pytest.mark.parametrize("clients", ["here", "fleet"])
 def test_the_command_prints_the_json_document(tmp_path: Path, tiny_llama_dir: Path,
-                                              llama_server: BackgroundServer) -> None:
+                                              llama_server: BackgroundServer,
+                                              clients: str) -> None:
     scenario = tmp_path / "tiny.json"
     scenario.write_text(json.dumps(SCENARIO))
     # a budget too small for more than one probe: the document's shape, not a capacity
     result = run_command("--server", llama_server.ws_url, "--model", str(tiny_llama_dir),
                          "--scenario", str(scenario), "--policies", "server-only,exact",
                          "--requests", "4", "--length-scale", "0.05", "--sla-s", "0.3",
-                         "--device-profile", "laptop", "--max-minutes", "0.01", "--json")
+                         "--device-profile", "laptop", "--max-minutes", "0.01", "--json",
+                         "--clients", clients, "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
+    # a fleet's clients compute no units: no shared machine calibrated, and the report says so
+    assert (document["client_host"] is None) == (clients == "fleet")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert ("are NOT computed (`--clients fleet`)" in report) == (clients == "fleet")
     assert set(document["policies"]) == {"server-only", "exact"}
     for entry in document["policies"].values():
         assert {"capacity_req_s", "attainment", "ttft_p99_s", "simulated_capacity_req_s",

@@ -116,7 +116,7 @@ class Session:
 
     def __init__(self, loaded: LoadedModel, dialer: Dialer, *, wire_dtype: str = "float32",
                  slowdown: float = 1.0, client_clock: ClientClock | None = None,
-                 emulation: str | None = None,
+                 emulation: str | None = None, compute_units: bool = True,
                  timeout_s: float = REPLY_TIMEOUT_S, backoff: Backoff = Backoff()) -> None:
         self.loaded = loaded
         self.stack = UnitStack(loaded.model)
@@ -125,6 +125,7 @@ class Session:
         self.slowdown = slowdown
         self.client_clock = client_clock  # an EMULATED device model's unit times (or None)
         self.emulation = emulation
+        self.compute_units = compute_units  # False: client units only timed (SplitPipe's)
         self.timeout_s = timeout_s  # for each reply: longer without one counts as a lost server
         self.backoff = backoff
         self.link: Link | None = None
@@ -332,7 +333,7 @@ class _Run:
                                         timeout_s=session.timeout_s)
         pipe = SplitPipe(session.stack, self.placement, self.remote, sampling=self.sampling,
                          slowdown=session.slowdown, client_clock=session.client_clock,
-                         return_logits=self.return_logits)
+                         compute_units=session.compute_units, return_logits=self.return_logits)
         self.pipes.append(pipe)
         return pipe
 

@@ -111,6 +111,8 @@ class SplitPipe:
     sampling: Sampling = field(default_factory=Sampling)
     slowdown: float = 1.0  # emulation: client units take this many times longer
     client_clock: ClientClock | None = None  # emulation: client units take what this says
+    compute_units: bool = True  # False: client units only take client_clock's time, their
+    # outputs stand-ins of the right shape (a fleet's load on a server; not the model's tokens)
     return_logits: bool = False  # ask the server for logits too (tests)
     last_logits: torch.Tensor | None = None
     client_busy_s: float = 0.0
@@ -128,6 +130,8 @@ class SplitPipe:
         }
         if self.remote is None and len(self.caches) != len(self.segments):
             raise ValueError(f"placement {self.placement} has server units but no server")
+        if not self.compute_units and self.client_clock is None:
+            raise ValueError("client units that are not computed need a client_clock")
 
     def forward(self, ids: torch.Tensor, start: int, sample: bool) -> int | None:
         """ids [1, T] at positions [start, start + T)."""
@@ -193,6 +197,8 @@ class SplitPipe:
     def _run_local(self, a: int, b: int, x: torch.Tensor, positions: torch.Tensor,
                    rollback_to: int | None, all_logits: bool) -> torch.Tensor:
         cache = self.caches[a]
+        if not self.compute_units:
+            return self._stand_in(a, b, x, positions, all_logits)
         if rollback_to is not None and cache is not None:
             if not cache.can_roll_back():
                 raise UserError(f"units [{a}, {b}) hold sliding-window layers, whose cache "
@@ -213,6 +219,22 @@ class SplitPipe:
             elapsed_s = emulated_s
         self.client_busy_s += elapsed_s
         return out
+
+    @torch.inference_mode()
+    def _stand_in(self, a: int, b: int, x: torch.Tensor, positions: torch.Tensor,
+                  all_logits: bool) -> torch.Tensor:
+        """Units [a, b) not computed (`compute_units` off): they take their emulated time, and
+        return what they would in shape: zero logits where the head is among them (token 0
+        greedy), else the tokens' embedding where unit 0 is (hidden states of a real scale)
+        or the hidden states as they came."""
+        assert self.client_clock is not None
+        emulated_s = self.client_clock(a, b, int(positions[0, 0]), positions.shape[1])
+        time.sleep(emulated_s)
+        self.client_busy_s += emulated_s
+        if b == self.stack.n_units:
+            rows = (positions.shape[1],) if all_logits else ()
+            return torch.zeros((1, *rows, self.stack.vocab_size), dtype=self.stack.dtype)
+        return self.stack.embed(x, positions) if a == 0 else x
 
 
 def prefill(pipe: Pipe, prompt_ids: Sequence[int], chunk_tokens: int = DEFAULT_PREFILL_CHUNK

@@ -24,6 +24,7 @@ from splitllm.errors import UserError
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
     from splitllm.runtime.loadtest_host import HostFit, HostProbes
+    from splitllm.runtime.loadtest_idle import IdleRow
     from splitllm.runtime.loadtest_run import RealRunner
     from splitllm.runtime.loadtest_world import EmulatedClass, LoadtestSpec
     from splitllm.sim.world import World
@@ -34,6 +35,7 @@ DEFAULT_POLICIES = "server-only,greedy,exact,exact-load-aware"
 # threads capped the splits (at 12.3 req/s their 2.5-3 s requests needed 31 at once: later
 # ones waited up to 0.87 s for a thread, with the server 49% busy)
 MAX_IN_FLIGHT = 64
+CLIENTS = ("here", "fleet")
 
 
 def _scenario(name: str) -> World:
@@ -104,6 +106,12 @@ def loadtest(
     max_in_flight: Annotated[int, typer.Option(
         help="Client sessions running at once (default: the server's default session limit).")
                              ] = MAX_IN_FLIGHT,
+    clients: Annotated[str, typer.Option(
+        help="'here': the EMULATED clients compute their units for real, on this machine's "
+             "core(s) the server does not have (the simulator shares them likewise); 'fleet': "
+             "their units are only timed, not computed (each its own device, as a real fleet's: "
+             "the server's capacity under the policy, measured; the tokens are not the "
+             "model's).")] = "here",
     quick: Annotated[bool, typer.Option(
         "--quick", help="24 requests a probe, a coarse search, 10 minutes at most.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write report.md and results.json here.")
@@ -123,11 +131,14 @@ def loadtest(
             and minutes > 0 and 0 < spec.rel_tol < 1 and threads >= 1 and max_in_flight >= 1):
         raise UserError("--length-scale, --sla-factor, --sla-s, --max-minutes and --threads "
                         "must be > 0, --rel-tol in (0, 1), --max-in-flight >= 1")
+    if clients not in CLIENTS:
+        raise UserError(f"--clients {clients!r}: use {' or '.join(CLIENTS)}")
     world = _scenario(scenario)  # a bad file fails here, before any server starts
     this_machine = device_preset(str(device_profile)) if device_profile else None
     run_loadtest(server=server, model=model, token=token, scenario_name=scenario,
                  scenario_world=world, spec=spec, minutes=minutes, this_machine=this_machine,
-                 threads=threads, max_in_flight=max_in_flight, out=out, as_json=as_json)
+                 threads=threads, max_in_flight=max_in_flight, fleet=clients == "fleet", out=out,
+                 as_json=as_json)
 
 
 def _visit_s(url: str, token: str | None, n_units: int) -> float:
@@ -147,18 +158,16 @@ CALIBRATION_ROUNDS = 3  # their median: a one-off cost in one round (measured: 2
 # forward in one quiet run's only round against 4.0 in another's) must not price every forward
 
 
-def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
-               classes: tuple[EmulatedClass, ...]) -> tuple[World, HostFit]:
+def calibrated(world: World, runner: RealRunner, url: str, token: str | None
+               ) -> tuple[World, list[list[IdleRow]]]:
     """The world on the step model the server refitted on first rounds of the idle check's
     requests, with the server's CPU per forward outside its steps measured over them (the
     median round's): what the simulated server runs, what both sides' planners charge, and
     what the idle check then predicts with (measured over that check itself, its predictions
-    lacked it: 3 ms per forward, the +7 to +10 ms every request ran over its prediction). Its
-    clients share this machine (`loadtest_host`): their CPU fitted on the same rounds, the
-    server's slowdown while their cores compute timed after them."""
+    lacked it: 3 ms per forward, the +7 to +10 ms every request ran over its prediction);
+    and those rounds."""
     from splitllm.runtime.dialer import fetch_info
     from splitllm.runtime.loadtest import server_job_s
-    from splitllm.runtime.loadtest_host import calibrate_host, client_cores
     from splitllm.runtime.loadtest_idle import idle_check
     from splitllm.runtime.loadtest_world import with_step_model
     from splitllm.stepmodel import StepModel
@@ -177,6 +186,16 @@ def calibrated(world: World, runner: RealRunner, url: str, token: str | None,
               f"(the median of {', '.join(f'{j * 1e3:.3g}' for j in jobs_s)}; charged per "
               "job); its step model "
               f"{live.get('step_model_fit', {}).get('source', 'start-up')}")
+    runner.world = world
+    return world, rounds
+
+
+def calibrated_host(world: World, runner: RealRunner, rounds: list[list[IdleRow]],
+                    classes: tuple[EmulatedClass, ...]) -> tuple[World, HostFit]:
+    """The world whose clients share this machine (`loadtest_host`): their CPU fitted on the
+    calibration's rounds, the server's slowdown while their cores compute timed after them."""
+    from splitllm.runtime.loadtest_host import calibrate_host, client_cores
+
     _progress("the server's seconds with the clients' cores computing")
     fit = calibrate_host(world, classes, rounds, _host_probes(runner), cores=client_cores())
     return with_host(world, fit, runner, classes), fit
@@ -200,7 +219,7 @@ def with_host(world: World, fit: HostFit, runner: RealRunner,
 def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_name: str,
                  scenario_world: World, spec: LoadtestSpec, minutes: float,
                  this_machine: DeviceProfile | None, threads: int, max_in_flight: int,
-                 out: Path | None, as_json: bool) -> None:
+                 fleet: bool, out: Path | None, as_json: bool) -> None:
     """The load test with checked options: server, world, study, report; all of it within
     `minutes`."""
     started_s = time.monotonic()
@@ -241,15 +260,20 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
             visit_s=visit_s)
         runner = RealRunner(loaded, world, classes, RunnerOptions(
             server=url, token=token, max_in_flight=max_in_flight,
-            server_here=server is None or _on_this_machine(server)), progress=_progress)
+            server_here=server is None or _on_this_machine(server), fleet=fleet),
+            progress=_progress)
         stack.callback(runner.close)
-        world, host = calibrated(world, runner, url, token, classes)
+        world, rounds = calibrated(world, runner, url, token)
+        host: HostFit | None = None
+        if not fleet:
+            world, host = calibrated_host(world, runner, rounds, classes)
 
         def between(world: World) -> World:
             """The server's slowdown timed again (pooled with the pairs before)."""
             nonlocal host
             from splitllm.runtime.loadtest_host import retimed
 
+            assert host is not None
             host = retimed(world, host, _host_probes(runner))
             return with_host(world, host, runner, classes)
 
@@ -259,16 +283,18 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
         # runs (each ends at its next token) and for the server's shutdown
         left_s = minutes * 60 - (time.monotonic() - started_s) - world.max_sla_s
         results = run_study(world, runner.probe, budget_s=left_s, clock=time.monotonic,
-                            progress=_progress, between=between)
+                            progress=_progress, between=None if fleet else between)
         world = runner.world  # its server's slowdown as last timed (all pairs pooled)
     where = (f"the server at {server}" if server else
              "a local `splitllm serve` child process pinned to its own core")
     header = header_text(world, classes, scenario=scenario_name, length_scale=spec.length_scale,
-                         model=loaded.model_id, where=where) + "\n\n" + host.note()
+                         model=loaded.model_id, where=where, fleet=fleet)
+    if host is not None:
+        header += "\n\n" + host.note()
     document = study_json(results, world, classes, scenario=scenario_name,
                           length_scale=spec.length_scale, idle=idle_json(idle),
-                          client_host=host.to_json())
-    markdown = report_md(results, header, idle_md(idle), classes)
+                          client_host=host.to_json() if host is not None else None)
+    markdown = report_md(results, header, idle_md(idle), classes, fleet=fleet)
     if out is not None:
         write_report(out, markdown, document)
         _progress(f"report in {out}")

@@ -55,7 +55,8 @@ def _metrics_json(m: RunMetrics) -> dict[str, Any]:
                (("ttft", m.ttft_s), ("tpot", m.tpot_s), ("latency", m.latency_s))
                for q, v in zip((50, 90, 99), values, strict=True)},
             "server_s_per_request": m.server_s_per_request, "utilization": m.utilization,
-            "client_unit_share": m.client_unit_share, "queue_wait_mean_s": m.job_delay_mean_s}
+            "client_unit_share": m.client_unit_share, "queue_wait_mean_s": m.job_delay_mean_s,
+            "fallback_share": m.fallback_share}
 
 
 def _probe_json(p: Probe) -> dict[str, Any]:
@@ -193,8 +194,9 @@ def disturbance_note(results: list[PolicyResult]) -> str:
 
 
 def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: str,
-                length_scale: float, model: str, where: str) -> str:
-    """What ran, and what was EMULATED, for the top of every report."""
+                length_scale: float, model: str, where: str, fleet: bool = False) -> str:
+    """What ran, and what was EMULATED, for the top of every report (`fleet`: the clients'
+    units only timed, `--clients fleet`)."""
     lines = [f"Scenario `{scenario}` on model {model}, {where}. Each probe replays the "
              f"scenario's first {world.sweep.min_requests} requests (seeded; the same requests "
              "in every probe and in the simulator), its time axis scaled to the probe's rate, "
@@ -208,16 +210,23 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
              f"{world.sweep.target_attainment:.0%} of requests within it.", "",
              "EMULATED per client class (links: delay and bandwidth shaping in the client's "
              "transport; devices: this machine's profile slowed by the scenario's client/server "
-             "speed ratio on the served model, and the client's units, computed for real, take "
-             "what that profile says: the planner's own client time):", ""]
+             "speed ratio on the served model, and the client's units "
+             + ("are NOT computed (`--clients fleet`): each pass sleeps what that profile says "
+                "and sends stand-ins of the right shape (the tokens' embeddings; token 0 where "
+                "a client holds the head), so the server does the work a fleet of real devices "
+                "would give it, but the tokens are not the model's"
+                if fleet else "are computed for real and take what that profile says")
+             + ": the planner's own client time):", ""]
     for e in classes:
         lines.append(f"- {e.name}: link {e.link.name} (rtt {e.link.rtt_s * 1e3:.3g} ms, up "
                      f"{e.link.uplink_bytes_per_s * 8e-6:.3g} Mbit/s, down "
                      f"{e.link.downlink_bytes_per_s * 8e-6:.3g} Mbit/s), device "
                      f"{e.scenario_device} as this machine x{e.slowdown:.3g} slower")
     lines += ["", "Every client runs in this one process (threads, one connection each), "
-              "pinned apart from a local server where the OS allows; their compute shares "
-              "the client's cores. " + _host_text(world) + " The simulator's prediction: "
+              "pinned apart from a local server where the OS allows"
+              + ("; their transport shares the client's cores. " if fleet else
+                 "; their compute shares the client's cores. ") + _host_text(world)
+              + " The simulator's prediction: "
               "the same world, batched server "
               "with the step model the server announced (/v1/info: refitted on its engine's "
               "steps) after three rounds of the idle check's requests at the run's start (where "
@@ -238,17 +247,21 @@ def header_text(world: World, classes: tuple[EmulatedClass, ...], *, scenario: s
 
 
 def report_md(results: list[PolicyResult], header: str, idle: str = "",
-              classes: tuple[EmulatedClass, ...] = ()) -> str:
-    """The whole report: the verdict first, what ran, the idle check, the capacities."""
+              classes: tuple[EmulatedClass, ...] = (), fleet: bool = False) -> str:
+    """The whole report: the verdict first, what ran, the idle check, the capacities
+    (`fleet`: the clients' units only timed, each client its own device)."""
+    clients = ("each EMULATED client its own device (`--clients fleet`: the units only timed)"
+               if fleet else
+               "its EMULATED clients sharing this machine's client cores (their real CPU "
+               "there, the server slowed while those compute)")
     lines = ["# Load test: measured against simulated goodput capacity\n",
              verdict(results, classes), "",
              header, "", idle, "## Goodput capacity per policy", "",
              "Every capacity, measured and simulated, is the rate where the attainment crosses "
              "the target, interpolated within its search's last bracket (the highest rate "
              "that met it and the lowest above it that did not; geometric in rate, linear in "
-             "attainment). Simulated: the prediction for the world measured here, its "
-             "EMULATED clients sharing this machine's client cores (their real CPU there, the "
-             "server slowed while those compute), at the speeds the policy's probes that ran "
+             f"attainment). Simulated: the prediction for the world measured here, {clients}, "
+             "at the speeds the policy's probes that ran "
              "to their end measured: the start-of-run step model times the median ratio of "
              "the server's steps' wall seconds per request measured to simulated at the "
              "probes' rates, "

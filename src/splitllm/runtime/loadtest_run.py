@@ -72,6 +72,7 @@ class RunnerOptions:
     token: str | None = None
     max_in_flight: int = 64  # worker threads: requests beyond wait for one (it counts)
     server_here: bool = True  # the server runs on this machine: its CPU is the load test's own
+    fleet: bool = False  # the clients' units only timed, not computed (`--clients fleet`)
 
 
 def metrics_client(opts: RunnerOptions) -> httpx.Client:
@@ -149,7 +150,7 @@ class RealRunner:
         assert model is not None  # the load test's request types all run the served model
         clock = roofline_clock(model, self.world.clients[class_index].device)
         return Session(self.loaded, dialer, client_clock=clock,
-                       emulation=f"EMULATED {emulated.name}")
+                       emulation=f"EMULATED {emulated.name}", compute_units=not self.opts.fleet)
 
     def _prompt(self, r: int, tokens: int) -> list[int]:
         vocab = int(self.loaded.model.config.vocab_size)
