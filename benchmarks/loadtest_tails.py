@@ -63,7 +63,7 @@ from splitllm.runtime.client import Session
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.fidelity_run import local_server
 from splitllm.runtime.loadtest import BUSY, QUEUE_WAIT, Outcome, Probe, counter_delta, probed
-from splitllm.runtime.loadtest_command import _scenario, _visit_s, calibrated
+from splitllm.runtime.loadtest_command import _scenario, _visit_s, calibrated, calibrated_host
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
 from splitllm.runtime.loadtest_world import (
     LoadtestSpec,
@@ -537,6 +537,8 @@ def main() -> None:
     parser.add_argument("--device-profile", required=True)
     parser.add_argument("--policies", default="greedy,exact")
     parser.add_argument("--rates", default="6.5,7.5")
+    parser.add_argument("--clients", choices=("here", "fleet"), default="here",
+                        help="as `splitllm loadtest --clients`")
     parser.add_argument("--switch-intervals-ms", default="",
                         help="run every probe once at each of these Python thread switch "
                         "intervals of the clients' process (default: as it is, 5 ms)")
@@ -580,9 +582,12 @@ def main() -> None:
             this_machine=device_preset(args.device_profile),
             step=StepModel.from_json(info["step_model"]), spec=spec,
             visit_s=_visit_s(url, None, int(info["n_units"])))
-        runner = RealRunner(loaded, world, classes, RunnerOptions(server=url))
+        fleet = args.clients == "fleet"
+        runner = RealRunner(loaded, world, classes, RunnerOptions(server=url, fleet=fleet))
         stack.callback(runner.close)
-        world, _ = calibrated(world, runner, url, None, classes)
+        world, rounds = calibrated(world, runner, url, None)
+        if not fleet:
+            world, _ = calibrated_host(world, runner, rounds, classes)
         probes = []
         for policy in args.policies.split(","):
             intervals: list[float | None] = [float(i) for i in

@@ -22,6 +22,7 @@ from splitllm.planner.instance import evaluate
 from splitllm.runtime.decoding import RemoteResult, SplitPipe, generate_tokens
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
+from splitllm.runtime.loadtest import ServerLoad
 from splitllm.runtime.loadtest_command import _on_this_machine, calibrated, calibrated_host
 from splitllm.runtime.loadtest_host import BUSY_ROUNDS, TOGETHER_ROUNDS, machine_busy_s
 from splitllm.runtime.loadtest_idle import idle_check
@@ -293,7 +294,7 @@ def test_a_fleet_probe_gives_the_server_a_real_splits_work(
 
     monkeypatch.setattr(UnitStack, "run", counted)
     processed = "splitllm_tokens_processed_total"
-    served = []
+    served, ended = [], []
     for fleet in (False, True):
         runner = RealRunner(tiny_llama, world, classes, RunnerOptions(
             server=llama_server.ws_url, max_in_flight=4, fleet=fleet))
@@ -301,6 +302,12 @@ def test_a_fleet_probe_gives_the_server_a_real_splits_work(
             before = runner.metrics()
             probe = runner.probe("fixed:CCSSSC", 20.0)
             served.append(runner.metrics()[processed] - before[processed])
+            if fleet:  # a load-reading policy's tuned headroom learns from every request's end
+                monkeypatch.setattr(ServerLoad, "request_done",
+                                    lambda self, met: ended.append(met))
+                tuned = runner.probe("exact-tuned", 20.0)
+                assert len(ended) == tuned.metrics.completed == 4
+                assert sum(ended) == round(tuned.metrics.sla_attainment * 4)
         finally:
             runner.close()
         assert (probe.metrics.requests, probe.metrics.completed) == (4, 4)

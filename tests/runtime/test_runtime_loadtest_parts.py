@@ -43,6 +43,7 @@ from splitllm.runtime.loadtest_world import (
 )
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.client_host import ClientHost
+from splitllm.sim.load import LoadMeter, finished_met
 from splitllm.sim.metrics import RunMetrics, summarize
 from splitllm.sim.policies import Load, PlanPolicy, request_instance
 from splitllm.sim.run import run_policy
@@ -157,7 +158,7 @@ def metrics_page(wait_sum_s: float, waits: int, busy_s: float) -> dict[str, floa
 
 
 def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
-    load = ServerLoad(tau_s=2.0, headroom=0.1)
+    load = ServerLoad(tau_s=2.0, headroom=0.1, target=0.9)
     assert load.load() == Load(headroom=0.1, tuned_headroom=0.1)
     load.update(0.0, metrics_page(1.0, 10, 5.0))
     load.update(1.0, metrics_page(4.0, 20, 5.5))  # 10 forwards waited 3 s: 0.3 s each
@@ -168,9 +169,28 @@ def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
     assert load.load().batch_rows == 1.0  # no steps reported: one row
 
 
+def test_the_tuned_headroom_learns_from_finished_requests_as_the_simulators_meter() -> None:
+    """One definition of the tuning: the real load test steers the headroom that exact-tuned
+    and frontier-priced plan with exactly as the simulator's meter does."""
+    world = world_of(scenario(), length_scale=0.05)
+    meter, load = LoadMeter(world), ServerLoad(tau_s=2.0, headroom=world.plan_headroom,
+                                               target=world.headroom_target)
+    outcomes = [False] * 12 + [True] * 30 + [False] * 3
+    for met in outcomes:
+        meter.request_done(met)
+        load.request_done(met)
+        assert load.load().tuned_headroom == meter.tuned_headroom
+    assert load.load().headroom == world.plan_headroom  # the fixed one does not move
+    assert load.load().tuned_headroom > world.plan_headroom  # 15 misses in 45: above 10%
+    # a request met its limits by its own times: its latency within the SLA
+    rtype = world.types[0]
+    assert finished_met(rtype, 0.1, rtype.sla_s, 5)
+    assert not finished_met(rtype, 0.1, rtype.sla_s * 1.01, 5)
+
+
 def test_load_aware_policies_read_the_rows_per_engine_step() -> None:
     """As the simulator's meter gives them: the batch a batched server's work is priced at."""
-    load = ServerLoad(tau_s=2.0, headroom=0.1)
+    load = ServerLoad(tau_s=2.0, headroom=0.1, target=0.9)
     rows = "splitllm_engine_step_rows"
     load.update(0.0, {rows + "_sum": 10.0, rows + "_count": 10.0})
     load.update(1.0, {rows + "_sum": 50.0, rows + "_count": 20.0})  # 40 rows in 10 steps

@@ -19,6 +19,7 @@ import numpy as np
 from splitllm.runtime.loadtest_world import Probed, as_probed, speed_factors
 from splitllm.sim.capacity import Bracket, find_capacity, first_guess_rate, run_point
 from splitllm.sim.capacity import Capacity as SimCapacity
+from splitllm.sim.load import steered_headroom
 from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.policies import Load
 from splitllm.sim.run import RunRecord
@@ -144,11 +145,14 @@ def server_job_s(before: dict[str, float], after: dict[str, float]) -> float:
 class ServerLoad:
     """The load the server reports, as load-aware policies read it: the recent mean queue wait
     per forward, the busy share and the rows per engine step, from successive /metrics pages
-    decayed over `tau_s`."""
+    decayed over `tau_s`; and the tuned headroom, steered by every request that finishes as
+    the simulator's meter steers it (toward `target` of requests within their limits)."""
 
-    def __init__(self, tau_s: float, headroom: float) -> None:
+    def __init__(self, tau_s: float, headroom: float, target: float) -> None:
         self.tau_s = tau_s
         self.headroom = headroom
+        self.tuned_headroom = headroom
+        self.target = target
         self.last: tuple[float, dict[str, float]] | None = None
         self.wait_sum_s = 0.0
         self.waits = 0.0
@@ -174,6 +178,10 @@ class ServerLoad:
             self.busy_share = keep * self.busy_share + (1 - keep) * busy
         self.last = (now_s, metrics)
 
+    def request_done(self, met: bool) -> None:
+        """One request finished, within its limits or not: steer the tuned headroom."""
+        self.tuned_headroom = steered_headroom(self.tuned_headroom, met, self.target)
+
     def load(self) -> Load:
         """What a request arriving now sees."""
         wait_s = self.wait_sum_s / self.waits if self.waits > 1e-9 else 0.0
@@ -182,7 +190,7 @@ class ServerLoad:
         rows = max(self.rows_sum / self.steps, 1.0) if self.steps > 1e-9 else 1.0
         return Load(wait_mean_s=wait_s, wait_quantile_s=wait_s,
                     utilization=min(self.busy_share, 1.0), batch_rows=rows,
-                    headroom=self.headroom, tuned_headroom=self.headroom)
+                    headroom=self.headroom, tuned_headroom=self.tuned_headroom)
 
 
 @dataclass(frozen=True)

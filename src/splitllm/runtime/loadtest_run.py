@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import numpy as np
@@ -51,6 +52,7 @@ from splitllm.runtime.loadtest_world import EmulatedClass, first_requests, roofl
 from splitllm.runtime.metrics import parse_metrics
 from splitllm.runtime.models import LoadedModel, freeze_heap, weights_fingerprint
 from splitllm.runtime.transport import ServerError
+from splitllm.sim.load import finished_met
 from splitllm.sim.metrics import summarize
 from splitllm.sim.policies import PlanPolicy
 from splitllm.sim.workload import Workload, sample_workload
@@ -91,6 +93,19 @@ def read_metrics(http: httpx.Client) -> dict[str, float]:
     except httpx.HTTPError as exc:
         raise UserError(f"cannot read /metrics of {http.base_url}: {exc}") from None
     return parse_metrics(response.text)
+
+
+def _steer(server_load: ServerLoad, world: World, load: Workload, r: int,
+           future: asyncio.Future[Outcome]) -> None:
+    """Request r's end, within its limits or not, steers the tuned headroom that load-reading
+    policies plan with, as the simulator's meter does (a request stopped unfinished does not)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    outcome = future.result()
+    if not math.isnan(outcome.finished_s):
+        server_load.request_done(finished_met(world.types[int(load.type_index[r])],
+                                              outcome.first_token_s, outcome.finished_s,
+                                              int(load.output_tokens[r])))
 
 
 class RealRunner:
@@ -302,7 +317,8 @@ class RealRunner:
         for kind in kinds:
             plans.decide(*kind)
         freeze_heap()  # no collection of what lives across probes stalls every client in one
-        server_load = ServerLoad(world.wait_tau_s, world.plan_headroom)
+        server_load = ServerLoad(world.wait_tau_s, world.plan_headroom,
+                                 world.headroom_target)
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
         stop = threading.Event()
@@ -321,9 +337,12 @@ class RealRunner:
             if stop.is_set() or time.perf_counter() >= end_s:
                 break
             decision = plans.decide(*kinds[r], server_load.load() if plans.sees_load else None)
-            futures.append(loop.run_in_executor(
+            future = loop.run_in_executor(
                 self.pool, self._one, load, r, decision.placement.sides, decision.planned,
-                start_s, stop))
+                start_s, stop)
+            if plans.sees_load:  # its end steers the tuned headroom (in this loop's thread)
+                future.add_done_callback(partial(_steer, server_load, world, load, r))
+            futures.append(future)
         pending = set(futures)  # wait (never cancelling) until all are done or the probe ends
         while pending and not stop.is_set() and time.perf_counter() < end_s:
             _, pending = await asyncio.wait(

@@ -58,7 +58,8 @@ class LoadtestSpec:
     length_scale: float = 1.0  # token counts times this (a small model's context, a slow CPU)
     sla_factor: float = 2.0  # SLA: this x the largest request's idle server-only latency
     sla_s: float | None = None  # or this SLA for every request type
-    policies: tuple[str, ...] = ("server-only", "greedy", "exact", "exact-load-aware")
+    policies: tuple[str, ...] = ("server-only", "greedy", "exact", "exact-load-aware",
+                                 "frontier-priced")
     rel_tol: float = 0.1  # the capacity search stops when its bracket is this narrow
     window_slas: float = 3.0  # arrivals span at least this many of the longest SLA (requests
     # replayed in a loop): a burst of `requests` that the server absorbs within the SLA is no

@@ -36,6 +36,20 @@ def met_limits(rtype: RequestType, latency_s: float, ttft_s: float, tpot_s: floa
             and (rtype.tpot_s is None or not tpot_s > rtype.tpot_s * slack))
 
 
+def finished_met(rtype: RequestType, ttft_s: float, latency_s: float, output_tokens: int) -> bool:
+    """Whether a request that finished (times after its arrival) met its type's limits."""
+    steps = output_tokens - 1
+    tpot_s = (latency_s - ttft_s) / steps if steps > 0 else math.nan
+    return met_limits(rtype, latency_s, ttft_s, tpot_s)
+
+
+def steered_headroom(headroom: float, met: bool, target: float) -> float:
+    """The tuned headroom after one finished request: a stochastic-approximation step, up
+    after a miss and down after a hit, resting where the miss rate is 1 - `target`."""
+    step = HEADROOM_GAIN * ((0.0 if met else 1.0) - (1 - target)) / target
+    return min(max(headroom + step, 0.0), MAX_HEADROOM)
+
+
 def _bucket(delay_s: float) -> int:
     """0 below WAIT_FLOOR_S, else 1 + the delay's step on the planning grid above the floor."""
     if delay_s < WAIT_FLOOR_S:
@@ -92,8 +106,7 @@ class LoadMeter:
 
     def request_done(self, met: bool) -> None:
         """One request finished, within its limits or not: steer the tuned headroom."""
-        step = HEADROOM_GAIN * ((0.0 if met else 1.0) - (1 - self.target)) / self.target
-        self.tuned_headroom = min(max(self.tuned_headroom + step, 0.0), MAX_HEADROOM)
+        self.tuned_headroom = steered_headroom(self.tuned_headroom, met, self.target)
 
     def _quantile_s(self) -> float:
         need = self.quantile * self.weight

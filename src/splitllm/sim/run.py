@@ -17,7 +17,7 @@ from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
 from splitllm.sim.client_host import POLL, SharedCores
 from splitllm.sim.engine import Kind, NewEvent
-from splitllm.sim.load import LoadMeter, met_limits
+from splitllm.sim.load import LoadMeter, finished_met
 from splitllm.sim.policies import PlanPolicy
 from splitllm.sim.server import BatchedServer, BusyMeter, make_server
 from splitllm.sim.walk import NO_WALK, Walk, WalkBuilder
@@ -202,11 +202,9 @@ class _Run:
         self.unfinished -= 1
         if self.meter is not None:  # the tuned headroom learns from every finished request
             # (known at its finish time: the feedback reaches later arrivals, never earlier)
-            steps = self.outputs[r] - 1
-            latency_s = at_s - self.arrivals[r]
-            tpot_s = (at_s - self.first_token[r]) / steps if steps > 0 else math.nan
-            self.meter.request_done(met_limits(self.world.types[self.types[r]], latency_s,
-                                               self.first_token[r] - self.arrivals[r], tpot_s))
+            self.meter.request_done(finished_met(
+                self.world.types[self.types[r]], self.first_token[r] - self.arrivals[r],
+                at_s - self.arrivals[r], int(self.outputs[r])))
 
     def _shape(self, r: int, j: int) -> JobShape:
         walk = self.walks[r]
