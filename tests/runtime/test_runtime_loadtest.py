@@ -23,7 +23,12 @@ from splitllm.runtime.decoding import RemoteResult, SplitPipe, generate_tokens
 from splitllm.runtime.dialer import fetch_info
 from splitllm.runtime.hosting import BackgroundServer
 from splitllm.runtime.loadtest import ServerLoad
-from splitllm.runtime.loadtest_command import _on_this_machine, calibrated, calibrated_host
+from splitllm.runtime.loadtest_command import (
+    DEFAULT_POLICIES,
+    _on_this_machine,
+    calibrated,
+    calibrated_host,
+)
 from splitllm.runtime.loadtest_host import BUSY_ROUNDS, TOGETHER_ROUNDS, machine_busy_s
 from splitllm.runtime.loadtest_idle import idle_check
 from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
@@ -341,6 +346,11 @@ def test_bad_scenario_and_profile_files_are_one_line_naming_the_field(tmp_path: 
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_the_commands_default_policies_are_the_specs() -> None:
+    """The CLI spells its default out (its module stays light to import); it is the spec's."""
+    assert DEFAULT_POLICIES.split(",") == list(LoadtestSpec.policies)
 
 
 def test_a_server_on_this_machine_is_named_by_its_loopback() -> None:

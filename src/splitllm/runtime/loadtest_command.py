@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from splitllm.sim.world import World
 
 QUICK_REQUESTS, QUICK_REL_TOL, QUICK_MINUTES = 24, 0.3, 10.0
+# = LoadtestSpec.policies (a test holds them alike: this module stays light to import)
 DEFAULT_POLICIES = "server-only,greedy,exact,exact-load-aware,frontier-priced"
 # the server's default `max_sessions`: a real fleet's clients are many devices, and 32 worker
 # threads capped the splits (at 12.3 req/s their 2.5-3 s requests needed 31 at once: later
