@@ -3,17 +3,17 @@ hits every policy alike.
 
 A `splitllm loadtest` search measures one policy after the other; on a shared machine whose
 speed drifts over minutes, two searches 5 minutes apart can disagree by 2x on a split policy's
-capacity (2026-12-01: `frontier-priced` 8.4 and 16.3 req/s in two runs 20 minutes apart). This
-starts a local SmolLM2 server as `splitllm loadtest` does (azure-conv x 1/64 tokens, 96
-requests a probe, the same calibration), then, for `--rounds` rounds, runs every policy's probe
-at every rate, the policies' order turned by one each round. Each probe is the load test's own
-(`RealRunner.probe`: it stops early once its attainment is certainly below the target). It
-prints, per rate and policy, every round's attainment, how many rounds met the target, and
-the server's busy share and wall seconds per request (medians over the rounds); and beside
-them the server's speed factor (its wall seconds a request over the start-of-run model's, the
-median over the policy's probes, `loadtest_world.speed_factors`) and the simulator's
-attainment at that rate in the world as the probes ran it. Run it under the
-measurement lock:
+capacity (2026-12-01: `frontier-priced` 8.4 and 16.3 req/s in two runs 20 minutes apart).
+This starts a local SmolLM2 server as `splitllm loadtest` does (`loadtest_tails.local_runner`:
+azure-conv x 1/64 tokens, 96 requests a probe, the same calibration), then, for `--rounds`
+rounds, runs every policy's probe at every rate, the policies' order turned by one each
+round. Each probe is the load test's own (`RealRunner.probe`: it stops early once its
+attainment is certainly below the target). It prints, per rate and policy, every round's
+attainment, how many rounds met the target, the server's busy share and wall seconds a
+request (medians over the rounds), the server's speed factor (its wall seconds a request over
+the start-of-run model's, the median over the policy's probes, `loadtest_world.speed_factors`)
+and the simulator's attainment at that rate in the world as the probes ran it. Run it under
+the measurement lock:
 
     flock /tmp/measure.lock env PYTHONPATH=src python benchmarks/loadtest_paired.py \\
         --device-profile device.json --clients fleet --policies server-only,frontier-priced \\
@@ -30,17 +30,12 @@ from collections import defaultdict
 
 import torch
 
-from splitllm.planner.hardware import device_preset
-from splitllm.runtime.dialer import fetch_info
-from splitllm.runtime.fidelity_run import local_server
+from loadtest_tails import local_runner
 from splitllm.runtime.loadtest import Probe, probed
-from splitllm.runtime.loadtest_command import _scenario, _visit_s, calibrated, calibrated_host
-from splitllm.runtime.loadtest_run import RealRunner, RunnerOptions
-from splitllm.runtime.loadtest_world import LoadtestSpec, as_probed, loadtest_world, speed_factors
-from splitllm.runtime.models import context_tokens, load_model
+from splitllm.runtime.loadtest_world import as_probed, speed_factors
+from splitllm.runtime.models import load_model
 from splitllm.sim.capacity import run_point
 from splitllm.sim.world import World
-from splitllm.stepmodel import StepModel
 
 
 def turned(policies: list[str], round_index: int) -> list[str]:
@@ -89,23 +84,9 @@ def main() -> None:
     policies = args.policies.split(",")
     rates = [float(r) for r in args.rates.split(",")]
     torch.set_num_threads(1)
-    loaded = load_model("smollm2")
-    spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(local_server("smollm2", 1))
-        info = fetch_info(url, None)
-        world, classes = loadtest_world(
-            _scenario("azure-conv"), config=loaded.model.config.to_dict(),
-            context_tokens=context_tokens(loaded.model.config),
-            this_machine=device_preset(args.device_profile),
-            step=StepModel.from_json(info["step_model"]), spec=spec,
-            visit_s=_visit_s(url, None, int(info["n_units"])))
-        fleet = args.clients == "fleet"
-        runner = RealRunner(loaded, world, classes, RunnerOptions(server=url, fleet=fleet))
-        stack.callback(runner.close)
-        world, rounds = calibrated(world, runner, url, None)
-        if not fleet:
-            world, _ = calibrated_host(world, runner, rounds, classes)
+        world, runner = local_runner(stack, load_model("smollm2"), args.device_profile,
+                                     fleet=args.clients == "fleet")
         probes: dict[tuple[str, float], list[Probe]] = defaultdict(list)
         began_s = time.perf_counter()
         for k in range(args.rounds):

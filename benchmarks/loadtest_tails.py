@@ -71,7 +71,7 @@ from splitllm.runtime.loadtest_world import (
     loadtest_world,
     speed_factors,
 )
-from splitllm.runtime.models import context_tokens, load_model
+from splitllm.runtime.models import LoadedModel, context_tokens, load_model
 from splitllm.sim.client_host import SharedCores
 from splitllm.sim.metrics import sla_met
 from splitllm.sim.run import RunRecord, run_policy
@@ -532,6 +532,28 @@ def setup_line(switch_interval_ms: float | None, trace_out: Path | None,
     return line
 
 
+def local_runner(stack: contextlib.ExitStack, loaded: LoadedModel, device_profile: str, *,
+                 fleet: bool) -> tuple[World, RealRunner]:
+    """A local SmolLM2 server (closed with `stack`) and a runner of its load test as
+    `splitllm loadtest` starts them (azure-conv x 1/64 tokens, 96 requests a probe), and the
+    world calibrated on it (the clients' host too, unless `fleet`)."""
+    spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
+    url = stack.enter_context(local_server("smollm2", 1))
+    info = fetch_info(url, None)
+    world, classes = loadtest_world(
+        _scenario("azure-conv"), config=loaded.model.config.to_dict(),
+        context_tokens=context_tokens(loaded.model.config),
+        this_machine=device_preset(device_profile),
+        step=StepModel.from_json(info["step_model"]), spec=spec,
+        visit_s=_visit_s(url, None, int(info["n_units"])))
+    runner = RealRunner(loaded, world, classes, RunnerOptions(server=url, fleet=fleet))
+    stack.callback(runner.close)
+    world, rounds = calibrated(world, runner, url, None)
+    if not fleet:
+        world, _ = calibrated_host(world, runner, rounds, classes)
+    return world, runner
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device-profile", required=True)
@@ -559,7 +581,6 @@ def main() -> None:
 
     torch.set_num_threads(1)
     loaded = load_model("smollm2")
-    spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
     with contextlib.ExitStack() as stack:
         if args.trace_out is not None:
             args.trace_out.unlink(missing_ok=True)
@@ -574,20 +595,8 @@ def main() -> None:
         stack.enter_context(server_setup(setup_line(
             args.server_switch_interval_ms, args.trace_out,
             None if gc_logs is None else gc_logs["server's"])))
-        url = stack.enter_context(local_server("smollm2", 1))
-        info = fetch_info(url, None)
-        world, classes = loadtest_world(
-            _scenario("azure-conv"), config=loaded.model.config.to_dict(),
-            context_tokens=context_tokens(loaded.model.config),
-            this_machine=device_preset(args.device_profile),
-            step=StepModel.from_json(info["step_model"]), spec=spec,
-            visit_s=_visit_s(url, None, int(info["n_units"])))
-        fleet = args.clients == "fleet"
-        runner = RealRunner(loaded, world, classes, RunnerOptions(server=url, fleet=fleet))
-        stack.callback(runner.close)
-        world, rounds = calibrated(world, runner, url, None)
-        if not fleet:
-            world, _ = calibrated_host(world, runner, rounds, classes)
+        world, runner = local_runner(stack, loaded, args.device_profile,
+                                     fleet=args.clients == "fleet")
         probes = []
         for policy in args.policies.split(","):
             intervals: list[float | None] = [float(i) for i in
