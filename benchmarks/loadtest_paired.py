@@ -31,7 +31,7 @@ from collections import defaultdict
 import torch
 
 from loadtest_tails import local_runner
-from splitllm.runtime.loadtest import Probe, probed
+from splitllm.runtime.loadtest import Probe, probe_line, probed
 from splitllm.runtime.loadtest_world import as_probed, speed_factors
 from splitllm.runtime.models import load_model
 from splitllm.sim.capacity import run_point
@@ -94,11 +94,8 @@ def main() -> None:
                 for policy in turned(policies, k):
                     probe = runner.probe(policy, rate)
                     probes[(policy, rate)].append(probe)
-                    print(f"round {k + 1}, {rate:g} req/s, {policy}: "
-                          f"{probe.metrics.sla_attainment:.0%} within SLA"
-                          f"{' (stopped early)' if probe.stopped_early else ''}, server busy "
-                          f"{probe.metrics.utilization:.0%} "
-                          f"({time.perf_counter() - began_s:.0f} s)", flush=True)
+                    print(f"round {k + 1} ({time.perf_counter() - began_s:.0f} s in): "
+                          + probe_line(policy, probe), flush=True)
         print(table(world, probes, policies, rates))
 
 

@@ -102,6 +102,21 @@ def pooled_attainment(probes: Sequence[Probe]) -> tuple[float, int]:
     return (met / requests if requests else 0.0), requests
 
 
+def probe_line(policy: str, result: Probe) -> str:
+    """One line on a probe: its attainment, how it ended, TTFT p99, the server's and the
+    clients' load, its seconds."""
+    m = result.metrics
+    how = (", cut off by --max-minutes" if result.cut_off else
+           ", stopped early" if result.stopped_early else "")
+    if result.disturbed:
+        how += f", other work on this machine took {result.foreign_cores:.2f} cores"
+    return (f"{policy} at {result.rate_per_s:.3g} req/s: {m.sla_attainment:.0%} within SLA "
+            f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
+            f"server busy {m.utilization:.0%}, clients {result.client_cores_busy:.2f} "
+            f"cores (requests started {result.started_late_p90_s * 1e3:.0f} ms late at "
+            f"p90), {result.wall_s:.0f} s")
+
+
 def run_record(policy: str, rate_per_s: float, load: Workload, outcomes: Sequence[Outcome],
                *, horizon_s: float, busy_s: float, queue_wait_mean_s: float,
                busy_total_s: float | None = None) -> RunRecord:
@@ -377,16 +392,7 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
 
         def measure(rate: float, left_s: float, policy: str = policy) -> Probe:
             result = probe(policy, rate, left_s)
-            m = result.metrics
-            how = (", cut off by --max-minutes" if result.cut_off else
-                   ", stopped early" if result.stopped_early else "")
-            if result.disturbed:
-                how += f", other work on this machine took {result.foreign_cores:.2f} cores"
-            progress(f"  {policy} at {rate:.3g} req/s: {m.sla_attainment:.0%} within SLA "
-                     f"({m.completed}/{m.requests} done{how}), TTFT p99 {m.ttft_s[2]:.3g} s, "
-                     f"server busy {m.utilization:.0%}, clients {result.client_cores_busy:.2f} "
-                     f"cores (requests started {result.started_late_p90_s * 1e3:.0f} ms late at "
-                     f"p90), {result.wall_s:.0f} s")
+            progress("  " + probe_line(policy, result))
             return result
 
         measured = search_capacity(policy, measure, first_rate_per_s=guess,
