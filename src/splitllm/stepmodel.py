@@ -13,6 +13,7 @@ on one position per row, so its "tokens" are the step's rows. Torch-free on purp
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -126,6 +127,36 @@ def queue_wait_s(arrived_s: float, step_started_s: float) -> float:
     step's own seconds, however many rows share it. The real engine reports it
     (`splitllm_engine_queue_wait_seconds`), the simulated servers meter it."""
     return max(step_started_s - arrived_s, 0.0)
+
+
+WAIT_FLOOR_S = 1e-4  # below this a queue wait counts as none
+WAIT_STEPS_PER_DECADE = 10  # waits are kept and planned on a log grid (steps of ~26%)
+WAIT_DECADES = 8  # the grid's span above the floor
+_FLOOR_STEP = round(math.log10(WAIT_FLOOR_S) * WAIT_STEPS_PER_DECADE)
+# The queue waits' histogram, one for the real engine (/metrics) and the simulators' meter:
+# bucket 0 holds the waits up to the floor, bucket i >= 1 those nearest the grid's i-th point
+# above it (up to the half-way edge below, the last: everything above)
+QUEUE_WAIT_BOUNDS_S = (WAIT_FLOOR_S, *(
+    10.0 ** ((_FLOOR_STEP + i + 0.5) / WAIT_STEPS_PER_DECADE)
+    for i in range(WAIT_DECADES * WAIT_STEPS_PER_DECADE)))
+
+
+def wait_grid_s(bucket: int) -> float:
+    """The queue wait a bucket of `QUEUE_WAIT_BOUNDS_S` stands for: 0, or its grid point."""
+    return 0.0 if bucket == 0 else float(10.0 ** ((_FLOOR_STEP + bucket - 1)
+                                                   / WAIT_STEPS_PER_DECADE))
+
+
+def wait_quantile_s(counts: Sequence[float], quantile: float) -> float:
+    """The `quantile` of queue waits counted (or weighted) per bucket of `QUEUE_WAIT_BOUNDS_S`
+    (+Inf last): the grid point of the first bucket where the cumulative count reaches it."""
+    need = quantile * sum(counts)
+    total = 0.0
+    for bucket, count in enumerate(counts):
+        total += count
+        if total >= need:
+            return wait_grid_s(bucket)
+    return wait_grid_s(len(counts) - 1)
 
 
 def decode_share_s(model: StepModel, concurrency: int, blocks: int | None = None) -> float:

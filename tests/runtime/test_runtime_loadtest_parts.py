@@ -41,6 +41,7 @@ from splitllm.runtime.loadtest_world import (
     speed_factors,
     with_step_model,
 )
+from splitllm.runtime.metrics import ServerMetrics, parse_metrics
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.load import LoadMeter, finished_met
@@ -157,24 +158,55 @@ def metrics_page(wait_sum_s: float, waits: int, busy_s: float) -> dict[str, floa
             "splitllm_server_busy_seconds_total": busy_s}
 
 
+def server_load(headroom: float = 0.1, target: float = 0.9) -> ServerLoad:
+    return ServerLoad(tau_s=2.0, quantile=0.9, headroom=headroom, target=target)
+
+
 def test_the_reported_queue_wait_is_what_load_aware_policies_read() -> None:
-    load = ServerLoad(tau_s=2.0, headroom=0.1, target=0.9)
+    load = server_load()
     assert load.load() == Load(headroom=0.1, tuned_headroom=0.1)
     load.update(0.0, metrics_page(1.0, 10, 5.0))
     load.update(1.0, metrics_page(4.0, 20, 5.5))  # 10 forwards waited 3 s: 0.3 s each
     assert load.load().wait_mean_s == pytest.approx(0.3)
+    # a server without the histogram's buckets: the mean stands for the quantile
+    assert load.load().wait_quantile_s == pytest.approx(0.3)
     assert load.load().utilization == pytest.approx(0.5 * (1 - math.exp(-0.5)))
-    load.update(3.0, metrics_page(4.0, 20, 5.5))  # no forwards since: the same mean, decayed
-    assert load.load().wait_mean_s == pytest.approx(0.3)
+    load.update(3.0, metrics_page(4.0, 20, 5.5))  # no forwards for 2 s: it shrinks by e^-1
+    assert load.load().wait_mean_s == pytest.approx(0.3 * math.exp(-1.0))
     assert load.load().batch_rows == 1.0  # no steps reported: one row
+
+
+def test_the_real_load_tests_queue_waits_read_as_the_simulators_meter_reads_them() -> None:
+    """One meter: the waits the engine reports on /metrics (its histogram on the meter's grid)
+    give the load test's policies the mean and the quantile the simulator's meter gives."""
+    world = world_of(scenario(), length_scale=0.05)
+    meter = LoadMeter(world)
+    load = ServerLoad(tau_s=world.wait_tau_s, quantile=world.wait_quantile,
+                      headroom=world.plan_headroom, target=world.headroom_target)
+    metrics = ServerMetrics(["block0"])
+    load.update(0.0, parse_metrics(metrics.render(0, 0)))
+    rng = np.random.default_rng(3)
+    for now_s in (1.0, 2.5, 3.0):
+        waits_s = [*rng.lognormal(math.log(0.03), 1.0, size=40), 0.0, 5e-5]
+        metrics.record_step([], rows=len(waits_s), tokens=len(waits_s), wall_s=0.01,
+                            cpu_s=0.01, queue_waits_s=waits_s)
+        for wait_s in waits_s:
+            meter.job_done(now_s, wait_s, busy_s=0.001)
+        load.update(now_s, parse_metrics(metrics.render(0, 0)))
+        seen, expected = load.load(), meter.load(now_s)
+        assert seen.wait_mean_s == pytest.approx(expected.wait_mean_s, rel=1e-9)
+        assert seen.wait_quantile_s == pytest.approx(expected.wait_quantile_s, rel=1e-9)
+        assert seen.wait_quantile_s > 1.2 * seen.wait_mean_s  # a spread: not the mean
+    load.update(4.5, parse_metrics(metrics.render(0, 0)))  # idle since 3.0: both shrink
+    assert load.load().wait_quantile_s == pytest.approx(meter.load(4.5).wait_quantile_s)
+    assert load.load().wait_mean_s == pytest.approx(meter.load(4.5).wait_mean_s)
 
 
 def test_the_tuned_headroom_learns_from_finished_requests_as_the_simulators_meter() -> None:
     """One definition of the tuning: the real load test steers the headroom that exact-tuned
     and frontier-priced plan with exactly as the simulator's meter does."""
     world = world_of(scenario(), length_scale=0.05)
-    meter, load = LoadMeter(world), ServerLoad(tau_s=2.0, headroom=world.plan_headroom,
-                                               target=world.headroom_target)
+    meter, load = LoadMeter(world), server_load(world.plan_headroom, world.headroom_target)
     outcomes = [False] * 12 + [True] * 30 + [False] * 3
     for met in outcomes:
         meter.request_done(met)
@@ -190,7 +222,7 @@ def test_the_tuned_headroom_learns_from_finished_requests_as_the_simulators_mete
 
 def test_load_aware_policies_read_the_rows_per_engine_step() -> None:
     """As the simulator's meter gives them: the batch a batched server's work is priced at."""
-    load = ServerLoad(tau_s=2.0, headroom=0.1, target=0.9)
+    load = server_load()
     rows = "splitllm_engine_step_rows"
     load.update(0.0, {rows + "_sum": 10.0, rows + "_count": 10.0})
     load.update(1.0, {rows + "_sum": 50.0, rows + "_count": 20.0})  # 40 rows in 10 steps

@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 
 from splitllm.runtime.loadtest_world import Probed, as_probed, speed_factors
+from splitllm.runtime.metrics import bucket_counts
 from splitllm.sim.capacity import Bracket, find_capacity, first_guess_rate, run_point
 from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.load import steered_headroom
@@ -25,6 +26,7 @@ from splitllm.sim.policies import Load
 from splitllm.sim.run import RunRecord
 from splitllm.sim.workload import Workload
 from splitllm.sim.world import World
+from splitllm.stepmodel import QUEUE_WAIT_BOUNDS_S, wait_quantile_s
 
 QUEUE_WAIT = "splitllm_engine_queue_wait_seconds"
 STEP_ROWS = "splitllm_engine_step_rows"
@@ -158,19 +160,24 @@ def server_job_s(before: dict[str, float], after: dict[str, float]) -> float:
 
 
 class ServerLoad:
-    """The load the server reports, as load-aware policies read it: the recent mean queue wait
-    per forward, the busy share and the rows per engine step, from successive /metrics pages
-    decayed over `tau_s`; and the tuned headroom, steered by every request that finishes as
-    the simulator's meter steers it (toward `target` of requests within their limits)."""
+    """The load the server reports, as load-aware policies read it, from successive /metrics
+    pages decayed over `tau_s` as the simulator's meter (`sim.load.LoadMeter`) decays it: the
+    mean and the `quantile` of the queue waits per forward (its histogram is on the meter's
+    grid), both shrinking while no forward is served, the busy share and the rows per engine
+    step; and the tuned headroom, steered by every request that finishes as the meter steers
+    it (toward `target` of requests within their limits)."""
 
-    def __init__(self, tau_s: float, headroom: float, target: float) -> None:
+    def __init__(self, *, tau_s: float, quantile: float, headroom: float, target: float) -> None:
         self.tau_s = tau_s
+        self.quantile = quantile
         self.headroom = headroom
         self.tuned_headroom = headroom
         self.target = target
         self.last: tuple[float, dict[str, float]] | None = None
         self.wait_sum_s = 0.0
         self.waits = 0.0
+        self.wait_counts: list[float] | None = [0.0] * (len(QUEUE_WAIT_BOUNDS_S) + 1)
+        self.last_wait_s = 0.0  # when the last page showed forwards served
         self.busy_share = 0.0
         self.rows_sum = 0.0  # forwards in the recent steps (decayed)...
         self.steps = 0.0  # ... and those steps
@@ -185,8 +192,11 @@ class ServerLoad:
             def decayed(total: float, name: str) -> float:
                 return keep * total + counter_delta(metrics, before, name)
 
+            if counter_delta(metrics, before, QUEUE_WAIT + "_count") > 0:
+                self.last_wait_s = now_s
             self.wait_sum_s = decayed(self.wait_sum_s, QUEUE_WAIT + "_sum")
             self.waits = decayed(self.waits, QUEUE_WAIT + "_count")
+            self.wait_counts = _decayed_counts(self.wait_counts, keep, before, metrics)
             self.rows_sum = decayed(self.rows_sum, STEP_ROWS + "_sum")
             self.steps = decayed(self.steps, STEP_ROWS + "_count")
             busy = counter_delta(metrics, before, BUSY) / dt
@@ -198,14 +208,31 @@ class ServerLoad:
         self.tuned_headroom = steered_headroom(self.tuned_headroom, met, self.target)
 
     def load(self) -> Load:
-        """What a request arriving now sees."""
-        wait_s = self.wait_sum_s / self.waits if self.waits > 1e-9 else 0.0
+        """What a request arriving now (at the last page) sees."""
+        if self.waits > 1e-9 and self.last is not None:
+            idle = math.exp(-max(self.last[0] - self.last_wait_s, 0.0) / self.tau_s)
+            mean_s = idle * self.wait_sum_s / self.waits
+            # a server without the histogram's buckets: its mean stands for the quantile
+            quantile_s = (mean_s if self.wait_counts is None else
+                          idle * wait_quantile_s(self.wait_counts, self.quantile))
+        else:
+            mean_s = quantile_s = 0.0
         # the rows per step a batched server's work is priced at, as the simulator's meter
         # reads them (1 before any step)
         rows = max(self.rows_sum / self.steps, 1.0) if self.steps > 1e-9 else 1.0
-        return Load(wait_mean_s=wait_s, wait_quantile_s=wait_s,
+        return Load(wait_mean_s=mean_s, wait_quantile_s=quantile_s,
                     utilization=min(self.busy_share, 1.0), batch_rows=rows,
                     headroom=self.headroom, tuned_headroom=self.tuned_headroom)
+
+
+def _decayed_counts(counts: list[float] | None, keep: float, before: dict[str, float],
+                    after: dict[str, float]) -> list[float] | None:
+    """The queue waits' decayed counts per bucket, with those served between two pages."""
+    was = bucket_counts(before, QUEUE_WAIT, QUEUE_WAIT_BOUNDS_S)
+    now = bucket_counts(after, QUEUE_WAIT, QUEUE_WAIT_BOUNDS_S)
+    if counts is None or was is None or now is None:
+        return None
+    return [keep * c + n - w for c, w, n in zip(counts, was, now, strict=True)]
 
 
 @dataclass(frozen=True)

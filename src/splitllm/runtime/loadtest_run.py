@@ -317,8 +317,8 @@ class RealRunner:
         for kind in kinds:
             plans.decide(*kind)
         freeze_heap()  # no collection of what lives across probes stalls every client in one
-        server_load = ServerLoad(world.wait_tau_s, world.plan_headroom,
-                                 world.headroom_target)
+        server_load = ServerLoad(tau_s=world.wait_tau_s, quantile=world.wait_quantile,
+                                 headroom=world.plan_headroom, target=world.headroom_target)
         before = self.metrics()
         server_load.update(time.perf_counter(), before)
         stop = threading.Event()

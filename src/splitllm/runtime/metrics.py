@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from splitllm.stepmodel import QUEUE_WAIT_BOUNDS_S
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -34,8 +37,24 @@ class Histogram:
     def samples(self) -> list[tuple[str, float]]:
         """The cumulative buckets (value <= bound), +Inf last."""
         counts = itertools.accumulate(self.counts or [0] * (len(self.bounds) + 1))
-        buckets = [(f'le="{_number(b)}"', c) for b, c in zip(self.bounds, counts, strict=False)]
-        return [*buckets, ('le="+Inf"', self.n)]
+        buckets = [(_le(b), c) for b, c in zip(self.bounds, counts, strict=False)]
+        return [*buckets, (_le(math.inf), self.n)]
+
+
+def _le(bound: float) -> str:
+    return 'le="+Inf"' if bound == math.inf else f'le="{_number(bound)}"'
+
+
+def bucket_counts(page: dict[str, float], name: str,
+                  bounds: Sequence[float]) -> list[float] | None:
+    """A histogram's count in each of its buckets (+Inf last), from a parsed /metrics page
+    (`parse_metrics`): its cumulative buckets taken apart; None where the page lacks one of
+    them (a server whose histogram has other bounds)."""
+    keys = [f"{name}_bucket{{{_le(b)}}}" for b in (*bounds, math.inf)]
+    if any(key not in page for key in keys):
+        return None
+    cumulative = [page[key] for key in keys]
+    return [c - below for c, below in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
 
 
 SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -88,7 +107,7 @@ class ServerMetrics:
     step_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
     step_rows: Histogram = field(default_factory=lambda: Histogram(COUNT_BOUNDS))
     step_tokens: Histogram = field(default_factory=lambda: Histogram(COUNT_BOUNDS))
-    queue_wait_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
+    queue_wait_s: Histogram = field(default_factory=lambda: Histogram(QUEUE_WAIT_BOUNDS_S))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_forward(self, tokens: int, sampled: bool) -> None:

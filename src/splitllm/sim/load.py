@@ -5,8 +5,9 @@ Every server job that completes reports its delay (its queue wait before the ste
 took; every request that finishes reports whether it met its limits. The
 meter keeps time-decayed statistics over `wait_tau_s` (weights `exp(-(now - t) / tau)`):
 - the mean and the `wait_quantile` quantile of job delays (a histogram on the planning
-  grid of delays), both shrinking by `exp(-idle / tau)` while no job completes, so a burst
-  long gone does not keep the server looking busy;
+  grid of delays, in the real engine's buckets: `stepmodel.QUEUE_WAIT_BOUNDS_S`), both
+  shrinking by `exp(-idle / tau)` while no job completes, so a burst long gone does not keep
+  the server looking busy;
 - utilization: decayed busy server-seconds per second;
 - batch rows: the decayed mean of the jobs served by each job's step (1 unless batched), the
   concurrency a batched server's marginal cost is priced at;
@@ -16,14 +17,14 @@ meter keeps time-decayed statistics over `wait_tau_s` (weights `exp(-(now - t) /
 
 from __future__ import annotations
 
+import bisect
 import math
 
-from splitllm.sim.policies import WAIT_FLOOR_S, WAIT_STEPS_PER_DECADE, Load
+from splitllm.sim.policies import Load
 from splitllm.sim.world import RequestType, World
+from splitllm.stepmodel import QUEUE_WAIT_BOUNDS_S, wait_quantile_s
 
 RESCALE_AT = 50.0  # weights grow as exp(t / tau); rescale before they overflow
-DECADES = 8  # delays from WAIT_FLOOR_S up to WAIT_FLOOR_S * 10 ** DECADES
-FLOOR_STEP = round(math.log10(WAIT_FLOOR_S) * WAIT_STEPS_PER_DECADE)
 HEADROOM_GAIN = 0.01  # headroom moved per miss (a hit moves it (1 - target) / target as much)
 MAX_HEADROOM = 0.8
 
@@ -50,20 +51,6 @@ def steered_headroom(headroom: float, met: bool, target: float) -> float:
     return min(max(headroom + step, 0.0), MAX_HEADROOM)
 
 
-def _bucket(delay_s: float) -> int:
-    """0 below WAIT_FLOOR_S, else 1 + the delay's step on the planning grid above the floor."""
-    if delay_s < WAIT_FLOOR_S:
-        return 0
-    step = round(math.log10(delay_s) * WAIT_STEPS_PER_DECADE) - FLOOR_STEP
-    return 1 + min(max(step, 0), DECADES * WAIT_STEPS_PER_DECADE)
-
-
-def _bucket_value(bucket: int) -> float:
-    if bucket == 0:
-        return 0.0
-    return float(10.0 ** ((bucket - 1 + FLOOR_STEP) / WAIT_STEPS_PER_DECADE))
-
-
 class LoadMeter:
     """Time-decayed job delays, utilization and the self-tuned headroom of one run."""
 
@@ -74,7 +61,7 @@ class LoadMeter:
         self.fixed_headroom = world.plan_headroom
         self.tuned_headroom = world.plan_headroom
         self.origin_s = 0.0  # weights below are scaled by exp((t - origin_s) / tau_s)
-        self.histogram = [0.0] * (2 + DECADES * WAIT_STEPS_PER_DECADE)
+        self.histogram = [0.0] * (len(QUEUE_WAIT_BOUNDS_S) + 1)  # the engine's buckets
         self.delay_sum = 0.0
         self.weight = 0.0
         self.busy_s = 0.0
@@ -97,7 +84,7 @@ class LoadMeter:
         """One server job completed after `delay_s` of delay, using `busy_s` server-seconds, in
         a step that served `rows` jobs."""
         w = self._scale(now_s)
-        self.histogram[_bucket(delay_s)] += w
+        self.histogram[bisect.bisect_left(QUEUE_WAIT_BOUNDS_S, delay_s)] += w
         self.delay_sum += w * delay_s
         self.weight += w
         self.busy_s += w * busy_s
@@ -108,15 +95,6 @@ class LoadMeter:
         """One request finished, within its limits or not: steer the tuned headroom."""
         self.tuned_headroom = steered_headroom(self.tuned_headroom, met, self.target)
 
-    def _quantile_s(self) -> float:
-        need = self.quantile * self.weight
-        total = 0.0
-        for bucket, h in enumerate(self.histogram):
-            total += h
-            if total >= need:
-                return _bucket_value(bucket)
-        return _bucket_value(len(self.histogram) - 1)
-
     def load(self, now_s: float) -> Load:
         """What a request arriving now sees."""
         now_weight = self._scale(now_s)  # may rescale (to 0 after a long idle spell)
@@ -125,7 +103,7 @@ class LoadMeter:
         idle = math.exp(-max(now_s - self.last_job_s, 0.0) / self.tau_s)
         return Load(
             wait_mean_s=idle * self.delay_sum / self.weight,
-            wait_quantile_s=idle * self._quantile_s(),
+            wait_quantile_s=idle * wait_quantile_s(self.histogram, self.quantile),
             utilization=self.busy_s / now_weight / self.tau_s,
             batch_rows=self.rows_sum / self.weight,
             headroom=self.fixed_headroom,

@@ -33,10 +33,9 @@ from splitllm.planner.solvers import frontier, solve
 from splitllm.sim import memo
 from splitllm.sim.batching import BatchCost, measured_unit_s
 from splitllm.sim.world import ClientClass, RequestType, World
+from splitllm.stepmodel import WAIT_FLOOR_S, WAIT_STEPS_PER_DECADE
 
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
-WAIT_FLOOR_S = 1e-4  # below this the measured delay counts as none
-WAIT_STEPS_PER_DECADE = 10  # delays are planned on a log grid (steps of ~26%)
 LOAD_STEP = 0.05  # utilization is planned in steps of 5%
 HEADROOM_STEP = 0.02  # tuned headroom in steps of 2% of the limits
 PLAN_CACHE_LIMIT = 100_000
