@@ -141,6 +141,11 @@ QUEUE_WAIT_BOUNDS_S = (WAIT_FLOOR_S, *(
     for i in range(WAIT_DECADES * WAIT_STEPS_PER_DECADE)))
 
 
+def queue_wait_bucket(wait_s: float) -> int:
+    """The bucket of `QUEUE_WAIT_BOUNDS_S` that holds `wait_s` (as /metrics counts it)."""
+    return bisect.bisect_left(QUEUE_WAIT_BOUNDS_S, wait_s)
+
+
 def wait_grid_s(bucket: int) -> float:
     """The queue wait a bucket of `QUEUE_WAIT_BOUNDS_S` stands for: 0, or its grid point."""
     return 0.0 if bucket == 0 else float(10.0 ** ((_FLOOR_STEP + bucket - 1)

@@ -17,12 +17,11 @@ meter keeps time-decayed statistics over `wait_tau_s` (weights `exp(-(now - t) /
 
 from __future__ import annotations
 
-import bisect
 import math
 
 from splitllm.sim.policies import Load
 from splitllm.sim.world import RequestType, World
-from splitllm.stepmodel import QUEUE_WAIT_BOUNDS_S, wait_quantile_s
+from splitllm.stepmodel import QUEUE_WAIT_BOUNDS_S, queue_wait_bucket, wait_quantile_s
 
 RESCALE_AT = 50.0  # weights grow as exp(t / tau); rescale before they overflow
 HEADROOM_GAIN = 0.01  # headroom moved per miss (a hit moves it (1 - target) / target as much)
@@ -84,7 +83,7 @@ class LoadMeter:
         """One server job completed after `delay_s` of delay, using `busy_s` server-seconds, in
         a step that served `rows` jobs."""
         w = self._scale(now_s)
-        self.histogram[bisect.bisect_left(QUEUE_WAIT_BOUNDS_S, delay_s)] += w
+        self.histogram[queue_wait_bucket(delay_s)] += w
         self.delay_sum += w * delay_s
         self.weight += w
         self.busy_s += w * busy_s

@@ -33,7 +33,7 @@ from splitllm.planner.solvers import frontier, solve
 from splitllm.sim import memo
 from splitllm.sim.batching import BatchCost, measured_unit_s
 from splitllm.sim.world import ClientClass, RequestType, World
-from splitllm.stepmodel import WAIT_FLOOR_S, WAIT_STEPS_PER_DECADE
+from splitllm.stepmodel import queue_wait_bucket, wait_grid_s
 
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
 LOAD_STEP = 0.05  # utilization is planned in steps of 5%
@@ -209,11 +209,9 @@ def reads_load(policy: str) -> bool:
 
 
 def wait_bucket(wait_s: float) -> float:
-    """The delay a plan is made for: 0 below WAIT_FLOOR_S, else the nearest log-grid point."""
-    if wait_s < WAIT_FLOOR_S:
-        return 0.0
-    step = round(math.log10(wait_s) * WAIT_STEPS_PER_DECADE)
-    return float(10.0 ** (step / WAIT_STEPS_PER_DECADE))
+    """The delay a plan is made for: the grid point of the queue waits' bucket that holds it
+    (0 up to `stepmodel.WAIT_FLOOR_S`, else the nearest point of the log grid)."""
+    return wait_grid_s(queue_wait_bucket(wait_s))
 
 
 def _step(value: float, step: float) -> float:
