@@ -14,7 +14,13 @@ from sim_kit import tiny_world
 from splitllm.placement import Placement
 from splitllm.planner.instance import Instance, Plan, evaluate
 from splitllm.sim.load import LoadMeter
-from splitllm.sim.policies import Load, PlanPolicy, request_instance, wait_bucket
+from splitllm.sim.policies import (
+    IDLE_LATENCY_PRICE,
+    Load,
+    PlanPolicy,
+    request_instance,
+    wait_bucket,
+)
 from splitllm.sim.world import World
 
 PROMPT, OUTPUT = 4, 3
@@ -71,7 +77,8 @@ def test_frontier_priced_minimises_work_plus_priced_latency(world: World,
                                                             utilization: float) -> None:
     plans = _plans(world, 0.0)
     fastest = min(plans, key=lambda p: p.latency_s)
-    price = (1 - utilization) ** 2 * fastest.server_work / world.types[0].sla_s
+    price = (IDLE_LATENCY_PRICE * (1 - utilization) ** 2 * fastest.server_work
+             / world.types[0].sla_s)
     best = min(p.server_work + price * p.latency_s for p in plans if p.feasible)
     chosen = _decide(world, "frontier-priced", Load(utilization=utilization))
     assert chosen.server_work + price * chosen.latency_s == pytest.approx(best)

@@ -38,6 +38,8 @@ from splitllm.stepmodel import queue_wait_bucket, wait_grid_s
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
 LOAD_STEP = 0.05  # utilization is planned in steps of 5%
 HEADROOM_STEP = 0.02  # tuned headroom in steps of 2% of the limits
+IDLE_LATENCY_PRICE = 4.0  # on an idle server 5% of the SLA is worth 20% of the fastest plan's
+# work (frontier-priced; 1 before 2026-12-02: its splits spent the SLA at half load)
 PLAN_CACHE_LIMIT = 100_000
 INSTANCE_CACHE_LIMIT = 20_000  # zero-load instances (each ~ units x 10 floats)
 
@@ -145,12 +147,14 @@ def exact_tuned(instance: Instance, load: Load) -> Choice:
 
 
 def latency_price(instance: Instance, utilization: float) -> float:
-    """Server-seconds one second of latency is worth: the fastest plan's work per second of
-    SLA on an idle server (a plan may use a fifth of the SLA to save a fifth of the work),
-    times (1 - utilization) ** 2, falling to 0 as the server fills up (the marginal cost of
-    server work grows with the load: by 1 / (1 - rho) ** 2 in an M/M/1 queue)."""
+    """Server-seconds one second of latency is worth: `IDLE_LATENCY_PRICE` x the fastest
+    plan's work per second of SLA on an idle server, times (1 - utilization) ** 2, falling to
+    0 as the server fills up (the marginal cost of server work grows with the load: by
+    1 / (1 - rho) ** 2 in an M/M/1 queue). A request spends latency on a saving only where the
+    server is busy enough to need it: latency spent at half load leaves the plan no slack for
+    the queues that come with more."""
     fastest = frontier(instance)[-1].server_work
-    return max(0.0, 1.0 - utilization) ** 2 * fastest / instance.sla_s
+    return IDLE_LATENCY_PRICE * max(0.0, 1.0 - utilization) ** 2 * fastest / instance.sla_s
 
 
 def frontier_priced(instance: Instance, load: Load) -> Choice:
