@@ -38,8 +38,8 @@ from splitllm.stepmodel import queue_wait_bucket, wait_grid_s
 FIXED_PREFIX = "fixed:"  # fixed:CSSSC runs one given placement for every request
 LOAD_STEP = 0.05  # utilization is planned in steps of 5%
 HEADROOM_STEP = 0.02  # tuned headroom in steps of 2% of the limits
-IDLE_LATENCY_PRICE = 4.0  # on an idle server 5% of the SLA is worth 20% of the fastest plan's
-# work (frontier-priced; 1 before 2026-12-02: its splits spent the SLA at half load)
+IDLE_LATENCY_PRICE = 4.0  # frontier-priced, idle server: 5% of the SLA is worth 20% of the
+# fastest plan's work (1 before 2026-12-02: the real splits spent their SLA from a third of load)
 PLAN_CACHE_LIMIT = 100_000
 INSTANCE_CACHE_LIMIT = 20_000  # zero-load instances (each ~ units x 10 floats)
 
