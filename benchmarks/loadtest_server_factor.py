@@ -50,9 +50,10 @@ tails_report = loadtest_tails.report
 
 
 def report(world: World, policy: str, probe: Probe, timings: loadtest_tails.Timings,
-           pages: tuple[dict[str, float], dict[str, float]]) -> tuple[str, dict[str, Any]]:
+           pages: tuple[dict[str, float], dict[str, float]],
+           entries: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     probe_seen.update(world=world, policy=policy, probe=probe)
-    return tails_report(world, policy, probe, timings, pages)
+    return tails_report(world, policy, probe, timings, pages, entries)
 
 
 def real_over_model_s(entries: Sequence[dict[str, Any]], model: StepModel) -> tuple[float, float]:

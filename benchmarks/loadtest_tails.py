@@ -533,15 +533,16 @@ def setup_line(switch_interval_ms: float | None, trace_out: Path | None,
 
 
 def local_runner(stack: contextlib.ExitStack, loaded: LoadedModel, device_profile: str, *,
-                 fleet: bool) -> tuple[World, RealRunner]:
+                 fleet: bool, scenario: str = "azure-conv", length_scale: float = 1 / 64
+                 ) -> tuple[World, RealRunner]:
     """A local SmolLM2 server (closed with `stack`) and a runner of its load test as
-    `splitllm loadtest` starts them (azure-conv x 1/64 tokens, 96 requests a probe), and the
-    world calibrated on it (the clients' host too, unless `fleet`)."""
-    spec = LoadtestSpec(requests=96, length_scale=1 / 64, sla_factor=3.0)
+    `splitllm loadtest` starts them (96 requests a probe), and the world calibrated on it (the
+    clients' host too, unless `fleet`)."""
+    spec = LoadtestSpec(requests=96, length_scale=length_scale, sla_factor=3.0)
     url = stack.enter_context(local_server("smollm2", 1))
     info = fetch_info(url, None)
     world, classes = loadtest_world(
-        _scenario("azure-conv"), config=loaded.model.config.to_dict(),
+        _scenario(scenario), config=loaded.model.config.to_dict(),
         context_tokens=context_tokens(loaded.model.config),
         this_machine=device_preset(device_profile),
         step=StepModel.from_json(info["step_model"]), spec=spec,
@@ -559,6 +560,9 @@ def main() -> None:
     parser.add_argument("--device-profile", required=True)
     parser.add_argument("--policies", default="greedy,exact")
     parser.add_argument("--rates", default="6.5,7.5")
+    parser.add_argument("--scenario", default="azure-conv", help="as `splitllm loadtest`")
+    parser.add_argument("--length-scale", type=float, default=1 / 64,
+                        help="as `splitllm loadtest` (default 1/64)")
     parser.add_argument("--clients", choices=("here", "fleet"), default="here",
                         help="as `splitllm loadtest --clients`")
     parser.add_argument("--switch-intervals-ms", default="",
@@ -596,7 +600,8 @@ def main() -> None:
             args.server_switch_interval_ms, args.trace_out,
             None if gc_logs is None else gc_logs["server's"])))
         world, runner = local_runner(stack, loaded, args.device_profile,
-                                     fleet=args.clients == "fleet")
+                                     fleet=args.clients == "fleet", scenario=args.scenario,
+                                     length_scale=args.length_scale)
         probes = []
         for policy in args.policies.split(","):
             intervals: list[float | None] = [float(i) for i in
