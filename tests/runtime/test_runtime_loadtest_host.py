@@ -294,6 +294,36 @@ def test_the_report_shows_both_predictions() -> None:
     assert fit.server_slowdown == pytest.approx(1.3)  # the median round's ratio
 
 
+def test_the_report_compares_each_probe_with_its_simulation() -> None:
+    """Per probe that ran to its end and counts: simulated minus measured attainment at its
+    rate (a stopped-early or repeated probe is shown, not counted; one not simulated: -)."""
+    def probe(rate: float, attainment: float, **kw: Any) -> Probe:
+        return Probe(metrics=fake_metrics(rate, attainment), process_cpu_s_per_request=0.05,
+                     wall_s=9.0, **kw)
+
+    probes = (probe(8.0, 1.0), probe(12.0, 0.67, stopped_early=True), probe(10.0, 0.94),
+              probe(11.0, 0.5, repeated=True), probe(11.0, 0.89))
+    measured = Capacity("greedy", 10.0, 11.0, probes, cut_short=False, attainment=0.94,
+                        failed_attainment=0.89)
+    sim = SimCapacity("greedy", 10.0, 0.9, (fake_metrics(10.0, 0.95),))
+    result = PolicyResult("greedy", measured, sim, sim, None,
+                          simulated_probes=(1.0, 0.97, 0.98, math.nan, 0.96))
+    assert result.probe_errors() == pytest.approx([0.0, 0.04, 0.07])
+    errors = policy_json(result)["probe_attainment_err"]
+    assert errors == {"median": pytest.approx(0.04), "max_abs": pytest.approx(0.07),
+                      "probes": 3}
+    assert [p["simulated_attainment"] for p in policy_json(result)["probes"]] == [
+        1.0, 0.97, 0.98, None, 0.96]
+    text = report_md([result], "HEADER")
+    assert ("simulated minus measured attainment: greedy median +4 points, largest 7 "
+            "(3 probes).") in text
+    assert "| greedy | 12 | 67% (stopped early) | 97% | " in text
+    assert "| greedy | 11 | 50% | - | " in text
+    bare = replace(result, simulated_probes=())
+    assert bare.probe_errors() == [] and policy_json(bare)["probe_attainment_err"] is None
+    assert "No probe that ran to its end was simulated at its rate." in report_md([bare], "H")
+
+
 def test_the_report_says_which_probes_other_work_disturbed() -> None:
     def probe(attainment: float, foreign: float, repeated: bool = False) -> Probe:
         return Probe(metrics=fake_metrics(10.0, attainment), process_cpu_s_per_request=0.05,

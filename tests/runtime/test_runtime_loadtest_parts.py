@@ -42,7 +42,7 @@ from splitllm.runtime.loadtest_world import (
     with_step_model,
 )
 from splitllm.runtime.metrics import ServerMetrics, parse_metrics
-from splitllm.sim.capacity import find_capacity
+from splitllm.sim.capacity import find_capacity, run_point
 from splitllm.sim.client_host import ClientHost
 from splitllm.sim.load import LoadMeter, finished_met
 from splitllm.sim.metrics import RunMetrics, summarize
@@ -481,6 +481,11 @@ def test_the_prediction_runs_at_the_speeds_the_probes_measured() -> None:
     scaled = with_step_model(world, scaled_step_model(STEP, result.server_factor))
     assert result.simulated_per_s == find_capacity(scaled, "server-only").crossing_per_s
     assert 0 < result.simulated_per_s < start
+    # and that world at each probe's rate, the same requests: the probe-by-probe comparison
+    assert result.simulated_probes == tuple(
+        run_point(scaled, "server-only", p.rate_per_s).sla_attainment
+        for p in result.measured.probes)
+    assert len(result.probe_errors()) == len(result.measured.probes)
     # no probe ran to its end: the prediction stays the start-of-run one
     cut = FakeServer(world)
 

@@ -343,6 +343,9 @@ class PolicyResult:
     simulated_unslowed_per_s: float = math.nan
     server_factor: float = math.nan  # `simulated`'s server: the start's step model x this
     client_factor: float = math.nan  # ... and its clients' CPU x this (nan: not fitted)
+    # `simulated`'s world at each measured probe's rate, the same requests: its attainment
+    # (one per probe of `measured.probes`; nan: repeated, or no time left to simulate it)
+    simulated_probes: tuple[float, ...] = ()
 
     @property
     def simulated_on_probes(self) -> bool:
@@ -358,6 +361,16 @@ class PolicyResult:
     def simulated_per_s(self) -> float:
         """The predicted capacity (the crossing within its last bracket)."""
         return self.simulated.crossing_per_s
+
+    def probe_errors(self) -> list[float]:
+        """Simulated minus measured attainment at each probe that ran to its end and counts:
+        the comparison that holds where the attainment changes slowly with the rate (there
+        a few points of attainment move the capacity's crossing by a large share)."""
+        if not self.simulated_probes:
+            return []
+        return [sim - p.metrics.sla_attainment
+                for p, sim in zip(self.measured.probes, self.simulated_probes, strict=True)
+                if not (p.stopped_early or p.cut_off or p.repeated) and sim == sim]
 
     @property
     def at_capacity(self) -> Probe | None:
@@ -442,6 +455,9 @@ def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budg
                      f"{simulated.crossing_per_s:.3g} req/s")
         at_rate = (run_point(seen, policy, measured.crossing_per_s)
                    if measured.rate_per_s > 0 and clock() < end_s else None)
+        on_probes = tuple(run_point(seen, policy, p.rate_per_s).sla_attainment
+                          if not p.repeated and clock() < end_s else math.nan
+                          for p in measured.probes)
         results.append(PolicyResult(policy, measured, simulated, start, at_rate, fleet_rate,
-                                    unslowed_rate, *factors))
+                                    unslowed_rate, *factors, simulated_probes=on_probes))
     return results
