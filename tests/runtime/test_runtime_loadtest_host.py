@@ -391,15 +391,15 @@ def test_the_slowdown_is_timed_again_between_policies_and_pooled() -> None:
     assert again.segments == fit.segments == tuple(fake.segments)
     assert HostFit.from_json(again.to_json()).server_slowdown == pytest.approx(1.1)
     assert "LOADED" in again.note() and "x1.1 while the clients compute" in again.note()
-    # the study recalibrates before each policy after the first
-    seen: list[tuple[str, ...]] = []
+    # the study recalibrates once, after every probe (before the predictions at their speeds)
+    seen: list[int] = []
 
     def between(w: World) -> World:
-        seen.append(w.policies)
+        seen.append(server.probes)
         return w
 
     two = replace(world, policies=("server-only", "fixed:CCSSSC"))
     server = FakeServer(two)
-    run_study(two, server.probe, budget_s=1e6, clock=lambda: server.now_s,
-              progress=lambda line: None, between=between)
-    assert seen == [two.policies]
+    results = run_study(two, server.probe, budget_s=1e6, clock=lambda: server.now_s,
+                        progress=lambda line: None, between=between)
+    assert seen == [sum(len(r.measured.probes) for r in results)]

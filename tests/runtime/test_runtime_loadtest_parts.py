@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -538,17 +539,47 @@ def test_the_search_stops_at_its_time_budget() -> None:
     results = run_study(world, probe, budget_s=240.0, clock=lambda: clock[0],
                         progress=lines.append)
     assert clock[0] == 240.0  # the whole study within its budget, not a probe beyond it
-    assert told == [120.0, 30.0, 120.0, 30.0]  # half the time each; the second probe cut off
+    # the policies in turn: the third probe cut off by the budget, none started after it
+    assert told == [240.0, 150.0, 60.0]
+    server_only, exact = results
+    assert [p.cut_off for p in server_only.measured.probes] == [False, True]
+    assert [p.cut_off for p in exact.measured.probes] == [False]
     for r in results:
-        first, cut = r.measured.probes
-        assert r.measured.cut_short and cut.cut_off and not first.cut_off
-        # the cut-off probe counts for nothing: the capacity rests on the first one alone
+        first = r.measured.probes[0]
+        assert r.measured.cut_short
+        # a cut-off probe counts for nothing: the capacity rests on the first one alone
         good = first.metrics.sla_attainment >= 0.9
         assert r.measured.rate_per_s == (first.rate_per_s if good else 0.0)
         assert r.measured.lowest_failed_per_s == (math.inf if good else first.rate_per_s)
-    assert sum("cut off by --max-minutes" in line for line in lines) == 2
+    assert sum("cut off by --max-minutes" in line for line in lines) == 1
     note = budget_note(results)
     assert "ended these searches early" in note and "`exact` (measured)" in note
+
+
+def test_the_policies_take_their_probes_in_turn() -> None:
+    """The measured searches alternate, one probe each, so that every policy's probes span
+    the same minutes; each search alone finds what it finds run by itself."""
+    world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0,
+                             rel_tol=0.1), policies=("server-only", "fixed:CCSSSC"))
+    server = FakeServer(world)
+    order: list[str] = []
+
+    def probe(policy: str, rate: float, left_s: float) -> Probe:
+        order.append(policy)
+        return server.probe(policy, rate, left_s)
+
+    results = run_study(world, probe, budget_s=1e6, clock=lambda: server.now_s,
+                        progress=lambda line: None)
+    counts = [len(r.measured.probes) for r in results]
+    both = 2 * min(counts)
+    assert order[:both] == list(world.policies) * min(counts)  # in turn while both search
+    assert len(order) == sum(counts)
+    for r in results:
+        alone = search_capacity(r.policy, partial(FakeServer(world).probe, r.policy),
+                                first_rate_per_s=r.measured.probes[0].rate_per_s, target=0.9,
+                                rel_tol=0.1, deadline_s=math.inf, clock=lambda: 0.0)
+        assert alone.rate_per_s == r.measured.rate_per_s
+        assert alone.lowest_failed_per_s == r.measured.lowest_failed_per_s
 
 
 def test_the_simulated_search_stops_when_told() -> None:

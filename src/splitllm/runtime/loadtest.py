@@ -10,9 +10,8 @@ so throughput, goodput, SLA attainment and the TTFT / TPOT percentiles are compu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 
 import numpy as np
 
@@ -263,20 +262,26 @@ class Capacity:
 
 
 Prober = Callable[[float, float], Probe]  # (rate per s, seconds left) -> the probe
+# A capacity search: yields each rate to probe and is sent its probe (None: no time was left
+# for it), returns the capacity
+Search = Generator[float, Probe | None, "Capacity"]
 
 
-def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, target: float,
-                    rel_tol: float, deadline_s: float, clock: Callable[[], float]) -> Capacity:
+def capacity_search(policy: str, *, first_rate_per_s: float, target: float, rel_tol: float
+                    ) -> Search:
     """Double or halve from the first rate until a good and a failing rate bracket the
     capacity, then bisect (geometrically) until the bracket is within `rel_tol`. A rate whose
     attainment is within the noise of its requests (`noise_band`) is probed again, up to
     `REPEATS` probes, and judged on their requests pooled; a disturbed probe that did not pass
-    is run again, up to `DISTURBED_REPEATS` times a rate, and kept as `repeated`. The search
-    ends at `deadline_s` on `clock`: no probe starts after it, and each probe is told the
-    seconds left (a probe cut off by them, or a repeat it leaves no time for, counts for
-    nothing and ends the search)."""
+    is run again, up to `DISTURBED_REPEATS` times a rate, and kept as `repeated`. A probe cut
+    off by the time budget, or none sent (no time left), counts for nothing and ends the
+    search, cut short."""
     probes: list[Probe] = []
     good, bad, good_attainment, bad_attainment = 0.0, math.inf, math.nan, math.nan
+
+    def found(cut_short: bool) -> Capacity:
+        return Capacity(policy, good, bad, tuple(probes), cut_short, good_attainment,
+                        bad_attainment, target)
 
     def next_rate() -> float | None:
         if not probes:
@@ -287,15 +292,14 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
             return bad / 2 if bad / 2 >= first_rate_per_s / RATE_RANGE else None
         return math.sqrt(good * bad) if bad / good - 1 > rel_tol else None
 
-    def judged(rate: float) -> float | None:
-        """The pooled attainment at `rate` once decided (None: the time budget ended it)."""
+    rate = next_rate()
+    while rate is not None:
         at_rate: list[Probe] = []
         repeats = 0
-        while True:
-            left_s = deadline_s - clock()
-            if left_s <= 0:
-                return None
-            result = probe(rate, left_s)
+        while True:  # the rate's probes until its attainment is decided
+            result = yield rate
+            if result is None:
+                return found(cut_short=True)
             if (result.disturbed and not result.cut_off and repeats < DISTURBED_REPEATS
                     and result.metrics.sla_attainment < target):
                 repeats += 1
@@ -304,24 +308,46 @@ def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, targ
             probes.append(result)
             at_rate.append(result)
             if result.cut_off:
-                return None
+                return found(cut_short=True)
             attainment, requests = pooled_attainment(at_rate)
             if (result.stopped_early or len(at_rate) >= REPEATS
                     or abs(attainment - target) >= noise_band(requests, target)):
-                return attainment
-
-    rate = next_rate()
-    while rate is not None:
-        attainment = judged(rate)
-        if attainment is None:
-            break
+                break
         if attainment >= target and rate > good:
             good, good_attainment = rate, attainment
         elif attainment < target and rate < bad:
             bad, bad_attainment = rate, attainment
         rate = next_rate()
-    return Capacity(policy, good, bad, tuple(probes), rate is not None, good_attainment,
-                    bad_attainment, target)
+    return found(cut_short=False)
+
+
+def run_searches(searches: dict[str, Search], probe: Callable[[str, float, float], Probe], *,
+                 deadline_s: float, clock: Callable[[], float]) -> dict[str, Capacity]:
+    """Drive the policies' searches in turn, one probe each (so every policy's probes span
+    the same minutes: the machine's drift, which moves a capacity by more than the policies
+    differ, falls on all of them alike) until each has its capacity. No probe starts after
+    `deadline_s` on `clock`, and each is told the seconds left."""
+    rates = {policy: next(search) for policy, search in searches.items()}
+    found: dict[str, Capacity] = {}
+    while rates:
+        for policy in list(rates):
+            left_s = deadline_s - clock()
+            result = probe(policy, rates[policy], left_s) if left_s > 0 else None
+            try:
+                rates[policy] = searches[policy].send(result)
+            except StopIteration as done:
+                found[policy] = done.value
+                del rates[policy]
+    return found
+
+
+def search_capacity(policy: str, probe: Prober, *, first_rate_per_s: float, target: float,
+                    rel_tol: float, deadline_s: float, clock: Callable[[], float]) -> Capacity:
+    """One policy's `capacity_search` run to its end or to `deadline_s` on `clock`."""
+    search = capacity_search(policy, first_rate_per_s=first_rate_per_s, target=target,
+                             rel_tol=rel_tol)
+    return run_searches({policy: search}, lambda _, rate, left_s: probe(rate, left_s),
+                        deadline_s=deadline_s, clock=clock)[policy]
 
 
 @dataclass(frozen=True)
@@ -393,71 +419,105 @@ SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may 
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
               clock: Callable[[], float], progress: Callable[[str], None],
               between: Callable[[World], World] | None = None) -> list[PolicyResult]:
-    """Per policy of `world`: the simulated capacity on the start-of-run world, the measured
-    one searched from it, then the prediction on the machine as the policy's probes ran it
+    """Per policy of `world`: the simulated capacity on the start-of-run world; then the
+    measured ones, searched from them with the policies' probes taken in turn
+    (`run_searches`); then each prediction on the machine as the policy's probes ran it
     (`loadtest_world.speed_factors`). Everything ends within `budget_s` on `clock` (probes are
-    cut off at it): each policy gets an equal share of the time left, each simulated search
-    at most `SIMULATED_SHARE` of it. `between` recalibrates the world before each policy after
-    the first (its time counts)."""
-    results = []
-    end_s = clock() + budget_s
-    for i, policy in enumerate(world.policies):
-        if i and between is not None:
-            world = between(world)
-        now_s = clock()
-        deadline_s = now_s + (end_s - now_s) / (len(world.policies) - i)
-        simulated_by_s = now_s + SIMULATED_SHARE * (deadline_s - now_s)
-
-        def out_of_time(by_s: float = simulated_by_s) -> bool:
-            return clock() >= by_s
-
-        start = find_capacity(world, policy, stop=out_of_time)
-        fleet_rate = unslowed_rate = math.nan
-        host = world.client_host
-        if host is not None:
-            fleet_rate = find_capacity(replace(world, client_host=None), policy,
-                                       stop=out_of_time).crossing_per_s
-            unslowed_rate = find_capacity(replace(world, client_host=replace(
-                host, server_slowdown=1.0)), policy, stop=out_of_time).crossing_per_s
-            progress(f"{policy}: simulated capacity of a fleet (each client its own device) "
-                     f"{fleet_rate:.3g} req/s, its clients on this machine's shared cores "
-                     f"{unslowed_rate:.3g} req/s, and the server slowed while they compute "
-                     f"{start.crossing_per_s:.3g} req/s")
-        guess = start.crossing_per_s
-        if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
-            guess = first_guess_rate(world, policy)
-        cut = " (its search cut short by --max-minutes)" if start.cut_short else ""
+    cut off at it): the simulated searches on the start-of-run world take at most
+    `SIMULATED_SHARE` of it, the probes end as long before its end as those took, and each
+    prediction after them takes at most its policy's share of `SIMULATED_SHARE` again.
+    `between` recalibrates the world after the probes, before those predictions (its time
+    counts)."""
+    began_s = clock()
+    end_s = began_s + budget_s
+    simulated_by_s = began_s + SIMULATED_SHARE * budget_s
+    starts = {policy: _start_of_run(world, policy, progress,
+                                    stop=lambda: clock() >= simulated_by_s)
+              for policy in world.policies}
+    simulated_s = clock() - began_s  # what the start-of-run predictions took
+    searches = {}
+    for policy, start in starts.items():
+        first = _first_rate(world, start)
+        cut = " (its search cut short by --max-minutes)" if start.capacity.cut_short else ""
         progress(f"{policy}: simulated capacity on the start-of-run model "
-                 f"{start.crossing_per_s:.3g} req/s{cut}; measuring from {guess:.3g} req/s")
+                 f"{start.capacity.crossing_per_s:.3g} req/s{cut}; measuring from "
+                 f"{first:.3g} req/s")
+        searches[policy] = capacity_search(policy, first_rate_per_s=first,
+                                           target=world.sweep.target_attainment,
+                                           rel_tol=world.sweep.rel_tol)
 
-        def measure(rate: float, left_s: float, policy: str = policy) -> Probe:
-            result = probe(policy, rate, left_s)
-            progress("  " + probe_line(policy, result))
-            return result
+    def measure(policy: str, rate: float, left_s: float) -> Probe:
+        result = probe(policy, rate, left_s)
+        progress("  " + probe_line(policy, result))
+        return result
 
-        measured = search_capacity(policy, measure, first_rate_per_s=guess,
-                                   target=world.sweep.target_attainment,
-                                   rel_tol=world.sweep.rel_tol, deadline_s=deadline_s,
-                                   clock=clock)
-        progress(f"{policy}: measured capacity {measured.crossing_per_s:.3g} req/s (between "
-                 f"{measured.rate_per_s:.3g} and {measured.lowest_failed_per_s:.3g})"
-                 f"{' (search cut short by --max-minutes)' if measured.cut_short else ''}")
-        seen, simulated, factors = world, start, (math.nan, math.nan)
-        ran = probed(measured.probes)
-        if ran and clock() < end_s:
-            factors = speed_factors(world, policy, ran)
-            seen = as_probed(world, *factors)
-            again_by_s = min(clock() + simulated_by_s - now_s, end_s)  # as long as the first
-            simulated = find_capacity(seen, policy, stop=partial(out_of_time, again_by_s))
-            progress(f"{policy}: under its probes the server took x{factors[0]:.2f} the "
-                     f"start-of-run model's seconds per request and the clients x"
-                     f"{factors[1]:.2f} its CPU: simulated capacity "
-                     f"{simulated.crossing_per_s:.3g} req/s")
-        at_rate = (run_point(seen, policy, measured.crossing_per_s)
-                   if measured.rate_per_s > 0 and clock() < end_s else None)
-        on_probes = tuple(run_point(seen, policy, p.rate_per_s).sla_attainment
-                          if not p.repeated and clock() < end_s else math.nan
-                          for p in measured.probes)
-        results.append(PolicyResult(policy, measured, simulated, start, at_rate, fleet_rate,
-                                    unslowed_rate, *factors, simulated_probes=on_probes))
+    measured = run_searches(searches, measure, deadline_s=end_s - simulated_s, clock=clock)
+    if between is not None and clock() < end_s:
+        world = between(world)
+    results = []
+    for policy, start in starts.items():
+        found = measured[policy]
+        progress(f"{policy}: measured capacity {found.crossing_per_s:.3g} req/s (between "
+                 f"{found.rate_per_s:.3g} and {found.lowest_failed_per_s:.3g})"
+                 f"{' (search cut short by --max-minutes)' if found.cut_short else ''}")
+        by_s = min(clock() + SIMULATED_SHARE * budget_s / len(starts), end_s)
+        results.append(_predicted(world, start, found, progress, clock=clock, by_s=by_s))
     return results
+
+
+@dataclass(frozen=True)
+class _Start:
+    """A policy's predictions on the start-of-run world: its capacity, and (clients on this
+    machine) a fleet's and the shared cores' without the server's slowdown."""
+
+    capacity: SimCapacity
+    fleet_per_s: float = math.nan
+    unslowed_per_s: float = math.nan
+
+
+def _start_of_run(world: World, policy: str, progress: Callable[[str], None], *,
+                  stop: Callable[[], bool]) -> _Start:
+    start = find_capacity(world, policy, stop=stop)
+    host = world.client_host
+    if host is None:
+        return _Start(start)
+    fleet = find_capacity(replace(world, client_host=None), policy, stop=stop).crossing_per_s
+    unslowed = find_capacity(replace(world, client_host=replace(host, server_slowdown=1.0)),
+                             policy, stop=stop).crossing_per_s
+    progress(f"{policy}: simulated capacity of a fleet (each client its own device) "
+             f"{fleet:.3g} req/s, its clients on this machine's shared cores {unslowed:.3g} "
+             f"req/s, and the server slowed while they compute {start.crossing_per_s:.3g} req/s")
+    return _Start(start, fleet, unslowed)
+
+
+def _first_rate(world: World, start: _Start) -> float:
+    """Where a policy's measured search starts: its start-of-run capacity (or a guess)."""
+    guess = start.capacity.crossing_per_s
+    if not 0 < guess < world.sweep.max_rate_per_s:  # no rate the simulator tried failed
+        guess = first_guess_rate(world, start.capacity.policy)
+    return guess
+
+
+def _predicted(world: World, start: _Start, measured: Capacity,
+               progress: Callable[[str], None], *, clock: Callable[[], float], by_s: float
+               ) -> PolicyResult:
+    """The policy's result: the prediction at the speeds its probes measured (where any ran
+    to its end and there is time before `by_s`), beside what was measured."""
+    policy = measured.policy
+    seen, simulated, factors = world, start.capacity, (math.nan, math.nan)
+    ran = probed(measured.probes)
+    if ran and clock() < by_s:
+        factors = speed_factors(world, policy, ran)
+        seen = as_probed(world, *factors)
+        simulated = find_capacity(seen, policy, stop=lambda: clock() >= by_s)
+        progress(f"{policy}: under its probes the server took x{factors[0]:.2f} the "
+                 f"start-of-run model's seconds per request and the clients x"
+                 f"{factors[1]:.2f} its CPU: simulated capacity "
+                 f"{simulated.crossing_per_s:.3g} req/s")
+    at_rate = (run_point(seen, policy, measured.crossing_per_s)
+               if measured.rate_per_s > 0 and clock() < by_s else None)
+    on_probes = tuple(run_point(seen, policy, p.rate_per_s).sla_attainment
+                      if not p.repeated and clock() < by_s else math.nan
+                      for p in measured.probes)
+    return PolicyResult(policy, measured, simulated, start.capacity, at_rate, start.fleet_per_s,
+                        start.unslowed_per_s, *factors, simulated_probes=on_probes)

@@ -270,7 +270,8 @@ def run_loadtest(*, server: str | None, model: str, token: str | None, scenario_
             world, host = calibrated_host(world, runner, rounds, classes)
 
         def between(world: World) -> World:
-            """The server's slowdown timed again (pooled with the pairs before)."""
+            """The server's slowdown timed again after the probes (pooled with the pairs
+            before)."""
             nonlocal host
             from splitllm.runtime.loadtest_host import retimed
 

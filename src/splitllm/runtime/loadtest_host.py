@@ -61,7 +61,7 @@ BUSY_ROUNDS = 6  # pairs of one policy's idle-check rounds, the clients' cores i
 TOGETHER_REQUESTS = 18  # requests started at once in a calibration batch (the probes near the
 # splits' capacities ran 20-30 at once)
 TOGETHER_ROUNDS = 2  # batches per policy
-BETWEEN_PAIRS = 2  # pairs timed again before each policy after the first
+BETWEEN_PAIRS = 2  # pairs timed again after the probes (before the predictions at their speeds)
 LOADED_BEYOND = 1.0  # runnable processes beyond the load test's own two (its server, clients)
 LOADED_SPREAD = 1.5  # the pairs' highest ratio over their lowest
 POLLS = 40  # reads of the server's load timed for their CPU (10 s of a probe's reads)
