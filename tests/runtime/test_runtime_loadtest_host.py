@@ -295,8 +295,9 @@ def test_the_report_shows_both_predictions() -> None:
 
 
 def test_the_report_compares_each_probe_with_its_simulation() -> None:
-    """Per probe that ran to its end and counts: simulated minus measured attainment at its
-    rate (a stopped-early or repeated probe is shown, not counted; one not simulated: -)."""
+    """Per probe that counts: the verdicts, simulated against measured (a probe stopped early
+    failed); where it ran to its end, simulated minus measured attainment at its rate (a
+    repeated probe is shown, not counted; one not simulated: -)."""
     def probe(rate: float, attainment: float, **kw: Any) -> Probe:
         return Probe(metrics=fake_metrics(rate, attainment), process_cpu_s_per_request=0.05,
                      wall_s=9.0, **kw)
@@ -309,19 +310,29 @@ def test_the_report_compares_each_probe_with_its_simulation() -> None:
     result = PolicyResult("greedy", measured, sim, sim, None,
                           simulated_probes=(1.0, 0.97, 0.98, math.nan, 0.96))
     assert result.probe_errors() == pytest.approx([0.0, 0.04, 0.07])
-    errors = policy_json(result)["probe_attainment_err"]
-    assert errors == {"median": pytest.approx(0.04), "max_abs": pytest.approx(0.07),
-                      "probes": 3}
-    assert [p["simulated_attainment"] for p in policy_json(result)["probes"]] == [
+    assert result.probe_verdicts() == [(8.0, True, True), (12.0, False, True),
+                                       (10.0, True, True), (11.0, False, True)]
+    document = policy_json(result)
+    assert document["probe_attainment_err"] == {
+        "median": pytest.approx(0.04), "max_abs": pytest.approx(0.07), "probes": 3}
+    assert document["probe_verdicts"] == {"agree": 2, "probes": 4,
+                                          "only_simulated_passed_req_s": [12.0, 11.0],
+                                          "only_measured_passed_req_s": []}
+    assert [p["simulated_attainment"] for p in document["probes"]] == [
         1.0, 0.97, 0.98, None, 0.96]
     text = report_md([result], "HEADER")
-    assert ("simulated minus measured attainment: greedy median +4 points, largest 7 "
-            "(3 probes).") in text
+    assert ("greedy: the verdicts agree at 2 of 4 probes (only the simulated passed at 12, 11 "
+            "req/s); simulated minus measured attainment where both ran to their end, median "
+            "+4 points, largest 7 (3 probes).") in text
     assert "| greedy | 12 | 67% (stopped early) | 97% | " in text
     assert "| greedy | 11 | 50% | - | " in text
+    pessimist = replace(result, simulated_probes=(0.85, 0.5, 0.98, math.nan, 0.5))
+    assert "(only the measured passed at 8 req/s)" in report_md([pessimist], "H")
     bare = replace(result, simulated_probes=())
-    assert bare.probe_errors() == [] and policy_json(bare)["probe_attainment_err"] is None
-    assert "No probe that ran to its end was simulated at its rate." in report_md([bare], "H")
+    assert bare.probe_errors() == [] and bare.probe_verdicts() == []
+    assert policy_json(bare)["probe_attainment_err"] is None
+    assert policy_json(bare)["probe_verdicts"] is None
+    assert "No probe was simulated at its rate." in report_md([bare], "H")
 
 
 def test_the_report_says_which_probes_other_work_disturbed() -> None:

@@ -388,15 +388,27 @@ class PolicyResult:
         """The predicted capacity (the crossing within its last bracket)."""
         return self.simulated.crossing_per_s
 
-    def probe_errors(self) -> list[float]:
-        """Simulated minus measured attainment at each probe that ran to its end and counts:
-        the comparison that holds where the attainment changes slowly with the rate (there
-        a few points of attainment move the capacity's crossing by a large share)."""
+    def _compared(self) -> list[tuple[Probe, float]]:
+        """Each probe that counts (not repeated, not cut off) with its simulated attainment."""
         if not self.simulated_probes:
             return []
-        return [sim - p.metrics.sla_attainment
-                for p, sim in zip(self.measured.probes, self.simulated_probes, strict=True)
-                if not (p.stopped_early or p.cut_off or p.repeated) and sim == sim]
+        return [(p, sim) for p, sim in zip(self.measured.probes, self.simulated_probes,
+                                           strict=True)
+                if not (p.cut_off or p.repeated) and sim == sim]
+
+    def probe_errors(self) -> list[float]:
+        """Simulated minus measured attainment at each probe that ran to its end: the
+        comparison that holds where the attainment changes slowly with the rate (there a few
+        points of attainment move the capacity's crossing by a large share)."""
+        return [sim - p.metrics.sla_attainment for p, sim in self._compared()
+                if not p.stopped_early]
+
+    def probe_verdicts(self) -> list[tuple[float, bool, bool]]:
+        """(rate, measured passed, simulated passed) at each probe: the target met or not,
+        where a probe stopped early certainly failed (its attainment counts only what ran)."""
+        target = self.measured.target
+        return [(p.rate_per_s, p.metrics.sla_attainment >= target and not p.stopped_early,
+                 sim >= target) for p, sim in self._compared()]
 
     @property
     def at_capacity(self) -> Probe | None:

@@ -104,6 +104,7 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "simulated_at_capacity": (_metrics_json(r.simulated_at_capacity)
                                   if r.simulated_at_capacity else None),
         "probe_attainment_err": _errors_json(r.probe_errors()),
+        "probe_verdicts": _verdicts_json(r.probe_verdicts()),
         "probes": [{**_probe_json(p), "simulated_attainment": _num(sim)} for p, sim in
                    zip(r.measured.probes, r.simulated_probes or _nans(r), strict=True)],
     }
@@ -111,6 +112,16 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
 
 def _nans(r: PolicyResult) -> tuple[float, ...]:
     return (math.nan,) * len(r.measured.probes)
+
+
+def _verdicts_json(verdicts: Sequence[tuple[float, bool, bool]]) -> dict[str, Any] | None:
+    """How many probes' verdicts (target met or not) the simulation shares, and the rates of
+    those it does not: where the simulated passed and the measured failed, and the reverse."""
+    if not verdicts:
+        return None
+    return {"agree": sum(m == s for _, m, s in verdicts), "probes": len(verdicts),
+            "only_simulated_passed_req_s": [r for r, m, s in verdicts if s and not m],
+            "only_measured_passed_req_s": [r for r, m, s in verdicts if m and not s]}
 
 
 def _errors_json(errors: Sequence[float]) -> dict[str, Any] | None:
@@ -334,18 +345,30 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
 
 
 def _probes_note(results: Sequence[PolicyResult]) -> str:
-    """Per policy, simulated minus measured attainment at the rates its probes ran."""
+    """Per policy, the simulation at the rates its probes ran: do the verdicts agree, and by
+    how much the attainments differ."""
     parts = []
     for r in results:
+        v = _verdicts_json(r.probe_verdicts())
+        if v is None:
+            continue
+        part = f"{r.policy}: the verdicts agree at {v['agree']} of {v['probes']} probes"
+        for key, which in (("only_simulated_passed_req_s", "only the simulated passed"),
+                           ("only_measured_passed_req_s", "only the measured passed")):
+            if v[key]:
+                part += f" ({which} at {', '.join(f'{x:.3g}' for x in v[key])} req/s)"
         e = _errors_json(r.probe_errors())
         if e is not None:
-            parts.append(f"{r.policy} median {100 * e['median']:+.0f} points, largest "
-                         f"{100 * e['max_abs']:.0f} ({e['probes']} probes)")
+            part += (f"; simulated minus measured attainment where both ran to their end, "
+                     f"median {100 * e['median']:+.0f} points, largest "
+                     f"{100 * e['max_abs']:.0f} ({e['probes']} probes)")
+        parts.append(part)
     if not parts:
-        return "No probe that ran to its end was simulated at its rate."
-    return ("At each probe's rate (its requests, run to their end), simulated minus measured "
-            "attainment: " + "; ".join(parts) + ". Where the attainment changes slowly with "
-            "the rate, a few points of it move the capacity's crossing far.")
+        return "No probe was simulated at its rate."
+    return ("At each probe's rate (its requests), simulated against measured, the verdict "
+            f"(>= {results[0].measured.target:.0%} within SLA; a probe stopped early failed) "
+            "and the attainment: " + "; ".join(parts) + ". Where the attainment changes "
+            "slowly with the rate, a few points of it move the capacity's crossing far.")
 
 
 def _target_verdict(results: Sequence[PolicyResult],
