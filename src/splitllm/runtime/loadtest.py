@@ -388,11 +388,14 @@ class PolicyResult:
         """The predicted capacity (the crossing within its last bracket)."""
         return self.simulated.crossing_per_s
 
+    @property
+    def probes_simulated(self) -> tuple[float, ...]:
+        """The simulated attainment at each probe (nan at every one where none ran)."""
+        return self.simulated_probes or (math.nan,) * len(self.measured.probes)
+
     def _compared(self) -> list[tuple[Probe, float]]:
         """Each probe that counts (not repeated, not cut off) with its simulated attainment."""
-        if not self.simulated_probes:
-            return []
-        return [(p, sim) for p, sim in zip(self.measured.probes, self.simulated_probes,
+        return [(p, sim) for p, sim in zip(self.measured.probes, self.probes_simulated,
                                            strict=True)
                 if not (p.cut_off or p.repeated) and sim == sim]
 
@@ -425,7 +428,8 @@ def probed(probes: Sequence[Probe]) -> list[Probed]:
             for p in probes if not (p.stopped_early or p.cut_off or p.repeated)]
 
 
-SIMULATED_SHARE = 0.25  # of a policy's time: the most its simulated search may take
+SIMULATED_SHARE = 0.25  # of the study's time: the most the simulated searches on the
+# start-of-run world may take (and, after the probes, the predictions at their speeds)
 
 
 def run_study(world: World, probe: Callable[[str, float, float], Probe], *, budget_s: float,
@@ -489,6 +493,8 @@ class _Start:
 
 def _start_of_run(world: World, policy: str, progress: Callable[[str], None], *,
                   stop: Callable[[], bool]) -> _Start:
+    """The policy's simulated searches on the start-of-run world (none starts a probe once
+    `stop()` says so)."""
     start = find_capacity(world, policy, stop=stop)
     host = world.client_host
     if host is None:

@@ -106,12 +106,8 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
         "probe_attainment_err": _errors_json(r.probe_errors()),
         "probe_verdicts": _verdicts_json(r.probe_verdicts()),
         "probes": [{**_probe_json(p), "simulated_attainment": _num(sim)} for p, sim in
-                   zip(r.measured.probes, r.simulated_probes or _nans(r), strict=True)],
+                   zip(r.measured.probes, r.probes_simulated, strict=True)],
     }
-
-
-def _nans(r: PolicyResult) -> tuple[float, ...]:
-    return (math.nan,) * len(r.measured.probes)
 
 
 def _verdicts_json(verdicts: Sequence[tuple[float, bool, bool]]) -> dict[str, Any] | None:
@@ -331,7 +327,7 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
               "started late p90 (ms) | other work (cores) | wall s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for p, sim in zip(r.measured.probes, r.simulated_probes or _nans(r), strict=True):
+        for p, sim in zip(r.measured.probes, r.probes_simulated, strict=True):
             m = p.metrics
             lines.append(f"| {r.policy} | {m.rate_per_s:.3g} | {m.sla_attainment:.0%}"
                          f"{' (stopped early)' if p.stopped_early else ''} | "
