@@ -633,8 +633,10 @@ def main() -> None:
                               + gc_pauses.pauses_line(log, start, end), flush=True)
                 if entries:
                     print(parts_table(entries), flush=True)
-                    if raw["step_model"] is not None:
+                    if raw["step_model"] is not None:  # the steps' own part of its job_s
                         model = StepModel.from_json(raw["step_model"])
+                        outside_s = np.nan_to_num(probe.server_job_s)  # its CPU outside them
+                        model = replace(model, job_s=max(model.job_s - outside_s, 0.0))
                         print(steps_table(entries, model), flush=True)
                         print(steps_by_clients_busy(timings, entries, model), flush=True)
                 probes.append(raw)

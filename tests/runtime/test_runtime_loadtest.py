@@ -98,6 +98,13 @@ def test_a_short_real_run_against_a_tiny_model_server(tiny_llama: LoadedModel,
             "splitllm_sessions_opened_total"] == 4
         assert probe.process_cpu_s_per_request > 0 and m.server_s_per_request > 0
         assert probe.server_wall_s_per_request > 0  # the steps' wall share, what the model prices
+        # one forward a token (the prompt's in one), counted as the server counts them; the
+        # seconds the simulator charges a request add their CPU outside the steps
+        forwards = after["splitllm_forwards_total"] - before["splitllm_forwards_total"]
+        assert probe.server_visits_per_request * 4 == float(load.output_tokens.sum()) == forwards
+        assert probe.server_s_per_request == pytest.approx(
+            probe.server_wall_s_per_request
+            + probe.server_job_s * probe.server_visits_per_request)
         # other work on the machine, timed (Linux): the server's CPU is this process's own
         assert probe.foreign_cores >= 0 or math.isnan(machine_busy_s())
         assert m.ttft_s[0] <= m.latency_s[0] and m.tpot_s[0] > 0

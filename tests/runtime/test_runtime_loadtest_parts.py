@@ -498,6 +498,21 @@ def test_the_prediction_runs_at_the_speeds_the_probes_measured() -> None:
     assert not bare.simulated_on_probes and bare.simulated_per_s == start
 
 
+def test_a_probe_compares_with_the_simulator_the_seconds_it_charges_a_request() -> None:
+    """The simulator charges a request its share of the steps and, per forward, the
+    server's CPU outside them (the world's `job_s` holds both): what a probe measured of the
+    server, for the speed factors, is the same sum (the steps' share alone read 4-6% under
+    it); a server that does not report its CPU outside the steps counts the steps only."""
+    probe = Probe(metrics=fake_metrics(1.0, 0.95), process_cpu_s_per_request=0.2, wall_s=10.0,
+                  server_wall_s_per_request=0.12, server_job_s=0.003,
+                  server_visits_per_request=2.5)
+    assert probe.server_s_per_request == pytest.approx(0.12 + 0.003 * 2.5)
+    [seen] = probed([probe])
+    assert seen.server_s_per_request == pytest.approx(0.1275)
+    unreported = replace(probe, server_job_s=math.nan)
+    assert unreported.server_s_per_request == 0.12
+
+
 def test_the_speed_factors_are_the_median_ratios_of_measured_to_simulated() -> None:
     world = replace(world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0),
                     client_host=ClientHost(cores=1.0, cpu_per_client_s=(2.0, 2.0),

@@ -65,6 +65,7 @@ def _probe_json(p: Probe) -> dict[str, Any]:
             "server_process_cpu_s_per_request": _num(p.process_cpu_s_per_request),
             "server_job_s": _num(p.server_job_s), "client_cores_busy": _num(p.client_cores_busy),
             "server_wall_s_per_request": _num(p.server_wall_s_per_request),
+            "server_visits_per_request": _num(p.server_visits_per_request),
             "foreign_cores": _num(p.foreign_cores),
             "started_late_p90_s": _num(p.started_late_p90_s), "repeated": p.repeated}
 
@@ -285,8 +286,9 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
              f"attainment). Simulated: the prediction for the world measured here, {clients}, "
              "at the speeds the policy's probes that ran "
              "to their end measured: the start-of-run step model times the median ratio of "
-             "the server's steps' wall seconds per request measured to simulated at the "
-             "probes' rates, "
+             "the server's seconds per request (its share of the steps' wall seconds and its "
+             "forwards' CPU outside them, as the simulator charges them) measured to "
+             "simulated at the probes' rates, "
              "and the clients' CPU times the same ratio of the client process's CPU (this "
              "machine's other load moves both between minutes; a profile of the machine, not "
              "its capacity). On the start-of-run model: the same world as calibrated before "

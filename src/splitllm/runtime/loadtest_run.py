@@ -207,6 +207,7 @@ class RealRunner:
         return Outcome(first_token_s=first[0], finished_s=last[0],
                        server_cpu_s=generation.server_cpu_s, placement=placement,
                        server_wall_s=generation.server_busy_s,
+                       server_visits=generation.round_trips,
                        planned=planned, started_late_s=late_s)
 
     def alone(self, class_index: int, prompt_tokens: int, output_tokens: int, placement: str
@@ -370,8 +371,8 @@ class RealRunner:
                             busy_total_s=counter_delta(after, before, BUSY),
                             queue_wait_mean_s=counter_delta(after, before, QUEUE_WAIT + "_sum")
                             / waits if waits else 0.0)
-        done = sum(not math.isnan(o.finished_s) for o in outcomes)
-        walls = [o.server_wall_s for o in outcomes if not math.isnan(o.finished_s)]
+        finished = [o for o in outcomes if not math.isnan(o.finished_s)]
+        done = len(finished)
         late = [o.started_late_s for o in outcomes if not math.isnan(o.started_late_s)]
         cpu_s = counter_delta(after, before, PROCESS_CPU)
         return Probe(metrics=summarize(world, record), wall_s=wall_s,
@@ -379,7 +380,10 @@ class RealRunner:
                      else math.nan, stopped_early=stopped_early, cut_off=cut_off,
                      server_job_s=server_job_s(before, after) if done else math.nan,
                      client_cores_busy=client_cpu_s / wall_s,
-                     server_wall_s_per_request=float(np.nanmean(walls)) if walls else math.nan,
+                     server_wall_s_per_request=float(np.nanmean(
+                         [o.server_wall_s for o in finished])) if finished else math.nan,
+                     server_visits_per_request=float(np.mean(
+                         [o.server_visits for o in finished])) if finished else math.nan,
                      foreign_cores=foreign_cores(machine_s, own_s, wall_s),
                      started_late_p90_s=float(np.percentile(late, 90)) if late else math.nan)
 

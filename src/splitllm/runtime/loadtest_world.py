@@ -234,15 +234,16 @@ class Probed:
     """What one probe that ran to its end measured of the machine."""
 
     rate_per_s: float
-    server_s_per_request: float  # the server's steps' wall seconds per request (nan: none)
+    server_s_per_request: float  # `loadtest.Probe.server_s_per_request` (nan: none)
     client_cpu_s: float  # the clients' process CPU seconds over the probe (nan: none)
 
 
 def speed_factors(world: World, policy: str, probes: Sequence[Probed]) -> tuple[float, float]:
-    """(server, clients): the median, over `probes`, of the server's wall seconds per request
-    (the step model's seconds: a server core shared with other work stretches them, its CPU
-    seconds not) and of the clients' CPU measured, each over what `world` gives at the probe's
-    rate (1: none to compare)."""
+    """(server, clients): the median, over `probes`, of the server's seconds per request as
+    the simulator charges them (its steps' wall seconds, which a server core shared with
+    other work stretches and its CPU seconds not, and its forwards' CPU outside the steps)
+    and of the clients' CPU measured, each over what `world` gives at the probe's rate (1:
+    none to compare)."""
     server, clients = [], []
     for p in probes:
         at_rate = world.with_rate(p.rate_per_s)
