@@ -51,6 +51,7 @@ from splitllm.runtime.loadtest_world import EmulatedClass
 from splitllm.sim.capacity import Capacity as SimCapacity
 from splitllm.sim.capacity import find_capacity
 from splitllm.sim.client_host import ClientHost
+from splitllm.sim.metrics import RunMetrics
 from splitllm.sim.policies import request_instance
 from splitllm.sim.world import World
 
@@ -307,8 +308,13 @@ def test_the_report_compares_each_probe_with_its_simulation() -> None:
     measured = Capacity("greedy", 10.0, 11.0, probes, cut_short=False, attainment=0.94,
                         failed_attainment=0.89)
     sim = SimCapacity("greedy", 10.0, 0.9, (fake_metrics(10.0, 0.95),))
+    def simulated(*attainments: float) -> tuple[RunMetrics | None, ...]:
+        return tuple(None if a != a else replace(fake_metrics(p.rate_per_s, a),
+                                                  fallback_share=0.25)
+                     for p, a in zip(probes, attainments, strict=True))
+
     result = PolicyResult("greedy", measured, sim, sim, None,
-                          simulated_probes=(1.0, 0.97, 0.98, math.nan, 0.96))
+                          simulated_probes=simulated(1.0, 0.97, 0.98, math.nan, 0.96))
     assert result.probe_errors() == pytest.approx([0.0, 0.04, 0.07])
     assert result.probe_verdicts() == [(8.0, True, True), (12.0, False, True),
                                        (10.0, True, True), (11.0, False, True)]
@@ -320,13 +326,17 @@ def test_the_report_compares_each_probe_with_its_simulation() -> None:
                                           "only_measured_passed_req_s": []}
     assert [p["simulated_attainment"] for p in document["probes"]] == [
         1.0, 0.97, 0.98, None, 0.96]
+    # the requests that found no plan within their limits, measured (0 here) and simulated
+    assert [p["simulated_fallback_share"] for p in document["probes"]] == [
+        0.25, 0.25, 0.25, None, 0.25]
+    assert {p["fallback_share"] for p in document["probes"]} == {0.0}
     text = report_md([result], "HEADER")
     assert ("greedy: the verdicts agree at 2 of 4 probes (only the simulated passed at 12, 11 "
             "req/s); simulated minus measured attainment where both ran to their end, median "
             "+4 points, largest 7 (3 probes).") in text
-    assert "| greedy | 12 | 67% (stopped early) | 97% | " in text
-    assert "| greedy | 11 | 50% | - | " in text
-    pessimist = replace(result, simulated_probes=(0.85, 0.5, 0.98, math.nan, 0.5))
+    assert "| greedy | 12 | 67% (stopped early) | 97% | 0% (25%) | " in text
+    assert "| greedy | 11 | 50% | - | 0% | " in text
+    pessimist = replace(result, simulated_probes=simulated(0.85, 0.5, 0.98, math.nan, 0.5))
     assert "(only the measured passed at 8 req/s)" in report_md([pessimist], "H")
     bare = replace(result, simulated_probes=())
     assert bare.probe_errors() == [] and bare.probe_verdicts() == []

@@ -380,9 +380,9 @@ class PolicyResult:
     simulated_unslowed_per_s: float = math.nan
     server_factor: float = math.nan  # `simulated`'s server: the start's step model x this
     client_factor: float = math.nan  # ... and its clients' CPU x this (nan: not fitted)
-    # `simulated`'s world at each measured probe's rate, the same requests: its attainment
-    # (one per probe of `measured.probes`; nan: repeated, or no time left to simulate it)
-    simulated_probes: tuple[float, ...] = ()
+    # `simulated`'s world at each measured probe's rate, the same requests: its metrics (one
+    # per probe of `measured.probes`; None: repeated, or no time left to simulate it)
+    simulated_probes: tuple[RunMetrics | None, ...] = ()
 
     @property
     def simulated_on_probes(self) -> bool:
@@ -400,15 +400,15 @@ class PolicyResult:
         return self.simulated.crossing_per_s
 
     @property
-    def probes_simulated(self) -> tuple[float, ...]:
-        """The simulated attainment at each probe (nan at every one where none ran)."""
-        return self.simulated_probes or (math.nan,) * len(self.measured.probes)
+    def probes_simulated(self) -> tuple[RunMetrics | None, ...]:
+        """The simulated metrics at each probe (None at every one where none ran)."""
+        return self.simulated_probes or (None,) * len(self.measured.probes)
 
     def _compared(self) -> list[tuple[Probe, float]]:
         """Each probe that counts (not repeated, not cut off) with its simulated attainment."""
-        return [(p, sim) for p, sim in zip(self.measured.probes, self.probes_simulated,
-                                           strict=True)
-                if not (p.cut_off or p.repeated) and sim == sim]
+        return [(p, sim.sla_attainment) for p, sim in zip(self.measured.probes,
+                                                           self.probes_simulated, strict=True)
+                if not (p.cut_off or p.repeated) and sim is not None]
 
     def probe_errors(self) -> list[float]:
         """Simulated minus measured attainment at each probe that ran to its end: the
@@ -545,8 +545,8 @@ def _predicted(world: World, start: _Start, measured: Capacity,
                  f"{simulated.crossing_per_s:.3g} req/s")
     at_rate = (run_point(seen, policy, measured.crossing_per_s)
                if measured.rate_per_s > 0 and clock() < by_s else None)
-    on_probes = tuple(run_point(seen, policy, p.rate_per_s).sla_attainment
-                      if not p.repeated and clock() < by_s else math.nan
+    on_probes = tuple(run_point(seen, policy, p.rate_per_s)
+                      if not p.repeated and clock() < by_s else None
                       for p in measured.probes)
     return PolicyResult(policy, measured, simulated, start.capacity, at_rate, start.fleet_per_s,
                         start.unslowed_per_s, *factors, simulated_probes=on_probes)

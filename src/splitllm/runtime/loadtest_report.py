@@ -106,8 +106,10 @@ def policy_json(r: PolicyResult) -> dict[str, Any]:
                                   if r.simulated_at_capacity else None),
         "probe_attainment_err": _errors_json(r.probe_errors()),
         "probe_verdicts": _verdicts_json(r.probe_verdicts()),
-        "probes": [{**_probe_json(p), "simulated_attainment": _num(sim)} for p, sim in
-                   zip(r.measured.probes, r.probes_simulated, strict=True)],
+        "probes": [{**_probe_json(p),
+                    "simulated_attainment": _num(sim.sla_attainment) if sim else None,
+                    "simulated_fallback_share": _num(sim.fallback_share) if sim else None}
+                   for p, sim in zip(r.measured.probes, r.probes_simulated, strict=True)],
     }
 
 
@@ -324,16 +326,19 @@ def report_md(results: list[PolicyResult], header: str, idle: str = "",
               "", _probes_note(results),
               "", "Every probe (measured; simulated: the same requests at its rate, at the "
               "probes' speeds):", "",
-              "| policy | rate (req/s) | within SLA | simulated | done | TTFT p99 (s) | "
-              "server busy | server CPU s / req | EMULATED clients' cores busy | "
-              "started late p90 (ms) | other work (cores) | wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| policy | rate (req/s) | within SLA | simulated | no plan within SLA "
+              "(simulated) | done | TTFT p99 (s) | server busy | server CPU s / req | "
+              "EMULATED clients' cores busy | started late p90 (ms) | other work (cores) | "
+              "wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for p, sim in zip(r.measured.probes, r.probes_simulated, strict=True):
             m = p.metrics
             lines.append(f"| {r.policy} | {m.rate_per_s:.3g} | {m.sla_attainment:.0%}"
                          f"{' (stopped early)' if p.stopped_early else ''} | "
-                         f"{'-' if sim != sim else f'{sim:.0%}'} | "
+                         f"{'-' if sim is None else f'{sim.sla_attainment:.0%}'} | "
+                         f"{m.fallback_share:.0%}"
+                         f"{'' if sim is None else f' ({sim.fallback_share:.0%})'} | "
                          f"{m.completed}/{m.requests} | {m.ttft_s[2]:.3g} | "
                          f"{m.utilization:.0%} | {p.process_cpu_s_per_request:.3g} | "
                          f"{p.client_cores_busy:.2f} | {p.started_late_p90_s * 1e3:.0f} | "
