@@ -25,7 +25,9 @@ each request's idle latency (its walk on an idle server) over its SLA, and the s
 attainment if every request took 0.1, 0.2 or 0.3 s longer; last, every 0.5 s of the probe the
 clients' core busy and the requests in flight on both sides (measured: the clients' process's
 CPU and its worker threads running a request; simulated: the shared cores, the requests arrived
-and not finished). `--trace-out FILE` times every
+and not finished); for a load-reading policy, the loads it planned with on both sides (its
+tuned headroom, the queue wait's mean and quantile) and the share of its plans that found none
+within the limits (`sim.policies.rescue`). `--trace-out FILE` times every
 forward inside the server (`forward_trace.py`) and prints, per probe, each forward's hops on
 one clock (the client's call, its socket, the server's message to reply, the client's read),
 over all requests and over those missed measured and met simulated, and the real steps over
@@ -74,6 +76,7 @@ from splitllm.runtime.loadtest_world import (
 from splitllm.runtime.models import LoadedModel, context_tokens, load_model
 from splitllm.sim.client_host import SharedCores
 from splitllm.sim.metrics import sla_met
+from splitllm.sim.policies import Decision, Load, PlanPolicy
 from splitllm.sim.run import RunRecord, run_policy
 from splitllm.sim.walk import Walk, WalkBuilder
 from splitllm.sim.world import World
@@ -121,6 +124,8 @@ class Timings:
         self.start_s = math.nan  # the probe's clock (time.perf_counter)
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.loads: list[tuple[Load, bool]] = []  # what the policy planned with, and whether
+        # it found a plan within the limits
 
     def busy_stretches(self) -> list[tuple[float, float, float]]:
         """(start, end, the clients' process's cores busy) between consecutive samples, on the
@@ -208,7 +213,7 @@ def instrumented(runner: RealRunner, timings: Timings) -> Iterator[None]:
     socket.send, socket.recv = marked(send, "sent"), marked(recv, "received")  # type: ignore
     loadtest_run.certainly_failed = lambda *_: False
     try:
-        with timings.sampling():
+        with timings.sampling(), decisions_logged(timings.loads):
             yield
     finally:
         remote.RemoteSession.forward = forward  # type: ignore[method-assign]
@@ -407,6 +412,45 @@ def cores_logged(intervals: list[tuple[float, float, float]]) -> Iterator[None]:
         SharedCores._progressed = progressed  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def decisions_logged(loads: list[tuple[Load, bool]]) -> Iterator[None]:
+    """Within: every plan a load-reading policy makes (`PlanPolicy.decide`), real or simulated,
+    logs the load it read and whether it found a plan within the limits (else its rescue)."""
+    decide = PlanPolicy.decide
+
+    def logged(self: PlanPolicy, type_index: int, class_index: int, prompt: int, output: int,
+               load: Load | None = None) -> Decision:
+        decision = decide(self, type_index, class_index, prompt, output, load)
+        if load is not None:
+            loads.append((load, decision.planned))
+        return decision
+
+    PlanPolicy.decide = logged  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        PlanPolicy.decide = decide  # type: ignore[method-assign]
+
+
+def loads_line(measured: Sequence[tuple[Load, bool]], simulated: Sequence[tuple[Load, bool]]
+               ) -> str:
+    """The loads a load-reading policy planned with, measured / simulated: p50 / p90 of the
+    tuned headroom and the queue wait's mean and quantile, and the share of its plans that
+    found none within the limits (its rescue)."""
+    def side(loads: Sequence[tuple[Load, bool]]) -> str:
+        if not loads:
+            return "none"
+        cols = np.array([(ld.tuned_headroom, ld.wait_mean_s * 1e3, ld.wait_quantile_s * 1e3)
+                         for ld, _ in loads])
+        q = np.percentile(cols, [50, 90], axis=0)
+        rescued = 1 - float(np.mean([planned for _, planned in loads]))
+        return (f"headroom {q[0, 0]:.2f} / {q[1, 0]:.2f}, wait mean {q[0, 1]:.0f} / "
+                f"{q[1, 1]:.0f} ms, quantile {q[0, 2]:.0f} / {q[1, 2]:.0f} ms, "
+                f"{rescued:.0%} rescued ({len(loads)} plans)")
+    return (f"loads planned with (p50 / p90), measured: {side(measured)}; simulated: "
+            f"{side(simulated)}")
+
+
 def _binned(stretches: Sequence[tuple[float, float, float]], bins: int) -> np.ndarray:
     """Cores busy per `TIMELINE_S` bin from (start s, end s, cores) stretches."""
     busy = np.zeros(bins)
@@ -468,7 +512,8 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
     factors = speed_factors(world, policy, probed([probe]))
     seen = as_probed(world, *factors).with_rate(probe.rate_per_s)
     cores: list[tuple[float, float, float]] = []
-    with cores_logged(cores):
+    simulated_loads: list[tuple[Load, bool]] = []
+    with cores_logged(cores), decisions_logged(simulated_loads):
         record = run_policy(seen, policy, log=True)
     n = len(record.arrived_at_s)
     measured = measured_parts(timings, n)
@@ -500,6 +545,7 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
             + misses_in_time(record.arrived_at_s, measured_missed)
             + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))
             + "\n" + timeline(timings, record, cores)
+            + "\n" + loads_line(timings.loads, simulated_loads)
             + ("\n" + hops_table(timings, entries, missed) if entries else "")), raw
 
 
