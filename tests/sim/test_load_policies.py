@@ -72,6 +72,27 @@ def test_on_a_saturated_server_every_policy_takes_the_least_work_feasible_plan(
     assert _least_work(_plans(world, 0.0)) < _least_work(loaded)
 
 
+@pytest.mark.parametrize("policy", NEW)
+def test_a_request_without_a_plan_in_its_margin_is_rescued_at_the_mean_wait(
+        world: World, policy: str) -> None:
+    """At a high quantile of the wait (2 s a visit) no plan meets the SLA; at the mean wait
+    (1 s) the fastest does: the request gets the fastest, its best chance, not the plan with
+    the least work, which certainly misses. Where even the mean wait leaves the fastest too
+    slow, the least server work."""
+    def rescued(mean_s: float, quantile_s: float) -> Placement:
+        load = Load(wait_mean_s=wait_bucket(mean_s), wait_quantile_s=wait_bucket(quantile_s))
+        decision = PlanPolicy(world, policy).decide(0, 0, PROMPT, OUTPUT, load)
+        assert not decision.planned  # no plan within the margin
+        return decision.placement
+
+    assert not any(p.feasible for p in _plans(world, wait_bucket(2.0)))
+    fastest = min(_plans(world, wait_bucket(1.0)), key=lambda p: p.latency_s)
+    assert fastest.feasible and rescued(1.0, 2.0) == fastest.placement
+    least = min(_plans(world, wait_bucket(3.0)), key=lambda p: p.server_work)
+    assert not least.feasible and rescued(3.0, 5.0) == least.placement
+    assert least.placement != fastest.placement
+
+
 @pytest.mark.parametrize("utilization", [0.0, 0.3, 0.6, 1.0])
 def test_frontier_priced_minimises_work_plus_priced_latency(world: World,
                                                             utilization: float) -> None:
