@@ -545,7 +545,8 @@ def report(world: World, policy: str, probe: Probe, timings: Timings,
             + misses_in_time(record.arrived_at_s, measured_missed)
             + "; simulated: " + misses_in_time(record.arrived_at_s, ~sla_met(seen, record))
             + "\n" + timeline(timings, record, cores)
-            + "\n" + loads_line(timings.loads, simulated_loads)
+            + ("\n" + loads_line(timings.loads, simulated_loads)
+               if timings.loads or simulated_loads else "")
             + ("\n" + hops_table(timings, entries, missed) if entries else "")), raw
 
 
