@@ -13,6 +13,7 @@ from rich.console import Console
 
 from splitllm import dtypes
 from splitllm.errors import UserError
+from splitllm.outputs import output_file
 from splitllm.planner.configs import MODEL_CONFIGS
 from splitllm.planner.hardware import DEVICE_PRESETS, LINK_PRESETS
 from splitllm.planner.speculation import Speculation
@@ -93,7 +94,7 @@ def plan(
     if not step_s > 0:
         raise UserError("--step-s must be positive")
     if export_instance is not None:
-        save_instance(instance, export_instance)
+        save_instance(instance, output_file(export_instance, "--export-instance"))
     plans = compare(instance, solver, step_s)
     chosen = plans[solver]
     front = frontier(instance) if show_frontier or instance_file is None else []
@@ -212,9 +213,13 @@ app.command()(loadtest)
 
 
 def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    """Entry point: user mistakes become one line on stderr and exit code 2; what the machine
+    refused (a file, a port) one line and exit code 1."""
     try:
         app()
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
+    except OSError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)

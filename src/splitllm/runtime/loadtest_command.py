@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import typer
 
 from splitllm.errors import UserError
+from splitllm.outputs import output_dir
 
 if TYPE_CHECKING:
     from splitllm.planner.hardware import DeviceProfile
@@ -135,6 +136,8 @@ def loadtest(
     if clients not in CLIENTS:
         raise UserError(f"--clients {clients!r}: use {' or '.join(CLIENTS)}")
     world = _scenario(scenario)  # a bad file fails here, before any server starts
+    if out is not None:
+        output_dir(out, "--out")
     this_machine = device_preset(str(device_profile)) if device_profile else None
     run_loadtest(server=server, model=model, token=token, scenario_name=scenario,
                  scenario_world=world, spec=spec, minutes=minutes, this_machine=this_machine,

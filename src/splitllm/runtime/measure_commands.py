@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from splitllm.errors import UserError
+from splitllm.outputs import output_dir, output_file
 
 
 def fidelity(
@@ -65,6 +66,8 @@ def fidelity(
     if max_rounds < repeats or not saving_half_width > 0:
         raise UserError(f"--max-rounds must be at least --repeats ({repeats}) and "
                         f"--saving-half-width above 0, got {max_rounds} and {saving_half_width:g}")
+    if out is not None:
+        output_dir(out, "--out")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     with contextlib.ExitStack() as stack:
@@ -116,6 +119,9 @@ def profile(
         raise UserError("--threads must be at least 1")
     if clock not in CLOCKS:
         raise UserError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    output_file(out, "--out")
+    if server is not None:
+        output_file(link_out, "--link-out")
     torch.set_num_threads(threads)
     loaded = load_model(model)
     device, samples = profile_device(UnitStack(loaded.model), loaded.model.config.to_dict(),

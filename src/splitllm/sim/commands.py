@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from splitllm.errors import UserError
+from splitllm.outputs import output_dir
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -53,6 +54,7 @@ def simulate(
     backend = Backend(jobs, ray)
     if ray is not None:
         ray_module()  # fail now, in one line, if Ray is missing
+    output_dir(out, "--out")
     console = Console() if sys.stdout.isatty() else Console(width=140)
     if scenario == "paper":
         for flag, value in (("--policies", policies), ("--scheduler", scheduler),
