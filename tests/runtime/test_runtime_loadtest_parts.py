@@ -533,6 +533,26 @@ def test_the_speed_factors_are_the_median_ratios_of_measured_to_simulated() -> N
                                             cpu_per_visit_s=0.0005)
 
 
+def test_the_speed_factors_replay_the_probes_own_placements() -> None:
+    """A load-reading policy chooses by the load it meets: the simulator's choices at a
+    probe's rate need not be the real clients'. The factors compare the same work: each
+    probe's placements, request by request, replayed in the simulated run."""
+    world = world_of(scenario(), requests=20, length_scale=0.05, sla_s=1.0)
+    policy = "frontier-priced"
+    n = len(sample_workload(world.with_rate(1.0)))
+    ran = tuple(("SSSSSS", "CSSSSS", "CCSSSC")[r % 3] for r in range(n))
+    replayed = run_policy(world.with_rate(1.0), policy, replayed=ran)
+    assert [replayed.placements[i] for i in replayed.placement_index] == list(ran)
+    own = run_policy(world.with_rate(1.0), policy)
+    assert [own.placements[i] for i in own.placement_index] != list(ran)
+    measured = 1.3 * summarize(world.with_rate(1.0), replayed).server_s_per_request
+    probe = Probed(rate_per_s=1.0, server_s_per_request=measured, client_cpu_s=math.nan,
+                   placements=ran)
+    assert speed_factors(world, policy, [probe])[0] == pytest.approx(1.3)
+    with pytest.raises(ValueError, match="placements replayed"):
+        run_policy(world.with_rate(1.0), policy, replayed=ran[1:])
+
+
 def test_the_search_stops_at_its_time_budget() -> None:
     world = replace(world_of(scenario(), requests=10, length_scale=0.05, sla_s=1.0,
                              rel_tol=0.01), policies=("server-only", "exact"))

@@ -74,6 +74,7 @@ class Probe:
     foreign_cores: float = math.nan  # cores other work on the machine took (nan: not known)
     started_late_p90_s: float = math.nan  # the requests' `Outcome.started_late_s`, p90
     repeated: bool = False  # disturbed and run again: it counts for nothing
+    placements: tuple[str, ...] = ()  # the sides each request it released ran with, in order
 
     @property
     def rate_per_s(self) -> float:
@@ -435,7 +436,7 @@ class PolicyResult:
 def probed(probes: Sequence[Probe]) -> list[Probed]:
     """What the probes that ran to their end, and count, measured of the machine."""
     return [Probed(rate_per_s=p.rate_per_s, server_s_per_request=p.server_s_per_request,
-                   client_cpu_s=p.client_cores_busy * p.wall_s)
+                   client_cpu_s=p.client_cores_busy * p.wall_s, placements=p.placements)
             for p in probes if not (p.stopped_early or p.cut_off or p.repeated)]
 
 

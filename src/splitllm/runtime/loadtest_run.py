@@ -385,7 +385,8 @@ class RealRunner:
                      server_visits_per_request=float(np.mean(
                          [o.server_visits for o in finished])) if finished else math.nan,
                      foreign_cores=foreign_cores(machine_s, own_s, wall_s),
-                     started_late_p90_s=float(np.percentile(late, 90)) if late else math.nan)
+                     started_late_p90_s=float(np.percentile(late, 90)) if late else math.nan,
+                     placements=tuple(o.placement for o in outcomes))
 
     async def _metrics_at(self, when_s: float) -> dict[str, float]:
         """The server's /metrics page at `when_s` (time.perf_counter)."""

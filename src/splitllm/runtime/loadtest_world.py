@@ -236,6 +236,8 @@ class Probed:
     rate_per_s: float
     server_s_per_request: float  # `loadtest.Probe.server_s_per_request` (nan: none)
     client_cpu_s: float  # the clients' process CPU seconds over the probe (nan: none)
+    placements: tuple[str, ...] = ()  # the sides each of its requests ran with (the world's
+    # workload at its rate, in order; empty: not recorded)
 
 
 def speed_factors(world: World, policy: str, probes: Sequence[Probed]) -> tuple[float, float]:
@@ -243,11 +245,14 @@ def speed_factors(world: World, policy: str, probes: Sequence[Probed]) -> tuple[
     the simulator charges them (its steps' wall seconds, which a server core shared with
     other work stretches and its CPU seconds not, and its forwards' CPU outside the steps)
     and of the clients' CPU measured, each over what `world` gives at the probe's rate (1:
-    none to compare)."""
+    none to compare) for the same work: the probe's own placements replayed. A load-reading
+    policy's simulated choices at a rate differ from the real ones (a busier simulated server
+    offloads more): `frontier-priced` read x1.76 with its own choices, where the server was
+    no slower (docs/measurements.md)."""
     server, clients = [], []
     for p in probes:
         at_rate = world.with_rate(p.rate_per_s)
-        record = run_policy(at_rate, policy)
+        record = run_policy(at_rate, policy, replayed=p.placements or None)
         simulated = summarize(at_rate, record).server_s_per_request
         if simulated > 0 and p.server_s_per_request > 0:
             server.append(p.server_s_per_request / simulated)

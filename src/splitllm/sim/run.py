@@ -9,10 +9,12 @@ SLA after it, so every measured request has either finished or certainly missed 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from splitllm.placement import Placement
 from splitllm.sim import engine, memo
 from splitllm.sim.batching import BatchCost, JobShape
 from splitllm.sim.client_host import POLL, SharedCores
@@ -59,9 +61,11 @@ class RunRecord:
 class _Run:
     """The state and event handlers of one run."""
 
-    def __init__(self, world: World, policy: str, workload: Workload, log: bool) -> None:
+    def __init__(self, world: World, policy: str, workload: Workload, log: bool,
+                 replayed: Sequence[str] | None = None) -> None:
         self.world = world
         self.policy = PlanPolicy(world, policy)
+        self.replayed = replayed
         self.builder = WalkBuilder(world)
         n = len(workload)
         self.arrivals = workload.arrived_at_s.tolist()
@@ -102,15 +106,18 @@ class _Run:
 
     def _walk(self, now_s: float, r: int) -> Walk:
         t, c, p, g = self.types[r], self.classes[r], self.prompts[r], self.outputs[r]
-        load = self.meter.load(now_s) if self.meter is not None else None
-        decision = self.policy.decide(t, c, p, g, load)
-        sides = decision.placement.sides
+        if self.replayed is not None:
+            placement = Placement(self.replayed[r])
+        else:
+            load = self.meter.load(now_s) if self.meter is not None else None
+            decision = self.policy.decide(t, c, p, g, load)
+            placement, self.planned[r] = decision.placement, decision.planned
+        sides = placement.sides
         self.placement[r] = self.placements.setdefault(sides, len(self.placements))
-        self.planned[r] = decision.planned
         key = (t, c, p, g, sides, self.services[r])
         walk = self.walk_cache.get(key)
         if walk is None:
-            walk = self.builder.walk(t, c, p, g, decision.placement, self.services[r])
+            walk = self.builder.walk(t, c, p, g, placement, self.services[r])
             memo.bounded_put(self.walk_cache, key, walk, WALK_CACHE_LIMIT)
         return walk
 
@@ -229,10 +236,15 @@ def _no_cores(_now_s: float, _a: int, _b: int) -> None:
     """No shared client cores in this world: nothing wakes them."""
 
 
-def run_policy(world: World, policy: str, log: bool = False) -> RunRecord:
-    """Run `policy` on `world` at its arrival rate; `log` keeps every server job's times."""
+def run_policy(world: World, policy: str, log: bool = False,
+               replayed: Sequence[str] | None = None) -> RunRecord:
+    """Run `policy` on `world` at its arrival rate; `log` keeps every server job's times.
+    `replayed`: request r takes the placement `replayed[r]` (the sides a real run chose for
+    the same workload) instead of the policy's choice, as a planned one."""
     workload = sample_workload(world)
-    run = _Run(world, policy, workload, log)
+    if replayed is not None and len(replayed) != len(workload):
+        raise ValueError(f"{len(replayed)} placements replayed for {len(workload)} requests")
+    run = _Run(world, policy, workload, log, replayed)
     events = run.run()
     return RunRecord(
         policy=policy,
