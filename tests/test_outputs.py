@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from splitllm import cli
 from splitllm.errors import UserError
 from splitllm.outputs import output_dir, output_file
 
@@ -51,3 +52,15 @@ def test_each_command_refuses_an_unwritable_output_before_it_works(
     assert result.stderr.startswith("error: --") and result.stderr.count("\n") == 1, result.stderr
     assert result.stdout == ""  # nothing measured, nothing printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_what_the_machine_refuses_later_is_one_line_and_exit_1(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def refused() -> None:
+        raise PermissionError(13, "Permission denied", "/srv/report.md")
+
+    monkeypatch.setattr(cli, "app", refused)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/srv/report.md'\n"
