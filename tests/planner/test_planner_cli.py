@@ -145,6 +145,8 @@ BAD_INPUTS: dict[str, tuple[Any, list[str], str]] = {
     "unknown client": (None, ["--client", "nosuch"], "nosuch"),
     "unknown server": (None, ["--server", "nosuch"], "nosuch"),
     "unknown link": (None, ["--link", "nosuch"], "nosuch"),
+    "missing profile": (None, ["--client", "/nonexistent/phone.json"],
+                        "device profile /nonexistent/phone.json: no such file"),
     "unknown model": (None, ["--model", "nosuch"], "nosuch"),
     "unknown dtype": (None, ["--weight-dtype", "int3"], "int3"),
     "unknown unit": (None, ["--keep-on-client", "block99"], "block99"),

@@ -80,7 +80,9 @@ def _preset(kind: str, table: dict[str, Any], name: str) -> Any:
     if name in table:
         return table[name]
     path = Path(name)
-    if path.suffix == ".json" and path.is_file():
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"{kind} profile {name}: no such file")
         return load_profile(path)
     raise UserError(f"unknown {kind} {name!r}: use one of {', '.join(table)} or a .json profile")
 
