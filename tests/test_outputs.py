@@ -54,6 +54,18 @@ def test_each_command_refuses_an_unwritable_output_before_it_works(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.parametrize("args", [
+    ["profile", "--model", "{folder}/no-model", "--out", "{folder}/new/device.json"],
+    ["simulate", "--scenario", "{folder}/no-scenario.yaml", "--out", "{folder}/new"],
+    ["loadtest", "--device-profile", "{folder}/no-profile.json", "--out", "{folder}/new"],
+], ids=lambda args: args[0])
+def test_bad_input_creates_no_output_folder(args: list[str], tmp_path: Path) -> None:
+    argv = [a.format(folder=tmp_path) for a in args]
+    result = subprocess.run([SPLITLLM, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert not (tmp_path / "new").exists()
+
+
 def test_what_the_machine_refuses_later_is_one_line_and_exit_1(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def refused() -> None:

@@ -136,9 +136,9 @@ def loadtest(
     if clients not in CLIENTS:
         raise UserError(f"--clients {clients!r}: use {' or '.join(CLIENTS)}")
     world = _scenario(scenario)  # a bad file fails here, before any server starts
+    this_machine = device_preset(str(device_profile)) if device_profile else None
     if out is not None:
         output_dir(out, "--out")
-    this_machine = device_preset(str(device_profile)) if device_profile else None
     run_loadtest(server=server, model=model, token=token, scenario_name=scenario,
                  scenario_world=world, spec=spec, minutes=minutes, this_machine=this_machine,
                  threads=threads, max_in_flight=max_in_flight, fleet=clients == "fleet", out=out,

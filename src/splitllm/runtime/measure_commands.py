@@ -66,10 +66,10 @@ def fidelity(
     if max_rounds < repeats or not saving_half_width > 0:
         raise UserError(f"--max-rounds must be at least --repeats ({repeats}) and "
                         f"--saving-half-width above 0, got {max_rounds} and {saving_half_width:g}")
-    if out is not None:
-        output_dir(out, "--out")
     torch.set_num_threads(threads)
     loaded = load_model(model)
+    if out is not None:
+        output_dir(out, "--out")
     with contextlib.ExitStack() as stack:
         url = server or stack.enter_context(local_server(model, threads))
         opts = FidelityOptions(server=url, token=token, quick=quick, sla_factor=sla_factor,
@@ -119,11 +119,11 @@ def profile(
         raise UserError("--threads must be at least 1")
     if clock not in CLOCKS:
         raise UserError(f"--clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
     output_file(out, "--out")
     if server is not None:
         output_file(link_out, "--link-out")
-    torch.set_num_threads(threads)
-    loaded = load_model(model)
     device, samples = profile_device(UnitStack(loaded.model), loaded.model.config.to_dict(),
                                      name=name, clock=clock)
     save_profile(device, out)

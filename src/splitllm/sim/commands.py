@@ -54,7 +54,6 @@ def simulate(
     backend = Backend(jobs, ray)
     if ray is not None:
         ray_module()  # fail now, in one line, if Ray is missing
-    output_dir(out, "--out")
     console = Console() if sys.stdout.isatty() else Console(width=140)
     if scenario == "paper":
         for flag, value in (("--policies", policies), ("--scheduler", scheduler),
@@ -136,6 +135,7 @@ def _simulated(document: dict[str, Any], base_dir: Path, backend: Backend, quick
 
     source = str(document.get("name", "scenario"))
     world: World = resolve(parse_scenario(document, source), base_dir=base_dir)
+    output_dir(out, "--out")  # the scenario is valid: about to work
     if quick:
         world = quick_world(world)
     with _progress() as progress:
@@ -153,6 +153,7 @@ def _paper(backend: Backend, quick: bool, out: Path, console: Console) -> None:
     from splitllm.sim.study import paper_tasks_count, run_paper_study
 
     grid = PaperGrid().quick() if quick else PaperGrid()
+    output_dir(out, "--out")
     with _progress() as progress:
         task = progress.add_task("planning the paper grid", total=paper_tasks_count(grid))
         study = run_paper_study(grid, backend, lambda: progress.advance(task))
