@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -161,3 +162,17 @@ def test_serve_rejects_bad_compute_and_keeps_the_old_device_flag(tiny_llama_dir:
     assert old.returncode == 2
     assert "--device is deprecated: use --announce-device" in old.stderr
     assert "no-such-device" in old.stderr.strip().splitlines()[-1]
+
+
+def test_serve_on_a_port_in_use_says_so_before_it_loads_anything(tiny_llama_dir: Path) -> None:
+    """The port is bound first: a port in use is one line and exit code 2, not a 'serving'
+    line after the start-up work and then uvicorn's error."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([SPLITLLM, "serve", "--model", str(tiny_llama_dir), "--port",
+                                 str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,9 +93,27 @@ def test_proxy_user_errors(token_server: BackgroundServer, tiny_llama_dir: Path)
         (["--token", "wrong"], "unauthorized"),
     ]:
         result = runner.invoke(app, ["proxy", "--server", token_server.ws_url, "--model",
-                                     str(tiny_llama_dir), "--token", TOKEN, *args])
+                                     str(tiny_llama_dir), "--token", TOKEN,
+                                     *(args if args[0] == "--listen" else
+                                       ["--listen", "127.0.0.1:0", *args])])
         assert isinstance(result.exception, UserError), (args, result.output)
         assert message in str(result.exception)
+
+
+def test_the_proxy_on_a_port_in_use_says_so_before_it_connects(tiny_llama_dir: Path) -> None:
+    """The port is bound before the proxy connects and measures: one line, exit code 2 (the
+    server named here does not listen either: the port is found first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [SPLITLLM, "proxy", "--server", f"ws://127.0.0.1:{free_port()}", "--listen",
+             f"127.0.0.1:{port}", "--model", str(tiny_llama_dir), "--threads", "1"],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
 @pytest.mark.slow

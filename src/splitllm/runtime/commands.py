@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,7 @@ def serve(
     model: ModelOption = "smollm2",
     host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")
                     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 8765,
     token: Annotated[list[str] | None, typer.Option(
         envvar=TOKEN_ENV, help="Require a bearer token of every client; repeat it for several "
                                "(each with its own quotas).")] = None,
@@ -146,13 +147,27 @@ def serve(
     loaded = load_model(model, dtype or ("bf16" if target == "cuda" else "float32"))
     weights: Any = loaded.model  # transformers types .to() oddly
     weights.to(target)
+    listener = _listening(host, port)  # now, not after the units and steps are timed
     auth = f"bearer token required ({len(tokens)} tokens)" if tokens else "no token"
     if not tokens and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"splitllm: WARNING: serving on {host} without --token: anyone who can reach it "
               "can use it", file=sys.stderr)
     print(f"splitllm: serving {loaded.model_id} ({loaded.dtype} on {target}, {config.threads} "
-          f"threads) on ws://{host}:{port}, {auth}", file=sys.stderr, flush=True)
-    serve_forever(loaded, host, port, config)
+          f"threads) on ws://{host}:{listener.getsockname()[1]}, {auth}", file=sys.stderr,
+          flush=True)
+    with listener:
+        serve_forever(loaded, listener, config)
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """The command's listening socket, bound before its start-up work (a port in use: one
+    line, exit code 2)."""
+    from splitllm.runtime.hosting import listening_socket
+
+    try:
+        return listening_socket(host, port)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def server_tokens(given: list[str], token_file: Path | None) -> tuple[str, ...]:
@@ -405,7 +420,8 @@ def demo(
 def proxy(
     server: Annotated[str, typer.Option(help="The splitllm server, ws://HOST:PORT.")
                       ] = "ws://127.0.0.1:8765",
-    listen: Annotated[str, typer.Option(help="HOST:PORT to serve the OpenAI API on.")
+    listen: Annotated[str, typer.Option(
+        help="HOST:PORT to serve the OpenAI API on (port 0: any free one, printed).")
                       ] = "127.0.0.1:8080",
     model: ModelOption = "smollm2",
     token: TokenOption = None,
@@ -426,7 +442,7 @@ def proxy(
     from splitllm.runtime.proxy import ProxyConfig, run_proxy
 
     host, _, port_text = listen.rpartition(":")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise UserError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     try:
         wire = wire_dtype_name(wire_dtype)
@@ -434,6 +450,7 @@ def proxy(
         raise UserError(str(exc)) from None
     torch.set_num_threads(threads or default_threads())
     loaded = load_model(model, dtype)
+    listener = _listening(host.strip("[]"), int(port_text))  # before connecting and measuring
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"splitllm: WARNING: the proxy on {host} has no token of its own: anyone who can "
               "reach it can use the server's token through it", file=sys.stderr)
@@ -442,7 +459,9 @@ def proxy(
     config = ProxyConfig(server=server, token=token, wire_dtype=wire, placement=placement,
                          emulate_link=emulate_link,
                          emulate_client_slowdown=emulate_client_slowdown)
-    run_proxy(loaded, config, host.strip("[]"), int(port_text),
-              ready=lambda: print(f"splitllm: OpenAI API for {loaded.model_id} on "
-                                  f"http://{listen}/v1 (split with {server})",
-                                  file=sys.stderr, flush=True))
+    bound = f"{host}:{listener.getsockname()[1]}"
+    with listener:
+        run_proxy(loaded, config, listener,
+                  ready=lambda: print(f"splitllm: OpenAI API for {loaded.model_id} on "
+                                      f"http://{bound}/v1 (split with {server})",
+                                      file=sys.stderr, flush=True))

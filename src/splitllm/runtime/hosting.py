@@ -31,6 +31,22 @@ def uvicorn_config(app: FastAPI, host: str, port: int, config: ServerConfig) -> 
     )
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) (0: any free port), for uvicorn to serve on: bound
+    before the server's start-up work, so a port in use fails at once. The explicit
+    IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto says TCP, and
+    without it Nagle + delayed ACKs hold back a reply's second frame ~40 ms."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def server_app(state: ServerState) -> FastAPI:
     """The whole server: the split-session app plus the OpenAI-compatible API."""
     app = create_app(state)
@@ -38,15 +54,18 @@ def server_app(state: ServerState) -> FastAPI:
     return app
 
 
-def serve_forever(loaded: LoadedModel, host: str, port: int, config: ServerConfig) -> None:
-    """Run the server in the foreground until interrupted."""
+def serve_forever(loaded: LoadedModel, listener: socket.socket, config: ServerConfig) -> None:
+    """Run the server on `listener` (`listening_socket`) in the foreground until
+    interrupted."""
     import uvicorn
 
     if config.threads:
         torch.set_num_threads(config.threads)
     state = ServerState(loaded, config)
     freeze_heap()  # the model loaded, its units and steps timed: no pause walks them again
-    uvicorn.Server(uvicorn_config(server_app(state), host, port, config)).run()
+    host, port = listener.getsockname()[:2]
+    uvicorn.Server(uvicorn_config(server_app(state), host, port, config)).run(
+        sockets=[listener])
 
 
 class BackgroundApp:
@@ -56,12 +75,8 @@ class BackgroundApp:
                  port: int = 0) -> None:
         import uvicorn
 
-        # Bind first so the port is known and free before uvicorn starts serving on it. The
-        # explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto
-        # says TCP, and without it Nagle + delayed ACKs hold back a reply's second frame ~40 ms.
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
+        # Bind first so the port is known and free before uvicorn starts serving on it.
+        self.socket = listening_socket(host, port)
         self.host, self.port = self.socket.getsockname()[:2]
         self.server = uvicorn.Server(make_config(self.port))
         self.thread = threading.Thread(target=self.server.run,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -232,9 +233,10 @@ def create_proxy_app(backend: ProxyBackend) -> FastAPI:
     return app
 
 
-def run_proxy(loaded: LoadedModel, config: ProxyConfig, host: str, port: int,
+def run_proxy(loaded: LoadedModel, config: ProxyConfig, listener: socket.socket,
               ready: Callable[[], None] | None = None) -> None:
-    """Serve the proxy in the foreground until interrupted; `ready` runs once connected."""
+    """Serve the proxy on `listener` (`hosting.listening_socket`) in the foreground until
+    interrupted; `ready` runs once connected."""
     import uvicorn
 
     backend = ProxyBackend(loaded, config)
@@ -242,6 +244,7 @@ def run_proxy(loaded: LoadedModel, config: ProxyConfig, host: str, port: int,
     if ready is not None:
         ready()
     try:
-        uvicorn.run(create_proxy_app(backend), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_proxy_app(backend), log_level="warning")).run(
+            sockets=[listener])
     finally:
         backend.close()
