@@ -217,9 +217,6 @@ def main() -> None:
     refused (a file, a port) one line and exit code 1."""
     try:
         app()
-    except UserError as exc:
+    except (UserError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
-    except OSError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, UserError) else 1)
