@@ -47,7 +47,8 @@ def start_world(document: dict[str, Any], device_profile: str) -> World:
         spec=LoadtestSpec(requests=int(document["requests_per_probe"]),
                           length_scale=float(document["length_scale"]), sla_factor=3.0),
         visit_s=float(document["visit_s"]))
-    return replace(world, client_host=HostFit.from_json(document["client_host"]).host(classes))
+    host = document["client_host"]  # None: `--clients fleet`, no client shares the server's host
+    return replace(world, client_host=host and HostFit.from_json(host).host(classes))
 
 
 def main() -> None:

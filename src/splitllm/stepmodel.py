@@ -28,8 +28,13 @@ Point = tuple[float, float]  # (tokens in the step, seconds)
 @dataclass(frozen=True)
 class UnitFit:
     """Seconds of one unit in a step of `tokens` tokens: piecewise linear through `points`
-    (tokens ascending; `fit_unit` makes the seconds non-decreasing), extended beyond both ends
-    by the end segments (one point: flat), never below zero."""
+    (tokens ascending; `fit_unit` makes the seconds non-decreasing), never below zero; below
+    the first point, its segment extended (one point: flat); beyond the last, the secant from
+    it back to the last point at or below half its tokens. The last segment alone is noise
+    where two counts lie close: a live refit's 127 and 128 tokens, made equal by `fit_unit` or
+    0.19 ms a token apart, priced a block's tokens beyond 128 at nothing or at 4.5x the 0.04
+    ms of the curve below, and the load test's simulated capacity 15-53% over and 24% under
+    the measured (docs/measurements.md)."""
 
     points: tuple[Point, ...]
 
@@ -49,12 +54,16 @@ class UnitFit:
         return max(fixed_s + per_token_s * tokens, 0.0)
 
     def line_at(self, tokens: float) -> tuple[float, float]:
-        """(fixed_s, per_token_s) of the segment that holds `tokens`: the curve's local line,
-        whose fixed part a step's rows share and whose per-token part each row pays."""
+        """(fixed_s, per_token_s) of the segment that holds `tokens` (beyond the last point,
+        the secant that extends the curve): the curve's local line, whose fixed part a step's
+        rows share and whose per-token part each row pays."""
         if len(self.points) == 1:
             return self.points[0][1], 0.0
-        k = min(max(bisect.bisect_left(self._tokens, tokens) - 1, 0), len(self.points) - 2)
-        (t0, s0), (t1, s1) = self.points[k], self.points[k + 1]
+        if tokens > self.longest_tokens:
+            (t0, s0), (t1, s1) = self._beyond
+        else:
+            k = max(bisect.bisect_left(self._tokens, tokens) - 1, 0)
+            (t0, s0), (t1, s1) = self.points[k], self.points[k + 1]
         slope = (s1 - s0) / (t1 - t0)
         return s0 - slope * t0, slope
 
@@ -66,6 +75,13 @@ class UnitFit:
     @cached_property
     def _tokens(self) -> tuple[float, ...]:
         return tuple(t for t, _ in self.points)
+
+    @cached_property
+    def _beyond(self) -> tuple[Point, Point]:
+        """The two points whose secant extends the curve beyond its last (`line_at`)."""
+        last = self.points[-1]
+        anchor = [p for p in self.points[:-1] if p[0] <= last[0] / 2] or [self.points[0]]
+        return anchor[-1], last
 
     def to_json(self) -> dict[str, Any]:
         return {"points": [list(point) for point in self.points]}

@@ -263,5 +263,22 @@ def test_a_step_curve_follows_its_points_and_never_lets_more_work_look_cheaper()
     assert UnitFit.line(0.5, 0.25).seconds(4) == pytest.approx(1.5)
     assert UnitFit.from_json({"fixed_s": 0.5, "per_token_s": 0.25}) == UnitFit.line(0.5, 0.25)
     assert UnitFit.from_json(kernel.to_json()) == kernel
+
+
+def test_a_step_curve_extends_beyond_its_longest_step_by_the_secant_over_its_upper_half() -> None:
+    from splitllm.stepmodel import UnitFit, fit_unit
+
+    # A live refit's counts 127 and 128 (a load test's, 2026-12-02): pooled equal, their
+    # segment priced every token beyond 128 at nothing; 0.19 ms apart, at 4.5x the curve's
+    # 0.042 ms. The secant from 32 tokens (the last point at half of 128 or below) holds both.
+    for top in (6.1e-3, 6.29e-3):
+        curve = fit_unit([(1, 0.46e-3), (32, 2.1e-3), (127, 6.1e-3), (128, top)])
+        slope = (top - 2.1e-3) / 96
+        assert 0.04e-3 < slope < 0.045e-3
+        assert curve.line_at(256) == pytest.approx((top - 128 * slope, slope))
+        assert curve.seconds(256) == pytest.approx(top + 128 * slope)
+        assert curve.seconds(127.5) == pytest.approx((6.1e-3 + top) / 2)  # within: its points
+    flat = fit_unit([(1, 1e-3), (4, 1e-3)])  # no point at half or below: the first one's
+    assert flat.seconds(64) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="distinct ascending tokens"):
         UnitFit(((4, 1.0), (1, 2.0)))
